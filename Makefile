@@ -1,0 +1,33 @@
+# The two commands a newcomer needs are `make run` and `make test`; both set up .venv first.
+PY        ?= python3
+VENV      := .venv
+VPY       := $(VENV)/bin/python
+STAMP     := $(VENV)/.installed
+NATIVE    := $(wildcard native/src/*.c native/include/shmb/*.h)
+DATA_DIR  ?= $(or $(SHMBROKER_DATA_DIR),$(HOME)/.local/share/shmbroker)
+
+.PHONY: run test bench native clean
+
+$(VPY):
+	$(PY) -m venv $(VENV)
+	$(VPY) -m pip install --upgrade --quiet pip
+
+# Re-install (and so rebuild the C extension) whenever the native sources or the build
+# description change. Editable install: Python edits take effect without a rebuild.
+$(STAMP): $(VPY) pyproject.toml setup.py $(NATIVE)
+	$(VPY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+native: $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/shmbroker demo --data-dir "$(DATA_DIR)"
+
+test: $(STAMP)
+	$(VPY) -m pytest -n auto -q
+
+bench: $(STAMP)
+	$(VPY) perf/bench_log.py
+
+clean:
+	rm -rf build *.egg-info shmbroker/*.so

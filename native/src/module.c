@@ -1,0 +1,1276 @@
+/* shmbroker._native: the only CPython-aware file of the C core.
+ *
+ * Each function here converts Python arguments to plain pointers and lengths (with the GIL),
+ * calls the plain-C routines of native/include/shmb (without the GIL where the work is large enough to be
+ * worth the switch), then builds Python results (with the GIL). The routine contract is
+ * docs/design/records.md; shmbroker/records/reference.py is its pure-Python twin.
+ *
+ * Lifetime rule for GIL-free sections: every pointer used without the GIL points into an
+ * object we hold a reference to (bytes, str: immutable) or into a Py_buffer view we hold
+ * (the exporter cannot resize or free the memory while the view exists).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "shmb/crc32c.h"
+#include "shmb/murmur2.h"
+#include "shmb/record_batch.h"
+
+/* Below these sizes releasing the GIL costs more than it gives. */
+#define GIL_RELEASE_BYTES_MIN 8192
+/* Batches scanned per GIL-free step of scan_batches (bounded stack use). */
+#define SCAN_CHUNK_BATCHES 256
+
+/* Exceptions by SCAN status (index 0 = OK, unused). */
+#define STATUS_COUNT (SHMB_RB_SCAN_COMPRESSED + 1)
+
+typedef struct {
+    PyTypeObject *record_type;
+    PyObject *empty_tuple;
+    PyObject *errors[STATUS_COUNT];
+} module_state;
+
+static inline module_state *get_state(PyObject *module)
+{
+    return (module_state *)PyModule_GetState(module);
+}
+
+/* Raises the shmbroker.errors class for status as cls(message, position). */
+static PyObject *raise_status(module_state *st, int status, const shmb_rb_error *err)
+{
+    PyObject *cls = (status > 0 && status < STATUS_COUNT) ? st->errors[status] : NULL;
+    if (cls == NULL) {
+        PyErr_Format(PyExc_SystemError, "unexpected scan status %d", status);
+        return NULL;
+    }
+    PyObject *exc = PyObject_CallFunction(cls, "sn", err->message, (Py_ssize_t)err->position);
+    if (exc != NULL) {
+        PyErr_SetObject(cls, exc);
+        Py_DECREF(exc);
+    }
+    return NULL;
+}
+
+/* ==== Record ================================================================================ */
+
+typedef struct {
+    PyObject_HEAD
+    int64_t offset;
+    int64_t timestamp;
+    PyObject *key;     /* bytes or None */
+    PyObject *value;   /* bytes or None */
+    PyObject *headers; /* tuple of (str, bytes | None) */
+} RecordObject;
+
+/* Records hold only bytes, str, None and tuples of those, so they cannot be part of a
+ * reference cycle: the type is not GC-tracked, which keeps creating millions of them cheap. */
+static void Record_dealloc(RecordObject *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    Py_XDECREF(self->key);
+    Py_XDECREF(self->value);
+    Py_XDECREF(self->headers);
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp);
+}
+
+static int check_bytes_or_none(PyObject *o, const char *name)
+{
+    if (o != Py_None && !PyBytes_CheckExact(o)) {
+        PyErr_Format(PyExc_TypeError, "Record %s must be bytes or None, not %.100s", name,
+                     Py_TYPE(o)->tp_name);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *Record_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"offset", "timestamp", "key", "value", "headers", NULL};
+    long long offset, timestamp;
+    PyObject *key, *value, *headers = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "LLOO|O:Record", kwlist, &offset, &timestamp,
+                                     &key, &value, &headers))
+        return NULL;
+    if (check_bytes_or_none(key, "key") < 0 || check_bytes_or_none(value, "value") < 0)
+        return NULL;
+    PyObject *htuple = headers ? PySequence_Tuple(headers) : PyTuple_New(0);
+    if (htuple == NULL)
+        return NULL;
+    /* Only (str, bytes | None) tuples: with nothing mutable inside, no cycle can form, which is
+     * what lets the type stay out of the garbage collector. */
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(htuple); i++) {
+        PyObject *pair = PyTuple_GET_ITEM(htuple, i);
+        if (!PyTuple_CheckExact(pair) || PyTuple_GET_SIZE(pair) != 2 ||
+            !PyUnicode_CheckExact(PyTuple_GET_ITEM(pair, 0)) ||
+            (PyTuple_GET_ITEM(pair, 1) != Py_None && !PyBytes_CheckExact(PyTuple_GET_ITEM(pair, 1)))) {
+            PyErr_Format(PyExc_TypeError,
+                         "Record headers[%zd] must be a (str, bytes | None) tuple", i);
+            Py_DECREF(htuple);
+            return NULL;
+        }
+    }
+    RecordObject *self = (RecordObject *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        Py_DECREF(htuple);
+        return NULL;
+    }
+    self->offset = offset;
+    self->timestamp = timestamp;
+    Py_INCREF(key);
+    self->key = key;
+    Py_INCREF(value);
+    self->value = value;
+    self->headers = htuple;
+    return (PyObject *)self;
+}
+
+static PyObject *Record_repr(RecordObject *self)
+{
+    return PyUnicode_FromFormat("Record(offset=%lld, timestamp=%lld, key=%R, value=%R, headers=%R)",
+                                (long long)self->offset, (long long)self->timestamp, self->key,
+                                self->value, self->headers);
+}
+
+static PyObject *Record_richcompare(PyObject *a, PyObject *b, int op)
+{
+    if ((op != Py_EQ && op != Py_NE) || Py_TYPE(b) != Py_TYPE(a))
+        Py_RETURN_NOTIMPLEMENTED;
+    RecordObject *x = (RecordObject *)a, *y = (RecordObject *)b;
+    int equal = x->offset == y->offset && x->timestamp == y->timestamp;
+    PyObject *const xs[3] = {x->key, x->value, x->headers};
+    PyObject *const ys[3] = {y->key, y->value, y->headers};
+    for (int i = 0; equal && i < 3; i++) {
+        int r = PyObject_RichCompareBool(xs[i], ys[i], Py_EQ);
+        if (r < 0)
+            return NULL;
+        equal = r;
+    }
+    return PyBool_FromLong(op == Py_EQ ? equal : !equal);
+}
+
+static PyObject *Record_fields(RecordObject *self)
+{
+    return Py_BuildValue("(LLOOO)", (long long)self->offset, (long long)self->timestamp,
+                         self->key, self->value, self->headers);
+}
+
+static Py_hash_t Record_hash(RecordObject *self)
+{
+    PyObject *t = Record_fields(self);
+    if (t == NULL)
+        return -1;
+    Py_hash_t h = PyObject_Hash(t);
+    Py_DECREF(t);
+    return h;
+}
+
+static PyObject *Record_reduce(RecordObject *self, PyObject *Py_UNUSED(ignored))
+{
+    PyObject *fields = Record_fields(self);
+    if (fields == NULL)
+        return NULL;
+    return Py_BuildValue("(ON)", (PyObject *)Py_TYPE(self), fields);
+}
+
+static PyMemberDef Record_members[] = {
+    {"offset", T_LONGLONG, offsetof(RecordObject, offset), READONLY, "offset (int64)"},
+    {"timestamp", T_LONGLONG, offsetof(RecordObject, timestamp), READONLY,
+     "timestamp in ms (int64)"},
+    {"key", T_OBJECT, offsetof(RecordObject, key), READONLY, "bytes or None"},
+    {"value", T_OBJECT, offsetof(RecordObject, value), READONLY, "bytes or None"},
+    {"headers", T_OBJECT, offsetof(RecordObject, headers), READONLY,
+     "tuple of (str, bytes | None) pairs"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyMethodDef Record_methods[] = {
+    {"__reduce__", (PyCFunction)Record_reduce, METH_NOARGS, "pickle support"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyType_Slot Record_slots[] = {
+    {Py_tp_dealloc, (void *)Record_dealloc},
+    {Py_tp_new, (void *)Record_new},
+    {Py_tp_repr, (void *)Record_repr},
+    {Py_tp_richcompare, (void *)Record_richcompare},
+    {Py_tp_hash, (void *)Record_hash},
+    {Py_tp_members, (void *)Record_members},
+    {Py_tp_methods, (void *)Record_methods},
+    {Py_tp_doc, (void *)"Record(offset, timestamp, key, value, headers=())\n--\n\n"
+                        "One decoded record; immutable. Built by decode_records."},
+    {0, NULL},
+};
+
+#ifndef Py_TPFLAGS_IMMUTABLETYPE
+#define Py_TPFLAGS_IMMUTABLETYPE 0
+#endif
+
+static PyType_Spec Record_spec = {
+    .name = "shmbroker._native.Record",
+    .basicsize = sizeof(RecordObject),
+    .itemsize = 0,
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = Record_slots,
+};
+
+/* ==== crc32c / murmur2 ===================================================================== */
+
+typedef uint32_t (*crc_fn)(uint32_t, const void *, size_t);
+
+static PyObject *crc_common(PyObject *args, PyObject *kwds, crc_fn fn, const char *fmt)
+{
+    static char *kwlist[] = {"data", "crc", NULL};
+    Py_buffer data;
+    unsigned int crc = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, fmt, kwlist, &data, &crc))
+        return NULL;
+    uint32_t result;
+    if (data.len >= GIL_RELEASE_BYTES_MIN) {
+        Py_BEGIN_ALLOW_THREADS
+        result = fn((uint32_t)crc, data.buf, (size_t)data.len);
+        Py_END_ALLOW_THREADS
+    } else {
+        result = fn((uint32_t)crc, data.buf, (size_t)data.len);
+    }
+    PyBuffer_Release(&data);
+    return PyLong_FromUnsignedLong(result);
+}
+
+static PyObject *py_crc32c(PyObject *module, PyObject *args, PyObject *kwds)
+{
+    return crc_common(args, kwds, shmb_crc32c, "y*|I:crc32c");
+}
+
+static PyObject *py_crc32c_table(PyObject *module, PyObject *args, PyObject *kwds)
+{
+    return crc_common(args, kwds, shmb_crc32c_table, "y*|I:crc32c_table");
+}
+
+static PyObject *py_crc32c_impl(PyObject *module, PyObject *Py_UNUSED(ignored))
+{
+    return PyUnicode_FromString(shmb_crc32c_impl());
+}
+
+static PyObject *py_murmur2(PyObject *module, PyObject *arg)
+{
+    Py_buffer key;
+    if (PyObject_GetBuffer(arg, &key, PyBUF_SIMPLE) < 0) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "murmur2: expected a contiguous bytes-like key, got %.100s",
+                     Py_TYPE(arg)->tp_name);
+        return NULL;
+    }
+    int32_t h = shmb_murmur2(key.buf, (size_t)key.len);
+    PyBuffer_Release(&key);
+    return PyLong_FromLong(h);
+}
+
+static PyObject *py_partition_for_key(PyObject *module, PyObject *args)
+{
+    Py_buffer key;
+    long long n;
+    if (!PyArg_ParseTuple(args, "y*L:partition_for_key", &key, &n))
+        return NULL;
+    if (n <= 0) {
+        PyBuffer_Release(&key);
+        PyErr_Format(PyExc_ValueError, "num_partitions must be positive, got %lld", n);
+        return NULL;
+    }
+    /* murmur2 & 0x7fffffff < 2**31, so any n above INT32_MAX leaves it unchanged. */
+    int32_t p = n > INT32_MAX ? (int32_t)((uint32_t)shmb_murmur2(key.buf, (size_t)key.len) & 0x7fffffffu)
+                              : shmb_partition_for_key(key.buf, (size_t)key.len, (int32_t)n);
+    PyBuffer_Release(&key);
+    return PyLong_FromLong(p);
+}
+
+/* ==== scan_batches ========================================================================= */
+
+/* base + delta as a Python int, exact even where int64 would overflow. */
+static PyObject *int64_plus(int64_t base, int64_t delta)
+{
+    int64_t sum;
+    if (!__builtin_add_overflow(base, delta, &sum))
+        return PyLong_FromLongLong(sum);
+    PyObject *a = PyLong_FromLongLong(base), *b = PyLong_FromLongLong(delta), *r = NULL;
+    if (a && b)
+        r = PyNumber_Add(a, b);
+    Py_XDECREF(a);
+    Py_XDECREF(b);
+    return r;
+}
+
+static PyObject *batch_info_tuple(const shmb_rb_batch_info *b)
+{
+    PyObject *t = PyTuple_New(5);
+    if (t == NULL)
+        return NULL;
+    PyObject *items[5] = {
+        PyLong_FromSize_t(b->position),
+        PyLong_FromLongLong(b->header.base_offset),
+        int64_plus(b->header.base_offset, b->header.last_offset_delta),
+        PyLong_FromLongLong(b->header.max_timestamp),
+        PyLong_FromLong(b->header.records_count),
+    };
+    int ok = 1;
+    for (int i = 0; i < 5; i++) {
+        if (items[i] == NULL)
+            ok = 0;
+        PyTuple_SET_ITEM(t, i, items[i]); /* NULL items are fine for the DECREF below */
+    }
+    if (!ok) {
+        Py_DECREF(t);
+        return NULL;
+    }
+    return t;
+}
+
+static PyObject *py_scan_batches(PyObject *module, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"buf", "verify_crc", "verify_records", "batch_bytes_max", NULL};
+    Py_buffer buf;
+    int verify_crc = 1, verify_records = 0;
+    long long batch_bytes_max = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "y*|ppL:scan_batches", kwlist, &buf,
+                                     &verify_crc, &verify_records, &batch_bytes_max))
+        return NULL;
+    const shmb_rb_scan_opts opts = {verify_crc, verify_records, batch_bytes_max};
+    const uint8_t *data = buf.buf;
+    size_t len = (size_t)buf.len, pos = 0;
+    shmb_rb_batch_info chunk[SCAN_CHUNK_BATCHES];
+    shmb_rb_error err;
+    int status;
+    PyObject *batches = PyList_New(0);
+    if (batches == NULL)
+        goto fail;
+    for (;;) {
+        size_t n = 0, valid = pos;
+        if (len - pos >= GIL_RELEASE_BYTES_MIN) {
+            Py_BEGIN_ALLOW_THREADS
+            status = shmb_rb_scan(data, len, pos, &opts, chunk, SCAN_CHUNK_BATCHES, &n, &valid,
+                                  &err);
+            Py_END_ALLOW_THREADS
+        } else {
+            status = shmb_rb_scan(data, len, pos, &opts, chunk, SCAN_CHUNK_BATCHES, &n, &valid,
+                                  &err);
+        }
+        for (size_t i = 0; i < n; i++) {
+            PyObject *t = batch_info_tuple(&chunk[i]);
+            if (t == NULL || PyList_Append(batches, t) < 0) {
+                Py_XDECREF(t);
+                goto fail;
+            }
+            Py_DECREF(t);
+        }
+        pos = valid;
+        if (status != SHMB_RB_SCAN_MORE)
+            break;
+    }
+    PyBuffer_Release(&buf);
+    return Py_BuildValue("(ninN)", (Py_ssize_t)pos, status,
+                         status == SHMB_RB_SCAN_OK ? (Py_ssize_t)-1 : (Py_ssize_t)pos, batches);
+fail:
+    Py_XDECREF(batches);
+    PyBuffer_Release(&buf);
+    return NULL;
+}
+
+/* ==== decoding ============================================================================= */
+
+/* Struct-of-arrays for decode_records, one allocation. */
+typedef struct {
+    shmb_rb_columns cols;
+    void *memory;
+} owned_columns;
+
+static int owned_columns_alloc(owned_columns *oc, size_t n)
+{
+    size_t wide = n * sizeof(int64_t), narrow = n * sizeof(int32_t);
+    char *m = PyMem_RawMalloc(5 * wide + 3 * narrow + 1);
+    if (m == NULL)
+        return -1;
+    oc->memory = m;
+    oc->cols.offsets = (int64_t *)m;
+    oc->cols.timestamps = (int64_t *)(m + wide);
+    oc->cols.key_starts = (int64_t *)(m + 2 * wide);
+    oc->cols.value_starts = (int64_t *)(m + 3 * wide);
+    oc->cols.headers_starts = (int64_t *)(m + 4 * wide);
+    oc->cols.key_lengths = (int32_t *)(m + 5 * wide);
+    oc->cols.value_lengths = (int32_t *)(m + 5 * wide + narrow);
+    oc->cols.headers_counts = (int32_t *)(m + 5 * wide + 2 * narrow);
+    return 0;
+}
+
+static inline PyObject *bytes_at(const uint8_t *data, int64_t start, int32_t length)
+{
+    if (length < 0)
+        Py_RETURN_NONE;
+    return PyBytes_FromStringAndSize((const char *)data + start, length);
+}
+
+/* Header keys repeat from record to record ("trace-id", ...): one decode call reuses the str of
+ * a key it has seen, which saves a UTF-8 decode and an object per header. */
+#define KEY_CACHE_SLOTS 8
+#define KEY_CACHE_BYTES_MAX 64
+
+typedef struct {
+    PyObject *str[KEY_CACHE_SLOTS];
+    const uint8_t *bytes[KEY_CACHE_SLOTS];
+    int32_t length[KEY_CACHE_SLOTS];
+    unsigned next;
+} key_cache;
+
+static void key_cache_clear(key_cache *kc)
+{
+    for (int i = 0; i < KEY_CACHE_SLOTS; i++)
+        Py_CLEAR(kc->str[i]);
+}
+
+/* A new reference to the str of header key k (kl bytes), or NULL with an exception. */
+static PyObject *header_key(key_cache *kc, const uint8_t *k, int32_t kl)
+{
+    if (kl > KEY_CACHE_BYTES_MAX)
+        return PyUnicode_DecodeUTF8((const char *)k, kl, "strict");
+    for (int i = 0; i < KEY_CACHE_SLOTS; i++) {
+        if (kc->str[i] && kc->length[i] == kl && memcmp(kc->bytes[i], k, (size_t)kl) == 0) {
+            Py_INCREF(kc->str[i]);
+            return kc->str[i];
+        }
+    }
+    PyObject *str = PyUnicode_DecodeUTF8((const char *)k, kl, "strict");
+    if (str == NULL)
+        return NULL;
+    unsigned slot = kc->next++ % KEY_CACHE_SLOTS;
+    Py_XSETREF(kc->str[slot], Py_NewRef(str));
+    kc->bytes[slot] = k; /* points into the buffer, which outlives the cache */
+    kc->length[slot] = kl;
+    return str;
+}
+
+static PyObject *build_headers(module_state *st, key_cache *kc, const uint8_t *data, size_t len,
+                               int64_t start, int32_t count)
+{
+    if (count == 0)
+        return Py_NewRef(st->empty_tuple);
+    PyObject *t = PyTuple_New(count);
+    if (t == NULL)
+        return NULL;
+    const uint8_t *p = data + start, *end = data + len;
+    for (int32_t j = 0; j < count; j++) {
+        const uint8_t *k, *v;
+        int32_t kl, vl;
+        PyObject *key;
+        if (shmb_rb_header_next(&p, end, &k, &kl, &v, &vl) != 0 ||
+            (key = header_key(kc, k, kl)) == NULL) {
+            /* The walk checked both, so only a buffer changed under us gets here. */
+            shmb_rb_error err = {(size_t)start, (size_t)start, "header changed while decoding"};
+            Py_DECREF(t);
+            PyErr_Clear();
+            return raise_status(st, SHMB_RB_SCAN_BAD_RECORD, &err);
+        }
+        PyObject *value = vl < 0 ? Py_NewRef(Py_None)
+                                 : PyBytes_FromStringAndSize((const char *)v, vl);
+        PyObject *pair = value ? PyTuple_New(2) : NULL;
+        if (pair == NULL) {
+            Py_DECREF(key);
+            Py_XDECREF(value);
+            Py_DECREF(t);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(pair, 0, key);
+        PyTuple_SET_ITEM(pair, 1, value);
+        /* Only str, bytes and None inside: no cycle is possible, so keep the collector off it
+         * (CPython's own GC would untrack it on its first pass anyway). */
+        PyObject_GC_UnTrack(pair);
+        PyTuple_SET_ITEM(t, j, pair);
+    }
+    PyObject_GC_UnTrack(t);
+    return t;
+}
+
+static PyObject *build_records(module_state *st, const uint8_t *data, size_t len,
+                               const shmb_rb_columns *c, size_t n)
+{
+    key_cache kc;
+    memset(&kc, 0, sizeof kc);
+    PyObject *list = PyList_New((Py_ssize_t)n);
+    if (list == NULL)
+        return NULL;
+    for (size_t i = 0; i < n; i++) {
+        RecordObject *r = PyObject_New(RecordObject, st->record_type);
+        if (r == NULL)
+            goto fail;
+        r->offset = c->offsets[i];
+        r->timestamp = c->timestamps[i];
+        r->key = bytes_at(data, c->key_starts[i], c->key_lengths[i]);
+        r->value = bytes_at(data, c->value_starts[i], c->value_lengths[i]);
+        r->headers = (r->key && r->value) ? build_headers(st, &kc, data, len, c->headers_starts[i],
+                                                          c->headers_counts[i])
+                                          : NULL;
+        PyList_SET_ITEM(list, (Py_ssize_t)i, (PyObject *)r);
+        if (r->headers == NULL)
+            goto fail;
+    }
+    key_cache_clear(&kc);
+    return list;
+fail:
+    key_cache_clear(&kc);
+    Py_DECREF(list);
+    return NULL;
+}
+
+static PyObject *py_decode_records(PyObject *module, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"buf", "verify_crc", NULL};
+    module_state *st = get_state(module);
+    Py_buffer buf;
+    int verify_crc = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "y*|p:decode_records", kwlist, &buf,
+                                     &verify_crc))
+        return NULL;
+    const uint8_t *data = buf.buf;
+    size_t len = (size_t)buf.len, n = 0, cap;
+    int status;
+    shmb_rb_error err;
+    owned_columns oc = {{0}, NULL};
+    PyObject *result = NULL;
+    int release = len >= GIL_RELEASE_BYTES_MIN;
+
+    /* The count trusts headers only to size the columns; shmb_rb_decode checks everything and
+     * never writes past cap (a buffer that changes under us ends in NO_ROOM, not overflow). */
+    cap = shmb_rb_count_records(data, len);
+    if (owned_columns_alloc(&oc, cap) < 0) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if (release) {
+        Py_BEGIN_ALLOW_THREADS
+        status = shmb_rb_decode(data, len, verify_crc, &oc.cols, cap, &n, &err);
+        Py_END_ALLOW_THREADS
+    } else {
+        status = shmb_rb_decode(data, len, verify_crc, &oc.cols, cap, &n, &err);
+    }
+    if (status == SHMB_RB_DECODE_NO_ROOM) {
+        snprintf(err.message, sizeof err.message, "buffer changed while it was decoded");
+        status = SHMB_RB_SCAN_BAD_RECORD;
+    }
+    if (status != SHMB_RB_SCAN_OK)
+        raise_status(st, status, &err);
+    else
+        result = build_records(st, data, len, &oc.cols, n);
+done:
+    PyMem_RawFree(oc.memory);
+    PyBuffer_Release(&buf);
+    return result;
+}
+
+/* Gets a writable 1-D C-contiguous signed integer buffer of itemsize bytes. */
+static int get_int_column(PyObject *o, Py_buffer *view, Py_ssize_t itemsize, const char *name)
+{
+    if (PyObject_GetBuffer(o, view, PyBUF_WRITABLE | PyBUF_FORMAT | PyBUF_ND) < 0) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "%s: expected a writable C-contiguous int%d array, got %.100s",
+                     name, (int)(itemsize * 8), Py_TYPE(o)->tp_name);
+        return -1;
+    }
+    const char *f = view->format ? view->format : "B";
+    while (*f == '@' || *f == '=' || *f == '<')
+        f++;
+    int ok = view->ndim == 1 && view->itemsize == itemsize && f[0] != '\0' && f[1] == '\0' &&
+             ((itemsize == 8 && (f[0] == 'q' || (f[0] == 'l' && sizeof(long) == 8))) ||
+              (itemsize == 4 && (f[0] == 'i' || (f[0] == 'l' && sizeof(long) == 4))));
+    if (!ok) {
+        PyErr_Format(PyExc_TypeError, "%s: expected a 1-D int%d array, got format '%s' ndim %d",
+                     name, (int)(itemsize * 8), view->format ? view->format : "B", view->ndim);
+        PyBuffer_Release(view);
+        return -1;
+    }
+    return 0;
+}
+
+#define N_COLUMNS 6
+
+static PyObject *py_decode_columnar_into(PyObject *module, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"buf", "offsets", "timestamps", "key_starts", "key_lengths",
+                             "value_starts", "value_lengths", "verify_crc", NULL};
+    static const Py_ssize_t itemsizes[N_COLUMNS] = {8, 8, 8, 4, 8, 4};
+    module_state *st = get_state(module);
+    Py_buffer buf;
+    PyObject *objs[N_COLUMNS];
+    Py_buffer views[N_COLUMNS];
+    int nviews = 0, verify_crc = 1;
+    PyObject *result = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "y*OOOOOO|p:decode_columnar_into", kwlist, &buf,
+                                     &objs[0], &objs[1], &objs[2], &objs[3], &objs[4], &objs[5],
+                                     &verify_crc))
+        return NULL;
+    size_t cap = SIZE_MAX;
+    for (; nviews < N_COLUMNS; nviews++) {
+        if (get_int_column(objs[nviews], &views[nviews], itemsizes[nviews], kwlist[nviews + 1]) < 0)
+            goto done;
+        size_t n = (size_t)(views[nviews].len / itemsizes[nviews]);
+        if (n < cap)
+            cap = n;
+    }
+    const shmb_rb_columns cols = {
+        .offsets = views[0].buf,
+        .timestamps = views[1].buf,
+        .key_starts = views[2].buf,
+        .key_lengths = views[3].buf,
+        .value_starts = views[4].buf,
+        .value_lengths = views[5].buf,
+    };
+    const uint8_t *data = buf.buf;
+    size_t len = (size_t)buf.len, n = 0;
+    shmb_rb_error err;
+    int status;
+    if (len >= GIL_RELEASE_BYTES_MIN) {
+        Py_BEGIN_ALLOW_THREADS
+        status = shmb_rb_decode(data, len, verify_crc, &cols, cap, &n, &err);
+        Py_END_ALLOW_THREADS
+    } else {
+        status = shmb_rb_decode(data, len, verify_crc, &cols, cap, &n, &err);
+    }
+    if (status == SHMB_RB_DECODE_NO_ROOM)
+        PyErr_SetString(PyExc_ValueError, err.message);
+    else if (status != SHMB_RB_SCAN_OK)
+        raise_status(st, status, &err);
+    else
+        result = PyLong_FromSize_t(n);
+done:
+    for (int i = 0; i < nviews; i++)
+        PyBuffer_Release(&views[i]);
+    PyBuffer_Release(&buf);
+    return result;
+}
+
+/* ==== encode_batch ========================================================================= */
+
+/* Everything encode_batch holds while it writes without the GIL; released by enc_free. */
+typedef struct {
+    PyObject **refs;
+    Py_ssize_t nrefs, caprefs;
+    Py_buffer *views;
+    Py_ssize_t nviews, capviews;
+    shmb_slice *values, *keys;
+    shmb_header_slice *headers;
+    size_t *header_starts;
+    int64_t *timestamps;
+    Py_buffer values_2d, timestamps_buf;
+    int have_values_2d, have_timestamps_buf;
+} enc_hold;
+
+static void enc_free(enc_hold *h)
+{
+    for (Py_ssize_t i = 0; i < h->nviews; i++)
+        PyBuffer_Release(&h->views[i]);
+    for (Py_ssize_t i = 0; i < h->nrefs; i++)
+        Py_DECREF(h->refs[i]);
+    if (h->have_values_2d)
+        PyBuffer_Release(&h->values_2d);
+    if (h->have_timestamps_buf)
+        PyBuffer_Release(&h->timestamps_buf);
+    PyMem_Free(h->views);
+    PyMem_Free(h->refs);
+    PyMem_Free(h->values);
+    PyMem_Free(h->keys);
+    PyMem_Free(h->headers);
+    PyMem_Free(h->header_starts);
+    PyMem_Free(h->timestamps);
+}
+
+/* Keeps a (new) reference until enc_free; steals o. */
+static int enc_keep(enc_hold *h, PyObject *o)
+{
+    if (h->nrefs == h->caprefs) {
+        Py_ssize_t cap = h->caprefs ? 2 * h->caprefs : 16;
+        PyObject **r = PyMem_Realloc(h->refs, (size_t)cap * sizeof *r);
+        if (r == NULL) {
+            Py_DECREF(o);
+            PyErr_NoMemory();
+            return -1;
+        }
+        h->refs = r;
+        h->caprefs = cap;
+    }
+    h->refs[h->nrefs++] = o;
+    return 0;
+}
+
+/* A tuple with the items of seq, kept alive until enc_free (so no other thread can drop the
+ * items while we write without the GIL). Returns a borrowed reference. */
+static PyObject *enc_tuple(enc_hold *h, PyObject *seq, const char *name, Py_ssize_t i)
+{
+    PyObject *t = PySequence_Tuple(seq);
+    if (t == NULL) {
+        if (PyErr_ExceptionMatches(PyExc_TypeError)) {
+            PyErr_Clear();
+            if (i < 0)
+                PyErr_Format(PyExc_TypeError, "%s: expected a sequence, got %.100s", name,
+                             Py_TYPE(seq)->tp_name);
+            else
+                PyErr_Format(PyExc_TypeError, "%s[%zd]: expected a sequence, got %.100s", name, i,
+                             Py_TYPE(seq)->tp_name);
+        }
+        return NULL;
+    }
+    return enc_keep(h, t) < 0 ? NULL : t;
+}
+
+/* A bytes-like object or None as a slice; i >= 0 names the item, j >= 0 a header. */
+static int enc_slice(enc_hold *h, PyObject *o, shmb_slice *s, int nullable, const char *name,
+                     Py_ssize_t i, Py_ssize_t j)
+{
+    if (o == Py_None && nullable) {
+        s->data = NULL;
+        s->length = -1;
+        return 0;
+    }
+    if (PyBytes_CheckExact(o)) { /* immutable, alive through the tuple that holds it */
+        s->data = (const uint8_t *)PyBytes_AS_STRING(o);
+        s->length = PyBytes_GET_SIZE(o);
+    } else {
+        if (h->nviews == h->capviews) {
+            Py_ssize_t cap = h->capviews ? 2 * h->capviews : 8;
+            Py_buffer *v = PyMem_Realloc(h->views, (size_t)cap * sizeof *v);
+            if (v == NULL) {
+                PyErr_NoMemory();
+                return -1;
+            }
+            h->views = v;
+            h->capviews = cap;
+        }
+        if (PyObject_GetBuffer(o, &h->views[h->nviews], PyBUF_SIMPLE) < 0) {
+            PyErr_Clear();
+            if (j < 0)
+                PyErr_Format(PyExc_TypeError, "%s[%zd]: expected a bytes-like object%s, got %.100s",
+                             name, i, nullable ? " or None" : "", Py_TYPE(o)->tp_name);
+            else
+                PyErr_Format(PyExc_TypeError,
+                             "%s[%zd][%zd]: expected a bytes-like value or None, got %.100s",
+                             name, i, j, Py_TYPE(o)->tp_name);
+            return -1;
+        }
+        s->data = h->views[h->nviews].buf;
+        s->length = h->views[h->nviews].len;
+        h->nviews++;
+    }
+    if (s->length > INT32_MAX) {
+        PyErr_Format(PyExc_ValueError, "%s[%zd]: %zd bytes is more than a record can hold", name,
+                     i, (Py_ssize_t)s->length);
+        return -1;
+    }
+    return 0;
+}
+
+static shmb_slice *enc_slices(enc_hold *h, PyObject *seq, const char *name, Py_ssize_t count)
+{
+    shmb_slice *out = PyMem_Malloc((size_t)(count ? count : 1) * sizeof *out);
+    if (out == NULL) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        if (enc_slice(h, PyTuple_GET_ITEM(seq, i), &out[i], 1, name, i, -1) < 0) {
+            PyMem_Free(out);
+            return NULL;
+        }
+    }
+    return out;
+}
+
+static int check_length(Py_ssize_t got, Py_ssize_t want, const char *name)
+{
+    if (got != want) {
+        PyErr_Format(PyExc_ValueError, "%s: has %zd items, values has %zd", name, got, want);
+        return -1;
+    }
+    return 0;
+}
+
+/* values: a sequence of bytes-like-or-None, or one 2-D C-contiguous uint8 buffer (any other
+ * buffer, bytes included, is a ValueError, as in the reference). */
+static Py_ssize_t enc_values(enc_hold *h, PyObject *values)
+{
+    if (PyObject_CheckBuffer(values)) {
+        Py_buffer *v = &h->values_2d;
+        if (PyObject_GetBuffer(values, v, PyBUF_RECORDS_RO) < 0)
+            return -1;
+        h->have_values_2d = 1;
+        const char *f = v->format ? v->format : "B";
+        while (*f == '@' || *f == '=' || *f == '<' || *f == '>' || *f == '!')
+            f++;
+        if (v->ndim != 2) {
+            PyErr_Format(PyExc_ValueError,
+                         "values: a buffer of values must be 2-D (one row per value), got %d-D",
+                         v->ndim);
+            return -1;
+        }
+        if (v->itemsize != 1 || !(strcmp(f, "B") == 0 || strcmp(f, "b") == 0 ||
+                                  strcmp(f, "c") == 0) || !PyBuffer_IsContiguous(v, 'C')) {
+            PyErr_Format(PyExc_ValueError,
+                         "values: a 2-D values buffer must be C-contiguous uint8, got format '%s'",
+                         v->format ? v->format : "B");
+            return -1;
+        }
+        Py_ssize_t rows = v->shape[0], width = v->shape[1];
+        if (width > INT32_MAX) {
+            PyErr_SetString(PyExc_ValueError, "values: rows longer than 2**31-1 bytes");
+            return -1;
+        }
+        h->values = PyMem_Malloc((size_t)(rows ? rows : 1) * sizeof *h->values);
+        if (h->values == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        for (Py_ssize_t i = 0; i < rows; i++) {
+            h->values[i].data = (const uint8_t *)v->buf + i * width;
+            h->values[i].length = width;
+        }
+        return rows;
+    }
+    PyObject *t = enc_tuple(h, values, "values", -1);
+    if (t == NULL)
+        return -1;
+    h->values = enc_slices(h, t, "values", PyTuple_GET_SIZE(t));
+    return h->values ? PyTuple_GET_SIZE(t) : -1;
+}
+
+static int enc_headers(enc_hold *h, PyObject *headers, Py_ssize_t count)
+{
+    PyObject *outer = enc_tuple(h, headers, "headers", -1);
+    if (outer == NULL || check_length(PyTuple_GET_SIZE(outer), count, "headers") < 0)
+        return -1;
+    h->header_starts = PyMem_Malloc((size_t)(count + 1) * sizeof *h->header_starts);
+    PyObject **items = PyMem_Malloc((size_t)(count ? count : 1) * sizeof *items);
+    if (h->header_starts == NULL || items == NULL) {
+        PyMem_Free(items);
+        PyErr_NoMemory();
+        return -1;
+    }
+    size_t total = 0;
+    for (Py_ssize_t i = 0; i < count; i++) { /* first pass: tuples and the total count */
+        PyObject *item = PyTuple_GET_ITEM(outer, i);
+        items[i] = item == Py_None ? NULL : enc_tuple(h, item, "headers", i);
+        if (item != Py_None && items[i] == NULL) {
+            PyMem_Free(items);
+            return -1;
+        }
+        h->header_starts[i] = total;
+        total += items[i] ? (size_t)PyTuple_GET_SIZE(items[i]) : 0;
+    }
+    h->header_starts[count] = total;
+    h->headers = PyMem_Malloc((total ? total : 1) * sizeof *h->headers);
+    if (h->headers == NULL) {
+        PyMem_Free(items);
+        PyErr_NoMemory();
+        return -1;
+    }
+    int rc = 0;
+    for (Py_ssize_t i = 0; i < count && rc == 0; i++) {
+        Py_ssize_t n = items[i] ? PyTuple_GET_SIZE(items[i]) : 0;
+        for (Py_ssize_t j = 0; j < n && rc == 0; j++) {
+            shmb_header_slice *hs = &h->headers[h->header_starts[i] + (size_t)j];
+            PyObject *pair = PyTuple_GET_ITEM(items[i], j);
+            if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2) {
+                PyObject *t = PySequence_Check(pair) && !PyUnicode_Check(pair)
+                                  ? PySequence_Tuple(pair) : NULL;
+                if (t == NULL || PyTuple_GET_SIZE(t) != 2) {
+                    Py_XDECREF(t);
+                    PyErr_Clear();
+                    PyErr_Format(PyExc_TypeError,
+                                 "headers[%zd][%zd]: expected a (str, bytes-or-None) pair, got "
+                                 "%.100s", i, j, Py_TYPE(pair)->tp_name);
+                    rc = -1;
+                    break;
+                }
+                if (enc_keep(h, t) < 0) {
+                    rc = -1;
+                    break;
+                }
+                pair = t;
+            }
+            PyObject *key = PyTuple_GET_ITEM(pair, 0);
+            if (!PyUnicode_Check(key)) {
+                PyErr_Format(PyExc_TypeError, "headers[%zd][%zd]: key must be str, got %.100s", i,
+                             j, Py_TYPE(key)->tp_name);
+                rc = -1;
+                break;
+            }
+            Py_ssize_t klen;
+            const char *k = PyUnicode_AsUTF8AndSize(key, &klen); /* cached in the str */
+            if (k == NULL) {
+                rc = -1;
+                break;
+            }
+            hs->key.data = (const uint8_t *)k;
+            hs->key.length = klen;
+            rc = enc_slice(h, PyTuple_GET_ITEM(pair, 1), &hs->value, 1, "headers", i, j);
+        }
+    }
+    PyMem_Free(items);
+    return rc;
+}
+
+static int is_int64_format(const char *f)
+{
+    if (f == NULL)
+        return 0;
+    while (*f == '@' || *f == '=' || *f == '<')
+        f++;
+    return (f[0] == 'q' || (f[0] == 'l' && sizeof(long) == 8)) && f[1] == '\0';
+}
+
+static int enc_timestamps(enc_hold *h, PyObject *timestamps, Py_ssize_t count)
+{
+    if (PyObject_CheckBuffer(timestamps)) {
+        Py_buffer *v = &h->timestamps_buf;
+        if (PyObject_GetBuffer(timestamps, v, PyBUF_FORMAT | PyBUF_ND) < 0) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_TypeError,
+                         "timestamps: a buffer must be 1-D C-contiguous int64 (%.100s is not)",
+                         Py_TYPE(timestamps)->tp_name);
+            return -1;
+        }
+        h->have_timestamps_buf = 1;
+        if (v->ndim != 1 || v->itemsize != 8 || !is_int64_format(v->format)) {
+            PyErr_Format(PyExc_TypeError,
+                         "timestamps: a buffer must be 1-D C-contiguous int64, got format '%s' "
+                         "ndim %d", v->format ? v->format : "B", v->ndim);
+            return -1;
+        }
+        if (check_length(v->shape[0], count, "timestamps") < 0)
+            return -1;
+        h->timestamps = PyMem_Malloc((size_t)count * sizeof(int64_t));
+        if (h->timestamps == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        memcpy(h->timestamps, v->buf, (size_t)count * sizeof(int64_t));
+        return 0;
+    }
+    PyObject *seq = PySequence_Fast(timestamps, "timestamps: expected a sequence of ints");
+    if (seq == NULL)
+        return -1;
+    if (check_length(PySequence_Fast_GET_SIZE(seq), count, "timestamps") < 0) {
+        Py_DECREF(seq);
+        return -1;
+    }
+    h->timestamps = PyMem_Malloc((size_t)count * sizeof(int64_t));
+    if (h->timestamps == NULL) {
+        Py_DECREF(seq);
+        PyErr_NoMemory();
+        return -1;
+    }
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    for (Py_ssize_t i = 0; i < count; i++) {
+        int overflow = 0;
+        long long t = PyLong_Check(items[i]) ? PyLong_AsLongLongAndOverflow(items[i], &overflow)
+                                             : -1;
+        if (!PyLong_Check(items[i]) && !PyIndex_Check(items[i])) {
+            PyErr_Format(PyExc_TypeError, "timestamps[%zd]: expected an int, got %.100s", i,
+                         Py_TYPE(items[i])->tp_name);
+            Py_DECREF(seq);
+            return -1;
+        }
+        if (!PyLong_Check(items[i])) { /* numpy integers and other __index__ types */
+            PyObject *as_int = PyNumber_Index(items[i]);
+            t = as_int ? PyLong_AsLongLongAndOverflow(as_int, &overflow) : -1;
+            Py_XDECREF(as_int);
+        }
+        if (overflow || (t == -1 && PyErr_Occurred())) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_ValueError, "timestamps[%zd]: outside int64", i);
+            Py_DECREF(seq);
+            return -1;
+        }
+        h->timestamps[i] = t;
+    }
+    Py_DECREF(seq);
+    return 0;
+}
+
+/* An int argument within [lo, hi], or a ValueError/TypeError naming it. */
+static int int_arg(PyObject *o, const char *name, long long lo, long long hi, long long *out)
+{
+    if (!PyIndex_Check(o)) {
+        PyErr_Format(PyExc_TypeError, "%s: expected an int, got %.100s", name, Py_TYPE(o)->tp_name);
+        return -1;
+    }
+    PyObject *i = PyNumber_Index(o);
+    if (i == NULL)
+        return -1;
+    int overflow = 0;
+    long long v = PyLong_AsLongLongAndOverflow(i, &overflow);
+    Py_DECREF(i);
+    if (v == -1 && PyErr_Occurred())
+        return -1;
+    if (overflow || v < lo || v > hi) {
+        PyErr_Format(PyExc_ValueError, "%s: %R is outside [%lld, %lld]", name, o, lo, hi);
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
+
+static PyObject *py_encode_batch(PyObject *module, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"values", "keys", "headers", "timestamps", "timestamp",
+                             "base_offset", "partition_leader_epoch", "producer_id",
+                             "producer_epoch", "base_sequence", "attributes", NULL};
+    PyObject *values, *keys = Py_None, *headers = Py_None, *timestamps = Py_None;
+    PyObject *ints[7] = {NULL, NULL, NULL, NULL, NULL, NULL, NULL};
+    static const long long ranges[7][2] = {
+        {INT64_MIN, INT64_MAX}, {INT64_MIN, INT64_MAX}, {INT32_MIN, INT32_MAX},
+        {INT64_MIN, INT64_MAX}, {INT16_MIN, INT16_MAX}, {INT32_MIN, INT32_MAX},
+        {INT16_MIN, INT16_MAX},
+    };
+    static const long long defaults[7] = {0, 0, -1, -1, -1, -1, 0};
+    long long iv[7];
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OOOOOOOOOO:encode_batch", kwlist, &values,
+                                     &keys, &headers, &timestamps, &ints[0], &ints[1], &ints[2],
+                                     &ints[3], &ints[4], &ints[5], &ints[6]))
+        return NULL;
+    for (int i = 0; i < 7; i++) {
+        iv[i] = defaults[i];
+        if (ints[i] != NULL && int_arg(ints[i], kwlist[4 + i], ranges[i][0], ranges[i][1], &iv[i]) < 0)
+            return NULL;
+    }
+    if (iv[6] & SHMB_RB_COMPRESSION_MASK) {
+        PyErr_Format(PyExc_ValueError,
+                     "attributes: compression bits must be 0 (only uncompressed batches are "
+                     "encoded), got 0x%llx", (unsigned long long)(uint16_t)iv[6]);
+        return NULL;
+    }
+
+    enc_hold h;
+    memset(&h, 0, sizeof h);
+    PyObject *out = NULL;
+    Py_ssize_t count = enc_values(&h, values);
+    if (count < 0)
+        goto done;
+    if (count == 0) {
+        PyErr_SetString(PyExc_ValueError, "values: a batch needs at least one record");
+        goto done;
+    }
+    if (keys != Py_None) {
+        PyObject *t = enc_tuple(&h, keys, "keys", -1);
+        if (t == NULL || check_length(PyTuple_GET_SIZE(t), count, "keys") < 0)
+            goto done;
+        if ((h.keys = enc_slices(&h, t, "keys", count)) == NULL)
+            goto done;
+    }
+    if (headers != Py_None && enc_headers(&h, headers, count) < 0)
+        goto done;
+    if (timestamps != Py_None && enc_timestamps(&h, timestamps, count) < 0)
+        goto done;
+
+    const shmb_rb_encode_input in = {
+        .count = (size_t)count,
+        .values = h.values,
+        .keys = h.keys,
+        .header_starts = h.header_starts,
+        .headers = h.headers,
+        .timestamps = h.timestamps,
+        .timestamp = iv[0],
+        .base_offset = iv[1],
+        .partition_leader_epoch = (int32_t)iv[2],
+        .producer_id = iv[3],
+        .producer_epoch = (int16_t)iv[4],
+        .base_sequence = (int32_t)iv[5],
+        .attributes = (int16_t)iv[6],
+    };
+    size_t size;
+    shmb_rb_error err;
+    if (shmb_rb_encoded_size(&in, &size, &err) < 0) {
+        PyErr_SetString(PyExc_ValueError, err.message);
+        goto done;
+    }
+    out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)size);
+    if (out == NULL)
+        goto done;
+    uint8_t *dst = (uint8_t *)PyBytes_AS_STRING(out);
+    if (size >= GIL_RELEASE_BYTES_MIN) {
+        Py_BEGIN_ALLOW_THREADS
+        shmb_rb_encode(&in, dst, size);
+        Py_END_ALLOW_THREADS
+    } else {
+        shmb_rb_encode(&in, dst, size);
+    }
+done:
+    enc_free(&h);
+    return out;
+}
+
+/* ==== module =============================================================================== */
+
+static PyMethodDef module_methods[] = {
+    {"crc32c", (PyCFunction)(void (*)(void))py_crc32c, METH_VARARGS | METH_KEYWORDS,
+     "crc32c(data, crc=0) -> int\n\nCRC-32C (Castagnoli) of a bytes-like object, chained."},
+    {"crc32c_table", (PyCFunction)(void (*)(void))py_crc32c_table, METH_VARARGS | METH_KEYWORDS,
+     "crc32c_table(data, crc=0) -> int\n\nThe portable slice-by-8 path of crc32c."},
+    {"crc32c_impl", py_crc32c_impl, METH_NOARGS,
+     "crc32c_impl() -> str\n\n'sse4.2' or 'table', chosen at import from CPUID."},
+    {"murmur2", py_murmur2, METH_O, "murmur2(key) -> int\n\nKafka's murmur2, signed int32."},
+    {"partition_for_key", py_partition_for_key, METH_VARARGS,
+     "partition_for_key(key, num_partitions) -> int\n\n(murmur2(key) & 0x7fffffff) % n."},
+    {"scan_batches", (PyCFunction)(void (*)(void))py_scan_batches, METH_VARARGS | METH_KEYWORDS,
+     "scan_batches(buf, verify_crc=True, verify_records=False, batch_bytes_max=0)\n"
+     "-> (valid_bytes, status, error_position, [(position, base_offset, last_offset,\n"
+     "    max_timestamp, records_count), ...])"},
+    {"decode_records", (PyCFunction)(void (*)(void))py_decode_records,
+     METH_VARARGS | METH_KEYWORDS,
+     "decode_records(buf, verify_crc=True) -> list[Record]"},
+    {"decode_columnar_into", (PyCFunction)(void (*)(void))py_decode_columnar_into,
+     METH_VARARGS | METH_KEYWORDS,
+     "decode_columnar_into(buf, offsets, timestamps, key_starts, key_lengths, value_starts,\n"
+     "                     value_lengths, verify_crc=True) -> int"},
+    {"encode_batch", (PyCFunction)(void (*)(void))py_encode_batch, METH_VARARGS | METH_KEYWORDS,
+     "encode_batch(values, keys=None, headers=None, timestamps=None, timestamp=0,\n"
+     "             base_offset=0, partition_leader_epoch=-1, producer_id=-1,\n"
+     "             producer_epoch=-1, base_sequence=-1, attributes=0) -> bytes"},
+    {NULL, NULL, 0, NULL},
+};
+
+static int module_traverse(PyObject *m, visitproc visit, void *arg)
+{
+    module_state *st = get_state(m);
+    if (st == NULL)
+        return 0;
+    Py_VISIT(st->record_type);
+    Py_VISIT(st->empty_tuple);
+    for (int i = 0; i < STATUS_COUNT; i++)
+        Py_VISIT(st->errors[i]);
+    return 0;
+}
+
+static int module_clear(PyObject *m)
+{
+    module_state *st = get_state(m);
+    if (st == NULL)
+        return 0;
+    Py_CLEAR(st->record_type);
+    Py_CLEAR(st->empty_tuple);
+    for (int i = 0; i < STATUS_COUNT; i++)
+        Py_CLEAR(st->errors[i]);
+    return 0;
+}
+
+static void module_free(void *m) { module_clear((PyObject *)m); }
+
+static struct PyModuleDef native_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "shmbroker._native",
+    .m_doc = "The C core of shmbroker: CRC-32C, murmur2, RecordBatch v2 encode/decode/scan.\n"
+             "Contract: docs/design/records.md.",
+    .m_size = sizeof(module_state),
+    .m_methods = module_methods,
+    .m_traverse = module_traverse,
+    .m_clear = module_clear,
+    .m_free = module_free,
+};
+
+static int add_layout(PyObject *m)
+{
+    static const struct {
+        const char *name;
+        long value;
+    } entries[] = {
+        {"base_offset_offset", SHMB_RB_BASE_OFFSET_OFFSET},
+        {"batch_length_offset", SHMB_RB_BATCH_LENGTH_OFFSET},
+        {"partition_leader_epoch_offset", SHMB_RB_PARTITION_LEADER_EPOCH_OFFSET},
+        {"magic_offset", SHMB_RB_MAGIC_OFFSET},
+        {"crc_offset", SHMB_RB_CRC_OFFSET},
+        {"attributes_offset", SHMB_RB_ATTRIBUTES_OFFSET},
+        {"last_offset_delta_offset", SHMB_RB_LAST_OFFSET_DELTA_OFFSET},
+        {"base_timestamp_offset", SHMB_RB_BASE_TIMESTAMP_OFFSET},
+        {"max_timestamp_offset", SHMB_RB_MAX_TIMESTAMP_OFFSET},
+        {"producer_id_offset", SHMB_RB_PRODUCER_ID_OFFSET},
+        {"producer_epoch_offset", SHMB_RB_PRODUCER_EPOCH_OFFSET},
+        {"base_sequence_offset", SHMB_RB_BASE_SEQUENCE_OFFSET},
+        {"records_count_offset", SHMB_RB_RECORDS_COUNT_OFFSET},
+        {"HEADER_SIZE", SHMB_RB_HEADER_SIZE},
+        {"LOG_OVERHEAD", SHMB_RB_LOG_OVERHEAD},
+        {"CRC_START", SHMB_RB_CRC_START},
+        {"MAGIC", SHMB_RB_MAGIC},
+        {"BATCH_LENGTH_MIN", SHMB_RB_BATCH_LENGTH_MIN},
+        {"COMPRESSION_MASK", SHMB_RB_COMPRESSION_MASK},
+        {"TIMESTAMP_TYPE_MASK", SHMB_RB_TIMESTAMP_TYPE_MASK},
+        {"TRANSACTIONAL_MASK", SHMB_RB_TRANSACTIONAL_MASK},
+        {"CONTROL_MASK", SHMB_RB_CONTROL_MASK},
+        {"SCAN_OK", SHMB_RB_SCAN_OK},
+        {"SCAN_TRUNCATED", SHMB_RB_SCAN_TRUNCATED},
+        {"SCAN_BAD_LENGTH", SHMB_RB_SCAN_BAD_LENGTH},
+        {"SCAN_BAD_MAGIC", SHMB_RB_SCAN_BAD_MAGIC},
+        {"SCAN_BAD_CRC", SHMB_RB_SCAN_BAD_CRC},
+        {"SCAN_BAD_RECORD", SHMB_RB_SCAN_BAD_RECORD},
+        {"SCAN_COMPRESSED", SHMB_RB_SCAN_COMPRESSED},
+    };
+    PyObject *d = PyDict_New();
+    if (d == NULL)
+        return -1;
+    for (size_t i = 0; i < sizeof entries / sizeof entries[0]; i++) {
+        PyObject *v = PyLong_FromLong(entries[i].value);
+        if (v == NULL || PyDict_SetItemString(d, entries[i].name, v) < 0) {
+            Py_XDECREF(v);
+            Py_DECREF(d);
+            return -1;
+        }
+        Py_DECREF(v);
+    }
+    return PyModule_AddObject(m, "LAYOUT", d) < 0 ? (Py_DECREF(d), -1) : 0;
+}
+
+static int init_state(PyObject *m, module_state *st)
+{
+    static const char *const names[STATUS_COUNT] = {
+        [SHMB_RB_SCAN_TRUNCATED] = "TruncatedBatchError",
+        [SHMB_RB_SCAN_BAD_LENGTH] = "CorruptRecordError",
+        [SHMB_RB_SCAN_BAD_MAGIC] = "InvalidMagicError",
+        [SHMB_RB_SCAN_BAD_CRC] = "CrcMismatchError",
+        [SHMB_RB_SCAN_BAD_RECORD] = "InvalidRecordError",
+        [SHMB_RB_SCAN_COMPRESSED] = "UnsupportedCompressionError",
+    };
+    PyObject *errors = PyImport_ImportModule("shmbroker.errors");
+    if (errors == NULL)
+        return -1;
+    for (int i = 1; i < STATUS_COUNT; i++) {
+        st->errors[i] = PyObject_GetAttrString(errors, names[i]);
+        if (st->errors[i] == NULL) {
+            Py_DECREF(errors);
+            return -1;
+        }
+    }
+    Py_DECREF(errors);
+    st->empty_tuple = PyTuple_New(0);
+    if (st->empty_tuple == NULL)
+        return -1;
+    st->record_type = (PyTypeObject *)PyType_FromModuleAndSpec(m, &Record_spec, NULL);
+    if (st->record_type == NULL)
+        return -1;
+    Py_INCREF(st->record_type);
+    if (PyModule_AddObject(m, "Record", (PyObject *)st->record_type) < 0) {
+        Py_DECREF(st->record_type);
+        return -1;
+    }
+    return 0;
+}
+
+PyMODINIT_FUNC PyInit__native(void)
+{
+    shmb_crc32c_init();
+    PyObject *m = PyModule_Create(&native_module);
+    if (m == NULL)
+        return NULL;
+    if (init_state(m, get_state(m)) < 0 || add_layout(m) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

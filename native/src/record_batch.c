@@ -1,0 +1,525 @@
+/* RecordBatch v2: header checks, record walk, encoder. See shmb/record_batch.h. */
+#include "shmb/record_batch.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "shmb/crc32c.h"
+#include "shmb/varint.h"
+
+/* ---- big-endian helpers --------------------------------------------------------------- */
+
+static inline uint64_t be64(const uint8_t *p)
+{
+    return (uint64_t)p[0] << 56 | (uint64_t)p[1] << 48 | (uint64_t)p[2] << 40 |
+           (uint64_t)p[3] << 32 | (uint64_t)p[4] << 24 | (uint64_t)p[5] << 16 |
+           (uint64_t)p[6] << 8 | (uint64_t)p[7];
+}
+
+static inline uint32_t be32(const uint8_t *p)
+{
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | (uint32_t)p[3];
+}
+
+static inline uint16_t be16(const uint8_t *p) { return (uint16_t)((unsigned)p[0] << 8 | p[1]); }
+
+static inline void put_be64(uint8_t *p, uint64_t v)
+{
+    for (int i = 7; i >= 0; i--) {
+        p[i] = (uint8_t)v;
+        v >>= 8;
+    }
+}
+
+static inline void put_be32(uint8_t *p, uint32_t v)
+{
+    p[0] = (uint8_t)(v >> 24);
+    p[1] = (uint8_t)(v >> 16);
+    p[2] = (uint8_t)(v >> 8);
+    p[3] = (uint8_t)v;
+}
+
+static inline void put_be16(uint8_t *p, uint16_t v)
+{
+    p[0] = (uint8_t)(v >> 8);
+    p[1] = (uint8_t)v;
+}
+
+/* ---- errors --------------------------------------------------------------------------- */
+
+#if defined(__GNUC__)
+__attribute__((format(printf, 5, 6)))
+#endif
+static int fail(shmb_rb_error *err, int status, size_t batch_position, size_t position,
+                const char *fmt, ...)
+{
+    if (err) {
+        va_list ap;
+        err->batch_position = batch_position;
+        err->position = position;
+        va_start(ap, fmt);
+        vsnprintf(err->message, sizeof err->message, fmt, ap);
+        va_end(ap);
+    }
+    return status;
+}
+
+/* ---- header --------------------------------------------------------------------------- */
+
+void shmb_rb_header_read(const uint8_t *p, shmb_rb_header *h)
+{
+    h->base_offset = (int64_t)be64(p + SHMB_RB_BASE_OFFSET_OFFSET);
+    h->batch_length = (int32_t)be32(p + SHMB_RB_BATCH_LENGTH_OFFSET);
+    h->partition_leader_epoch = (int32_t)be32(p + SHMB_RB_PARTITION_LEADER_EPOCH_OFFSET);
+    h->magic = (int8_t)p[SHMB_RB_MAGIC_OFFSET];
+    h->crc = be32(p + SHMB_RB_CRC_OFFSET);
+    h->attributes = (int16_t)be16(p + SHMB_RB_ATTRIBUTES_OFFSET);
+    h->last_offset_delta = (int32_t)be32(p + SHMB_RB_LAST_OFFSET_DELTA_OFFSET);
+    h->base_timestamp = (int64_t)be64(p + SHMB_RB_BASE_TIMESTAMP_OFFSET);
+    h->max_timestamp = (int64_t)be64(p + SHMB_RB_MAX_TIMESTAMP_OFFSET);
+    h->producer_id = (int64_t)be64(p + SHMB_RB_PRODUCER_ID_OFFSET);
+    h->producer_epoch = (int16_t)be16(p + SHMB_RB_PRODUCER_EPOCH_OFFSET);
+    h->base_sequence = (int32_t)be32(p + SHMB_RB_BASE_SEQUENCE_OFFSET);
+    h->records_count = (int32_t)be32(p + SHMB_RB_RECORDS_COUNT_OFFSET);
+}
+
+int shmb_rb_records_count_ok(const shmb_rb_header *h)
+{
+    int64_t records_bytes = (int64_t)h->batch_length + SHMB_RB_LOG_OVERHEAD - SHMB_RB_HEADER_SIZE;
+    return h->records_count >= 0 &&
+           (int64_t)h->records_count * SHMB_RB_RECORD_BYTES_MIN <= records_bytes;
+}
+
+int shmb_rb_check_batch(const uint8_t *buf, size_t len, size_t pos, const shmb_rb_scan_opts *opts,
+                        shmb_rb_header *h, shmb_rb_error *err)
+{
+    size_t remaining = len - pos;
+    if (remaining < SHMB_RB_LOG_OVERHEAD)
+        return fail(err, SHMB_RB_SCAN_TRUNCATED, pos, pos,
+                    "%zu bytes left, fewer than a batch's offset and length", remaining);
+    int32_t batch_length = (int32_t)be32(buf + pos + SHMB_RB_BATCH_LENGTH_OFFSET);
+    if (batch_length < SHMB_RB_BATCH_LENGTH_MIN)
+        return fail(err, SHMB_RB_SCAN_BAD_LENGTH, pos, pos,
+                    "batch_length %d is smaller than a batch header (%d)", (int)batch_length,
+                    SHMB_RB_BATCH_LENGTH_MIN);
+    size_t size = (size_t)batch_length + SHMB_RB_LOG_OVERHEAD;
+    if (opts->batch_bytes_max > 0 && (uint64_t)size > (uint64_t)opts->batch_bytes_max)
+        return fail(err, SHMB_RB_SCAN_BAD_LENGTH, pos, pos,
+                    "batch of %zu bytes is larger than the limit of %lld", size,
+                    (long long)opts->batch_bytes_max);
+    /* Magic before the length check: a cut batch of another format is reported as such. */
+    if (remaining > SHMB_RB_MAGIC_OFFSET && (int8_t)buf[pos + SHMB_RB_MAGIC_OFFSET] != SHMB_RB_MAGIC)
+        return fail(err, SHMB_RB_SCAN_BAD_MAGIC, pos, pos, "magic %d is not %d",
+                    (int)(int8_t)buf[pos + SHMB_RB_MAGIC_OFFSET], SHMB_RB_MAGIC);
+    if (remaining < size)
+        return fail(err, SHMB_RB_SCAN_TRUNCATED, pos, pos,
+                    "batch of %zu bytes but only %zu bytes left", size, remaining);
+    shmb_rb_header_read(buf + pos, h); /* size >= SHMB_RB_HEADER_SIZE bytes are there */
+    h->batch_length = batch_length;    /* the value checked above, whatever the bytes say now */
+    h->magic = SHMB_RB_MAGIC;
+    if (opts->verify_crc) {
+        uint32_t crc = shmb_crc32c(0, buf + pos + SHMB_RB_CRC_START, size - SHMB_RB_CRC_START);
+        if (crc != h->crc)
+            return fail(err, SHMB_RB_SCAN_BAD_CRC, pos, pos,
+                        "CRC-32C mismatch: stored 0x%08x, computed 0x%08x", (unsigned)h->crc,
+                        (unsigned)crc);
+    }
+    if (opts->verify_records) {
+        if (h->attributes & SHMB_RB_COMPRESSION_MASK)
+            return fail(err, SHMB_RB_SCAN_COMPRESSED, pos, pos,
+                        "batch is compressed (codec %d); only uncompressed batches are supported",
+                        (int)(h->attributes & SHMB_RB_COMPRESSION_MASK));
+        return shmb_rb_walk_records(buf, len, pos, h, NULL, 0, 0, err);
+    }
+    return SHMB_RB_SCAN_OK;
+}
+
+int shmb_rb_scan(const uint8_t *buf, size_t len, size_t start, const shmb_rb_scan_opts *opts,
+                 shmb_rb_batch_info *out, size_t out_cap, size_t *n_out, size_t *valid_bytes_out,
+                 shmb_rb_error *err)
+{
+    size_t pos = start, n = 0;
+    int status = SHMB_RB_SCAN_OK;
+    while (pos < len) {
+        if (n == out_cap) {
+            status = SHMB_RB_SCAN_MORE;
+            break;
+        }
+        status = shmb_rb_check_batch(buf, len, pos, opts, &out[n].header, err);
+        if (status != SHMB_RB_SCAN_OK)
+            break;
+        out[n].position = pos;
+        pos += (size_t)out[n].header.batch_length + SHMB_RB_LOG_OVERHEAD;
+        n++;
+    }
+    *n_out = n;
+    *valid_bytes_out = pos;
+    return status;
+}
+
+/* ---- records -------------------------------------------------------------------------- */
+
+/* Bytes bounded varint reads, failing the walk with the field name. */
+#define READ_VARINT32(dst, what)                                                                \
+    do {                                                                                        \
+        int rc_ = shmb_varint32_read(&p, rend, &(dst));                                         \
+        if (rc_ != SHMB_VARINT_OK)                                                              \
+            return fail(err, SHMB_RB_SCAN_BAD_RECORD, pos, rec_pos,                             \
+                        "record %zu: %s varint %s", i, (what),                                  \
+                        rc_ == SHMB_VARINT_TOO_LONG ? "is longer than 5 bytes"                  \
+                                                    : "runs past the record end");              \
+    } while (0)
+
+int shmb_rb_header_next(const uint8_t **pp, const uint8_t *end, const uint8_t **key,
+                        int32_t *key_length, const uint8_t **value, int32_t *value_length)
+{
+    const uint8_t *p = *pp;
+    int32_t kl, vl;
+    if (shmb_varint32_read(&p, end, &kl) != SHMB_VARINT_OK || kl < 0 || kl > end - p)
+        return -1;
+    *key = p;
+    p += kl;
+    if (shmb_varint32_read(&p, end, &vl) != SHMB_VARINT_OK || vl < -1 || vl > end - p)
+        return -1;
+    *value = p;
+    if (vl > 0)
+        p += vl;
+    *key_length = kl;
+    *value_length = vl;
+    *pp = p;
+    return 0;
+}
+
+int shmb_rb_walk_records(const uint8_t *buf, size_t len, size_t pos, const shmb_rb_header *h,
+                         const shmb_rb_columns *cols, size_t first, int flags, shmb_rb_error *err)
+{
+    size_t size = (size_t)h->batch_length + SHMB_RB_LOG_OVERHEAD;
+    const uint8_t *p = buf + pos + SHMB_RB_HEADER_SIZE;
+    const uint8_t *end = buf + pos + size; /* the caller checked pos + size <= len */
+    (void)len;
+
+    if (!shmb_rb_records_count_ok(h))
+        return fail(err, SHMB_RB_SCAN_BAD_RECORD, pos, pos,
+                    "records_count %d does not fit in a batch of %zu bytes",
+                    (int)h->records_count, size);
+    /* An empty batch (Kafka's compaction can leave one) keeps its last_offset_delta. */
+    if (h->records_count > 0 && (int64_t)h->last_offset_delta != (int64_t)h->records_count - 1)
+        return fail(err, SHMB_RB_SCAN_BAD_RECORD, pos, pos,
+                    "last_offset_delta %d does not match records_count %d",
+                    (int)h->last_offset_delta, (int)h->records_count);
+
+    size_t count = (size_t)h->records_count;
+    for (size_t i = 0; i < count; i++) {
+        size_t rec_pos = (size_t)(p - buf);
+        const uint8_t *rend = end;
+        int32_t body, offset_delta, key_length, value_length, headers_count;
+        int64_t timestamp_delta;
+
+        READ_VARINT32(body, "length");
+        if (body < 0 || body > end - p)
+            return fail(err, SHMB_RB_SCAN_BAD_RECORD, pos, rec_pos,
+                        "record %zu: length %d is negative or runs past the batch end", i,
+                        (int)body);
+        rend = p + body;
+        if (p >= rend)
+            return fail(err, SHMB_RB_SCAN_BAD_RECORD, pos, rec_pos,
+                        "record %zu: empty record body", i);
+        p++; /* attributes, unused */
+        {
+            int rc = shmb_varint64_read(&p, rend, &timestamp_delta);
+            if (rc != SHMB_VARINT_OK)
+                return fail(err, SHMB_RB_SCAN_BAD_RECORD, pos, rec_pos,
+                            "record %zu: timestamp_delta varint %s", i,
+                            rc == SHMB_VARINT_TOO_LONG ? "is longer than 10 bytes"
+                                                       : "runs past the record end");
+        }
+        READ_VARINT32(offset_delta, "offset_delta");
+        READ_VARINT32(key_length, "key_length");
+        if (key_length < -1 || key_length > rend - p)
+            return fail(err, SHMB_RB_SCAN_BAD_RECORD, pos, rec_pos,
+                        "record %zu: key_length %d is invalid or runs past the record end", i,
+                        (int)key_length);
+        const uint8_t *key = p;
+        if (key_length > 0)
+            p += key_length;
+        READ_VARINT32(value_length, "value_length");
+        if (value_length < -1 || value_length > rend - p)
+            return fail(err, SHMB_RB_SCAN_BAD_RECORD, pos, rec_pos,
+                        "record %zu: value_length %d is invalid or runs past the record end", i,
+                        (int)value_length);
+        const uint8_t *value = p;
+        if (value_length > 0)
+            p += value_length;
+        READ_VARINT32(headers_count, "headers_count");
+        if (headers_count < 0 || headers_count > (rend - p) / SHMB_RB_HEADER_BYTES_MIN)
+            return fail(err, SHMB_RB_SCAN_BAD_RECORD, pos, rec_pos,
+                        "record %zu: headers_count %d is negative or cannot fit in the record",
+                        i, (int)headers_count);
+        const uint8_t *headers = p;
+        for (int32_t j = 0; j < headers_count; j++) {
+            const uint8_t *hk, *hv;
+            int32_t hkl, hvl;
+            if (shmb_rb_header_next(&p, rend, &hk, &hkl, &hv, &hvl) != 0)
+                return fail(err, SHMB_RB_SCAN_BAD_RECORD, pos, rec_pos,
+                            "record %zu: header %d has a bad varint or a length past the record "
+                            "end",
+                            i, (int)j);
+            if ((flags & SHMB_RB_WALK_CHECK_UTF8) && !shmb_utf8_valid(hk, (size_t)hkl))
+                return fail(err, SHMB_RB_SCAN_BAD_RECORD, pos, rec_pos,
+                            "record %zu: header %d key is not UTF-8", i, (int)j);
+        }
+        if (p != rend)
+            return fail(err, SHMB_RB_SCAN_BAD_RECORD, pos, rec_pos,
+                        "record %zu: length says %d bytes but its fields take %td", i, (int)body,
+                        p - (rend - body));
+        if (cols) {
+            size_t k = first + i;
+            if (cols->offsets)
+                cols->offsets[k] = (int64_t)((uint64_t)h->base_offset + (uint64_t)(int64_t)offset_delta);
+            /* LogAppendTime: the broker's time, stored once as max_timestamp, is every
+             * record's timestamp (Kafka's rule); the deltas keep the producer's times. */
+            if (cols->timestamps)
+                cols->timestamps[k] = (h->attributes & SHMB_RB_TIMESTAMP_TYPE_MASK)
+                    ? h->max_timestamp
+                    : (int64_t)((uint64_t)h->base_timestamp + (uint64_t)timestamp_delta);
+            if (cols->key_starts)
+                cols->key_starts[k] = (int64_t)(key - buf);
+            if (cols->key_lengths)
+                cols->key_lengths[k] = key_length;
+            if (cols->value_starts)
+                cols->value_starts[k] = (int64_t)(value - buf);
+            if (cols->value_lengths)
+                cols->value_lengths[k] = value_length;
+            if (cols->headers_starts)
+                cols->headers_starts[k] = (int64_t)(headers - buf);
+            if (cols->headers_counts)
+                cols->headers_counts[k] = headers_count;
+        }
+    }
+    if (p != end)
+        return fail(err, SHMB_RB_SCAN_BAD_RECORD, pos, (size_t)(p - buf),
+                    "%td bytes left in the batch after records_count %d records", end - p,
+                    (int)h->records_count);
+    return SHMB_RB_SCAN_OK;
+}
+
+size_t shmb_rb_count_records(const uint8_t *buf, size_t len)
+{
+    size_t pos = 0, count = 0;
+    shmb_rb_header h;
+    while (len - pos >= SHMB_RB_HEADER_SIZE) {
+        shmb_rb_header_read(buf + pos, &h);
+        if (h.batch_length < SHMB_RB_BATCH_LENGTH_MIN || h.magic != SHMB_RB_MAGIC ||
+            !shmb_rb_records_count_ok(&h))
+            break;
+        size_t size = (size_t)h.batch_length + SHMB_RB_LOG_OVERHEAD;
+        if (len - pos < size)
+            break;
+        count += (size_t)h.records_count;
+        pos += size;
+    }
+    return count;
+}
+
+int shmb_rb_decode(const uint8_t *buf, size_t len, int verify_crc, const shmb_rb_columns *cols,
+                   size_t cap, size_t *n_out, shmb_rb_error *err)
+{
+    const shmb_rb_scan_opts opts = {verify_crc, 0, 0};
+    size_t pos = 0, n = 0;
+    int status = SHMB_RB_SCAN_OK, no_room = 0;
+    shmb_rb_header h;
+    while (pos < len) {
+        status = shmb_rb_check_batch(buf, len, pos, &opts, &h, err);
+        if (status != SHMB_RB_SCAN_OK)
+            break;
+        if (h.attributes & SHMB_RB_COMPRESSION_MASK) {
+            status = fail(err, SHMB_RB_SCAN_COMPRESSED, pos, pos,
+                          "batch at byte %zu is compressed (codec %d); decompress it first", pos,
+                          (int)(h.attributes & SHMB_RB_COMPRESSION_MASK));
+            break;
+        }
+        /* Once the columns are full, keep checking (bad bytes win over short arrays). */
+        if (!no_room && shmb_rb_records_count_ok(&h) && (size_t)h.records_count > cap - n)
+            no_room = 1;
+        status = shmb_rb_walk_records(buf, len, pos, &h, no_room ? NULL : cols, n,
+                                      SHMB_RB_WALK_CHECK_UTF8, err);
+        if (status != SHMB_RB_SCAN_OK)
+            break;
+        n += (size_t)h.records_count;
+        pos += (size_t)h.batch_length + SHMB_RB_LOG_OVERHEAD;
+    }
+    *n_out = n;
+    if (status == SHMB_RB_SCAN_OK && no_room)
+        return fail(err, SHMB_RB_DECODE_NO_ROOM, 0, 0,
+                    "output arrays hold %zu records, the buffer has %zu", cap, n);
+    return status;
+}
+
+/* Table 3-7 of the Unicode standard: what Python's strict UTF-8 decoder accepts. */
+int shmb_utf8_valid(const uint8_t *p, size_t len)
+{
+    const uint8_t *end = p + len;
+    while (p < end) {
+        uint8_t b = *p;
+        if (b < 0x80) {
+            p++;
+            continue;
+        }
+        size_t need;
+        uint8_t lo = 0x80, hi = 0xbf; /* range of the second byte */
+        if (b >= 0xc2 && b <= 0xdf)
+            need = 1;
+        else if (b >= 0xe0 && b <= 0xef) {
+            need = 2;
+            if (b == 0xe0)
+                lo = 0xa0;
+            else if (b == 0xed)
+                hi = 0x9f; /* no surrogates */
+        } else if (b >= 0xf0 && b <= 0xf4) {
+            need = 3;
+            if (b == 0xf0)
+                lo = 0x90;
+            else if (b == 0xf4)
+                hi = 0x8f; /* nothing above U+10FFFF */
+        } else
+            return 0;
+        if ((size_t)(end - p) <= need || p[1] < lo || p[1] > hi)
+            return 0;
+        for (size_t k = 2; k <= need; k++)
+            if ((p[k] & 0xc0) != 0x80)
+                return 0;
+        p += need + 1;
+    }
+    return 1;
+}
+
+/* ---- encoder -------------------------------------------------------------------------- */
+
+static inline int64_t record_timestamp(const shmb_rb_encode_input *in, size_t i)
+{
+    return in->timestamps ? in->timestamps[i] : in->timestamp;
+}
+
+static inline size_t slice_size(shmb_slice s)
+{
+    return shmb_varint32_size(s.length < 0 ? -1 : (int32_t)s.length) +
+           (s.length > 0 ? (size_t)s.length : 0);
+}
+
+/* Bytes of record i after its length varint. */
+static inline size_t record_body_size(const shmb_rb_encode_input *in, size_t i, int64_t delta)
+{
+    size_t n = 1 + shmb_varint64_size(delta) + shmb_varint32_size((int32_t)i);
+    n += in->keys ? slice_size(in->keys[i]) : 1;
+    n += slice_size(in->values[i]);
+    if (in->header_starts) {
+        size_t a = in->header_starts[i], b = in->header_starts[i + 1];
+        n += shmb_varint32_size((int32_t)(b - a));
+        for (size_t j = a; j < b; j++)
+            n += slice_size(in->headers[j].key) + slice_size(in->headers[j].value);
+    } else {
+        n += 1;
+    }
+    return n;
+}
+
+static int slice_ok(shmb_slice s, int nullable)
+{
+    return s.length <= INT32_MAX && (s.length >= 0 || (nullable && s.length == -1));
+}
+
+int shmb_rb_encoded_size(const shmb_rb_encode_input *in, size_t *size_out, shmb_rb_error *err)
+{
+    const uint64_t limit = (uint64_t)INT32_MAX + SHMB_RB_LOG_OVERHEAD;
+    if (in->count == 0)
+        return fail(err, -1, 0, 0, "a batch needs at least one record");
+    if (in->count > (size_t)INT32_MAX)
+        return fail(err, -1, 0, 0, "%zu records do not fit in one batch", in->count);
+    if (in->attributes & SHMB_RB_COMPRESSION_MASK)
+        return fail(err, -1, 0, 0, "attributes 0x%x: compression bits must be 0",
+                    (unsigned)(uint16_t)in->attributes);
+    int64_t base = record_timestamp(in, 0);
+    uint64_t total = SHMB_RB_HEADER_SIZE;
+    for (size_t i = 0; i < in->count; i++) {
+        int64_t delta;
+        if (__builtin_sub_overflow(record_timestamp(in, i), base, &delta))
+            return fail(err, -1, i, i, "timestamps[%zu]: delta from the first timestamp "
+                        "overflows int64", i);
+        if (!slice_ok(in->values[i], 1) || (in->keys && !slice_ok(in->keys[i], 1)))
+            return fail(err, -1, i, i, "record %zu: key or value longer than 2**31-1 bytes", i);
+        if (in->header_starts) {
+            size_t a = in->header_starts[i], b = in->header_starts[i + 1];
+            if (b - a > (size_t)INT32_MAX)
+                return fail(err, -1, i, i, "record %zu: too many headers", i);
+            for (size_t j = a; j < b; j++)
+                if (!slice_ok(in->headers[j].key, 0) || !slice_ok(in->headers[j].value, 1))
+                    return fail(err, -1, i, i, "record %zu: header longer than 2**31-1 bytes", i);
+        }
+        uint64_t body = record_body_size(in, i, delta);
+        if (body > INT32_MAX)
+            return fail(err, -1, i, i, "record %zu is larger than 2**31-1 bytes", i);
+        total += shmb_varint32_size((int32_t)body) + body;
+        if (total > limit)
+            return fail(err, -1, i, i, "the batch would be larger than 2**31-1 bytes");
+    }
+    *size_out = (size_t)total;
+    return 0;
+}
+
+static inline uint8_t *write_slice(uint8_t *p, shmb_slice s)
+{
+    p += shmb_varint32_write(p, s.length < 0 ? -1 : (int32_t)s.length);
+    if (s.length > 0) {
+        memcpy(p, s.data, (size_t)s.length);
+        p += s.length;
+    }
+    return p;
+}
+
+void shmb_rb_encode(const shmb_rb_encode_input *in, uint8_t *out, size_t size)
+{
+    int64_t base = record_timestamp(in, 0), max = base;
+    uint8_t *p = out + SHMB_RB_HEADER_SIZE;
+
+    for (size_t i = 0; i < in->count; i++) {
+        int64_t ts = record_timestamp(in, i);
+        int64_t delta = (int64_t)((uint64_t)ts - (uint64_t)base); /* checked by encoded_size */
+        if (ts > max)
+            max = ts;
+        p += shmb_varint32_write(p, (int32_t)record_body_size(in, i, delta));
+        *p++ = 0; /* attributes */
+        p += shmb_varint64_write(p, delta);
+        p += shmb_varint32_write(p, (int32_t)i);
+        if (in->keys)
+            p = write_slice(p, in->keys[i]);
+        else
+            p += shmb_varint32_write(p, -1);
+        p = write_slice(p, in->values[i]);
+        if (in->header_starts) {
+            size_t a = in->header_starts[i], b = in->header_starts[i + 1];
+            p += shmb_varint32_write(p, (int32_t)(b - a));
+            for (size_t j = a; j < b; j++) {
+                p = write_slice(p, in->headers[j].key);
+                p = write_slice(p, in->headers[j].value);
+            }
+        } else {
+            *p++ = 0; /* zigzag(0) */
+        }
+    }
+
+    put_be64(out + SHMB_RB_BASE_OFFSET_OFFSET, (uint64_t)in->base_offset);
+    put_be32(out + SHMB_RB_BATCH_LENGTH_OFFSET, (uint32_t)(size - SHMB_RB_LOG_OVERHEAD));
+    put_be32(out + SHMB_RB_PARTITION_LEADER_EPOCH_OFFSET, (uint32_t)in->partition_leader_epoch);
+    out[SHMB_RB_MAGIC_OFFSET] = SHMB_RB_MAGIC;
+    put_be16(out + SHMB_RB_ATTRIBUTES_OFFSET, (uint16_t)in->attributes);
+    put_be32(out + SHMB_RB_LAST_OFFSET_DELTA_OFFSET, (uint32_t)(in->count - 1));
+    put_be64(out + SHMB_RB_BASE_TIMESTAMP_OFFSET, (uint64_t)base);
+    put_be64(out + SHMB_RB_MAX_TIMESTAMP_OFFSET, (uint64_t)max);
+    put_be64(out + SHMB_RB_PRODUCER_ID_OFFSET, (uint64_t)in->producer_id);
+    put_be16(out + SHMB_RB_PRODUCER_EPOCH_OFFSET, (uint16_t)in->producer_epoch);
+    put_be32(out + SHMB_RB_BASE_SEQUENCE_OFFSET, (uint32_t)in->base_sequence);
+    put_be32(out + SHMB_RB_RECORDS_COUNT_OFFSET, (uint32_t)in->count);
+    put_be32(out + SHMB_RB_CRC_OFFSET,
+             shmb_crc32c(0, out + SHMB_RB_CRC_START, size - SHMB_RB_CRC_START));
+}

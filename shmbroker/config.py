@@ -1,0 +1,136 @@
+"""Every setting and every limit, declared once.
+
+Names follow our style (units last: ``segment_ms``, ``batch_bytes_max``); each also accepts
+Kafka's dotted topic-config name (``segment.bytes``) so that Kafka habits carry over.
+A value outside its declared bounds is a :class:`~shmbroker.errors.ConfigError` at the
+boundary, never a surprise deep inside the log.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from .errors import ConfigError
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+DAY_MS = 24 * 3600 * 1000
+
+# --- hard limits (not configurable) ----------------------------------------------------------
+
+#: Largest batch any configuration may allow. Batches are mapped and handed out whole.
+BATCH_BYTES_MAX_LIMIT = 64 * MiB
+#: Positions in .index entries are signed 32-bit, so a segment must stay below 2 GiB.
+SEGMENT_BYTES_MAX_LIMIT = 2 * GiB - 1
+#: Small enough for tests that roll often; anything smaller is a configuration mistake.
+SEGMENT_BYTES_MIN_LIMIT = 512
+#: Records in one batch (Kafka stores the count as int32; we bound it far lower).
+BATCH_RECORDS_MAX = 1 << 24
+
+#: Where `make run` and `shmbroker` keep data when neither --data-dir nor the environment says.
+DATA_DIR_ENV = "SHMBROKER_DATA_DIR"
+
+
+def default_data_dir() -> str:
+    """``$SHMBROKER_DATA_DIR``, else ``$XDG_DATA_HOME/shmbroker`` (``~/.local/share/shmbroker``)."""
+    env = os.environ.get(DATA_DIR_ENV)
+    if env:
+        return env
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(base, "shmbroker")
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """Per-topic (and so per-partition-log) settings. Kafka's defaults unless noted."""
+
+    #: Roll to a new segment when the active one would exceed this size (Kafka: segment.bytes).
+    segment_bytes: int = 1 * GiB
+    #: Roll when the active segment's first batch is older than this (Kafka: segment.ms).
+    segment_ms: int = 7 * DAY_MS
+    #: Delete whole old segments while the log is larger than this; -1 = no limit.
+    retention_bytes: int = -1
+    #: Delete whole old segments whose newest record is older than this; -1 = keep forever.
+    retention_ms: int = 7 * DAY_MS
+    #: Largest batch accepted by append (Kafka: max.message.bytes, default ~1 MiB).
+    batch_bytes_max: int = 1 * MiB
+    #: Bytes of log between two sparse index entries (Kafka: index.interval.bytes).
+    index_interval_bytes: int = 4 * KiB
+    #: Largest .index/.timeindex file; a segment rolls when either is full (segment.index.bytes).
+    index_bytes_max: int = 10 * MiB
+    #: fsync after this many records appended since the last flush; None = leave it to the OS.
+    flush_messages: int | None = None
+    #: fsync when the last flush is older than this; None = leave it to the OS.
+    flush_ms: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_range("segment_bytes", self.segment_bytes, SEGMENT_BYTES_MIN_LIMIT, SEGMENT_BYTES_MAX_LIMIT)
+        _check_range("segment_ms", self.segment_ms, 1, 1 << 62)
+        _check_range("retention_bytes", self.retention_bytes, -1, 1 << 62)
+        _check_range("retention_ms", self.retention_ms, -1, 1 << 62)
+        _check_range("batch_bytes_max", self.batch_bytes_max, 64, BATCH_BYTES_MAX_LIMIT)
+        _check_range("index_interval_bytes", self.index_interval_bytes, 0, 1 << 30)
+        _check_range("index_bytes_max", self.index_bytes_max, 64, 1 << 30)
+        if self.flush_messages is not None:
+            _check_range("flush_messages", self.flush_messages, 1, 1 << 62)
+        if self.flush_ms is not None:
+            _check_range("flush_ms", self.flush_ms, 0, 1 << 62)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any] | None = None) -> "LogConfig":
+        """Build from ``{name: value}``; names may be ours or Kafka's dotted ones; values may be strings."""
+        if not values:
+            return cls()
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for raw_name, raw_value in values.items():
+            name = _KAFKA_NAMES.get(raw_name, raw_name.replace(".", "_").replace("-", "_"))
+            if name not in known:
+                raise ConfigError(f"unknown topic config {raw_name!r}; known: {', '.join(sorted(known))}")
+            kwargs[name] = _parse_int(raw_name, raw_value)
+        return cls(**kwargs)
+
+    def replace(self, **changes: Any) -> "LogConfig":
+        return dataclasses.replace(self, **changes)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_KAFKA_NAMES = {
+    "segment.bytes": "segment_bytes",
+    "segment.ms": "segment_ms",
+    "retention.bytes": "retention_bytes",
+    "retention.ms": "retention_ms",
+    "max.message.bytes": "batch_bytes_max",
+    "index.interval.bytes": "index_interval_bytes",
+    "segment.index.bytes": "index_bytes_max",
+    "flush.messages": "flush_messages",
+    "flush.ms": "flush_ms",
+}
+
+
+def _parse_int(name: str, value: Any) -> int | None:
+    if value is None or isinstance(value, bool):
+        if value is None:
+            return None
+        raise ConfigError(f"{name}: expected an integer, got {value!r}")
+    if isinstance(value, int):
+        return value
+    text = str(value).strip().lower()
+    if text in ("none", "off", ""):
+        return None
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise ConfigError(f"{name}: expected an integer, got {value!r}") from None
+
+
+def _check_range(name: str, value: Any, low: int, high: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(f"{name}: expected an integer, got {value!r}")
+    if not low <= value <= high:
+        raise ConfigError(f"{name}={value} is outside [{low}, {high}]")

@@ -1,0 +1,155 @@
+"""The one exception tree of shmbroker.
+
+Every failure a user or operator can meet is a subclass of :class:`ShmbrokerError` with
+
+* ``code``: an integer shared with every wire protocol we speak. Where Kafka has an error
+  code for the same condition we use Kafka's number, so a Kafka client sees the error it knows;
+* ``retriable``: whether trying the same call again later can succeed (Kafka's meaning).
+
+Programmer errors (a broken invariant) are ``AssertionError`` and are not caught. Operating
+errors (bad bytes, a full disk, an unknown topic) are typed here. Hot paths report
+full/empty/would-block as return values, never as exceptions.
+
+Add new classes here, never elsewhere, so that ``ERRORS_BY_CODE`` stays complete.
+"""
+from __future__ import annotations
+
+
+class ShmbrokerError(Exception):
+    """Base of every error shmbroker raises on purpose."""
+
+    code: int = -1  # Kafka's UNKNOWN_SERVER_ERROR
+    retriable: bool = False
+
+
+# --- setup ---------------------------------------------------------------------------------
+
+class NativeExtensionMissing(ShmbrokerError, ImportError):
+    """shmbroker._native was not built; we never fall back silently to slow Python."""
+
+    code = -1
+
+
+class ConfigError(ShmbrokerError, ValueError):
+    """A setting is unknown, of the wrong type, or outside its declared limits."""
+
+    code = 40  # INVALID_CONFIG
+
+
+# --- records (RecordBatch v2 bytes) -------------------------------------------------------
+
+class CorruptRecordError(ShmbrokerError):
+    """Bytes that are not a valid RecordBatch v2. Base of every decoding failure.
+
+    ``position`` is the byte offset of the problem inside the buffer that was decoded (or the
+    file, when raised by the log), when known.
+    """
+
+    code = 2  # CORRUPT_MESSAGE
+
+    def __init__(self, message: str, position: int | None = None):
+        super().__init__(message)
+        self.position = position
+
+
+class TruncatedBatchError(CorruptRecordError):
+    """A length field points past the end of the bytes we were given."""
+
+
+class InvalidMagicError(CorruptRecordError):
+    """The magic byte is not 2 (only RecordBatch v2 is supported)."""
+
+
+class CrcMismatchError(CorruptRecordError):
+    """The CRC-32C stored in the batch header does not match its contents."""
+
+
+class InvalidRecordError(CorruptRecordError):
+    """A record inside a batch is malformed (bad varint, lengths that do not add up, ...)."""
+
+    code = 87  # INVALID_RECORD
+
+
+class UnsupportedCompressionError(ShmbrokerError):
+    """The batch is compressed with a codec we cannot decode here."""
+
+    code = 76  # UNSUPPORTED_COMPRESSION_TYPE
+
+    def __init__(self, message: str, position: int | None = None):
+        super().__init__(message)
+        self.position = position
+
+
+class RecordTooLargeError(ShmbrokerError):
+    """A record or batch is larger than the configured limit (``batch_bytes_max``)."""
+
+    code = 10  # MESSAGE_TOO_LARGE
+
+
+# --- the log --------------------------------------------------------------------------------
+
+class LogError(ShmbrokerError):
+    """A partition log cannot do what was asked (I/O error, closed log, ...)."""
+
+    code = 56  # KAFKA_STORAGE_ERROR
+
+
+class CorruptSegmentError(LogError, CorruptRecordError):
+    """Corruption found inside a sealed segment. Never served; names the file and position."""
+
+    code = 2  # CORRUPT_MESSAGE
+
+    def __init__(self, message: str, path: str | None = None, position: int | None = None):
+        CorruptRecordError.__init__(self, message, position)
+        self.path = path
+
+
+class OffsetOutOfRangeError(LogError):
+    """The offset asked for is below the log start offset or above the end offset."""
+
+    code = 1  # OFFSET_OUT_OF_RANGE
+
+
+class LogClosedError(LogError):
+    """The log (or segment) was closed."""
+
+
+class InvalidOffsetError(LogError):
+    """Offsets in an append do not fit the log (e.g. would overflow a segment's relative range)."""
+
+    code = 87  # INVALID_RECORD
+
+
+# --- topics and requests (used by the broker; declared here so codes stay in one place) -----
+
+class UnknownTopicOrPartitionError(ShmbrokerError):
+    code = 3  # UNKNOWN_TOPIC_OR_PARTITION
+    retriable = True
+
+
+class TopicAlreadyExistsError(ShmbrokerError):
+    code = 36  # TOPIC_ALREADY_EXISTS
+
+
+class InvalidTopicError(ShmbrokerError, ValueError):
+    code = 17  # INVALID_TOPIC_EXCEPTION
+
+
+class RequestTimeoutError(ShmbrokerError, TimeoutError):
+    code = 7  # REQUEST_TIMED_OUT
+    retriable = True
+
+
+def _all_subclasses(cls: type) -> list[type]:
+    out = []
+    for sub in cls.__subclasses__():
+        out.append(sub)
+        out.extend(_all_subclasses(sub))
+    return out
+
+
+#: The most general class for each code, for turning a wire error code back into an exception.
+ERRORS_BY_CODE: dict[int, type[ShmbrokerError]] = {}
+for _cls in [ShmbrokerError, *_all_subclasses(ShmbrokerError)]:
+    ERRORS_BY_CODE.setdefault(_cls.code, _cls)
+del _cls

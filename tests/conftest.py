@@ -1,0 +1,39 @@
+"""Shared fixtures: every test gets a timeout (pytest.ini), a private data dir, and a check
+that it left nothing behind in /dev/shm and no child processes running."""
+from __future__ import annotations
+
+import os
+
+import psutil
+import pytest
+
+SHM_DIR = "/dev/shm"
+#: Every shared-memory object of ours starts with this (see shmbroker/shm when it exists).
+SHM_PREFIX = "shmb"
+
+
+def _our_shm() -> set[str]:
+    try:
+        return {n for n in os.listdir(SHM_DIR) if n.startswith(SHM_PREFIX)}
+    except FileNotFoundError:
+        return set()
+
+
+@pytest.fixture(autouse=True)
+def no_leaks():
+    """Fail a test that leaves shared memory or child processes behind."""
+    shm_before = _our_shm()
+    yield
+    me = psutil.Process()
+    children = [c for c in me.children(recursive=True) if c.is_running()
+                and c.status() != psutil.STATUS_ZOMBIE]
+    leaked_shm = _our_shm() - shm_before
+    assert not leaked_shm, f"test left shared memory behind: {sorted(leaked_shm)}"
+    assert not children, f"test left child processes running: {[c.pid for c in children]}"
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    path = tmp_path / "data"
+    path.mkdir(mode=0o700)
+    return path
