@@ -5,7 +5,7 @@
  * 3 * N bytes into three streams of N bytes, run three independent CRCs, and combine them:
  * with the raw (not inverted) register, CRC(A || B) = shift_N(CRC(A)) ^ CRC(B) where shift_N
  * feeds N zero bytes, a linear map applied with four table lookups (Mark Adler's method; the
- * constant tables come from native/tools/gen_crc32c_tables.py).
+ * constant tables come from tools/gen_crc32c_tables.py).
  */
 #include "shmb/crc32c.h"
 

@@ -19,7 +19,7 @@ def test_generated_header_is_current():
 
 
 def test_crc32c_tables_are_current():
-    proc = subprocess.run([sys.executable, str(ROOT / "native/tools/gen_crc32c_tables.py"),
+    proc = subprocess.run([sys.executable, str(ROOT / "tools/gen_crc32c_tables.py"),
                            "--check"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
 
