@@ -39,7 +39,7 @@ def run_demo(data_dir: str, out: TextIO, records_total: int = 200_000) -> int:
         elapsed = time.perf_counter() - t0
         size = sum(len(b) for b in batches)
         say(f"appended {records_total:,} records in {len(batches)} batches "
-            f"({size / 1e6:.1f} MB) in {elapsed * 1e3:.1f} ms, then fsync: "
+            f"({size / 1e6:.1f} MB) in {elapsed * 1e3:.1f} ms including the final fsync: "
             f"{records_total / elapsed / 1e6:.2f} M records/s, {size / elapsed / 1e6:.0f} MB/s")
         say(f"log start offset {log.log_start_offset}, end offset {log.log_end_offset}, "
             f"{len(log.segments)} segments:")
@@ -50,7 +50,7 @@ def run_demo(data_dir: str, out: TextIO, records_total: int = 200_000) -> int:
         offset, seen, checksum = 0, 0, 0
         while offset < log.log_end_offset:
             piece = log.read(offset, 1 * MiB)
-            for record in records.decode_records(piece.view):
+            for record in records.decode_records(piece.data):
                 if record.offset >= offset:
                     seen += 1
                     checksum ^= hash(record.value)
@@ -62,7 +62,7 @@ def run_demo(data_dir: str, out: TextIO, records_total: int = 200_000) -> int:
 
         middle = records_total // 2
         piece = log.read(middle, 1)
-        first = next(r for r in records.decode_records(piece.view) if r.offset == middle)
+        first = next(r for r in records.decode_records(piece.data) if r.offset == middle)
         say(f"offset {middle}: key={first.key!r} value={bytes(first.value[:24])!r}... "
             f"in {os.path.basename(piece.path)} at byte {piece.file_position}")
         found = log.offset_for_timestamp(first.timestamp)

@@ -16,10 +16,18 @@ from __future__ import annotations
 
 
 class ShmbrokerError(Exception):
-    """Base of every error shmbroker raises on purpose."""
+    """Base of every error shmbroker raises on purpose.
+
+    ``position``: the byte offset of the problem inside the buffer or file concerned, when the
+    error is about bytes (None otherwise).
+    """
 
     code: int = -1  # Kafka's UNKNOWN_SERVER_ERROR
     retriable: bool = False
+
+    def __init__(self, message: str = "", position: int | None = None):
+        super().__init__(message)
+        self.position = position
 
 
 # --- setup ---------------------------------------------------------------------------------
@@ -47,10 +55,6 @@ class CorruptRecordError(ShmbrokerError):
 
     code = 2  # CORRUPT_MESSAGE
 
-    def __init__(self, message: str, position: int | None = None):
-        super().__init__(message)
-        self.position = position
-
 
 class TruncatedBatchError(CorruptRecordError):
     """A length field points past the end of the bytes we were given."""
@@ -75,10 +79,6 @@ class UnsupportedCompressionError(ShmbrokerError):
 
     code = 76  # UNSUPPORTED_COMPRESSION_TYPE
 
-    def __init__(self, message: str, position: int | None = None):
-        super().__init__(message)
-        self.position = position
-
 
 class RecordTooLargeError(ShmbrokerError):
     """A record or batch is larger than the configured limit (``batch_bytes_max``)."""
@@ -100,7 +100,7 @@ class CorruptSegmentError(LogError, CorruptRecordError):
     code = 2  # CORRUPT_MESSAGE
 
     def __init__(self, message: str, path: str | None = None, position: int | None = None):
-        CorruptRecordError.__init__(self, message, position)
+        super().__init__(message, position)
         self.path = path
 
 

@@ -27,7 +27,7 @@
 #define SCAN_CHUNK_BATCHES 256
 
 /* Exceptions by SCAN status (index 0 = OK, unused). */
-#define STATUS_COUNT (SHMB_RB_SCAN_COMPRESSED + 1)
+#define STATUS_COUNT (SHMB_RB_SCAN_TOO_LARGE + 1)
 
 typedef struct {
     PyTypeObject *record_type;
@@ -1211,6 +1211,7 @@ static int add_layout(PyObject *m)
         {"SCAN_BAD_CRC", SHMB_RB_SCAN_BAD_CRC},
         {"SCAN_BAD_RECORD", SHMB_RB_SCAN_BAD_RECORD},
         {"SCAN_COMPRESSED", SHMB_RB_SCAN_COMPRESSED},
+        {"SCAN_TOO_LARGE", SHMB_RB_SCAN_TOO_LARGE},
     };
     PyObject *d = PyDict_New();
     if (d == NULL)
@@ -1236,6 +1237,7 @@ static int init_state(PyObject *m, module_state *st)
         [SHMB_RB_SCAN_BAD_CRC] = "CrcMismatchError",
         [SHMB_RB_SCAN_BAD_RECORD] = "InvalidRecordError",
         [SHMB_RB_SCAN_COMPRESSED] = "UnsupportedCompressionError",
+        [SHMB_RB_SCAN_TOO_LARGE] = "RecordTooLargeError",
     };
     PyObject *errors = PyImport_ImportModule("shmbroker.errors");
     if (errors == NULL)

@@ -105,7 +105,7 @@ int shmb_rb_check_batch(const uint8_t *buf, size_t len, size_t pos, const shmb_r
                     SHMB_RB_BATCH_LENGTH_MIN);
     size_t size = (size_t)batch_length + SHMB_RB_LOG_OVERHEAD;
     if (opts->batch_bytes_max > 0 && (uint64_t)size > (uint64_t)opts->batch_bytes_max)
-        return fail(err, SHMB_RB_SCAN_BAD_LENGTH, pos, pos,
+        return fail(err, SHMB_RB_SCAN_TOO_LARGE, pos, pos,
                     "batch of %zu bytes is larger than the limit of %lld", size,
                     (long long)opts->batch_bytes_max);
     /* Magic before the length check: a cut batch of another format is reported as such. */

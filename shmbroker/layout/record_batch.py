@@ -106,11 +106,12 @@ OFFSETS = {f.name: f.offset for f in FIELDS}
 SCAN_STATUS = {
     "OK": 0,          # the buffer ended exactly at a batch boundary
     "TRUNCATED": 1,   # the last batch is incomplete (fewer bytes than its header says)
-    "BAD_LENGTH": 2,  # batch_length below the header size or above the allowed maximum
+    "BAD_LENGTH": 2,  # batch_length below the size of a batch header
     "BAD_MAGIC": 3,   # magic is not 2
     "BAD_CRC": 4,     # CRC-32C mismatch
     "BAD_RECORD": 5,  # CRC fine but a record inside is malformed (varints, lengths, counts)
     "COMPRESSED": 6,  # compressed batch where only uncompressed ones can be handled
+    "TOO_LARGE": 7,   # a whole, well-formed length, but above the caller's batch_bytes_max
 }
 
 CONSTANTS = {

@@ -15,6 +15,7 @@ import numpy as np
 from .. import errors
 from ..layout import record_batch as layout
 from ..native import _native
+from .validation import STATUS_ERRORS, error_for
 
 Record = _native.Record
 crc32c = _native.crc32c
@@ -25,14 +26,11 @@ decode_records = _native.decode_records
 SCAN_STATUS = layout.SCAN_STATUS
 SCAN_OK = SCAN_STATUS["OK"]
 _STATUS_NAMES = {v: k for k, v in SCAN_STATUS.items()}
-STATUS_ERRORS: dict[int, type[errors.ShmbrokerError]] = {
-    SCAN_STATUS["TRUNCATED"]: errors.TruncatedBatchError,
-    SCAN_STATUS["BAD_LENGTH"]: errors.CorruptRecordError,
-    SCAN_STATUS["BAD_MAGIC"]: errors.InvalidMagicError,
-    SCAN_STATUS["BAD_CRC"]: errors.CrcMismatchError,
-    SCAN_STATUS["BAD_RECORD"]: errors.InvalidRecordError,
-    SCAN_STATUS["COMPRESSED"]: errors.UnsupportedCompressionError,
-}
+
+
+#: Smallest possible record: length, attributes, timestamp delta, offset delta, key length,
+#: value length and header count, one byte each.
+RECORD_BYTES_MIN = 7
 
 
 class BatchInfo(NamedTuple):
@@ -65,12 +63,10 @@ class ScanResult(NamedTuple):
     def records(self) -> int:
         return sum(b[4] for b in self.batches)
 
-    def error(self, where: str = "") -> errors.ShmbrokerError:
-        """The exception for a failed scan (callers decide whether to raise it)."""
+    def error(self, buf: Any, context: str = "", batch_bytes_max: int = 0) -> errors.ShmbrokerError:
+        """The exception for a failed scan of ``buf`` (callers decide whether to raise it)."""
         assert not self.ok
-        cls = STATUS_ERRORS.get(self.status, errors.CorruptRecordError)
-        text = f"{self.status_name.lower().replace('_', ' ')} batch at byte {self.error_position}"
-        return cls(f"{where}{': ' if where else ''}{text}", self.error_position)
+        return error_for(buf, self.error_position, self.status, batch_bytes_max, context)
 
 
 def scan_batches(buf: Any, verify_crc: bool = True, verify_records: bool = False,
@@ -183,10 +179,14 @@ def decode_columnar(buf: Any, verify_crc: bool = True) -> ColumnarBatch:
     """Decode whole batches into numpy columns (see :class:`ColumnarBatch`)."""
     scan = scan_batches(buf, verify_crc=verify_crc)
     if not scan.ok:
-        raise scan.error("decode_columnar")
-    # records_count is only a header field here; a corrupt one may be negative, and the walk
-    # below is what proves the real count (it raises before writing past the arrays).
-    n = sum(max(0, b.records_count) for b in scan.batches)
+        raise scan.error(buf, "decode_columnar")
+    # records_count is only a header field here: a corrupt one may be negative or absurd. Size
+    # the arrays by it, but never beyond what the batch's bytes can hold (a record takes at
+    # least RECORD_BYTES_MIN), so garbage cannot make us allocate gigabytes; the walk below
+    # proves the real count and raises before writing past the arrays.
+    ends = [b.position for b in scan.batches[1:]] + [scan.valid_bytes]
+    n = sum(min(max(0, b.records_count), (end - b.position - layout.HEADER_SIZE) // RECORD_BYTES_MIN)
+            for b, end in zip(scan.batches, ends))
     cols = (np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.int64),
             np.empty(n, np.int32), np.empty(n, np.int64), np.empty(n, np.int32))
     # The scan above already checked the CRCs; the walk below still checks every record.
@@ -198,5 +198,5 @@ def decode_columnar(buf: Any, verify_crc: bool = True) -> ColumnarBatch:
 __all__ = [
     "Record", "BatchHeader", "BatchInfo", "ScanResult", "ColumnarBatch", "SCAN_STATUS",
     "crc32c", "murmur2", "partition_for_key", "encode_batch", "decode_records",
-    "decode_columnar", "scan_batches", "read_header",
+    "decode_columnar", "scan_batches", "read_header", "STATUS_ERRORS",
 ]

@@ -12,6 +12,7 @@ from typing import Any, NamedTuple, Sequence
 
 from .. import errors
 from ..layout import record_batch as L
+from .validation import STATUS_ERRORS
 
 # --- CRC-32C (Castagnoli, reflected polynomial 0x82F63B78) -----------------------------------
 
@@ -88,6 +89,12 @@ def _write_varint(out: bytearray, value: int) -> None:
         out.append((v & 0x7F) | 0x80)
         v >>= 7
     out.append(v)
+
+
+def _i64(value: int) -> int:
+    """Wrap to a signed 64-bit integer, as C and Java arithmetic on offsets and times does."""
+    value &= 0xFFFFFFFFFFFFFFFF
+    return value - (1 << 64) if value >= 1 << 63 else value
 
 
 class _Bad(Exception):
@@ -217,14 +224,6 @@ class ScanResult(NamedTuple):
 
 
 S = L.SCAN_STATUS
-_STATUS_ERRORS = {
-    S["TRUNCATED"]: errors.TruncatedBatchError,
-    S["BAD_LENGTH"]: errors.CorruptRecordError,
-    S["BAD_MAGIC"]: errors.InvalidMagicError,
-    S["BAD_CRC"]: errors.CrcMismatchError,
-    S["BAD_RECORD"]: errors.InvalidRecordError,
-    S["COMPRESSED"]: errors.UnsupportedCompressionError,
-}
 
 
 def _check_batch(buf: memoryview, pos: int, verify_crc: bool, batch_bytes_max: int) -> tuple[int, str, int]:
@@ -240,7 +239,7 @@ def _check_batch(buf: memoryview, pos: int, verify_crc: bool, batch_bytes_max: i
         return S["BAD_LENGTH"], f"batch_length {batch_length} is smaller than a batch header", 0
     total = batch_length + L.LOG_OVERHEAD
     if batch_bytes_max > 0 and total > batch_bytes_max:
-        return S["BAD_LENGTH"], f"batch of {total} bytes is larger than the limit of {batch_bytes_max}", 0
+        return S["TOO_LARGE"], f"batch of {total} bytes is larger than the limit of {batch_bytes_max}", 0
     if left > 16 and buf[pos + 16] != L.MAGIC:
         return S["BAD_MAGIC"], f"magic {struct.unpack_from('>b', buf, pos + 16)[0]} is not 2", 0
     if left < total:
@@ -351,7 +350,7 @@ def _decoded_batches(buf: Any, verify_crc: bool):
     while pos < len(view):
         status, message, end = _check_batch(view, pos, verify_crc, 0)
         if status != S["OK"]:
-            raise _STATUS_ERRORS[status](f"{message} (batch at byte {pos})", pos)
+            raise STATUS_ERRORS[status](f"{message} (batch at byte {pos})", pos)
         base_offset, = struct.unpack_from(">q", view, pos)
         base_ts, = struct.unpack_from(">q", view, pos + 27)
         log_append_time = struct.unpack_from(">h", view, pos + 21)[0] & L.TIMESTAMP_TYPE_MASK
@@ -374,7 +373,7 @@ def decode_records(buf: Any, verify_crc: bool = True) -> list[Record]:
     out = []
     for base_offset, base_ts, parsed in _decoded_batches(buf, verify_crc):
         for off_delta, ts_delta, key, value, hdrs in parsed:
-            out.append(Record(base_offset + off_delta, base_ts + ts_delta, key, value, hdrs))
+            out.append(Record(_i64(base_offset + off_delta), _i64(base_ts + ts_delta), key, value, hdrs))
     return out
 
 
@@ -404,8 +403,8 @@ def decode_columnar_into(buf: Any, offsets: Any, timestamps: Any, key_starts: An
             p += 1
             ts_delta, p = _read_varint(view, p, rec_end, 10)
             off_delta, p = _read_varint(view, p, rec_end, 5)
-            offsets[i] = base_offset + off_delta
-            timestamps[i] = max_ts if log_append_time else base_ts + ts_delta
+            offsets[i] = _i64(base_offset + off_delta)
+            timestamps[i] = max_ts if log_append_time else _i64(base_ts + ts_delta)
             for starts, lengths in ((key_starts, key_lengths), (value_starts, value_lengths)):
                 flen, p = _read_varint(view, p, rec_end, 5)
                 starts[i] = p

@@ -459,7 +459,7 @@ def test_batch_bytes_max():
     buf = batch + batch
     assert _native.scan_batches(buf, batch_bytes_max=len(batch))[1] == S["OK"]
     scan = _native.scan_batches(buf, batch_bytes_max=len(batch) - 1)
-    assert scan == (0, S["BAD_LENGTH"], 0, [])
+    assert scan == (0, S["TOO_LARGE"], 0, [])
     assert scan == tuple(reference.scan_batches(buf, batch_bytes_max=len(batch) - 1))
 
 

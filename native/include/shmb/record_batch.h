@@ -59,7 +59,7 @@ void shmb_rb_header_read(const uint8_t *p, shmb_rb_header *h);
 typedef struct {
     int verify_crc;          /* compare the stored CRC with the bytes */
     int verify_records;      /* walk every record; report COMPRESSED for compressed batches */
-    int64_t batch_bytes_max; /* > 0: a batch (header included) larger than this is BAD_LENGTH */
+    int64_t batch_bytes_max; /* > 0: a batch (header included) larger than this is TOO_LARGE */
 } shmb_rb_scan_opts;
 
 typedef struct {
@@ -71,7 +71,7 @@ typedef struct {
  * (the batch takes h->batch_length + SHMB_RB_LOG_OVERHEAD bytes), or another SHMB_RB_SCAN_*
  * status and fills *err. The order of the checks is part of the contract (the reference's
  * _check_batch does the same): fewer than 12 bytes (TRUNCATED); batch_length below 49 or the
- * batch above batch_bytes_max (BAD_LENGTH); magic, when its byte is there (BAD_MAGIC); fewer
+ * batch above batch_bytes_max (TOO_LARGE); magic, when its byte is there (BAD_MAGIC); fewer
  * bytes than the batch (TRUNCATED); CRC (BAD_CRC); then with verify_records compression
  * (COMPRESSED) and the records (BAD_RECORD). */
 int shmb_rb_check_batch(const uint8_t *buf, size_t len, size_t pos, const shmb_rb_scan_opts *opts,

@@ -62,7 +62,7 @@ def test_scan_result_names_the_problem_and_builds_the_exception():
     scan = records.scan_batches(good + bytes(bad))
     assert scan.valid_bytes == len(good) and scan.status_name == "BAD_MAGIC"
     assert scan.batches[0].records_count == 3 and scan.records == 3
-    exc = scan.error("segment x")
+    exc = scan.error(good + bytes(bad), "segment x")
     assert isinstance(exc, errors.InvalidMagicError) and exc.position == len(good)
 
 

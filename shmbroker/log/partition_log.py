@@ -1,0 +1,548 @@
+"""A partition's log: its segments, offsets, roll, retention, flush policy and recovery on open.
+
+Kafka's layering, one module per layer::
+
+    PartitionLog (this module)   offsets, roll, retention, flush policy, checkpoint, loader
+      └─ LogSegment (segment.py) one .log + indexes: append (writev), read (mmap), truncate
+           ├─ OffsetIndex / TimeIndex (index.py)   sparse, append-only, rebuilt when in doubt
+           └─ recovery.py                            validate, cut a torn tail, rebuild indexes
+    files.py                     names, modes, fsync of files and directories
+
+Files of a partition directory besides the segments (both small text files, replaced
+atomically, each starting with a magic word and a version)::
+
+    recovery-point-offset-checkpoint   "shmbroker-recovery-point 1" / "recovery_point N" /
+                                       "leader_epoch E": every byte below offset N was fsynced
+    .clean-shutdown                    "shmbroker-clean-shutdown 1" / "log_end_offset N" /
+                                       "active_segment B" / "active_size S": written by close(),
+                                       deleted by open(); its presence means nothing is unflushed
+
+On open, after an unclean stop (no valid marker), every segment that may hold offsets at or
+above the recovery point is validated batch by batch (recovery.py); after a clean one only the
+tail of the active segment after its last index entry is (to learn the next offset).
+
+Owned by one writer process; not thread-safe. Readers in the same process use :meth:`read`;
+other processes map the segment files read-only.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from .. import errors, records
+from ..config import BATCH_RECORDS_MAX, LogConfig
+from ..layout import record_batch as layout
+from . import files, recovery
+from ..records import validation
+from .recovery import RecoveryReport, SegmentRecovery
+from .segment import LogSegment, LogSlice, PlannedBatch, plan_batches, segment_for
+
+CHECKPOINT_FILE = "recovery-point-offset-checkpoint"
+CLEAN_SHUTDOWN_FILE = ".clean-shutdown"
+_CHECKPOINT_MAGIC = "shmbroker-recovery-point 1"
+_CLEAN_MAGIC = "shmbroker-clean-shutdown 1"
+#: Small text files are read whole; anything bigger is not ours.
+_META_FILE_BYTES_MAX = 4096
+
+ClockMs = Callable[[], int]
+
+
+def wall_clock_ms() -> int:
+    """Default clock: wall time in ms, because segment.ms and retention.ms compare it with
+    record timestamps, which producers take from their wall clocks (Kafka does the same)."""
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True)
+class AppendInfo:
+    """What :meth:`PartitionLog.append` did.
+
+    ``position`` is the file position of the first batch in the segment whose base offset is
+    ``segment_base_offset``; an append that rolled wrote its later batches to newer segments.
+    """
+
+    base_offset: int
+    last_offset: int
+    max_timestamp: int
+    offset_of_max_timestamp: int
+    records_count: int
+    batches_count: int
+    size_bytes: int
+    position: int
+    segment_base_offset: int
+    rolled: int
+    flushed: bool
+
+
+class PartitionLog:
+    """The log of one partition (see module doc). Build with :meth:`open`.
+
+    Owned by one writer process; not thread-safe.
+    """
+
+    def __init__(self, directory: str, config: LogConfig, clock: ClockMs, leader_epoch: int):
+        self.directory = directory
+        self.config = config
+        self.clock = clock
+        self.leader_epoch = leader_epoch
+        self._segments: list[LogSegment] = []
+        self._bases: list[int] = []
+        self._recovery_point = 0
+        self._unflushed_records = 0
+        self._last_flush_ms = clock()
+        self._closed = False
+        self.recovery_report: RecoveryReport | None = None
+
+    # -- open / load ------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, directory: str, config: LogConfig = LogConfig(), clock: ClockMs | None = None,
+             leader_epoch: int = 0) -> "PartitionLog":
+        """Open (creating if needed) the log in ``directory`` and recover it if it was not
+        closed cleanly. ``leader_epoch`` is stamped on every appended batch; it must not be
+        below an epoch already in the log (LogError), since recovery treats a batch from a
+        later epoch than the current one as corrupt."""
+        if not isinstance(leader_epoch, int) or not 0 <= leader_epoch <= 0x7FFFFFFF:
+            raise errors.ConfigError(f"leader_epoch={leader_epoch!r} must be an int in [0, 2**31)")
+        log = cls(os.path.abspath(directory), config, clock or wall_clock_ms, leader_epoch)
+        try:
+            log._load()
+        except BaseException:
+            log._close_segments()
+            raise
+        return log
+
+    def _load(self) -> None:
+        directory = self.directory
+        files.make_dir(directory)
+        removed = recovery.remove_leftovers(directory)
+        checkpoint = _read_checkpoint(os.path.join(directory, CHECKPOINT_FILE))
+        clean = _read_clean_marker(os.path.join(directory, CLEAN_SHUTDOWN_FILE))
+        notes: list[str] = []
+        if checkpoint is not None and checkpoint[1] > self.leader_epoch:
+            raise errors.LogError(
+                f"{directory}: leader_epoch {self.leader_epoch} is below epoch {checkpoint[1]} "
+                f"already recorded in {CHECKPOINT_FILE}")
+        bases = sorted(b for b, s in files.list_segment_files(directory).items() if files.LOG_SUFFIX in s)
+        if not bases:
+            start = checkpoint[0] if checkpoint is not None else 0
+            segment = LogSegment.create(directory, start, self.config, self.clock())
+            self._segments, self._bases = [segment], [start]
+            self._recovery_point = start
+            self._write_checkpoint()
+            self.recovery_report = RecoveryReport(directory, True, start, files_removed=tuple(removed))
+            return
+        if clean is not None and (clean[1] != bases[-1] or clean[2] != files.file_size(
+                files.segment_path(directory, bases[-1], files.LOG_SUFFIX))):
+            notes.append(f"clean-shutdown marker does not match the active segment {clean}; "
+                         f"treating the stop as unclean")
+            clean = None
+        recovery_point = checkpoint[0] if checkpoint is not None else bases[0]
+        if clean is None and checkpoint is None:
+            notes.append(f"no valid {CHECKPOINT_FILE}; validating every segment")
+        checked, rebuilt = self._load_segments(bases, clean is not None, recovery_point, notes)
+        # From here on, a crash must be seen as unclean: remove the marker before any append.
+        files.remove_files([os.path.join(directory, CLEAN_SHUTDOWN_FILE)])
+        if checked:
+            # Recovered segments were fsynced by recover_segment: everything is durable now.
+            self._recovery_point = self.log_end_offset
+            self._write_checkpoint()
+        else:
+            self._recovery_point = min(max(recovery_point, self.log_start_offset), self.log_end_offset)
+        self.recovery_report = RecoveryReport(
+            directory=directory, clean_shutdown=clean is not None, recovery_point=recovery_point,
+            segments_checked=tuple(checked), indexes_rebuilt=tuple(rebuilt),
+            corrupt_segments=tuple(s.corruption for s in self._segments if s.corruption is not None),
+            files_removed=tuple(removed), notes=tuple(notes))
+
+    def _load_segments(self, bases: list[int], clean: bool, recovery_point: int,
+                       notes: list[str]) -> tuple[list[SegmentRecovery], list[tuple[str, str]]]:
+        checked: list[SegmentRecovery] = []
+        rebuilt: list[tuple[str, str]] = []
+        now = self.clock()
+        for i, base in enumerate(bases):
+            next_base = bases[i + 1] if i + 1 < len(bases) else None
+            log_path = files.segment_path(self.directory, base, files.LOG_SUFFIX)
+            # A segment may hold unflushed bytes if any of its offsets is >= the recovery point.
+            unflushed = next_base is None or next_base > recovery_point
+            segment: LogSegment | str | None = None
+            if clean or not unflushed:
+                if next_base is not None:
+                    segment = LogSegment.open_sealed(self.directory, base, self.config, now, next_base)
+                else:
+                    segment = LogSegment.open_active(self.directory, base, self.config, now,
+                                                     self.leader_epoch)
+                if isinstance(segment, str):
+                    rebuilt.append((files.segment_path(self.directory, base, files.INDEX_SUFFIX), segment))
+                    notes.append(f"active segment failed its check ({segment}); validating it")
+                    segment = None
+            if segment is None:
+                result = recovery.recover_segment(
+                    log_path, base, self.config, sealed=next_base is not None,
+                    epoch_max=self.leader_epoch, offset_limit=next_base)
+                checked.append(result)
+                segment = LogSegment.open_recovered(result, self.directory, self.config, now, next_base)
+            if segment.index_rebuild_reason:
+                rebuilt.append((segment.index_path, segment.index_rebuild_reason))
+            self._segments.append(segment)
+            self._bases.append(base)
+        return checked, rebuilt
+
+    # -- properties -------------------------------------------------------------------------------
+
+    @property
+    def segments(self) -> tuple[LogSegment, ...]:
+        return tuple(self._segments)
+
+    @property
+    def active_segment(self) -> LogSegment:
+        return self._segments[-1]
+
+    @property
+    def log_start_offset(self) -> int:
+        return self._bases[0]
+
+    @property
+    def log_end_offset(self) -> int:
+        """The offset the next appended record gets."""
+        return self._segments[-1].next_offset
+
+    @property
+    def high_watermark(self) -> int:
+        """Equal to the log end offset: one replica, so every appended record is committed."""
+        return self.log_end_offset
+
+    @property
+    def recovery_point(self) -> int:
+        """Offsets below this are known fsynced."""
+        return self._recovery_point
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(s.size for s in self._segments)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise errors.LogClosedError(f"log {self.directory} is closed")
+
+    # -- append -----------------------------------------------------------------------------------
+
+    def append(self, data) -> AppendInfo:
+        """Validate the batches in ``data``, give them offsets, write them; all or nothing.
+
+        ``data`` is one or more RecordBatch v2 batches back to back (any buffer; its base
+        offsets are ignored). Every batch is checked before anything is written: CRC, magic,
+        lengths, record structure, size against ``batch_bytes_max`` (RecordTooLargeError),
+        compression (UnsupportedCompressionError), record count, no control batches. Bad bytes
+        raise the typed error from shmbroker.errors naming the problem and its position, and
+        leave the log unchanged.
+        """
+        self._check_open()
+        view = _byte_view(data)
+        planned = self._validate(view)
+        now = self.clock()
+        position, segment, rolled = self._write(view, planned, now)
+        records_count = sum(b.records_count for b in planned)
+        self._unflushed_records += records_count
+        flushed = self._maybe_flush(now)
+        max_batch = max(planned, key=lambda b: b.max_timestamp)  # the first one reaching it
+        assert self.log_end_offset == planned[-1].last_offset + 1
+        return AppendInfo(
+            base_offset=planned[0].base_offset, last_offset=planned[-1].last_offset,
+            max_timestamp=max_batch.max_timestamp, offset_of_max_timestamp=max_batch.last_offset,
+            records_count=records_count, batches_count=len(planned), size_bytes=len(view),
+            position=position, segment_base_offset=segment.base_offset, rolled=rolled,
+            flushed=flushed)
+
+    def _write(self, view: memoryview, planned: list[PlannedBatch], now: int
+               ) -> tuple[int, LogSegment, int]:
+        """Write ``planned`` into the active segment, rolling first (and in between) as needed.
+
+        Returns (position of the first batch, its segment, number of rolls). Batches going to
+        the same segment are written with one writev call.
+        """
+        active = self.active_segment
+        rolled = 0
+        incoming_max_timestamp = max(b.max_timestamp for b in planned)
+        if active.size > 0 and \
+                active.time_waited_for_roll(now, incoming_max_timestamp) > self.config.segment_ms:
+            active = self._roll(now)
+            rolled += 1
+        first: tuple[int, LogSegment] | None = None
+        group: list[PlannedBatch] = []
+        group_bytes = 0
+        for batch in planned:
+            if group and not self._fits(active, group, group_bytes, batch):
+                position = active.append(view, group, self.leader_epoch)
+                first = first or (position, active)
+                group, group_bytes = [], 0
+            if not group and not active.room_for(batch):
+                active = self._roll(now)
+                rolled += 1
+            group.append(batch)
+            group_bytes += batch.size
+        position = active.append(view, group, self.leader_epoch)
+        first = first or (position, active)
+        assert active is self.active_segment and not active.sealed
+        return first[0], first[1], rolled
+
+    def _fits(self, active: LogSegment, group: list[PlannedBatch], group_bytes: int,
+              batch: PlannedBatch) -> bool:
+        """Whether ``batch`` can join the batches already grouped for ``active``."""
+        if active.size + group_bytes + batch.size > self.config.segment_bytes:
+            return False
+        if batch.last_offset - active.base_offset > 0x7FFFFFFF:
+            return False
+        # Conservative: one index entry per batch at most, one time slot kept for the roll.
+        return (active.offset_index.entries_left >= len(group) + 1
+                and active.time_index.entries_left >= len(group) + 2)
+
+    def _validate(self, view: memoryview) -> list[PlannedBatch]:
+        if len(view) == 0:
+            raise errors.CorruptRecordError("append: no batch (empty buffer)", 0)
+        limit = self.config.batch_bytes_max
+        scan = records.scan_batches(view, verify_crc=True, verify_records=True, batch_bytes_max=limit)
+        if scan.status != validation.STATUS["OK"]:
+            raise validation.error_for(view, scan.error_position, scan.status, limit, "append")
+        assert scan.valid_bytes == len(view) and scan.batches
+        for batch in scan.batches:
+            position, _, _, _, count = batch
+            header = records.read_header(view, position)
+            if not 1 <= count <= BATCH_RECORDS_MAX:
+                raise errors.InvalidRecordError(
+                    f"append: batch at position {position} has records_count {count}, outside "
+                    f"[1, {BATCH_RECORDS_MAX}]", position)
+            if header.attributes & layout.CONTROL_MASK:
+                raise errors.InvalidRecordError(
+                    f"append: batch at position {position} is a control batch; producers may "
+                    f"not write those", position)
+        next_offset = self.log_end_offset
+        planned = plan_batches(scan.batches, len(view), next_offset)
+        if planned[-1].last_offset > files.OFFSET_MAX - 1:
+            raise errors.InvalidOffsetError(
+                f"append: offsets would pass {files.OFFSET_MAX} (log end {next_offset})")
+        return planned
+
+    def _roll(self, now: int) -> LogSegment:
+        """Seal the active segment and start a new one at the log end offset.
+
+        Order matters for recovery: the old segment is fsynced (data, final time entry,
+        indexes) *before* the new files exist, so a segment followed by another was always
+        complete on disk, and corruption in it is real, never a torn write.
+        """
+        old = self.active_segment
+        assert old.size > 0, "never roll an empty segment"
+        old.seal()
+        base = old.next_offset
+        new = LogSegment.create(self.directory, base, self.config, now, sync_dir=False)
+        self._segments.append(new)
+        self._bases.append(base)
+        self._recovery_point = base
+        # One directory fsync makes both the new segment files and the checkpoint durable.
+        self._write_checkpoint(sync_dir=False)
+        files.fsync_dir(self.directory)
+        return new
+
+    # -- flush ------------------------------------------------------------------------------------
+
+    def _maybe_flush(self, now: int) -> bool:
+        config = self.config
+        due = (config.flush_messages is not None and self._unflushed_records >= config.flush_messages) \
+            or (config.flush_ms is not None and self._unflushed_records > 0
+                and now - self._last_flush_ms >= config.flush_ms)
+        if due:
+            self.flush()
+        return due
+
+    def maybe_flush(self) -> bool:
+        """Apply the time part of the flush policy (call it from the owner's loop); True if flushed."""
+        self._check_open()
+        return self._maybe_flush(self.clock())
+
+    def flush(self) -> None:
+        """fsync the active segment's .log: every appended record is durable after this.
+
+        Sealed segments were fsynced when they were sealed. The checkpoint is not rewritten here
+        (that would add a rename and two fsyncs to every flush); it is rewritten on roll and on
+        close, so after a crash recovery validates the active segment even if it was flushed.
+        """
+        self._check_open()
+        self.active_segment.flush()
+        self._recovery_point = self.log_end_offset
+        self._unflushed_records = 0
+        self._last_flush_ms = self.clock()
+
+    def _write_checkpoint(self, sync_dir: bool = True) -> None:
+        text = f"{_CHECKPOINT_MAGIC}\nrecovery_point {self._recovery_point}\nleader_epoch {self.leader_epoch}\n"
+        files.write_atomic(os.path.join(self.directory, CHECKPOINT_FILE), text.encode(), sync_dir=sync_dir)
+
+    # -- read -------------------------------------------------------------------------------------
+
+    def read(self, offset: int, max_bytes: int = 1 << 20) -> LogSlice:
+        """Whole batches from the one containing ``offset`` (see LogSlice and LogSegment.read).
+
+        Empty slice at the log end; OffsetOutOfRangeError below the log start or past the end;
+        CorruptSegmentError (naming file and position) when the batch at ``offset`` is corrupt.
+        """
+        self._check_open()
+        if offset < self.log_start_offset or offset > self.log_end_offset:
+            raise errors.OffsetOutOfRangeError(
+                f"offset {offset} is outside [{self.log_start_offset}, {self.log_end_offset}] "
+                f"of {self.directory}")
+        if offset < self.log_end_offset:
+            # Bounded by the number of segments; normally the first one tried has the offset.
+            for segment in self._segments[segment_for(self._bases, offset):]:
+                found = segment.read(offset, max_bytes, self.leader_epoch)
+                if found is not None:
+                    return found
+        active = self.active_segment
+        return LogSlice(data=memoryview(b""), path=active.path, file_position=active.size,
+                        length=0, first_offset=self.log_end_offset, last_offset=self.log_end_offset - 1)
+
+    def offset_for_timestamp(self, timestamp: int) -> int | None:
+        """Kafka's ListOffsets by time: the first offset whose timestamp is >= ``timestamp``."""
+        self._check_open()
+        for segment in self._segments:
+            if segment.max_timestamp >= timestamp:
+                found = segment.find_offset_by_timestamp(timestamp)
+                if found is not None:
+                    return found
+        return None
+
+    # -- retention --------------------------------------------------------------------------------
+
+    def delete_old_segments(self) -> list[int]:
+        """Delete whole segments past ``retention_ms`` or beyond ``retention_bytes``; never the
+        active one. Returns the base offsets deleted, oldest first.
+
+        Time: a segment goes when ``clock() - largest timestamp > retention_ms`` (Kafka's rule),
+        checked from the oldest and stopping at the first that stays, so the log start only
+        moves forward over a contiguous prefix. Size: oldest segments go while the log stays at
+        least ``retention_bytes`` without them. A reader holding a view of a deleted segment
+        keeps reading it: the mapping outlives the unlink.
+        """
+        self._check_open()
+        now = self.clock()
+        doomed = 0
+        sealed = self._segments[:-1]
+        if self.config.retention_ms >= 0:
+            while doomed < len(sealed) and now - sealed[doomed].largest_timestamp() > self.config.retention_ms:
+                doomed += 1
+        if self.config.retention_bytes >= 0:
+            excess = self.size_bytes - self.config.retention_bytes - sum(s.size for s in sealed[:doomed])
+            while doomed < len(sealed) and excess - sealed[doomed].size >= 0:
+                excess -= sealed[doomed].size
+                doomed += 1
+        if doomed == 0:
+            return []
+        victims = self._segments[:doomed]
+        # Forget them first: from here on no read can pick a segment being deleted.
+        del self._segments[:doomed]
+        del self._bases[:doomed]
+        for segment in victims:
+            segment.delete(sync_dir=False)
+        files.fsync_dir(self.directory)
+        self._recovery_point = max(self._recovery_point, self.log_start_offset)
+        return [s.base_offset for s in victims]
+
+    # -- close ------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Flush everything, write the checkpoint and the clean-shutdown marker, release files.
+
+        Readers' views stay valid after close (their mappings live on).
+        """
+        if self._closed:
+            return
+        active = self.active_segment
+        if active.max_timestamp >= 0:
+            # Kafka's final time entry, so a later open knows the max timestamp from the index.
+            active.time_index.maybe_append(active.max_timestamp, active.offset_of_max_timestamp)
+        active.flush(indexes=True)
+        self._recovery_point = self.log_end_offset
+        self._write_checkpoint(sync_dir=False)
+        marker = (f"{_CLEAN_MAGIC}\nlog_end_offset {self.log_end_offset}\n"
+                  f"active_segment {active.base_offset}\nactive_size {active.size}\n")
+        files.write_atomic(os.path.join(self.directory, CLEAN_SHUTDOWN_FILE), marker.encode())
+        self._close_segments()
+        self._closed = True
+
+    def abandon(self) -> None:
+        """Release the files without flushing, checkpointing or marking a clean shutdown.
+
+        The state a kill -9 leaves on disk (minus what the page cache would still have written);
+        used by crash tests and by an owner that found the log unusable.
+        """
+        if not self._closed:
+            self._close_segments()
+            self._closed = True
+
+    def _close_segments(self) -> None:
+        for segment in self._segments:
+            segment.close()
+
+    def __enter__(self) -> "PartitionLog":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"PartitionLog({self.directory!r}, start={self.log_start_offset}, "
+                f"end={self.log_end_offset}, segments={len(self._segments)})")
+
+
+def _byte_view(data) -> memoryview:
+    view = memoryview(data)
+    if view.ndim != 1 or view.itemsize != 1 or view.format not in ("B", "b", "c"):
+        view = view.cast("B") if view.c_contiguous else memoryview(bytes(view))
+    elif view.format != "B":
+        view = view.cast("B")
+    return view
+
+
+def _read_small(path: str) -> list[str] | None:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(_META_FILE_BYTES_MAX + 1)
+    except FileNotFoundError:
+        return None
+    if len(raw) > _META_FILE_BYTES_MAX:
+        return None
+    try:
+        return raw.decode("ascii").splitlines()
+    except UnicodeDecodeError:
+        return None
+
+
+def _parse_fields(lines: list[str], magic: str, names: tuple[str, ...]) -> tuple[int, ...] | None:
+    if not lines or lines[0] != magic or len(lines) != len(names) + 1:
+        return None
+    values = []
+    for line, name in zip(lines[1:], names):
+        parts = line.split()
+        if len(parts) != 2 or parts[0] != name or not parts[1].lstrip("-").isdigit():
+            return None
+        values.append(int(parts[1]))
+    return tuple(values)
+
+
+def _read_checkpoint(path: str) -> tuple[int, int] | None:
+    """(recovery point, leader epoch), or None when missing or unreadable (=> full recovery)."""
+    lines = _read_small(path)
+    parsed = _parse_fields(lines or [], _CHECKPOINT_MAGIC, ("recovery_point", "leader_epoch"))
+    if parsed is None or parsed[0] < 0:
+        return None
+    return parsed[0], parsed[1]
+
+
+def _read_clean_marker(path: str) -> tuple[int, int, int] | None:
+    """(log end offset, active segment base, active segment size) or None."""
+    lines = _read_small(path)
+    return _parse_fields(lines or [], _CLEAN_MAGIC, ("log_end_offset", "active_segment", "active_size"))  # type: ignore[return-value]
