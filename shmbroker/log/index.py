@@ -79,6 +79,16 @@ class _IndexFile:
 
     entry_size = 0
 
+    @classmethod
+    def open(cls, path: str, base_offset: int, max_bytes: int):
+        """Open (creating when missing) and load the whole file into memory; no checks yet."""
+        fd = files.open_append(path, create=True)
+        try:
+            return cls(path, base_offset, max_bytes, fd, _read_all(fd))
+        except BaseException:
+            os.close(fd)
+            raise
+
     def __init__(self, path: str, base_offset: int, max_bytes: int, fd: int | None, raw: bytes):
         assert max_bytes >= self.entry_size
         self.path = path
@@ -159,16 +169,6 @@ class OffsetIndex(_IndexFile):
         self._relative_offsets = flat[0::2]
         self._positions = flat[1::2]
 
-    @classmethod
-    def open(cls, path: str, base_offset: int, max_bytes: int) -> "OffsetIndex":
-        """Open (creating when missing) and load the whole file into memory; no checks yet."""
-        fd = files.open_append(path, create=True)
-        try:
-            return cls(path, base_offset, max_bytes, fd, _read_all(fd))
-        except BaseException:
-            os.close(fd)
-            raise
-
     def __len__(self) -> int:
         return len(self._positions)
 
@@ -243,15 +243,6 @@ class TimeIndex(_IndexFile):
         table = np.frombuffer(raw[:whole], dtype=_TIME_DTYPE)
         self._timestamps = array("q", table["timestamp"].astype(np.int64).tobytes())
         self._relative_offsets = array("i", table["relative_offset"].astype(np.int32).tobytes())
-
-    @classmethod
-    def open(cls, path: str, base_offset: int, max_bytes: int) -> "TimeIndex":
-        fd = files.open_append(path, create=True)
-        try:
-            return cls(path, base_offset, max_bytes, fd, _read_all(fd))
-        except BaseException:
-            os.close(fd)
-            raise
 
     def __len__(self) -> int:
         return len(self._timestamps)
