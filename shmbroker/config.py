@@ -30,6 +30,74 @@ SEGMENT_BYTES_MIN_LIMIT = 512
 #: Records in one batch (Kafka stores the count as int32; we bound it far lower).
 BATCH_RECORDS_MAX = 1 << 24
 
+# --- topics and the broker's processes (docs/design/broker.md) -----------------------------------
+
+#: Kafka's rule: topic names are at most 249 characters of [a-zA-Z0-9._-], and not "." or "..".
+TOPIC_NAME_LENGTH_MAX = 249
+#: Partitions of one topic. Each partition is an OS process, so this is far below Kafka's.
+TOPIC_PARTITIONS_MAX = 1024
+#: Partitions (so partition processes) of all topics of one broker together.
+BROKER_PARTITIONS_MAX = 4096
+#: Topics of one broker.
+BROKER_TOPICS_MAX = 4096
+#: A Unix socket path (sun_path) holds 107 bytes plus the NUL; ``<data_dir>/coordinator.sock``
+#: must fit, so a data dir deeper than that is refused with a clear error.
+UNIX_SOCKET_PATH_BYTES_MAX = 107
+#: Largest coordinator request accepted; bigger ones get an INVALID_REQUEST reply.
+COORDINATOR_REQUEST_BYTES_MAX = 64 * KiB
+#: Admin requests give up after this (Kafka's request.timeout.ms default).
+ADMIN_REQUEST_TIMEOUT_MS = 30_000
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    """Timeouts and limits of the supervisor and its children; all waits are bounded by these."""
+
+    #: A child that has not exited this long after SIGTERM gets SIGKILL.
+    child_stop_timeout_ms: int = 5_000
+    #: The first restart after a crash is immediate; each further crash of a child that lived
+    #: less than ``restart_stable_ms`` doubles the wait, from this ...
+    restart_backoff_min_ms: int = 200
+    #: ... up to this.
+    restart_backoff_max_ms: int = 10_000
+    #: A child that ran this long before dying is restarted at once (its crash count resets).
+    restart_stable_ms: int = 10_000
+    #: `serve` waits this long for the processes of a broker that died (kill -9) to let go of
+    #: the lock; a *live* owner is refused at once.
+    lock_wait_ms: int = 10_000
+    #: The coordinator answers a topic change once the supervisor has started / stopped the
+    #: partition processes, or after this long (create/alter: answered anyway; delete: error).
+    topic_change_ack_timeout_ms: int = 20_000
+    #: How often a partition process applies retention (Kafka: log.retention.check.interval.ms).
+    retention_check_interval_ms: int = 300_000
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            _check_range(field.name, getattr(self, field.name), 0, 1 << 40)
+        if self.restart_backoff_min_ms > self.restart_backoff_max_ms:
+            raise ConfigError("restart_backoff_min_ms must not exceed restart_backoff_max_ms")
+
+
+# --- shared memory (shmbroker/shm; layouts in shmbroker/layout/shm.py) ------------------------
+
+#: Data bytes of a producer's ingress ring (power of two). The largest payload a ring takes
+#: is half of it (layout.shm.payload_bytes_max), so 8 MiB holds batches up to ~4 MiB.
+RING_BYTES_DEFAULT = 8 * MiB
+RING_BYTES_MIN = 4 * KiB
+RING_BYTES_MAX = 1 * GiB
+#: How long a producer blocks on a full ring before RingFullTimeoutError.
+RING_SEND_TIMEOUT_MS_DEFAULT = 30_000
+#: Optional busy-wait before a futex sleep (ns); 0 = sleep at once (idle CPU ~0%).
+SPIN_NS_DEFAULT = 0
+SPIN_NS_MAX = 10_000_000
+#: Producer slots per partition control region (mirrors layout.shm.REGISTRY_SLOTS_MAX).
+REGISTRY_SLOTS_DEFAULT = 256
+#: Bounded retries of a seqlock read before the state is declared unavailable.
+SEQLOCK_READ_TIMEOUT_MS_MAX = 1_000
+#: Longest single doorbell sleep of a partition process: it wakes at least this often to look
+#: for dead producers even when nobody rings.
+DOORBELL_SLEEP_MS_MAX = 200
+
 #: Where `make run` and `shmbroker` keep data when neither --data-dir nor the environment says.
 DATA_DIR_ENV = "SHMBROKER_DATA_DIR"
 
@@ -87,11 +155,21 @@ class LogConfig:
         known = {f.name: f for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {}
         for raw_name, raw_value in values.items():
-            name = _KAFKA_NAMES.get(raw_name, raw_name.replace(".", "_").replace("-", "_"))
+            name = topic_config_name(raw_name)
             if name not in known:
                 raise ConfigError(f"unknown topic config {raw_name!r}; known: {', '.join(sorted(known))}")
             kwargs[name] = _parse_int(raw_name, raw_value)
         return cls(**kwargs)
+
+    @classmethod
+    def canonical_mapping(cls, values: Mapping[str, Any] | None) -> dict[str, int | None]:
+        """``{"retention.ms": "1000"} -> {"retention_ms": 1000}``: names as ours, values parsed
+        and checked (by building the config), so that what is stored is what is meant."""
+        if values is not None and (not isinstance(values, Mapping)
+                                   or not all(isinstance(k, str) for k in values)):
+            raise ConfigError(f"topic config must map names (strings) to values, got {values!r}")
+        cls.from_mapping(values)
+        return {topic_config_name(name): _parse_int(name, value) for name, value in (values or {}).items()}
 
     def replace(self, **changes: Any) -> "LogConfig":
         return dataclasses.replace(self, **changes)
@@ -111,6 +189,11 @@ _KAFKA_NAMES = {
     "flush.messages": "flush_messages",
     "flush.ms": "flush_ms",
 }
+
+
+def topic_config_name(raw_name: str) -> str:
+    """Our name for a topic setting given by our name or Kafka's dotted one."""
+    return _KAFKA_NAMES.get(raw_name, raw_name.replace(".", "_").replace("-", "_"))
 
 
 def _parse_int(name: str, value: Any) -> int | None:

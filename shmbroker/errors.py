@@ -140,6 +140,89 @@ class RequestTimeoutError(ShmbrokerError, TimeoutError):
     retriable = True
 
 
+class InvalidPartitionsError(ShmbrokerError, ValueError):
+    """A partition count that is not allowed (below 1, above the limit, or a decrease)."""
+
+    code = 37  # INVALID_PARTITIONS
+
+
+class UnsupportedVersionError(ShmbrokerError):
+    """A request in a protocol version this process does not speak."""
+
+    code = 35  # UNSUPPORTED_VERSION
+
+
+class InvalidRequestError(ShmbrokerError):
+    """A request that cannot be decoded or has missing / mistyped fields."""
+
+    code = 42  # INVALID_REQUEST
+
+
+# --- the broker's processes -------------------------------------------------------------------
+
+class BrokerNotRunningError(ShmbrokerError):
+    """No broker is serving the data dir a client was pointed at; the message names the dir."""
+
+    code = 8  # BROKER_NOT_AVAILABLE
+    retriable = True
+
+
+class BrokerAlreadyRunningError(ShmbrokerError):
+    """`shmbroker serve` found another broker holding the data dir's lock (pid named)."""
+
+    code = -1  # never on the wire: raised only by `serve` before anything is served
+
+
+# --- shared memory (shmbroker/shm) ----------------------------------------------------------
+
+class SharedMemoryError(ShmbrokerError):
+    """A shared-memory region cannot be created, attached or used. Base of the shm errors."""
+
+    code = -1
+
+
+class RegionNotFoundError(SharedMemoryError):
+    """No shared-memory object of that name (the broker or the producer that owns it is gone)."""
+
+    retriable = True
+
+
+class RegionExistsError(SharedMemoryError):
+    """A shared-memory object of that name already exists (creation is O_EXCL)."""
+
+
+class RegionHeaderError(SharedMemoryError):
+    """A region's header is not what its reader expects: bad magic, another layout version,
+    a size that does not match the object, or a corrupted field. Never guessed around."""
+
+
+class RingCorruptError(RegionHeaderError):
+    """An ingress ring's header or frames break an invariant (positions out of range, a frame
+    length that cannot be, a sequence out of order). ``position``: where, when known."""
+
+
+class RingFullTimeoutError(SharedMemoryError, RequestTimeoutError):
+    """A producer waited ``timeout_ms`` for room in a full ring (the partition process is not
+    draining fast enough, or not at all). Nothing was dropped: the payload was not written."""
+
+    code = 7  # REQUEST_TIMED_OUT
+    retriable = True
+
+
+class RegistryFullError(SharedMemoryError):
+    """Every producer slot of a partition's registry is taken by a live process."""
+
+    retriable = True
+
+
+class PartitionStateUnavailableError(SharedMemoryError):
+    """The partition's published state stayed mid-update (odd seqlock) for too long: its
+    process died while publishing and has not been restarted yet."""
+
+    code = 5  # LEADER_NOT_AVAILABLE
+    retriable = True
+
+
 def _all_subclasses(cls: type) -> list[type]:
     out = []
     for sub in cls.__subclasses__():

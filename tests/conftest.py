@@ -8,8 +8,17 @@ import psutil
 import pytest
 
 SHM_DIR = "/dev/shm"
-#: Every shared-memory object of ours starts with this (see shmbroker/shm when it exists).
+#: Every shared-memory object of ours starts with this (shmbroker/shm/names.py).
 SHM_PREFIX = "shmb"
+# Under pytest-xdist each worker tags its objects' names (shmb-<worker>.<hash>., read by
+# shmbroker/shm/names.py; inherited by the processes a test starts), so that the leak check of
+# one worker never blames a test for what a test running in another worker has open.
+# The tag also carries a piece of the run's id, so two pytest runs on one machine stay apart.
+_XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+if _XDIST_WORKER:
+    _TAG = (os.environ.get("PYTEST_XDIST_TESTRUNUID", "")[:6] + _XDIST_WORKER)[:16]
+    os.environ["SHMBROKER_SHM_TAG"] = _TAG
+    SHM_PREFIX = f"shmb-{_TAG}."
 
 
 def _our_shm() -> set[str]:

@@ -13,6 +13,9 @@ state apart from the one-time CPU dispatch. Two kinds:
   by the SSE4.2 path to combine three interleaved streams (Mark Adler's method). The raw
   (not inverted) register is linear over GF(2), so feeding LEN zeros into register ``x`` is
   ``z[0][x & 0xff] ^ z[1][(x >> 8) & 0xff] ^ z[2][(x >> 16) & 0xff] ^ z[3][x >> 24]``.
+* ``shmb_crc32c_fold_<D>[2]``: carry-less-multiply constants of the PCLMULQDQ / VPCLMULQDQ
+  paths, which move a 128-bit accumulator D bits further down the message (derivation below,
+  at ``fold_constants``).
 """
 from __future__ import annotations
 
@@ -22,6 +25,10 @@ import sys
 POLY = 0x82F63B78  # CRC-32C (Castagnoli), reflected
 LONG_BYTES = 8192
 SHORT_BYTES = 256
+# Fold distances in bits used by native/src/crc32c.c: 2048 is the stride of the four 512-bit
+# accumulators, 512 that of four 128-bit accumulators (and of one 512-bit accumulator),
+# 384/256/128 merge four 128-bit lanes into one.
+FOLD_BITS = (2048, 512, 384, 256, 128)
 OUT = pathlib.Path(__file__).resolve().parent.parent / "native/include/shmb/crc32c_tables.h"
 
 
@@ -64,6 +71,92 @@ def zeros_operator(t0: list[int], nbytes: int) -> list[list[int]]:
     return out
 
 
+def xpow_mod(n: int) -> int:
+    """x^n mod P, bit-reflected: bit i of the result is the coefficient of x^(31 - i).
+
+    Multiplying by x moves every coefficient one bit to the right; the coefficient that leaves
+    bit 0 is that of x^32, which is replaced by P - x^32 (that is, POLY)."""
+    v = 1 << 31  # x^0
+    for _ in range(n):
+        v = (v >> 1) ^ POLY if v & 1 else v >> 1
+    return v
+
+
+def fold_constants(bits: int) -> tuple[int, int]:
+    """The two 64-bit lanes (low, high) that fold a 128-bit accumulator ``bits`` further on.
+
+    The CRC of a message M (raw register, no inversions) is M(x) * x^32 mod P, and M can be
+    replaced by anything congruent to it mod P. Cut M into 128-bit blocks. A little-endian
+    128-bit load of a reflected stream holds the coefficient of x^(127 - i) in bit i, so its
+    low qword H carries x^127..x^64 and its high qword L carries x^63..x^0:
+    A = H * x^64 + L. Moving A ``D`` bits further (past D more bits of message) gives
+
+        A * x^D = H * x^(D + 64) + L * x^D  ==  H * (x^(D + 64) mod P) + L * (x^D mod P)
+
+    and both products have degree < 96, so the sum fits one 128-bit accumulator again.
+
+    PCLMULQDQ multiplies integers, and on reflected operands that costs one extra x: for
+    64-bit operands a (bit i = x^(63 - i)) and b, bit k of the 128-bit product is the
+    coefficient of x^(126 - k), i.e. the product read as a 128-bit reflected value is
+    a * b * x. Store the constant c (degree < 32) as ``xpow_mod(...) << 1``, so that bit i
+    holds x^(32 - i): read as a 64-bit reflected value that is c * x^31, and the product read
+    as 128 bits is H * c * x^32. Hence c = x^(D + 64 - 32) mod P for the low lane (times H) and
+    c = x^(D - 32) mod P for the high lane (times L). ``_check_fold`` runs this on a message.
+    """
+    return xpow_mod(bits + 32) << 1, xpow_mod(bits - 32) << 1
+
+
+def _clmul(a: int, b: int) -> int:
+    r = 0
+    while b:
+        if b & 1:
+            r ^= a
+        a <<= 1
+        b >>= 1
+    return r
+
+
+def _check_fold(t0: list[int]) -> None:
+    """Model of the C fold loop in Python, against the bytewise CRC, on a fixed message: four
+    128-bit accumulators 512 bits apart, merged with the 384/256/128 folds, then the crc32
+    instruction's step (register * x^64 + qword * x^32 mod P) on the two qwords."""
+    msg = bytes((i * 131 + (i >> 7) * 29 + 7) & 0xFF for i in range(64 * 7 + 16 * 3))
+    want = 0xFFFFFFFF
+    for byte in msg:
+        want = t0[(want ^ byte) & 0xFF] ^ (want >> 8)
+    lo_mask = (1 << 64) - 1
+
+    def fold(acc: int, bits: int) -> int:
+        k_lo, k_hi = fold_constants(bits)
+        return _clmul(acc & lo_mask, k_lo) ^ _clmul(acc >> 64, k_hi)
+
+    blocks = [int.from_bytes(msg[i:i + 16], "little") for i in range(0, len(msg), 16)]
+    blocks[0] ^= 0xFFFFFFFF  # the initial register goes into the first four bytes
+    acc = blocks[:4]
+    n = 4
+    while len(blocks) - n >= 4:
+        acc = [fold(acc[j], 512) ^ blocks[n + j] for j in range(4)]
+        n += 4
+    one = fold(acc[0], 384) ^ fold(acc[1], 256) ^ fold(acc[2], 128) ^ acc[3]
+    for block in blocks[n:]:
+        one = fold(one, 128) ^ block
+    reg = 0
+    for qword in (one & lo_mask, one >> 64):
+        reg ^= qword  # crc32 with a 64-bit operand: XOR it in, then feed 8 zero bytes
+        for _ in range(8):
+            reg = t0[reg & 0xFF] ^ (reg >> 8)
+    assert reg == want, "fold constants do not reproduce the CRC"
+
+
+def c_fold(bits: int) -> list[str]:
+    k_lo, k_hi = fold_constants(bits)
+    return [
+        f"/* Fold a 128-bit lane {bits} bits on: {{x^{bits + 32} mod P, x^{bits - 32} mod P}},"
+        " reflected, << 1. */",
+        f"static const uint64_t shmb_crc32c_fold_{bits}[2] = {{0x{k_lo:016x}, 0x{k_hi:016x}}};",
+    ]
+
+
 def c_array(name: str, tables: list[list[int]]) -> list[str]:
     lines = [f"static const uint32_t {name}[{len(tables)}][256] = {{"]
     for t in tables:
@@ -94,6 +187,10 @@ def render() -> str:
     lines += c_array("shmb_crc32c_zeros_long", zeros_operator(t0, LONG_BYTES))
     lines.append("")
     lines += c_array("shmb_crc32c_zeros_short", zeros_operator(t0, SHORT_BYTES))
+    _check_fold(t0)
+    for bits in FOLD_BITS:
+        lines.append("")
+        lines += c_fold(bits)
     lines += ["", "#endif", ""]
     return "\n".join(lines)
 

@@ -13,13 +13,17 @@
 #include <Python.h>
 #include <structmember.h>
 
+#include <limits.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 
 #include "shmb/crc32c.h"
+#include "shmb/futex.h"
 #include "shmb/murmur2.h"
 #include "shmb/record_batch.h"
+#include "shmb/ring.h"
+#include "shmb/shm_atomic.h"
 
 /* Below these sizes releasing the GIL costs more than it gives. */
 #define GIL_RELEASE_BYTES_MIN 8192
@@ -33,6 +37,7 @@ typedef struct {
     PyTypeObject *record_type;
     PyObject *empty_tuple;
     PyObject *errors[STATUS_COUNT];
+    PyObject *ring_corrupt_error;
 } module_state;
 
 static inline module_state *get_state(PyObject *module)
@@ -255,6 +260,51 @@ static PyObject *py_crc32c_table(PyObject *module, PyObject *args, PyObject *kwd
 static PyObject *py_crc32c_impl(PyObject *module, PyObject *Py_UNUSED(ignored))
 {
     return PyUnicode_FromString(shmb_crc32c_impl());
+}
+
+static PyObject *py_crc32c_impls(PyObject *module, PyObject *Py_UNUSED(ignored))
+{
+    PyObject *names = PyList_New(0);
+    if (names == NULL)
+        return NULL;
+    const char *name;
+    for (size_t i = 0; (name = shmb_crc32c_impl_name(i)) != NULL; i++) {
+        PyObject *item = PyUnicode_FromString(name);
+        if (item == NULL || PyList_Append(names, item) < 0) {
+            Py_XDECREF(item);
+            Py_DECREF(names);
+            return NULL;
+        }
+        Py_DECREF(item);
+    }
+    PyObject *result = PyList_AsTuple(names);
+    Py_DECREF(names);
+    return result;
+}
+
+static PyObject *py_crc32c_with(PyObject *module, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"name", "data", "crc", NULL};
+    const char *name;
+    Py_buffer data;
+    unsigned int crc = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "sy*|I:crc32c_with", kwlist, &name, &data, &crc))
+        return NULL;
+    shmb_crc32c_fn fn = shmb_crc32c_impl_fn(name);
+    if (fn == NULL) {
+        PyBuffer_Release(&data);
+        return PyErr_Format(PyExc_ValueError, "no crc32c implementation '%s' on this CPU", name);
+    }
+    uint32_t result;
+    if (data.len >= GIL_RELEASE_BYTES_MIN) {
+        Py_BEGIN_ALLOW_THREADS
+        result = fn((uint32_t)crc, data.buf, (size_t)data.len);
+        Py_END_ALLOW_THREADS
+    } else {
+        result = fn((uint32_t)crc, data.buf, (size_t)data.len);
+    }
+    PyBuffer_Release(&data);
+    return PyLong_FromUnsignedLong(result);
 }
 
 static PyObject *py_murmur2(PyObject *module, PyObject *arg)
@@ -1108,6 +1158,586 @@ done:
     return out;
 }
 
+/* ==== shared memory: atomics, futex, ingress ring ========================================== */
+
+/* A view of obj with [offset, offset + size) inside it and offset aligned to size. The caller
+ * releases view. writable: the buffer must be writable (mmap, bytearray). */
+static uint8_t *word_at(PyObject *obj, long long offset, Py_ssize_t size, int writable,
+                        Py_buffer *view)
+{
+    if (PyObject_GetBuffer(obj, view, writable ? PyBUF_WRITABLE : PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (offset < 0 || offset % size != 0 || offset + size > view->len) {
+        PyErr_Format(PyExc_ValueError,
+                     "offset %lld: need a %zd-byte aligned word inside a buffer of %zd bytes",
+                     offset, size, view->len);
+        PyBuffer_Release(view);
+        return NULL;
+    }
+    if (((uintptr_t)view->buf + (uintptr_t)offset) % (uintptr_t)size != 0) {
+        PyErr_SetString(PyExc_ValueError, "the buffer itself is not aligned for atomics");
+        PyBuffer_Release(view);
+        return NULL;
+    }
+    return (uint8_t *)view->buf + offset;
+}
+
+static PyObject *py_atomic_load_u32(PyObject *m, PyObject *args)
+{
+    PyObject *obj;
+    long long off;
+    Py_buffer v;
+    if (!PyArg_ParseTuple(args, "OL:atomic_load_u32", &obj, &off))
+        return NULL;
+    uint8_t *p = word_at(obj, off, 4, 0, &v);
+    if (p == NULL)
+        return NULL;
+    uint32_t x = shmb_u32_load_seq_cst(p);
+    PyBuffer_Release(&v);
+    return PyLong_FromUnsignedLong(x);
+}
+
+static PyObject *py_atomic_load_u64(PyObject *m, PyObject *args)
+{
+    PyObject *obj;
+    long long off;
+    Py_buffer v;
+    if (!PyArg_ParseTuple(args, "OL:atomic_load_u64", &obj, &off))
+        return NULL;
+    uint8_t *p = word_at(obj, off, 8, 0, &v);
+    if (p == NULL)
+        return NULL;
+    uint64_t x = shmb_u64_load_seq_cst(p);
+    PyBuffer_Release(&v);
+    return PyLong_FromUnsignedLongLong(x);
+}
+
+static PyObject *py_atomic_store_u32(PyObject *m, PyObject *args)
+{
+    PyObject *obj;
+    long long off;
+    unsigned long long x;
+    Py_buffer v;
+    if (!PyArg_ParseTuple(args, "OLK:atomic_store_u32", &obj, &off, &x))
+        return NULL;
+    uint8_t *p = word_at(obj, off, 4, 1, &v);
+    if (p == NULL)
+        return NULL;
+    shmb_u32_store_seq_cst(p, (uint32_t)x);
+    PyBuffer_Release(&v);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_atomic_store_u64(PyObject *m, PyObject *args)
+{
+    PyObject *obj;
+    long long off;
+    unsigned long long x;
+    Py_buffer v;
+    if (!PyArg_ParseTuple(args, "OLK:atomic_store_u64", &obj, &off, &x))
+        return NULL;
+    uint8_t *p = word_at(obj, off, 8, 1, &v);
+    if (p == NULL)
+        return NULL;
+    shmb_u64_store_seq_cst(p, (uint64_t)x);
+    PyBuffer_Release(&v);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_atomic_cas_u32(PyObject *m, PyObject *args)
+{
+    PyObject *obj;
+    long long off;
+    unsigned long long expected, desired;
+    Py_buffer v;
+    if (!PyArg_ParseTuple(args, "OLKK:atomic_cas_u32", &obj, &off, &expected, &desired))
+        return NULL;
+    uint8_t *p = word_at(obj, off, 4, 1, &v);
+    if (p == NULL)
+        return NULL;
+    uint32_t e = (uint32_t)expected;
+    int ok = shmb_u32_cas(p, &e, (uint32_t)desired);
+    PyBuffer_Release(&v);
+    return PyBool_FromLong(ok);
+}
+
+static PyObject *py_atomic_cas_u64(PyObject *m, PyObject *args)
+{
+    PyObject *obj;
+    long long off;
+    unsigned long long expected, desired;
+    Py_buffer v;
+    if (!PyArg_ParseTuple(args, "OLKK:atomic_cas_u64", &obj, &off, &expected, &desired))
+        return NULL;
+    uint8_t *p = word_at(obj, off, 8, 1, &v);
+    if (p == NULL)
+        return NULL;
+    uint64_t e = (uint64_t)expected;
+    int ok = shmb_u64_cas(p, &e, (uint64_t)desired);
+    PyBuffer_Release(&v);
+    return PyBool_FromLong(ok);
+}
+
+static PyObject *py_atomic_add_u32(PyObject *m, PyObject *args)
+{
+    PyObject *obj;
+    long long off, delta;
+    Py_buffer v;
+    if (!PyArg_ParseTuple(args, "OLL:atomic_add_u32", &obj, &off, &delta))
+        return NULL;
+    uint8_t *p = word_at(obj, off, 4, 1, &v);
+    if (p == NULL)
+        return NULL;
+    uint32_t old = shmb_u32_fetch_add(p, (uint32_t)delta);
+    PyBuffer_Release(&v);
+    return PyLong_FromUnsignedLong(old);
+}
+
+static PyObject *py_atomic_add_u64(PyObject *m, PyObject *args)
+{
+    PyObject *obj;
+    long long off, delta;
+    Py_buffer v;
+    if (!PyArg_ParseTuple(args, "OLL:atomic_add_u64", &obj, &off, &delta))
+        return NULL;
+    uint8_t *p = word_at(obj, off, 8, 1, &v);
+    if (p == NULL)
+        return NULL;
+    uint64_t old = shmb_u64_fetch_add(p, (uint64_t)delta);
+    PyBuffer_Release(&v);
+    return PyLong_FromUnsignedLongLong(old);
+}
+
+static PyObject *py_futex_wait(PyObject *m, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"buf", "offset", "expected", "timeout_ms", "spin_ns", NULL};
+    PyObject *obj;
+    long long off, timeout_ms = -1, spin_ns = 0;
+    unsigned long long expected;
+    Py_buffer v;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OLK|LL:futex_wait", kwlist, &obj, &off,
+                                     &expected, &timeout_ms, &spin_ns))
+        return NULL;
+    uint8_t *p = word_at(obj, off, 4, 1, &v);
+    if (p == NULL)
+        return NULL;
+    int r;
+    Py_BEGIN_ALLOW_THREADS
+    r = shmb_futex_wait((const uint32_t *)p, (uint32_t)expected, timeout_ms, spin_ns);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&v);
+    if (r == SHMB_WAIT_INTERRUPTED && PyErr_CheckSignals() < 0)
+        return NULL;
+    return PyLong_FromLong(r);
+}
+
+static PyObject *py_futex_wake(PyObject *m, PyObject *args)
+{
+    PyObject *obj;
+    long long off;
+    int count = INT_MAX;
+    Py_buffer v;
+    if (!PyArg_ParseTuple(args, "OL|i:futex_wake", &obj, &off, &count))
+        return NULL;
+    uint8_t *p = word_at(obj, off, 4, 1, &v);
+    if (p == NULL)
+        return NULL;
+    int n = shmb_futex_wake((uint32_t *)p, count);
+    PyBuffer_Release(&v);
+    if (n < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    return PyLong_FromLong(n);
+}
+
+static PyObject *raise_ring_corrupt(module_state *st, const shmb_ring_error *err)
+{
+    PyObject *exc = PyObject_CallFunction(st->ring_corrupt_error, "sK", err->message,
+                                          (unsigned long long)err->position);
+    if (exc != NULL) {
+        PyErr_SetObject(st->ring_corrupt_error, exc);
+        Py_DECREF(exc);
+    }
+    return NULL;
+}
+
+/* A mapped region: writable or read-only, at least as large as a ring header. */
+static int region_view(PyObject *obj, int writable, Py_buffer *v, const char *what)
+{
+    if (PyObject_GetBuffer(obj, v, writable ? PyBUF_WRITABLE : PyBUF_SIMPLE) < 0)
+        return -1;
+    if ((uintptr_t)v->buf % 64 != 0) {
+        PyErr_Format(PyExc_ValueError, "%s: the region must be 64-byte aligned (a mapping)", what);
+        PyBuffer_Release(v);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *py_ring_check(PyObject *module, PyObject *arg)
+{
+    Py_buffer v;
+    if (region_view(arg, 0, &v, "ring_check") < 0)
+        return NULL;
+    uint64_t capacity;
+    shmb_ring_error err;
+    int r = shmb_ring_check(v.buf, (size_t)v.len, &capacity, &err);
+    PyBuffer_Release(&v);
+    if (r != SHMB_RING_OK)
+        return raise_ring_corrupt(get_state(module), &err);
+    return PyLong_FromUnsignedLongLong(capacity);
+}
+
+/* Payload views for ring_write: one bytes-like object or a sequence of them. */
+typedef struct {
+    Py_buffer *views;
+    shmb_ring_payload *payloads;
+    Py_ssize_t n;
+    size_t total;
+} payload_hold;
+
+static void payload_hold_free(payload_hold *h)
+{
+    for (Py_ssize_t i = 0; i < h->n; i++)
+        PyBuffer_Release(&h->views[i]);
+    PyMem_Free(h->views);
+    PyMem_Free(h->payloads);
+}
+
+static int payload_hold_init(payload_hold *h, PyObject *payloads)
+{
+    memset(h, 0, sizeof *h);
+    PyObject *seq;
+    if (PyObject_CheckBuffer(payloads))
+        seq = PyTuple_Pack(1, payloads);
+    else
+        seq = PySequence_Fast(payloads, "ring_write: payloads must be a bytes-like object or a "
+                                        "sequence of them");
+    if (seq == NULL)
+        return -1;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    h->views = PyMem_Calloc((size_t)n + 1, sizeof(Py_buffer));
+    h->payloads = PyMem_Calloc((size_t)n + 1, sizeof(shmb_ring_payload));
+    if (h->views == NULL || h->payloads == NULL) {
+        Py_DECREF(seq);
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(seq, i), &h->views[i],
+                               PyBUF_C_CONTIGUOUS) < 0) {
+            Py_DECREF(seq);
+            return -1;
+        }
+        h->n = i + 1;
+        h->payloads[i].data = h->views[i].buf;
+        h->payloads[i].len = (size_t)h->views[i].len;
+        h->total += (size_t)h->views[i].len;
+    }
+    Py_DECREF(seq);
+    return 0;
+}
+
+static PyObject *py_ring_write(PyObject *module, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"ring", "payloads", "doorbell", NULL};
+    PyObject *ring, *payloads, *doorbell = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|O:ring_write", kwlist, &ring, &payloads,
+                                     &doorbell))
+        return NULL;
+    Py_buffer rv, dv = {0};
+    if (region_view(ring, 1, &rv, "ring_write") < 0)
+        return NULL;
+    if (doorbell != Py_None) {
+        if (region_view(doorbell, 1, &dv, "ring_write doorbell") < 0) {
+            PyBuffer_Release(&rv);
+            return NULL;
+        }
+        if (dv.len < SHMB_CONTROL_REGISTRY_OFFSET) {
+            PyErr_SetString(PyExc_ValueError, "ring_write: doorbell is not a control region");
+            PyBuffer_Release(&dv);
+            PyBuffer_Release(&rv);
+            return NULL;
+        }
+    }
+    payload_hold h;
+    PyObject *result = NULL;
+    if (payload_hold_init(&h, payloads) < 0)
+        goto done;
+    size_t written;
+    uint64_t first_seq;
+    shmb_ring_error err;
+    int r;
+    if (h.total >= GIL_RELEASE_BYTES_MIN) {
+        Py_BEGIN_ALLOW_THREADS
+        r = shmb_ring_write(rv.buf, (size_t)rv.len, h.payloads, (size_t)h.n, &written,
+                            &first_seq, &err);
+        if (written > 0 && dv.buf != NULL)
+            shmb_ctl_doorbell_ring(dv.buf);
+        Py_END_ALLOW_THREADS
+    } else {
+        r = shmb_ring_write(rv.buf, (size_t)rv.len, h.payloads, (size_t)h.n, &written,
+                            &first_seq, &err);
+        if (written > 0 && dv.buf != NULL)
+            shmb_ctl_doorbell_ring(dv.buf);
+    }
+    if (r == SHMB_RING_CORRUPT) {
+        raise_ring_corrupt(get_state(module), &err);
+    } else if (r == SHMB_RING_TOO_LARGE) {
+        uint64_t cap = shmb_u64_load_relaxed((uint8_t *)rv.buf + SHMB_RING_CAPACITY_OFFSET);
+        PyErr_Format(get_state(module)->errors[SHMB_RB_SCAN_TOO_LARGE],
+                     "payload %zu of %zu bytes is larger than this ring can ever hold "
+                     "(%llu bytes, capacity %llu)", written, h.payloads[written].len,
+                     (unsigned long long)shmb_ring_payload_bytes_max(cap),
+                     (unsigned long long)cap);
+    } else {
+        result = Py_BuildValue("(iKn)", r, (unsigned long long)first_seq, (Py_ssize_t)written);
+    }
+done:
+    payload_hold_free(&h);
+    if (dv.buf != NULL)
+        PyBuffer_Release(&dv);
+    PyBuffer_Release(&rv);
+    return result;
+}
+
+#define RING_READ_CHUNK 256
+
+/* Collects frame descriptors for ring_read/ring_scan into a growing array. */
+typedef struct {
+    shmb_ring_frame *frames;
+    size_t count, cap;
+    uint64_t bytes;
+    uint64_t next_position;
+} frame_list;
+
+static int collect_frames(module_state *st, Py_buffer *rv, uint64_t position, uint64_t seq,
+                          uint64_t max_bytes, uint64_t frames_max, frame_list *fl)
+{
+    memset(fl, 0, sizeof *fl);
+    fl->next_position = position;
+    for (;;) {
+        if (fl->count == fl->cap) {
+            size_t cap = fl->cap ? fl->cap * 2 : RING_READ_CHUNK;
+            shmb_ring_frame *f = PyMem_Realloc(fl->frames, cap * sizeof *f);
+            if (f == NULL) {
+                PyErr_NoMemory();
+                return -1;
+            }
+            fl->frames = f;
+            fl->cap = cap;
+        }
+        size_t room = fl->cap - fl->count, n = 0;
+        if (room > frames_max - fl->count)
+            room = (size_t)(frames_max - fl->count);
+        shmb_ring_error err;
+        int r = shmb_ring_read(rv->buf, (size_t)rv->len, fl->next_position, seq + fl->count,
+                               max_bytes - fl->bytes, fl->count == 0, fl->frames + fl->count,
+                               room, &n, &fl->next_position, &err);
+        if (r != SHMB_RING_OK) {
+            raise_ring_corrupt(st, &err);
+            return -1;
+        }
+        for (size_t i = 0; i < n; i++)
+            fl->bytes += fl->frames[fl->count + i].payload_len;
+        fl->count += n;
+        if (n < room || fl->count >= frames_max)
+            return 0;
+    }
+}
+
+static int read_args(PyObject *args, PyObject *kwds, const char *fmt, PyObject **ring,
+                     unsigned long long *position, unsigned long long *seq,
+                     long long *max_bytes, long long *frames_max)
+{
+    static char *kwlist[] = {"ring", "position", "expected_sequence", "max_bytes", "frames_max",
+                             NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, fmt, kwlist, ring, position, seq, max_bytes,
+                                     frames_max))
+        return -1;
+    if (*max_bytes < 0 || *frames_max <= 0) {
+        PyErr_SetString(PyExc_ValueError, "max_bytes must be >= 0 and frames_max > 0");
+        return -1;
+    }
+    return 0;
+}
+
+static void copy_payloads(char *dst, const uint8_t *src, const frame_list *fl)
+{
+    for (size_t i = 0, at = 0; i < fl->count; i++) {
+        memcpy(dst + at, src + fl->frames[i].payload_offset, fl->frames[i].payload_len);
+        at += fl->frames[i].payload_len;
+    }
+}
+
+static PyObject *py_ring_read(PyObject *module, PyObject *args, PyObject *kwds)
+{
+    PyObject *ring;
+    unsigned long long position, seq;
+    long long max_bytes = 1 << 20, frames_max = 1 << 16;
+    if (read_args(args, kwds, "OKK|LL:ring_read", &ring, &position, &seq, &max_bytes,
+                  &frames_max) < 0)
+        return NULL;
+    Py_buffer rv;
+    if (region_view(ring, 0, &rv, "ring_read") < 0)
+        return NULL;
+    frame_list fl;
+    PyObject *data = NULL, *result = NULL;
+    if (collect_frames(get_state(module), &rv, position, seq, (uint64_t)max_bytes,
+                       (uint64_t)frames_max, &fl) < 0)
+        goto done;
+    data = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)fl.bytes);
+    if (data == NULL)
+        goto done;
+    char *dst = PyBytes_AS_STRING(data);
+    if (fl.bytes >= GIL_RELEASE_BYTES_MIN) {
+        Py_BEGIN_ALLOW_THREADS
+        copy_payloads(dst, rv.buf, &fl);
+        Py_END_ALLOW_THREADS
+    } else {
+        copy_payloads(dst, rv.buf, &fl);
+    }
+    result = Py_BuildValue("(KnO)", (unsigned long long)fl.next_position, (Py_ssize_t)fl.count,
+                           data);
+done:
+    Py_XDECREF(data);
+    PyMem_Free(fl.frames);
+    PyBuffer_Release(&rv);
+    return result;
+}
+
+static PyObject *py_ring_scan(PyObject *module, PyObject *args, PyObject *kwds)
+{
+    PyObject *ring;
+    unsigned long long position, seq;
+    long long max_bytes = 1 << 20, frames_max = 1 << 16;
+    if (read_args(args, kwds, "OKK|LL:ring_scan", &ring, &position, &seq, &max_bytes,
+                  &frames_max) < 0)
+        return NULL;
+    Py_buffer rv;
+    if (region_view(ring, 0, &rv, "ring_scan") < 0)
+        return NULL;
+    frame_list fl;
+    PyObject *spans = NULL, *result = NULL;
+    if (collect_frames(get_state(module), &rv, position, seq, (uint64_t)max_bytes,
+                       (uint64_t)frames_max, &fl) < 0)
+        goto done;
+    spans = PyList_New((Py_ssize_t)fl.count);
+    if (spans == NULL)
+        goto done;
+    for (size_t i = 0; i < fl.count; i++) {
+        PyObject *t = Py_BuildValue("(KI)", (unsigned long long)fl.frames[i].payload_offset,
+                                    (unsigned int)fl.frames[i].payload_len);
+        if (t == NULL)
+            goto done;
+        PyList_SET_ITEM(spans, (Py_ssize_t)i, t);
+    }
+    result = Py_BuildValue("(KO)", (unsigned long long)fl.next_position, spans);
+done:
+    Py_XDECREF(spans);
+    PyMem_Free(fl.frames);
+    PyBuffer_Release(&rv);
+    return result;
+}
+
+static PyObject *py_ring_release(PyObject *module, PyObject *args)
+{
+    PyObject *ring;
+    unsigned long long position;
+    if (!PyArg_ParseTuple(args, "OK:ring_release", &ring, &position))
+        return NULL;
+    Py_buffer rv;
+    if (region_view(ring, 1, &rv, "ring_release") < 0)
+        return NULL;
+    shmb_ring_error err;
+    int r = shmb_ring_release(rv.buf, (size_t)rv.len, position, &err);
+    PyBuffer_Release(&rv);
+    if (r != SHMB_RING_OK)
+        return raise_ring_corrupt(get_state(module), &err);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_ring_fits(PyObject *module, PyObject *args)
+{
+    PyObject *ring;
+    unsigned long long len;
+    if (!PyArg_ParseTuple(args, "OK:ring_fits", &ring, &len))
+        return NULL;
+    Py_buffer rv;
+    if (region_view(ring, 0, &rv, "ring_fits") < 0)
+        return NULL;
+    shmb_ring_error err;
+    int r = shmb_ring_fits(rv.buf, (size_t)rv.len, len);
+    if (r < 0)
+        shmb_ring_check(rv.buf, (size_t)rv.len, NULL, &err);
+    PyBuffer_Release(&rv);
+    if (r < 0)
+        return raise_ring_corrupt(get_state(module), &err);
+    return PyBool_FromLong(r);
+}
+
+/* Waits for room for a payload; True when it fits, False on timeout or on a wake-up without
+ * room. Signals are checked (a KeyboardInterrupt propagates) and the wait goes on for the time
+ * left. */
+static PyObject *py_ring_wait_space(PyObject *module, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"ring", "payload_bytes", "timeout_ms", "spin_ns", NULL};
+    PyObject *ring;
+    unsigned long long len;
+    long long timeout_ms = -1, spin_ns = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OK|LL:ring_wait_space", kwlist, &ring, &len,
+                                     &timeout_ms, &spin_ns))
+        return NULL;
+    Py_buffer rv;
+    if (region_view(ring, 1, &rv, "ring_wait_space") < 0)
+        return NULL;
+    int64_t deadline = timeout_ms < 0 ? INT64_MAX : shmb_monotonic_ns() + timeout_ms * 1000000;
+    int r;
+    for (;;) {
+        int64_t left_ms = -1;
+        if (deadline != INT64_MAX) {
+            int64_t left = deadline - shmb_monotonic_ns();
+            left_ms = left <= 0 ? 0 : (left + 999999) / 1000000;
+        }
+        Py_BEGIN_ALLOW_THREADS
+        r = shmb_ring_wait_space(rv.buf, (size_t)rv.len, len, left_ms, spin_ns);
+        Py_END_ALLOW_THREADS
+        if (r != SHMB_WAIT_INTERRUPTED)
+            break;
+        if (PyErr_CheckSignals() < 0) {
+            PyBuffer_Release(&rv);
+            return NULL;
+        }
+    }
+    if (r < 0) {
+        shmb_ring_error err;
+        shmb_ring_check(rv.buf, (size_t)rv.len, NULL, &err);
+        PyBuffer_Release(&rv);
+        return raise_ring_corrupt(get_state(module), &err);
+    }
+    PyBuffer_Release(&rv);
+    return PyBool_FromLong(r == SHMB_WAIT_CHANGED);
+}
+
+static PyObject *py_doorbell_ring(PyObject *module, PyObject *arg)
+{
+    Py_buffer v;
+    if (region_view(arg, 1, &v, "doorbell_ring") < 0)
+        return NULL;
+    if (v.len < SHMB_CONTROL_REGISTRY_OFFSET) {
+        PyBuffer_Release(&v);
+        PyErr_SetString(PyExc_ValueError, "doorbell_ring: not a control region");
+        return NULL;
+    }
+    shmb_ctl_doorbell_ring(v.buf);
+    PyBuffer_Release(&v);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_monotonic_ns(PyObject *module, PyObject *Py_UNUSED(ignored))
+{
+    return PyLong_FromLongLong(shmb_monotonic_ns());
+}
+
 /* ==== module =============================================================================== */
 
 static PyMethodDef module_methods[] = {
@@ -1116,7 +1746,13 @@ static PyMethodDef module_methods[] = {
     {"crc32c_table", (PyCFunction)(void (*)(void))py_crc32c_table, METH_VARARGS | METH_KEYWORDS,
      "crc32c_table(data, crc=0) -> int\n\nThe portable slice-by-8 path of crc32c."},
     {"crc32c_impl", py_crc32c_impl, METH_NOARGS,
-     "crc32c_impl() -> str\n\n'sse4.2' or 'table', chosen at import from CPUID."},
+     "crc32c_impl() -> str\n\n'vpclmulqdq-avx512', 'sse4.2' or 'table', chosen at import from "
+     "CPUID."},
+    {"crc32c_impls", py_crc32c_impls, METH_NOARGS,
+     "crc32c_impls() -> tuple[str, ...]\n\nThe crc32c paths this CPU runs, fastest first."},
+    {"crc32c_with", (PyCFunction)(void (*)(void))py_crc32c_with, METH_VARARGS | METH_KEYWORDS,
+     "crc32c_with(name, data, crc=0) -> int\n\ncrc32c through the path called name (one of\n"
+     "crc32c_impls()); ValueError if this CPU has no such path. For tests and benchmarks."},
     {"murmur2", py_murmur2, METH_O, "murmur2(key) -> int\n\nKafka's murmur2, signed int32."},
     {"partition_for_key", py_partition_for_key, METH_VARARGS,
      "partition_for_key(key, num_partitions) -> int\n\n(murmur2(key) & 0x7fffffff) % n."},
@@ -1135,6 +1771,49 @@ static PyMethodDef module_methods[] = {
      "encode_batch(values, keys=None, headers=None, timestamps=None, timestamp=0,\n"
      "             base_offset=0, partition_leader_epoch=-1, producer_id=-1,\n"
      "             producer_epoch=-1, base_sequence=-1, attributes=0) -> bytes"},
+    {"atomic_load_u32", py_atomic_load_u32, METH_VARARGS,
+     "atomic_load_u32(buf, offset) -> int\n\nSequentially consistent load of a u32."},
+    {"atomic_load_u64", py_atomic_load_u64, METH_VARARGS,
+     "atomic_load_u64(buf, offset) -> int\n\nSequentially consistent load of a u64."},
+    {"atomic_store_u32", py_atomic_store_u32, METH_VARARGS,
+     "atomic_store_u32(buf, offset, value)\n\nSequentially consistent (release and more) store."},
+    {"atomic_store_u64", py_atomic_store_u64, METH_VARARGS,
+     "atomic_store_u64(buf, offset, value)\n\nSequentially consistent (release and more) store."},
+    {"atomic_cas_u32", py_atomic_cas_u32, METH_VARARGS,
+     "atomic_cas_u32(buf, offset, expected, desired) -> bool"},
+    {"atomic_cas_u64", py_atomic_cas_u64, METH_VARARGS,
+     "atomic_cas_u64(buf, offset, expected, desired) -> bool"},
+    {"atomic_add_u32", py_atomic_add_u32, METH_VARARGS,
+     "atomic_add_u32(buf, offset, delta) -> old value (wraps modulo 2**32)"},
+    {"atomic_add_u64", py_atomic_add_u64, METH_VARARGS,
+     "atomic_add_u64(buf, offset, delta) -> old value (wraps modulo 2**64)"},
+    {"futex_wait", (PyCFunction)(void (*)(void))py_futex_wait, METH_VARARGS | METH_KEYWORDS,
+     "futex_wait(buf, offset, expected, timeout_ms=-1, spin_ns=0) -> WAIT_* status\n\n"
+     "Shared (not private) FUTEX_WAIT on a u32 of a writable mapping; the GIL is released."},
+    {"futex_wake", py_futex_wake, METH_VARARGS,
+     "futex_wake(buf, offset, count=INT_MAX) -> number woken"},
+    {"monotonic_ns", py_monotonic_ns, METH_NOARGS, "monotonic_ns() -> CLOCK_MONOTONIC in ns"},
+    {"ring_check", py_ring_check, METH_O,
+     "ring_check(ring) -> capacity; RingCorruptError when the header is bad"},
+    {"ring_write", (PyCFunction)(void (*)(void))py_ring_write, METH_VARARGS | METH_KEYWORDS,
+     "ring_write(ring, payloads, doorbell=None) -> (status, first_sequence, written)\n\n"
+     "status RING_OK or RING_FULL (only `written` of the payloads went in)."},
+    {"ring_read", (PyCFunction)(void (*)(void))py_ring_read, METH_VARARGS | METH_KEYWORDS,
+     "ring_read(ring, position, expected_sequence, max_bytes=1MiB, frames_max=65536)\n"
+     "-> (next_position, count, payloads_concatenated: bytes)"},
+    {"ring_scan", (PyCFunction)(void (*)(void))py_ring_scan, METH_VARARGS | METH_KEYWORDS,
+     "ring_scan(ring, position, expected_sequence, max_bytes=1MiB, frames_max=65536)\n"
+     "-> (next_position, [(payload_offset_in_region, payload_bytes), ...])"},
+    {"ring_release", py_ring_release, METH_VARARGS,
+     "ring_release(ring, position): free the ring up to position; wake a waiting producer"},
+    {"ring_fits", py_ring_fits, METH_VARARGS,
+     "ring_fits(ring, payload_bytes) -> bool"},
+    {"ring_wait_space", (PyCFunction)(void (*)(void))py_ring_wait_space,
+     METH_VARARGS | METH_KEYWORDS,
+     "ring_wait_space(ring, payload_bytes, timeout_ms=-1, spin_ns=0) -> bool\n\n"
+     "True when the payload fits; False on timeout or when woken without room (a nudge)."},
+    {"doorbell_ring", py_doorbell_ring, METH_O,
+     "doorbell_ring(control): wake the partition process if it sleeps"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1147,6 +1826,7 @@ static int module_traverse(PyObject *m, visitproc visit, void *arg)
     Py_VISIT(st->empty_tuple);
     for (int i = 0; i < STATUS_COUNT; i++)
         Py_VISIT(st->errors[i]);
+    Py_VISIT(st->ring_corrupt_error);
     return 0;
 }
 
@@ -1159,6 +1839,7 @@ static int module_clear(PyObject *m)
     Py_CLEAR(st->empty_tuple);
     for (int i = 0; i < STATUS_COUNT; i++)
         Py_CLEAR(st->errors[i]);
+    Py_CLEAR(st->ring_corrupt_error);
     return 0;
 }
 
@@ -1228,6 +1909,32 @@ static int add_layout(PyObject *m)
     return PyModule_AddObject(m, "LAYOUT", d) < 0 ? (Py_DECREF(d), -1) : 0;
 }
 
+/* SHM_LAYOUT: the shared-memory numbers this build was compiled with (drift test). */
+static int add_shm_layout(PyObject *m)
+{
+    static const struct {
+        const char *name;
+        unsigned long long value;
+    } entries[] = {
+#define SHMB_ENTRY(name, value) {name, (unsigned long long)(value)},
+        SHMB_SHM_LAYOUT_TABLE(SHMB_ENTRY)
+#undef SHMB_ENTRY
+    };
+    PyObject *d = PyDict_New();
+    if (d == NULL)
+        return -1;
+    for (size_t i = 0; i < sizeof entries / sizeof entries[0]; i++) {
+        PyObject *v = PyLong_FromUnsignedLongLong(entries[i].value);
+        if (v == NULL || PyDict_SetItemString(d, entries[i].name, v) < 0) {
+            Py_XDECREF(v);
+            Py_DECREF(d);
+            return -1;
+        }
+        Py_DECREF(v);
+    }
+    return PyModule_AddObject(m, "SHM_LAYOUT", d) < 0 ? (Py_DECREF(d), -1) : 0;
+}
+
 static int init_state(PyObject *m, module_state *st)
 {
     static const char *const names[STATUS_COUNT] = {
@@ -1249,7 +1956,10 @@ static int init_state(PyObject *m, module_state *st)
             return -1;
         }
     }
+    st->ring_corrupt_error = PyObject_GetAttrString(errors, "RingCorruptError");
     Py_DECREF(errors);
+    if (st->ring_corrupt_error == NULL)
+        return -1;
     st->empty_tuple = PyTuple_New(0);
     if (st->empty_tuple == NULL)
         return -1;
@@ -1270,7 +1980,7 @@ PyMODINIT_FUNC PyInit__native(void)
     PyObject *m = PyModule_Create(&native_module);
     if (m == NULL)
         return NULL;
-    if (init_state(m, get_state(m)) < 0 || add_layout(m) < 0) {
+    if (init_state(m, get_state(m)) < 0 || add_layout(m) < 0 || add_shm_layout(m) < 0) {
         Py_DECREF(m);
         return NULL;
     }

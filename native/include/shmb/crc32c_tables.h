@@ -737,4 +737,19 @@ static const uint32_t shmb_crc32c_zeros_short[4][256] = {
     },
 };
 
+/* Fold a 128-bit lane 2048 bits on: {x^2080 mod P, x^2016 mod P}, reflected, << 1. */
+static const uint64_t shmb_crc32c_fold_2048[2] = {0x00000000dcb17aa4, 0x00000000b9e02b86};
+
+/* Fold a 128-bit lane 512 bits on: {x^544 mod P, x^480 mod P}, reflected, << 1. */
+static const uint64_t shmb_crc32c_fold_512[2] = {0x00000000740eef02, 0x000000009e4addf8};
+
+/* Fold a 128-bit lane 384 bits on: {x^416 mod P, x^352 mod P}, reflected, << 1. */
+static const uint64_t shmb_crc32c_fold_384[2] = {0x000000001c291d04, 0x00000001d82c63da};
+
+/* Fold a 128-bit lane 256 bits on: {x^288 mod P, x^224 mod P}, reflected, << 1. */
+static const uint64_t shmb_crc32c_fold_256[2] = {0x00000001384aa63a, 0x00000000ba4fc28e};
+
+/* Fold a 128-bit lane 128 bits on: {x^160 mod P, x^96 mod P}, reflected, << 1. */
+static const uint64_t shmb_crc32c_fold_128[2] = {0x00000000f20c0dfe, 0x000000014cd00bd6};
+
 #endif

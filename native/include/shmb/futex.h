@@ -1,0 +1,28 @@
+/* Futex wait and wake on a 32-bit word of a shared mapping (Linux).
+ *
+ * The operations are the shared (not FUTEX_PRIVATE) ones: the waiter and the waker are
+ * different processes, each with its own mapping of the same shared-memory object, and the
+ * kernel keys the futex by the underlying page, not by the virtual address.
+ *
+ * No global state; safe without the GIL.
+ */
+#ifndef SHMB_FUTEX_H
+#define SHMB_FUTEX_H
+
+#include <stdint.h>
+
+#include "shmb/shm_layout.h"
+
+/* CLOCK_MONOTONIC in nanoseconds. */
+int64_t shmb_monotonic_ns(void);
+
+/* Waits while *word == expected: first spins up to spin_ns (0 = no spin) re-reading the word,
+ * then sleeps in FUTEX_WAIT up to timeout_ms in total (< 0 = no timeout). Returns
+ * SHMB_WAIT_CHANGED (the word differed, no sleep), SHMB_WAIT_WOKEN (woken, maybe spuriously:
+ * the caller re-checks its condition), SHMB_WAIT_TIMEOUT or SHMB_WAIT_INTERRUPTED (EINTR). */
+int shmb_futex_wait(const uint32_t *word, uint32_t expected, int64_t timeout_ms, int64_t spin_ns);
+
+/* Wakes up to count waiters on word; returns how many were woken (or -1, errno set). */
+int shmb_futex_wake(uint32_t *word, int count);
+
+#endif

@@ -1,0 +1,102 @@
+/* The ingress ring: one producer process, one consumer (the partition process), frames of
+ * RecordBatch v2 payloads in a shared mapping. Layout: shm_layout.h (declared once in
+ * shmbroker/layout/shm.py); protocol: docs/design/shm.md; pure-Python twin:
+ * shmbroker/shm/ring_reference.py (same cases, same results, tests/native/).
+ *
+ * Plain C, no Python, no global state. Every function takes the whole region (header
+ * included) and its length, re-reads the capacity and positions from the header and checks
+ * them before using them: a corrupted or hostile header gives SHMB_RING_CORRUPT with a message,
+ * never a read or write outside [region, region + region_len).
+ *
+ * Commit protocol (Aeron's): a writer fills frames, zeroes the length word at its new tail,
+ * then publishes the FIRST frame's length with a release store (so a batch of frames becomes
+ * visible at once) and finally release-stores write_position. Readers acquire-load a frame's
+ * length and stop at <= 0.
+ */
+#ifndef SHMB_RING_H
+#define SHMB_RING_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "shmb/shm_layout.h"
+
+#define SHMB_RING_MESSAGE_BYTES_MAX 160
+
+typedef struct {
+    uint64_t position; /* ring position (or header offset) at fault */
+    char message[SHMB_RING_MESSAGE_BYTES_MAX];
+} shmb_ring_error;
+
+typedef struct {
+    const void *data;
+    size_t len;
+} shmb_ring_payload;
+
+/* One committed DATA frame, as found by shmb_ring_read. */
+typedef struct {
+    uint64_t payload_offset; /* from the start of the region */
+    uint32_t payload_len;
+    uint64_t sequence;
+} shmb_ring_frame;
+
+/* Checks magic, version, sizes, capacity and positions of a ring header. SHMB_RING_OK or
+ * SHMB_RING_CORRUPT (err filled). On OK, *capacity_out (may be NULL) is the capacity. */
+int shmb_ring_check(const uint8_t *region, size_t region_len, uint64_t *capacity_out,
+                    shmb_ring_error *err);
+
+/* Largest payload a ring of this capacity takes (capacity/2 - frame header). */
+static inline uint64_t shmb_ring_payload_bytes_max(uint64_t capacity)
+{
+    return capacity / 2 - SHMB_FRAME_HEADER_BYTES;
+}
+
+static inline uint64_t shmb_ring_frame_bytes(uint64_t payload_len)
+{
+    return (SHMB_FRAME_HEADER_BYTES + payload_len + SHMB_FRAME_ALIGN - 1) &
+           ~(uint64_t)(SHMB_FRAME_ALIGN - 1);
+}
+
+/* Producer: writes as many of payloads[0..n) as fit, in order, as DATA frames and publishes
+ * them at once. *written = how many were written, *first_sequence = the first one's sequence.
+ * Returns SHMB_RING_OK (all written), SHMB_RING_FULL (only *written of them; wait for space and
+ * call again with the rest), SHMB_RING_TOO_LARGE (payloads[*written] can never fit; nothing
+ * was written) or SHMB_RING_CORRUPT. */
+int shmb_ring_write(uint8_t *region, size_t region_len, const shmb_ring_payload *payloads,
+                    size_t n, size_t *written, uint64_t *first_sequence, shmb_ring_error *err);
+
+/* Producer: whether a payload of payload_len bytes would fit now (0/1), or -1 if the header is
+ * corrupt. */
+int shmb_ring_fits(const uint8_t *region, size_t region_len, uint64_t payload_len);
+
+/* Consumer: collects committed DATA frames from `position` (a frame boundary at or after
+ * read_position, normally the end of the previous read) while their payloads total at most
+ * max_bytes (with take_first, the first frame is taken even when it alone is larger: a read
+ * always makes progress), and at most out_max frames. The first frame
+ * must carry expected_sequence and each next one the following number. *next_position is
+ * where the next read starts. Returns SHMB_RING_OK (with *count possibly 0) or
+ * SHMB_RING_CORRUPT. Never writes. */
+int shmb_ring_read(const uint8_t *region, size_t region_len, uint64_t position,
+                   uint64_t expected_sequence, uint64_t max_bytes, int take_first,
+                   shmb_ring_frame *out, size_t out_max, size_t *count,
+                   uint64_t *next_position, shmb_ring_error *err);
+
+/* Consumer: frees the ring up to `position` (release store of read_position), then wakes the
+ * producer if it sleeps on space. Returns SHMB_RING_OK or SHMB_RING_CORRUPT (position not
+ * 8-aligned, behind read_position or beyond write_position). */
+int shmb_ring_release(uint8_t *region, size_t region_len, uint64_t position,
+                      shmb_ring_error *err);
+
+/* Producer: waits until a payload of payload_len fits, spinning up to spin_ns first, then
+ * sleeping on space_seq (the consumer only makes the wake syscall when space_waiting is set).
+ * Returns SHMB_WAIT_CHANGED (it fits now), SHMB_WAIT_WOKEN (space_seq moved but there is
+ * still no room: the consumer nudged, see RingConsumer.poll), SHMB_WAIT_TIMEOUT,
+ * SHMB_WAIT_INTERRUPTED, or -1 if the header is corrupt. timeout_ms < 0: no timeout. */
+int shmb_ring_wait_space(uint8_t *region, size_t region_len, uint64_t payload_len,
+                         int64_t timeout_ms, int64_t spin_ns);
+
+/* Producer side of the partition's doorbell: after committing frames, wake the partition
+ * process if (and only if) it said it may sleep. `control` is the partition control region. */
+void shmb_ctl_doorbell_ring(uint8_t *control);
+
+#endif

@@ -1,0 +1,300 @@
+"""The partition control region: published state, wake-up words, producer registry.
+
+One per partition, created by the broker side (``ControlRegion.create``), attached by the
+partition process, producers and consumers. It outlives restarts of the partition process.
+Layout: shmbroker/layout/shm.py; protocols: docs/design/shm.md.
+
+Writers, one per group of fields:
+
+* published state (seqlock) and ``hw_seq``: the partition process (``publish``);
+* ``doorbell``: producers, after committing frames (the C ``ring_write`` does it);
+* ``partition_sleeping``: the partition process, around its doorbell sleep;
+* ``hw_waiters``: consumers, around their sleep on ``hw_seq`` (a count: a consumer that dies
+  while counted only costs the partition extra wake syscalls);
+* a registry slot: the producer that claimed it, and the partition process that frees it
+  once the producer has closed or died and its ring is drained.
+
+Nothing here is a lock: a slot is claimed by CAS 0 -> pid and freed by CAS pid -> 0; a dead
+claimer is recognised by pid and start time (liveness.py) and its slot reclaimed.
+"""
+from __future__ import annotations
+
+import os
+import struct
+import time
+from typing import NamedTuple
+
+from .. import errors
+from ..config import SEQLOCK_READ_TIMEOUT_MS_MAX
+from ..layout import shm as L
+from ..native import _native
+from . import wake
+from .liveness import my_start_time, process_alive
+from .region import Region
+
+C = L.CONTROL
+S = L.SLOT
+_HEADER_REST = struct.Struct("<iIQi")  # owner_pid, registry_slots, owner_start_time, partition
+
+
+class PartitionState(NamedTuple):
+    high_watermark: int
+    log_start_offset: int
+    active_segment_base_offset: int
+    active_segment_end_position: int
+    partition_pid: int
+    leader_epoch: int
+    partition_start_time: int
+    seq: int  # the seqlock value it was read at (even)
+
+
+class SlotInfo(NamedTuple):
+    slot: int
+    pid: int
+    state: int
+    start_time: int
+    generation: int
+    ring_bytes: int
+
+
+class ControlRegion:
+    """A mapped control region. Not thread-safe; see the module docstring for who writes what."""
+
+    def __init__(self, region: Region):
+        self.region = region
+        self.buf = region.buf
+        self.name = region.name
+        (self.owner_pid, self.registry_slots, self.owner_start_time,
+         self.partition) = _HEADER_REST.unpack_from(self.buf, C["owner_pid"])
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, name: str, partition: int, registry_slots: int = L.REGISTRY_SLOTS_MAX
+               ) -> "ControlRegion":
+        if not 1 <= registry_slots <= L.REGISTRY_SLOTS_MAX:
+            raise errors.ConfigError(
+                f"registry_slots={registry_slots} is outside [1, {L.REGISTRY_SLOTS_MAX}]")
+        region = Region.create(name, L.control_region_bytes(registry_slots))
+        try:
+            buf = region.buf
+            _HEADER_REST.pack_into(buf, C["owner_pid"], os.getpid(), registry_slots,
+                                   my_start_time(), partition)
+            struct.pack_into("<Q", buf, C["created_ns"], time.time_ns())
+            struct.pack_into("<qqqq", buf, C["high_watermark"], 0, 0, 0, 0)
+            region.write_prefix(L.CONTROL_MAGIC, L.CONTROL_LAYOUT_VERSION,
+                                L.CONTROL_REGISTRY_OFFSET)
+        except BaseException:
+            region.unlink()
+            region.close()
+            raise
+        return cls(region)
+
+    @classmethod
+    def attach(cls, name: str, readonly: bool = False) -> "ControlRegion":
+        region = Region.attach(name, magic=L.CONTROL_MAGIC,
+                               layout_version=L.CONTROL_LAYOUT_VERSION, readonly=readonly,
+                               what="control region")
+        try:
+            header_bytes = struct.unpack_from("<I", region.buf, C["header_bytes"])[0]
+            slots = struct.unpack_from("<I", region.buf, C["registry_slots"])[0]
+            if header_bytes != L.CONTROL_REGISTRY_OFFSET or not 1 <= slots <= L.REGISTRY_SLOTS_MAX \
+                    or region.size != L.control_region_bytes(slots):
+                raise errors.RegionHeaderError(
+                    f"control region {name!r}: header_bytes {header_bytes}, registry_slots "
+                    f"{slots} do not match its {region.size} bytes", C["registry_slots"])
+            return cls(region)
+        except BaseException:
+            region.close()
+            raise
+
+    def close(self) -> None:
+        self.buf = None
+        self.region.close()
+
+    def unlink(self) -> None:
+        self.region.unlink()
+
+    def __enter__(self) -> "ControlRegion":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.region.owner:
+            self.unlink()
+        self.close()
+
+    # -- published state (seqlock; the partition process is the only writer) -------------------
+
+    def take_ownership(self, leader_epoch: int) -> None:
+        """Called once by a (re)started partition process before its first publish: repairs
+        a seqlock left odd by a predecessor that died while publishing."""
+        seq = _native.atomic_load_u64(self.buf, C["state_seq"])
+        if seq & 1:
+            _native.atomic_store_u64(self.buf, C["state_seq"], seq + 1)
+        struct.pack_into("<i", self.buf, C["leader_epoch"], leader_epoch)
+
+    def publish(self, high_watermark: int, log_start_offset: int,
+                active_segment_base_offset: int, active_segment_end_position: int,
+                leader_epoch: int) -> None:
+        """Publishes the partition's state, bumps hw_seq and wakes consumers that sleep on it."""
+        buf = self.buf
+        seq = _native.atomic_load_u64(buf, C["state_seq"])
+        assert seq & 1 == 0, "publish: seqlock is odd; call take_ownership first"
+        _native.atomic_store_u64(buf, C["state_seq"], seq + 1)  # seq_cst: fields after it
+        L.CONTROL_STATE_STRUCT.pack_into(
+            buf, C["high_watermark"], high_watermark, log_start_offset,
+            active_segment_base_offset, active_segment_end_position, os.getpid(), leader_epoch,
+            _start_time_cached())
+        _native.atomic_store_u64(buf, C["state_seq"], seq + 2)
+        _native.atomic_add_u32(buf, C["hw_seq"], 1)
+        if _native.atomic_load_u32(buf, C["hw_waiters"]):
+            wake.wake(buf, C["hw_seq"])
+
+    def read_state(self, timeout_ms: int = SEQLOCK_READ_TIMEOUT_MS_MAX) -> PartitionState:
+        """A consistent snapshot of the published state (seqlock read, bounded)."""
+        buf = self.buf
+        deadline = time.monotonic() + timeout_ms / 1000.0
+        tries = 0
+        while True:
+            s1 = _native.atomic_load_u64(buf, C["state_seq"])
+            if s1 & 1 == 0:
+                fields = L.CONTROL_STATE_STRUCT.unpack_from(buf, C["high_watermark"])
+                if _native.atomic_load_u64(buf, C["state_seq"]) == s1:
+                    return PartitionState(*fields, s1)
+            tries += 1
+            if tries % 64 == 0:
+                if time.monotonic() >= deadline:
+                    raise errors.PartitionStateUnavailableError(
+                        f"partition state in {self.name!r} stayed mid-update for {timeout_ms} "
+                        "ms (its process died while publishing?)")
+                time.sleep(0.0005)
+
+    @property
+    def hw_seq(self) -> int:
+        return _native.atomic_load_u32(self.buf, C["hw_seq"])
+
+    def wait_hw_change(self, seen_hw_seq: int, timeout_ms: float | None,
+                       spin_ns: int = 0) -> bool:
+        """Consumer: sleeps until hw_seq differs from ``seen_hw_seq``; False on timeout."""
+        buf = self.buf
+        if _native.atomic_load_u32(buf, C["hw_seq"]) != seen_hw_seq:
+            return True
+        _native.atomic_add_u32(buf, C["hw_waiters"], 1)
+        try:
+            r = wake.wait(buf, C["hw_seq"], seen_hw_seq, timeout_ms, spin_ns)
+        finally:
+            _native.atomic_add_u32(buf, C["hw_waiters"], -1)
+        return r != wake.TIMEOUT
+
+    # -- doorbell ------------------------------------------------------------------------------
+
+    def sleep_prepare(self) -> int:
+        """Partition process, step 1 of a sleep: returns the doorbell value to sleep on and
+        says it may sleep. Then it must look at every ring once more, and call ``sleep`` only
+        if all are empty (otherwise ``sleep_cancel``)."""
+        seen = _native.atomic_load_u32(self.buf, C["doorbell"])
+        _native.atomic_store_u32(self.buf, C["partition_sleeping"], 1)
+        return seen
+
+    def sleep(self, seen: int, timeout_ms: float) -> bool:
+        """Partition process, step 2: sleeps until a producer rings (True) or timeout (False)."""
+        try:
+            return wake.wait(self.buf, C["doorbell"], seen, timeout_ms) != wake.TIMEOUT
+        finally:
+            _native.atomic_store_u32(self.buf, C["partition_sleeping"], 0)
+
+    def sleep_cancel(self) -> None:
+        _native.atomic_store_u32(self.buf, C["partition_sleeping"], 0)
+
+    def ring_doorbell(self) -> None:
+        """Producer: wake the partition process if it sleeps (ring_write does this in C)."""
+        _native.doorbell_ring(self.buf)
+
+    # -- registry ------------------------------------------------------------------------------
+
+    def _slot_offset(self, slot: int) -> int:
+        assert 0 <= slot < self.registry_slots, slot
+        return L.CONTROL_REGISTRY_OFFSET + slot * L.SLOT_BYTES
+
+    def slot(self, slot: int) -> SlotInfo:
+        off = self._slot_offset(slot)
+        pid = struct.unpack_from("<i", self.buf, off + S["pid"])[0]
+        state = _native.atomic_load_u32(self.buf, off + S["state"])
+        start_time, generation = struct.unpack_from("<QI", self.buf, off + S["start_time"])
+        ring_bytes = struct.unpack_from("<Q", self.buf, off + S["ring_bytes"])[0]
+        return SlotInfo(slot, pid, state, start_time, generation, ring_bytes)
+
+    def slots(self) -> list[SlotInfo]:
+        """Every slot whose pid is not 0."""
+        out = []
+        for i in range(self.registry_slots):
+            off = self._slot_offset(i)
+            if _native.atomic_load_u32(self.buf, off + S["pid"]):
+                out.append(self.slot(i))
+        return out
+
+    def claim_slot(self, ring_bytes: int, pid: int | None = None) -> tuple[int, int]:
+        """Producer: claims a free slot (CAS 0 -> pid); returns (slot, generation).
+
+        The slot is CLAIMED; the producer creates its ring under the generation's name and
+        then calls ``set_slot_state(slot, SLOT_READY)``. RegistryFullError when no slot is
+        free (dead owners' slots are freed by the partition process after draining).
+        """
+        pid = os.getpid() if pid is None else pid
+        start_time = my_start_time() if pid == os.getpid() else 0
+        for i in range(self.registry_slots):
+            off = self._slot_offset(i)
+            if _native.atomic_load_u32(self.buf, off + S["pid"]) != 0:
+                continue
+            if not _native.atomic_cas_u32(self.buf, off + S["pid"], 0, pid):
+                continue
+            generation = (struct.unpack_from("<I", self.buf, off + S["generation"])[0] + 1) \
+                & 0xFFFFFFFF
+            struct.pack_into("<QI", self.buf, off + S["start_time"], start_time, generation)
+            struct.pack_into("<Q", self.buf, off + S["ring_bytes"], ring_bytes)
+            _native.atomic_store_u32(self.buf, off + S["state"], L.SLOT_CLAIMED)
+            return i, generation
+        raise errors.RegistryFullError(
+            f"all {self.registry_slots} producer slots of {self.name!r} are taken")
+
+    def set_slot_state(self, slot: int, state: int) -> None:
+        assert state in (L.SLOT_CLAIMED, L.SLOT_READY, L.SLOT_CLOSING), state
+        _native.atomic_store_u32(self.buf, self._slot_offset(slot) + S["state"], state)
+
+    def release_slot(self, slot: int, pid: int) -> bool:
+        """Frees ``slot`` if ``pid`` still holds it (CAS pid -> 0). The producer calls it on a
+        clean close; the partition process for a dead producer, after draining its ring."""
+        off = self._slot_offset(slot)
+        if _native.atomic_load_u32(self.buf, off + S["pid"]) != (pid & 0xFFFFFFFF):
+            return False
+        # start_time first: the next claimer's pid must never be seen with our start time
+        # (it would look like a reused pid, i.e. dead).
+        _native.atomic_store_u64(self.buf, off + S["start_time"], 0)
+        _native.atomic_store_u32(self.buf, off + S["state"], L.SLOT_EMPTY)
+        return _native.atomic_cas_u32(self.buf, off + S["pid"], pid, 0)
+
+    def reclaim_slot(self, slot: int, dead_pid: int, new_pid: int) -> bool:
+        """CAS dead_pid -> new_pid: take over a dead producer's slot in one step (whoever
+        wins the CAS owns it). Only call after its ring has been drained."""
+        off = self._slot_offset(slot)
+        if not _native.atomic_cas_u32(self.buf, off + S["pid"], dead_pid, new_pid):
+            return False
+        struct.pack_into("<Q", self.buf, off + S["start_time"], 0)
+        _native.atomic_store_u32(self.buf, off + S["state"], L.SLOT_CLAIMED)
+        return True
+
+    def dead_slots(self) -> list[SlotInfo]:
+        """Slots whose pid is no longer the process that claimed them."""
+        return [s for s in self.slots() if not process_alive(s.pid, s.start_time)]
+
+
+_START_TIME: tuple[int, int] | None = None
+
+
+def _start_time_cached() -> int:
+    """This process's start time, cached per pid (correct after fork)."""
+    global _START_TIME
+    pid = os.getpid()
+    if _START_TIME is None or _START_TIME[0] != pid:
+        _START_TIME = (pid, my_start_time())
+    return _START_TIME[1]

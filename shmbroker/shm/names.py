@@ -1,0 +1,75 @@
+"""Names of shared-memory objects: one prefix per broker instance.
+
+Every object of a broker is named ``shmb.<8 hex>.<kind>.<...>``, where the 8 hex digits are a
+hash of the realpath of its data dir: two brokers on two data dirs never collide, one data dir
+always maps to the same names (a restarted broker finds what the previous run left), and
+``ls /dev/shm | grep ^shmb`` shows everything of ours (tests/conftest.py checks it for leaks).
+
+    shmb.1a2b3c4d.c.orders.3            control region of partition orders/3
+    shmb.1a2b3c4d.r.orders.3.17.5       ingress ring of registry slot 17, generation 5
+
+Tests only: when ``SHMBROKER_SHM_TAG`` is set (tests/conftest.py sets it to the pytest-xdist
+worker id), the prefix becomes ``shmb-<tag>.<8 hex>.`` so that each worker's leak check sees
+only its own objects. Every process of one broker must see the same value.
+
+Names carry no leading slash; region.py adds the one POSIX wants. A topic name that is long
+or holds characters outside Kafka's legal set ``[A-Za-z0-9._-]`` is shortened to a readable
+part plus a hash, so every name stays far below NAME_MAX (255).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+
+#: Every object name starts with this (also what tests/conftest.py looks for).
+NAME_PREFIX = "shmb"
+CONTROL_KIND = "c"
+RING_KIND = "r"
+#: Longest topic part kept verbatim in a name.
+TOPIC_PART_BYTES_MAX = 96
+
+_LEGAL = re.compile(r"^[A-Za-z0-9._-]+$")
+
+
+def _hash8(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+
+
+#: Environment variable that tags every prefix (test isolation only, see above).
+TAG_ENV = "SHMBROKER_SHM_TAG"
+
+
+def _tag() -> str:
+    tag = re.sub(r"[^A-Za-z0-9]", "", os.environ.get(TAG_ENV, ""))[:16]
+    return f"-{tag}" if tag else ""
+
+
+def broker_prefix(data_dir: str | os.PathLike) -> str:
+    """``shmb.<8 hex>.`` for the broker serving ``data_dir``."""
+    return f"{NAME_PREFIX}{_tag()}.{_hash8(os.path.realpath(os.fspath(data_dir)))}."
+
+
+def topic_part(topic: str) -> str:
+    if _LEGAL.match(topic) and len(topic) <= TOPIC_PART_BYTES_MAX:
+        return topic
+    readable = re.sub(r"[^A-Za-z0-9_-]", "_", topic)[:TOPIC_PART_BYTES_MAX - 9]
+    return f"{readable}~{_hash8(topic)}"
+
+
+def control_name(prefix: str, topic: str, partition: int) -> str:
+    assert prefix.startswith(NAME_PREFIX) and prefix.endswith("."), prefix
+    return f"{prefix}{CONTROL_KIND}.{topic_part(topic)}.{int(partition)}"
+
+
+def ring_name(prefix: str, topic: str, partition: int, slot: int, generation: int) -> str:
+    assert prefix.startswith(NAME_PREFIX) and prefix.endswith("."), prefix
+    return f"{prefix}{RING_KIND}.{topic_part(topic)}.{int(partition)}.{int(slot)}.{int(generation)}"
+
+
+def kind_of(name: str, prefix: str) -> str | None:
+    """``"c"``, ``"r"`` or None for a name under ``prefix``."""
+    if not name.startswith(prefix):
+        return None
+    kind = name[len(prefix):].split(".", 1)[0]
+    return kind if kind in (CONTROL_KIND, RING_KIND) else None

@@ -1,0 +1,140 @@
+"""The partition control region: the seqlock gives consistent snapshots and never hangs on a
+dead writer; publish bumps hw_seq and wakes sleepers; the registry claims by CAS, refuses when
+full, recognises dead claimers by pid and start time, and frees or reclaims their slots; a
+corrupted header is a typed error."""
+from __future__ import annotations
+
+import os
+import struct
+import threading
+import time
+
+import pytest
+
+from shmbroker import _native, errors
+from shmbroker.layout import shm as L
+from shmbroker.shm import names
+from shmbroker.shm.control import ControlRegion
+
+C = L.CONTROL
+
+
+@pytest.fixture
+def ctl(prefix):
+    with ControlRegion.create(names.control_name(prefix, "orders", 0), 0, registry_slots=4) as c:
+        yield c
+
+
+def test_publish_then_read_state_and_hw_seq(ctl):
+    reader = ControlRegion.attach(ctl.name, readonly=True)
+    try:
+        assert reader.read_state().high_watermark == 0
+        seq0 = reader.hw_seq
+        ctl.publish(10, 2, 0, 4096, 7)
+        st = reader.read_state()
+        assert (st.high_watermark, st.log_start_offset, st.active_segment_base_offset,
+                st.active_segment_end_position, st.partition_pid, st.leader_epoch) == \
+            (10, 2, 0, 4096, os.getpid(), 7)
+        assert st.seq % 2 == 0 and reader.hw_seq == seq0 + 1
+        assert reader.registry_slots == 4 and reader.partition == 0
+    finally:
+        reader.close()
+
+
+def test_read_state_never_hangs_on_a_writer_that_died_mid_publish(ctl):
+    _native.atomic_store_u64(ctl.buf, C["state_seq"], 5)  # odd: a publish that never ended
+    with pytest.raises(errors.PartitionStateUnavailableError) as info:
+        ctl.read_state(timeout_ms=50)
+    assert info.value.retriable
+    ctl.take_ownership(leader_epoch=1)  # the restarted partition process repairs it
+    ctl.publish(3, 0, 0, 100, 1)
+    assert ctl.read_state().high_watermark == 3
+
+
+def test_seqlock_snapshots_are_consistent_under_concurrent_publishes(ctl):
+    stop = threading.Event()
+
+    def writer():
+        i = 0
+        while not stop.is_set():
+            i += 1
+            ctl.publish(i, i, i, i, 0)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        for _ in range(3000):
+            st = ctl.read_state()
+            assert st.high_watermark == st.log_start_offset == st.active_segment_end_position
+    finally:
+        stop.set()
+        t.join()
+
+
+def test_consumer_sleeps_on_hw_seq_and_is_woken_by_publish(ctl):
+    seen = ctl.hw_seq
+    assert not ctl.wait_hw_change(seen, timeout_ms=30)
+    threading.Timer(0.05, lambda: ctl.publish(1, 0, 0, 1, 0)).start()
+    t0 = time.monotonic()
+    assert ctl.wait_hw_change(seen, timeout_ms=5000)
+    assert time.monotonic() - t0 < 2
+    assert _native.atomic_load_u32(ctl.buf, C["hw_waiters"]) == 0
+
+
+def test_doorbell_wakes_a_sleeping_partition_only_when_it_sleeps(ctl):
+    before = _native.atomic_load_u32(ctl.buf, C["doorbell"])
+    ctl.ring_doorbell()  # nobody sleeps: no bump, no syscall
+    assert _native.atomic_load_u32(ctl.buf, C["doorbell"]) == before
+    seen = ctl.sleep_prepare()
+    threading.Timer(0.05, ctl.ring_doorbell).start()
+    assert ctl.sleep(seen, timeout_ms=5000)
+    assert _native.atomic_load_u32(ctl.buf, C["partition_sleeping"]) == 0
+    seen = ctl.sleep_prepare()
+    assert not ctl.sleep(seen, timeout_ms=20)
+
+
+def test_registry_claim_release_and_full(ctl):
+    got = [ctl.claim_slot(ring_bytes=4096) for _ in range(4)]
+    assert [s for s, _ in got] == [0, 1, 2, 3] and all(g == 1 for _, g in got)
+    with pytest.raises(errors.RegistryFullError) as info:
+        ctl.claim_slot(4096)
+    assert info.value.retriable
+    ctl.set_slot_state(2, L.SLOT_READY)
+    info2 = ctl.slot(2)
+    assert (info2.pid, info2.state, info2.ring_bytes) == (os.getpid(), L.SLOT_READY, 4096)
+    assert ctl.dead_slots() == []
+    assert not ctl.release_slot(2, os.getpid() + 1)
+    assert ctl.release_slot(2, os.getpid())
+    slot, gen = ctl.claim_slot(4096)
+    assert (slot, gen) == (2, 2)  # a new generation: a new ring name
+
+
+def test_dead_claimer_is_found_and_its_slot_reclaimed(ctl):
+    pid = os.fork()
+    if pid == 0:
+        try:
+            ctl.claim_slot(4096)
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    dead = ctl.dead_slots()
+    assert [(s.slot, s.pid) for s in dead] == [(0, pid)]
+    assert ctl.reclaim_slot(0, pid, os.getpid())
+    assert ctl.slot(0).pid == os.getpid() and ctl.dead_slots() == []
+
+
+def test_reused_pid_is_not_taken_for_the_claimer(ctl):
+    slot, _ = ctl.claim_slot(4096)
+    off = L.CONTROL_REGISTRY_OFFSET + slot * L.SLOT_BYTES + L.SLOT["start_time"]
+    struct.pack_into("<Q", ctl.buf, off, 1)  # our pid, but another process's start time
+    assert [s.slot for s in ctl.dead_slots()] == [slot]
+
+
+@pytest.mark.parametrize("field,value", [("magic", 1), ("layout_version", 9),
+                                         ("registry_slots", 100000), ("header_bytes", 64),
+                                         ("region_bytes", 1 << 40)])
+def test_corrupted_control_header_is_a_typed_error(ctl, field, value):
+    fmt = "<Q" if field in ("magic", "region_bytes") else "<I"
+    struct.pack_into(fmt, ctl.buf, C[field], value)
+    with pytest.raises(errors.RegionHeaderError):
+        ControlRegion.attach(ctl.name)
