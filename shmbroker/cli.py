@@ -27,6 +27,88 @@ def _cmd_dump_log(args: argparse.Namespace) -> int:
                     print_records=not args.no_records, records_max=args.max_records)
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .broker.supervisor import serve
+
+    return serve(args.data_dir)
+
+
+def _parse_config(pairs: list[str] | None) -> dict[str, str] | None:
+    if not pairs:
+        return None
+    config = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise errors.ConfigError(f"--config expects key=value, got {pair!r}")
+        config[name.strip()] = value.strip()
+    return config
+
+
+def _print_topic(topic, out) -> None:
+    overrides = ", ".join(f"{k}={v}" for k, v in sorted(topic.overrides.items())) or "(defaults)"
+    print(f"Topic: {topic.name}\tTopicId: {topic.topic_id}\tPartitionCount: {topic.partitions}"
+          f"\tConfigs: {overrides}", file=out)
+    for name, value in sorted(topic.config.items()):
+        print(f"\t{name}={value}", file=out)
+
+
+def _cmd_topics(args: argparse.Namespace) -> int:
+    from .client.admin import Admin
+
+    with Admin(broker=args.data_dir) as admin:
+        if args.topics_command == "create":
+            topic = admin.create_topic(args.name, args.partitions, _parse_config(args.config))
+            print(f"Created topic {topic.name} with {topic.partitions} partition(s).")
+        elif args.topics_command == "list":
+            for name in admin.list_topics():
+                print(name)
+        elif args.topics_command == "describe":
+            _print_topic(admin.describe_topic(args.name), sys.stdout)
+        elif args.topics_command == "delete":
+            admin.delete_topic(args.name)
+            print(f"Deleted topic {args.name}.")
+        elif args.topics_command == "alter":
+            topic = admin.alter_partitions(args.name, args.partitions)
+            print(f"Topic {topic.name} now has {topic.partitions} partition(s).")
+    return 0
+
+
+def _add_data_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", default=default_data_dir(),
+                        help="the broker's data dir (default: $SHMBROKER_DATA_DIR or "
+                             "~/.local/share/shmbroker)")
+
+
+def _add_broker_commands(sub) -> None:
+    serve = sub.add_parser(
+        "serve", help="run the broker in the foreground (Ctrl-C or SIGTERM stops it cleanly)",
+        description="Starts the supervisor, the coordinator and one process per partition; "
+                    "restarts any that dies. One broker per data dir.")
+    _add_data_dir(serve)
+    serve.set_defaults(func=_cmd_serve)
+
+    topics = sub.add_parser("topics", help="create, list, describe, alter and delete topics",
+                            description="Topic administration of a running broker.")
+    tsub = topics.add_subparsers(dest="topics_command", metavar="ACTION", required=True)
+    create = tsub.add_parser("create", help="create a topic")
+    create.add_argument("name")
+    create.add_argument("--partitions", type=int, required=True)
+    create.add_argument("--config", action="append", metavar="KEY=VALUE",
+                        help="topic setting, ours or Kafka's name (retention.ms=3600000); repeatable")
+    listing = tsub.add_parser("list", help="list topic names")
+    describe = tsub.add_parser("describe", help="partitions and settings of a topic")
+    describe.add_argument("name")
+    delete = tsub.add_parser("delete", help="delete a topic and its data")
+    delete.add_argument("name")
+    alter = tsub.add_parser("alter", help="increase the partition count of a topic")
+    alter.add_argument("name")
+    alter.add_argument("--partitions", type=int, required=True)
+    for parser in (create, listing, describe, delete, alter):
+        _add_data_dir(parser)
+    topics.set_defaults(func=_cmd_topics)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shmbroker",
@@ -54,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     dump.add_argument("--no-records", action="store_true", help="print batch headers only")
     dump.add_argument("--max-records", type=int, default=None, help="stop printing records after N")
     dump.set_defaults(func=_cmd_dump_log)
+    _add_broker_commands(sub)
     return parser
 
 

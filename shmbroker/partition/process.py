@@ -1,0 +1,68 @@
+"""The partition process's main loop: a thin wiring of PartitionOwner to signals and the
+supervisor (docs/design/broker.md, "Partition process")."""
+from __future__ import annotations
+
+import argparse
+import logging
+import selectors
+import sys
+
+from .. import errors
+from ..broker import lifecycle
+from ..broker.naming import process_title
+from ..coordinator.topics import load_topics
+from .owner import PartitionOwner
+
+log = logging.getLogger("shmbroker.partition")
+
+#: Exit status when the topic is gone from topics.json (deleted while we started): no restart
+#: would help, and the supervisor stops wanting us once it reads the same file.
+EXIT_TOPIC_GONE = 3
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m shmbroker.partition")
+    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--topic", required=True)
+    parser.add_argument("--partition", type=int, required=True)
+    parser.add_argument("--supervisor-pid", type=int, default=None)
+    parser.add_argument("--ready-fd", type=int, default=None)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    stop = lifecycle.start_child(process_title("partition", args.topic, args.partition),
+                                 args.supervisor_pid)
+    try:
+        topic = load_topics(args.data_dir).topics.get(args.topic)
+        if topic is None or not 0 <= args.partition < topic.partitions:
+            log.error("partition %s/%d is not in %s/topics.json; exiting", args.topic,
+                      args.partition, args.data_dir)
+            return EXIT_TOPIC_GONE
+        owner = PartitionOwner(args.data_dir, args.topic, args.partition, topic.log_config)
+    except errors.ShmbrokerError as exc:
+        log.error("partition %s/%d cannot start: %s", args.topic, args.partition, exc)
+        return 1
+    try:
+        lifecycle.report_ready(args.ready_fd, f"ready {owner.log.log_end_offset}")
+        run_loop(owner, stop)
+    finally:
+        owner.close()
+    return 0
+
+
+def run_loop(owner: PartitionOwner, stop: lifecycle.StopSignal) -> None:
+    """The process main loop: unbounded by design, it ends on SIGTERM (or supervisor death)."""
+    with selectors.DefaultSelector() as selector:
+        selector.register(stop.read_fd, selectors.EVENT_READ)
+        while not stop.requested:
+            if owner.step():
+                continue
+            # Idle: sleep until a signal or the next periodic duty (retention, flush.ms).
+            # NEXT: the ring's futex wake-up joins this wait (an eventfd or a waiter thread).
+            selector.select(timeout=owner.ms_until_due() / 1000)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""Run `shmbroker serve` as a user would, and wait for it with bounded timeouts."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any, Callable
+
+#: Every wait in these tests is bounded by this unless the test says otherwise.
+WAIT_S_MAX = 30.0
+
+
+def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "shmbroker", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def wait_for(predicate: Callable[[], Any], timeout_s: float = WAIT_S_MAX, what: str = "condition",
+             interval_s: float = 0.01) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:  # bounded by the deadline
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(interval_s)
+
+
+class Broker:
+    """One `shmbroker serve` process (in its own session, so kill -9 can take its whole tree)."""
+
+    def __init__(self, data_dir: str, log_path: str):
+        self.data_dir = str(data_dir)
+        self.log_path = str(log_path)
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, wait: bool = True) -> "Broker":
+        assert self.proc is None or self.proc.poll() is not None
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "shmbroker", "serve", "--data-dir", self.data_dir],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True)
+        if wait:
+            self.wait_running()
+        return self
+
+    def runtime(self) -> dict | None:
+        try:
+            with open(os.path.join(self.data_dir, "runtime.json")) as f:
+                return json.load(f)
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def wait_running(self, partitions: set[tuple[str, int]] | None = None,
+                     timeout_s: float = WAIT_S_MAX) -> dict:
+        """Wait until every process is up (and, if given, exactly these partitions run)."""
+        def ready():
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"broker exited with {self.proc.returncode}:\n{self.log()}")
+            doc = self.runtime()
+            if doc is None or doc["state"] != "running" or doc["processes"][0]["pid"] != self.proc.pid:
+                return None
+            if partitions is not None and set(self.partition_pids(doc)) != partitions:
+                return None
+            return doc
+        return wait_for(ready, timeout_s, f"broker on {self.data_dir} to be running")
+
+    @staticmethod
+    def partition_pids(doc: dict) -> dict[tuple[str, int], int]:
+        return {(p["topic"], p["partition"]): p["pid"] for p in doc["processes"]
+                if p["role"] == "partition"}
+
+    def stop(self, timeout_s: float = WAIT_S_MAX) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        status = self.proc.wait(timeout=timeout_s)
+        if status != 0:
+            print(f"broker exited with status {status}; its log:\n{self.log()}")
+        return status
+
+    def kill9(self) -> None:
+        """kill -9 of the supervisor and every process of the broker at once."""
+        assert self.proc is not None
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=WAIT_S_MAX)
+
+    def group_alive(self) -> bool:
+        if self.proc is None:
+            return False
+        try:
+            os.killpg(self.proc.pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+
+    def log(self) -> str:
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def cleanup(self) -> None:
+        """Teardown: whatever the test did, nothing of this broker survives."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                pass
+        if self.group_alive():
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=WAIT_S_MAX)
+        wait_for(lambda: not self.group_alive(), 10, "the broker's processes to be gone")
