@@ -9,7 +9,7 @@ from typing import Any
 from . import errors
 
 __version__ = "0.1.0"
-__all__ = ["Admin", "errors", "__version__"]
+__all__ = ["Admin", "Consumer", "Producer", "TopicPartition", "errors", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -18,4 +18,16 @@ def __getattr__(name: str) -> Any:
         from .client.admin import Admin
 
         return Admin
+    if name == "Consumer":
+        from .client.consumer import Consumer
+
+        return Consumer
+    if name == "Producer":
+        from .client.producer import Producer
+
+        return Producer
+    if name == "TopicPartition":
+        from .client.types import TopicPartition
+
+        return TopicPartition
     raise AttributeError(f"module 'shmbroker' has no attribute {name!r}")

@@ -74,6 +74,63 @@ def _cmd_topics(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_consume(args: argparse.Namespace) -> int:
+    from .client.console import consume
+
+    return consume(args.data_dir, args.topic, from_beginning=args.from_beginning,
+                   partition=args.partition, offset=args.offset, group=args.group,
+                   max_messages=args.max_messages, timeout_ms=args.timeout_ms, fmt=args.format)
+
+
+def _add_consume_command(sub) -> None:
+    consume = sub.add_parser(
+        "consume", help="print records of a topic (like kafka-console-consumer / kcat -C)",
+        description="Reads committed records straight from the partitions' segments and prints "
+                    "one per --format. Starts at the end unless --from-beginning or --offset.")
+    consume.add_argument("topic")
+    consume.add_argument("--from-beginning", action="store_true",
+                         help="start at the log start instead of the end")
+    consume.add_argument("--partition", type=int, default=None, help="only this partition")
+    consume.add_argument("--offset", default=None,
+                         help="with --partition: N, -N (N before the end), earliest or latest")
+    consume.add_argument("--group", default=None, help="consumer group (not available yet)")
+    consume.add_argument("--max-messages", type=int, default=None, help="exit after N records")
+    consume.add_argument("--timeout-ms", type=int, default=None,
+                         help="exit after this long without a record")
+    consume.add_argument("--format", default="%s\\n",
+                         help="kcat codes: %%s value, %%k key, %%o offset, %%p partition, "
+                              "%%t topic, %%T timestamp, %%S/%%K sizes, %%h headers; \\n \\t "
+                              "(default: %%s\\n)")
+    _add_data_dir(consume)
+    consume.set_defaults(func=_cmd_consume)
+
+
+def _cmd_produce(args: argparse.Namespace) -> int:
+    from .client.console_producer import produce_lines
+
+    return produce_lines(args.data_dir, args.topic, sys.stdin.buffer,
+                         key_separator=args.key_separator, partition=args.partition,
+                         acks=args.acks, verbose=args.verbose)
+
+
+def _add_produce_command(sub) -> None:
+    produce = sub.add_parser(
+        "produce", help="send stdin lines as records (like kafka-console-producer)",
+        description="One record per stdin line. Prints nothing on success; errors are one "
+                    "line and exit status 1.")
+    produce.add_argument("topic")
+    produce.add_argument("--key-separator", default=None, metavar="SEP",
+                         help="text before the first SEP of a line is the record's key")
+    produce.add_argument("--partition", type=int, default=None,
+                         help="send every record to this partition (default: by key, or sticky)")
+    produce.add_argument("--acks", choices=["0", "1", "all"], default="1",
+                         help="0: in the ring; 1: appended to the log (default); all: fsynced")
+    produce.add_argument("--verbose", action="store_true",
+                         help="print the number of records produced at the end (stderr)")
+    _add_data_dir(produce)
+    produce.set_defaults(func=_cmd_produce)
+
+
 def _add_data_dir(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", default=default_data_dir(),
                         help="the broker's data dir (default: $SHMBROKER_DATA_DIR or "
@@ -137,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     dump.add_argument("--max-records", type=int, default=None, help="stop printing records after N")
     dump.set_defaults(func=_cmd_dump_log)
     _add_broker_commands(sub)
+    _add_consume_command(sub)
+    _add_produce_command(sub)
     return parser
 
 

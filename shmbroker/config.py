@@ -98,6 +98,33 @@ SEQLOCK_READ_TIMEOUT_MS_MAX = 1_000
 #: for dead producers even when nobody rings.
 DOORBELL_SLEEP_MS_MAX = 200
 
+# --- the partition process's data plane (docs/design/partition.md) ----------------------------
+
+#: Payload bytes one drain round takes from all rings together (then: one append, completions,
+#: releases, one publish). Bounds the latency one round adds and what a crash re-reads.
+PARTITION_ROUND_BYTES_MAX = 4 * MiB
+#: Payload bytes one drain round takes from one ring (fairness between producers). At least a
+#: thirty-second of a ring, so a producer never has COMPLETIONS_MAX unread completions while
+#: its ring still holds frames it wrote before its last send (docs/design/shm.md).
+PARTITION_RING_ROUND_BYTES_MAX = 1 * MiB
+#: How long a stopping partition process keeps draining rings before it exits anyway (below
+#: BrokerConfig.child_stop_timeout_ms, after which the supervisor sends SIGKILL).
+PARTITION_STOP_DRAIN_MS_MAX = 3_000
+
+# --- producers (shmbroker/client/producer.py) -------------------------------------------------
+
+#: A batch is written once it holds this many bytes of values and keys (Kafka: batch.size is
+#: 16 KiB; a larger default suits shared memory, where a batch costs no network round trip).
+PRODUCER_BATCH_BYTES_DEFAULT = 256 * KiB
+#: Records in one batch the producer builds (a batch is written when either limit is reached).
+PRODUCER_BATCH_RECORDS_MAX = 1 << 16
+#: Longest a producer lets records wait in its accumulator (Kafka: linger.ms).
+PRODUCER_LINGER_MS_MAX = 60_000
+#: Per-(producer, partition) ring for producers (data bytes, power of two).
+PRODUCER_RING_BYTES_DEFAULT = 4 * MiB
+#: How long close() waits for the partition process to take what is still in the rings.
+PRODUCER_CLOSE_DRAIN_MS_MAX = 5_000
+
 #: Where `make run` and `shmbroker` keep data when neither --data-dir nor the environment says.
 DATA_DIR_ENV = "SHMBROKER_DATA_DIR"
 

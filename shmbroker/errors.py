@@ -158,6 +158,22 @@ class InvalidRequestError(ShmbrokerError):
     code = 42  # INVALID_REQUEST
 
 
+# --- clients ----------------------------------------------------------------------------------
+
+class IllegalStateError(ShmbrokerError):
+    """A client call that does not fit the client's state: seeking a partition that is not
+    assigned, polling with nothing assigned, using a closed client."""
+
+    code = -1  # never on the wire: raised by the client library itself
+
+
+class UnsupportedFeatureError(ShmbrokerError, NotImplementedError):
+    """A feature this version does not have yet (e.g. consumer groups before issue 4). Raised
+    rather than silently ignored, so code written for it does not run with other semantics."""
+
+    code = -1  # never on the wire
+
+
 # --- the broker's processes -------------------------------------------------------------------
 
 class BrokerNotRunningError(ShmbrokerError):

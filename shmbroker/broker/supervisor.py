@@ -29,6 +29,9 @@ from ..coordinator.server import endpoint, socket_path
 from ..coordinator.topics import TopicRegistry, expected_partitions, load_topics, partition_dir
 from ..errors import ShmbrokerError
 from ..log import files
+from ..shm import names
+from ..shm.control import ControlRegion
+from . import shm_regions
 from . import runtime
 from .backoff import RestartBackoff
 from .lock import BrokerLock
@@ -93,6 +96,9 @@ class Supervisor:
         self._signals_handled = 0
         self._dirty = True
         self._announced_ready = False
+        #: One control region per wanted partition, created before its first process starts
+        #: and kept across its restarts; unlinked when the partition stops for good.
+        self.controls = shm_regions.ControlRegions(names.broker_prefix(self.data_dir))
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -105,6 +111,7 @@ class Supervisor:
             signal.signal(signum, self._on_signal)
         old_wakeup = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
         try:
+            self.controls.reclaim_stale(expected_partitions(self.registry))
             self._start(COORDINATOR)
             self._reconcile()
             while not (self.stopping and not self.children):
@@ -127,6 +134,7 @@ class Supervisor:
             return 0
         finally:
             signal.set_wakeup_fd(old_wakeup)
+            self.controls.close_all()
             self.selector.close()
             os.close(wake_r)
             os.close(wake_w)
@@ -198,6 +206,14 @@ class Supervisor:
         child = self.children.get(key)
         if child is None:
             child = self.children[key] = Child(key, RestartBackoff(self.config))
+        if child.role == "partition":
+            try:
+                self.controls.ensure(child.key[1], child.key[2])
+            except ShmbrokerError as exc:
+                log.error("cannot create the control region of %s: %s", child.name, exc)
+                child.started_ms = monotonic_ms()  # counts as a failed start (back-off)
+                self._schedule_restart(child, child.started_ms)
+                return
         ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
         link_parent = link_child = None
         if key == COORDINATOR:
@@ -249,6 +265,7 @@ class Supervisor:
         child.wanted = False
         if child.proc is None:  # waiting for a restart: nothing runs
             del self.children[child.key]
+            self._forget(child)
         elif child.state != STOPPING:
             child.state = STOPPING
             child.deadline_ms = monotonic_ms() + self.config.child_stop_timeout_ms
@@ -276,10 +293,17 @@ class Supervisor:
         if not child.wanted or self.stopping:
             log.info("%s (pid %d) stopped with status %d", child.name, pid, status)
             del self.children[child.key]
+            self._forget(child)
             return
         log.warning("%s (pid %d) died with status %d after %d ms", child.name, pid, status,
                     now - child.started_ms)
         self._schedule_restart(child, now)
+
+    def _forget(self, child: Child) -> None:
+        """A partition that stopped for good (clean stop, topic deleted): its control region
+        goes. Producers still mapping it see the partition's status STOPPED."""
+        if child.role == "partition":
+            self.controls.remove(child.key[1], child.key[2])
 
     def _schedule_restart(self, child: Child, now: int) -> None:
         delay = child.backoff.delay_ms(min(child.started_ms, now), now)

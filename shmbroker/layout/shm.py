@@ -36,7 +36,14 @@ writer; every group (and every hot futex word) has its own 64-byte cache line::
        192    64  u32 doorbell (futex)          producers; +1 after committing frames
        256    64  u32 hw_waiters                consumers; count of those sleeping on hw_seq
        320    64  u32 partition_sleeping        partition process; 1 while it may sleep
-       384   128  reserved
+       384    64  partition process, rarely written:
+                  384  u32 partition_status      0 none yet, 1 running, 2 stopping (takes no
+                                                 new frames), 3 stopped (its rings are drained)
+                  392  i64 append_round_base_offset  log end offset before the append of the
+                                                 current drain round (-1: none); after a crash
+                                                 the restarted process reads the log from here
+                                                 to find frames appended but not released
+       448    64  u32 registry_changes          producers; +1 after a slot becomes READY
        512  64*N  producer registry, N = registry_slots, one 64-byte slot each:
                     0  i32 pid       claimed by CAS 0 -> pid; freed by CAS pid -> 0
                     4  u32 state     EMPTY / CLAIMED / READY / CLOSING
@@ -70,6 +77,8 @@ Ingress ring region (``shmb.<broker>.r.<topic>.<partition>.<slot>.<generation>``
                    92  u32 ack_waiting           1 while the producer may sleep on ack_seq
                    96  u32 closed                1: the producer will write no more frames
                   100  u32 completions_off       1: acks=0, completions may be overwritten
+                  104  u32 fsync_required        1: acks="all", the log is fsynced before this
+                                                 ring's frames are completed
        128    64  consumer line                 partition process
                   128  u64 read_position         release-stored after frames are appended
                   136  u64 acked_sequence        last sequence with a completion (+1; 0 = none)
@@ -138,6 +147,9 @@ CONTROL_FIELDS: tuple[Field, ...] = (
     Field("doorbell", 192, 4, "I"),
     Field("hw_waiters", 256, 4, "I"),
     Field("partition_sleeping", 320, 4, "I"),
+    Field("partition_status", 384, 4, "I"),
+    Field("append_round_base_offset", 392, 8, "q"),
+    Field("registry_changes", 448, 4, "I"),
 )
 
 #: Published state fields after state_seq, in order (one struct, read under the seqlock).
@@ -156,6 +168,12 @@ SLOT_FIELDS: tuple[Field, ...] = (
     Field("generation", 16, 4, "I"),
     Field("ring_bytes", 24, 8, "Q"),
 )
+
+#: partition_status values (written by the partition process only).
+PARTITION_STATUS_NONE = 0      # no partition process has run on this region yet
+PARTITION_STATUS_RUNNING = 1   # draining rings
+PARTITION_STATUS_STOPPING = 2  # SIGTERM: draining what is committed, then exiting
+PARTITION_STATUS_STOPPED = 3   # exited cleanly; frames written now are never appended
 
 SLOT_EMPTY = 0     # pid == 0, free
 SLOT_CLAIMED = 1   # pid claimed it; the ring may not exist yet
@@ -196,6 +214,7 @@ RING_FIELDS: tuple[Field, ...] = (
     Field("ack_waiting", 92, 4, "I"),
     Field("closed", 96, 4, "I"),
     Field("completions_off", 100, 4, "I"),
+    Field("fsync_required", 104, 4, "I"),
     # consumer line
     Field("read_position", 128, 8, "Q"),
     Field("acked_sequence", 136, 8, "Q"),
@@ -306,7 +325,9 @@ FRAME = {f.name: f.offset for f in FRAME_FIELDS}
 assert CONTROL["high_watermark"] == CONTROL["state_seq"] + 8
 # Hot words written by different parties never share a cache line.
 for _a, _b in (("hw_seq", "doorbell"), ("doorbell", "hw_waiters"),
-               ("hw_waiters", "partition_sleeping"), ("state_seq", "hw_seq")):
+               ("hw_waiters", "partition_sleeping"), ("state_seq", "hw_seq"),
+               ("partition_sleeping", "partition_status"),
+               ("partition_status", "registry_changes"), ("doorbell", "registry_changes")):
     assert CONTROL[_a] // CACHE_LINE_BYTES != CONTROL[_b] // CACHE_LINE_BYTES
 assert RING["write_position"] // 64 != RING["read_position"] // 64
 
@@ -316,6 +337,10 @@ CONSTANTS = {
     "CONTROL_LAYOUT_VERSION": CONTROL_LAYOUT_VERSION,
     "CONTROL_REGISTRY_OFFSET": CONTROL_REGISTRY_OFFSET,
     "SLOT_BYTES": SLOT_BYTES,
+    "PARTITION_STATUS_NONE": PARTITION_STATUS_NONE,
+    "PARTITION_STATUS_RUNNING": PARTITION_STATUS_RUNNING,
+    "PARTITION_STATUS_STOPPING": PARTITION_STATUS_STOPPING,
+    "PARTITION_STATUS_STOPPED": PARTITION_STATUS_STOPPED,
     "SLOT_EMPTY": SLOT_EMPTY,
     "SLOT_CLAIMED": SLOT_CLAIMED,
     "SLOT_READY": SLOT_READY,

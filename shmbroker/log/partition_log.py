@@ -260,6 +260,13 @@ class PartitionLog:
             position=position, segment_base_offset=segment.base_offset, rolled=rolled,
             flushed=flushed)
 
+    def validate(self, data) -> int:
+        """Check ``data`` exactly as :meth:`append` would, without writing anything; returns
+        its record count. Raises the typed error append would raise. (The partition process
+        uses it to find the one bad frame of a drain round whose combined append failed.)"""
+        self._check_open()
+        return sum(b.records_count for b in self._validate(_byte_view(data)))
+
     def _write(self, view: memoryview, planned: list[PlannedBatch], now: int
                ) -> tuple[int, LogSegment, int]:
         """Write ``planned`` into the active segment, rolling first (and in between) as needed.

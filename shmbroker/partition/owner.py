@@ -1,7 +1,14 @@
 """PartitionOwner: what the partition process does, without the process.
 
-Owned by the partition process's main thread; not thread-safe. Takes a clock so tests can
-drive retention without sleeping.
+Open the log (recovering it), attach the partition's control region (created by the supervisor
+and kept across restarts of this process), take over the rings producers registered there,
+and then, one :meth:`step` at a time: drain committed frames into the log, publish the new
+high watermark, apply the flush policy and retention. :meth:`wait_for_work` sleeps on the
+doorbell futex when there is nothing to do. :meth:`shutdown` is the clean stop (stop taking
+new frames, drain what is committed, flush, publish). Design: docs/design/partition.md.
+
+Owned by the partition process's main thread; not thread-safe. Takes clocks so tests can drive
+retention without sleeping.
 """
 from __future__ import annotations
 
@@ -9,72 +16,178 @@ import logging
 import time
 from typing import Callable
 
-from ..config import BrokerConfig, LogConfig
+from .. import errors
+from ..config import DOORBELL_SLEEP_MS_MAX, PARTITION_STOP_DRAIN_MS_MAX, BrokerConfig, LogConfig
 from ..coordinator.topics import partition_dir
+from ..layout import shm as L
 from ..log import PartitionLog
 from ..log.partition_log import wall_clock_ms
+from ..native import _native
+from ..shm import names
+from ..shm.control import ControlRegion
+from .drain import Drainer
+from .ingress import Ingress
 
 log = logging.getLogger("shmbroker.partition")
 
+#: Longest sleep while a stopping process waits for a producer to read its completions.
+_STOP_WAIT_MS = 10
+
+
+def _monotonic_ms() -> int:
+    return time.monotonic_ns() // 1_000_000
+
 
 class PartitionOwner:
-    """Opens the log of ``topic``/``partition`` in ``data_dir`` (recovering it) and closes it
-    cleanly. :meth:`step` is where the data plane will run."""
+    """The single writer of ``topic``/``partition`` in ``data_dir`` (see the module doc)."""
 
     def __init__(self, data_dir: str, topic: str, partition: int, log_config: LogConfig,
                  broker_config: BrokerConfig = BrokerConfig(),
                  clock_ms: Callable[[], int] = wall_clock_ms,
-                 monotonic_ms: Callable[[], int] = lambda: time.monotonic_ns() // 1_000_000):
+                 monotonic_ms: Callable[[], int] = _monotonic_ms,
+                 control: ControlRegion | None = None, spin_ns: int = 0):
         self.topic = topic
         self.partition = partition
         self.directory = partition_dir(data_dir, topic, partition)
         self.broker_config = broker_config
+        self.spin_ns = spin_ns
         self._monotonic_ms = monotonic_ms
+        prefix = names.broker_prefix(data_dir)
+        if control is None:
+            try:
+                control = ControlRegion.attach(names.control_name(prefix, topic, partition))
+            except errors.RegionNotFoundError:
+                raise errors.SharedMemoryError(
+                    f"the control region of partition {topic}/{partition} does not exist; the "
+                    f"supervisor creates it before starting the partition process") from None
+        self.control = control
         self.log = PartitionLog.open(self.directory, log_config, clock=clock_ms)
-        self._next_retention_ms = monotonic_ms() + broker_config.retention_check_interval_ms
+        now = monotonic_ms()
+        self._next_retention_ms = now + broker_config.retention_check_interval_ms
+        self._next_reap_ms = now + DOORBELL_SLEEP_MS_MAX
         report = self.log.recovery_report
         log.info("partition %s/%d open at %s: log_start=%d log_end=%d; %s", topic, partition,
                  self.directory, self.log.log_start_offset, self.log.log_end_offset,
                  report.summary() if report is not None else "no recovery report")
+        self.control.take_ownership(self.log.leader_epoch)
+        self.ingress = Ingress(control, prefix, topic, partition)
+        self.drainer = Drainer(self.log, control, self.ingress)
+        self._take_over_rings()
+        self.publish()
+        self.control.set_partition_status(L.PARTITION_STATUS_RUNNING)
+
+    def _take_over_rings(self) -> None:
+        """After a restart (or a kill -9 of the whole broker): every registered ring, the rings
+        of producers that died meanwhile and orphans are attached; frames the previous
+        process appended but did not release are recognised and skipped."""
+        self.ingress.refresh(force=True)
+        self.ingress.reap()
+        self.ingress.adopt_orphans()
+        self.drainer.replay_unreleased()
+        if len(self.ingress):
+            log.info("partition %s/%d: %d producer ring(s) attached", self.topic,
+                     self.partition, len(self.ingress))
+
+    # -- the data plane -------------------------------------------------------------------------
+
+    def publish(self) -> None:
+        """High watermark, log start and the active segment's end, for consumers (seqlock);
+        wakes consumers sleeping on hw_seq."""
+        active = self.log.active_segment
+        self.control.publish(self.log.high_watermark, self.log.log_start_offset,
+                             active.base_offset, active.size, self.log.leader_epoch)
 
     def step(self) -> int:
-        """Do the work that is due; returns how much was done (0: nothing, the loop may sleep).
-
-        NEXT (issue 3, section 3, data plane): drain this partition's shared-memory ingress
-        rings (shmbroker/shm/ring.py, built separately) here:
-
-            frames = ring.read_committed(max_bytes)      # claim/commit protocol of the ring
-            info = self.log.append(frames)               # offsets assigned, writev to the log
-            ring.release(frames); watermark.publish(info.last_offset + 1)  # then wake readers
-
-        and apply acks=all (flush) before publishing. Nothing else in this class changes.
-        """
+        """Do the work that is due; returns how much was done (0: nothing, the loop may sleep)."""
         done = 0
+        now = self._monotonic_ms()
+        if now >= self._next_reap_ms:
+            self._next_reap_ms = now + DOORBELL_SLEEP_MS_MAX
+            self.ingress.reap()
+        self.ingress.refresh()
+        drained = self.drainer.round()
+        if drained:
+            self.publish()
+            done += drained
+        else:
+            done += len(self.ingress.retire_finished())
         if self.log.maybe_flush():
             done += 1
-        if self._monotonic_ms() >= self._next_retention_ms:
-            self._next_retention_ms = self._monotonic_ms() + self.broker_config.retention_check_interval_ms
+        if now >= self._next_retention_ms:
+            self._next_retention_ms = now + self.broker_config.retention_check_interval_ms
             deleted = self.log.delete_old_segments()
             if deleted:
                 log.info("partition %s/%d: retention deleted segments %s", self.topic,
                          self.partition, deleted)
+                self.publish()
             done += len(deleted)
         return done
 
     def ms_until_due(self) -> int:
-        """How long the loop may sleep before :meth:`step` has work (retention, flush.ms)."""
-        due = self._next_retention_ms - self._monotonic_ms()
+        """How long the loop may sleep before :meth:`step` has periodic work (dead producers,
+        retention, flush.ms); new frames wake it earlier (doorbell)."""
+        now = self._monotonic_ms()
+        due = min(self._next_retention_ms, self._next_reap_ms) - now
         flush_ms = self.log.config.flush_ms
         if flush_ms is not None:
             due = min(due, flush_ms)
         return max(0, due)
 
-    def close(self) -> None:
-        """Flush and close the log (writes its .clean-shutdown marker).
+    def wait_for_work(self, timeout_ms: int, stop_requested: Callable[[], bool] = lambda: False
+                      ) -> None:
+        """Sleep on the doorbell futex until a producer commits frames, a ring appears, a
+        signal arrives or ``timeout_ms`` passes. Race-free (docs/design/shm.md, wake-ups): the
+        sleeping flag is raised before the last look at the rings."""
+        control = self.control
+        seen = control.sleep_prepare()
+        try:
+            if stop_requested() or control.registry_changes != self.ingress.registry_seen or \
+                    any(ring.readable() for ring in self.ingress):
+                return
+            _native.futex_wait(control.buf, L.CONTROL["doorbell"], seen,
+                               max(1, int(timeout_ms)), self.spin_ns)
+        finally:
+            control.sleep_cancel()
 
-        NEXT: before closing, drain the rings one last time so every committed frame is in
-        the log, then unlink this partition's shared-memory objects.
-        """
+    def interrupt(self) -> None:
+        """From a signal handler: make a current or next doorbell sleep return at once."""
+        if self.control.buf is not None:
+            _native.atomic_add_u32(self.control.buf, L.CONTROL["doorbell"], 1)
+            _native.futex_wake(self.control.buf, L.CONTROL["doorbell"])
+
+    # -- stopping -------------------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Clean stop: mark the partition stopping, drain every committed frame (bounded by
+        PARTITION_STOP_DRAIN_MS_MAX), publish. Then :meth:`close`."""
+        self.control.set_partition_status(L.PARTITION_STATUS_STOPPING)
+        deadline = self._monotonic_ms() + PARTITION_STOP_DRAIN_MS_MAX
+        self.ingress.refresh(force=True)
+        self.ingress.reap()
+        while self._monotonic_ms() < deadline:  # bounded by the deadline
+            if self.drainer.round():
+                continue
+            waiting = [r for r in self.ingress if r.broken is None and r.consumer.has_unread()]
+            if not waiting:
+                break
+            # Held back: their producers have COMPLETIONS_MAX completions unread (poll nudged
+            # them); they read them and ring the doorbell.
+            self.wait_for_work(_STOP_WAIT_MS)
+        left = [r.name for r in self.ingress if r.broken is None and r.consumer.has_unread()]
+        if left:
+            log.warning("partition %s/%d: stopping with committed frames left in %s (their "
+                        "producers did not read their completions)", self.topic,
+                        self.partition, left)
+        self.publish()
+
+    def close(self, stopped: bool = True) -> None:
+        """Flush and close the log (writes its .clean-shutdown marker), detach the rings and
+        the control region. ``stopped``: tell producers the partition stopped for good (a
+        clean stop); False when the process exits on an error and will be restarted."""
         self.log.close()
+        if stopped:
+            self.control.set_partition_status(L.PARTITION_STATUS_STOPPED)
+        self.ingress.close()
+        self.control.close()
         log.info("partition %s/%d closed cleanly at log_end=%d", self.topic, self.partition,
                  self.log.log_end_offset)

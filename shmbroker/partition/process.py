@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import selectors
+import signal
 import sys
 
 from .. import errors
@@ -44,24 +44,30 @@ def main(argv: list[str] | None = None) -> int:
     except errors.ShmbrokerError as exc:
         log.error("partition %s/%d cannot start: %s", args.topic, args.partition, exc)
         return 1
+    clean = False
     try:
         lifecycle.report_ready(args.ready_fd, f"ready {owner.log.log_end_offset}")
         run_loop(owner, stop)
+        owner.shutdown()
+        clean = True
     finally:
-        owner.close()
+        owner.close(stopped=clean)
     return 0
 
 
 def run_loop(owner: PartitionOwner, stop: lifecycle.StopSignal) -> None:
     """The process main loop: unbounded by design, it ends on SIGTERM (or supervisor death)."""
-    with selectors.DefaultSelector() as selector:
-        selector.register(stop.read_fd, selectors.EVENT_READ)
-        while not stop.requested:
-            if owner.step():
-                continue
-            # Idle: sleep until a signal or the next periodic duty (retention, flush.ms).
-            # NEXT: the ring's futex wake-up joins this wait (an eventfd or a waiter thread).
-            selector.select(timeout=owner.ms_until_due() / 1000)
+    def on_sigterm(signum, frame):
+        stop._handle(signum, frame)
+        owner.interrupt()  # a doorbell sleep returns at once
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    while not stop.requested:
+        if owner.step():
+            continue
+        # Idle: sleep on the doorbell futex until a producer commits frames, a signal, or
+        # the next periodic duty (dead producers, retention, flush.ms).
+        owner.wait_for_work(owner.ms_until_due(), lambda: stop.requested)
 
 
 if __name__ == "__main__":

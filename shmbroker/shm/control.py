@@ -82,6 +82,7 @@ class ControlRegion:
                                    my_start_time(), partition)
             struct.pack_into("<Q", buf, C["created_ns"], time.time_ns())
             struct.pack_into("<qqqq", buf, C["high_watermark"], 0, 0, 0, 0)
+            struct.pack_into("<q", buf, C["append_round_base_offset"], -1)
             region.write_prefix(L.CONTROL_MAGIC, L.CONTROL_LAYOUT_VERSION,
                                 L.CONTROL_REGISTRY_OFFSET)
         except BaseException:
@@ -107,6 +108,19 @@ class ControlRegion:
         except BaseException:
             region.close()
             raise
+
+    @classmethod
+    def adopt(cls, name: str) -> "ControlRegion":
+        """Attach the control region a dead predecessor (a broker killed with -9) created and
+        make this process its owner: stale cleanup judges regions by owner pid, and producers
+        that outlived the old broker keep their mapping and their rings. The returned object
+        unlinks on ``__exit__`` like one from ``create``."""
+        ctl = cls.attach(name)
+        struct.pack_into("<iIQ", ctl.buf, C["owner_pid"], os.getpid(), ctl.registry_slots,
+                         my_start_time())
+        ctl.owner_pid, ctl.owner_start_time = os.getpid(), my_start_time()
+        ctl.region.owner = True
+        return ctl
 
     def close(self) -> None:
         self.buf = None
@@ -185,6 +199,38 @@ class ControlRegion:
         finally:
             _native.atomic_add_u32(buf, C["hw_waiters"], -1)
         return r != wake.TIMEOUT
+
+    # -- partition status and the drain journal (partition process) ---------------------------
+
+    @property
+    def partition_status(self) -> int:
+        return _native.atomic_load_u32(self.buf, C["partition_status"])
+
+    def set_partition_status(self, status: int) -> None:
+        assert status in (L.PARTITION_STATUS_RUNNING, L.PARTITION_STATUS_STOPPING,
+                          L.PARTITION_STATUS_STOPPED), status
+        _native.atomic_store_u32(self.buf, C["partition_status"], status)
+
+    @property
+    def append_round_base_offset(self) -> int:
+        """Log end offset before the partition process's current append (-1: none)."""
+        return struct.unpack_from("<q", self.buf, C["append_round_base_offset"])[0]
+
+    def set_append_round_base_offset(self, offset: int) -> None:
+        # seq_cst store: it must be in memory before the append that it announces.
+        _native.atomic_store_u64(self.buf, C["append_round_base_offset"], offset & (2**64 - 1))
+
+    # -- registry changes (producers announce new rings) -------------------------------------
+
+    @property
+    def registry_changes(self) -> int:
+        return _native.atomic_load_u32(self.buf, C["registry_changes"])
+
+    def announce_registry_change(self) -> None:
+        """Producer, after setting a slot READY: the partition process rescans the registry
+        when this counter moves (one load per drain round), and is woken if it sleeps."""
+        _native.atomic_add_u32(self.buf, C["registry_changes"], 1)
+        _native.doorbell_ring(self.buf)
 
     # -- doorbell ------------------------------------------------------------------------------
 

@@ -73,3 +73,19 @@ def kind_of(name: str, prefix: str) -> str | None:
         return None
     kind = name[len(prefix):].split(".", 1)[0]
     return kind if kind in (CONTROL_KIND, RING_KIND) else None
+
+
+def ring_name_prefix(prefix: str, topic: str, partition: int) -> str:
+    """What every ring name of one partition starts with (``...r.<topic>.<partition>.``)."""
+    return f"{prefix}{RING_KIND}.{topic_part(topic)}.{int(partition)}."
+
+
+def parse_ring_name(name: str, prefix: str) -> tuple[str, int, int, int] | None:
+    """(topic part, partition, slot, generation) of a ring name under ``prefix``, else None.
+    Parsed from the right: a topic part may itself contain dots."""
+    if kind_of(name, prefix) != RING_KIND:
+        return None
+    parts = name[len(prefix) + len(RING_KIND) + 1:].rsplit(".", 3)
+    if len(parts) != 4 or not all(p.isdigit() for p in parts[1:]):
+        return None
+    return parts[0], int(parts[1]), int(parts[2]), int(parts[3])

@@ -220,6 +220,11 @@ class RingProducer:
 
     # -- state and lifecycle ------------------------------------------------------------------
 
+    def set_fsync_required(self, required: bool) -> None:
+        """acks="all": the partition process fsyncs the log before completing this ring's
+        frames (a per-ring setting, since one producer has one acks level)."""
+        _native.atomic_store_u32(self.buf, R["fsync_required"], 1 if required else 0)
+
     @property
     def next_sequence(self) -> int:
         return _native.atomic_load_u64(self.buf, R["next_sequence"])
@@ -308,6 +313,17 @@ class RingConsumer:
             length, ftype, seq = L.FRAME_HEADER_STRUCT.unpack_from(self.buf, off)
         return seq if ftype == L.FRAME_TYPE_DATA else None
 
+    def first_unread_sequence(self) -> int | None:
+        """The sequence of the committed frame at ``position``, None when none is there."""
+        return self._peek_sequence()
+
+    def skip_to(self, position: int, expected_sequence: int) -> None:
+        """Moves the read position past frames handled without ``poll`` (a restarted
+        partition process found them already in the log) and releases them."""
+        self.position = position
+        self.expected_sequence = expected_sequence
+        self.release(position)
+
     # -- reading --------------------------------------------------------------------------------
 
     def completions_full(self) -> bool:
@@ -380,6 +396,15 @@ class RingConsumer:
             wake.wake(self.buf, R["space_seq"])
 
     # -- the producer's state ------------------------------------------------------------------
+
+    @property
+    def fsync_required(self) -> bool:
+        return _native.atomic_load_u32(self.buf, R["fsync_required"]) != 0
+
+    def stop_holding_back(self) -> None:
+        """For a dead producer: nobody will read completions any more, so stop holding the
+        ring back for them (completions_off) and drain it."""
+        _native.atomic_store_u32(self.buf, R["completions_off"], 1)
 
     @property
     def producer_closed(self) -> bool:

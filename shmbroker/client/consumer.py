@@ -1,0 +1,626 @@
+"""The local consumer: reads committed records straight from the partitions' mmapped segments.
+
+No socket, no request, no broker process in the path (docs/design/consumer.md)::
+
+    Consumer.poll
+      ├─ per assigned partition: hw_seq unchanged and position == high watermark? skip (idle)
+      ├─ control.read_state()             seqlock read of the published state (shared memory)
+      ├─ LogReader.read(position, ...)    memoryview of whole committed batches (zero copy)
+      ├─ records.decode_records(view)     C: CRC + records -> list[Record]
+      └─ wrap / buffer / hand out         Python: a few list operations per poll
+    nothing anywhere?  futex-wait on hw_seq (ControlRegion.wait_hw_change), optionally after a
+                       bounded spin (``spin_us``)
+
+Owned by one thread; not thread-safe (Kafka's consumer is not either). Safe across ``fork``:
+a child that uses a consumer created by its parent rebuilds its mappings and control regions
+first (positions carry over). ``spawn``-ed workers build their own consumer.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import replace
+from itertools import repeat
+from operator import attrgetter
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from .. import errors, records
+from ..native import _native
+from ..config import SPIN_NS_MAX, default_data_dir
+from ..coordinator.topics import partition_dir
+from ..log.reader import LogReader
+from .metadata import LocalMetadata
+from .types import TopicPartition, as_topic_partition
+
+#: auto_offset_reset values: Kafka's names, plus "error" (Kafka's "none": raise instead).
+OFFSET_RESET_POLICIES = ("earliest", "latest", "error", "none")
+#: Most bytes read from one partition in one fetch (Kafka: max.partition.fetch.bytes).
+FETCH_BYTES_DEFAULT = 1 << 20
+FETCH_BYTES_MAX = 64 << 20
+#: Most records one poll returns by default (Kafka: max.poll.records).
+MAX_RECORDS_DEFAULT = 500
+#: With several partitions there is no single futex word to sleep on: the consumer sleeps on
+#: one partition's word for at most this long, then looks at all of them and sleeps on the
+#: next (see docs/design/consumer.md, "Wake-ups"). A record on the partition being slept on
+#: wakes it at once; one on another is seen within this bound.
+MULTI_PARTITION_SLEEP_MS = 5
+#: Iteration polls in slices this long, so signals are handled between them.
+ITERATION_POLL_MS = 1_000
+SPIN_US_MAX = SPIN_NS_MAX // 1000
+
+
+class ConsumerRecord:
+    """One record handed out by :meth:`Consumer.poll`: topic, partition and the decoded record.
+
+    ``offset``, ``timestamp``, ``key``, ``value``, ``headers`` read through to the C ``Record``
+    (creating this wrapper is the only per-record Python work of a poll).
+    """
+
+    __slots__ = ("topic", "partition", "_record")
+
+    def __init__(self, topic: str, partition: int, record) -> None:
+        self.topic = topic
+        self.partition = partition
+        self._record = record
+
+    offset = property(attrgetter("_record.offset"))
+    timestamp = property(attrgetter("_record.timestamp"))
+    key = property(attrgetter("_record.key"))
+    value = property(attrgetter("_record.value"))
+    headers = property(attrgetter("_record.headers"))
+
+    @property
+    def record(self):
+        """The underlying ``shmbroker.records.Record``."""
+        return self._record
+
+    @property
+    def topic_partition(self) -> TopicPartition:
+        return TopicPartition(self.topic, self.partition)
+
+    def __repr__(self) -> str:
+        return (f"ConsumerRecord(topic={self.topic!r}, partition={self.partition}, "
+                f"offset={self.offset}, timestamp={self.timestamp}, key={self.key!r}, "
+                f"value={self.value!r}, headers={self.headers!r})")
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, (ConsumerRecord, ViewRecord)):
+            return NotImplemented
+        return (self.topic, self.partition, self.offset, self.timestamp, _b(self.key),
+                _b(self.value), self.headers) == (other.topic, other.partition, other.offset,
+                                                  other.timestamp, _b(other.key), _b(other.value),
+                                                  other.headers)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def _b(x):
+    return bytes(x) if isinstance(x, memoryview) else x
+
+
+class _Chunk:
+    """The bytes of one fetch, for ViewRecord.headers (decoded on first use, then cached)."""
+
+    __slots__ = ("data", "first_offset", "_headers")
+
+    def __init__(self, data: memoryview, first_offset: int):
+        self.data = data
+        self.first_offset = first_offset
+        self._headers: list | None = None
+
+    def headers(self, offset: int) -> tuple:
+        if self._headers is None:
+            self._headers = [r.headers for r in records.decode_records(self.data)]
+        return self._headers[offset - self.first_offset]
+
+
+class ViewRecord:
+    """A record whose ``key`` and ``value`` are read-only memoryviews of the segment mapping.
+
+    Zero copy: the views keep the mapping alive (even after retention deleted the file), so
+    holding records holds memory; ``bytes(record.value)`` copies out. ``headers`` are decoded
+    on first access (that decodes the whole fetch once).
+    """
+
+    __slots__ = ("topic", "partition", "offset", "timestamp", "key", "value", "_chunk")
+
+    def __init__(self, topic, partition, offset, timestamp, key, value, chunk):
+        self.topic = topic
+        self.partition = partition
+        self.offset = offset
+        self.timestamp = timestamp
+        self.key = key
+        self.value = value
+        self._chunk = chunk
+
+    @property
+    def headers(self) -> tuple:
+        return self._chunk.headers(self.offset)
+
+    @property
+    def topic_partition(self) -> TopicPartition:
+        return TopicPartition(self.topic, self.partition)
+
+    __repr__ = ConsumerRecord.__repr__
+    __eq__ = ConsumerRecord.__eq__
+    __hash__ = None  # type: ignore[assignment]
+
+
+def _decode_columnar(piece, verify_crc: bool) -> records.ColumnarBatch:
+    """``records.decode_columnar`` for a reader slice, without its per-batch Python work.
+
+    The slice's batches chain, so it holds exactly ``last - first + 1`` records and the
+    columns can be sized without scanning; C fills them (checking every batch and record).
+    Anything unexpected goes the long way, which raises the precise error.
+    """
+    n = piece.last_offset - piece.first_offset + 1
+    cols = (np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.int64),
+            np.empty(n, np.int32), np.empty(n, np.int64), np.empty(n, np.int32))
+    try:
+        got = _native.decode_columnar_into(piece.data, *cols, verify_crc)
+    except ValueError:
+        got = -1
+    if got != n:
+        return records.decode_columnar(piece.data, verify_crc=verify_crc)
+    return records.ColumnarBatch(np.frombuffer(piece.data, dtype=np.uint8), *cols)
+
+
+class _Fetch:
+    """Per assigned partition: control region, reader, position, records not yet handed out."""
+
+    __slots__ = ("tp", "topic", "partition", "directory", "control", "reader", "position",
+                 "pending", "seen_hw_seq", "hw")
+
+    def __init__(self, tp: TopicPartition, directory: str, control) -> None:
+        self.tp = tp
+        self.topic, self.partition = tp
+        self.directory = directory
+        self.control = control
+        self.reader = LogReader(directory)
+        #: The next offset to hand out; None until resolved by auto_offset_reset or a seek.
+        self.position: int | None = None
+        #: Decoded records at and after ``position`` (Record objects), not handed out yet.
+        self.pending: list = []
+        #: hw_seq loaded before the last state read: a poll sleeps until it changes.
+        self.seen_hw_seq = -1
+        self.hw = -1
+
+    def set_position(self, offset: int) -> None:
+        self.position = offset
+        self.pending = []
+
+    def close(self) -> None:
+        self.reader.close()
+        self.pending = []
+
+
+class Consumer:
+    """Reads records of the partitions it is assigned (see module doc).
+
+    ``Consumer(*topics, broker=DATA_DIR)`` assigns every partition of ``topics`` (partitions
+    added later are not picked up: subscriptions come with consumer groups). ``group`` is not
+    supported yet and raises :class:`~shmbroker.errors.UnsupportedFeatureError`.
+    ``auto_offset_reset``: where a partition without a position, or with one outside the log
+    (deleted by retention, or past the end), starts: "earliest", "latest", or "error" (also
+    Kafka's "none") to raise :class:`~shmbroker.errors.OffsetOutOfRangeError`.
+    ``value_memoryview``: records carry zero-copy memoryviews instead of bytes (ViewRecord).
+    ``spin_us``: busy-wait this long before sleeping in poll (lowest latency, burns a core
+    while waiting). ``fetch_max_bytes``: bytes read per partition per fetch (at least one whole
+    batch). ``consumer_timeout_ms``: iteration stops after that long without a record
+    (default: iterate forever). ``check_crcs=False`` skips CRC checks (not recommended).
+    """
+
+    def __init__(self, *topics: str, broker: str | os.PathLike | None = None,
+                 group: str | None = None, auto_offset_reset: str = "latest",
+                 value_memoryview: bool = False, spin_us: int = 0,
+                 fetch_max_bytes: int = FETCH_BYTES_DEFAULT,
+                 consumer_timeout_ms: int | None = None, check_crcs: bool = True):
+        if group is not None:
+            raise errors.UnsupportedFeatureError(
+                f"consumer groups (group={group!r}) are not available yet; assign partitions "
+                f"with Consumer(topic, ...) or assign([...]) and track offsets yourself")
+        if auto_offset_reset not in OFFSET_RESET_POLICIES:
+            raise errors.ConfigError(
+                f"auto_offset_reset={auto_offset_reset!r}; expected one of {OFFSET_RESET_POLICIES}")
+        if not isinstance(spin_us, int) or not 0 <= spin_us <= SPIN_US_MAX:
+            raise errors.ConfigError(f"spin_us={spin_us!r} must be an int in [0, {SPIN_US_MAX}]")
+        if not isinstance(fetch_max_bytes, int) or not 1 <= fetch_max_bytes <= FETCH_BYTES_MAX:
+            raise errors.ConfigError(
+                f"fetch_max_bytes={fetch_max_bytes!r} must be an int in [1, {FETCH_BYTES_MAX}]")
+        self.data_dir = os.fspath(broker) if broker is not None else default_data_dir()
+        self.auto_offset_reset = "error" if auto_offset_reset == "none" else auto_offset_reset
+        self.value_memoryview = bool(value_memoryview)
+        self.spin_ns = spin_us * 1000
+        self.fetch_max_bytes = fetch_max_bytes
+        self.consumer_timeout_ms = consumer_timeout_ms
+        self.check_crcs = bool(check_crcs)
+        self._pid = os.getpid()
+        self._meta = LocalMetadata(self.data_dir)
+        self._fetches: dict[TopicPartition, _Fetch] = {}
+        self._order: list[_Fetch] = []
+        self._next = 0  # round-robin start of the next collect
+        self._sleep_next = 0  # round-robin partition to sleep on
+        self._iter_buffer: list = []
+        self._iter_at = 0
+        self._closed = False
+        try:
+            if topics:
+                self.subscribe(topics)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- assignment -------------------------------------------------------------------------------
+
+    def subscribe(self, topics: Iterable[str]) -> None:
+        """Assign every partition of ``topics`` (no group: a static assignment)."""
+        self._check()
+        if isinstance(topics, str):
+            topics = [topics]
+        tps = []
+        for topic in topics:
+            tps.extend(TopicPartition(topic, p) for p in range(self._meta.partitions(topic)))
+        self.assign(tps)
+
+    def assign(self, partitions: Iterable) -> None:
+        """Read exactly these partitions (TopicPartition or (topic, partition) tuples).
+
+        Partitions kept from the previous assignment keep their positions. Unknown topics or
+        partitions raise UnknownTopicOrPartitionError; a partition not being served raises
+        BrokerNotRunningError naming the data dir.
+        """
+        self._check()
+        wanted = [as_topic_partition(p) for p in partitions]
+        fetches: dict[TopicPartition, _Fetch] = {}
+        try:
+            for tp in wanted:
+                if tp in fetches:
+                    continue
+                old = self._fetches.get(tp)
+                if old is not None:
+                    fetches[tp] = old
+                    continue
+                self._meta.check_partition(tp.topic, tp.partition)
+                control = self._meta.control(tp.topic, tp.partition)
+                fetches[tp] = _Fetch(tp, partition_dir(self._meta.data_dir, *tp), control)
+        except BaseException:
+            for tp, fetch in fetches.items():
+                if tp not in self._fetches:
+                    fetch.close()
+            raise
+        for tp, fetch in self._fetches.items():
+            if tp not in fetches:
+                fetch.close()
+        self._fetches = fetches
+        self._order = list(fetches.values())
+        self._next = self._sleep_next = 0
+        self._iter_buffer, self._iter_at = [], 0
+
+    def assignment(self) -> set[TopicPartition]:
+        return set(self._fetches)
+
+    def unsubscribe(self) -> None:
+        self.assign([])
+
+    # -- positions --------------------------------------------------------------------------------
+
+    def _fetch_for(self, tp) -> _Fetch:
+        tp = as_topic_partition(tp)
+        fetch = self._fetches.get(tp)
+        if fetch is None:
+            raise errors.IllegalStateError(f"partition {tp} is not assigned to this consumer")
+        return fetch
+
+    def seek(self, tp, offset: int) -> None:
+        """Next poll of ``tp`` starts at ``offset`` (checked against the log on that poll)."""
+        self._check()
+        if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+            raise errors.ConfigError(f"seek offset must be an int >= 0, got {offset!r}")
+        self._fetch_for(tp).set_position(offset)
+        self._iter_buffer, self._iter_at = [], 0
+
+    def seek_to_beginning(self, *tps) -> None:
+        """Start at the log start offset of ``tps`` (all assigned partitions if none given)."""
+        self._seek_to(tps, beginning=True)
+
+    def seek_to_end(self, *tps) -> None:
+        """Start at the high watermark of ``tps`` (all assigned if none): only new records."""
+        self._seek_to(tps, beginning=False)
+
+    def _seek_to(self, tps, beginning: bool) -> None:
+        self._check()
+        fetches = [self._fetch_for(tp) for tp in tps] if tps else list(self._order)
+        for fetch in fetches:
+            state = fetch.control.read_state()
+            fetch.set_position(state.log_start_offset if beginning else state.high_watermark)
+        self._iter_buffer, self._iter_at = [], 0
+
+    def position(self, tp) -> int:
+        """The offset of the next record poll returns for ``tp`` (resolved now if need be)."""
+        self._check()
+        fetch = self._fetch_for(tp)
+        if fetch.position is None:
+            self._resolve(fetch, fetch.control.read_state(), "has no position yet")
+        assert fetch.position is not None
+        return fetch.position
+
+    def highwater(self, tp) -> int:
+        """The partition's published high watermark (the offset the next record will get)."""
+        self._check()
+        return self._fetch_for(tp).control.read_state().high_watermark
+
+    def beginning_offsets(self, tps) -> dict[TopicPartition, int]:
+        self._check()
+        return {f.tp: f.control.read_state().log_start_offset for f in map(self._fetch_for, tps)}
+
+    def end_offsets(self, tps) -> dict[TopicPartition, int]:
+        self._check()
+        return {f.tp: f.control.read_state().high_watermark for f in map(self._fetch_for, tps)}
+
+    def _resolve(self, fetch: _Fetch, state, why: str) -> None:
+        """Apply auto_offset_reset to ``fetch`` (or raise OffsetOutOfRangeError)."""
+        policy = self.auto_offset_reset
+        if policy == "error":
+            raise errors.OffsetOutOfRangeError(
+                f"{fetch.tp}: position {fetch.position} {why} (log start "
+                f"{state.log_start_offset}, high watermark {state.high_watermark}) and "
+                f"auto_offset_reset='error'")
+        fetch.set_position(state.log_start_offset if policy == "earliest" else state.high_watermark)
+
+    # -- fetching ---------------------------------------------------------------------------------
+
+    def _read(self, fetch: _Fetch):
+        """A LogSlice of new committed batches at ``fetch.position``, or None when nothing new."""
+        control = fetch.control
+        seq = control.hw_seq
+        if seq == fetch.seen_hw_seq and fetch.position == fetch.hw:
+            return None  # nothing published since we last found nothing
+        state = control.read_state()
+        fetch.seen_hw_seq, fetch.hw = seq, state.high_watermark
+        for attempt in range(2):  # bounded: a second try after re-reading the state
+            position = fetch.position
+            if position is None:
+                self._resolve(fetch, state, "has no position yet")
+            elif not state.log_start_offset <= position <= state.high_watermark:
+                self._resolve(fetch, state, "is out of range")
+            position = fetch.position
+            assert position is not None
+            if position == state.high_watermark:
+                return None
+            try:
+                return fetch.reader.read(position, self.fetch_max_bytes, state, verify_crc=False)
+            except errors.OffsetOutOfRangeError:
+                if attempt:
+                    raise
+                # Retention deleted the segment after the state we read: look again.
+                state = control.read_state()
+                fetch.hw = state.high_watermark
+                if state.log_start_offset <= position:
+                    raise
+        return None
+
+    def _fill(self, fetch: _Fetch, want: int, out: list) -> int:
+        """Append up to ``want`` records of ``fetch`` to ``out``; returns how many."""
+        pending = fetch.pending
+        if not pending:
+            piece = self._read(fetch)
+            if piece is None or piece.length == 0:
+                return 0
+            position = fetch.position
+            if self.value_memoryview:
+                pending = self._view_records(fetch, piece)
+            else:
+                pending = records.decode_records(piece.data, self.check_crcs)
+                skip = position - piece.first_offset
+                if skip:
+                    del pending[:skip]
+                if pending and pending[0].offset != position:
+                    raise errors.CorruptSegmentError(
+                        f"{piece.path}: expected offset {position} at position "
+                        f"{piece.file_position}, decoded {pending[0].offset}",
+                        path=piece.path, position=piece.file_position)
+        if len(pending) > want:
+            taken, fetch.pending = pending[:want], pending[want:]
+        else:
+            taken, fetch.pending = pending, []
+        if not taken:
+            return 0
+        fetch.position = taken[-1].offset + 1
+        if self.value_memoryview:
+            out.extend(taken)
+        else:
+            out.extend(map(ConsumerRecord, repeat(fetch.topic), repeat(fetch.partition), taken))
+        return len(taken)
+
+    def _view_records(self, fetch: _Fetch, piece) -> list:
+        batch = _decode_columnar(piece, self.check_crcs)
+        skip = fetch.position - piece.first_offset
+        chunk = _Chunk(piece.data, piece.first_offset)
+        data = piece.data
+        out = []
+        topic, partition = fetch.topic, fetch.partition
+        offsets, stamps = batch.offsets.tolist(), batch.timestamps.tolist()
+        ks, kl = batch.key_starts.tolist(), batch.key_lengths.tolist()
+        vs, vl = batch.value_starts.tolist(), batch.value_lengths.tolist()
+        for i in range(skip, len(offsets)):  # bounded by the records of one fetch
+            key = data[ks[i]:ks[i] + kl[i]] if kl[i] >= 0 else None
+            value = data[vs[i]:vs[i] + vl[i]] if vl[i] >= 0 else None
+            out.append(ViewRecord(topic, partition, offsets[i], stamps[i], key, value, chunk))
+        return out
+
+    def _collect(self, max_records: int) -> list:
+        out: list = []
+        order = self._order
+        n = len(order)
+        start = self._next
+        for i in range(n):  # bounded by the assigned partitions
+            fetch = order[(start + i) % n]
+            self._fill(fetch, max_records - len(out), out)
+            if len(out) >= max_records:
+                # Start the next poll after this partition, so none is starved.
+                self._next = (start + i + 1) % n
+                break
+        return out
+
+    def poll(self, timeout_ms: float = 0, max_records: int = MAX_RECORDS_DEFAULT) -> list:
+        """Up to ``max_records`` records, waiting up to ``timeout_ms`` for the first; [] on timeout.
+
+        Records come partition by partition, each partition's in offset order. Waiting sleeps
+        on the partitions' high-watermark futex (no polling; see the module doc).
+        """
+        self._check()
+        if max_records < 1:
+            raise errors.ConfigError(f"max_records must be >= 1, got {max_records}")
+        deadline = time.monotonic() + timeout_ms / 1000.0 if timeout_ms else 0.0
+        while True:  # bounded by the deadline
+            out = self._collect(max_records)
+            if out or not timeout_ms:
+                return out
+            left_ms = (deadline - time.monotonic()) * 1000.0
+            if left_ms <= 0:
+                return out
+            self._sleep(left_ms)
+
+    def poll_columnar(self, timeout_ms: float = 0, max_records: int | None = None
+                      ) -> dict[TopicPartition, records.ColumnarBatch]:
+        """New records as numpy columns per partition (``records.ColumnarBatch``), zero copy.
+
+        Columns refer to the segment mapping (``batch.data``): values are sliced from it, and
+        holding a batch keeps the mapping alive. At most ``max_records`` rows per partition
+        (default: whatever one fetch of ``fetch_max_bytes`` holds). Headers are not decoded.
+        {} on timeout.
+        """
+        self._check()
+        deadline = time.monotonic() + timeout_ms / 1000.0 if timeout_ms else 0.0
+        while True:  # bounded by the deadline
+            out = {}
+            for fetch in self._order:  # bounded by the assigned partitions
+                batch = self._fill_columnar(fetch, max_records)
+                if batch is not None:
+                    out[fetch.tp] = batch
+            if out or not timeout_ms:
+                return out
+            left_ms = (deadline - time.monotonic()) * 1000.0
+            if left_ms <= 0:
+                return out
+            self._sleep(left_ms)
+
+    def _fill_columnar(self, fetch: _Fetch, max_records: int | None):
+        if fetch.pending:
+            # Records decoded for poll() but not handed out: read them again as columns.
+            fetch.pending = []
+        piece = self._read(fetch)
+        if piece is None or piece.length == 0:
+            return None
+        batch = _decode_columnar(piece, self.check_crcs)
+        skip = fetch.position - piece.first_offset
+        stop = len(batch) if max_records is None else min(len(batch), skip + max_records)
+        if skip or stop < len(batch):
+            batch = replace(batch, offsets=batch.offsets[skip:stop],
+                            timestamps=batch.timestamps[skip:stop],
+                            key_starts=batch.key_starts[skip:stop],
+                            key_lengths=batch.key_lengths[skip:stop],
+                            value_starts=batch.value_starts[skip:stop],
+                            value_lengths=batch.value_lengths[skip:stop])
+        if len(batch) == 0:
+            return None
+        fetch.position = int(batch.offsets[-1]) + 1
+        return batch
+
+    # -- waiting ----------------------------------------------------------------------------------
+
+    def _sleep(self, left_ms: float) -> None:
+        """Sleep until a partition publishes, or ``left_ms`` pass (see module doc)."""
+        order = self._order
+        if not order:
+            raise errors.IllegalStateError(
+                "this consumer has no partitions assigned: pass topics to Consumer(...) or "
+                "call assign([...]) first")
+        if len(order) == 1:
+            fetch = order[0]
+            fetch.control.wait_hw_change(fetch.seen_hw_seq, left_ms, self.spin_ns)
+            return
+        for fetch in order:  # a publish since our last look: no sleep at all
+            if fetch.control.hw_seq != fetch.seen_hw_seq:
+                return
+        fetch = order[self._sleep_next % len(order)]
+        self._sleep_next += 1
+        fetch.control.wait_hw_change(fetch.seen_hw_seq, min(left_ms, MULTI_PARTITION_SLEEP_MS),
+                                     self.spin_ns)
+
+    # -- iteration --------------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator:
+        return self
+
+    def __next__(self):
+        buffer = self._iter_buffer
+        if self._iter_at < len(buffer):
+            record = buffer[self._iter_at]
+            self._iter_at += 1
+            return record
+        limit = self.consumer_timeout_ms
+        deadline = None if limit is None else time.monotonic() + limit / 1000.0
+        while True:  # ends with a record, or at consumer_timeout_ms
+            wait = ITERATION_POLL_MS if deadline is None else \
+                min(ITERATION_POLL_MS, max(0.0, (deadline - time.monotonic()) * 1000.0))
+            got = self.poll(timeout_ms=wait)
+            if got:
+                self._iter_buffer, self._iter_at = got, 1
+                return got[0]
+            if deadline is not None and time.monotonic() >= deadline:
+                raise StopIteration
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    def _check(self) -> None:
+        if self._closed:
+            raise errors.IllegalStateError("this consumer is closed")
+        if os.getpid() != self._pid:
+            self._after_fork()
+
+    def _after_fork(self) -> None:
+        """In a forked child: drop the parent's mappings and regions (without closing what the
+        parent still uses) and attach our own; positions carry over."""
+        self._pid = os.getpid()
+        old_meta, self._meta = self._meta, LocalMetadata(self.data_dir)
+        old_meta.close()  # unmaps the child's copies only; the parent's stay
+        for fetch in self._order:
+            fetch.reader.close()
+            fetch.control = self._meta.control(fetch.topic, fetch.partition)
+            fetch.reader = LogReader(fetch.directory)
+            fetch.pending = []
+            fetch.seen_hw_seq = fetch.hw = -1
+        self._iter_buffer, self._iter_at = [], 0
+
+    def close(self) -> None:
+        """Release mappings and control regions. Records already handed out stay valid."""
+        if self._closed:
+            return
+        self._closed = True
+        if os.getpid() != self._pid:
+            return  # the parent's objects: leave them to the parent
+        for fetch in self._fetches.values():
+            fetch.close()
+        self._fetches.clear()
+        self._order = []
+        self._meta.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> "Consumer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"Consumer({self.data_dir!r}, assigned={sorted(map(str, self._fetches))}, "
+                f"closed={self._closed})")
+
+
+__all__ = ["Consumer", "ConsumerRecord", "ViewRecord", "TopicPartition", "OFFSET_RESET_POLICIES"]

@@ -1,0 +1,795 @@
+"""Producer: local processes write records into a partition's shared-memory ring, the way
+kafka-python's KafkaProducer is used::
+
+    from shmbroker import Producer
+    with Producer(broker="/var/lib/shmbroker", acks=1) as producer:
+        future = producer.send("orders", b"payload", key=b"customer-17")
+        topic, partition, offset = future.result(timeout=10)
+        producer.send_batch("orders", numpy_rows, partition=3).result()   # one batch, encoded in C
+
+How a record travels (docs/design/partition.md):
+
+1. ``send`` appends the value and key to a per-partition accumulator (two list appends and a
+   light future: no encoding, no syscall).
+2. The accumulator becomes one RecordBatch v2 (``records.encode_batch``, C) and one ring frame
+   when it is full (``batch_bytes_max``), when the ring is idle (the partition process has
+   appended everything written before: nothing to wait for, so latency stays low when lightly
+   loaded, and batches grow by themselves under load, like Kafka's accumulator while a request
+   is in flight), after ``linger_ms``, or on ``flush``/``result``/``close``. Each batch is
+   stamped with producer_id = its ring's (slot, generation) and base_sequence = its frame
+   sequence, so a restarted partition process never appends it twice.
+3. The partition process appends the frame, writes a completion (base offset), releases the
+   space. The producer reads completions whenever it writes or waits, and resolves futures.
+
+Durability per ``acks``: ``0``: the future resolves once the batch is in the ring (offset -1,
+as Kafka); ``1``: once it is appended to the log (page cache: survives a crash of any of our
+processes); ``"all"`` (or -1): once the log is fsynced (survives power loss). acks="all" is a
+per-ring flag (``fsync_required``) the partition process reads before completing.
+
+A full ring is back-pressure: the write sleeps on the ring's futex up to ``send_timeout_ms``,
+then ``RingFullTimeoutError`` (nothing dropped). Errors are typed (shmbroker.errors).
+
+Fork: a child process gets fresh rings (``os.register_at_fork``); it never writes into its
+parent's rings and never sends records its parent had accumulated. Spawned processes simply
+build their own Producer.
+
+Owned by one thread; not thread-safe (use one Producer per thread, or a lock).
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import random
+import time
+import weakref
+from collections import deque
+from typing import Any, NamedTuple, Sequence
+
+from .. import errors, records
+from ..broker.lock import broker_pid
+from ..config import (PRODUCER_BATCH_BYTES_DEFAULT, PRODUCER_BATCH_RECORDS_MAX,
+                      PRODUCER_CLOSE_DRAIN_MS_MAX, PRODUCER_LINGER_MS_MAX,
+                      PRODUCER_RING_BYTES_DEFAULT, RING_BYTES_MAX, RING_BYTES_MIN,
+                      RING_SEND_TIMEOUT_MS_DEFAULT, SPIN_NS_MAX, default_data_dir)
+from ..layout import record_batch as RB
+from ..layout import shm as L
+from ..native import _native
+from ..partition.ingress import base_sequence_for, producer_id_for
+from ..shm import names
+from ..shm.ring import RingProducer
+from .metadata import LocalMetadata
+
+#: Upper bound of the bytes one record adds to a batch besides its key, value and headers
+#: (varints of length, timestamp delta, offset delta, key and value lengths; attributes;
+#: header count), so an accumulated batch never exceeds the size it is allowed.
+RECORD_OVERHEAD_BYTES_MAX = 32
+#: Bytes a header adds besides its key and value.
+HEADER_OVERHEAD_BYTES_MAX = 12
+#: Longest single sleep while waiting for an ack: the partition's status is checked this often.
+_ACK_WAIT_SLICE_MS = 200
+
+_READ_POSITION = L.RING["read_position"]
+_WRITE_POSITION = L.RING["write_position"]
+_PARTITION_STATUS = L.CONTROL["partition_status"]
+_load_u64 = _native.atomic_load_u64
+
+
+class RecordMetadata(NamedTuple):
+    """Where a record went (a plain ``(topic, partition, offset)`` tuple compares equal)."""
+
+    topic: str
+    partition: int
+    offset: int
+
+
+# --- futures -------------------------------------------------------------------------------
+
+class _Batch:
+    """The records of one accumulator generation: one RecordBatch, one ring frame."""
+
+    __slots__ = ("producer", "topic", "partition", "count", "base_offset", "error", "done",
+                 "writer", "sequence")
+
+    def __init__(self, producer: "Producer", topic: str, partition: int):
+        self.producer = producer
+        self.topic = topic
+        self.partition = partition
+        self.count = 0
+        self.base_offset = -1
+        self.error: BaseException | None = None
+        self.done = False
+        self.writer: _Writer | None = None  # set once written to a ring
+        self.sequence = -1
+
+    def resolve(self, base_offset: int) -> None:
+        self.base_offset = base_offset
+        self.done = True
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self.done = True
+
+    def wait(self, timeout: float | None) -> None:
+        if not self.done:
+            self.producer._wait_batch(self, timeout)
+        if self.error is not None:
+            raise self.error
+
+
+class RecordFuture:
+    """The future of one ``send``: ``result(timeout=None)`` -> RecordMetadata (topic,
+    partition, offset); raises the record's error (typed) or RequestTimeoutError. A light
+    object (two slots), resolved from ring completions; not a concurrent.futures.Future."""
+
+    __slots__ = ("_batch", "_index")
+
+    def __init__(self, batch: _Batch, index: int):
+        self._batch = batch
+        self._index = index
+
+    def done(self) -> bool:
+        return self._batch.done
+
+    def result(self, timeout: float | None = None) -> RecordMetadata:
+        batch = self._batch
+        batch.wait(timeout)
+        offset = batch.base_offset + self._index if batch.base_offset >= 0 else -1
+        return RecordMetadata(batch.topic, batch.partition, offset)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        try:
+            self._batch.wait(timeout)
+        except errors.ShmbrokerError as exc:
+            return exc
+        return None
+
+    def __repr__(self) -> str:
+        state = "pending" if not self._batch.done else (
+            f"error={self._batch.error!r}" if self._batch.error else "done")
+        return f"RecordFuture({self._batch.topic}/{self._batch.partition}, {state})"
+
+
+class BatchFuture:
+    """The future of one ``send_batch``. ``result()`` -> RecordMetadata of its first record;
+    ``offsets()`` -> a numpy int64 array with every record's offset, in input order.
+
+    A batch larger than one RecordBatch may hold (the topic's max.message.bytes, the ring's
+    largest frame) is written as several; their offsets are then consecutive within each
+    piece but another producer's records may lie between pieces. A keyed batch without a
+    partition is split by key, one piece per partition, and ``result()`` is a list of
+    RecordMetadata, one per record.
+    """
+
+    def __init__(self, pieces: list[tuple[_Batch, Any]], keyed: bool = False):
+        self._pieces = pieces  # (batch, indices in the input: a range or an index array)
+        self._keyed = keyed
+
+    def done(self) -> bool:
+        return all(b.done for b, _ in self._pieces)
+
+    def _wait(self, timeout: float | None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for batch, _ in self._pieces:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            batch.wait(left)
+
+    def offsets(self, timeout: float | None = None):
+        import numpy as np
+
+        self._wait(timeout)
+        n = sum(b.count for b, _ in self._pieces)
+        out = np.empty(n, dtype=np.int64)
+        for batch, where in self._pieces:
+            out[where] = np.arange(batch.base_offset, batch.base_offset + batch.count) \
+                if batch.base_offset >= 0 else -1
+        return out
+
+    def result(self, timeout: float | None = None):
+        self._wait(timeout)
+        if self._keyed:
+            offsets = self.offsets()
+            partitions = {}
+            for batch, where in self._pieces:
+                for i in (where if isinstance(where, range) else where.tolist()):
+                    partitions[i] = batch.partition
+            topic = self._pieces[0][0].topic
+            return [RecordMetadata(topic, partitions[i], int(o)) for i, o in enumerate(offsets)]
+        first = self._pieces[0][0]
+        return RecordMetadata(first.topic, first.partition, first.base_offset)
+
+
+# --- one ring ------------------------------------------------------------------------------
+
+class _Writer:
+    """This producer's ring to one partition, its registry slot, and the frames in flight."""
+
+    __slots__ = ("topic", "partition", "control", "ring", "buf", "slot", "generation",
+                 "producer_id", "next_sequence", "written_position", "inflight",
+                 "payload_bytes_max")
+
+    def __init__(self, topic: str, partition: int, control, ring: RingProducer, slot: int,
+                 generation: int):
+        self.topic = topic
+        self.partition = partition
+        self.control = control
+        self.ring = ring
+        self.buf = ring.buf
+        self.slot = slot
+        self.generation = generation
+        self.producer_id = producer_id_for(slot, generation)
+        self.next_sequence = ring.next_sequence
+        self.written_position = ring.write_position
+        self.inflight: deque[_Batch] = deque()
+        self.payload_bytes_max = ring.payload_bytes_max
+
+    def idle(self) -> bool:
+        """The partition process has appended (and released) everything written so far."""
+        return _load_u64(self.buf, _READ_POSITION) == self.written_position
+
+    def stopped(self) -> bool:
+        return _native.atomic_load_u32(self.control.buf, _PARTITION_STATUS) == \
+            L.PARTITION_STATUS_STOPPED
+
+
+class _Accumulator:
+    """Records waiting to become the next batch of one partition."""
+
+    __slots__ = ("topic", "partition", "writer", "values", "keys", "headers", "timestamps",
+                 "nbytes", "batch", "has_keys", "extras", "bytes_max", "first_ms")
+
+    def __init__(self, producer: "Producer", topic: str, partition: int, writer: _Writer,
+                 bytes_max: int):
+        self.topic = topic
+        self.partition = partition
+        self.writer = writer
+        self.bytes_max = bytes_max
+        self.reset(producer)
+
+    def reset(self, producer: "Producer") -> None:
+        self.values: list = []
+        self.keys: list = []
+        self.headers: list | None = None
+        self.timestamps: list | None = None
+        self.nbytes = 0
+        self.has_keys = False
+        self.extras = False  # headers or explicit timestamps in use: the slow path
+        self.first_ms = 0.0
+        self.batch = _Batch(producer, self.topic, self.partition)
+
+
+# --- fork and exit ---------------------------------------------------------------------------
+
+_LIVE: "weakref.WeakSet[Producer]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for producer in list(_LIVE):
+        producer._forget_after_fork()
+
+
+def _close_at_exit() -> None:
+    for producer in list(_LIVE):
+        if producer._pid == os.getpid() and not producer._closed:
+            try:
+                producer.close(timeout=PRODUCER_CLOSE_DRAIN_MS_MAX / 1000)
+            except errors.ShmbrokerError:
+                pass
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+atexit.register(_close_at_exit)
+
+
+def _as_bytes(value: Any, what: str) -> bytes:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)  # a snapshot: the caller may reuse its buffer after send()
+    raise TypeError(f"{what} must be bytes-like or None, got {type(value).__name__}")
+
+
+# --- the producer ----------------------------------------------------------------------------
+
+class Producer:
+    """Writes records to the topics of the broker serving ``broker`` (a data dir).
+
+    ``acks``: 0, 1 or "all" (-1), see the module doc. ``linger_ms``: the longest a record waits
+    for more to join its batch while the ring is idle (0: write at once when idle).
+    ``batch_bytes_max``: write a batch once it holds this many bytes (capped by the topic's
+    max.message.bytes and the ring's largest frame). ``send_timeout_ms``: how long a write
+    blocks on a full ring before RingFullTimeoutError. ``ring_bytes``: each (producer,
+    partition) ring's data bytes (power of two). ``spin_ns``: busy-wait before sleeping on a
+    full ring or for an ack (lower latency, more CPU).
+
+    Records wait in the accumulator until their batch is written: a producer that stops
+    sending should ``flush()`` or ``close()`` (as with Kafka, close flushes).
+    """
+
+    def __init__(self, broker: str | os.PathLike | None = None, acks: int | str = 1,
+                 linger_ms: float = 0, batch_bytes_max: int = PRODUCER_BATCH_BYTES_DEFAULT,
+                 send_timeout_ms: int = RING_SEND_TIMEOUT_MS_DEFAULT,
+                 ring_bytes: int = PRODUCER_RING_BYTES_DEFAULT, spin_ns: int = 0):
+        if acks in ("all", -1, "-1"):
+            acks = -1
+        elif acks in (0, 1, "0", "1"):
+            acks = int(acks)
+        else:
+            raise errors.ConfigError(f"acks must be 0, 1 or 'all', got {acks!r}")
+        if not 0 <= linger_ms <= PRODUCER_LINGER_MS_MAX:
+            raise errors.ConfigError(f"linger_ms={linger_ms} is outside [0, {PRODUCER_LINGER_MS_MAX}]")
+        if not isinstance(batch_bytes_max, int) or batch_bytes_max < 1:
+            raise errors.ConfigError(f"batch_bytes_max={batch_bytes_max!r} must be a positive int")
+        if not isinstance(ring_bytes, int) or not RING_BYTES_MIN <= ring_bytes <= RING_BYTES_MAX \
+                or ring_bytes & (ring_bytes - 1):
+            raise errors.ConfigError(f"ring_bytes={ring_bytes!r} must be a power of two in "
+                                     f"[{RING_BYTES_MIN}, {RING_BYTES_MAX}]")
+        if not 0 <= spin_ns <= SPIN_NS_MAX:
+            raise errors.ConfigError(f"spin_ns={spin_ns} is outside [0, {SPIN_NS_MAX}]")
+        if send_timeout_ms is not None and send_timeout_ms < 0:
+            raise errors.ConfigError(f"send_timeout_ms={send_timeout_ms} must be >= 0")
+        self.data_dir = os.path.realpath(os.fspath(broker) if broker is not None
+                                         else default_data_dir())
+        self.acks = acks
+        self.linger_ms = linger_ms
+        self.batch_bytes_max = batch_bytes_max
+        self.send_timeout_ms = send_timeout_ms
+        self.ring_bytes = ring_bytes
+        self.spin_ns = spin_ns
+        self._check_broker()
+        self._init_state()
+        _LIVE.add(self)
+
+    def _init_state(self) -> None:
+        self._pid = os.getpid()
+        self._closed = False
+        self._metadata = LocalMetadata(self.data_dir)
+        self._writers: dict[tuple[str, int], _Writer] = {}
+        self._accs: dict[tuple[str, int], _Accumulator] = {}
+        self._sticky: dict[str, _Accumulator] = {}
+        self._partition_counts: dict[str, int] = {}
+
+    def _check_broker(self) -> None:
+        if broker_pid(self.data_dir) is None:
+            raise errors.BrokerNotRunningError(
+                f"no broker is running on data dir {self.data_dir}: start one with "
+                f"`shmbroker serve --data-dir {self.data_dir}`")
+
+    # -- the hot path ---------------------------------------------------------------------------
+
+    def send(self, topic: str, value: Any, key: Any = None, partition: int | None = None,
+             headers: Sequence[tuple[str, Any]] | None = None,
+             timestamp: int | None = None) -> RecordFuture:
+        """Queue one record; returns its future. Raises at once for an unknown topic or
+        partition, a record too large for a batch, a broker that is not running, a closed
+        producer, and RingFullTimeoutError when writing a full batch blocked too long."""
+        if partition is None:
+            if key is None:
+                acc = self._sticky.get(topic)
+                if acc is None:
+                    acc = self._sticky_switch(topic, None)
+            else:
+                acc = self._keyed_accumulator(topic, key)
+        else:
+            acc = self._accs.get((topic, partition))
+            if acc is None:
+                acc = self._accumulator(topic, partition)
+        if type(value) is not bytes:
+            value = None if value is None else _as_bytes(value, "value")
+        need = (len(value) if value is not None else 0) + RECORD_OVERHEAD_BYTES_MAX
+        if key is not None:
+            if type(key) is not bytes:
+                key = _as_bytes(key, "key")
+            need += len(key)
+            acc.has_keys = True
+        if headers is not None or timestamp is not None or acc.extras:
+            need += self._extras(acc, headers, timestamp)
+        if acc.nbytes + need > acc.bytes_max:
+            if need > acc.bytes_max:
+                self._too_large(acc, need)
+            self._write(acc)
+        values = acc.values
+        index = len(values)
+        if index == 0 and self.linger_ms:
+            acc.first_ms = time.monotonic() * 1000.0
+        values.append(value)
+        acc.keys.append(key)
+        acc.nbytes += need
+        future = RecordFuture(acc.batch, index)
+        writer = acc.writer
+        # Write now when the ring is idle (writer.idle(), inlined: this is the hot path).
+        if (_load_u64(writer.buf, _READ_POSITION) == writer.written_position
+                and (not self.linger_ms or self._lingered(acc))) \
+                or index + 1 >= PRODUCER_BATCH_RECORDS_MAX:
+            self._write(acc)
+        return future
+
+    def _lingered(self, acc: _Accumulator) -> bool:
+        return time.monotonic() * 1000.0 - acc.first_ms >= self.linger_ms
+
+    def _extras(self, acc: _Accumulator, headers, timestamp) -> int:
+        """Headers / explicit timestamps: kept in lists parallel to values (slow path)."""
+        n = len(acc.values)
+        if not acc.extras:
+            acc.extras = True
+            acc.headers = [None] * n
+            acc.timestamps = [time.time_ns() // 1_000_000] * n
+        extra = 0
+        if headers is not None:
+            headers = [(str(k), None if v is None else _as_bytes(v, "header value"))
+                       for k, v in headers]
+            extra = sum(len(k.encode()) + (len(v) if v is not None else 0)
+                        + HEADER_OVERHEAD_BYTES_MAX for k, v in headers)
+        if timestamp is None:
+            timestamp = time.time_ns() // 1_000_000
+        elif not isinstance(timestamp, int) or isinstance(timestamp, bool):
+            raise TypeError(f"timestamp must be an int (ms), got {timestamp!r}")
+        acc.headers.append(headers)
+        acc.timestamps.append(timestamp)
+        return extra
+
+    def _too_large(self, acc: _Accumulator, need: int) -> None:
+        raise errors.RecordTooLargeError(
+            f"a record of about {need - RECORD_OVERHEAD_BYTES_MAX} bytes (key, value and "
+            f"headers) does not fit in a batch of {acc.topic}/{acc.partition}: at most "
+            f"{acc.bytes_max - RECORD_OVERHEAD_BYTES_MAX} bytes (the topic's "
+            f"max.message.bytes, the ring's largest frame and batch_bytes_max, less the batch "
+            f"header)")
+
+    # -- partitions and accumulators -----------------------------------------------------------
+
+    def _partitions(self, topic: str) -> int:
+        count = self._partition_counts.get(topic)
+        if count is None:
+            self._check_open()
+            count = self._partition_counts[topic] = self._metadata.partitions(topic)
+        return count
+
+    def _keyed_accumulator(self, topic: str, key: Any) -> _Accumulator:
+        if type(key) is not bytes:
+            key = _as_bytes(key, "key")
+        partition = records.partition_for_key(key, self._partitions(topic))
+        acc = self._accs.get((topic, partition))
+        return acc if acc is not None else self._accumulator(topic, partition)
+
+    def _sticky_switch(self, topic: str, previous: int | None) -> _Accumulator:
+        """Kafka's sticky partitioner: keyless records stick to one partition until its batch
+        is written, then move to another one chosen at random."""
+        count = self._partitions(topic)
+        partition = random.randrange(count)
+        if previous is not None and count > 1 and partition == previous:
+            partition = (partition + 1 + random.randrange(count - 1)) % count
+        acc = self._accs.get((topic, partition))
+        if acc is None:
+            acc = self._accumulator(topic, partition)
+        self._sticky[topic] = acc
+        return acc
+
+    def _accumulator(self, topic: str, partition: int) -> _Accumulator:
+        self._check_open()
+        if not isinstance(partition, int) or isinstance(partition, bool):
+            raise errors.UnknownTopicOrPartitionError(f"partition must be an int, got {partition!r}")
+        writer = self._writer(topic, partition)
+        topic_limit = self._metadata.topic(topic, refresh=False).log_config.batch_bytes_max
+        bytes_max = min(self.batch_bytes_max + RECORD_OVERHEAD_BYTES_MAX,
+                        topic_limit - RB.HEADER_SIZE, writer.payload_bytes_max - RB.HEADER_SIZE)
+        acc = self._accs[(topic, partition)] = _Accumulator(self, topic, partition, writer,
+                                                            bytes_max)
+        return acc
+
+    def _writer(self, topic: str, partition: int) -> _Writer:
+        """This producer's ring to the partition: a registry slot claimed, the ring created
+        (0600), the slot set READY, the partition process told (registry_changes)."""
+        writer = self._writers.get((topic, partition))
+        if writer is not None:
+            return writer
+        self._metadata.check_partition(topic, partition)
+        control = self._metadata.control(topic, partition)
+        if control.partition_status == L.PARTITION_STATUS_STOPPED:
+            self._metadata.forget(topic, partition)
+            self._check_broker()
+            control = self._metadata.control(topic, partition)
+        slot, generation = control.claim_slot(self.ring_bytes)
+        name = names.ring_name(self._metadata.prefix, topic, partition, slot, generation)
+        try:
+            ring = RingProducer.create(name, self.ring_bytes, partition=partition, slot=slot,
+                                       generation=generation, control=control,
+                                       acks=self.acks != 0)
+        except BaseException:
+            control.release_slot(slot, os.getpid())
+            raise
+        ring.set_fsync_required(self.acks == -1)
+        control.set_slot_state(slot, L.SLOT_READY)
+        control.announce_registry_change()
+        writer = self._writers[(topic, partition)] = _Writer(topic, partition, control, ring,
+                                                             slot, generation)
+        return writer
+
+    # -- writing batches -----------------------------------------------------------------------
+
+    def _write(self, acc: _Accumulator) -> None:
+        """The accumulator's records become one batch and one ring frame (blocks while the
+        ring is full, up to send_timeout_ms)."""
+        values = acc.values
+        if not values:
+            return
+        batch = acc.batch
+        keys = acc.keys if acc.has_keys else None
+        headers, timestamps = acc.headers, acc.timestamps
+        acc.reset(self)
+        if self._sticky.get(acc.topic) is acc:
+            self._sticky_switch(acc.topic, acc.partition)
+        batch.count = len(values)
+        writer = acc.writer
+        try:
+            payload = records.encode_batch(
+                values, keys, headers, timestamps, producer_id=writer.producer_id,
+                producer_epoch=0, base_sequence=base_sequence_for(writer.next_sequence))
+        except (TypeError, ValueError) as exc:
+            batch.fail(exc)
+            raise
+        self._write_frames(writer, [payload], [batch])
+
+    def _write_frames(self, writer: _Writer, payloads: list, batches: list[_Batch]) -> None:
+        if writer.stopped():
+            error = self._partition_stopped(writer)
+            for batch in batches:
+                batch.fail(error)
+            raise error
+        try:
+            first = writer.ring.send_many(payloads, self.send_timeout_ms, self.spin_ns)
+        except errors.RingFullTimeoutError as exc:
+            written = getattr(exc, "written", 0)
+            for batch in batches[written:]:
+                batch.fail(exc)
+            self._after_write(writer, batches[:written], writer.next_sequence)
+            raise
+        self._after_write(writer, batches, first)
+
+    def _after_write(self, writer: _Writer, batches: list[_Batch], first: int) -> None:
+        if not batches:
+            return
+        assert first == writer.next_sequence, (first, writer.next_sequence)
+        writer.next_sequence = first + len(batches)
+        writer.written_position = _load_u64(writer.buf, _WRITE_POSITION)
+        if self.acks == 0:
+            for batch in batches:
+                batch.resolve(-1)
+        else:
+            for i, batch in enumerate(batches):
+                batch.writer, batch.sequence = writer, first + i
+                writer.inflight.append(batch)
+            self._reap(writer)
+
+    def _reap(self, writer: _Writer) -> None:
+        """Resolve futures from the ring's completions (frames first..last got consecutive
+        offsets from base_offset, or an error code)."""
+        inflight = writer.inflight
+        for first, last, base_offset, error_code in writer.ring.poll_completions():
+            offset = base_offset
+            while inflight and inflight[0].sequence <= last:  # bounded by inflight
+                batch = inflight.popleft()
+                if batch.sequence < first:
+                    # Its completion was overwritten (cannot happen while we read them).
+                    batch.fail(errors.ShmbrokerError(
+                        f"no completion for frame {batch.sequence} of {writer.ring.name}"))
+                elif error_code:
+                    cls = errors.ERRORS_BY_CODE.get(error_code, errors.ShmbrokerError)
+                    batch.fail(cls(f"partition {writer.topic}/{writer.partition} rejected the "
+                                   f"batch (frame {batch.sequence}): {cls.__name__}"))
+                else:
+                    batch.resolve(offset)
+                    offset += batch.count
+
+    def _partition_stopped(self, writer: _Writer) -> errors.BrokerNotRunningError:
+        """The broker stopped cleanly: frames in flight will never be appended. Drop the
+        ring (a restarted broker gets a new one) and fail what was in flight."""
+        error = errors.BrokerNotRunningError(
+            f"partition {writer.topic}/{writer.partition} was stopped (broker on "
+            f"{self.data_dir} shut down) before acknowledging")
+        self._drop_writer(writer, error)
+        return error
+
+    def _drop_writer(self, writer: _Writer, error: BaseException) -> None:
+        for batch in writer.inflight:
+            batch.fail(error)
+        writer.inflight.clear()
+        key = (writer.topic, writer.partition)
+        self._writers.pop(key, None)
+        acc = self._accs.pop(key, None)
+        if acc is not None:
+            acc.batch.fail(error)
+            if self._sticky.get(writer.topic) is acc:
+                del self._sticky[writer.topic]
+        writer.ring.close(drain_timeout_ms=0)
+        writer.control.release_slot(writer.slot, os.getpid())
+        self._metadata.forget(writer.topic, writer.partition)
+
+    # -- waiting --------------------------------------------------------------------------------
+
+    def _wait_batch(self, batch: _Batch, timeout: float | None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if batch.writer is None and not batch.done:
+            acc = self._accs.get((batch.topic, batch.partition))
+            if acc is not None and acc.batch is batch:
+                self._write(acc)
+        while not batch.done:  # bounded by the deadline (or, without one, by the ack)
+            writer = batch.writer
+            if writer is None:
+                raise errors.ShmbrokerError("batch was never written")  # pragma: no cover
+            self._reap(writer)
+            if batch.done:
+                break
+            if writer.stopped():
+                self._partition_stopped(writer)
+                break
+            left_ms = None if deadline is None else (deadline - time.monotonic()) * 1000.0
+            if left_ms is not None and left_ms <= 0:
+                raise errors.RequestTimeoutError(
+                    f"no acknowledgement from partition {batch.topic}/{batch.partition} within "
+                    f"{timeout} s (frame {batch.sequence})")
+            slice_ms = _ACK_WAIT_SLICE_MS if left_ms is None else min(left_ms, _ACK_WAIT_SLICE_MS)
+            writer.ring.wait_acked(batch.sequence, slice_ms)
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Write every accumulated record and wait until every batch is acknowledged (acks
+        level). RequestTimeoutError after ``timeout`` seconds; a batch's own error is not
+        raised here (it is in its futures)."""
+        self._check_open()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for acc in list(self._accs.values()):
+            self._write(acc)
+        for writer in list(self._writers.values()):
+            if writer.inflight:
+                last = writer.inflight[-1]
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                try:
+                    last.wait(left)
+                except errors.RequestTimeoutError:
+                    raise
+                except errors.ShmbrokerError:
+                    pass
+
+    # -- the batch API --------------------------------------------------------------------------
+
+    def send_batch(self, topic: str, values: Any, keys: Sequence[Any] | None = None,
+                   partition: int | None = None) -> BatchFuture:
+        """Write ``values`` (a list of bytes, or a 2-D C-contiguous uint8 numpy array, one row
+        per record) as one RecordBatch, encoded in C; see :class:`BatchFuture`. Records sent
+        earlier with ``send`` to the same partition are written first (order is kept)."""
+        n = len(values)
+        if n == 0:
+            raise ValueError("send_batch: no values")
+        if keys is not None and len(keys) != n:
+            raise ValueError(f"send_batch: {len(keys)} keys for {n} values")
+        if partition is None and keys is not None:
+            return self._send_keyed_batch(topic, values, keys)
+        if partition is None:
+            acc = self._sticky.get(topic) or self._sticky_switch(topic, None)
+        else:
+            acc = self._accs.get((topic, partition)) or self._accumulator(topic, partition)
+        self._write(acc)  # records sent before this batch go first
+        pieces = self._write_pieces(acc, values, keys, range(n))
+        if partition is None and self._sticky.get(topic) is acc:
+            self._sticky_switch(topic, acc.partition)
+        return BatchFuture(pieces)
+
+    def _send_keyed_batch(self, topic: str, values: Any, keys: Sequence[Any]) -> BatchFuture:
+        import numpy as np
+
+        count = self._partitions(topic)
+        keys = [None if k is None else (k if type(k) is bytes else _as_bytes(k, "key"))
+                for k in keys]
+        parts = np.array([records.partition_for_key(k, count) if k is not None
+                          else random.randrange(count) for k in keys], dtype=np.int64)
+        pieces = []
+        for p in np.unique(parts).tolist():
+            where = np.flatnonzero(parts == p)
+            acc = self._accs.get((topic, p)) or self._accumulator(topic, p)
+            self._write(acc)
+            sub_values = values[where] if hasattr(values, "shape") else [values[i] for i in where]
+            sub_keys = [keys[i] for i in where]
+            pieces += self._write_pieces(acc, sub_values, sub_keys, where)
+        return BatchFuture(pieces, keyed=True)
+
+    def _write_pieces(self, acc: _Accumulator, values: Any, keys, where) -> list:
+        """Encode ``values`` as batches of at most acc.bytes_max and write them in one go."""
+        n = len(values)
+        sizes = self._record_sizes(values, keys)
+        if int(sizes.max()) > acc.bytes_max:
+            self._too_large(acc, int(sizes.max()))
+        bounds = _split(sizes, acc.bytes_max)
+        writer = acc.writer
+        payloads, batches, pieces = [], [], []
+        seq = writer.next_sequence
+        for start, end in zip(bounds, bounds[1:] + [n]):
+            sub_keys = None if keys is None else list(keys[start:end])
+            payloads.append(records.encode_batch(
+                values[start:end], sub_keys, producer_id=writer.producer_id, producer_epoch=0,
+                base_sequence=base_sequence_for(seq + len(payloads))))
+            batch = _Batch(self, acc.topic, acc.partition)
+            batch.count = end - start
+            batches.append(batch)
+            pieces.append((batch, where[start:end]))
+        self._write_frames(writer, payloads, batches)
+        return pieces
+
+    @staticmethod
+    def _record_sizes(values: Any, keys):
+        import numpy as np
+
+        if hasattr(values, "shape") and len(values.shape) == 2:
+            sizes = np.full(len(values), values.shape[1], dtype=np.int64)
+        else:
+            sizes = np.fromiter((len(v) if v is not None else 0 for v in values),
+                                dtype=np.int64, count=len(values))
+        if keys is not None:
+            sizes += np.fromiter((len(k) if k is not None else 0 for k in keys),
+                                 dtype=np.int64, count=len(keys))
+        return sizes + RECORD_OVERHEAD_BYTES_MAX
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise errors.IllegalStateError("this Producer is closed")
+        if self._pid != os.getpid():  # fork without register_at_fork having run (vfork...)
+            self._forget_after_fork()
+
+    def _forget_after_fork(self) -> None:
+        """In a forked child: drop the parent's rings and control regions (unmap only: they
+        are the parent's) and its accumulated records; new rings are made on demand."""
+        if self._pid == os.getpid():
+            return
+        for writer in self._writers.values():
+            writer.ring.region.close()
+        self._metadata.close()  # unmaps the control regions (nothing else)
+        self._init_state()
+
+    def close(self, timeout: float | None = None) -> None:
+        """Flush (bounded by ``timeout`` seconds), then close every ring: wait until the
+        partition process took what is left, unlink the ring, free the registry slot."""
+        if self._closed:
+            return
+        if self._pid != os.getpid():
+            self._forget_after_fork()
+        try:
+            self.flush(timeout)
+        except errors.ShmbrokerError:
+            pass  # a batch's error is in its futures; a stopped broker fails them too
+        finally:
+            self._closed = True
+            drain_ms = PRODUCER_CLOSE_DRAIN_MS_MAX if timeout is None else \
+                min(PRODUCER_CLOSE_DRAIN_MS_MAX, timeout * 1000)
+            for writer in self._writers.values():
+                writer.ring.close(drain_timeout_ms=drain_ms)
+                writer.control.release_slot(writer.slot, os.getpid())
+            self._writers.clear()
+            self._accs.clear()
+            self._sticky.clear()
+            self._metadata.close()
+            _LIVE.discard(self)
+
+    def __enter__(self) -> "Producer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Producer({self.data_dir!r}, acks={self.acks}, rings={len(self._writers)})"
+
+
+def _split(sizes, bytes_max: int) -> list[int]:
+    """Start indices of consecutive pieces whose sizes sum to at most ``bytes_max``."""
+    import numpy as np
+
+    bounds = [0]
+    ends = np.cumsum(sizes)
+    base = 0
+    n = len(sizes)
+    while True:  # bounded: every piece takes at least one record
+        start = bounds[-1]
+        end = int(np.searchsorted(ends, base + bytes_max, side="right"))
+        end = max(end, start + 1)
+        if end >= n:
+            return bounds
+        bounds.append(end)
+        base = int(ends[end - 1])

@@ -1,0 +1,441 @@
+"""Read-only access to a partition's segments from any process: the consumer's view of a log.
+
+The partition process is the single writer of its log (``PartitionLog``). A consumer in another
+process reads the same files through its own read-only mappings and never asks the writer for
+anything: what it may read is bounded by the state the writer publishes in shared memory
+(``shm.control.PartitionState``)::
+
+    published:  log_start_offset   active_segment_base_offset   active_segment_end_position
+                      |                       |                              |
+    files:      [00..00.log (sealed)][00..17.log (sealed)][00..42.log (active) ..........|~~~~]
+                                                                   committed bytes ^  ^ appended,
+                                                                                      not published
+    high_watermark: offsets below it are committed; a batch whose last offset >= it is never
+    returned, whatever the file already holds.
+
+How a read finds bytes (``read(offset, max_bytes, state)``):
+
+1. ``offset`` outside ``[log_start_offset, high_watermark]`` is ``OffsetOutOfRangeError``;
+   ``offset == high_watermark`` is an empty slice (nothing committed there yet).
+2. The segment is the last base offset <= ``offset`` among the listed segment files. The
+   directory is listed again when the published active segment is one we have not seen, or
+   when a segment file turns out to be gone (retention).
+3. Readable end: the published end position for the active segment, the file size for a
+   sealed one (every segment below the active one was complete and fsynced before the next
+   was created).
+4. Start position: the position where the previous read of this segment stopped if it ended
+   at ``offset`` (a consumer reading forward never looks anything up), else the segment's
+   .index (loaded read-only, checked: whole entries, both columns strictly increasing, entries
+   past the readable end ignored; a bad entry stops trust in the rest) and a walk over batch
+   headers from the entry, checking that base offsets chain (they lie outside the CRC). An
+   index entry that does not match the log is dropped and the walk starts at position 0.
+5. Whole batches from there, up to ``max_bytes`` (at least one batch, Kafka's rule) and
+   stopping before the first batch whose last offset >= the high watermark, before a batch
+   whose base offset does not continue the previous one, and at the readable end. CRCs are
+   checked here (``verify_crc=True``) or by the caller's decode (``records.decode_records``
+   checks them; the consumer passes ``verify_crc=False`` to avoid doing it twice).
+
+Mappings: one read-only ``mmap`` per segment, covering the file as it was when mapped. A read
+that needs bytes past the mapping first checks the file size (``fstat``) and maps again; it
+never touches bytes past a size it has checked, so a file cut below what was mapped (only
+uncommitted bytes can be cut, by the recovery of a restarted partition process) cannot make
+us fault with SIGBUS. An old mapping is closed when nothing uses it, otherwise dropped: the
+memoryviews handed out keep it alive (so do views of a segment that retention unlinked).
+
+Not thread-safe; one reader per consumer. After ``fork`` the child must build its own reader
+(the consumer does, by pid).
+"""
+from __future__ import annotations
+
+import bisect
+import mmap
+import os
+import struct
+from array import array
+from typing import NamedTuple
+
+from .. import errors
+from ..layout import record_batch as layout
+from ..native import _native
+from . import files
+from .segment import LogSlice
+
+_ENTRY = struct.Struct(">ii")
+_ENTRY_SIZE = _ENTRY.size
+_HEAD = struct.Struct(">qi")  # base_offset, batch_length
+_LAST_DELTA = struct.Struct(">i")
+_LAST_DELTA_AT = layout.OFFSETS["last_offset_delta"]
+_MAGIC_AT = layout.OFFSETS["magic"]
+_HEADER = layout.HEADER_SIZE
+_OVERHEAD = layout.LOG_OVERHEAD
+
+#: Segments kept mapped at once; a reader going through a long backlog maps them in turn.
+MAPPED_SEGMENTS_MAX = 4
+#: Bytes of batch headers walked per native scan call (Kafka's default index interval: between
+#: two index entries lie at most index_interval_bytes of batch starts).
+WALK_WINDOW_BYTES = 64 * 1024
+#: Segments a single read may step over (an offset past the end of a sealed segment continues
+#: in the next one); more means the files contradict the published state.
+SEGMENT_STEPS_MAX = 64
+
+
+class ReadState(NamedTuple):
+    """The part of a partition's published state a read needs (PartitionState has these)."""
+
+    high_watermark: int
+    log_start_offset: int
+    active_segment_base_offset: int
+    active_segment_end_position: int
+
+
+class _SegmentFile:
+    """One segment as the reader sees it: fd, mapping, checked size, index entries, hint."""
+
+    __slots__ = ("base_offset", "path", "index_path", "fd", "map", "checked_end",
+                 "index_offsets", "index_positions", "index_bytes", "index_trusted",
+                 "hint_offset", "hint_position")
+
+    def __init__(self, directory: str, base_offset: int):
+        self.base_offset = base_offset
+        self.path = files.segment_path(directory, base_offset, files.LOG_SUFFIX)
+        self.index_path = files.segment_path(directory, base_offset, files.INDEX_SUFFIX)
+        self.fd: int | None = None
+        self.map: mmap.mmap | None = None
+        #: Bytes [0, checked_end) are known to exist in the file (fstat) and to be committed.
+        self.checked_end = 0
+        self.index_offsets = array("q")
+        self.index_positions = array("q")
+        self.index_bytes = 0
+        self.index_trusted = True
+        #: Where the previous read stopped: the batch starting at hint_position has base offset
+        #: hint_offset (if the bytes are there).
+        self.hint_offset = -1
+        self.hint_position = -1
+
+    def open(self) -> None:
+        if self.fd is None:
+            self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)  # FileNotFoundError: retention
+
+    def view(self, end: int) -> memoryview:
+        """A memoryview of the mapping covering ``[0, end)`` (checked against the file size)."""
+        if end > self.checked_end:
+            self.open()
+            assert self.fd is not None
+            size = os.fstat(self.fd).st_size
+            if size < end:
+                raise errors.CorruptSegmentError(
+                    f"{self.path} is {size} bytes, shorter than the {end} bytes the partition "
+                    f"published as committed (truncated by someone else?)", path=self.path,
+                    position=size)
+            self.checked_end = end
+        if self.map is None or len(self.map) < end:
+            assert self.fd is not None
+            new = mmap.mmap(self.fd, 0, access=mmap.ACCESS_READ)
+            assert len(new) >= end, (self.path, len(new), end)
+            self._retire_map()
+            self.map = new
+        return memoryview(self.map)
+
+    def _retire_map(self) -> None:
+        old, self.map = self.map, None
+        if old is not None:
+            try:
+                old.close()
+            except BufferError:
+                pass  # views handed out keep it mapped; it goes when the last one does
+
+    def close(self) -> None:
+        self._retire_map()
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    # -- index ------------------------------------------------------------------------------------
+
+    def refresh_index(self) -> None:
+        """Load index entries written since the last look (read-only, checked)."""
+        if not self.index_trusted:
+            return
+        try:
+            fd = os.open(self.index_path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return  # missing index: walks start at position 0
+        try:
+            size = os.fstat(fd).st_size
+            whole = size - size % _ENTRY_SIZE
+            if whole <= self.index_bytes:
+                if whole < self.index_bytes:  # the file shrank: rebuilt by a restarted owner
+                    self.index_trusted = False
+                return
+            raw = os.pread(fd, whole - self.index_bytes, self.index_bytes)
+        finally:
+            os.close(fd)
+        raw = raw[:len(raw) - len(raw) % _ENTRY_SIZE]
+        offsets, positions = self.index_offsets, self.index_positions
+        for relative, position in _ENTRY.iter_unpack(raw):
+            offset = self.base_offset + relative
+            if relative < 0 or position < 0 or (
+                    positions and (offset <= offsets[-1] or position <= positions[-1])):
+                self.index_trusted = False  # a stale or torn entry: trust nothing after it
+                return
+            offsets.append(offset)
+            positions.append(position)
+        self.index_bytes += len(raw)
+
+    def lookup(self, offset: int, end: int) -> tuple[int, int]:
+        """(entry offset, position) of the last usable entry <= offset, or (-1, 0)."""
+        if not self.index_offsets or offset > self.index_offsets[-1]:
+            self.refresh_index()
+        slot = bisect.bisect_right(self.index_offsets, offset) - 1
+        positions = self.index_positions
+        while slot >= 0 and positions[slot] + _HEADER > end:
+            slot -= 1  # the entry points at bytes not committed (or not mapped) yet
+        if slot < 0:
+            return -1, 0
+        return self.index_offsets[slot], positions[slot]
+
+    def distrust_index(self) -> None:
+        self.index_trusted = False
+        del self.index_offsets[:]
+        del self.index_positions[:]
+
+
+class LogReader:
+    """Read-only reader of the partition log in ``directory`` (see module doc).
+
+    Owned by one consumer; not thread-safe. ``read`` is bounded by the published state passed
+    to it, so nothing uncommitted is ever returned.
+    """
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = os.path.abspath(os.fspath(directory))
+        self._segments: dict[int, _SegmentFile] = {}
+        self._bases: list[int] = []
+        self._listed_active = -1
+        self._mapped: list[int] = []  # bases with a live fd/mapping, least recently used first
+        self.pid = os.getpid()
+        self._closed = False
+
+    # -- segments ---------------------------------------------------------------------------------
+
+    def _relist(self) -> None:
+        try:
+            found = files.list_segment_files(self.directory)
+        except FileNotFoundError:
+            found = {}
+        bases = sorted(b for b, suffixes in found.items() if files.LOG_SUFFIX in suffixes)
+        for base in list(self._segments):
+            if base not in found:
+                self._drop(base)
+        self._bases = bases
+
+    def _drop(self, base: int) -> None:
+        segment = self._segments.pop(base, None)
+        if segment is not None:
+            segment.close()
+        if base in self._mapped:
+            self._mapped.remove(base)
+
+    def _segment(self, base: int) -> _SegmentFile:
+        segment = self._segments.get(base)
+        if segment is None:
+            segment = self._segments[base] = _SegmentFile(self.directory, base)
+        if self._mapped and self._mapped[-1] == base:
+            return segment
+        if base in self._mapped:
+            self._mapped.remove(base)
+        self._mapped.append(base)
+        while len(self._mapped) > MAPPED_SEGMENTS_MAX:  # bounded: one pass per extra entry
+            old = self._segments.get(self._mapped.pop(0))
+            if old is not None:
+                old.close()  # views keep their mapping; the index and hint stay cached
+                old.checked_end = 0
+        return segment
+
+    def _prune(self, log_start_offset: int) -> None:
+        """Forget segments wholly below the log start (deleted or about to be)."""
+        keep = bisect.bisect_right(self._bases, log_start_offset) - 1
+        if keep > 0:
+            for base in self._bases[:keep]:
+                self._drop(base)
+            del self._bases[:keep]
+
+    @property
+    def segment_bases(self) -> list[int]:
+        """Base offsets of the segments as last listed."""
+        return list(self._bases)
+
+    # -- read -------------------------------------------------------------------------------------
+
+    def read(self, offset: int, max_bytes: int, state, verify_crc: bool = True) -> LogSlice:
+        """Whole committed batches from the one containing ``offset`` (see module doc).
+
+        ``state``: the partition's published state (``PartitionState`` or ``ReadState``).
+        The slice's ``first_offset`` may be below ``offset`` (the batch holding it starts
+        earlier); its ``last_offset`` is always below the high watermark.
+        """
+        if self._closed:
+            raise errors.LogClosedError(f"reader of {self.directory} is closed")
+        hw = state.high_watermark
+        start = state.log_start_offset
+        if not start <= offset <= hw:
+            raise errors.OffsetOutOfRangeError(
+                f"offset {offset} is outside [{start}, {hw}] (log start, high watermark) of "
+                f"{self.directory}")
+        if offset == hw:
+            return LogSlice(memoryview(b""), "", 0, 0, offset, offset - 1)
+        active = state.active_segment_base_offset
+        if active != self._listed_active or not self._bases or offset < self._bases[0]:
+            self._relist()
+            self._listed_active = active
+        self._prune(start)
+        slot = bisect.bisect_right(self._bases, offset) - 1
+        if slot < 0:
+            raise self._gone(offset, start)
+        for _ in range(SEGMENT_STEPS_MAX):  # bounded: one step per segment
+            if slot >= len(self._bases) or self._bases[slot] > active:
+                break
+            base = self._bases[slot]
+            try:
+                found = self._read_segment(self._segment(base), offset, max_bytes, hw,
+                                           active, state.active_segment_end_position,
+                                           verify_crc)
+            except FileNotFoundError:
+                self._relist()
+                raise self._gone(offset, start) from None
+            if found is not None:
+                return found
+            slot += 1
+        raise errors.CorruptSegmentError(
+            f"{self.directory}: offset {offset} is below the high watermark {hw} but no "
+            f"segment up to the active one ({active}) holds it", path=self.directory)
+
+    def _gone(self, offset: int, start: int) -> errors.OffsetOutOfRangeError:
+        first = self._bases[0] if self._bases else None
+        return errors.OffsetOutOfRangeError(
+            f"offset {offset} of {self.directory} is no longer in the log (published log start "
+            f"{start}, first segment now {first}): deleted by retention")
+
+    def _read_segment(self, segment: _SegmentFile, offset: int, max_bytes: int, hw: int,
+                      active: int, active_end: int, verify_crc: bool) -> LogSlice | None:
+        if segment.base_offset == active:
+            end = active_end
+        else:
+            segment.open()
+            assert segment.fd is not None
+            end = os.fstat(segment.fd).st_size
+        if end <= 0:
+            return None
+        view = segment.view(end)
+        try:
+            if segment.hint_offset == offset and segment.hint_position + _HEADER <= end \
+                    and _HEAD.unpack_from(view, segment.hint_position)[0] == offset:
+                position, first = segment.hint_position, offset
+            else:
+                found = self._find(segment, view, offset, end)
+                if found is None:
+                    return None
+                position, first = found
+            return self._slice(segment, view, position, first, end, max_bytes, hw, verify_crc)
+        finally:
+            view.release()
+
+    def _find(self, segment: _SegmentFile, view: memoryview, offset: int, end: int
+              ) -> tuple[int, int] | None:
+        """(position, base offset) of the batch holding ``offset``, or None past the end."""
+        entry_offset, position = segment.lookup(offset, end)
+        found = self._walk(segment, view, position, end, offset, entry_offset)
+        if found == "bad-entry":
+            segment.distrust_index()
+            found = self._walk(segment, view, 0, end, offset, -1)
+        assert found != "bad-entry"
+        return found  # type: ignore[return-value]
+
+    def _walk(self, segment: _SegmentFile, view: memoryview, position: int, end: int,
+              offset: int, entry_offset: int):
+        """Walk batch headers from ``position`` to the batch whose last offset >= ``offset``.
+
+        From position 0 the first batch must start at the segment's base offset; from an index
+        entry the batch there must end at the entry's offset ("bad-entry" if not: the index is
+        derived and may be stale, the log is the truth); after that base offsets must chain.
+        """
+        expected_base = segment.base_offset if position == 0 else None
+        expected_last = entry_offset if position > 0 else None
+        # Bounded: each round moves ``position`` forward by at least one batch, or returns.
+        while position + _HEADER <= end:
+            base, length = _HEAD.unpack_from(view, position)
+            size = length + _OVERHEAD
+            if view[position + _MAGIC_AT] != layout.MAGIC or length < layout.BATCH_LENGTH_MIN \
+                    or position + size > end:
+                if expected_last is not None:
+                    return "bad-entry"
+                raise self._corrupt(segment, position, "is not a whole RecordBatch v2 header")
+            last = base + _LAST_DELTA.unpack_from(view, position + _LAST_DELTA_AT)[0]
+            if (expected_base is not None and base != expected_base) or \
+                    (expected_last is not None and last != expected_last) or last < base:
+                if expected_last is not None:
+                    return "bad-entry"
+                raise self._corrupt(segment, position, (
+                    f"holds offsets {base}..{last}, expected it to start at {expected_base} "
+                    f"(base_offset is outside the CRC)"))
+            if last >= offset:
+                return position, base
+            expected_base, expected_last = last + 1, None
+            position += size
+        return None
+
+    def _slice(self, segment: _SegmentFile, view: memoryview, position: int, first: int,
+               end: int, max_bytes: int, hw: int, verify_crc: bool) -> LogSlice | None:
+        limit = min(end, position + max(max_bytes, _HEADER))
+        _, status, _, batches = _native.scan_batches(view[position:limit], verify_crc, False, 0)
+        if not batches:
+            # The first batch alone is larger than max_bytes: hand it out whole anyway.
+            length = _HEAD.unpack_from(view, position)[1] + _OVERHEAD
+            if position + length <= end:
+                _, status, _, batches = _native.scan_batches(
+                    view[position:position + length], verify_crc, False, 0)
+            if not batches:
+                raise self._corrupt(segment, position, f"scan status {status}")
+        if batches[0][1] != first:
+            raise self._corrupt(segment, position, f"starts at offset {batches[0][1]}, not {first}")
+        expected = first
+        count = 0
+        # Bounded by the batches found in at most max_bytes.
+        for _, base, last, _, _ in batches:
+            if base != expected or last >= hw:
+                break
+            expected = last + 1
+            count += 1
+        if count == 0:
+            if batches[0][2] >= hw:
+                return LogSlice(memoryview(b""), segment.path, position, 0, first, first - 1)
+            raise self._corrupt(segment, position, "offsets do not chain")
+        last_position = position + batches[count - 1][0]
+        stop = last_position + _HEAD.unpack_from(view, last_position)[1] + _OVERHEAD
+        segment.hint_offset, segment.hint_position = expected, stop
+        return LogSlice(data=view[position:stop], path=segment.path, file_position=position,
+                        length=stop - position, first_offset=first, last_offset=expected - 1)
+
+    def _corrupt(self, segment: _SegmentFile, position: int, problem: str) -> errors.CorruptSegmentError:
+        return errors.CorruptSegmentError(
+            f"corrupt segment {segment.path} at position {position}: batch {problem}",
+            path=segment.path, position=position)
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release fds and mappings; views handed out stay valid (they keep their mapping)."""
+        for segment in self._segments.values():
+            segment.close()
+        self._segments.clear()
+        self._mapped.clear()
+        self._closed = True
+
+    def __enter__(self) -> "LogReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"LogReader({self.directory!r}, segments={self._bases})"

@@ -1,0 +1,300 @@
+"""One drain round: committed frames from the rings -> one log append -> completions ->
+released ring space. And, once at start, the replay check that keeps a restart from
+appending a frame twice. Design: docs/design/partition.md.
+
+A round, in order (the order is what makes a crash at any point safe):
+
+1. ``poll`` each readable ring (round-robin start, at most PARTITION_RING_ROUND_BYTES_MAX per
+   ring and PARTITION_ROUND_BYTES_MAX in all), as memoryviews of the ring's frames;
+2. write the log end offset to the control region (``append_round_base_offset``);
+3. join every payload into one buffer (the only copy; it also means a producer cannot change
+   bytes between validation and write) and ``PartitionLog.append`` it: one validation pass,
+   one ``writev`` per segment touched. Each ring's frames are contiguous in the buffer, so one
+   completion per ring gives the producer every record's offset;
+4. fsync if a ring of this round asked for acks="all" (``fsync_required``);
+5. ``complete`` each ring's frames, then ``release`` their space.
+
+A kill between 3 and 5 leaves frames appended but not released. The restarted process reads
+the log from ``append_round_base_offset`` and matches each batch's (producer_id, base_sequence)
+— stamped by the producer as (its ring's slot and generation, the frame's sequence) — with
+the frames at each ring's read position (:func:`replay_unreleased`).
+
+A batch that fails validation costs only its own frame: the round falls back to one append per
+ring, and for the ring that failed to one validation per frame; the bad frame is completed with
+the error's code and skipped, the others are appended.
+
+Owned by the partition process's main thread; not thread-safe.
+"""
+from __future__ import annotations
+
+import logging
+import struct
+
+from .. import errors, records
+from ..config import PARTITION_RING_ROUND_BYTES_MAX, PARTITION_ROUND_BYTES_MAX
+from ..layout import record_batch as RB
+from ..layout import shm as L
+from ..log import PartitionLog
+from ..native import _native
+from ..shm.control import ControlRegion
+from .ingress import Ingress, IngressRing, base_sequence_for
+
+log = logging.getLogger("shmbroker.partition")
+
+#: Errors that belong to one frame's bytes (the frame is rejected, the partition carries on).
+#: Anything else from the log (an I/O error) is not the producer's fault and stops the process;
+#: the supervisor restarts it and the frames, never released, are read again.
+FRAME_ERRORS = (errors.CorruptRecordError, errors.RecordTooLargeError,
+                errors.UnsupportedCompressionError, errors.InvalidOffsetError)
+
+_LAST_OFFSET_DELTA = struct.Struct(">i")
+_BATCH_LENGTH = struct.Struct(">i")
+_LAST_OFFSET_DELTA_AT = RB.FIELDS[[f.name for f in RB.FIELDS].index("last_offset_delta")].offset
+_BATCH_LENGTH_AT = RB.FIELDS[[f.name for f in RB.FIELDS].index("batch_length")].offset
+#: Bytes scanned per read of the log while looking for already appended frames.
+_REPLAY_READ_BYTES = 1 << 20
+#: One frame per ring_scan call (to know each frame's end position).
+_ONE_FRAME = 1
+_SCAN_BYTES_ANY = 1 << 62
+
+
+def offsets_in(payload) -> int:
+    """Offsets taken by the (validated) batches of one frame's payload."""
+    n = pos = 0
+    end = len(payload)
+    while pos < end:  # bounded: every batch is at least a header long
+        n += _LAST_OFFSET_DELTA.unpack_from(payload, pos + _LAST_OFFSET_DELTA_AT)[0] + 1
+        pos += RB.LOG_OVERHEAD + _BATCH_LENGTH.unpack_from(payload, pos + _BATCH_LENGTH_AT)[0]
+    return n
+
+
+class Drainer:
+    """Moves committed frames from an Ingress into a PartitionLog (see the module doc)."""
+
+    def __init__(self, log_: PartitionLog, control: ControlRegion, ingress: Ingress,
+                 round_bytes_max: int = PARTITION_ROUND_BYTES_MAX,
+                 ring_round_bytes_max: int = PARTITION_RING_ROUND_BYTES_MAX):
+        self.log = log_
+        self.control = control
+        self.ingress = ingress
+        self.round_bytes_max = round_bytes_max
+        self.ring_round_bytes_max = ring_round_bytes_max
+        self._start = 0  # round-robin: which ring goes first
+        #: Counters for logs and tests.
+        self.rounds = 0
+        self.frames_rejected = 0
+
+    # -- one round ------------------------------------------------------------------------------
+
+    def round(self) -> int:
+        """Drains what is committed now (bounded); returns the frames handled (0: none)."""
+        rings = list(self.ingress)
+        if not rings:
+            return 0
+        self._start = (self._start + 1) % len(rings)
+        taken = []
+        budget = self.round_bytes_max
+        for ring in rings[self._start:] + rings[:self._start]:
+            if ring.broken is not None:
+                continue
+            start = ring.consumer.position
+            try:
+                batch = ring.consumer.poll(self.ring_round_bytes_max, copy=False)
+            except errors.RingCorruptError as exc:
+                self._mark_broken(ring, exc)
+                continue
+            if batch is None:
+                continue
+            taken.append((ring, start, batch))
+            budget -= sum(len(v) for v in batch.data)
+            if budget <= 0:
+                break
+        if not taken:
+            return 0
+        try:
+            self._append(taken)
+        finally:
+            for _, _, batch in taken:
+                for view in batch.data:
+                    view.release()
+        self.rounds += 1
+        return sum(batch.count for _, _, batch in taken)
+
+    def _append(self, taken: list) -> None:
+        self.control.set_append_round_base_offset(self.log.log_end_offset)
+        data = b"".join([view for _, _, batch in taken for view in batch.data])
+        try:
+            info = self.log.append(data)
+        except FRAME_ERRORS:
+            del data
+            self._append_ring_by_ring(taken)
+            return
+        offset = info.base_offset
+        done = []
+        for i, (ring, _, batch) in enumerate(taken):
+            done.append((ring, batch.first_sequence, batch.last_sequence, offset,
+                         batch.next_position))
+            if i + 1 < len(taken):
+                offset += sum(offsets_in(v) for v in batch.data)
+        self._finish(done)
+
+    def _finish(self, done: list) -> None:
+        """fsync if asked, then complete, then release (this order: see the module doc)."""
+        if any(ring.consumer.fsync_required for ring, *_ in done):
+            self.log.flush()
+        for ring, first, last, base_offset, next_position in done:
+            if last >= first:
+                ring.consumer.complete(first, last, base_offset)
+        for ring, _, _, _, next_position in done:
+            ring.consumer.release(next_position)
+
+    # -- a round with a bad batch ----------------------------------------------------------------
+
+    def _append_ring_by_ring(self, taken: list) -> None:
+        done = []
+        for ring, start, batch in taken:
+            try:
+                info = self.log.append(b"".join(batch.data))
+            except FRAME_ERRORS:
+                self._finish(done)  # what is appended so far, before the slow path
+                done = []
+                self._append_frame_by_frame(ring, start, batch)
+                continue
+            done.append((ring, batch.first_sequence, batch.last_sequence, info.base_offset,
+                         batch.next_position))
+        self._finish(done)
+
+    def _append_frame_by_frame(self, ring: IngressRing, start: int, batch) -> None:
+        """Appends the good frames of one ring's round, completes the bad ones with their
+        error. Needs one completion per run of good frames and one per bad frame; when the
+        producer's completion slots run out, the rest is left for a later round."""
+        consumer = ring.consumer
+        copies = [bytes(v) for v in batch.data]
+        k = 0
+        n = len(copies)
+        while k < n:  # bounded: k grows every pass or the loop breaks
+            j = k
+            bad: errors.ShmbrokerError | None = None
+            while j < n:
+                try:
+                    self.log.validate(copies[j])
+                except FRAME_ERRORS as exc:
+                    bad = exc
+                    break
+                j += 1
+            if j > k:
+                if consumer.completions_full():
+                    break
+                info = self.log.append(b"".join(copies[k:j]))
+                if consumer.fsync_required:
+                    self.log.flush()
+                consumer.complete(batch.first_sequence + k, batch.first_sequence + j - 1,
+                                  info.base_offset)
+            if bad is None:
+                k = j
+                continue
+            if consumer.completions_full():
+                k = j
+                break
+            seq = batch.first_sequence + j
+            log.warning("partition %s/%d: rejected frame %d of ring %s (producer pid %d): %s",
+                        self.ingress.topic, self.ingress.partition, seq, ring.name,
+                        consumer.owner_pid, bad)
+            consumer.complete(seq, seq, -1, bad.code)
+            self.frames_rejected += 1
+            k = j + 1
+        if k == n:
+            consumer.release(batch.next_position)
+            return
+        position = start
+        if k > 0:
+            position, _ = _native.ring_scan(consumer.buf, start, batch.first_sequence,
+                                            _SCAN_BYTES_ANY, k)
+        consumer.skip_to(position, batch.first_sequence + k)
+
+    def _mark_broken(self, ring: IngressRing, exc: Exception) -> None:
+        ring.broken = str(exc)
+        log.error("partition %s/%d: ring %s (producer pid %d) is corrupt and is no longer read: "
+                  "%s", self.ingress.topic, self.ingress.partition, ring.name,
+                  ring.consumer.owner_pid, exc)
+
+    # -- after a restart ------------------------------------------------------------------------
+
+    def replay_unreleased(self) -> int:
+        """Frames at the rings' read positions that the previous process appended (its last
+        round) but did not release: complete them with the offsets they got, skip them.
+        Returns how many were found."""
+        base = self.control.append_round_base_offset
+        end = self.log.log_end_offset
+        if base < 0 or base >= end or base < self.log.log_start_offset:
+            return 0
+        appended = self._appended_since(base)
+        found = 0
+        for ring in self.ingress:
+            found += self._skip_appended(ring, appended)
+        if found:
+            log.info("partition %s/%d: %d frame(s) appended before the restart but not released "
+                     "were recognised in the log and not appended again", self.ingress.topic,
+                     self.ingress.partition, found)
+        return found
+
+    def _appended_since(self, offset: int) -> dict[tuple[int, int], int]:
+        """(producer_id, base_sequence) -> base offset of every stamped batch from ``offset``."""
+        appended: dict[tuple[int, int], int] = {}
+        end = self.log.log_end_offset
+        while offset < end:  # bounded: offset grows with every slice
+            piece = self.log.read(offset, _REPLAY_READ_BYTES)
+            if piece.length == 0:
+                break
+            scan = records.scan_batches(piece.data, verify_crc=False)
+            for b in scan.batches:
+                header = records.read_header(piece.data, b.position)
+                if header.producer_id >= 0 and b.base_offset >= offset:
+                    appended[(header.producer_id, header.base_sequence)] = b.base_offset
+            offset = piece.last_offset + 1
+            del piece, scan
+        return appended
+
+    def _skip_appended(self, ring: IngressRing, appended: dict) -> int:
+        consumer = ring.consumer
+        seq = consumer.first_unread_sequence()
+        if seq is None:
+            return 0
+        position, start_seq = consumer.position, seq
+        runs: list[list[int]] = []  # [first, last, base_offset, next_offset]
+        while True:  # bounded by the frames in the ring
+            nxt, spans = _native.ring_scan(consumer.buf, position, seq, _SCAN_BYTES_ANY,
+                                           _ONE_FRAME)
+            if not spans:
+                break
+            off, length = spans[0]
+            if length < RB.HEADER_SIZE:
+                break
+            header = records.read_header(consumer.buf, off)
+            key = (header.producer_id, header.base_sequence)
+            if header.producer_id != ring.producer_id or \
+                    header.base_sequence != base_sequence_for(seq) or key not in appended:
+                break
+            base_offset = appended[key]
+            with memoryview(consumer.buf) as whole, whole[off:off + length] as payload:
+                frame_offsets = offsets_in(payload)
+            if runs and runs[-1][3] == base_offset:
+                runs[-1][1] = seq
+                runs[-1][3] = base_offset + frame_offsets
+            else:
+                runs.append([seq, seq, base_offset, base_offset + frame_offsets])
+            position, seq = nxt, seq + 1
+        if seq == start_seq:
+            return 0
+        acked = _native.atomic_load_u64(consumer.buf, L.RING["acked_sequence"])
+        for first, last, base_offset, _ in runs:
+            if last >= acked and not consumer.completions_full():
+                consumer.complete(max(first, acked), last,
+                                  base_offset if first >= acked else
+                                  self._offset_of(appended, ring, max(first, acked)))
+        consumer.skip_to(position, seq)
+        return seq - start_seq
+
+    @staticmethod
+    def _offset_of(appended: dict, ring: IngressRing, seq: int) -> int:
+        return appended[(ring.producer_id, base_sequence_for(seq))]

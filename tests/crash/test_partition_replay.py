@@ -1,0 +1,129 @@
+"""The partition process's drain round, driven in-process so that a crash can be put exactly
+between "appended" and "released": a restarted owner recognises the frames in the log (by the
+producer_id / base_sequence stamps) and neither appends them again nor loses their acks. Also:
+one bad frame in a round is rejected alone."""
+from __future__ import annotations
+
+import pytest
+
+from shmbroker import errors, records
+from shmbroker.config import LogConfig
+from shmbroker.layout import shm as L
+from shmbroker.partition.ingress import base_sequence_for, producer_id_for
+from shmbroker.partition.owner import PartitionOwner
+from shmbroker.shm import names
+from shmbroker.shm.control import ControlRegion
+from shmbroker.shm.ring import RingProducer
+
+TOPIC = "t"
+
+
+class Crash(Exception):
+    """Stands for a kill -9 at the point where it is raised."""
+
+
+@pytest.fixture
+def shm(data_dir):
+    """A control region as the supervisor makes it, and one producer's ring registered in it."""
+    prefix = names.broker_prefix(str(data_dir))
+    control = ControlRegion.create(names.control_name(prefix, TOPIC, 0), 0)
+    slot, generation = control.claim_slot(1 << 16)
+    ring = RingProducer.create(names.ring_name(prefix, TOPIC, 0, slot, generation), 1 << 16,
+                               partition=0, slot=slot, generation=generation, control=control)
+    control.set_slot_state(slot, L.SLOT_READY)
+    control.announce_registry_change()
+    yield control, ring, producer_id_for(slot, generation)
+    ring.close()
+    control.unlink()
+    control.close()
+
+
+def owner_for(data_dir, control) -> PartitionOwner:
+    return PartitionOwner(str(data_dir), TOPIC, 0, LogConfig(),
+                          control=ControlRegion.attach(control.name))
+
+
+def crash(owner: PartitionOwner) -> None:
+    """What a kill -9 leaves: the log's files as they are, the shared memory as it is."""
+    owner.log.abandon()
+    for ring in owner.ingress:
+        ring.consumer.close()
+    owner.control.close()
+
+
+def write_frames(ring: RingProducer, producer_id: int, count: int, per_frame: int = 3) -> None:
+    for _ in range(count):
+        seq = ring.next_sequence
+        ring.send(records.encode_batch([b"f%d-r%d" % (seq, i) for i in range(per_frame)],
+                                       producer_id=producer_id, producer_epoch=0,
+                                       base_sequence=base_sequence_for(seq)))
+
+
+def values_in_log(owner: PartitionOwner) -> list[bytes]:
+    piece = owner.log.read(owner.log.log_start_offset, 1 << 24)
+    return [r.value for r in records.decode_records(piece.data)]
+
+
+@pytest.mark.parametrize("crash_after", ["append", "complete"])
+def test_frames_appended_but_not_released_before_a_crash_are_not_appended_twice(
+        data_dir, shm, crash_after, caplog):
+    control, ring, producer_id = shm
+    owner = owner_for(data_dir, control)
+    write_frames(ring, producer_id, 2)
+    assert owner.step()  # frames 0-1 appended, completed, released
+    write_frames(ring, producer_id, 4)
+    real_finish = owner.drainer._finish
+
+    def finish_then_crash(done):
+        if crash_after == "complete":
+            for r, first, last, base, _ in done:
+                r.consumer.complete(first, last, base)
+        raise Crash
+
+    owner.drainer._finish = finish_then_crash
+    with pytest.raises(Crash):
+        owner.step()  # frames 2-5 appended (offsets 6..17), never released
+    owner.drainer._finish = real_finish
+    crash(owner)
+    assert ring.read_position < ring.write_position
+
+    with caplog.at_level("INFO", logger="shmbroker.partition"):
+        restarted = owner_for(data_dir, control)
+    assert "4 frame(s) appended before the restart but not released" in caplog.text
+    restarted.step()
+    assert ring.drained()
+    values = values_in_log(restarted)
+    assert len(values) == 18 and len(set(values)) == 18  # every record once
+    completions = ring.poll_completions()
+    assert completions[0] == (0, 1, 0, 0)
+    assert completions[1] == (2, 5, 6, 0)  # the replay's (or the crashed process's) ack
+    assert len(completions) == 2  # never acknowledged twice
+    restarted.shutdown()
+    restarted.close()
+
+
+def test_one_bad_frame_in_a_round_is_rejected_alone(data_dir, shm):
+    control, ring, producer_id = shm
+    owner = owner_for(data_dir, control)
+    write_frames(ring, producer_id, 1)
+    ring.send(b"\0" * 70)  # not a RecordBatch
+    too_big = records.encode_batch([b"x" * 2000], producer_id=producer_id, producer_epoch=0,
+                                   base_sequence=base_sequence_for(ring.next_sequence))
+    write_frames(ring, producer_id, 1)
+    owner.log.config = LogConfig(batch_bytes_max=1024)  # as a topic with max.message.bytes=1024
+    ring.send(too_big)
+    write_frames(ring, producer_id, 1)
+    assert owner.step()
+    owner.step()
+    got = ring.poll_completions()
+    assert ring.drained()
+    assert [(c.first_sequence, c.last_sequence) for c in got if c.error_code == 0] == \
+        [(0, 0), (2, 2), (4, 4)]
+    errors_by_seq = {c.first_sequence: c.error_code for c in got if c.error_code}
+    assert errors_by_seq == {1: errors.CorruptRecordError.code,
+                             3: errors.RecordTooLargeError.code}
+    assert values_in_log(owner) == [b"f0-r0", b"f0-r1", b"f0-r2", b"f2-r0", b"f2-r1", b"f2-r2",
+                                    b"f4-r0", b"f4-r1", b"f4-r2"]
+    assert owner.drainer.frames_rejected == 2
+    owner.shutdown()
+    owner.close()

@@ -1,0 +1,235 @@
+"""Producers in real processes writing through shared-memory rings into a real broker: every
+record lands in the log exactly once, at the offset its future returned, in the order each
+producer sent it; bad input gives typed errors and the broker keeps serving."""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from broker_harness import WAIT_S_MAX, run_cli, wait_for
+from produce_helpers import (check_exactly_once, make_value, read_partition, read_topic,
+                             spawn_producer)
+
+from shmbroker import Admin, Producer, errors
+from shmbroker.layout import shm as L
+from shmbroker.shm import names
+from shmbroker.shm.control import ControlRegion
+
+
+@pytest.fixture(autouse=True)
+def stop_resource_tracker():
+    """multiprocessing's spawn starts a resource-tracker process that outlives the test; stop
+    it so the leak check sees only the processes the test itself started."""
+    yield
+    from multiprocessing import resource_tracker
+
+    resource_tracker._resource_tracker._stop()
+
+
+def create_topic(data_dir, name, partitions, config=None):
+    with Admin(broker=data_dir) as admin:
+        admin.create_topic(name, partitions, config)
+
+
+def test_records_from_a_producer_process_are_in_the_log_once_at_their_future_offsets(
+        broker, tmp_path):
+    create_topic(broker.data_dir, "orders", 3)
+    out = str(tmp_path / "p0.json")
+    proc = spawn_producer(multiprocessing.get_context("spawn"), broker.data_dir, "orders", 0,
+                          20_000, 3, out)
+    proc.join(WAIT_S_MAX)
+    assert proc.exitcode == 0
+    check_exactly_once(broker.data_dir, "orders", 3, {0: out}, 20_000)
+
+
+@pytest.mark.slow
+def test_8_producer_processes_x_4_partitions_x_100k_every_record_once_in_order(broker,
+                                                                                tmp_path):
+    count = 100_000
+    create_topic(broker.data_dir, "many", 4)
+    ctx = multiprocessing.get_context("spawn")
+    outs = {i: str(tmp_path / f"p{i}.json") for i in range(8)}
+    procs = [spawn_producer(ctx, broker.data_dir, "many", i, count, 4, outs[i], chunk=count // 4)
+             for i in range(8)]
+    for proc in procs:
+        proc.join(120)
+        assert proc.exitcode == 0
+    check_exactly_once(broker.data_dir, "many", 4, outs, count)
+    # Every producer closed: its rings are gone and its registry slots free.
+    prefix = names.broker_prefix(broker.data_dir)
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith(prefix + "r.")]
+
+
+def test_keyed_keyless_and_explicit_partitions_and_batches(broker):
+    create_topic(broker.data_dir, "mix", 4)
+    with Producer(broker=broker.data_dir) as producer:
+        keyed = [producer.send("mix", b"v%d" % i, key=b"user-%d" % (i % 7)) for i in range(200)]
+        keyless = [producer.send("mix", b"free %d" % i) for i in range(200)]
+        explicit = producer.send("mix", b"to-two", partition=2)
+        rows = np.arange(3000 * 16, dtype=np.uint8).reshape(3000, 16)
+        batch = producer.send_batch("mix", rows, partition=1)
+        listed = producer.send_batch("mix", [b"a", b"bb", b"ccc"])
+        by_key = producer.send_batch("mix", [b"k1", b"k2"], keys=[b"alpha", b"beta"])
+        producer.flush()
+        from shmbroker import records
+        for i, f in enumerate(keyed):
+            assert f.result().partition == records.partition_for_key(b"user-%d" % (i % 7), 4)
+        assert explicit.result().partition == 2
+        topic, partition, base = batch.result()
+        assert (topic, partition) == ("mix", 1)
+        assert list(batch.offsets()) == list(range(base, base + 3000))
+        assert len(listed.offsets()) == 3
+        results = by_key.result()
+        assert [r.partition for r in results] == [records.partition_for_key(k, 4)
+                                                 for k in (b"alpha", b"beta")]
+        where = {(r.partition, r.offset) for r in (f.result() for f in keyed + keyless)}
+        assert len(where) == 400  # distinct offsets
+    logs = read_topic(broker.data_dir, "mix", 4)
+    assert sum(len(v) for v in logs.values()) == 400 + 1 + 3000 + 3 + 2
+    p1 = {r.offset: r.value for r in logs[1]}
+    assert all(p1[base + i] == rows[i].tobytes() for i in range(3000))
+    # Sticky partitioner: keyless records stick to one partition per batch and move to
+    # another one when the batch is written.
+    with Producer(broker=broker.data_dir) as producer:
+        runs = []
+        for _ in range(5):
+            futures = [producer.send("mix", b"sticky") for _ in range(10)]
+            producer.flush()
+            runs.append({f.result().partition for f in futures})
+    assert len(set().union(*runs)) > 1  # each written batch moves the sticky partition
+
+
+def test_acks_0_and_all(broker):
+    create_topic(broker.data_dir, "acks", 1)
+    with Producer(broker=broker.data_dir, acks=0) as p0:
+        futures = [p0.send("acks", b"zero %d" % i) for i in range(100)]
+        p0.flush()
+        assert {f.result().offset for f in futures} == {-1}
+    with Producer(broker=broker.data_dir, acks="all") as pall:
+        f = pall.send("acks", b"durable")
+        assert f.result(timeout=10).offset == 100
+    values = [r.value for r in read_partition(broker.data_dir, "acks", 0)]
+    assert values == [b"zero %d" % i for i in range(100)] + [b"durable"]
+
+
+def _fork_worker(producer, data_dir, out):
+    """In a forked child: the inherited producer works (on new rings of its own)."""
+    future = producer.send("forked", b"from child %d" % os.getpid(), partition=0)
+    out.put(tuple(future.result(timeout=10)))
+    producer.close()
+
+
+def _spawn_worker(data_dir, out):
+    with Producer(broker=data_dir) as producer:
+        out.put(tuple(producer.send("forked", b"from spawned", partition=0).result(timeout=10)))
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_fork_and_spawn_workers_produce_correctly(broker, method):
+    create_topic(broker.data_dir, "forked", 1)
+    ctx = multiprocessing.get_context(method)
+    queue = ctx.Queue()
+    with Producer(broker=broker.data_dir) as parent:
+        parent.send("forked", b"parent before", partition=0).result(timeout=10)
+        pending = parent.send("forked", b"parent pending", partition=0)  # maybe accumulated
+        if method == "fork":
+            procs = [ctx.Process(target=_fork_worker, args=(parent, broker.data_dir, queue))
+                     for _ in range(3)]
+        else:
+            procs = [ctx.Process(target=_spawn_worker, args=(broker.data_dir, queue))
+                     for _ in range(3)]
+        for proc in procs:
+            proc.start()
+        results = [queue.get(timeout=WAIT_S_MAX) for _ in procs]
+        for proc in procs:
+            proc.join(WAIT_S_MAX)
+            assert proc.exitcode == 0
+        after = parent.send("forked", b"parent after", partition=0).result(timeout=10)
+        pending.result(timeout=10)
+    values = [r.value for r in read_partition(broker.data_dir, "forked", 0)]
+    assert values.count(b"parent pending") == 1  # a child never re-sends what the parent held
+    assert len(values) == 6 and values[0] == b"parent before"
+    assert sorted(o for _, _, o in results + [tuple(after)]) == \
+        sorted({o for _, _, o in results + [tuple(after)]})
+
+
+def test_bad_input_gives_typed_errors_and_the_broker_keeps_serving(broker):
+    create_topic(broker.data_dir, "good", 1, {"max.message.bytes": 4096})
+    pids_before = broker.partition_pids(broker.wait_running())
+    with Producer(broker=broker.data_dir) as producer:
+        with pytest.raises(errors.UnknownTopicOrPartitionError):
+            producer.send("no-such-topic", b"x")
+        with pytest.raises(errors.UnknownTopicOrPartitionError):
+            producer.send("good", b"x", partition=5)
+        with pytest.raises(errors.RecordTooLargeError):
+            producer.send("good", b"x" * 5000)
+        with pytest.raises(TypeError):
+            producer.send("good", "not bytes")
+        # A frame that is not a RecordBatch (a buggy or hostile producer) is rejected with a
+        # typed error for that frame only.
+        producer.send("good", b"first").result(timeout=10)
+        writer = producer._writers[("good", 0)]
+        bad = producer.send("good", b"corrupt me")
+        producer._write(producer._accs[("good", 0)])
+        # Corrupt the CRC of the batch now in the ring: simulate by writing a garbage frame.
+        seq = writer.ring.send(b"\0" * 80)
+        writer.next_sequence = seq + 1
+        from shmbroker.client.producer import _Batch
+        garbage = _Batch(producer, "good", 0)
+        garbage.count, garbage.writer, garbage.sequence = 1, writer, seq
+        writer.inflight.append(garbage)
+        with pytest.raises(errors.CorruptRecordError):
+            garbage.wait(10)
+        assert bad.result(timeout=10).offset == 1
+        assert producer.send("good", b"after").result(timeout=10).offset == 2
+    assert broker.partition_pids(broker.wait_running()) == pids_before
+    assert [r.value for r in read_partition(broker.data_dir, "good", 0)] == \
+        [b"first", b"corrupt me", b"after"]
+
+
+def test_a_broker_that_is_not_running_is_named_in_the_error(broker_dir):
+    with pytest.raises(errors.BrokerNotRunningError, match=broker_dir):
+        Producer(broker=broker_dir)
+
+
+def test_a_closed_producer_refuses_sends(broker):
+    create_topic(broker.data_dir, "closed", 1)
+    producer = Producer(broker=broker.data_dir)
+    producer.send("closed", b"x").result(timeout=10)
+    producer.close()
+    with pytest.raises(errors.IllegalStateError):
+        producer.send("closed", b"y", partition=0)
+
+
+def test_clean_stop_drains_rings_and_leaves_no_shared_memory(make_broker, tmp_path):
+    broker = make_broker()
+    create_topic(broker.data_dir, "drain", 2)
+    producer = Producer(broker=broker.data_dir, acks=0)
+    for i in range(10_000):
+        producer.send("drain", b"r%d" % i, partition=i % 2)
+    producer.flush()  # acks=0: in the rings, maybe not appended yet
+    assert broker.stop() == 0
+    assert sum(len(read_partition(broker.data_dir, "drain", p)) for p in range(2)) == 10_000
+    with pytest.raises(errors.BrokerNotRunningError):
+        producer.send("drain", b"late", partition=0).result(timeout=5)
+    producer.close()
+    prefix = names.broker_prefix(broker.data_dir)
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith(prefix)]
+
+
+def test_cli_produce_reads_lines_with_keys(broker):
+    create_topic(broker.data_dir, "lines", 2)
+    proc = subprocess.run(
+        [sys.executable, "-m", "shmbroker", "produce", "lines", "--data-dir", broker.data_dir,
+         "--key-separator", ":", "--verbose"],
+        input="a:one\nb:two\nc:three\n", capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "3" in proc.stdout + proc.stderr
+    got = {r.key: r.value for p in range(2) for r in read_partition(broker.data_dir, "lines", p)}
+    assert got == {b"a": b"one", b"b": b"two", b"c": b"three"}
+    bad = run_cli("produce", "nope", "--data-dir", broker.data_dir)
+    assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "nope" in bad.stderr

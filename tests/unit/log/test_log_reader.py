@@ -1,0 +1,201 @@
+"""LogReader: a second, read-only view of a partition log, bounded by the published state."""
+from __future__ import annotations
+
+import os
+
+import pytest
+from log_helpers import batch
+
+from shmbroker import errors, records
+from shmbroker.log import reader as reader_module
+from shmbroker.log.reader import LogReader, ReadState
+
+
+def state_of(log, hw=None, end=None) -> ReadState:
+    """What the partition process publishes after an append (hw/end overridable)."""
+    active = log.active_segment
+    return ReadState(log.high_watermark if hw is None else hw, log.log_start_offset,
+                     active.base_offset, active.size if end is None else end)
+
+
+def read_all(reader: LogReader, state, start: int = 0, max_bytes: int = 1 << 20) -> list:
+    out = []
+    offset = start
+    # Bounded: each read returns at least one batch until the high watermark.
+    while offset < state.high_watermark:
+        piece = reader.read(offset, max_bytes, state)
+        assert piece.length > 0
+        out.extend((r.offset, r.value) for r in records.decode_records(piece.data)
+                   if r.offset >= offset)
+        offset = piece.next_offset
+    return out
+
+
+def fill(log, batches: int, per_batch: int = 3, size: int = 10) -> list:
+    expected = []
+    for b in range(batches):
+        values = [f"{b}:{i}:".encode().ljust(size, b"x") for i in range(per_batch)]
+        info = log.append(batch(values))
+        expected.extend(zip(range(info.base_offset, info.last_offset + 1), values))
+    return expected
+
+
+def test_reads_what_the_writer_appended_batch_by_batch(open_log, tmp_path):
+    log = open_log()
+    expected = fill(log, 20)
+    with LogReader(tmp_path / "p0") as reader:
+        assert read_all(reader, state_of(log)) == expected
+        assert read_all(reader, state_of(log), max_bytes=1) == expected  # one batch per read
+        assert read_all(reader, state_of(log), start=31) == expected[31:]
+
+
+def test_never_returns_a_batch_at_or_above_the_high_watermark_even_if_in_the_file(open_log, tmp_path):
+    log = open_log()
+    fill(log, 4, per_batch=3)  # offsets 0..11 in batches of 3
+    reader = LogReader(tmp_path / "p0")
+    # Bytes of all four batches are in the file and the end position says so, but only
+    # offsets below 6 are committed.
+    state = state_of(log, hw=6)
+    piece = reader.read(0, 1 << 20, state)
+    assert (piece.first_offset, piece.last_offset) == (0, 5)
+    assert [r.offset for r in records.decode_records(piece.data)] == list(range(6))
+    assert reader.read(6, 1 << 20, state).length == 0  # at the hw: nothing yet
+    with pytest.raises(errors.OffsetOutOfRangeError):
+        reader.read(7, 1 << 20, state)
+    # A hw in the middle of a batch (never published, but be strict): that batch is withheld.
+    piece = reader.read(3, 1 << 20, state_of(log, hw=8))
+    assert piece.last_offset == 5
+    reader.close()
+
+
+def test_the_published_end_position_bounds_the_active_segment(open_log, tmp_path):
+    log = open_log()
+    fill(log, 2, per_batch=2)
+    first_end = log.active_segment.size
+    published = state_of(log)
+    fill(log, 2, per_batch=2)  # appended, not published yet
+    reader = LogReader(tmp_path / "p0")
+    piece = reader.read(0, 1 << 20, published)
+    assert piece.length == first_end and piece.last_offset == 3
+    piece = reader.read(4, 1 << 20, state_of(log))
+    assert (piece.first_offset, piece.last_offset) == (4, 7)
+    reader.close()
+
+
+def test_reads_across_segment_rolls_and_remaps_a_growing_file(open_log, tmp_path):
+    log = open_log(segment_bytes=600, index_interval_bytes=0)
+    expected = []
+    reader = LogReader(tmp_path / "p0")
+    got = []
+    offset = 0
+    for _ in range(10):  # read while the writer appends and rolls
+        expected += fill(log, 3)
+        state = state_of(log)
+        got += read_all(reader, state, start=offset)
+        offset = state.high_watermark
+    assert len(log.segments) > 3
+    assert got == expected
+    assert read_all(reader, state_of(log)) == expected  # again from 0, through every segment
+    reader.close()
+
+
+def test_below_the_log_start_after_retention_is_out_of_range(open_log, tmp_path, clock):
+    log = open_log(segment_bytes=600, retention_bytes=700)
+    expected = fill(log, 30)
+    reader = LogReader(tmp_path / "p0")
+    old = reader.read(0, 1 << 20, state_of(log))  # maps the first segment
+    deleted = log.delete_old_segments()
+    assert deleted and log.log_start_offset > 0
+    state = state_of(log)
+    with pytest.raises(errors.OffsetOutOfRangeError):
+        reader.read(0, 1 << 20, state)
+    # A stale state (published before retention ran) does not help: the file is gone.
+    stale = state._replace(log_start_offset=0)
+    with pytest.raises(errors.OffsetOutOfRangeError):
+        reader.read(deleted[-1], 1 << 20, stale)
+    start = log.log_start_offset
+    assert read_all(reader, state, start=start) == [e for e in expected if e[0] >= start]
+    # The view read before the deletion is still valid: the mapping outlives the unlink.
+    assert [r.offset for r in records.decode_records(old.data)][0] == 0
+    reader.close()
+
+
+def test_index_lookup_finds_the_batch_and_a_bad_index_falls_back_to_a_scan(open_log, tmp_path):
+    log = open_log(index_interval_bytes=0)  # an entry for (almost) every batch
+    expected = fill(log, 50, per_batch=2)
+    log.close()  # indexes written and fsynced
+    directory = tmp_path / "p0"
+    index = os.path.join(directory, "00000000000000000000.index")
+    assert os.path.getsize(index) > 8 * 10
+    state = ReadState(100, 0, 0, os.path.getsize(os.path.join(directory, "00000000000000000000.log")))
+    reader = LogReader(directory)
+    assert read_all(reader, state, start=77, max_bytes=1) == expected[77:]
+    reader.close()
+    # Garbage in the index (entries pointing at wrong batches): the log is the truth.
+    with open(index, "r+b") as f:
+        f.seek(8 * 5)
+        f.write(b"\x00\x00\x00\x30\x00\x00\x00\x05" * 3)
+    reader = LogReader(directory)
+    assert read_all(reader, state, start=61, max_bytes=1) == expected[61:]
+    reader.close()
+    os.remove(index)  # missing index: walk from position 0
+    reader = LogReader(directory)
+    assert read_all(reader, state, start=99) == expected[99:]
+    reader.close()
+
+
+def test_a_file_shorter_than_the_published_end_is_an_error_not_a_sigbus(open_log, tmp_path):
+    log = open_log()
+    fill(log, 3)
+    state = state_of(log)
+    path = log.active_segment.path
+    reader = LogReader(tmp_path / "p0")
+    assert reader.read(0, 1 << 20, state).last_offset == 8
+    log.abandon()
+    os.truncate(path, 40)  # someone cut committed bytes: must not crash the reader
+    fresh = LogReader(tmp_path / "p0")
+    with pytest.raises(errors.CorruptSegmentError, match="shorter"):
+        fresh.read(0, 1 << 20, state)
+    fresh.close()
+    reader.close()
+
+
+def test_a_view_outlives_the_reader_and_the_segment_file(open_log, tmp_path):
+    log = open_log()
+    fill(log, 3)
+    reader = LogReader(tmp_path / "p0")
+    piece = reader.read(0, 1 << 20, state_of(log))
+    reader.close()
+    log.close()
+    for name in os.listdir(tmp_path / "p0"):
+        os.remove(tmp_path / "p0" / name)
+    assert len(records.decode_records(piece.data)) == 9
+
+
+def test_corrupt_crc_is_reported_when_verifying(open_log, tmp_path):
+    log = open_log()
+    fill(log, 2)
+    state = state_of(log)
+    with open(log.active_segment.path, "r+b") as f:
+        f.seek(70)
+        byte = f.read(1)
+        f.seek(70)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    reader = LogReader(tmp_path / "p0")
+    with pytest.raises(errors.CorruptSegmentError):
+        reader.read(0, 1 << 20, state)
+    piece = reader.read(0, 1 << 20, state, verify_crc=False)  # the caller's decode checks it
+    with pytest.raises(errors.CrcMismatchError):
+        records.decode_records(piece.data)
+    reader.close()
+
+
+def test_keeps_a_bounded_number_of_segments_mapped(open_log, tmp_path):
+    log = open_log(segment_bytes=600)
+    expected = fill(log, 40)
+    reader = LogReader(tmp_path / "p0")
+    assert read_all(reader, state_of(log)) == expected
+    assert len(log.segments) > reader_module.MAPPED_SEGMENTS_MAX
+    mapped = [s for s in reader._segments.values() if s.fd is not None]
+    assert len(mapped) <= reader_module.MAPPED_SEGMENTS_MAX
+    reader.close()
