@@ -15,9 +15,10 @@ from .config import default_data_dir
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo import run_broker_demo, run_log_demo
 
-    return run_demo(args.data_dir, out=sys.stdout, records_total=args.records)
+    run = run_log_demo if args.log_only else run_broker_demo
+    return run(args.data_dir, out=sys.stdout, records_total=args.records)
 
 
 def _cmd_dump_log(args: argparse.Namespace) -> int:
@@ -175,13 +176,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     demo = sub.add_parser(
-        "demo", help="write a partition log, read it back, and print what happened",
-        description="A short demo of the partition log (the broker itself arrives in a later "
-                    "release): appends batches, rolls segments, reads back and looks up by time.")
+        "demo", help="start a broker, produce and consume in separate processes, print what happened",
+        description="What `make run` runs: starts `shmbroker serve` on the data dir, creates the "
+                    "topic demo-events (4 partitions), runs 2 producer and 2 consumer processes "
+                    "through shared memory, checks every record arrived, and stops the broker. "
+                    "With --log-only: the partition log alone (append, roll, read back, time "
+                    "lookup), no broker process.")
     demo.add_argument("--data-dir", default=default_data_dir(),
-                      help="where to put the demo log (default: $SHMBROKER_DATA_DIR or "
-                           "~/.local/share/shmbroker)")
+                      help="the broker's data dir (default: $SHMBROKER_DATA_DIR or "
+                           "~/.local/share/shmbroker); stop any broker already serving it first")
     demo.add_argument("--records", type=int, default=200_000, help="records to write (default 200000)")
+    demo.add_argument("--log-only", action="store_true", help="the partition log demo, without a broker")
     demo.set_defaults(func=_cmd_demo)
 
     dump = sub.add_parser(

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -23,12 +24,24 @@ def make_log(directory, batches: int = 6) -> None:
     log.close()
 
 
-def test_demo_writes_reads_back_and_says_what_it_did(tmp_path):
-    proc = run_cli("demo", "--data-dir", str(tmp_path), "--records", "20000")
+def test_log_only_demo_writes_reads_back_and_says_what_it_did(tmp_path):
+    proc = run_cli("demo", "--log-only", "--data-dir", str(tmp_path), "--records", "20000")
     assert proc.returncode == 0, proc.stderr
     assert "appended 20,000 records" in proc.stdout
     assert "read back 20,000 records" in proc.stdout
-    assert os.path.exists(tmp_path / "demo-0" / ("0" * 20 + ".log"))
+    assert os.path.exists(tmp_path / "log-demo-0" / ("0" * 20 + ".log"))
+
+
+def test_broker_demo_runs_producers_and_consumers_and_stops_the_broker_cleanly(tmp_path):
+    data_dir = f"/tmp/shmb-demo-{os.getpid()}"  # short: the coordinator's socket path is bounded
+    try:
+        proc = run_cli("demo", "--data-dir", data_dir, "--records", "20000", timeout=180)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "OK: 20,000 of 20,000 records consumed, checksums equal" in proc.stdout
+        assert "shmbroker: partition demo-events/3" in proc.stdout
+        assert "exit status 0" in proc.stdout
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 def test_dump_log_prints_every_record_of_a_partition_directory(tmp_path):
