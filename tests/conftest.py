@@ -14,11 +14,14 @@ SHM_PREFIX = "shmb"
 # shmbroker/shm/names.py; inherited by the processes a test starts), so that the leak check of
 # one worker never blames a test for what a test running in another worker has open.
 # The tag also carries a piece of the run's id, so two pytest runs on one machine stay apart.
+# Without xdist the run's pid serves, so a plain `pytest` run is isolated the same way.
 _XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
 if _XDIST_WORKER:
     _TAG = (os.environ.get("PYTEST_XDIST_TESTRUNUID", "")[:6] + _XDIST_WORKER)[:16]
-    os.environ["SHMBROKER_SHM_TAG"] = _TAG
-    SHM_PREFIX = f"shmb-{_TAG}."
+else:
+    _TAG = f"p{os.getpid()}"
+os.environ["SHMBROKER_SHM_TAG"] = _TAG
+SHM_PREFIX = f"shmb-{_TAG}."
 
 
 def _our_shm() -> set[str]:

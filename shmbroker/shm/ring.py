@@ -251,11 +251,17 @@ class RingProducer:
         if self.control is not None:
             self.control.ring_doorbell()
         deadline = time.monotonic() + drain_timeout_ms / 1000.0
-        while not self.drained() and time.monotonic() < deadline:
-            if self.acks and self.reap_completions() and self.control is not None:
-                self.control.ring_doorbell()
-            _native.ring_wait_space(self.buf, self.capacity // 2 - L.FRAME_HEADER_BYTES,
-                                    max(1, int((deadline - time.monotonic()) * 1000)))
+        try:
+            while not self.drained() and time.monotonic() < deadline:
+                if self.acks and self.reap_completions() and self.control is not None:
+                    self.control.ring_doorbell()
+                _native.ring_wait_space(self.buf, self.capacity // 2 - L.FRAME_HEADER_BYTES,
+                                        max(1, int((deadline - time.monotonic()) * 1000)))
+        except errors.RingCorruptError:
+            # A ring whose header was overwritten never drains (the partition process stops
+            # reading it). Raising here left it in /dev/shm and its registry slot claimed,
+            # and Producer.close() never closed its other rings: unlink and unmap it anyway.
+            pass
         drained = self.drained()
         if os.getpid() == self._pid:  # a forked child never unlinks its parent's ring
             self.region.unlink()

@@ -4,6 +4,8 @@ producer_id / base_sequence stamps) and neither appends them again nor loses the
 one bad frame in a round is rejected alone."""
 from __future__ import annotations
 
+import struct
+
 import pytest
 
 from shmbroker import errors, records
@@ -125,5 +127,34 @@ def test_one_bad_frame_in_a_round_is_rejected_alone(data_dir, shm):
     assert values_in_log(owner) == [b"f0-r0", b"f0-r1", b"f0-r2", b"f2-r0", b"f2-r1", b"f2-r2",
                                     b"f4-r0", b"f4-r1", b"f4-r2"]
     assert owner.drainer.frames_rejected == 2
+    owner.shutdown()
+    owner.close()
+
+
+def test_a_ring_header_overwritten_between_poll_and_release_drops_only_that_ring(
+        data_dir, shm, caplog):
+    """A producer that scribbles over its ring's header while the partition process appends
+    its frames: release's header check raised RingCorruptError out of the round, which killed
+    the partition process (found by tests/integration/test_end_to_end.py). Now the frames
+    stay appended and completed, the ring is marked broken and logged, the process goes on."""
+    control, ring, producer_id = shm
+    owner = owner_for(data_dir, control)
+    write_frames(ring, producer_id, 2)
+    real_append = owner.log.append
+
+    def append_then_scribble(data):
+        info = real_append(data)
+        struct.pack_into("<Q", ring.buf, L.RING["write_position"], 1 << 60)
+        return info
+
+    owner.log.append = append_then_scribble
+    with caplog.at_level("ERROR", logger="shmbroker.partition"):
+        assert owner.step() == 2  # no RingCorruptError out of the round
+    owner.log.append = real_append
+    assert len(values_in_log(owner)) == 6
+    assert [c[:3] for c in ring.poll_completions()] == [(0, 1, 0)]
+    (ingress_ring,) = list(owner.ingress)
+    assert ingress_ring.broken and "is corrupt and is no longer read" in caplog.text
+    assert owner.step() == 0  # the broken ring is no longer read
     owner.shutdown()
     owner.close()
