@@ -620,6 +620,22 @@ class Producer:
             if writer.stopped():
                 self._partition_stopped(writer)
                 break
+            # A ring whose header was overwritten after our frame went in is never read again
+            # (the partition process drops it) and no completion comes: without this check
+            # the wait ran into RequestTimeoutError after the full timeout instead of the
+            # typed error (seen under load in tests/integration/test_end_to_end.py, when the
+            # overwrite landed between our write and the partition's poll). One header check
+            # per ack-wait slice; completions that landed before it still resolve (reap).
+            try:
+                _native.ring_check(writer.buf)
+            except errors.RingCorruptError as exc:
+                self._reap(writer)
+                if batch.done:
+                    break
+                for pending in writer.inflight:
+                    pending.fail(exc)
+                writer.inflight.clear()
+                raise
             left_ms = None if deadline is None else (deadline - time.monotonic()) * 1000.0
             if left_ms is not None and left_ms <= 0:
                 raise errors.RequestTimeoutError(

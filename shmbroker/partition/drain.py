@@ -12,9 +12,11 @@ A round, in order (the order is what makes a crash at any point safe):
    one ``writev`` per segment touched. Each ring's frames are contiguous in the buffer, so one
    completion per ring gives the producer every record's offset;
 4. fsync if a ring of this round asked for acks="all" (``fsync_required``);
-5. ``complete`` each ring's frames, then ``release`` their space.
+5. publish the new high watermark (consumers wake), so that an acknowledged record is always
+   readable: a producer that gets its ack and tells a consumer must not find it missing;
+6. ``complete`` each ring's frames, then ``release`` their space.
 
-A kill between 3 and 5 leaves frames appended but not released. The restarted process reads
+A kill between 3 and 6 leaves frames appended but not released. The restarted process reads
 the log from ``append_round_base_offset`` and matches each batch's (producer_id, base_sequence)
 — stamped by the producer as (its ring's slot and generation, the frame's sequence) — with
 the frames at each ring's read position (:func:`replay_unreleased`).
@@ -138,10 +140,18 @@ class Drainer:
                 offset += sum(offsets_in(v) for v in batch.data)
         self._finish(done)
 
+    def publish(self) -> None:
+        """High watermark, log start and the active segment's end, for consumers (seqlock);
+        wakes consumers sleeping on hw_seq."""
+        active = self.log.active_segment
+        self.control.publish(self.log.high_watermark, self.log.log_start_offset,
+                             active.base_offset, active.size, self.log.leader_epoch)
+
     def _finish(self, done: list) -> None:
-        """fsync if asked, then complete, then release (this order: see the module doc)."""
+        """fsync if asked, publish, then complete, then release (this order: see the module doc)."""
         if any(ring.consumer.fsync_required for ring, *_ in done):
             self.log.flush()
+        self.publish()
         for ring, first, last, base_offset, next_position in done:
             if last >= first:
                 ring.consumer.complete(first, last, base_offset)
@@ -203,6 +213,7 @@ class Drainer:
                 info = self.log.append(b"".join(copies[k:j]))
                 if consumer.fsync_required:
                     self.log.flush()
+                self.publish()  # before the ack: see the module doc, step 5
                 consumer.complete(batch.first_sequence + k, batch.first_sequence + j - 1,
                                   info.base_offset)
             if bad is None:

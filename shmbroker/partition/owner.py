@@ -91,11 +91,8 @@ class PartitionOwner:
     # -- the data plane -------------------------------------------------------------------------
 
     def publish(self) -> None:
-        """High watermark, log start and the active segment's end, for consumers (seqlock);
-        wakes consumers sleeping on hw_seq."""
-        active = self.log.active_segment
-        self.control.publish(self.log.high_watermark, self.log.log_start_offset,
-                             active.base_offset, active.size, self.log.leader_epoch)
+        """High watermark, log start and the active segment's end, for consumers."""
+        self.drainer.publish()
 
     def step(self) -> int:
         """Do the work that is due; returns how much was done (0: nothing, the loop may sleep)."""
@@ -105,9 +102,8 @@ class PartitionOwner:
             self._next_reap_ms = now + DOORBELL_SLEEP_MS_MAX
             self.ingress.reap()
         self.ingress.refresh()
-        drained = self.drainer.round()
+        drained = self.drainer.round()  # publishes before it acknowledges
         if drained:
-            self.publish()
             done += drained
         else:
             done += len(self.ingress.retire_finished())

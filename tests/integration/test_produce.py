@@ -191,6 +191,41 @@ def test_bad_input_gives_typed_errors_and_the_broker_keeps_serving(broker):
         [b"first", b"corrupt me", b"after"]
 
 
+def test_a_ring_overwritten_while_its_frame_waits_for_the_ack_fails_the_future_at_once(broker):
+    """The ring's header is overwritten after a frame went in but before the partition process
+    read it: the partition drops the ring and never completes the frame. The waiting future
+    raises RingCorruptError within an ack-wait slice, not RequestTimeoutError at its timeout
+    (as it did under load in test_end_to_end.py). The partition process is stopped (SIGSTOP)
+    meanwhile so that the overwrite certainly comes first."""
+    import signal
+    import struct
+    import time
+
+    create_topic(broker.data_dir, "torn", 1)
+    pids = broker.partition_pids(broker.wait_running())
+    producer = Producer(broker=broker.data_dir)
+    try:
+        assert producer.send("torn", b"first", partition=0).result(timeout=10).offset == 0
+        writer = producer._writers[("torn", 0)]
+        os.kill(pids[("torn", 0)], signal.SIGSTOP)
+        try:
+            future = producer.send("torn", b"second", partition=0)
+            producer._write(producer._accs[("torn", 0)])  # in the ring, not in the accumulator
+            assert future._batch.writer is writer and not future.done()
+            struct.pack_into("<Q", writer.buf, L.RING["write_position"], 1 << 60)
+            t0 = time.monotonic()
+            with pytest.raises(errors.RingCorruptError, match="ring"):
+                future.result(timeout=5)
+            assert time.monotonic() - t0 < 2
+        finally:
+            os.kill(pids[("torn", 0)], signal.SIGCONT)
+    finally:
+        producer.close(timeout=2)  # bounded: close() without a timeout used to wait forever
+    assert broker.partition_pids(broker.wait_running()) == pids
+    wait_for(lambda: f"ring {writer.ring.name} (producer pid {os.getpid()}) is corrupt" in
+             broker.log(), 5, "the broker to log the corrupt ring")
+
+
 def test_a_broker_that_is_not_running_is_named_in_the_error(broker_dir):
     with pytest.raises(errors.BrokerNotRunningError, match=broker_dir):
         Producer(broker=broker_dir)
