@@ -26,8 +26,13 @@ run: $(STAMP)
 test: $(STAMP)
 	$(VPY) -m pytest -n auto -q
 
+# The bench extra (peers of perf/bench_ipc.py) is installed on first use. Redis rows also
+# need redis-server (apt-get install redis-server); without it they are skipped with a note.
 bench: $(STAMP)
+	$(VPY) -c 'import faster_fifo, iceoryx2, redis, hiredis' 2>/dev/null || \
+		$(VPY) -m pip install --quiet -e '.[dev,bench]'
 	$(VPY) perf/bench_log.py
+	$(VPY) perf/bench_ipc.py
 
 clean:
 	rm -rf build *.egg-info shmbroker/*.so
