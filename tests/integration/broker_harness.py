@@ -3,11 +3,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any, Callable
+
+import pytest
 
 #: Every wait in these tests is bounded by this unless the test says otherwise.
 WAIT_S_MAX = 30.0
@@ -123,3 +127,35 @@ class Broker:
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(timeout=WAIT_S_MAX)
         wait_for(lambda: not self.group_alive(), 10, "the broker's processes to be gone")
+
+
+# --- fixtures (imported by tests/integration/conftest.py and tests/crash/conftest.py) ------------
+
+@pytest.fixture
+def broker_dir():
+    """A short data dir: a Unix socket path holds only 107 bytes, pytest's tmp_path is long."""
+    path = tempfile.mkdtemp(prefix="shmb-", dir="/tmp")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def make_broker(broker_dir, tmp_path):
+    """``make_broker()`` -> a started Broker on ``broker_dir``; every one is stopped at teardown."""
+    brokers: list[Broker] = []
+
+    def make(start: bool = True, data_dir: str | None = None) -> Broker:
+        broker = Broker(data_dir or broker_dir, tmp_path / f"broker-{len(brokers)}.log")
+        brokers.append(broker)
+        if start:
+            broker.start()
+        return broker
+
+    yield make
+    for broker in brokers:
+        broker.cleanup()
+
+
+@pytest.fixture
+def broker(make_broker):
+    return make_broker()
