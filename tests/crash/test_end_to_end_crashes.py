@@ -5,53 +5,16 @@ records are never lost or duplicated, and consumers carry on without a restart.
 Workers and checks: tests/integration/e2e_workers.py."""
 from __future__ import annotations
 
-import multiprocessing
 import os
 import signal
 import time
 
 import pytest
 from broker_harness import WAIT_S_MAX, wait_for
-from e2e_workers import check_consumed_partition, consume, load_consumed, produce, read_acks
-
-from shmbroker import Admin
-from shmbroker.shm import names
+from e2e_workers import (SPAWN, check_consumed_partition, consume, create_topic, join_all,
+                         load_consumed, our_shm, produce, read_acks, start, stop_all)
 
 pytestmark = pytest.mark.slow
-
-SPAWN = multiprocessing.get_context("spawn")
-
-
-def create_topic(data_dir, name, partitions):
-    with Admin(broker=data_dir) as admin:
-        admin.create_topic(name, partitions)
-
-
-def start(target, *args, **kwargs):
-    proc = SPAWN.Process(target=target, args=args, kwargs=kwargs, daemon=True)
-    proc.start()
-    return proc
-
-
-def join_all(procs, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    for proc in procs:
-        proc.join(max(0.1, deadline - time.monotonic()))
-    for proc in procs:
-        assert proc.exitcode == 0, f"worker {proc.pid} exit code {proc.exitcode}"
-
-
-def stop_all(procs) -> None:
-    for proc in procs:
-        if proc.is_alive():
-            proc.kill()
-    for proc in procs:
-        proc.join(WAIT_S_MAX)
-
-
-def our_shm(data_dir: str) -> list[str]:
-    prefix = names.broker_prefix(data_dir)
-    return sorted(n for n in os.listdir("/dev/shm") if n.startswith(prefix))
 
 
 def test_kill_9_of_partition_processes_while_consumers_consume(make_broker, tmp_path):

@@ -16,6 +16,7 @@ Importable by name, so ``spawn`` and ``Pool`` workers can run them.
 """
 from __future__ import annotations
 
+import multiprocessing
 import os
 import random
 import struct
@@ -23,6 +24,10 @@ import time
 import zlib
 
 import numpy as np
+from broker_harness import WAIT_S_MAX
+
+from shmbroker import Admin
+from shmbroker.shm import names
 
 VALUE_HEAD = struct.Struct(">II")  # producer index, sequence
 VALUE_SIZE = 100
@@ -168,3 +173,43 @@ def _first_mismatch(a: np.ndarray, b: np.ndarray) -> int:
     n = min(len(a), len(b))
     bad = np.flatnonzero(a[:n] != b[:n])
     return int(bad[0]) if len(bad) else n
+
+
+# --- starting and stopping the test's processes (shared by the e2e and e2e-crash tests) ------
+
+SPAWN = multiprocessing.get_context("spawn")
+
+
+def create_topic(data_dir, name, partitions, config=None):
+    with Admin(broker=data_dir) as admin:
+        admin.create_topic(name, partitions, config)
+
+
+def start(target, *args, ctx=SPAWN, **kwargs):
+    proc = ctx.Process(target=target, args=args, kwargs=kwargs, daemon=True)
+    proc.start()
+    return proc
+
+
+def join_all(procs, timeout_s: float) -> None:
+    """Join within one deadline for all; assert each exited 0."""
+    deadline = time.monotonic() + timeout_s
+    for proc in procs:
+        proc.join(max(0.1, deadline - time.monotonic()))
+    for proc in procs:
+        assert proc.exitcode == 0, f"worker {proc.pid} exit code {proc.exitcode}"
+
+
+def stop_all(procs) -> None:
+    """finally: nothing we started outlives the test."""
+    for proc in procs:
+        if proc.is_alive():
+            proc.kill()
+    for proc in procs:
+        proc.join(WAIT_S_MAX)
+
+
+def our_shm(data_dir: str) -> list[str]:
+    """This broker's objects in /dev/shm."""
+    prefix = names.broker_prefix(data_dir)
+    return sorted(n for n in os.listdir("/dev/shm") if n.startswith(prefix))

@@ -18,14 +18,13 @@ import numpy as np
 import psutil
 import pytest
 from broker_harness import WAIT_S_MAX, wait_for
-from e2e_workers import (check_consumed_partition, consume, load_consumed,
-                         produce, read_acks, value_maker)
+from e2e_workers import (SPAWN, check_consumed_partition, consume, create_topic, join_all,
+                         load_consumed, produce, read_acks, start, stop_all, value_maker)
 
-from shmbroker import Admin, Consumer, Producer, errors
+from shmbroker import Consumer, Producer, errors
 from shmbroker.layout import shm as L
 from shmbroker.shm import names
 
-SPAWN = multiprocessing.get_context("spawn")
 
 
 @pytest.fixture(autouse=True)
@@ -38,33 +37,12 @@ def stop_resource_tracker():
     resource_tracker._resource_tracker._stop()
 
 
-def create_topic(data_dir, name, partitions, config=None):
-    with Admin(broker=data_dir) as admin:
-        admin.create_topic(name, partitions, config)
 
 
-def start(target, *args, ctx=SPAWN, **kwargs):
-    proc = ctx.Process(target=target, args=args, kwargs=kwargs, daemon=True)
-    proc.start()
-    return proc
 
 
-def join_all(procs, timeout_s: float) -> None:
-    """Join within one deadline for all; assert each exited 0."""
-    deadline = time.monotonic() + timeout_s
-    for proc in procs:
-        proc.join(max(0.1, deadline - time.monotonic()))
-    for proc in procs:
-        assert proc.exitcode == 0, f"worker {proc.pid} exit code {proc.exitcode}"
 
 
-def stop_all(procs) -> None:
-    """finally: nothing we started outlives the test."""
-    for proc in procs:
-        if proc.is_alive():
-            proc.kill()
-    for proc in procs:
-        proc.join(WAIT_S_MAX)
 
 
 def test_8_producers_x_4_partitions_to_4_consumer_processes_every_record_once_in_order(
