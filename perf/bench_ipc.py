@@ -81,6 +81,7 @@ sys.path.insert(0, PERF)
 
 import ipc_shmbroker  # noqa: E402  (both stdlib only at the top: spawned workers import them)
 import ipc_workers  # noqa: E402
+from machine import cpu_model, filesystem_of, git_commit, memory_total  # noqa: E402
 
 KiB = 1024
 MB = 1e6
@@ -211,49 +212,12 @@ class Row:
 # --- host ---------------------------------------------------------------------------------------
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
-def git_commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO,
-                              capture_output=True, text=True, timeout=10)
-        if head.returncode != 0:
-            return "uncommitted (no commit yet)"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return head.stdout.strip() + (" + uncommitted changes" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown (git not available)"
 
 
-def memory_total() -> str:
-    try:
-        with open("/proc/meminfo") as f:
-            return f"{int(f.readline().split()[1]) / 2**20:.1f} GiB"
-    except (OSError, ValueError, IndexError):
-        return "?"
 
 
-def filesystem_of(path: str) -> str:
-    best, fs = "", "?"
-    try:
-        with open("/proc/mounts") as f:
-            for line in f:
-                dev, mnt, kind = line.split()[:3]
-                if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) > len(best):
-                    best, fs = mnt, f"{kind} on {dev}"
-    except OSError:
-        pass
-    return fs
 
 
 def package_version(dist: str) -> str:
