@@ -174,7 +174,7 @@ NOT_APPLICABLE = {
     ("iceoryx2", "batch"): "no batch API (one sample per send)",
 }
 SPIN_NOTES = {
-    "shmbroker": "send+flush; Consumer(spin_us=1000), Producer(spin_ns=1e6)",
+    "shmbroker": "send (no flush); Consumer(spin_us=1000), Producer(spin_ns=1e6)",
     "mpqueue": "get_nowait loop",
     "fasterfifo": "get_nowait loop",
     "zmq": "recv(NOBLOCK) loop",
@@ -184,7 +184,7 @@ SPIN_NOTES = {
     "shmspin": "8 B counters, no payload",
 }
 BLOCK_NOTES = {
-    "shmbroker": "send+flush; poll(timeout_ms)",
+    "shmbroker": "send (no flush); poll(timeout_ms)",
     "mpqueue": "get()",
     "fasterfifo": "get()",
     "zmq": "recv()",

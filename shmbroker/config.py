@@ -124,6 +124,17 @@ PRODUCER_LINGER_MS_MAX = 60_000
 PRODUCER_RING_BYTES_DEFAULT = 4 * MiB
 #: How long close() waits for the partition process to take what is still in the rings.
 PRODUCER_CLOSE_DRAIN_MS_MAX = 5_000
+#: Longest single sleep of a producer's background sender while records wait for a busy ring
+#: (it re-checks the partition's status and its other rings this often). With records pending
+#: for several rings it sleeps at most PRODUCER_SENDER_MULTI_WAIT_MS on one of them.
+PRODUCER_SENDER_WAIT_MS_MAX = 20
+PRODUCER_SENDER_MULTI_WAIT_MS = 1
+#: The sender takes over an accumulator that did not grow for this long (the application
+#: stopped sending to it); until then it looks on a timer, not on the ring.
+PRODUCER_SENDER_QUIET_MS = 1
+#: A background sender with nothing to do for this long ends; the next send that leaves
+#: records behind starts a new one (an idle producer has no thread).
+PRODUCER_SENDER_IDLE_MS_MAX = 1_000
 
 #: Where `make run` and `shmbroker` keep data when neither --data-dir nor the environment says.
 DATA_DIR_ENV = "SHMBROKER_DATA_DIR"

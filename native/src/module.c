@@ -1675,20 +1675,24 @@ static PyObject *py_ring_fits(PyObject *module, PyObject *args)
     return PyBool_FromLong(r);
 }
 
-/* Waits for room for a payload; True when it fits, False on timeout or on a wake-up without
- * room. Signals are checked (a KeyboardInterrupt propagates) and the wait goes on for the time
- * left. */
-static PyObject *py_ring_wait_space(PyObject *module, PyObject *args, PyObject *kwds)
+/* A ring wait of ring.c: (region, len, argument, timeout_ms, spin_ns) -> SHMB_WAIT_* or -1. */
+typedef int (*ring_wait_fn)(uint8_t *, size_t, uint64_t, int64_t, int64_t);
+
+static int wait_released_fn(uint8_t *region, size_t len, uint64_t position, int64_t timeout_ms,
+                            int64_t spin_ns)
 {
-    static char *kwlist[] = {"ring", "payload_bytes", "timeout_ms", "spin_ns", NULL};
-    PyObject *ring;
-    unsigned long long len;
-    long long timeout_ms = -1, spin_ns = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OK|LL:ring_wait_space", kwlist, &ring, &len,
-                                     &timeout_ms, &spin_ns))
-        return NULL;
+    (void)spin_ns;
+    return shmb_ring_wait_released(region, len, position, timeout_ms);
+}
+
+/* Runs a ring wait with the GIL released; True when its condition holds, False on timeout or
+ * on a wake-up without it. Signals are checked (a KeyboardInterrupt propagates) and the wait
+ * goes on for the time left. */
+static PyObject *ring_wait(PyObject *module, PyObject *ring, const char *what, ring_wait_fn fn,
+                           unsigned long long arg, long long timeout_ms, long long spin_ns)
+{
     Py_buffer rv;
-    if (region_view(ring, 1, &rv, "ring_wait_space") < 0)
+    if (region_view(ring, 1, &rv, what) < 0)
         return NULL;
     int64_t deadline = timeout_ms < 0 ? INT64_MAX : shmb_monotonic_ns() + timeout_ms * 1000000;
     int r;
@@ -1699,7 +1703,7 @@ static PyObject *py_ring_wait_space(PyObject *module, PyObject *args, PyObject *
             left_ms = left <= 0 ? 0 : (left + 999999) / 1000000;
         }
         Py_BEGIN_ALLOW_THREADS
-        r = shmb_ring_wait_space(rv.buf, (size_t)rv.len, len, left_ms, spin_ns);
+        r = fn(rv.buf, (size_t)rv.len, arg, left_ms, spin_ns);
         Py_END_ALLOW_THREADS
         if (r != SHMB_WAIT_INTERRUPTED)
             break;
@@ -1716,6 +1720,34 @@ static PyObject *py_ring_wait_space(PyObject *module, PyObject *args, PyObject *
     }
     PyBuffer_Release(&rv);
     return PyBool_FromLong(r == SHMB_WAIT_CHANGED);
+}
+
+/* Waits for room for a payload (see ring_wait). */
+static PyObject *py_ring_wait_space(PyObject *module, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"ring", "payload_bytes", "timeout_ms", "spin_ns", NULL};
+    PyObject *ring;
+    unsigned long long len;
+    long long timeout_ms = -1, spin_ns = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OK|LL:ring_wait_space", kwlist, &ring, &len,
+                                     &timeout_ms, &spin_ns))
+        return NULL;
+    return ring_wait(module, ring, "ring_wait_space", shmb_ring_wait_space, len, timeout_ms,
+                     spin_ns);
+}
+
+/* Waits until the ring is released up to `position` (see ring_wait). */
+static PyObject *py_ring_wait_released(PyObject *module, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"ring", "position", "timeout_ms", NULL};
+    PyObject *ring;
+    unsigned long long position;
+    long long timeout_ms = -1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OK|L:ring_wait_released", kwlist, &ring,
+                                     &position, &timeout_ms))
+        return NULL;
+    return ring_wait(module, ring, "ring_wait_released", wait_released_fn, position, timeout_ms,
+                     0);
 }
 
 static PyObject *py_doorbell_ring(PyObject *module, PyObject *arg)
@@ -1808,6 +1840,10 @@ static PyMethodDef module_methods[] = {
      "ring_release(ring, position): free the ring up to position; wake a waiting producer"},
     {"ring_fits", py_ring_fits, METH_VARARGS,
      "ring_fits(ring, payload_bytes) -> bool"},
+    {"ring_wait_released", (PyCFunction)(void (*)(void))py_ring_wait_released,
+     METH_VARARGS | METH_KEYWORDS,
+     "ring_wait_released(ring, position, timeout_ms=-1) -> bool\n\n"
+     "Producer: sleeps (GIL released) until read_position >= position; False on timeout."},
     {"ring_wait_space", (PyCFunction)(void (*)(void))py_ring_wait_space,
      METH_VARARGS | METH_KEYWORDS,
      "ring_wait_space(ring, payload_bytes, timeout_ms=-1, spin_ns=0) -> bool\n\n"

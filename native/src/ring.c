@@ -277,21 +277,23 @@ int shmb_ring_wait_space(uint8_t *region, size_t region_len, uint64_t payload_le
         if (r > 0)
             return SHMB_WAIT_CHANGED;
         uint32_t seen = shmb_u32_load_acquire(word);
-        shmb_u32_store_seq_cst(flag, 1);
+        /* A count, not a flag: the producer's application thread (full ring) and its
+         * background sender (waiting for the ring to go idle) may sleep here at once. */
+        shmb_u32_fetch_add(flag, 1);
         shmb_fence_seq_cst();
         r = shmb_ring_fits(region, region_len, payload_len);
         if (r != 0) {
-            shmb_u32_store_relaxed(flag, 0);
+            shmb_u32_fetch_add(flag, (uint32_t)-1);
             continue;
         }
         int64_t now = shmb_monotonic_ns();
         if (now >= deadline) {
-            shmb_u32_store_relaxed(flag, 0);
+            shmb_u32_fetch_add(flag, (uint32_t)-1);
             return SHMB_WAIT_TIMEOUT;
         }
         int64_t left_ms = deadline == INT64_MAX ? -1 : (deadline - now + 999999) / 1000000;
         int w = shmb_futex_wait((const uint32_t *)word, seen, left_ms, 0);
-        shmb_u32_store_relaxed(flag, 0);
+        shmb_u32_fetch_add(flag, (uint32_t)-1);
         if (w == SHMB_WAIT_INTERRUPTED)
             return SHMB_WAIT_INTERRUPTED;
         r = shmb_ring_fits(region, region_len, payload_len);
@@ -299,6 +301,45 @@ int shmb_ring_wait_space(uint8_t *region, size_t region_len, uint64_t payload_le
          * completions are all unread): let the caller act on it. */
         if (r == 0 && shmb_u32_load_acquire(word) != seen)
             return SHMB_WAIT_WOKEN;
+    }
+}
+
+/* 1 when read_position >= position, 0 when not yet, -1 when the header is corrupt. */
+static int released_to(const uint8_t *region, size_t region_len, uint64_t position)
+{
+    if (shmb_ring_check(region, region_len, NULL, NULL) != SHMB_RING_OK)
+        return -1;
+    return shmb_u64_load_acquire(region + SHMB_RING_READ_POSITION_OFFSET) >= position;
+}
+
+int shmb_ring_wait_released(uint8_t *region, size_t region_len, uint64_t position,
+                            int64_t timeout_ms)
+{
+    int64_t deadline = timeout_ms < 0 ? INT64_MAX : shmb_monotonic_ns() + timeout_ms * 1000000;
+    uint8_t *word = region + SHMB_RING_SPACE_SEQ_OFFSET;
+    uint8_t *flag = region + SHMB_RING_SPACE_WAITING_OFFSET;
+    for (;;) {
+        int r = released_to(region, region_len, position);
+        if (r != 0)
+            return r < 0 ? -1 : SHMB_WAIT_CHANGED;
+        uint32_t seen = shmb_u32_load_acquire(word);
+        shmb_u32_fetch_add(flag, 1); /* Dekker with shmb_ring_release, as above */
+        shmb_fence_seq_cst();
+        r = released_to(region, region_len, position);
+        if (r != 0) {
+            shmb_u32_fetch_add(flag, (uint32_t)-1);
+            return r < 0 ? -1 : SHMB_WAIT_CHANGED;
+        }
+        int64_t now = shmb_monotonic_ns();
+        if (now >= deadline) {
+            shmb_u32_fetch_add(flag, (uint32_t)-1);
+            return SHMB_WAIT_TIMEOUT;
+        }
+        int64_t left_ms = deadline == INT64_MAX ? -1 : (deadline - now + 999999) / 1000000;
+        int w = shmb_futex_wait((const uint32_t *)word, seen, left_ms, 0);
+        shmb_u32_fetch_add(flag, (uint32_t)-1);
+        if (w == SHMB_WAIT_INTERRUPTED)
+            return SHMB_WAIT_INTERRUPTED;
     }
 }
 

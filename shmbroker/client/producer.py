@@ -15,9 +15,11 @@ How a record travels (docs/design/partition.md):
    when it is full (``batch_bytes_max``), when the ring is idle (the partition process has
    appended everything written before: nothing to wait for, so latency stays low when lightly
    loaded, and batches grow by themselves under load, like Kafka's accumulator while a request
-   is in flight), after ``linger_ms``, or on ``flush``/``result``/``close``. Each batch is
-   stamped with producer_id = its ring's (slot, generation) and base_sequence = its frame
-   sequence, so a restarted partition process never appends it twice.
+   is in flight) and ``linger_ms`` has passed, or on ``flush``/``result``/``close``. Records
+   that a ``send`` leaves behind (the ring was busy) are written by a background sender
+   thread as soon as the ring goes idle, so ``send`` alone always delivers, as with Kafka.
+   Each batch is stamped with producer_id = its ring's (slot, generation) and base_sequence =
+   its frame sequence, so a restarted partition process never appends it twice.
 3. The partition process appends the frame, writes a completion (base offset), releases the
    space. The producer reads completions whenever it writes or waits, and resolves futures.
 
@@ -33,13 +35,15 @@ Fork: a child process gets fresh rings (``os.register_at_fork``); it never write
 parent's rings and never sends records its parent had accumulated. Spawned processes simply
 build their own Producer.
 
-Owned by one thread; not thread-safe (use one Producer per thread, or a lock).
+Thread-safe: one lock guards the accumulators and rings (the background sender takes it
+too); waits for acks and for an idle ring sleep without it.
 """
 from __future__ import annotations
 
 import atexit
 import os
 import random
+import threading
 import time
 import weakref
 from collections import deque
@@ -49,7 +53,10 @@ from .. import errors, records
 from ..broker.lock import broker_pid
 from ..config import (PRODUCER_BATCH_BYTES_DEFAULT, PRODUCER_BATCH_RECORDS_MAX,
                       PRODUCER_CLOSE_DRAIN_MS_MAX, PRODUCER_LINGER_MS_MAX,
-                      PRODUCER_RING_BYTES_DEFAULT, RING_BYTES_MAX, RING_BYTES_MIN,
+                      PRODUCER_RING_BYTES_DEFAULT, PRODUCER_SENDER_IDLE_MS_MAX,
+                      PRODUCER_SENDER_MULTI_WAIT_MS, PRODUCER_SENDER_QUIET_MS,
+                      PRODUCER_SENDER_WAIT_MS_MAX,
+                      RING_BYTES_MAX, RING_BYTES_MIN,
                       RING_SEND_TIMEOUT_MS_DEFAULT, SPIN_NS_MAX, default_data_dir)
 from ..layout import record_batch as RB
 from ..layout import shm as L
@@ -205,7 +212,7 @@ class _Writer:
 
     __slots__ = ("topic", "partition", "control", "ring", "buf", "slot", "generation",
                  "producer_id", "next_sequence", "written_position", "inflight",
-                 "payload_bytes_max")
+                 "payload_bytes_max", "sleepers", "closing")
 
     def __init__(self, topic: str, partition: int, control, ring: RingProducer, slot: int,
                  generation: int):
@@ -221,6 +228,10 @@ class _Writer:
         self.written_position = ring.write_position
         self.inflight: deque[_Batch] = deque()
         self.payload_bytes_max = ring.payload_bytes_max
+        # Threads sleeping on this ring without the producer's lock (ack waits, the sender):
+        # the ring is unmapped only once they are out (an mmap with exports cannot close).
+        self.sleepers = 0
+        self.closing = False
 
     def idle(self) -> bool:
         """The partition process has appended (and released) everything written so far."""
@@ -280,6 +291,42 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 atexit.register(_close_at_exit)
 
 
+# --- the background sender -------------------------------------------------------------------
+
+def _sender_main(ref: "weakref.ref[Producer]", wake: threading.Event) -> None:
+    """Kafka's sender thread, reduced to the one duty that needs a thread here: records a
+    ``send`` left in an accumulator (their ring was busy) are written once the ring is idle
+    and ``linger_ms`` has passed, even if the application never calls the producer again.
+
+    It holds the producer only through a weak reference between rounds and sleeps without
+    the GIL (on the Event, or on the ring's space futex, which the partition process bumps
+    when it releases frames). It ends when the producer closes, forks, is garbage-collected,
+    or has had nothing pending for PRODUCER_SENDER_IDLE_MS_MAX."""
+    while True:  # bounded: each turn sleeps; the thread ends as said above
+        woken = wake.wait(PRODUCER_SENDER_IDLE_MS_MAX / 1000.0)
+        producer = ref()
+        if producer is None:
+            return
+        plan = producer._sender_round(woken)
+        if plan is None:
+            return
+        writer, position, timeout_ms = plan
+        del producer  # no strong reference while asleep
+        if writer is None:
+            if timeout_ms > 0:
+                time.sleep(timeout_ms / 1000.0)
+            continue
+        try:
+            _native.ring_wait_released(writer.buf, position, max(1, int(timeout_ms)))
+        except errors.ShmbrokerError:
+            pass  # a corrupt ring: the next round (or the application's next call) reports it
+        finally:
+            producer = ref()
+            if producer is not None:
+                producer._sender_woke(writer)
+            del producer
+
+
 def _as_bytes(value: Any, what: str) -> bytes:
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value)  # a snapshot: the caller may reuse its buffer after send()
@@ -299,8 +346,10 @@ class Producer:
     partition) ring's data bytes (power of two). ``spin_ns``: busy-wait before sleeping on a
     full ring or for an ack (lower latency, more CPU).
 
-    Records wait in the accumulator until their batch is written: a producer that stops
-    sending should ``flush()`` or ``close()`` (as with Kafka, close flushes).
+    A record that ``send`` cannot write at once (its ring is busy) waits in the accumulator
+    and is written by the background sender thread as soon as the ring is idle and
+    ``linger_ms`` has passed; ``flush()`` writes and waits for every ack, and ``close()``
+    flushes (as with Kafka).
     """
 
     def __init__(self, broker: str | os.PathLike | None = None, acks: int | str = 1,
@@ -340,6 +389,12 @@ class Producer:
     def _init_state(self) -> None:
         self._pid = os.getpid()
         self._closed = False
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)  # a ring's sleepers left it
+        self._sender: threading.Thread | None = None
+        self._sender_wake = threading.Event()
+        self._sender_armed = False  # records are pending and the sender knows
+        self._sender_marks: dict = {}  # accumulator -> (batch, records) at the last look
         self._metadata = LocalMetadata(self.data_dir)
         self._writers: dict[tuple[str, int], _Writer] = {}
         self._accs: dict[tuple[str, int], _Accumulator] = {}
@@ -360,49 +415,144 @@ class Producer:
         """Queue one record; returns its future. Raises at once for an unknown topic or
         partition, a record too large for a batch, a broker that is not running, a closed
         producer, and RingFullTimeoutError when writing a full batch blocked too long."""
-        if partition is None:
-            if key is None:
-                acc = self._sticky.get(topic)
-                if acc is None:
-                    acc = self._sticky_switch(topic, None)
+        # acquire/release rather than `with`: ~100 ns instead of ~250 ns on this hot path.
+        lock = self._lock
+        lock.acquire()
+        try:
+            if partition is None:
+                if key is None:
+                    acc = self._sticky.get(topic)
+                    if acc is None:
+                        acc = self._sticky_switch(topic, None)
+                else:
+                    acc = self._keyed_accumulator(topic, key)
             else:
-                acc = self._keyed_accumulator(topic, key)
-        else:
-            acc = self._accs.get((topic, partition))
-            if acc is None:
-                acc = self._accumulator(topic, partition)
-        if type(value) is not bytes:
-            value = None if value is None else _as_bytes(value, "value")
-        need = (len(value) if value is not None else 0) + RECORD_OVERHEAD_BYTES_MAX
-        if key is not None:
-            if type(key) is not bytes:
-                key = _as_bytes(key, "key")
-            need += len(key)
-            acc.has_keys = True
-        if headers is not None or timestamp is not None or acc.extras:
-            need += self._extras(acc, headers, timestamp)
-        if acc.nbytes + need > acc.bytes_max:
-            if need > acc.bytes_max:
-                self._too_large(acc, need)
-            self._write(acc)
-        values = acc.values
-        index = len(values)
-        if index == 0 and self.linger_ms:
-            acc.first_ms = time.monotonic() * 1000.0
-        values.append(value)
-        acc.keys.append(key)
-        acc.nbytes += need
-        future = RecordFuture(acc.batch, index)
-        writer = acc.writer
-        # Write now when the ring is idle (writer.idle(), inlined: this is the hot path).
-        if (_load_u64(writer.buf, _READ_POSITION) == writer.written_position
-                and (not self.linger_ms or self._lingered(acc))) \
-                or index + 1 >= PRODUCER_BATCH_RECORDS_MAX:
-            self._write(acc)
-        return future
+                acc = self._accs.get((topic, partition))
+                if acc is None:
+                    acc = self._accumulator(topic, partition)
+            if type(value) is not bytes:
+                value = None if value is None else _as_bytes(value, "value")
+            need = (len(value) if value is not None else 0) + RECORD_OVERHEAD_BYTES_MAX
+            if key is not None:
+                if type(key) is not bytes:
+                    key = _as_bytes(key, "key")
+                need += len(key)
+                acc.has_keys = True
+            if headers is not None or timestamp is not None or acc.extras:
+                need += self._extras(acc, headers, timestamp)
+            if acc.nbytes + need > acc.bytes_max:
+                if need > acc.bytes_max:
+                    self._too_large(acc, need)
+                self._write(acc)
+            values = acc.values
+            index = len(values)
+            if index == 0 and self.linger_ms:
+                acc.first_ms = time.monotonic() * 1000.0
+            values.append(value)
+            acc.keys.append(key)
+            acc.nbytes += need
+            future = RecordFuture(acc.batch, index)
+            writer = acc.writer
+            # Write now when the ring is idle (writer.idle(), inlined: this is the hot path);
+            # else the background sender writes the records once it is.
+            if (_load_u64(writer.buf, _READ_POSITION) == writer.written_position
+                    and (not self.linger_ms or self._lingered(acc))) \
+                    or index + 1 >= PRODUCER_BATCH_RECORDS_MAX:
+                self._write(acc)
+            elif not self._sender_armed:
+                self._arm_sender()
+            return future
+        finally:
+            lock.release()
 
     def _lingered(self, acc: _Accumulator) -> bool:
         return time.monotonic() * 1000.0 - acc.first_ms >= self.linger_ms
+
+    # -- the background sender (lock held in each of these) ------------------------------------
+
+    def _arm_sender(self) -> None:
+        """Records were left in an accumulator: make sure the sender thread will write them."""
+        self._sender_armed = True
+        self._sender_wake.set()
+        if self._sender is None:
+            thread = threading.Thread(target=_sender_main,
+                                      args=(weakref.ref(self), self._sender_wake),
+                                      name="shmbroker-producer-sender", daemon=True)
+            self._sender = thread
+            thread.start()
+
+    def _sender_round(self, woken: bool):
+        """One turn of the sender thread: write every accumulator whose ring is idle and whose
+        linger passed, once the application has stopped adding to it; say what to sleep on
+        next: ``(writer, position, timeout_ms)`` (a busy ring, until released up to
+        position), ``(None, None, timeout_ms)`` (a timer; 0: back to the Event), or None: the
+        thread ends.
+
+        While the application keeps sending it writes on idle rings itself; the sender then
+        only looks every PRODUCER_SENDER_QUIET_MS (a timer, no futex: a sleeper on the ring
+        would make the partition process pay a FUTEX_WAKE per release and wake this thread
+        into the application's GIL). An accumulator that did not grow since the last look is
+        the sender's to write."""
+        with self._lock:
+            if self._closed or self._pid != os.getpid() \
+                    or self._sender is not threading.current_thread():
+                return None
+            busy: list[_Writer] = []
+            timer_ms = None
+            marks, self._sender_marks = self._sender_marks, {}
+            now_ms = time.monotonic() * 1000.0
+            for acc in list(self._accs.values()):
+                writer = acc.writer
+                if not acc.values or writer.closing or writer.stopped():
+                    continue  # a stopped partition: the application's next call reports it
+                mark = self._sender_marks[acc] = (acc.batch, len(acc.values))
+                if marks.get(acc) != mark:  # it grew: the application is sending
+                    timer_ms = PRODUCER_SENDER_QUIET_MS
+                    continue
+                if _load_u64(writer.buf, _READ_POSITION) != writer.written_position:
+                    busy.append(writer)
+                    continue
+                left_ms = self.linger_ms - (now_ms - acc.first_ms) if self.linger_ms else 0
+                if left_ms > 0:
+                    timer_ms = left_ms if timer_ms is None else min(timer_ms, left_ms)
+                    continue
+                try:
+                    self._write(acc)
+                except (errors.ShmbrokerError, TypeError, ValueError):
+                    pass  # the batch's futures carry the error
+            if busy and timer_ms is None:
+                # Several busy rings: sleep briefly on one and look at all of them again (a
+                # futex waits on one word; the rings are in different regions).
+                writer = busy[0]
+                writer.sleepers += 1
+                return writer, writer.written_position, \
+                    PRODUCER_SENDER_WAIT_MS_MAX if len(busy) == 1 else PRODUCER_SENDER_MULTI_WAIT_MS
+            if busy or timer_ms is not None:  # in slices, so that close() need not wait
+                return None, None, min(timer_ms or PRODUCER_SENDER_QUIET_MS,
+                                       PRODUCER_SENDER_WAIT_MS_MAX)
+            self._sender_armed = False
+            self._sender_wake.clear()
+            if not woken:  # idle for PRODUCER_SENDER_IDLE_MS_MAX: end (a new one on demand)
+                self._sender = None
+                return None
+            return None, None, 0
+
+    def _sender_woke(self, writer: _Writer) -> None:
+        with self._lock:
+            self._left_ring(writer)
+
+    def _left_ring(self, writer: _Writer) -> None:
+        writer.sleepers -= 1
+        if writer.closing:
+            self._cond.notify_all()
+
+    def _retire(self, writer: _Writer) -> None:
+        """No thread may sleep on ``writer``'s ring from now on; wait until those that do have
+        left it (they sleep in slices of at most _ACK_WAIT_SLICE_MS), so it can be unmapped."""
+        writer.closing = True
+        if writer.sleepers:
+            self._cond.wait_for(lambda: writer.sleepers == 0,
+                                timeout=4 * _ACK_WAIT_SLICE_MS / 1000.0)
 
     def _extras(self, acc: _Accumulator, headers, timestamp) -> int:
         """Headers / explicit timestamps: kept in lists parallel to values (slow path)."""
@@ -588,6 +738,7 @@ class Producer:
         return error
 
     def _drop_writer(self, writer: _Writer, error: BaseException) -> None:
+        self._retire(writer)
         for batch in writer.inflight:
             batch.fail(error)
         writer.inflight.clear()
@@ -606,62 +757,78 @@ class Producer:
 
     def _wait_batch(self, batch: _Batch, timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
-        if batch.writer is None and not batch.done:
-            acc = self._accs.get((batch.topic, batch.partition))
-            if acc is not None and acc.batch is batch:
-                self._write(acc)
+        with self._lock:
+            if batch.writer is None and not batch.done:
+                acc = self._accs.get((batch.topic, batch.partition))
+                if acc is not None and acc.batch is batch:
+                    self._write(acc)
         while not batch.done:  # bounded by the deadline (or, without one, by the ack)
-            writer = batch.writer
-            if writer is None:
-                raise errors.ShmbrokerError("batch was never written")  # pragma: no cover
+            with self._lock:
+                slice_ms = self._ack_wait_slice(batch, timeout, deadline)
+                if slice_ms is None:
+                    break
+                writer = batch.writer
+                writer.sleepers += 1
+            try:  # without the lock: the sender and other threads go on meanwhile
+                writer.ring.wait_acked(batch.sequence, slice_ms)
+            finally:
+                with self._lock:
+                    self._left_ring(writer)
+
+    def _ack_wait_slice(self, batch: _Batch, timeout: float | None,
+                        deadline: float | None) -> float | None:
+        """Lock held. Resolves what completions say; None when ``batch`` is done (or failed),
+        else how long to sleep for its ack. Raises RequestTimeoutError past the deadline."""
+        writer = batch.writer
+        if writer is None:
+            raise errors.ShmbrokerError("batch was never written")  # pragma: no cover
+        self._reap(writer)
+        if batch.done:
+            return None
+        if writer.stopped():
+            self._partition_stopped(writer)
+            return None
+        # A ring whose header was overwritten after our frame went in is never read again
+        # (the partition process drops it) and no completion comes: without this check
+        # the wait ran into RequestTimeoutError after the full timeout instead of the
+        # typed error (seen under load in tests/integration/test_end_to_end.py, when the
+        # overwrite landed between our write and the partition's poll). One header check
+        # per ack-wait slice; completions that landed before it still resolve (reap).
+        try:
+            _native.ring_check(writer.buf)
+        except errors.RingCorruptError as exc:
             self._reap(writer)
             if batch.done:
-                break
-            if writer.stopped():
-                self._partition_stopped(writer)
-                break
-            # A ring whose header was overwritten after our frame went in is never read again
-            # (the partition process drops it) and no completion comes: without this check
-            # the wait ran into RequestTimeoutError after the full timeout instead of the
-            # typed error (seen under load in tests/integration/test_end_to_end.py, when the
-            # overwrite landed between our write and the partition's poll). One header check
-            # per ack-wait slice; completions that landed before it still resolve (reap).
-            try:
-                _native.ring_check(writer.buf)
-            except errors.RingCorruptError as exc:
-                self._reap(writer)
-                if batch.done:
-                    break
-                for pending in writer.inflight:
-                    pending.fail(exc)
-                writer.inflight.clear()
-                raise
-            left_ms = None if deadline is None else (deadline - time.monotonic()) * 1000.0
-            if left_ms is not None and left_ms <= 0:
-                raise errors.RequestTimeoutError(
-                    f"no acknowledgement from partition {batch.topic}/{batch.partition} within "
-                    f"{timeout} s (frame {batch.sequence})")
-            slice_ms = _ACK_WAIT_SLICE_MS if left_ms is None else min(left_ms, _ACK_WAIT_SLICE_MS)
-            writer.ring.wait_acked(batch.sequence, slice_ms)
+                return None
+            for pending in writer.inflight:
+                pending.fail(exc)
+            writer.inflight.clear()
+            raise
+        left_ms = None if deadline is None else (deadline - time.monotonic()) * 1000.0
+        if left_ms is not None and left_ms <= 0:
+            raise errors.RequestTimeoutError(
+                f"no acknowledgement from partition {batch.topic}/{batch.partition} within "
+                f"{timeout} s (frame {batch.sequence})")
+        return _ACK_WAIT_SLICE_MS if left_ms is None else min(left_ms, _ACK_WAIT_SLICE_MS)
 
     def flush(self, timeout: float | None = None) -> None:
         """Write every accumulated record and wait until every batch is acknowledged (acks
         level). RequestTimeoutError after ``timeout`` seconds; a batch's own error is not
         raised here (it is in its futures)."""
-        self._check_open()
+        with self._lock:
+            self._check_open()
+            for acc in list(self._accs.values()):
+                self._write(acc)
+            lasts = [writer.inflight[-1] for writer in self._writers.values() if writer.inflight]
         deadline = None if timeout is None else time.monotonic() + timeout
-        for acc in list(self._accs.values()):
-            self._write(acc)
-        for writer in list(self._writers.values()):
-            if writer.inflight:
-                last = writer.inflight[-1]
-                left = None if deadline is None else max(0.0, deadline - time.monotonic())
-                try:
-                    last.wait(left)
-                except errors.RequestTimeoutError:
-                    raise
-                except errors.ShmbrokerError:
-                    pass
+        for last in lasts:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                last.wait(left)
+            except errors.RequestTimeoutError:
+                raise
+            except errors.ShmbrokerError:
+                pass
 
     # -- the batch API --------------------------------------------------------------------------
 
@@ -670,6 +837,10 @@ class Producer:
         """Write ``values`` (a list of bytes, or a 2-D C-contiguous uint8 numpy array, one row
         per record) as one RecordBatch, encoded in C; see :class:`BatchFuture`. Records sent
         earlier with ``send`` to the same partition are written first (order is kept)."""
+        with self._lock:
+            return self._send_batch(topic, values, keys, partition)
+
+    def _send_batch(self, topic: str, values: Any, keys, partition: int | None) -> BatchFuture:
         n = len(values)
         if n == 0:
             raise ValueError("send_batch: no values")
@@ -755,7 +926,10 @@ class Producer:
         if self._pid == os.getpid():
             return
         for writer in self._writers.values():
-            writer.ring.region.close()
+            try:
+                writer.ring.region.close()
+            except BufferError:
+                pass  # the parent's sender slept on it at the fork; the child's exit unmaps it
         self._metadata.close()  # unmaps the control regions (nothing else)
         self._init_state()
 
@@ -771,17 +945,27 @@ class Producer:
         except errors.ShmbrokerError:
             pass  # a batch's error is in its futures; a stopped broker fails them too
         finally:
-            self._closed = True
-            drain_ms = PRODUCER_CLOSE_DRAIN_MS_MAX if timeout is None else \
-                min(PRODUCER_CLOSE_DRAIN_MS_MAX, timeout * 1000)
-            for writer in self._writers.values():
-                writer.ring.close(drain_timeout_ms=drain_ms)
-                writer.control.release_slot(writer.slot, os.getpid())
-            self._writers.clear()
-            self._accs.clear()
-            self._sticky.clear()
-            self._metadata.close()
-            _LIVE.discard(self)
+            with self._lock:
+                sender = self._sender
+                self._close_rings(timeout)
+            if sender is not None and sender is not threading.current_thread():
+                sender.join(timeout=1.0)  # it sees _closed at its next turn (it sleeps at
+                # most PRODUCER_SENDER_WAIT_MS_MAX on a ring, linger_ms on a timer)
+
+    def _close_rings(self, timeout: float | None) -> None:
+        self._closed = True
+        self._sender_wake.set()  # the sender ends at its next turn
+        drain_ms = PRODUCER_CLOSE_DRAIN_MS_MAX if timeout is None else \
+            min(PRODUCER_CLOSE_DRAIN_MS_MAX, timeout * 1000)
+        for writer in self._writers.values():
+            self._retire(writer)
+            writer.ring.close(drain_timeout_ms=drain_ms)
+            writer.control.release_slot(writer.slot, os.getpid())
+        self._writers.clear()
+        self._accs.clear()
+        self._sticky.clear()
+        self._metadata.close()
+        _LIVE.discard(self)
 
     def __enter__(self) -> "Producer":
         return self

@@ -73,7 +73,7 @@ Ingress ring region (``shmb.<broker>.r.<topic>.<partition>.<slot>.<generation>``
                    64  u64 write_position        release-stored after frames are published
                    72  u64 next_sequence         sequence of the next frame
                    80  u64 completions_read      completions the producer has consumed
-                   88  u32 space_waiting         1 while the producer may sleep on space_seq
+                   88  u32 space_waiting         producer threads that may sleep on space_seq
                    92  u32 ack_waiting           1 while the producer may sleep on ack_seq
                    96  u32 closed                1: the producer will write no more frames
                   100  u32 completions_off       1: acks=0, completions may be overwritten

@@ -7,6 +7,7 @@ import multiprocessing
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -101,6 +102,55 @@ def test_keyed_keyless_and_explicit_partitions_and_batches(broker):
             producer.flush()
             runs.append({f.result().partition for f in futures})
     assert len(set().union(*runs)) > 1  # each written batch moves the sticky partition
+
+
+def _sender_threads() -> list:
+    import threading
+
+    return [t for t in threading.enumerate() if t.name == "shmbroker-producer-sender"]
+
+
+@pytest.mark.parametrize("acks", [1, 0])
+def test_records_sent_without_flush_reach_the_log_through_the_background_sender(broker, acks):
+    """send() alone delivers: records left in the accumulator while the ring was busy are
+    written by the sender thread once the ring goes idle, with no further producer call."""
+    create_topic(broker.data_dir, "bg", 1)
+    producer = Producer(broker=broker.data_dir, acks=acks)
+    try:
+        futures = [producer.send("bg", make_value(0, i), partition=0) for i in range(3000)]
+        # Nothing but waiting: no send, flush, result or close until the log has them all.
+        wait_for(lambda: len(read_partition(broker.data_dir, "bg", 0)) == 3000,
+                 what="3000 records in the log without a flush")
+        got = read_partition(broker.data_dir, "bg", 0)
+        assert [r.value for r in got] == [make_value(0, i) for i in range(3000)]
+        if acks:
+            assert [f.result(timeout=10).offset for f in futures] == list(range(3000))
+    finally:
+        producer.close()
+    assert not _sender_threads()
+
+
+def test_linger_ms_holds_a_record_back_then_the_sender_writes_it(broker):
+    create_topic(broker.data_dir, "lingering", 1)
+    with Producer(broker=broker.data_dir, linger_ms=300) as producer:
+        producer.send("lingering", b"first", partition=0).result(timeout=10)
+        start = time.monotonic()
+        producer.send("lingering", b"late", partition=0)
+        wait_for(lambda: len(read_partition(broker.data_dir, "lingering", 0)) == 2,
+                 what="the lingering record in the log")
+        assert time.monotonic() - start >= 0.29  # held for linger_ms, then written unprompted
+
+
+def test_an_idle_producer_has_no_sender_thread(broker):
+    create_topic(broker.data_dir, "quiet", 1)
+    with Producer(broker=broker.data_dir) as producer:
+        for i in range(2000):
+            producer.send("quiet", b"x%d" % i, partition=0)
+        wait_for(lambda: len(read_partition(broker.data_dir, "quiet", 0)) == 2000,
+                 what="2000 records in the log")
+        # PRODUCER_SENDER_IDLE_MS_MAX (1 s) with nothing pending: the thread ends.
+        wait_for(lambda: not _sender_threads(), timeout_s=5, what="the sender thread to end")
+        producer.send("quiet", b"again", partition=0).result(timeout=10)
 
 
 def test_acks_0_and_all(broker):

@@ -88,12 +88,21 @@ int shmb_ring_release(uint8_t *region, size_t region_len, uint64_t position,
                       shmb_ring_error *err);
 
 /* Producer: waits until a payload of payload_len fits, spinning up to spin_ns first, then
- * sleeping on space_seq (the consumer only makes the wake syscall when space_waiting is set).
+ * sleeping on space_seq (the consumer only makes the wake syscall when space_waiting, a count
+ * of sleepers, is not 0).
  * Returns SHMB_WAIT_CHANGED (it fits now), SHMB_WAIT_WOKEN (space_seq moved but there is
  * still no room: the consumer nudged, see RingConsumer.poll), SHMB_WAIT_TIMEOUT,
  * SHMB_WAIT_INTERRUPTED, or -1 if the header is corrupt. timeout_ms < 0: no timeout. */
 int shmb_ring_wait_space(uint8_t *region, size_t region_len, uint64_t payload_len,
                          int64_t timeout_ms, int64_t spin_ns);
+
+/* Producer: waits until the consumer has released everything before `position`
+ * (read_position >= position), sleeping on space_seq like shmb_ring_wait_space (space_waiting
+ * is a count of such sleepers). The background sender uses it to learn that a ring went idle.
+ * Returns SHMB_WAIT_CHANGED, SHMB_WAIT_TIMEOUT, SHMB_WAIT_INTERRUPTED, or -1 if the header is
+ * corrupt. timeout_ms < 0: no timeout. */
+int shmb_ring_wait_released(uint8_t *region, size_t region_len, uint64_t position,
+                            int64_t timeout_ms);
 
 /* Producer side of the partition's doorbell: after committing frames, wake the partition
  * process if (and only if) it said it may sleep. `control` is the partition control region. */
