@@ -124,14 +124,15 @@ PRODUCER_LINGER_MS_MAX = 60_000
 PRODUCER_RING_BYTES_DEFAULT = 4 * MiB
 #: How long close() waits for the partition process to take what is still in the rings.
 PRODUCER_CLOSE_DRAIN_MS_MAX = 5_000
-#: Longest single sleep of a producer's background sender while records wait for a busy ring
-#: (it re-checks the partition's status and its other rings this often). With records pending
-#: for several rings it sleeps at most PRODUCER_SENDER_MULTI_WAIT_MS on one of them.
-PRODUCER_SENDER_WAIT_MS_MAX = 20
-PRODUCER_SENDER_MULTI_WAIT_MS = 1
-#: The sender takes over an accumulator that did not grow for this long (the application
-#: stopped sending to it); until then it looks on a timer, not on the ring.
-PRODUCER_SENDER_QUIET_MS = 1
+#: The producer's background sender takes over a ring's pending records once the ring is
+#: idle and was not written for this long (the application, which writes on idle rings
+#: itself, has stopped sending there). It checks that often, without the GIL.
+PRODUCER_SENDER_QUIET_US = 500
+#: Longest single wait of the sender before it looks at everything again (the partition's
+#: status, new accumulators); close() and a dropped ring end the wait at once.
+PRODUCER_SENDER_WAIT_MS_MAX = 1_000
+#: A linger_ms wait of the sender is slept in slices this long (close() need not wait).
+PRODUCER_SENDER_TIMER_SLICE_MS = 20
 #: A background sender with nothing to do for this long ends; the next send that leaves
 #: records behind starts a new one (an idle producer has no thread).
 PRODUCER_SENDER_IDLE_MS_MAX = 1_000

@@ -1675,24 +1675,20 @@ static PyObject *py_ring_fits(PyObject *module, PyObject *args)
     return PyBool_FromLong(r);
 }
 
-/* A ring wait of ring.c: (region, len, argument, timeout_ms, spin_ns) -> SHMB_WAIT_* or -1. */
-typedef int (*ring_wait_fn)(uint8_t *, size_t, uint64_t, int64_t, int64_t);
-
-static int wait_released_fn(uint8_t *region, size_t len, uint64_t position, int64_t timeout_ms,
-                            int64_t spin_ns)
+/* Waits for room for a payload; True when it fits, False on timeout or on a wake-up without
+ * room. Signals are checked (a KeyboardInterrupt propagates) and the wait goes on for the time
+ * left. */
+static PyObject *py_ring_wait_space(PyObject *module, PyObject *args, PyObject *kwds)
 {
-    (void)spin_ns;
-    return shmb_ring_wait_released(region, len, position, timeout_ms);
-}
-
-/* Runs a ring wait with the GIL released; True when its condition holds, False on timeout or
- * on a wake-up without it. Signals are checked (a KeyboardInterrupt propagates) and the wait
- * goes on for the time left. */
-static PyObject *ring_wait(PyObject *module, PyObject *ring, const char *what, ring_wait_fn fn,
-                           unsigned long long arg, long long timeout_ms, long long spin_ns)
-{
+    static char *kwlist[] = {"ring", "payload_bytes", "timeout_ms", "spin_ns", NULL};
+    PyObject *ring;
+    unsigned long long len;
+    long long timeout_ms = -1, spin_ns = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OK|LL:ring_wait_space", kwlist, &ring, &len,
+                                     &timeout_ms, &spin_ns))
+        return NULL;
     Py_buffer rv;
-    if (region_view(ring, 1, &rv, what) < 0)
+    if (region_view(ring, 1, &rv, "ring_wait_space") < 0)
         return NULL;
     int64_t deadline = timeout_ms < 0 ? INT64_MAX : shmb_monotonic_ns() + timeout_ms * 1000000;
     int r;
@@ -1703,7 +1699,7 @@ static PyObject *ring_wait(PyObject *module, PyObject *ring, const char *what, r
             left_ms = left <= 0 ? 0 : (left + 999999) / 1000000;
         }
         Py_BEGIN_ALLOW_THREADS
-        r = fn(rv.buf, (size_t)rv.len, arg, left_ms, spin_ns);
+        r = shmb_ring_wait_space(rv.buf, (size_t)rv.len, len, left_ms, spin_ns);
         Py_END_ALLOW_THREADS
         if (r != SHMB_WAIT_INTERRUPTED)
             break;
@@ -1722,32 +1718,63 @@ static PyObject *ring_wait(PyObject *module, PyObject *ring, const char *what, r
     return PyBool_FromLong(r == SHMB_WAIT_CHANGED);
 }
 
-/* Waits for room for a payload (see ring_wait). */
-static PyObject *py_ring_wait_space(PyObject *module, PyObject *args, PyObject *kwds)
+/* rings_wait_quiet(rings, quiet_us, timeout_ms, poke) -> index of the quiet idle ring, -1 on
+ * timeout, -2 when poke[0] became non-zero. The GIL is released while it naps; this is the
+ * producer's background sender thread, so signals are the main thread's business. */
+static PyObject *py_rings_wait_quiet(PyObject *module, PyObject *args)
 {
-    static char *kwlist[] = {"ring", "payload_bytes", "timeout_ms", "spin_ns", NULL};
-    PyObject *ring;
-    unsigned long long len;
-    long long timeout_ms = -1, spin_ns = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OK|LL:ring_wait_space", kwlist, &ring, &len,
-                                     &timeout_ms, &spin_ns))
+    PyObject *rings, *poke_obj;
+    long long quiet_us, timeout_ms;
+    if (!PyArg_ParseTuple(args, "OLLO:rings_wait_quiet", &rings, &quiet_us, &timeout_ms,
+                          &poke_obj))
         return NULL;
-    return ring_wait(module, ring, "ring_wait_space", shmb_ring_wait_space, len, timeout_ms,
-                     spin_ns);
-}
-
-/* Waits until the ring is released up to `position` (see ring_wait). */
-static PyObject *py_ring_wait_released(PyObject *module, PyObject *args, PyObject *kwds)
-{
-    static char *kwlist[] = {"ring", "position", "timeout_ms", NULL};
-    PyObject *ring;
-    unsigned long long position;
-    long long timeout_ms = -1;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OK|L:ring_wait_released", kwlist, &ring,
-                                     &position, &timeout_ms))
+    PyObject *seq = PySequence_Fast(rings, "rings_wait_quiet: rings must be a sequence");
+    if (seq == NULL)
         return NULL;
-    return ring_wait(module, ring, "ring_wait_released", wait_released_fn, position, timeout_ms,
-                     0);
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    if (n < 1 || n > SHMB_QUIET_RINGS_MAX || quiet_us < 1) {
+        Py_DECREF(seq);
+        return PyErr_Format(PyExc_ValueError, "rings_wait_quiet: 1..%d rings and quiet_us >= 1",
+                            SHMB_QUIET_RINGS_MAX);
+    }
+    Py_buffer views[SHMB_QUIET_RINGS_MAX], poke;
+    uint8_t *regions[SHMB_QUIET_RINGS_MAX];
+    size_t lens[SHMB_QUIET_RINGS_MAX], which = 0;
+    Py_ssize_t got = 0;
+    PyObject *result = NULL;
+    if (PyObject_GetBuffer(poke_obj, &poke, PyBUF_WRITABLE) < 0)
+        goto done_seq;
+    if (poke.len < 1) {
+        PyErr_SetString(PyExc_ValueError, "rings_wait_quiet: poke must hold a byte");
+        goto done;
+    }
+    for (; got < n; got++) {
+        if (region_view(PySequence_Fast_GET_ITEM(seq, got), 0, &views[got],
+                        "rings_wait_quiet") < 0)
+            goto done;
+        regions[got] = views[got].buf;
+        lens[got] = (size_t)views[got].len;
+    }
+    int r;
+    Py_BEGIN_ALLOW_THREADS
+    r = shmb_rings_wait_quiet(regions, lens, (size_t)n, quiet_us * 1000, timeout_ms,
+                              (const volatile uint8_t *)poke.buf, &which);
+    Py_END_ALLOW_THREADS
+    if (r < 0) {
+        shmb_ring_error err;
+        shmb_ring_check(regions[which], lens[which], NULL, &err);
+        raise_ring_corrupt(get_state(module), &err);
+    } else {
+        result = PyLong_FromLong(r == SHMB_WAIT_CHANGED ? (long)which
+                                 : r == SHMB_WAIT_TIMEOUT ? -1 : -2);
+    }
+done:
+    for (Py_ssize_t i = 0; i < got; i++)
+        PyBuffer_Release(&views[i]);
+    PyBuffer_Release(&poke);
+done_seq:
+    Py_DECREF(seq);
+    return result;
 }
 
 static PyObject *py_doorbell_ring(PyObject *module, PyObject *arg)
@@ -1840,10 +1867,10 @@ static PyMethodDef module_methods[] = {
      "ring_release(ring, position): free the ring up to position; wake a waiting producer"},
     {"ring_fits", py_ring_fits, METH_VARARGS,
      "ring_fits(ring, payload_bytes) -> bool"},
-    {"ring_wait_released", (PyCFunction)(void (*)(void))py_ring_wait_released,
-     METH_VARARGS | METH_KEYWORDS,
-     "ring_wait_released(ring, position, timeout_ms=-1) -> bool\n\n"
-     "Producer: sleeps (GIL released) until read_position >= position; False on timeout."},
+    {"rings_wait_quiet", py_rings_wait_quiet, METH_VARARGS,
+     "rings_wait_quiet(rings, quiet_us, timeout_ms, poke) -> int\n\n"
+     "Producer's sender: naps (GIL released) until a ring is idle and was not written for\n"
+     "quiet_us; its index, -1 on timeout, -2 when poke[0] became non-zero."},
     {"ring_wait_space", (PyCFunction)(void (*)(void))py_ring_wait_space,
      METH_VARARGS | METH_KEYWORDS,
      "ring_wait_space(ring, payload_bytes, timeout_ms=-1, spin_ns=0) -> bool\n\n"
@@ -2016,7 +2043,8 @@ PyMODINIT_FUNC PyInit__native(void)
     PyObject *m = PyModule_Create(&native_module);
     if (m == NULL)
         return NULL;
-    if (init_state(m, get_state(m)) < 0 || add_layout(m) < 0 || add_shm_layout(m) < 0) {
+    if (init_state(m, get_state(m)) < 0 || add_layout(m) < 0 || add_shm_layout(m) < 0 ||
+        PyModule_AddIntConstant(m, "QUIET_RINGS_MAX", SHMB_QUIET_RINGS_MAX) < 0) {
         Py_DECREF(m);
         return NULL;
     }

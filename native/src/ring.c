@@ -6,6 +6,7 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
+#include <time.h>
 
 #include "shmb/futex.h"
 #include "shmb/shm_atomic.h"
@@ -304,42 +305,49 @@ int shmb_ring_wait_space(uint8_t *region, size_t region_len, uint64_t payload_le
     }
 }
 
-/* 1 when read_position >= position, 0 when not yet, -1 when the header is corrupt. */
-static int released_to(const uint8_t *region, size_t region_len, uint64_t position)
+/* Sleeps ns (bounded by deadline); EINTR just ends the nap early: a signal for this process
+ * is handled by Python's main thread, and the caller's loop re-checks everything anyway. */
+static void nap_ns(int64_t ns, int64_t deadline)
 {
-    if (shmb_ring_check(region, region_len, NULL, NULL) != SHMB_RING_OK)
-        return -1;
-    return shmb_u64_load_acquire(region + SHMB_RING_READ_POSITION_OFFSET) >= position;
+    int64_t now = shmb_monotonic_ns();
+    if (deadline - now < ns)
+        ns = deadline - now;
+    if (ns <= 0)
+        return;
+    struct timespec ts = {(time_t)(ns / 1000000000), (long)(ns % 1000000000)};
+    nanosleep(&ts, NULL);
 }
 
-int shmb_ring_wait_released(uint8_t *region, size_t region_len, uint64_t position,
-                            int64_t timeout_ms)
+int shmb_rings_wait_quiet(uint8_t *const *regions, const size_t *region_lens, size_t n,
+                          int64_t quiet_ns, int64_t timeout_ms, const volatile uint8_t *poke,
+                          size_t *which)
 {
+    uint64_t seen[SHMB_QUIET_RINGS_MAX];
+    if (n == 0 || n > SHMB_QUIET_RINGS_MAX || quiet_ns <= 0)
+        return -1;
     int64_t deadline = timeout_ms < 0 ? INT64_MAX : shmb_monotonic_ns() + timeout_ms * 1000000;
-    uint8_t *word = region + SHMB_RING_SPACE_SEQ_OFFSET;
-    uint8_t *flag = region + SHMB_RING_SPACE_WAITING_OFFSET;
-    for (;;) {
-        int r = released_to(region, region_len, position);
-        if (r != 0)
-            return r < 0 ? -1 : SHMB_WAIT_CHANGED;
-        uint32_t seen = shmb_u32_load_acquire(word);
-        shmb_u32_fetch_add(flag, 1); /* Dekker with shmb_ring_release, as above */
-        shmb_fence_seq_cst();
-        r = released_to(region, region_len, position);
-        if (r != 0) {
-            shmb_u32_fetch_add(flag, (uint32_t)-1);
-            return r < 0 ? -1 : SHMB_WAIT_CHANGED;
+    for (size_t i = 0; i < n; i++) {
+        if (shmb_ring_check(regions[i], region_lens[i], NULL, NULL) != SHMB_RING_OK) {
+            *which = i;
+            return -1;
         }
-        int64_t now = shmb_monotonic_ns();
-        if (now >= deadline) {
-            shmb_u32_fetch_add(flag, (uint32_t)-1);
+        seen[i] = shmb_u64_load_acquire(regions[i] + SHMB_RING_WRITE_POSITION_OFFSET);
+    }
+    for (;;) { /* bounded by the deadline (or the poke) */
+        nap_ns(quiet_ns, deadline);
+        if (poke != NULL && *poke)
+            return SHMB_WAIT_WOKEN;
+        for (size_t i = 0; i < n; i++) {
+            uint64_t tail = shmb_u64_load_acquire(regions[i] + SHMB_RING_WRITE_POSITION_OFFSET);
+            uint64_t head = shmb_u64_load_acquire(regions[i] + SHMB_RING_READ_POSITION_OFFSET);
+            if (tail == seen[i] && head == tail) {
+                *which = i;
+                return SHMB_WAIT_CHANGED;
+            }
+            seen[i] = tail;
+        }
+        if (shmb_monotonic_ns() >= deadline)
             return SHMB_WAIT_TIMEOUT;
-        }
-        int64_t left_ms = deadline == INT64_MAX ? -1 : (deadline - now + 999999) / 1000000;
-        int w = shmb_futex_wait((const uint32_t *)word, seen, left_ms, 0);
-        shmb_u32_fetch_add(flag, (uint32_t)-1);
-        if (w == SHMB_WAIT_INTERRUPTED)
-            return SHMB_WAIT_INTERRUPTED;
     }
 }
 

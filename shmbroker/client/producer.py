@@ -54,7 +54,7 @@ from ..broker.lock import broker_pid
 from ..config import (PRODUCER_BATCH_BYTES_DEFAULT, PRODUCER_BATCH_RECORDS_MAX,
                       PRODUCER_CLOSE_DRAIN_MS_MAX, PRODUCER_LINGER_MS_MAX,
                       PRODUCER_RING_BYTES_DEFAULT, PRODUCER_SENDER_IDLE_MS_MAX,
-                      PRODUCER_SENDER_MULTI_WAIT_MS, PRODUCER_SENDER_QUIET_MS,
+                      PRODUCER_SENDER_QUIET_US, PRODUCER_SENDER_TIMER_SLICE_MS,
                       PRODUCER_SENDER_WAIT_MS_MAX,
                       RING_BYTES_MAX, RING_BYTES_MIN,
                       RING_SEND_TIMEOUT_MS_DEFAULT, SPIN_NS_MAX, default_data_dir)
@@ -298,9 +298,12 @@ def _sender_main(ref: "weakref.ref[Producer]", wake: threading.Event) -> None:
     ``send`` left in an accumulator (their ring was busy) are written once the ring is idle
     and ``linger_ms`` has passed, even if the application never calls the producer again.
 
-    It holds the producer only through a weak reference between rounds and sleeps without
-    the GIL (on the Event, or on the ring's space futex, which the partition process bumps
-    when it releases frames). It ends when the producer closes, forks, is garbage-collected,
+    It never takes the GIL while the application keeps sending (each time it did, CPython's
+    forced GIL switch made the sending thread wait until this one got a CPU: -35% msgs/s on 2
+    busy cores). It waits in C instead (``rings_wait_quiet``): until a ring it watches is idle
+    and was not written for PRODUCER_SENDER_QUIET_US, which means the application, which
+    writes on idle rings itself, has stopped sending there. It holds the producer only through
+    a weak reference between turns, and ends when the producer closes, forks, is collected,
     or has had nothing pending for PRODUCER_SENDER_IDLE_MS_MAX."""
     while True:  # bounded: each turn sleeps; the thread ends as said above
         woken = wake.wait(PRODUCER_SENDER_IDLE_MS_MAX / 1000.0)
@@ -310,20 +313,21 @@ def _sender_main(ref: "weakref.ref[Producer]", wake: threading.Event) -> None:
         plan = producer._sender_round(woken)
         if plan is None:
             return
-        writer, position, timeout_ms = plan
+        writers, timeout_ms, poke = plan
         del producer  # no strong reference while asleep
-        if writer is None:
+        if not writers:
             if timeout_ms > 0:
                 time.sleep(timeout_ms / 1000.0)
             continue
         try:
-            _native.ring_wait_released(writer.buf, position, max(1, int(timeout_ms)))
+            _native.rings_wait_quiet([w.buf for w in writers], PRODUCER_SENDER_QUIET_US,
+                                     max(1, int(timeout_ms)), poke)
         except errors.ShmbrokerError:
-            pass  # a corrupt ring: the next round (or the application's next call) reports it
+            pass  # a corrupt ring: the application's next call on it reports it
         finally:
             producer = ref()
             if producer is not None:
-                producer._sender_woke(writer)
+                producer._sender_woke(writers)
             del producer
 
 
@@ -394,7 +398,7 @@ class Producer:
         self._sender: threading.Thread | None = None
         self._sender_wake = threading.Event()
         self._sender_armed = False  # records are pending and the sender knows
-        self._sender_marks: dict = {}  # accumulator -> (batch, records) at the last look
+        self._sender_poke = bytearray(1)  # non-zero: the sender's wait in C ends
         self._metadata = LocalMetadata(self.data_dir)
         self._writers: dict[tuple[str, int], _Writer] = {}
         self._accs: dict[tuple[str, int], _Accumulator] = {}
@@ -483,32 +487,21 @@ class Producer:
 
     def _sender_round(self, woken: bool):
         """One turn of the sender thread: write every accumulator whose ring is idle and whose
-        linger passed, once the application has stopped adding to it; say what to sleep on
-        next: ``(writer, position, timeout_ms)`` (a busy ring, until released up to
-        position), ``(None, None, timeout_ms)`` (a timer; 0: back to the Event), or None: the
-        thread ends.
-
-        While the application keeps sending it writes on idle rings itself; the sender then
-        only looks every PRODUCER_SENDER_QUIET_MS (a timer, no futex: a sleeper on the ring
-        would make the partition process pay a FUTEX_WAKE per release and wake this thread
-        into the application's GIL). An accumulator that did not grow since the last look is
-        the sender's to write."""
+        linger passed; say what to wait for next: ``(writers, timeout_ms, poke)``: their rings
+        (``rings_wait_quiet``), or with no writers a timer (0: back to the Event); None: the
+        thread ends."""
         with self._lock:
             if self._closed or self._pid != os.getpid() \
                     or self._sender is not threading.current_thread():
                 return None
+            self._sender_poke[0] = 0
             busy: list[_Writer] = []
             timer_ms = None
-            marks, self._sender_marks = self._sender_marks, {}
             now_ms = time.monotonic() * 1000.0
             for acc in list(self._accs.values()):
                 writer = acc.writer
                 if not acc.values or writer.closing or writer.stopped():
                     continue  # a stopped partition: the application's next call reports it
-                mark = self._sender_marks[acc] = (acc.batch, len(acc.values))
-                if marks.get(acc) != mark:  # it grew: the application is sending
-                    timer_ms = PRODUCER_SENDER_QUIET_MS
-                    continue
                 if _load_u64(writer.buf, _READ_POSITION) != writer.written_position:
                     busy.append(writer)
                     continue
@@ -520,26 +513,25 @@ class Producer:
                     self._write(acc)
                 except (errors.ShmbrokerError, TypeError, ValueError):
                     pass  # the batch's futures carry the error
-            if busy and timer_ms is None:
-                # Several busy rings: sleep briefly on one and look at all of them again (a
-                # futex waits on one word; the rings are in different regions).
-                writer = busy[0]
-                writer.sleepers += 1
-                return writer, writer.written_position, \
-                    PRODUCER_SENDER_WAIT_MS_MAX if len(busy) == 1 else PRODUCER_SENDER_MULTI_WAIT_MS
-            if busy or timer_ms is not None:  # in slices, so that close() need not wait
-                return None, None, min(timer_ms or PRODUCER_SENDER_QUIET_MS,
-                                       PRODUCER_SENDER_WAIT_MS_MAX)
+            if busy:
+                busy = busy[:_native.QUIET_RINGS_MAX]  # the rest: next turn
+                for writer in busy:
+                    writer.sleepers += 1
+                timeout_ms = PRODUCER_SENDER_WAIT_MS_MAX if timer_ms is None else timer_ms
+                return busy, timeout_ms, self._sender_poke
+            if timer_ms is not None:  # a linger, in slices so that close() need not wait
+                return [], min(timer_ms, PRODUCER_SENDER_TIMER_SLICE_MS), self._sender_poke
             self._sender_armed = False
             self._sender_wake.clear()
             if not woken:  # idle for PRODUCER_SENDER_IDLE_MS_MAX: end (a new one on demand)
                 self._sender = None
                 return None
-            return None, None, 0
+            return [], 0, self._sender_poke
 
-    def _sender_woke(self, writer: _Writer) -> None:
+    def _sender_woke(self, writers: list[_Writer]) -> None:
         with self._lock:
-            self._left_ring(writer)
+            for writer in writers:
+                self._left_ring(writer)
 
     def _left_ring(self, writer: _Writer) -> None:
         writer.sleepers -= 1
@@ -551,6 +543,7 @@ class Producer:
         left it (they sleep in slices of at most _ACK_WAIT_SLICE_MS), so it can be unmapped."""
         writer.closing = True
         if writer.sleepers:
+            self._sender_poke[0] = 1  # the sender's wait ends within PRODUCER_SENDER_QUIET_US
             self._cond.wait_for(lambda: writer.sleepers == 0,
                                 timeout=4 * _ACK_WAIT_SLICE_MS / 1000.0)
 
@@ -955,6 +948,7 @@ class Producer:
     def _close_rings(self, timeout: float | None) -> None:
         self._closed = True
         self._sender_wake.set()  # the sender ends at its next turn
+        self._sender_poke[0] = 1
         drain_ms = PRODUCER_CLOSE_DRAIN_MS_MAX if timeout is None else \
             min(PRODUCER_CLOSE_DRAIN_MS_MAX, timeout * 1000)
         for writer in self._writers.values():

@@ -96,13 +96,19 @@ int shmb_ring_release(uint8_t *region, size_t region_len, uint64_t position,
 int shmb_ring_wait_space(uint8_t *region, size_t region_len, uint64_t payload_len,
                          int64_t timeout_ms, int64_t spin_ns);
 
-/* Producer: waits until the consumer has released everything before `position`
- * (read_position >= position), sleeping on space_seq like shmb_ring_wait_space (space_waiting
- * is a count of such sleepers). The background sender uses it to learn that a ring went idle.
- * Returns SHMB_WAIT_CHANGED, SHMB_WAIT_TIMEOUT, SHMB_WAIT_INTERRUPTED, or -1 if the header is
- * corrupt. timeout_ms < 0: no timeout. */
-int shmb_ring_wait_released(uint8_t *region, size_t region_len, uint64_t position,
-                            int64_t timeout_ms);
+/* Most rings one shmb_rings_wait_quiet call watches. */
+#define SHMB_QUIET_RINGS_MAX 64
+
+/* Producer's background sender: naps quiet_ns at a time (no futex: a sleeper on space_seq
+ * would cost the partition process a FUTEX_WAKE per release) until one of the n rings is
+ * idle (read_position == write_position) and was not written during the last nap, i.e. the
+ * application thread, which writes on idle rings itself, has left records to the sender.
+ * *which = that ring. Returns SHMB_WAIT_CHANGED, SHMB_WAIT_TIMEOUT, SHMB_WAIT_WOKEN when *poke
+ * became non-zero (the Python side changed its plans: close, a ring dropped), or -1 when a
+ * header is corrupt (*which names it) or the arguments are out of range. */
+int shmb_rings_wait_quiet(uint8_t *const *regions, const size_t *region_lens, size_t n,
+                          int64_t quiet_ns, int64_t timeout_ms, const volatile uint8_t *poke,
+                          size_t *which);
 
 /* Producer side of the partition's doorbell: after committing frames, wake the partition
  * process if (and only if) it said it may sleep. `control` is the partition control region. */

@@ -15,6 +15,7 @@ import pytest
 
 from shmbroker import errors, records
 from shmbroker.layout import shm as L
+from shmbroker.native import _native
 from shmbroker.shm import names
 from shmbroker.shm.ring import RingConsumer, RingProducer
 
@@ -185,3 +186,77 @@ def test_corrupted_ring_header_is_refused_on_attach(pair, field, fmt, value):
         prod.send(b"x")
     with pytest.raises(errors.RegionHeaderError):
         pair[1].poll()
+
+
+# --- rings_wait_quiet: how the producer's background sender learns a ring is its to write ----
+
+def _two_pairs(prefix):
+    out = []
+    for slot in (0, 1):
+        name = names.ring_name(prefix, "quiet", 0, slot, 1)
+        prod = RingProducer.create(name, 8192, partition=0, slot=slot)
+        out.append((prod, RingConsumer.attach(name)))
+    return out
+
+
+def _drain(cons):
+    rb = cons.poll()
+    cons.release(rb.next_position)
+
+
+def test_rings_wait_quiet_names_the_ring_that_went_idle_and_stayed_unwritten(prefix):
+    (p0, c0), (p1, c1) = pairs = _two_pairs(prefix)
+    try:
+        p0.send(records.encode_batch([b"a"]))
+        p1.send(records.encode_batch([b"b"]))
+        poke = bytearray(1)
+        # Both busy (frames not released): nothing is quiet, the wait times out.
+        assert _native.rings_wait_quiet([p0.buf, p1.buf], 200, 30, poke) == -1
+        _drain(c1)
+        assert _native.rings_wait_quiet([p0.buf, p1.buf], 200, 1000, poke) == 1
+    finally:
+        for prod, cons in pairs:
+            cons.close()
+            prod.close()
+
+
+def test_rings_wait_quiet_does_not_report_a_ring_that_keeps_being_written(pair):
+    prod, cons = pair
+    stop = threading.Event()
+
+    def keep_writing():  # the application, still sending: writes, the consumer drains
+        for _ in range(2000):  # bounded
+            if stop.is_set():
+                return
+            prod.send(records.encode_batch([b"x"]))
+            _drain(cons)
+            time.sleep(0.0001)
+
+    writer = threading.Thread(target=keep_writing)
+    writer.start()
+    try:
+        # 20 ms naps: every nap sees a new write, so the ring never counts as quiet.
+        assert _native.rings_wait_quiet([prod.buf], 20_000, 150, bytearray(1)) == -1
+    finally:
+        stop.set()
+        writer.join()
+    assert _native.rings_wait_quiet([prod.buf], 1000, 1000, bytearray(1)) == 0
+
+
+def test_rings_wait_quiet_ends_when_poked_and_refuses_a_corrupt_ring(pair):
+    prod, _ = pair
+    prod.send(records.encode_batch([b"busy"]))  # never drained: never quiet
+    poke = bytearray(1)
+    threading.Timer(0.05, lambda: poke.__setitem__(0, 1)).start()
+    start = time.monotonic()
+    assert _native.rings_wait_quiet([prod.buf], 500, 10_000, poke) == -2
+    assert time.monotonic() - start < 5  # long before its 10 s timeout
+    magic = struct.unpack_from("<Q", prod.buf, 0)[0]
+    struct.pack_into("<Q", prod.buf, 0, 0xBAD)
+    try:
+        with pytest.raises(errors.RingCorruptError):
+            _native.rings_wait_quiet([prod.buf], 500, 10, bytearray(1))
+    finally:
+        struct.pack_into("<Q", prod.buf, 0, magic)
+    with pytest.raises(ValueError):
+        _native.rings_wait_quiet([], 500, 10, bytearray(1))
