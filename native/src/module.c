@@ -70,6 +70,8 @@ typedef struct {
     PyObject *key;     /* bytes or None */
     PyObject *value;   /* bytes or None */
     PyObject *headers; /* tuple of (str, bytes | None) */
+    PyObject *topic;   /* str, or NULL (None): set when a consumer decodes a partition's log */
+    int64_t partition; /* -1 when not set */
 } RecordObject;
 
 /* Records hold only bytes, str, None and tuples of those, so they cannot be part of a
@@ -80,6 +82,7 @@ static void Record_dealloc(RecordObject *self)
     Py_XDECREF(self->key);
     Py_XDECREF(self->value);
     Py_XDECREF(self->headers);
+    Py_XDECREF(self->topic);
     tp->tp_free((PyObject *)self);
     Py_DECREF(tp);
 }
@@ -96,14 +99,20 @@ static int check_bytes_or_none(PyObject *o, const char *name)
 
 static PyObject *Record_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"offset", "timestamp", "key", "value", "headers", NULL};
-    long long offset, timestamp;
-    PyObject *key, *value, *headers = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "LLOO|O:Record", kwlist, &offset, &timestamp,
-                                     &key, &value, &headers))
+    static char *kwlist[] = {"offset", "timestamp", "key", "value", "headers", "topic",
+                             "partition", NULL};
+    long long offset, timestamp, partition = -1;
+    PyObject *key, *value, *headers = NULL, *topic = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "LLOO|OOL:Record", kwlist, &offset, &timestamp,
+                                     &key, &value, &headers, &topic, &partition))
         return NULL;
     if (check_bytes_or_none(key, "key") < 0 || check_bytes_or_none(value, "value") < 0)
         return NULL;
+    if (topic != Py_None && !PyUnicode_CheckExact(topic)) {
+        PyErr_Format(PyExc_TypeError, "Record topic must be str or None, not %.100s",
+                     Py_TYPE(topic)->tp_name);
+        return NULL;
+    }
     PyObject *htuple = headers ? PySequence_Tuple(headers) : PyTuple_New(0);
     if (htuple == NULL)
         return NULL;
@@ -132,11 +141,19 @@ static PyObject *Record_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     Py_INCREF(value);
     self->value = value;
     self->headers = htuple;
+    self->topic = topic == Py_None ? NULL : Py_NewRef(topic);
+    self->partition = partition;
     return (PyObject *)self;
 }
 
 static PyObject *Record_repr(RecordObject *self)
 {
+    if (self->topic != NULL)
+        return PyUnicode_FromFormat("Record(topic=%R, partition=%lld, offset=%lld, timestamp=%lld, "
+                                    "key=%R, value=%R, headers=%R)", self->topic,
+                                    (long long)self->partition, (long long)self->offset,
+                                    (long long)self->timestamp, self->key, self->value,
+                                    self->headers);
     return PyUnicode_FromFormat("Record(offset=%lld, timestamp=%lld, key=%R, value=%R, headers=%R)",
                                 (long long)self->offset, (long long)self->timestamp, self->key,
                                 self->value, self->headers);
@@ -147,10 +164,11 @@ static PyObject *Record_richcompare(PyObject *a, PyObject *b, int op)
     if ((op != Py_EQ && op != Py_NE) || Py_TYPE(b) != Py_TYPE(a))
         Py_RETURN_NOTIMPLEMENTED;
     RecordObject *x = (RecordObject *)a, *y = (RecordObject *)b;
-    int equal = x->offset == y->offset && x->timestamp == y->timestamp;
-    PyObject *const xs[3] = {x->key, x->value, x->headers};
-    PyObject *const ys[3] = {y->key, y->value, y->headers};
-    for (int i = 0; equal && i < 3; i++) {
+    int equal = x->offset == y->offset && x->timestamp == y->timestamp &&
+                x->partition == y->partition;
+    PyObject *const xs[4] = {x->key, x->value, x->headers, x->topic ? x->topic : Py_None};
+    PyObject *const ys[4] = {y->key, y->value, y->headers, y->topic ? y->topic : Py_None};
+    for (int i = 0; equal && i < 4; i++) {
         int r = PyObject_RichCompareBool(xs[i], ys[i], Py_EQ);
         if (r < 0)
             return NULL;
@@ -177,11 +195,50 @@ static Py_hash_t Record_hash(RecordObject *self)
 
 static PyObject *Record_reduce(RecordObject *self, PyObject *Py_UNUSED(ignored))
 {
-    PyObject *fields = Record_fields(self);
+    PyObject *fields = Py_BuildValue("(LLOOOOL)", (long long)self->offset,
+                                     (long long)self->timestamp, self->key, self->value,
+                                     self->headers, self->topic ? self->topic : Py_None,
+                                     (long long)self->partition);
     if (fields == NULL)
         return NULL;
     return Py_BuildValue("(ON)", (PyObject *)Py_TYPE(self), fields);
 }
+
+static PyObject *Record_get_topic(RecordObject *self, void *Py_UNUSED(closure))
+{
+    return Py_NewRef(self->topic ? self->topic : Py_None);
+}
+
+/* TopicPartition(topic, partition), the client's named tuple (imported on first use: the
+ * codec itself does not depend on the client package). */
+static PyObject *Record_get_topic_partition(RecordObject *self, void *Py_UNUSED(closure))
+{
+    PyObject *types = PyImport_ImportModule("shmbroker.client.types");
+    if (types == NULL)
+        return NULL;
+    PyObject *cls = PyObject_GetAttrString(types, "TopicPartition");
+    Py_DECREF(types);
+    if (cls == NULL)
+        return NULL;
+    PyObject *tp = PyObject_CallFunction(cls, "OL", self->topic ? self->topic : Py_None,
+                                         (long long)self->partition);
+    Py_DECREF(cls);
+    return tp;
+}
+
+static PyObject *Record_get_record(RecordObject *self, void *Py_UNUSED(closure))
+{
+    return Py_NewRef((PyObject *)self);
+}
+
+static PyGetSetDef Record_getset[] = {
+    {"topic", (getter)Record_get_topic, NULL, "topic (str), or None outside a consumer", NULL},
+    {"topic_partition", (getter)Record_get_topic_partition, NULL,
+     "TopicPartition(topic, partition)", NULL},
+    {"record", (getter)Record_get_record, NULL,
+     "the record itself (kept for code written against the earlier wrapper)", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
 
 static PyMemberDef Record_members[] = {
     {"offset", T_LONGLONG, offsetof(RecordObject, offset), READONLY, "offset (int64)"},
@@ -191,6 +248,8 @@ static PyMemberDef Record_members[] = {
     {"value", T_OBJECT, offsetof(RecordObject, value), READONLY, "bytes or None"},
     {"headers", T_OBJECT, offsetof(RecordObject, headers), READONLY,
      "tuple of (str, bytes | None) pairs"},
+    {"partition", T_LONGLONG, offsetof(RecordObject, partition), READONLY,
+     "partition (int), or -1 outside a consumer"},
     {NULL, 0, 0, 0, NULL},
 };
 
@@ -206,9 +265,12 @@ static PyType_Slot Record_slots[] = {
     {Py_tp_richcompare, (void *)Record_richcompare},
     {Py_tp_hash, (void *)Record_hash},
     {Py_tp_members, (void *)Record_members},
+    {Py_tp_getset, (void *)Record_getset},
     {Py_tp_methods, (void *)Record_methods},
-    {Py_tp_doc, (void *)"Record(offset, timestamp, key, value, headers=())\n--\n\n"
-                        "One decoded record; immutable. Built by decode_records."},
+    {Py_tp_doc, (void *)"Record(offset, timestamp, key, value, headers=(), topic=None, "
+                        "partition=-1)\n--\n\n"
+                        "One decoded record; immutable. Built by decode_records; a consumer's\n"
+                        "records also carry their topic and partition."},
     {0, NULL},
 };
 
@@ -544,7 +606,8 @@ static PyObject *build_headers(module_state *st, key_cache *kc, const uint8_t *d
 }
 
 static PyObject *build_records(module_state *st, const uint8_t *data, size_t len,
-                               const shmb_rb_columns *c, size_t n)
+                               const shmb_rb_columns *c, size_t n, PyObject *topic,
+                               int64_t partition)
 {
     key_cache kc;
     memset(&kc, 0, sizeof kc);
@@ -557,6 +620,8 @@ static PyObject *build_records(module_state *st, const uint8_t *data, size_t len
             goto fail;
         r->offset = c->offsets[i];
         r->timestamp = c->timestamps[i];
+        r->topic = topic == Py_None ? NULL : Py_NewRef(topic);
+        r->partition = partition;
         r->key = bytes_at(data, c->key_starts[i], c->key_lengths[i]);
         r->value = bytes_at(data, c->value_starts[i], c->value_lengths[i]);
         r->headers = (r->key && r->value) ? build_headers(st, &kc, data, len, c->headers_starts[i],
@@ -576,13 +641,19 @@ fail:
 
 static PyObject *py_decode_records(PyObject *module, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"buf", "verify_crc", NULL};
+    static char *kwlist[] = {"buf", "verify_crc", "topic", "partition", NULL};
     module_state *st = get_state(module);
     Py_buffer buf;
     int verify_crc = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "y*|p:decode_records", kwlist, &buf,
-                                     &verify_crc))
+    PyObject *topic = Py_None;
+    long long partition = -1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "y*|pOL:decode_records", kwlist, &buf,
+                                     &verify_crc, &topic, &partition))
         return NULL;
+    if (topic != Py_None && !PyUnicode_CheckExact(topic)) {
+        PyBuffer_Release(&buf);
+        return PyErr_Format(PyExc_TypeError, "decode_records: topic must be str or None");
+    }
     const uint8_t *data = buf.buf;
     size_t len = (size_t)buf.len, n = 0, cap;
     int status;
@@ -612,7 +683,7 @@ static PyObject *py_decode_records(PyObject *module, PyObject *args, PyObject *k
     if (status != SHMB_RB_SCAN_OK)
         raise_status(st, status, &err);
     else
-        result = build_records(st, data, len, &oc.cols, n);
+        result = build_records(st, data, len, &oc.cols, n, topic, (int64_t)partition);
 done:
     PyMem_RawFree(oc.memory);
     PyBuffer_Release(&buf);
@@ -1331,6 +1402,59 @@ static PyObject *py_futex_wait(PyObject *m, PyObject *args, PyObject *kwds)
     return PyLong_FromLong(r);
 }
 
+/* futex_waitv([(buf, offset, expected), ...], timeout_ms=-1, spin_ns=0) -> (status, index), or
+ * None when the kernel has no futex_waitv (the caller falls back to one word at a time). */
+static PyObject *py_futex_waitv(PyObject *m, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"words", "timeout_ms", "spin_ns", NULL};
+    PyObject *list;
+    long long timeout_ms = -1, spin_ns = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|LL:futex_waitv", kwlist, &list, &timeout_ms,
+                                     &spin_ns))
+        return NULL;
+    PyObject *seq = PySequence_Fast(list, "futex_waitv: words must be a sequence");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    if (n < 1 || n > SHMB_FUTEX_WAITV_MAX) {
+        Py_DECREF(seq);
+        return PyErr_Format(PyExc_ValueError, "futex_waitv: 1..%d words, got %zd",
+                            SHMB_FUTEX_WAITV_MAX, n);
+    }
+    Py_buffer views[SHMB_FUTEX_WAITV_MAX];
+    const uint32_t *words[SHMB_FUTEX_WAITV_MAX];
+    uint32_t expected[SHMB_FUTEX_WAITV_MAX];
+    Py_ssize_t got = 0;
+    PyObject *result = NULL;
+    for (; got < n; got++) {
+        PyObject *obj;
+        long long off;
+        unsigned long long want;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, got), "OLK:futex_waitv word", &obj,
+                              &off, &want))
+            goto done;
+        uint8_t *p = word_at(obj, off, 4, 1, &views[got]);
+        if (p == NULL)
+            goto done;
+        words[got] = (const uint32_t *)p;
+        expected[got] = (uint32_t)want;
+    }
+    size_t which = 0;
+    int r;
+    Py_BEGIN_ALLOW_THREADS
+    r = shmb_futex_waitv(words, expected, (size_t)n, timeout_ms, spin_ns, &which);
+    Py_END_ALLOW_THREADS
+    if (r == SHMB_WAIT_INTERRUPTED && PyErr_CheckSignals() < 0)
+        goto done;
+    result = r == SHMB_FUTEX_WAITV_UNSUPPORTED ? Py_NewRef(Py_None)
+                                               : Py_BuildValue("(in)", r, (Py_ssize_t)which);
+done:
+    for (Py_ssize_t i = 0; i < got; i++)
+        PyBuffer_Release(&views[i]);
+    Py_DECREF(seq);
+    return result;
+}
+
 static PyObject *py_futex_wake(PyObject *m, PyObject *args)
 {
     PyObject *obj;
@@ -1821,7 +1945,7 @@ static PyMethodDef module_methods[] = {
      "    max_timestamp, records_count), ...])"},
     {"decode_records", (PyCFunction)(void (*)(void))py_decode_records,
      METH_VARARGS | METH_KEYWORDS,
-     "decode_records(buf, verify_crc=True) -> list[Record]"},
+     "decode_records(buf, verify_crc=True, topic=None, partition=-1) -> list[Record]"},
     {"decode_columnar_into", (PyCFunction)(void (*)(void))py_decode_columnar_into,
      METH_VARARGS | METH_KEYWORDS,
      "decode_columnar_into(buf, offsets, timestamps, key_starts, key_lengths, value_starts,\n"
@@ -1849,6 +1973,10 @@ static PyMethodDef module_methods[] = {
     {"futex_wait", (PyCFunction)(void (*)(void))py_futex_wait, METH_VARARGS | METH_KEYWORDS,
      "futex_wait(buf, offset, expected, timeout_ms=-1, spin_ns=0) -> WAIT_* status\n\n"
      "Shared (not private) FUTEX_WAIT on a u32 of a writable mapping; the GIL is released."},
+    {"futex_waitv", (PyCFunction)(void (*)(void))py_futex_waitv, METH_VARARGS | METH_KEYWORDS,
+     "futex_waitv(words, timeout_ms=-1, spin_ns=0) -> (WAIT_* status, index) or None\n\n"
+     "One sleep on many shared u32 words [(buf, offset, expected), ...] (Linux 5.16+); None\n"
+     "when the kernel has no futex_waitv. The GIL is released."},
     {"futex_wake", py_futex_wake, METH_VARARGS,
      "futex_wake(buf, offset, count=INT_MAX) -> number woken"},
     {"monotonic_ns", py_monotonic_ns, METH_NOARGS, "monotonic_ns() -> CLOCK_MONOTONIC in ns"},

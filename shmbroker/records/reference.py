@@ -214,6 +214,8 @@ class Record:
     key: bytes | None
     value: bytes | None
     headers: tuple = ()
+    topic: str | None = None  # set when a consumer decodes a partition's log
+    partition: int = -1
 
 
 class ScanResult(NamedTuple):
@@ -369,11 +371,13 @@ def _decoded_batches(buf: Any, verify_crc: bool):
         pos = end
 
 
-def decode_records(buf: Any, verify_crc: bool = True) -> list[Record]:
+def decode_records(buf: Any, verify_crc: bool = True, topic: str | None = None,
+                   partition: int = -1) -> list[Record]:
     out = []
     for base_offset, base_ts, parsed in _decoded_batches(buf, verify_crc):
         for off_delta, ts_delta, key, value, hdrs in parsed:
-            out.append(Record(_i64(base_offset + off_delta), _i64(base_ts + ts_delta), key, value, hdrs))
+            out.append(Record(_i64(base_offset + off_delta), _i64(base_ts + ts_delta), key, value,
+                              hdrs, topic, partition))
     return out
 
 

@@ -203,6 +203,25 @@ class ControlRegion:
             _native.atomic_add_u32(buf, C["hw_waiters"], -1)
         return r != wake.TIMEOUT
 
+    @staticmethod
+    def wait_any_hw_change(regions: list, seen_hw_seqs: list, timeout_ms: float | None,
+                           spin_ns: int = 0) -> bool | None:
+        """Consumer of several partitions: one sleep until any region's hw_seq differs from
+        its seen value (futex_waitv); False on timeout, None when the kernel has no
+        futex_waitv. Each region counts the consumer in hw_waiters meanwhile, so its
+        publishes wake it."""
+        words = [(r.buf, C["hw_seq"], seen) for r, seen in zip(regions, seen_hw_seqs)]
+        counted = []
+        try:
+            for region in regions:
+                _native.atomic_add_u32(region.buf, C["hw_waiters"], 1)
+                counted.append(region)
+            r = wake.wait_any(words, timeout_ms, spin_ns)
+        finally:
+            for region in counted:
+                _native.atomic_add_u32(region.buf, C["hw_waiters"], -1)
+        return None if r is None else r != wake.TIMEOUT
+
     # -- partition status and the drain journal (partition process) ---------------------------
 
     @property

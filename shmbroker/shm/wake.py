@@ -42,3 +42,20 @@ def wait(buf, offset: int, expected: int, timeout_ms: float | None = None,
 def wake(buf, offset: int, count: int = 0x7FFFFFFF) -> int:
     """Wakes up to ``count`` waiters on the u32 at ``offset``; returns how many woke."""
     return _native.futex_wake(buf, offset, count)
+
+
+def wait_any(words: list, timeout_ms: float | None = None, spin_ns: int = 0) -> int | None:
+    """One sleep on several u32 words ``[(buf, offset, expected), ...]`` (Linux 5.16
+    ``futex_waitv``): returns WOKEN, CHANGED or TIMEOUT as soon as any word differs from its
+    expected value or is woken. None when the kernel has no futex_waitv: the caller waits on
+    one word at a time instead. EINTR is handled here, as in :func:`wait`."""
+    deadline = None if timeout_ms is None else time.monotonic() + timeout_ms / 1000.0
+    while True:  # bounded by the deadline; without one, by a wake-up
+        left_ms = -1 if deadline is None else int((deadline - time.monotonic()) * 1000.0 + 0.999)
+        if deadline is not None and left_ms <= 0:
+            return TIMEOUT
+        r = _native.futex_waitv(words, left_ms, spin_ns)
+        if r is None:
+            return None
+        if r[0] != INTERRUPTED:
+            return r[0]

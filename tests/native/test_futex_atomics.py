@@ -85,3 +85,32 @@ def test_futex_wakes_another_process_through_a_shared_mapping(buf):
     _, status = os.waitpid(pid, 0)
     assert status == 0
     assert _native.atomic_load_u32(buf, 64) in (100 + W["WOKEN"], 100 + W["CHANGED"])
+
+
+def test_futex_waitv_sleeps_on_several_words_and_any_of_them_wakes_it():
+    first, second = mmap.mmap(-1, 4096), mmap.mmap(-1, 4096)  # two regions, as two partitions
+    words = [(first, 0, 0), (second, 8, 0)]
+    if _native.futex_waitv(words, 1) is None:
+        pytest.skip("this kernel has no futex_waitv (Linux < 5.16): the rotation is used")
+
+    def bump_second():
+        time.sleep(0.05)
+        _native.atomic_add_u32(second, 8, 1)
+        _native.futex_wake(second, 8)
+
+    waker = threading.Thread(target=bump_second)
+    waker.start()
+    start = time.monotonic()
+    status, index = _native.futex_waitv(words, 5_000)
+    waker.join()
+    assert (status, index) == (WAIT_STATUS["WOKEN"], 1)
+    assert time.monotonic() - start < 4  # woken, not timed out
+    assert _native.futex_waitv(words, 5_000) == (WAIT_STATUS["CHANGED"], 1)  # no sleep
+    start = time.monotonic()
+    assert _native.futex_waitv([(first, 0, 0)], 60)[0] == WAIT_STATUS["TIMEOUT"]
+    assert time.monotonic() - start >= 0.05
+    assert wake.wait_any([(first, 0, 0), (second, 8, 1)], 30) == wake.TIMEOUT
+    with pytest.raises(ValueError):
+        _native.futex_waitv([], 10)
+    with pytest.raises(ValueError):
+        _native.futex_waitv([(first, 0, 0)] * 129, 10)

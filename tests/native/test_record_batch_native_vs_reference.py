@@ -313,6 +313,26 @@ def test_record_type():
         _native.Record(0, 0, None, None, [["k", b"v"]])
 
 
+def test_records_decoded_for_a_consumer_carry_topic_and_partition_in_both_codecs():
+    batch = _native.encode_batch([b"v1", b"v2"], base_offset=7, timestamps=[1, 2])
+    for decode in (_native.decode_records, reference.decode_records):
+        r1, r2 = decode(batch, True, "orders", 3)
+        assert (r1.topic, r1.partition, r1.offset, r2.topic, r2.partition, r2.offset) == \
+            ("orders", 3, 7, "orders", 3, 8)
+        plain = decode(batch)[0]
+        assert (plain.topic, plain.partition) == (None, -1)
+    r1 = _native.decode_records(batch, True, "orders", 3)[0]
+    assert r1 == _native.Record(7, 1, None, b"v1", (), "orders", 3)
+    assert r1 != _native.Record(7, 1, None, b"v1", (), "orders", 4)  # partition counts
+    assert r1 != _native.Record(7, 1, None, b"v1", (), "other", 3)   # and so does the topic
+    assert r1 != _native.decode_records(batch)[0]
+    assert r1.topic_partition == ("orders", 3) and r1.record is r1
+    assert repr(r1).startswith("Record(topic='orders', partition=3, offset=7")
+    assert pickle.loads(pickle.dumps(r1)) == r1
+    with pytest.raises(TypeError):
+        _native.decode_records(batch, True, b"bytes-topic", 0)
+
+
 def test_many_batches_back_to_back():
     rng = random.Random(11)
     parts, want = [], []

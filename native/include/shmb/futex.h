@@ -9,6 +9,7 @@
 #ifndef SHMB_FUTEX_H
 #define SHMB_FUTEX_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #include "shmb/shm_layout.h"
@@ -21,6 +22,18 @@ int64_t shmb_monotonic_ns(void);
  * SHMB_WAIT_CHANGED (the word differed, no sleep), SHMB_WAIT_WOKEN (woken, maybe spuriously:
  * the caller re-checks its condition), SHMB_WAIT_TIMEOUT or SHMB_WAIT_INTERRUPTED (EINTR). */
 int shmb_futex_wait(const uint32_t *word, uint32_t expected, int64_t timeout_ms, int64_t spin_ns);
+
+/* Most words one shmb_futex_waitv waits on (the kernel's limit is 128). */
+#define SHMB_FUTEX_WAITV_MAX 128
+/* shmb_futex_waitv on a kernel without futex_waitv (before Linux 5.16), or n out of range. */
+#define SHMB_FUTEX_WAITV_UNSUPPORTED (-1)
+
+/* Waits until any words[i] != expected[i] (Linux 5.16 futex_waitv: one sleep on many words,
+ * e.g. a consumer on several partitions), spinning up to spin_ns first. *which = the word
+ * that woke or changed (best effort). Returns SHMB_WAIT_CHANGED, SHMB_WAIT_WOKEN,
+ * SHMB_WAIT_TIMEOUT, SHMB_WAIT_INTERRUPTED or SHMB_FUTEX_WAITV_UNSUPPORTED. */
+int shmb_futex_waitv(const uint32_t *const *words, const uint32_t *expected, size_t n,
+                     int64_t timeout_ms, int64_t spin_ns, size_t *which);
 
 /* Wakes up to count waiters on word; returns how many were woken (or -1, errno set). */
 int shmb_futex_wake(uint32_t *word, int count);
