@@ -137,6 +137,35 @@ PRODUCER_SENDER_TIMER_SLICE_MS = 20
 #: records behind starts a new one (an idle producer has no thread).
 PRODUCER_SENDER_IDLE_MS_MAX = 1_000
 
+# --- consumer groups (shmbroker/coordinator/group.py; docs/design/groups.md) -------------------
+
+#: A member not heard from (join, sync, heartbeat, commit) for its session timeout is removed
+#: and the group rebalances (Kafka: session.timeout.ms, default 45 s). A dynamic member whose
+#: process dies is removed at once (pid), so this waits out only hung members and the restart
+#: of a static member.
+GROUP_SESSION_TIMEOUT_MS_DEFAULT = 45_000
+#: Kafka's broker refuses less than 6 s (group.min.session.timeout.ms) because heartbeats cross
+#: a network; on one host nothing is in the way, so tests and latency-minded users may go low.
+GROUP_SESSION_TIMEOUT_MS_MIN = 100
+#: Kafka: group.max.session.timeout.ms (30 min).
+GROUP_SESSION_TIMEOUT_MS_MAX = 30 * 60 * 1000
+#: How long a rebalance waits for every member to rejoin, and then to sync, before it goes on
+#: without the late ones (Kafka: the member's max.poll.interval.ms, default 5 min).
+GROUP_REBALANCE_TIMEOUT_MS_DEFAULT = 300_000
+GROUP_REBALANCE_TIMEOUT_MS_MIN = 1
+GROUP_REBALANCE_TIMEOUT_MS_MAX = 60 * 60 * 1000
+#: The first rebalance of an empty group waits this long for more members (Kafka:
+#: group.initial.rebalance.delay.ms, 3 s). 0 here: a rebalance costs milliseconds on one host.
+GROUP_INITIAL_REBALANCE_DELAY_MS_DEFAULT = 0
+GROUP_INITIAL_REBALANCE_DELAY_MS_MAX = 60_000
+#: Members of one group (Kafka: group.max.size, unbounded by default). Each member is a client
+#: process on this host, and an assignment costs O(partitions x members) at worst.
+GROUP_MEMBERS_MAX = 1024
+#: Group ids, group instance ids and client ids: Kafka's topic-name length limit, reused.
+GROUP_NAME_LENGTH_MAX = 249
+#: Assignor names one member may offer (Kafka: partition.assignment.strategy).
+GROUP_PROTOCOLS_MAX = 8
+
 #: Where `make run` and `shmbroker` keep data when neither --data-dir nor the environment says.
 DATA_DIR_ENV = "SHMBROKER_DATA_DIR"
 

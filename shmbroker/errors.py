@@ -239,6 +239,82 @@ class PartitionStateUnavailableError(SharedMemoryError):
     retriable = True
 
 
+# --- consumer groups (shmbroker/coordinator/group.py; docs/design/groups.md) ------------------
+
+class CoordinatorNotAvailableError(ShmbrokerError):
+    """The group was deleted (state Dead) while the request was on its way; asking again
+    finds or creates the group anew."""
+
+    code = 15  # COORDINATOR_NOT_AVAILABLE
+    retriable = True
+
+
+class IllegalGenerationError(ShmbrokerError):
+    """A sync, heartbeat or offset commit names a generation that is not the group's current
+    one: the member missed a rebalance and must rejoin before it may commit."""
+
+    code = 22  # ILLEGAL_GENERATION
+
+
+class InconsistentGroupProtocolError(ShmbrokerError):
+    """A joining member supports none of the assignors that every other member supports."""
+
+    code = 23  # INCONSISTENT_GROUP_PROTOCOL
+
+
+class InvalidGroupIdError(ShmbrokerError, ValueError):
+    """A group id that is empty, too long or not a string."""
+
+    code = 24  # INVALID_GROUP_ID
+
+
+class UnknownMemberIdError(ShmbrokerError):
+    """The member id is not (or no longer) in the group: it left, its session expired, its
+    process died, or the coordinator restarted. The member rejoins with an empty id."""
+
+    code = 25  # UNKNOWN_MEMBER_ID
+
+
+class InvalidSessionTimeoutError(ShmbrokerError, ValueError):
+    """A session timeout outside the coordinator's [min, max] (docs/design/groups.md)."""
+
+    code = 26  # INVALID_SESSION_TIMEOUT
+
+
+class RebalanceInProgressError(ShmbrokerError):
+    """The group is rebalancing: the member must (re)join, or sync first, then try again.
+    Retriable in Kafka's sense: the same call succeeds once the member has caught up (Kafka's
+    Java class is not a RetriableException; its clients treat the code as 'rejoin')."""
+
+    code = 27  # REBALANCE_IN_PROGRESS
+    retriable = True
+
+
+class NonEmptyGroupError(ShmbrokerError):
+    """A group with live members cannot be deleted."""
+
+    code = 68  # NON_EMPTY_GROUP
+
+
+class GroupIdNotFoundError(ShmbrokerError):
+    """No group of that id (describe, delete, reset offsets)."""
+
+    code = 69  # GROUP_ID_NOT_FOUND
+
+
+class GroupMaxSizeReachedError(ShmbrokerError):
+    """The group already has ``members_max`` members; the new member is refused."""
+
+    code = 81  # GROUP_MAX_SIZE_REACHED
+
+
+class FencedInstanceIdError(ShmbrokerError):
+    """Another process joined with the same ``group_instance_id`` and took this member's place
+    (static membership). Fatal for the fenced client: two live processes share one identity."""
+
+    code = 82  # FENCED_INSTANCE_ID
+
+
 def _all_subclasses(cls: type) -> list[type]:
     out = []
     for sub in cls.__subclasses__():

@@ -1,6 +1,8 @@
-"""The coordinator process: topic metadata now, consumer groups next (issue 4).
+"""The coordinator process: topic metadata, and consumer groups (issue 4, being wired in).
 
-``topics.py`` (rules, registry, its file) and ``protocol.py`` (the request format) are plain
-code; ``server.py`` is the thin ZeroMQ loop around them. Run by the supervisor as
+``topics.py`` (rules, registry, its file), ``protocol.py`` (the request format),
+``group.py`` (one group's membership state machine) and ``assignors.py`` (range, round-robin,
+cooperative-sticky) are plain code with an injected clock; ``server.py`` is the thin ZeroMQ
+loop around them (groups are not served by it yet). Run by the supervisor as
 ``python -m shmbroker.coordinator --data-dir D ...``.
 """
