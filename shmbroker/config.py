@@ -95,8 +95,12 @@ REGISTRY_SLOTS_DEFAULT = 256
 #: Bounded retries of a seqlock read before the state is declared unavailable.
 SEQLOCK_READ_TIMEOUT_MS_MAX = 1_000
 #: Longest single doorbell sleep of a partition process: it wakes at least this often to look
-#: for dead producers even when nobody rings.
-DOORBELL_SLEEP_MS_MAX = 200
+#: for dead producers even when nobody rings. Their committed frames are drained by the
+#: ordinary rounds; this only bounds how long a dead producer's ring and registry slot linger
+#: (and a frame whose producer died between its commit and the doorbell). 1 s, not 200 ms:
+#: each wake-up costs ~0.4 ms of CPU on a slow 2-vCPU VM, and the idle target is < 1% of a
+#: core for the whole broker with 8 idle clients (perf/RESULTS.md).
+DOORBELL_SLEEP_MS_MAX = 1_000
 
 # --- the partition process's data plane (docs/design/partition.md) ----------------------------
 
@@ -124,6 +128,10 @@ PRODUCER_LINGER_MS_MAX = 60_000
 PRODUCER_RING_BYTES_DEFAULT = 4 * MiB
 #: How long close() waits for the partition process to take what is still in the rings.
 PRODUCER_CLOSE_DRAIN_MS_MAX = 5_000
+#: A producer re-reads a topic's partition count (one stat of topics.json) this often, so
+#: partitions added later get keyed and keyless records (Kafka: metadata.max.age.ms, 5 min;
+#: on one host the check costs a stat, not a request).
+PRODUCER_METADATA_MAX_AGE_MS = 1_000
 #: The producer's background sender takes over a ring's pending records once the ring is
 #: idle and was not written for this long (the application, which writes on idle rings
 #: itself, has stopped sending there). It checks that often, without the GIL.

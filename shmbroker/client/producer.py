@@ -53,6 +53,7 @@ from .. import errors, records
 from ..broker.lock import broker_pid
 from ..config import (PRODUCER_BATCH_BYTES_DEFAULT, PRODUCER_BATCH_RECORDS_MAX,
                       PRODUCER_CLOSE_DRAIN_MS_MAX, PRODUCER_LINGER_MS_MAX,
+                      PRODUCER_METADATA_MAX_AGE_MS,
                       PRODUCER_RING_BYTES_DEFAULT, PRODUCER_SENDER_IDLE_MS_MAX,
                       PRODUCER_SENDER_QUIET_US, PRODUCER_SENDER_TIMER_SLICE_MS,
                       PRODUCER_SENDER_WAIT_MS_MAX,
@@ -403,7 +404,7 @@ class Producer:
         self._writers: dict[tuple[str, int], _Writer] = {}
         self._accs: dict[tuple[str, int], _Accumulator] = {}
         self._sticky: dict[str, _Accumulator] = {}
-        self._partition_counts: dict[str, int] = {}
+        self._partition_counts: dict[str, tuple[int, float]] = {}  # count, expiry
 
     def _check_broker(self) -> None:
         if broker_pid(self.data_dir) is None:
@@ -579,11 +580,16 @@ class Producer:
     # -- partitions and accumulators -----------------------------------------------------------
 
     def _partitions(self, topic: str) -> int:
-        count = self._partition_counts.get(topic)
-        if count is None:
+        """The topic's partition count for keyed and keyless sends, re-read (a stat of
+        topics.json) at most every PRODUCER_METADATA_MAX_AGE_MS, so partitions added with
+        `topics alter` are used (Kafka: metadata.max.age.ms)."""
+        cached = self._partition_counts.get(topic)
+        now = time.monotonic()
+        if cached is None or now >= cached[1]:
             self._check_open()
-            count = self._partition_counts[topic] = self._metadata.partitions(topic)
-        return count
+            cached = self._partition_counts[topic] = (
+                self._metadata.partitions(topic), now + PRODUCER_METADATA_MAX_AGE_MS / 1000.0)
+        return cached[0]
 
     def _keyed_accumulator(self, topic: str, key: Any) -> _Accumulator:
         if type(key) is not bytes:

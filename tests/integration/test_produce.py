@@ -153,6 +153,25 @@ def test_an_idle_producer_has_no_sender_thread(broker):
         producer.send("quiet", b"again", partition=0).result(timeout=10)
 
 
+def test_partitions_added_while_a_producer_runs_get_its_keyed_and_keyless_records(broker):
+    from shmbroker import records
+
+    create_topic(broker.data_dir, "growing", 1)
+    with Producer(broker=broker.data_dir) as producer:
+        assert producer.send("growing", b"k", key=b"user-1").result(10).partition == 0
+        with Admin(broker=broker.data_dir) as admin:
+            admin.alter_partitions("growing", 4)
+        broker.wait_running({("growing", p) for p in range(4)})
+        key = next(b"user-%d" % i for i in range(100)
+                   if records.partition_for_key(b"user-%d" % i, 4) != 0)
+        # The count is re-read within PRODUCER_METADATA_MAX_AGE_MS (1 s): keyed records
+        # follow murmur2 over 4 partitions, keyless ones spread over them.
+        wait_for(lambda: producer.send("growing", b"v", key=key).result(10).partition != 0,
+                 interval_s=0.2, what="a keyed record on a new partition")
+        seen = {producer.send("growing", b"free").result(10).partition for _ in range(200)}
+        assert len(seen) > 1, seen
+
+
 def test_acks_0_and_all(broker):
     create_topic(broker.data_dir, "acks", 1)
     with Producer(broker=broker.data_dir, acks=0) as p0:
