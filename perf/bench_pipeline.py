@@ -1,0 +1,166 @@
+"""One pipeline, looked at closely: 1 producer process -> 1 partition -> 1 consumer process.
+
+Where perf/bench_ipc.py compares shmbroker with its peers, this script measures what one
+change to shmbroker does: it prints msgs/s end to end, the CPU each client process spends
+per record, and how many records the producer put in each batch (the partition process's
+work per record depends on it). Run it against two trees in one sitting to compare them:
+
+    .venv/bin/python perf/bench_pipeline.py                       # this tree
+    PYTHONPATH=/tmp/base .venv/bin/python perf/bench_pipeline.py  # a `git worktree` of the
+                                                                  # baseline, extension built
+                                                                  # there (setup.py build_ext
+                                                                  # --inplace)
+
+It starts its own broker (`python -m shmbroker serve`) on a temporary data dir under
+perf/out/, creates topic ``t`` with one partition, and stops the broker with SIGTERM at the
+end (SIGKILL of its process group if it does not stop). Producer: ``send(partition=0)`` in a
+loop, then ``flush``. Consumer: ``poll(max_records=4096)``, touching every value.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+#: How long the broker gets to start and the topic to be served.
+START_S_MAX = 30.0
+RESULT_S_MAX = 300.0
+
+
+def _producer(data_dir: str, count: int, value_bytes: int, go, results) -> None:
+    from shmbroker import Producer
+
+    producer = Producer(broker=data_dir, acks=1)
+    value = b"x" * value_bytes
+    producer.send("t", value, partition=0).result(10)  # ring and slot made before timing
+    go.wait()
+    t0, c0 = time.perf_counter(), time.process_time()
+    send = producer.send
+    for _ in range(count):
+        send("t", value, partition=0)
+    t1, c1 = time.perf_counter(), time.process_time()
+    producer.flush()
+    results.put(("producer loop msgs/s", count / (t1 - t0)))
+    results.put(("producer CPU ns/record", (c1 - c0) / count * 1e9))
+    producer.close()
+
+
+def _consumer(data_dir: str, count: int, go, results) -> None:
+    from shmbroker import Consumer
+
+    consumer = Consumer("t", broker=data_dir, auto_offset_reset="earliest")
+    consumer.assign([("t", 0)])
+    go.wait()
+    t0, c0 = time.perf_counter(), time.process_time()
+    got = touched = 0
+    while got < count + 1:  # bounded: the producer sends count + 1 records
+        records = consumer.poll(timeout_ms=10_000, max_records=4096)
+        if not records:
+            raise TimeoutError(f"no record for 10 s after {got}")
+        got += len(records)
+        for record in records:
+            touched += record.value[-1]
+    results.put(("end-to-end msgs/s", count / (time.perf_counter() - t0)))
+    results.put(("consumer CPU ns/record", (time.process_time() - c0) / count * 1e9))
+    consumer.close()
+
+
+def _batches(data_dir: str) -> int:
+    from shmbroker import records
+
+    n = 0
+    for path in glob.glob(os.path.join(data_dir, "t-0", "*.log")):
+        with open(path, "rb") as f:
+            n += len(records.scan_batches(f.read()).batches)
+    return n
+
+
+def _start_broker(data_dir: str, log_path: str) -> subprocess.Popen:
+    with open(log_path, "w") as log:
+        return subprocess.Popen([sys.executable, "-m", "shmbroker", "serve", "--data-dir",
+                                 data_dir], stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def _stop_broker(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    except ProcessLookupError:
+        pass
+
+
+def _create_topic(data_dir: str) -> None:
+    from shmbroker import Admin, errors
+
+    deadline = time.monotonic() + START_S_MAX
+    while True:  # bounded by the deadline
+        try:
+            with Admin(broker=data_dir) as admin:
+                admin.create_topic("t", 1)
+                return
+        except errors.BrokerNotRunningError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def run_once(count: int, value_bytes: int) -> dict[str, float]:
+    out_dir = os.path.join(HERE, "out")
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix="bench-pipeline-", dir=out_dir)
+    data_dir = os.path.join(tmp, "data")
+    broker = _start_broker(data_dir, os.path.join(tmp, "broker.log"))
+    procs = []
+    try:
+        _create_topic(data_dir)
+        ctx = mp.get_context("spawn")
+        go, results = ctx.Event(), ctx.Queue()
+        procs = [ctx.Process(target=_consumer, args=(data_dir, count, go, results)),
+                 ctx.Process(target=_producer, args=(data_dir, count, value_bytes, go, results))]
+        for proc in procs:
+            proc.start()
+        time.sleep(1.5)  # both attached and idle
+        go.set()
+        out = dict(results.get(timeout=RESULT_S_MAX) for _ in range(4))
+        for proc in procs:
+            proc.join(30)
+        out["records per batch"] = (count + 1) / max(1, _batches(data_dir))
+        return out
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+        _stop_broker(broker)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--count", type=int, default=400_000, help="records (default 400,000)")
+    ap.add_argument("--value-bytes", type=int, default=100, help="value size (default 100)")
+    ap.add_argument("--runs", type=int, default=3, help="runs, each printed (default 3)")
+    args = ap.parse_args(argv)
+    import shmbroker
+
+    print(f"bench_pipeline: shmbroker from {os.path.dirname(shmbroker.__file__)}, "
+          f"{args.count:,} x {args.value_bytes} B, {args.runs} runs")
+    for _ in range(args.runs):
+        result = run_once(args.count, args.value_bytes)
+        print("  " + "  ".join(f"{k} {v:,.0f}" for k, v in sorted(result.items())), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
