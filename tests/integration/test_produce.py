@@ -226,6 +226,34 @@ def test_fork_and_spawn_workers_produce_correctly(broker, method):
         sorted({o for _, _, o in results + [tuple(after)]})
 
 
+def _forked_while_sending(producer, queue) -> None:
+    for i in range(100):
+        producer.send("busy-fork", b"child %d" % i, partition=0)
+    producer.close()  # flushes: the child's own ring, its own sender thread
+    queue.put("done")
+
+
+def test_a_fork_while_the_background_sender_runs_gives_the_child_a_working_producer(broker):
+    create_topic(broker.data_dir, "busy-fork", 1)
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    with Producer(broker=broker.data_dir) as parent:
+        for i in range(3000):  # a burst: records pile up while the ring is busy
+            parent.send("busy-fork", b"parent %d" % i, partition=0)
+        proc = ctx.Process(target=_forked_while_sending, args=(parent, queue))
+        proc.start()  # the parent's sender thread may be waiting on the ring right now
+        assert queue.get(timeout=WAIT_S_MAX) == "done"
+        proc.join(WAIT_S_MAX)
+        assert proc.exitcode == 0
+        wait_for(lambda: len(read_partition(broker.data_dir, "busy-fork", 0)) == 3100,
+                 what="every parent and child record in the log, no flush by the parent")
+    values = [r.value for r in read_partition(broker.data_dir, "busy-fork", 0)]
+    assert sorted(values) == sorted([b"parent %d" % i for i in range(3000)] +
+                                    [b"child %d" % i for i in range(100)])
+    parents = [v for v in values if v.startswith(b"parent")]
+    assert parents == [b"parent %d" % i for i in range(3000)]  # order kept, nothing twice
+
+
 def test_bad_input_gives_typed_errors_and_the_broker_keeps_serving(broker):
     create_topic(broker.data_dir, "good", 1, {"max.message.bytes": 4096})
     pids_before = broker.partition_pids(broker.wait_running())
