@@ -200,7 +200,7 @@ class Supervisor:
                     "--supervisor-fd", str(link_fd)]
         _, topic, partition = child.key
         return [sys.executable, "-m", "shmbroker.partition", *common, "--topic", topic,
-                "--partition", str(partition)]
+                "--partition", str(partition), "--spin-us", str(self.config.partition_spin_us)]
 
     def _start(self, key: tuple) -> None:
         child = self.children.get(key)

@@ -10,6 +10,7 @@ import sys
 from .. import errors
 from ..broker import lifecycle
 from ..broker.naming import process_title
+from ..config import SPIN_NS_MAX
 from ..coordinator.topics import load_topics
 from .owner import PartitionOwner
 
@@ -27,6 +28,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--partition", type=int, required=True)
     parser.add_argument("--supervisor-pid", type=int, default=None)
     parser.add_argument("--ready-fd", type=int, default=None)
+    parser.add_argument("--spin-us", type=int, default=0,
+                        help="busy-wait on the doorbell before sleeping (BrokerConfig)")
     return parser.parse_args(argv)
 
 
@@ -40,10 +43,14 @@ def main(argv: list[str] | None = None) -> int:
             log.error("partition %s/%d is not in %s/topics.json; exiting", args.topic,
                       args.partition, args.data_dir)
             return EXIT_TOPIC_GONE
-        owner = PartitionOwner(args.data_dir, args.topic, args.partition, topic.log_config)
+        owner = PartitionOwner(args.data_dir, args.topic, args.partition, topic.log_config,
+                               spin_ns=max(0, min(args.spin_us, SPIN_NS_MAX // 1000)) * 1000)
     except errors.ShmbrokerError as exc:
         log.error("partition %s/%d cannot start: %s", args.topic, args.partition, exc)
         return 1
+    if owner.spin_ns:
+        log.info("partition %s/%d: busy-waits %d us on its doorbell before sleeping",
+                 args.topic, args.partition, owner.spin_ns // 1000)
     clean = False
     try:
         lifecycle.report_ready(args.ready_fd, f"ready {owner.log.log_end_offset}")

@@ -37,16 +37,18 @@ def wait_for(predicate: Callable[[], Any], timeout_s: float = WAIT_S_MAX, what: 
 class Broker:
     """One `shmbroker serve` process (in its own session, so kill -9 can take its whole tree)."""
 
-    def __init__(self, data_dir: str, log_path: str):
+    def __init__(self, data_dir: str, log_path: str, serve_args: tuple[str, ...] = ()):
         self.data_dir = str(data_dir)
         self.log_path = str(log_path)
+        self.serve_args = tuple(serve_args)
         self.proc: subprocess.Popen | None = None
 
     def start(self, wait: bool = True) -> "Broker":
         assert self.proc is None or self.proc.poll() is not None
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "shmbroker", "serve", "--data-dir", self.data_dir],
+                [sys.executable, "-m", "shmbroker", "serve", "--data-dir", self.data_dir,
+                 *self.serve_args],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True)
         if wait:
@@ -144,8 +146,10 @@ def make_broker(broker_dir, tmp_path):
     """``make_broker()`` -> a started Broker on ``broker_dir``; every one is stopped at teardown."""
     brokers: list[Broker] = []
 
-    def make(start: bool = True, data_dir: str | None = None) -> Broker:
-        broker = Broker(data_dir or broker_dir, tmp_path / f"broker-{len(brokers)}.log")
+    def make(start: bool = True, data_dir: str | None = None,
+             serve_args: tuple[str, ...] = ()) -> Broker:
+        broker = Broker(data_dir or broker_dir, tmp_path / f"broker-{len(brokers)}.log",
+                        serve_args)
         brokers.append(broker)
         if start:
             broker.start()

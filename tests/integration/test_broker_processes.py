@@ -73,6 +73,27 @@ def test_idle_broker_uses_almost_no_cpu(broker):
     assert used < 0.1, f"an idle broker used {used:.3f} s of CPU in 2 s"
 
 
+def test_partition_spin_option_reaches_every_partition_process_and_data_still_flows(
+        make_broker):
+    from shmbroker import Consumer, Producer
+
+    broker = make_broker(serve_args=("--partition-spin-us", "300"))
+    with Admin(broker=broker.data_dir) as admin:
+        admin.create_topic("spun", 2)
+    broker.wait_running({("spun", 0), ("spun", 1)})
+    for p in (0, 1):  # (setproctitle hides the command line; each process says it in the log)
+        wait_for(lambda: f"partition spun/{p}: busy-waits 300 us" in broker.log(),
+                 what=f"partition spun/{p} to report its spin")
+    with Producer(broker=broker.data_dir) as producer:
+        offset = producer.send("spun", b"spun", partition=1).result(timeout=10).offset
+    with Consumer(broker=broker.data_dir) as consumer:
+        consumer.assign([("spun", 1)])
+        consumer.seek(("spun", 1), offset)
+        assert [r.value for r in consumer.poll(timeout_ms=5_000)] == [b"spun"]
+    bad = run_cli("serve", "--data-dir", broker.data_dir, "--partition-spin-us", "99999999")
+    assert bad.returncode != 0 and "partition_spin_us" in bad.stderr
+
+
 def test_kill_9_of_a_partition_process_restarts_it_within_a_second_with_its_log_intact(make_broker):
     broker = make_broker()
     config = LogConfig(segment_bytes=4096)
