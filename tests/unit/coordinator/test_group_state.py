@@ -9,6 +9,7 @@ import itertools
 import random
 
 import pytest
+from fake_clock import FakeClock
 
 from shmbroker import errors
 from shmbroker.coordinator.group import (Group, GroupConfig, GroupState, HeartbeatResult,
@@ -16,20 +17,6 @@ from shmbroker.coordinator.group import (Group, GroupConfig, GroupState, Heartbe
 
 SESSION_MS = 10_000
 REBALANCE_MS = 5_000
-
-
-class FakeClock:
-    """Monotonic milliseconds that move only when a test says so."""
-
-    def __init__(self, now_ms: int = 1_000_000):
-        self.now_ms = now_ms
-
-    def __call__(self) -> int:
-        return self.now_ms
-
-    def advance(self, ms: int) -> None:
-        assert ms >= 0
-        self.now_ms += ms
 
 
 @pytest.fixture

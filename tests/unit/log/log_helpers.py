@@ -3,21 +3,10 @@ from __future__ import annotations
 
 import os
 
+from fake_clock import FakeClock  # noqa: F401  (re-exported for the log tests)
+
 from shmbroker import records
 from shmbroker.log import PartitionLog
-
-
-class FakeClock:
-    """An injectable ms clock that only moves when a test says so."""
-
-    def __init__(self, now_ms: int = 1_700_000_000_000):
-        self.now_ms = now_ms
-
-    def __call__(self) -> int:
-        return self.now_ms
-
-    def advance(self, ms: int) -> None:
-        self.now_ms += ms
 
 
 def batch(values, timestamp: int = 1_700_000_000_000, **kwargs) -> bytes:
