@@ -178,6 +178,27 @@ GROUP_MEMBERS_MAX = 1024
 GROUP_NAME_LENGTH_MAX = 249
 #: Assignor names one member may offer (Kafka: partition.assignment.strategy).
 GROUP_PROTOCOLS_MAX = 8
+#: The metadata string stored with a committed offset, in UTF-8 bytes (Kafka:
+#: offset.metadata.max.bytes, 4096).
+GROUP_OFFSET_METADATA_BYTES_MAX = 4096
+#: Partitions in one offset commit: one batch of the offsets log, written all or nothing. With
+#: the name and metadata limits above a batch stays below BATCH_BYTES_MAX_LIMIT (checked in
+#: shmbroker/coordinator/offsets.py).
+GROUP_OFFSET_COMMIT_PARTITIONS_MAX = BROKER_PARTITIONS_MAX
+#: The offsets log is compacted when its records reach this many times the live keys (Kafka:
+#: min.cleanable.dirty.ratio 0.5, i.e. at least half of it is superseded) ...
+GROUP_OFFSETS_COMPACTION_RATIO_DEFAULT = 2
+GROUP_OFFSETS_COMPACTION_RATIO_MIN = 2
+GROUP_OFFSETS_COMPACTION_RATIO_MAX = 1 << 20
+#: ... and holds at least this many records (a small log loads fast, so not worth a rewrite).
+GROUP_OFFSETS_COMPACTION_RECORDS_MIN_DEFAULT = 10_000
+#: Records per batch when compaction rewrites the live offsets.
+GROUP_OFFSETS_COMPACTION_BATCH_RECORDS_DEFAULT = 1024
+#: Segment size of the offsets log (Kafka: offsets.topic.segment.bytes, 100 MiB).
+GROUP_OFFSETS_SEGMENT_BYTES_DEFAULT = 100 * MiB
+#: Undecodable records of the offsets log get one warning each, up to this many per load;
+#: the rest are only counted (a newer version's log could hold millions).
+GROUP_OFFSETS_LOAD_WARNINGS_MAX = 10
 
 #: Where `make run` and `shmbroker` keep data when neither --data-dir nor the environment says.
 DATA_DIR_ENV = "SHMBROKER_DATA_DIR"

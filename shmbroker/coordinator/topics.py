@@ -44,6 +44,11 @@ TOPICS_VERSION = 1
 TOPICS_FILE_BYTES_MAX = 16 * 1024 * 1024
 
 _LEGAL_NAME = re.compile(r"^[a-zA-Z0-9._-]+$")
+#: The committed-offsets log (coordinator/offsets.py) lives in ``<data_dir>/__consumer_offsets-0``,
+#: beside the topics' partition directories: no user topic may take the name (Kafka refuses to
+#: create its internal topics too).
+OFFSETS_TOPIC = "__consumer_offsets"
+INTERNAL_TOPICS = frozenset({OFFSETS_TOPIC})
 
 
 def validate_topic_name(name: Any) -> str:
@@ -59,6 +64,9 @@ def validate_topic_name(name: Any) -> str:
         raise errors.InvalidTopicError(
             f"topic name {name!r} contains a character other than ASCII letters, digits, "
             f"'.', '_' and '-'")
+    if name in INTERNAL_TOPICS:
+        raise errors.InvalidTopicError(f"topic name {name!r} is reserved for the broker's "
+                                       f"internal offsets log")
     return name
 
 

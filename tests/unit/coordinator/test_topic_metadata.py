@@ -13,7 +13,7 @@ from shmbroker.coordinator.topics import (TopicRegistry, expected_partitions, lo
                                           validate_topic_name)
 
 
-@pytest.mark.parametrize("name", ["orders", "a", "A.b_c-D9", "x" * 249, "__consumer_offsets", "..."])
+@pytest.mark.parametrize("name", ["orders", "a", "A.b_c-D9", "x" * 249, "__private", "..."])
 def test_kafka_legal_topic_names_are_accepted(name):
     assert validate_topic_name(name) == name
 
@@ -22,6 +22,7 @@ def test_kafka_legal_topic_names_are_accepted(name):
     ("", "non-empty"), (".", "cannot be '.'"), ("..", "cannot be '..'"), ("x" * 250, "limit is 249"),
     ("a b", "character other than"), ("a/b", "character other than"), ("é", "character other than"),
     ("a\x00", "character other than"), (None, "non-empty string"), (3, "non-empty string"),
+    ("__consumer_offsets", "reserved for the broker's internal offsets log"),
 ])
 def test_illegal_topic_names_are_refused_with_the_rule_broken(name, message):
     with pytest.raises(errors.InvalidTopicError, match=message):
