@@ -13,8 +13,10 @@
 #include <Python.h>
 #include <structmember.h>
 
+#include <errno.h>
 #include <limits.h>
 #include <stddef.h>
+#include <sys/mman.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -35,6 +37,7 @@
 
 typedef struct {
     PyTypeObject *record_type;
+    PyTypeObject *file_map_type;
     PyObject *empty_tuple;
     PyObject *errors[STATUS_COUNT];
     PyObject *ring_corrupt_error;
@@ -284,6 +287,130 @@ static PyType_Spec Record_spec = {
     .itemsize = 0,
     .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE,
     .slots = Record_slots,
+};
+
+/* ==== FileMap ============================================================================== */
+
+/* A read-only MAP_SHARED mapping of a file that may be longer than the file is now. Python's
+ * mmap refuses that, so a log reader had to map again (mmap + munmap) every time the active
+ * segment grew past its mapping: on every poll of a caught-up consumer. With room mapped
+ * ahead, bytes the partition process appends later show up in the same mapping (the page
+ * cache is shared). Touching a page wholly past the file's end raises SIGBUS: the reader
+ * only reads below a size it has checked with fstat (log/reader.py). */
+typedef struct {
+    PyObject_HEAD
+    void *addr;        /* NULL once closed */
+    size_t length;
+    Py_ssize_t exports;
+} FileMapObject;
+
+static PyObject *FileMap_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"fd", "length", NULL};
+    int fd;
+    Py_ssize_t length;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "in:FileMap", kwlist, &fd, &length))
+        return NULL;
+    if (length <= 0)
+        return PyErr_Format(PyExc_ValueError, "FileMap: length must be > 0, got %zd", length);
+    void *addr;
+    Py_BEGIN_ALLOW_THREADS
+    addr = mmap(NULL, (size_t)length, PROT_READ, MAP_SHARED, fd, 0);
+    Py_END_ALLOW_THREADS
+    if (addr == MAP_FAILED)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    FileMapObject *self = (FileMapObject *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        munmap(addr, (size_t)length);
+        return NULL;
+    }
+    self->addr = addr;
+    self->length = (size_t)length;
+    return (PyObject *)self;
+}
+
+static void FileMap_dealloc(FileMapObject *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    if (self->addr != NULL)
+        munmap(self->addr, self->length);
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp);
+}
+
+static int FileMap_getbuffer(FileMapObject *self, Py_buffer *view, int flags)
+{
+    if (self->addr == NULL) {
+        PyErr_SetString(PyExc_ValueError, "FileMap is closed");
+        return -1;
+    }
+    if (PyBuffer_FillInfo(view, (PyObject *)self, self->addr, (Py_ssize_t)self->length, 1,
+                          flags) < 0)
+        return -1;
+    self->exports++;
+    return 0;
+}
+
+static void FileMap_releasebuffer(FileMapObject *self, Py_buffer *Py_UNUSED(view))
+{
+    self->exports--;
+}
+
+static PyObject *FileMap_close(FileMapObject *self, PyObject *Py_UNUSED(ignored))
+{
+    if (self->exports > 0) { /* the same rule as mmap.close(): views keep the pages */
+        PyErr_SetString(PyExc_BufferError, "cannot close a FileMap while views of it exist");
+        return NULL;
+    }
+    if (self->addr != NULL) {
+        munmap(self->addr, self->length);
+        self->addr = NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static Py_ssize_t FileMap_len(FileMapObject *self)
+{
+    return self->addr == NULL ? 0 : (Py_ssize_t)self->length;
+}
+
+static PyObject *FileMap_get_closed(FileMapObject *self, void *Py_UNUSED(closure))
+{
+    return PyBool_FromLong(self->addr == NULL);
+}
+
+static PyMethodDef FileMap_methods[] = {
+    {"close", (PyCFunction)FileMap_close, METH_NOARGS,
+     "close(): unmap; BufferError while views exist"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef FileMap_getset[] = {
+    {"closed", (getter)FileMap_get_closed, NULL, "whether close() unmapped it", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyType_Slot FileMap_slots[] = {
+    {Py_tp_new, (void *)FileMap_new},
+    {Py_tp_dealloc, (void *)FileMap_dealloc},
+    {Py_bf_getbuffer, (void *)FileMap_getbuffer},
+    {Py_bf_releasebuffer, (void *)FileMap_releasebuffer},
+    {Py_sq_length, (void *)FileMap_len},
+    {Py_mp_length, (void *)FileMap_len},
+    {Py_tp_methods, (void *)FileMap_methods},
+    {Py_tp_getset, (void *)FileMap_getset},
+    {Py_tp_doc, (void *)"FileMap(fd, length)\n--\n\n"
+                        "A read-only shared mapping of length bytes of a file, which may be\n"
+                        "longer than the file; read only below a size you have checked."},
+    {0, NULL},
+};
+
+static PyType_Spec FileMap_spec = {
+    .name = "shmbroker._native.FileMap",
+    .basicsize = sizeof(FileMapObject),
+    .itemsize = 0,
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = FileMap_slots,
 };
 
 /* ==== crc32c / murmur2 ===================================================================== */
@@ -2014,6 +2141,7 @@ static int module_traverse(PyObject *m, visitproc visit, void *arg)
     if (st == NULL)
         return 0;
     Py_VISIT(st->record_type);
+    Py_VISIT(st->file_map_type);
     Py_VISIT(st->empty_tuple);
     for (int i = 0; i < STATUS_COUNT; i++)
         Py_VISIT(st->errors[i]);
@@ -2027,6 +2155,7 @@ static int module_clear(PyObject *m)
     if (st == NULL)
         return 0;
     Py_CLEAR(st->record_type);
+    Py_CLEAR(st->file_map_type);
     Py_CLEAR(st->empty_tuple);
     for (int i = 0; i < STATUS_COUNT; i++)
         Py_CLEAR(st->errors[i]);
@@ -2160,6 +2289,14 @@ static int init_state(PyObject *m, module_state *st)
     Py_INCREF(st->record_type);
     if (PyModule_AddObject(m, "Record", (PyObject *)st->record_type) < 0) {
         Py_DECREF(st->record_type);
+        return -1;
+    }
+    st->file_map_type = (PyTypeObject *)PyType_FromModuleAndSpec(m, &FileMap_spec, NULL);
+    if (st->file_map_type == NULL)
+        return -1;
+    Py_INCREF(st->file_map_type);
+    if (PyModule_AddObject(m, "FileMap", (PyObject *)st->file_map_type) < 0) {
+        Py_DECREF(st->file_map_type);
         return -1;
     }
     return 0;

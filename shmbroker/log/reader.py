@@ -35,11 +35,15 @@ How a read finds bytes (``read(offset, max_bytes, state)``):
    checked here (``verify_crc=True``) or by the caller's decode (``records.decode_records``
    checks them; the consumer passes ``verify_crc=False`` to avoid doing it twice).
 
-Mappings: one read-only ``mmap`` per segment, covering the file as it was when mapped. A read
-that needs bytes past the mapping first checks the file size (``fstat``) and maps again; it
-never touches bytes past a size it has checked, so a file cut below what was mapped (only
-uncommitted bytes can be cut, by the recovery of a restarted partition process) cannot make
-us fault with SIGBUS. An old mapping is closed when nothing uses it, otherwise dropped: the
+Mappings: one read-only shared mapping per segment (``_native.FileMap``), with room ahead of
+the file's end: at least MAP_BYTES_MIN and twice the previous mapping, so a caught-up reader
+of the active segment sees new batches in the mapping it has (the page cache is shared) and
+maps again only every time the segment doubles, not on every poll (Python's mmap cannot map
+past the end of a file, so it had to remap per poll: ~80 mmap + munmap pairs per second in a
+1->1 consumer). A read first checks the file size (``fstat``) for bytes past what it has
+checked, and never touches bytes past a size it has checked, so neither the room ahead nor a
+file cut below what was mapped (only uncommitted bytes can be cut, by the recovery of a
+restarted partition process) can make us fault with SIGBUS. An old mapping is closed when nothing uses it, otherwise dropped: the
 memoryviews handed out keep it alive (so do views of a segment that retention unlinked).
 
 Not thread-safe; one reader per consumer. After ``fork`` the child must build its own reader
@@ -71,6 +75,8 @@ _OVERHEAD = layout.LOG_OVERHEAD
 
 #: Segments kept mapped at once; a reader going through a long backlog maps them in turn.
 MAPPED_SEGMENTS_MAX = 4
+#: Smallest mapping of a segment (address space, not memory: only touched pages cost).
+MAP_BYTES_MIN = 64 * 1024 * 1024
 #: Bytes of batch headers walked per native scan call (Kafka's default index interval: between
 #: two index entries lie at most index_interval_bytes of batch starts).
 WALK_WINDOW_BYTES = 64 * 1024
@@ -100,7 +106,7 @@ class _SegmentFile:
         self.path = files.segment_path(directory, base_offset, files.LOG_SUFFIX)
         self.index_path = files.segment_path(directory, base_offset, files.INDEX_SUFFIX)
         self.fd: int | None = None
-        self.map: mmap.mmap | None = None
+        self.map: _native.FileMap | None = None
         #: Bytes [0, checked_end) are known to exist in the file (fstat) and to be committed.
         self.checked_end = 0
         self.index_offsets = array("q")
@@ -117,7 +123,7 @@ class _SegmentFile:
             self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)  # FileNotFoundError: retention
 
     def view(self, end: int) -> memoryview:
-        """A memoryview of the mapping covering ``[0, end)`` (checked against the file size)."""
+        """A memoryview of ``[0, end)`` of the mapping (``end`` checked against the file size)."""
         if end > self.checked_end:
             self.open()
             assert self.fd is not None
@@ -130,11 +136,13 @@ class _SegmentFile:
             self.checked_end = end
         if self.map is None or len(self.map) < end:
             assert self.fd is not None
-            new = mmap.mmap(self.fd, 0, access=mmap.ACCESS_READ)
-            assert len(new) >= end, (self.path, len(new), end)
+            length = max(end, MAP_BYTES_MIN, 2 * len(self.map) if self.map is not None else 0)
+            new = _native.FileMap(self.fd, -(-length // mmap.PAGESIZE) * mmap.PAGESIZE)
             self._retire_map()
             self.map = new
-        return memoryview(self.map)
+        # Cut at ``end``: the mapping reaches past the file's end, and no slice of this view
+        # (a corrupt length included) may reach a page the file does not cover (SIGBUS).
+        return memoryview(self.map)[:end]
 
     def _retire_map(self) -> None:
         old, self.map = self.map, None

@@ -199,3 +199,53 @@ def test_keeps_a_bounded_number_of_segments_mapped(open_log, tmp_path):
     mapped = [s for s in reader._segments.values() if s.fd is not None]
     assert len(mapped) <= reader_module.MAPPED_SEGMENTS_MAX
     reader.close()
+
+
+def test_a_caught_up_reader_of_a_growing_segment_keeps_one_mapping(open_log, tmp_path):
+    """The mapping reaches past the file's end, so appended batches appear in it: no mmap and
+    munmap per read (Python's mmap can only map what the file holds, and remapped each time)."""
+    log = open_log()
+    reader = LogReader(tmp_path / "p0")
+    maps = []  # the objects themselves (an id could be reused once one is freed)
+    offset = 0
+    for b in range(300):
+        log.append(batch([b"v%d" % b]))
+        piece = reader.read(offset, 1 << 20, state_of(log))
+        assert [r.value for r in records.decode_records(piece.data)] == [b"v%d" % b]
+        offset = piece.next_offset
+        maps.append(_mapping_of(reader))
+        del piece
+    assert all(m is maps[0] for m in maps)
+    reader.close()
+
+
+def _mapping_of(reader: LogReader):
+    (segment,) = [s for s in reader._segments.values() if s.map is not None]
+    return segment.map
+
+
+def test_file_map_reaches_past_the_end_and_sees_what_is_appended_later(tmp_path):
+    from shmbroker.native import _native
+
+    path = tmp_path / "grow"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, b"hello")
+        mapping = _native.FileMap(fd, 1 << 20)  # 1 MiB over a 5-byte file
+        view = memoryview(mapping)
+        assert len(mapping) == len(view) == 1 << 20 and bytes(view[:5]) == b"hello"
+        os.write(fd, b" world")
+        assert bytes(view[:11]) == b"hello world"  # the same pages: the page cache
+        with pytest.raises(BufferError):
+            mapping.close()  # a view still uses it
+        view.release()
+        mapping.close()
+        assert mapping.closed and len(mapping) == 0
+        with pytest.raises(ValueError):
+            memoryview(mapping)
+        with pytest.raises(ValueError):
+            _native.FileMap(fd, 0)
+    finally:
+        os.close(fd)
+    with pytest.raises(OSError):
+        _native.FileMap(fd, 4096)  # closed fd
