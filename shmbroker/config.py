@@ -199,6 +199,13 @@ GROUP_OFFSETS_SEGMENT_BYTES_DEFAULT = 100 * MiB
 #: Undecodable records of the offsets log get one warning each, up to this many per load;
 #: the rest are only counted (a newer version's log could hold millions).
 GROUP_OFFSETS_LOAD_WARNINGS_MAX = 10
+#: How often the coordinator checks that the registered pids of local members still run. A
+#: kill -9'd member is noticed within this, so its partitions move within about this plus one
+#: heartbeat of the survivors (the issue asks for < 1 s). Costs one /proc read per member.
+GROUP_PID_CHECK_INTERVAL_MS = 100
+#: Groups the coordinator keeps in memory at once (a group with members or a rebalance in
+#: progress; empty ones are dropped, their committed offsets stay in the offsets store).
+COORDINATOR_GROUPS_MAX = 10_000
 
 #: Where `make run` and `shmbroker` keep data when neither --data-dir nor the environment says.
 DATA_DIR_ENV = "SHMBROKER_DATA_DIR"

@@ -36,7 +36,32 @@ REQUEST_FIELDS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     "list_topics": {},
     "describe_topic": {"name": ((str,), True)},
     "alter_partitions": {"name": ((str,), True), "partitions": ((int,), True)},
+    # Consumer groups (served by group_service.py). Partitions are always arrays, never map
+    # keys: the decoder accepts string map keys only (strict_map_key), so that a request
+    # cannot smuggle in other key types.
+    "join": {"group_id": ((str,), True), "member_id": ((str,), True),
+             "group_instance_id": ((str, type(None)), False), "client_id": ((str,), True),
+             "pid": ((int,), True), "host": ((str,), True), "topics": ((list,), True),
+             "protocols": ((list,), True), "session_timeout_ms": ((int,), False),
+             "rebalance_timeout_ms": ((int,), False)},
+    "sync": {"group_id": ((str,), True), "member_id": ((str,), True),
+             "generation_id": ((int,), True), "group_instance_id": ((str, type(None)), False)},
+    "heartbeat": {"group_id": ((str,), True), "member_id": ((str,), True),
+                  "generation_id": ((int,), True), "group_instance_id": ((str, type(None)), False)},
+    "leave": {"group_id": ((str,), True), "member_id": ((str,), True),
+              "group_instance_id": ((str, type(None)), False)},
+    "offset_commit": {"group_id": ((str,), True), "member_id": ((str,), True),
+                      "generation_id": ((int,), True),
+                      "group_instance_id": ((str, type(None)), False),
+                      "offsets": ((dict,), True)},
+    "offset_fetch": {"group_id": ((str,), True), "topics": ((dict, type(None)), False)},
+    "groups_list": {},
+    "group_describe": {"group_id": ((str,), True)},
+    "group_delete": {"group_id": ((str,), True)},
 }
+#: The request types the coordinator hands to its GroupService.
+GROUP_REQUEST_TYPES = frozenset({"join", "sync", "heartbeat", "leave", "offset_commit",
+                                 "offset_fetch", "groups_list", "group_describe", "group_delete"})
 _ENVELOPE_FIELDS = {"v", "id", "type"}
 
 

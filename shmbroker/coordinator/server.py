@@ -11,6 +11,10 @@ stopped. The link carries ASCII datagrams::
 
 A deletion is finished (directories removed, topic dropped from "deleting") only after a
 "done": removing a directory under a running partition process would break its log.
+
+Consumer-group requests go to the :class:`~.group_service.GroupService`, which holds join
+replies the same way (answered later, without blocking other requests) and whose timers and
+pid checks set the poll timeout.
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ from .. import errors
 from ..config import COORDINATOR_REQUEST_BYTES_MAX, UNIX_SOCKET_PATH_BYTES_MAX, BrokerConfig
 from ..log import files
 from . import protocol
+from .group_service import GroupService
 from .topics import TopicRegistry, load_topics, partition_dir, save_topics
 
 log = logging.getLogger("shmbroker.coordinator")
@@ -74,6 +79,10 @@ class CoordinatorServer:
         self.link = link
         self.config = config
         self.clock = clock
+        # First, before the socket is bound: it opens (and recovers) the offsets log, and a
+        # coordinator that cannot must not start half-built.
+        self.groups = GroupService(self.data_dir, _partition_counts(self.registry),
+                                   clock_ms=lambda: int(self.clock() * 1000))
         self._seq = 0
         self._confirmed = 0
         self._pending: list[_Pending] = []
@@ -122,11 +131,22 @@ class CoordinatorServer:
             if self.link is not None and self.link.fileno() in events:
                 self._read_link(poller)
             self._expire_pending()
+            self.groups.tick()
+            self._send_group_replies()
 
     def _poll_timeout_ms(self) -> int | None:
-        if not self._pending:
+        deadlines_ms = [int(p.deadline_s * 1000) + 1 for p in self._pending]
+        group_deadline_ms = self.groups.next_deadline_ms()
+        if group_deadline_ms is not None:
+            deadlines_ms.append(group_deadline_ms)
+        if not deadlines_ms:
             return None  # idle: block until a request or a signal (0% CPU)
-        return max(0, int((min(p.deadline_s for p in self._pending) - self.clock()) * 1000) + 1)
+        return max(0, min(deadlines_ms) - int(self.clock() * 1000))
+
+    def _send_group_replies(self) -> None:
+        """Held joins that other requests or timers completed."""
+        for envelope, body in self.groups.take_replies():
+            self._send(envelope, body)
 
     def _serve_some(self) -> None:
         # Bounded: at most this many requests per wake-up, so the link is never starved.
@@ -159,6 +179,8 @@ class CoordinatorServer:
                 raise errors.InvalidRequestError(
                     f"request of {len(body)} bytes; the limit is {COORDINATOR_REQUEST_BYTES_MAX}")
             request_id, request_type, fields = protocol.decode_request(body)
+            if request_type in protocol.GROUP_REQUEST_TYPES:
+                return self.groups.handle(envelope, request_id, request_type, fields)
             handler = getattr(self, "_on_" + request_type)
             return handler(envelope, request_id, **fields)
         except errors.ShmbrokerError as exc:
@@ -219,6 +241,7 @@ class CoordinatorServer:
     def _commit(self, registry: TopicRegistry) -> None:
         save_topics(self.data_dir, registry)  # durable before anyone is told
         self.registry = registry
+        self.groups.update_partitions(_partition_counts(registry))
 
     def _after_change(self, envelope: list[bytes], request_id: int,
                       finish: Callable[[bool], bytes]) -> bytes | None:
@@ -288,3 +311,9 @@ class CoordinatorServer:
     def close(self) -> None:
         self.socket.close(linger=0)
         files.remove_files([socket_path(self.data_dir)], sync_dir=False)
+        self.groups.close()
+
+
+def _partition_counts(registry: TopicRegistry) -> dict[str, int]:
+    """What the groups assign: live topics only (a topic being deleted has no partitions)."""
+    return {name: topic.partitions for name, topic in registry.topics.items()}

@@ -153,7 +153,10 @@ def test_sigterm_stops_every_process_exits_0_and_closes_logs_cleanly(broker):
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     for p in range(3):
         assert os.path.exists(os.path.join(broker.data_dir, f"t-{p}", ".clean-shutdown"))
-    leftovers = set(os.listdir(broker.data_dir)) - {"broker.lock", "topics.json", "t-0", "t-1", "t-2"}
+    # The committed-offsets log is durable data like the topics' logs, closed cleanly too.
+    assert os.path.exists(os.path.join(broker.data_dir, "__consumer_offsets-0", ".clean-shutdown"))
+    leftovers = set(os.listdir(broker.data_dir)) - {"broker.lock", "topics.json", "t-0", "t-1",
+                                                    "t-2", "__consumer_offsets-0"}
     assert not leftovers, f"runtime state left behind: {leftovers}"
     assert "Traceback" not in broker.log()
 

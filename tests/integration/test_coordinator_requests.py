@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 
 import msgpack
 import pytest
@@ -83,3 +84,49 @@ def test_a_late_reply_to_a_timed_out_request_is_not_taken_for_the_next_one(broke
             admin.create_topic("slow", 2)  # answered only once both processes are up
         admin.request_timeout_ms = 10_000
         assert admin.list_topics() == ["slow"]
+
+
+def test_malformed_group_requests_get_typed_error_replies_and_serving_goes_on(broker, dealer):
+    """Fuzz-ish: every group request type with random, often wrong, field values. Each gets a
+    reply; none is an internal error (code -1: a handler bug)."""
+    with Admin(broker=broker.data_dir) as admin:
+        admin.create_topic("t", 2)
+    rng = random.Random(4321)
+    values = [None, -1, 0, 1, 2 ** 63, True, 1.5, "", "g", "x" * 300, b"\x00", [], ["t"],
+              ["range"], [[1]], {}, {"t": [[0, 1, "m"]]}, {"t": "x"}, {"t": [[0]]},
+              {"t": [["a", 1, 2]]}, {"t": [[0, -5, None]]}, {"t": [1.5]}, {"t": None},
+              os.getpid(), socket.gethostname()]
+    for request_type, spec in sorted(protocol.REQUEST_FIELDS.items()):
+        if request_type not in protocol.GROUP_REQUEST_TYPES:
+            continue
+        for _ in range(40):
+            fields = {name: rng.choice(values) for name in spec if rng.random() < 0.9}
+            body = msgpack.packb({"v": 1, "id": 5, "type": request_type, **fields}, use_bin_type=True)
+            reply = ask(dealer, body)
+            assert reply["id"] == 5
+            if not reply["ok"]:
+                assert reply["error"]["code"] != -1, (request_type, fields, reply)
+    join = {"group_id": "g", "member_id": "", "client_id": "c", "pid": os.getpid(),
+            "host": socket.gethostname(), "topics": ["t"], "protocols": ["range"]}
+    commit = {"group_id": "g", "member_id": "", "generation_id": -1}
+    for request_type, fields, code, text in [
+        ("join", {**join, "pid": (1 << 22) + 1}, 42, "not a running process"),
+        ("join", {**join, "pid": 0}, 42, "pid must be a positive integer"),
+        ("join", {**join, "protocols": [[1]]}, 42, "array of strings"),
+        ("join", {**join, "protocols": ["best"]}, 40, "best"),
+        ("join", {**join, "group_id": ""}, 24, "group id"),
+        ("join", {**join, "session_timeout_ms": 1}, 26, "session_timeout_ms=1"),
+        ("heartbeat", {"group_id": "nope", "member_id": "m", "generation_id": 1}, 25, "no such group"),
+        ("offset_commit", {**commit, "offsets": {"t": [[0, 1]]}}, 42, "[partition, offset, metadata]"),
+        ("offset_commit", {**commit, "offsets": {"t": "x"}}, 42, "must be an array"),
+        ("offset_commit", {**commit, "offsets": {"u": [[0, 1, ""]]}}, 3, "no partition 'u'/0"),
+        ("offset_commit", {**commit, "offsets": {"t": [[0, 1, ""], [0, 2, ""]]}}, 42, "twice"),
+        ("offset_commit", {**commit, "offsets": {"t": [[0, -5, ""]]}}, 42, ""),
+        ("offset_fetch", {"group_id": "g", "topics": {"t": [1.5]}}, 42, "array of integers"),
+        ("group_describe", {"group_id": "nope"}, 69, "no group"),
+        ("group_delete", {"group_id": "nope"}, 69, "no group"),
+    ]:
+        assert_error(ask(dealer, protocol.request(7, request_type, **fields)), code, text, 7)
+    assert ask(dealer, protocol.request(6, "ping"))["result"]["protocol_version"] == 1
+    assert broker.proc.poll() is None
+    assert "internal error" not in broker.log()

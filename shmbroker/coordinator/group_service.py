@@ -1,0 +1,372 @@
+"""The consumer groups as the coordinator process runs them (docs/design/groups.md, "Served
+by the coordinator").
+
+:class:`GroupService` owns one :class:`~.group.Group` per group id (created on the first
+request that needs it, dropped again once it is empty: its committed offsets stay in the
+store) and the :class:`~.offsets.OffsetStore`. It turns protocol.py requests into calls on
+them and answers with reply bodies. Three things the plain classes leave to the process:
+
+* **Held joins.** ``Group.join`` answers ``JoinPending`` while the join phase goes on; the
+  request's envelope is kept here and answered when ``Group.take_join_results`` hands out its
+  result, which may come from another member's request or from time. The server sends those
+  replies (:meth:`GroupService.take_replies`); other requests are served meanwhile.
+* **Timers.** :meth:`next_deadline_ms` is the server's poll timeout; :meth:`tick` applies what
+  is due: group timers, pid checks, offsets compaction.
+* **Dead local members.** Every join names the member's pid and host. For a member on this host
+  the pid is checked every ``GROUP_PID_CHECK_INTERVAL_MS`` (``psutil.Process`` remembers the
+  start time, so a recycled pid is not taken for the member; a zombie counts as dead) and
+  ``Group.member_died`` is called once for a dead one.
+
+Owned by the coordinator process (``CoordinatorServer``); single-threaded, not thread-safe.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import psutil
+
+from .. import errors
+from ..config import (COORDINATOR_GROUPS_MAX, GROUP_PID_CHECK_INTERVAL_MS,
+                      GROUP_REBALANCE_TIMEOUT_MS_DEFAULT, GROUP_SESSION_TIMEOUT_MS_DEFAULT)
+from . import protocol
+from .group import (Group, GroupConfig, GroupState, HeartbeatResult, JoinFailed, JoinRequest,
+                    JoinResult)
+from .offsets import CommittedOffset, OffsetStore
+
+log = logging.getLogger("shmbroker.coordinator")
+
+ClockMs = Callable[[], int]
+#: (group id, member id)
+MemberKey = tuple[str, str]
+
+
+@dataclass
+class _HeldJoin:
+    """A join request answered later, when its group's join phase ends."""
+
+    envelope: list[bytes]
+    request_id: int
+
+
+@dataclass
+class _PidWatch:
+    """A member's process. None: not on this host, so only its session timeout applies."""
+
+    process: psutil.Process | None
+    #: member_died was called; a static member stays until its session runs out, and calling
+    #: again would move its recorded time of death.
+    reported: bool = False
+
+
+def _alive(process: psutil.Process) -> bool:
+    try:
+        # is_running() compares the start time it saw first: a recycled pid is not alive.
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+class GroupService:
+    """Every group and every committed offset of one coordinator. See the module docstring.
+
+    Build it at coordinator start (it opens, and so recovers, the offsets log in ``data_dir``)
+    and :meth:`close` it at stop. Owned by the coordinator process; not thread-safe.
+    """
+
+    def __init__(self, data_dir: str, partitions_per_topic: Mapping[str, int], clock_ms: ClockMs,
+                 config: GroupConfig = GroupConfig(), hostname: str | None = None,
+                 pid_check_interval_ms: int = GROUP_PID_CHECK_INTERVAL_MS):
+        assert pid_check_interval_ms > 0, pid_check_interval_ms
+        self.clock_ms = clock_ms
+        self.config = config
+        self.hostname = hostname if hostname is not None else socket.gethostname()
+        self.pid_check_interval_ms = pid_check_interval_ms
+        self.offsets = OffsetStore.open(data_dir)
+        self._partitions = dict(partitions_per_topic)
+        self._groups: dict[str, Group] = {}
+        self._held: dict[MemberKey, _HeldJoin] = {}
+        self._pids: dict[MemberKey, _PidWatch] = {}
+        self._pid_check_at_ms = 0
+        self._ready: list[tuple[list[bytes], bytes]] = []
+
+    # -- the loop's side ------------------------------------------------------------------------
+
+    def handle(self, envelope: list[bytes], request_id: int, request_type: str,
+               fields: dict[str, Any]) -> bytes | None:
+        """The reply to one group request, or None for a held join. Raises ShmbrokerError
+        (the server turns it into an error reply)."""
+        assert request_type in protocol.GROUP_REQUEST_TYPES, request_type
+        try:
+            return getattr(self, "_on_" + request_type)(envelope, request_id, **fields)
+        finally:
+            # Whatever the outcome, the call may have ended a join phase (or the timers inside
+            # it did): other members' held joins are ready now.
+            self._collect_join_results()
+
+    def take_replies(self) -> list[tuple[list[bytes], bytes]]:
+        """``(envelope, body)`` of held joins answered since the last call (each once)."""
+        ready, self._ready = self._ready, []
+        return ready
+
+    def next_deadline_ms(self) -> int | None:
+        """When :meth:`tick` has something to do next (None: nothing timed)."""
+        deadlines = [d for d in (g.next_deadline_ms() for g in self._groups.values()) if d is not None]
+        if self._pids:
+            deadlines.append(self._pid_check_at_ms)
+        return min(deadlines) if deadlines else None
+
+    def tick(self) -> None:
+        """Apply what is due: pid checks, group timers, compaction of the offsets log."""
+        now = self.clock_ms()
+        if now >= self._pid_check_at_ms:
+            self._pid_check_at_ms = now + self.pid_check_interval_ms
+            self._check_pids()
+        for group in list(self._groups.values()):
+            deadline = group.next_deadline_ms()
+            if deadline is not None and deadline <= now:
+                removed = group.tick()
+                if removed:
+                    log.info("group %s: removed %s (%s)", group.group_id, removed, group.rebalance_reason)
+        self._collect_join_results()
+        self._drop_empty_groups()
+        if self.offsets.compaction_due():
+            result = self.offsets.compact()
+            log.info("offsets log compacted: %s", result)
+
+    def update_partitions(self, partitions_per_topic: Mapping[str, int]) -> None:
+        """The topic registry changed: groups subscribed to a changed topic rebalance."""
+        self._partitions = dict(partitions_per_topic)
+        for group in self._groups.values():
+            group.update_partitions(self._partitions)
+        self._collect_join_results()
+
+    def close(self) -> None:
+        self.offsets.close()
+
+    # -- membership requests --------------------------------------------------------------------
+
+    def _on_join(self, envelope: list[bytes], request_id: int, group_id: str, member_id: str,
+                 client_id: str, pid: int, host: str, topics: list, protocols: list,
+                 group_instance_id: str | None = None,
+                 session_timeout_ms: int = GROUP_SESSION_TIMEOUT_MS_DEFAULT,
+                 rebalance_timeout_ms: int = GROUP_REBALANCE_TIMEOUT_MS_DEFAULT) -> bytes | None:
+        for what, names in (("topics", topics), ("protocols", protocols)):
+            if not all(isinstance(name, str) for name in names):
+                raise errors.InvalidRequestError(f"join: {what} must be an array of strings")
+        process = self._local_process(pid, host)
+        group = self._group(group_id, create=True)
+        result = group.join(JoinRequest(member_id, client_id, host, pid, topics, protocols,
+                                        session_timeout_ms, rebalance_timeout_ms, group_instance_id))
+        key = (group_id, result.member_id)
+        self._pids[key] = _PidWatch(process)
+        if isinstance(result, JoinResult):
+            return protocol.ok_reply(request_id, _join_reply(result))
+        previous = self._held.pop(key, None)
+        if previous is not None:  # the client gave up on its earlier join and asked again
+            self._ready.append((previous.envelope, protocol.error_reply(
+                previous.request_id, errors.RebalanceInProgressError("superseded by a newer join"))))
+        self._held[key] = _HeldJoin(envelope, request_id)
+        return None
+
+    def _on_sync(self, envelope, request_id: int, group_id: str, member_id: str, generation_id: int,
+                 group_instance_id: str | None = None) -> bytes:
+        result = self._existing(group_id, member_id).sync(member_id, generation_id, group_instance_id)
+        return protocol.ok_reply(request_id, {
+            "generation_id": result.generation_id, "protocol": result.protocol,
+            "assignment": [list(tp) for tp in result.assignment],
+            "revoked": [list(tp) for tp in result.revoked]})
+
+    def _on_heartbeat(self, envelope, request_id: int, group_id: str, member_id: str,
+                      generation_id: int, group_instance_id: str | None = None) -> bytes:
+        group = self._existing(group_id, member_id)
+        if group.heartbeat(member_id, generation_id, group_instance_id) is HeartbeatResult.REBALANCE_IN_PROGRESS:
+            # Kafka answers a heartbeat during a rebalance with this error: the member rejoins.
+            raise errors.RebalanceInProgressError(f"group {group_id!r} is rebalancing; rejoin")
+        return protocol.ok_reply(request_id, {})
+
+    def _on_leave(self, envelope, request_id: int, group_id: str, member_id: str,
+                  group_instance_id: str | None = None) -> bytes:
+        self._existing(group_id, member_id).leave(member_id, group_instance_id)
+        self._pids.pop((group_id, member_id), None)
+        return protocol.ok_reply(request_id, {})
+
+    # -- offsets ----------------------------------------------------------------------------------
+
+    def _on_offset_commit(self, envelope, request_id: int, group_id: str, member_id: str,
+                          generation_id: int, offsets: dict,
+                          group_instance_id: str | None = None) -> bytes:
+        entries = self._commit_entries(offsets)
+        group = self._group(group_id, create=True)
+        group.validate_commit(member_id, generation_id, group_instance_id)
+        stored = self.offsets.commit(group_id, entries)
+        return protocol.ok_reply(request_id, {"partitions": len(stored)})
+
+    def _commit_entries(self, offsets: dict) -> dict[tuple[str, int], tuple[int, str]]:
+        """``{topic: [[partition, offset, metadata], ...]}`` -> the store's form. The store
+        checks the values; here the shape, and that each partition exists now."""
+        entries: dict[tuple[str, int], tuple[int, str]] = {}
+        for topic, items in offsets.items():
+            if not isinstance(items, list):
+                raise errors.InvalidRequestError(f"offsets of topic {topic!r} must be an array")
+            for item in items:
+                if not (isinstance(item, list) and len(item) == 3):
+                    raise errors.InvalidRequestError(
+                        f"an offset entry is [partition, offset, metadata], got {item!r:.100}")
+                partition, offset, metadata = item
+                self._check_partition(topic, partition)
+                if (topic, partition) in entries:
+                    raise errors.InvalidRequestError(f"{topic}/{partition} appears twice in one commit")
+                entries[(topic, partition)] = (offset, metadata)
+        return entries
+
+    def _check_partition(self, topic: Any, partition: Any) -> None:
+        count = self._partitions.get(topic) if isinstance(topic, str) else None
+        if not isinstance(partition, int) or isinstance(partition, bool) or count is None \
+                or not 0 <= partition < count:
+            raise errors.UnknownTopicOrPartitionError(f"no partition {topic!r}/{partition!r}")
+
+    def _on_offset_fetch(self, envelope, request_id: int, group_id: str,
+                         topics: dict | None = None) -> bytes:
+        """``topics``: ``{topic: [partition, ...] or nil (every committed one)}``; nil: all.
+        A partition asked for by number with nothing committed comes back with offset -1."""
+        committed = self.offsets.group_offsets(group_id)
+        out: dict[str, list] = {}
+        for (topic, partition), value in sorted(committed.items()):
+            if topics is None or (topic in topics and topics[topic] is None):
+                out.setdefault(topic, []).append(_offset_entry(partition, value))
+        for topic, partitions in (topics or {}).items():
+            if partitions is None:
+                continue
+            if not isinstance(partitions, list) or not all(
+                    isinstance(p, int) and not isinstance(p, bool) for p in partitions):
+                raise errors.InvalidRequestError(f"partitions of topic {topic!r} must be an array of integers")
+            out[topic] = [_offset_entry(p, committed.get((topic, p))) for p in partitions]
+        return protocol.ok_reply(request_id, {"group_id": group_id, "offsets": out})
+
+    # -- administration ---------------------------------------------------------------------------
+
+    def _on_groups_list(self, envelope, request_id: int) -> bytes:
+        names = sorted(set(self._groups) | set(self.offsets.groups()))
+        return protocol.ok_reply(request_id, {"groups": [self._summary(name) for name in names]})
+
+    def _summary(self, group_id: str) -> dict[str, Any]:
+        group = self._groups.get(group_id)
+        if group is None:
+            return {"group_id": group_id, "state": GroupState.EMPTY.value, "generation_id": 0,
+                    "protocol": None, "members": 0}
+        return {"group_id": group_id, "state": group.state.value, "generation_id": group.generation_id,
+                "protocol": group.protocol, "members": len(group.member_ids())}
+
+    def _on_group_describe(self, envelope, request_id: int, group_id: str) -> bytes:
+        group = self._groups.get(group_id)
+        committed = self.offsets.group_offsets(group_id)
+        if group is None and not committed:
+            raise errors.GroupIdNotFoundError(f"no group {group_id!r}")
+        described = group.describe() if group is not None else {
+            **self._summary(group_id), "leader_id": None, "rebalance_reason": None, "members": []}
+        described["offsets"] = [{"topic": t, "partition": p, "offset": c.offset,
+                                 "metadata": c.metadata, "commit_timestamp_ms": c.commit_timestamp_ms}
+                                for (t, p), c in sorted(committed.items())]
+        return protocol.ok_reply(request_id, described)
+
+    def _on_group_delete(self, envelope, request_id: int, group_id: str) -> bytes:
+        group = self._groups.get(group_id)
+        if group is None and not self.offsets.group_offsets(group_id):
+            raise errors.GroupIdNotFoundError(f"no group {group_id!r}")
+        if group is not None:
+            group.delete()  # NonEmptyGroupError while it has members
+            del self._groups[group_id]
+        deleted = self.offsets.delete_group(group_id)
+        log.info("group %s deleted (%d committed offsets)", group_id, deleted)
+        return protocol.ok_reply(request_id, {"group_id": group_id, "offsets_deleted": deleted})
+
+    # -- helpers ----------------------------------------------------------------------------------
+
+    def _group(self, group_id: str, create: bool) -> Group:
+        group = self._groups.get(group_id)
+        if group is None and create:
+            if len(self._groups) >= COORDINATOR_GROUPS_MAX:
+                raise errors.InvalidRequestError(
+                    f"the coordinator already serves {len(self._groups)} groups (the limit)")
+            group = self._groups[group_id] = Group(group_id, self.clock_ms, self.config, self._partitions)
+        if group is None:
+            raise errors.GroupIdNotFoundError(f"no group {group_id!r}")
+        return group
+
+    def _existing(self, group_id: str, member_id: str) -> Group:
+        """The group of a member that should be in it. An unknown group is an unknown member,
+        as in Kafka: after a coordinator restart every member hears this and rejoins."""
+        group = self._groups.get(group_id)
+        if group is None:
+            raise errors.UnknownMemberIdError(f"no member {member_id!r} in group {group_id!r} (no such group)")
+        return group
+
+    def _local_process(self, pid: int, host: str) -> psutil.Process | None:
+        """The member's process, if it is on this host (None otherwise: its session timeout
+        is all we have). A local pid that does not run is refused: it could never heartbeat."""
+        if host != self.hostname or not isinstance(pid, int) or pid <= 0:
+            return None  # a bad pid is the join's InvalidRequestError
+        try:
+            process = psutil.Process(pid)
+            if process.status() != psutil.STATUS_ZOMBIE:
+                return process
+        except (psutil.Error, ValueError, OverflowError):  # gone, or no pid at all
+            pass
+        raise errors.InvalidRequestError(f"pid {pid} is not a running process on host {host!r}")
+
+    def _check_pids(self) -> None:
+        """Bounded: one look at each registered pid."""
+        for key, watch in list(self._pids.items()):
+            group = self._groups.get(key[0])
+            if group is None or not _has_member(group, key[1]):
+                del self._pids[key]  # left, expired or removed: nothing to watch
+                continue
+            if watch.process is None or watch.reported or _alive(watch.process):
+                continue
+            watch.reported = True
+            removed = group.member_died(key[1])
+            if removed:
+                del self._pids[key]
+            log.info("group %s: process %d of member %s is gone; %s", key[0], watch.process.pid,
+                     key[1], "removed, rebalancing" if removed else "static: kept until its session ends")
+
+    def _collect_join_results(self) -> None:
+        for group_id, group in self._groups.items():
+            for result in group.take_join_results():
+                held = self._held.pop((group_id, result.member_id), None)
+                if held is None:
+                    continue  # answered already by the member's own call
+                if isinstance(result, JoinFailed):
+                    body = protocol.error_reply(held.request_id, result.error)
+                else:
+                    body = protocol.ok_reply(held.request_id, _join_reply(result))
+                self._ready.append((held.envelope, body))
+
+    def _drop_empty_groups(self) -> None:
+        """An empty group holds nothing its offsets do not: forget it (bounds memory)."""
+        for group_id in [g for g, group in self._groups.items()
+                         if group.state in (GroupState.EMPTY, GroupState.DEAD) and not group.member_ids()]:
+            del self._groups[group_id]
+
+
+def _has_member(group: Group, member_id: str) -> bool:
+    try:
+        group.member(member_id)
+        return True
+    except errors.UnknownMemberIdError:
+        return False
+
+
+def _join_reply(result: JoinResult) -> dict[str, Any]:
+    return {"member_id": result.member_id, "generation_id": result.generation_id,
+            "leader_id": result.leader_id, "protocol": result.protocol}
+
+
+def _offset_entry(partition: int, value: CommittedOffset | None) -> list:
+    """``[partition, offset, metadata, commit timestamp ms]``; offset -1 when none."""
+    if value is None:
+        return [partition, -1, "", -1]
+    return [partition, value.offset, value.metadata, value.commit_timestamp_ms]

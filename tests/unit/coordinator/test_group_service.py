@@ -1,0 +1,92 @@
+"""GroupService without a socket: held joins, pid watching and timers, with a fake clock."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from shmbroker import errors
+from shmbroker.coordinator import protocol
+from shmbroker.coordinator.group_service import GroupService
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now_ms = 1_000
+
+    def __call__(self) -> int:
+        return self.now_ms
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+def service(tmp_path, clock):
+    service = GroupService(str(tmp_path), {"t": 4}, clock, hostname=socket.gethostname())
+    yield service
+    service.close()
+
+
+def call(service, request_type, envelope=b"peer", **fields):
+    body = service.handle([envelope], 1, request_type, fields)
+    if body is None:
+        return None
+    result = protocol.decode_reply(body)[1]
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+def join(service, pid, member_id="", envelope=b"peer"):
+    return call(service, "join", envelope, group_id="g", member_id=member_id, client_id="c",
+                pid=pid, host=socket.gethostname(), topics=["t"], protocols=["range"],
+                session_timeout_ms=10_000, rebalance_timeout_ms=5_000)
+
+
+def test_a_held_join_is_answered_when_the_other_member_rejoins(service):
+    first = join(service, os.getpid())
+    assert first["generation_id"] == 1
+    assert join(service, os.getpid(), envelope=b"second") is None  # held
+    assert service.take_replies() == []
+    with pytest.raises(errors.RebalanceInProgressError):
+        call(service, "heartbeat", group_id="g", member_id=first["member_id"], generation_id=1)
+    assert join(service, os.getpid(), first["member_id"])["generation_id"] == 2
+    [(envelope, body)] = service.take_replies()
+    assert envelope == [b"second"] and protocol.decode_reply(body)[1]["generation_id"] == 2
+
+
+def test_a_dead_local_pid_removes_its_member_at_the_next_pid_check(service, clock):
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        joined = join(service, child.pid)
+        assert service.next_deadline_ms() <= clock.now_ms  # a pid check is due
+        service.tick()
+        assert service.next_deadline_ms() == clock.now_ms + service.pid_check_interval_ms
+        child.kill()
+        child.wait(timeout=10)
+        clock.now_ms += service.pid_check_interval_ms
+        service.tick()
+        assert service.next_deadline_ms() is None  # group gone, nothing to watch
+        with pytest.raises(errors.UnknownMemberIdError):
+            call(service, "heartbeat", group_id="g", member_id=joined["member_id"], generation_id=1)
+    finally:
+        child.kill()
+        child.wait(timeout=10)
+
+
+def test_offsets_survive_a_reopen_of_the_service(tmp_path, clock):
+    service = GroupService(str(tmp_path), {"t": 4}, clock)
+    call(service, "offset_commit", group_id="g", member_id="", generation_id=-1,
+         offsets={"t": [[3, 9, "m"]]})
+    service.close()
+    service = GroupService(str(tmp_path), {"t": 4}, clock)
+    try:
+        assert call(service, "offset_fetch", group_id="g")["offsets"]["t"][0][:3] == [3, 9, "m"]
+    finally:
+        service.close()
