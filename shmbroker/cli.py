@@ -76,6 +76,58 @@ def _cmd_topics(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_groups(args: argparse.Namespace) -> int:
+    from .client.admin import Admin
+
+    with Admin(broker=args.data_dir) as admin:
+        if args.groups_command == "list":
+            for group in admin.list_groups():
+                print(f"{group['group_id']}\t{group['state']}\tmembers={group['members']}")
+        elif args.groups_command == "describe":
+            _print_group(admin.describe_group(args.group), sys.stdout)
+        elif args.groups_command == "reset-offsets":
+            offsets = admin.reset_offsets(args.group, args.topic, _reset_target(args))
+            for partition, offset in sorted(offsets.items()):
+                print(f"{args.group}\t{args.topic}\t{partition}\t{offset}")
+        elif args.groups_command == "delete":
+            gone = admin.delete_group(args.group)
+            print(f"Deleted group {args.group} ({gone} committed offset(s)).")
+    return 0
+
+
+def _reset_target(args: argparse.Namespace):
+    if args.to_earliest:
+        return "earliest"
+    if args.to_latest:
+        return "latest"
+    if args.to_offset is not None:
+        return args.to_offset
+    import datetime
+
+    try:
+        when = datetime.datetime.fromisoformat(args.to_datetime)
+    except ValueError:
+        raise errors.ConfigError(f"--to-datetime {args.to_datetime!r} is not an ISO 8601 "
+                                 f"date and time") from None
+    return when if when.tzinfo else when.replace(tzinfo=datetime.timezone.utc)
+
+
+def _print_group(group: dict, out) -> None:
+    print(f"Group: {group['group_id']}\tState: {group['state']}\tGeneration: "
+          f"{group['generation_id']}\tProtocol: {group['protocol'] or '-'}", file=out)
+    print("MEMBER-ID\tCLIENT-ID\tHOST\tPID\tASSIGNMENT", file=out)
+    for m in group["members"]:
+        owned = ",".join(f"{t}/{p}" for t, p in m.get("assignment") or []) or "-"
+        print(f"{m['member_id']}\t{m['client_id']}\t{m['host']}\t{m['pid']}\t{owned}",
+              file=out)
+    print("TOPIC\tPARTITION\tCOMMITTED\tEND\tLAG", file=out)
+    for row in group["partitions"]:
+        committed = row["committed"] if row["committed"] >= 0 else "-"
+        lag = row["lag"] if row["lag"] is not None else "-"
+        print(f"{row['topic']}\t{row['partition']}\t{committed}\t{row['end']}\t{lag}",
+              file=out)
+
+
 def _cmd_consume(args: argparse.Namespace) -> int:
     from .client.console import consume
 
@@ -169,6 +221,34 @@ def _add_broker_commands(sub) -> None:
     for parser in (create, listing, describe, delete, alter):
         _add_data_dir(parser)
     topics.set_defaults(func=_cmd_topics)
+    _add_groups_command(sub)
+
+
+def _add_groups_command(sub) -> None:
+    groups = sub.add_parser("groups", help="list, describe, reset offsets of, delete groups",
+                            description="Consumer group administration of a running broker "
+                                        "(like kafka-consumer-groups).")
+    gsub = groups.add_subparsers(dest="groups_command", metavar="ACTION", required=True)
+    listing = gsub.add_parser("list", help="groups with members or committed offsets")
+    describe = gsub.add_parser("describe", help="members (pid, host, assignment) and, per "
+                                                "partition, committed offset, end offset, lag")
+    describe.add_argument("group")
+    reset = gsub.add_parser("reset-offsets", help="set a group's committed offsets of a topic "
+                                                  "(refused while the group has members)")
+    reset.add_argument("group")
+    reset.add_argument("--topic", required=True)
+    where = reset.add_mutually_exclusive_group(required=True)
+    where.add_argument("--to-earliest", action="store_true", help="the log start")
+    where.add_argument("--to-latest", action="store_true", help="the end (skip everything)")
+    where.add_argument("--to-offset", type=int, metavar="N", help="offset N (clamped)")
+    where.add_argument("--to-datetime", metavar="ISO",
+                       help="first record at or after this time (e.g. 2026-11-28T10:00:00+00:00; "
+                            "UTC if no offset is given)")
+    delete = gsub.add_parser("delete", help="delete a group without members, and its offsets")
+    delete.add_argument("group")
+    for parser in (listing, describe, reset, delete):
+        _add_data_dir(parser)
+    groups.set_defaults(func=_cmd_groups)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,6 +8,10 @@ is used::
         admin.describe_topic("orders") # TopicDescription(name="orders", partitions=4, ...)
         admin.alter_partitions("orders", 8)
         admin.delete_topic("orders")
+        admin.list_groups()            # [{"group_id": "workers", "state": "Stable", ...}]
+        admin.describe_group("workers")   # members, assignment, committed / end offsets, lag
+        admin.reset_offsets("workers", "orders", "earliest")   # only while it has no members
+        admin.delete_group("workers")
 
 Requests go to the coordinator over ZeroMQ (``ipc://<data_dir>/coordinator.sock``) in the
 format of shmbroker/coordinator/protocol.py. Errors come back as the exception class the
@@ -89,6 +93,70 @@ class Admin:
     def ping(self) -> dict[str, Any]:
         return self._request("ping")
 
+    # -- consumer groups (docs/design/groups.md) ------------------------------------------------
+
+    def list_groups(self) -> list[dict[str, Any]]:
+        """Every group the coordinator knows (with members, or with committed offsets)."""
+        return self._request("groups_list")["groups"]
+
+    def describe_group(self, group_id: str) -> dict[str, Any]:
+        """The coordinator's description (state, generation, members with pid, host and
+        assignment) and ``partitions``: for every partition of the group's topics (those it
+        committed to or is assigned), ``{topic, partition, committed, end, lag}`` (committed
+        -1 and lag None where nothing was committed). GroupIdNotFoundError if unknown."""
+        described = self._request("group_describe", group_id=group_id)
+        committed = {(o["topic"], o["partition"]): o["offset"] for o in described["offsets"]}
+        topics = {t for t, _ in committed} | {t for m in described["members"]
+                                              for t, _ in m.get("assignment") or []}
+        rows = []
+        for topic in sorted(topics):
+            for partition, end in sorted(self.end_offsets(topic).items()):
+                done = committed.get((topic, partition), -1)
+                rows.append({"topic": topic, "partition": partition, "committed": done,
+                             "end": end, "lag": None if done < 0 else max(0, end - done)})
+        described["partitions"] = rows
+        return described
+
+    def delete_group(self, group_id: str) -> int:
+        """Delete a group without members and its committed offsets (NonEmptyGroupError while
+        it has members); returns how many committed offsets went."""
+        return self._request("group_delete", group_id=group_id)["offsets_deleted"]
+
+    def end_offsets(self, topic: str) -> dict[int, int]:
+        """partition -> high watermark (the next offset), read from each partition's shared
+        memory state (local: no request)."""
+        return {p: state.high_watermark for p, state in self._partition_states(topic).items()}
+
+    def reset_offsets(self, group_id: str, topic: str, to: Any) -> dict[int, int]:
+        """Set the group's committed offset of every partition of ``topic``: ``to`` is
+        "earliest" (log start), "latest" (end), an offset (clamped to [log start, end], as
+        Kafka's tool does) or a timezone-aware ``datetime`` (the first offset whose timestamp
+        is at or after it, else the end). Refused with NonEmptyGroupError while the group has
+        members (their positions would overwrite it). Returns partition -> offset."""
+        try:
+            members = self._request("group_describe", group_id=group_id)["members"]
+        except errors.GroupIdNotFoundError:
+            members = []
+        if members:
+            raise errors.NonEmptyGroupError(
+                f"group {group_id!r} has {len(members)} live member(s): stop them before "
+                f"resetting its offsets")
+        states = self._partition_states(topic)
+        offsets = {p: _reset_target(self.data_dir, topic, p, s, to) for p, s in states.items()}
+        self._request("offset_commit", group_id=group_id, member_id="", generation_id=-1,
+                      offsets={topic: [[p, o, ""] for p, o in sorted(offsets.items())]})
+        return offsets
+
+    def _partition_states(self, topic: str) -> dict:
+        from .metadata import LocalMetadata
+
+        metadata = LocalMetadata(self.data_dir)
+        try:
+            return {p: metadata.control(topic, p).read_state()
+                    for p in range(metadata.partitions(topic))}
+        finally:
+            metadata.close()
+
     def close(self) -> None:
         if self._socket is not None:
             self._socket.close(linger=0)
@@ -136,3 +204,43 @@ class Admin:
         raise errors.RequestTimeoutError(
             f"{request_type}: no reply from the coordinator of {self.data_dir} within "
             f"{self.request_timeout_ms} ms")
+
+
+def _reset_target(data_dir: str, topic: str, partition: int, state, to: Any) -> int:
+    """The offset ``reset_offsets`` commits for one partition (see there)."""
+    import datetime
+
+    start, end = state.log_start_offset, state.high_watermark
+    if to == "earliest":
+        return start
+    if to == "latest":
+        return end
+    if isinstance(to, datetime.datetime):
+        if to.tzinfo is None:
+            raise errors.ConfigError(f"reset to {to!r}: give a timezone (e.g. +00:00)")
+        return _first_offset_at(data_dir, topic, partition, int(to.timestamp() * 1000), end)
+    if isinstance(to, int) and not isinstance(to, bool):
+        return min(max(to, start), end)
+    raise errors.ConfigError(f"reset to {to!r}: expected 'earliest', 'latest', an offset or "
+                             f"a datetime")
+
+
+def _first_offset_at(data_dir: str, topic: str, partition: int, timestamp_ms: int,
+                     end: int) -> int:
+    """The first offset with a timestamp >= timestamp_ms, by reading the partition from its
+    start in columns (bounded by the log; an admin tool, not a hot path: Kafka's broker uses
+    its time index instead, which a client cannot read yet)."""
+    from .consumer import Consumer
+
+    with Consumer(broker=data_dir, auto_offset_reset="earliest") as consumer:
+        consumer.assign([(topic, partition)])
+        consumer.seek_to_beginning()
+        while consumer.position((topic, partition)) < end:  # bounded: every poll advances
+            batches = consumer.poll_columnar(timeout_ms=1000)
+            if not batches:
+                break
+            for batch in batches.values():
+                late = (batch.timestamps >= timestamp_ms).nonzero()[0]
+                if len(late):
+                    return int(batch.offsets[late[0]])
+    return end
