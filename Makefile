@@ -33,6 +33,7 @@ bench: $(STAMP)
 		$(VPY) -m pip install --quiet -e '.[dev,bench]'
 	$(VPY) perf/bench_log.py
 	$(VPY) perf/bench_ipc.py
+	$(VPY) perf/bench_groups.py
 
 clean:
 	rm -rf build *.egg-info shmbroker/*.so
