@@ -199,6 +199,20 @@ GROUP_OFFSETS_SEGMENT_BYTES_DEFAULT = 100 * MiB
 #: Undecodable records of the offsets log get one warning each, up to this many per load;
 #: the rest are only counted (a newer version's log could hold millions).
 GROUP_OFFSETS_LOAD_WARNINGS_MAX = 10
+#: A group consumer heartbeats this often, from ``poll()`` (Kafka: heartbeat.interval.ms, 3 s).
+#: A heartbeat is how a member learns that the group rebalances, so this bounds how long a
+#: rebalance waits for a member that is polling; one local request costs ~0.1 ms.
+GROUP_HEARTBEAT_INTERVAL_MS_DEFAULT = 100
+GROUP_HEARTBEAT_INTERVAL_MS_MIN = 1
+#: A group consumer commits its positions this often, from ``poll()`` (Kafka:
+#: auto.commit.interval.ms, 5 s).
+GROUP_AUTO_COMMIT_INTERVAL_MS_DEFAULT = 5_000
+GROUP_AUTO_COMMIT_INTERVAL_MS_MIN = 1
+#: Join attempts in one rejoin before giving up with the last error (each answered at once, or
+#: held by the coordinator for at most the rebalance timeout).
+GROUP_JOIN_ATTEMPTS_MAX = 20
+#: Extra time a client waits for a held join beyond its rebalance timeout.
+GROUP_JOIN_REPLY_MARGIN_MS = 5_000
 #: How often the coordinator checks that the registered pids of local members still run. A
 #: kill -9'd member is noticed within this, so its partitions move within about this plus one
 #: heartbeat of the survivors (the issue asks for < 1 s). Costs one /proc read per member.

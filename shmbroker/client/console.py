@@ -99,11 +99,16 @@ def consume(data_dir: str, topic: str, *, from_beginning: bool = False,
         raise errors.ConfigError("--max-messages must be >= 0")
     render = compile_format(fmt)
     out = out if out is not None else sys.stdout.buffer
-    with Consumer(broker=data_dir, group=group,
+    if group is not None and partition is not None:
+        raise errors.ConfigError("--group and --partition exclude each other (the group assigns "
+                                 "the partitions)")
+    # With a group the consumer subscribes through it (and commits as it goes, then leaves on
+    # close); --from-beginning then applies to partitions the group has no offset for.
+    with Consumer(*([topic] if group is not None else []), broker=data_dir, group=group,
                   auto_offset_reset="earliest" if from_beginning else "latest") as consumer:
-        if partition is None:
+        if group is None and partition is None:
             consumer.subscribe([topic])
-        else:
+        elif partition is not None:
             tp = TopicPartition(topic, partition)
             consumer.assign([tp])
             if offset is not None:

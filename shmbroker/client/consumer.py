@@ -14,22 +14,31 @@ No socket, no request, no broker process in the path (docs/design/consumer.md)::
 Owned by one thread; not thread-safe (Kafka's consumer is not either). Safe across ``fork``:
 a child that uses a consumer created by its parent rebuilds its mappings and control regions
 first (positions carry over). ``spawn``-ed workers build their own consumer.
+
+With ``group=`` the consumer is a member of a consumer group (``group_membership.py``): its
+partitions come from the group's assignment, positions start at the group's committed offsets,
+and ``poll()`` drives heartbeats, rebalances and auto-commit (docs/design/consumer.md,
+"Consumer groups"). A forked child joins as a new member; it never reuses the parent's.
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import replace
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
 from .. import errors, records
 from ..native import _native
-from ..config import SPIN_NS_MAX, default_data_dir
+from ..config import (GROUP_AUTO_COMMIT_INTERVAL_MS_DEFAULT, GROUP_AUTO_COMMIT_INTERVAL_MS_MIN,
+                      GROUP_HEARTBEAT_INTERVAL_MS_DEFAULT, GROUP_REBALANCE_TIMEOUT_MS_DEFAULT,
+                      GROUP_SESSION_TIMEOUT_MS_DEFAULT, SPIN_NS_MAX, default_data_dir)
 from ..coordinator.topics import partition_dir
 from ..log.reader import LogReader
 from ..shm.control import ControlRegion
+from .group_membership import DEFAULT_PROTOCOLS, REJOIN_ERRORS, GroupMembership
 from .metadata import LocalMetadata
 from .types import TopicPartition, as_topic_partition
 
@@ -53,6 +62,8 @@ _FUTEX_WAITV = True
 #: Iteration polls in slices this long, so signals are handled between them.
 ITERATION_POLL_MS = 1_000
 SPIN_US_MAX = SPIN_NS_MAX // 1000
+
+log = logging.getLogger("shmbroker.consumer")
 
 
 #: One record handed out by :meth:`Consumer.poll`: topic, partition, offset, timestamp, key,
@@ -181,8 +192,23 @@ class Consumer:
     """Reads records of the partitions it is assigned (see module doc).
 
     ``Consumer(*topics, broker=DATA_DIR)`` assigns every partition of ``topics`` (partitions
-    added later are not picked up: subscriptions come with consumer groups). ``group`` is not
-    supported yet and raises :class:`~shmbroker.errors.UnsupportedFeatureError`.
+    added later are not picked up).
+
+    ``Consumer(*topics, broker=DATA_DIR, group="g")`` joins consumer group ``g`` subscribed to
+    ``topics``: the group's coordinator assigns the partitions (``assign()`` then raises
+    IllegalStateError); each starts at the group's committed offset, else per
+    ``auto_offset_reset``. The group is joined, heartbeated and rebalanced from ``poll()``
+    (and iteration): **poll at least every ``session_timeout_ms``** (and within
+    ``max_poll_interval_ms`` of a rebalance starting), or the group removes this member, as
+    Kafka's max.poll.interval.ms. ``enable_auto_commit`` (default True, as in Kafka): positions
+    are committed from ``poll()`` every ``auto_commit_interval_ms``, before partitions are
+    revoked, and on ``close()`` (which then leaves the group); with it off, commit yourself
+    (``commit()``, e.g. in ``on_revoke``). ``on_assign(partitions)`` / ``on_revoke(partitions)``
+    are called with sorted TopicPartition lists when partitions are added / taken away (also
+    when they are lost: the member was removed, no commit is possible then).
+    ``group_protocols``: assignors offered, preferred first (cooperative sticky keeps consuming
+    unmoved partitions during a rebalance). ``heartbeat_interval_ms`` bounds how long a
+    rebalance waits for this member to notice it.
     ``auto_offset_reset``: where a partition without a position, or with one outside the log
     (deleted by retention, or past the end), starts: "earliest", "latest", or "error" (also
     Kafka's "none") to raise :class:`~shmbroker.errors.OffsetOutOfRangeError`.
@@ -197,11 +223,19 @@ class Consumer:
                  group: str | None = None, auto_offset_reset: str = "latest",
                  value_memoryview: bool = False, spin_us: int = 0,
                  fetch_max_bytes: int = FETCH_BYTES_DEFAULT,
-                 consumer_timeout_ms: int | None = None, check_crcs: bool = True):
-        if group is not None:
-            raise errors.UnsupportedFeatureError(
-                f"consumer groups (group={group!r}) are not available yet; assign partitions "
-                f"with Consumer(topic, ...) or assign([...]) and track offsets yourself")
+                 consumer_timeout_ms: int | None = None, check_crcs: bool = True,
+                 client_id: str = "shmbroker-consumer", enable_auto_commit: bool = True,
+                 auto_commit_interval_ms: int = GROUP_AUTO_COMMIT_INTERVAL_MS_DEFAULT,
+                 session_timeout_ms: int = GROUP_SESSION_TIMEOUT_MS_DEFAULT,
+                 max_poll_interval_ms: int = GROUP_REBALANCE_TIMEOUT_MS_DEFAULT,
+                 heartbeat_interval_ms: int = GROUP_HEARTBEAT_INTERVAL_MS_DEFAULT,
+                 group_protocols: Iterable[str] = DEFAULT_PROTOCOLS,
+                 on_assign: Callable[[list], None] | None = None,
+                 on_revoke: Callable[[list], None] | None = None):
+        if not isinstance(auto_commit_interval_ms, int) or \
+                auto_commit_interval_ms < GROUP_AUTO_COMMIT_INTERVAL_MS_MIN:
+            raise errors.ConfigError(f"auto_commit_interval_ms={auto_commit_interval_ms!r} must "
+                                     f"be an int >= {GROUP_AUTO_COMMIT_INTERVAL_MS_MIN}")
         if auto_offset_reset not in OFFSET_RESET_POLICIES:
             raise errors.ConfigError(
                 f"auto_offset_reset={auto_offset_reset!r}; expected one of {OFFSET_RESET_POLICIES}")
@@ -226,8 +260,28 @@ class Consumer:
         self._iter_buffer: list = []
         self._iter_at = 0
         self._closed = False
+        self._group: GroupMembership | None = None
+        self._group_args: dict | None = None
+        self.enable_auto_commit = bool(enable_auto_commit)
+        self.auto_commit_interval_ms = auto_commit_interval_ms
+        self._next_auto_commit = 0.0
+        self._on_assign, self._on_revoke = on_assign, on_revoke
         try:
-            if topics:
+            if group is not None:
+                for topic in topics:  # unknown topics fail here, not at the first poll
+                    self._meta.partitions(topic)
+                self._group_args = dict(
+                    data_dir=self.data_dir, group_id=group, topics=topics, client_id=client_id,
+                    protocols=list(group_protocols), session_timeout_ms=session_timeout_ms,
+                    rebalance_timeout_ms=max_poll_interval_ms,
+                    heartbeat_interval_ms=heartbeat_interval_ms)
+                try:
+                    self._group = GroupMembership(**self._group_args)
+                except errors.BrokerNotRunningError as e:
+                    raise errors.BrokerNotRunningError(
+                        f"group {group!r}: consumer groups need the coordinator of a running "
+                        f"broker; {e}") from e
+            elif topics:
                 self.subscribe(topics)
         except BaseException:
             self.close()
@@ -238,6 +292,7 @@ class Consumer:
     def subscribe(self, topics: Iterable[str]) -> None:
         """Assign every partition of ``topics`` (no group: a static assignment)."""
         self._check()
+        self._check_no_group("subscribe()")
         if isinstance(topics, str):
             topics = [topics]
         tps = []
@@ -250,9 +305,20 @@ class Consumer:
 
         Partitions kept from the previous assignment keep their positions. Unknown topics or
         partitions raise UnknownTopicOrPartitionError; a partition not being served raises
-        BrokerNotRunningError naming the data dir.
+        BrokerNotRunningError naming the data dir. IllegalStateError in a group consumer
+        (the group assigns its partitions).
         """
         self._check()
+        self._check_no_group("assign()")
+        self._assign(partitions)
+
+    def _check_no_group(self, what: str) -> None:
+        if self._group_args is not None:
+            raise errors.IllegalStateError(
+                f"{what}: this consumer is a member of group {self._group_args['group_id']!r}, "
+                f"which assigns its partitions")
+
+    def _assign(self, partitions: Iterable) -> None:
         wanted = [as_topic_partition(p) for p in partitions]
         fetches: dict[TopicPartition, _Fetch] = {}
         try:
@@ -283,7 +349,105 @@ class Consumer:
         return set(self._fetches)
 
     def unsubscribe(self) -> None:
+        self._check_no_group("unsubscribe() (close() leaves the group)")
         self.assign([])
+
+    # -- consumer group ---------------------------------------------------------------------------
+
+    def _membership(self) -> GroupMembership:
+        if self._group is None:
+            raise errors.IllegalStateError(
+                "commit() and committed() need a consumer group: Consumer(..., group='name')")
+        return self._group
+
+    def commit(self, offsets: Mapping | None = None) -> None:
+        """Commit synchronously: ``offsets`` ({TopicPartition: next offset to read}), or the
+        current positions of every assigned partition. RebalanceInProgressError,
+        UnknownMemberIdError, IllegalGenerationError: the group moved on (the next poll
+        rejoins); other coordinator errors are raised as their types too."""
+        self._check()
+        group = self._membership()
+        if offsets is None:
+            wanted = self._positions(self._fetches)
+        else:
+            wanted = {}
+            for tp, offset in offsets.items():
+                if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+                    raise errors.ConfigError(f"commit offset of {tp} must be an int >= 0, got "
+                                             f"{offset!r}")
+                wanted[as_topic_partition(tp)] = offset
+        group.commit(wanted)
+
+    def committed(self, tp) -> int | None:
+        """The group's committed offset of ``tp`` (the next to read), None if none."""
+        self._check()
+        tp = as_topic_partition(tp)
+        return self._membership().committed([tp]).get(tp)
+
+    def _positions(self, tps: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
+        fetches = self._fetches
+        return {tp: fetches[tp].position for tp in tps
+                if tp in fetches and fetches[tp].position is not None}
+
+    def _group_poll(self) -> None:
+        """From poll: heartbeat when due, rebalance when told, auto-commit when due."""
+        group = self._group
+        assert group is not None
+        if not group.heartbeat_if_due():
+            self._revoke(set(self._fetches), commit=False)  # lost: maybe someone else's now
+        if group.rejoin_needed:
+            self._rejoin(group)
+        elif self.enable_auto_commit and time.monotonic() >= self._next_auto_commit:
+            self._next_auto_commit = time.monotonic() + self.auto_commit_interval_ms / 1000
+            self._commit_logged(self._fetches, "auto-commit")
+
+    def _rejoin(self, group: GroupMembership) -> None:
+        if not group.cooperative:
+            self._revoke(set(self._fetches))  # eager: give everything back before rejoining
+        assigned = group.join()
+        revoked = set(self._fetches) - assigned
+        if revoked:
+            self._revoke(revoked)
+        added = sorted(assigned - set(self._fetches))
+        if added:
+            try:
+                committed = group.committed(added)
+                self._assign([*self._fetches, *added])
+            except BaseException:
+                # Nothing remembers the assignment but the fetches: rejoin at the next poll
+                # (the same assignment comes back) rather than leave partitions unread.
+                group.rejoin_needed = True
+                raise
+            for tp in added:
+                offset = committed.get(tp)
+                if offset is not None:
+                    self._fetches[tp].set_position(offset)  # checked against the log on poll
+        self._next_auto_commit = time.monotonic() + self.auto_commit_interval_ms / 1000
+        if added and self._on_assign is not None:
+            self._on_assign(added)
+
+    def _revoke(self, tps: set, commit: bool = True) -> None:
+        """Stop reading ``tps`` (their pending records go): commit their positions first if
+        auto-commit is on and ``commit``, then tell on_revoke."""
+        if not tps:
+            return
+        if commit and self.enable_auto_commit:
+            self._commit_logged(tps, "commit before revoking")
+        if self._on_revoke is not None:
+            self._on_revoke(sorted(tps))
+        self._assign([tp for tp in self._fetches if tp not in tps])
+
+    def _commit_logged(self, tps: Iterable[TopicPartition], why: str) -> None:
+        """Commit positions where a failure because the group moved on is no caller's error
+        (auto-commit, revocation, close): logged, as Kafka does; the records after the last
+        commit may then be read again by the partition's next owner. Other errors raise."""
+        assert self._group is not None
+        try:
+            self._group.commit(self._positions(tps))
+        except REJOIN_ERRORS as e:
+            log.warning("group %r: %s failed, the group moved on (%s: %s); records after the "
+                        "last commit may be delivered again", self._group.group_id, why,
+                        type(e).__name__, e)
 
     # -- positions --------------------------------------------------------------------------------
 
@@ -454,6 +618,8 @@ class Consumer:
             raise errors.ConfigError(f"max_records must be >= 1, got {max_records}")
         deadline = time.monotonic() + timeout_ms / 1000.0 if timeout_ms else 0.0
         while True:  # bounded by the deadline
+            if self._group is not None:
+                self._group_poll()
             out = self._collect(max_records)
             if out or not timeout_ms:
                 return out
@@ -474,6 +640,8 @@ class Consumer:
         self._check()
         deadline = time.monotonic() + timeout_ms / 1000.0 if timeout_ms else 0.0
         while True:  # bounded by the deadline
+            if self._group is not None:
+                self._group_poll()
             out = {}
             for fetch in self._order:  # bounded by the assigned partitions
                 batch = self._fill_columnar(fetch, max_records)
@@ -513,6 +681,15 @@ class Consumer:
     def _sleep(self, left_ms: float) -> None:
         """Sleep until a partition publishes, or ``left_ms`` pass (see module doc)."""
         order = self._order
+        group = self._group
+        if group is not None:
+            # Wake for the next heartbeat and auto-commit; a member may own nothing for a while.
+            left_ms = min(left_ms, group.ms_until_heartbeat())
+            if self.enable_auto_commit:
+                left_ms = min(left_ms, max(0.0, (self._next_auto_commit - time.monotonic()) * 1e3))
+            if not order:
+                time.sleep(left_ms / 1000.0)
+                return
         if not order:
             raise errors.IllegalStateError(
                 "this consumer has no partitions assigned: pass topics to Consumer(...) or "
@@ -574,6 +751,18 @@ class Consumer:
         self._pid = os.getpid()
         old_meta, self._meta = self._meta, LocalMetadata(self.data_dir)
         old_meta.close()  # unmaps the child's copies only; the parent's stay
+        if self._group_args is not None:
+            # The parent's partitions and member id stay the parent's: the child joins as a
+            # new member and gets its own share. The parent's socket is left alone (pyzmq does
+            # not close a socket in a process that did not create it).
+            for fetch in self._order:
+                fetch.close()
+            self._fetches, self._order = {}, []
+            # Kept, never used: dropping it would only make pyzmq warn of an unclosed socket.
+            self._inherited_group = self._group
+            self._group = GroupMembership(**self._group_args)
+            self._iter_buffer, self._iter_at = [], 0
+            return
         for fetch in self._order:
             fetch.reader.close()
             fetch.control = self._meta.control(fetch.topic, fetch.partition)
@@ -586,9 +775,23 @@ class Consumer:
         """Release mappings and control regions. Records already handed out stay valid."""
         if self._closed:
             return
-        self._closed = True
         if os.getpid() != self._pid:
+            self._closed = True
             return  # the parent's objects: leave them to the parent
+        try:
+            if self._group is not None and self._group.member_id and self._fetches:
+                self._revoke(set(self._fetches))  # commits first when auto-commit is on
+        finally:
+            self._closed = True
+            try:
+                if self._group is not None:
+                    self._group.leave()
+            finally:
+                self._release()
+
+    def _release(self) -> None:
+        if self._group is not None:
+            self._group.close()
         for fetch in self._fetches.values():
             fetch.close()
         self._fetches.clear()
