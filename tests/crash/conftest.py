@@ -8,13 +8,12 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "integration"))
 
-from broker_harness import broker, broker_dir, make_broker  # noqa: E402,F401  (pytest fixtures)
+from broker_harness import (broker, broker_dir, make_broker,  # noqa: E402,F401  (pytest fixtures)
+                            stop_resource_tracker)
 
 
 @pytest.fixture(autouse=True)
-def stop_resource_tracker():
-    """multiprocessing's spawn starts a resource-tracker process that outlives the test."""
+def _stop_resource_tracker(stop_resource_tracker):
+    """Every crash test may spawn: the one definition, used by all of them."""
     yield
-    from multiprocessing import resource_tracker
 
-    resource_tracker._resource_tracker._stop()

@@ -163,3 +163,14 @@ def make_broker(broker_dir, tmp_path):
 @pytest.fixture
 def broker(make_broker):
     return make_broker()
+
+
+@pytest.fixture
+def stop_resource_tracker():
+    """multiprocessing's spawn starts a resource-tracker process that outlives the test; stop
+    it so the leak check sees only the processes the test itself started. Test modules that
+    spawn ask for it with ``pytestmark = pytest.mark.usefixtures("stop_resource_tracker")``."""
+    yield
+    from multiprocessing import resource_tracker
+
+    resource_tracker._resource_tracker._stop()

@@ -18,7 +18,7 @@ from produce_helpers import make_value, parse_value
 from shmbroker import Admin, Consumer, Producer, errors
 from shmbroker.client.types import TopicPartition
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("stop_resource_tracker")]
 TOPIC = "t"
 PARTITIONS = 6
 #: A member process exits by itself after this long (in case the test that started it died).
@@ -126,15 +126,6 @@ def members(broker, tmp_path):
     yield made
     made.close()
 
-
-@pytest.fixture(autouse=True)
-def stop_resource_tracker():
-    """multiprocessing's spawn starts a resource-tracker process that outlives the test; stop
-    it so the leak check sees only the processes the test itself started."""
-    yield
-    from multiprocessing import resource_tracker
-
-    resource_tracker._resource_tracker._stop()
 
 
 @pytest.fixture

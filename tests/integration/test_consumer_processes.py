@@ -10,6 +10,8 @@ from fake_partitions import FakePartitions, wait_until
 
 from shmbroker import Consumer
 
+pytestmark = pytest.mark.usefixtures("stop_resource_tracker")
+
 POLL_TIMEOUT_MS = 10_000
 
 
@@ -19,15 +21,6 @@ def parts(data_dir):
     yield fake
     fake.close()
 
-
-@pytest.fixture(autouse=True)
-def stop_resource_tracker():
-    """multiprocessing's spawn starts a resource-tracker process that outlives the test; stop
-    it so the leak check sees only the processes the test itself started."""
-    yield
-    from multiprocessing import resource_tracker
-
-    resource_tracker._resource_tracker._stop()
 
 
 def _blocked_consumer(data_dir, tps, conn) -> None:

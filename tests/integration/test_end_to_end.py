@@ -25,16 +25,9 @@ from shmbroker import Consumer, Producer, errors
 from shmbroker.layout import shm as L
 from shmbroker.shm import names
 
+pytestmark = pytest.mark.usefixtures("stop_resource_tracker")
 
 
-@pytest.fixture(autouse=True)
-def stop_resource_tracker():
-    """multiprocessing's spawn starts a resource-tracker process that outlives the test; stop
-    it so the leak check sees only the processes the test itself started."""
-    yield
-    from multiprocessing import resource_tracker
-
-    resource_tracker._resource_tracker._stop()
 
 
 
