@@ -9,7 +9,8 @@ from typing import Any
 from . import errors
 
 __version__ = "0.1.0"
-__all__ = ["Admin", "Consumer", "Producer", "TopicPartition", "errors", "__version__"]
+__all__ = ["Admin", "Consumer", "OffsetAndMetadata", "Producer", "TopicPartition", "errors",
+           "__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -30,4 +31,8 @@ def __getattr__(name: str) -> Any:
         from .client.types import TopicPartition
 
         return TopicPartition
+    if name == "OffsetAndMetadata":
+        from .client.types import OffsetAndMetadata
+
+        return OffsetAndMetadata
     raise AttributeError(f"module 'shmbroker' has no attribute {name!r}")

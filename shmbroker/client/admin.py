@@ -24,7 +24,7 @@ import itertools
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import zmq
 
@@ -59,6 +59,10 @@ class Admin:
         self.data_dir = os.path.abspath(os.fspath(broker) if broker is not None else default_data_dir())
         self.request_timeout_ms = request_timeout_ms
         self._ids = itertools.count(1)
+        #: Requests sent by _request_later, unanswered: id -> (deadline, type, on_reply).
+        self._later: dict[int, tuple[float, str, Callable[[Any], None]]] = {}
+        #: Replies to them that came while waiting for something else: (on_reply, result).
+        self._arrived: list[tuple[Callable[[Any], None], Any]] = []
         self._endpoint = endpoint(self.data_dir)
         self._check_running()
         self._context = zmq.Context.instance()
@@ -158,6 +162,7 @@ class Admin:
             metadata.close()
 
     def close(self) -> None:
+        self._later.clear()
         if self._socket is not None:
             self._socket.close(linger=0)
             self._socket = None
@@ -197,7 +202,54 @@ class Admin:
                 if isinstance(result, Exception):
                     raise result
                 return result
-            # A late reply to an earlier request that timed out: drop it.
+            # A reply to a _request_later (kept for _dispatch_later), or a late reply to an
+            # earlier request that timed out (dropped).
+            self._keep_later(reply_id, result)
+
+    # -- replies that come later (a consumer's commit_async) --------------------------------------
+
+    def _request_later(self, request_type: str, on_reply: Callable[[Any], None],
+                       **fields: Any) -> None:
+        """Send a request and return at once. ``on_reply(result or exception)`` is called from
+        a later ``_dispatch_later`` on this thread, in the order the requests were sent (the
+        coordinator answers one socket's requests in order); RequestTimeoutError if no reply
+        comes within ``request_timeout_ms``."""
+        if self._socket is None:
+            raise errors.ShmbrokerError("Admin is closed")
+        request_id = next(self._ids)
+        self._socket.setsockopt(zmq.SNDTIMEO, self.request_timeout_ms)
+        try:
+            self._socket.send(protocol.request(request_id, request_type, **fields))
+        except zmq.Again:
+            self._timed_out(request_type)
+        self._later[request_id] = (time.monotonic() + self.request_timeout_ms / 1000,
+                                   request_type, on_reply)
+
+    def _keep_later(self, reply_id: int | None, result: Any) -> None:
+        entry = self._later.pop(reply_id, None) if isinstance(reply_id, int) else None
+        if entry is not None:
+            self._arrived.append((entry[2], result))
+
+    def _dispatch_later(self, wait_ms: float = 0) -> int:
+        """Run ``on_reply`` for every _request_later reply that came, waiting up to ``wait_ms``
+        for the rest; those overdue get RequestTimeoutError. Returns how many are unanswered."""
+        deadline = time.monotonic() + wait_ms / 1000
+        while self._socket is not None and self._later:  # bounded by the deadline
+            remaining_ms = max(0, int((deadline - time.monotonic()) * 1000))
+            if not self._socket.poll(remaining_ms, zmq.POLLIN):
+                break
+            self._keep_later(*protocol.decode_reply(self._socket.recv()))
+        now = time.monotonic()
+        for request_id, (due, request_type, on_reply) in list(self._later.items()):
+            if now >= due:
+                del self._later[request_id]
+                self._arrived.append((on_reply, errors.RequestTimeoutError(
+                    f"{request_type}: no reply from the coordinator of {self.data_dir} within "
+                    f"{self.request_timeout_ms} ms")))
+        arrived, self._arrived = self._arrived, []
+        for on_reply, result in arrived:
+            on_reply(result)
+        return len(self._later)
 
     def _timed_out(self, request_type: str) -> None:
         self._check_running()

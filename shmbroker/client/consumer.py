@@ -32,15 +32,15 @@ import numpy as np
 
 from .. import errors, records
 from ..native import _native
-from ..config import (GROUP_AUTO_COMMIT_INTERVAL_MS_DEFAULT, GROUP_AUTO_COMMIT_INTERVAL_MS_MIN,
+from ..config import (ADMIN_REQUEST_TIMEOUT_MS, GROUP_AUTO_COMMIT_INTERVAL_MS_DEFAULT, GROUP_AUTO_COMMIT_INTERVAL_MS_MIN,
                       GROUP_HEARTBEAT_INTERVAL_MS_DEFAULT, GROUP_REBALANCE_TIMEOUT_MS_DEFAULT,
                       GROUP_SESSION_TIMEOUT_MS_DEFAULT, SPIN_NS_MAX, default_data_dir)
 from ..coordinator.topics import partition_dir
 from ..log.reader import LogReader
 from ..shm.control import ControlRegion
-from .group_membership import DEFAULT_PROTOCOLS, REJOIN_ERRORS, GroupMembership
+from .group_membership import DEFAULT_PROTOCOLS, REJOIN_ERRORS, CommitCallback, GroupMembership
 from .metadata import LocalMetadata
-from .types import TopicPartition, as_topic_partition
+from .types import OffsetAndMetadata, TopicPartition, as_topic_partition
 
 #: auto_offset_reset values: Kafka's names, plus "error" (Kafka's "none": raise instead).
 OFFSET_RESET_POLICIES = ("earliest", "latest", "error", "none")
@@ -197,13 +197,18 @@ class Consumer:
     ``Consumer(*topics, broker=DATA_DIR, group="g")`` joins consumer group ``g`` subscribed to
     ``topics``: the group's coordinator assigns the partitions (``assign()`` then raises
     IllegalStateError); each starts at the group's committed offset, else per
-    ``auto_offset_reset``. The group is joined, heartbeated and rebalanced from ``poll()``
-    (and iteration): **poll at least every ``session_timeout_ms``** (and within
-    ``max_poll_interval_ms`` of a rebalance starting), or the group removes this member, as
-    Kafka's max.poll.interval.ms. ``enable_auto_commit`` (default True, as in Kafka): positions
+    ``auto_offset_reset``. The group is joined and rebalanced from ``poll()`` (and iteration);
+    a background thread heartbeats while the application processes between polls, so **poll
+    at least every ``max_poll_interval_ms``** (default 5 minutes, Kafka's
+    max.poll.interval.ms): a member that does not is taken to be stuck and leaves the group.
+    ``enable_auto_commit`` (default True, as in Kafka): positions
     are committed from ``poll()`` every ``auto_commit_interval_ms``, before partitions are
     revoked, and on ``close()`` (which then leaves the group); with it off, commit yourself
-    (``commit()``, e.g. in ``on_revoke``). ``on_assign(partitions)`` / ``on_revoke(partitions)``
+    (``commit()`` or ``commit_async()``, e.g. in ``on_revoke``).
+    ``group_instance_id``: static membership; a process restarted under the same id within
+    ``session_timeout_ms`` gets its partitions back without a rebalance (its ``close()`` does
+    not leave the group, and the coordinator does not remove it when its process dies: its
+    session decides). ``on_assign(partitions)`` / ``on_revoke(partitions)``
     are called with sorted TopicPartition lists when partitions are added / taken away (also
     when they are lost: the member was removed, no commit is possible then).
     ``group_protocols``: assignors offered, preferred first (cooperative sticky keeps consuming
@@ -230,6 +235,7 @@ class Consumer:
                  max_poll_interval_ms: int = GROUP_REBALANCE_TIMEOUT_MS_DEFAULT,
                  heartbeat_interval_ms: int = GROUP_HEARTBEAT_INTERVAL_MS_DEFAULT,
                  group_protocols: Iterable[str] = DEFAULT_PROTOCOLS,
+                 group_instance_id: str | None = None,
                  on_assign: Callable[[list], None] | None = None,
                  on_revoke: Callable[[list], None] | None = None):
         if not isinstance(auto_commit_interval_ms, int) or \
@@ -274,7 +280,8 @@ class Consumer:
                     data_dir=self.data_dir, group_id=group, topics=topics, client_id=client_id,
                     protocols=list(group_protocols), session_timeout_ms=session_timeout_ms,
                     rebalance_timeout_ms=max_poll_interval_ms,
-                    heartbeat_interval_ms=heartbeat_interval_ms)
+                    heartbeat_interval_ms=heartbeat_interval_ms,
+                    group_instance_id=group_instance_id)
                 try:
                     self._group = GroupMembership(**self._group_args)
                 except errors.BrokerNotRunningError as e:
@@ -361,27 +368,50 @@ class Consumer:
         return self._group
 
     def commit(self, offsets: Mapping | None = None) -> None:
-        """Commit synchronously: ``offsets`` ({TopicPartition: next offset to read}), or the
-        current positions of every assigned partition. RebalanceInProgressError,
-        UnknownMemberIdError, IllegalGenerationError: the group moved on (the next poll
-        rejoins); other coordinator errors are raised as their types too."""
+        """Commit synchronously: ``offsets`` ({TopicPartition: next offset to read, or an
+        OffsetAndMetadata(offset, metadata)}), or the current positions of every assigned
+        partition. RebalanceInProgressError, UnknownMemberIdError, IllegalGenerationError: the
+        group moved on (the next poll rejoins); other coordinator errors are raised as their
+        types too. Callbacks of earlier ``commit_async`` calls run before it returns."""
         self._check()
         group = self._membership()
-        if offsets is None:
-            wanted = self._positions(self._fetches)
-        else:
-            wanted = {}
-            for tp, offset in offsets.items():
-                if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
-                    raise errors.ConfigError(f"commit offset of {tp} must be an int >= 0, got "
-                                             f"{offset!r}")
-                wanted[as_topic_partition(tp)] = offset
-        group.commit(wanted)
+        group.commit(self._commit_offsets(offsets))
 
-    def committed(self, tp) -> int | None:
-        """The group's committed offset of ``tp`` (the next to read), None if none."""
+    def commit_async(self, offsets: Mapping | None = None,
+                     callback: CommitCallback | None = None) -> None:
+        """Commit without waiting for the coordinator: ``offsets`` as for :meth:`commit`.
+        ``callback(offsets, error)`` (error None on success) runs on this thread from a later
+        ``poll``, ``commit``, ``commit_async`` or ``close``, in the order of the calls; an
+        exception it raises is logged, not raised. Without a callback a failure is logged.
+        ``close()`` waits for the replies still due (bounded by the request timeout)."""
+        self._check()
+        group = self._membership()
+        group.commit_async(self._commit_offsets(offsets), callback)
+
+    def _commit_offsets(self, offsets: Mapping | None) -> dict:
+        if offsets is None:
+            return self._positions(self._fetches)
+        wanted = {}
+        for tp, value in offsets.items():
+            offset, metadata = (value.offset, value.metadata) \
+                if isinstance(value, OffsetAndMetadata) else (value, "")
+            if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+                raise errors.ConfigError(f"commit offset of {tp} must be an int >= 0, got "
+                                         f"{offset!r}")
+            if not isinstance(metadata, str):
+                raise errors.ConfigError(f"commit metadata of {tp} must be a str, got "
+                                         f"{metadata!r:.100}")
+            wanted[as_topic_partition(tp)] = OffsetAndMetadata(offset, metadata) \
+                if metadata else offset
+        return wanted
+
+    def committed(self, tp, metadata: bool = False) -> int | OffsetAndMetadata | None:
+        """The group's committed offset of ``tp`` (the next to read), None if none; with
+        ``metadata=True`` an OffsetAndMetadata (kafka-python's signature)."""
         self._check()
         tp = as_topic_partition(tp)
+        if metadata:
+            return self._membership().committed_metadata([tp]).get(tp)
         return self._membership().committed([tp]).get(tp)
 
     def _positions(self, tps: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
@@ -393,6 +423,7 @@ class Consumer:
         """From poll: heartbeat when due, rebalance when told, auto-commit when due."""
         group = self._group
         assert group is not None
+        group.dispatch_replies()
         if not group.heartbeat_if_due():
             self._revoke(set(self._fetches), commit=False)  # lost: maybe someone else's now
         if group.rejoin_needed:
@@ -782,6 +813,13 @@ class Consumer:
             if self._group is not None and self._group.member_id and self._fetches:
                 self._revoke(set(self._fetches))  # commits first when auto-commit is on
         finally:
+            try:
+                if self._group is not None:
+                    # Replies of commit_async calls still due: their callbacks run now.
+                    self._group.dispatch_replies(wait_ms=ADMIN_REQUEST_TIMEOUT_MS)
+            except errors.ShmbrokerError as e:
+                log.warning("group %r: waiting for commit_async replies at close: %s",
+                            self._group.group_id, e)
             self._closed = True
             try:
                 if self._group is not None:

@@ -6,7 +6,9 @@ the assignment"), so a member only asks and obeys::
     rejoin needed?  join (held by the coordinator until the join phase ends)
                     -> member id, generation, protocol
                     sync -> this member's assignment
-    otherwise       heartbeat every heartbeat_interval_ms (driven by Consumer.poll);
+    otherwise       heartbeat every heartbeat_interval_ms: from Consumer.poll while the
+                    application polls, from a background thread (heartbeat.py) while it
+                    processes between polls;
                     RebalanceInProgressError -> rejoin (keep the partitions: cooperative;
                     revoke them all first: eager, which the Consumer does)
                     UnknownMemberIdError / IllegalGenerationError -> the partitions are lost
@@ -14,15 +16,25 @@ the assignment"), so a member only asks and obeys::
 
 This class knows nothing of partitions being read; :class:`~shmbroker.client.consumer.Consumer`
 applies the assignments. Requests travel through :class:`~shmbroker.client.admin.Admin`'s
-``_request`` (one DEALER socket on the coordinator, typed errors raised), used as it is.
-Owned by one thread; not fork-safe: a forked child makes a new membership (a new member).
+``_request`` (one DEALER socket on the coordinator, typed errors raised), used as it is;
+``commit_async`` through ``_request_later`` on the same socket (replies come in the order the
+requests were sent, and callbacks run on the owner's thread). Owned by one thread, except
+what the heartbeat thread reads and posts under ``_lock``; not fork-safe: a forked child
+makes a new membership (a new member).
+
+Static membership (``group_instance_id``): the member leaves nothing behind on ``leave()``
+(no LeaveGroup is sent, as Kafka's static members do not), so a process restarted under the
+same instance id within the session timeout takes its old place and assignment without a
+rebalance.
 """
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import threading
 import time
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 from .. import errors
 from ..config import (ADMIN_REQUEST_TIMEOUT_MS, GROUP_HEARTBEAT_INTERVAL_MS_MIN,
@@ -30,7 +42,8 @@ from ..config import (ADMIN_REQUEST_TIMEOUT_MS, GROUP_HEARTBEAT_INTERVAL_MS_MIN,
                       GROUP_REBALANCE_TIMEOUT_MS_MAX, GROUP_REBALANCE_TIMEOUT_MS_MIN,
                       GROUP_SESSION_TIMEOUT_MS_MAX, GROUP_SESSION_TIMEOUT_MS_MIN)
 from .admin import Admin
-from .types import TopicPartition
+from .heartbeat import HeartbeatThread
+from .types import OffsetAndMetadata, TopicPartition
 
 #: Assignors offered by default, preferred first: cooperative sticky (only moved partitions
 #: pause), else range (every member offers it, so a group with older members still forms).
@@ -41,6 +54,11 @@ COOPERATIVE_PROTOCOLS = frozenset({"cooperative-sticky"})
 #: Errors after which a member rejoins (its generation is over or it is no member any more).
 REJOIN_ERRORS = (errors.RebalanceInProgressError, errors.UnknownMemberIdError,
                  errors.IllegalGenerationError)
+
+#: ``commit_async``'s callback: (the offsets asked for, None or the exception).
+CommitCallback = Callable[[dict, Exception | None], None]
+
+log = logging.getLogger("shmbroker.consumer")
 
 
 def _check_ms(name: str, value: int, low: int, high: int) -> None:
@@ -54,18 +72,24 @@ class GroupMembership:
     def __init__(self, data_dir: str, group_id: str, topics: Iterable[str], client_id: str,
                  protocols: Iterable[str] = DEFAULT_PROTOCOLS,
                  session_timeout_ms: int = 45_000, rebalance_timeout_ms: int = 300_000,
-                 heartbeat_interval_ms: int = 100):
+                 heartbeat_interval_ms: int = 100, group_instance_id: str | None = None):
         _check_ms("session_timeout_ms", session_timeout_ms, GROUP_SESSION_TIMEOUT_MS_MIN,
                   GROUP_SESSION_TIMEOUT_MS_MAX)
         _check_ms("max_poll_interval_ms", rebalance_timeout_ms, GROUP_REBALANCE_TIMEOUT_MS_MIN,
                   GROUP_REBALANCE_TIMEOUT_MS_MAX)
         _check_ms("heartbeat_interval_ms", heartbeat_interval_ms, GROUP_HEARTBEAT_INTERVAL_MS_MIN,
                   session_timeout_ms)
+        if group_instance_id is not None and (not isinstance(group_instance_id, str)
+                                              or not group_instance_id):
+            raise errors.ConfigError(f"group_instance_id={group_instance_id!r} must be a "
+                                     f"non-empty string (or None: a dynamic member)")
         self.group_id = group_id
         self.topics = sorted(set(topics))
         if not self.topics:
             raise errors.ConfigError(f"group {group_id!r}: subscribe to at least one topic")
+        self.data_dir = data_dir
         self.client_id = client_id
+        self.group_instance_id = group_instance_id
         self.protocols = list(protocols)
         self.session_timeout_ms = session_timeout_ms
         self.rebalance_timeout_ms = rebalance_timeout_ms
@@ -73,12 +97,19 @@ class GroupMembership:
         #: Kafka's rule: a member keeps its partitions across a rebalance only when every
         #: assignor it offers is cooperative; otherwise it revokes them all before rejoining.
         self.cooperative = bool(self.protocols) and set(self.protocols) <= COOPERATIVE_PROTOCOLS
+        #: Guards what the heartbeat thread reads (member id, generation, whether joined, the
+        #: times of the last heartbeat and poll) and what it posts (``_news``).
+        self._lock = threading.Lock()
         self.member_id = ""
         self.generation_id = -1
         self.protocol: str | None = None
         #: True until the first join, and after the coordinator said to rejoin.
         self.rejoin_needed = True
-        self._next_heartbeat = 0.0
+        self._last_heartbeat = 0.0  # time.monotonic() of the last heartbeat, by either thread
+        self._last_poll = time.monotonic()
+        #: What the heartbeat thread learnt, for the owner's next poll: (generation, error).
+        self._news: list[tuple[int, Exception]] = []
+        self._heartbeater: HeartbeatThread | None = None
         # Admin's request path is the one way a client talks to the coordinator (typed errors,
         # bounded waits); used as it is. A request not answered within ADMIN_REQUEST_TIMEOUT_MS
         # (30 s, Kafka's request.timeout.ms) is RequestTimeoutError (retriable), raised from
@@ -93,6 +124,9 @@ class GroupMembership:
         Retries what the protocol says to retry (a newer rebalance began, the member id was
         forgotten) at most GROUP_JOIN_ATTEMPTS_MAX times; other errors are raised.
         """
+        with self._lock:
+            self.rejoin_needed = True  # the heartbeat thread stays quiet until the sync
+            self._news.clear()  # about a generation this join ends
         last: Exception | None = None
         for _ in range(GROUP_JOIN_ATTEMPTS_MAX):  # bounded
             try:
@@ -114,95 +148,200 @@ class GroupMembership:
                 client_id=self.client_id, pid=os.getpid(), host=socket.gethostname(),
                 topics=self.topics, protocols=self.protocols,
                 session_timeout_ms=self.session_timeout_ms,
-                rebalance_timeout_ms=self.rebalance_timeout_ms)
+                rebalance_timeout_ms=self.rebalance_timeout_ms, **self._instance())
         finally:
             self._admin.request_timeout_ms = saved
         self.member_id = joined["member_id"]
         self.generation_id = joined["generation_id"]
         self.protocol = joined["protocol"]
         synced = self._admin._request("sync", group_id=self.group_id, member_id=self.member_id,
-                                      generation_id=self.generation_id)
-        self.generation_id = synced["generation_id"]
-        self.rejoin_needed = False
-        self._next_heartbeat = time.monotonic() + self.heartbeat_interval_ms / 1000
+                                      generation_id=self.generation_id, **self._instance())
+        now = time.monotonic()
+        with self._lock:
+            self.generation_id = synced["generation_id"]
+            self.rejoin_needed = False
+            self._last_heartbeat = self._last_poll = now
+        if self._heartbeater is None:
+            self._heartbeater = HeartbeatThread(self)
+            self._heartbeater.start()
         return frozenset(TopicPartition(t, p) for t, p in synced["assignment"])
 
+    def _instance(self) -> dict:
+        """The ``group_instance_id`` field of a request, for a static member only."""
+        return {} if self.group_instance_id is None else \
+            {"group_instance_id": self.group_instance_id}
+
     def heartbeat_if_due(self) -> bool:
-        """Heartbeat when one is due. Returns False when the membership is over (the member
-        id is unknown or the generation is stale: its partitions may be someone else's now);
-        sets ``rejoin_needed`` when the group rebalances. Other errors are raised."""
+        """From the owner's poll: take what the heartbeat thread learnt, then heartbeat when
+        one is due. Returns False when the membership is over (the member id is unknown or
+        the generation is stale: its partitions may be someone else's now); sets
+        ``rejoin_needed`` when the group rebalances. Other errors are raised."""
         now = time.monotonic()
-        if self.rejoin_needed or now < self._next_heartbeat:
+        with self._lock:
+            self._last_poll = now
+            news, self._news = self._news, []
+            due = not self.rejoin_needed and \
+                now - self._last_heartbeat >= self.heartbeat_interval_ms / 1000
+            if due:
+                self._last_heartbeat = now
+        for generation, error in news:
+            if not self._apply_error(generation, error):
+                return False
+        if not due:
             return True
-        self._next_heartbeat = now + self.heartbeat_interval_ms / 1000
         try:
             self._admin._request("heartbeat", group_id=self.group_id, member_id=self.member_id,
-                                 generation_id=self.generation_id)
-        except errors.RebalanceInProgressError:
-            self.rejoin_needed = True
-        except (errors.UnknownMemberIdError, errors.IllegalGenerationError) as e:
-            self.membership_lost(e)
-            return False
+                                 generation_id=self.generation_id, **self._instance())
+        except REJOIN_ERRORS as e:
+            return self._apply_error(self.generation_id, e)
         return True
+
+    def _apply_error(self, generation: int, error: Exception) -> bool:
+        """What a rejoin error of a request made in ``generation`` means now: nothing if that
+        generation is over (we rejoined since); else rejoin, and False if the membership is
+        lost (member unknown or generation stale). Owner's thread."""
+        if generation != self.generation_id or generation < 0:
+            return True
+        if isinstance(error, errors.RebalanceInProgressError):
+            with self._lock:
+                self.rejoin_needed = True
+            return True
+        self.membership_lost(error)
+        return False
+
+    def post(self, generation: int, error: Exception) -> None:
+        """From the heartbeat thread: tell the owner's next poll."""
+        with self._lock:
+            self._news.append((generation, error))
 
     def membership_lost(self, error: Exception) -> None:
         """The coordinator no longer counts us in this generation: rejoin (as a new member
         if it forgot the member id)."""
-        if isinstance(error, errors.UnknownMemberIdError):
-            self.member_id = ""
-        self.generation_id = -1
-        self.rejoin_needed = True
+        with self._lock:
+            if isinstance(error, errors.UnknownMemberIdError):
+                self.member_id = ""
+            self.generation_id = -1
+            self.rejoin_needed = True
 
     def ms_until_heartbeat(self) -> float:
-        return max(0.0, (self._next_heartbeat - time.monotonic()) * 1000.0)
+        due = self._last_heartbeat + self.heartbeat_interval_ms / 1000
+        return max(0.0, (due - time.monotonic()) * 1000.0)
+
+    def snapshot(self) -> tuple[str, int, bool, float, float]:
+        """For the heartbeat thread: (member id, generation, joined, last heartbeat, last poll)."""
+        with self._lock:
+            joined = bool(self.member_id) and not self.rejoin_needed
+            return (self.member_id, self.generation_id, joined, self._last_heartbeat,
+                    self._last_poll)
+
+    def heartbeat_sent(self, when: float) -> None:
+        with self._lock:
+            self._last_heartbeat = max(self._last_heartbeat, when)
 
     def leave(self) -> None:
         """Leave the group (the others rebalance at once). Nothing to do if never joined; a
-        member the coordinator already removed (UnknownMemberIdError) has left too."""
+        member the coordinator already removed (UnknownMemberIdError) has left too. A static
+        member sends nothing: its place waits for it until its session timeout."""
+        self._stop_heartbeats()
         if not self.member_id:
             return
         try:
-            self._admin._request("leave", group_id=self.group_id, member_id=self.member_id)
+            if self.group_instance_id is None:
+                self._admin._request("leave", group_id=self.group_id, member_id=self.member_id)
         except errors.UnknownMemberIdError:
             pass  # already removed (session expired, coordinator restarted): the goal holds
-        self.member_id, self.generation_id, self.rejoin_needed = "", -1, True
+        with self._lock:
+            self.member_id, self.generation_id, self.rejoin_needed = "", -1, True
+
+    def _stop_heartbeats(self) -> None:
+        heartbeater, self._heartbeater = self._heartbeater, None
+        if heartbeater is not None:
+            heartbeater.stop()
 
     # -- offsets ----------------------------------------------------------------------------------
 
-    def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
-        """Store ``offsets`` (the next offset to read, per partition) for this generation.
-        The rejoin errors also mark the membership for a rejoin, then are raised."""
-        if not offsets:
-            return
+    def _commit_fields(self, offsets: Mapping[TopicPartition, int | OffsetAndMetadata]) -> dict:
         by_topic: dict[str, list] = {}
-        for tp, offset in sorted(offsets.items()):
-            by_topic.setdefault(tp.topic, []).append([tp.partition, offset, ""])
+        for tp, value in sorted(offsets.items()):
+            offset, metadata = (value, "") if isinstance(value, int) else value
+            by_topic.setdefault(tp.topic, []).append([tp.partition, offset, metadata])
+        return dict(group_id=self.group_id, member_id=self.member_id,
+                    generation_id=self.generation_id, offsets=by_topic, **self._instance())
+
+    def commit(self, offsets: Mapping[TopicPartition, int | OffsetAndMetadata]) -> None:
+        """Store ``offsets`` (the next offset to read, per partition, or OffsetAndMetadata)
+        for this generation. The rejoin errors also mark the membership for a rejoin, then
+        are raised. Callbacks of earlier ``commit_async`` calls run first (their replies come
+        before this one's)."""
+        if not offsets:
+            self.dispatch_replies()
+            return
+        generation = self.generation_id
         try:
-            self._admin._request("offset_commit", group_id=self.group_id,
-                                 member_id=self.member_id, generation_id=self.generation_id,
-                                 offsets=by_topic)
-        except errors.RebalanceInProgressError:
-            self.rejoin_needed = True
+            self._admin._request("offset_commit", **self._commit_fields(offsets))
+        except REJOIN_ERRORS as e:
+            self.dispatch_replies()
+            self._apply_error(generation, e)
             raise
-        except (errors.UnknownMemberIdError, errors.IllegalGenerationError) as e:
-            self.membership_lost(e)
-            raise
+        self.dispatch_replies()
+
+    def commit_async(self, offsets: Mapping[TopicPartition, int | OffsetAndMetadata],
+                     callback: CommitCallback | None = None) -> None:
+        """Send a commit and return at once. ``callback(offsets, error_or_None)`` runs on
+        this thread from a later poll, commit, commit_async or close (in the order the commits
+        were sent); a rejoin error marks the membership as ``commit`` does, if the
+        generation it was sent in is still ours."""
+        offsets = dict(offsets)
+        generation = self.generation_id
+
+        def done(result) -> None:
+            error = result if isinstance(result, Exception) else None
+            if error is not None and isinstance(error, REJOIN_ERRORS):
+                self._apply_error(generation, error)
+            if error is not None and callback is None:
+                log.warning("group %r: commit_async of %d partition(s) failed: %s: %s",
+                            self.group_id, len(offsets), type(error).__name__, error)
+            if callback is not None:
+                try:
+                    callback(offsets, error)
+                except Exception:  # the application's bug must not break the consumer
+                    log.exception("group %r: commit_async callback raised", self.group_id)
+
+        self.dispatch_replies()
+        if not offsets:
+            done({})
+            return
+        self._admin._request_later("offset_commit", done, **self._commit_fields(offsets))
+
+    def dispatch_replies(self, wait_ms: float = 0) -> int:
+        """Run the callbacks of ``commit_async`` replies that arrived (waiting up to
+        ``wait_ms`` for all of them); returns how many commits are still unanswered."""
+        return self._admin._dispatch_later(wait_ms)
 
     def committed(self, tps: Iterable[TopicPartition]) -> dict[TopicPartition, int | None]:
         """The group's committed offset of each partition (None where nothing was committed)."""
+        return {tp: None if value is None else value.offset
+                for tp, value in self.committed_metadata(tps).items()}
+
+    def committed_metadata(self, tps: Iterable[TopicPartition]
+                           ) -> dict[TopicPartition, OffsetAndMetadata | None]:
+        """The group's committed offset and metadata of each partition (None where nothing was
+        committed)."""
         by_topic: dict[str, list[int]] = {}
         for tp in tps:
             by_topic.setdefault(tp.topic, []).append(tp.partition)
         if not by_topic:
             return {}
         reply = self._admin._request("offset_fetch", group_id=self.group_id, topics=by_topic)
-        out: dict[TopicPartition, int | None] = {}
+        out: dict[TopicPartition, OffsetAndMetadata | None] = {}
         for topic, entries in reply["offsets"].items():
             for entry in entries:
-                out[TopicPartition(topic, entry[0])] = entry[1] if entry[1] >= 0 else None
+                out[TopicPartition(topic, entry[0])] = \
+                    OffsetAndMetadata(entry[1], entry[2]) if entry[1] >= 0 else None
         return out
 
     def close(self) -> None:
+        self._stop_heartbeats()
         self._admin.close()
 
     def __repr__(self) -> str:

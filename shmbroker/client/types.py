@@ -22,3 +22,12 @@ def as_topic_partition(value) -> TopicPartition:
             and isinstance(value[1], int) and not isinstance(value[1], bool):
         return TopicPartition(value[0], value[1])
     raise TypeError(f"expected a TopicPartition or a (topic, partition) tuple, got {value!r}")
+
+
+class OffsetAndMetadata(NamedTuple):
+    """A committed position: ``offset`` (the next record to read) and free-form ``metadata``
+    (at most GROUP_OFFSET_METADATA_BYTES_MAX bytes of UTF-8, stored with the offset; Kafka's
+    OffsetAndMetadata). ``commit()`` takes it where it takes an int offset."""
+
+    offset: int
+    metadata: str = ""

@@ -1,7 +1,9 @@
 """Consumer(..., group=...) against a real broker (`shmbroker serve`): partitions shared out
 within a group, every group sees every record, committed offsets resume, a kill -9'd member's
-partitions move to the survivors. Members run in spawned processes (``_member``), each writing
-what it received and its assignment changes as JSON lines to its own file."""
+partitions move to the survivors; commit_async and commit metadata; static membership; the
+heartbeat thread. Members run in spawned processes (``_member``), each writing what it
+received and its assignment changes as JSON lines to its own file, or in threads (``Polling``)
+where the test drives another member from its own thread."""
 from __future__ import annotations
 
 import json
@@ -281,3 +283,197 @@ def test_a_forked_child_joins_as_a_new_member_and_the_partitions_are_shared(brok
         # The child left: the parent gets everything back.
         wait_for(lambda: parent.poll() == [] and len(parent.assignment()) == PARTITIONS,
                  what="the parent to own every partition again")
+
+
+# --- commit_async, commit metadata ---------------------------------------------------------------
+
+def test_commit_async_stores_the_offsets_and_runs_the_callbacks_in_order_from_a_later_poll(
+        broker, topic):
+    produce(broker.data_dir, 0, 60)
+    calls: list = []
+    with Consumer(TOPIC, broker=broker.data_dir, group="g", auto_offset_reset="earliest",
+                  enable_auto_commit=False) as consumer:
+        assert len(drain(consumer, 60)) == 60
+        for offset in (3, 5, 7):
+            consumer.commit_async({TopicPartition(TOPIC, 0): offset},
+                                  callback=lambda offsets, error: calls.append((offsets, error)))
+        assert calls == []  # nothing runs before a later call of ours
+        deadline = time.monotonic() + WAIT_S_MAX
+        while len(calls) < 3 and time.monotonic() < deadline:  # bounded by the deadline
+            consumer.poll(timeout_ms=20)
+        assert [(dict(o), e) for o, e in calls] == [
+            ({TopicPartition(TOPIC, 0): offset}, None) for offset in (3, 5, 7)]
+        assert consumer.committed((TOPIC, 0)) == 7
+        # No offsets: the positions of every assigned partition, as commit() does.
+        consumer.commit_async()
+    # close() waited for that reply: the positions are stored.
+    with Consumer(TOPIC, broker=broker.data_dir, group="g") as again:
+        assert all(again.committed((TOPIC, p)) == 10 for p in range(PARTITIONS))
+
+
+def test_commit_async_reports_a_failure_to_its_callback_and_a_sync_commit_runs_it_first(
+        broker, topic):
+    produce(broker.data_dir, 0, 6)
+    with Consumer(TOPIC, broker=broker.data_dir, group="g", auto_offset_reset="earliest",
+                  enable_auto_commit=False) as consumer:
+        drain(consumer, 6)
+        calls: list = []
+        # A partition that does not exist: the coordinator refuses the whole commit.
+        consumer.commit_async({TopicPartition(TOPIC, PARTITIONS + 3): 1},
+                              callback=lambda offsets, error: calls.append(error))
+        consumer.commit({TopicPartition(TOPIC, 1): 1})  # its reply comes after the first's
+        assert len(calls) == 1 and isinstance(calls[0], errors.UnknownTopicOrPartitionError)
+        # A callback that raises is logged; the consumer carries on.
+        consumer.commit_async({TopicPartition(TOPIC, 2): 1}, callback=lambda o, e: 1 / 0)
+        consumer.commit()
+        assert consumer.committed((TOPIC, 2)) == 1
+
+
+def test_commit_metadata_is_stored_with_the_offset_and_read_back(broker, topic):
+    from shmbroker.client.types import OffsetAndMetadata
+
+    produce(broker.data_dir, 0, 12)
+    with Consumer(TOPIC, broker=broker.data_dir, group="g", auto_offset_reset="earliest",
+                  enable_auto_commit=False) as consumer:
+        drain(consumer, 12)
+        consumer.commit({TopicPartition(TOPIC, 0): OffsetAndMetadata(2, "batch 17 of run 4"),
+                         TopicPartition(TOPIC, 1): 1})
+        assert consumer.committed((TOPIC, 0)) == 2
+        assert consumer.committed((TOPIC, 0), metadata=True) == \
+            OffsetAndMetadata(2, "batch 17 of run 4")
+        assert consumer.committed((TOPIC, 1), metadata=True) == OffsetAndMetadata(1, "")
+        assert consumer.committed((TOPIC, 2), metadata=True) is None
+        with pytest.raises(errors.ConfigError, match="metadata"):
+            consumer.commit({TopicPartition(TOPIC, 0): OffsetAndMetadata(2, b"bytes")})
+        with pytest.raises(errors.InvalidRequestError):
+            consumer.commit({TopicPartition(TOPIC, 0): OffsetAndMetadata(2, "x" * 100_000)})
+        assert consumer.committed((TOPIC, 0), metadata=True).metadata == "batch 17 of run 4"
+
+
+class Polling:
+    """A group member polling in its own thread (a member blocked in a held join must not
+    stop the others: in one thread two members would wait for each other). ``assignment``
+    is a copy of its assignment after every poll; ``revoked`` what on_revoke was told."""
+
+    def __init__(self, **options):
+        import threading
+
+        self.assignment: set = set()
+        self.revoked: list = []
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._options = options
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        assert self._ready.wait(WAIT_S_MAX)
+
+    def _run(self) -> None:
+        try:
+            consumer = Consumer(TOPIC, on_revoke=self.revoked.extend, **self._options)
+        except BaseException as e:
+            self.error = e
+            self._ready.set()
+            raise
+        self._ready.set()
+        try:
+            deadline = time.monotonic() + MEMBER_LIFETIME_S
+            while not self._stop.is_set() and time.monotonic() < deadline:  # bounded
+                consumer.poll(timeout_ms=20)
+                self.assignment = set(consumer.assignment())
+        except BaseException as e:
+            self.error = e
+            raise
+        finally:
+            consumer.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(WAIT_S_MAX)
+        assert not self._thread.is_alive()
+        assert self.error is None, self.error
+
+
+def poll_until(consumer: Consumer, condition, what: str) -> None:
+    deadline = time.monotonic() + WAIT_S_MAX
+    while not condition() and time.monotonic() < deadline:  # bounded by the deadline
+        consumer.poll(timeout_ms=20)
+    assert condition(), f"timed out waiting for {what}"
+
+
+# --- static membership ---------------------------------------------------------------------------
+
+def test_a_static_member_restarted_under_its_instance_id_gets_its_partitions_back_without_a_rebalance(
+        broker, topic):
+    options = dict(broker=broker.data_dir, group="g", auto_offset_reset="earliest",
+                   heartbeat_interval_ms=HEARTBEAT_MS, session_timeout_ms=10_000)
+    half = PARTITIONS // 2
+    other = Polling(group_instance_id="w1", **options)
+    first = Consumer(TOPIC, group_instance_id="w0", **options)
+    try:
+        poll_until(first, lambda: len(first.assignment()) == len(other.assignment) == half,
+                   "two static members owning half each")
+        mine = first.assignment()
+        assert not mine & other.assignment
+        revoked_before = list(other.revoked)
+        with Admin(broker=broker.data_dir) as admin:
+            generation = admin.describe_group("g")["generation_id"]
+            first.close()  # a static member does not leave the group
+            described = admin.describe_group("g")
+            assert described["generation_id"] == generation
+            assert sorted(m["group_instance_id"] for m in described["members"]) == ["w0", "w1"]
+            time.sleep(0.3)  # the other member carries on meanwhile
+            first = Consumer(TOPIC, group_instance_id="w0", **options)
+            first.poll(timeout_ms=100)
+            assert first.assignment() == mine
+            time.sleep(0.3)
+            assert admin.describe_group("g")["generation_id"] == generation
+        assert other.revoked == revoked_before and len(other.assignment) == half
+    finally:
+        first.close()
+        other.close()
+
+
+# --- the heartbeat thread ------------------------------------------------------------------------
+
+def test_a_member_busy_longer_than_its_session_timeout_between_polls_stays_in_the_group(
+        broker, topic):
+    options = dict(broker=broker.data_dir, group="g", heartbeat_interval_ms=50)
+    half = PARTITIONS // 2
+    other = Polling(**options)
+    busy = Consumer(TOPIC, session_timeout_ms=400, **options)
+    try:
+        poll_until(busy, lambda: len(busy.assignment()) == len(other.assignment) == half,
+                   "two members owning half each")
+        mine = busy.assignment()
+        with Admin(broker=broker.data_dir) as admin:
+            generation = admin.describe_group("g")["generation_id"]
+            time.sleep(1.6)  # "processing" for 4 session timeouts: the heartbeat thread speaks
+            assert admin.describe_group("g")["generation_id"] == generation
+        busy.poll()
+        assert busy.assignment() == mine
+    finally:
+        busy.close()
+        other.close()
+
+
+def test_a_member_that_does_not_poll_within_max_poll_interval_leaves_and_rejoins_at_its_next_poll(
+        broker, topic):
+    revoked: list = []
+    options = dict(broker=broker.data_dir, group="g", heartbeat_interval_ms=50)
+    half = PARTITIONS // 2
+    other = Polling(**options)
+    stuck = Consumer(TOPIC, max_poll_interval_ms=1_000, on_revoke=revoked.extend, **options)
+    try:
+        poll_until(stuck, lambda: len(stuck.assignment()) == len(other.assignment) == half,
+                   "two members owning half each")
+        mine = stuck.assignment()
+        wait_for(lambda: len(other.assignment) == PARTITIONS,
+                 what="the stuck member to leave and the other to own everything")
+        stuck.poll()  # it learns that it left: its partitions are lost, it rejoins
+        assert set(revoked) == mine
+        poll_until(stuck, lambda: len(stuck.assignment()) == len(other.assignment) == half,
+                   "the stuck member back with half")
+    finally:
+        stuck.close()
+        other.close()
