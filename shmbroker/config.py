@@ -47,6 +47,10 @@ UNIX_SOCKET_PATH_BYTES_MAX = 107
 COORDINATOR_REQUEST_BYTES_MAX = 64 * KiB
 #: Admin requests give up after this (Kafka's request.timeout.ms default).
 ADMIN_REQUEST_TIMEOUT_MS = 30_000
+#: While a client waits for a coordinator reply, it looks this often whether the broker is
+#: still running and the coordinator was not restarted (a request in flight then is lost):
+#: either ends the wait at once instead of at the timeout.
+ADMIN_LIVENESS_CHECK_MS = 250
 
 
 @dataclass(frozen=True)

@@ -242,8 +242,10 @@ class PartitionStateUnavailableError(SharedMemoryError):
 # --- consumer groups (shmbroker/coordinator/group.py; docs/design/groups.md) ------------------
 
 class CoordinatorNotAvailableError(ShmbrokerError):
-    """The group was deleted (state Dead) while the request was on its way; asking again
-    finds or creates the group anew."""
+    """The coordinator could not answer: it restarted while the request was in flight (the
+    client sees its socket bound anew), or the group was deleted (state Dead) while the
+    request was on its way. Asking again reaches the new coordinator, or finds or creates the
+    group anew."""
 
     code = 15  # COORDINATOR_NOT_AVAILABLE
     retriable = True

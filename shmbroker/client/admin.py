@@ -29,7 +29,7 @@ from typing import Any, Callable, Mapping
 import zmq
 
 from .. import errors
-from ..config import ADMIN_REQUEST_TIMEOUT_MS, default_data_dir
+from ..config import ADMIN_LIVENESS_CHECK_MS, ADMIN_REQUEST_TIMEOUT_MS, default_data_dir
 from ..coordinator import protocol
 from ..coordinator.server import endpoint, socket_path
 
@@ -70,6 +70,12 @@ class Admin:
         self._socket.setsockopt(zmq.LINGER, 0)
         # Do not queue requests for a coordinator that is not there: fail by the timeout.
         self._socket.setsockopt(zmq.IMMEDIATE, 1)
+        # Tells when the connection to the coordinator drops (it died: kill -9, restart): a
+        # request sent before that will get no reply (see _request).
+        self._monitor = self._socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._poller = zmq.Poller()
+        self._poller.register(self._socket, zmq.POLLIN)
+        self._poller.register(self._monitor, zmq.POLLIN)
         self._socket.connect(self._endpoint)
 
     # -- the API ----------------------------------------------------------------------------------
@@ -164,6 +170,8 @@ class Admin:
     def close(self) -> None:
         self._later.clear()
         if self._socket is not None:
+            self._socket.disable_monitor()
+            self._monitor.close(linger=0)
             self._socket.close(linger=0)
             self._socket = None
 
@@ -175,36 +183,83 @@ class Admin:
 
     # -- transport --------------------------------------------------------------------------------
 
-    def _check_running(self) -> None:
+    def _check_running(self, socket_too: bool = True) -> None:
+        """BrokerNotRunningError unless a broker holds the data dir's lock (and, with
+        ``socket_too``, the coordinator's socket file is there: not so for an instant while
+        the supervisor restarts the coordinator, which a waiting request must ride out)."""
         from ..broker.lock import broker_pid
 
-        if not os.path.exists(socket_path(self.data_dir)) or broker_pid(self.data_dir) is None:
+        if (socket_too and not os.path.exists(socket_path(self.data_dir))) or \
+                broker_pid(self.data_dir) is None:
             raise errors.BrokerNotRunningError(
                 f"no broker is running on data dir {self.data_dir} (start one with "
                 f"`shmbroker serve --data-dir {self.data_dir}`)")
 
     def _request(self, request_type: str, **fields: Any) -> dict[str, Any]:
+        """Send one request and wait for its reply (bounded by ``request_timeout_ms``).
+
+        Two things end the wait before the timeout: the connection to the coordinator dropped
+        after the request went (its process died; the supervisor restarts it, and the request
+        died with it): CoordinatorNotAvailableError, retriable; and no broker running any more
+        (looked at every ADMIN_LIVENESS_CHECK_MS): BrokerNotRunningError."""
         if self._socket is None:
             raise errors.ShmbrokerError("Admin is closed")
         request_id = next(self._ids)
         deadline = time.monotonic() + self.request_timeout_ms / 1000
-        self._socket.setsockopt(zmq.SNDTIMEO, self.request_timeout_ms)
-        try:
-            self._socket.send(protocol.request(request_id, request_type, **fields))
-        except zmq.Again:
-            self._timed_out(request_type)
+        self._drop_pending_if_disconnected()  # a drop before this request is not about it
+        self._send(request_type, protocol.request(request_id, request_type, **fields), deadline)
         while True:  # bounded by the deadline
             remaining_ms = int((deadline - time.monotonic()) * 1000)
-            if remaining_ms <= 0 or not self._socket.poll(remaining_ms, zmq.POLLIN):
+            if remaining_ms <= 0:
                 self._timed_out(request_type)
-            reply_id, result = protocol.decode_reply(self._socket.recv())
-            if reply_id == request_id or (reply_id is None and isinstance(result, Exception)):
-                if isinstance(result, Exception):
-                    raise result
-                return result
-            # A reply to a _request_later (kept for _dispatch_later), or a late reply to an
-            # earlier request that timed out (dropped).
-            self._keep_later(reply_id, result)
+            ready = dict(self._poller.poll(min(remaining_ms, ADMIN_LIVENESS_CHECK_MS)))
+            if self._socket in ready:
+                reply_id, result = protocol.decode_reply(self._socket.recv())
+                if reply_id == request_id or (reply_id is None and isinstance(result, Exception)):
+                    if isinstance(result, Exception):
+                        raise result
+                    return result
+                # A reply to a _request_later (kept for _dispatch_later), or a late reply to
+                # an earlier request that timed out (dropped).
+                self._keep_later(reply_id, result)
+                continue
+            if self._drop_pending_if_disconnected():
+                raise errors.CoordinatorNotAvailableError(
+                    f"{request_type}: the connection to the coordinator of {self.data_dir} "
+                    f"dropped while the request was in flight (it restarts); try again")
+            if not ready:
+                self._check_running(socket_too=False)
+
+    def _send(self, request_type: str, message: bytes, deadline: float) -> None:
+        """Send, waiting (in slices, checking the broker is there) while no coordinator is
+        connected: the socket is IMMEDIATE, so nothing is queued for one that is not there."""
+        assert self._socket is not None
+        while True:  # bounded by the deadline; one try even when the timeout is tiny
+            remaining_ms = int((deadline - time.monotonic()) * 1000)
+            self._socket.setsockopt(zmq.SNDTIMEO, max(1, min(remaining_ms, ADMIN_LIVENESS_CHECK_MS)))
+            try:
+                self._socket.send(message)
+                return
+            except zmq.Again:
+                if time.monotonic() >= deadline:
+                    self._timed_out(request_type)
+                self._check_running(socket_too=False)
+
+    def _drop_pending_if_disconnected(self) -> bool:
+        """Whether the connection dropped since we last looked; if so, every request still
+        waiting for its reply is lost: the _request_later ones get CoordinatorNotAvailableError
+        (the caller raises it for its own)."""
+        dropped = False
+        while self._monitor.poll(0, zmq.POLLIN):  # bounded: events queued so far
+            self._monitor.recv_multipart()
+            dropped = True
+        if dropped and self._later:
+            for request_type, on_reply in [(t, f) for _, t, f in self._later.values()]:
+                self._arrived.append((on_reply, errors.CoordinatorNotAvailableError(
+                    f"{request_type}: the connection to the coordinator of {self.data_dir} "
+                    f"dropped while the request was in flight (it restarts)")))
+            self._later.clear()
+        return dropped
 
     # -- replies that come later (a consumer's commit_async) --------------------------------------
 
@@ -217,11 +272,8 @@ class Admin:
         if self._socket is None:
             raise errors.ShmbrokerError("Admin is closed")
         request_id = next(self._ids)
-        self._socket.setsockopt(zmq.SNDTIMEO, self.request_timeout_ms)
-        try:
-            self._socket.send(protocol.request(request_id, request_type, **fields))
-        except zmq.Again:
-            self._timed_out(request_type)
+        self._send(request_type, protocol.request(request_id, request_type, **fields),
+                   time.monotonic() + self.request_timeout_ms / 1000)
         self._later[request_id] = (time.monotonic() + self.request_timeout_ms / 1000,
                                    request_type, on_reply)
 
@@ -236,9 +288,11 @@ class Admin:
         deadline = time.monotonic() + wait_ms / 1000
         while self._socket is not None and self._later:  # bounded by the deadline
             remaining_ms = max(0, int((deadline - time.monotonic()) * 1000))
-            if not self._socket.poll(remaining_ms, zmq.POLLIN):
+            ready = dict(self._poller.poll(min(remaining_ms, ADMIN_LIVENESS_CHECK_MS)))
+            if self._socket in ready:
+                self._keep_later(*protocol.decode_reply(self._socket.recv()))
+            elif not self._drop_pending_if_disconnected() and remaining_ms <= 0:
                 break
-            self._keep_later(*protocol.decode_reply(self._socket.recv()))
         now = time.monotonic()
         for request_id, (due, request_type, on_reply) in list(self._later.items()):
             if now >= due:

@@ -427,7 +427,14 @@ class Consumer:
         if not group.heartbeat_if_due():
             self._revoke(set(self._fetches), commit=False)  # lost: maybe someone else's now
         if group.rejoin_needed:
-            self._rejoin(group)
+            try:
+                self._rejoin(group)
+            except errors.CoordinatorNotAvailableError as e:
+                # The coordinator restarted under the rejoin (the supervisor brings it back
+                # within a second): the next poll tries again; not the application's problem.
+                log.info("group %r: rejoin: %s; trying again at the next poll",
+                         group.group_id, e)
+                group.rejoin_needed = True
         elif self.enable_auto_commit and time.monotonic() >= self._next_auto_commit:
             self._next_auto_commit = time.monotonic() + self.auto_commit_interval_ms / 1000
             self._commit_logged(self._fetches, "auto-commit")
@@ -475,7 +482,8 @@ class Consumer:
         assert self._group is not None
         try:
             self._group.commit(self._positions(tps))
-        except REJOIN_ERRORS as e:
+        except (*REJOIN_ERRORS, errors.CoordinatorNotAvailableError,
+                errors.RequestTimeoutError) as e:
             log.warning("group %r: %s failed, the group moved on (%s: %s); records after the "
                         "last commit may be delivered again", self._group.group_id, why,
                         type(e).__name__, e)

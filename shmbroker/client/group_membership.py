@@ -42,7 +42,7 @@ from ..config import (ADMIN_REQUEST_TIMEOUT_MS, GROUP_HEARTBEAT_INTERVAL_MS_MIN,
                       GROUP_REBALANCE_TIMEOUT_MS_MAX, GROUP_REBALANCE_TIMEOUT_MS_MIN,
                       GROUP_SESSION_TIMEOUT_MS_MAX, GROUP_SESSION_TIMEOUT_MS_MIN)
 from .admin import Admin
-from .heartbeat import HeartbeatThread
+from .heartbeat import HEARTBEAT_REQUEST_TIMEOUT_MS, HeartbeatThread
 from .types import OffsetAndMetadata, TopicPartition
 
 #: Assignors offered by default, preferred first: cooperative sticky (only moved partitions
@@ -107,8 +107,9 @@ class GroupMembership:
         self.rejoin_needed = True
         self._last_heartbeat = 0.0  # time.monotonic() of the last heartbeat, by either thread
         self._last_poll = time.monotonic()
-        #: What the heartbeat thread learnt, for the owner's next poll: (generation, error).
-        self._news: list[tuple[int, Exception]] = []
+        #: What the heartbeat thread learnt, for the owner's next poll:
+        #: (member id, generation, error) of the heartbeat that got the error.
+        self._news: list[tuple[str, int, Exception]] = []
         self._heartbeater: HeartbeatThread | None = None
         # Admin's request path is the one way a client talks to the coordinator (typed errors,
         # bounded waits); used as it is. A request not answered within ADMIN_REQUEST_TIMEOUT_MS
@@ -135,6 +136,9 @@ class GroupMembership:
                 self.member_id, self.generation_id, last = "", -1, e  # join as a new member
             except (errors.RebalanceInProgressError, errors.IllegalGenerationError) as e:
                 last = e  # another rebalance started meanwhile: join it
+            except errors.CoordinatorNotAvailableError as e:
+                last = e  # it restarted under the join: ask the new one (a new member there)
+                self.member_id, self.generation_id = "", -1
         assert last is not None
         raise last
 
@@ -184,23 +188,34 @@ class GroupMembership:
                 now - self._last_heartbeat >= self.heartbeat_interval_ms / 1000
             if due:
                 self._last_heartbeat = now
-        for generation, error in news:
-            if not self._apply_error(generation, error):
+        for member_id, generation, error in news:
+            if not self._apply_error(member_id, generation, error):
                 return False
         if not due:
             return True
+        saved = self._admin.request_timeout_ms
+        self._admin.request_timeout_ms = min(saved, HEARTBEAT_REQUEST_TIMEOUT_MS,
+                                             self.session_timeout_ms)
         try:
             self._admin._request("heartbeat", group_id=self.group_id, member_id=self.member_id,
                                  generation_id=self.generation_id, **self._instance())
         except REJOIN_ERRORS as e:
-            return self._apply_error(self.generation_id, e)
+            return self._apply_error(self.member_id, self.generation_id, e)
+        except (errors.CoordinatorNotAvailableError, errors.RequestTimeoutError) as e:
+            # Restarted under the heartbeat (or the reply is late): the next one, an interval
+            # on, meets the new coordinator, which says whether we are still a member. Kafka's
+            # client too treats a failed heartbeat as "find the coordinator", not as an error.
+            log.info("group %r: heartbeat: %s", self.group_id, e)
+        finally:
+            self._admin.request_timeout_ms = saved
         return True
 
-    def _apply_error(self, generation: int, error: Exception) -> bool:
-        """What a rejoin error of a request made in ``generation`` means now: nothing if that
-        generation is over (we rejoined since); else rejoin, and False if the membership is
-        lost (member unknown or generation stale). Owner's thread."""
-        if generation != self.generation_id or generation < 0:
+    def _apply_error(self, member_id: str, generation: int, error: Exception) -> bool:
+        """What a rejoin error of a request made as ``member_id`` in ``generation`` means now:
+        nothing if that membership is over (we rejoined since; the member id is compared too,
+        since a restarted coordinator counts generations from 1 again); else rejoin, and False
+        if the membership is lost (member unknown or generation stale). Owner's thread."""
+        if member_id != self.member_id or generation != self.generation_id or generation < 0:
             return True
         if isinstance(error, errors.RebalanceInProgressError):
             with self._lock:
@@ -209,10 +224,10 @@ class GroupMembership:
         self.membership_lost(error)
         return False
 
-    def post(self, generation: int, error: Exception) -> None:
+    def post(self, member_id: str, generation: int, error: Exception) -> None:
         """From the heartbeat thread: tell the owner's next poll."""
         with self._lock:
-            self._news.append((generation, error))
+            self._news.append((member_id, generation, error))
 
     def membership_lost(self, error: Exception) -> None:
         """The coordinator no longer counts us in this generation: rejoin (as a new member
@@ -276,12 +291,12 @@ class GroupMembership:
         if not offsets:
             self.dispatch_replies()
             return
-        generation = self.generation_id
+        member_id, generation = self.member_id, self.generation_id
         try:
             self._admin._request("offset_commit", **self._commit_fields(offsets))
         except REJOIN_ERRORS as e:
             self.dispatch_replies()
-            self._apply_error(generation, e)
+            self._apply_error(member_id, generation, e)
             raise
         self.dispatch_replies()
 
@@ -292,12 +307,12 @@ class GroupMembership:
         were sent); a rejoin error marks the membership as ``commit`` does, if the
         generation it was sent in is still ours."""
         offsets = dict(offsets)
-        generation = self.generation_id
+        member_id, generation = self.member_id, self.generation_id
 
         def done(result) -> None:
             error = result if isinstance(result, Exception) else None
             if error is not None and isinstance(error, REJOIN_ERRORS):
-                self._apply_error(generation, error)
+                self._apply_error(member_id, generation, error)
             if error is not None and callback is None:
                 log.warning("group %r: commit_async of %d partition(s) failed: %s: %s",
                             self.group_id, len(offsets), type(error).__name__, error)

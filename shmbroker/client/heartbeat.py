@@ -89,7 +89,7 @@ class HeartbeatThread(threading.Thread):
                            generation_id=generation, **fields)
         except (errors.RebalanceInProgressError, errors.UnknownMemberIdError,
                 errors.IllegalGenerationError, errors.FencedInstanceIdError) as e:
-            m.post(generation, e)
+            m.post(member_id, generation, e)
         except errors.ShmbrokerError as e:
             # A slow or restarting coordinator, a broker going away: try again next interval;
             # the owner's next request meets the same condition and raises it.
@@ -114,4 +114,4 @@ class HeartbeatThread(threading.Thread):
                 admin._request("leave", group_id=m.group_id, member_id=member_id)
             except errors.ShmbrokerError as e:
                 log.debug("group %r: leave failed: %s", m.group_id, e)
-            m.post(generation, error)
+            m.post(member_id, generation, error)

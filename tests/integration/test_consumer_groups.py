@@ -297,7 +297,8 @@ def test_commit_async_stores_the_offsets_and_runs_the_callbacks_in_order_from_a_
         for offset in (3, 5, 7):
             consumer.commit_async({TopicPartition(TOPIC, 0): offset},
                                   callback=lambda offsets, error: calls.append((offsets, error)))
-        assert calls == []  # nothing runs before a later call of ours
+            # A callback runs from a later call only, never from the one that sent it.
+            assert len(calls) <= [3, 5, 7].index(offset)
         deadline = time.monotonic() + WAIT_S_MAX
         while len(calls) < 3 and time.monotonic() < deadline:  # bounded by the deadline
             consumer.poll(timeout_ms=20)
@@ -477,3 +478,41 @@ def test_a_member_that_does_not_poll_within_max_poll_interval_leaves_and_rejoins
     finally:
         stuck.close()
         other.close()
+
+
+# --- a coordinator restart -----------------------------------------------------------------------
+
+def test_a_member_rides_out_a_kill9_of_the_coordinator_and_resumes_from_its_committed_offsets(
+        broker, topic):
+    produce(broker.data_dir, 0, 60)
+    member = Polling(broker=broker.data_dir, group="g", auto_offset_reset="earliest",
+                     heartbeat_interval_ms=HEARTBEAT_MS, auto_commit_interval_ms=50)
+    try:
+        wait_for(lambda: len(member.assignment) == PARTITIONS, what="the member to own everything")
+        with Admin(broker=broker.data_dir) as admin:
+            wait_for(lambda: all(r["committed"] == 10
+                                 for r in admin.describe_group("g")["partitions"]),
+                     what="the first 60 records committed")
+        doc = broker.runtime()
+        coordinator = [e["pid"] for e in doc["processes"] if e["role"] == "coordinator"][0]
+        os.kill(coordinator, signal.SIGKILL)
+        killed_at = time.monotonic()
+        # The restarted coordinator does not know the member: it finds its partitions lost
+        # (on_revoke), joins anew and gets them back; poll() never raised (Polling.close checks).
+        wait_for(lambda: len(member.revoked) >= PARTITIONS and
+                 len(member.assignment) == PARTITIONS, what="the member to rejoin")
+        print(f"kill -9 of the coordinator -> member owns every partition again: "
+              f"{(time.monotonic() - killed_at) * 1000:.0f} ms")
+        produce(broker.data_dir, 60, 60)
+        with Admin(broker=broker.data_dir) as admin:
+            try:
+                wait_for(lambda: all(r["committed"] == 20
+                                     for r in admin.describe_group("g")["partitions"]),
+                         what="the next 60 records consumed and committed")
+            except AssertionError:
+                raise AssertionError(f"not all committed: {admin.describe_group('g')}, member "
+                                     f"owns {member.assignment}, error {member.error!r}")
+            described = admin.describe_group("g")
+        assert len(described["members"]) == 1 and described["state"] == "Stable"
+    finally:
+        member.close()
