@@ -32,7 +32,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from .broker.supervisor import serve
     from .config import BrokerConfig
 
-    return serve(args.data_dir, BrokerConfig(partition_spin_us=args.partition_spin_us))
+    return serve(args.data_dir, BrokerConfig(partition_spin_us=args.partition_spin_us,
+                                             listen=args.listen))
 
 
 def _parse_config(pairs: list[str] | None) -> dict[str, str] | None:
@@ -200,6 +201,11 @@ def _add_broker_commands(sub) -> None:
     serve.add_argument("--partition-spin-us", type=int, default=0, metavar="US",
                        help="each partition process busy-waits this long for new frames before "
                             "it sleeps: lower latency, a busy core per partition (default 0)")
+    serve.add_argument("--listen", default=None, metavar="tcp://HOST:PORT",
+                       help="also start the router for remote clients on this loopback address "
+                            "(e.g. tcp://127.0.0.1:7070; port * picks a free one, written to "
+                            "runtime.json). It forwards topic, group and offset requests; "
+                            "remote produce and fetch are not built yet")
     serve.set_defaults(func=_cmd_serve)
 
     topics = sub.add_parser("topics", help="create, list, describe, alter and delete topics",

@@ -78,10 +78,14 @@ class BrokerConfig:
     #: ~0% idle CPU). For the lowest latency on a host with cores to spare: each partition
     #: process then burns up to this much CPU after every drain round and idle wake-up.
     partition_spin_us: int = 0
+    #: Where the router listens for remote clients (``tcp://127.0.0.1:7070``; port ``*``: any
+    #: free one, see runtime.json); None: no router.
+    listen: str | None = None
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
-            _check_range(field.name, getattr(self, field.name), 0, 1 << 40)
+            if field.name != "listen":
+                _check_range(field.name, getattr(self, field.name), 0, 1 << 40)
         if self.restart_backoff_min_ms > self.restart_backoff_max_ms:
             raise ConfigError("restart_backoff_min_ms must not exceed restart_backoff_max_ms")
         _check_range("partition_spin_us", self.partition_spin_us, 0, SPIN_NS_MAX // 1000)

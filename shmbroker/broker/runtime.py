@@ -7,6 +7,7 @@ Format (version 1)::
     {"format": "shmbroker-runtime", "version": 1, "data_dir": "/abs/dir",
      "state": "starting" | "running" | "stopping",
      "coordinator_endpoint": "ipc:///abs/dir/coordinator.sock",
+     "router_endpoint": "tcp://127.0.0.1:7070" | null (no --listen),
      "processes": [
        {"role": "supervisor", "pid": 100, "started_at": 1764000000.12, "state": "running",
         "title": "shmbroker: supervisor"},
@@ -37,10 +38,12 @@ def runtime_path(data_dir: str) -> str:
     return os.path.join(data_dir, RUNTIME_FILE)
 
 
-def write_runtime(data_dir: str, state: str, endpoint: str, processes: list[dict[str, Any]]) -> None:
+def write_runtime(data_dir: str, state: str, endpoint: str, processes: list[dict[str, Any]],
+                  router_endpoint: str | None = None) -> None:
     document = {"format": RUNTIME_FORMAT, "version": RUNTIME_VERSION,
                 "data_dir": os.path.abspath(data_dir), "state": state,
-                "coordinator_endpoint": endpoint, "processes": processes}
+                "coordinator_endpoint": endpoint, "router_endpoint": router_endpoint,
+                "processes": processes}
     # No directory fsync: the file describes this boot only and is meaningless after a crash.
     files.write_atomic(runtime_path(data_dir), json.dumps(document, indent=1).encode() + b"\n",
                        sync_dir=False)

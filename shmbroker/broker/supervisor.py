@@ -1,6 +1,7 @@
 """The supervisor: the `shmbroker serve` process (docs/design/broker.md).
 
-It starts the coordinator and one process per partition as fresh interpreters
+It starts the coordinator, the router (with ``--listen``), and one process per partition as
+fresh interpreters
 (``sys.executable -m shmbroker.partition ...``; never a fork of a process that may have
 threads), waits on them without polling (a pidfd per child, its ready pipe, the coordinator's
 link and the signal self-pipe, all in one selector; an idle broker sleeps in ``select``),
@@ -41,6 +42,9 @@ log = logging.getLogger("shmbroker.supervisor")
 
 STARTING, RUNNING, STOPPING, RESTARTING = "starting", "running", "stopping", "restarting"
 COORDINATOR = ("coordinator",)
+ROUTER = ("router",)
+#: Children that are not partitions: never stopped by a topic change.
+_SERVICES = (COORDINATOR, ROUTER)
 #: Bytes read from a ready pipe or the link per wake-up (their messages are a few bytes).
 _PIPE_READ_BYTES_MAX = 4096
 
@@ -96,6 +100,8 @@ class Supervisor:
         self._signals_handled = 0
         self._dirty = True
         self._announced_ready = False
+        #: The router's bound address (its port resolved), from its ready line.
+        self.router_endpoint: str | None = None
         #: One control region per wanted partition, created before its first process starts
         #: and kept across its restarts; unlinked when the partition stops for good.
         self.controls = shm_regions.ControlRegions(names.broker_prefix(self.data_dir))
@@ -113,6 +119,8 @@ class Supervisor:
         try:
             self.controls.reclaim_stale(expected_partitions(self.registry))
             self._start(COORDINATOR)
+            if self.config.listen is not None:
+                self._start(ROUTER)
             self._reconcile()
             while not (self.stopping and not self.children):
                 self._write_runtime()
@@ -198,6 +206,11 @@ class Supervisor:
         if child.role == "coordinator":
             return [sys.executable, "-m", "shmbroker.coordinator", *common,
                     "--supervisor-fd", str(link_fd)]
+        if child.role == "router":
+            assert self.config.listen is not None
+            # A restarted router binds the port its first run got, so clients reconnect.
+            return [sys.executable, "-m", "shmbroker.router", *common,
+                    "--listen", self.router_endpoint or self.config.listen]
         _, topic, partition = child.key
         return [sys.executable, "-m", "shmbroker.partition", *common, "--topic", topic,
                 "--partition", str(partition), "--spin-us", str(self.config.partition_spin_us)]
@@ -256,6 +269,8 @@ class Supervisor:
         os.close(child.ready_fd)
         child.ready_fd = None
         if data.startswith(b"ready") and child.state == STARTING:
+            if child.key == ROUTER:
+                self.router_endpoint = data.decode(errors="replace").split()[-1]
             child.state = RUNNING
             self._dirty = True
             log.info("%s (pid %d) is up (%s)", child.name, child.proc.pid,
@@ -358,7 +373,7 @@ class Supervisor:
             elif not child.wanted:
                 child.wanted = True  # stopping for an old change: restarted when it exits
         for key, child in list(self.children.items()):
-            if key != COORDINATOR and key not in wanted and child.wanted:
+            if key not in _SERVICES and key not in wanted and child.wanted:
                 log.info("stopping %s: no longer in the topic metadata", child.name)
                 self._stop(child)
 
@@ -368,7 +383,7 @@ class Supervisor:
         if not self.pending_ack or coordinator is None or coordinator.link is None:
             return
         for child in self.children.values():
-            if child.key != COORDINATOR and (not child.wanted or child.state == STARTING):
+            if child.key not in _SERVICES and (not child.wanted or child.state == STARTING):
                 return
         try:
             coordinator.link.send(b"done %d" % self.pending_ack)
@@ -382,7 +397,7 @@ class Supervisor:
         if not self._dirty:
             return
         self._dirty = False
-        children = sorted(self.children.values(), key=lambda c: (c.role != "coordinator", c.key))
+        children = sorted(self.children.values(), key=lambda c: (c.role == "partition", c.key))
         all_up = bool(children) and all(c.state == RUNNING for c in children)
         state = "stopping" if self.stopping else ("running" if all_up else "starting")
         processes: list[dict[str, Any]] = [{
@@ -398,11 +413,35 @@ class Supervisor:
                 entry.update(topic=child.key[1], partition=child.key[2],
                              directory=partition_dir(self.data_dir, child.key[1], child.key[2]))
             processes.append(entry)
-        runtime.write_runtime(self.data_dir, state, self.endpoint, processes)
+        runtime.write_runtime(self.data_dir, state, self.endpoint, processes,
+                              self.router_endpoint)
         if state == "running" and not self._announced_ready:
             self._announced_ready = True
-            log.info("broker ready on %s: coordinator + %d partition process(es)",
-                     self.data_dir, len(children) - 1)
+            log.info("broker ready on %s: coordinator%s + %d partition process(es)",
+                     self.data_dir, f", router on {self.router_endpoint}"
+                     if self.router_endpoint else "",
+                     sum(c.role == "partition" for c in children))
+
+
+def _check_listen(listen: str) -> None:
+    """A bad or taken ``--listen`` stops `serve` with a clear error before anything starts
+    (rather than a router that keeps failing to bind): a trial bind, closed at once."""
+    import zmq
+
+    from ..router.server import check_listen_address
+
+    check_listen_address(listen)
+    if listen.rsplit(":", 1)[-1] == "*":
+        return
+    trial = zmq.Context.instance().socket(zmq.ROUTER)
+    trial.setsockopt(zmq.LINGER, 0)
+    try:
+        trial.bind(listen)
+    except zmq.ZMQError as exc:
+        raise ShmbrokerError(f"--listen {listen}: cannot bind ({exc.strerror}); is another "
+                             f"broker listening there? pass another --listen") from None
+    finally:
+        trial.close(linger=0)
 
 
 def serve(data_dir: str, config: BrokerConfig = BrokerConfig()) -> int:
@@ -412,6 +451,8 @@ def serve(data_dir: str, config: BrokerConfig = BrokerConfig()) -> int:
 
     data_dir = os.path.abspath(data_dir)
     endpoint(data_dir)  # a data dir too deep for a Unix socket fails before anything starts
+    if config.listen is not None:
+        _check_listen(config.listen)
     name_this_process(process_title("supervisor"))
     configure_logging()
     files.make_dir(data_dir)

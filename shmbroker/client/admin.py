@@ -52,18 +52,24 @@ class TopicDescription:
 
 
 class Admin:
-    """Topic administration of the broker serving ``broker`` (a data dir)."""
+    """Topic administration of the broker serving ``broker``: a data dir (local), or the
+    ``tcp://host:port`` its router listens on (`serve --listen`; remote). Remote, what needs
+    the partitions' shared memory (end offsets, lag, ``reset_offsets``) is not available yet:
+    UnsupportedFeatureError."""
 
     def __init__(self, broker: str | os.PathLike | None = None,
                  request_timeout_ms: int = ADMIN_REQUEST_TIMEOUT_MS):
-        self.data_dir = os.path.abspath(os.fspath(broker) if broker is not None else default_data_dir())
+        where = os.fspath(broker) if broker is not None else default_data_dir()
+        #: True for a broker reached through its router (tcp://...): no local checks.
+        self.remote = where.startswith("tcp://")
+        self.data_dir = where if self.remote else os.path.abspath(where)
         self.request_timeout_ms = request_timeout_ms
         self._ids = itertools.count(1)
         #: Requests sent by _request_later, unanswered: id -> (deadline, type, on_reply).
         self._later: dict[int, tuple[float, str, Callable[[Any], None]]] = {}
         #: Replies to them that came while waiting for something else: (on_reply, result).
         self._arrived: list[tuple[Callable[[Any], None], Any]] = []
-        self._endpoint = endpoint(self.data_dir)
+        self._endpoint = self.data_dir if self.remote else endpoint(self.data_dir)
         self._check_running()
         self._context = zmq.Context.instance()
         self._socket = self._context.socket(zmq.DEALER)
@@ -115,6 +121,11 @@ class Admin:
         committed to or is assigned), ``{topic, partition, committed, end, lag}`` (committed
         -1 and lag None where nothing was committed). GroupIdNotFoundError if unknown."""
         described = self._request("group_describe", group_id=group_id)
+        if self.remote:
+            described["partitions"] = [
+                {"topic": o["topic"], "partition": o["partition"], "committed": o["offset"],
+                 "end": None, "lag": None} for o in described["offsets"]]
+            return described
         committed = {(o["topic"], o["partition"]): o["offset"] for o in described["offsets"]}
         topics = {t for t, _ in committed} | {t for m in described["members"]
                                               for t, _ in m.get("assignment") or []}
@@ -160,6 +171,10 @@ class Admin:
     def _partition_states(self, topic: str) -> dict:
         from .metadata import LocalMetadata
 
+        if self.remote:
+            raise errors.UnsupportedFeatureError(
+                f"end offsets of {topic!r} through the router ({self.data_dir}): not built yet; "
+                f"run this on the broker's host with its data dir")
         metadata = LocalMetadata(self.data_dir)
         try:
             return {p: metadata.control(topic, p).read_state()
@@ -189,6 +204,8 @@ class Admin:
         the supervisor restarts the coordinator, which a waiting request must ride out)."""
         from ..broker.lock import broker_pid
 
+        if self.remote:
+            return  # nothing to look at from here: the request timeout decides
         if (socket_too and not os.path.exists(socket_path(self.data_dir))) or \
                 broker_pid(self.data_dir) is None:
             raise errors.BrokerNotRunningError(

@@ -1,0 +1,47 @@
+"""The router process: lifecycle wiring around RouterServer (as coordinator/process.py)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .. import errors
+from ..broker import lifecycle
+from ..broker.naming import process_title
+
+log = logging.getLogger("shmbroker.router")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m shmbroker.router")
+    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--listen", required=True)
+    parser.add_argument("--supervisor-pid", type=int, default=None)
+    parser.add_argument("--ready-fd", type=int, default=None)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    stop = lifecycle.start_child(process_title("router"), args.supervisor_pid)
+    from .server import RouterServer  # after naming: zmq starts threads on first use
+
+    try:
+        server = RouterServer(args.data_dir, args.listen)
+    except errors.ShmbrokerError as exc:
+        log.error("router cannot start: %s", exc)
+        return 1
+    try:
+        log.info("router listening on %s", server.endpoint)
+        # The supervisor records the bound address (a '*' port resolved) in runtime.json.
+        lifecycle.report_ready(args.ready_fd, f"ready {server.endpoint}")
+        server.serve(stop.read_fd, lambda: stop.requested)
+    finally:
+        server.close()
+    log.info("router stopped (%d forwarded, %d refused, %d replies undeliverable)",
+             server.forwarded, server.refused, server.replies_undeliverable)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
