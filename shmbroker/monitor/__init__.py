@@ -1,0 +1,1 @@
+"""`shmbroker top`: what a live broker is doing (docs/design/monitor.md)."""
