@@ -54,6 +54,8 @@ class Rings:
             self.ids.append(producer_id_for(slot, generation))
         self.control.announce_registry_change()
         self.completions: list[list] = [[] for _ in range(n)]
+        #: Rings whose producer does not read its completions for now (acks back-pressure).
+        self.hold: set[int] = set()
 
     def batch(self, k: int, seq: int, records_count: int, size: int, ts: int) -> bytes:
         return records.encode_batch(
@@ -72,7 +74,8 @@ class Rings:
 
     def reap(self) -> None:
         for k, ring in enumerate(self.rings):
-            self.completions[k] += [tuple(c) for c in ring.poll_completions()]
+            if k not in self.hold:
+                self.completions[k] += [tuple(c) for c in ring.poll_completions()]
 
     def close(self) -> None:
         for ring in self.rings:
@@ -98,6 +101,8 @@ def play(data_dir, native: bool, config: LogConfig, capacities: list[int], steps
             script(rings, owner, step)
             owner.step()
             rings.reap()
+        rings.hold.clear()
+        rings.reap()
         while owner.step():  # bounded: the rings hold finitely many frames
             rings.reap()
         rings.reap()
@@ -166,6 +171,21 @@ def test_c_round_handles_a_ring_that_wraps_with_padding_like_the_python_round(tm
     _, native = both(tmp_path, LogConfig(index_interval_bytes=500), [1 << 12, 1 << 12], 30,
                      script)
     assert native["native_rounds"] >= 25
+
+
+def test_a_held_back_ring_is_skipped_and_its_producer_nudged_like_the_python_round(tmp_path):
+    """Ring 0's producer reads no completions: after COMPLETIONS_MAX of them both rounds
+    skip its frames (and nudge it) while ring 1 goes on; then it reads them and is drained."""
+    def script(rings, owner, step):
+        rings.hold = {0}
+        rings.frame(0, [(1, 30, TIME0_MS + step)])
+        rings.frame(1, [(2, 30, TIME0_MS + step)])
+
+    python, native = both(tmp_path, LogConfig(index_interval_bytes=400), [1 << 16] * 2,
+                          L.COMPLETIONS_MAX + 6, script)
+    assert len(python["completions"][0]) > L.COMPLETIONS_MAX  # it was held back, then drained
+    assert native["native_rounds"] >= L.COMPLETIONS_MAX
+    assert set(native["declined"]) <= {"NEW_RING"}
 
 
 def test_a_bad_frame_makes_the_c_round_decline_and_the_python_round_rejects_it_alone(tmp_path):
