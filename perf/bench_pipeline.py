@@ -143,7 +143,20 @@ def run_once(count: int, value_bytes: int) -> dict[str, float]:
             if proc.is_alive():
                 proc.kill()
         _stop_broker(broker)
+        _print_drain_counts(os.path.join(tmp, "broker.log"))
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _print_drain_counts(log_path: str) -> None:
+    """The partition process's last line says how many drain rounds ran in C and why the
+    others did not (trees without the C round print nothing here)."""
+    try:
+        with open(log_path, errors="replace") as f:
+            lines = [line.strip() for line in f if "drain rounds" in line]
+    except OSError:
+        return
+    for line in lines:
+        print("    " + line[line.find("partition "):], flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -124,6 +124,10 @@ PARTITION_ROUND_BYTES_MAX = 4 * MiB
 #: thirty-second of a ring, so a producer never has COMPLETIONS_MAX unread completions while
 #: its ring still holds frames it wrote before its last send (docs/design/shm.md).
 PARTITION_RING_ROUND_BYTES_MAX = 1 * MiB
+#: Whether a drain round first tries the C round (one call: collect, validate, write,
+#: publish, complete, release; native/include/shmb/drain.h), which declines to the Python
+#: round for anything unusual (docs/decisions/0004, step 1). False: the Python round only.
+PARTITION_NATIVE_ROUND = True
 #: How long a stopping partition process keeps draining rings before it exits anyway (below
 #: BrokerConfig.child_stop_timeout_ms, after which the supervisor sends SIGKILL).
 PARTITION_STOP_DRAIN_MS_MAX = 3_000

@@ -21,6 +21,7 @@
 #include <string.h>
 
 #include "shmb/crc32c.h"
+#include "shmb/drain.h"
 #include "shmb/futex.h"
 #include "shmb/murmur2.h"
 #include "shmb/record_batch.h"
@@ -2043,6 +2044,198 @@ static PyObject *py_doorbell_ring(PyObject *module, PyObject *arg)
     Py_RETURN_NONE;
 }
 
+/* ==== the C drain round ===================================================================== */
+
+/* Region views and ring descriptors of one drain_round call. */
+typedef struct {
+    Py_buffer *views;
+    shmb_drain_ring *rings;
+    Py_ssize_t n;
+} drain_hold;
+
+static void drain_hold_free(drain_hold *h)
+{
+    for (Py_ssize_t i = 0; i < h->n; i++)
+        PyBuffer_Release(&h->views[i]);
+    PyMem_Free(h->views);
+    PyMem_Free(h->rings);
+}
+
+static int drain_hold_init(drain_hold *h, PyObject *rings)
+{
+    memset(h, 0, sizeof *h);
+    PyObject *seq = PySequence_Fast(rings, "drain_round: rings must be a sequence");
+    if (seq == NULL)
+        return -1;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    h->views = PyMem_Calloc((size_t)n + 1, sizeof(Py_buffer));
+    h->rings = PyMem_Calloc((size_t)n + 1, sizeof(shmb_drain_ring));
+    if (h->views == NULL || h->rings == NULL) {
+        Py_DECREF(seq);
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *buf;
+        unsigned long long position, expected;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "OKK:drain_round ring", &buf,
+                              &position, &expected) ||
+            region_view(buf, 1, &h->views[i], "drain_round") < 0) {
+            Py_DECREF(seq);
+            return -1;
+        }
+        h->n = i + 1;
+        h->rings[i].region = h->views[i].buf;
+        h->rings[i].region_len = (size_t)h->views[i].len;
+        h->rings[i].position = position;
+        h->rings[i].expected_sequence = expected;
+    }
+    Py_DECREF(seq);
+    return 0;
+}
+
+static PyObject *entries_list(const shmb_drain_entry *e, size_t n)
+{
+    PyObject *list = PyList_New((Py_ssize_t)n);
+    for (size_t i = 0; list != NULL && i < n; i++) {
+        PyObject *t = Py_BuildValue("(LL)", (long long)e[i].a, (long long)e[i].b);
+        if (t == NULL) {
+            Py_CLEAR(list);
+            break;
+        }
+        PyList_SET_ITEM(list, (Py_ssize_t)i, t);
+    }
+    return list;
+}
+
+static PyObject *drain_done_result(const drain_hold *h, const shmb_drain_result *r)
+{
+    PyObject *rings = PyTuple_New(h->n);
+    if (rings == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < h->n; i++) {
+        const shmb_drain_ring *g = &h->rings[i];
+        PyObject *t = g->release_failed
+            ? Py_BuildValue("(KIL(sK))", (unsigned long long)g->next_position,
+                            (unsigned int)g->count, (long long)g->base_offset,
+                            g->release_err.message,
+                            (unsigned long long)g->release_err.position)
+            : Py_BuildValue("(KILO)", (unsigned long long)g->next_position,
+                            (unsigned int)g->count, (long long)g->base_offset, Py_None);
+        if (t == NULL) {
+            Py_DECREF(rings);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(rings, i, t);
+    }
+    if (r->frames == 0)
+        return Py_BuildValue("(iNO)", SHMB_DRAIN_DONE, rings, Py_None);
+    PyObject *first = r->first_batch_set ? PyLong_FromLongLong(r->first_batch_max_timestamp)
+                                         : Py_NewRef(Py_None);
+    return Py_BuildValue("(iN(KKKKLKNLLLNN))", SHMB_DRAIN_DONE, rings,
+                         (unsigned long long)r->frames, (unsigned long long)r->records,
+                         (unsigned long long)r->batches, (unsigned long long)r->bytes,
+                         (long long)r->log_end_offset, (unsigned long long)r->segment_size,
+                         first, (long long)r->bytes_since_entry, (long long)r->max_timestamp,
+                         (long long)r->offset_of_max_timestamp,
+                         entries_list(r->offset_entries, r->offset_entries_count),
+                         entries_list(r->time_entries, r->time_entries_count));
+}
+
+static PyObject *py_drain_round(PyObject *module, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"rings", "control", "scratch", "log", "round_bytes_max",
+                             "ring_round_bytes_max", "pid", "start_time", "stop_after", NULL};
+    PyObject *rings_arg, *control_arg, *scratch_arg;
+    shmb_drain_log log;
+    unsigned long long segment_size, segment_bytes, round_max, ring_round_max, start_time;
+    memset(&log, 0, sizeof log);
+    if (!PyArg_ParseTupleAndKeywords(
+            args, kwds, "OOO(iLLLKiLLKLLLLLLpLLLLLL)KKiK|i:drain_round", kwlist, &rings_arg,
+            &control_arg, &scratch_arg, &log.fd, &log.log_end_offset, &log.log_start_offset,
+            &log.segment_base_offset, &segment_size, &log.leader_epoch, &log.batch_bytes_max,
+            &log.batch_records_max, &segment_bytes, &log.segment_ms, &log.offset_entries_left,
+            &log.time_entries_left, &log.first_batch_max_timestamp, &log.created_ms,
+            &log.now_ms, &log.flush_due, &log.flush_records_left, &log.last_offset_max,
+            &log.interval_bytes, &log.bytes_since_entry, &log.max_timestamp,
+            &log.offset_of_max_timestamp, &round_max, &ring_round_max, &log.pid, &start_time,
+            &log.stop_after))
+        return NULL;
+    log.segment_size = segment_size;
+    log.segment_bytes = segment_bytes;
+    log.round_bytes_max = round_max;
+    log.ring_round_bytes_max = ring_round_max;
+    log.start_time = start_time;
+    drain_hold h;
+    Py_buffer control, scratch;
+    if (drain_hold_init(&h, rings_arg) < 0) {
+        drain_hold_free(&h);
+        return NULL;
+    }
+    if (region_view(control_arg, 1, &control, "drain_round control") < 0) {
+        drain_hold_free(&h);
+        return NULL;
+    }
+    if (control.len < SHMB_CONTROL_REGISTRY_OFFSET ||
+        PyObject_GetBuffer(scratch_arg, &scratch, PyBUF_WRITABLE) < 0) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "drain_round: not a control region");
+        PyBuffer_Release(&control);
+        drain_hold_free(&h);
+        return NULL;
+    }
+    shmb_drain_result r;
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = shmb_drain_round(h.rings, (size_t)h.n, control.buf, scratch.buf,
+                              (size_t)scratch.len, &log, &r);
+    Py_END_ALLOW_THREADS
+    PyObject *result;
+    if (status == SHMB_DRAIN_DECLINED)
+        result = Py_BuildValue("(ii)", status, r.decline);
+    else if (status == SHMB_DRAIN_WRITE_FAILED)
+        result = Py_BuildValue("(iiO)", status, r.write_errno, r.truncated ? Py_True : Py_False);
+    else
+        result = drain_done_result(&h, &r);
+    shmb_drain_result_free(&r);
+    PyBuffer_Release(&scratch);
+    PyBuffer_Release(&control);
+    drain_hold_free(&h);
+    return result;
+}
+
+static int add_drain_constants(PyObject *m)
+{
+#define DECLINE_NAME(name) #name,
+    static const char *const names[] = {SHMB_DRAIN_DECLINE_NAMES(DECLINE_NAME)};
+#undef DECLINE_NAME
+    PyObject *t = PyTuple_New(SHMB_DRAIN_DECLINE_COUNT);
+    if (t == NULL)
+        return -1;
+    for (int i = 0; i < SHMB_DRAIN_DECLINE_COUNT; i++) {
+        PyObject *s = PyUnicode_FromString(names[i]);
+        if (s == NULL) {
+            Py_DECREF(t);
+            return -1;
+        }
+        PyTuple_SET_ITEM(t, i, s);
+    }
+    if (PyModule_AddObject(m, "DRAIN_DECLINE_REASONS", t) < 0) {
+        Py_DECREF(t);
+        return -1;
+    }
+    return (PyModule_AddIntConstant(m, "DRAIN_DONE", SHMB_DRAIN_DONE) < 0 ||
+            PyModule_AddIntConstant(m, "DRAIN_DECLINED", SHMB_DRAIN_DECLINED) < 0 ||
+            PyModule_AddIntConstant(m, "DRAIN_WRITE_FAILED", SHMB_DRAIN_WRITE_FAILED) < 0 ||
+            PyModule_AddIntConstant(m, "DRAIN_STOP_AFTER_WRITE", SHMB_DRAIN_STOP_AFTER_WRITE) < 0 ||
+            PyModule_AddIntConstant(m, "DRAIN_STOP_AFTER_PUBLISH",
+                                    SHMB_DRAIN_STOP_AFTER_PUBLISH) < 0 ||
+            PyModule_AddIntConstant(m, "DRAIN_STOP_AFTER_COMPLETE",
+                                    SHMB_DRAIN_STOP_AFTER_COMPLETE) < 0)
+               ? -1
+               : 0;
+}
+
 static PyObject *py_monotonic_ns(PyObject *module, PyObject *Py_UNUSED(ignored))
 {
     return PyLong_FromLongLong(shmb_monotonic_ns());
@@ -2132,6 +2325,16 @@ static PyMethodDef module_methods[] = {
      "True when the payload fits; False on timeout or when woken without room (a nudge)."},
     {"doorbell_ring", py_doorbell_ring, METH_O,
      "doorbell_ring(control): wake the partition process if it sleeps"},
+    {"drain_round", (PyCFunction)(void (*)(void))py_drain_round, METH_VARARGS | METH_KEYWORDS,
+     "drain_round(rings, control, scratch, log, round_bytes_max, ring_round_bytes_max, pid,\n"
+     "            start_time, stop_after=0)\n"
+     "-> (DRAIN_DONE, ((next_position, count, base_offset, release_error), ...), appended)\n"
+     "   | (DRAIN_DECLINED, reason) | (DRAIN_WRITE_FAILED, errno, truncated)\n\n"
+     "One drain round in C, GIL released (shmb/drain.h). rings: (region, position,\n"
+     "expected_sequence) in round-robin order; log: PartitionLog.native_append_state().\n"
+     "appended is None when no frame was taken, else (frames, records, batches, bytes,\n"
+     "log_end_offset, segment_size, first_batch_max_timestamp, bytes_since_entry,\n"
+     "max_timestamp, offset_of_max_timestamp, offset_entries, time_entries)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -2308,7 +2511,7 @@ PyMODINIT_FUNC PyInit__native(void)
     PyObject *m = PyModule_Create(&native_module);
     if (m == NULL)
         return NULL;
-    if (init_state(m, get_state(m)) < 0 || add_layout(m) < 0 || add_shm_layout(m) < 0 ||
+    if (init_state(m, get_state(m)) < 0 || add_layout(m) < 0 || add_shm_layout(m) < 0 || add_drain_constants(m) < 0 ||
         PyModule_AddIntConstant(m, "QUIET_RINGS_MAX", SHMB_QUIET_RINGS_MAX) < 0) {
         Py_DECREF(m);
         return NULL;

@@ -29,7 +29,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from .. import errors, records
 from ..config import BATCH_RECORDS_MAX, LogConfig
@@ -53,6 +53,36 @@ def wall_clock_ms() -> int:
     """Default clock: wall time in ms, because segment.ms and retention.ms compare it with
     record timestamps, which producers take from their wall clocks (Kafka does the same)."""
     return time.time_ns() // 1_000_000
+
+
+class NativeAppendState(NamedTuple):
+    """What the C drain round (``_native.drain_round``, native/include/shmb/drain.h) needs to
+    append at the log end by itself, in the order its glue parses. Built by
+    :meth:`PartitionLog.native_append_state` and handed back to
+    :meth:`PartitionLog.record_native_append`, which checks nothing moved meanwhile."""
+
+    fd: int
+    log_end_offset: int
+    log_start_offset: int
+    segment_base_offset: int
+    segment_size: int
+    leader_epoch: int
+    batch_bytes_max: int
+    batch_records_max: int
+    segment_bytes: int
+    segment_ms: int
+    offset_entries_left: int
+    time_entries_left: int
+    first_batch_max_timestamp: int  # -1: none (time_waited_for_roll uses the wall clock)
+    created_ms: int
+    now_ms: int
+    flush_due: bool                 # flush.ms would fsync after this append
+    flush_records_left: int         # flush.messages fsyncs at this many more records; -1: never
+    last_offset_max: int
+    index_interval_bytes: int
+    bytes_since_entry: int
+    max_timestamp: int
+    offset_of_max_timestamp: int
 
 
 @dataclass(frozen=True)
@@ -259,6 +289,59 @@ class PartitionLog:
             records_count=records_count, batches_count=len(planned), size_bytes=len(view),
             position=position, segment_base_offset=segment.base_offset, rolled=rolled,
             flushed=flushed)
+
+    # -- append by the C drain round ---------------------------------------------------------
+
+    def native_append_state(self) -> NativeAppendState | None:
+        """The state and limits the C drain round appends with (see NativeAppendState); None
+        when the log cannot take such an append now (closed; active segment unusable).
+
+        The C round appends only what :meth:`append` would write in one go to the active
+        segment: it declines (and the caller runs :meth:`append`) when a roll, a flush or a
+        bad batch would be involved. It reads the clock once, as append does."""
+        if self._closed:
+            return None
+        active = self.active_segment
+        seg = active.native_state()
+        if seg is None:
+            return None
+        (fd, size, offset_left, time_left, first_ts, created_ms, interval, since, max_ts,
+         max_off) = seg
+        now = self.clock()
+        config = self.config
+        flush_due = config.flush_ms is not None and now - self._last_flush_ms >= config.flush_ms
+        flush_left = -1 if config.flush_messages is None else \
+            max(0, config.flush_messages - self._unflushed_records)
+        return NativeAppendState(
+            fd, self.log_end_offset, self.log_start_offset, active.base_offset, size,
+            self.leader_epoch, config.batch_bytes_max, BATCH_RECORDS_MAX, config.segment_bytes,
+            config.segment_ms, offset_left, time_left, first_ts, created_ms, now, flush_due,
+            flush_left, files.OFFSET_MAX - 1, interval, since, max_ts, max_off)
+
+    def record_native_append(self, state: NativeAppendState, appended: tuple) -> None:
+        """The C drain round appended at ``state``'s position; ``appended`` is its result
+        (frames, records, batches, bytes, log_end_offset, segment_size,
+        first_batch_max_timestamp, bytes_since_entry, max_timestamp, offset_of_max_timestamp,
+        offset_entries, time_entries). Leaves this object as :meth:`append` would have."""
+        (_, records_count, _, _, log_end, size, first_ts, since, max_ts, max_off,
+         offset_entries, time_entries) = appended
+        active = self.active_segment
+        assert active.base_offset == state.segment_base_offset and \
+            self.log_end_offset == state.log_end_offset, (self, state)
+        active.record_native_append(state.segment_size, size, log_end, first_ts,
+                                    (since, max_ts, max_off), offset_entries, time_entries)
+        self._unflushed_records += records_count
+        # The round declined if the flush policy was due (flush_due, flush_records_left), so
+        # this never flushes; it is here so that the policy holds even if that were wrong.
+        flushed = self._maybe_flush(state.now_ms)
+        assert not flushed, "the C round appended although the flush policy was due"
+
+    def native_append_failed(self, state: NativeAppendState, errno_: int, truncated: bool
+                             ) -> None:
+        """The C drain round's write failed: raise what :meth:`append` raises (LogError)."""
+        self.active_segment.native_write_failed(state.segment_size, truncated)
+        raise errors.LogError(f"write to {self.active_segment.path} failed: "
+                              f"{os.strerror(errno_)}")
 
     def validate(self, data) -> int:
         """Check ``data`` exactly as :meth:`append` would, without writing anything; returns

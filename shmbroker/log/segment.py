@@ -420,6 +420,53 @@ class LogSegment:
         self._index_batches(batches, start)
         return start
 
+    def native_state(self) -> tuple | None:
+        """What the C drain round needs to append here: (fd, size, offset_entries_left,
+        time_entries_left, first_batch_max_timestamp or -1, created_ms, and the IndexRule's
+        interval_bytes, bytes_since_entry, max_timestamp, offset_of_max_timestamp). None when
+        the segment cannot be appended to (sealed, or closed after a failed write)."""
+        if self.sealed or self._fd is None:
+            return None
+        rule = self._rule
+        first = self.first_batch_max_timestamp
+        return (self._fd, self.size, self.offset_index.entries_left,
+                self.time_index.entries_left, -1 if first is None else first, self.created_ms,
+                rule.interval_bytes, rule.bytes_since_entry, rule.max_timestamp,
+                rule.offset_of_max_timestamp)
+
+    def record_native_append(self, position: int, size: int, next_offset: int,
+                             first_batch_max_timestamp: int | None, rule_state: tuple,
+                             offset_entries: list, time_entries: list) -> None:
+        """The C drain round wrote batches at ``position`` (the old size) up to ``size``:
+        take its index entries (planned with the same IndexRule as :meth:`_index_batches`)
+        and its new ends, exactly as :meth:`append` would have left this object."""
+        assert not self.sealed and self._fd is not None and self.size == position, \
+            (self, position)
+        offset_index, time_index, rule = self.offset_index, self.time_index, self._rule
+        for offset, entry_position in offset_entries:
+            offset_index.append(offset, entry_position)
+        for timestamp, offset in time_entries:
+            time_index.maybe_append(timestamp, offset)
+        if first_batch_max_timestamp is not None:
+            assert position == 0
+            self.first_batch_max_timestamp = first_batch_max_timestamp
+        rule.bytes_since_entry, rule.max_timestamp, rule.offset_of_max_timestamp = rule_state
+        self.max_timestamp = rule.max_timestamp
+        self.offset_of_max_timestamp = rule.offset_of_max_timestamp
+        self._log_dirty = True
+        offset_index.write_pending()
+        time_index.write_pending()
+        self.size = size
+        self.next_offset = next_offset
+
+    def native_write_failed(self, position: int, truncated: bool) -> None:
+        """The C drain round's write failed; it cut the file back to ``position`` if it could
+        (``truncated``). As :meth:`_undo_partial_write`: a file that could not be cut back is
+        no longer used (recovery cuts the torn tail)."""
+        assert self.size == position
+        if not truncated:
+            self.close()
+
     def _undo_partial_write(self, size: int) -> None:
         try:
             os.ftruncate(self._fd, size)  # type: ignore[arg-type]

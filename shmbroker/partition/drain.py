@@ -25,6 +25,18 @@ A batch that fails validation costs only its own frame: the round falls back to 
 ring, and for the ring that failed to one validation per frame; the bad frame is completed with
 the error's code and skipped, the others are appended.
 
+The C round (``_native.drain_round``, native/include/shmb/drain.h) does steps 1-6 of the
+common case in one call, the GIL released, in the same order: collect and copy (the join),
+validate, ``append_round_base_offset``, write, publish, complete, release. It changes nothing
+before it has decided, and declines — the Python round below then runs, and stays the
+reference it is tested against (tests/integration/test_native_drain.py) — for anything
+unusual: a bad or empty frame, a batch split across frames, a roll or flush due, a ring that
+asks for fsync (acks=all), a corrupt ring, a ring never read before, more than the scratch
+buffer holds. Python then takes the index entries the C round planned, and the new log end
+and segment size (``PartitionLog.record_native_append``): index files are derived data,
+written just after the publish instead of just before it (a reader that looks meanwhile
+walks from the previous entry).
+
 Owned by the partition process's main thread; not thread-safe.
 """
 from __future__ import annotations
@@ -33,7 +45,8 @@ import logging
 import struct
 
 from .. import errors, records
-from ..config import PARTITION_RING_ROUND_BYTES_MAX, PARTITION_ROUND_BYTES_MAX
+from ..config import (PARTITION_NATIVE_ROUND, PARTITION_RING_ROUND_BYTES_MAX,
+                      PARTITION_ROUND_BYTES_MAX)
 from ..layout import record_batch as RB
 from ..layout import shm as L
 from ..log import PartitionLog
@@ -58,6 +71,17 @@ _REPLAY_READ_BYTES = 1 << 20
 #: One frame per ring_scan call (to know each frame's end position).
 _ONE_FRAME = 1
 _SCAN_BYTES_ANY = 1 << 62
+#: The C round's names for why it declined (index = its code).
+DECLINE_REASONS = _native.DRAIN_DECLINE_REASONS
+#: Tests only: make the C round stop right after a step, as a kill -9 there would.
+NATIVE_STOP_AFTER = {"write": _native.DRAIN_STOP_AFTER_WRITE,
+                     "publish": _native.DRAIN_STOP_AFTER_PUBLISH,
+                     "complete": _native.DRAIN_STOP_AFTER_COMPLETE}
+
+
+class NativeRoundStopped(Exception):
+    """Tests only: the C round stopped where ``Drainer.native_stop_after`` said (it stands
+    for a kill -9 there; the caller then abandons the log and the shared memory)."""
 
 
 def offsets_in(payload) -> int:
@@ -75,15 +99,27 @@ class Drainer:
 
     def __init__(self, log_: PartitionLog, control: ControlRegion, ingress: Ingress,
                  round_bytes_max: int = PARTITION_ROUND_BYTES_MAX,
-                 ring_round_bytes_max: int = PARTITION_RING_ROUND_BYTES_MAX):
+                 ring_round_bytes_max: int = PARTITION_RING_ROUND_BYTES_MAX,
+                 native: bool = PARTITION_NATIVE_ROUND):
         self.log = log_
         self.control = control
         self.ingress = ingress
         self.round_bytes_max = round_bytes_max
         self.ring_round_bytes_max = ring_round_bytes_max
+        #: Try the C round first (see the module doc).
+        self.native = native
+        #: Tests only: a NATIVE_STOP_AFTER key.
+        self.native_stop_after: str | None = None
+        #: The C round's private copy of a round's payloads (allocated on first use): a
+        #: round takes at most round_bytes_max plus one ring's share; a larger one (a single
+        #: frame above the ring's share) is declined to the Python round.
+        self._scratch: bytearray | None = None
         self._start = 0  # round-robin: which ring goes first
         #: Counters for logs and tests.
         self.rounds = 0
+        self.native_rounds = 0
+        #: reason name -> rounds the C round declined for it.
+        self.native_declined: dict[str, int] = {}
         self.frames_rejected = 0
 
     # -- one round ------------------------------------------------------------------------------
@@ -94,9 +130,14 @@ class Drainer:
         if not rings:
             return 0
         self._start = (self._start + 1) % len(rings)
+        order = rings[self._start:] + rings[:self._start]
+        if self.native:
+            done = self._round_native(order)
+            if done is not None:
+                return done
         taken = []
         budget = self.round_bytes_max
-        for ring in rings[self._start:] + rings[:self._start]:
+        for ring in order:
             if ring.broken is not None:
                 continue
             start = ring.consumer.position
@@ -121,6 +162,64 @@ class Drainer:
                     view.release()
         self.rounds += 1
         return sum(batch.count for _, _, batch in taken)
+
+    # -- the C round ----------------------------------------------------------------------------
+
+    def _round_native(self, order: list) -> int | None:
+        """The round in one C call; None when it declined (nothing changed: run the Python
+        round). Frames handled otherwise."""
+        picked = []
+        for ring in order:
+            if ring.broken is not None:
+                continue
+            consumer = ring.consumer
+            if consumer.expected_sequence is None:
+                # Never read yet: its first poll learns the sequence (Python). An empty one
+                # gives the Python round nothing to do, unless its header is broken.
+                try:
+                    _native.ring_check(consumer.buf)
+                except errors.RingCorruptError:
+                    return self._declined("RING_CORRUPT")
+                if consumer.has_unread() or consumer.completions_full():
+                    return self._declined("NEW_RING")
+                continue
+            picked.append(ring)
+        if not picked:
+            return 0
+        state = self.log.native_append_state()
+        if state is None:
+            return self._declined("LOG")
+        if self._scratch is None:
+            self._scratch = bytearray(self.round_bytes_max + self.ring_round_bytes_max)
+        stop = NATIVE_STOP_AFTER[self.native_stop_after] if self.native_stop_after else 0
+        result = _native.drain_round(
+            [(r.consumer.buf, r.consumer.position, r.consumer.expected_sequence)
+             for r in picked],
+            self.control.buf, self._scratch, state, self.round_bytes_max,
+            self.ring_round_bytes_max, *self.control.publisher(), stop)
+        if result[0] == _native.DRAIN_DECLINED:
+            return self._declined(DECLINE_REASONS[result[1]])
+        if result[0] == _native.DRAIN_WRITE_FAILED:
+            self.log.native_append_failed(state, result[1], result[2])  # raises LogError
+        if stop and result[2] is not None:
+            raise NativeRoundStopped(self.native_stop_after)
+        _, rings_done, appended = result
+        for ring, (next_position, count, _, release_error) in zip(picked, rings_done):
+            consumer = ring.consumer
+            consumer.position = next_position
+            consumer.expected_sequence += count
+            if release_error is not None:  # as _release: the frames are in the log already
+                self._mark_broken(ring, errors.RingCorruptError(*release_error))
+        if appended is None:
+            return 0
+        self.log.record_native_append(state, appended)
+        self.rounds += 1
+        self.native_rounds += 1
+        return appended[0]
+
+    def _declined(self, reason: str) -> None:
+        self.native_declined[reason] = self.native_declined.get(reason, 0) + 1
+        return None
 
     def _append(self, taken: list) -> None:
         self.control.set_append_round_base_offset(self.log.log_end_offset)

@@ -185,5 +185,8 @@ class PartitionOwner:
             self.control.set_partition_status(L.PARTITION_STATUS_STOPPED)
         self.ingress.close()
         self.control.close()
-        log.info("partition %s/%d closed cleanly at log_end=%d", self.topic, self.partition,
-                 self.log.log_end_offset)
+        drainer = self.drainer
+        log.info("partition %s/%d closed cleanly at log_end=%d; %d drain rounds, %d of them "
+                 "in C; C round declined: %s", self.topic, self.partition,
+                 self.log.log_end_offset, drainer.rounds, drainer.native_rounds,
+                 drainer.native_declined or "never")

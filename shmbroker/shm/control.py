@@ -165,6 +165,12 @@ class ControlRegion:
         if _native.atomic_load_u32(buf, C["hw_waiters"]):
             wake.wake(buf, C["hw_seq"])
 
+    @staticmethod
+    def publisher() -> tuple[int, int]:
+        """(pid, start time) that :meth:`publish` stores: the C drain round, which publishes
+        by itself (native/src/drain.c), stores the same."""
+        return _pid_cached(), _start_time_cached()
+
     def read_state(self, timeout_ms: int = SEQLOCK_READ_TIMEOUT_MS_MAX) -> PartitionState:
         """A consistent snapshot of the published state (seqlock read, bounded)."""
         buf = self.buf

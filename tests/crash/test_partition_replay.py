@@ -11,6 +11,7 @@ import pytest
 from shmbroker import errors, records
 from shmbroker.config import LogConfig
 from shmbroker.layout import shm as L
+from shmbroker.partition.drain import NativeRoundStopped
 from shmbroker.partition.ingress import base_sequence_for, producer_id_for
 from shmbroker.partition.owner import PartitionOwner
 from shmbroker.shm import names
@@ -66,26 +67,41 @@ def values_in_log(owner: PartitionOwner) -> list[bytes]:
     return [r.value for r in records.decode_records(piece.data)]
 
 
-@pytest.mark.parametrize("crash_after", ["append", "complete"])
-def test_frames_appended_but_not_released_before_a_crash_are_not_appended_twice(
-        data_dir, shm, crash_after, caplog):
-    control, ring, producer_id = shm
-    owner = owner_for(data_dir, control)
-    write_frames(ring, producer_id, 2)
-    assert owner.step()  # frames 0-1 appended, completed, released
-    write_frames(ring, producer_id, 4)
-    real_finish = owner.drainer._finish
+def step_then_crash(owner: PartitionOwner, round_: str, crash_after: str) -> None:
+    """One step whose drain round is killed after ``crash_after`` (append: the write;
+    publish; complete), in the Python round (a patched _finish) or in the C round (its
+    test-only stop point, drain.h's SHMB_DRAIN_STOP_*)."""
+    if round_ == "native":
+        owner.drainer.native_stop_after = "write" if crash_after == "append" else crash_after
+        with pytest.raises(NativeRoundStopped):  # so the C round ran
+            owner.step()
+        return
+    owner.drainer.native = False
+    assert crash_after in ("append", "complete")
 
     def finish_then_crash(done):
         if crash_after == "complete":
+            owner.drainer.publish()
             for r, first, last, base, _ in done:
                 r.consumer.complete(first, last, base)
         raise Crash
 
     owner.drainer._finish = finish_then_crash
     with pytest.raises(Crash):
-        owner.step()  # frames 2-5 appended (offsets 6..17), never released
-    owner.drainer._finish = real_finish
+        owner.step()
+
+
+@pytest.mark.parametrize("round_,crash_after", [
+    ("python", "append"), ("python", "complete"),
+    ("native", "append"), ("native", "publish"), ("native", "complete")])
+def test_frames_appended_but_not_released_before_a_crash_are_not_appended_twice(
+        data_dir, shm, round_, crash_after, caplog):
+    control, ring, producer_id = shm
+    owner = owner_for(data_dir, control)
+    write_frames(ring, producer_id, 2)
+    assert owner.step()  # frames 0-1 appended, completed, released
+    write_frames(ring, producer_id, 4)
+    step_then_crash(owner, round_, crash_after)  # frames 2-5 appended (offsets 6..17)
     crash(owner)
     assert ring.read_position < ring.write_position
 
@@ -140,6 +156,7 @@ def test_a_ring_header_overwritten_between_poll_and_release_drops_only_that_ring
     control, ring, producer_id = shm
     owner = owner_for(data_dir, control)
     write_frames(ring, producer_id, 2)
+    owner.drainer.native = False  # it patches PartitionLog.append, which the C round skips
     real_append = owner.log.append
 
     def append_then_scribble(data):

@@ -1,0 +1,473 @@
+/* One drain round in one call. Contract and phases: shmb/drain.h. The reference is the Python
+ * round, Drainer.round in shmbroker/partition/drain.py; every rule here names the Python line
+ * it mirrors, so a change to one side is easy to carry to the other. */
+#include "shmb/drain.h"
+
+#include <errno.h>
+#include <limits.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "shmb/futex.h"
+#include "shmb/record_batch.h"
+#include "shmb/shm_atomic.h"
+
+#if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "the shared-memory layouts are little-endian; this file stores native integers"
+#endif
+
+/* Frames read per shmb_ring_read call (a stack array; the loop asks again while it fills). */
+#define READ_CHUNK_FRAMES 128
+/* A write interrupted by signals this many times in a row is an error, not a loop forever. */
+#define WRITE_EINTR_MAX 1000
+#define INT32_RELATIVE_MAX 0x7FFFFFFFLL
+
+typedef struct {
+    size_t position; /* in scratch */
+    uint64_t size;
+    int64_t base_offset, last_offset, max_timestamp;
+    int32_t records;
+} planned_batch;
+
+/* Growing arrays of the round; freed by round_free. */
+typedef struct {
+    uint32_t *frame_lens;
+    size_t frames, frames_cap;
+    planned_batch *batches;
+    size_t batches_count, batches_cap;
+    size_t *ring_first_batch; /* n entries: index of each ring's first batch */
+    uint64_t records;
+} round_state;
+
+static void round_free(round_state *s)
+{
+    free(s->frame_lens);
+    free(s->batches);
+    free(s->ring_first_batch);
+}
+
+static int grow(void **p, size_t *cap, size_t need, size_t item)
+{
+    if (need <= *cap)
+        return 0;
+    size_t cap2 = *cap ? *cap * 2 : 64;
+    while (cap2 < need)
+        cap2 *= 2;
+    void *q = realloc(*p, cap2 * item);
+    if (q == NULL)
+        return -1;
+    *p = q;
+    *cap = cap2;
+    return 0;
+}
+
+static inline void put_be64(uint8_t *p, uint64_t v)
+{
+    for (int i = 7; i >= 0; i--) {
+        p[i] = (uint8_t)v;
+        v >>= 8;
+    }
+}
+
+static inline void put_be32(uint8_t *p, uint32_t v)
+{
+    p[0] = (uint8_t)(v >> 24);
+    p[1] = (uint8_t)(v >> 16);
+    p[2] = (uint8_t)(v >> 8);
+    p[3] = (uint8_t)v;
+}
+
+/* RingConsumer.completions_full: the producer has COMPLETIONS_MAX completions unread (and
+ * wants them: completions_off is 0). */
+static int completions_full(const uint8_t *region)
+{
+    if (shmb_u32_load_seq_cst(region + SHMB_RING_COMPLETIONS_OFF_OFFSET))
+        return 0;
+    uint64_t written = shmb_u64_load_seq_cst(region + SHMB_RING_COMPLETIONS_WRITTEN_OFFSET);
+    uint64_t read = shmb_u64_load_seq_cst(region + SHMB_RING_COMPLETIONS_READ_OFFSET);
+    return written - read >= SHMB_COMPLETIONS_MAX;
+}
+
+/* ---- phase 1: collect ------------------------------------------------------------------- */
+
+/* One ring's committed frames into scratch (RingConsumer.poll(copy=False) + the join).
+ * Returns 0 or a SHMB_DRAIN_DECLINE_* code. */
+static int collect_ring(shmb_drain_ring *r, uint64_t max_bytes, round_state *s,
+                        uint8_t *scratch, size_t scratch_len, size_t *used)
+{
+    shmb_ring_frame chunk[READ_CHUNK_FRAMES];
+    r->scratch_at = *used;
+    /* Bounded: each pass takes READ_CHUNK_FRAMES frames or ends the loop. */
+    while (r->count < SHMB_DRAIN_RING_FRAMES_MAX && (r->count == 0 || r->bytes < max_bytes)) {
+        size_t room = SHMB_DRAIN_RING_FRAMES_MAX - r->count, got = 0;
+        if (room > READ_CHUNK_FRAMES)
+            room = READ_CHUNK_FRAMES;
+        uint64_t left = r->bytes < max_bytes ? max_bytes - r->bytes : 0;
+        if (shmb_ring_read(r->region, r->region_len, r->next_position,
+                           r->expected_sequence + r->count, left, r->count == 0, chunk, room,
+                           &got, &r->next_position, NULL) != SHMB_RING_OK)
+            return SHMB_DRAIN_DECLINE_RING_CORRUPT; /* the Python round marks it broken */
+        if (grow((void **)&s->frame_lens, &s->frames_cap, s->frames + got, sizeof(uint32_t)))
+            return SHMB_DRAIN_DECLINE_NO_MEMORY;
+        for (size_t i = 0; i < got; i++) {
+            size_t len = chunk[i].payload_len;
+            if (len > scratch_len - *used)
+                return SHMB_DRAIN_DECLINE_SCRATCH_FULL;
+            memcpy(scratch + *used, r->region + chunk[i].payload_offset, len);
+            *used += len;
+            r->bytes += len;
+            s->frame_lens[s->frames++] = (uint32_t)len;
+        }
+        r->count += (uint32_t)got;
+        if (got < room)
+            break;
+    }
+    return 0;
+}
+
+/* Drainer.round's loop: held-back rings are skipped, the budget counts each taken ring's
+ * bytes and the round stops once it is used up. */
+static int collect(shmb_drain_ring *rings, size_t n, const shmb_drain_log *log, round_state *s,
+                   uint8_t *scratch, size_t scratch_len, size_t *used)
+{
+    int64_t budget = (int64_t)log->round_bytes_max;
+    for (size_t i = 0; i < n; i++) {
+        shmb_drain_ring *r = &rings[i];
+        r->next_position = r->position;
+        r->count = 0;
+        r->held_back = 0;
+        r->bytes = 0;
+        r->base_offset = -1;
+        r->release_failed = 0;
+    }
+    for (size_t i = 0; i < n; i++) {
+        shmb_drain_ring *r = &rings[i];
+        /* RingConsumer.poll's order: the completions first (a held-back ring is not read,
+         * so its header is not checked either), then the read, which checks the header. */
+        if (r->region_len < SHMB_RING_DATA_OFFSET)
+            return SHMB_DRAIN_DECLINE_RING_CORRUPT;
+        if (completions_full(r->region)) {
+            r->held_back = 1;
+            continue;
+        }
+        int d = collect_ring(r, log->ring_round_bytes_max, s, scratch, scratch_len, used);
+        if (d)
+            return d;
+        if (r->count == 0)
+            continue;
+        budget -= (int64_t)r->bytes;
+        if (budget <= 0)
+            break;
+    }
+    return 0;
+}
+
+/* ---- phase 2: check --------------------------------------------------------------------- */
+
+/* PartitionLog._validate for one frame: whole, valid batches only. */
+static int check_frame(const uint8_t *scratch, size_t at, size_t len, const shmb_drain_log *log,
+                       round_state *s)
+{
+    const shmb_rb_scan_opts opts = {1, 1, log->batch_bytes_max};
+    size_t end = at + len, pos = at;
+    if (len == 0)
+        return SHMB_DRAIN_DECLINE_BAD_FRAME; /* "no batch": the Python round rejects it */
+    while (pos < end) { /* bounded: every batch is at least a header long */
+        shmb_rb_header h;
+        if (shmb_rb_check_batch(scratch, end, pos, &opts, &h, NULL) != SHMB_RB_SCAN_OK)
+            return SHMB_DRAIN_DECLINE_BAD_FRAME;
+        if (h.records_count < 1 || h.records_count > log->batch_records_max ||
+            (h.attributes & SHMB_RB_CONTROL_MASK))
+            return SHMB_DRAIN_DECLINE_BAD_FRAME;
+        if (grow((void **)&s->batches, &s->batches_cap, s->batches_count + 1,
+                 sizeof(planned_batch)))
+            return SHMB_DRAIN_DECLINE_NO_MEMORY;
+        planned_batch *b = &s->batches[s->batches_count++];
+        b->position = pos;
+        b->size = (uint64_t)h.batch_length + SHMB_RB_LOG_OVERHEAD;
+        b->max_timestamp = h.max_timestamp;
+        b->records = h.records_count;
+        b->last_offset = h.last_offset_delta; /* planned in plan_offsets */
+        s->records += (uint64_t)h.records_count;
+        pos += (size_t)b->size;
+    }
+    return 0;
+}
+
+/* plan_batches + the OFFSET_MAX check of _validate. */
+static int plan_offsets(round_state *s, const shmb_drain_log *log)
+{
+    int64_t next = log->log_end_offset;
+    for (size_t i = 0; i < s->batches_count; i++) {
+        planned_batch *b = &s->batches[i];
+        int64_t last;
+        if (__builtin_add_overflow(next, b->last_offset, &last) || last > log->last_offset_max)
+            return SHMB_DRAIN_DECLINE_OFFSET_LIMIT;
+        b->base_offset = next;
+        b->last_offset = last;
+        next = last + 1;
+    }
+    return 0;
+}
+
+/* PartitionLog._write without a roll: segment.ms (time_waited_for_roll), then room_for/_fits
+ * for every batch as one group. Stricter than _write where it is cheaper to be: a round that
+ * would need two writes to one segment is declined too. */
+static int check_no_roll(const round_state *s, const shmb_drain_log *log)
+{
+    size_t nb = s->batches_count;
+    int64_t incoming_max = INT64_MIN;
+    for (size_t i = 0; i < nb; i++)
+        if (s->batches[i].max_timestamp > incoming_max)
+            incoming_max = s->batches[i].max_timestamp;
+    if (log->segment_size > 0) {
+        int64_t first = log->first_batch_max_timestamp;
+        int64_t waited = first >= 0 ? incoming_max - first : log->now_ms - log->created_ms;
+        if (waited > log->segment_ms)
+            return SHMB_DRAIN_DECLINE_ROLL_DUE;
+    }
+    if (log->offset_entries_left < (int64_t)nb + 1 || log->time_entries_left < (int64_t)nb + 2)
+        return SHMB_DRAIN_DECLINE_ROLL_DUE;
+    uint64_t total = 0;
+    for (size_t i = 0; i < nb; i++) {
+        total += s->batches[i].size;
+        /* An empty segment takes its first batch whatever its size (room_for). */
+        if ((log->segment_size > 0 || i > 0) && log->segment_size + total > log->segment_bytes)
+            return SHMB_DRAIN_DECLINE_ROLL_DUE;
+        if (s->batches[i].last_offset - log->segment_base_offset > INT32_RELATIVE_MAX)
+            return SHMB_DRAIN_DECLINE_ROLL_DUE;
+    }
+    return 0;
+}
+
+/* Everything that makes the Python round do more than append + publish + complete. */
+static int check_round(shmb_drain_ring *rings, size_t n, uint8_t *control, uint64_t records,
+                       const round_state *s, const shmb_drain_log *log)
+{
+    for (size_t i = 0; i < n; i++)
+        if (rings[i].count && shmb_u32_load_seq_cst(rings[i].region +
+                                                    SHMB_RING_FSYNC_REQUIRED_OFFSET))
+            return SHMB_DRAIN_DECLINE_FSYNC_REQUIRED;
+    int d = check_no_roll(s, log);
+    if (d)
+        return d;
+    if (log->flush_due ||
+        (log->flush_records_left >= 0 && (int64_t)records >= log->flush_records_left))
+        return SHMB_DRAIN_DECLINE_FLUSH_DUE;
+    /* ControlRegion.publish asserts this; take_ownership made it even. */
+    if (shmb_u64_load_seq_cst(control + SHMB_CTL_STATE_SEQ_OFFSET) & 1)
+        return SHMB_DRAIN_DECLINE_STATE_ODD;
+    return 0;
+}
+
+/* LogSegment.append's patched prefix and _index_batches' IndexRule, on the scratch copy. */
+static int patch_and_index(round_state *s, uint8_t *scratch, const shmb_drain_log *log,
+                           shmb_drain_result *out)
+{
+    size_t nb = s->batches_count;
+    out->offset_entries = malloc(nb * sizeof(shmb_drain_entry));
+    out->time_entries = malloc(nb * sizeof(shmb_drain_entry));
+    if (out->offset_entries == NULL || out->time_entries == NULL)
+        return SHMB_DRAIN_DECLINE_NO_MEMORY;
+    int64_t since = log->bytes_since_entry, max_ts = log->max_timestamp;
+    int64_t max_off = log->offset_of_max_timestamp;
+    uint64_t position = log->segment_size;
+    for (size_t i = 0; i < nb; i++) {
+        planned_batch *b = &s->batches[i];
+        put_be64(scratch + b->position + SHMB_RB_BASE_OFFSET_OFFSET, (uint64_t)b->base_offset);
+        put_be32(scratch + b->position + SHMB_RB_PARTITION_LEADER_EPOCH_OFFSET,
+                 (uint32_t)log->leader_epoch);
+        if (b->max_timestamp > max_ts) { /* IndexRule.observe */
+            max_ts = b->max_timestamp;
+            max_off = b->last_offset;
+        }
+        if (since > log->interval_bytes) {
+            since = 0;
+            out->offset_entries[out->offset_entries_count++] =
+                (shmb_drain_entry){b->last_offset, (int64_t)position};
+            out->time_entries[out->time_entries_count++] = (shmb_drain_entry){max_ts, max_off};
+        }
+        since += (int64_t)b->size;
+        if (position == 0) {
+            out->first_batch_set = 1;
+            out->first_batch_max_timestamp = b->max_timestamp;
+        }
+        position += b->size;
+    }
+    out->bytes_since_entry = since;
+    out->max_timestamp = max_ts;
+    out->offset_of_max_timestamp = max_off;
+    out->segment_size = position;
+    out->log_end_offset = s->batches[nb - 1].last_offset + 1;
+    out->batches = nb;
+    return 0;
+}
+
+/* ---- phase 3: act ----------------------------------------------------------------------- */
+
+/* RingConsumer._nudge_producer. */
+static void nudge(uint8_t *region)
+{
+    if (shmb_u32_load_seq_cst(region + SHMB_RING_SPACE_WAITING_OFFSET)) {
+        shmb_u32_fetch_add(region + SHMB_RING_SPACE_SEQ_OFFSET, 1);
+        shmb_futex_wake((uint32_t *)(region + SHMB_RING_SPACE_SEQ_OFFSET), INT_MAX);
+    }
+}
+
+/* LogSegment.append's write: everything or an error (short writes resume). */
+static int write_all(int fd, const uint8_t *p, size_t len, int *err)
+{
+    size_t done = 0;
+    unsigned eintr = 0;
+    while (done < len) { /* bounded: each pass writes a byte, fails, or counts an EINTR */
+        ssize_t w = write(fd, p + done, len - done);
+        if (w < 0) {
+            if (errno == EINTR && ++eintr < WRITE_EINTR_MAX)
+                continue;
+            *err = errno;
+            return -1;
+        }
+        if (w == 0) {
+            *err = EIO;
+            return -1;
+        }
+        done += (size_t)w;
+    }
+    return 0;
+}
+
+/* ControlRegion.publish: seqlock odd, fields, even; hw_seq; wake consumers. */
+static void publish(uint8_t *control, const shmb_drain_log *log, const shmb_drain_result *out)
+{
+    uint64_t seq = shmb_u64_load_seq_cst(control + SHMB_CTL_STATE_SEQ_OFFSET);
+    int64_t hw = out->log_end_offset, start = log->log_start_offset;
+    int64_t base = log->segment_base_offset, end = (int64_t)out->segment_size;
+    shmb_u64_store_seq_cst(control + SHMB_CTL_STATE_SEQ_OFFSET, seq + 1);
+    memcpy(control + SHMB_CTL_HIGH_WATERMARK_OFFSET, &hw, 8);
+    memcpy(control + SHMB_CTL_LOG_START_OFFSET_OFFSET, &start, 8);
+    memcpy(control + SHMB_CTL_ACTIVE_SEGMENT_BASE_OFFSET_OFFSET, &base, 8);
+    memcpy(control + SHMB_CTL_ACTIVE_SEGMENT_END_POSITION_OFFSET, &end, 8);
+    memcpy(control + SHMB_CTL_PARTITION_PID_OFFSET, &log->pid, 4);
+    memcpy(control + SHMB_CTL_LEADER_EPOCH_OFFSET, &log->leader_epoch, 4);
+    memcpy(control + SHMB_CTL_PARTITION_START_TIME_OFFSET, &log->start_time, 8);
+    shmb_u64_store_seq_cst(control + SHMB_CTL_STATE_SEQ_OFFSET, seq + 2);
+    shmb_u32_fetch_add(control + SHMB_CTL_HW_SEQ_OFFSET, 1);
+    if (shmb_u32_load_seq_cst(control + SHMB_CTL_HW_WAITERS_OFFSET))
+        shmb_futex_wake((uint32_t *)(control + SHMB_CTL_HW_SEQ_OFFSET), INT_MAX);
+}
+
+/* RingConsumer.complete (error_code 0). */
+static void complete(shmb_drain_ring *r)
+{
+    uint8_t *region = r->region;
+    uint64_t written = shmb_u64_load_seq_cst(region + SHMB_RING_COMPLETIONS_WRITTEN_OFFSET);
+    uint8_t *c = region + SHMB_RING_COMPLETIONS_OFFSET +
+                 (written % SHMB_COMPLETIONS_MAX) * SHMB_COMPLETION_BYTES;
+    uint64_t first = r->expected_sequence, last = r->expected_sequence + r->count - 1;
+    int32_t code = 0;
+    memset(c, 0, SHMB_COMPLETION_BYTES); /* the padding too, as struct.pack_into writes it */
+    memcpy(c + SHMB_COMPL_FIRST_SEQUENCE_OFFSET, &first, 8);
+    memcpy(c + SHMB_COMPL_LAST_SEQUENCE_OFFSET, &last, 8);
+    memcpy(c + SHMB_COMPL_BASE_OFFSET_OFFSET, &r->base_offset, 8);
+    memcpy(c + SHMB_COMPL_ERROR_CODE_OFFSET, &code, 4);
+    shmb_u64_store_seq_cst(region + SHMB_RING_COMPLETIONS_WRITTEN_OFFSET, written + 1);
+    shmb_u64_store_seq_cst(region + SHMB_RING_ACKED_SEQUENCE_OFFSET, last + 1);
+    shmb_u32_fetch_add(region + SHMB_RING_ACK_SEQ_OFFSET, 1);
+    if (shmb_u32_load_seq_cst(region + SHMB_RING_ACK_WAITING_OFFSET))
+        shmb_futex_wake((uint32_t *)(region + SHMB_RING_ACK_SEQ_OFFSET), INT_MAX);
+}
+
+/* Steps 2-6 of drain.py's module doc, in that order. */
+static int act(shmb_drain_ring *rings, size_t n, uint8_t *control, const uint8_t *scratch,
+               size_t used, const shmb_drain_log *log, shmb_drain_result *out)
+{
+    shmb_u64_store_seq_cst(control + SHMB_CTL_APPEND_ROUND_BASE_OFFSET_OFFSET,
+                           (uint64_t)log->log_end_offset);
+    if (write_all(log->fd, scratch, used, &out->write_errno) < 0) {
+        /* LogSegment._undo_partial_write: no torn batch stays behind. */
+        out->truncated = ftruncate(log->fd, (off_t)log->segment_size) == 0;
+        return SHMB_DRAIN_WRITE_FAILED;
+    }
+    if (log->stop_after == SHMB_DRAIN_STOP_AFTER_WRITE)
+        return SHMB_DRAIN_DONE;
+    publish(control, log, out); /* before complete: an acked record is always readable */
+    if (log->stop_after == SHMB_DRAIN_STOP_AFTER_PUBLISH)
+        return SHMB_DRAIN_DONE;
+    for (size_t i = 0; i < n; i++)
+        if (rings[i].count)
+            complete(&rings[i]);
+    if (log->stop_after == SHMB_DRAIN_STOP_AFTER_COMPLETE)
+        return SHMB_DRAIN_DONE;
+    for (size_t i = 0; i < n; i++)
+        if (rings[i].count &&
+            shmb_ring_release(rings[i].region, rings[i].region_len, rings[i].next_position,
+                              &rings[i].release_err) != SHMB_RING_OK)
+            rings[i].release_failed = 1;
+    return SHMB_DRAIN_DONE;
+}
+
+/* ---- the round -------------------------------------------------------------------------- */
+
+static int decline(shmb_drain_result *out, int why)
+{
+    free(out->offset_entries);
+    free(out->time_entries);
+    memset(out, 0, sizeof *out);
+    out->decline = why;
+    return SHMB_DRAIN_DECLINED;
+}
+
+int shmb_drain_round(shmb_drain_ring *rings, size_t n, uint8_t *control, uint8_t *scratch,
+                     size_t scratch_len, const shmb_drain_log *log, shmb_drain_result *out)
+{
+    round_state s;
+    size_t used = 0;
+    memset(&s, 0, sizeof s);
+    memset(out, 0, sizeof *out);
+    int d = collect(rings, n, log, &s, scratch, scratch_len, &used);
+    if (d == 0 && s.frames > 0 && (s.ring_first_batch = malloc(n * sizeof(size_t))) == NULL)
+        d = SHMB_DRAIN_DECLINE_NO_MEMORY;
+    for (size_t i = 0, frame = 0; d == 0 && i < n; i++) {
+        if (s.frames > 0)
+            s.ring_first_batch[i] = s.batches_count;
+        size_t at = rings[i].scratch_at;
+        for (uint32_t k = 0; d == 0 && k < rings[i].count; k++, frame++) {
+            d = check_frame(scratch, at, s.frame_lens[frame], log, &s);
+            at += s.frame_lens[frame];
+        }
+    }
+    if (d == 0 && s.frames > 0)
+        d = plan_offsets(&s, log);
+    if (d == 0 && s.frames > 0)
+        d = check_round(rings, n, control, s.records, &s, log);
+    if (d == 0 && s.frames > 0)
+        d = patch_and_index(&s, scratch, log, out);
+    if (d) {
+        round_free(&s);
+        return decline(out, d);
+    }
+    /* From here on, shared memory and the log change. */
+    for (size_t i = 0; i < n; i++)
+        if (rings[i].held_back)
+            nudge(rings[i].region);
+    out->frames = s.frames;
+    out->records = s.records;
+    out->bytes = used;
+    int status = SHMB_DRAIN_DONE;
+    if (s.frames > 0) {
+        for (size_t i = 0; i < n; i++)
+            if (rings[i].count)
+                rings[i].base_offset = s.batches[s.ring_first_batch[i]].base_offset;
+        status = act(rings, n, control, scratch, used, log, out);
+    }
+    round_free(&s);
+    return status;
+}
+
+void shmb_drain_result_free(shmb_drain_result *r)
+{
+    free(r->offset_entries);
+    free(r->time_entries);
+    r->offset_entries = r->time_entries = NULL;
+}

@@ -1,0 +1,261 @@
+"""The C drain round (``_native.drain_round``) against its reference, the Python round.
+
+Each test plays one script of ring writes and partition steps twice, on real shared memory
+and real files, in two data directories: once with the Python round only, once with the C
+round first. Everything the two leave behind must be byte-identical: every segment, .index
+and .timeindex file (before and after a clean close), every completion each producer got,
+and the published state. The scripts cover what the C round does itself (several rings,
+several frames per ring, frames of several batches, index entries in the middle of a round,
+a ring that wraps with padding) and what it declines to the Python round (a bad frame, a
+roll due by size and by time, acks=all, the flush policy); those tests also check that it
+did decline, for the reason expected, and that the C round ran in the other steps.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import pytest
+
+from shmbroker import records
+from shmbroker.config import LogConfig
+from shmbroker.layout import shm as L
+from shmbroker.log import files
+from shmbroker.partition.ingress import base_sequence_for, producer_id_for
+from shmbroker.partition.owner import PartitionOwner
+from shmbroker.shm import names
+from shmbroker.shm.control import ControlRegion
+from shmbroker.shm.ring import RingProducer
+
+pytestmark = pytest.mark.timeout(60)
+
+TOPIC = "t"
+#: Record timestamps start here (ms); the log's clock stays at CLOCK_MS.
+TIME0_MS = 1_700_000_000_000
+CLOCK_MS = TIME0_MS + 10_000_000
+
+
+class Rings:
+    """A control region and ``n`` registered producer rings, as the supervisor and producers
+    make them; frames are written with the producer's stamps, deterministically."""
+
+    def __init__(self, data_dir: str, n: int, capacities: list[int]):
+        prefix = names.broker_prefix(data_dir)
+        self.control = ControlRegion.create(names.control_name(prefix, TOPIC, 0), 0)
+        self.rings: list[RingProducer] = []
+        self.ids: list[int] = []
+        for k in range(n):
+            slot, generation = self.control.claim_slot(capacities[k])
+            ring = RingProducer.create(names.ring_name(prefix, TOPIC, 0, slot, generation),
+                                       capacities[k], partition=0, slot=slot,
+                                       generation=generation, control=self.control)
+            self.control.set_slot_state(slot, L.SLOT_READY)
+            self.rings.append(ring)
+            self.ids.append(producer_id_for(slot, generation))
+        self.control.announce_registry_change()
+        self.completions: list[list] = [[] for _ in range(n)]
+        #: Rings whose producer does not read its completions for now (acks back-pressure).
+        self.hold: set[int] = set()
+
+    def batch(self, k: int, seq: int, records_count: int, size: int, ts: int) -> bytes:
+        return records.encode_batch(
+            [b"r%d-%d-%d-" % (k, seq, i) + b"x" * size for i in range(records_count)],
+            timestamps=[ts + i for i in range(records_count)], producer_id=self.ids[k],
+            producer_epoch=0, base_sequence=base_sequence_for(seq))
+
+    def frame(self, k: int, batches: list[tuple[int, int, int]]) -> None:
+        """One frame of ring k holding one batch per (records, value size, timestamp)."""
+        seq = self.rings[k].next_sequence
+        self.send(k, b"".join(self.batch(k, seq, n, size, ts) for n, size, ts in batches))
+
+    def send(self, k: int, payload: bytes) -> None:
+        self.rings[k].try_send_many([payload])  # no reap: completions are collected below
+        self.reap()
+
+    def reap(self) -> None:
+        for k, ring in enumerate(self.rings):
+            if k not in self.hold:
+                self.completions[k] += [tuple(c) for c in ring.poll_completions()]
+
+    def close(self) -> None:
+        for ring in self.rings:
+            ring.close()
+        self.control.unlink()
+        self.control.close()
+
+
+Script = Callable[[Rings, PartitionOwner, int], None]
+
+
+def play(data_dir, native: bool, config: LogConfig, capacities: list[int], steps: int,
+         script: Script) -> dict:
+    """Runs ``script(rings, owner, step)`` then ``owner.step()`` ``steps`` times; returns what
+    the two rounds must agree on, and the drainer's counters."""
+    os.makedirs(data_dir, exist_ok=True)
+    rings = Rings(str(data_dir), len(capacities), capacities)
+    owner = PartitionOwner(str(data_dir), TOPIC, 0, config, clock_ms=lambda: CLOCK_MS,
+                           control=ControlRegion.attach(rings.control.name))
+    owner.drainer.native = native
+    try:
+        for step in range(steps):
+            script(rings, owner, step)
+            owner.step()
+            rings.reap()
+        rings.hold.clear()
+        rings.reap()
+        while owner.step():  # bounded: the rings hold finitely many frames
+            rings.reap()
+        rings.reap()
+        state = rings.control.read_state()
+        directory = owner.log.directory
+        before = _files(directory)
+        drainer = owner.drainer
+        owner.shutdown()
+        owner.close()
+        return {"files": before, "files_closed": _files(directory),
+                "completions": rings.completions,
+                "state": (state.high_watermark, state.log_start_offset,
+                          state.active_segment_base_offset, state.active_segment_end_position),
+                "native_rounds": drainer.native_rounds, "declined": drainer.native_declined,
+                "rejected": drainer.frames_rejected}
+    finally:
+        rings.close()
+
+
+def _files(directory: str) -> dict[str, bytes]:
+    out = {}
+    for name in sorted(os.listdir(directory)):
+        if name.endswith((files.LOG_SUFFIX, files.INDEX_SUFFIX, files.TIMEINDEX_SUFFIX)):
+            with open(os.path.join(directory, name), "rb") as f:
+                out[name] = f.read()
+    return out
+
+
+def both(tmp_path, config: LogConfig, capacities: list[int], steps: int, script: Script
+         ) -> tuple[dict, dict]:
+    python = play(tmp_path / "python", False, config, capacities, steps, script)
+    native = play(tmp_path / "native", True, config, capacities, steps, script)
+    assert python["native_rounds"] == 0
+    for key in ("files", "files_closed", "completions", "state", "rejected"):
+        assert native[key] == python[key], key
+    assert python["files"] and any(c for c in python["completions"])
+    return python, native
+
+
+def mixed_frames(rings: Rings, owner: PartitionOwner, step: int) -> None:
+    """Several rings, several frames each, some of several batches, timestamps that go back
+    and forth (the time index keeps only new maxima)."""
+    for k in range(len(rings.rings)):
+        for j in range(1 + (step + k) % 3):
+            ts = TIME0_MS + step * 100 + (7 * j + 3 * k) % 11 * 5
+            if (j + k) % 2:
+                rings.frame(k, [(3, 40, ts), (1, 120, ts - 50), (5, 10, ts + 20)])
+            else:
+                rings.frame(k, [(2 + j, 60 + 10 * k, ts)])
+
+
+def test_c_round_and_python_round_write_identical_segments_indexes_and_completions(tmp_path):
+    # Index entries every 300 bytes: most rounds cross one or more inside a ring's frames.
+    config = LogConfig(index_interval_bytes=300)
+    _, native = both(tmp_path, config, [1 << 16] * 4, 12, mixed_frames)
+    assert native["native_rounds"] >= 10
+    assert set(native["declined"]) <= {"NEW_RING"}  # each ring's first frame: Python
+
+
+def test_c_round_handles_a_ring_that_wraps_with_padding_like_the_python_round(tmp_path):
+    def script(rings, owner, step):
+        for j in range(3):
+            rings.frame(0, [(2, 150 + 37 * ((step + j) % 5), TIME0_MS + step)])
+        rings.frame(1, [(1, 20, TIME0_MS + step)])
+
+    _, native = both(tmp_path, LogConfig(index_interval_bytes=500), [1 << 12, 1 << 12], 30,
+                     script)
+    assert native["native_rounds"] >= 25
+
+
+def test_a_held_back_ring_is_skipped_and_its_producer_nudged_like_the_python_round(tmp_path):
+    """Ring 0's producer reads no completions: after COMPLETIONS_MAX of them both rounds
+    skip its frames (and nudge it) while ring 1 goes on; then it reads them and is drained."""
+    def script(rings, owner, step):
+        rings.hold = {0}
+        rings.frame(0, [(1, 30, TIME0_MS + step)])
+        rings.frame(1, [(2, 30, TIME0_MS + step)])
+
+    python, native = both(tmp_path, LogConfig(index_interval_bytes=400), [1 << 16] * 2,
+                          L.COMPLETIONS_MAX + 6, script)
+    assert len(python["completions"][0]) > L.COMPLETIONS_MAX  # it was held back, then drained
+    assert native["native_rounds"] >= L.COMPLETIONS_MAX
+    assert set(native["declined"]) <= {"NEW_RING"}
+
+
+def test_a_bad_frame_makes_the_c_round_decline_and_the_python_round_rejects_it_alone(tmp_path):
+    def script(rings, owner, step):
+        mixed_frames(rings, owner, step)
+        if step in (3, 7):
+            rings.send(1, b"\0" * 70)  # not a RecordBatch
+        if step == 5:  # a valid batch followed by a cut one, in one frame
+            good = rings.batch(2, rings.rings[2].next_sequence, 2, 30, TIME0_MS)
+            rings.send(2, good + good[:40])
+
+    python, native = both(tmp_path, LogConfig(index_interval_bytes=300), [1 << 16] * 3, 10,
+                          script)
+    assert python["rejected"] == 3
+    assert native["declined"]["BAD_FRAME"] >= 3
+    assert native["native_rounds"] >= 5
+
+
+def test_a_roll_due_by_size_is_left_to_the_python_round(tmp_path):
+    config = LogConfig(segment_bytes=2048, index_interval_bytes=200)
+    python, native = both(tmp_path, config, [1 << 16] * 2, 12, mixed_frames)
+    assert sum(n.endswith(files.LOG_SUFFIX) for n in python["files"]) >= 3
+    assert native["declined"]["ROLL_DUE"] >= 2
+    assert native["native_rounds"] >= 2
+
+
+def test_a_roll_due_by_time_is_left_to_the_python_round(tmp_path):
+    def script(rings, owner, step):
+        # segment.ms counts record time: 1 s per step, segments of 3 s.
+        rings.frame(step % 2, [(2, 50, TIME0_MS + 1000 * step)])
+        rings.frame(1 - step % 2, [(1, 80, TIME0_MS + 1000 * step + 1)])
+
+    config = LogConfig(segment_ms=3000, index_interval_bytes=200)
+    python, native = both(tmp_path, config, [1 << 16] * 2, 12, script)
+    assert sum(n.endswith(files.LOG_SUFFIX) for n in python["files"]) >= 3
+    assert native["declined"]["ROLL_DUE"] >= 2
+    assert native["native_rounds"] >= 4
+
+
+def test_acks_all_is_left_to_the_python_round_which_fsyncs(tmp_path):
+    def script(rings, owner, step):
+        rings.rings[1].set_fsync_required(step in (4, 5, 8))
+        mixed_frames(rings, owner, step)
+
+    _, native = both(tmp_path, LogConfig(), [1 << 16] * 3, 10, script)
+    assert native["declined"]["FSYNC_REQUIRED"] >= 3
+    assert native["native_rounds"] >= 4
+
+
+def test_a_flush_due_by_flush_messages_is_left_to_the_python_round(tmp_path):
+    _, native = both(tmp_path, LogConfig(flush_messages=40), [1 << 16] * 2, 10, mixed_frames)
+    assert native["declined"]["FLUSH_DUE"] >= 1
+    assert native["native_rounds"] >= 1
+
+
+def test_index_entries_at_exact_interval_boundaries_match(tmp_path):
+    """Batches of one size and an interval of exactly three of them: IndexRule's strict '>'
+    (an entry after more than interval bytes) is where an off-by-one would show."""
+    size = len(records.encode_batch([b"v" * 50], timestamp=TIME0_MS))
+
+    def script(rings, owner, step):
+        for k in range(2):
+            for _ in range(step % 4 + 1):
+                seq = rings.rings[k].next_sequence
+                rings.send(k, records.encode_batch(
+                    [b"v" * 50], timestamp=TIME0_MS + step, producer_id=rings.ids[k],
+                    producer_epoch=0, base_sequence=base_sequence_for(seq)))
+
+    python, native = both(tmp_path, LogConfig(index_interval_bytes=3 * size), [1 << 16] * 2,
+                          10, script)
+    index = [v for n, v in python["files"].items() if n.endswith(files.INDEX_SUFFIX)]
+    assert index and len(index[0]) >= 8 * 5
+    assert native["native_rounds"] >= 8
