@@ -19,13 +19,14 @@ first handed it a record of that partition. Measured: from the event to the mome
 partition was first consumed by its new owner, once the live members own every partition
 exactly once, each assigned after the event. That is records flowing again: it includes the
 heartbeat that tells members to rejoin, revocation, join, sync, offset fetch, and the wait
-for the next fed record (up to --feed-ms).
+for the next fed record (up to --feed-ms). The raw mode runs first, before the feeder starts:
+feeding 64 partitions every 10 ms costs about half of one of this VM's 2 cores.
 
 Kafka's defaults are printed beside as reference lines: a dead member is noticed after the
 session timeout (45 s), a rebalance waits for members' heartbeats (every 3 s).
 
     .venv/bin/python perf/bench_groups.py [--mode raw|consumer|both] [--partitions 64]
-        [--sizes 2,8,32] [--runs 3] [--heartbeat-ms 20] [--feed-ms 5]
+        [--sizes 2,8,32] [--runs 3] [--heartbeat-ms 20] [--feed-ms 10]
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ TOPIC = "bench-groups"
 #: How long one measurement may take before it is reported as a failure.
 SETTLE_S_MAX = 30.0
 REPLY_TIMEOUT_MS = 5_000
-#: How long the feeder may wait for every partition to take its first record.
+#: How long to wait for every partition of the new topic to take its first record.
 FEEDER_START_S_MAX = 120.0
 
 
@@ -363,8 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--heartbeat-ms", type=int, default=20,
                     help="members' heartbeat interval (default 20 ms)")
-    ap.add_argument("--feed-ms", type=float, default=5.0,
-                    help="consumer mode: one record per partition this often (default 5 ms)")
+    ap.add_argument("--feed-ms", type=float, default=10.0,
+                    help="consumer mode: one record per partition this often (default 10 ms)")
     args = ap.parse_args(argv)
     from machine import cpu_model, git_commit
 
@@ -385,14 +386,31 @@ def main(argv: list[str] | None = None) -> int:
                 break
             except Exception:
                 time.sleep(0.05)
-        if "consumer" in modes:
-            feeder_conn, theirs = ctx.Pipe()
-            feeder = ctx.Process(target=_feeder, daemon=True,
-                                 args=(data_dir, args.partitions, args.feed_ms / 1000, theirs))
-            feeder.start()
-            if not feeder_conn.poll(FEEDER_START_S_MAX):
-                raise RuntimeError(f"the feeder did not start within {FEEDER_START_S_MAX} s")
-            feeder_conn.recv()
+        # Every partition process up before anything is timed (64 of them take seconds to
+        # start on 2 cores, and would load the first runs).
+        from shmbroker import Producer
+        with Producer(broker=data_dir) as producer:
+            for future in [producer.send(TOPIC, b"x", partition=p)
+                           for p in range(args.partitions)]:
+                future.result(FEEDER_START_S_MAX)
+        sizes = [int(s) for s in args.sizes.split(",")]
+        results: dict[tuple[str, int], list] = {}
+        for mode in modes:  # raw first: the feeder's load must not slow the raw members
+            if mode == "consumer":
+                feeder_conn, theirs = ctx.Pipe()
+                feeder = ctx.Process(target=_feeder, daemon=True, args=(
+                    data_dir, args.partitions, args.feed_ms / 1000, theirs))
+                feeder.start()
+                if not feeder_conn.poll(FEEDER_START_S_MAX):
+                    raise RuntimeError(f"the feeder did not start in {FEEDER_START_S_MAX} s")
+                feeder_conn.recv()
+            measure_one = measure if mode == "raw" else measure_consumers
+            beat = args.heartbeat_ms / 1000 if mode == "raw" else args.heartbeat_ms
+            for size in sizes:
+                results[mode, size] = [measure_one(ctx, data_dir, size, args.partitions, beat, r)
+                                       for r in range(args.runs)]
+                print(f"  {mode}, {size} members: {results[mode, size]}", file=sys.stderr,
+                      flush=True)
         print(f"bench_groups: {cpu_model()}, {os.cpu_count()} cores, commit {git_commit()}, "
               f"{args.partitions} partitions, heartbeat {args.heartbeat_ms} ms, "
               + (f"feed every {args.feed_ms:g} ms, " if feeder else "")
@@ -402,19 +420,15 @@ def main(argv: list[str] | None = None) -> int:
         widths = {"raw": (22, 27), "consumer": (23, 26)}
         print(f"{'members':>8}" + "".join(f"  {h:>{w}}" for m in modes
                                           for h, w in zip(heads[m], widths[m])))
-        for size in [int(s) for s in args.sizes.split(",")]:
+        for size in sizes:
             line, incomplete = f"{size:>8}", False
             for mode in modes:
-                measure_one = measure if mode == "raw" else measure_consumers
-                beat = args.heartbeat_ms / 1000 if mode == "raw" else args.heartbeat_ms
-                results = [measure_one(ctx, data_dir, size, args.partitions, beat, r)
-                           for r in range(args.runs)]
-                joins = [j for j, _ in results if j is not None]
-                kills = [k for _, k in results if k is not None]
+                joins = [j for j, _ in results[mode, size] if j is not None]
+                kills = [k for _, k in results[mode, size] if k is not None]
                 incomplete |= not len(joins) == len(kills) == args.runs
                 line += "".join(f"  {_show(xs):>{w}}" for xs, w in zip((joins, kills),
                                                                       widths[mode]))
-            print(line + ("  (some runs never settled)" if incomplete else ""), flush=True)
+            print(line + ("  (some runs never settled)" if incomplete else ""))
         kafka = {"raw": (">= heartbeat (3,000)", "session timeout (45,000)"),
                  "consumer": (">= heartbeat (3,000)", "session timeout (45,000)")}
         print(f"{'Kafka':>8}" + "".join(f"  {h:>{w}}" for m in modes
