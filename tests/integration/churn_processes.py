@@ -2,13 +2,14 @@
 ``kill -9`` hits a real, independent process:
 
     python churn_processes.py producer DATA_DIR TOPIC PARTITIONS COUNT DURATION_S OUT
-    python churn_processes.py member DATA_DIR TOPIC GROUP OUT STOP_PATH COMMIT_INTERVAL_MS
+    python churn_processes.py member DATA_DIR TOPIC GROUP OUT STOP_PATH COMMIT_INTERVAL_MS PROTOCOLS
 
 **producer** sends records 0..COUNT-1 (the value is the record's sequence number, 8 bytes big
 endian), record i to partition i % PARTITIONS, paced to take about DURATION_S, then flushes
 and writes ``done COUNT`` to OUT.
 
-**member** is a ``Consumer(TOPIC, group=GROUP)`` that polls until STOP_PATH exists, then
+**member** is a ``Consumer(TOPIC, group=GROUP, group_protocols=PROTOCOLS.split(","))``
+(eager unless every protocol is cooperative) that polls until STOP_PATH exists, then
 ``close()``s (a graceful leave). Every event is one JSON line appended to OUT with a single
 ``write()`` (so a ``kill -9`` never leaves half of one, and every line written before the kill
 is in the file): ``assign``/``revoke`` (partitions), ``rec`` (``[partition, offset, sequence]``
@@ -62,12 +63,13 @@ def produce(data_dir: str, topic: str, partitions: int, count: int, duration_s: 
 
 class Member:
     def __init__(self, data_dir: str, topic: str, group: str, out_path: str, stop_path: str,
-                 commit_interval_ms: int):
+                 commit_interval_ms: int, protocols: list[str]):
         self.fd = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self.stop_path = stop_path
         self.commit_interval_s = commit_interval_ms / 1000
         self.consumer = Consumer(topic, broker=data_dir, group=group,
                                  auto_offset_reset="earliest", enable_auto_commit=False,
+                                 group_protocols=protocols,
                                  on_assign=self.on_assign, on_revoke=self.on_revoke)
 
     def emit(self, event: str, **fields) -> None:
@@ -123,8 +125,9 @@ def main(argv: list[str]) -> None:
         data_dir, topic, partitions, count, duration_s, out_path = args
         produce(data_dir, topic, int(partitions), int(count), float(duration_s), out_path)
     elif role == "member":
-        data_dir, topic, group, out_path, stop_path, commit_interval_ms = args
-        Member(data_dir, topic, group, out_path, stop_path, int(commit_interval_ms)).run()
+        data_dir, topic, group, out_path, stop_path, commit_interval_ms, protocols = args
+        Member(data_dir, topic, group, out_path, stop_path, int(commit_interval_ms),
+               protocols.split(",")).run()
     else:
         raise SystemExit(f"unknown role {role!r}")
 

@@ -145,8 +145,10 @@ def procs(tmp_path):
         proc.cleanup()
 
 
+@pytest.mark.parametrize("protocols", ["cooperative-sticky,range", "cooperative-sticky"],
+                         ids=["eager", "cooperative"])
 def test_churn_during_production_loses_no_record_and_repeats_only_dead_members_uncommitted_windows(
-        broker, procs):
+        broker, procs, protocols):
     """Two members, then joins, a kill -9, a graceful leave, a join and a kill -9 while the
     producer runs; then every record, the duplicates and the dead members' takeover times."""
     data_dir = broker.data_dir
@@ -156,7 +158,7 @@ def test_churn_during_production_loses_no_record_and_repeats_only_dead_members_u
 
     def member(name: str) -> Proc:
         return procs(name, "member", data_dir, TOPIC, "g", "{out}", "{stop}",
-                     str(COMMIT_INTERVAL_MS))
+                     str(COMMIT_INTERVAL_MS), protocols)
 
     members = [member("m0"), member("m1")]
     wait_for(lambda: settled(members), what="the first two members to share the partitions")
