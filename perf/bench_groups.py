@@ -12,7 +12,9 @@ Measured: from the event to every member holding its part of one generation's as
 (all partitions owned exactly once). The assignment in the members' hands, not records.
 
 ``consumer``: members are real ``Consumer(topic, group=...)`` processes (default assignors,
-so eager on the client side: every member revokes all its partitions and rejoins;
+so eager on the client side: every member revokes all its partitions and rejoins; with
+``--protocols cooperative-sticky`` only moved partitions pause, and a partition its owner kept
+throughout counts as consuming from the event on;
 ``heartbeat_interval_ms`` = --heartbeat-ms), and a feeder process sends one record to every
 partition every --feed-ms. Each member reports, per partition it is assigned, when a poll
 first handed it a record of that partition. Measured: from the event to the moment the last
@@ -30,6 +32,7 @@ session timeout (45 s), a rebalance waits for members' heartbeats (every 3 s).
 
     .venv/bin/python perf/bench_groups.py [--mode raw|consumer|both] [--partitions 64]
         [--sizes 2,8,32] [--runs 3] [--heartbeat-ms 20] [--feed-ms 50]
+        [--protocols cooperative-sticky,range | cooperative-sticky]
 """
 from __future__ import annotations
 
@@ -204,7 +207,8 @@ def _feeder(data_dir: str, partitions: int, feed_s: float, conn) -> None:
             time.sleep(max(0.0, tick - time.monotonic()))
 
 
-def _consumer_member(data_dir: str, group: str, heartbeat_ms: int, conn) -> None:
+def _consumer_member(data_dir: str, group: str, heartbeat_ms: int, protocols: list, conn
+                     ) -> None:
     """A Consumer group member. Reports over ``conn`` (its own pipe: no lock shared with other
     members, which a kill -9 could leave held): ("assign"|"revoke", partitions, t) and
     ("first", partition, t) when a poll first hands it a record of a partition assigned to it.
@@ -224,8 +228,8 @@ def _consumer_member(data_dir: str, group: str, heartbeat_ms: int, conn) -> None
         conn.send(("revoke", partitions, time.monotonic()))
 
     consumer = Consumer(TOPIC, broker=data_dir, group=group, auto_offset_reset="latest",
-                        heartbeat_interval_ms=heartbeat_ms, on_assign=on_assign,
-                        on_revoke=on_revoke)
+                        heartbeat_interval_ms=heartbeat_ms, group_protocols=protocols,
+                        on_assign=on_assign, on_revoke=on_revoke)
     try:
         conn.send(("ready", [], time.monotonic()))
         conn.recv()  # go
@@ -245,8 +249,10 @@ class ConsumerGroup:
     """The Consumer member processes of one group and what they reported: per live member,
     per partition it owns, when it was assigned and when it first consumed a record of it."""
 
-    def __init__(self, ctx, data_dir: str, name: str, heartbeat_ms: int):
+    def __init__(self, ctx, data_dir: str, name: str, heartbeat_ms: int, protocols: list):
         self.ctx, self.data_dir, self.name, self.heartbeat_ms = ctx, data_dir, name, heartbeat_ms
+        self.protocols = protocols
+        self.going: set[int] = set()
         self.procs: dict[int, mp.Process] = {}
         self.conns: dict[int, object] = {}
         self.owned: dict[int, dict[int, list]] = {}  # pid -> partition -> [assigned t, first t]
@@ -256,7 +262,8 @@ class ConsumerGroup:
         """A started member process, ready (its Consumer made) but not joined; its pid."""
         mine, theirs = self.ctx.Pipe()
         proc = self.ctx.Process(target=_consumer_member,
-                                args=(self.data_dir, self.name, self.heartbeat_ms, theirs),
+                                args=(self.data_dir, self.name, self.heartbeat_ms,
+                                      self.protocols, theirs),
                                 daemon=True)
         proc.start()
         theirs.close()
@@ -270,12 +277,14 @@ class ConsumerGroup:
 
     def go(self, pid: int) -> None:
         self.conns[pid].send("go")
+        self.going.add(pid)
 
     def kill(self, pid: int) -> None:
         os.kill(pid, signal.SIGKILL)
         self.procs[pid].join(5)
         self.conns.pop(pid).close()
         del self.owned[pid]
+        self.going.discard(pid)
 
     def _pump(self, timeout_s: float) -> None:
         from multiprocessing.connection import wait
@@ -298,18 +307,23 @@ class ConsumerGroup:
             elif kind == "first" and what in owned and owned[what][1] is None:
                 owned[what][1] = t
 
-    def consuming_at(self, partitions: int, since: float) -> float | None:
-        """Wait until every partition is owned by exactly one live member, assigned after
-        ``since``, and has been consumed by it; the time the last of them was first consumed."""
+    def consuming_at(self, partitions: int, since: float, cooperative: bool) -> float | None:
+        """Wait until every partition is owned by exactly one live member (each joined member
+        owning some), assigned after ``since`` and consumed by it since, or (cooperative
+        members only) kept by its owner throughout; the time the last was first consumed."""
         deadline = time.monotonic() + SETTLE_S_MAX
         while time.monotonic() < deadline:  # bounded by the deadline
             self._pump(0.05)
-            episodes = [e for owned in self.owned.values() for e in owned.items()]
-            if len(episodes) != partitions or len({p for p, _ in episodes}) != partitions:
+            if any(not self.owned[pid] for pid in self.going):
                 continue
-            if any(assigned < since or first is None for _, (assigned, first) in episodes):
+            episodes = [e for owned in self.owned.values() for e in owned.values()]
+            owned = [p for owned in self.owned.values() for p in owned]
+            if len(owned) != partitions or len(set(owned)) != partitions:
                 continue
-            return max(first for _, (_, first) in episodes)
+            if any((assigned >= since or not cooperative) and (assigned < since or first is None)
+                   for assigned, first in episodes):
+                continue
+            return max([since] + [first for assigned, first in episodes if assigned >= since])
         return None
 
     def close(self) -> None:
@@ -328,23 +342,24 @@ class ConsumerGroup:
 
 
 def measure_consumers(ctx, data_dir: str, size: int, partitions: int, heartbeat_ms: int,
-                      run: int):
+                      run: int, protocols: list):
     """Join and kill -9 times (ms) of a group of ``size`` Consumer processes, as documented."""
-    group = ConsumerGroup(ctx, data_dir, f"c{size}-{run}", heartbeat_ms)
+    cooperative = set(protocols) == {"cooperative-sticky"}  # the client's rule
+    group = ConsumerGroup(ctx, data_dir, f"c{size}-{run}", heartbeat_ms, protocols)
     try:
         first = [group.add() for _ in range(size - 1)]
         for pid in first:
             group.go(pid)
-        if group.consuming_at(partitions, 0.0) is None:
+        if group.consuming_at(partitions, 0.0, cooperative) is None:
             raise RuntimeError(f"{size - 1} consumers never consumed every partition")
         newest = group.add()
         t0 = time.monotonic()
         group.go(newest)
-        joined = group.consuming_at(partitions, t0)
+        joined = group.consuming_at(partitions, t0, cooperative)
         victim = first[0]
         t1 = time.monotonic()
         group.kill(victim)
-        killed = group.consuming_at(partitions, t1)
+        killed = group.consuming_at(partitions, t1, cooperative)
         if joined is None or killed is None:
             print(f"  consumer group of {size}, run {run}: did not settle; killed pid {victim}; "
                   f"owned: {group.owned}", file=sys.stderr)
@@ -367,6 +382,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--heartbeat-ms", type=int, default=20,
                     help="members' heartbeat interval (default 20 ms)")
+    ap.add_argument("--protocols", default="cooperative-sticky,range",
+                    help="consumer mode: the members' group_protocols (default the Consumer's: "
+                         "eager on the client side; 'cooperative-sticky' for incremental)")
     ap.add_argument("--feed-ms", type=float, default=50.0,
                     help="consumer mode: one record per partition this often (default 50 ms)")
     args = ap.parse_args(argv)
@@ -407,16 +425,19 @@ def main(argv: list[str] | None = None) -> int:
                 if not feeder_conn.poll(FEEDER_START_S_MAX):
                     raise RuntimeError(f"the feeder did not start in {FEEDER_START_S_MAX} s")
                 feeder_conn.recv()
-            measure_one = measure if mode == "raw" else measure_consumers
-            beat = args.heartbeat_ms / 1000 if mode == "raw" else args.heartbeat_ms
             for size in sizes:
-                results[mode, size] = [measure_one(ctx, data_dir, size, args.partitions, beat, r)
-                                       for r in range(args.runs)]
+                results[mode, size] = [
+                    measure(ctx, data_dir, size, args.partitions, args.heartbeat_ms / 1000, r)
+                    if mode == "raw" else
+                    measure_consumers(ctx, data_dir, size, args.partitions, args.heartbeat_ms, r,
+                                      args.protocols.split(","))
+                    for r in range(args.runs)]
                 print(f"  {mode}, {size} members: {results[mode, size]}", file=sys.stderr,
                       flush=True)
         print(f"bench_groups: {cpu_model()}, {os.cpu_count()} cores, commit {git_commit()}, "
               f"{args.partitions} partitions, heartbeat {args.heartbeat_ms} ms, "
-              + (f"feed every {args.feed_ms:g} ms, " if feeder else "")
+              + (f"consumers offer {args.protocols}, feed every {args.feed_ms:g} ms, "
+                 if feeder else "")
               + f"{args.runs} runs, median (max)")
         heads = {"raw": ("join -> assigned (ms)", "kill -9 -> reassigned (ms)"),
                  "consumer": ("join -> consuming (ms)", "kill -9 -> consuming (ms)")}
