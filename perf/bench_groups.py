@@ -1,19 +1,38 @@
-"""How fast a consumer group hands its partitions out again (issue 4 §5).
+"""How fast a consumer group hands its partitions out again, and records flow again (issue 4 §5).
 
-For groups of 2, 8 and 32 members over one 64-partition topic it measures, on a real broker:
+For groups of 2, 8 and 32 members over one 64-partition topic it measures, on a real broker,
+two events in two modes (``--mode``, default both):
 
-* **join**: from a new member sending its join to every member holding its part of the new
-  assignment (all partitions owned exactly once, every member synced to that generation);
-* **kill -9**: from SIGKILL of a member process to the survivors holding every partition.
+* **join**: a new member joins a settled group;
+* **kill -9**: SIGKILL of a member process (not the newest one).
 
-Members are separate processes speaking the coordinator's protocol directly (join, sync,
+``raw``: members are processes speaking the coordinator's protocol directly (join, sync,
 heartbeat every --heartbeat-ms, rejoin when told; the "range" assignor, an eager rebalance).
-What is measured is therefore the assignment being in the members' hands, not records
-flowing again: the client Consumer's group support is not part of this benchmark yet.
+Measured: from the event to every member holding its part of one generation's assignment
+(all partitions owned exactly once). The assignment in the members' hands, not records.
+
+``consumer``: members are real ``Consumer(topic, group=...)`` processes (default assignors,
+so eager on the client side: every member revokes all its partitions and rejoins; with
+``--protocols cooperative-sticky`` only moved partitions pause, and a partition its owner kept
+throughout counts as consuming from the event on;
+``heartbeat_interval_ms`` = --heartbeat-ms), and a feeder process sends one record to every
+partition every --feed-ms. Each member reports, per partition it is assigned, when a poll
+first handed it a record of that partition. Measured: from the event to the moment the last
+partition was first consumed by its new owner, once the live members own every partition
+exactly once, each assigned after the event. That is records flowing again: it includes the
+heartbeat that tells members to rejoin, revocation, join, sync, offset fetch, and the wait
+for the next fed record (up to --feed-ms: the committed offset a new owner starts at is the
+end its predecessor consumed). The raw mode runs first, before the feeder starts. The feed is
+every 50 ms by default because a faster one saturates a 2-core machine by itself (64 partition
+processes and up to 32 consumers woken every time): with 10 ms, the consumer rows measured
+1.5-10 s, which is CPU starvation, not the protocol (perf/RESULTS.md).
+
 Kafka's defaults are printed beside as reference lines: a dead member is noticed after the
 session timeout (45 s), a rebalance waits for members' heartbeats (every 3 s).
 
-    .venv/bin/python perf/bench_groups.py [--partitions 64] [--sizes 2,8,32] [--runs 3]
+    .venv/bin/python perf/bench_groups.py [--mode raw|consumer|both] [--partitions 64]
+        [--sizes 2,8,32] [--runs 3] [--heartbeat-ms 20] [--feed-ms 50]
+        [--protocols cooperative-sticky,range | cooperative-sticky]
 """
 from __future__ import annotations
 
@@ -33,6 +52,8 @@ TOPIC = "bench-groups"
 #: How long one measurement may take before it is reported as a failure.
 SETTLE_S_MAX = 30.0
 REPLY_TIMEOUT_MS = 5_000
+#: How long to wait for every partition of the new topic to take its first record.
+FEEDER_START_S_MAX = 120.0
 
 
 # --- a member process ----------------------------------------------------------------------------
@@ -165,13 +186,207 @@ def measure(ctx, data_dir: str, size: int, partitions: int, heartbeat_s: float, 
         group.close()
 
 
+# --- consumer mode: real Consumer(group=...) processes and a feeder ------------------------------
+
+def _feeder(data_dir: str, partitions: int, feed_s: float, conn) -> None:
+    """One record to every partition every ``feed_s`` until the parent says stop. Says
+    "feeding" once every partition acknowledged a first record (its process is up: a new
+    topic's 64 partition processes take seconds to start on a small machine)."""
+    from shmbroker import Producer
+
+    with Producer(broker=data_dir) as producer:
+        futures = [producer.send(TOPIC, b"x", partition=p) for p in range(partitions)]
+        for future in futures:
+            future.result(FEEDER_START_S_MAX)
+        conn.send("feeding")
+        tick = time.monotonic()
+        while not conn.poll():  # bounded: the parent stops us (or kills us)
+            for partition in range(partitions):
+                producer.send(TOPIC, b"x", partition=partition)
+            tick = max(tick + feed_s, time.monotonic())
+            time.sleep(max(0.0, tick - time.monotonic()))
+
+
+def _consumer_member(data_dir: str, group: str, heartbeat_ms: int, protocols: list, conn
+                     ) -> None:
+    """A Consumer group member. Reports over ``conn`` (its own pipe: no lock shared with other
+    members, which a kill -9 could leave held): ("assign"|"revoke", partitions, t) and
+    ("first", partition, t) when a poll first hands it a record of a partition assigned to it.
+    Joins when the parent sends "go"; stops at the parent's next message."""
+    from shmbroker import Consumer
+
+    unreported: set[int] = set()
+
+    def on_assign(tps):
+        partitions = [tp.partition for tp in tps]
+        unreported.update(partitions)
+        conn.send(("assign", partitions, time.monotonic()))
+
+    def on_revoke(tps):
+        partitions = [tp.partition for tp in tps]
+        unreported.difference_update(partitions)
+        conn.send(("revoke", partitions, time.monotonic()))
+
+    consumer = Consumer(TOPIC, broker=data_dir, group=group, auto_offset_reset="latest",
+                        heartbeat_interval_ms=heartbeat_ms, group_protocols=protocols,
+                        on_assign=on_assign, on_revoke=on_revoke)
+    try:
+        conn.send(("ready", [], time.monotonic()))
+        conn.recv()  # go
+        while not conn.poll():  # bounded: the parent stops us (or kills us)
+            got = consumer.poll(timeout_ms=20)
+            if got and unreported:
+                now = time.monotonic()
+                for record in got:  # bounded by one poll's records
+                    if record.partition in unreported:
+                        unreported.discard(record.partition)
+                        conn.send(("first", record.partition, now))
+    finally:
+        consumer.close()
+
+
+class ConsumerGroup:
+    """The Consumer member processes of one group and what they reported: per live member,
+    per partition it owns, when it was assigned and when it first consumed a record of it."""
+
+    def __init__(self, ctx, data_dir: str, name: str, heartbeat_ms: int, protocols: list):
+        self.ctx, self.data_dir, self.name, self.heartbeat_ms = ctx, data_dir, name, heartbeat_ms
+        self.protocols = protocols
+        self.going: set[int] = set()
+        self.procs: dict[int, mp.Process] = {}
+        self.conns: dict[int, object] = {}
+        self.owned: dict[int, dict[int, list]] = {}  # pid -> partition -> [assigned t, first t]
+        self.ready: set[int] = set()
+
+    def add(self) -> int:
+        """A started member process, ready (its Consumer made) but not joined; its pid."""
+        mine, theirs = self.ctx.Pipe()
+        proc = self.ctx.Process(target=_consumer_member,
+                                args=(self.data_dir, self.name, self.heartbeat_ms,
+                                      self.protocols, theirs),
+                                daemon=True)
+        proc.start()
+        theirs.close()
+        self.procs[proc.pid], self.conns[proc.pid], self.owned[proc.pid] = proc, mine, {}
+        deadline = time.monotonic() + SETTLE_S_MAX
+        while proc.pid not in self.ready and time.monotonic() < deadline:  # bounded
+            self._pump(0.1)
+        if proc.pid not in self.ready:
+            raise RuntimeError(f"member {proc.pid} never became ready")
+        return proc.pid
+
+    def go(self, pid: int) -> None:
+        self.conns[pid].send("go")
+        self.going.add(pid)
+
+    def kill(self, pid: int) -> None:
+        os.kill(pid, signal.SIGKILL)
+        self.procs[pid].join(5)
+        self.conns.pop(pid).close()
+        del self.owned[pid]
+        self.going.discard(pid)
+
+    def _pump(self, timeout_s: float) -> None:
+        from multiprocessing.connection import wait
+
+        for conn in wait(list(self.conns.values()), timeout_s):  # bounded by the members
+            pid = next(p for p, c in self.conns.items() if c is conn)
+            try:
+                kind, what, t = conn.recv()
+            except EOFError:
+                self.conns.pop(pid).close()
+                continue
+            owned = self.owned[pid]
+            if kind == "ready":
+                self.ready.add(pid)
+            elif kind == "assign":
+                owned.update({p: [t, None] for p in what})
+            elif kind == "revoke":
+                for p in what:
+                    owned.pop(p, None)
+            elif kind == "first" and what in owned and owned[what][1] is None:
+                owned[what][1] = t
+
+    def consuming_at(self, partitions: int, since: float, cooperative: bool) -> float | None:
+        """Wait until every partition is owned by exactly one live member (each joined member
+        owning some), assigned after ``since`` and consumed by it since, or (cooperative
+        members only) kept by its owner throughout; the time the last was first consumed."""
+        deadline = time.monotonic() + SETTLE_S_MAX
+        while time.monotonic() < deadline:  # bounded by the deadline
+            self._pump(0.05)
+            if any(not self.owned[pid] for pid in self.going):
+                continue
+            episodes = [e for owned in self.owned.values() for e in owned.values()]
+            owned = [p for owned in self.owned.values() for p in owned]
+            if len(owned) != partitions or len(set(owned)) != partitions:
+                continue
+            if any((assigned >= since or not cooperative) and (assigned < since or first is None)
+                   for assigned, first in episodes):
+                continue
+            return max([since] + [first for assigned, first in episodes if assigned >= since])
+        return None
+
+    def close(self) -> None:
+        for conn in self.conns.values():
+            try:
+                conn.send("stop")
+            except OSError:
+                pass
+        for proc in self.procs.values():
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
+        for conn in self.conns.values():
+            conn.close()
+
+
+def measure_consumers(ctx, data_dir: str, size: int, partitions: int, heartbeat_ms: int,
+                      run: int, protocols: list):
+    """Join and kill -9 times (ms) of a group of ``size`` Consumer processes, as documented."""
+    cooperative = set(protocols) == {"cooperative-sticky"}  # the client's rule
+    group = ConsumerGroup(ctx, data_dir, f"c{size}-{run}", heartbeat_ms, protocols)
+    try:
+        first = [group.add() for _ in range(size - 1)]
+        for pid in first:
+            group.go(pid)
+        if group.consuming_at(partitions, 0.0, cooperative) is None:
+            raise RuntimeError(f"{size - 1} consumers never consumed every partition")
+        newest = group.add()
+        t0 = time.monotonic()
+        group.go(newest)
+        joined = group.consuming_at(partitions, t0, cooperative)
+        victim = first[0]
+        t1 = time.monotonic()
+        group.kill(victim)
+        killed = group.consuming_at(partitions, t1, cooperative)
+        if joined is None or killed is None:
+            print(f"  consumer group of {size}, run {run}: did not settle; killed pid {victim}; "
+                  f"owned: {group.owned}", file=sys.stderr)
+        return (None if joined is None else (joined - t0) * 1000,
+                None if killed is None else (killed - t1) * 1000)
+    finally:
+        group.close()
+
+
+def _show(xs: list) -> str:
+    return f"{statistics.median(xs):,.0f} ({max(xs):,.0f})" if xs else "n/a"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--mode", choices=("raw", "consumer", "both"), default="both",
+                    help="members speaking the raw protocol, real Consumers, or both (default)")
     ap.add_argument("--partitions", type=int, default=64)
     ap.add_argument("--sizes", default="2,8,32", help="group sizes (default 2,8,32)")
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--heartbeat-ms", type=float, default=20.0,
+    ap.add_argument("--heartbeat-ms", type=int, default=20,
                     help="members' heartbeat interval (default 20 ms)")
+    ap.add_argument("--protocols", default="cooperative-sticky,range",
+                    help="consumer mode: the members' group_protocols (default the Consumer's: "
+                         "eager on the client side; 'cooperative-sticky' for incremental)")
+    ap.add_argument("--feed-ms", type=float, default=50.0,
+                    help="consumer mode: one record per partition this often (default 50 ms)")
     args = ap.parse_args(argv)
     from machine import cpu_model, git_commit
 
@@ -182,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(tmp, exist_ok=True)
     broker = _start_broker(data_dir, os.path.join(tmp, "broker.log"))
     ctx = mp.get_context("spawn")
+    feeder = feeder_conn = None
+    modes = ("raw", "consumer") if args.mode == "both" else (args.mode,)
     try:
         for _ in range(600):  # bounded: up to 30 s for the broker to come up
             try:
@@ -190,22 +407,64 @@ def main(argv: list[str] | None = None) -> int:
                 break
             except Exception:
                 time.sleep(0.05)
+        # Every partition process up before anything is timed (64 of them take seconds to
+        # start on 2 cores, and would load the first runs).
+        from shmbroker import Producer
+        with Producer(broker=data_dir) as producer:
+            for future in [producer.send(TOPIC, b"x", partition=p)
+                           for p in range(args.partitions)]:
+                future.result(FEEDER_START_S_MAX)
+        sizes = [int(s) for s in args.sizes.split(",")]
+        results: dict[tuple[str, int], list] = {}
+        for mode in modes:  # raw first: the feeder's load must not slow the raw members
+            if mode == "consumer":
+                feeder_conn, theirs = ctx.Pipe()
+                feeder = ctx.Process(target=_feeder, daemon=True, args=(
+                    data_dir, args.partitions, args.feed_ms / 1000, theirs))
+                feeder.start()
+                if not feeder_conn.poll(FEEDER_START_S_MAX):
+                    raise RuntimeError(f"the feeder did not start in {FEEDER_START_S_MAX} s")
+                feeder_conn.recv()
+            for size in sizes:
+                results[mode, size] = [
+                    measure(ctx, data_dir, size, args.partitions, args.heartbeat_ms / 1000, r)
+                    if mode == "raw" else
+                    measure_consumers(ctx, data_dir, size, args.partitions, args.heartbeat_ms, r,
+                                      args.protocols.split(","))
+                    for r in range(args.runs)]
+                print(f"  {mode}, {size} members: {results[mode, size]}", file=sys.stderr,
+                      flush=True)
         print(f"bench_groups: {cpu_model()}, {os.cpu_count()} cores, commit {git_commit()}, "
-              f"{args.partitions} partitions, heartbeat {args.heartbeat_ms:g} ms, "
-              f"{args.runs} runs, median")
-        print(f"{'members':>8}  {'join -> assigned (ms)':>22}  {'kill -9 -> reassigned (ms)':>27}")
-        for size in [int(s) for s in args.sizes.split(",")]:
-            results = [measure(ctx, data_dir, size, args.partitions, args.heartbeat_ms / 1000, r)
-                       for r in range(args.runs)]
-            joins = [j for j, _ in results if j is not None]
-            kills = [k for _, k in results if k is not None]
-            show = lambda xs: f"{statistics.median(xs):,.0f}" if xs else "n/a"  # noqa: E731
-            print(f"{size:>8}  {show(joins):>22}  {show(kills):>27}"
-                  + ("" if len(joins) == len(kills) == args.runs else "  (some runs never settled)"))
-        print(f"{'Kafka':>8}  {'>= heartbeat (3,000)':>22}  {'session timeout (45,000)':>27}"
-              "  default settings, reference only")
+              f"{args.partitions} partitions, heartbeat {args.heartbeat_ms} ms, "
+              + (f"consumers offer {args.protocols}, feed every {args.feed_ms:g} ms, "
+                 if feeder else "")
+              + f"{args.runs} runs, median (max)")
+        heads = {"raw": ("join -> assigned (ms)", "kill -9 -> reassigned (ms)"),
+                 "consumer": ("join -> consuming (ms)", "kill -9 -> consuming (ms)")}
+        widths = {"raw": (22, 27), "consumer": (23, 26)}
+        print(f"{'members':>8}" + "".join(f"  {h:>{w}}" for m in modes
+                                          for h, w in zip(heads[m], widths[m])))
+        for size in sizes:
+            line, incomplete = f"{size:>8}", False
+            for mode in modes:
+                joins = [j for j, _ in results[mode, size] if j is not None]
+                kills = [k for _, k in results[mode, size] if k is not None]
+                incomplete |= not len(joins) == len(kills) == args.runs
+                line += "".join(f"  {_show(xs):>{w}}" for xs, w in zip((joins, kills),
+                                                                      widths[mode]))
+            print(line + ("  (some runs never settled)" if incomplete else ""))
+        kafka = {"raw": (">= heartbeat (3,000)", "session timeout (45,000)"),
+                 "consumer": (">= heartbeat (3,000)", "session timeout (45,000)")}
+        print(f"{'Kafka':>8}" + "".join(f"  {h:>{w}}" for m in modes
+                                        for h, w in zip(kafka[m], widths[m]))
+              + "  default settings, reference only")
         print("target: graceful rebalance < 100 ms, dead member < 1,000 ms")
     finally:
+        if feeder is not None:
+            feeder_conn.send("stop")
+            feeder.join(10)
+            if feeder.is_alive():
+                feeder.kill()
         _stop_broker(broker)
         import shutil
         shutil.rmtree(tmp, ignore_errors=True)
