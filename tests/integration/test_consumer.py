@@ -262,3 +262,22 @@ def test_never_sees_appended_records_that_are_not_published(parts, consumers):
     parts.publish("t", 0)
     assert [r.value for r in consumer.poll(timeout_ms=500)] == [b"unpublished"]
     assert os.getpid() == consumer._pid
+
+
+def test_a_partition_stuck_mid_publish_is_skipped_by_poll_not_raised(parts, consumers):
+    from shmbroker.layout.shm import CONTROL as C
+    from shmbroker.native import _native
+
+    parts.create_topic("t", 2)
+    parts.append("t", 0, [b"a"])
+    consumer = consumers("t", auto_offset_reset="earliest")
+    assert [r.value for r in drain(consumer)] == [b"a"]
+    buf = parts.controls[("t", 1)].buf
+    # Partition 1's writer "dies" mid-publish (odd seqlock) after announcing a change.
+    _native.atomic_store_u64(buf, C["state_seq"], _native.atomic_load_u64(buf, C["state_seq"]) + 1)
+    _native.atomic_store_u32(buf, C["hw_seq"], _native.atomic_load_u32(buf, C["hw_seq"]) + 1)
+    parts.append("t", 0, [b"b"])
+    assert [r.value for r in consumer.poll(timeout_ms=2000)] == [b"b"]  # partition 0 goes on
+    parts.controls[("t", 1)].take_ownership(1)  # the restarted partition process repairs it
+    parts.append("t", 1, [b"c"])
+    assert [r.value for r in drain(consumer)] == [b"c"]
