@@ -9,6 +9,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "shmb/byte_order.h"
 #include "shmb/futex.h"
 #include "shmb/record_batch.h"
 #include "shmb/shm_atomic.h"
@@ -60,22 +61,6 @@ static int grow(void **p, size_t *cap, size_t need, size_t item)
     *p = q;
     *cap = cap2;
     return 0;
-}
-
-static inline void put_be64(uint8_t *p, uint64_t v)
-{
-    for (int i = 7; i >= 0; i--) {
-        p[i] = (uint8_t)v;
-        v >>= 8;
-    }
-}
-
-static inline void put_be32(uint8_t *p, uint32_t v)
-{
-    p[0] = (uint8_t)(v >> 24);
-    p[1] = (uint8_t)(v >> 16);
-    p[2] = (uint8_t)(v >> 8);
-    p[3] = (uint8_t)v;
 }
 
 /* RingConsumer.completions_full: the producer has COMPLETIONS_MAX completions unread (and
