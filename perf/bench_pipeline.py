@@ -101,14 +101,14 @@ def _stop_broker(proc: subprocess.Popen) -> None:
         pass
 
 
-def _create_topic(data_dir: str) -> None:
+def _create_topic(data_dir: str, name: str = "t") -> None:
     from shmbroker import Admin, errors
 
     deadline = time.monotonic() + START_S_MAX
     while True:  # bounded by the deadline
         try:
             with Admin(broker=data_dir) as admin:
-                admin.create_topic("t", 1)
+                admin.create_topic(name, 1)
                 return
         except errors.BrokerNotRunningError:
             if time.monotonic() > deadline:

@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 
-from bench_pipeline import HERE, _start_broker, _stop_broker
+from bench_pipeline import HERE, _create_topic, _start_broker, _stop_broker
 
 WARM = 300
 STAMPS = struct.Struct("<qqq")  # sequence, first stamp, second stamp
@@ -52,22 +52,6 @@ def _pong(data_dir: str, rounds: int, spin_us: int, ready) -> None:
     producer.flush()
     producer.close()
     consumer.close()
-
-
-def _create_topics(data_dir: str) -> None:
-    from shmbroker import Admin, errors
-
-    deadline = time.monotonic() + START_S_MAX
-    while True:  # bounded by the deadline
-        try:
-            with Admin(broker=data_dir) as admin:
-                admin.create_topic("ping", 1)
-                admin.create_topic("pong", 1)
-            return
-        except errors.BrokerNotRunningError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
 
 
 def _py_spy() -> str:
@@ -108,7 +92,8 @@ def main() -> int:
     broker = _start_broker(data_dir, os.path.join(out_dir, "bench_roundtrip-broker.log"))
     total = args.rounds + WARM
     try:
-        _create_topics(data_dir)
+        _create_topic(data_dir, "ping")
+        _create_topic(data_dir, "pong")
         ctx = mp.get_context("spawn")
         ready = ctx.Event()
         pong = ctx.Process(target=_pong, args=(data_dir, total, args.spin_us, ready))
