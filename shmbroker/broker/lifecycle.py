@@ -1,5 +1,6 @@
 """What every child of the supervisor does, in one place.
 
+0. :func:`child_parser`: the arguments the supervisor passes every child (its ``_argv``).
 1. :func:`start_child`: name itself (ps), ask the kernel for SIGTERM when the supervisor dies
    (``PR_SET_PDEATHSIG``; so a kill -9 of the supervisor stops the children cleanly instead of
    leaving them owning logs), ignore SIGINT (Ctrl-C in a terminal reaches the whole process
@@ -14,6 +15,7 @@ so a new broker cannot start on the data dir while any process of the old one st
 """
 from __future__ import annotations
 
+import argparse
 import ctypes
 import ctypes.util
 import logging
@@ -40,6 +42,16 @@ class StopSignal:
 
     def _handle(self, signum, frame) -> None:
         self.requested = True
+
+
+def child_parser(module: str) -> argparse.ArgumentParser:
+    """The command line every child takes (``python -m shmbroker.<module> ...``): its data dir,
+    the supervisor's pid (for PR_SET_PDEATHSIG) and the ready pipe; a child adds its own."""
+    parser = argparse.ArgumentParser(prog=f"python -m shmbroker.{module}")
+    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--supervisor-pid", type=int, default=None)
+    parser.add_argument("--ready-fd", type=int, default=None)
+    return parser
 
 
 def configure_logging() -> None:

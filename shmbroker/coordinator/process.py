@@ -14,12 +14,9 @@ log = logging.getLogger("shmbroker.coordinator")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m shmbroker.coordinator")
-    parser.add_argument("--data-dir", required=True)
-    parser.add_argument("--supervisor-pid", type=int, default=None)
+    parser = lifecycle.child_parser("coordinator")
     parser.add_argument("--supervisor-fd", type=int, default=None,
                         help="SOCK_SEQPACKET link to the supervisor (topic change notices)")
-    parser.add_argument("--ready-fd", type=int, default=None)
     return parser.parse_args(argv)
 
 

@@ -22,12 +22,9 @@ EXIT_TOPIC_GONE = 3
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m shmbroker.partition")
-    parser.add_argument("--data-dir", required=True)
+    parser = lifecycle.child_parser("partition")
     parser.add_argument("--topic", required=True)
     parser.add_argument("--partition", type=int, required=True)
-    parser.add_argument("--supervisor-pid", type=int, default=None)
-    parser.add_argument("--ready-fd", type=int, default=None)
     parser.add_argument("--spin-us", type=int, default=0,
                         help="busy-wait on the doorbell before sleeping (BrokerConfig)")
     return parser.parse_args(argv)

@@ -13,11 +13,8 @@ log = logging.getLogger("shmbroker.router")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m shmbroker.router")
-    parser.add_argument("--data-dir", required=True)
+    parser = lifecycle.child_parser("router")
     parser.add_argument("--listen", required=True)
-    parser.add_argument("--supervisor-pid", type=int, default=None)
-    parser.add_argument("--ready-fd", type=int, default=None)
     return parser.parse_args(argv)
 
 
