@@ -212,8 +212,10 @@ class Admin:
                 f"no broker is running on data dir {self.data_dir} (start one with "
                 f"`shmbroker serve --data-dir {self.data_dir}`)")
 
-    def _request(self, request_type: str, **fields: Any) -> dict[str, Any]:
-        """Send one request and wait for its reply (bounded by ``request_timeout_ms``).
+    def _request(self, request_type: str, _timeout_ms: int | None = None,
+                 **fields: Any) -> dict[str, Any]:
+        """Send one request and wait for its reply (bounded by ``_timeout_ms``, by default
+        ``request_timeout_ms``: a held join waits longer, a heartbeat shorter).
 
         Two things end the wait before the timeout: the connection to the coordinator dropped
         after the request went (its process died; the supervisor restarts it, and the request
@@ -222,13 +224,15 @@ class Admin:
         if self._socket is None:
             raise errors.ShmbrokerError("Admin is closed")
         request_id = next(self._ids)
-        deadline = time.monotonic() + self.request_timeout_ms / 1000
+        timeout_ms = self.request_timeout_ms if _timeout_ms is None else _timeout_ms
+        deadline = time.monotonic() + timeout_ms / 1000
         self._drop_pending_if_disconnected()  # a drop before this request is not about it
-        self._send(request_type, protocol.request(request_id, request_type, **fields), deadline)
+        self._send(request_type, protocol.request(request_id, request_type, **fields), deadline,
+                   timeout_ms)
         while True:  # bounded by the deadline
             remaining_ms = int((deadline - time.monotonic()) * 1000)
             if remaining_ms <= 0:
-                self._timed_out(request_type)
+                self._timed_out(request_type, timeout_ms)
             ready = dict(self._poller.poll(min(remaining_ms, ADMIN_LIVENESS_CHECK_MS)))
             if self._socket in ready:
                 reply_id, result = protocol.decode_reply(self._socket.recv())
@@ -247,7 +251,8 @@ class Admin:
             if not ready:
                 self._check_running(socket_too=False)
 
-    def _send(self, request_type: str, message: bytes, deadline: float) -> None:
+    def _send(self, request_type: str, message: bytes, deadline: float,
+              timeout_ms: int) -> None:
         """Send, waiting (in slices, checking the broker is there) while no coordinator is
         connected: the socket is IMMEDIATE, so nothing is queued for one that is not there."""
         assert self._socket is not None
@@ -259,7 +264,7 @@ class Admin:
                 return
             except zmq.Again:
                 if time.monotonic() >= deadline:
-                    self._timed_out(request_type)
+                    self._timed_out(request_type, timeout_ms)
                 self._check_running(socket_too=False)
 
     def _drop_pending_if_disconnected(self) -> bool:
@@ -290,7 +295,7 @@ class Admin:
             raise errors.ShmbrokerError("Admin is closed")
         request_id = next(self._ids)
         self._send(request_type, protocol.request(request_id, request_type, **fields),
-                   time.monotonic() + self.request_timeout_ms / 1000)
+                   time.monotonic() + self.request_timeout_ms / 1000, self.request_timeout_ms)
         self._later[request_id] = (time.monotonic() + self.request_timeout_ms / 1000,
                                    request_type, on_reply)
 
@@ -322,11 +327,11 @@ class Admin:
             on_reply(result)
         return len(self._later)
 
-    def _timed_out(self, request_type: str) -> None:
+    def _timed_out(self, request_type: str, timeout_ms: int) -> None:
         self._check_running()
         raise errors.RequestTimeoutError(
             f"{request_type}: no reply from the coordinator of {self.data_dir} within "
-            f"{self.request_timeout_ms} ms")
+            f"{timeout_ms} ms")
 
 
 def _reset_target(data_dir: str, topic: str, partition: int, state, to: Any) -> int:

@@ -143,18 +143,14 @@ class GroupMembership:
         raise last
 
     def _join_once(self) -> frozenset[TopicPartition]:
-        saved = self._admin.request_timeout_ms
         # The coordinator holds a join until the join phase ends: at most the rebalance timeout.
-        self._admin.request_timeout_ms = self.rebalance_timeout_ms + GROUP_JOIN_REPLY_MARGIN_MS
-        try:
-            joined = self._admin._request(
-                "join", group_id=self.group_id, member_id=self.member_id,
-                client_id=self.client_id, pid=os.getpid(), host=socket.gethostname(),
-                topics=self.topics, protocols=self.protocols,
-                session_timeout_ms=self.session_timeout_ms,
-                rebalance_timeout_ms=self.rebalance_timeout_ms, **self._instance())
-        finally:
-            self._admin.request_timeout_ms = saved
+        joined = self._admin._request(
+            "join", self.rebalance_timeout_ms + GROUP_JOIN_REPLY_MARGIN_MS,
+            group_id=self.group_id, member_id=self.member_id,
+            client_id=self.client_id, pid=os.getpid(), host=socket.gethostname(),
+            topics=self.topics, protocols=self.protocols,
+            session_timeout_ms=self.session_timeout_ms,
+            rebalance_timeout_ms=self.rebalance_timeout_ms, **self._instance())
         self.member_id = joined["member_id"]
         self.generation_id = joined["generation_id"]
         self.protocol = joined["protocol"]
@@ -193,11 +189,10 @@ class GroupMembership:
                 return False
         if not due:
             return True
-        saved = self._admin.request_timeout_ms
-        self._admin.request_timeout_ms = min(saved, HEARTBEAT_REQUEST_TIMEOUT_MS,
-                                             self.session_timeout_ms)
         try:
-            self._admin._request("heartbeat", group_id=self.group_id, member_id=self.member_id,
+            self._admin._request("heartbeat", min(HEARTBEAT_REQUEST_TIMEOUT_MS,
+                                                  self.session_timeout_ms),
+                                 group_id=self.group_id, member_id=self.member_id,
                                  generation_id=self.generation_id, **self._instance())
         except REJOIN_ERRORS as e:
             return self._apply_error(self.member_id, self.generation_id, e)
@@ -206,8 +201,6 @@ class GroupMembership:
             # on, meets the new coordinator, which says whether we are still a member. Kafka's
             # client too treats a failed heartbeat as "find the coordinator", not as an error.
             log.info("group %r: heartbeat: %s", self.group_id, e)
-        finally:
-            self._admin.request_timeout_ms = saved
         return True
 
     def _apply_error(self, member_id: str, generation: int, error: Exception) -> bool:
