@@ -143,6 +143,17 @@ CASES = [
     Case("big", "1->1 64 KiB messages", 1, 64 * KiB, 0, 16),
 ]
 LATENCY_MODES = [("block", "round trip, blocking"), ("spin", "round trip, spin")]
+#: More N->N->N cases (--fan-pairs), to see how the aggregate scales with processes and
+#: partitions on a host with the cores for it. Each pair sends fan4's count.
+EXTRA_CASES: list[Case] = []
+
+
+def fan_case(pairs: int) -> Case:
+    return Case(f"fan{pairs}", f"{pairs}->{pairs}->{pairs} 100 B, per-message, aggregate", pairs, 100, 0, 256)
+
+
+def all_cases() -> list[Case]:
+    return CASES + EXTRA_CASES
 
 #: Messages per producer in a full run, per case and system: a run of each takes about
 #: 0.3-2 s here (shmbroker: at its targets' rates); fixed, so every run of a row sends the
@@ -643,7 +654,7 @@ def throughput_row(ctx, env: Env, case: Case, reps: int, quick: bool) -> Row:
     if (system, case.key) in NOT_APPLICABLE:
         row.status, row.note = "n/a", NOT_APPLICABLE[(system, case.key)]
         return row
-    count = COUNTS[case.key][system] // (QUICK_DIV if quick else 1)
+    count = COUNTS.get(case.key, COUNTS["fan4"])[system] // (QUICK_DIV if quick else 1)
     count -= count % max(1, case.batch)
     expected_sum = ipc_workers.expected_checksum(count, case.pool_n)
     rates, cpus, other = [], [], []
@@ -732,7 +743,7 @@ def memcpy_row(quick: bool) -> Row:
 
 
 def skipped_rows(system: str, why: str) -> list[Row]:
-    rows = [Row(c.section, system, status="skipped", note=why) for c in CASES]
+    rows = [Row(c.section, system, status="skipped", note=why) for c in all_cases()]
     rows += [Row(s, system, status="skipped", note=why) for _, s in LATENCY_MODES]
     return rows
 
@@ -752,7 +763,7 @@ def run_system(ctx, system: str, tmp: str, quick: bool, warnings: list[str]) -> 
             (f"rtt-{mode}", lambda m=mode, s=section: latency_row(ctx, env, m, s, quick))
             for mode, section in LATENCY_MODES]
         if system not in ("pipe", "shmspin"):
-            steps += [(c.key, lambda c=c: throughput_row(ctx, env, c, reps, quick)) for c in CASES]
+            steps += [(c.key, lambda c=c: throughput_row(ctx, env, c, reps, quick)) for c in all_cases()]
         if hasattr(env, "idle"):
             steps.append(("idle", lambda: Row(IDLE_SECTION, system, unit="%", **env.idle(run_group, IDLE_S))))
         for key, step in steps:
@@ -873,7 +884,7 @@ def align(table: list[list[str]], right: set[int]) -> list[str]:
 
 
 def sort_rows(rows: list[Row]) -> list[Row]:
-    sections = [c.section for c in CASES] + [s for _, s in LATENCY_MODES] + [IDLE_SECTION, "error"]
+    sections = [c.section for c in all_cases()] + [s for _, s in LATENCY_MODES] + [IDLE_SECTION, "error"]
     rank = {s: i for i, s in enumerate(sections)}
     sysrank = {s: i for i, s in enumerate(ORDER)}
     return sorted(rows, key=lambda r: (rank.get(r.section, 99), sysrank.get(r.system, 50)))
@@ -896,7 +907,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quiet-wait", metavar="S", type=float, default=0.0,
                     help="before each run, wait up to S seconds for the load on the machine to "
                          "drop below 10%% of a core (default 0: do not wait)")
+    ap.add_argument("--fan-pairs", metavar="N,N", default="",
+                    help="also run N->N->N aggregate cases for these N (4 always runs), e.g. 1,8,16")
     args = ap.parse_args(argv)
+    try:
+        pairs = sorted({int(n) for n in args.fan_pairs.split(",") if n.strip()} - {4})
+    except ValueError:
+        ap.error(f"--fan-pairs takes comma-separated integers, not {args.fan_pairs!r}")
+    if any(not 1 <= n <= 64 for n in pairs):
+        ap.error("--fan-pairs: each N must be 1..64")
+    EXTRA_CASES[:] = [fan_case(n) for n in pairs]
     only = {n.strip() for n in args.only.split(",") if n.strip()}
     unknown = only - set(ORDER)
     if unknown:
