@@ -19,7 +19,9 @@
 #include <sys/mman.h>
 #include <stdint.h>
 #include <string.h>
+#include <time.h>
 
+#include "shmb/accumulator.h"
 #include "shmb/crc32c.h"
 #include "shmb/drain.h"
 #include "shmb/futex.h"
@@ -39,6 +41,7 @@
 typedef struct {
     PyTypeObject *record_type;
     PyTypeObject *file_map_type;
+    PyTypeObject *accumulator_type;
     PyObject *empty_tuple;
     PyObject *errors[STATUS_COUNT];
     PyObject *ring_corrupt_error;
@@ -2044,6 +2047,407 @@ static PyObject *py_doorbell_ring(PyObject *module, PyObject *arg)
     Py_RETURN_NONE;
 }
 
+/* ==== RecordAccumulator ===================================================================== */
+
+/* A producer's batch under construction (shmb/accumulator.h): `send` encodes its record here at
+ * once, so a batch is written to the ingress ring by one call with no Python object per record
+ * (producer.py keeps only the futures). Not thread-safe: the Producer holds its lock. */
+typedef struct {
+    PyObject_HEAD
+    shmb_acc acc;
+    Py_ssize_t last_record_bytes;
+} AccumulatorObject;
+
+static PyObject *Accumulator_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"records_bytes_max", NULL};
+    Py_ssize_t max;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "n:RecordAccumulator", kwlist, &max))
+        return NULL;
+    if (max <= 0 || max > INT32_MAX)
+        return PyErr_Format(PyExc_ValueError,
+                            "RecordAccumulator: records_bytes_max must be in [1, 2**31-1], got %zd",
+                            max);
+    AccumulatorObject *self = (AccumulatorObject *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    shmb_acc_init(&self->acc, (size_t)max);
+    return (PyObject *)self;
+}
+
+static void Accumulator_dealloc(AccumulatorObject *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    shmb_acc_free(&self->acc);
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp);
+}
+
+/* A bytes-like object or None as a slice over a view the caller releases (view->obj NULL when
+ * nothing is held). */
+static int acc_slice(PyObject *o, shmb_slice *s, Py_buffer *view, const char *what)
+{
+    view->obj = NULL;
+    if (o == Py_None) {
+        s->data = NULL;
+        s->length = -1;
+        return 0;
+    }
+    if (PyBytes_CheckExact(o)) {
+        s->data = (const uint8_t *)PyBytes_AS_STRING(o);
+        s->length = PyBytes_GET_SIZE(o);
+        return 0;
+    }
+    if (!PyObject_CheckBuffer(o) || PyObject_GetBuffer(o, view, PyBUF_C_CONTIGUOUS) < 0) {
+        PyErr_Clear();
+        view->obj = NULL;
+        PyErr_Format(PyExc_TypeError, "%s must be bytes-like or None, got %.100s", what,
+                     Py_TYPE(o)->tp_name);
+        return -1;
+    }
+    s->data = view->buf;
+    s->length = view->len;
+    return 0;
+}
+
+static inline void release_view(Py_buffer *v)
+{
+    if (v->obj != NULL)
+        PyBuffer_Release(v);
+}
+
+/* Headers, a sequence of (key, value) pairs: keys as UTF-8 of str(key), values bytes-like or
+ * None. Fills hs[0..*n) and keeps what the slices point into in `keep` (a list). */
+static int acc_headers(PyObject *headers, PyObject *keep, shmb_header_slice **hs, size_t *n)
+{
+    PyObject *seq = PySequence_Fast(headers, "headers must be a sequence of (key, value) pairs");
+    if (seq == NULL)
+        return -1;
+    int rc = PyList_Append(keep, seq);
+    Py_DECREF(seq);
+    if (rc < 0)
+        return -1;
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
+    *hs = PyMem_Calloc((size_t)count + 1, sizeof **hs);
+    if (*hs == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    *n = (size_t)count;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *pair = PySequence_Fast_GET_ITEM(seq, i);
+        if (!PyTuple_Check(pair) && !PyList_Check(pair)) {
+            PyErr_Format(PyExc_TypeError, "headers[%zd] must be a (key, value) pair, got %.100s",
+                         i, Py_TYPE(pair)->tp_name);
+            return -1;
+        }
+        if (PySequence_Fast_GET_SIZE(pair) != 2) {
+            PyErr_Format(PyExc_TypeError, "headers[%zd] must be a (key, value) pair", i);
+            return -1;
+        }
+        PyObject *k = PySequence_Fast_GET_ITEM(pair, 0), *v = PySequence_Fast_GET_ITEM(pair, 1);
+        PyObject *ks = PyUnicode_Check(k) ? (Py_INCREF(k), k) : PyObject_Str(k);
+        if (ks == NULL)
+            return -1;
+        rc = PyList_Append(keep, ks);
+        Py_DECREF(ks);
+        if (rc < 0)
+            return -1;
+        Py_ssize_t klen;
+        const char *kb = PyUnicode_AsUTF8AndSize(ks, &klen);
+        if (kb == NULL)
+            return -1;
+        (*hs)[i].key.data = (const uint8_t *)kb;
+        (*hs)[i].key.length = klen;
+        if (v == Py_None) {
+            (*hs)[i].value.data = NULL;
+            (*hs)[i].value.length = -1;
+        } else {
+            /* bytes(v): a copy the list keeps alive (headers are the slow path) */
+            if (!PyBytes_CheckExact(v)) {
+                if (!PyObject_CheckBuffer(v)) {
+                    PyErr_Format(PyExc_TypeError,
+                                 "header value must be bytes-like or None, got %.100s",
+                                 Py_TYPE(v)->tp_name);
+                    return -1;
+                }
+                v = PyBytes_FromObject(v);
+                if (v == NULL)
+                    return -1;
+            } else {
+                Py_INCREF(v);
+            }
+            rc = PyList_Append(keep, v);
+            Py_DECREF(v);
+            if (rc < 0)
+                return -1;
+            (*hs)[i].value.data = (const uint8_t *)PyBytes_AS_STRING(v);
+            (*hs)[i].value.length = PyBytes_GET_SIZE(v);
+        }
+    }
+    return 0;
+}
+
+static int64_t wall_clock_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* append(value, key=None, headers=None, timestamp=None) -> index >= 0, -1 (full: write the
+ * batch, then append again) or -2 (too large for any batch; size in last_record_bytes). */
+static PyObject *Accumulator_append(AccumulatorObject *self, PyObject *const *args,
+                                    Py_ssize_t nargs)
+{
+    if (nargs < 1 || nargs > 4)
+        return PyErr_Format(PyExc_TypeError, "append() takes 1 to 4 arguments (%zd given)", nargs);
+    PyObject *key = nargs > 1 ? args[1] : Py_None;
+    PyObject *headers = nargs > 2 ? args[2] : Py_None;
+    PyObject *ts_obj = nargs > 3 ? args[3] : Py_None;
+    int64_t ts;
+    if (ts_obj == Py_None) {
+        ts = wall_clock_ms();
+    } else {
+        if (!PyLong_Check(ts_obj) || PyBool_Check(ts_obj))
+            return PyErr_Format(PyExc_TypeError, "timestamp must be an int (ms), got %R", ts_obj);
+        int overflow = 0;
+        long long t = PyLong_AsLongLongAndOverflow(ts_obj, &overflow);
+        if (overflow || (t == -1 && PyErr_Occurred())) {
+            PyErr_Clear();
+            return PyErr_Format(PyExc_ValueError, "timestamp %R is outside int64", ts_obj);
+        }
+        ts = t;
+    }
+    shmb_slice k, v;
+    Py_buffer kv, vv;
+    if (acc_slice(args[0], &v, &vv, "value") < 0)
+        return NULL;
+    if (acc_slice(key, &k, &kv, "key") < 0) {
+        release_view(&vv);
+        return NULL;
+    }
+    PyObject *keep = NULL;
+    shmb_header_slice *hs = NULL;
+    size_t nh = 0;
+    PyObject *result = NULL;
+    if (headers != Py_None) {
+        keep = PyList_New(0);
+        if (keep == NULL || acc_headers(headers, keep, &hs, &nh) < 0)
+            goto done;
+    }
+    size_t size = 0;
+    int r = shmb_acc_append(&self->acc, ts, k, v, hs, nh, &size);
+    self->last_record_bytes = (Py_ssize_t)size;
+    switch (r) {
+    case SHMB_ACC_OK:
+        result = PyLong_FromLong(self->acc.count - 1);
+        break;
+    case SHMB_ACC_FULL:
+        result = PyLong_FromLong(-1);
+        break;
+    case SHMB_ACC_TOO_LARGE:
+        result = PyLong_FromLong(-2);
+        break;
+    case SHMB_ACC_BAD_TIMESTAMP:
+        PyErr_Format(PyExc_ValueError, "timestamp %lld: its delta from the batch's first "
+                     "timestamp (%lld) overflows int64", (long long)ts,
+                     (long long)self->acc.base_timestamp);
+        break;
+    default:
+        PyErr_NoMemory();
+    }
+done:
+    PyMem_Free(hs);
+    Py_XDECREF(keep);
+    release_view(&kv);
+    release_view(&vv);
+    return result;
+}
+
+static int acc_producer_args(PyObject *const *args, long long *pid, int *epoch, long *seq)
+{
+    *pid = PyLong_AsLongLong(args[0]);
+    if (*pid == -1 && PyErr_Occurred())
+        return -1;
+    long e = PyLong_AsLong(args[1]);
+    if (e == -1 && PyErr_Occurred())
+        return -1;
+    long s = PyLong_AsLong(args[2]);
+    if (s == -1 && PyErr_Occurred())
+        return -1;
+    if (e < INT16_MIN || e > INT16_MAX || s < INT32_MIN || s > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "producer_epoch must fit int16, base_sequence int32");
+        return -1;
+    }
+    *epoch = (int)e;
+    *seq = s;
+    return 0;
+}
+
+/* encode(producer_id, producer_epoch, base_sequence) -> the batch as bytes; then empty. */
+static PyObject *Accumulator_encode(AccumulatorObject *self, PyObject *const *args,
+                                    Py_ssize_t nargs)
+{
+    long long pid;
+    int epoch;
+    long seq;
+    if (nargs != 3)
+        return PyErr_Format(PyExc_TypeError, "encode() takes 3 arguments (%zd given)", nargs);
+    if (acc_producer_args(args, &pid, &epoch, &seq) < 0)
+        return NULL;
+    if (self->acc.count == 0) {
+        PyErr_SetString(PyExc_ValueError, "encode: the accumulator holds no records");
+        return NULL;
+    }
+    size_t size = shmb_acc_seal(&self->acc, pid, (int16_t)epoch, (int32_t)seq);
+    PyObject *out = PyBytes_FromStringAndSize((const char *)self->acc.buf, (Py_ssize_t)size);
+    if (out != NULL)
+        shmb_acc_clear(&self->acc);
+    return out;
+}
+
+/* write_ring(ring, doorbell, producer_id, producer_epoch, base_sequence) ->
+ * (status, sequence, write_position): the batch as one frame of the ring, the partition's
+ * doorbell rung; on RING_OK the accumulator is empty, on RING_FULL unchanged. */
+static PyObject *Accumulator_write_ring(AccumulatorObject *self, PyObject *const *args,
+                                        Py_ssize_t nargs)
+{
+    long long pid;
+    int epoch;
+    long seq;
+    if (nargs != 5)
+        return PyErr_Format(PyExc_TypeError, "write_ring() takes 5 arguments (%zd given)", nargs);
+    if (acc_producer_args(args + 2, &pid, &epoch, &seq) < 0)
+        return NULL;
+    if (self->acc.count == 0) {
+        PyErr_SetString(PyExc_ValueError, "write_ring: the accumulator holds no records");
+        return NULL;
+    }
+    PyObject *module = PyType_GetModule(Py_TYPE(self));
+    Py_buffer rv, dv = {0};
+    if (region_view(args[0], 1, &rv, "write_ring") < 0)
+        return NULL;
+    if (args[1] != Py_None) {
+        if (region_view(args[1], 1, &dv, "write_ring doorbell") < 0) {
+            PyBuffer_Release(&rv);
+            return NULL;
+        }
+        if (dv.len < SHMB_CONTROL_REGISTRY_OFFSET) {
+            PyErr_SetString(PyExc_ValueError, "write_ring: doorbell is not a control region");
+            PyBuffer_Release(&dv);
+            PyBuffer_Release(&rv);
+            return NULL;
+        }
+    }
+    shmb_ring_payload payload;
+    payload.len = shmb_acc_seal(&self->acc, pid, (int16_t)epoch, (int32_t)seq);
+    payload.data = self->acc.buf;
+    size_t written;
+    uint64_t first_seq;
+    shmb_ring_error err;
+    int r;
+    /* Without the GIL only for large batches; the accumulator is ours (the Producer's lock). */
+    if (payload.len >= GIL_RELEASE_BYTES_MIN) {
+        Py_BEGIN_ALLOW_THREADS
+        r = shmb_ring_write(rv.buf, (size_t)rv.len, &payload, 1, &written, &first_seq, &err);
+        if (written > 0 && dv.buf != NULL)
+            shmb_ctl_doorbell_ring(dv.buf);
+        Py_END_ALLOW_THREADS
+    } else {
+        r = shmb_ring_write(rv.buf, (size_t)rv.len, &payload, 1, &written, &first_seq, &err);
+        if (written > 0 && dv.buf != NULL)
+            shmb_ctl_doorbell_ring(dv.buf);
+    }
+    uint64_t wpos = shmb_u64_load_relaxed((uint8_t *)rv.buf + SHMB_RING_WRITE_POSITION_OFFSET);
+    PyObject *result = NULL;
+    if (r == SHMB_RING_CORRUPT) {
+        raise_ring_corrupt(get_state(module), &err);
+    } else if (r == SHMB_RING_TOO_LARGE) {
+        PyErr_Format(get_state(module)->errors[SHMB_RB_SCAN_TOO_LARGE],
+                     "a batch of %zu bytes is larger than this ring can ever hold", payload.len);
+    } else {
+        if (r == SHMB_RING_OK)
+            shmb_acc_clear(&self->acc);
+        result = Py_BuildValue("(iKK)", r, (unsigned long long)first_seq,
+                               (unsigned long long)wpos);
+    }
+    if (dv.buf != NULL)
+        PyBuffer_Release(&dv);
+    PyBuffer_Release(&rv);
+    return result;
+}
+
+static PyObject *Accumulator_clear(AccumulatorObject *self, PyObject *Py_UNUSED(ignored))
+{
+    shmb_acc_clear(&self->acc);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Accumulator_get_count(AccumulatorObject *self, void *Py_UNUSED(closure))
+{
+    return PyLong_FromLong(self->acc.count);
+}
+
+static PyObject *Accumulator_get_nbytes(AccumulatorObject *self, void *Py_UNUSED(closure))
+{
+    return PyLong_FromSize_t(self->acc.len - SHMB_RB_HEADER_SIZE);
+}
+
+static PyObject *Accumulator_get_last_record_bytes(AccumulatorObject *self,
+                                                   void *Py_UNUSED(closure))
+{
+    return PyLong_FromSsize_t(self->last_record_bytes);
+}
+
+static PyObject *Accumulator_get_records_bytes_max(AccumulatorObject *self,
+                                                   void *Py_UNUSED(closure))
+{
+    return PyLong_FromSize_t(self->acc.records_bytes_max);
+}
+
+static PyMethodDef Accumulator_methods[] = {
+    {"append", (PyCFunction)(void (*)(void))Accumulator_append, METH_FASTCALL,
+     "append(value, key=None, headers=None, timestamp=None) -> index, -1 (full) or -2 (too "
+     "large); positional only; timestamp None: now (CreateTime)"},
+    {"encode", (PyCFunction)(void (*)(void))Accumulator_encode, METH_FASTCALL,
+     "encode(producer_id, producer_epoch, base_sequence) -> bytes of the batch; then empty"},
+    {"write_ring", (PyCFunction)(void (*)(void))Accumulator_write_ring, METH_FASTCALL,
+     "write_ring(ring, doorbell, producer_id, producer_epoch, base_sequence) -> (status, "
+     "sequence, write_position); empty after RING_OK"},
+    {"clear", (PyCFunction)Accumulator_clear, METH_NOARGS, "clear(): forget the records"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Accumulator_getset[] = {
+    {"count", (getter)Accumulator_get_count, NULL, "records held", NULL},
+    {"nbytes", (getter)Accumulator_get_nbytes, NULL, "bytes of the records held (no header)",
+     NULL},
+    {"last_record_bytes", (getter)Accumulator_get_last_record_bytes, NULL,
+     "encoded size of the record the last append was given", NULL},
+    {"records_bytes_max", (getter)Accumulator_get_records_bytes_max, NULL,
+     "most bytes of records one batch holds", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyType_Slot Accumulator_slots[] = {
+    {Py_tp_new, (void *)Accumulator_new},
+    {Py_tp_dealloc, (void *)Accumulator_dealloc},
+    {Py_tp_methods, (void *)Accumulator_methods},
+    {Py_tp_getset, (void *)Accumulator_getset},
+    {Py_tp_doc, (void *)"RecordAccumulator(records_bytes_max)\n--\n\n"
+                        "One RecordBatch v2 under construction, encoded record by record."},
+    {0, NULL},
+};
+
+static PyType_Spec Accumulator_spec = {
+    .name = "shmbroker._native.RecordAccumulator",
+    .basicsize = sizeof(AccumulatorObject),
+    .itemsize = 0,
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = Accumulator_slots,
+};
+
 /* ==== the C drain round ===================================================================== */
 
 /* Region views and ring descriptors of one drain_round call. */
@@ -2345,6 +2749,7 @@ static int module_traverse(PyObject *m, visitproc visit, void *arg)
         return 0;
     Py_VISIT(st->record_type);
     Py_VISIT(st->file_map_type);
+    Py_VISIT(st->accumulator_type);
     Py_VISIT(st->empty_tuple);
     for (int i = 0; i < STATUS_COUNT; i++)
         Py_VISIT(st->errors[i]);
@@ -2359,6 +2764,7 @@ static int module_clear(PyObject *m)
         return 0;
     Py_CLEAR(st->record_type);
     Py_CLEAR(st->file_map_type);
+    Py_CLEAR(st->accumulator_type);
     Py_CLEAR(st->empty_tuple);
     for (int i = 0; i < STATUS_COUNT; i++)
         Py_CLEAR(st->errors[i]);
@@ -2500,6 +2906,14 @@ static int init_state(PyObject *m, module_state *st)
     Py_INCREF(st->file_map_type);
     if (PyModule_AddObject(m, "FileMap", (PyObject *)st->file_map_type) < 0) {
         Py_DECREF(st->file_map_type);
+        return -1;
+    }
+    st->accumulator_type = (PyTypeObject *)PyType_FromModuleAndSpec(m, &Accumulator_spec, NULL);
+    if (st->accumulator_type == NULL)
+        return -1;
+    Py_INCREF(st->accumulator_type);
+    if (PyModule_AddObject(m, "RecordAccumulator", (PyObject *)st->accumulator_type) < 0) {
+        Py_DECREF(st->accumulator_type);
         return -1;
     }
     return 0;

@@ -370,21 +370,42 @@ static inline size_t slice_size(shmb_slice s)
            (s.length > 0 ? (size_t)s.length : 0);
 }
 
-/* Bytes of record i after its length varint. */
+/* Bytes of one record after its length varint (offset delta `index`, timestamp delta `delta`,
+ * `nheaders` headers; keys NULL-data with length -1 is a null key). */
+size_t shmb_rb_record_body_size(int32_t index, int64_t delta, shmb_slice key, shmb_slice value,
+                                const shmb_header_slice *headers, size_t nheaders)
+{
+    size_t n = 1 + shmb_varint64_size(delta) + shmb_varint32_size(index);
+    n += slice_size(key) + slice_size(value);
+    n += shmb_varint32_size((int32_t)nheaders);
+    for (size_t j = 0; j < nheaders; j++)
+        n += slice_size(headers[j].key) + slice_size(headers[j].value);
+    return n;
+}
+
+static const shmb_slice NULL_SLICE = {NULL, -1};
+
+/* Record i of an encode input, as the slices shmb_rb_record_body_size/put_record take. */
+static inline void record_parts(const shmb_rb_encode_input *in, size_t i, shmb_slice *key,
+                                const shmb_header_slice **headers, size_t *nheaders)
+{
+    *key = in->keys ? in->keys[i] : NULL_SLICE;
+    if (in->header_starts) {
+        *headers = in->headers + in->header_starts[i];
+        *nheaders = in->header_starts[i + 1] - in->header_starts[i];
+    } else {
+        *headers = NULL;
+        *nheaders = 0;
+    }
+}
+
 static inline size_t record_body_size(const shmb_rb_encode_input *in, size_t i, int64_t delta)
 {
-    size_t n = 1 + shmb_varint64_size(delta) + shmb_varint32_size((int32_t)i);
-    n += in->keys ? slice_size(in->keys[i]) : 1;
-    n += slice_size(in->values[i]);
-    if (in->header_starts) {
-        size_t a = in->header_starts[i], b = in->header_starts[i + 1];
-        n += shmb_varint32_size((int32_t)(b - a));
-        for (size_t j = a; j < b; j++)
-            n += slice_size(in->headers[j].key) + slice_size(in->headers[j].value);
-    } else {
-        n += 1;
-    }
-    return n;
+    shmb_slice key;
+    const shmb_header_slice *headers;
+    size_t nheaders;
+    record_parts(in, i, &key, &headers, &nheaders);
+    return shmb_rb_record_body_size((int32_t)i, delta, key, in->values[i], headers, nheaders);
 }
 
 static int slice_ok(shmb_slice s, int nullable)
@@ -440,6 +461,42 @@ static inline uint8_t *write_slice(uint8_t *p, shmb_slice s)
     return p;
 }
 
+uint8_t *shmb_rb_put_record(uint8_t *p, size_t body_size, int32_t index, int64_t delta,
+                            shmb_slice key, shmb_slice value, const shmb_header_slice *headers,
+                            size_t nheaders)
+{
+    p += shmb_varint32_write(p, (int32_t)body_size);
+    *p++ = 0; /* attributes */
+    p += shmb_varint64_write(p, delta);
+    p += shmb_varint32_write(p, index);
+    p = write_slice(p, key);
+    p = write_slice(p, value);
+    p += shmb_varint32_write(p, (int32_t)nheaders);
+    for (size_t j = 0; j < nheaders; j++) {
+        p = write_slice(p, headers[j].key);
+        p = write_slice(p, headers[j].value);
+    }
+    return p;
+}
+
+void shmb_rb_put_header(uint8_t *out, size_t size, const shmb_rb_header *h)
+{
+    put_be64(out + SHMB_RB_BASE_OFFSET_OFFSET, (uint64_t)h->base_offset);
+    put_be32(out + SHMB_RB_BATCH_LENGTH_OFFSET, (uint32_t)(size - SHMB_RB_LOG_OVERHEAD));
+    put_be32(out + SHMB_RB_PARTITION_LEADER_EPOCH_OFFSET, (uint32_t)h->partition_leader_epoch);
+    out[SHMB_RB_MAGIC_OFFSET] = SHMB_RB_MAGIC;
+    put_be16(out + SHMB_RB_ATTRIBUTES_OFFSET, (uint16_t)h->attributes);
+    put_be32(out + SHMB_RB_LAST_OFFSET_DELTA_OFFSET, (uint32_t)h->last_offset_delta);
+    put_be64(out + SHMB_RB_BASE_TIMESTAMP_OFFSET, (uint64_t)h->base_timestamp);
+    put_be64(out + SHMB_RB_MAX_TIMESTAMP_OFFSET, (uint64_t)h->max_timestamp);
+    put_be64(out + SHMB_RB_PRODUCER_ID_OFFSET, (uint64_t)h->producer_id);
+    put_be16(out + SHMB_RB_PRODUCER_EPOCH_OFFSET, (uint16_t)h->producer_epoch);
+    put_be32(out + SHMB_RB_BASE_SEQUENCE_OFFSET, (uint32_t)h->base_sequence);
+    put_be32(out + SHMB_RB_RECORDS_COUNT_OFFSET, (uint32_t)h->records_count);
+    put_be32(out + SHMB_RB_CRC_OFFSET,
+             shmb_crc32c(0, out + SHMB_RB_CRC_START, size - SHMB_RB_CRC_START));
+}
+
 void shmb_rb_encode(const shmb_rb_encode_input *in, uint8_t *out, size_t size)
 {
     int64_t base = record_timestamp(in, 0), max = base;
@@ -450,39 +507,25 @@ void shmb_rb_encode(const shmb_rb_encode_input *in, uint8_t *out, size_t size)
         int64_t delta = (int64_t)((uint64_t)ts - (uint64_t)base); /* checked by encoded_size */
         if (ts > max)
             max = ts;
-        p += shmb_varint32_write(p, (int32_t)record_body_size(in, i, delta));
-        *p++ = 0; /* attributes */
-        p += shmb_varint64_write(p, delta);
-        p += shmb_varint32_write(p, (int32_t)i);
-        if (in->keys)
-            p = write_slice(p, in->keys[i]);
-        else
-            p += shmb_varint32_write(p, -1);
-        p = write_slice(p, in->values[i]);
-        if (in->header_starts) {
-            size_t a = in->header_starts[i], b = in->header_starts[i + 1];
-            p += shmb_varint32_write(p, (int32_t)(b - a));
-            for (size_t j = a; j < b; j++) {
-                p = write_slice(p, in->headers[j].key);
-                p = write_slice(p, in->headers[j].value);
-            }
-        } else {
-            *p++ = 0; /* zigzag(0) */
-        }
+        shmb_slice key;
+        const shmb_header_slice *headers;
+        size_t nheaders;
+        record_parts(in, i, &key, &headers, &nheaders);
+        size_t body = shmb_rb_record_body_size((int32_t)i, delta, key, in->values[i], headers,
+                                               nheaders);
+        p = shmb_rb_put_record(p, body, (int32_t)i, delta, key, in->values[i], headers, nheaders);
     }
-
-    put_be64(out + SHMB_RB_BASE_OFFSET_OFFSET, (uint64_t)in->base_offset);
-    put_be32(out + SHMB_RB_BATCH_LENGTH_OFFSET, (uint32_t)(size - SHMB_RB_LOG_OVERHEAD));
-    put_be32(out + SHMB_RB_PARTITION_LEADER_EPOCH_OFFSET, (uint32_t)in->partition_leader_epoch);
-    out[SHMB_RB_MAGIC_OFFSET] = SHMB_RB_MAGIC;
-    put_be16(out + SHMB_RB_ATTRIBUTES_OFFSET, (uint16_t)in->attributes);
-    put_be32(out + SHMB_RB_LAST_OFFSET_DELTA_OFFSET, (uint32_t)(in->count - 1));
-    put_be64(out + SHMB_RB_BASE_TIMESTAMP_OFFSET, (uint64_t)base);
-    put_be64(out + SHMB_RB_MAX_TIMESTAMP_OFFSET, (uint64_t)max);
-    put_be64(out + SHMB_RB_PRODUCER_ID_OFFSET, (uint64_t)in->producer_id);
-    put_be16(out + SHMB_RB_PRODUCER_EPOCH_OFFSET, (uint16_t)in->producer_epoch);
-    put_be32(out + SHMB_RB_BASE_SEQUENCE_OFFSET, (uint32_t)in->base_sequence);
-    put_be32(out + SHMB_RB_RECORDS_COUNT_OFFSET, (uint32_t)in->count);
-    put_be32(out + SHMB_RB_CRC_OFFSET,
-             shmb_crc32c(0, out + SHMB_RB_CRC_START, size - SHMB_RB_CRC_START));
+    const shmb_rb_header h = {
+        .base_offset = in->base_offset,
+        .partition_leader_epoch = in->partition_leader_epoch,
+        .attributes = in->attributes,
+        .last_offset_delta = (int32_t)(in->count - 1),
+        .base_timestamp = base,
+        .max_timestamp = max,
+        .producer_id = in->producer_id,
+        .producer_epoch = in->producer_epoch,
+        .base_sequence = in->base_sequence,
+        .records_count = (int32_t)in->count,
+    };
+    shmb_rb_put_header(out, size, &h);
 }

@@ -9,10 +9,11 @@ kafka-python's KafkaProducer is used::
 
 How a record travels (docs/design/partition.md):
 
-1. ``send`` appends the value and key to a per-partition accumulator (two list appends and a
-   light future: no encoding, no syscall).
-2. The accumulator becomes one RecordBatch v2 (``records.encode_batch``, C) and one ring frame
-   when it is full (``batch_bytes_max``), when the ring is idle (the partition process has
+1. ``send`` encodes the record at once into a per-partition accumulator
+   (``_native.RecordAccumulator``: the batch under construction, in C) and returns a light
+   future: no Python object per record is kept, no syscall.
+2. The accumulator becomes one RecordBatch v2 (header and CRC) and one ring frame, in one C
+   call that also rings the partition's doorbell, when it is full (``batch_bytes_max``), when the ring is idle (the partition process has
    appended everything written before: nothing to wait for, so latency stays low when lightly
    loaded, and batches grow by themselves under load, like Kafka's accumulator while a request
    is in flight) and ``linger_ms`` has passed, or on ``flush``/``result``/``close``. Records
@@ -64,15 +65,16 @@ from ..layout import shm as L
 from ..native import _native
 from ..partition.ingress import base_sequence_for, producer_id_for
 from ..shm import names
-from ..shm.ring import RingProducer
+from ..shm.ring import RING_OK, RingProducer
 from .metadata import LocalMetadata
 
 #: Upper bound of the bytes one record adds to a batch besides its key, value and headers
 #: (varints of length, timestamp delta, offset delta, key and value lengths; attributes;
 #: header count), so an accumulated batch never exceeds the size it is allowed.
 RECORD_OVERHEAD_BYTES_MAX = 32
-#: Bytes a header adds besides its key and value.
-HEADER_OVERHEAD_BYTES_MAX = 12
+#: Read completions at the latest when this many batches of one ring wait for theirs (each
+#: batch has at most one completion, so the ring's COMPLETIONS_MAX slots never fill).
+_REAP_INFLIGHT = L.COMPLETIONS_MAX // 2
 #: Longest single sleep while waiting for an ack: the partition's status is checked this often.
 _ACK_WAIT_SLICE_MS = 200
 
@@ -136,7 +138,10 @@ class RecordFuture:
         self._index = index
 
     def done(self) -> bool:
-        return self._batch.done
+        batch = self._batch
+        if not batch.done and batch.writer is not None:
+            batch.producer._poll_acks(batch.writer)
+        return batch.done
 
     def result(self, timeout: float | None = None) -> RecordMetadata:
         batch = self._batch
@@ -173,6 +178,9 @@ class BatchFuture:
         self._keyed = keyed
 
     def done(self) -> bool:
+        for batch, _ in self._pieces:
+            if not batch.done and batch.writer is not None:
+                batch.producer._poll_acks(batch.writer)
         return all(b.done for b, _ in self._pieces)
 
     def _wait(self, timeout: float | None) -> None:
@@ -244,10 +252,10 @@ class _Writer:
 
 
 class _Accumulator:
-    """Records waiting to become the next batch of one partition."""
+    """Records waiting to become the next batch of one partition: encoded already, in
+    ``records`` (C); ``batch`` is what their futures point to."""
 
-    __slots__ = ("topic", "partition", "writer", "values", "keys", "headers", "timestamps",
-                 "nbytes", "batch", "has_keys", "extras", "bytes_max", "first_ms")
+    __slots__ = ("topic", "partition", "writer", "records", "batch", "bytes_max", "first_ms")
 
     def __init__(self, producer: "Producer", topic: str, partition: int, writer: _Writer,
                  bytes_max: int):
@@ -255,18 +263,9 @@ class _Accumulator:
         self.partition = partition
         self.writer = writer
         self.bytes_max = bytes_max
-        self.reset(producer)
-
-    def reset(self, producer: "Producer") -> None:
-        self.values: list = []
-        self.keys: list = []
-        self.headers: list | None = None
-        self.timestamps: list | None = None
-        self.nbytes = 0
-        self.has_keys = False
-        self.extras = False  # headers or explicit timestamps in use: the slow path
+        self.records = _native.RecordAccumulator(bytes_max)
         self.first_ms = 0.0
-        self.batch = _Batch(producer, self.topic, self.partition)
+        self.batch = _Batch(producer, topic, partition)
 
 
 # --- fork and exit ---------------------------------------------------------------------------
@@ -435,27 +434,15 @@ class Producer:
                 acc = self._accs.get((topic, partition))
                 if acc is None:
                     acc = self._accumulator(topic, partition)
-            if type(value) is not bytes:
-                value = None if value is None else _as_bytes(value, "value")
-            need = (len(value) if value is not None else 0) + RECORD_OVERHEAD_BYTES_MAX
-            if key is not None:
-                if type(key) is not bytes:
-                    key = _as_bytes(key, "key")
-                need += len(key)
-                acc.has_keys = True
-            if headers is not None or timestamp is not None or acc.extras:
-                need += self._extras(acc, headers, timestamp)
-            if acc.nbytes + need > acc.bytes_max:
-                if need > acc.bytes_max:
-                    self._too_large(acc, need)
-                self._write(acc)
-            values = acc.values
-            index = len(values)
+            # Encoded now, in C (type checks included): the caller may reuse its buffers.
+            if headers is None and timestamp is None:
+                index = acc.records.append(value, key)
+            else:
+                index = acc.records.append(value, key, headers, timestamp)
+            if index < 0:
+                acc, index = self._append_after_write(acc, index, value, key, headers, timestamp)
             if index == 0 and self.linger_ms:
                 acc.first_ms = time.monotonic() * 1000.0
-            values.append(value)
-            acc.keys.append(key)
-            acc.nbytes += need
             future = RecordFuture(acc.batch, index)
             writer = acc.writer
             # Write now when the ring is idle (writer.idle(), inlined: this is the hot path);
@@ -469,6 +456,18 @@ class Producer:
             return future
         finally:
             lock.release()
+
+    def _append_after_write(self, acc: _Accumulator, index: int, value, key, headers,
+                            timestamp) -> tuple[_Accumulator, int]:
+        """The record did not fit beside the accumulated ones (-1): write them, then append
+        it to the partition's fresh batch; or it fits in no batch (-2): RecordTooLargeError."""
+        if index == -2:
+            self._too_large(acc, acc.records.last_record_bytes)
+        self._write(acc)
+        acc = self._accs[(acc.topic, acc.partition)]
+        index = acc.records.append(value, key, headers, timestamp)
+        assert index == 0, index  # an empty batch takes any record that is not too large
+        return acc, index
 
     def _lingered(self, acc: _Accumulator) -> bool:
         return time.monotonic() * 1000.0 - acc.first_ms >= self.linger_ms
@@ -501,7 +500,7 @@ class Producer:
             now_ms = time.monotonic() * 1000.0
             for acc in list(self._accs.values()):
                 writer = acc.writer
-                if not acc.values or writer.closing or writer.stopped():
+                if not acc.records.count or writer.closing or writer.stopped():
                     continue  # a stopped partition: the application's next call reports it
                 if _load_u64(writer.buf, _READ_POSITION) != writer.written_position:
                     busy.append(writer)
@@ -548,34 +547,12 @@ class Producer:
             self._cond.wait_for(lambda: writer.sleepers == 0,
                                 timeout=4 * _ACK_WAIT_SLICE_MS / 1000.0)
 
-    def _extras(self, acc: _Accumulator, headers, timestamp) -> int:
-        """Headers / explicit timestamps: kept in lists parallel to values (slow path)."""
-        n = len(acc.values)
-        if not acc.extras:
-            acc.extras = True
-            acc.headers = [None] * n
-            acc.timestamps = [time.time_ns() // 1_000_000] * n
-        extra = 0
-        if headers is not None:
-            headers = [(str(k), None if v is None else _as_bytes(v, "header value"))
-                       for k, v in headers]
-            extra = sum(len(k.encode()) + (len(v) if v is not None else 0)
-                        + HEADER_OVERHEAD_BYTES_MAX for k, v in headers)
-        if timestamp is None:
-            timestamp = time.time_ns() // 1_000_000
-        elif not isinstance(timestamp, int) or isinstance(timestamp, bool):
-            raise TypeError(f"timestamp must be an int (ms), got {timestamp!r}")
-        acc.headers.append(headers)
-        acc.timestamps.append(timestamp)
-        return extra
-
-    def _too_large(self, acc: _Accumulator, need: int) -> None:
+    def _too_large(self, acc: _Accumulator, record_bytes: int) -> None:
         raise errors.RecordTooLargeError(
-            f"a record of about {need - RECORD_OVERHEAD_BYTES_MAX} bytes (key, value and "
-            f"headers) does not fit in a batch of {acc.topic}/{acc.partition}: at most "
-            f"{acc.bytes_max - RECORD_OVERHEAD_BYTES_MAX} bytes (the topic's "
-            f"max.message.bytes, the ring's largest frame and batch_bytes_max, less the batch "
-            f"header)")
+            f"a record of {record_bytes} bytes encoded (key, value and headers) does not fit "
+            f"in a batch of {acc.topic}/{acc.partition}: at most {acc.bytes_max} bytes of "
+            f"records (the topic's max.message.bytes, the ring's largest frame and "
+            f"batch_bytes_max, less the batch header)")
 
     # -- partitions and accumulators -----------------------------------------------------------
 
@@ -656,25 +633,42 @@ class Producer:
     def _write(self, acc: _Accumulator) -> None:
         """The accumulator's records become one batch and one ring frame (blocks while the
         ring is full, up to send_timeout_ms)."""
-        values = acc.values
-        if not values:
+        records_ = acc.records
+        count = records_.count
+        if not count:
             return
         batch = acc.batch
-        keys = acc.keys if acc.has_keys else None
-        headers, timestamps = acc.headers, acc.timestamps
-        acc.reset(self)
+        batch.count = count
+        acc.batch = _Batch(self, acc.topic, acc.partition)
         if self._sticky.get(acc.topic) is acc:
             self._sticky_switch(acc.topic, acc.partition)
-        batch.count = len(values)
         writer = acc.writer
-        try:
-            payload = records.encode_batch(
-                values, keys, headers, timestamps, producer_id=writer.producer_id,
-                producer_epoch=0, base_sequence=base_sequence_for(writer.next_sequence))
-        except (TypeError, ValueError) as exc:
-            batch.fail(exc)
-            raise
-        self._write_frames(writer, [payload], [batch])
+        if writer.stopped():
+            records_.clear()
+            error = self._partition_stopped(writer)
+            batch.fail(error)
+            raise error
+        base_sequence = base_sequence_for(writer.next_sequence)
+        status, first, wpos = records_.write_ring(writer.buf, writer.control.buf,
+                                               writer.producer_id, 0, base_sequence)
+        if status == RING_OK:  # _after_write, inlined for one batch (the hot path)
+            writer.next_sequence = first + 1
+            writer.written_position = wpos
+            if self.acks == 0:
+                batch.resolve(-1)
+                return
+            batch.writer, batch.sequence = writer, first
+            inflight = writer.inflight
+            inflight.append(batch)
+            # Completions are read when a future is asked (result, done, flush) and here
+            # once in a while: often enough that the ring's completion slots never fill (the
+            # partition would hold the ring back), not once per batch.
+            if len(inflight) >= _REAP_INFLIGHT:
+                self._reap(writer)
+            return
+        # No room now: the blocking write (wait for space, up to send_timeout_ms).
+        self._write_frames(writer, [records_.encode(writer.producer_id, 0, base_sequence)],
+                           [batch])
 
     def _write_frames(self, writer: _Writer, payloads: list, batches: list[_Batch]) -> None:
         if writer.stopped():
@@ -706,6 +700,12 @@ class Producer:
                 batch.writer, batch.sequence = writer, first + i
                 writer.inflight.append(batch)
             self._reap(writer)
+
+    def _poll_acks(self, writer: _Writer) -> None:
+        """Resolve what completions say, now (a future's done())."""
+        with self._lock:
+            if not writer.closing and self._writers.get((writer.topic, writer.partition)) is writer:
+                self._reap(writer)
 
     def _reap(self, writer: _Writer) -> None:
         """Resolve futures from the ring's completions (frames first..last got consecutive

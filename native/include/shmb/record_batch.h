@@ -178,4 +178,19 @@ int shmb_rb_encoded_size(const shmb_rb_encode_input *in, size_t *size_out, shmb_
 /* Writes the batch into out (exactly size bytes, from shmb_rb_encoded_size), CRC included. */
 void shmb_rb_encode(const shmb_rb_encode_input *in, uint8_t *out, size_t size);
 
+/* The pieces shmb_rb_encode is made of, for encoders that build a batch record by record
+ * (accumulator.h). Bytes of one record after its length varint: */
+size_t shmb_rb_record_body_size(int32_t index, int64_t delta, shmb_slice key, shmb_slice value,
+                                const shmb_header_slice *headers, size_t nheaders);
+
+/* Writes one record (its length varint first) at p; returns the end. body_size is
+ * shmb_rb_record_body_size of the same arguments. A null key is {NULL, -1}. */
+uint8_t *shmb_rb_put_record(uint8_t *p, size_t body_size, int32_t index, int64_t delta,
+                            shmb_slice key, shmb_slice value, const shmb_header_slice *headers,
+                            size_t nheaders);
+
+/* Writes the 61-byte header of a batch of `size` bytes (records already at out + HEADER_SIZE)
+ * from h's fields (batch_length, magic and crc are computed, not read), the CRC last. */
+void shmb_rb_put_header(uint8_t *out, size_t size, const shmb_rb_header *h);
+
 #endif
