@@ -827,7 +827,14 @@ class Consumer:
             return  # the parent's objects: leave them to the parent
         try:
             if self._group is not None and self._group.member_id and self._fetches:
-                self._revoke(set(self._fetches))  # commits first when auto-commit is on
+                try:
+                    self._revoke(set(self._fetches))  # commits first when auto-commit is on
+                except errors.BrokerNotRunningError as e:
+                    # A worker whose broker died must still be able to shut down (Kafka's
+                    # close() logs a failed final commit too).
+                    log.warning("group %r: the commit at close failed: %s; records after the "
+                                "last commit may be delivered again", self._group.group_id, e)
+                    self._revoke(set(self._fetches), commit=False)
         finally:
             try:
                 if self._group is not None:
@@ -840,6 +847,10 @@ class Consumer:
             try:
                 if self._group is not None:
                     self._group.leave()
+            except errors.ShmbrokerError as e:
+                # Not the caller's problem: the coordinator removes a member whose process
+                # is gone, or whose session expires.
+                log.warning("group %r: leaving at close failed: %s", self._group.group_id, e)
             finally:
                 self._release()
 

@@ -710,8 +710,11 @@ class Producer:
     def _reap(self, writer: _Writer) -> None:
         """Resolve futures from the ring's completions (frames first..last got consecutive
         offsets from base_offset, or an error code)."""
+        self._resolve(writer, writer.ring.poll_completions())
+
+    def _resolve(self, writer: _Writer, completions) -> None:
         inflight = writer.inflight
-        for first, last, base_offset, error_code in writer.ring.poll_completions():
+        for first, last, base_offset, error_code in completions:
             offset = base_offset
             while inflight and inflight[0].sequence <= last:  # bounded by inflight
                 batch = inflight.popleft()
@@ -939,6 +942,9 @@ class Producer:
             return
         if self._pid != os.getpid():
             self._forget_after_fork()
+        # One budget for the whole close: the flush, then the rings' drains (a dead broker
+        # made a close(timeout=2) with 6 rings take 14 s when each ring had its own).
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
             self.flush(timeout)
         except errors.ShmbrokerError:
@@ -946,21 +952,37 @@ class Producer:
         finally:
             with self._lock:
                 sender = self._sender
-                self._close_rings(timeout)
+                self._close_rings(deadline)
             if sender is not None and sender is not threading.current_thread():
                 sender.join(timeout=1.0)  # it sees _closed at its next turn (it sleeps at
                 # most PRODUCER_SENDER_WAIT_MS_MAX on a ring, linger_ms on a timer)
 
-    def _close_rings(self, timeout: float | None) -> None:
+    def _close_rings(self, deadline: float | None) -> None:
+        """Close every ring, waiting for the partitions to take what is left until
+        ``deadline`` (monotonic; at most PRODUCER_CLOSE_DRAIN_MS_MAX in all)."""
         self._closed = True
         self._sender_wake.set()  # the sender ends at its next turn
         self._sender_poke[0] = 1
-        drain_ms = PRODUCER_CLOSE_DRAIN_MS_MAX if timeout is None else \
-            min(PRODUCER_CLOSE_DRAIN_MS_MAX, timeout * 1000)
+        cap = time.monotonic() + PRODUCER_CLOSE_DRAIN_MS_MAX / 1000.0
+        deadline = cap if deadline is None else min(deadline, cap)
         for writer in self._writers.values():
             self._retire(writer)
-            writer.ring.close(drain_timeout_ms=drain_ms)
+            left_ms = max(0.0, (deadline - time.monotonic()) * 1000.0)
+            writer.ring.close(drain_timeout_ms=left_ms)
             writer.control.release_slot(writer.slot, os.getpid())
+            self._resolve(writer, writer.ring.take_collected())  # read while it drained
+            error = errors.BrokerNotRunningError(
+                f"the producer was closed before partition {writer.topic}/{writer.partition} "
+                f"acknowledged this batch")
+            for batch in writer.inflight:
+                batch.fail(error)  # after close nothing reads completions: fail, never hang
+            writer.inflight.clear()
+        for acc in self._accs.values():
+            if acc.records.count:  # left by a flush that failed: never written
+                acc.records.clear()
+                acc.batch.fail(errors.BrokerNotRunningError(
+                    f"the producer was closed before these records could be written to "
+                    f"{acc.topic}/{acc.partition}"))
         self._writers.clear()
         self._accs.clear()
         self._sticky.clear()

@@ -193,6 +193,12 @@ class RingProducer:
         out, self._completions = self._completions, []
         return out
 
+    def take_collected(self) -> list[Completion]:
+        """Completions already moved out of the ring and not yet polled; unlike
+        poll_completions, this reads nothing from the ring (it may be closed)."""
+        out, self._completions = self._completions, []
+        return out
+
     @property
     def acked_sequence(self) -> int:
         """Every frame with a sequence below this has a completion."""

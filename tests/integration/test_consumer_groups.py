@@ -516,3 +516,42 @@ def test_a_member_rides_out_a_kill9_of_the_coordinator_and_resumes_from_its_comm
         assert len(described["members"]) == 1 and described["state"] == "Stable"
     finally:
         member.close()
+
+
+def test_close_after_a_kill9_of_the_whole_broker_returns_promptly_and_quietly(broker, topic):
+    """A worker whose broker died under it can still shut down: poll() raises the typed
+    BrokerNotRunningError, and close() of a group member (with auto-commit due) and of a
+    producer (with records sent but not acknowledged) return within seconds, without raising."""
+    produce(broker.data_dir, 0, 30)
+    consumer = Consumer(TOPIC, broker=broker.data_dir, group="g", auto_offset_reset="earliest",
+                        heartbeat_interval_ms=HEARTBEAT_MS, auto_commit_interval_ms=50)
+    producer = Producer(broker=broker.data_dir)
+    try:
+        got = []
+        deadline = time.monotonic() + WAIT_S_MAX
+        while len(got) < 30 and time.monotonic() < deadline:  # bounded
+            got += consumer.poll(timeout_ms=100)
+        assert len(got) == 30
+        broker.kill9()
+        futures = [producer.send(TOPIC, b"after", partition=p) for p in range(PARTITIONS)]
+        with pytest.raises(errors.BrokerNotRunningError):
+            for _ in range(50):  # bounded: the first polls may still find records or no news
+                consumer.poll(timeout_ms=100)
+        started = time.monotonic()
+        consumer.close()
+        consumer_s = time.monotonic() - started
+        started = time.monotonic()
+        producer.close(timeout=2)
+        producer_s = time.monotonic() - started
+        print(f"close() after the broker died: consumer {consumer_s:.2f} s, "
+              f"producer {producer_s:.2f} s")
+        assert consumer_s < 5 and producer_s < 5
+        # The records sent into a dead broker are not silently "delivered": they fail, typed.
+        for future in futures:
+            with pytest.raises(errors.ShmbrokerError):
+                future.result(timeout=1)
+    finally:
+        consumer.close()
+        producer.close(timeout=1)
+        broker.start()  # reclaims the dead broker's shared memory, as any restart does
+        assert broker.stop() == 0
