@@ -100,6 +100,11 @@ RING_BYTES_MIN = 4 * KiB
 RING_BYTES_MAX = 1 * GiB
 #: How long a producer blocks on a full ring before RingFullTimeoutError.
 RING_SEND_TIMEOUT_MS_DEFAULT = 30_000
+#: How long a written batch may wait for its acknowledgement before its futures fail with
+#: RequestTimeoutError (Kafka's delivery.timeout.ms, same default): long enough to ride out a
+#: restart of the partition process or of the whole broker, short enough that a flush() or
+#: result() against a broker that never comes back ends.
+PRODUCER_DELIVERY_TIMEOUT_MS_DEFAULT = 120_000
 #: Optional busy-wait before a futex sleep (ns); 0 = sleep at once (idle CPU ~0%).
 SPIN_NS_DEFAULT = 0
 SPIN_NS_MAX = 10_000_000

@@ -53,7 +53,7 @@ from typing import Any, NamedTuple, Sequence
 from .. import errors, records
 from ..broker.lock import broker_pid
 from ..config import (PRODUCER_BATCH_BYTES_DEFAULT, PRODUCER_BATCH_RECORDS_MAX,
-                      PRODUCER_CLOSE_DRAIN_MS_MAX, PRODUCER_LINGER_MS_MAX,
+                      PRODUCER_CLOSE_DRAIN_MS_MAX, PRODUCER_DELIVERY_TIMEOUT_MS_DEFAULT, PRODUCER_LINGER_MS_MAX,
                       PRODUCER_METADATA_MAX_AGE_MS,
                       PRODUCER_RING_BYTES_DEFAULT, PRODUCER_SENDER_IDLE_MS_MAX,
                       PRODUCER_SENDER_QUIET_US, PRODUCER_SENDER_TIMER_SLICE_MS,
@@ -98,7 +98,7 @@ class _Batch:
     """The records of one accumulator generation: one RecordBatch, one ring frame."""
 
     __slots__ = ("producer", "topic", "partition", "count", "base_offset", "error", "done",
-                 "writer", "sequence")
+                 "writer", "sequence", "deadline")
 
     def __init__(self, producer: "Producer", topic: str, partition: int):
         self.producer = producer
@@ -110,6 +110,7 @@ class _Batch:
         self.done = False
         self.writer: _Writer | None = None  # set once written to a ring
         self.sequence = -1
+        self.deadline = float("inf")  # monotonic: once written, its ack is due by then
 
     def resolve(self, base_offset: int) -> None:
         self.base_offset = base_offset
@@ -348,7 +349,9 @@ class Producer:
     max.message.bytes and the ring's largest frame). ``send_timeout_ms``: how long a write
     blocks on a full ring before RingFullTimeoutError. ``ring_bytes``: each (producer,
     partition) ring's data bytes (power of two). ``spin_ns``: busy-wait before sleeping on a
-    full ring or for an ack (lower latency, more CPU).
+    full ring or for an ack (lower latency, more CPU). ``delivery_timeout_ms``: how long a
+    written batch may wait for its ack (riding out a restart of the partition or the broker)
+    before its futures fail with RequestTimeoutError (Kafka's delivery.timeout.ms, 2 min).
 
     A record that ``send`` cannot write at once (its ring is busy) waits in the accumulator
     and is written by the background sender thread as soon as the ring is idle and
@@ -359,7 +362,8 @@ class Producer:
     def __init__(self, broker: str | os.PathLike | None = None, acks: int | str = 1,
                  linger_ms: float = 0, batch_bytes_max: int = PRODUCER_BATCH_BYTES_DEFAULT,
                  send_timeout_ms: int = RING_SEND_TIMEOUT_MS_DEFAULT,
-                 ring_bytes: int = PRODUCER_RING_BYTES_DEFAULT, spin_ns: int = 0):
+                 ring_bytes: int = PRODUCER_RING_BYTES_DEFAULT, spin_ns: int = 0,
+                 delivery_timeout_ms: int = PRODUCER_DELIVERY_TIMEOUT_MS_DEFAULT):
         if acks in ("all", -1, "-1"):
             acks = -1
         elif acks in (0, 1, "0", "1"):
@@ -378,6 +382,10 @@ class Producer:
             raise errors.ConfigError(f"spin_ns={spin_ns} is outside [0, {SPIN_NS_MAX}]")
         if send_timeout_ms is not None and send_timeout_ms < 0:
             raise errors.ConfigError(f"send_timeout_ms={send_timeout_ms} must be >= 0")
+        if not isinstance(delivery_timeout_ms, int) or isinstance(delivery_timeout_ms, bool) \
+                or delivery_timeout_ms < 1:
+            raise errors.ConfigError(f"delivery_timeout_ms={delivery_timeout_ms!r} must be a "
+                                     f"positive int")
         self.data_dir = os.path.realpath(os.fspath(broker) if broker is not None
                                          else default_data_dir())
         self.acks = acks
@@ -386,6 +394,7 @@ class Producer:
         self.send_timeout_ms = send_timeout_ms
         self.ring_bytes = ring_bytes
         self.spin_ns = spin_ns
+        self.delivery_timeout_ms = delivery_timeout_ms
         self._check_broker()
         self._init_state()
         _LIVE.add(self)
@@ -658,6 +667,7 @@ class Producer:
                 batch.resolve(-1)
                 return
             batch.writer, batch.sequence = writer, first
+            batch.deadline = time.monotonic() + self.delivery_timeout_ms / 1000.0
             inflight = writer.inflight
             inflight.append(batch)
             # Completions are read when a future is asked (result, done, flush) and here
@@ -696,8 +706,9 @@ class Producer:
             for batch in batches:
                 batch.resolve(-1)
         else:
+            deadline = time.monotonic() + self.delivery_timeout_ms / 1000.0
             for i, batch in enumerate(batches):
-                batch.writer, batch.sequence = writer, first + i
+                batch.writer, batch.sequence, batch.deadline = writer, first + i, deadline
                 writer.inflight.append(batch)
             self._reap(writer)
 
@@ -787,6 +798,10 @@ class Producer:
         self._reap(writer)
         if batch.done:
             return None
+        now = time.monotonic()
+        if now >= batch.deadline:
+            self._expire(writer, now)
+            return None
         if writer.stopped():
             self._partition_stopped(writer)
             return None
@@ -811,7 +826,20 @@ class Producer:
             raise errors.RequestTimeoutError(
                 f"no acknowledgement from partition {batch.topic}/{batch.partition} within "
                 f"{timeout} s (frame {batch.sequence})")
-        return _ACK_WAIT_SLICE_MS if left_ms is None else min(left_ms, _ACK_WAIT_SLICE_MS)
+        slice_ms = min(_ACK_WAIT_SLICE_MS, max(1.0, (batch.deadline - now) * 1000.0))
+        return slice_ms if left_ms is None else min(left_ms, slice_ms)
+
+    def _expire(self, writer: _Writer, now: float) -> None:
+        """Lock held. Fail the ring's batches whose delivery timeout passed (they are in
+        write order, so the oldest first); a completion that comes later finds them gone."""
+        inflight = writer.inflight
+        while inflight and inflight[0].deadline <= now:  # bounded by inflight
+            batch = inflight.popleft()
+            batch.fail(errors.RequestTimeoutError(
+                f"partition {writer.topic}/{writer.partition} did not acknowledge frame "
+                f"{batch.sequence} within delivery_timeout_ms={self.delivery_timeout_ms} (is "
+                f"the broker on {self.data_dir} running?); its records may or may not have "
+                f"been appended"))
 
     def flush(self, timeout: float | None = None) -> None:
         """Write every accumulated record and wait until every batch is acknowledged (acks
@@ -827,8 +855,9 @@ class Producer:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
                 last.wait(left)
-            except errors.RequestTimeoutError:
-                raise
+            except errors.RequestTimeoutError as e:
+                if e is not last.error:
+                    raise  # flush's own timeout; a batch's delivery timeout is in its futures
             except errors.ShmbrokerError:
                 pass
 

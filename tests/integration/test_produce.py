@@ -358,3 +358,29 @@ def test_cli_produce_reads_lines_with_keys(broker):
     assert got == {b"a": b"one", b"b": b"two", b"c": b"three"}
     bad = run_cli("produce", "nope", "--data-dir", broker.data_dir)
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "nope" in bad.stderr
+
+
+def test_records_a_dead_broker_never_acknowledges_fail_after_delivery_timeout_ms(make_broker):
+    """No wait is endless: against a broker killed for good, result() and flush() without a
+    timeout end once delivery_timeout_ms has passed, with a typed error in the futures (and
+    flush() itself does not raise it, as Kafka's flush does not)."""
+    broker = make_broker()
+    with Admin(broker=broker.data_dir) as admin:
+        admin.create_topic("d", 1)
+    producer = Producer(broker=broker.data_dir, delivery_timeout_ms=1_000)
+    try:
+        assert producer.send("d", b"before", partition=0).result(timeout=WAIT_S_MAX).offset == 0
+        broker.kill9()
+        future = producer.send("d", b"after", partition=0)
+        started = time.monotonic()
+        with pytest.raises(errors.RequestTimeoutError, match="delivery_timeout_ms=1000"):
+            future.result()
+        waited = time.monotonic() - started
+        assert 0.9 < waited < 5, waited
+        late = producer.send("d", b"later", partition=0)
+        producer.flush()  # returns: the batch's error is in its future
+        assert late.done() and isinstance(late.exception(), errors.RequestTimeoutError)
+    finally:
+        producer.close(timeout=1)
+        broker.start()  # reclaims the killed broker's shared memory
+        assert broker.stop() == 0
