@@ -42,6 +42,7 @@ typedef struct {
     PyTypeObject *record_type;
     PyTypeObject *file_map_type;
     PyTypeObject *accumulator_type;
+    PyTypeObject *future_base_type;
     PyObject *empty_tuple;
     PyObject *errors[STATUS_COUNT];
     PyObject *ring_corrupt_error;
@@ -2052,18 +2053,112 @@ static PyObject *py_doorbell_ring(PyObject *module, PyObject *arg)
 /* A producer's batch under construction (shmb/accumulator.h): `send` encodes its record here at
  * once, so a batch is written to the ingress ring by one call with no Python object per record
  * (producer.py keeps only the futures). Not thread-safe: the Producer holds its lock. */
+/* The base of the producer's RecordFuture (client/producer.py subclasses it with the
+ * methods): a batch and a record's index in it, made in C by RecordAccumulator.append so that a
+ * send costs no Python __init__. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *batch;
+    Py_ssize_t index;
+} FutureBaseObject;
+
+static PyObject *FutureBase_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"batch", "index", NULL};
+    PyObject *batch;
+    Py_ssize_t index;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "On:FutureBase", kwlist, &batch, &index))
+        return NULL;
+    FutureBaseObject *self = (FutureBaseObject *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    Py_INCREF(batch);
+    self->batch = batch;
+    self->index = index;
+    return (PyObject *)self;
+}
+
+static int FutureBase_traverse(FutureBaseObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(self));
+    Py_VISIT(self->batch);
+    return 0;
+}
+
+static int FutureBase_clear(FutureBaseObject *self)
+{
+    Py_CLEAR(self->batch);
+    return 0;
+}
+
+static void FutureBase_dealloc(FutureBaseObject *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    FutureBase_clear(self);
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp);
+}
+
+static PyMemberDef FutureBase_members[] = {
+    {"_batch", T_OBJECT, offsetof(FutureBaseObject, batch), READONLY, "the record's batch"},
+    {"_index", T_PYSSIZET, offsetof(FutureBaseObject, index), READONLY,
+     "the record's index in its batch"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyType_Slot FutureBase_slots[] = {
+    {Py_tp_new, (void *)FutureBase_new},
+    {Py_tp_dealloc, (void *)FutureBase_dealloc},
+    {Py_tp_traverse, (void *)FutureBase_traverse},
+    {Py_tp_clear, (void *)FutureBase_clear},
+    {Py_tp_members, (void *)FutureBase_members},
+    {Py_tp_doc, (void *)"FutureBase(batch, index)\n--\n\nA record's batch and index in it."},
+    {0, NULL},
+};
+
+static PyType_Spec FutureBase_spec = {
+    .name = "shmbroker._native.FutureBase",
+    .basicsize = sizeof(FutureBaseObject),
+    .itemsize = 0,
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .slots = FutureBase_slots,
+};
+
 typedef struct {
     PyObject_HEAD
     shmb_acc acc;
     Py_ssize_t last_record_bytes;
+    /* The send fast path (Producer.send): */
+    PyObject *batch;            /* what the futures of the records held point to */
+    PyTypeObject *future_type;  /* NULL: append returns indexes (tests, tools) */
+    Py_buffer ring;             /* bound ring region (ring.obj NULL: none): is it idle? */
+    int64_t linger_ns;
+    int64_t first_ns;           /* CLOCK_MONOTONIC of the first record held */
+    int32_t records_max;        /* a batch is due once it holds this many */
+    int write_due;              /* the last append says: write the batch now */
 } AccumulatorObject;
 
 static PyObject *Accumulator_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"records_bytes_max", NULL};
+    static char *kwlist[] = {"records_bytes_max", "future_type", "linger_ms", "records_max",
+                             NULL};
     Py_ssize_t max;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "n:RecordAccumulator", kwlist, &max))
+    PyObject *future_type = Py_None;
+    double linger_ms = 0;
+    int records_max = INT32_MAX;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "n|Odi:RecordAccumulator", kwlist, &max,
+                                     &future_type, &linger_ms, &records_max))
         return NULL;
+    PyTypeObject *base = get_state(PyType_GetModule(type))->future_base_type;
+    if (future_type != Py_None &&
+        (!PyType_Check(future_type) ||
+         !PyType_IsSubtype((PyTypeObject *)future_type, base)))
+        return PyErr_Format(PyExc_TypeError,
+                            "RecordAccumulator: future_type must be a subclass of FutureBase");
+    if (linger_ms < 0 || linger_ms > 1e9 || records_max < 1)
+        return PyErr_Format(PyExc_ValueError,
+                            "RecordAccumulator: linger_ms must be in [0, 1e9], records_max >= 1");
     if (max <= 0 || max > INT32_MAX)
         return PyErr_Format(PyExc_ValueError,
                             "RecordAccumulator: records_bytes_max must be in [1, 2**31-1], got %zd",
@@ -2072,15 +2167,50 @@ static PyObject *Accumulator_new(PyTypeObject *type, PyObject *args, PyObject *k
     if (self == NULL)
         return NULL;
     shmb_acc_init(&self->acc, (size_t)max);
+    self->batch = Py_None;
+    Py_INCREF(Py_None);
+    if (future_type != Py_None) {
+        Py_INCREF(future_type);
+        self->future_type = (PyTypeObject *)future_type;
+    }
+    self->ring.obj = NULL;
+    self->linger_ns = (int64_t)(linger_ms * 1e6);
+    self->records_max = records_max;
     return (PyObject *)self;
+}
+
+static int Accumulator_traverse(AccumulatorObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(self));
+    Py_VISIT(self->batch);
+    Py_VISIT(self->future_type);
+    return 0;
+}
+
+static int Accumulator_clear_refs(AccumulatorObject *self)
+{
+    Py_CLEAR(self->batch);
+    Py_CLEAR(self->future_type);
+    if (self->ring.obj != NULL)
+        PyBuffer_Release(&self->ring);
+    return 0;
 }
 
 static void Accumulator_dealloc(AccumulatorObject *self)
 {
     PyTypeObject *tp = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    Accumulator_clear_refs(self);
     shmb_acc_free(&self->acc);
     tp->tp_free((PyObject *)self);
     Py_DECREF(tp);
+}
+
+static int64_t monotonic_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
 /* A bytes-like object or None as a slice over a view the caller releases (view->obj NULL when
@@ -2237,17 +2367,49 @@ static PyObject *Accumulator_append(AccumulatorObject *self, PyObject *const *ar
             goto done;
     }
     size_t size = 0;
+    const shmb_acc before = self->acc; /* to take the record back if its future fails */
     int r = shmb_acc_append(&self->acc, ts, k, v, hs, nh, &size);
     self->last_record_bytes = (Py_ssize_t)size;
     switch (r) {
-    case SHMB_ACC_OK:
-        result = PyLong_FromLong(self->acc.count - 1);
+    case SHMB_ACC_OK: {
+        int32_t count = self->acc.count;
+        if (count == 1 && self->linger_ns > 0)
+            self->first_ns = monotonic_ns();
+        int due = count >= self->records_max;
+        if (!due && self->ring.obj != NULL) {
+            /* Idle: the partition took everything written (we are the ring's only writer). */
+            const uint8_t *rb = self->ring.buf;
+            due = shmb_u64_load_acquire(rb + SHMB_RING_READ_POSITION_OFFSET) ==
+                  shmb_u64_load_relaxed(rb + SHMB_RING_WRITE_POSITION_OFFSET);
+            if (due && self->linger_ns > 0)
+                due = monotonic_ns() - self->first_ns >= self->linger_ns;
+        }
+        self->write_due = due;
+        if (self->future_type == NULL) {
+            result = PyLong_FromLong(count - 1);
+        } else {
+            FutureBaseObject *f =
+                (FutureBaseObject *)self->future_type->tp_alloc(self->future_type, 0);
+            if (f != NULL) {
+                Py_INCREF(self->batch);
+                f->batch = self->batch;
+                f->index = count - 1;
+            } else { /* no future, no record (the buffer may have moved: keep its new place) */
+                self->acc.len = before.len;
+                self->acc.count = before.count;
+                self->acc.base_timestamp = before.base_timestamp;
+                self->acc.max_timestamp = before.max_timestamp;
+                self->write_due = 0;
+            }
+            result = (PyObject *)f;
+        }
         break;
+    }
     case SHMB_ACC_FULL:
-        result = PyLong_FromLong(-1);
+        result = self->future_type ? (Py_INCREF(Py_None), Py_None) : PyLong_FromLong(-1);
         break;
     case SHMB_ACC_TOO_LARGE:
-        result = PyLong_FromLong(-2);
+        result = self->future_type ? (Py_INCREF(Py_None), Py_None) : PyLong_FromLong(-2);
         break;
     case SHMB_ACC_BAD_TIMESTAMP:
         PyErr_Format(PyExc_ValueError, "timestamp %lld: its delta from the batch's first "
@@ -2302,8 +2464,10 @@ static PyObject *Accumulator_encode(AccumulatorObject *self, PyObject *const *ar
     }
     size_t size = shmb_acc_seal(&self->acc, pid, (int16_t)epoch, (int32_t)seq);
     PyObject *out = PyBytes_FromStringAndSize((const char *)self->acc.buf, (Py_ssize_t)size);
-    if (out != NULL)
+    if (out != NULL) {
         shmb_acc_clear(&self->acc);
+        self->write_due = 0;
+    }
     return out;
 }
 
@@ -2367,8 +2531,10 @@ static PyObject *Accumulator_write_ring(AccumulatorObject *self, PyObject *const
         PyErr_Format(get_state(module)->errors[SHMB_RB_SCAN_TOO_LARGE],
                      "a batch of %zu bytes is larger than this ring can ever hold", payload.len);
     } else {
-        if (r == SHMB_RING_OK)
+        if (r == SHMB_RING_OK) {
             shmb_acc_clear(&self->acc);
+            self->write_due = 0;
+        }
         result = Py_BuildValue("(iKK)", r, (unsigned long long)first_seq,
                                (unsigned long long)wpos);
     }
@@ -2381,7 +2547,62 @@ static PyObject *Accumulator_write_ring(AccumulatorObject *self, PyObject *const
 static PyObject *Accumulator_clear(AccumulatorObject *self, PyObject *Py_UNUSED(ignored))
 {
     shmb_acc_clear(&self->acc);
+    self->write_due = 0;
     Py_RETURN_NONE;
+}
+
+/* bind(ring): append then tells whether the ring is idle (write_due). The ring cannot be
+ * unmapped while bound (its mmap refuses to close with a view exported): unbind() first. */
+static PyObject *Accumulator_bind(AccumulatorObject *self, PyObject *ring)
+{
+    Py_buffer v;
+    if (region_view(ring, 0, &v, "bind") < 0)
+        return NULL;
+    if (v.len < SHMB_RING_DATA_OFFSET) {
+        PyBuffer_Release(&v);
+        PyErr_SetString(PyExc_ValueError, "bind: not a ring region");
+        return NULL;
+    }
+    if (self->ring.obj != NULL)
+        PyBuffer_Release(&self->ring);
+    self->ring = v;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Accumulator_unbind(AccumulatorObject *self, PyObject *Py_UNUSED(ignored))
+{
+    if (self->ring.obj != NULL)
+        PyBuffer_Release(&self->ring);
+    self->ring.obj = NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Accumulator_get_batch(AccumulatorObject *self, void *Py_UNUSED(closure))
+{
+    Py_INCREF(self->batch);
+    return self->batch;
+}
+
+static int Accumulator_set_batch(AccumulatorObject *self, PyObject *value,
+                                 void *Py_UNUSED(closure))
+{
+    if (value == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "batch cannot be deleted");
+        return -1;
+    }
+    Py_INCREF(value);
+    Py_SETREF(self->batch, value);
+    return 0;
+}
+
+static PyObject *Accumulator_get_write_due(AccumulatorObject *self, void *Py_UNUSED(closure))
+{
+    return PyBool_FromLong(self->write_due);
+}
+
+static PyObject *Accumulator_get_first_ms(AccumulatorObject *self, void *Py_UNUSED(closure))
+{
+    return PyFloat_FromDouble((double)self->first_ns / 1e6);
 }
 
 static PyObject *Accumulator_get_count(AccumulatorObject *self, void *Py_UNUSED(closure))
@@ -2416,6 +2637,10 @@ static PyMethodDef Accumulator_methods[] = {
      "write_ring(ring, doorbell, producer_id, producer_epoch, base_sequence) -> (status, "
      "sequence, write_position); empty after RING_OK"},
     {"clear", (PyCFunction)Accumulator_clear, METH_NOARGS, "clear(): forget the records"},
+    {"bind", (PyCFunction)Accumulator_bind, METH_O,
+     "bind(ring): append reports in write_due whether the ring is idle; unbind() before the "
+     "ring is unmapped"},
+    {"unbind", (PyCFunction)Accumulator_unbind, METH_NOARGS, "unbind(): forget the ring"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -2427,12 +2652,21 @@ static PyGetSetDef Accumulator_getset[] = {
      "encoded size of the record the last append was given", NULL},
     {"records_bytes_max", (getter)Accumulator_get_records_bytes_max, NULL,
      "most bytes of records one batch holds", NULL},
+    {"batch", (getter)Accumulator_get_batch, (setter)Accumulator_set_batch,
+     "the object the futures of the records held point to", NULL},
+    {"write_due", (getter)Accumulator_get_write_due, NULL,
+     "after append: the batch should be written now (records_max reached, or the bound ring "
+     "is idle and linger_ms has passed since the first record)", NULL},
+    {"first_ms", (getter)Accumulator_get_first_ms, NULL,
+     "time.monotonic() * 1000 of the first record held (with linger_ms only)", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
 static PyType_Slot Accumulator_slots[] = {
     {Py_tp_new, (void *)Accumulator_new},
     {Py_tp_dealloc, (void *)Accumulator_dealloc},
+    {Py_tp_traverse, (void *)Accumulator_traverse},
+    {Py_tp_clear, (void *)Accumulator_clear_refs},
     {Py_tp_methods, (void *)Accumulator_methods},
     {Py_tp_getset, (void *)Accumulator_getset},
     {Py_tp_doc, (void *)"RecordAccumulator(records_bytes_max)\n--\n\n"
@@ -2444,7 +2678,7 @@ static PyType_Spec Accumulator_spec = {
     .name = "shmbroker._native.RecordAccumulator",
     .basicsize = sizeof(AccumulatorObject),
     .itemsize = 0,
-    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE,
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE | Py_TPFLAGS_HAVE_GC,
     .slots = Accumulator_slots,
 };
 
@@ -2750,6 +2984,7 @@ static int module_traverse(PyObject *m, visitproc visit, void *arg)
     Py_VISIT(st->record_type);
     Py_VISIT(st->file_map_type);
     Py_VISIT(st->accumulator_type);
+    Py_VISIT(st->future_base_type);
     Py_VISIT(st->empty_tuple);
     for (int i = 0; i < STATUS_COUNT; i++)
         Py_VISIT(st->errors[i]);
@@ -2765,6 +3000,7 @@ static int module_clear(PyObject *m)
     Py_CLEAR(st->record_type);
     Py_CLEAR(st->file_map_type);
     Py_CLEAR(st->accumulator_type);
+    Py_CLEAR(st->future_base_type);
     Py_CLEAR(st->empty_tuple);
     for (int i = 0; i < STATUS_COUNT; i++)
         Py_CLEAR(st->errors[i]);
@@ -2906,6 +3142,14 @@ static int init_state(PyObject *m, module_state *st)
     Py_INCREF(st->file_map_type);
     if (PyModule_AddObject(m, "FileMap", (PyObject *)st->file_map_type) < 0) {
         Py_DECREF(st->file_map_type);
+        return -1;
+    }
+    st->future_base_type = (PyTypeObject *)PyType_FromModuleAndSpec(m, &FutureBase_spec, NULL);
+    if (st->future_base_type == NULL)
+        return -1;
+    Py_INCREF(st->future_base_type);
+    if (PyModule_AddObject(m, "FutureBase", (PyObject *)st->future_base_type) < 0) {
+        Py_DECREF(st->future_base_type);
         return -1;
     }
     st->accumulator_type = (PyTypeObject *)PyType_FromModuleAndSpec(m, &Accumulator_spec, NULL);

@@ -127,16 +127,13 @@ class _Batch:
             raise self.error
 
 
-class RecordFuture:
+class RecordFuture(_native.FutureBase):
     """The future of one ``send``: ``result(timeout=None)`` -> RecordMetadata (topic,
     partition, offset); raises the record's error (typed) or RequestTimeoutError. A light
-    object (two slots), resolved from ring completions; not a concurrent.futures.Future."""
+    object (its batch and index, made in C by the accumulator), resolved from ring
+    completions; not a concurrent.futures.Future."""
 
-    __slots__ = ("_batch", "_index")
-
-    def __init__(self, batch: _Batch, index: int):
-        self._batch = batch
-        self._index = index
+    __slots__ = ()
 
     def done(self) -> bool:
         batch = self._batch
@@ -254,9 +251,12 @@ class _Writer:
 
 class _Accumulator:
     """Records waiting to become the next batch of one partition: encoded already, in
-    ``records`` (C); ``batch`` is what their futures point to."""
+    ``records`` (C), which also makes their futures (pointing to ``records.batch``) and says
+    after each append whether the batch is due (``records.write_due``: its ring is idle and
+    linger_ms has passed, or it holds PRODUCER_BATCH_RECORDS_MAX records). ``records`` is
+    bound to the writer's ring: ``unbind`` before the ring is unmapped."""
 
-    __slots__ = ("topic", "partition", "writer", "records", "batch", "bytes_max", "first_ms")
+    __slots__ = ("topic", "partition", "writer", "records", "bytes_max")
 
     def __init__(self, producer: "Producer", topic: str, partition: int, writer: _Writer,
                  bytes_max: int):
@@ -264,9 +264,17 @@ class _Accumulator:
         self.partition = partition
         self.writer = writer
         self.bytes_max = bytes_max
-        self.records = _native.RecordAccumulator(bytes_max)
-        self.first_ms = 0.0
-        self.batch = _Batch(producer, topic, partition)
+        self.records = _native.RecordAccumulator(bytes_max, RecordFuture, producer.linger_ms,
+                                                 PRODUCER_BATCH_RECORDS_MAX)
+        self.records.batch = _Batch(producer, topic, partition)
+        self.records.bind(writer.buf)
+
+    @property
+    def batch(self) -> _Batch:
+        return self.records.batch
+
+    def unbind(self) -> None:
+        self.records.unbind()
 
 
 # --- fork and exit ---------------------------------------------------------------------------
@@ -444,21 +452,17 @@ class Producer:
                 if acc is None:
                     acc = self._accumulator(topic, partition)
             # Encoded now, in C (type checks included): the caller may reuse its buffers.
+            records_ = acc.records
             if headers is None and timestamp is None:
-                index = acc.records.append(value, key)
+                future = records_.append(value, key)
             else:
-                index = acc.records.append(value, key, headers, timestamp)
-            if index < 0:
-                acc, index = self._append_after_write(acc, index, value, key, headers, timestamp)
-            if index == 0 and self.linger_ms:
-                acc.first_ms = time.monotonic() * 1000.0
-            future = RecordFuture(acc.batch, index)
-            writer = acc.writer
-            # Write now when the ring is idle (writer.idle(), inlined: this is the hot path);
-            # else the background sender writes the records once it is.
-            if (_load_u64(writer.buf, _READ_POSITION) == writer.written_position
-                    and (not self.linger_ms or self._lingered(acc))) \
-                    or index + 1 >= PRODUCER_BATCH_RECORDS_MAX:
+                future = records_.append(value, key, headers, timestamp)
+            if future is None:
+                acc, future = self._append_after_write(acc, value, key, headers, timestamp)
+                records_ = acc.records
+            # Write now when the ring is idle (and linger_ms has passed), as the accumulator
+            # found; else the background sender writes the records once it is.
+            if records_.write_due:
                 self._write(acc)
             elif not self._sender_armed:
                 self._arm_sender()
@@ -466,20 +470,17 @@ class Producer:
         finally:
             lock.release()
 
-    def _append_after_write(self, acc: _Accumulator, index: int, value, key, headers,
-                            timestamp) -> tuple[_Accumulator, int]:
-        """The record did not fit beside the accumulated ones (-1): write them, then append
-        it to the partition's fresh batch; or it fits in no batch (-2): RecordTooLargeError."""
-        if index == -2:
+    def _append_after_write(self, acc: _Accumulator, value, key, headers,
+                            timestamp) -> tuple[_Accumulator, RecordFuture]:
+        """The record did not fit beside the accumulated ones: write them, then append it to
+        the partition's fresh batch; or it fits in no batch: RecordTooLargeError."""
+        if acc.records.last_record_bytes > acc.bytes_max:
             self._too_large(acc, acc.records.last_record_bytes)
         self._write(acc)
         acc = self._accs[(acc.topic, acc.partition)]
-        index = acc.records.append(value, key, headers, timestamp)
-        assert index == 0, index  # an empty batch takes any record that is not too large
-        return acc, index
-
-    def _lingered(self, acc: _Accumulator) -> bool:
-        return time.monotonic() * 1000.0 - acc.first_ms >= self.linger_ms
+        future = acc.records.append(value, key, headers, timestamp)
+        assert future is not None  # an empty batch takes any record that is not too large
+        return acc, future
 
     # -- the background sender (lock held in each of these) ------------------------------------
 
@@ -514,7 +515,8 @@ class Producer:
                 if _load_u64(writer.buf, _READ_POSITION) != writer.written_position:
                     busy.append(writer)
                     continue
-                left_ms = self.linger_ms - (now_ms - acc.first_ms) if self.linger_ms else 0
+                left_ms = (self.linger_ms - (now_ms - acc.records.first_ms)
+                           if self.linger_ms else 0)
                 if left_ms > 0:
                     timer_ms = left_ms if timer_ms is None else min(timer_ms, left_ms)
                     continue
@@ -646,9 +648,9 @@ class Producer:
         count = records_.count
         if not count:
             return
-        batch = acc.batch
+        batch = records_.batch
         batch.count = count
-        acc.batch = _Batch(self, acc.topic, acc.partition)
+        records_.batch = _Batch(self, acc.topic, acc.partition)
         if self._sticky.get(acc.topic) is acc:
             self._sticky_switch(acc.topic, acc.partition)
         writer = acc.writer
@@ -760,6 +762,7 @@ class Producer:
         acc = self._accs.pop(key, None)
         if acc is not None:
             acc.batch.fail(error)
+            acc.unbind()
             if self._sticky.get(writer.topic) is acc:
                 del self._sticky[writer.topic]
         writer.ring.close(drain_timeout_ms=0)
@@ -956,6 +959,8 @@ class Producer:
         are the parent's) and its accumulated records; new rings are made on demand."""
         if self._pid == os.getpid():
             return
+        for acc in self._accs.values():
+            acc.unbind()
         for writer in self._writers.values():
             try:
                 writer.ring.region.close()
@@ -994,6 +999,8 @@ class Producer:
         self._sender_poke[0] = 1
         cap = time.monotonic() + PRODUCER_CLOSE_DRAIN_MS_MAX / 1000.0
         deadline = cap if deadline is None else min(deadline, cap)
+        for acc in self._accs.values():
+            acc.unbind()  # the rings are unmapped below
         for writer in self._writers.values():
             self._retire(writer)
             left_ms = max(0.0, (deadline - time.monotonic()) * 1000.0)

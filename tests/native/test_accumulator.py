@@ -148,3 +148,68 @@ def test_writing_an_empty_accumulator_or_to_a_corrupt_ring_is_an_error():
     with pytest.raises(errors.RingCorruptError):
         acc.write_ring(ring, None, 1, 0, 0)
     assert acc.count == 1
+
+
+class Future(_native.FutureBase):
+    __slots__ = ()
+
+
+def test_with_a_future_type_append_makes_futures_of_the_current_batch_and_none_when_full():
+    acc = _native.RecordAccumulator(300, Future)
+    first, second = object(), object()
+    acc.batch = first
+    f0, f1 = acc.append(b"a" * 100), acc.append(b"b" * 100)
+    assert type(f0) is Future and (f0._batch, f0._index, f1._batch, f1._index) == (first, 0, first, 1)
+    assert acc.append(b"c" * 100) is None and acc.count == 2  # full: nothing changed
+    assert acc.append(b"d" * 400) is None and acc.last_record_bytes > 300  # too large
+    acc.encode(-1, -1, -1)
+    acc.batch = second
+    assert acc.append(b"e")._batch is second
+    with pytest.raises(TypeError, match="FutureBase"):
+        _native.RecordAccumulator(300, int)
+
+
+def test_write_due_says_whether_the_bound_ring_is_idle_linger_and_records_max_permitting():
+    capacity = 1 << 16
+    ring = mmap.mmap(-1, L.ring_region_bytes(capacity))
+    init_ring_header(ring, capacity)
+    acc = _native.RecordAccumulator(1 << 14, Future, 0, 1000)
+    acc.append(b"x")
+    assert not acc.write_due  # not bound: only records_max decides
+    acc.bind(ring)
+    acc.append(b"x")
+    assert acc.write_due  # idle ring
+    assert acc.write_ring(ring, None, 1, 0, 0)[0] == OK and not acc.write_due
+    acc.append(b"y")
+    assert not acc.write_due  # the frame written is not taken yet: the ring is busy
+    _native.ring_release(ring, _native.atomic_load_u64(ring, L.RING["write_position"]))
+    acc.append(b"z")
+    assert acc.write_due  # taken: idle again
+    acc.clear()
+    lingering = _native.RecordAccumulator(1 << 14, Future, 200, 3)
+    lingering.bind(ring)
+    lingering.append(b"1")
+    assert not lingering.write_due  # idle, but linger_ms has not passed
+    assert abs(lingering.first_ms - time.monotonic() * 1000) < 100
+    lingering.append(b"2")
+    assert not lingering.write_due
+    lingering.append(b"3")
+    assert lingering.write_due  # records_max reached
+    lingering.clear()
+    lingering.append(b"4")
+    time.sleep(0.25)
+    lingering.append(b"5")
+    assert lingering.write_due  # linger_ms passed since the first record
+
+
+def test_a_bound_ring_cannot_be_unmapped_until_unbound():
+    ring = mmap.mmap(-1, L.ring_region_bytes(4096))
+    init_ring_header(ring, 4096)
+    acc = _native.RecordAccumulator(1 << 10, Future)
+    acc.bind(ring)
+    with pytest.raises(BufferError):
+        ring.close()  # a stale pointer into an unmapped ring would crash; this refuses
+    acc.unbind()
+    ring.close()
+    with pytest.raises(ValueError):
+        acc.bind(bytearray(16))
