@@ -223,14 +223,6 @@ class Row:
 # --- host ---------------------------------------------------------------------------------------
 
 
-
-
-
-
-
-
-
-
 def package_version(dist: str) -> str:
     from importlib import metadata
     try:
