@@ -135,19 +135,23 @@ def _cmd_top(args: argparse.Namespace) -> int:
     if not INTERVAL_S_MIN <= args.interval <= INTERVAL_S_MAX:
         raise errors.ConfigError(f"--interval {args.interval}: expected seconds in "
                                  f"[{INTERVAL_S_MIN}, {INTERVAL_S_MAX}]")
-    return run(args.data_dir, args.once, args.json, args.interval)
+    return run(args.data_dir, args.once, args.json, args.interval, plain=args.plain)
 
 
 def _add_top_command(sub) -> None:
     top = sub.add_parser(
         "top", help="what a live broker is doing: processes, partitions, groups and lag",
         description="Reads runtime.json, the partitions' shared-memory state, their directories "
-                    "and the coordinator's groups (read-only; nothing on the data path). Redraws "
-                    "every --interval seconds until Ctrl-C; --once prints one snapshot (rates "
-                    "over --interval), --json as JSON.")
+                    "and the coordinator's groups (read-only; nothing on the data path). On a "
+                    "terminal: a full-screen view refreshed every --interval seconds (keys: 1-4 "
+                    "view, s sort, / filter, space pause, h help, q quit). Otherwise plain "
+                    "snapshots every --interval seconds until Ctrl-C. --once prints one "
+                    "snapshot (rates over --interval), --json as JSON.")
     _add_data_dir(top)
     top.add_argument("--once", action="store_true", help="one snapshot, then exit")
     top.add_argument("--json", action="store_true", help="JSON, one object per snapshot")
+    top.add_argument("--plain", action="store_true",
+                     help="plain text snapshots even on a terminal (no full-screen view)")
     top.add_argument("--interval", type=float, default=1.0, metavar="S",
                      help="seconds between samples (default 1)")
     top.set_defaults(func=_cmd_top)
