@@ -125,10 +125,11 @@ def _draw(stdscr, lines: list[Line], styles: dict[str, int]) -> None:
             text = text.ljust(width)  # a full-width bar, like htop's
         try:
             stdscr.addnstr(y, 0, text, width - 1 if y == height - 1 else width, attr)
-            if line.mark is not None and line.mark[0] < width:
+            if line.mark is not None:
                 start, end = line.mark
-                stdscr.addnstr(y, start, text[start:end], min(end, width - 1) - start,
-                               styles["mark"])
+                count = min(end, width - 1) - start  # never <= 0: curses reads -1 as "all"
+                if count > 0:
+                    stdscr.addnstr(y, start, text[start:end], count, styles["mark"])
         except curses.error:
             pass
     stdscr.refresh()
