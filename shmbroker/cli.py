@@ -135,22 +135,82 @@ def _cmd_top(args: argparse.Namespace) -> int:
     if not INTERVAL_S_MIN <= args.interval <= INTERVAL_S_MAX:
         raise errors.ConfigError(f"--interval {args.interval}: expected seconds in "
                                  f"[{INTERVAL_S_MIN}, {INTERVAL_S_MAX}]")
-    return run(args.data_dir, args.once, args.json, args.interval)
+    return run(args.data_dir, args.once, args.json, args.interval, plain=args.plain)
 
 
 def _add_top_command(sub) -> None:
     top = sub.add_parser(
         "top", help="what a live broker is doing: processes, partitions, groups and lag",
         description="Reads runtime.json, the partitions' shared-memory state, their directories "
-                    "and the coordinator's groups (read-only; nothing on the data path). Redraws "
-                    "every --interval seconds until Ctrl-C; --once prints one snapshot (rates "
-                    "over --interval), --json as JSON.")
+                    "and the coordinator's groups (read-only; nothing on the data path). On a "
+                    "terminal: a full-screen view refreshed every --interval seconds (keys: 1-4 "
+                    "view, s sort, / filter, space pause, h help, q quit). Otherwise plain "
+                    "snapshots every --interval seconds until Ctrl-C. --once prints one "
+                    "snapshot (rates over --interval), --json as JSON.")
     _add_data_dir(top)
     top.add_argument("--once", action="store_true", help="one snapshot, then exit")
     top.add_argument("--json", action="store_true", help="JSON, one object per snapshot")
+    top.add_argument("--plain", action="store_true",
+                     help="plain text snapshots even on a terminal (no full-screen view)")
     top.add_argument("--interval", type=float, default=1.0, metavar="S",
                      help="seconds between samples (default 1)")
     top.set_defaults(func=_cmd_top)
+
+
+def _cmd_profile(args: argparse.Namespace) -> int:
+    from .monitor import profile
+
+    if not profile.DURATION_S_MIN <= args.duration <= profile.DURATION_S_MAX:
+        raise errors.ConfigError(f"--duration {args.duration}: expected whole seconds in "
+                                 f"[{profile.DURATION_S_MIN}, {profile.DURATION_S_MAX}]")
+    if not profile.RATE_HZ_MIN <= args.rate <= profile.RATE_HZ_MAX:
+        raise errors.ConfigError(f"--rate {args.rate}: expected samples a second in "
+                                 f"[{profile.RATE_HZ_MIN}, {profile.RATE_HZ_MAX}]")
+    return profile.run(args.data_dir, args.target, args.duration, args.output, args.format,
+                       args.native, args.top, args.rate, args.nonblocking, args.idle)
+
+
+_PROFILE_EPILOG = """\
+examples:
+  shmbroker profile partition orders/3 --duration 10      # flame graph SVG in this directory
+  shmbroker profile coordinator --format speedscope -o c.json   # open at speedscope.app
+  shmbroker profile partition orders/3 --top                # live, like top, per function
+
+exit status: 0 written; 1 no broker, unknown target or target not running; 2 bad arguments;
+3 py-spy not installed; 4 no ptrace permission over the target; 5 py-spy failed otherwise.
+See docs/profiling.md."""
+
+
+def _add_profile_command(sub) -> None:
+    prof = sub.add_parser(
+        "profile", help="profile one broker process with py-spy (flame graph, speedscope, top)",
+        description="Samples the stacks of one process of a live broker with py-spy, without "
+                    "stopping it: TARGET is `partition TOPIC/N`, coordinator, router, "
+                    "supervisor (pids from runtime.json) or a pid.",
+        epilog=_PROFILE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    prof.add_argument("target", nargs="+", metavar="TARGET",
+                      help="partition TOPIC/N | coordinator | router | supervisor | PID")
+    prof.add_argument("--duration", type=int, default=5, metavar="S",
+                      help="seconds to sample (default 5)")
+    prof.add_argument("--output", "-o", default=None, metavar="FILE",
+                      help="default: profile-<target>-<pid>-<time>.<svg|speedscope.json|txt>")
+    prof.add_argument("--format", choices=["flamegraph", "speedscope", "raw"],
+                      default="flamegraph", help="flamegraph: SVG (default); speedscope: JSON "
+                      "for speedscope.app; raw: collapsed stacks for flamegraph.pl")
+    prof.add_argument("--native", action=argparse.BooleanOptionalAction, default=None,
+                      help="include C frames (our native core, CPython); default: on where "
+                           "py-spy supports it (Linux x86_64)")
+    prof.add_argument("--top", action="store_true",
+                      help="py-spy top: a live per-function view until you quit it")
+    prof.add_argument("--rate", type=int, default=100, metavar="HZ",
+                      help="samples a second (default 100)")
+    prof.add_argument("--nonblocking", action="store_true",
+                      help="do not pause the target for each sample (less overhead, may be "
+                           "less accurate)")
+    prof.add_argument("--idle", action="store_true",
+                      help="include threads that are sleeping (waiting on the doorbell, etc.)")
+    _add_data_dir(prof)
+    prof.set_defaults(func=_cmd_profile)
 
 
 def _cmd_consume(args: argparse.Namespace) -> int:
@@ -316,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_consume_command(sub)
     _add_produce_command(sub)
     _add_top_command(sub)
+    _add_profile_command(sub)
     return parser
 
 

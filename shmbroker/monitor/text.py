@@ -66,3 +66,9 @@ def render(snap: Snapshot, rows_max: int = ROWS_MAX) -> str:
 def _more(lines: list[str], count: int, rows_max: int) -> None:
     if count > rows_max:
         lines.append(f"... {count - rows_max} more")
+
+
+#: The number formats, for the full-screen view (views.py): 1234567 -> '1.2M' (powers of
+#: 1000), 1536 -> '1.5K' (powers of 1024), None -> '-'.
+human_count = _num
+human_bytes = _bytes
