@@ -69,7 +69,10 @@ class Tmux:
 
 
 def count(text: str) -> float:
-    """A number as top prints it: '15.0k' -> 15000."""
+    """A number as top prints it: '15.0k' -> 15000; '-' (not known yet, such as a rate before
+    its second sample) is NaN, which no comparison accepts."""
+    if text == "-":
+        return float("nan")
     scale = {"k": 1e3, "M": 1e6, "G": 1e9}.get(text[-1:], 1)
     return float(text.rstrip("kMG")) * scale
 
