@@ -1511,6 +1511,84 @@ static PyObject *py_atomic_add_u64(PyObject *m, PyObject *args)
     return PyLong_FromUnsignedLongLong(old);
 }
 
+/* Counters (shmbroker/shm/counters.py): one writer stores a run of consecutive u64 counters
+ * once per drain round or request batch, readers load them. Relaxed: a counter is read for
+ * display only, nothing else is published through it, so no ordering is needed; each word is
+ * still one atomic (untorn) store. One call for the run keeps the hot path at one C call. */
+static PyObject *py_atomic_store_u64_many(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "atomic_store_u64_many(buf, offset, values)");
+        return NULL;
+    }
+    long long off = PyLong_AsLongLong(args[1]);
+    if (off == -1 && PyErr_Occurred())
+        return NULL;
+    PyObject *seq = PySequence_Fast(args[2], "atomic_store_u64_many: values must be a sequence");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    Py_buffer v;
+    uint8_t *p = word_at(args[0], off, 8, 1, &v);
+    if (p == NULL) {
+        Py_DECREF(seq);
+        return NULL;
+    }
+    if (n > (v.len - off) / 8) {
+        PyErr_Format(PyExc_ValueError, "atomic_store_u64_many: %zd words at offset %lld pass "
+                     "the end of a buffer of %zd bytes", n, off, v.len);
+        goto fail;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned long long x = PyLong_AsUnsignedLongLong(PySequence_Fast_GET_ITEM(seq, i));
+        if (x == (unsigned long long)-1 && PyErr_Occurred())
+            goto fail; /* the words before i are stored: a counter is never half written */
+        shmb_u64_store_relaxed(p + 8 * i, (uint64_t)x);
+    }
+    PyBuffer_Release(&v);
+    Py_DECREF(seq);
+    Py_RETURN_NONE;
+fail:
+    PyBuffer_Release(&v);
+    Py_DECREF(seq);
+    return NULL;
+}
+
+static PyObject *py_atomic_load_u64_many(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "atomic_load_u64_many(buf, offset, count)");
+        return NULL;
+    }
+    long long off = PyLong_AsLongLong(args[1]);
+    if (off == -1 && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t n = PyLong_AsSsize_t(args[2]);
+    if (n == -1 && PyErr_Occurred())
+        return NULL;
+    Py_buffer v;
+    uint8_t *p = word_at(args[0], off, 8, 0, &v);
+    if (p == NULL)
+        return NULL;
+    if (n < 0 || n > (v.len - off) / 8) {
+        PyErr_Format(PyExc_ValueError, "atomic_load_u64_many: %zd words at offset %lld do not "
+                     "fit a buffer of %zd bytes", n, off, v.len);
+        PyBuffer_Release(&v);
+        return NULL;
+    }
+    PyObject *out = PyTuple_New(n);
+    for (Py_ssize_t i = 0; out != NULL && i < n; i++) {
+        PyObject *x = PyLong_FromUnsignedLongLong(shmb_u64_load_relaxed(p + 8 * i));
+        if (x == NULL) {
+            Py_CLEAR(out);
+            break;
+        }
+        PyTuple_SET_ITEM(out, i, x);
+    }
+    PyBuffer_Release(&v);
+    return out;
+}
+
 static PyObject *py_futex_wait(PyObject *m, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"buf", "offset", "expected", "timeout_ms", "spin_ns", NULL};
@@ -2928,6 +3006,14 @@ static PyMethodDef module_methods[] = {
      "atomic_add_u32(buf, offset, delta) -> old value (wraps modulo 2**32)"},
     {"atomic_add_u64", py_atomic_add_u64, METH_VARARGS,
      "atomic_add_u64(buf, offset, delta) -> old value (wraps modulo 2**64)"},
+    {"atomic_store_u64_many", (PyCFunction)(void (*)(void))py_atomic_store_u64_many,
+     METH_FASTCALL,
+     "atomic_store_u64_many(buf, offset, values)\n\nRelaxed atomic store of each value into "
+     "consecutive u64 words from offset (counters: one writer, readers load)."},
+    {"atomic_load_u64_many", (PyCFunction)(void (*)(void))py_atomic_load_u64_many,
+     METH_FASTCALL,
+     "atomic_load_u64_many(buf, offset, count) -> tuple\n\nRelaxed atomic load of count "
+     "consecutive u64 words from offset."},
     {"futex_wait", (PyCFunction)(void (*)(void))py_futex_wait, METH_VARARGS | METH_KEYWORDS,
      "futex_wait(buf, offset, expected, timeout_ms=-1, spin_ns=0) -> WAIT_* status\n\n"
      "Shared (not private) FUTEX_WAIT on a u32 of a writable mapping; the GIL is released."},
