@@ -1,5 +1,5 @@
-"""The supervisor's shared memory: one control region per partition, and what a previous run
-of this data dir left in /dev/shm.
+"""The supervisor's shared memory: one control region per partition, one counters region per
+child process, and what a previous run of this data dir left in /dev/shm.
 
 * A partition's control region is created before its first process starts and kept across
   restarts of that process (producers and consumers keep their mapping, a restarted process
@@ -12,7 +12,12 @@ of this data dir left in /dev/shm.
   like the page cache), and its drain journal lets the new partition process recognise frames
   that were appended but not released. The partition process drains those rings, then unlinks
   them (partition/ingress.py). Everything else of a dead owner -- control regions of topics
-  that are gone, rings of such topics, unreadable headers -- is unlinked here.
+  that are gone, rings of such topics, counters regions, unreadable headers -- is unlinked
+  here.
+* A counters region (shm/counters.py) is created before its process first starts and kept
+  across its restarts, so a restarted process continues its counters; it goes with its
+  partition (clean stop, deleted topic) or, for the coordinator and router, at a clean stop.
+  One left by a killed broker is not adopted: counters are derived, a new run starts at 0.
 
 Owned by the supervisor's main thread; not thread-safe.
 """
@@ -22,8 +27,10 @@ import logging
 from typing import Iterable
 
 from .. import errors
+from ..layout import counters as counters_layout
 from ..shm import names, stale
 from ..shm.control import ControlRegion
+from ..shm.counters import CountersRegion
 from ..shm.region import unlink
 
 log = logging.getLogger("shmbroker.supervisor")
@@ -88,3 +95,50 @@ class ControlRegions:
             log.info("previous run's shared memory: adopted %d control region(s), left %d "
                      "ring(s) of dead producers to be drained by their partitions, removed %s",
                      len(adopted), kept_rings, removed or "nothing")
+
+
+_COUNTER_KINDS = {"partition": counters_layout.KIND_PARTITION,
+                  "coordinator": counters_layout.KIND_COORDINATOR,
+                  "router": counters_layout.KIND_ROUTER}
+
+
+def counters_name_for(prefix: str, key: tuple) -> str | None:
+    """The counters region of the child with supervisor key ``key``; None for a child that
+    keeps none (the metrics server)."""
+    if key[0] not in _COUNTER_KINDS:
+        return None
+    return names.counters_name(prefix, *key)
+
+
+class CountersRegions:
+    """Counters regions owned by this supervisor, by child key (see the module doc)."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+        self.regions: dict[tuple, CountersRegion] = {}
+
+    def ensure(self, key: tuple) -> None:
+        """Creates the child's region (0600, O_EXCL) unless this supervisor has it already.
+        One of that name left by a dead broker that stale cleanup did not get to (or one
+        that is unreadable) is replaced."""
+        name = counters_name_for(self.prefix, key)
+        if name is None or key in self.regions:
+            return
+        kind = _COUNTER_KINDS[key[0]]
+        try:
+            region = CountersRegion.create(name, kind)
+        except errors.RegionExistsError:
+            log.warning("replacing counters region %s left by an earlier run", name)
+            unlink(name)
+            region = CountersRegion.create(name, kind)
+        self.regions[key] = region
+
+    def remove(self, key: tuple) -> None:
+        region = self.regions.pop(key, None)
+        if region is not None:
+            region.unlink()
+            region.close()
+
+    def close_all(self) -> None:
+        for key in list(self.regions):
+            self.remove(key)

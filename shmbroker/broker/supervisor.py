@@ -105,6 +105,9 @@ class Supervisor:
         #: One control region per wanted partition, created before its first process starts
         #: and kept across its restarts; unlinked when the partition stops for good.
         self.controls = shm_regions.ControlRegions(names.broker_prefix(self.data_dir))
+        #: One counters region per child (not the metrics server), created before its first
+        #: start and kept across its restarts.
+        self.counters = shm_regions.CountersRegions(names.broker_prefix(self.data_dir))
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -143,6 +146,7 @@ class Supervisor:
         finally:
             signal.set_wakeup_fd(old_wakeup)
             self.controls.close_all()
+            self.counters.close_all()
             self.selector.close()
             os.close(wake_r)
             os.close(wake_w)
@@ -219,14 +223,15 @@ class Supervisor:
         child = self.children.get(key)
         if child is None:
             child = self.children[key] = Child(key, RestartBackoff(self.config))
-        if child.role == "partition":
-            try:
+        try:
+            if child.role == "partition":
                 self.controls.ensure(child.key[1], child.key[2])
-            except ShmbrokerError as exc:
-                log.error("cannot create the control region of %s: %s", child.name, exc)
-                child.started_ms = monotonic_ms()  # counts as a failed start (back-off)
-                self._schedule_restart(child, child.started_ms)
-                return
+            self.counters.ensure(child.key)
+        except ShmbrokerError as exc:
+            log.error("cannot create the shared memory of %s: %s", child.name, exc)
+            child.started_ms = monotonic_ms()  # counts as a failed start (back-off)
+            self._schedule_restart(child, child.started_ms)
+            return
         ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
         link_parent = link_child = None
         if key == COORDINATOR:
@@ -319,6 +324,7 @@ class Supervisor:
         goes. Producers still mapping it see the partition's status STOPPED."""
         if child.role == "partition":
             self.controls.remove(child.key[1], child.key[2])
+            self.counters.remove(child.key)
 
     def _schedule_restart(self, child: Child, now: int) -> None:
         delay = child.backoff.delay_ms(min(child.started_ms, now), now)

@@ -7,6 +7,8 @@ always maps to the same names (a restarted broker finds what the previous run le
 
     shmb.1a2b3c4d.c.orders.3            control region of partition orders/3
     shmb.1a2b3c4d.r.orders.3.17.5       ingress ring of registry slot 17, generation 5
+    shmb.1a2b3c4d.m.partition.orders.3  counters of the process of partition orders/3
+    shmb.1a2b3c4d.m.coordinator         counters of the coordinator (and .m.router)
 
 Tests only: when ``SHMBROKER_SHM_TAG`` is set (tests/conftest.py sets it to the pytest-xdist
 worker id), the prefix becomes ``shmb-<tag>.<8 hex>.`` so that each worker's leak check sees
@@ -26,6 +28,7 @@ import re
 NAME_PREFIX = "shmb"
 CONTROL_KIND = "c"
 RING_KIND = "r"
+COUNTERS_KIND = "m"
 #: Longest topic part kept verbatim in a name.
 TOPIC_PART_BYTES_MAX = 96
 
@@ -67,12 +70,24 @@ def ring_name(prefix: str, topic: str, partition: int, slot: int, generation: in
     return f"{prefix}{RING_KIND}.{topic_part(topic)}.{int(partition)}.{int(slot)}.{int(generation)}"
 
 
+def counters_name(prefix: str, role: str, topic: str | None = None,
+                  partition: int | None = None) -> str:
+    """The counters region of one broker process: ``...m.partition.<topic>.<partition>``,
+    ``...m.coordinator``, ``...m.router``."""
+    assert prefix.startswith(NAME_PREFIX) and prefix.endswith("."), prefix
+    if role == "partition":
+        assert topic is not None and partition is not None
+        return f"{prefix}{COUNTERS_KIND}.partition.{topic_part(topic)}.{int(partition)}"
+    assert role.isalnum(), role
+    return f"{prefix}{COUNTERS_KIND}.{role}"
+
+
 def kind_of(name: str, prefix: str) -> str | None:
-    """``"c"``, ``"r"`` or None for a name under ``prefix``."""
+    """``"c"``, ``"r"``, ``"m"`` or None for a name under ``prefix``."""
     if not name.startswith(prefix):
         return None
     kind = name[len(prefix):].split(".", 1)[0]
-    return kind if kind in (CONTROL_KIND, RING_KIND) else None
+    return kind if kind in (CONTROL_KIND, RING_KIND, COUNTERS_KIND) else None
 
 
 def ring_name_prefix(prefix: str, topic: str, partition: int) -> str:

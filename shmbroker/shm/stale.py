@@ -27,7 +27,7 @@ SHM_DIR = "/dev/shm"
 
 class RegionInfo(NamedTuple):
     name: str
-    kind: str | None         # names.CONTROL_KIND, names.RING_KIND or None
+    kind: str | None         # names.CONTROL_KIND, RING_KIND, COUNTERS_KIND or None
     owner_pid: int           # 0 when the header could not be read
     owner_alive: bool
     committed_unread: bool   # rings: a committed frame waits at read_position
@@ -73,6 +73,14 @@ def inspect(name: str, prefix: str) -> RegionInfo:
                                   ring.has_unread(), None)
             finally:
                 region.close()
+        if kind == names.COUNTERS_KIND:
+            from .counters import CountersReader
+
+            with CountersReader.attach(name) as counters:
+                header = counters.header()
+                return RegionInfo(name, kind, header.owner_pid,
+                                  process_alive(header.owner_pid, header.owner_start_time),
+                                  False, None)
         return RegionInfo(name, kind, 0, False, False, "unknown kind of name")
     except errors.RegionNotFoundError as exc:
         return RegionInfo(name, kind, 0, False, False, str(exc))

@@ -1,0 +1,180 @@
+"""The counters region: one per broker process, what that process has done, for `shmbroker
+top` and the Prometheus endpoint. The single declaration of its bytes (nothing in C reads or
+writes it by offset: the one C helper, ``_native.atomic_store_u64_many``, stores a run of
+words the caller names). Design: docs/design/monitor.md ("Counters").
+
+Name: ``shmb.<broker>.m.partition.<topic>.<partition>``, ``shmb.<broker>.m.coordinator``,
+``shmb.<broker>.m.router`` (shmbroker/shm/names.py). Created 0600 by the supervisor before the
+process first starts and kept across its restarts (a counter of a restarted process goes on
+from where its predecessor left it); unlinked by the supervisor on a clean stop. All integers
+in the host's byte order; the region never leaves the host::
+
+    offset  size  field                         writer
+    ------  ----  ----------------------------  -------------------------------------------
+         0    64  header line                   creator (the supervisor), once
+                    0  u64 magic  "SHMBCNT1"
+                    8  u32 layout_version
+                   12  u32 header_bytes         (= COUNTERS_OFFSET)
+                   16  u64 region_bytes
+                   24  i32 owner_pid            (creator; stale cleanup looks at it)
+                   28  u32 kind                 KIND_PARTITION / KIND_COORDINATOR / KIND_ROUTER
+                   32  u64 owner_start_time     (/proc/<pid>/stat field 22)
+                   40  u32 counters_count       u64 words from COUNTERS_OFFSET (= len(table))
+                   44  u32 reserved
+                   48  u64 created_ns           (CLOCK_REALTIME)
+        64    64  writer line                   the process that writes the counters, on attach
+                   64  i32 writer_pid
+                   68  u32 writer_attaches      +1 each time a process takes the region over
+                   72  u64 writer_start_time
+                   80  u64 writer_attached_ns   (CLOCK_REALTIME)
+       128   8*N  counters: u64 word i = table[i] of the region's kind (below); each has ONE
+                  writer (the process of the writer line), stored with a relaxed atomic store
+                  (untorn), loaded with a relaxed atomic load; no lock, no seqlock: every
+                  counter stands alone, and two counters read together may be a round apart.
+
+The tables are append-only within a layout version: a reader of version V finds every counter
+of V at its index. Renaming, removing or moving one is a new version.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from .shm import Field
+
+
+class Counter(NamedTuple):
+    """One u64 word. ``metric``: its Prometheus name after ``shmbroker_<kind>_``; ``label``:
+    an extra (name, value) label (counters that differ only by it share a metric name);
+    ``type``: "counter" (only grows while the region exists) or "gauge"."""
+
+    name: str
+    type: str
+    metric: str
+    help: str
+    label: tuple[str, str] | None = None
+
+
+COUNTERS_MAGIC = int.from_bytes(b"SHMBCNT1", "little")
+COUNTERS_LAYOUT_VERSION = 1
+WRITER_OFFSET = 64
+COUNTERS_OFFSET = 128
+
+HEADER_FIELDS: tuple[Field, ...] = (
+    Field("magic", 0, 8, "Q"),
+    Field("layout_version", 8, 4, "I"),
+    Field("header_bytes", 12, 4, "I"),
+    Field("region_bytes", 16, 8, "Q"),
+    Field("owner_pid", 24, 4, "i"),
+    Field("kind", 28, 4, "I"),
+    Field("owner_start_time", 32, 8, "Q"),
+    Field("counters_count", 40, 4, "I"),
+    Field("created_ns", 48, 8, "Q"),
+    Field("writer_pid", 64, 4, "i"),
+    Field("writer_attaches", 68, 4, "I"),
+    Field("writer_start_time", 72, 8, "Q"),
+    Field("writer_attached_ns", 80, 8, "Q"),
+)
+HEADER = {f.name: f.offset for f in HEADER_FIELDS}
+
+KIND_PARTITION = 1
+KIND_COORDINATOR = 2
+KIND_ROUTER = 3
+KIND_NAMES = {KIND_PARTITION: "partition", KIND_COORDINATOR: "coordinator",
+              KIND_ROUTER: "router"}
+
+
+def _c(name: str, help_: str, metric: str | None = None, label=None) -> Counter:
+    return Counter(name, "counter", metric or f"{name}_total", help_, label)
+
+
+def _g(name: str, help_: str) -> Counter:
+    return Counter(name, "gauge", name, help_)
+
+
+#: Partition process. The whole table is stored once per drain round (one C call); the first
+#: seven move every round, the rest on events or when sampled (docs/design/monitor.md).
+PARTITION_COUNTERS: tuple[Counter, ...] = (
+    _c("drain_rounds", "Drain rounds that appended frames to the log."),
+    _c("frames_in", "Ring frames appended to the log."),
+    _c("batches_in", "Record batches appended to the log."),
+    _c("records_in", "Records appended to the log."),
+    _c("bytes_in", "Bytes of record batches appended to the log."),
+    _g("high_watermark", "Next offset to be written (records below it are readable)."),
+    _g("log_bytes", "Bytes of the partition's segment .log files."),
+    _g("ring_fill_percent", "Fullest ingress ring of the partition, percent of its capacity, "
+                            "sampled every drain round and every reap of dead producers."),
+    _g("producers", "Producer rings attached (producer processes connected)."),
+    # -- on events
+    _g("log_start_offset", "First offset still in the log (retention moves it)."),
+    _g("segments", "Segments of the partition's log."),
+    _c("fsyncs", "fsyncs of the active segment (flush policy, acks=all, close)."),
+    _g("last_fsync_time_ms", "Wall clock (ms since the epoch) of the last fsync; 0: none "
+                             "since the region was created."),
+    _c("frames_rejected", "Frames rejected (a batch failed validation), completed with an "
+                          "error.", "errors_total", ("kind", "bad_frame")),
+    _c("rings_broken", "Ingress rings found corrupt and no longer read.", "errors_total",
+       ("kind", "ring_corrupt")),
+    _c("producers_gone", "Rings of producers that died, drained and reclaimed."),
+    _c("native_rounds_declined", "Drain rounds the C round declined (the Python round ran)."),
+    _c("segments_deleted", "Segments deleted by retention."),
+)
+PARTITION = {c.name: i for i, c in enumerate(PARTITION_COUNTERS)}
+
+#: Request types the coordinator counts one by one (coordinator/protocol.py); any other
+#: type counts as "other". Append-only, like the tables.
+COORDINATOR_REQUEST_TYPES = ("ping", "list_topics", "describe_topic", "create_topic",
+                             "alter_partitions", "delete_topic", "join", "sync", "heartbeat",
+                             "leave", "offset_commit", "offset_fetch", "groups_list",
+                             "group_describe", "group_delete", "other")
+
+#: Coordinator process: stored together once per pass of its loop (one C call).
+COORDINATOR_COUNTERS: tuple[Counter, ...] = (
+    _g("groups", "Consumer groups with members (live in the coordinator)."),
+    _g("members", "Members of all groups."),
+    _c("rebalances", "Join phases completed (a new generation of a group)."),
+    _c("commits", "Offset commits accepted."),
+    _c("offsets_committed", "Partition offsets written by accepted commits."),
+    _c("error_replies", "Requests answered with an error.", "errors_total",
+       ("kind", "error_reply")),
+    _c("internal_errors", "Requests that hit a bug in the coordinator (answered with an "
+                          "internal error).", "errors_total", ("kind", "internal")),
+    *(_c(f"requests_{t}", f"Requests of type {t}.", "requests_total", ("type", t))
+      for t in COORDINATOR_REQUEST_TYPES),
+)
+COORDINATOR = {c.name: i for i, c in enumerate(COORDINATOR_COUNTERS)}
+
+#: Router process: stored together once per pass of its loop.
+ROUTER_COUNTERS: tuple[Counter, ...] = (
+    _c("forwarded", "Requests forwarded to the coordinator."),
+    _c("refused", "Requests refused (malformed, too large, too many in flight, coordinator "
+                  "busy).", "errors_total", ("kind", "refused")),
+    _c("replies_undeliverable", "Replies that could not be sent (client gone or its queue "
+                                "full).", "errors_total", ("kind", "reply_undeliverable")),
+    _g("clients_waiting", "Clients with requests forwarded and not answered yet."),
+)
+ROUTER = {c.name: i for i, c in enumerate(ROUTER_COUNTERS)}
+
+TABLES: dict[int, tuple[Counter, ...]] = {KIND_PARTITION: PARTITION_COUNTERS,
+                                           KIND_COORDINATOR: COORDINATOR_COUNTERS,
+                                           KIND_ROUTER: ROUTER_COUNTERS}
+
+
+def region_bytes(kind: int) -> int:
+    return COUNTERS_OFFSET + 8 * len(TABLES[kind])
+
+
+def counter_offset(index: int) -> int:
+    return COUNTERS_OFFSET + 8 * index
+
+
+# --- self-checks ---------------------------------------------------------------------------
+
+for _a, _b in zip(HEADER_FIELDS, HEADER_FIELDS[1:]):
+    assert _a.offset + _a.size <= _b.offset, (_a, _b)
+assert all(f.offset % f.size == 0 for f in HEADER_FIELDS)
+assert HEADER_FIELDS[-1].offset + HEADER_FIELDS[-1].size <= COUNTERS_OFFSET
+assert HEADER["writer_pid"] == WRITER_OFFSET and COUNTERS_OFFSET % 64 == 0
+for _table in TABLES.values():
+    assert len({c.name for c in _table}) == len(_table)
+    assert all(c.type in ("counter", "gauge") for c in _table)
+    assert all(c.type == "gauge" or c.metric.endswith("_total") for c in _table)
