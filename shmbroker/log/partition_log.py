@@ -122,6 +122,10 @@ class PartitionLog:
         self._recovery_point = 0
         self._unflushed_records = 0
         self._last_flush_ms = clock()
+        #: fsyncs by flush() (the flush policy, acks=all, close); for the counters region.
+        self.flushes = 0
+        self._sealed_key: tuple[int, int] | None = None
+        self._sealed_bytes = 0
         self._closed = False
         self.recovery_report: RecoveryReport | None = None
 
@@ -245,6 +249,11 @@ class PartitionLog:
         return self.log_end_offset
 
     @property
+    def last_flush_ms(self) -> int | None:
+        """The log's clock at the last flush() of this object; None: none yet."""
+        return self._last_flush_ms if self.flushes else None
+
+    @property
     def recovery_point(self) -> int:
         """Offsets below this are known fsynced."""
         return self._recovery_point
@@ -252,6 +261,16 @@ class PartitionLog:
     @property
     def size_bytes(self) -> int:
         return sum(s.size for s in self._segments)
+
+    def disk_usage(self) -> tuple[int, int]:
+        """(segments, bytes of their .log files), cheap enough for every drain round: the
+        sealed segments' bytes are summed again only when the list of segments changed."""
+        segments = self._segments
+        key = (len(segments), self._bases[0])
+        if key != self._sealed_key:
+            self._sealed_key = key
+            self._sealed_bytes = sum(s.size for s in segments[:-1])
+        return len(segments), self._sealed_bytes + segments[-1].size
 
     @property
     def closed(self) -> bool:
@@ -467,6 +486,7 @@ class PartitionLog:
         self._recovery_point = self.log_end_offset
         self._unflushed_records = 0
         self._last_flush_ms = self.clock()
+        self.flushes += 1
 
     def _write_checkpoint(self, sync_dir: bool = True) -> None:
         text = f"{_CHECKPOINT_MAGIC}\nrecovery_point {self._recovery_point}\nleader_epoch {self.leader_epoch}\n"

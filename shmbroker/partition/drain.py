@@ -37,6 +37,12 @@ and segment size (``PartitionLog.record_native_append``): index files are derive
 written just after the publish instead of just before it (a reader that looks meanwhile
 walks from the previous entry).
 
+Counters (shmbroker/layout/counters.py, docs/design/monitor.md): each round that appended
+adds its frames, batches, records and bytes to plain ints and stores the per-round counters
+(with the high watermark, the log's size, the fullest ring and the producers) with one C call
+(:meth:`Drainer._count_round`); rejected frames, broken rings and declined C rounds are
+stored when they happen.
+
 Owned by the partition process's main thread; not thread-safe.
 """
 from __future__ import annotations
@@ -47,11 +53,14 @@ import struct
 from .. import errors, records
 from ..config import (PARTITION_NATIVE_ROUND, PARTITION_RING_ROUND_BYTES_MAX,
                       PARTITION_ROUND_BYTES_MAX)
+from ..layout import counters as CL
 from ..layout import record_batch as RB
 from ..layout import shm as L
 from ..log import PartitionLog
+from ..log.partition_log import AppendInfo
 from ..native import _native
 from ..shm.control import ControlRegion
+from ..shm.counters import CountersWriter
 from .ingress import Ingress, IngressRing, base_sequence_for
 
 log = logging.getLogger("shmbroker.partition")
@@ -71,6 +80,20 @@ _REPLAY_READ_BYTES = 1 << 20
 #: One frame per ring_scan call (to know each frame's end position).
 _ONE_FRAME = 1
 _SCAN_BYTES_ANY = 1 << 62
+_WRITE_POSITION = L.RING["write_position"]
+_FSYNCS = CL.PARTITION["fsyncs"]
+_FILL = CL.PARTITION["ring_fill_percent"]
+_PRODUCERS = CL.PARTITION["producers"]
+_SEGMENTS = CL.PARTITION["segments"]
+_COUNTERS_OFFSET = CL.COUNTERS_OFFSET
+# The rounds count the first seven by index, in this order.
+assert [c.name for c in CL.PARTITION_COUNTERS[:7]] == [
+    "drain_rounds", "frames_in", "batches_in", "records_in", "bytes_in", "high_watermark",
+    "log_bytes"]
+#: The C round samples the rings' fill every this many rounds (a power of two).
+FILL_SAMPLE_ROUNDS = 8
+_FILL_SAMPLE_MASK = FILL_SAMPLE_ROUNDS - 1
+assert CL.PARTITION["last_fsync_time_ms"] == _FSYNCS + 1
 #: The C round's names for why it declined (index = its code).
 DECLINE_REASONS = _native.DRAIN_DECLINE_REASONS
 #: Tests only: make the C round stop right after a step, as a kill -9 there would.
@@ -100,7 +123,7 @@ class Drainer:
     def __init__(self, log_: PartitionLog, control: ControlRegion, ingress: Ingress,
                  round_bytes_max: int = PARTITION_ROUND_BYTES_MAX,
                  ring_round_bytes_max: int = PARTITION_RING_ROUND_BYTES_MAX,
-                 native: bool = PARTITION_NATIVE_ROUND):
+                 native: bool = PARTITION_NATIVE_ROUND, counters: CountersWriter | None = None):
         self.log = log_
         self.control = control
         self.ingress = ingress
@@ -121,6 +144,15 @@ class Drainer:
         #: reason name -> rounds the C round declined for it.
         self.native_declined: dict[str, int] = {}
         self.frames_rejected = 0
+        #: The partition's counters region (a private one when nobody reads it).
+        self.counters = counters if counters is not None else \
+            CountersWriter.private(CL.KIND_PARTITION)
+        #: Bytes of the sealed segments (refresh_disk), for the C round's log_bytes.
+        self._sealed_bytes = 0
+        #: log.flushes already added to the fsyncs counter.
+        self._flushes_counted = 0
+        #: What the Python round appended since it was last counted (_log_append).
+        self._py_appended = [0, 0, 0]  # records, batches, bytes
 
     # -- one round ------------------------------------------------------------------------------
 
@@ -154,14 +186,19 @@ class Drainer:
                 break
         if not taken:
             return 0
+        frames = sum(batch.count for _, _, batch in taken)
         try:
             self._append(taken)
         finally:
             for _, _, batch in taken:
                 for view in batch.data:
                     view.release()
+            # Even when the append raised (the process then exits): what went in is counted.
+            py = self._py_appended
+            self._count_round(order, frames, py[0], py[1], py[2])
+            py[0] = py[1] = py[2] = 0
         self.rounds += 1
-        return sum(batch.count for _, _, batch in taken)
+        return frames
 
     # -- the C round ----------------------------------------------------------------------------
 
@@ -215,17 +252,103 @@ class Drainer:
         self.log.record_native_append(state, appended)
         self.rounds += 1
         self.native_rounds += 1
+        self._count_native_round(picked, appended)
         return appended[0]
+
+    def _count_native_round(self, picked: list, appended: tuple) -> None:
+        """The C round's counters: the hot path (perf/bench_counters.py times it). The C
+        round never rolls, so the sealed segments' bytes are the last Python round's."""
+        v = self.counters.values
+        v[0] += 1
+        v[1] += appended[0]
+        v[2] += appended[2]
+        v[3] += appended[1]
+        v[4] += appended[3]
+        v[5] = appended[4]
+        v[6] = self._sealed_bytes + appended[5]
+        if v[0] & _FILL_SAMPLE_MASK == 0:
+            self._sample_rings(picked)
+        _native.atomic_store_u64_many(self.counters.buf, _COUNTERS_OFFSET, v)
+
+    def _count_round(self, rings: list, frames: int, records_count: int, batches: int,
+                     nbytes: int) -> None:
+        """The Python round's counters (the C round counts inline): the mirror, then one
+        C call for the whole region."""
+        v = self.counters.values
+        v[0] += 1
+        v[1] += frames
+        v[2] += batches
+        v[3] += records_count
+        v[4] += nbytes
+        v[5] = self.log.high_watermark
+        segments, log_bytes = self.log.disk_usage()
+        self._sealed_bytes = log_bytes - self.log.active_segment.size
+        v[6] = log_bytes
+        v[_SEGMENTS] = segments
+        self._sample_rings(rings)
+        self.count_fsyncs()
+        self.counters.store()
+
+    def _sample_rings(self, rings: list) -> None:
+        """ring_fill_percent and producers into the mirror: every Python round, every
+        FILL_SAMPLE_ROUNDS-th C round (one atomic load per ring costs about as much as the
+        rest of the round's counters together), every reap interval (PartitionOwner)."""
+        v = self.counters.values
+        v[_FILL] = self.ring_fill_percent(rings)
+        v[_PRODUCERS] = len(self.ingress.rings)
+        self.count_fsyncs()  # acks=all rings: the C round declines them, but the policy may not
+
+    def refresh_disk(self) -> tuple[int, int]:
+        """(segments, log bytes), and the sealed bytes the C round adds its segment to."""
+        segments, log_bytes = self.log.disk_usage()
+        self._sealed_bytes = log_bytes - self.log.active_segment.size
+        return segments, log_bytes
+
+    def count_fsyncs(self) -> None:
+        """fsyncs and last_fsync_time_ms from the log, into the mirror (not stored)."""
+        flushes = self.log.flushes
+        if flushes != self._flushes_counted:
+            v = self.counters.values
+            v[_FSYNCS] += flushes - self._flushes_counted
+            v[_FSYNCS + 1] = self.log.last_flush_ms or 0
+            self._flushes_counted = flushes
+
+    @staticmethod
+    def ring_fill_percent(rings) -> int:
+        """The fullest ring's unread bytes (write position - our read position), percent of
+        its capacity: one atomic load per ring."""
+        fill = 0
+        for ring in rings:
+            consumer = ring.consumer
+            used = (_native.atomic_load_u64(consumer.buf, _WRITE_POSITION) - consumer.position) \
+                * 100 // consumer.capacity
+            if used > fill:
+                fill = used
+        return min(fill, 100)
+
+    def count_event(self, name: str, delta: int = 1) -> None:
+        """A counter of layout/counters.py's PARTITION table that moves on an event."""
+        self.counters.add(CL.PARTITION[name], delta)
 
     def _declined(self, reason: str) -> None:
         self.native_declined[reason] = self.native_declined.get(reason, 0) + 1
+        self.count_event("native_rounds_declined")
         return None
+
+    def _log_append(self, data) -> AppendInfo:
+        """PartitionLog.append, counted for the Python round (see _count_round)."""
+        info = self.log.append(data)
+        py = self._py_appended
+        py[0] += info.records_count
+        py[1] += info.batches_count
+        py[2] += info.size_bytes
+        return info
 
     def _append(self, taken: list) -> None:
         self.control.set_append_round_base_offset(self.log.log_end_offset)
         data = b"".join([view for _, _, batch in taken for view in batch.data])
         try:
-            info = self.log.append(data)
+            info = self._log_append(data)
         except FRAME_ERRORS:
             del data
             self._append_ring_by_ring(taken)
@@ -278,7 +401,7 @@ class Drainer:
         done = []
         for ring, start, batch in taken:
             try:
-                info = self.log.append(b"".join(batch.data))
+                info = self._log_append(b"".join(batch.data))
             except FRAME_ERRORS:
                 self._finish(done)  # what is appended so far, before the slow path
                 done = []
@@ -309,7 +432,7 @@ class Drainer:
             if j > k:
                 if consumer.completions_full():
                     break
-                info = self.log.append(b"".join(copies[k:j]))
+                info = self._log_append(b"".join(copies[k:j]))
                 if consumer.fsync_required:
                     self.log.flush()
                 self.publish()  # before the ack: see the module doc, step 5
@@ -327,6 +450,7 @@ class Drainer:
                         consumer.owner_pid, bad)
             consumer.complete(seq, seq, -1, bad.code)
             self.frames_rejected += 1
+            self.count_event("frames_rejected")
             k = j + 1
         if k == n:
             self._release(ring, batch.next_position)
@@ -343,6 +467,7 @@ class Drainer:
 
     def _mark_broken(self, ring: IngressRing, exc: Exception) -> None:
         ring.broken = str(exc)
+        self.count_event("rings_broken")
         log.error("partition %s/%d: ring %s (producer pid %d) is corrupt and is no longer read: "
                   "%s", self.ingress.topic, self.ingress.partition, ring.name,
                   ring.consumer.owner_pid, exc)

@@ -76,6 +76,8 @@ class Ingress:
         self.rings: dict[tuple[int | None, int, str], IngressRing] = {}
         #: registry_changes when the registry was last scanned.
         self.registry_seen: int | None = None
+        #: Dead producers whose ring (or slot without a ring) was reclaimed (counters).
+        self.producers_gone = 0
 
     def __iter__(self):
         return iter(list(self.rings.values()))
@@ -171,6 +173,7 @@ class Ingress:
             else:
                 unlink(name)  # unreadable or absent: nothing we can drain
                 self.control.release_slot(info.slot, info.pid)
+                self.producers_gone += 1
 
     def retire_finished(self) -> list[str]:
         """Let go of rings that are drained and whose producer closed them or died; returns
@@ -190,6 +193,7 @@ class Ingress:
                 unlink(ring.name)
                 if ring.slot is not None:
                     self.control.release_slot(ring.slot, ring.pid)
+                self.producers_gone += 1
             consumer.close()
             del self.rings[key]
             retired.append(ring.name)

@@ -19,12 +19,14 @@ from typing import Callable
 from .. import errors
 from ..config import DOORBELL_SLEEP_MS_MAX, PARTITION_STOP_DRAIN_MS_MAX, BrokerConfig, LogConfig
 from ..coordinator.topics import partition_dir
+from ..layout import counters as CL
 from ..layout import shm as L
 from ..log import PartitionLog
 from ..log.partition_log import wall_clock_ms
 from ..native import _native
 from ..shm import names
 from ..shm.control import ControlRegion
+from ..shm.counters import CountersWriter
 from .drain import Drainer
 from .ingress import Ingress
 
@@ -45,7 +47,8 @@ class PartitionOwner:
                  broker_config: BrokerConfig = BrokerConfig(),
                  clock_ms: Callable[[], int] = wall_clock_ms,
                  monotonic_ms: Callable[[], int] = _monotonic_ms,
-                 control: ControlRegion | None = None, spin_ns: int = 0):
+                 control: ControlRegion | None = None, spin_ns: int = 0,
+                 counters: CountersWriter | None = None):
         self.topic = topic
         self.partition = partition
         self.directory = partition_dir(data_dir, topic, partition)
@@ -61,6 +64,8 @@ class PartitionOwner:
                     f"the control region of partition {topic}/{partition} does not exist; the "
                     f"supervisor creates it before starting the partition process") from None
         self.control = control
+        self.counters = counters if counters is not None else \
+            _attach_counters(prefix, topic, partition)
         self.log = PartitionLog.open(self.directory, log_config, clock=clock_ms)
         now = monotonic_ms()
         self._next_retention_ms = now + broker_config.retention_check_interval_ms
@@ -71,9 +76,12 @@ class PartitionOwner:
                  report.summary() if report is not None else "no recovery report")
         self.control.take_ownership(self.log.leader_epoch)
         self.ingress = Ingress(control, prefix, topic, partition)
-        self.drainer = Drainer(self.log, control, self.ingress)
+        self.drainer = Drainer(self.log, control, self.ingress, counters=self.counters)
+        #: producers_gone of the region when we attached (a predecessor's), plus ours.
+        self._producers_gone_base = self.counters.values[CL.PARTITION["producers_gone"]]
         self._take_over_rings()
         self.publish()
+        self.count_now()
         self.control.set_partition_status(L.PARTITION_STATUS_RUNNING)
 
     def _take_over_rings(self) -> None:
@@ -101,6 +109,7 @@ class PartitionOwner:
         if now >= self._next_reap_ms:
             self._next_reap_ms = now + DOORBELL_SLEEP_MS_MAX
             self.ingress.reap()
+            self.count_now()
         self.ingress.refresh()
         drained = self.drainer.round()  # publishes before it acknowledges
         if drained:
@@ -116,8 +125,29 @@ class PartitionOwner:
                 log.info("partition %s/%d: retention deleted segments %s", self.topic,
                          self.partition, deleted)
                 self.publish()
+                self.counters.values[CL.PARTITION["segments_deleted"]] += len(deleted)
+                self.count_now()
             done += len(deleted)
         return done
+
+    def count_now(self) -> None:
+        """Every counter of the region from the current state (at start, every reap interval
+        (DOORBELL_SLEEP_MS_MAX), after retention, at close): the gauges a drain round does
+        not touch (log start, segments, fsyncs, ring fill of rings held back) stay at most
+        that stale. One C call."""
+        v = self.counters.values
+        P = CL.PARTITION
+        segments, log_bytes = self.drainer.refresh_disk()
+        v[P["high_watermark"]] = self.log.high_watermark
+        v[P["log_bytes"]] = log_bytes
+        v[P["ring_fill_percent"]] = self.drainer.ring_fill_percent(
+            [r for r in self.ingress if r.broken is None])
+        v[P["producers"]] = len(self.ingress)
+        v[P["log_start_offset"]] = self.log.log_start_offset
+        v[P["segments"]] = segments
+        self.drainer.count_fsyncs()
+        v[P["producers_gone"]] = self._producers_gone_base + self.ingress.producers_gone
+        self.counters.store()
 
     def ms_until_due(self) -> int:
         """How long the loop may sleep before :meth:`step` has periodic work (dead producers,
@@ -180,7 +210,11 @@ class PartitionOwner:
         """Flush and close the log (writes its .clean-shutdown marker), detach the rings and
         the control region. ``stopped``: tell producers the partition stopped for good (a
         clean stop); False when the process exits on an error and will be restarted."""
+        self.count_now()
         self.log.close()
+        self.drainer.count_fsyncs()  # close() flushes
+        self.counters.store()
+        self.counters.close()
         if stopped:
             self.control.set_partition_status(L.PARTITION_STATUS_STOPPED)
         self.ingress.close()
@@ -190,3 +224,14 @@ class PartitionOwner:
                  "in C; C round declined: %s", self.topic, self.partition,
                  self.log.log_end_offset, drainer.rounds, drainer.native_rounds,
                  drainer.native_declined or "never")
+
+
+def _attach_counters(prefix: str, topic: str, partition: int) -> CountersWriter:
+    """The counters region the supervisor created for this partition; a private one (nobody
+    sees it) when there is none: a partition process run without a supervisor (tests, perf)."""
+    name = names.counters_name(prefix, "partition", topic, partition)
+    try:
+        return CountersWriter.attach(name, CL.KIND_PARTITION)
+    except errors.RegionNotFoundError:
+        log.debug("no counters region %s: counting privately", name)
+        return CountersWriter.private(CL.KIND_PARTITION)
