@@ -91,6 +91,11 @@ class GroupService:
         self._pids: dict[MemberKey, _PidWatch] = {}
         self._pid_check_at_ms = 0
         self._ready: list[tuple[list[bytes], bytes]] = []
+        #: For the counters region: join phases completed, commits and offsets accepted.
+        self.rebalances = 0
+        self.commits = 0
+        self.offsets_committed = 0
+        self._generation_counted: dict[str, int] = {}
 
     # -- the loop's side ------------------------------------------------------------------------
 
@@ -202,6 +207,8 @@ class GroupService:
         group = self._group(group_id, create=True)
         group.validate_commit(member_id, generation_id, group_instance_id)
         stored = self.offsets.commit(group_id, entries)
+        self.commits += 1
+        self.offsets_committed += len(stored)
         return protocol.ok_reply(request_id, {"partitions": len(stored)})
 
     def _commit_entries(self, offsets: dict) -> dict[tuple[str, int], tuple[int, str]]:
@@ -333,8 +340,18 @@ class GroupService:
             log.info("group %s: process %d of member %s is gone; %s", key[0], watch.process.pid,
                      key[1], "removed, rebalancing" if removed else "static: kept until its session ends")
 
+    def live_groups_and_members(self) -> tuple[int, int]:
+        """Groups held in memory (they have or just had members) and their members."""
+        return len(self._groups), sum(len(g.member_ids()) for g in self._groups.values())
+
     def _collect_join_results(self) -> None:
         for group_id, group in self._groups.items():
+            # Every completed join phase is a new generation (a new Group starts at 0); the
+            # generation may have moved by more than one since the last request.
+            counted = self._generation_counted.get(group_id, 0)
+            if group.generation_id > counted:
+                self.rebalances += group.generation_id - counted
+                self._generation_counted[group_id] = group.generation_id
             for result in group.take_join_results():
                 held = self._held.pop((group_id, result.member_id), None)
                 if held is None:
@@ -350,6 +367,7 @@ class GroupService:
         for group_id in [g for g, group in self._groups.items()
                          if group.state in (GroupState.EMPTY, GroupState.DEAD) and not group.member_ids()]:
             del self._groups[group_id]
+            self._generation_counted.pop(group_id, None)
 
 
 def _has_member(group: Group, member_id: str) -> bool:

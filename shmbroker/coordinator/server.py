@@ -15,6 +15,10 @@ A deletion is finished (directories removed, topic dropped from "deleting") only
 Consumer-group requests go to the :class:`~.group_service.GroupService`, which holds join
 replies the same way (answered later, without blocking other requests) and whose timers and
 pid checks set the poll timeout.
+
+Counters (shmbroker/layout/counters.py, COORDINATOR table): requests by type, error replies,
+commits, rebalances, groups and members, in the coordinator's counters region (created by the
+supervisor), stored with one C call per pass of the loop.
 """
 from __future__ import annotations
 
@@ -31,6 +35,9 @@ import zmq
 
 from .. import errors
 from ..config import COORDINATOR_REQUEST_BYTES_MAX, UNIX_SOCKET_PATH_BYTES_MAX, BrokerConfig
+from ..layout import counters as CL
+from ..shm import names
+from ..shm.counters import CountersWriter
 from ..log import files
 from . import protocol
 from .group_service import GroupService
@@ -41,6 +48,10 @@ log = logging.getLogger("shmbroker.coordinator")
 SOCKET_FILE = "coordinator.sock"
 #: Multipart messages with more frames than this are not ours (envelope + delimiter + body).
 REQUEST_FRAMES_MAX = 8
+#: Groups and members are counted again at most this often (a walk over every group).
+GROUP_GAUGES_INTERVAL_MS = 100
+_REQUEST_COUNTER = {t: CL.COORDINATOR[f"requests_{t}"] for t in CL.COORDINATOR_REQUEST_TYPES}
+_C = CL.COORDINATOR
 #: zmq drops a peer that sends a single message larger than this (protects memory).
 ZMQ_MESSAGE_BYTES_MAX = 4 * COORDINATOR_REQUEST_BYTES_MAX
 
@@ -83,6 +94,9 @@ class CoordinatorServer:
         # coordinator that cannot must not start half-built.
         self.groups = GroupService(self.data_dir, _partition_counts(self.registry),
                                    clock_ms=lambda: int(self.clock() * 1000))
+        self.counters = attach_counters(self.data_dir, "coordinator", CL.KIND_COORDINATOR)
+        self._counted = (0, 0, 0)  # the GroupService's (rebalances, commits, offsets) counted
+        self._gauges_at_ms = -GROUP_GAUGES_INTERVAL_MS
         self._seq = 0
         self._confirmed = 0
         self._pending: list[_Pending] = []
@@ -133,6 +147,22 @@ class CoordinatorServer:
             self._expire_pending()
             self.groups.tick()
             self._send_group_replies()
+            self._store_counters()
+
+    def _store_counters(self) -> None:
+        """The counters region from this pass of the loop: one C call (see the module doc)."""
+        v = self.counters.values
+        groups = self.groups
+        done = (groups.rebalances, groups.commits, groups.offsets_committed)
+        v[_C["rebalances"]] += done[0] - self._counted[0]
+        v[_C["commits"]] += done[1] - self._counted[1]
+        v[_C["offsets_committed"]] += done[2] - self._counted[2]
+        self._counted = done
+        now_ms = int(self.clock() * 1000)
+        if now_ms - self._gauges_at_ms >= GROUP_GAUGES_INTERVAL_MS:
+            self._gauges_at_ms = now_ms
+            v[_C["groups"]], v[_C["members"]] = groups.live_groups_and_members()
+        self.counters.store()
 
     def _poll_timeout_ms(self) -> int | None:
         deadlines_ms = [int(p.deadline_s * 1000) + 1 for p in self._pending]
@@ -179,15 +209,19 @@ class CoordinatorServer:
                 raise errors.InvalidRequestError(
                     f"request of {len(body)} bytes; the limit is {COORDINATOR_REQUEST_BYTES_MAX}")
             request_id, request_type, fields = protocol.decode_request(body)
+            self.counters.values[_REQUEST_COUNTER.get(request_type, _C["requests_other"])] += 1
             if request_type in protocol.GROUP_REQUEST_TYPES:
                 return self.groups.handle(envelope, request_id, request_type, fields)
             handler = getattr(self, "_on_" + request_type)
             return handler(envelope, request_id, **fields)
         except errors.ShmbrokerError as exc:
             request_id = getattr(exc, "request_id", request_id)
+            self.counters.values[_C["error_replies"]] += 1
             return protocol.error_reply(request_id, exc)
         except Exception as exc:  # a bug in a handler must not take topic metadata offline
             log.error("request failed:\n%s", traceback.format_exc())
+            self.counters.values[_C["error_replies"]] += 1
+            self.counters.values[_C["internal_errors"]] += 1
             return protocol.error_reply(request_id, errors.ShmbrokerError(
                 f"internal error in the coordinator: {type(exc).__name__}: {exc}"))
 
@@ -312,8 +346,20 @@ class CoordinatorServer:
         self.socket.close(linger=0)
         files.remove_files([socket_path(self.data_dir)], sync_dir=False)
         self.groups.close()
+        self._store_counters()
+        self.counters.close()
 
 
 def _partition_counts(registry: TopicRegistry) -> dict[str, int]:
     """What the groups assign: live topics only (a topic being deleted has no partitions)."""
     return {name: topic.partitions for name, topic in registry.topics.items()}
+
+
+def attach_counters(data_dir: str, role: str, kind: int) -> CountersWriter:
+    """The counters region the supervisor created for this process (coordinator, router); a
+    private one when there is none (a server run without a supervisor, in tests)."""
+    name = names.counters_name(names.broker_prefix(data_dir), role)
+    try:
+        return CountersWriter.attach(name, kind)
+    except errors.RegionNotFoundError:
+        return CountersWriter.private(kind)

@@ -33,7 +33,9 @@ import zmq
 from .. import errors
 from ..config import COORDINATOR_REQUEST_BYTES_MAX
 from ..coordinator import protocol
+from ..coordinator.server import attach_counters
 from ..coordinator.server import endpoint as coordinator_endpoint
+from ..layout import counters as CL
 
 log = logging.getLogger("shmbroker.router")
 
@@ -100,8 +102,11 @@ class RouterServer:
         self.backend.connect(coordinator_endpoint(data_dir))
         #: client identity -> requests forwarded and not yet answered.
         self.inflight: dict[bytes, int] = {}
-        #: Counters for logs and tests.
+        #: Counters for logs and tests (this process's; the counters region adds them to
+        #: what a predecessor counted: layout/counters.py, ROUTER table).
         self.forwarded = self.refused = self.replies_undeliverable = 0
+        self.counters = attach_counters(data_dir, "router", CL.KIND_ROUTER)
+        self._counted_base = list(self.counters.values[:3])
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -118,6 +123,16 @@ class RouterServer:
                 self._replies()
             if self.frontend in events:
                 self._requests()
+            self._store_counters()
+
+    def _store_counters(self) -> None:
+        """One C call per pass of the loop."""
+        v, base = self.counters.values, self._counted_base
+        v[0] = base[0] + self.forwarded
+        v[1] = base[1] + self.refused
+        v[2] = base[2] + self.replies_undeliverable
+        v[3] = len(self.inflight)
+        self.counters.store()
 
     def _requests(self) -> None:
         for _ in range(_BATCH):  # bounded per wake-up
@@ -189,6 +204,8 @@ class RouterServer:
     def close(self) -> None:
         self.frontend.close(linger=0)
         self.backend.close(linger=0)
+        self._store_counters()
+        self.counters.close()
 
 
 def _request_id(body: bytes | None) -> int | None:
