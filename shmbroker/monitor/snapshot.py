@@ -3,9 +3,12 @@
 Everything comes from what the broker already publishes, read-only, with no request on the
 data path: ``runtime.json`` (processes), psutil (their CPU, memory, threads), each partition's
 control region (high watermark, log start, active segment; a seqlock read, which never blocks
-the writer), the partition directories (bytes on disk), and the coordinator (groups, through
-the same ``Admin`` calls as `shmbroker groups describe`). Rates are differences between two
-samples, so a :class:`Monitor` keeps the previous one.
+the writer), each process's counters region (shm/counters.py: records and bytes in, ring
+fill, fsyncs, errors, requests...; mapped read-only, magic and version checked first), the
+partition directories (bytes on disk), and the coordinator (groups, through the same
+``Admin`` calls as `shmbroker groups describe`). Rates are differences between two samples,
+so a :class:`Monitor` keeps the previous one: records/s and bytes/s in from the counters
+(from the high watermark and the directory where a partition has no counters region).
 
 Owned by one thread; not thread-safe.
 """
@@ -24,7 +27,9 @@ from ..broker.runtime import read_runtime
 from ..coordinator.topics import load_topics, partition_dir
 from ..shm import names
 from ..shm.control import ControlRegion
+from ..shm.counters import CountersReader
 
+_SHM_DIR = "/dev/shm"
 #: Segment files counted on disk (Kafka's names): data, and the two indexes.
 _SEGMENT_SUFFIXES = (".log", ".index", ".timeindex")
 
@@ -39,6 +44,9 @@ class ProcessRow:
     cpu_percent: float | None
     rss_bytes: int | None
     threads: int | None
+    #: The process's counters region (coordinator, router, partitions), name -> value;
+    #: None where it has none or it could not be read.
+    counters: dict[str, int] | None = None
 
 
 @dataclass
@@ -52,6 +60,12 @@ class PartitionRow:
     disk_bytes_per_s: float | None
     segments: int
     producers: int | None
+    #: Bytes of record batches appended per second (counters region).
+    bytes_in_per_s: float | None = None
+    #: The partition's fullest ingress ring, percent (counters region, sampled).
+    ring_fill_percent: int | None = None
+    #: Every counter of the partition process (layout/counters.py), name -> value.
+    counters: dict[str, int] | None = None
 
 
 @dataclass
@@ -89,7 +103,8 @@ class Monitor:
         self._prefix = names.broker_prefix(os.path.realpath(self.data_dir))
         self._procs: dict[int, psutil.Process] = {}
         self._controls: dict[tuple[str, int], ControlRegion] = {}
-        self._last: dict[tuple[str, int], tuple[float, int | None, int]] = {}
+        self._counters: dict[str, tuple[CountersReader, int]] = {}
+        self._last: dict[tuple[str, int], tuple[float, int | None, int, dict | None]] = {}
         self._last_at: float | None = None
 
     def sample(self) -> Snapshot:
@@ -102,7 +117,7 @@ class Monitor:
         now = time.monotonic()
         interval = None if self._last_at is None else now - self._last_at
         self._last_at = now
-        processes = [self._process_row(entry) for entry in doc.get("processes", [])]
+        processes = [self._process_row(entry, problems) for entry in doc.get("processes", [])]
         supervisor = next((e for e in doc.get("processes", []) if e.get("role") == "supervisor"),
                           None)
         uptime = time.time() - supervisor["started_at"] if supervisor else None
@@ -113,11 +128,14 @@ class Monitor:
 
     # -- processes --------------------------------------------------------------------------------
 
-    def _process_row(self, entry: dict) -> ProcessRow:
+    def _process_row(self, entry: dict, problems: list[str]) -> ProcessRow:
         pid = entry.get("pid")
         name = str(entry.get("title", entry.get("role"))).removeprefix("shmbroker: ")
         row = ProcessRow(str(entry.get("role")), name, pid, str(entry.get("state")),
                          int(entry.get("restarts", 0)), None, None, None)
+        if row.role in ("coordinator", "router"):
+            row.counters = self.read_counters(names.counters_name(self._prefix, row.role),
+                                              problems)
         if not isinstance(pid, int):
             return row
         proc = self._procs.get(pid)
@@ -152,6 +170,8 @@ class Monitor:
     def _partition_row(self, topic: str, p: int, now: float, interval: float | None,
                        problems: list[str]) -> PartitionRow:
         hw = start = producers = None
+        counters = self.read_counters(names.counters_name(self._prefix, "partition", topic, p),
+                                      problems)
         control = self._control(topic, p)
         if control is not None:
             try:
@@ -161,15 +181,48 @@ class Monitor:
             except errors.ShmbrokerError as exc:
                 problems.append(f"{topic}/{p}: {exc}")
         disk, segments = _disk_usage(partition_dir(self.data_dir, topic, p))
-        rate = disk_rate = None
+        rate = disk_rate = bytes_rate = None
         last = self._last.get((topic, p))
         if last is not None and interval:
-            last_at, last_hw, last_disk = last
-            if hw is not None and last_hw is not None:
-                rate = max(0, hw - last_hw) / (now - last_at)
-            disk_rate = max(0, disk - last_disk) / (now - last_at)
-        self._last[(topic, p)] = (now, hw, disk)
-        return PartitionRow(topic, p, hw, start, rate, disk, disk_rate, segments, producers)
+            last_at, last_hw, last_disk, last_counters = last
+            elapsed = now - last_at
+            if counters is not None and last_counters is not None:
+                # A restarted partition process continues its counters (the supervisor keeps
+                # the region); a new region (broker restart) starts at 0: no negative rate.
+                rate = max(0, counters["records_in"] - last_counters["records_in"]) / elapsed
+                bytes_rate = max(0, counters["bytes_in"] - last_counters["bytes_in"]) / elapsed
+            elif hw is not None and last_hw is not None:
+                rate = max(0, hw - last_hw) / elapsed
+            disk_rate = max(0, disk - last_disk) / elapsed
+        self._last[(topic, p)] = (now, hw, disk, counters)
+        return PartitionRow(topic, p, hw, start, rate, disk, disk_rate, segments, producers,
+                            bytes_rate, None if counters is None else
+                            counters["ring_fill_percent"], counters)
+
+    def read_counters(self, name: str, problems: list[str]) -> dict[str, int] | None:
+        """name -> value of the counters region ``name``; None when there is none (a broker
+        without them, a process not started yet). A region that is not ours or not of this
+        layout version is reported in ``problems``, never guessed at."""
+        try:  # a broker restarted meanwhile made a new region: map that one
+            inode = os.stat(os.path.join(_SHM_DIR, name)).st_ino
+        except OSError:
+            inode = None
+        cached = self._counters.get(name)
+        if cached is not None and cached[1] != inode:
+            del self._counters[name]
+            cached[0].close()
+            cached = None
+        if inode is None:
+            return None
+        if cached is None:
+            try:
+                cached = self._counters[name] = (CountersReader.attach(name), inode)
+            except errors.RegionNotFoundError:
+                return None
+            except errors.ShmbrokerError as exc:
+                problems.append(f"counters: {exc}")
+                return None
+        return cached[0].read()
 
     def _control(self, topic: str, p: int) -> ControlRegion | None:
         region = self._controls.get((topic, p))
@@ -205,6 +258,9 @@ class Monitor:
         for region in self._controls.values():
             region.close()
         self._controls.clear()
+        for reader, _ in self._counters.values():
+            reader.close()
+        self._counters.clear()
 
 
 def _disk_usage(directory: str) -> tuple[int, int]:

@@ -44,14 +44,16 @@ def render(snap: Snapshot, rows_max: int = ROWS_MAX) -> str:
                      f"{p.state[:9]:<10}{cpu_text:>6}{_bytes(p.rss_bytes):>8}"
                      f"{p.threads if p.threads is not None else '-':>5}{p.restarts:>5}")
     _more(lines, len(snap.processes), rows_max)
-    lines += ["", f"{'PARTITION':<24}{'HW':>10}{'START':>10}{'REC/S':>9}{'DISK':>8}{'DISK/S':>8}"
-                  f"{'SEGS':>5}{'PROD':>5}"]
+    # MB/S: record batch bytes appended per second (counters); RING%: the fullest ingress ring.
+    lines += ["", f"{'PARTITION':<20}{'HW':>9}{'START':>9}{'REC/S':>8}{'MB/S':>8}{'RING%':>6}"
+                  f"{'DISK':>8}{'SEGS':>5}{'PROD':>5}"]
     for p in sorted(snap.partitions, key=lambda r: -(r.records_per_s or 0))[:rows_max]:
         name = f"{p.topic}/{p.partition}"
-        lines.append(f"{name[:23]:<24}{_num(p.high_watermark):>10}{_num(p.log_start_offset):>10}"
-                     f"{_num(p.records_per_s):>9}{_bytes(p.disk_bytes):>8}"
-                     f"{_bytes(p.disk_bytes_per_s):>8}{p.segments:>5}"
-                     f"{p.producers if p.producers is not None else '-':>5}")
+        mb_s = "-" if p.bytes_in_per_s is None else f"{p.bytes_in_per_s / 1e6:.2f}"
+        ring = "-" if p.ring_fill_percent is None else f"{p.ring_fill_percent}"
+        lines.append(f"{name[:19]:<20}{_num(p.high_watermark):>9}{_num(p.log_start_offset):>9}"
+                     f"{_num(p.records_per_s):>8}{mb_s:>8}{ring:>6}{_bytes(p.disk_bytes):>8}"
+                     f"{p.segments:>5}{p.producers if p.producers is not None else '-':>5}")
     _more(lines, len(snap.partitions), rows_max)
     lines += ["", f"{'GROUP':<28}{'STATE':<20}{'GEN':>6}{'MEMBERS':>9}{'LAG':>10}"]
     for g in sorted(snap.groups, key=lambda r: -(r.lag or 0))[:rows_max]:

@@ -132,9 +132,12 @@ GROUP_COLUMNS = (
     Column("TREND", 11, lambda g: g.trend_text, lambda g: _lowest(g.trend_per_s)),
 )
 
+#: Fields from the counters regions are shown as extra columns (RING%, IN/S), so they are
+#: not "known"; the whole-table ``counters`` dicts stay out of the view (JSON has them).
+_COUNTER_COLUMNS = {"bytes_in_per_s", "ring_fill_percent"}
 _KNOWN_FIELDS = {
     ProcessRow: {f.name for f in dataclasses.fields(ProcessRow)},
-    PartitionRow: {f.name for f in dataclasses.fields(PartitionRow)},
+    PartitionRow: {f.name for f in dataclasses.fields(PartitionRow)} - _COUNTER_COLUMNS,
 }
 #: Short headers for counters we expect (issue 6 §1); any other numeric field gets its name.
 _EXTRA_HEADERS = {"ring_fill_percent": "RING%", "ring_fill_pct": "RING%", "ring_fill": "RING%",

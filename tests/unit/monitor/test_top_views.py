@@ -142,13 +142,15 @@ def test_scrolling_is_clamped_to_the_last_page():
 def test_extra_numeric_fields_of_a_newer_row_appear_as_columns():
     """The shared-memory counters (issue 6 §1) add fields to the rows; they are shown
     without this module knowing them, as far as the width allows."""
+    # PartitionRow has ring_fill_percent now (shown as an extra column; its whole-table
+    # ``counters`` dict is not shown); a newer row's dict of numbers is flattened.
     @dataclasses.dataclass
     class CountedRow(PartitionRow):
-        ring_fill_percent: float | None = None
-        counters: dict = dataclasses.field(default_factory=dict)
+        newer: dict = dataclasses.field(default_factory=dict)
 
-    rows = [CountedRow("busy", 0, 10, 0, 1.0, 100, 1.0, 1, 1, 42.0, {"fsyncs": 3000}),
-            CountedRow("quiet", 0, 10, 0, 0.0, 100, 0.0, 1, 1, None, {"fsyncs": 0})]
+    rows = [CountedRow("busy", 0, 10, 0, 1.0, 100, 1.0, 1, 1, ring_fill_percent=42,
+                       newer={"fsyncs": 3000}),
+            CountedRow("quiet", 0, 10, 0, 0.0, 100, 0.0, 1, 1, newer={"fsyncs": 0})]
     lines = screen(snapshot(partitions=rows), ViewState(view="partitions"), width=120)
     assert "RING%" in lines[3] and "FSYNCS" in lines[3]
     [busy] = [line for line in lines if line.startswith("busy/0")]
