@@ -33,7 +33,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from .config import BrokerConfig
 
     return serve(args.data_dir, BrokerConfig(partition_spin_us=args.partition_spin_us,
-                                             listen=args.listen))
+                                             listen=args.listen,
+                                             metrics_listen=args.metrics_listen,
+                                             metrics_allow_remote=args.metrics_allow_remote))
 
 
 def _parse_config(pairs: list[str] | None) -> dict[str, str] | None:
@@ -290,6 +292,14 @@ def _add_broker_commands(sub) -> None:
                             "(e.g. tcp://127.0.0.1:7070; port * picks a free one, written to "
                             "runtime.json). It forwards topic, group and offset requests; "
                             "remote produce and fetch are not built yet")
+    serve.add_argument("--metrics-listen", default=None, metavar="HOST:PORT",
+                       help="serve Prometheus metrics (counters of every process, lag per "
+                            "group and partition) at http://HOST:PORT/metrics, e.g. "
+                            "127.0.0.1:9644 (port 0 picks a free one, written to runtime.json); "
+                            "off by default, loopback only unless --metrics-allow-remote")
+    serve.add_argument("--metrics-allow-remote", action="store_true",
+                       help="let --metrics-listen bind a non-loopback address (the endpoint "
+                            "has no authentication)")
     serve.set_defaults(func=_cmd_serve)
 
     topics = sub.add_parser("topics", help="create, list, describe, alter and delete topics",

@@ -81,10 +81,15 @@ class BrokerConfig:
     #: Where the router listens for remote clients (``tcp://127.0.0.1:7070``; port ``*``: any
     #: free one, see runtime.json); None: no router.
     listen: str | None = None
+    #: Where the Prometheus endpoint listens (``127.0.0.1:9644``; port 0: any free one, see
+    #: runtime.json); None: no metrics process.
+    metrics_listen: str | None = None
+    #: Let metrics_listen be a non-loopback address (the endpoint has no authentication).
+    metrics_allow_remote: bool = False
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
-            if field.name != "listen":
+            if field.name not in ("listen", "metrics_listen", "metrics_allow_remote"):
                 _check_range(field.name, getattr(self, field.name), 0, 1 << 40)
         if self.restart_backoff_min_ms > self.restart_backoff_max_ms:
             raise ConfigError("restart_backoff_min_ms must not exceed restart_backoff_max_ms")

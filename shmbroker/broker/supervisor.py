@@ -1,7 +1,7 @@
 """The supervisor: the `shmbroker serve` process (docs/design/broker.md).
 
-It starts the coordinator, the router (with ``--listen``), and one process per partition as
-fresh interpreters
+It starts the coordinator, the router (with ``--listen``), the metrics endpoint (with
+``--metrics-listen``), and one process per partition as fresh interpreters
 (``sys.executable -m shmbroker.partition ...``; never a fork of a process that may have
 threads), waits on them without polling (a pidfd per child, its ready pipe, the coordinator's
 link and the signal self-pipe, all in one selector; an idle broker sleeps in ``select``),
@@ -43,8 +43,9 @@ log = logging.getLogger("shmbroker.supervisor")
 STARTING, RUNNING, STOPPING, RESTARTING = "starting", "running", "stopping", "restarting"
 COORDINATOR = ("coordinator",)
 ROUTER = ("router",)
+METRICS = ("metrics",)
 #: Children that are not partitions: never stopped by a topic change.
-_SERVICES = (COORDINATOR, ROUTER)
+_SERVICES = (COORDINATOR, ROUTER, METRICS)
 #: Bytes read from a ready pipe or the link per wake-up (their messages are a few bytes).
 _PIPE_READ_BYTES_MAX = 4096
 
@@ -102,6 +103,8 @@ class Supervisor:
         self._announced_ready = False
         #: The router's bound address (its port resolved), from its ready line.
         self.router_endpoint: str | None = None
+        #: The metrics endpoint's bound HOST:PORT (port 0 resolved), from its ready line.
+        self.metrics_endpoint: str | None = None
         #: One control region per wanted partition, created before its first process starts
         #: and kept across its restarts; unlinked when the partition stops for good.
         self.controls = shm_regions.ControlRegions(names.broker_prefix(self.data_dir))
@@ -124,6 +127,8 @@ class Supervisor:
             self._start(COORDINATOR)
             if self.config.listen is not None:
                 self._start(ROUTER)
+            if self.config.metrics_listen is not None:
+                self._start(METRICS)
             self._reconcile()
             while not (self.stopping and not self.children):
                 self._write_runtime()
@@ -215,6 +220,12 @@ class Supervisor:
             # A restarted router binds the port its first run got, so clients reconnect.
             return [sys.executable, "-m", "shmbroker.router", *common,
                     "--listen", self.router_endpoint or self.config.listen]
+        if child.role == "metrics":
+            assert self.config.metrics_listen is not None
+            # A restarted metrics process binds the port its first run got (scrape configs).
+            return [sys.executable, "-m", "shmbroker.monitor.metrics_server", *common,
+                    "--listen", self.metrics_endpoint or self.config.metrics_listen,
+                    *(["--allow-remote"] if self.config.metrics_allow_remote else [])]
         _, topic, partition = child.key
         return [sys.executable, "-m", "shmbroker.partition", *common, "--topic", topic,
                 "--partition", str(partition), "--spin-us", str(self.config.partition_spin_us)]
@@ -276,6 +287,8 @@ class Supervisor:
         if data.startswith(b"ready") and child.state == STARTING:
             if child.key == ROUTER:
                 self.router_endpoint = data.decode(errors="replace").split()[-1]
+            elif child.key == METRICS:
+                self.metrics_endpoint = data.decode(errors="replace").split()[-1]
             child.state = RUNNING
             self._dirty = True
             log.info("%s (pid %d) is up (%s)", child.name, child.proc.pid,
@@ -420,7 +433,7 @@ class Supervisor:
                              directory=partition_dir(self.data_dir, child.key[1], child.key[2]))
             processes.append(entry)
         runtime.write_runtime(self.data_dir, state, self.endpoint, processes,
-                              self.router_endpoint)
+                              self.router_endpoint, self.metrics_endpoint)
         if state == "running" and not self._announced_ready:
             self._announced_ready = True
             log.info("broker ready on %s: coordinator%s + %d partition process(es)",
@@ -450,6 +463,26 @@ def _check_listen(listen: str) -> None:
         trial.close(linger=0)
 
 
+def _check_metrics_listen(listen: str, allow_remote: bool) -> None:
+    """As _check_listen, for ``--metrics-listen``: a bad, remote (unless allowed) or taken
+    address stops `serve` before anything starts."""
+    from ..monitor.metrics_server import parse_listen
+
+    host, port = parse_listen(listen, allow_remote)
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    trial = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        trial.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as http.server binds
+        trial.bind((host, port))
+    except OSError as exc:
+        raise ShmbrokerError(f"--metrics-listen {listen}: cannot bind ({exc.strerror}); is "
+                             f"another broker serving metrics there? pass another port") from None
+    finally:
+        trial.close()
+
+
 def serve(data_dir: str, config: BrokerConfig = BrokerConfig()) -> int:
     """`shmbroker serve`: take the lock, supervise until stopped, clean up. Returns the exit status."""
     from .lifecycle import configure_logging
@@ -459,6 +492,8 @@ def serve(data_dir: str, config: BrokerConfig = BrokerConfig()) -> int:
     endpoint(data_dir)  # a data dir too deep for a Unix socket fails before anything starts
     if config.listen is not None:
         _check_listen(config.listen)
+    if config.metrics_listen is not None:
+        _check_metrics_listen(config.metrics_listen, config.metrics_allow_remote)
     name_this_process(process_title("supervisor"))
     configure_logging()
     files.make_dir(data_dir)

@@ -52,6 +52,8 @@ class Counter(NamedTuple):
     metric: str
     help: str
     label: tuple[str, str] | None = None
+    #: Prometheus value = word * scale (base units: ms -> s, percent -> ratio).
+    scale: float = 1
 
 
 COUNTERS_MAGIC = int.from_bytes(b"SHMBCNT1", "little")
@@ -101,15 +103,17 @@ PARTITION_COUNTERS: tuple[Counter, ...] = (
     _c("bytes_in", "Bytes of record batches appended to the log."),
     _g("high_watermark", "Next offset to be written (records below it are readable)."),
     _g("log_bytes", "Bytes of the partition's segment .log files."),
-    _g("ring_fill_percent", "Fullest ingress ring of the partition, percent of its capacity, "
-                            "sampled every drain round and every reap of dead producers."),
+    Counter("ring_fill_percent", "gauge", "ring_fill_ratio",
+            "Fullest ingress ring of the partition, as a fraction of its capacity (sampled).",
+            None, 0.01),
     _g("producers", "Producer rings attached (producer processes connected)."),
     # -- on events
     _g("log_start_offset", "First offset still in the log (retention moves it)."),
     _g("segments", "Segments of the partition's log."),
     _c("fsyncs", "fsyncs of the active segment (flush policy, acks=all, close)."),
-    _g("last_fsync_time_ms", "Wall clock (ms since the epoch) of the last fsync; 0: none "
-                             "since the region was created."),
+    Counter("last_fsync_time_ms", "gauge", "last_fsync_timestamp_seconds",
+            "Wall clock of the last fsync (seconds since the epoch); 0: none since the "
+            "region was created.", None, 0.001),
     _c("frames_rejected", "Frames rejected (a batch failed validation), completed with an "
                           "error.", "errors_total", ("kind", "bad_frame")),
     _c("rings_broken", "Ingress rings found corrupt and no longer read.", "errors_total",
@@ -154,6 +158,9 @@ ROUTER_COUNTERS: tuple[Counter, ...] = (
 )
 ROUTER = {c.name: i for i, c in enumerate(ROUTER_COUNTERS)}
 
+#: HELP of a Prometheus metric that several counters share (by their label).
+SHARED_HELP = {"errors_total": "Errors, by kind.", "requests_total": "Requests, by type."}
+
 TABLES: dict[int, tuple[Counter, ...]] = {KIND_PARTITION: PARTITION_COUNTERS,
                                            KIND_COORDINATOR: COORDINATOR_COUNTERS,
                                            KIND_ROUTER: ROUTER_COUNTERS}
@@ -178,3 +185,4 @@ for _table in TABLES.values():
     assert len({c.name for c in _table}) == len(_table)
     assert all(c.type in ("counter", "gauge") for c in _table)
     assert all(c.type == "gauge" or c.metric.endswith("_total") for c in _table)
+    assert all(c.metric in SHARED_HELP for c in _table if c.label is not None)
