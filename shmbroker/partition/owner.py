@@ -210,7 +210,11 @@ class PartitionOwner:
         """Flush and close the log (writes its .clean-shutdown marker), detach the rings and
         the control region. ``stopped``: tell producers the partition stopped for good (a
         clean stop); False when the process exits on an error and will be restarted."""
-        self.count_now()
+        try:
+            self.count_now()
+        except (errors.ShmbrokerError, OSError) as exc:  # a broken log must not hide its error
+            log.warning("partition %s/%d: counters not updated at close: %s", self.topic,
+                        self.partition, exc)
         self.log.close()
         self.drainer.count_fsyncs()  # close() flushes
         self.counters.store()
