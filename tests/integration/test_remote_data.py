@@ -112,3 +112,98 @@ def test_a_long_poll_is_answered_when_records_arrive(routed):
     finally:
         waiter.close()
         writer.close()
+
+
+# -- the same Producer and Consumer, over TCP ------------------------------------------------------
+
+def worker(role: str, *args: str) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [HERE, os.path.dirname(os.path.dirname(HERE)), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.Popen([sys.executable, os.path.join(HERE, "remote_workers.py"), role,
+                             *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def finish(proc: subprocess.Popen, timeout_s: float = 120) -> None:
+    try:
+        out, _ = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        raise AssertionError(f"worker did not finish in {timeout_s} s:\n{out.decode()}")
+    assert proc.returncode == 0, out.decode()
+
+
+def lines(path) -> list:
+    import json
+
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.endswith("\n")]
+
+
+def test_remote_producer_and_consumer_processes_agree_on_every_record(routed, tmp_path):
+    create_topic(routed, "orders", 3)
+    acked, consumed = tmp_path / "acked.jsonl", tmp_path / "consumed.jsonl"
+    count = 3_000
+    consumer = worker("consume", "--broker", routed.address, "--topic", "orders", "--out",
+                      str(consumed), "--expected", str(count))
+    producer = worker("produce", "--broker", routed.address, "--topic", "orders", "--out",
+                      str(acked), "--count", str(count), "--linger-ms", "2")
+    finish(producer)
+    finish(consumer)
+    sent = lines(acked)
+    got = lines(consumed)
+    assert got[-1] == "done"
+    got = got[:-1]
+    assert len(sent) == count and sorted(map(tuple, got)) == sorted(map(tuple, sent))
+    for partition in range(3):  # per partition: every offset once, in order, from 0
+        offsets = [o for p, o, _ in got if p == partition]
+        assert offsets == list(range(len(offsets))) and offsets, partition
+
+
+@pytest.mark.parametrize("acks", [0, 1, "all"])
+def test_each_acks_level_gives_the_futures_it_gives_locally(routed, acks):
+    from shmbroker import Consumer, Producer
+    from shmbroker.client.remote_producer import RemoteProducer
+
+    create_topic(routed, "a", 2)
+    with Producer(broker=routed.address, acks=acks) as producer:
+        assert isinstance(producer, RemoteProducer) and isinstance(producer, Producer)
+        futures = [producer.send("a", b"x%d" % i, partition=i % 2) for i in range(200)]
+        producer.flush(timeout=30)
+        metas = [f.result(timeout=10) for f in futures]
+    assert all(f.done() for f in futures)
+    if acks == 0:
+        assert {m.offset for m in metas} == {-1}  # as Kafka: no offsets without acks
+    else:
+        for partition in (0, 1):
+            assert [m.offset for m in metas if m.partition == partition] == list(range(100))
+    with Consumer("a", broker=routed.address, auto_offset_reset="earliest") as consumer:
+        got = []
+        deadline = time.monotonic() + WAIT_S_MAX
+        while len(got) < 200 and time.monotonic() < deadline:  # bounded by the deadline
+            got += consumer.poll(timeout_ms=500)
+        assert consumer.end_offsets([("a", 0), ("a", 1)]) == {("a", 0): 100, ("a", 1): 100}
+    assert sorted(r.value for r in got) == sorted(b"x%d" % i for i in range(200))
+
+
+def test_remote_clients_raise_the_local_error_classes(routed):
+    from shmbroker import Consumer, Producer, errors
+
+    create_topic(routed, "small", 1, batch_bytes_max=1024)
+    with Producer(broker=routed.address) as producer:
+        with pytest.raises(errors.UnknownTopicOrPartitionError):
+            producer.send("nope", b"x")
+        with pytest.raises(errors.UnknownTopicOrPartitionError):
+            producer.send("small", b"x", partition=5)
+        with pytest.raises(errors.RecordTooLargeError):
+            producer.send("small", b"x" * 4096)
+        assert producer.send("small", b"fits").result(timeout=10).offset == 0
+    with pytest.raises(errors.UnknownTopicOrPartitionError):
+        Consumer("nope", broker=routed.address)
+    with Consumer("small", broker=routed.address, auto_offset_reset="error") as consumer:
+        consumer.seek(("small", 0), 99)
+        with pytest.raises(errors.OffsetOutOfRangeError):
+            consumer.poll(timeout_ms=100)
+        consumer.seek_to_beginning()
+        assert [r.value for r in consumer.poll(timeout_ms=5_000)] == [b"fits"]
+        assert consumer.position(("small", 0)) == 1 and consumer.highwater(("small", 0)) == 1
