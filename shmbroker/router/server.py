@@ -277,20 +277,31 @@ class RouterServer:
             return
         result, data = answer
         self._count(identity, -1)
-        header = protocol.ok_reply(request.request_id, result)
-        frames = [*request.route, header, *data]
         size = sum(len(d) for d in data)
         try:
-            # copy=False: the data frames are memoryviews of the segments' mappings; pyzmq
-            # holds them until ZeroMQ has sent them (the tracker says when).
-            tracker = self.frontend.send_multipart(frames, zmq.NOBLOCK, copy=False,
-                                                   track=size > 0)
+            tracker = self._send_data([*request.route, protocol.ok_reply(request.request_id,
+                                                                         result)], data)
         except zmq.ZMQError as exc:
             self.replies_undeliverable += 1
             log.warning("fetch reply to client %s not delivered: %s", identity.hex(), exc.strerror)
             return
         if size:
             self.queued.setdefault(identity, []).append((tracker, size))
+
+    def _send_data(self, head: list[bytes], data: list) -> zmq.MessageTracker:
+        """Send ``head`` (copied) and the data frames without copying them: each is a
+        memoryview of a segment's mapping, which pyzmq holds until ZeroMQ has sent it. The
+        tracker is done once every data frame has been sent. Atomic: once the first frame
+        is queued, ZeroMQ takes the rest of the message."""
+        sock = self.frontend
+        for part in head:
+            sock.send(part, zmq.SNDMORE | zmq.NOBLOCK)
+        trackers = []
+        last = len(data) - 1
+        for i, part in enumerate(data):
+            flags = zmq.NOBLOCK if i == last else zmq.SNDMORE | zmq.NOBLOCK
+            trackers.append(sock.send(part, flags, copy=False, track=True))
+        return zmq.MessageTracker(*trackers)
 
     def _queued_bytes(self, identity: bytes) -> int:
         entries = self.queued.get(identity)

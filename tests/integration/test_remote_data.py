@@ -120,6 +120,34 @@ def test_the_router_stamps_batches_so_a_restarted_partition_recognises_them(rout
         client.close()
 
 
+def test_fetch_hands_zeromq_views_of_the_mapped_segment_not_copies(routed):
+    """The router's fetch data frames are memoryviews whose owner is the segment's mapping
+    (so ZeroMQ sends from the page cache), and they stay readable after the reader closed."""
+    from shmbroker.native import _native
+    from shmbroker.router.fetch import Fetch, parse_fetch
+
+    create_topic(routed, "zc", 1)
+    client = RawClient(routed.address)
+    try:
+        values = [bytes([i]) * 1_000 for i in range(100)]
+        assert client.produce("zc", 0, values)["ok"]
+    finally:
+        client.close()
+    fetch = Fetch(routed.data_dir)
+    try:
+        request = parse_fetch([b"client"], 1, {"max_wait_ms": 0, "min_bytes": 1,
+                                               "max_bytes": 1 << 20,
+                                               "partitions": [["zc", 0, 0, 1 << 20]]})
+        result, data = fetch.answer(request, final=True)
+    finally:
+        fetch.close()
+    view = data[0]
+    assert isinstance(view, memoryview) and isinstance(view.obj, _native.FileMap), type(view)
+    assert result["partitions"][0][6] == len(view) > 100_000
+    assert [r[2] for r in raw_wire_client.decode_batches(bytes(view))] == values
+    view.release()
+
+
 def test_a_long_poll_is_answered_when_records_arrive(routed):
     create_topic(routed, "lp", 1)
     waiter, writer = RawClient(routed.address), RawClient(routed.address)
