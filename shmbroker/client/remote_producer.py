@@ -260,7 +260,9 @@ class RemoteProducer(Producer):
         self._busy[key] = self._busy.get(key, 0) + 1
         self._buffered += len(payload)
         if self._sticky.get(topic) == partition:
-            count_p = self._meta.partitions(topic)
+            # The cached count: this also runs on the I/O thread, which must not wait on a
+            # metadata request.
+            count_p = self._meta.topic(topic, refresh=False).partitions
             if count_p > 1:  # Kafka's sticky partitioner: move on once a batch is sealed
                 self._sticky[topic] = (partition + 1 + random.randrange(count_p - 1)) % count_p
         self._wake()
