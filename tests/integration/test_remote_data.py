@@ -460,3 +460,29 @@ def test_clients_ride_out_a_router_kill_9_and_no_acked_record_is_lost(routed, tm
     for partition in (0, 1):
         offsets = [o for p, o, _ in got if p == partition]
         assert offsets == list(range(len(offsets)))
+
+
+def test_a_client_that_never_reads_its_fetch_replies_stalls_no_one(routed):
+    create_topic(routed, "big", 1)
+    writer = RawClient(routed.address)
+    stuck = zmq.Context.instance().socket(zmq.DEALER)
+    stuck.setsockopt(zmq.LINGER, 0)
+    stuck.setsockopt(zmq.RCVHWM, 1)
+    stuck.setsockopt(zmq.RCVBUF, 4096)
+    stuck.connect(routed.address)
+    try:
+        for i in range(8):  # ~1.6 MB of records
+            assert writer.produce("big", 0, [bytes([i]) * 10_000] * 20)["ok"]
+        for i in range(60):  # ~60 x 1 MiB of replies it will never read
+            stuck.send(msgpack.packb({"v": 1, "id": i, "type": "fetch", "max_wait_ms": 0,
+                                      "min_bytes": 1, "max_bytes": 1 << 20,
+                                      "partitions": [["big", 0, 0, 1 << 20]]}))
+        start = time.monotonic()
+        for i in range(20):  # others are served meanwhile, promptly
+            assert writer.produce("big", 0, [b"after-%d" % i])["ok"]
+            row, recs = writer.fetch("big", 0, row[3] if i else 160)
+            assert recs and recs[-1][2] == b"after-%d" % i
+        assert time.monotonic() - start < 10
+    finally:
+        stuck.close(linger=0)
+        writer.close()
