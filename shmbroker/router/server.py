@@ -198,8 +198,10 @@ class RouterServer:
             return
         records_frame = rest[1] if len(rest) == 2 else None
         if (request_type == "produce") != (records_frame is not None):
+            expected = "two frames (the body, then one RecordBatch)" \
+                if request_type == "produce" else "one frame"
             self._refuse(route, errors.InvalidRequestError(
-                f"{request_type}: expected {'two frames (the body, then one RecordBatch)' if request_type == 'produce' else 'one frame'}, got {len(rest)}"), request_id)
+                f"{request_type}: expected {expected}, got {len(rest)}"), request_id)
             return
         waiting = self.inflight.get(identity, 0)
         if waiting >= ROUTER_INFLIGHT_MAX:
