@@ -23,6 +23,8 @@ log = logging.getLogger("shmbroker.remote")
 REMOTE_REQUEST_TIMEOUT_MS = 30_000
 #: Messages ZeroMQ queues towards the router at most (requests in flight are far fewer).
 REMOTE_HWM = 1_000
+#: Pause between tries of a metadata request that failed for a retriable reason.
+_METADATA_RETRY_MS = 100
 
 
 def is_remote(broker) -> bool:
@@ -108,15 +110,36 @@ class RemoteMetadata:
         self._topics: dict[str, tuple[TopicDescription, float]] = {}
 
     def topic(self, name: str, refresh: bool = True) -> TopicDescription:
+        """The topic's description; UnknownTopicOrPartitionError if there is none. A refresh
+        that fails for a retriable reason (the router or the coordinator is restarting) keeps
+        the description it had, as Kafka's clients keep stale metadata; without one it tries
+        again for up to ``request_timeout_ms``."""
         cached = self._topics.get(name)
         now = time.monotonic()
         if cached is not None and (not refresh or now < cached[1]):
             return cached[0]
-        if self._admin is None:
-            self._admin = Admin(broker=self.address, request_timeout_ms=self.request_timeout_ms)
-        description = self._admin.describe_topic(name)
+        deadline = now + self.request_timeout_ms / 1000.0
+        while True:  # bounded by the deadline
+            try:
+                description = self._describe(name)
+                break
+            except errors.ShmbrokerError as exc:
+                if not exc.retriable or isinstance(exc, errors.UnknownTopicOrPartitionError):
+                    raise
+                if cached is not None:
+                    log.info("metadata of %r not refreshed (%s); using what we had", name, exc)
+                    self._topics[name] = (cached[0], now + PRODUCER_METADATA_MAX_AGE_MS / 1000.0)
+                    return cached[0]
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(_METADATA_RETRY_MS / 1000.0)
         self._topics[name] = (description, now + PRODUCER_METADATA_MAX_AGE_MS / 1000.0)
         return description
+
+    def _describe(self, name: str) -> TopicDescription:
+        if self._admin is None:
+            self._admin = Admin(broker=self.address, request_timeout_ms=self.request_timeout_ms)
+        return self._admin.describe_topic(name)
 
     def partitions(self, name: str) -> int:
         return self.topic(name).partitions

@@ -486,3 +486,32 @@ def test_a_client_that_never_reads_its_fetch_replies_stalls_no_one(routed):
     finally:
         stuck.close(linger=0)
         writer.close()
+
+
+def test_a_metadata_refresh_cut_by_a_router_kill_keeps_the_producer_going(routed):
+    """send() refreshes a topic's partition count every second; when that request dies with
+    the router, the producer goes on with what it knew (as Kafka's clients do)."""
+    import threading
+
+    from shmbroker import Producer
+
+    create_topic(routed, "md", 2)
+    with Producer(broker=routed.address) as producer:
+        assert producer.send("md", b"before").result(timeout=10).offset == 0
+        old = router_pid(routed)
+        os.kill(old, signal.SIGSTOP)  # the next refresh is sent and never answered
+        time.sleep(1.2)  # past the metadata's age: the next keyless send refreshes
+        outcome = {}
+
+        def send():
+            try:
+                outcome["future"] = producer.send("md", b"during")
+            except Exception as exc:  # noqa: BLE001 - the test reports it
+                outcome["error"] = exc
+        sender = threading.Thread(target=send)
+        sender.start()
+        time.sleep(0.3)
+        os.kill(old, signal.SIGKILL)
+        sender.join(timeout=WAIT_S_MAX)
+        assert "error" not in outcome, outcome
+        assert outcome["future"].result(timeout=WAIT_S_MAX).offset >= 0
