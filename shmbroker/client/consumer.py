@@ -224,6 +224,14 @@ class Consumer:
     (default: iterate forever). ``check_crcs=False`` skips CRC checks (not recommended).
     """
 
+    def __new__(cls, *topics: str, broker: str | os.PathLike | None = None, **kwargs):
+        """``broker="tcp://host:port"`` (a router) makes a RemoteConsumer: same API, over TCP
+        (client/remote_consumer.py)."""
+        if cls is Consumer and isinstance(broker, str) and broker.startswith("tcp://"):
+            from .remote_consumer import RemoteConsumer
+            cls = RemoteConsumer
+        return super().__new__(cls)
+
     def __init__(self, *topics: str, broker: str | os.PathLike | None = None,
                  group: str | None = None, auto_offset_reset: str = "latest",
                  value_memoryview: bool = False, spin_us: int = 0,
@@ -258,7 +266,7 @@ class Consumer:
         self.consumer_timeout_ms = consumer_timeout_ms
         self.check_crcs = bool(check_crcs)
         self._pid = os.getpid()
-        self._meta = LocalMetadata(self.data_dir)
+        self._meta = self._new_metadata()
         self._fetches: dict[TopicPartition, _Fetch] = {}
         self._order: list[_Fetch] = []
         self._next = 0  # round-robin start of the next collect
@@ -293,6 +301,9 @@ class Consumer:
         except BaseException:
             self.close()
             raise
+
+    def _new_metadata(self) -> LocalMetadata:
+        return LocalMetadata(self.data_dir)
 
     # -- assignment -------------------------------------------------------------------------------
 

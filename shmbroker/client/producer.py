@@ -367,6 +367,14 @@ class Producer:
     flushes (as with Kafka).
     """
 
+    def __new__(cls, broker: str | os.PathLike | None = None, *args: Any, **kwargs: Any):
+        """``broker="tcp://host:port"`` (a router) makes a RemoteProducer: same API, over TCP
+        (client/remote_producer.py)."""
+        if cls is Producer and isinstance(broker, str) and broker.startswith("tcp://"):
+            from .remote_producer import RemoteProducer
+            cls = RemoteProducer
+        return super().__new__(cls)
+
     def __init__(self, broker: str | os.PathLike | None = None, acks: int | str = 1,
                  linger_ms: float = 0, batch_bytes_max: int = PRODUCER_BATCH_BYTES_DEFAULT,
                  send_timeout_ms: int = RING_SEND_TIMEOUT_MS_DEFAULT,

@@ -84,8 +84,10 @@ def error_reply(request_id: int | None, exc: errors.ShmbrokerError) -> bytes:
                              "retriable": exc.retriable}})
 
 
-def decode_request(body: bytes) -> tuple[int | None, str, dict[str, Any]]:
-    """``(id, type, fields)`` of a request, checked against :data:`REQUEST_FIELDS`.
+def decode_request(body: bytes, spec_by_type: dict | None = None
+                   ) -> tuple[int | None, str, dict[str, Any]]:
+    """``(id, type, fields)`` of a request, checked against ``spec_by_type`` (default
+    :data:`REQUEST_FIELDS`; the router passes the coordinator's types and its own).
 
     Raises (always with the best ``id`` known so far, as ``exc.request_id``):
     InvalidRequestError for bytes that are not a msgpack map or fields that are missing,
@@ -107,11 +109,12 @@ def decode_request(body: bytes) -> tuple[int | None, str, dict[str, Any]]:
             f"version {PROTOCOL_VERSION})")
         exc.request_id = request_id  # type: ignore[attr-defined]
         raise exc
+    known = REQUEST_FIELDS if spec_by_type is None else spec_by_type
     request_type = message.get("type")
-    if request_type not in REQUEST_FIELDS:
-        raise _invalid(request_id, f"unknown request type {request_type!r}; known: "
-                                   f"{', '.join(sorted(REQUEST_FIELDS))}")
-    spec = REQUEST_FIELDS[request_type]
+    if not isinstance(request_type, str) or request_type not in known:
+        raise _invalid(request_id, f"unknown request type {request_type!r:.100}; known: "
+                                   f"{', '.join(sorted(known))}")
+    spec = known[request_type]
     fields = {k: v for k, v in message.items() if k not in _ENVELOPE_FIELDS}
     unknown = fields.keys() - spec.keys()
     if unknown:

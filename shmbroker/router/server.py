@@ -1,9 +1,11 @@
-"""RouterServer: the TCP front door. Today it carries the coordinator's requests (topics,
-groups, commits, metadata) for clients that cannot reach its ``ipc://`` socket; produce and
-fetch come next (docs/design/router.md, "Not done").
+"""RouterServer: the TCP front door. It serves remote produce, fetch and list_offsets itself
+(router/produce.py, router/fetch.py: the partitions' rings and mapped segments, as a local
+client uses them) and forwards the coordinator's requests (topics, groups, commits) to its
+``ipc://`` socket (docs/design/router.md).
 
     client DEALER --tcp--> ROUTER (this) --DEALER, ipc--> coordinator ROUTER
          [body]          [client id, body]      [router id, client id, body]
+                            |  produce/fetch/list_offsets: answered here
 
 The coordinator already answers on whatever envelope a request arrived with, so forwarding is
 ZeroMQ's proxy pattern: the client's identity frame travels to the coordinator and back, and
@@ -11,9 +13,13 @@ its reply finds the client. The router reads no body on this path but its size: 
 coordinator decodes and checks each one (coordinator/protocol.py) and answers bad ones with an
 error reply, which the router passes back like any other.
 
-What the router decides itself, always with an error reply (never a silent drop):
+Every request body is decoded and checked here (coordinator/protocol.py's decoder with the
+router's and the coordinator's request types); a coordinator request is then forwarded as the
+bytes that came. What the router decides itself, always with an error reply (never a silent
+drop):
 
-* a message that is not exactly one body frame (or a REQ socket's empty delimiter and one body);
+* a message that is not a header frame (plus one record frame for produce), after a REQ
+  socket's empty delimiter if there is one; a header that does not decode or check;
 * a body larger than COORDINATOR_REQUEST_BYTES_MAX;
 * more than ROUTER_INFLIGHT_MAX requests of one client waiting for their replies (a slow or
   greedy client must not fill the coordinator's queue for everyone).
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import time
 from typing import Callable
 from urllib.parse import urlsplit
 
@@ -36,6 +43,9 @@ from ..coordinator import protocol
 from ..coordinator.server import attach_counters
 from ..coordinator.server import endpoint as coordinator_endpoint
 from ..layout import counters as CL
+from . import protocol as data_protocol
+from .fetch import Fetch, FetchRequest, parse_fetch, parse_list_offsets
+from .produce import Outcome, Produce
 
 log = logging.getLogger("shmbroker.router")
 
@@ -47,8 +57,19 @@ ROUTER_INFLIGHT_MAX = 64
 #: ZeroMQ pushes back; bounds the router's memory per client.
 ROUTER_HWM = 1_000
 #: A client sending a message larger than this is disconnected by ZeroMQ itself (it cannot be
-#: a valid request: see COORDINATOR_REQUEST_BYTES_MAX).
-ROUTER_MESSAGE_BYTES_MAX = 4 * COORDINATOR_REQUEST_BYTES_MAX
+#: a valid request: a header of at most COORDINATOR_REQUEST_BYTES_MAX and one batch).
+ROUTER_MESSAGE_BYTES_MAX = data_protocol.PRODUCE_BATCH_BYTES_MAX + 4 * COORDINATOR_REQUEST_BYTES_MAX
+#: While produce requests wait for completions, the loop looks at the rings this often.
+ROUTER_ACK_POLL_MS = 1
+#: While fetches are parked (or replies' bytes are still queued), the loop looks at the
+#: partitions' high-watermark sequences this often.
+ROUTER_FETCH_POLL_MS = 2
+#: Bytes of fetch replies one client may have queued in ZeroMQ (not yet written to its socket);
+#: beyond it its next fetch waits (parked) until they drain: a slow client is throttled, the
+#: others are not.
+ROUTER_CLIENT_QUEUED_BYTES_MAX = 64 << 20
+#: A clean stop waits this long in all for the partitions to take what the router wrote.
+ROUTER_CLOSE_DRAIN_MS = 2_000
 #: Messages handled per wake-up from each side, so neither side starves the other.
 _BATCH = 64
 #: Frames of a message from a client: its identity, then one body (a DEALER) or an empty
@@ -77,7 +98,8 @@ def check_listen_address(listen: str) -> None:
 
 
 class RouterServer:
-    """Binds ``listen`` and forwards coordinator requests (see the module doc)."""
+    """Binds ``listen``; serves produce/fetch/list_offsets and forwards coordinator requests
+    (see the module doc)."""
 
     def __init__(self, data_dir: str, listen: str, context: zmq.Context | None = None):
         check_listen_address(listen)
@@ -100,8 +122,12 @@ class RouterServer:
         #: The address bound, with the port a ``*`` picked.
         self.endpoint = self.frontend.getsockopt(zmq.LAST_ENDPOINT).decode()
         self.backend.connect(coordinator_endpoint(data_dir))
+        self.produce = Produce(data_dir)
+        self.fetch = Fetch(data_dir)
         #: client identity -> requests forwarded and not yet answered.
         self.inflight: dict[bytes, int] = {}
+        #: client identity -> [(pyzmq MessageTracker, bytes)] of fetch replies not yet sent.
+        self.queued: dict[bytes, list] = {}
         #: Counters for logs and tests (this process's; the counters region adds them to
         #: what a predecessor counted: layout/counters.py, ROUTER table).
         self.forwarded = self.refused = self.replies_undeliverable = 0
@@ -118,12 +144,33 @@ class RouterServer:
         if stop_fd is not None:
             poller.register(stop_fd, zmq.POLLIN)
         while not is_stopped():
-            events = dict(poller.poll(None))  # idle: sleeps until a message or the stop signal
+            # Idle: sleeps until a message or the stop signal; with work pending, bounded.
+            events = dict(poller.poll(self._poll_timeout_ms()))
             if self.backend in events:
                 self._replies()
             if self.frontend in events:
                 self._requests()
+            self._tick()
             self._store_counters()
+
+    def _poll_timeout_ms(self) -> float | None:
+        timeout = None
+        if self.produce.busy:
+            timeout = ROUTER_ACK_POLL_MS
+        if self.fetch.parked or self.queued:
+            timeout = min(timeout or ROUTER_FETCH_POLL_MS, ROUTER_FETCH_POLL_MS)
+        return timeout
+
+    def _tick(self) -> None:
+        """Work that waits on shared memory rather than sockets: produce completions, parked
+        fetches whose partitions published or whose wait is over, drained reply queues."""
+        for outcome in self.produce.tick():
+            self._produce_reply(outcome)
+        if self.queued:
+            self._prune_queued()
+        if self.fetch.parked:
+            for request in self.fetch.due(time.monotonic()):
+                self._fetch(request)
 
     def _store_counters(self) -> None:
         """One C call per pass of the loop."""
@@ -137,41 +184,157 @@ class RouterServer:
     def _requests(self) -> None:
         for _ in range(_BATCH):  # bounded per wake-up
             try:
-                frames = self.frontend.recv_multipart(zmq.NOBLOCK, copy=True)
+                frames = self.frontend.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
             self._request(frames)
 
-    def _request(self, frames: list[bytes]) -> None:
-        identity, rest = frames[0], frames[1:]
-        if len(rest) == 2 and rest[0] == _DELIMITER:
-            route, body = [identity, _DELIMITER], rest[1]
-        elif len(rest) == 1:
-            route, body = [identity], rest[0]
-        else:
-            self._refuse([identity], errors.InvalidRequestError(
-                f"a request is one frame (the msgpack body; or an empty delimiter and the body "
-                f"from a REQ socket), got {len(rest)} frame(s)"))
-            return
-        if len(body) > COORDINATOR_REQUEST_BYTES_MAX:
+    def _request(self, frames: list) -> None:
+        identity, rest = frames[0].bytes, frames[1:]
+        route = [identity]
+        if len(rest) >= 2 and len(rest[0]) == 0:  # a REQ socket's delimiter
+            route, rest = [identity, _DELIMITER], rest[1:]
+        if not 1 <= len(rest) <= data_protocol.REQUEST_FRAMES_MAX:
             self._refuse(route, errors.InvalidRequestError(
-                f"request of {len(body)} bytes; the limit is {COORDINATOR_REQUEST_BYTES_MAX}"),
-                body)
+                f"a request is one frame (the msgpack body; or an empty delimiter and the body "
+                f"from a REQ socket), or two for produce (the body and one RecordBatch), got "
+                f"{len(rest)} frame(s)"))
+            return
+        if len(rest[0]) > COORDINATOR_REQUEST_BYTES_MAX:
+            self._refuse(route, errors.InvalidRequestError(
+                f"request of {len(rest[0])} bytes; the limit is {COORDINATOR_REQUEST_BYTES_MAX}"))
+            return
+        body = rest[0].bytes
+        try:
+            request_id, request_type, fields = protocol.decode_request(
+                body, data_protocol.ALL_REQUEST_FIELDS)
+        except errors.ShmbrokerError as exc:
+            self._refuse(route, exc, getattr(exc, "request_id", None))
+            return
+        records_frame = rest[1] if len(rest) == 2 else None
+        if (request_type == "produce") != (records_frame is not None):
+            expected = "two frames (the body, then one RecordBatch)" \
+                if request_type == "produce" else "one frame"
+            self._refuse(route, errors.InvalidRequestError(
+                f"{request_type}: expected {expected}, got {len(rest)}"), request_id)
             return
         waiting = self.inflight.get(identity, 0)
         if waiting >= ROUTER_INFLIGHT_MAX:
             self._refuse(route, errors.InvalidRequestError(
                 f"{waiting} requests of this client are waiting for replies already; the limit "
-                f"is {ROUTER_INFLIGHT_MAX}: wait for replies before sending more"), body)
+                f"is {ROUTER_INFLIGHT_MAX}: wait for replies before sending more"), request_id)
             return
+        if request_type in data_protocol.DATA_REQUEST_FIELDS:
+            self._data_request(route, request_id, request_type, fields, records_frame)
+        else:
+            self._forward(route, identity, body, request_id, waiting)
+
+    def _forward(self, route: list, identity: bytes, body: bytes, request_id: int,
+                 waiting: int) -> None:
         try:
             self.backend.send_multipart([*route, body], zmq.NOBLOCK)
         except zmq.Again:
             self._refuse(route, errors.CoordinatorNotAvailableError(
-                "the coordinator is not keeping up (or restarting); try again"), body)
+                "the coordinator is not keeping up (or restarting); try again"), request_id)
             return
         self.inflight[identity] = waiting + 1
         self.forwarded += 1
+
+    # -- produce, fetch, list_offsets ---------------------------------------------------------------
+
+    def _data_request(self, route: list, request_id: int, request_type: str, fields: dict,
+                      records_frame) -> None:
+        try:
+            if request_type == "produce":
+                acks = fields["acks"]
+                if acks not in data_protocol.ACKS_LEVELS:
+                    raise errors.InvalidRequestError(f"produce: acks {acks} is not 0, 1 or -1")
+                self.produce.submit(route, request_id, fields["topic"], fields["partition"],
+                                    acks, records_frame.buffer)
+                if acks:
+                    self._count(route[0], +1)
+            elif request_type == "fetch":
+                request = parse_fetch(route, request_id, fields)
+                self._count(route[0], +1)
+                self._fetch(request)
+            else:
+                result = self.fetch.list_offsets(parse_list_offsets(fields))
+                self._send([*route, protocol.ok_reply(request_id, result)])
+        except errors.ShmbrokerError as exc:
+            self._refuse(route, exc, request_id)
+
+    def _count(self, identity: bytes, delta: int) -> None:
+        left = self.inflight.get(identity, 0) + delta
+        if left > 0:
+            self.inflight[identity] = left
+        else:
+            self.inflight.pop(identity, None)
+
+    def _produce_reply(self, outcome: Outcome) -> None:
+        request = outcome.request
+        if request.acks:
+            self._count(request.route[0], -1)
+        if outcome.error is not None:
+            self._refuse(request.route, outcome.error, request.request_id)
+        elif request.acks:
+            self._send([*request.route, protocol.ok_reply(
+                request.request_id, {"base_offset": outcome.base_offset})])
+
+    def _fetch(self, request: FetchRequest) -> None:
+        identity = request.route[0]
+        now = time.monotonic()
+        final = request.deadline <= now
+        if not final and self._queued_bytes(identity) >= ROUTER_CLIENT_QUEUED_BYTES_MAX:
+            request.seen = [-1] * len(request.partitions)  # looked at again at the next tick
+            self.fetch.parked.append(request)
+            return
+        answer = self.fetch.answer(request, final)
+        if answer is None:
+            self.fetch.parked.append(request)
+            return
+        result, data = answer
+        self._count(identity, -1)
+        size = sum(len(d) for d in data)
+        try:
+            tracker = self._send_data([*request.route, protocol.ok_reply(request.request_id,
+                                                                         result)], data)
+        except zmq.ZMQError as exc:
+            self.replies_undeliverable += 1
+            log.warning("fetch reply to client %s not delivered: %s", identity.hex(), exc.strerror)
+            return
+        if size:
+            self.queued.setdefault(identity, []).append((tracker, size))
+
+    def _send_data(self, head: list[bytes], data: list) -> zmq.MessageTracker:
+        """Send ``head`` (copied) and the data frames without copying them: each is a
+        memoryview of a segment's mapping, which pyzmq holds until ZeroMQ has sent it. The
+        tracker is done once every data frame has been sent. Atomic: once the first frame
+        is queued, ZeroMQ takes the rest of the message."""
+        sock = self.frontend
+        for part in head:
+            sock.send(part, zmq.SNDMORE | zmq.NOBLOCK)
+        trackers = []
+        last = len(data) - 1
+        for i, part in enumerate(data):
+            flags = zmq.NOBLOCK if i == last else zmq.SNDMORE | zmq.NOBLOCK
+            trackers.append(sock.send(part, flags, copy=False, track=True))
+        return zmq.MessageTracker(*trackers)
+
+    def _queued_bytes(self, identity: bytes) -> int:
+        entries = self.queued.get(identity)
+        if not entries:
+            return 0
+        entries[:] = [(t, n) for t, n in entries if not t.done]
+        if not entries:
+            del self.queued[identity]
+            return 0
+        return sum(n for _, n in entries)
+
+    def _prune_queued(self) -> None:
+        for identity in list(self.queued):  # bounded by the clients with queued replies
+            self._queued_bytes(identity)
+
+    # -- coordinator replies ----------------------------------------------------------------------
 
     def _replies(self) -> None:
         for _ in range(_BATCH):  # bounded per wake-up
@@ -179,20 +342,16 @@ class RouterServer:
                 frames = self.backend.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            identity = frames[0]
-            left = self.inflight.get(identity, 0) - 1
-            if left > 0:
-                self.inflight[identity] = left
-            else:
-                self.inflight.pop(identity, None)
+            self._count(frames[0], -1)
             self._send(frames)
 
-    def _refuse(self, route: list[bytes], exc: errors.ShmbrokerError, body: bytes | None = None) -> None:
-        """Answer a request the router will not forward; the id is echoed when the body
-        says it (so the client matches the reply), else null."""
+    def _refuse(self, route: list[bytes], exc: errors.ShmbrokerError,
+                request_id: int | None = None) -> None:
+        """Answer a request with an error; the id is echoed when it was read (so the client
+        matches the reply), else null."""
         self.refused += 1
         log.warning("refused a request from client %s: %s", route[0].hex(), exc)
-        self._send([*route, protocol.error_reply(_request_id(body), exc)])
+        self._send([*route, protocol.error_reply(request_id, exc)])
 
     def _send(self, frames: list[bytes]) -> None:
         try:
@@ -204,16 +363,10 @@ class RouterServer:
     def close(self) -> None:
         self.frontend.close(linger=0)
         self.backend.close(linger=0)
-        self._store_counters()
-        self.counters.close()
-
-
-def _request_id(body: bytes | None) -> int | None:
-    """The ``id`` of a request body, if it is a readable msgpack map with an integer id."""
-    if body is None or len(body) > COORDINATOR_REQUEST_BYTES_MAX:
-        return None
-    try:
-        request_id, _, _ = protocol.decode_request(body)
-        return request_id
-    except errors.ShmbrokerError as exc:
-        return getattr(exc, "request_id", None)
+        produce = getattr(self, "produce", None)
+        if produce is not None:
+            produce.close(ROUTER_CLOSE_DRAIN_MS)
+            self.fetch.close()
+        if getattr(self, "counters", None) is not None:
+            self._store_counters()
+            self.counters.close()

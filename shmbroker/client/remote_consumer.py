@@ -1,0 +1,334 @@
+"""The Consumer for a broker on another host: ``Consumer(*topics, broker="tcp://host:port")``
+returns one (``Consumer.__new__``). Same API, records and errors as the local Consumer; groups
+work the same way (GroupMembership already speaks through the router). What differs is where
+records come from::
+
+    Consumer.poll
+      ├─ records fetched earlier and not handed out yet? hand them out (as locally)
+      ├─ else one fetch request for every assigned partition (docs/protocol.md): the
+      │  router reads the mapped segments and sends whole batches as frames
+      ├─ records.decode_records(frame)   C: CRC + records -> the same Record objects
+      └─ nothing? the next fetch is a long poll (max_wait_ms = what is left of the timeout,
+         capped so heartbeats and auto-commits stay on time), not a futex sleep
+
+Positions the log does not have (out of range, or none yet) are resolved with
+``auto_offset_reset`` from the log start and high watermark the router reports
+(``list_offsets``, or the fetch reply's error row).
+
+A request without a reply (the router restarted; the connection dropped) is sent again on a
+fresh connection: ``poll`` rides out a router restart (it returns nothing meanwhile) and
+``list_offsets`` calls raise RequestTimeoutError only after ``request_timeout_ms``.
+
+Not available remotely (UnsupportedFeatureError): ``value_memoryview``, ``poll_columnar``
+(records are decoded from a received frame, not a mapping). Owned by one thread.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Iterable, NamedTuple
+
+import zmq
+
+from .. import errors, records
+from ..router import protocol as wire
+from .consumer import Consumer
+from .group_membership import GroupMembership
+from .remote_wire import REMOTE_REQUEST_TIMEOUT_MS, Connection, RemoteMetadata, decode_reply
+from .types import TopicPartition
+
+log = logging.getLogger("shmbroker.remote")
+
+#: A fetch reply is due within its max_wait_ms plus this; later, the request is taken as lost.
+FETCH_REPLY_SLACK_MS = 5_000
+#: After a retriable partition error (not served just now, restarting), poll waits this long
+#: before fetching that partition again, so a restart is not a busy loop of requests.
+RETRY_BACKOFF_MS = 50
+
+
+class _Bounds(NamedTuple):
+    """What Consumer._resolve needs of a partition's state."""
+
+    log_start_offset: int
+    high_watermark: int
+
+
+class _RemoteFetch:
+    """Per assigned partition: position and records fetched, not handed out yet."""
+
+    __slots__ = ("tp", "topic", "partition", "position", "pending", "bounds", "retry_at")
+
+    def __init__(self, tp: TopicPartition):
+        self.tp = tp
+        self.topic, self.partition = tp
+        self.position: int | None = None
+        self.pending: list = []
+        self.bounds: _Bounds | None = None
+        self.retry_at = 0.0
+
+    def set_position(self, offset: int) -> None:
+        self.position = offset
+        self.pending = []
+
+    def close(self) -> None:
+        self.pending = []
+
+
+class RemoteConsumer(Consumer):
+    """``Consumer`` over TCP (see the module doc). ``request_timeout_ms``: how long a
+    list_offsets waits; fetches wait their max_wait_ms plus FETCH_REPLY_SLACK_MS."""
+
+    def __init__(self, *topics: str, broker: str, value_memoryview: bool = False,
+                 request_timeout_ms: int = REMOTE_REQUEST_TIMEOUT_MS, **kwargs):
+        if value_memoryview:
+            raise errors.UnsupportedFeatureError(
+                "value_memoryview: a remote consumer's records come from a received frame, "
+                "not a mapping; use a local consumer for zero-copy values")
+        self.address = broker
+        self.request_timeout_ms = request_timeout_ms
+        self._conn: Connection | None = None
+        super().__init__(*topics, broker=broker, **kwargs)
+
+    def _new_metadata(self):
+        return RemoteMetadata(self.address, self.request_timeout_ms)
+
+    # -- assignment -------------------------------------------------------------------------------
+
+    def _assign(self, partitions: Iterable) -> None:
+        wanted = [TopicPartition(*p) for p in partitions]
+        fetches = {}
+        for tp in wanted:
+            if tp in fetches:
+                continue
+            old = self._fetches.get(tp)
+            if old is None:
+                self._meta.check_partition(tp.topic, tp.partition)
+                old = _RemoteFetch(tp)
+            fetches[tp] = old
+        self._fetches = fetches
+        self._order = list(fetches.values())
+        self._next = self._sleep_next = 0
+        self._iter_buffer, self._iter_at = [], 0
+
+    # -- positions --------------------------------------------------------------------------------
+
+    def _bounds(self, fetches: list) -> dict:
+        """{TopicPartition: _Bounds} from one list_offsets request; a partition error raises."""
+        result = self._request([wire.list_offsets_request(
+            0, [[f.topic, f.partition] for f in fetches])], self.request_timeout_ms)
+        out = {}
+        for topic, partition, code, start, hw in result["partitions"]:
+            if code:
+                raise _partition_error(code, f"list_offsets {topic}/{partition}")
+            out[TopicPartition(topic, partition)] = _Bounds(start, hw)
+        return out
+
+    def _seek_to(self, tps, beginning: bool) -> None:
+        self._check()
+        fetches = [self._fetch_for(tp) for tp in tps] if tps else list(self._order)
+        if not fetches:
+            return
+        bounds = self._bounds(fetches)
+        for fetch in fetches:
+            b = bounds[fetch.tp]
+            fetch.set_position(b.log_start_offset if beginning else b.high_watermark)
+        self._iter_buffer, self._iter_at = [], 0
+
+    def position(self, tp) -> int:
+        self._check()
+        fetch = self._fetch_for(tp)
+        if fetch.position is None:
+            self._resolve(fetch, self._bounds([fetch])[fetch.tp], "has no position yet")
+        assert fetch.position is not None
+        return fetch.position
+
+    def highwater(self, tp) -> int:
+        self._check()
+        fetch = self._fetch_for(tp)
+        return self._bounds([fetch])[fetch.tp].high_watermark
+
+    def beginning_offsets(self, tps) -> dict:
+        self._check()
+        return {tp: b.log_start_offset for tp, b in
+                self._bounds([self._fetch_for(tp) for tp in tps]).items()}
+
+    def end_offsets(self, tps) -> dict:
+        self._check()
+        return {tp: b.high_watermark for tp, b in
+                self._bounds([self._fetch_for(tp) for tp in tps]).items()}
+
+    def poll_columnar(self, timeout_ms: float = 0, max_records: int | None = None):
+        raise errors.UnsupportedFeatureError(
+            "poll_columnar is not available on a remote consumer (yet); use poll()")
+
+    # -- fetching ---------------------------------------------------------------------------------
+
+    def _read(self, fetch):
+        return None  # Consumer._fill hands out ``pending``; fetching is _fetch_remote's
+
+    def _collect(self, max_records: int) -> list:
+        if not any(f.pending for f in self._order):
+            self._fetch_remote(0)
+        return super()._collect(max_records)
+
+    def _sleep(self, left_ms: float) -> None:
+        """Long-poll instead of a futex sleep; woken for heartbeats and auto-commit as locally."""
+        group = self._group
+        if group is not None:
+            left_ms = min(left_ms, group.ms_until_heartbeat())
+            if self.enable_auto_commit:
+                left_ms = min(left_ms, max(0.0, (self._next_auto_commit - time.monotonic()) * 1e3))
+        if not self._order:
+            if group is None:
+                raise errors.IllegalStateError(
+                    "this consumer has no partitions assigned: pass topics to Consumer(...) or "
+                    "call assign([...]) first")
+            time.sleep(left_ms / 1000.0)
+            return
+        self._fetch_remote(left_ms)
+
+    def _fetch_remote(self, max_wait_ms: float) -> None:
+        """One fetch for every assigned partition with a position and nothing pending; the
+        records go to each partition's ``pending``."""
+        now = time.monotonic()
+        unresolved = [f for f in self._order if f.position is None]
+        if unresolved:
+            bounds = self._bounds(unresolved)
+            for fetch in unresolved:
+                self._resolve(fetch, bounds[fetch.tp], "has no position yet")
+        wanted = [f for f in self._order if not f.pending and f.retry_at <= now]
+        if not wanted:
+            if max_wait_ms > 0:
+                time.sleep(min(max_wait_ms, RETRY_BACKOFF_MS) / 1000.0)
+            return
+        wait_ms = int(min(max(0.0, max_wait_ms), wire.FETCH_WAIT_MS_MAX))
+        per_partition = min(self.fetch_max_bytes, wire.FETCH_BYTES_MAX)
+        header = wire.fetch_request(0, [[f.topic, f.partition, f.position, per_partition]
+                                        for f in wanted], wait_ms, 1,
+                                    min(wire.FETCH_BYTES_MAX, per_partition * len(wanted)))
+        try:
+            result, frames = self._request([header], wait_ms + FETCH_REPLY_SLACK_MS,
+                                           with_data=True)
+        except errors.RequestTimeoutError as exc:
+            log.warning("fetch from %s: %s; trying again at the next poll", self.address, exc)
+            return
+        rows = result["partitions"]
+        if len(rows) != len(wanted) or len(frames) != len(wanted):
+            raise errors.InvalidRequestError(
+                f"fetch reply from {self.address} has {len(rows)} rows and {len(frames)} data "
+                f"frames for {len(wanted)} partitions")
+        for fetch, row, frame in zip(wanted, rows, frames):
+            self._take(fetch, row, frame)
+
+    def _take(self, fetch: _RemoteFetch, row: list, frame) -> None:
+        _, _, code, hw, start, first_offset, size = row
+        if code == errors.OffsetOutOfRangeError.code:
+            self._resolve(fetch, _Bounds(start, hw), "is out of range")
+            return
+        if code:
+            exc = _partition_error(code, f"fetch {fetch.tp}")
+            if not exc.retriable:
+                raise exc
+            log.info("fetch %s: %s; trying again shortly", fetch.tp, exc)
+            fetch.retry_at = time.monotonic() + RETRY_BACKOFF_MS / 1000.0
+            return
+        fetch.bounds = _Bounds(start, hw)
+        if not size:
+            return
+        pending = records.decode_records(frame.buffer, self.check_crcs, fetch.topic,
+                                         fetch.partition)
+        position = fetch.position
+        skip = position - first_offset
+        if skip > 0:
+            del pending[:skip]
+        if pending and pending[0].offset != position:
+            raise errors.CorruptRecordError(
+                f"fetch {fetch.tp}: expected offset {position} first, got {pending[0].offset}")
+        fetch.pending = pending
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    def _connection(self) -> Connection:
+        if self._conn is None:
+            self._conn = Connection(self.address)
+        return self._conn
+
+    def _request(self, frames: list, timeout_ms: float, with_data: bool = False):
+        """Send one request (its id is set here) and wait for its reply; a dropped connection
+        or no reply within ``timeout_ms`` makes a fresh connection, and the request is sent
+        once more within what is left: RequestTimeoutError when that fails too."""
+        conn = self._connection()
+        deadline = time.monotonic() + timeout_ms / 1000.0
+        for attempt in range(2):  # bounded: one resend on a fresh connection
+            request_id = conn.next_id()
+            header = _with_id(frames[0], request_id)
+            assert conn.sock is not None
+            conn.sock.send_multipart([header, *frames[1:]])
+            reply = self._wait_reply(conn, request_id, deadline if attempt else
+                                     time.monotonic() + timeout_ms / 1000.0)
+            if reply is not None:
+                result, data = reply
+                if isinstance(result, Exception):
+                    raise result
+                return (result, data) if with_data else result
+            conn.reopen()
+            if time.monotonic() >= deadline:
+                break
+        raise errors.RequestTimeoutError(
+            f"no reply from the router at {self.address} within {timeout_ms:.0f} ms")
+
+    @staticmethod
+    def _wait_reply(conn: Connection, request_id: int, deadline: float):
+        """(result, data frames), or None: the connection dropped or the deadline passed."""
+        assert conn.sock is not None
+        while True:  # bounded by the deadline
+            left_ms = (deadline - time.monotonic()) * 1000.0
+            if left_ms <= 0:
+                return None
+            if conn.sock.poll(min(left_ms, 100), zmq.POLLIN):
+                frames = conn.sock.recv_multipart(copy=False)
+                reply_id, result, data = decode_reply(frames)
+                if reply_id == request_id or (reply_id is None and isinstance(result, Exception)):
+                    return result, data
+                continue  # a late reply to a request we gave up on
+            if conn.dropped():
+                return None
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    def _after_fork(self) -> None:
+        """In a forked child: the parent's connection and membership stay the parent's."""
+        self._pid = os.getpid()
+        self._conn = None
+        self._meta = self._new_metadata()
+        if self._group_args is not None:
+            self._fetches, self._order = {}, []
+            self._inherited_group = self._group
+            self._group = GroupMembership(**self._group_args)
+        for fetch in self._order:
+            fetch.pending = []
+        self._iter_buffer, self._iter_at = [], 0
+
+    def _release(self) -> None:
+        super()._release()
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def __repr__(self) -> str:
+        return (f"Consumer({self.address!r}, assigned={sorted(map(str, self._fetches))}, "
+                f"remote, closed={self._closed})")
+
+
+def _with_id(header: bytes, request_id: int) -> bytes:
+    import msgpack
+
+    message = msgpack.unpackb(header, raw=False)
+    message["id"] = request_id
+    return msgpack.packb(message, use_bin_type=True)
+
+
+def _partition_error(code: int, what: str) -> errors.ShmbrokerError:
+    cls = errors.ERRORS_BY_CODE.get(code, errors.ShmbrokerError)
+    return cls(f"{what}: the router answered {cls.__name__} (code {code})")
