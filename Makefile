@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(VPY) perf/bench_log.py
 	$(VPY) perf/bench_ipc.py
 	$(VPY) perf/bench_groups.py
+	$(VPY) perf/bench_remote.py
 
 clean:
 	rm -rf build *.egg-info shmbroker/*.so
