@@ -78,6 +78,9 @@ class BrokerConfig:
     #: ~0% idle CPU). For the lowest latency on a host with cores to spare: each partition
     #: process then burns up to this much CPU after every drain round and idle wake-up.
     partition_spin_us: int = 0
+    #: How often the supervisor unlinks the counters regions of local consumers that died
+    #: (kill -9) without unlinking their own.
+    consumer_counters_sweep_ms: int = 2_000
     #: Where the router listens for remote clients (``tcp://127.0.0.1:7070``; port ``*``: any
     #: free one, see runtime.json); None: no router.
     listen: str | None = None

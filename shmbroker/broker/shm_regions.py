@@ -18,6 +18,10 @@ child process, and what a previous run of this data dir left in /dev/shm.
   across its restarts, so a restarted process continues its counters; it goes with its
   partition (clean stop, deleted topic) or, for the coordinator and router, at a clean stop.
   One left by a killed broker is not adopted: counters are derived, a new run starts at 0.
+* A local consumer's counters region is the consumer's (it creates and unlinks it). One left
+  by a consumer killed with -9 is unlinked by ``sweep_consumer_counters``, which the
+  supervisor runs every CONSUMER_COUNTERS_SWEEP_MS, and at a clean stop for every consumer
+  (a consumer that outlives its broker keeps counting in a mapping nobody reads).
 
 Owned by the supervisor's main thread; not thread-safe.
 """
@@ -142,3 +146,18 @@ class CountersRegions:
     def close_all(self) -> None:
         for key in list(self.regions):
             self.remove(key)
+
+
+def sweep_consumer_counters(prefix: str, everything: bool = False) -> list[str]:
+    """Unlinks the counters regions of local consumers whose process is gone (``everything``:
+    of all consumers, at a clean stop); returns the names removed. Regions with an unreadable
+    header (a consumer killed while creating one) count as gone."""
+    removed = []
+    for name in stale.list_names(names.consumer_counters_prefix(prefix)):
+        info = stale.inspect(name, prefix)
+        if (everything or not info.owner_alive) and unlink(name):
+            removed.append(name)
+    if removed:
+        log.info("removed the counters regions of %d consumer(s)%s: %s", len(removed),
+                 "" if everything else " that died", removed)
+    return removed

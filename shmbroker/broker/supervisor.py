@@ -111,6 +111,7 @@ class Supervisor:
         #: One counters region per child (not the metrics server), created before its first
         #: start and kept across its restarts.
         self.counters = shm_regions.CountersRegions(names.broker_prefix(self.data_dir))
+        self._next_sweep_ms = 0
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -145,6 +146,7 @@ class Supervisor:
                         key.data(key.fileobj)
                 self._handle_signals()
                 self._run_timers(monotonic_ms())
+                self._maybe_sweep(monotonic_ms())
                 self._maybe_ack()
             log.info("all processes stopped; broker on %s is down", self.data_dir)
             return 0
@@ -152,15 +154,22 @@ class Supervisor:
             signal.set_wakeup_fd(old_wakeup)
             self.controls.close_all()
             self.counters.close_all()
+            shm_regions.sweep_consumer_counters(self.counters.prefix, everything=True)
             self.selector.close()
             os.close(wake_r)
             os.close(wake_w)
 
+    def _maybe_sweep(self, now: int) -> None:
+        if now >= self._next_sweep_ms:
+            self._next_sweep_ms = now + self.config.consumer_counters_sweep_ms
+            shm_regions.sweep_consumer_counters(self.counters.prefix)
+
     def _timeout_s(self, now: int) -> float | None:
         deadlines = [c.deadline_ms for c in self.children.values() if c.deadline_ms is not None]
+        deadlines.append(self._next_sweep_ms)
         if self.shutdown_deadline_ms is not None:
             deadlines.append(self.shutdown_deadline_ms)
-        if not deadlines:
+        if not deadlines:  # (never empty now: the consumer-counters sweep is periodic)
             return None  # nothing scheduled: sleep until a child, the link or a signal speaks
         return max(0, min(deadlines) - now) / 1000
 

@@ -38,6 +38,7 @@ from ..config import (ADMIN_REQUEST_TIMEOUT_MS, GROUP_AUTO_COMMIT_INTERVAL_MS_DE
 from ..coordinator.topics import partition_dir
 from ..log.reader import LogReader
 from ..shm.control import ControlRegion
+from ..shm.counters import ConsumerCounters
 from .group_membership import DEFAULT_PROTOCOLS, REJOIN_ERRORS, CommitCallback, GroupMembership
 from .metadata import LocalMetadata
 from .types import OffsetAndMetadata, TopicPartition, as_topic_partition
@@ -163,7 +164,7 @@ class _Fetch:
     """Per assigned partition: control region, reader, position, records not yet handed out."""
 
     __slots__ = ("tp", "topic", "partition", "directory", "control", "reader", "position",
-                 "pending", "seen_hw_seq", "hw")
+                 "pending", "seen_hw_seq", "hw", "counter_slot")
 
     def __init__(self, tp: TopicPartition, directory: str, control) -> None:
         self.tp = tp
@@ -178,6 +179,8 @@ class _Fetch:
         #: hw_seq loaded before the last state read: a poll sleeps until it changes.
         self.seen_hw_seq = -1
         self.hw = -1
+        #: Its slot in the consumer's counters region; None until it first hands out records.
+        self.counter_slot: int | None = None
 
     def set_position(self, offset: int) -> None:
         self.position = offset
@@ -267,6 +270,7 @@ class Consumer:
         self.check_crcs = bool(check_crcs)
         self._pid = os.getpid()
         self._meta = self._new_metadata()
+        self._counters = self._new_counters()
         self._fetches: dict[TopicPartition, _Fetch] = {}
         self._order: list[_Fetch] = []
         self._next = 0  # round-robin start of the next collect
@@ -301,6 +305,23 @@ class Consumer:
         except BaseException:
             self.close()
             raise
+
+    def _new_counters(self) -> ConsumerCounters | None:
+        """This consumer's counters region (records and bytes out, for `shmbroker top` and
+        the metrics endpoint: docs/design/monitor.md). Observability only: when it cannot be
+        made (/dev/shm full, say), the consumer runs without one."""
+        try:
+            return ConsumerCounters.create(self._meta.prefix)
+        except (errors.ShmbrokerError, OSError) as exc:
+            log.warning("consumer counters not kept (%s): shmbroker top will not show this "
+                        "consumer's records out", exc)
+            return None
+
+    def _count_out(self, fetch: _Fetch, records_: int, bytes_: int) -> None:
+        slot = fetch.counter_slot
+        if slot is None:
+            slot = fetch.counter_slot = self._counters.slot(fetch.topic, fetch.partition)
+        self._counters.add(slot, records_, bytes_)
 
     def _new_metadata(self) -> LocalMetadata:
         return LocalMetadata(self.data_dir)
@@ -611,6 +632,8 @@ class Consumer:
             piece = self._read(fetch)
             if piece is None or piece.length == 0:
                 return 0
+            if self._counters is not None:
+                self._count_out(fetch, 0, piece.length)
             position = fetch.position
             if self.value_memoryview:
                 pending = self._view_records(fetch, piece)
@@ -633,6 +656,8 @@ class Consumer:
             return 0
         fetch.position = taken[-1].offset + 1
         out.extend(taken)
+        if self._counters is not None:
+            self._count_out(fetch, len(taken), 0)
         return len(taken)
 
     def _view_records(self, fetch: _Fetch, piece) -> list:
@@ -679,6 +704,8 @@ class Consumer:
             if self._group is not None:
                 self._group_poll()
             out = self._collect(max_records)
+            if out and self._counters is not None:
+                self._counters.publish(len(self._order))
             if out or not timeout_ms:
                 return out
             left_ms = (deadline - time.monotonic()) * 1000.0
@@ -705,6 +732,8 @@ class Consumer:
                 batch = self._fill_columnar(fetch, max_records)
                 if batch is not None:
                     out[fetch.tp] = batch
+            if out and self._counters is not None:
+                self._counters.publish(len(self._order))
             if out or not timeout_ms:
                 return out
             left_ms = (deadline - time.monotonic()) * 1000.0
@@ -732,6 +761,8 @@ class Consumer:
         if len(batch) == 0:
             return None
         fetch.position = int(batch.offsets[-1]) + 1
+        if self._counters is not None:
+            self._count_out(fetch, len(batch), piece.length)
         return batch
 
     # -- waiting ----------------------------------------------------------------------------------
@@ -809,6 +840,11 @@ class Consumer:
         self._pid = os.getpid()
         old_meta, self._meta = self._meta, LocalMetadata(self.data_dir)
         old_meta.close()  # unmaps the child's copies only; the parent's stay
+        # The parent's counters region stays the parent's (not unlinked): the child counts
+        # in a region of its own.
+        self._counters = self._new_counters() if self._counters is not None else None
+        for fetch in self._order:
+            fetch.counter_slot = None
         if self._group_args is not None:
             # The parent's partitions and member id stay the parent's: the child joins as a
             # new member and gets its own share. The parent's socket is left alone (pyzmq does
@@ -866,6 +902,9 @@ class Consumer:
                 self._release()
 
     def _release(self) -> None:
+        if self._counters is not None:
+            self._counters.close()
+            self._counters = None
         if self._group is not None:
             self._group.close()
         for fetch in self._fetches.values():

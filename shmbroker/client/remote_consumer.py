@@ -93,6 +93,9 @@ class RemoteConsumer(Consumer):
     def _new_metadata(self):
         return RemoteMetadata(self.address, self.request_timeout_ms)
 
+    def _new_counters(self):
+        return None  # no shared memory of the broker's here: the router counts what it sends
+
     # -- assignment -------------------------------------------------------------------------------
 
     def _assign(self, partitions: Iterable) -> None:

@@ -6,8 +6,15 @@ words the caller names). Design: docs/design/monitor.md ("Counters").
 Name: ``shmb.<broker>.m.partition.<topic>.<partition>``, ``shmb.<broker>.m.coordinator``,
 ``shmb.<broker>.m.router`` (shmbroker/shm/names.py). Created 0600 by the supervisor before the
 process first starts and kept across its restarts (a counter of a restarted process goes on
-from where its predecessor left it); unlinked by the supervisor on a clean stop. All integers
-in the host's byte order; the region never leaves the host::
+from where its predecessor left it); unlinked by the supervisor on a clean stop.
+
+A local consumer, which reads the log without any broker process, keeps its own region,
+``shmb.<broker>.m.consumer.<pid>.<n>`` (KIND_CONSUMER): created 0600 by the Consumer itself,
+which is then both owner and writer, unlinked by its close(); one left by a consumer killed
+with -9 is unlinked by the supervisor's periodic sweep (or the next start). After the table it
+has CONSUMER_SLOTS_MAX partition slots (below).
+
+All integers in the host's byte order; the region never leaves the host::
 
     offset  size  field                         writer
     ------  ----  ----------------------------  -------------------------------------------
@@ -34,6 +41,20 @@ in the host's byte order; the region never leaves the host::
 
 The tables are append-only within a layout version: a reader of version V finds every counter
 of V at its index. Renaming, removing or moving one is a new version.
+
+Consumer partition slots, from ``consumer_slots_offset()`` (64-byte aligned), SLOT_BYTES each::
+
+    offset  size  field
+         0     8  u64 topic_hash     topic_hash(name) (never 0); 0: the slot is free
+         8     8  i64 partition
+        16     8  u64 records_out    records this consumer handed out from the partition
+        24     8  u64 bytes_out      bytes of record batches it read from the partition
+        32    32  reserved
+
+A slot, once given to a partition, stays its own for the region's life (a partition revoked
+and assigned again gets its old slot back), so every slot's counters only grow and no seqlock
+is needed: the writer stores topic_hash and partition once, then the table's
+``slots_used``; a reader loads ``slots_used`` first, then that many slots.
 """
 from __future__ import annotations
 
@@ -81,8 +102,9 @@ HEADER = {f.name: f.offset for f in HEADER_FIELDS}
 KIND_PARTITION = 1
 KIND_COORDINATOR = 2
 KIND_ROUTER = 3
+KIND_CONSUMER = 4
 KIND_NAMES = {KIND_PARTITION: "partition", KIND_COORDINATOR: "coordinator",
-              KIND_ROUTER: "router"}
+              KIND_ROUTER: "router", KIND_CONSUMER: "consumer"}
 
 
 def _c(name: str, help_: str, metric: str | None = None, label=None) -> Counter:
@@ -158,16 +180,54 @@ ROUTER_COUNTERS: tuple[Counter, ...] = (
 )
 ROUTER = {c.name: i for i, c in enumerate(ROUTER_COUNTERS)}
 
+#: A local consumer (its own region; per-partition figures are in its slots).
+CONSUMER_COUNTERS: tuple[Counter, ...] = (
+    _c("polls", "poll()/poll_columnar() calls that returned records."),
+    _c("records_out", "Records handed out (all partitions)."),
+    _c("bytes_out", "Bytes of record batches read (all partitions)."),
+    _g("partitions", "Partitions assigned now."),
+    _g("slots_used", "Partition slots in use (see the layout)."),
+    _c("records_unslotted", "Records of partitions beyond CONSUMER_SLOTS_MAX (counted in "
+                            "records_out only)."),
+)
+CONSUMER = {c.name: i for i, c in enumerate(CONSUMER_COUNTERS)}
+
+CONSUMER_SLOTS_MAX = 256
+SLOT_BYTES = 64
+SLOT_WORDS = 4  # the words a reader loads per slot (the reserved rest is not read)
+SLOT = {"topic_hash": 0, "partition": 8, "records_out": 16, "bytes_out": 24}
+
 #: HELP of a Prometheus metric that several counters share (by their label).
 SHARED_HELP = {"errors_total": "Errors, by kind.", "requests_total": "Requests, by type."}
 
 TABLES: dict[int, tuple[Counter, ...]] = {KIND_PARTITION: PARTITION_COUNTERS,
                                            KIND_COORDINATOR: COORDINATOR_COUNTERS,
-                                           KIND_ROUTER: ROUTER_COUNTERS}
+                                           KIND_ROUTER: ROUTER_COUNTERS,
+                                           KIND_CONSUMER: CONSUMER_COUNTERS}
+
+
+def consumer_slots_offset() -> int:
+    return (COUNTERS_OFFSET + 8 * len(CONSUMER_COUNTERS) + 63) // 64 * 64
+
+
+def slot_offset(index: int) -> int:
+    return consumer_slots_offset() + SLOT_BYTES * index
 
 
 def region_bytes(kind: int) -> int:
+    if kind == KIND_CONSUMER:
+        return slot_offset(CONSUMER_SLOTS_MAX)
     return COUNTERS_OFFSET + 8 * len(TABLES[kind])
+
+
+def topic_hash(topic: str) -> int:
+    """A slot's topic: 64 bits of BLAKE2b of the UTF-8 name (0 is kept for "free"). Readers
+    hash the topics they know and match."""
+    import hashlib
+
+    value = int.from_bytes(hashlib.blake2b(topic.encode("utf-8", "surrogateescape"),
+                                           digest_size=8).digest(), "little")
+    return value or 1
 
 
 def counter_offset(index: int) -> int:
@@ -186,3 +246,5 @@ for _table in TABLES.values():
     assert all(c.type in ("counter", "gauge") for c in _table)
     assert all(c.type == "gauge" or c.metric.endswith("_total") for c in _table)
     assert all(c.metric in SHARED_HELP for c in _table if c.label is not None)
+assert SLOT_WORDS * 8 <= SLOT_BYTES and max(SLOT.values()) < SLOT_WORDS * 8
+assert consumer_slots_offset() >= COUNTERS_OFFSET + 8 * len(CONSUMER_COUNTERS)

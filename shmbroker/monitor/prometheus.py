@@ -102,6 +102,22 @@ def render(snap: Snapshot) -> str:
             families.add("shmbroker_process_cpu_ratio", "gauge",
                          "CPU used by the process since the previous scrape (1.0: one core).",
                          labels, proc.cpu_percent / 100)
+    for c in snap.consumers:
+        consumer = {"consumer": c.name, "pid": c.pid}
+        for counter in ("records_out", "bytes_out"):
+            families.add(f"shmbroker_consumer_{counter}_total", "counter",
+                         CL.CONSUMER_COUNTERS[CL.CONSUMER[counter]].help, consumer,
+                         c.counters[counter])
+        for row in c.partitions:
+            if row["topic"] is None:
+                continue  # a topic deleted since the consumer read it
+            labels = {**consumer, "topic": row["topic"], "partition": row["partition"]}
+            families.add("shmbroker_consumer_partition_records_out_total", "counter",
+                         "Records a local consumer handed out from the partition.", labels,
+                         row["records_out"])
+            families.add("shmbroker_consumer_partition_bytes_out_total", "counter",
+                         "Bytes of record batches a local consumer read from the partition.",
+                         labels, row["bytes_out"])
     for g in snap.groups:
         group = {"group": g.group_id}
         families.add("shmbroker_group_members", "gauge", "Members of the consumer group.",

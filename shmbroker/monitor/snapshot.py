@@ -27,7 +27,9 @@ from ..broker.runtime import read_runtime
 from ..coordinator.topics import load_topics, partition_dir
 from ..shm import names
 from ..shm.control import ControlRegion
-from ..shm.counters import CountersReader
+from ..layout import counters as CL
+from ..shm import stale
+from ..shm.counters import CountersReader, read_consumer_slots
 
 _SHM_DIR = "/dev/shm"
 #: Segment files counted on disk (Kafka's names): data, and the two indexes.
@@ -66,6 +68,21 @@ class PartitionRow:
     ring_fill_percent: int | None = None
     #: Every counter of the partition process (layout/counters.py), name -> value.
     counters: dict[str, int] | None = None
+    #: Records and bytes local consumers handed out / read per second (their own counters
+    #: regions); None before the second sample.
+    records_out_per_s: float | None = None
+    bytes_out_per_s: float | None = None
+
+
+@dataclass
+class ConsumerRow:
+    """One local consumer's counters region: totals, and per partition it has read."""
+
+    name: str  # "<pid>.<n>"
+    pid: int
+    counters: dict[str, int]
+    #: [{"topic", "partition", "records_out", "bytes_out"}] (topic None: not a known topic).
+    partitions: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -89,6 +106,7 @@ class Snapshot:
     partitions: list[PartitionRow]
     groups: list[GroupRow]
     errors: list[str]  # what could not be read this time, one line each
+    consumers: list[ConsumerRow] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -105,6 +123,8 @@ class Monitor:
         self._controls: dict[tuple[str, int], ControlRegion] = {}
         self._counters: dict[str, tuple[CountersReader, int]] = {}
         self._last: dict[tuple[str, int], tuple[float, int | None, int, dict | None]] = {}
+        #: (region name, inode, topic, partition) -> (records_out, bytes_out) last sampled.
+        self._last_out: dict[tuple, tuple[int, int]] = {}
         self._last_at: float | None = None
 
     def sample(self) -> Snapshot:
@@ -122,9 +142,10 @@ class Monitor:
                           None)
         uptime = time.time() - supervisor["started_at"] if supervisor else None
         partitions = self._partitions(now, interval, problems)
+        consumers = self._consumers(partitions, interval, problems)
         groups = self._groups(problems)
         return Snapshot(self.data_dir, time.time(), interval, str(doc.get("state")), uptime,
-                        processes, partitions, groups, problems)
+                        processes, partitions, groups, problems, consumers)
 
     # -- processes --------------------------------------------------------------------------------
 
@@ -202,8 +223,61 @@ class Monitor:
     def read_counters(self, name: str, problems: list[str]) -> dict[str, int] | None:
         """name -> value of the counters region ``name``; None when there is none (a broker
         without them, a process not started yet). A region that is not ours or not of this
-        layout version is reported in ``problems``, never guessed at."""
-        try:  # a broker restarted meanwhile made a new region: map that one
+        layout version is reported in ``problems``, never guessed at. A broker restarted
+        meanwhile made a new region: that one is mapped."""
+        reader = self._attach_counters(name, problems)
+        return None if reader is None else reader.read()
+
+    # -- local consumers --------------------------------------------------------------------------
+
+    def _consumers(self, partitions: list[PartitionRow], interval: float | None,
+                   problems: list[str]) -> list[ConsumerRow]:
+        """Every live consumer region; adds their records and bytes out per second to the
+        partition rows. A rate is the sum of each (consumer, partition)'s growth since the
+        previous sample; a region (or slot) new since then grew from 0 within the interval.
+        A consumer that closed in between takes what it read since the previous sample with
+        it (the rate is low for that interval, never negative)."""
+        by_hash = {CL.topic_hash(t): t for t in {p.topic for p in partitions}}
+        rows: list[ConsumerRow] = []
+        last, self._last_out = self._last_out, {}
+        grown: dict[tuple[str, int], list[int]] = {}
+        start = names.consumer_counters_prefix(self._prefix)
+        listed = stale.list_names(start)
+        for gone in [n for n in self._counters if n.startswith(start) and n not in listed]:
+            self._counters.pop(gone)[0].close()  # a consumer that closed: unmap it
+        for name in listed:
+            reader = self._attach_counters(name, problems)
+            if reader is None:
+                continue
+            header = reader.header()
+            inode = self._counters[name][1]
+            row = ConsumerRow(".".join(name.rsplit(".", 2)[-2:]), header.owner_pid,
+                              reader.read())
+            for slot in read_consumer_slots(reader.region.buf):
+                topic = by_hash.get(slot.topic_hash)
+                row.partitions.append({"topic": topic, "partition": slot.partition,
+                                       "records_out": slot.records_out,
+                                       "bytes_out": slot.bytes_out})
+                if topic is None:
+                    continue
+                key = (name, inode, topic, slot.partition)
+                self._last_out[key] = (slot.records_out, slot.bytes_out)
+                before = last.get(key, (0, 0))
+                acc = grown.setdefault((topic, slot.partition), [0, 0])
+                acc[0] += max(0, slot.records_out - before[0])
+                acc[1] += max(0, slot.bytes_out - before[1])
+            rows.append(row)
+        if interval:
+            for p in partitions:
+                records_out, bytes_out = grown.get((p.topic, p.partition), (0, 0))
+                p.records_out_per_s = records_out / interval
+                p.bytes_out_per_s = bytes_out / interval
+        return rows
+
+    def _attach_counters(self, name: str, problems: list[str]) -> CountersReader | None:
+        """The cached reader of region ``name`` (re-attached when the name's inode changed);
+        None when it is gone or not readable (reported in ``problems``)."""
+        try:
             inode = os.stat(os.path.join(_SHM_DIR, name)).st_ino
         except OSError:
             inode = None
@@ -222,7 +296,7 @@ class Monitor:
             except errors.ShmbrokerError as exc:
                 problems.append(f"counters: {exc}")
                 return None
-        return cached[0].read()
+        return cached[0]
 
     def _control(self, topic: str, p: int) -> ControlRegion | None:
         region = self._controls.get((topic, p))

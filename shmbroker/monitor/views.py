@@ -134,7 +134,8 @@ GROUP_COLUMNS = (
 
 #: Fields from the counters regions are shown as extra columns (RING%, IN/S), so they are
 #: not "known"; the whole-table ``counters`` dicts stay out of the view (JSON has them).
-_COUNTER_COLUMNS = {"bytes_in_per_s", "ring_fill_percent"}
+_COUNTER_COLUMNS = {"bytes_in_per_s", "ring_fill_percent", "records_out_per_s",
+                    "bytes_out_per_s"}
 _KNOWN_FIELDS = {
     ProcessRow: {f.name for f in dataclasses.fields(ProcessRow)},
     PartitionRow: {f.name for f in dataclasses.fields(PartitionRow)} - _COUNTER_COLUMNS,

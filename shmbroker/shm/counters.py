@@ -18,6 +18,7 @@ Owned by one thread of one process; not thread-safe.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import struct
 import time
@@ -26,6 +27,7 @@ from typing import NamedTuple
 from .. import errors
 from ..layout import counters as L
 from ..native import _native
+from . import names
 from .liveness import my_start_time
 from .region import Region
 
@@ -191,3 +193,109 @@ class CountersReader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# --- a local consumer's own region -----------------------------------------------------------
+
+_consumer_regions_made = itertools.count()
+
+
+class ConsumerCounters:
+    """A local Consumer's counters region (layout/counters.py, KIND_CONSUMER): created by the
+    consumer itself (owner and writer both), unlinked by :meth:`close`. Totals live in the
+    table, per-partition records and bytes out in slots; a partition gets its slot the first
+    time it hands out records and keeps it (slots only grow). Everything is mirrored in
+    Python and stored by :meth:`publish`, once per poll that returned records."""
+
+    def __init__(self, region: CountersRegion):
+        self._region = region
+        self.name = region.name
+        self.writer = CountersWriter(region.region.buf, L.KIND_CONSUMER, region.name)
+        self.values = self.writer.values
+        self._slots: dict[tuple[str, int], int] = {}
+        #: slot index -> [records_out, bytes_out] (the mirror of its two words).
+        self._slot_values: list[list[int]] = []
+        self._dirty: set[int] = set()
+
+    @classmethod
+    def create(cls, prefix: str) -> "ConsumerCounters":
+        name = names.consumer_counters_name(prefix, os.getpid(), next(_consumer_regions_made))
+        region = CountersRegion.create(name, L.KIND_CONSUMER)
+        try:
+            _WRITER.pack_into(region.region.buf, H["writer_pid"], os.getpid(), 1,
+                              my_start_time(), time.time_ns())
+            return cls(region)
+        except BaseException:
+            region.unlink()
+            region.close()
+            raise
+
+    def slot(self, topic: str, partition: int) -> int:
+        """The slot index of ``topic/partition``; -1 when every slot is taken."""
+        key = (topic, partition)
+        index = self._slots.get(key)
+        if index is not None:
+            return index
+        used = len(self._slot_values)
+        if used >= L.CONSUMER_SLOTS_MAX:
+            self._slots[key] = -1
+            return -1
+        buf, offset = self.writer.buf, L.slot_offset(used)
+        # Identity first, then slots_used: a reader that sees the count sees the slot's name.
+        _native.atomic_store_u64_many(buf, offset, [L.topic_hash(topic), partition & (2**64 - 1)])
+        self._slots[key] = used
+        self._slot_values.append([0, 0])
+        self.writer.set(L.CONSUMER["slots_used"], used + 1)
+        return used
+
+    def add(self, slot: int, records: int, bytes_: int) -> None:
+        """Records and bytes handed out from one partition (mirror only: see publish)."""
+        v = self.values
+        v[1] += records
+        v[2] += bytes_
+        if slot >= 0:
+            pair = self._slot_values[slot]
+            pair[0] += records
+            pair[1] += bytes_
+            self._dirty.add(slot)
+        else:
+            v[5] += records
+
+    def publish(self, partitions: int) -> None:
+        """One poll's worth: the touched slots and the table (a C call each)."""
+        v = self.values
+        v[0] += 1
+        v[3] = partitions
+        buf = self.writer.buf
+        for slot in self._dirty:
+            _native.atomic_store_u64_many(buf, L.slot_offset(slot) + L.SLOT["records_out"],
+                                          self._slot_values[slot])
+        self._dirty.clear()
+        self.writer.store()
+
+    def close(self) -> None:
+        """Unlinks the region (its figures go with it) and unmaps it."""
+        self.writer.close()
+        try:
+            self._region.unlink()
+        except errors.ShmbrokerError:
+            pass  # a broker's clean stop or sweep removed it already
+        self._region.close()
+
+
+class ConsumerSlot(NamedTuple):
+    topic_hash: int
+    partition: int
+    records_out: int
+    bytes_out: int
+
+
+def read_consumer_slots(buf) -> list[ConsumerSlot]:
+    """The used slots of a consumer region (``slots_used`` loaded first; see the layout)."""
+    used = _native.atomic_load_u64_many(buf, L.counter_offset(L.CONSUMER["slots_used"]), 1)[0]
+    used = min(used, L.CONSUMER_SLOTS_MAX)
+    out = []
+    for i in range(used):
+        h, p, r, b = _native.atomic_load_u64_many(buf, L.slot_offset(i), L.SLOT_WORDS)
+        out.append(ConsumerSlot(h, p - 2**64 if p >= 2**63 else p, r, b))
+    return out

@@ -9,6 +9,7 @@ always maps to the same names (a restarted broker finds what the previous run le
     shmb.1a2b3c4d.r.orders.3.17.5       ingress ring of registry slot 17, generation 5
     shmb.1a2b3c4d.m.partition.orders.3  counters of the process of partition orders/3
     shmb.1a2b3c4d.m.coordinator         counters of the coordinator (and .m.router)
+    shmb.1a2b3c4d.m.consumer.4242.0     counters of the first local Consumer of process 4242
 
 Tests only: when ``SHMBROKER_SHM_TAG`` is set (tests/conftest.py sets it to the pytest-xdist
 worker id), the prefix becomes ``shmb-<tag>.<8 hex>.`` so that each worker's leak check sees
@@ -80,6 +81,17 @@ def counters_name(prefix: str, role: str, topic: str | None = None,
         return f"{prefix}{COUNTERS_KIND}.partition.{topic_part(topic)}.{int(partition)}"
     assert role.isalnum(), role
     return f"{prefix}{COUNTERS_KIND}.{role}"
+
+
+def consumer_counters_prefix(prefix: str) -> str:
+    """What the counters region name of every local consumer starts with."""
+    assert prefix.startswith(NAME_PREFIX) and prefix.endswith("."), prefix
+    return f"{prefix}{COUNTERS_KIND}.consumer."
+
+
+def consumer_counters_name(prefix: str, pid: int, n: int) -> str:
+    """The counters region of the ``n``-th Consumer made by process ``pid``."""
+    return f"{consumer_counters_prefix(prefix)}{int(pid)}.{int(n)}"
 
 
 def kind_of(name: str, prefix: str) -> str | None:

@@ -89,3 +89,41 @@ def test_private_counters_need_no_shared_memory():
     writer.values[0] = 5
     writer.store()
     assert writer.values == [5, 0, 0, 0]
+
+
+# --- a local consumer's region ---------------------------------------------------------------
+
+from shmbroker.shm.counters import ConsumerCounters, read_consumer_slots  # noqa: E402
+
+
+def test_a_consumer_region_keeps_one_slot_per_partition_and_counts_beyond_the_last_slot(prefix):
+    counters = ConsumerCounters.create(prefix)
+    try:
+        assert counters.name.startswith(names.consumer_counters_prefix(prefix) + f"{os.getpid()}.")
+        assert stat.S_IMODE(os.stat(os.path.join("/dev/shm", counters.name)).st_mode) == 0o600
+        first = counters.slot("a", 0)
+        counters.add(first, 10, 1000)
+        counters.add(counters.slot("b", 3), 5, 500)
+        assert counters.slot("a", 0) == first  # the same partition keeps its slot
+        for p in range(CL.CONSUMER_SLOTS_MAX - 2):
+            assert counters.slot("many", p) >= 0
+        assert counters.slot("one-too-many", 0) == -1
+        counters.add(-1, 7, 70)
+        counters.publish(partitions=4)
+        with CountersReader.attach(counters.name, CL.KIND_CONSUMER) as reader:
+            totals = reader.read()
+            slots = read_consumer_slots(reader.region.buf)
+            assert reader.header().owner_pid == reader.header().writer_pid == os.getpid()
+        assert (totals["records_out"], totals["bytes_out"], totals["records_unslotted"]) == \
+            (22, 1570, 7)
+        assert (totals["polls"], totals["partitions"], totals["slots_used"]) == \
+            (1, 4, CL.CONSUMER_SLOTS_MAX)
+        assert slots[0] == (CL.topic_hash("a"), 0, 10, 1000)
+        assert slots[1] == (CL.topic_hash("b"), 3, 5, 500)
+        assert slots[2][2:] == (0, 0) and len(slots) == CL.CONSUMER_SLOTS_MAX
+        # Its owner is alive: stale cleanup leaves it alone.
+        info = stale.inspect(counters.name, prefix)
+        assert info.owner_alive and info.error is None
+    finally:
+        counters.close()
+    assert not os.path.exists(os.path.join("/dev/shm", counters.name))
