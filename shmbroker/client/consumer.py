@@ -164,7 +164,8 @@ class _Fetch:
     """Per assigned partition: control region, reader, position, records not yet handed out."""
 
     __slots__ = ("tp", "topic", "partition", "directory", "control", "reader", "position",
-                 "pending", "seen_hw_seq", "hw", "counter_slot")
+                 "pending", "pending_at", "seen_hw_seq", "hw", "counter_slot",
+                 "records_out", "bytes_out")
 
     def __init__(self, tp: TopicPartition, directory: str, control) -> None:
         self.tp = tp
@@ -174,21 +175,25 @@ class _Fetch:
         self.reader = LogReader(directory)
         #: The next offset to hand out; None until resolved by auto_offset_reset or a seek.
         self.position: int | None = None
-        #: Decoded records at and after ``position`` (Record objects), not handed out yet.
+        #: Decoded records, not handed out yet from ``pending_at`` on (the record at
+        #: ``position``); empty once all are handed out.
         self.pending: list = []
+        self.pending_at = 0
         #: hw_seq loaded before the last state read: a poll sleeps until it changes.
         self.seen_hw_seq = -1
         self.hw = -1
         #: Its slot in the consumer's counters region; None until it first hands out records.
         self.counter_slot: int | None = None
+        #: Handed out / read since the consumer last published its counters.
+        self.records_out = self.bytes_out = 0
 
     def set_position(self, offset: int) -> None:
         self.position = offset
-        self.pending = []
+        self.pending, self.pending_at = [], 0
 
     def close(self) -> None:
         self.reader.close()
-        self.pending = []
+        self.pending, self.pending_at = [], 0
 
 
 class Consumer:
@@ -316,12 +321,6 @@ class Consumer:
             log.warning("consumer counters not kept (%s): shmbroker top will not show this "
                         "consumer's records out", exc)
             return None
-
-    def _count_out(self, fetch: _Fetch, records_: int, bytes_: int) -> None:
-        slot = fetch.counter_slot
-        if slot is None:
-            slot = fetch.counter_slot = self._counters.slot(fetch.topic, fetch.partition)
-        self._counters.add(slot, records_, bytes_)
 
     def _new_metadata(self) -> LocalMetadata:
         return LocalMetadata(self.data_dir)
@@ -628,36 +627,40 @@ class Consumer:
     def _fill(self, fetch: _Fetch, want: int, out: list) -> int:
         """Append up to ``want`` records of ``fetch`` to ``out``; returns how many."""
         pending = fetch.pending
+        # Records are handed out from pending[at:], never by copying the rest of the list: a
+        # backlog read with a small max_records would copy (or move) it at every poll.
+        at = fetch.pending_at
         if not pending:
             piece = self._read(fetch)
             if piece is None or piece.length == 0:
                 return 0
             if self._counters is not None:
-                self._count_out(fetch, 0, piece.length)
+                fetch.bytes_out += piece.length
             position = fetch.position
             if self.value_memoryview:
-                pending = self._view_records(fetch, piece)
+                pending, at = self._view_records(fetch, piece), 0
             else:
                 pending = records.decode_records(piece.data, self.check_crcs, fetch.topic,
                                                  fetch.partition)
-                skip = position - piece.first_offset
-                if skip:
-                    del pending[:skip]
-                if pending and pending[0].offset != position:
+                at = position - piece.first_offset
+                if at < len(pending) and pending[at].offset != position:
                     raise errors.CorruptSegmentError(
                         f"{piece.path}: expected offset {position} at position "
-                        f"{piece.file_position}, decoded {pending[0].offset}",
+                        f"{piece.file_position}, decoded {pending[at].offset}",
                         path=piece.path, position=piece.file_position)
-        if len(pending) > want:
-            taken, fetch.pending = pending[:want], pending[want:]
+        stop = at + want
+        if stop < len(pending):
+            taken = pending[at:stop]
+            fetch.pending, fetch.pending_at = pending, stop
         else:
-            taken, fetch.pending = pending, []
+            taken = pending[at:] if at else pending
+            fetch.pending, fetch.pending_at = [], 0
         if not taken:
             return 0
         fetch.position = taken[-1].offset + 1
         out.extend(taken)
         if self._counters is not None:
-            self._count_out(fetch, len(taken), 0)
+            fetch.records_out += len(taken)
         return len(taken)
 
     def _view_records(self, fetch: _Fetch, piece) -> list:
@@ -705,7 +708,7 @@ class Consumer:
                 self._group_poll()
             out = self._collect(max_records)
             if out and self._counters is not None:
-                self._counters.publish(len(self._order))
+                self._counters.publish(self._order)
             if out or not timeout_ms:
                 return out
             left_ms = (deadline - time.monotonic()) * 1000.0
@@ -733,7 +736,7 @@ class Consumer:
                 if batch is not None:
                     out[fetch.tp] = batch
             if out and self._counters is not None:
-                self._counters.publish(len(self._order))
+                self._counters.publish(self._order)
             if out or not timeout_ms:
                 return out
             left_ms = (deadline - time.monotonic()) * 1000.0
@@ -744,7 +747,7 @@ class Consumer:
     def _fill_columnar(self, fetch: _Fetch, max_records: int | None):
         if fetch.pending:
             # Records decoded for poll() but not handed out: read them again as columns.
-            fetch.pending = []
+            fetch.pending, fetch.pending_at = [], 0
         piece = self._read(fetch)
         if piece is None or piece.length == 0:
             return None
@@ -762,7 +765,8 @@ class Consumer:
             return None
         fetch.position = int(batch.offsets[-1]) + 1
         if self._counters is not None:
-            self._count_out(fetch, len(batch), piece.length)
+            fetch.records_out += len(batch)
+            fetch.bytes_out += piece.length
         return batch
 
     # -- waiting ----------------------------------------------------------------------------------
@@ -861,7 +865,7 @@ class Consumer:
             fetch.reader.close()
             fetch.control = self._meta.control(fetch.topic, fetch.partition)
             fetch.reader = LogReader(fetch.directory)
-            fetch.pending = []
+            fetch.pending, fetch.pending_at = [], 0
             fetch.seen_hw_seq = fetch.hw = -1
         self._iter_buffer, self._iter_at = [], 0
 

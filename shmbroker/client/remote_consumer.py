@@ -57,22 +57,24 @@ class _Bounds(NamedTuple):
 class _RemoteFetch:
     """Per assigned partition: position and records fetched, not handed out yet."""
 
-    __slots__ = ("tp", "topic", "partition", "position", "pending", "bounds", "retry_at")
+    __slots__ = ("tp", "topic", "partition", "position", "pending", "pending_at", "bounds",
+                 "retry_at")
 
     def __init__(self, tp: TopicPartition):
         self.tp = tp
         self.topic, self.partition = tp
         self.position: int | None = None
         self.pending: list = []
+        self.pending_at = 0  # Consumer._fill hands out pending[pending_at:]
         self.bounds: _Bounds | None = None
         self.retry_at = 0.0
 
     def set_position(self, offset: int) -> None:
         self.position = offset
-        self.pending = []
+        self.pending, self.pending_at = [], 0
 
     def close(self) -> None:
-        self.pending = []
+        self.pending, self.pending_at = [], 0
 
 
 class RemoteConsumer(Consumer):
@@ -248,7 +250,7 @@ class RemoteConsumer(Consumer):
         if pending and pending[0].offset != position:
             raise errors.CorruptRecordError(
                 f"fetch {fetch.tp}: expected offset {position} first, got {pending[0].offset}")
-        fetch.pending = pending
+        fetch.pending, fetch.pending_at = pending, 0
 
     # -- requests ---------------------------------------------------------------------------------
 
@@ -310,7 +312,7 @@ class RemoteConsumer(Consumer):
             self._inherited_group = self._group
             self._group = GroupMembership(**self._group_args)
         for fetch in self._order:
-            fetch.pending = []
+            fetch.pending, fetch.pending_at = [], 0
         self._iter_buffer, self._iter_at = [], 0
 
     def _release(self) -> None:

@@ -200,6 +200,9 @@ class CountersReader:
 _consumer_regions_made = itertools.count()
 
 
+_SLOT_OUT_OFFSETS = [L.slot_offset(i) + L.SLOT["records_out"] for i in range(L.CONSUMER_SLOTS_MAX)]
+
+
 class ConsumerCounters:
     """A local Consumer's counters region (layout/counters.py, KIND_CONSUMER): created by the
     consumer itself (owner and writer both), unlinked by :meth:`close`. Totals live in the
@@ -215,7 +218,6 @@ class ConsumerCounters:
         self._slots: dict[tuple[str, int], int] = {}
         #: slot index -> [records_out, bytes_out] (the mirror of its two words).
         self._slot_values: list[list[int]] = []
-        self._dirty: set[int] = set()
 
     @classmethod
     def create(cls, prefix: str) -> "ConsumerCounters":
@@ -248,30 +250,34 @@ class ConsumerCounters:
         self.writer.set(L.CONSUMER["slots_used"], used + 1)
         return used
 
-    def add(self, slot: int, records: int, bytes_: int) -> None:
-        """Records and bytes handed out from one partition (mirror only: see publish)."""
+    def publish(self, fetches) -> None:
+        """One poll's worth, from ``fetches`` (objects with ``topic``, ``partition``,
+        ``counter_slot``, ``records_out`` and ``bytes_out`` read since the last publish, which
+        are reset): each touched slot's two words and the table, one C call each. Kept lean:
+        it runs on every poll that returned records."""
         v = self.values
-        v[1] += records
-        v[2] += bytes_
-        if slot >= 0:
+        buf = self.writer.buf
+        store = _native.atomic_store_u64_many
+        v[0] += 1
+        v[3] = len(fetches)
+        for fetch in fetches:  # bounded by the consumer's partitions
+            records, bytes_ = fetch.records_out, fetch.bytes_out
+            if not (records or bytes_):
+                continue
+            fetch.records_out = fetch.bytes_out = 0
+            slot = fetch.counter_slot
+            if slot is None:
+                slot = fetch.counter_slot = self.slot(fetch.topic, fetch.partition)
+            v[1] += records
+            v[2] += bytes_
+            if slot < 0:
+                v[5] += records
+                continue
             pair = self._slot_values[slot]
             pair[0] += records
             pair[1] += bytes_
-            self._dirty.add(slot)
-        else:
-            v[5] += records
-
-    def publish(self, partitions: int) -> None:
-        """One poll's worth: the touched slots and the table (a C call each)."""
-        v = self.values
-        v[0] += 1
-        v[3] = partitions
-        buf = self.writer.buf
-        for slot in self._dirty:
-            _native.atomic_store_u64_many(buf, L.slot_offset(slot) + L.SLOT["records_out"],
-                                          self._slot_values[slot])
-        self._dirty.clear()
-        self.writer.store()
+            store(buf, _SLOT_OUT_OFFSETS[slot], pair)
+        store(buf, L.COUNTERS_OFFSET, v)
 
     def close(self) -> None:
         """Unlinks the region (its figures go with it) and unmaps it."""

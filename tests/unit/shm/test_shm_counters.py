@@ -96,29 +96,39 @@ def test_private_counters_need_no_shared_memory():
 from shmbroker.shm.counters import ConsumerCounters, read_consumer_slots  # noqa: E402
 
 
+class _Read:
+    """What ConsumerCounters.publish reads of a consumer's per-partition fetch."""
+
+    def __init__(self, topic: str, partition: int, records_out: int, bytes_out: int):
+        self.topic, self.partition = topic, partition
+        self.records_out, self.bytes_out = records_out, bytes_out
+        self.counter_slot = None
+
+
 def test_a_consumer_region_keeps_one_slot_per_partition_and_counts_beyond_the_last_slot(prefix):
     counters = ConsumerCounters.create(prefix)
     try:
         assert counters.name.startswith(names.consumer_counters_prefix(prefix) + f"{os.getpid()}.")
         assert stat.S_IMODE(os.stat(os.path.join("/dev/shm", counters.name)).st_mode) == 0o600
-        first = counters.slot("a", 0)
-        counters.add(first, 10, 1000)
-        counters.add(counters.slot("b", 3), 5, 500)
-        assert counters.slot("a", 0) == first  # the same partition keeps its slot
+        a, b = _Read("a", 0, 10, 1000), _Read("b", 3, 5, 500)
+        counters.publish([a, b])
+        assert (a.records_out, a.bytes_out, a.counter_slot, b.counter_slot) == (0, 0, 0, 1)
+        a.records_out, a.bytes_out = 2, 20
+        counters.publish([a, b])  # the same partition keeps its slot; b read nothing
         for p in range(CL.CONSUMER_SLOTS_MAX - 2):
             assert counters.slot("many", p) >= 0
-        assert counters.slot("one-too-many", 0) == -1
-        counters.add(-1, 7, 70)
-        counters.publish(partitions=4)
+        late = _Read("one-too-many", 0, 7, 70)
+        counters.publish([a, b, late])
+        assert late.counter_slot == -1
         with CountersReader.attach(counters.name, CL.KIND_CONSUMER) as reader:
             totals = reader.read()
             slots = read_consumer_slots(reader.region.buf)
             assert reader.header().owner_pid == reader.header().writer_pid == os.getpid()
         assert (totals["records_out"], totals["bytes_out"], totals["records_unslotted"]) == \
-            (22, 1570, 7)
+            (24, 1590, 7)
         assert (totals["polls"], totals["partitions"], totals["slots_used"]) == \
-            (1, 4, CL.CONSUMER_SLOTS_MAX)
-        assert slots[0] == (CL.topic_hash("a"), 0, 10, 1000)
+            (3, 3, CL.CONSUMER_SLOTS_MAX)
+        assert slots[0] == (CL.topic_hash("a"), 0, 12, 1020)
         assert slots[1] == (CL.topic_hash("b"), 3, 5, 500)
         assert slots[2][2:] == (0, 0) and len(slots) == CL.CONSUMER_SLOTS_MAX
         # Its owner is alive: stale cleanup leaves it alone.
