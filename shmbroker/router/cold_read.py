@@ -380,7 +380,7 @@ class ColdReads:
                  **server_limits):
         assert hot_window_bytes >= 0
         self.hot_window_bytes = hot_window_bytes
-        self.table = table or GrantTable()
+        self.table = table if table is not None else GrantTable()  # an empty one is falsy
         self.server = ColdReadServer(host, self.table, **server_limits)
         self.host, self.port = self.server.endpoint
 
