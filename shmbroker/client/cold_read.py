@@ -12,10 +12,12 @@ again from the same position, so no record is ever skipped. Owned by one thread.
 from __future__ import annotations
 
 import socket
-from typing import NamedTuple
+import struct
+from typing import Callable, NamedTuple
 
 from .. import errors
 from ..config import BATCH_BYTES_MAX_LIMIT
+from ..layout import record_batch as layout
 
 #: Bytes of a token (the router's router/cold_read.py COLD_TOKEN_BYTES; on the wire).
 TOKEN_BYTES = 32
@@ -24,6 +26,9 @@ COLD_CONNECT_TIMEOUT_MS = 5_000
 #: A receive that gets nothing for this long gives up (the router stops a stalled send after
 #: 10 s on its side).
 COLD_RECV_STALL_MS = 15_000
+_HEAD = struct.Struct(">qi")  # base_offset, batch_length
+_LOG_OVERHEAD = layout.LOG_OVERHEAD
+_BATCH_LENGTH_MIN = layout.BATCH_LENGTH_MIN
 
 
 class ColdGrant(NamedTuple):
@@ -64,40 +69,78 @@ def parse_grants(rows, partitions: int, cold_bytes_max: int) -> dict[int, ColdGr
     return out
 
 
-def receive(grant: ColdGrant, connect_timeout_ms: int = COLD_CONNECT_TIMEOUT_MS,
-            stall_ms: int = COLD_RECV_STALL_MS) -> bytearray:
-    """The granted bytes, all of them; ColdReadError otherwise (nothing partial is returned)."""
-    where = f"{grant.host}:{grant.port}"
-    try:
-        sock = socket.create_connection((grant.host, grant.port), connect_timeout_ms / 1000.0)
-    except OSError as exc:
-        raise errors.ColdReadError(f"cold read: cannot connect to {where}: {exc}") from None
-    try:
-        sock.settimeout(stall_ms / 1000.0)
-        buf = bytearray(grant.length)
-        view, got = memoryview(buf), 0
+class ColdReader:
+    """Receives grants into one buffer, reused (grown to the largest grant): a fresh 16 MiB
+    buffer per grant cost more in page faults than the transfer itself (perf/RESULTS.md).
+    Owned by one consumer."""
+
+    def __init__(self, connect_timeout_ms: int = COLD_CONNECT_TIMEOUT_MS,
+                 stall_ms: int = COLD_RECV_STALL_MS):
+        self.connect_timeout_s = connect_timeout_ms / 1000.0
+        self.stall_s = stall_ms / 1000.0
+        self._buf = bytearray()
+
+    def read(self, grant: ColdGrant, deliver: Callable[[memoryview], None]) -> None:
+        """Receive the grant's bytes and pass them to ``deliver`` as they come, whole batches
+        at a time (decoding overlaps the rest of the transfer). Every granted byte is
+        delivered, or ColdReadError is raised after the whole batches that did come (they are
+        valid: the caller may keep them; nothing after them was delivered)."""
+        where = f"{grant.host}:{grant.port}"
+        try:
+            sock = socket.create_connection((grant.host, grant.port), self.connect_timeout_s)
+        except OSError as exc:
+            raise errors.ColdReadError(f"cold read: cannot connect to {where}: {exc}") from None
+        try:
+            self._receive(sock, grant, where, deliver)
+        finally:
+            sock.close()
+
+    def _receive(self, sock: socket.socket, grant: ColdGrant, where: str,
+                 deliver: Callable[[memoryview], None]) -> None:
+        length = grant.length
+        if len(self._buf) < length:
+            self._buf = bytearray(length)
+        view = memoryview(self._buf)
+        got = done = 0
+        sock.settimeout(self.stall_s)
         try:
             sock.sendall(grant.token)
-            while got < grant.length:  # bounded: each round gets > 0 bytes, or raises
-                n = sock.recv_into(view[got:])
+            while got < length:  # bounded: each round gets > 0 bytes, or ends
+                n = sock.recv_into(view[got:length])
                 if n == 0:
                     break
                 got += n
+                end = whole_batches_end(view, done, got)
+                if end > done:
+                    deliver(view[done:end])
+                    done = end
         except OSError as exc:  # socket.timeout included
             raise errors.ColdReadError(
-                f"cold read from {where}: {got} of {grant.length} bytes, then {exc}") from None
-        finally:
-            view.release()
+                f"cold read from {where}: {got} of {length} bytes, then {exc}") from None
         if got == 0:
             raise errors.ColdReadError(
                 f"cold read from {where}: closed with nothing sent (token refused: expired, "
                 f"used already, or too many data connections)")
-        if got < grant.length:
-            raise errors.ColdReadError(
-                f"cold read from {where}: cut after {got} of {grant.length} bytes")
-        return buf
-    finally:
-        sock.close()
+        if got < length:
+            raise errors.ColdReadError(f"cold read from {where}: cut after {got} of {length} "
+                                       f"bytes")
+        if done < length:
+            deliver(view[done:length])  # not whole batches: the decoder says what is wrong
+
+    def close(self) -> None:
+        self._buf = bytearray()
+
+
+def whole_batches_end(view: memoryview, position: int, end: int) -> int:
+    """Where the whole RecordBatch v2 batches from ``position`` stop within ``end``, by their
+    batch_length fields (a length that cannot be stops the walk; the decoder checks the rest)."""
+    while position + _HEAD.size <= end:  # bounded: moves forward by >= one header each round
+        batch_length = _HEAD.unpack_from(view, position)[1]
+        size = _LOG_OVERHEAD + batch_length
+        if batch_length < _BATCH_LENGTH_MIN or position + size > end:
+            break
+        position += size
+    return position
 
 
 def _bad(message: str) -> errors.InvalidRequestError:

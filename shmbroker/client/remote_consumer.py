@@ -106,6 +106,7 @@ class RemoteConsumer(Consumer):
         #: After a failed cold read the next fetch asks for bytes in the reply: progress
         #: never depends on the data connection.
         self._cold_paused = False
+        self._cold_reader = cold_read.ColdReader()
         self._conn: Connection | None = None
         super().__init__(*topics, broker=broker, **kwargs)
 
@@ -249,19 +250,20 @@ class RemoteConsumer(Consumer):
                 self._take_cold(fetch, row, grant)
 
     def _take_cold(self, fetch: _RemoteFetch, row: list, grant: cold_read.ColdGrant) -> None:
-        """A partition's bytes by a cold read; a failed one hands out nothing (the position
-        stays, the next fetch asks again, with the bytes in the reply)."""
+        """A partition's bytes by a cold read, decoded batch by batch as they arrive. A read
+        cut short keeps the whole batches that came (valid and in order) and nothing after
+        them: the next fetch asks from there, with the bytes in the reply."""
         fetch.bounds = _Bounds(row[4], row[3])
         try:
-            data = cold_read.receive(grant)
+            self._cold_reader.read(grant, lambda data: self._deliver(fetch, data))
         except errors.ColdReadError as exc:
             self.cold_read_failures += 1
             self._cold_paused = True
-            log.warning("%s; fetching %s again from %d", exc, fetch.tp, fetch.position)
+            log.warning("%s; fetching %s again after offset %d", exc, fetch.tp,
+                        fetch.pending[-1].offset if fetch.pending else fetch.position - 1)
             return
         self.cold_reads += 1
-        self.cold_read_bytes += len(data)
-        self._deliver(fetch, grant.first_offset, data)
+        self.cold_read_bytes += grant.length
 
     def _take(self, fetch: _RemoteFetch, row: list, frame) -> None:
         _, _, code, hw, start, first_offset, size = row
@@ -278,20 +280,27 @@ class RemoteConsumer(Consumer):
         fetch.bounds = _Bounds(start, hw)
         if not size:
             return
-        self._deliver(fetch, first_offset, frame.buffer)
+        self._deliver(fetch, frame.buffer)
 
-    def _deliver(self, fetch: _RemoteFetch, first_offset: int, data) -> None:
-        """Decode whole batches starting at ``first_offset`` (CRCs checked unless check_crcs
-        is off) and keep the records from the position on as the partition's pending."""
-        pending = records.decode_records(data, self.check_crcs, fetch.topic, fetch.partition)
-        position = fetch.position
-        skip = position - first_offset
+    def _deliver(self, fetch: _RemoteFetch, data) -> None:
+        """Decode whole batches (CRCs checked unless check_crcs is off) and add the records
+        from the next expected offset on to the partition's pending. The first batch may
+        start below the position (a batch is never cut); records are copied out of ``data``."""
+        got = records.decode_records(data, self.check_crcs, fetch.topic, fetch.partition)
+        if not got:
+            return
+        pending = fetch.pending
+        expected = pending[-1].offset + 1 if pending else fetch.position
+        skip = expected - got[0].offset
         if skip > 0:
-            del pending[:skip]
-        if pending and pending[0].offset != position:
+            del got[:skip]
+        if got and got[0].offset != expected:
             raise errors.CorruptRecordError(
-                f"fetch {fetch.tp}: expected offset {position} first, got {pending[0].offset}")
-        fetch.pending = pending
+                f"fetch {fetch.tp}: expected offset {expected} next, got {got[0].offset}")
+        if pending:
+            pending.extend(got)
+        else:
+            fetch.pending = got
 
     # -- requests ---------------------------------------------------------------------------------
 
@@ -358,6 +367,7 @@ class RemoteConsumer(Consumer):
 
     def _release(self) -> None:
         super()._release()
+        self._cold_reader.close()
         if self._conn is not None:
             self._conn.close()
             self._conn = None

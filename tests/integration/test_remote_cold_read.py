@@ -314,10 +314,14 @@ def cold_server(tmp_path):
     log.close()
 
 
-def _receive(cold, row):
-    from shmbroker.client.cold_read import ColdGrant, receive
+def _receive(cold, row) -> bytes:
+    """The remote consumer's reader: every byte it delivered, or its ColdReadError."""
+    from shmbroker.client.cold_read import ColdGrant, ColdReader
 
-    return receive(ColdGrant(0, *row))
+    out = bytearray()
+    reader = ColdReader()
+    reader.read(ColdGrant(0, *row), out.extend)
+    return bytes(out)
 
 
 def test_an_expired_token_is_closed_with_nothing_sent(cold_server):
