@@ -13,7 +13,9 @@ sendfile on a data connection), to place the router's hot/cold switch.
    path's extra connection stops costing.
 
     PYTHONPATH=. .venv/bin/python perf/bench_cold_read.py [--gib 1] [--rounds 3]
-        [--replay-mib 256] [--quick]          # --quick: 0.25 GiB, 64 MiB, 1 round
+        [--replay-mib 256] [--quick] [--same-cpu] [--skip-consumer]
+    --quick: 0.25 GiB, 64 MiB, 1 round; --same-cpu: sender and receiver of the transfer on
+    one CPU (what the copy costs when no core is idle)
 """
 from __future__ import annotations
 
@@ -88,7 +90,7 @@ def timed_transfer(port: int, path: str, size: int, send) -> float:
         os.close(fd)
 
 
-def bench_transfer(work: str, gib: float, rounds: int) -> dict:
+def bench_transfer(work: str, gib: float, rounds: int, same_cpu: bool = False) -> dict:
     size = int(gib * (1 << 30))
     path = os.path.join(work, "segment.bin")
     chunk = os.urandom(MiB)
@@ -98,7 +100,12 @@ def bench_transfer(work: str, gib: float, rounds: int) -> dict:
     size = os.path.getsize(path)
     receiver = subprocess.Popen([sys.executable, __file__, "--receiver"], stdout=subprocess.PIPE,
                                 stdin=subprocess.PIPE)
+    saved = os.sched_getaffinity(0)
     try:
+        if same_cpu:  # a busy host: the copy costs throughput, not just an idle core
+            cpu = min(saved)
+            os.sched_setaffinity(0, {cpu})
+            os.sched_setaffinity(receiver.pid, {cpu})
         port = int(receiver.stdout.readline())
         timed_transfer(port, path, min(size, 64 * MiB), send_sendfile)  # warm up both ends
         results: dict[str, list[float]] = {"sendfile": [], "read+sendall": []}
@@ -110,6 +117,7 @@ def bench_transfer(work: str, gib: float, rounds: int) -> dict:
                 results[name].append((size / seconds / 1e6,
                                       (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)))
     finally:
+        os.sched_setaffinity(0, saved)
         receiver.kill()
         receiver.wait()
         os.unlink(path)
@@ -221,6 +229,8 @@ def main() -> None:
     parser.add_argument("--replay-mib", type=int, default=256)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--skip-consumer", action="store_true")
+    parser.add_argument("--same-cpu", action="store_true",
+                        help="transfer: sender and receiver pinned to one CPU")
     args = parser.parse_args()
     if args.receiver:
         receiver_main()
@@ -236,9 +246,10 @@ def main() -> None:
         print(f"# {machine.cpu_model()}, {os.cpu_count()} cpus, {machine.memory_total()}, "
               f"{machine.filesystem_of(work)}, load {os.getloadavg()[0]:.1f}, "
               f"commit {machine.git_commit()}", flush=True)
-        t = bench_transfer(work, args.gib, args.rounds)
+        t = bench_transfer(work, args.gib, args.rounds, args.same_cpu)
         print(f"transfer of {t['bytes'] / 2**30:.2f} GiB x {t['rounds']} rounds (page cache "
-              f"warm, loopback, receiver in another process):")
+              f"warm, loopback, receiver in another process"
+              f"{', both on one CPU' if args.same_cpu else ''}):")
         for name in ("sendfile", "read+sendall"):
             r = t[name]
             print(f"  {name:13s} {r['mb_s_median']:8.0f} MB/s median  {r['mb_s_best']:8.0f} "
