@@ -11,7 +11,7 @@ import sys
 from typing import Callable, Sequence
 
 from . import __version__, errors
-from .config import default_data_dir
+from .config import COLD_READ_HOT_WINDOW_BYTES_DEFAULT, default_data_dir
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -35,7 +35,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return serve(args.data_dir, BrokerConfig(partition_spin_us=args.partition_spin_us,
                                              listen=args.listen,
                                              metrics_listen=args.metrics_listen,
-                                             metrics_allow_remote=args.metrics_allow_remote))
+                                             metrics_allow_remote=args.metrics_allow_remote,
+                                             hot_window_bytes=args.hot_window_bytes))
 
 
 def _parse_config(pairs: list[str] | None) -> dict[str, str] | None:
@@ -300,6 +301,11 @@ def _add_broker_commands(sub) -> None:
     serve.add_argument("--metrics-allow-remote", action="store_true",
                        help="let --metrics-listen bind a non-loopback address (the endpoint "
                             "has no authentication)")
+    serve.add_argument("--hot-window-bytes", type=int,
+                       default=COLD_READ_HOT_WINDOW_BYTES_DEFAULT, metavar="BYTES",
+                       help="router: a remote consumer more than this many bytes of log behind "
+                            "a partition's end gets the bytes by sendfile on a data connection "
+                            "(a cold read) instead of in the fetch reply (default %(default)s)")
     serve.set_defaults(func=_cmd_serve)
 
     topics = sub.add_parser("topics", help="create, list, describe, alter and delete topics",

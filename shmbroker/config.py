@@ -45,6 +45,11 @@ BROKER_TOPICS_MAX = 4096
 UNIX_SOCKET_PATH_BYTES_MAX = 107
 #: Largest coordinator request accepted; bigger ones get an INVALID_REQUEST reply.
 COORDINATOR_REQUEST_BYTES_MAX = 64 * KiB
+#: The router's hot/cold switch: a remote fetch from an offset more than this many bytes of
+#: log behind the partition's end gets a cold-read grant (its bytes by os.sendfile on a data
+#: connection) instead of the bytes in the reply, when the client takes grants. Measured in
+#: perf/RESULTS.md ("Cold reads"); docs/design/router.md says why this value.
+COLD_READ_HOT_WINDOW_BYTES_DEFAULT = 64 * MiB
 #: Admin requests give up after this (Kafka's request.timeout.ms default).
 ADMIN_REQUEST_TIMEOUT_MS = 30_000
 #: While a client waits for a coordinator reply, it looks this often whether the broker is
@@ -89,6 +94,8 @@ class BrokerConfig:
     metrics_listen: str | None = None
     #: Let metrics_listen be a non-loopback address (the endpoint has no authentication).
     metrics_allow_remote: bool = False
+    #: The router's hot/cold switch (COLD_READ_HOT_WINDOW_BYTES_DEFAULT).
+    hot_window_bytes: int = COLD_READ_HOT_WINDOW_BYTES_DEFAULT
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):

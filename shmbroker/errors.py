@@ -189,6 +189,16 @@ class BrokerAlreadyRunningError(ShmbrokerError):
     code = -1  # never on the wire: raised only by `serve` before anything is served
 
 
+class ColdReadError(ShmbrokerError):
+    """A cold read's data connection (docs/protocol.md, "Cold reads") failed: refused (the
+    grant expired or was used already), cut before every granted byte came, or stalled.
+    Nothing was handed out from it; fetching again from the same position gets a new grant
+    (or the bytes in a fetch reply)."""
+
+    code = 13  # NETWORK_EXCEPTION
+    retriable = True
+
+
 # --- shared memory (shmbroker/shm) ----------------------------------------------------------
 
 class SharedMemoryError(ShmbrokerError):

@@ -228,7 +228,8 @@ class Supervisor:
             assert self.config.listen is not None
             # A restarted router binds the port its first run got, so clients reconnect.
             return [sys.executable, "-m", "shmbroker.router", *common,
-                    "--listen", self.router_endpoint or self.config.listen]
+                    "--listen", self.router_endpoint or self.config.listen,
+                    "--hot-window-bytes", str(self.config.hot_window_bytes)]
         if child.role == "metrics":
             assert self.config.metrics_listen is not None
             # A restarted metrics process binds the port its first run got (scrape configs).

@@ -7,6 +7,8 @@ records come from::
       ├─ records fetched earlier and not handed out yet? hand them out (as locally)
       ├─ else one fetch request for every assigned partition (docs/protocol.md): the
       │  router reads the mapped segments and sends whole batches as frames
+      │  (a partition far behind gets a cold-read grant instead: its bytes come by
+      │  os.sendfile on a plain TCP connection, client/cold_read.py)
       ├─ records.decode_records(frame)   C: CRC + records -> the same Record objects
       └─ nothing? the next fetch is a long poll (max_wait_ms = what is left of the timeout,
          capped so heartbeats and auto-commits stay on time), not a futex sleep
@@ -33,6 +35,7 @@ import zmq
 
 from .. import errors, records
 from ..router import protocol as wire
+from . import cold_read
 from .consumer import Consumer
 from .group_membership import GroupMembership
 from .remote_wire import REMOTE_REQUEST_TIMEOUT_MS, Connection, RemoteMetadata, decode_reply
@@ -42,6 +45,9 @@ log = logging.getLogger("shmbroker.remote")
 
 #: A fetch reply is due within its max_wait_ms plus this; later, the request is taken as lost.
 FETCH_REPLY_SLACK_MS = 5_000
+#: Largest cold-read grant taken by default: big enough that a data connection's setup is
+#: amortised, small enough that its decoded records stay modest (perf/RESULTS.md).
+COLD_READ_BYTES_DEFAULT = 16 << 20
 #: After a retriable partition error (not served just now, restarting), poll waits this long
 #: before fetching that partition again, so a restart is not a busy loop of requests.
 RETRY_BACKOFF_MS = 50
@@ -79,16 +85,30 @@ class _RemoteFetch:
 
 class RemoteConsumer(Consumer):
     """``Consumer`` over TCP (see the module doc). ``request_timeout_ms``: how long a
-    list_offsets waits; fetches wait their max_wait_ms plus FETCH_REPLY_SLACK_MS."""
+    list_offsets waits; fetches wait their max_wait_ms plus FETCH_REPLY_SLACK_MS.
+    ``cold_read_bytes_max``: the largest cold-read grant taken (0: none, every byte comes in
+    fetch replies)."""
 
     def __init__(self, *topics: str, broker: str, value_memoryview: bool = False,
-                 request_timeout_ms: int = REMOTE_REQUEST_TIMEOUT_MS, **kwargs):
+                 request_timeout_ms: int = REMOTE_REQUEST_TIMEOUT_MS,
+                 cold_read_bytes_max: int = COLD_READ_BYTES_DEFAULT, **kwargs):
+        if not isinstance(cold_read_bytes_max, int) or \
+                not 0 <= cold_read_bytes_max <= wire.FETCH_BYTES_MAX:
+            raise errors.ConfigError(f"cold_read_bytes_max={cold_read_bytes_max!r} must be an "
+                                     f"int in [0, {wire.FETCH_BYTES_MAX}]")
         if value_memoryview:
             raise errors.UnsupportedFeatureError(
                 "value_memoryview: a remote consumer's records come from a received frame, "
                 "not a mapping; use a local consumer for zero-copy values")
         self.address = broker
         self.request_timeout_ms = request_timeout_ms
+        self.cold_read_bytes_max = cold_read_bytes_max
+        #: Cold reads done, their bytes, and failed ones (each was fetched again).
+        self.cold_reads = self.cold_read_bytes = self.cold_read_failures = 0
+        #: After a failed cold read the next fetch asks for bytes in the reply: progress
+        #: never depends on the data connection.
+        self._cold_paused = False
+        self._cold_reader = cold_read.ColdReader()
         self._conn: Connection | None = None
         super().__init__(*topics, broker=broker, **kwargs)
 
@@ -209,9 +229,12 @@ class RemoteConsumer(Consumer):
             return
         wait_ms = int(min(max(0.0, max_wait_ms), wire.FETCH_WAIT_MS_MAX))
         per_partition = min(self.fetch_max_bytes, wire.FETCH_BYTES_MAX)
+        cold_max = 0 if self._cold_paused else self.cold_read_bytes_max
+        self._cold_paused = False
         header = wire.fetch_request(0, [[f.topic, f.partition, f.position, per_partition]
                                         for f in wanted], wait_ms, 1,
-                                    min(wire.FETCH_BYTES_MAX, per_partition * len(wanted)))
+                                    min(wire.FETCH_BYTES_MAX, per_partition * len(wanted)),
+                                    cold_max)
         try:
             result, frames = self._request([header], wait_ms + FETCH_REPLY_SLACK_MS,
                                            with_data=True)
@@ -223,8 +246,29 @@ class RemoteConsumer(Consumer):
             raise errors.InvalidRequestError(
                 f"fetch reply from {self.address} has {len(rows)} rows and {len(frames)} data "
                 f"frames for {len(wanted)} partitions")
-        for fetch, row, frame in zip(wanted, rows, frames):
-            self._take(fetch, row, frame)
+        grants = cold_read.parse_grants(result.get("cold_reads", []), len(wanted), cold_max)
+        for index, (fetch, row, frame) in enumerate(zip(wanted, rows, frames)):
+            grant = grants.get(index)
+            if grant is None:
+                self._take(fetch, row, frame)
+            else:
+                self._take_cold(fetch, row, grant)
+
+    def _take_cold(self, fetch: _RemoteFetch, row: list, grant: cold_read.ColdGrant) -> None:
+        """A partition's bytes by a cold read, decoded batch by batch as they arrive. A read
+        cut short keeps the whole batches that came (valid and in order) and nothing after
+        them: the next fetch asks from there, with the bytes in the reply."""
+        fetch.bounds = _Bounds(row[4], row[3])
+        try:
+            self._cold_reader.read(grant, lambda data: self._deliver(fetch, data))
+        except errors.ColdReadError as exc:
+            self.cold_read_failures += 1
+            self._cold_paused = True
+            log.warning("%s; fetching %s again after offset %d", exc, fetch.tp,
+                        fetch.pending[-1].offset if fetch.pending else fetch.position - 1)
+            return
+        self.cold_reads += 1
+        self.cold_read_bytes += grant.length
 
     def _take(self, fetch: _RemoteFetch, row: list, frame) -> None:
         _, _, code, hw, start, first_offset, size = row
@@ -241,16 +285,27 @@ class RemoteConsumer(Consumer):
         fetch.bounds = _Bounds(start, hw)
         if not size:
             return
-        pending = records.decode_records(frame.buffer, self.check_crcs, fetch.topic,
-                                         fetch.partition)
-        position = fetch.position
-        skip = position - first_offset
+        self._deliver(fetch, frame.buffer)
+
+    def _deliver(self, fetch: _RemoteFetch, data) -> None:
+        """Decode whole batches (CRCs checked unless check_crcs is off) and add the records
+        from the next expected offset on to the partition's pending. The first batch may
+        start below the position (a batch is never cut); records are copied out of ``data``."""
+        got = records.decode_records(data, self.check_crcs, fetch.topic, fetch.partition)
+        if not got:
+            return
+        pending = fetch.pending
+        expected = pending[-1].offset + 1 if pending else fetch.position
+        skip = expected - got[0].offset
         if skip > 0:
-            del pending[:skip]
-        if pending and pending[0].offset != position:
+            del got[:skip]
+        if got and got[0].offset != expected:
             raise errors.CorruptRecordError(
-                f"fetch {fetch.tp}: expected offset {position} first, got {pending[0].offset}")
-        fetch.pending, fetch.pending_at = pending, 0
+                f"fetch {fetch.tp}: expected offset {expected} next, got {got[0].offset}")
+        if pending:
+            pending.extend(got)
+        else:
+            fetch.pending, fetch.pending_at = got, 0
 
     # -- requests ---------------------------------------------------------------------------------
 
@@ -317,6 +372,7 @@ class RemoteConsumer(Consumer):
 
     def _release(self) -> None:
         super()._release()
+        self._cold_reader.close()
         if self._conn is not None:
             self._conn.close()
             self._conn = None

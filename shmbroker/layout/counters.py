@@ -177,6 +177,13 @@ ROUTER_COUNTERS: tuple[Counter, ...] = (
     _c("replies_undeliverable", "Replies that could not be sent (client gone or its queue "
                                 "full).", "errors_total", ("kind", "reply_undeliverable")),
     _g("clients_waiting", "Clients with requests forwarded and not answered yet."),
+    # -- cold reads (router/cold_read.py), appended in layout version 1
+    _c("cold_grants", "Cold-read grants given in fetch replies (the bytes go by sendfile)."),
+    _c("cold_reads", "Cold-read data connections that received every granted byte."),
+    _c("cold_bytes", "Bytes sent by sendfile on cold-read data connections."),
+    _c("cold_refused", "Cold-read data connections closed unserved (wrong, used or expired "
+                       "token; none in time; too many connections).", "errors_total",
+       ("kind", "cold_refused")),
 )
 ROUTER = {c.name: i for i, c in enumerate(ROUTER_COUNTERS)}
 

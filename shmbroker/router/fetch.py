@@ -19,13 +19,16 @@ Owned by the router process's main thread; not thread-safe.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
 from .. import errors
 from ..client.metadata import LocalMetadata
 from ..coordinator.topics import partition_dir
+from ..log import files
 from ..log.reader import LogReader
+from .cold_read import ColdReads
 from .protocol import FETCH_BYTES_MAX, FETCH_WAIT_MS_MAX, NO_ERROR, REQUEST_PARTITIONS_MAX
 
 log = logging.getLogger("shmbroker.router")
@@ -33,6 +36,8 @@ log = logging.getLogger("shmbroker.router")
 #: Partitions the router keeps a reader (file descriptors, mappings) open for; the least
 #: recently used beyond it are closed (a reader reopens on the next fetch).
 ROUTER_READERS_MAX = 1_024
+#: Sealed segment sizes cached per partition.
+SEALED_SIZES_MAX = 4_096
 _EMPTY = b""
 
 
@@ -46,6 +51,8 @@ class FetchRequest:
     min_bytes: int
     max_bytes: int
     deadline: float           # monotonic
+    #: Largest cold-read grant the client takes (0: it takes none; docs/protocol.md).
+    cold_bytes_max: int = 0
     #: hw_seq of each partition when it was last looked at (-1: unknown): parked fetches are
     #: looked at again only when one of them moved.
     seen: list = field(default_factory=list)
@@ -59,8 +66,13 @@ def parse_fetch(route: list, request_id: int, fields: dict) -> FetchRequest:
     if not 0 <= min_bytes <= FETCH_BYTES_MAX or not 1 <= max_bytes <= FETCH_BYTES_MAX:
         raise _invalid(f"fetch: min_bytes {min_bytes} must be in [0, {FETCH_BYTES_MAX}] and "
                        f"max_bytes {max_bytes} in [1, {FETCH_BYTES_MAX}]")
+    cold_bytes_max = fields.get("cold_bytes_max", 0)
+    if not 0 <= cold_bytes_max <= FETCH_BYTES_MAX:
+        raise _invalid(f"fetch: cold_bytes_max {cold_bytes_max} is outside [0, "
+                       f"{FETCH_BYTES_MAX}]")
     return FetchRequest(route, request_id, _partitions(fields["partitions"], "fetch", 4),
-                        min_bytes, max_bytes, time.monotonic() + wait_ms / 1000.0)
+                        min_bytes, max_bytes, time.monotonic() + wait_ms / 1000.0,
+                        cold_bytes_max)
 
 
 def parse_list_offsets(fields: dict) -> list:
@@ -89,24 +101,41 @@ def _invalid(message: str) -> errors.InvalidRequestError:
 
 
 class _Partition:
-    """A partition as the router reads it: control region (published state) and reader."""
+    """A partition as the router reads it: control region (published state), reader, and the
+    sizes of its sealed segments (they never change) for the hot/cold switch."""
 
-    __slots__ = ("control", "reader")
+    __slots__ = ("control", "reader", "sizes")
 
     def __init__(self, control, reader: LogReader):
         self.control = control
         self.reader = reader
+        self.sizes: dict[int, int] = {}
+
+    def sealed_size(self, base: int) -> int:
+        size = self.sizes.get(base)
+        if size is None:
+            if len(self.sizes) >= SEALED_SIZES_MAX:
+                self.sizes.clear()  # segments gone by retention would pile up otherwise
+            try:
+                size = os.stat(files.segment_path(self.reader.directory, base,
+                                                  files.LOG_SUFFIX)).st_size
+            except FileNotFoundError:
+                return 0  # deleted by retention: not cached, it will not be asked again
+            self.sizes[base] = size
+        return size
 
 
 class Fetch:
     """Readers of every partition fetched from, and the parked fetches (see the module doc)."""
 
-    def __init__(self, data_dir: str):
+    def __init__(self, data_dir: str, cold: ColdReads | None = None):
         self.meta = LocalMetadata(data_dir)
+        #: Cold reads (None: every fetch is answered with its bytes).
+        self.cold = cold
         self._partitions: dict[tuple[str, int], _Partition] = {}
         self.parked: list[FetchRequest] = []
         #: Counters for logs and tests.
-        self.replies = self.bytes_sent = 0
+        self.replies = self.bytes_sent = self.cold_grants = 0
 
     def _partition(self, topic: str, partition: int) -> _Partition:
         key = (topic, partition)
@@ -132,47 +161,82 @@ class Fetch:
 
     def answer(self, request: FetchRequest, final: bool) -> tuple[dict, list] | None:
         """(result, data frames) of the reply, or None: not enough yet, keep it parked."""
-        rows, frames = [], []
+        rows, frames, grants = [], [], []
         total = 0
         must_answer = final
-        for topic, partition, offset, partition_max in request.partitions:
+        cold_max = request.cold_bytes_max if self.cold is not None else 0
+        for index, (topic, partition, offset, partition_max) in enumerate(request.partitions):
             left = request.max_bytes - total
-            row, data = self._read(topic, partition, offset,
-                                   min(partition_max, left) if left > 0 else 0)
+            row, data, grant = self._read(topic, partition, offset,
+                                          min(partition_max, left) if left > 0 else 0,
+                                          cold_max)
             rows.append(row)
             frames.append(data)
             total += len(data)
             if row[2] != NO_ERROR:
                 must_answer = True
+            if grant is not None:
+                grants.append([index, *grant])
+                must_answer = True
         if total >= max(1, request.min_bytes) or must_answer:
             self.replies += 1
             self.bytes_sent += total
-            return {"partitions": rows}, frames
+            self.cold_grants += len(grants)
+            result = {"partitions": rows}
+            if request.cold_bytes_max:
+                result["cold_reads"] = grants
+            return result, frames
         request.seen = [self._hw_seq(t, p) for t, p, _, _ in request.partitions]
         return None
 
-    def _read(self, topic: str, partition: int, offset: int, max_bytes: int):
-        """(row, data) for one partition: [topic, partition, error_code, high_watermark,
-        log_start_offset, first_offset, bytes]; data a memoryview of the segment or b""."""
+    def _read(self, topic: str, partition: int, offset: int, max_bytes: int, cold_max: int):
+        """(row, data, grant) for one partition: [topic, partition, error_code,
+        high_watermark, log_start_offset, first_offset, bytes]; data a memoryview of the
+        segment or b""; grant a cold-read grant row (then data is empty) or None."""
         try:
             found = self._partition(topic, partition)
             state = found.control.read_state()
         except errors.ShmbrokerError as exc:
-            return [topic, partition, exc.code, -1, -1, -1, 0], _EMPTY
+            return [topic, partition, exc.code, -1, -1, -1, 0], _EMPTY, None
         hw, start = state.high_watermark, state.log_start_offset
         if not start <= offset <= hw:
-            return [topic, partition, errors.OffsetOutOfRangeError.code, hw, start, -1, 0], _EMPTY
+            return [topic, partition, errors.OffsetOutOfRangeError.code, hw, start, -1, 0], \
+                _EMPTY, None
         if offset == hw or max_bytes <= 0:
-            return [topic, partition, NO_ERROR, hw, start, offset, 0], _EMPTY
+            return [topic, partition, NO_ERROR, hw, start, offset, 0], _EMPTY, None
         try:
             piece = found.reader.read(offset, max_bytes, state, verify_crc=False)
         except errors.ShmbrokerError as exc:
             if isinstance(exc, errors.CorruptSegmentError):
                 log.error("fetch %s/%d at %d: %s", topic, partition, offset, exc)
-            return [topic, partition, exc.code, hw, start, -1, 0], _EMPTY
+            return [topic, partition, exc.code, hw, start, -1, 0], _EMPTY, None
         if piece.length == 0:
-            return [topic, partition, NO_ERROR, hw, start, offset, 0], _EMPTY
-        return [topic, partition, NO_ERROR, hw, start, piece.first_offset, piece.length], piece.data
+            return [topic, partition, NO_ERROR, hw, start, offset, 0], _EMPTY, None
+        if cold_max:
+            grant = self._cold_grant(found, state, offset, piece, cold_max, topic, partition)
+            if grant is not None:
+                return [topic, partition, NO_ERROR, hw, start, grant[6], 0], _EMPTY, grant
+        return [topic, partition, NO_ERROR, hw, start, piece.first_offset, piece.length], \
+            piece.data, None
+
+    def _cold_grant(self, found: _Partition, state, offset: int, piece, cold_max: int,
+                    topic: str, partition: int) -> list | None:
+        """A grant when ``piece`` starts more than the hot window behind the end. The hot
+        read came first because it finds the position cheaply (the reader's hint, then its
+        index); a cold fetch reads the headers of one partition_max_bytes more, no data."""
+        cold = self.cold
+        assert cold is not None
+        parsed = files.parse_segment_name(piece.path)
+        assert parsed is not None, piece.path
+        if not cold.is_cold(found.reader, state, parsed[0], piece.file_position,
+                            found.sealed_size):
+            return None
+        try:
+            return cold.grant(found.reader, state, offset, cold_max, topic, partition)
+        except errors.ShmbrokerError as exc:  # e.g. retention between the two reads
+            log.info("cold read of %s/%d at %d not granted (%s); served hot", topic,
+                     partition, offset, exc)
+            return None
 
     def list_offsets(self, partitions: list) -> dict:
         rows = []

@@ -8,6 +8,7 @@ import sys
 from .. import errors
 from ..broker import lifecycle
 from ..broker.naming import process_title
+from ..config import COLD_READ_HOT_WINDOW_BYTES_DEFAULT
 
 log = logging.getLogger("shmbroker.router")
 
@@ -15,6 +16,8 @@ log = logging.getLogger("shmbroker.router")
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = lifecycle.child_parser("router")
     parser.add_argument("--listen", required=True)
+    parser.add_argument("--hot-window-bytes", type=int,
+                        default=COLD_READ_HOT_WINDOW_BYTES_DEFAULT)
     return parser.parse_args(argv)
 
 
@@ -24,12 +27,15 @@ def main(argv: list[str] | None = None) -> int:
     from .server import RouterServer  # after naming: zmq starts threads on first use
 
     try:
-        server = RouterServer(args.data_dir, args.listen)
+        server = RouterServer(args.data_dir, args.listen,
+                              hot_window_bytes=args.hot_window_bytes)
     except errors.ShmbrokerError as exc:
         log.error("router cannot start: %s", exc)
         return 1
     try:
-        log.info("router listening on %s", server.endpoint)
+        log.info("router listening on %s; cold reads on %s:%d (hot window %d bytes)",
+                 server.endpoint, server.cold.host, server.cold.port,
+                 server.cold.hot_window_bytes)
         # The supervisor records the bound address (a '*' port resolved) in runtime.json.
         lifecycle.report_ready(args.ready_fd, f"ready {server.endpoint}")
         server.serve(stop.read_fd, lambda: stop.requested)

@@ -9,6 +9,8 @@ ZeroMQ without copying it::
 
     produce  request [header, one RecordBatch v2]    reply [header] (none for acks=0 unless an error)
     fetch    request [header]                        reply [header, data_1, ..., data_n]
+             a partition far behind may get a cold-read grant in the header instead of data:
+             its bytes then come on a plain TCP connection by os.sendfile (router/cold_read.py)
     list_offsets     [header]                              [header]
 
 Limits here are the wire's: both sides check them.
@@ -24,7 +26,8 @@ DATA_REQUEST_FIELDS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     "produce": {"topic": ((str,), True), "partition": ((int,), True),
                 "acks": ((int,), True)},
     "fetch": {"max_wait_ms": ((int,), True), "min_bytes": ((int,), True),
-              "max_bytes": ((int,), True), "partitions": ((list,), True)},
+              "max_bytes": ((int,), True), "partitions": ((list,), True),
+              "cold_bytes_max": ((int,), False)},
     "list_offsets": {"partitions": ((list,), True)},
 }
 #: Every request type a router takes (its own and the coordinator's).
@@ -59,11 +62,13 @@ def produce_request(request_id: int, topic: str, partition: int, acks: int) -> b
 
 
 def fetch_request(request_id: int, partitions: list, max_wait_ms: int, min_bytes: int,
-                  max_bytes: int) -> bytes:
-    """``partitions``: ``[topic, partition, offset, partition_max_bytes]`` each."""
+                  max_bytes: int, cold_bytes_max: int = 0) -> bytes:
+    """``partitions``: ``[topic, partition, offset, partition_max_bytes]`` each;
+    ``cold_bytes_max`` > 0: cold-read grants of at most that many bytes are welcome."""
+    extra = {"cold_bytes_max": cold_bytes_max} if cold_bytes_max else {}
     return coordinator_protocol.request(request_id, "fetch", max_wait_ms=max_wait_ms,
                                         min_bytes=min_bytes, max_bytes=max_bytes,
-                                        partitions=partitions)
+                                        partitions=partitions, **extra)
 
 
 def list_offsets_request(request_id: int, partitions: list) -> bytes:

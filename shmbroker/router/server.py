@@ -38,12 +38,13 @@ from urllib.parse import urlsplit
 import zmq
 
 from .. import errors
-from ..config import COORDINATOR_REQUEST_BYTES_MAX
+from ..config import COLD_READ_HOT_WINDOW_BYTES_DEFAULT, COORDINATOR_REQUEST_BYTES_MAX
 from ..coordinator import protocol
 from ..coordinator.server import attach_counters
 from ..coordinator.server import endpoint as coordinator_endpoint
 from ..layout import counters as CL
 from . import protocol as data_protocol
+from .cold_read import ColdReads
 from .fetch import Fetch, FetchRequest, parse_fetch, parse_list_offsets
 from .produce import Outcome, Produce
 
@@ -101,7 +102,8 @@ class RouterServer:
     """Binds ``listen``; serves produce/fetch/list_offsets and forwards coordinator requests
     (see the module doc)."""
 
-    def __init__(self, data_dir: str, listen: str, context: zmq.Context | None = None):
+    def __init__(self, data_dir: str, listen: str, context: zmq.Context | None = None,
+                 hot_window_bytes: int = COLD_READ_HOT_WINDOW_BYTES_DEFAULT):
         check_listen_address(listen)
         self.data_dir = data_dir
         self.context = context or zmq.Context.instance()
@@ -123,7 +125,9 @@ class RouterServer:
         self.endpoint = self.frontend.getsockopt(zmq.LAST_ENDPOINT).decode()
         self.backend.connect(coordinator_endpoint(data_dir))
         self.produce = Produce(data_dir)
-        self.fetch = Fetch(data_dir)
+        # Cold reads' data listener: same host as --listen, its own free port (router.md).
+        self.cold = ColdReads(urlsplit(listen).hostname or "127.0.0.1", hot_window_bytes)
+        self.fetch = Fetch(data_dir, self.cold)
         #: client identity -> requests forwarded and not yet answered.
         self.inflight: dict[bytes, int] = {}
         #: client identity -> [(pyzmq MessageTracker, bytes)] of fetch replies not yet sent.
@@ -132,7 +136,7 @@ class RouterServer:
         #: what a predecessor counted: layout/counters.py, ROUTER table).
         self.forwarded = self.refused = self.replies_undeliverable = 0
         self.counters = attach_counters(data_dir, "router", CL.KIND_ROUTER)
-        self._counted_base = list(self.counters.values[:3])
+        self._counted_base = list(self.counters.values[:8])
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -179,6 +183,9 @@ class RouterServer:
         v[1] = base[1] + self.refused
         v[2] = base[2] + self.replies_undeliverable
         v[3] = len(self.inflight)
+        cold = self.cold
+        v[4:8] = [base[4] + self.fetch.cold_grants, base[5] + cold.server.sent,
+                  base[6] + cold.server.bytes_sent, base[7] + cold.server.refused]
         self.counters.store()
 
     def _requests(self) -> None:
@@ -366,6 +373,7 @@ class RouterServer:
         produce = getattr(self, "produce", None)
         if produce is not None:
             produce.close(ROUTER_CLOSE_DRAIN_MS)
+            self.cold.close()
             self.fetch.close()
         if getattr(self, "counters", None) is not None:
             self._store_counters()

@@ -7,6 +7,7 @@ Pure Python and slow on purpose: it is the document's reading, not a product.
 from __future__ import annotations
 
 import itertools
+import socket
 import struct
 import time
 
@@ -156,5 +157,31 @@ class RawClient:
         assert len(frames) == 1 and len(frames[0]) == row[6], (row, len(frames))
         return row, [r for r in decode_batches(frames[0]) if r[0] >= offset]
 
+    def cold_fetch(self, topic: str, partition: int, offset: int, cold_bytes_max: int
+                   ) -> tuple[dict, list, list | None]:
+        """A fetch that takes a cold-read grant: (result, data frames, grant row or None)."""
+        reply, frames = self.call({"type": "fetch", "max_wait_ms": 0, "min_bytes": 1,
+                                   "max_bytes": 1 << 20, "cold_bytes_max": cold_bytes_max,
+                                   "partitions": [[topic, partition, offset, 1 << 20]]})
+        assert reply["ok"], reply
+        grants = reply["result"]["cold_reads"]
+        assert len(grants) <= 1 and all(g[0] == 0 for g in grants), grants
+        return reply["result"], frames, grants[0] if grants else None
+
     def close(self) -> None:
         self.sock.close(linger=0)
+
+
+def cold_read(grant: list, timeout_s: float = 10.0) -> bytes:
+    """The bytes of a grant ``[index, token, host, port, segment_base_offset, file_position,
+    length, first_offset, last_offset]``: connect, send the token, read until the router
+    closes. b"" when it refused the token."""
+    _, token, host, port = grant[:4]
+    out = bytearray()
+    with socket.create_connection((host, port), timeout=timeout_s) as sock:
+        sock.sendall(token)
+        while True:
+            chunk = sock.recv(1 << 20)
+            if not chunk:
+                return bytes(out)
+            out += chunk
