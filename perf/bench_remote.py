@@ -23,6 +23,12 @@ message is 100 bytes. Cases, for each client count C in ``--clients``:
   the wire itself): one number, the transfer producer -> consumer, shown in both rows. It is
   the raw transport shmbroker's router sits on, with no log, no acks and no offsets.
 
+* **cold replay** (``--cold-gib``, default 1; 0 skips): that many GiB of a file sent to a
+  receiver process over loopback TCP by ``os.sendfile`` (the router's cold-read path) and by
+  ``readinto`` + ``sendall`` of the same bytes, rounds alternated, MB/s (medians);
+  perf/bench_cold_read.py's transfer, which also measures the remote consumer's hot and cold
+  replays through a broker. Target (issue 5): sendfile >= 1.5x the copying path.
+
 Redis runs with ``--save '' --appendonly no`` (nothing durable), skipped with a note when
 redis-server or redis-py is missing (``make bench`` installs redis-py; ``apt-get install
 redis-server``). Numbers are medians of ``--runs`` runs. Targets (issue 5): shmbroker remote
@@ -378,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", default="1,4", help="client counts, e.g. 1,4")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--only", default="shmbroker,zmq,redis")
+    parser.add_argument("--cold-gib", type=float, default=1.0,
+                        help="GiB of the sendfile vs read()+send() replay (0: skip)")
     args = parser.parse_args(argv)
     counts = [int(c) for c in args.clients.split(",")]
     only = set(args.only.split(","))
@@ -445,13 +453,22 @@ def main(argv: list[str] | None = None) -> int:
                     results.setdefault(("produce", "zmq", c), []).append(value)
                     results.setdefault(("consume", "zmq", c), []).append(value)
                 print(f"  done: {c} client(s), run {run + 1}/{args.runs}", file=sys.stderr)
+        if args.cold_gib > 0:
+            sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+            import bench_cold_read
+
+            cold = bench_cold_read.bench_transfer(tmp, args.cold_gib, args.runs)
+            print("  done: cold replay", file=sys.stderr)
+        else:
+            cold = None
     finally:
         if broker:
             broker.stop()
         if redis:
             redis.stop()
         shutil.rmtree(tmp, ignore_errors=True)
-    print(render(results, counts, n, args.runs, notes, redis_version=_redis_version()))
+    print(render(results, counts, n, args.runs, notes, redis_version=_redis_version(),
+                 cold=cold))
     return 0
 
 
@@ -476,7 +493,7 @@ def fmt(value) -> str:
     return f"{value / 1e6:.2f}M" if value >= 1e6 else f"{value / 1e3:.0f}k"
 
 
-def render(results, counts, n, runs, notes, redis_version) -> str:
+def render(results, counts, n, runs, notes, redis_version, cold=None) -> str:
     import platform
     import zmq
     lines = [f"bench_remote: {MSG_BYTES} B messages, {n} per client, median of {runs} run(s), "
@@ -498,6 +515,15 @@ def render(results, counts, n, runs, notes, redis_version) -> str:
             if ratio != "-":
                 verdicts.append(f"target remote {kind} >= 2x Redis Streams, {c} client(s): "
                                 f"{'PASS' if ours >= 2 * theirs else 'MISS'} ({ratio})")
+    if cold is not None:
+        send, copy = cold["sendfile"]["mb_s_median"], cold["read+sendall"]["mb_s_median"]
+        ratio = cold["ratio_median"]
+        lines += ["", f"cold replay, {cold['bytes'] / (1 << 30):.2f} GiB over loopback TCP: "
+                      f"sendfile {send:,.0f} MB/s, read()+sendall() {copy:,.0f} MB/s "
+                      f"(sender CPU {cold['sendfile']['sender_cpu_s_median']:.2f} s vs "
+                      f"{cold['read+sendall']['sender_cpu_s_median']:.2f} s)"]
+        verdicts.append(f"target cold replay sendfile >= 1.5x read()+sendall(): "
+                        f"{'PASS' if ratio >= 1.5 else 'MISS'} ({ratio:.2f}x)")
     return "\n".join(lines + [""] + verdicts + notes)
 
 
