@@ -34,6 +34,7 @@ import zmq
 from .. import errors, records
 from ..router import protocol as wire
 from .consumer import Consumer
+from .curve import client_keys, curve_kwargs
 from .group_membership import GroupMembership
 from .remote_wire import REMOTE_REQUEST_TIMEOUT_MS, Connection, RemoteMetadata, decode_reply
 from .types import TopicPartition
@@ -77,21 +78,29 @@ class _RemoteFetch:
 
 class RemoteConsumer(Consumer):
     """``Consumer`` over TCP (see the module doc). ``request_timeout_ms``: how long a
-    list_offsets waits; fetches wait their max_wait_ms plus FETCH_REPLY_SLACK_MS."""
+    list_offsets waits; fetches wait their max_wait_ms plus FETCH_REPLY_SLACK_MS.
+    ``curve_server_key`` and ``curve_secret_key_file``: for a router that requires CURVE
+    (client/curve.py; a refused handshake is AuthenticationError)."""
 
     def __init__(self, *topics: str, broker: str, value_memoryview: bool = False,
-                 request_timeout_ms: int = REMOTE_REQUEST_TIMEOUT_MS, **kwargs):
+                 request_timeout_ms: int = REMOTE_REQUEST_TIMEOUT_MS,
+                 curve_server_key: str | bytes | os.PathLike | None = None,
+                 curve_secret_key_file: str | os.PathLike | None = None, **kwargs):
         if value_memoryview:
             raise errors.UnsupportedFeatureError(
                 "value_memoryview: a remote consumer's records come from a received frame, "
                 "not a mapping; use a local consumer for zero-copy values")
         self.address = broker
         self.request_timeout_ms = request_timeout_ms
+        self.curve = client_keys(curve_server_key, curve_secret_key_file)
         self._conn: Connection | None = None
         super().__init__(*topics, broker=broker, **kwargs)
 
     def _new_metadata(self):
-        return RemoteMetadata(self.address, self.request_timeout_ms)
+        return RemoteMetadata(self.address, self.request_timeout_ms, self.curve)
+
+    def _admin_kwargs(self) -> dict:
+        return curve_kwargs(self.curve)
 
     # -- assignment -------------------------------------------------------------------------------
 
@@ -251,7 +260,7 @@ class RemoteConsumer(Consumer):
 
     def _connection(self) -> Connection:
         if self._conn is None:
-            self._conn = Connection(self.address)
+            self._conn = Connection(self.address, self.curve)
         return self._conn
 
     def _request(self, frames: list, timeout_ms: float, with_data: bool = False):
