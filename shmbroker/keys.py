@@ -98,7 +98,7 @@ def check_z85_key(key: str | bytes, what: str) -> bytes:
     try:
         if len(raw) != Z85_KEY_CHARS or len(z85.decode(raw)) != 32:
             raise ValueError
-    except (ValueError, KeyError):
+    except (ValueError, KeyError, IndexError, TypeError):
         raise ConfigError(f"{what}: not a CURVE key (expected {Z85_KEY_CHARS} characters of "
                           f"Z85 text, as in the public-key line of a .key file)") from None
     return raw

@@ -41,6 +41,7 @@ SERVE_FILE_ENTRIES: dict[str, tuple[type, bool, str]] = {
     "metrics_allow_remote": (bool, False, "let metrics_listen be a non-loopback address"),
     "partition_spin_us": (int, False, "busy-wait of each partition process before it sleeps"),
 }
+_KIND_NAMES = {str: "a string", int: "an integer", bool: "true or false"}
 #: `--listen none` / ``listen = "none"``: no router.
 LISTEN_NONE = "none"
 
@@ -68,8 +69,8 @@ def load_serve_file(path: str) -> dict[str, Any]:
         kind, is_path, _ = SERVE_FILE_ENTRIES[name]
         # bool is an int in Python; an entry that wants a number must not take `true`.
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise ConfigError(f"--config {path}: {name} = {value!r}: expected a "
-                              f"{ {str: 'string', int: 'integer', bool: 'boolean'}[kind] }")
+            raise ConfigError(f"--config {path}: {name} = {value!r}: expected "
+                              f"{_KIND_NAMES[kind]}")
         if is_path:
             value = os.path.join(base, os.path.expanduser(value))
         entries[name] = value
