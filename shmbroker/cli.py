@@ -323,7 +323,7 @@ def _add_data_dir(parser: argparse.ArgumentParser) -> None:
                              "~/.local/share/shmbroker)")
 
 
-def _add_broker_commands(sub) -> None:
+def _add_serve_command(sub) -> None:
     serve = sub.add_parser(
         "serve", help="run the broker in the foreground (Ctrl-C or SIGTERM stops it cleanly)",
         description="Starts the supervisor, the coordinator, the router for remote clients "
@@ -365,6 +365,9 @@ def _add_broker_commands(sub) -> None:
                             "has no authentication)")
     serve.set_defaults(func=_cmd_serve)
 
+
+def _add_broker_commands(sub) -> None:
+    _add_serve_command(sub)
     topics = sub.add_parser("topics", help="create, list, describe, alter and delete topics",
                             description="Topic administration of a running broker.")
     tsub = topics.add_subparsers(dest="topics_command", metavar="ACTION", required=True)
