@@ -87,7 +87,8 @@ class Admin:
         # The monitor tells when the connection to the coordinator drops (it died: kill -9,
         # restart): a request sent before that will get no reply (see _request); and when a
         # router refuses our handshake (AuthenticationError, client/curve.py).
-        self._socket, self._monitor = dealer(self._context, self.curve, zmq.EVENT_DISCONNECTED)
+        self._socket, self._monitor = dealer(self._context, self.curve, zmq.EVENT_DISCONNECTED,
+                                             self.remote)
         self._watch = HandshakeWatch(self._monitor, self.data_dir, self.curve)
         # Do not queue requests for a coordinator that is not there: fail by the timeout.
         self._socket.setsockopt(zmq.IMMEDIATE, 1)

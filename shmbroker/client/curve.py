@@ -73,18 +73,19 @@ def curve_kwargs(curve: CurveClientKeys | None) -> dict:
     return curve.as_kwargs() if curve is not None else {}
 
 
-def dealer(context: zmq.Context, curve: CurveClientKeys | None, events: int
-           ) -> tuple[zmq.Socket, zmq.Socket]:
+def dealer(context: zmq.Context, curve: CurveClientKeys | None, events: int,
+           remote: bool = True) -> tuple[zmq.Socket, zmq.Socket]:
     """A DEALER with LINGER 0 and, with ``curve``, the CURVE client options; and its monitor
-    socket for ``events`` (plus HANDSHAKE_EVENTS with ``curve`` or without: a client with no
-    keys must learn it met a CURVE router). Not connected yet."""
+    socket for ``events``, plus HANDSHAKE_EVENTS for a ``remote`` (tcp://) peer with ``curve``
+    or without: a client with no keys must learn it met a CURVE router. (A local Admin's
+    ``ipc://`` peer is the coordinator, which has no authentication.) Not connected yet."""
     sock = context.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     if curve is not None:
         sock.setsockopt(zmq.CURVE_SERVERKEY, curve.server_public)
         sock.setsockopt(zmq.CURVE_PUBLICKEY, curve.public)
         sock.setsockopt(zmq.CURVE_SECRETKEY, curve.secret)
-    monitor = sock.get_monitor_socket(events | HANDSHAKE_EVENTS)
+    monitor = sock.get_monitor_socket(events | (HANDSHAKE_EVENTS if remote else 0))
     return sock, monitor
 
 
