@@ -25,7 +25,10 @@ drop):
   greedy client must not fill the coordinator's queue for everyone).
 
 A reply whose client has gone (ROUTER_MANDATORY makes the send fail instead of dropping it
-silently) is logged. Owned by the router process's main thread; not thread-safe.
+silently) is logged. With CURVE keys the socket is a CURVE server and only allow-listed
+clients get this far (router/auth.py); a refusal is logged with the client's address, which
+each message's metadata carries. Owned by the router process's main thread; not
+thread-safe.
 """
 from __future__ import annotations
 
