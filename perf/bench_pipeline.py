@@ -85,8 +85,9 @@ def _batches(data_dir: str) -> int:
 
 def _start_broker(data_dir: str, log_path: str) -> subprocess.Popen:
     with open(log_path, "w") as log:
+        # No router (--listen none): the bench uses shared memory, and 7070 may be taken.
         return subprocess.Popen([sys.executable, "-m", "shmbroker", "serve", "--data-dir",
-                                 data_dir], stdout=log, stderr=subprocess.STDOUT,
+                                 data_dir, "--listen", "none"], stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
 
 

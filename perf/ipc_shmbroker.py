@@ -72,7 +72,8 @@ class ShmbrokerEnv:
         with open(self.log_path, "wb") as log:
             # SIGTERM to the broker if this process dies (even by SIGKILL): a clean stop.
             self.proc = subprocess.Popen(
-                cmd + ["serve", "--data-dir", self.data_dir], stdout=log, stderr=subprocess.STDOUT,
+                # No router (--listen none): clients use shared memory; 7070 may be taken.
+                cmd + ["serve", "--data-dir", self.data_dir, "--listen", "none"], stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True, preexec_fn=lambda: ipc_workers.die_with_parent(signal.SIGTERM))
         deadline = time.monotonic() + 30.0
         last: Exception | None = None

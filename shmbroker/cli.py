@@ -11,7 +11,7 @@ import sys
 from typing import Callable, Sequence
 
 from . import __version__, errors
-from .config import COLD_READ_HOT_WINDOW_BYTES_DEFAULT, default_data_dir
+from .config import COLD_READ_HOT_WINDOW_BYTES_DEFAULT, ROUTER_LISTEN_DEFAULT, default_data_dir
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -29,14 +29,58 @@ def _cmd_dump_log(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from .broker.supervisor import serve
-    from .config import BrokerConfig
+    from .broker.config_file import SERVE_FILE_ENTRIES, serve_settings
+    from .broker.supervisor import check_router_settings, serve
 
-    return serve(args.data_dir, BrokerConfig(partition_spin_us=args.partition_spin_us,
-                                             listen=args.listen,
-                                             metrics_listen=args.metrics_listen,
-                                             metrics_allow_remote=args.metrics_allow_remote,
-                                             hot_window_bytes=args.hot_window_bytes))
+    try:
+        data_dir, config = serve_settings({name: getattr(args, name)
+                                           for name in SERVE_FILE_ENTRIES}, args.config)
+        check_router_settings(config)
+    except errors.ConfigError as exc:  # a usage error, as argparse's own (exit 2)
+        print(f"shmbroker: error: {exc}", file=sys.stderr)
+        return 2
+    return serve(data_dir, config)
+
+
+def _cmd_keys(args: argparse.Namespace) -> int:
+    import os
+    import stat
+
+    from .keys import generate
+
+    public_path, secret_path, public_key = generate(args.out, args.name, args.force)
+    mode = stat.S_IMODE(os.stat(args.out).st_mode)
+    if mode & 0o077:
+        print(f"shmbroker: warning: {args.out} has mode {mode:04o}: other users can list it "
+              f"(the secret key file itself is 0600)", file=sys.stderr)
+    print(f"public key  {public_path}  (hand it out: the server's to clients, a client's to "
+          f"the broker's curve_allowed_clients_dir)")
+    print(f"secret key  {secret_path}  (mode 0600; keep it on this host)")
+    print(f"public key (Z85): {public_key.decode()}")
+    return 0
+
+
+def _add_keys_command(sub) -> None:
+    keys = sub.add_parser(
+        "keys", help="CURVE key pairs for the router and its remote clients",
+        description="Key pairs in ZeroMQ's certificate format (pyzmq's zmq.auth files).")
+    ksub = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+    gen = ksub.add_parser(
+        "generate", help="write NAME.key (public) and NAME.key_secret (mode 0600) into DIR",
+        description="Writes a new CURVE key pair: DIR/NAME.key, the public key (0644), and "
+                    "DIR/NAME.key_secret, both keys (0600). DIR is created 0700 if missing. "
+                    "For the broker: give `serve` the server's .key_secret "
+                    "(--curve-server-secret-key-file) and its .key to clients "
+                    "(curve_server_key=). For a client: copy its .key into the broker's "
+                    "--curve-allowed-clients-dir, and use its .key_secret "
+                    "(curve_secret_key_file=).")
+    gen.add_argument("--out", required=True, metavar="DIR", help="where to write the files")
+    gen.add_argument("--name", default="server",
+                     help="file name (and the name the router logs for a client); default "
+                          "server")
+    gen.add_argument("--force", action="store_true",
+                     help="replace NAME.key and NAME.key_secret if they exist")
+    keys.set_defaults(func=_cmd_keys)
 
 
 def _parse_config(pairs: list[str] | None) -> dict[str, str] | None:
@@ -279,35 +323,56 @@ def _add_data_dir(parser: argparse.ArgumentParser) -> None:
                              "~/.local/share/shmbroker)")
 
 
-def _add_broker_commands(sub) -> None:
+def _add_serve_command(sub) -> None:
     serve = sub.add_parser(
         "serve", help="run the broker in the foreground (Ctrl-C or SIGTERM stops it cleanly)",
-        description="Starts the supervisor, the coordinator and one process per partition; "
-                    "restarts any that dies. One broker per data dir.")
-    _add_data_dir(serve)
-    serve.add_argument("--partition-spin-us", type=int, default=0, metavar="US",
+        description="Starts the supervisor, the coordinator, the router for remote clients "
+                    f"(on {ROUTER_LISTEN_DEFAULT} unless --listen says otherwise) and one "
+                    "process per partition; restarts any that dies. One broker per data dir. "
+                    "Flags win over --config FILE entries, which win over the defaults.",
+        epilog="exit status: 0 stopped cleanly; 1 could not start or run (another broker on "
+               "the data dir, a taken port, ...); 2 bad arguments or config file. "
+               "See README (\"Remote clients and security\").")
+    serve.add_argument("--config", default=None, metavar="FILE",
+                       help="a TOML file with any of: data_dir, listen, "
+                            "curve_server_secret_key_file, curve_allowed_clients_dir, "
+                            "metrics_listen, metrics_allow_remote, partition_spin_us "
+                            "(relative paths: from the file's directory)")
+    serve.add_argument("--data-dir", default=None,
+                       help="the broker's data dir (default: $SHMBROKER_DATA_DIR or "
+                            "~/.local/share/shmbroker)")
+    serve.add_argument("--partition-spin-us", type=int, default=None, metavar="US",
                        help="each partition process busy-waits this long for new frames before "
                             "it sleeps: lower latency, a busy core per partition (default 0)")
-    serve.add_argument("--listen", default=None, metavar="tcp://HOST:PORT",
-                       help="also start the router for remote clients on this loopback address "
-                            "(e.g. tcp://127.0.0.1:7070; port * picks a free one, written to "
-                            "runtime.json). It forwards topic, group and offset requests; "
-                            "remote produce and fetch are not built yet")
+    serve.add_argument("--listen", default=None, metavar="tcp://HOST:PORT|none",
+                       help="where the router for remote clients (Producer/Consumer/Admin with "
+                            f"broker=\"tcp://...\") listens; default {ROUTER_LISTEN_DEFAULT}; "
+                            "port * picks a free one (written to runtime.json); none: no "
+                            "router. A non-loopback address needs CURVE (the two flags below)")
+    serve.add_argument("--curve-server-secret-key-file", default=None, metavar="FILE",
+                       help="the router's CURVE secret key (NAME.key_secret from `shmbroker "
+                            "keys generate`, mode 0600): clients must authenticate")
+    serve.add_argument("--curve-allowed-clients-dir", default=None, metavar="DIR",
+                       help="the public keys (NAME.key files) of the clients allowed to "
+                            "connect; read again when files are added or removed")
     serve.add_argument("--metrics-listen", default=None, metavar="HOST:PORT",
                        help="serve Prometheus metrics (counters of every process, lag per "
                             "group and partition) at http://HOST:PORT/metrics, e.g. "
                             "127.0.0.1:9644 (port 0 picks a free one, written to runtime.json); "
                             "off by default, loopback only unless --metrics-allow-remote")
-    serve.add_argument("--metrics-allow-remote", action="store_true",
+    serve.add_argument("--metrics-allow-remote", action="store_true", default=None,
                        help="let --metrics-listen bind a non-loopback address (the endpoint "
                             "has no authentication)")
-    serve.add_argument("--hot-window-bytes", type=int,
-                       default=COLD_READ_HOT_WINDOW_BYTES_DEFAULT, metavar="BYTES",
+    serve.add_argument("--hot-window-bytes", type=int, default=None, metavar="BYTES",
                        help="router: a remote consumer more than this many bytes of log behind "
                             "a partition's end gets the bytes by sendfile on a data connection "
-                            "(a cold read) instead of in the fetch reply (default %(default)s)")
+                            f"(a cold read) instead of in the fetch reply (default "
+                            f"{COLD_READ_HOT_WINDOW_BYTES_DEFAULT})")
     serve.set_defaults(func=_cmd_serve)
 
+
+def _add_broker_commands(sub) -> None:
+    _add_serve_command(sub)
     topics = sub.add_parser("topics", help="create, list, describe, alter and delete topics",
                             description="Topic administration of a running broker.")
     tsub = topics.add_subparsers(dest="topics_command", metavar="ACTION", required=True)
@@ -393,6 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_produce_command(sub)
     _add_top_command(sub)
     _add_profile_command(sub)
+    _add_keys_command(sub)
     return parser
 
 

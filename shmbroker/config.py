@@ -58,6 +58,13 @@ ADMIN_REQUEST_TIMEOUT_MS = 30_000
 ADMIN_LIVENESS_CHECK_MS = 250
 
 
+#: Where `shmbroker serve` starts the router unless told otherwise (``--listen none``: no
+#: router). Loopback: without CURVE, only processes of this host can reach it.
+ROUTER_LISTEN_DEFAULT = "tcp://127.0.0.1:7070"
+_NOT_NUMBERS = ("listen", "metrics_listen", "metrics_allow_remote",
+                "curve_server_secret_key_file", "curve_allowed_clients_dir")
+
+
 @dataclass(frozen=True)
 class BrokerConfig:
     """Timeouts and limits of the supervisor and its children; all waits are bounded by these."""
@@ -87,8 +94,16 @@ class BrokerConfig:
     #: (kill -9) without unlinking their own.
     consumer_counters_sweep_ms: int = 2_000
     #: Where the router listens for remote clients (``tcp://127.0.0.1:7070``; port ``*``: any
-    #: free one, see runtime.json); None: no router.
+    #: free one, see runtime.json); None: no router. `shmbroker serve` defaults to
+    #: ROUTER_LISTEN_DEFAULT; this class to None, so a broker made in code binds no port
+    #: unless asked.
     listen: str | None = None
+    #: The router's CURVE secret key (a NAME.key_secret file, mode 0600); with
+    #: ``curve_allowed_clients_dir``, clients must authenticate, and ``listen`` may be a
+    #: non-loopback address. None: no authentication (loopback only).
+    curve_server_secret_key_file: str | None = None
+    #: The directory of the public keys (NAME.key files) of the clients allowed to connect.
+    curve_allowed_clients_dir: str | None = None
     #: Where the Prometheus endpoint listens (``127.0.0.1:9644``; port 0: any free one, see
     #: runtime.json); None: no metrics process.
     metrics_listen: str | None = None
@@ -99,11 +114,20 @@ class BrokerConfig:
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
-            if field.name not in ("listen", "metrics_listen", "metrics_allow_remote"):
+            if field.name not in _NOT_NUMBERS:
                 _check_range(field.name, getattr(self, field.name), 0, 1 << 40)
         if self.restart_backoff_min_ms > self.restart_backoff_max_ms:
             raise ConfigError("restart_backoff_min_ms must not exceed restart_backoff_max_ms")
         _check_range("partition_spin_us", self.partition_spin_us, 0, SPIN_NS_MAX // 1000)
+        if (self.curve_server_secret_key_file is None) != (self.curve_allowed_clients_dir is None):
+            raise ConfigError("CURVE needs both curve_server_secret_key_file (the router's "
+                              "secret key) and curve_allowed_clients_dir (the clients' public "
+                              "keys); one of them is missing")
+
+    @property
+    def curve(self) -> bool:
+        """Whether the router authenticates its clients with CURVE."""
+        return self.curve_server_secret_key_file is not None
 
 
 # --- shared memory (shmbroker/shm; layouts in shmbroker/layout/shm.py) ------------------------

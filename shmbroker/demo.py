@@ -143,9 +143,13 @@ def run_broker_demo(data_dir: str, out: TextIO, records_total: int = 200_000) ->
     per_producer = max(1, records_total // DEMO_PRODUCERS)
     os.makedirs(data_dir, mode=0o700, exist_ok=True)
     log_path = os.path.join(data_dir, "demo-broker.log")
-    say(f"shmbroker demo: starting `shmbroker serve --data-dir {data_dir}` (its log: {log_path})")
+    # No router: the demo's clients use shared memory, and a broker already on this host may
+    # hold serve's default port (7070), which must not break `make run`.
+    say(f"shmbroker demo: starting `shmbroker serve --data-dir {data_dir} --listen none` (its "
+        f"log: {log_path})")
     with open(log_path, "ab") as broker_log:
-        broker = subprocess.Popen([sys.executable, "-m", "shmbroker", "serve", "--data-dir", data_dir],
+        broker = subprocess.Popen([sys.executable, "-m", "shmbroker", "serve", "--data-dir", data_dir,
+                                   "--listen", "none"],
                                   stdout=broker_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
         with _wait_for_broker(data_dir, broker, log_path) as admin:

@@ -174,6 +174,16 @@ class UnsupportedFeatureError(ShmbrokerError, NotImplementedError):
     code = -1  # never on the wire
 
 
+class AuthenticationError(ShmbrokerError):
+    """The router refused this client at the CURVE handshake: its public key is not in the
+    broker's allow-list, it does not use CURVE while the router requires it (or the other way
+    round), or it has the wrong server public key. Not retriable: the same keys fail again.
+    Raised by the client library from ZeroMQ's handshake events (never a reply on the wire:
+    a refused client gets no connection to send a request on)."""
+
+    code = 58  # SASL_AUTHENTICATION_FAILED: Kafka's "the credentials were refused"
+
+
 # --- the broker's processes -------------------------------------------------------------------
 
 class BrokerNotRunningError(ShmbrokerError):

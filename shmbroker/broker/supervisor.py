@@ -1,6 +1,6 @@
 """The supervisor: the `shmbroker serve` process (docs/design/broker.md).
 
-It starts the coordinator, the router (with ``--listen``), the metrics endpoint (with
+It starts the coordinator, the router (unless ``--listen none``), the metrics endpoint (with
 ``--metrics-listen``), and one process per partition as fresh interpreters
 (``sys.executable -m shmbroker.partition ...``; never a fork of a process that may have
 threads), waits on them without polling (a pidfd per child, its ready pipe, the coordinator's
@@ -227,9 +227,15 @@ class Supervisor:
         if child.role == "router":
             assert self.config.listen is not None
             # A restarted router binds the port its first run got, so clients reconnect.
+            curve = []
+            if self.config.curve:
+                curve = ["--curve-server-secret-key-file",
+                         os.path.abspath(self.config.curve_server_secret_key_file),
+                         "--curve-allowed-clients-dir",
+                         os.path.abspath(self.config.curve_allowed_clients_dir)]
             return [sys.executable, "-m", "shmbroker.router", *common,
                     "--listen", self.router_endpoint or self.config.listen,
-                    "--hot-window-bytes", str(self.config.hot_window_bytes)]
+                    "--hot-window-bytes", str(self.config.hot_window_bytes), *curve]
         if child.role == "metrics":
             assert self.config.metrics_listen is not None
             # A restarted metrics process binds the port its first run got (scrape configs).
@@ -452,14 +458,25 @@ class Supervisor:
                      sum(c.role == "partition" for c in children))
 
 
-def _check_listen(listen: str) -> None:
-    """A bad or taken ``--listen`` stops `serve` with a clear error before anything starts
-    (rather than a router that keeps failing to bind): a trial bind, closed at once."""
-    import zmq
-
+def check_router_settings(config: BrokerConfig) -> None:
+    """The router's address and keys, checked before anything starts (ConfigError): a
+    well-formed address, non-loopback only with CURVE, key files that load (and a secret key
+    not readable by others), an allow-list directory with keys in it."""
+    from ..router.auth import load_server_keys
     from ..router.server import check_listen_address
 
-    check_listen_address(listen)
+    if config.listen is None:
+        return
+    check_listen_address(config.listen, config.curve)
+    if config.curve:
+        load_server_keys(config.curve_server_secret_key_file, config.curve_allowed_clients_dir)
+
+
+def _check_listen(listen: str) -> None:
+    """A taken ``--listen`` stops `serve` with a clear error before anything starts (rather
+    than a router that keeps failing to bind): a trial bind, closed at once."""
+    import zmq
+
     if listen.rsplit(":", 1)[-1] == "*":
         return
     trial = zmq.Context.instance().socket(zmq.ROUTER)
@@ -468,7 +485,8 @@ def _check_listen(listen: str) -> None:
         trial.bind(listen)
     except zmq.ZMQError as exc:
         raise ShmbrokerError(f"--listen {listen}: cannot bind ({exc.strerror}); is another "
-                             f"broker listening there? pass another --listen") from None
+                             f"broker listening there? pass another --listen (or --listen "
+                             f"none: no router)") from None
     finally:
         trial.close(linger=0)
 
@@ -500,6 +518,7 @@ def serve(data_dir: str, config: BrokerConfig = BrokerConfig()) -> int:
 
     data_dir = os.path.abspath(data_dir)
     endpoint(data_dir)  # a data dir too deep for a Unix socket fails before anything starts
+    check_router_settings(config)
     if config.listen is not None:
         _check_listen(config.listen)
     if config.metrics_listen is not None:

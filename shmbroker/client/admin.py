@@ -32,6 +32,7 @@ from .. import errors
 from ..config import ADMIN_LIVENESS_CHECK_MS, ADMIN_REQUEST_TIMEOUT_MS, default_data_dir
 from ..coordinator import protocol
 from ..coordinator.server import endpoint, socket_path
+from .curve import HandshakeWatch, client_keys, dealer
 
 
 @dataclass(frozen=True)
@@ -55,14 +56,25 @@ class Admin:
     """Topic administration of the broker serving ``broker``: a data dir (local), or the
     ``tcp://host:port`` its router listens on (`serve --listen`; remote). Remote, what needs
     the partitions' shared memory (end offsets, lag, ``reset_offsets``) is not available yet:
-    UnsupportedFeatureError."""
+    UnsupportedFeatureError.
+
+    ``curve_server_key`` (the broker's public key: its ``.key`` file or Z85 text) and
+    ``curve_secret_key_file`` (this client's ``.key_secret``): for a router that requires CURVE
+    (client/curve.py). A refused handshake raises AuthenticationError from the request."""
 
     def __init__(self, broker: str | os.PathLike | None = None,
-                 request_timeout_ms: int = ADMIN_REQUEST_TIMEOUT_MS):
+                 request_timeout_ms: int = ADMIN_REQUEST_TIMEOUT_MS,
+                 curve_server_key: str | bytes | os.PathLike | None = None,
+                 curve_secret_key_file: str | os.PathLike | None = None):
         where = os.fspath(broker) if broker is not None else default_data_dir()
         #: True for a broker reached through its router (tcp://...): no local checks.
         self.remote = where.startswith("tcp://")
         self.data_dir = where if self.remote else os.path.abspath(where)
+        self.curve = client_keys(curve_server_key, curve_secret_key_file)
+        if self.curve is not None and not self.remote:
+            raise errors.ConfigError("curve_server_key / curve_secret_key_file are for a "
+                                     "broker reached through its router (tcp://...); a local "
+                                     "broker is reached through files of this host")
         self.request_timeout_ms = request_timeout_ms
         self._ids = itertools.count(1)
         #: Requests sent by _request_later, unanswered: id -> (deadline, type, on_reply).
@@ -72,13 +84,14 @@ class Admin:
         self._endpoint = self.data_dir if self.remote else endpoint(self.data_dir)
         self._check_running()
         self._context = zmq.Context.instance()
-        self._socket = self._context.socket(zmq.DEALER)
-        self._socket.setsockopt(zmq.LINGER, 0)
+        # The monitor tells when the connection to the coordinator drops (it died: kill -9,
+        # restart): a request sent before that will get no reply (see _request); and when a
+        # router refuses our handshake (AuthenticationError, client/curve.py).
+        self._socket, self._monitor = dealer(self._context, self.curve, zmq.EVENT_DISCONNECTED,
+                                             self.remote)
+        self._watch = HandshakeWatch(self._monitor, self.data_dir, self.curve)
         # Do not queue requests for a coordinator that is not there: fail by the timeout.
         self._socket.setsockopt(zmq.IMMEDIATE, 1)
-        # Tells when the connection to the coordinator drops (it died: kill -9, restart): a
-        # request sent before that will get no reply (see _request).
-        self._monitor = self._socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self._poller = zmq.Poller()
         self._poller.register(self._socket, zmq.POLLIN)
         self._poller.register(self._monitor, zmq.POLLIN)
@@ -263,6 +276,8 @@ class Admin:
                 self._socket.send(message)
                 return
             except zmq.Again:
+                # Not connected: a refused handshake raises here, not after the timeout.
+                self._drop_pending_if_disconnected()
                 if time.monotonic() >= deadline:
                     self._timed_out(request_type, timeout_ms)
                 self._check_running(socket_too=False)
@@ -270,11 +285,8 @@ class Admin:
     def _drop_pending_if_disconnected(self) -> bool:
         """Whether the connection dropped since we last looked; if so, every request still
         waiting for its reply is lost: the _request_later ones get CoordinatorNotAvailableError
-        (the caller raises it for its own)."""
-        dropped = False
-        while self._monitor.poll(0, zmq.POLLIN):  # bounded: events queued so far
-            self._monitor.recv_multipart()
-            dropped = True
+        (the caller raises it for its own). AuthenticationError if a handshake was refused."""
+        dropped = self._watch.poll()
         if dropped and self._later:
             for request_type, on_reply in [(t, f) for _, t, f in self._later.values()]:
                 self._arrived.append((on_reply, errors.CoordinatorNotAvailableError(

@@ -298,7 +298,7 @@ class Consumer:
                     protocols=list(group_protocols), session_timeout_ms=session_timeout_ms,
                     rebalance_timeout_ms=max_poll_interval_ms,
                     heartbeat_interval_ms=heartbeat_interval_ms,
-                    group_instance_id=group_instance_id)
+                    group_instance_id=group_instance_id, admin_kwargs=self._admin_kwargs())
                 try:
                     self._group = GroupMembership(**self._group_args)
                 except errors.BrokerNotRunningError as e:
@@ -324,6 +324,10 @@ class Consumer:
 
     def _new_metadata(self) -> LocalMetadata:
         return LocalMetadata(self.data_dir)
+
+    def _admin_kwargs(self) -> dict:
+        """More arguments of the group's Admin objects (none locally)."""
+        return {}
 
     # -- assignment -------------------------------------------------------------------------------
 

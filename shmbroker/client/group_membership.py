@@ -72,7 +72,8 @@ class GroupMembership:
     def __init__(self, data_dir: str, group_id: str, topics: Iterable[str], client_id: str,
                  protocols: Iterable[str] = DEFAULT_PROTOCOLS,
                  session_timeout_ms: int = 45_000, rebalance_timeout_ms: int = 300_000,
-                 heartbeat_interval_ms: int = 100, group_instance_id: str | None = None):
+                 heartbeat_interval_ms: int = 100, group_instance_id: str | None = None,
+                 admin_kwargs: dict | None = None):
         _check_ms("session_timeout_ms", session_timeout_ms, GROUP_SESSION_TIMEOUT_MS_MIN,
                   GROUP_SESSION_TIMEOUT_MS_MAX)
         _check_ms("max_poll_interval_ms", rebalance_timeout_ms, GROUP_REBALANCE_TIMEOUT_MS_MIN,
@@ -88,6 +89,8 @@ class GroupMembership:
         if not self.topics:
             raise errors.ConfigError(f"group {group_id!r}: subscribe to at least one topic")
         self.data_dir = data_dir
+        #: More arguments of every Admin this member makes (a remote member's CURVE keys).
+        self.admin_kwargs = dict(admin_kwargs or {})
         self.client_id = client_id
         self.group_instance_id = group_instance_id
         self.protocols = list(protocols)
@@ -115,7 +118,8 @@ class GroupMembership:
         # bounded waits); used as it is. A request not answered within ADMIN_REQUEST_TIMEOUT_MS
         # (30 s, Kafka's request.timeout.ms) is RequestTimeoutError (retriable), raised from
         # poll/commit; the timeout is raised only around a held join.
-        self._admin = Admin(broker=data_dir, request_timeout_ms=ADMIN_REQUEST_TIMEOUT_MS)
+        self._admin = Admin(broker=data_dir, request_timeout_ms=ADMIN_REQUEST_TIMEOUT_MS,
+                            **self.admin_kwargs)
 
     # -- membership -------------------------------------------------------------------------------
 

@@ -61,7 +61,8 @@ class HeartbeatThread(threading.Thread):
         interval_s = m.heartbeat_interval_ms / 1000
         try:
             admin = Admin(broker=m.data_dir,
-                          request_timeout_ms=min(HEARTBEAT_REQUEST_TIMEOUT_MS, m.session_timeout_ms))
+                          request_timeout_ms=min(HEARTBEAT_REQUEST_TIMEOUT_MS, m.session_timeout_ms),
+                          **m.admin_kwargs)
         except errors.ShmbrokerError as e:  # the broker went away: polls will say so
             log.warning("group %r: no heartbeat thread: %s", m.group_id, e)
             return

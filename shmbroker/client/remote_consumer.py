@@ -37,6 +37,7 @@ from .. import errors, records
 from ..router import protocol as wire
 from . import cold_read
 from .consumer import Consumer
+from .curve import client_keys, curve_kwargs
 from .group_membership import GroupMembership
 from .remote_wire import REMOTE_REQUEST_TIMEOUT_MS, Connection, RemoteMetadata, decode_reply
 from .types import TopicPartition
@@ -87,11 +88,14 @@ class RemoteConsumer(Consumer):
     """``Consumer`` over TCP (see the module doc). ``request_timeout_ms``: how long a
     list_offsets waits; fetches wait their max_wait_ms plus FETCH_REPLY_SLACK_MS.
     ``cold_read_bytes_max``: the largest cold-read grant taken (0: none, every byte comes in
-    fetch replies)."""
+    fetch replies). ``curve_server_key`` and ``curve_secret_key_file``: for a router that
+    requires CURVE (client/curve.py; a refused handshake is AuthenticationError)."""
 
     def __init__(self, *topics: str, broker: str, value_memoryview: bool = False,
                  request_timeout_ms: int = REMOTE_REQUEST_TIMEOUT_MS,
-                 cold_read_bytes_max: int = COLD_READ_BYTES_DEFAULT, **kwargs):
+                 cold_read_bytes_max: int = COLD_READ_BYTES_DEFAULT,
+                 curve_server_key: str | bytes | os.PathLike | None = None,
+                 curve_secret_key_file: str | os.PathLike | None = None, **kwargs):
         if not isinstance(cold_read_bytes_max, int) or \
                 not 0 <= cold_read_bytes_max <= wire.FETCH_BYTES_MAX:
             raise errors.ConfigError(f"cold_read_bytes_max={cold_read_bytes_max!r} must be an "
@@ -109,11 +113,15 @@ class RemoteConsumer(Consumer):
         #: never depends on the data connection.
         self._cold_paused = False
         self._cold_reader = cold_read.ColdReader()
+        self.curve = client_keys(curve_server_key, curve_secret_key_file)
         self._conn: Connection | None = None
         super().__init__(*topics, broker=broker, **kwargs)
 
     def _new_metadata(self):
-        return RemoteMetadata(self.address, self.request_timeout_ms)
+        return RemoteMetadata(self.address, self.request_timeout_ms, self.curve)
+
+    def _admin_kwargs(self) -> dict:
+        return curve_kwargs(self.curve)
 
     def _new_counters(self):
         return None  # no shared memory of the broker's here: the router counts what it sends
@@ -311,7 +319,7 @@ class RemoteConsumer(Consumer):
 
     def _connection(self) -> Connection:
         if self._conn is None:
-            self._conn = Connection(self.address)
+            self._conn = Connection(self.address, self.curve)
         return self._conn
 
     def _request(self, frames: list, timeout_ms: float, with_data: bool = False):

@@ -46,6 +46,7 @@ from ..layout import record_batch as RB
 from ..native import _native
 from ..router import protocol as wire
 from .producer import RECORD_OVERHEAD_BYTES_MAX, Producer, RecordFuture, RecordMetadata, _Batch
+from .curve import client_keys
 from .remote_wire import REMOTE_REQUEST_TIMEOUT_MS, Connection, RemoteMetadata, decode_reply
 
 log = logging.getLogger("shmbroker.remote")
@@ -76,12 +77,17 @@ class _Request:
 
 class RemoteProducer(Producer):
     """``Producer`` over TCP (see the module doc). ``ring_bytes`` and ``spin_ns`` are accepted
-    and ignored (there is no ring on this side); ``request_timeout_ms``: see the module doc."""
+    and ignored (there is no ring on this side); ``request_timeout_ms``: see the module doc;
+    ``curve_server_key`` and ``curve_secret_key_file``: for a router that requires CURVE
+    (client/curve.py; a refused handshake is AuthenticationError, from ``send`` or a future)."""
 
     def __init__(self, broker: str, acks: int | str = 1, linger_ms: float = 0,
-                 *args, request_timeout_ms: int = REMOTE_REQUEST_TIMEOUT_MS, **kwargs):
+                 *args, request_timeout_ms: int = REMOTE_REQUEST_TIMEOUT_MS,
+                 curve_server_key: str | bytes | os.PathLike | None = None,
+                 curve_secret_key_file: str | os.PathLike | None = None, **kwargs):
         self.address = broker
         self.request_timeout_ms = request_timeout_ms
+        self.curve = client_keys(curve_server_key, curve_secret_key_file)
         super().__init__(broker, acks, linger_ms, *args, **kwargs)
         self.data_dir = broker
 
@@ -93,7 +99,7 @@ class RemoteProducer(Producer):
         self._closed = False
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
-        self._meta = RemoteMetadata(self.address, self.request_timeout_ms)
+        self._meta = RemoteMetadata(self.address, self.request_timeout_ms, self.curve)
         self._accs: dict[tuple[str, int], Any] = {}
         self._sticky: dict[str, int] = {}
         self._outbox: deque[_Request] = deque()
@@ -103,6 +109,9 @@ class RemoteProducer(Producer):
         self._io = threading.Thread(target=self._io_main, name="shmbroker-remote-producer",
                                     daemon=True)
         self._io_started = False
+        #: Why the I/O thread ended early (refused by the router, or a bug): later batches
+        #: fail with it at once.
+        self._io_error: errors.ShmbrokerError | None = None
 
     # -- the API ------------------------------------------------------------------------------
 
@@ -253,6 +262,9 @@ class RemoteProducer(Producer):
         batch.count = count
         payload = acc.encode(-1, -1, -1)  # the router stamps the producer fields
         acc.batch = _Batch(self, topic, partition)
+        if self._io_error is not None:  # no I/O thread any more: fail now, never hang
+            batch.fail(self._io_error)
+            return
         request = _Request(batch, payload,
                            time.monotonic() + self.delivery_timeout_ms / 1000.0)
         self._outbox.append(request)
@@ -306,16 +318,21 @@ class RemoteProducer(Producer):
     def _io_main(self) -> None:
         """Sends, receives, reconnects (see the module doc); ends once the producer is closed
         and nothing is left to send or wait for. Each turn sleeps in poll."""
-        conn = Connection(self.address)
+        conn = Connection(self.address, self.curve)
         inflight: dict[int, _Request] = {}  # id -> request, in send order
         try:
             while True:  # bounded: ends at close (each turn sleeps at most _IO_SLICE_MS)
                 if not self._io_turn(conn, inflight):
                     return
-        except Exception:  # a bug: fail loudly in the log, and fail the futures, not hang
-            log.exception("remote producer I/O thread failed")
-            with self._lock:
+        except Exception as exc:  # fail the futures, never hang them
+            if isinstance(exc, errors.AuthenticationError):  # refused: nothing more can go
+                log.error("remote producer: %s", exc)
+                error: errors.ShmbrokerError = exc
+            else:  # a bug: fail loudly in the log
+                log.exception("remote producer I/O thread failed")
                 error = errors.ShmbrokerError("the remote producer's I/O thread failed")
+            with self._lock:
+                self._io_error = error
                 for request in [*inflight.values(), *self._outbox]:
                     request.batch.fail(error)
                 self._outbox.clear()

@@ -15,6 +15,7 @@ from .. import errors
 from ..config import PRODUCER_METADATA_MAX_AGE_MS
 from ..coordinator import protocol
 from .admin import Admin, TopicDescription
+from .curve import CurveClientKeys, HandshakeWatch, curve_kwargs, dealer
 
 log = logging.getLogger("shmbroker.remote")
 
@@ -35,26 +36,29 @@ def is_remote(broker) -> bool:
 class Connection:
     """One DEALER to the router. ``dropped()`` says (once) that the TCP connection went away:
     replies to what was in flight will not come; ``reopen()`` makes a fresh socket, so nothing
-    queued on the old one goes out twice and no late reply arrives for a resent request."""
+    queued on the old one goes out twice and no late reply arrives for a resent request.
+    ``dropped()`` raises AuthenticationError when the router refused the handshake
+    (client/curve.py): a refused client fails at once instead of waiting for its timeouts."""
 
-    def __init__(self, address: str):
+    def __init__(self, address: str, curve: CurveClientKeys | None = None):
         self.address = address
+        self.curve = curve
         self.context = zmq.Context.instance()
         self.ids = itertools.count(1)
         self.sock: zmq.Socket | None = None
         self.monitor: zmq.Socket | None = None
+        self.watch: HandshakeWatch | None = None
         #: How often the connection was remade (for tests and logs).
         self.reopened = 0
         self._open()
 
     def _open(self) -> None:
-        sock = self.context.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
+        sock, self.monitor = dealer(self.context, self.curve, zmq.EVENT_DISCONNECTED)
+        self.watch = HandshakeWatch(self.monitor, self.address, self.curve)
         sock.setsockopt(zmq.SNDHWM, REMOTE_HWM)
         sock.setsockopt(zmq.RCVHWM, REMOTE_HWM)
         sock.setsockopt(zmq.RECONNECT_IVL, 50)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1_000)
-        self.monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         sock.connect(self.address)
         self.sock = sock
 
@@ -62,12 +66,8 @@ class Connection:
         return next(self.ids)
 
     def dropped(self) -> bool:
-        dropped = False
-        assert self.monitor is not None
-        while self.monitor.poll(0, zmq.POLLIN):  # bounded: the events queued so far
-            self.monitor.recv_multipart()
-            dropped = True
-        return dropped
+        assert self.watch is not None
+        return self.watch.poll()
 
     def reopen(self) -> None:
         self._close_sockets()
@@ -85,6 +85,7 @@ class Connection:
         if self.monitor is not None:
             self.monitor.close(linger=0)
             self.monitor = None
+            self.watch = None
 
     def close(self) -> None:
         self._close_sockets()
@@ -102,8 +103,10 @@ class RemoteMetadata:
     PRODUCER_METADATA_MAX_AGE_MS so partitions added meanwhile are seen (Kafka's
     metadata.max.age.ms)."""
 
-    def __init__(self, address: str, request_timeout_ms: int = REMOTE_REQUEST_TIMEOUT_MS):
+    def __init__(self, address: str, request_timeout_ms: int = REMOTE_REQUEST_TIMEOUT_MS,
+                 curve: CurveClientKeys | None = None):
         self.address = address
+        self.curve = curve
         self.data_dir = address
         self.request_timeout_ms = request_timeout_ms
         self._admin: Admin | None = None
@@ -138,7 +141,8 @@ class RemoteMetadata:
 
     def _describe(self, name: str) -> TopicDescription:
         if self._admin is None:
-            self._admin = Admin(broker=self.address, request_timeout_ms=self.request_timeout_ms)
+            self._admin = Admin(broker=self.address, request_timeout_ms=self.request_timeout_ms,
+                                **curve_kwargs(self.curve))
         return self._admin.describe_topic(name)
 
     def partitions(self, name: str) -> int:

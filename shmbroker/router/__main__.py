@@ -1,4 +1,4 @@
-"""``python -m shmbroker.router``: started by the supervisor when `serve --listen` is given."""
+"""``python -m shmbroker.router``: started by the supervisor unless `serve --listen none`."""
 import sys
 
 from .process import main

@@ -25,7 +25,10 @@ drop):
   greedy client must not fill the coordinator's queue for everyone).
 
 A reply whose client has gone (ROUTER_MANDATORY makes the send fail instead of dropping it
-silently) is logged. Owned by the router process's main thread; not thread-safe.
+silently) is logged. With CURVE keys the socket is a CURVE server and only allow-listed
+clients get this far (router/auth.py); a refusal is logged with the client's address, which
+each message's metadata carries. Owned by the router process's main thread; not
+thread-safe.
 """
 from __future__ import annotations
 
@@ -44,6 +47,7 @@ from ..coordinator.server import attach_counters
 from ..coordinator.server import endpoint as coordinator_endpoint
 from ..layout import counters as CL
 from . import protocol as data_protocol
+from .auth import Authenticator, CurveServerKeys, client_label
 from .cold_read import ColdReads
 from .fetch import Fetch, FetchRequest, parse_fetch, parse_list_offsets
 from .produce import Outcome, Produce
@@ -78,35 +82,38 @@ _BATCH = 64
 _DELIMITER = b""
 
 
-def check_listen_address(listen: str) -> None:
-    """Only ``tcp://`` on a loopback address for now: there is no authentication yet (issue 5
-    asks for CURVE before a non-loopback bind), so a broker must not be reachable from other
-    hosts. ConfigError says why."""
+def check_listen_address(listen: str, authenticated: bool) -> None:
+    """``tcp://HOST:PORT``; a non-loopback HOST only with CURVE authentication configured
+    (``authenticated``): without it anyone who can reach the port could read and write every
+    topic. ConfigError says why and what to do."""
     parts = urlsplit(listen)
     if parts.scheme != "tcp" or not parts.hostname:
         raise errors.ConfigError(f"--listen {listen!r}: expected tcp://HOST:PORT, e.g. "
-                                 f"tcp://127.0.0.1:7070 (PORT * picks a free one)")
+                                 f"tcp://127.0.0.1:7070 (PORT * picks a free one), or none")
     host = parts.hostname
     try:
         loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:
         loopback = False
-    if not loopback:
+    if not loopback and not authenticated:
         raise errors.ConfigError(
-            f"--listen {listen!r}: only loopback addresses (127.0.0.1, ::1, localhost) for "
-            f"now; listening on other interfaces needs CURVE authentication, which is not "
-            f"built yet")
+            f"--listen {listen!r}: a non-loopback address needs CURVE authentication: set "
+            f"curve_server_secret_key_file and curve_allowed_clients_dir (flags or --config "
+            f"file; keys from `shmbroker keys generate`), or listen on 127.0.0.1")
 
 
 class RouterServer:
     """Binds ``listen``; serves produce/fetch/list_offsets and forwards coordinator requests
     (see the module doc)."""
 
-    def __init__(self, data_dir: str, listen: str, context: zmq.Context | None = None,
+    def __init__(self, data_dir: str, listen: str, curve: CurveServerKeys | None = None,
+                 context: zmq.Context | None = None,
                  hot_window_bytes: int = COLD_READ_HOT_WINDOW_BYTES_DEFAULT):
-        check_listen_address(listen)
+        check_listen_address(listen, curve is not None)
         self.data_dir = data_dir
         self.context = context or zmq.Context.instance()
+        #: CURVE's ZAP handler and handshake monitor; None: no authentication (loopback only).
+        self.auth: Authenticator | None = None
         self.frontend = self.context.socket(zmq.ROUTER)
         self.backend = self.context.socket(zmq.DEALER)
         for sock in (self.frontend, self.backend):
@@ -116,6 +123,9 @@ class RouterServer:
         self.frontend.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.frontend.setsockopt(zmq.MAXMSGSIZE, ROUTER_MESSAGE_BYTES_MAX)
         try:
+            if curve is not None:  # before the bind: no handshake may happen without ZAP
+                self.auth = Authenticator(self.context, curve)
+                self.auth.secure(self.frontend)
             self.frontend.bind(listen)
         except zmq.ZMQError as exc:
             self.close()
@@ -147,9 +157,13 @@ class RouterServer:
         poller.register(self.backend, zmq.POLLIN)
         if stop_fd is not None:
             poller.register(stop_fd, zmq.POLLIN)
+        for sock in self.auth.sockets() if self.auth is not None else ():
+            poller.register(sock, zmq.POLLIN)
         while not is_stopped():
             # Idle: sleeps until a message or the stop signal; with work pending, bounded.
             events = dict(poller.poll(self._poll_timeout_ms()))
+            if self.auth is not None:  # handshakes first: a client waits on its ZAP answer
+                self.auth.handle(events)
             if self.backend in events:
                 self._replies()
             if self.frontend in events:
@@ -198,6 +212,7 @@ class RouterServer:
 
     def _request(self, frames: list) -> None:
         identity, rest = frames[0].bytes, frames[1:]
+        frame = frames[-1]  # its metadata has the client's address, for refusal logs
         route = [identity]
         if len(rest) >= 2 and len(rest[0]) == 0:  # a REQ socket's delimiter
             route, rest = [identity, _DELIMITER], rest[1:]
@@ -205,44 +220,47 @@ class RouterServer:
             self._refuse(route, errors.InvalidRequestError(
                 f"a request is one frame (the msgpack body; or an empty delimiter and the body "
                 f"from a REQ socket), or two for produce (the body and one RecordBatch), got "
-                f"{len(rest)} frame(s)"))
+                f"{len(rest)} frame(s)"), None, frame)
             return
         if len(rest[0]) > COORDINATOR_REQUEST_BYTES_MAX:
             self._refuse(route, errors.InvalidRequestError(
-                f"request of {len(rest[0])} bytes; the limit is {COORDINATOR_REQUEST_BYTES_MAX}"))
+                f"request of {len(rest[0])} bytes; the limit is {COORDINATOR_REQUEST_BYTES_MAX}"),
+                None, frame)
             return
         body = rest[0].bytes
         try:
             request_id, request_type, fields = protocol.decode_request(
                 body, data_protocol.ALL_REQUEST_FIELDS)
         except errors.ShmbrokerError as exc:
-            self._refuse(route, exc, getattr(exc, "request_id", None))
+            self._refuse(route, exc, getattr(exc, "request_id", None), frame)
             return
         records_frame = rest[1] if len(rest) == 2 else None
         if (request_type == "produce") != (records_frame is not None):
             expected = "two frames (the body, then one RecordBatch)" \
                 if request_type == "produce" else "one frame"
             self._refuse(route, errors.InvalidRequestError(
-                f"{request_type}: expected {expected}, got {len(rest)}"), request_id)
+                f"{request_type}: expected {expected}, got {len(rest)}"), request_id, frame)
             return
         waiting = self.inflight.get(identity, 0)
         if waiting >= ROUTER_INFLIGHT_MAX:
             self._refuse(route, errors.InvalidRequestError(
                 f"{waiting} requests of this client are waiting for replies already; the limit "
-                f"is {ROUTER_INFLIGHT_MAX}: wait for replies before sending more"), request_id)
+                f"is {ROUTER_INFLIGHT_MAX}: wait for replies before sending more"), request_id,
+                frame)
             return
         if request_type in data_protocol.DATA_REQUEST_FIELDS:
-            self._data_request(route, request_id, request_type, fields, records_frame)
+            self._data_request(route, request_id, request_type, fields, records_frame, frame)
         else:
-            self._forward(route, identity, body, request_id, waiting)
+            self._forward(route, identity, body, request_id, waiting, frame)
 
     def _forward(self, route: list, identity: bytes, body: bytes, request_id: int,
-                 waiting: int) -> None:
+                 waiting: int, frame: zmq.Frame) -> None:
         try:
             self.backend.send_multipart([*route, body], zmq.NOBLOCK)
         except zmq.Again:
             self._refuse(route, errors.CoordinatorNotAvailableError(
-                "the coordinator is not keeping up (or restarting); try again"), request_id)
+                "the coordinator is not keeping up (or restarting); try again"), request_id,
+                frame)
             return
         self.inflight[identity] = waiting + 1
         self.forwarded += 1
@@ -250,7 +268,7 @@ class RouterServer:
     # -- produce, fetch, list_offsets ---------------------------------------------------------------
 
     def _data_request(self, route: list, request_id: int, request_type: str, fields: dict,
-                      records_frame) -> None:
+                      records_frame, frame: zmq.Frame) -> None:
         try:
             if request_type == "produce":
                 acks = fields["acks"]
@@ -268,7 +286,7 @@ class RouterServer:
                 result = self.fetch.list_offsets(parse_list_offsets(fields))
                 self._send([*route, protocol.ok_reply(request_id, result)])
         except errors.ShmbrokerError as exc:
-            self._refuse(route, exc, request_id)
+            self._refuse(route, exc, request_id, frame)
 
     def _count(self, identity: bytes, delta: int) -> None:
         left = self.inflight.get(identity, 0) + delta
@@ -353,11 +371,13 @@ class RouterServer:
             self._send(frames)
 
     def _refuse(self, route: list[bytes], exc: errors.ShmbrokerError,
-                request_id: int | None = None) -> None:
+                request_id: int | None = None, frame: zmq.Frame | None = None) -> None:
         """Answer a request with an error; the id is echoed when it was read (so the client
-        matches the reply), else null."""
+        matches the reply), else null. ``frame``, a frame of the request when it is at hand,
+        gives the client's address (and CURVE name) for the log."""
         self.refused += 1
-        log.warning("refused a request from client %s: %s", route[0].hex(), exc)
+        log.warning("refused a request from client %s %s: %s", route[0].hex(),
+                    client_label(frame) if frame is not None else "(address not kept)", exc)
         self._send([*route, protocol.error_reply(request_id, exc)])
 
     def _send(self, frames: list[bytes]) -> None:
@@ -368,6 +388,9 @@ class RouterServer:
             log.warning("reply to client %s not delivered: %s", frames[0].hex(), exc.strerror)
 
     def close(self) -> None:
+        if self.auth is not None:
+            self.frontend.disable_monitor()
+            self.auth.close()
         self.frontend.close(linger=0)
         self.backend.close(linger=0)
         produce = getattr(self, "produce", None)

@@ -34,6 +34,15 @@ def wait_for(predicate: Callable[[], Any], timeout_s: float = WAIT_S_MAX, what: 
         time.sleep(interval_s)
 
 
+def no_default_listen(serve_args: tuple[str, ...]) -> tuple[str, ...]:
+    """`serve` binds tcp://127.0.0.1:7070 by default; tests run many brokers at once, so one
+    that does not ask for a router (``--listen``, or a ``--config`` file) gets none."""
+    if any(a in ("--listen", "--config") or a.startswith(("--listen=", "--config="))
+           for a in serve_args):
+        return tuple(serve_args)
+    return (*serve_args, "--listen", "none")
+
+
 class Broker:
     """One `shmbroker serve` process (in its own session, so kill -9 can take its whole tree)."""
 
@@ -48,7 +57,7 @@ class Broker:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "shmbroker", "serve", "--data-dir", self.data_dir,
-                 *self.serve_args],
+                 *no_default_listen(self.serve_args)],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True)
         if wait:

@@ -51,7 +51,7 @@ def test_serve_starts_supervisor_coordinator_and_one_named_process_per_partition
 
 
 def test_second_broker_on_the_same_data_dir_is_refused_naming_pid_and_dir(broker):
-    proc = run_cli("serve", "--data-dir", broker.data_dir, timeout=30)
+    proc = run_cli("serve", "--data-dir", broker.data_dir, "--listen", "none", timeout=30)
     assert proc.returncode == 1
     assert f"another broker (pid {broker.proc.pid}) is running on data dir {broker.data_dir}" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -90,7 +90,8 @@ def test_partition_spin_option_reaches_every_partition_process_and_data_still_fl
         consumer.assign([("spun", 1)])
         consumer.seek(("spun", 1), offset)
         assert [r.value for r in consumer.poll(timeout_ms=5_000)] == [b"spun"]
-    bad = run_cli("serve", "--data-dir", broker.data_dir, "--partition-spin-us", "99999999")
+    bad = run_cli("serve", "--data-dir", broker.data_dir, "--partition-spin-us", "99999999",
+                  "--listen", "none")
     assert bad.returncode != 0 and "partition_spin_us" in bad.stderr
 
 
@@ -211,7 +212,7 @@ def test_killed_coordinator_is_restarted_and_serves_the_same_topics(broker):
 def test_an_invalid_topics_file_stops_serve_with_a_clear_error(broker_dir):
     with open(os.path.join(broker_dir, "topics.json"), "w") as f:
         f.write('{"format": "shmbroker-topics", "version": 9, "topics": []}')
-    proc = run_cli("serve", "--data-dir", broker_dir, timeout=30)
+    proc = run_cli("serve", "--data-dir", broker_dir, "--listen", "none", timeout=30)
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("shmbroker: error: ") and "topics.json: shmbroker-topics version 9" in lines[-1]

@@ -157,8 +157,8 @@ def test_metrics_endpoint_parses_and_its_lag_is_the_committed_offsets(make_broke
 
 
 def test_metrics_listen_refuses_a_remote_address_unless_allowed(broker_dir):
-    proc = run_cli("serve", "--data-dir", broker_dir, "--metrics-listen", "0.0.0.0:9644",
-                   timeout=30)
+    proc = run_cli("serve", "--data-dir", broker_dir, "--listen", "none", "--metrics-listen",
+                   "0.0.0.0:9644", timeout=30)
     assert proc.returncode == 1 and "only loopback addresses" in proc.stderr
     assert "--metrics-allow-remote" in proc.stderr and "Traceback" not in proc.stderr
 

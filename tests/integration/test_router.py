@@ -158,11 +158,12 @@ def _list_or_none(admin: Admin):
         return None
 
 
-def test_listen_must_be_loopback_tcp_and_free(broker_dir, routed):
+def test_listen_must_be_loopback_tcp_without_curve_and_free(broker_dir, routed):
     proc = run_cli("serve", "--data-dir", broker_dir, "--listen", "tcp://0.0.0.0:7070",
                    timeout=30)
-    assert proc.returncode == 1 and "only loopback" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert proc.returncode == 2, proc.stderr
+    assert "a non-loopback address needs CURVE authentication" in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     proc = run_cli("serve", "--data-dir", broker_dir + "-x", "--listen",
                    routed.address, timeout=30)
     assert proc.returncode == 1 and "cannot bind" in proc.stderr, proc.stderr

@@ -129,5 +129,5 @@ def test_no_broker_running_is_a_typed_error_naming_the_data_dir(broker_dir):
 
 def test_a_data_dir_too_deep_for_a_unix_socket_is_refused_clearly(tmp_path):
     deep = tmp_path / ("d" * 100)
-    line = cli_error("serve", "--data-dir", str(deep))
+    line = cli_error("serve", "--data-dir", str(deep), "--listen", "none")
     assert "too deep" in line and "shorter --data-dir" in line
