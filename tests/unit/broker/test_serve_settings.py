@@ -58,3 +58,13 @@ def test_a_bad_config_file_is_a_config_error_naming_the_file(tmp_path, text, mes
     with pytest.raises(ConfigError, match=message) as caught:
         settings("--config", str(path))
     assert str(path) in str(caught.value) or message == "needs both"
+
+
+def test_the_hot_window_comes_from_the_flag_the_file_or_the_default(tmp_path):
+    from shmbroker.config import COLD_READ_HOT_WINDOW_BYTES_DEFAULT
+
+    assert settings()[1].hot_window_bytes == COLD_READ_HOT_WINDOW_BYTES_DEFAULT
+    path = tmp_path / "b.toml"
+    path.write_text("hot_window_bytes = 1048576\n")
+    assert settings("--config", str(path))[1].hot_window_bytes == 1 << 20
+    assert settings("--config", str(path), "--hot-window-bytes", "4096")[1].hot_window_bytes == 4096
