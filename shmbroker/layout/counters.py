@@ -184,6 +184,13 @@ ROUTER_COUNTERS: tuple[Counter, ...] = (
     _c("cold_refused", "Cold-read data connections closed unserved (wrong, used or expired "
                        "token; none in time; too many connections).", "errors_total",
        ("kind", "cold_refused")),
+    # -- remote data and authentication, appended in layout version 1
+    _c("produce_requests", "Produce requests whose batch was handed to a partition's ring."),
+    _c("produce_bytes", "Bytes of record batches received in produce requests."),
+    _c("fetch_replies", "Fetch replies sent (hot: record bytes in the reply)."),
+    _c("fetch_bytes", "Bytes of record batches sent in fetch replies (zero-copy frames)."),
+    _c("auth_refused", "Clients refused by CURVE authentication (a key not allowed).",
+       "errors_total", ("kind", "auth_refused")),
 )
 ROUTER = {c.name: i for i, c in enumerate(ROUTER_COUNTERS)}
 

@@ -145,8 +145,9 @@ class RouterServer:
         #: Counters for logs and tests (this process's; the counters region adds them to
         #: what a predecessor counted: layout/counters.py, ROUTER table).
         self.forwarded = self.refused = self.replies_undeliverable = 0
+        self.produce_requests = self.produce_bytes = self.fetch_replies = self.fetch_bytes = 0
         self.counters = attach_counters(data_dir, "router", CL.KIND_ROUTER)
-        self._counted_base = list(self.counters.values[:8])
+        self._counted_base = list(self.counters.values)
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -200,6 +201,9 @@ class RouterServer:
         cold = self.cold
         v[4:8] = [base[4] + self.fetch.cold_grants, base[5] + cold.server.sent,
                   base[6] + cold.server.bytes_sent, base[7] + cold.server.refused]
+        v[8:13] = [base[8] + self.produce_requests, base[9] + self.produce_bytes,
+                   base[10] + self.fetch_replies, base[11] + self.fetch_bytes,
+                   base[12] + (self.auth.refused if self.auth is not None else 0)]
         self.counters.store()
 
     def _requests(self) -> None:
@@ -276,6 +280,8 @@ class RouterServer:
                     raise errors.InvalidRequestError(f"produce: acks {acks} is not 0, 1 or -1")
                 self.produce.submit(route, request_id, fields["topic"], fields["partition"],
                                     acks, records_frame.buffer)
+                self.produce_requests += 1
+                self.produce_bytes += len(records_frame.buffer)
                 if acks:
                     self._count(route[0], +1)
             elif request_type == "fetch":
@@ -327,6 +333,8 @@ class RouterServer:
             self.replies_undeliverable += 1
             log.warning("fetch reply to client %s not delivered: %s", identity.hex(), exc.strerror)
             return
+        self.fetch_replies += 1
+        self.fetch_bytes += size
         if size:
             self.queued.setdefault(identity, []).append((tracker, size))
 

@@ -515,3 +515,42 @@ def test_a_metadata_refresh_cut_by_a_router_kill_keeps_the_producer_going(routed
         sender.join(timeout=WAIT_S_MAX)
         assert "error" not in outcome, outcome
         assert outcome["future"].result(timeout=WAIT_S_MAX).offset >= 0
+
+
+# -- what the router counts -------------------------------------------------------------------
+
+def test_the_router_counts_produced_and_fetched_bytes_as_the_partition_sees_them(routed):
+    from shmbroker import Consumer, Producer
+    from shmbroker.client.types import TopicPartition
+    from shmbroker.layout import counters as CL
+    from shmbroker.shm import names
+    from shmbroker.shm.counters import CountersReader
+
+    create_topic(routed, "counted", 1)
+    with Producer(broker=routed.address, acks=1) as producer:
+        for i in range(300):
+            producer.send("counted", b"%05d" % i * 10, partition=0)
+        producer.flush(timeout=WAIT_S_MAX)
+    with Consumer(broker=routed.address, auto_offset_reset="earliest") as consumer:
+        consumer.assign([TopicPartition("counted", 0)])
+        got: list = []
+        wait_for(lambda: got.extend(consumer.poll(timeout_ms=200, max_records=1000))
+                 or len(got) >= 300, what="300 records back")
+    prefix = names.broker_prefix(routed.data_dir)
+
+    def read(*name) -> dict:
+        with CountersReader.attach(names.counters_name(prefix, *name)) as reader:
+            return reader.read()
+
+    def settled():
+        router, partition = read("router"), read("partition", "counted", 0)
+        return (router, partition) if router["fetch_bytes"] >= partition["bytes_in"] > 0 else None
+
+    router, partition = wait_for(settled, what="the router's counters to be stored")
+    log_file = os.path.join(routed.data_dir, "counted-0", "00000000000000000000.log")
+    # Every byte the partition appended came through the router, and went out once.
+    assert router["produce_bytes"] == partition["bytes_in"] == os.path.getsize(log_file)
+    assert router["fetch_bytes"] == partition["bytes_in"]
+    assert router["produce_requests"] == partition["batches_in"]
+    assert router["fetch_replies"] >= 1 and router["auth_refused"] == 0
+    assert len(CL.ROUTER_COUNTERS) == len(router)
