@@ -117,15 +117,26 @@ def _create_topic(data_dir: str, name: str = "t") -> None:
             time.sleep(0.05)
 
 
-def run_once(count: int, value_bytes: int) -> dict[str, float]:
+def _start_top(data_dir: str) -> subprocess.Popen:
+    """`shmbroker top --json --interval 1` on the broker, as an operator would leave it
+    running (the --with-top A/B: does watching slow the broker?)."""
+    return subprocess.Popen([sys.executable, "-m", "shmbroker", "top", "--json", "--interval",
+                             "1", "--data-dir", data_dir], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def run_once(count: int, value_bytes: int, with_top: bool = False) -> dict[str, float]:
     out_dir = os.path.join(HERE, "out")
     os.makedirs(out_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="bench-pipeline-", dir=out_dir)
     data_dir = os.path.join(tmp, "data")
     broker = _start_broker(data_dir, os.path.join(tmp, "broker.log"))
     procs = []
+    top = None
     try:
         _create_topic(data_dir)
+        if with_top:
+            top = _start_top(data_dir)
         ctx = mp.get_context("spawn")
         go, results = ctx.Event(), ctx.Queue()
         procs = [ctx.Process(target=_consumer, args=(data_dir, count, go, results)),
@@ -138,8 +149,17 @@ def run_once(count: int, value_bytes: int) -> dict[str, float]:
         for proc in procs:
             proc.join(30)
         out["records per batch"] = (count + 1) / max(1, _batches(data_dir))
+        if top is not None:
+            if top.poll() is not None:
+                raise RuntimeError(f"shmbroker top exited early ({top.returncode})")
+            import psutil
+            times = psutil.Process(top.pid).cpu_times()
+            out["top CPU ms"] = (times.user + times.system) * 1000
         return out
     finally:
+        if top is not None and top.poll() is None:
+            top.terminate()
+            top.wait(10)
         for proc in procs:
             if proc.is_alive():
                 proc.kill()
@@ -165,14 +185,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--count", type=int, default=400_000, help="records (default 400,000)")
     ap.add_argument("--value-bytes", type=int, default=100, help="value size (default 100)")
     ap.add_argument("--runs", type=int, default=3, help="runs, each printed (default 3)")
+    ap.add_argument("--with-top", choices=("no", "yes", "alternate"), default="no",
+                    help="run `shmbroker top --json --interval 1` against the broker during "
+                         "the runs (alternate: every other run, starting without)")
     args = ap.parse_args(argv)
     import shmbroker
 
     print(f"bench_pipeline: shmbroker from {os.path.dirname(shmbroker.__file__)}, "
           f"{args.count:,} x {args.value_bytes} B, {args.runs} runs")
-    for _ in range(args.runs):
-        result = run_once(args.count, args.value_bytes)
-        print("  " + "  ".join(f"{k} {v:,.0f}" for k, v in sorted(result.items())), flush=True)
+    for i in range(args.runs):
+        with_top = args.with_top == "yes" or (args.with_top == "alternate" and i % 2 == 1)
+        result = run_once(args.count, args.value_bytes, with_top)
+        print(f"  top {'on ' if with_top else 'off'}  " +
+              "  ".join(f"{k} {v:,.0f}" for k, v in sorted(result.items())), flush=True)
     return 0
 
 
