@@ -60,6 +60,9 @@ REMOTE_BUFFER_BYTES_MAX = 32 << 20
 REMOTE_BATCH_BYTES_MAX = 2_097_136
 #: The I/O thread wakes at least this often (request and delivery timeouts are checked).
 _IO_SLICE_MS = 100
+#: At close, how long acks=0 batches still queued on the socket get to go out (they are
+#: "delivered" once queued: their futures resolved). Less than close()'s 5 s join.
+REMOTE_ACKS0_CLOSE_LINGER_MS = 3_000
 
 
 class _Request:
@@ -339,7 +342,9 @@ class RemoteProducer(Producer):
                 self._busy.clear()
                 self._cond.notify_all()
         finally:
-            conn.close()
+            # acks=0 batches count as delivered once queued on the socket (their futures are
+            # resolved): closing must let them go out, not drop them. Others are answered.
+            conn.close(REMOTE_ACKS0_CLOSE_LINGER_MS if self.acks == 0 else 0)
 
     def _io_turn(self, conn: Connection, inflight: dict) -> bool:
         with self._lock:

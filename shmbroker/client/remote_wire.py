@@ -74,21 +74,23 @@ class Connection:
         self._open()
         self.reopened += 1
 
-    def _close_sockets(self) -> None:
+    def _close_sockets(self, linger_ms: int = 0) -> None:
         if self.sock is not None:
             try:
                 self.sock.disable_monitor()
             except zmq.ZMQError:
                 pass
-            self.sock.close(linger=0)
+            self.sock.close(linger=linger_ms)
             self.sock = None
         if self.monitor is not None:
             self.monitor.close(linger=0)
             self.monitor = None
             self.watch = None
 
-    def close(self) -> None:
-        self._close_sockets()
+    def close(self, linger_ms: int = 0) -> None:
+        """``linger_ms``: how long messages still queued may take to go out (0: dropped; a
+        reopen after a drop wants that, requests in flight are resent on the new socket)."""
+        self._close_sockets(linger_ms)
 
 
 def decode_reply(frames: list) -> tuple[int | None, dict | errors.ShmbrokerError, list]:

@@ -255,6 +255,22 @@ def test_each_acks_level_gives_the_futures_it_gives_locally(routed, acks):
     assert sorted(r.value for r in got) == sorted(b"x%d" % i for i in range(200))
 
 
+def test_acks_0_batches_queued_at_close_still_reach_the_log(routed):
+    """acks=0 futures resolve once a batch is queued on the socket; close() right after
+    must let the queue drain (it used to close with linger 0 and drop the tail)."""
+    from shmbroker import Consumer, Producer
+
+    create_topic(routed, "a0", 1)
+    count, value = 8_000, b"v" * 2_000  # ~16 MB: more than the kernel's socket buffers hold
+    with Producer(broker=routed.address, acks=0) as producer:
+        for i in range(count):
+            producer.send("a0", value, partition=0)
+        producer.flush(timeout=30)
+    with Consumer("a0", broker=routed.address, auto_offset_reset="earliest") as consumer:
+        wait_for(lambda: consumer.end_offsets([("a0", 0)])[("a0", 0)] == count,
+                 what=f"all {count} acks=0 records in the log")
+
+
 def test_remote_clients_raise_the_local_error_classes(routed):
     from shmbroker import Consumer, Producer, errors
 
