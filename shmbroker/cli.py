@@ -106,7 +106,7 @@ def _print_topic(topic, out) -> None:
 def _cmd_topics(args: argparse.Namespace) -> int:
     from .client.admin import Admin
 
-    with Admin(broker=args.data_dir) as admin:
+    with Admin(broker=_broker(args), **_client_options(args)) as admin:
         if args.topics_command == "create":
             topic = admin.create_topic(args.name, args.partitions, _parse_config(args.config))
             print(f"Created topic {topic.name} with {topic.partitions} partition(s).")
@@ -127,7 +127,7 @@ def _cmd_topics(args: argparse.Namespace) -> int:
 def _cmd_groups(args: argparse.Namespace) -> int:
     from .client.admin import Admin
 
-    with Admin(broker=args.data_dir) as admin:
+    with Admin(broker=_broker(args), **_client_options(args)) as admin:
         if args.groups_command == "list":
             for group in admin.list_groups():
                 print(f"{group['group_id']}\t{group['state']}\tmembers={group['members']}")
@@ -263,9 +263,10 @@ def _add_profile_command(sub) -> None:
 def _cmd_consume(args: argparse.Namespace) -> int:
     from .client.console import consume
 
-    return consume(args.data_dir, args.topic, from_beginning=args.from_beginning,
+    return consume(_broker(args), args.topic, from_beginning=args.from_beginning,
                    partition=args.partition, offset=args.offset, group=args.group,
-                   max_messages=args.max_messages, timeout_ms=args.timeout_ms, fmt=args.format)
+                   max_messages=args.max_messages, timeout_ms=args.timeout_ms, fmt=args.format,
+                   client_options=_client_options(args))
 
 
 def _add_consume_command(sub) -> None:
@@ -279,7 +280,9 @@ def _add_consume_command(sub) -> None:
     consume.add_argument("--partition", type=int, default=None, help="only this partition")
     consume.add_argument("--offset", default=None,
                          help="with --partition: N, -N (N before the end), earliest or latest")
-    consume.add_argument("--group", default=None, help="consumer group (not available yet)")
+    consume.add_argument("--group", default=None,
+                         help="join this consumer group (it assigns the partitions; offsets "
+                              "are committed as records are printed)")
     consume.add_argument("--max-messages", type=int, default=None, help="exit after N records")
     consume.add_argument("--timeout-ms", type=int, default=None,
                          help="exit after this long without a record")
@@ -287,16 +290,17 @@ def _add_consume_command(sub) -> None:
                          help="kcat codes: %%s value, %%k key, %%o offset, %%p partition, "
                               "%%t topic, %%T timestamp, %%S/%%K sizes, %%h headers; \\n \\t "
                               "(default: %%s\\n)")
-    _add_data_dir(consume)
+    _add_target(consume)
     consume.set_defaults(func=_cmd_consume)
 
 
 def _cmd_produce(args: argparse.Namespace) -> int:
     from .client.console_producer import produce_lines
 
-    return produce_lines(args.data_dir, args.topic, sys.stdin.buffer,
+    return produce_lines(_broker(args), args.topic, sys.stdin.buffer,
                          key_separator=args.key_separator, partition=args.partition,
-                         acks=args.acks, verbose=args.verbose)
+                         acks=args.acks, verbose=args.verbose,
+                         client_options=_client_options(args))
 
 
 def _add_produce_command(sub) -> None:
@@ -313,7 +317,7 @@ def _add_produce_command(sub) -> None:
                          help="0: in the ring; 1: appended to the log (default); all: fsynced")
     produce.add_argument("--verbose", action="store_true",
                          help="print the number of records produced at the end (stderr)")
-    _add_data_dir(produce)
+    _add_target(produce)
     produce.set_defaults(func=_cmd_produce)
 
 
@@ -321,6 +325,37 @@ def _add_data_dir(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", default=default_data_dir(),
                         help="the broker's data dir (default: $SHMBROKER_DATA_DIR or "
                              "~/.local/share/shmbroker)")
+
+
+def _add_target(parser: argparse.ArgumentParser) -> None:
+    """A client command's broker: a local data dir, or a router's address (remote)."""
+    _add_data_dir(parser)
+    parser.add_argument("--broker", default=None, metavar="tcp://HOST:PORT",
+                        help="a broker's router instead of a local data dir (remote client)")
+    parser.add_argument("--curve-server-key", default=None, metavar="KEY|FILE",
+                        help="with --broker: the router's public key (its NAME.key file or Z85 "
+                             "text), for a router that requires CURVE")
+    parser.add_argument("--curve-secret-key-file", default=None, metavar="FILE",
+                        help="with --broker: this client's NAME.key_secret (mode 0600)")
+
+
+def _broker(args: argparse.Namespace) -> str:
+    if args.broker is None:
+        return args.data_dir
+    if not args.broker.startswith("tcp://"):
+        raise errors.ConfigError(f"--broker {args.broker!r}: expected tcp://HOST:PORT (a "
+                                 f"broker's router); a local broker is --data-dir DIR")
+    return args.broker
+
+
+def _client_options(args: argparse.Namespace) -> dict:
+    options = {name: getattr(args, name) for name in ("curve_server_key",
+                                                      "curve_secret_key_file")
+               if getattr(args, name) is not None}
+    if options and args.broker is None:
+        raise errors.ConfigError("--curve-server-key and --curve-secret-key-file go with "
+                                 "--broker tcp://HOST:PORT (a local broker needs no keys)")
+    return options
 
 
 def _add_serve_command(sub) -> None:
@@ -390,7 +425,7 @@ def _add_broker_commands(sub) -> None:
     alter.add_argument("name")
     alter.add_argument("--partitions", type=int, required=True)
     for parser in (create, listing, describe, delete, alter):
-        _add_data_dir(parser)
+        _add_target(parser)
     topics.set_defaults(func=_cmd_topics)
     _add_groups_command(sub)
 
@@ -418,7 +453,7 @@ def _add_groups_command(sub) -> None:
     delete = gsub.add_parser("delete", help="delete a group without members, and its offsets")
     delete.add_argument("group")
     for parser in (listing, describe, reset, delete):
-        _add_data_dir(parser)
+        _add_target(parser)
     groups.set_defaults(func=_cmd_groups)
 
 

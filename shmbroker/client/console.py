@@ -91,8 +91,11 @@ def _start(consumer: Consumer, tp: TopicPartition, offset: str) -> None:
 def consume(data_dir: str, topic: str, *, from_beginning: bool = False,
             partition: int | None = None, offset: str | None = None, group: str | None = None,
             max_messages: int | None = None, timeout_ms: int | None = None,
-            fmt: str = DEFAULT_FORMAT, out: BinaryIO | None = None) -> int:
-    """Print records of ``topic`` until ``max_messages`` or ``timeout_ms`` without one."""
+            fmt: str = DEFAULT_FORMAT, out: BinaryIO | None = None,
+            client_options: dict | None = None) -> int:
+    """Print records of ``topic`` until ``max_messages`` or ``timeout_ms`` without one.
+    ``data_dir`` may be a router's ``tcp://`` address; ``client_options`` go to the Consumer
+    (CURVE keys)."""
     if offset is not None and partition is None:
         raise errors.ConfigError("--offset needs --partition (an offset belongs to one partition)")
     if max_messages is not None and max_messages < 0:
@@ -105,7 +108,8 @@ def consume(data_dir: str, topic: str, *, from_beginning: bool = False,
     # With a group the consumer subscribes through it (and commits as it goes, then leaves on
     # close); --from-beginning then applies to partitions the group has no offset for.
     with Consumer(*([topic] if group is not None else []), broker=data_dir, group=group,
-                  auto_offset_reset="earliest" if from_beginning else "latest") as consumer:
+                  auto_offset_reset="earliest" if from_beginning else "latest",
+                  **(client_options or {})) as consumer:
         if group is None and partition is None:
             consumer.subscribe([topic])
         elif partition is not None:

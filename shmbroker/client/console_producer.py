@@ -16,11 +16,11 @@ from .producer import Producer
 
 def produce_lines(data_dir: str, topic: str, lines: BinaryIO, key_separator: str | None = None,
                   partition: int | None = None, acks="1", verbose: bool = False,
-                  err: TextIO = sys.stderr) -> int:
+                  err: TextIO = sys.stderr, client_options: dict | None = None) -> int:
     separator = key_separator.encode() if key_separator else None
     count = 0
-    with Producer(broker=data_dir, acks=acks) as producer:
-        producer._partitions(topic)  # an unknown topic fails before reading stdin
+    with Producer(broker=data_dir, acks=acks, **(client_options or {})) as producer:
+        producer.partitions_for(topic)  # an unknown topic fails before reading stdin
         futures = []
         for number, line in enumerate(lines, 1):  # bounded by the input
             value = line.rstrip(b"\r\n") if line.endswith(b"\n") else line

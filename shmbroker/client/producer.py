@@ -575,6 +575,12 @@ class Producer:
 
     # -- partitions and accumulators -----------------------------------------------------------
 
+    def partitions_for(self, topic: str) -> set[int]:
+        """The topic's partitions (kafka-python's ``partitions_for``);
+        UnknownTopicOrPartitionError for a topic that does not exist."""
+        with self._lock:
+            return set(range(self._partitions(topic)))
+
     def _partitions(self, topic: str) -> int:
         """The topic's partition count for keyed and keyless sends, re-read (a stat of
         topics.json) at most every PRODUCER_METADATA_MAX_AGE_MS, so partitions added with

@@ -229,6 +229,11 @@ class RemoteProducer(Producer):
     def _poll_acks(self, writer) -> None:
         pass  # never called: remote batches have no writer; replies resolve them
 
+    def partitions_for(self, topic: str) -> set[int]:
+        with self._lock:
+            self._check_open()
+            return set(range(self._meta.partitions(topic)))
+
     # -- accumulating (lock held) ---------------------------------------------------------------
 
     def _choose(self, topic: str, key: Any) -> int:

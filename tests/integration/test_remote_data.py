@@ -570,3 +570,30 @@ def test_the_router_counts_produced_and_fetched_bytes_as_the_partition_sees_them
     assert router["produce_requests"] == partition["batches_in"]
     assert router["fetch_replies"] >= 1 and router["auth_refused"] == 0
     assert len(CL.ROUTER_COUNTERS) == len(router)
+
+
+# -- the command line against a router --------------------------------------------------------------
+
+def test_the_cli_produces_consumes_and_administers_through_a_router_with_broker(routed):
+    def cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+        proc = subprocess.run([sys.executable, "-m", "shmbroker", *args, "--broker",
+                               routed.address], input=stdin, capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return proc
+
+    assert "Created topic cli with 2 partition(s)" in cli("topics", "create", "cli",
+                                                          "--partitions", "2").stdout
+    routed.wait_running({("cli", 0), ("cli", 1)})
+    assert "cli" in cli("topics", "list").stdout.split()
+    cli("produce", "cli", "--key-separator", ":", stdin="".join(
+        f"k{i}:v{i}\n" for i in range(50)))
+    out = cli("consume", "cli", "--from-beginning", "--max-messages", "50",
+              "--timeout-ms", "20000", "--group", "cli-g", "--format", r"%k=%s\n").stdout
+    assert sorted(out.splitlines()) == sorted(f"k{i}=v{i}" for i in range(50))
+    assert "cli-g" in cli("groups", "list").stdout
+    # The local data dir is not touched for any of it: a wrong --broker is a one-line error.
+    bad = subprocess.run([sys.executable, "-m", "shmbroker", "topics", "list", "--broker",
+                          "127.0.0.1:1"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "expected tcp://HOST:PORT" in bad.stderr
+    assert "Traceback" not in bad.stderr
