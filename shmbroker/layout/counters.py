@@ -191,6 +191,8 @@ ROUTER_COUNTERS: tuple[Counter, ...] = (
     _c("fetch_bytes", "Bytes of record batches sent in fetch replies (zero-copy frames)."),
     _c("auth_refused", "Clients refused by CURVE authentication (a key not allowed).",
        "errors_total", ("kind", "auth_refused")),
+    _g("clients_connected", "TCP connections of clients open now (the socket monitor's "
+                            "accepted minus disconnected)."),
 )
 ROUTER = {c.name: i for i, c in enumerate(ROUTER_COUNTERS)}
 

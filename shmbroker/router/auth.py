@@ -34,7 +34,6 @@ from dataclasses import dataclass
 
 import zmq
 from zmq.utils import z85
-from zmq.utils.monitor import parse_monitor_message
 
 from .. import keys
 from ..errors import ConfigError
@@ -160,7 +159,6 @@ class Authenticator:
         self.zap = context.socket(zmq.ROUTER)
         self.zap.setsockopt(zmq.LINGER, 0)
         self.zap.bind(ZAP_ENDPOINT)
-        self.monitor: zmq.Socket | None = None
         self._log = _RefusalLog()
         #: Counters for logs and tests: handshakes accepted and refused (ZAP), and handshakes
         #: that failed before ZAP was asked.
@@ -171,17 +169,16 @@ class Authenticator:
         sock.setsockopt(zmq.CURVE_SECRETKEY, self.server.secret)
         sock.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN)
         sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
-        self.monitor = sock.get_monitor_socket(_HANDSHAKE_FAILURES)
 
     def sockets(self) -> list[zmq.Socket]:
-        """What the router's loop polls for this object (then calls ``handle``)."""
-        return [s for s in (self.zap, self.monitor) if s is not None]
+        """What the router's loop polls for this object (then calls ``handle``). Handshake
+        failures come from the router's connection monitor (router/connections.py), which
+        calls ``handshake_failed``."""
+        return [self.zap]
 
     def handle(self, ready) -> None:
         if self.zap in ready:
             self._zap_requests()
-        if self.monitor is not None and self.monitor in ready:
-            self._handshake_failures()
 
     def _zap_requests(self) -> None:
         for _ in range(_ZAP_BATCH):  # bounded per wake-up
@@ -225,29 +222,23 @@ class Authenticator:
         except zmq.ZMQError as exc:  # the connection went meanwhile
             log.warning("ZAP reply not delivered: %s", exc.strerror)
 
-    def _handshake_failures(self) -> None:
-        assert self.monitor is not None
-        for _ in range(_ZAP_BATCH):  # bounded per wake-up
-            try:
-                event = parse_monitor_message(self.monitor.recv_multipart(zmq.NOBLOCK))
-            except zmq.Again:
-                return
-            self.failed += 1
-            value = event["value"]
-            if value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
-                why = "it does not use CURVE"
-            elif value == zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC:
-                why = "it has the wrong server public key (or sent a corrupt handshake)"
-            else:
-                why = f"ZeroMQ event {event['event']!s}, value {value}"
-            self._log.warning("refused a client at the CURVE handshake on %s: %s (ZeroMQ does "
-                              "not report the client's address for this)",
-                              event["endpoint"].decode(errors="replace"), why)
+    def handshake_failed(self, event: dict) -> None:
+        """A handshake failed before ZAP was asked (a monitor event, parsed)."""
+        if event["event"] not in (_HANDSHAKE_FAILURES,):
+            return
+        self.failed += 1
+        value = event["value"]
+        if value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+            why = "it does not use CURVE"
+        elif value == zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC:
+            why = "it has the wrong server public key (or sent a corrupt handshake)"
+        else:
+            why = f"ZeroMQ event {event['event']!s}, value {value}"
+        self._log.warning("refused a client at the CURVE handshake on %s: %s (ZeroMQ does "
+                          "not report the client's address for this)",
+                          event["endpoint"].decode(errors="replace"), why)
 
     def close(self) -> None:
-        if self.monitor is not None:
-            self.monitor.close(linger=0)
-            self.monitor = None
         self.zap.close(linger=0)
 
 

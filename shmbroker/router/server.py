@@ -48,6 +48,7 @@ from ..coordinator.server import endpoint as coordinator_endpoint
 from ..layout import counters as CL
 from . import protocol as data_protocol
 from .auth import Authenticator, CurveServerKeys, client_label
+from .connections import ConnectionWatch
 from .cold_read import ColdReads
 from .fetch import Fetch, FetchRequest, parse_fetch, parse_list_offsets
 from .produce import Outcome, Produce
@@ -126,6 +127,9 @@ class RouterServer:
             if curve is not None:  # before the bind: no handshake may happen without ZAP
                 self.auth = Authenticator(self.context, curve)
                 self.auth.secure(self.frontend)
+            # Before the bind too: the first connection is counted (and its handshake seen).
+            self.connections = ConnectionWatch(
+                self.frontend, self.auth.handshake_failed if self.auth is not None else None)
             self.frontend.bind(listen)
         except zmq.ZMQError as exc:
             self.close()
@@ -160,11 +164,15 @@ class RouterServer:
             poller.register(stop_fd, zmq.POLLIN)
         for sock in self.auth.sockets() if self.auth is not None else ():
             poller.register(sock, zmq.POLLIN)
+        monitor = self.connections.monitor
+        poller.register(monitor, zmq.POLLIN)
         while not is_stopped():
             # Idle: sleeps until a message or the stop signal; with work pending, bounded.
             events = dict(poller.poll(self._poll_timeout_ms()))
             if self.auth is not None:  # handshakes first: a client waits on its ZAP answer
                 self.auth.handle(events)
+            if monitor in events:
+                self.connections.handle()
             if self.backend in events:
                 self._replies()
             if self.frontend in events:
@@ -201,9 +209,11 @@ class RouterServer:
         cold = self.cold
         v[4:8] = [base[4] + self.fetch.cold_grants, base[5] + cold.server.sent,
                   base[6] + cold.server.bytes_sent, base[7] + cold.server.refused]
-        v[8:13] = [base[8] + self.produce_requests, base[9] + self.produce_bytes,
+        v[8:14] = [base[8] + self.produce_requests, base[9] + self.produce_bytes,
                    base[10] + self.fetch_replies, base[11] + self.fetch_bytes,
-                   base[12] + (self.auth.refused if self.auth is not None else 0)]
+                   base[12] + (self.auth.refused if self.auth is not None else 0),
+                   self.connections.connected]
+        assert len(v) == len(CL.ROUTER_COUNTERS)  # a table grown without this function
         self.counters.store()
 
     def _requests(self) -> None:
@@ -396,8 +406,10 @@ class RouterServer:
             log.warning("reply to client %s not delivered: %s", frames[0].hex(), exc.strerror)
 
     def close(self) -> None:
+        connections = getattr(self, "connections", None)
+        if connections is not None:
+            connections.close()
         if self.auth is not None:
-            self.frontend.disable_monitor()
             self.auth.close()
         self.frontend.close(linger=0)
         self.backend.close(linger=0)

@@ -597,3 +597,26 @@ def test_the_cli_produces_consumes_and_administers_through_a_router_with_broker(
                           "127.0.0.1:1"], capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "expected tcp://HOST:PORT" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_the_router_counts_the_client_connections_open_now(routed):
+    from shmbroker import Admin
+    from shmbroker.shm import names
+    from shmbroker.shm.counters import CountersReader
+
+    name = names.counters_name(names.broker_prefix(routed.data_dir), "router")
+
+    def connected() -> int:
+        with CountersReader.attach(name) as reader:
+            return reader.read()["clients_connected"]
+
+    wait_for(lambda: connected() == 0, what="no client connected yet")
+    admins = [Admin(broker=routed.address) for _ in range(3)]
+    try:
+        for admin in admins:
+            admin.list_topics()  # connected and served
+        wait_for(lambda: connected() == 3, what="three connections counted")
+    finally:
+        for admin in admins:
+            admin.close()
+    wait_for(lambda: connected() == 0, what="the closed connections uncounted")
