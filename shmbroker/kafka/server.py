@@ -333,6 +333,9 @@ class KafkaServer:
             return
         self.requests += 1
         key, version = head.api_key, head.api_version
+        if log.isEnabledFor(logging.DEBUG):  # which APIs each client asks for (design note)
+            log.debug("request %s v%d from %s (%s)", M.NAMES.get(key, key), version,
+                      head.client_id, conn.peer)
         if key == M.API_VERSIONS:
             # Answered whatever the version: a higher one gets the fallback (body not read).
             self._respond(self._slot(conn, head), [M.api_versions_response(version)])

@@ -283,3 +283,93 @@ def test_kafka_listen_from_the_config_file_starts_the_listener(make_broker, tmp_
     with connect(doc["kafka_endpoint"]) as sock:
         sock.sendall(frame(M.API_VERSIONS, 0, 5))
         assert response(sock)[0] == 5
+
+
+def test_confluent_kafka_creates_produces_with_each_acks_and_consumes(kbroker):
+    ck = pytest.importorskip("confluent_kafka")
+    from confluent_kafka.admin import AdminClient
+    from confluent_kafka.admin import NewTopic as CkNewTopic
+
+    admin = AdminClient({"bootstrap.servers": kbroker.address})  # kept: its futures need it
+    for name, future in admin.create_topics([CkNewTopic("ck", 2, 1)]).items():
+        assert future.result(30) is None, name
+    delivered, sent = [], []
+    for acks in ("0", "1", "all"):
+        # murmur2_random: Java's partitioner (librdkafka's default is CRC-32, brief §7)
+        producer = ck.Producer({"bootstrap.servers": kbroker.address, "acks": acks,
+                                "partitioner": "murmur2_random"})
+        for i in range(15):
+            key, value = f"k{i}".encode(), f"{acks}-{i}".encode()
+            sent.append((key, value))
+            producer.produce("ck", key=key, value=value, headers=[("acks", acks.encode())],
+                             on_delivery=lambda err, m: delivered.append((err, m.partition())))
+        assert producer.flush(30) == 0
+    assert len(delivered) == 45 and all(err is None for err, _ in delivered)
+    consumer = ck.Consumer({"bootstrap.servers": kbroker.address, "group.id": "unused",
+                            "enable.auto.commit": False})
+    consumer.assign([ck.TopicPartition("ck", p, ck.OFFSET_BEGINNING) for p in range(2)])
+    got, deadline = [], time.monotonic() + 30
+    try:
+        while len(got) < 45 and time.monotonic() < deadline:  # bounded by the deadline
+            m = consumer.poll(0.5)
+            if m is not None:
+                assert m.error() is None, m.error()
+                got.append(m)
+    finally:
+        consumer.close()
+    assert sorted((m.key(), m.value()) for m in got) == sorted(sent)
+    for m in got:
+        assert m.partition() == (records.murmur2(m.key()) & 0x7FFFFFFF) % 2
+        assert m.headers() == [("acks", m.value().split(b"-")[0])]
+    for p in range(2):
+        assert [m.offset() for m in got if m.partition() == p] == \
+            list(range(sum(1 for m in got if m.partition() == p)))
+
+
+def test_aiokafka_creates_produces_with_each_acks_and_consumes(kbroker):
+    pytest.importorskip("aiokafka")
+    import asyncio
+
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+    from aiokafka import TopicPartition as AioTopicPartition
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.admin import NewTopic as AioNewTopic
+
+    async def scenario() -> tuple[list, list]:
+        admin = AIOKafkaAdminClient(bootstrap_servers=kbroker.address)
+        await admin.start()
+        try:
+            await admin.create_topics([AioNewTopic("ak", 2, 1)])
+        finally:
+            await admin.close()
+        sent = []
+        for acks in (0, 1, "all"):
+            producer = AIOKafkaProducer(bootstrap_servers=kbroker.address, acks=acks)
+            await producer.start()
+            try:
+                for i in range(15):
+                    key, value = f"k{i}".encode(), f"{acks}-{i}".encode()
+                    sent.append((key, value))
+                    await producer.send_and_wait("ak", key=key, value=value,
+                                                 headers=[("acks", str(acks).encode())])
+            finally:
+                await producer.stop()
+        consumer = AIOKafkaConsumer(bootstrap_servers=kbroker.address, enable_auto_commit=False)
+        await consumer.start()
+        got = []
+        try:
+            consumer.assign([AioTopicPartition("ak", p) for p in range(2)])
+            await consumer.seek_to_beginning()
+            deadline = time.monotonic() + 30
+            while len(got) < len(sent) and time.monotonic() < deadline:  # bounded
+                for batch in (await consumer.getmany(timeout_ms=500)).values():
+                    got.extend(batch)
+        finally:
+            await consumer.stop()
+        return sent, got
+
+    sent, got = asyncio.run(scenario())
+    assert sorted((m.key, m.value) for m in got) == sorted(sent)
+    for m in got:
+        assert m.partition == (records.murmur2(m.key) & 0x7FFFFFFF) % 2  # aiokafka: murmur2
+        assert list(m.headers) == [("acks", m.value.split(b"-")[0])]
