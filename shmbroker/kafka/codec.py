@@ -18,8 +18,8 @@ _I8, _I16, _I32, _I64 = (struct.Struct(f) for f in (">b", ">h", ">i", ">q"))
 ARRAY_ITEMS_MAX = 100_000
 
 
-class MalformedRequest(errors.InvalidRequestError):
-    """A request body that does not decode as the layout its header names."""
+#: The codec's name for errors.MalformedKafkaRequestError.
+MalformedRequest = errors.MalformedKafkaRequestError
 
 
 class Reader:
