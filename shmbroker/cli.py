@@ -371,7 +371,8 @@ def _add_serve_command(sub) -> None:
     serve.add_argument("--config", default=None, metavar="FILE",
                        help="a TOML file with any of: data_dir, listen, "
                             "curve_server_secret_key_file, curve_allowed_clients_dir, "
-                            "metrics_listen, metrics_allow_remote, partition_spin_us "
+                            "metrics_listen, metrics_allow_remote, kafka_listen, "
+                            "partition_spin_us "
                             "(relative paths: from the file's directory)")
     serve.add_argument("--data-dir", default=None,
                        help="the broker's data dir (default: $SHMBROKER_DATA_DIR or "
@@ -398,6 +399,11 @@ def _add_serve_command(sub) -> None:
     serve.add_argument("--metrics-allow-remote", action="store_true", default=None,
                        help="let --metrics-listen bind a non-loopback address (the endpoint "
                             "has no authentication)")
+    serve.add_argument("--kafka-listen", default=None, metavar="HOST:PORT",
+                       help="speak Kafka's wire protocol here, so Kafka clients (kafka-python, "
+                            "...) produce and consume unchanged, e.g. 127.0.0.1:9092 (port 0 "
+                            "picks a free one, written to runtime.json); off by default; "
+                            "loopback only (no authentication yet)")
     serve.add_argument("--hot-window-bytes", type=int, default=None, metavar="BYTES",
                        help="router: a remote consumer more than this many bytes of log behind "
                             "a partition's end gets the bytes by sendfile on a data connection "

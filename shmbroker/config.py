@@ -61,7 +61,7 @@ ADMIN_LIVENESS_CHECK_MS = 250
 #: Where `shmbroker serve` starts the router unless told otherwise (``--listen none``: no
 #: router). Loopback: without CURVE, only processes of this host can reach it.
 ROUTER_LISTEN_DEFAULT = "tcp://127.0.0.1:7070"
-_NOT_NUMBERS = ("listen", "metrics_listen", "metrics_allow_remote",
+_NOT_NUMBERS = ("listen", "metrics_listen", "metrics_allow_remote", "kafka_listen",
                 "curve_server_secret_key_file", "curve_allowed_clients_dir")
 
 
@@ -109,6 +109,9 @@ class BrokerConfig:
     metrics_listen: str | None = None
     #: Let metrics_listen be a non-loopback address (the endpoint has no authentication).
     metrics_allow_remote: bool = False
+    #: Where the Kafka listener (issue 7) listens, ``HOST:PORT`` (port 0: any free one, see
+    #: runtime.json); loopback only for now (no authentication); None: no kafka process.
+    kafka_listen: str | None = None
     #: The router's hot/cold switch (COLD_READ_HOT_WINDOW_BYTES_DEFAULT).
     hot_window_bytes: int = COLD_READ_HOT_WINDOW_BYTES_DEFAULT
 

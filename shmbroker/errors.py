@@ -158,6 +158,12 @@ class InvalidRequestError(ShmbrokerError):
     code = 42  # INVALID_REQUEST
 
 
+class MalformedKafkaRequestError(InvalidRequestError):
+    """A Kafka-protocol request (shmbroker/kafka) whose bytes do not decode as the layout its
+    header names: truncated, a negative or oversized length, bytes left over. The listener
+    closes the connection, as Kafka does for a request it cannot parse."""
+
+
 # --- clients ----------------------------------------------------------------------------------
 
 class IllegalStateError(ShmbrokerError):

@@ -13,6 +13,7 @@ not TOML: ConfigError naming the file and the entry (`serve` exits 2, as for a b
     curve_allowed_clients_dir = "clients"    # one NAME.key per allowed client
     metrics_listen = "127.0.0.1:9644"
     metrics_allow_remote = false
+    kafka_listen = "127.0.0.1:9092"
     partition_spin_us = 0
 
 The entries are exactly `serve`'s flags (``--curve-allowed-clients-dir`` is
@@ -39,6 +40,8 @@ SERVE_FILE_ENTRIES: dict[str, tuple[type, bool, str]] = {
     "curve_allowed_clients_dir": (str, True, "directory of the allowed clients' NAME.key files"),
     "metrics_listen": (str, False, "HOST:PORT of the Prometheus endpoint (default: none)"),
     "metrics_allow_remote": (bool, False, "let metrics_listen be a non-loopback address"),
+    "kafka_listen": (str, False, "HOST:PORT of the Kafka protocol listener (default: none; "
+                                 "loopback only; port 0 picks a free one)"),
     "partition_spin_us": (int, False, "busy-wait of each partition process before it sleeps"),
     "hot_window_bytes": (int, False, "a remote consumer further behind than this many bytes "
                                      "gets a cold read (sendfile)"),

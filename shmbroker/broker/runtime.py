@@ -9,6 +9,7 @@ Format (version 1)::
      "coordinator_endpoint": "ipc:///abs/dir/coordinator.sock",
      "router_endpoint": "tcp://127.0.0.1:7070" | null (no --listen),
      "metrics_endpoint": "127.0.0.1:9644" | null (no --metrics-listen; GET /metrics),
+     "kafka_endpoint": "127.0.0.1:9092" | null (no --kafka-listen; Kafka's wire protocol),
      "processes": [
        {"role": "supervisor", "pid": 100, "started_at": 1764000000.12, "state": "running",
         "title": "shmbroker: supervisor"},
@@ -40,12 +41,13 @@ def runtime_path(data_dir: str) -> str:
 
 
 def write_runtime(data_dir: str, state: str, endpoint: str, processes: list[dict[str, Any]],
-                  router_endpoint: str | None = None, metrics_endpoint: str | None = None
-                  ) -> None:
+                  router_endpoint: str | None = None, metrics_endpoint: str | None = None,
+                  kafka_endpoint: str | None = None) -> None:
     document = {"format": RUNTIME_FORMAT, "version": RUNTIME_VERSION,
                 "data_dir": os.path.abspath(data_dir), "state": state,
                 "coordinator_endpoint": endpoint, "router_endpoint": router_endpoint,
-                "metrics_endpoint": metrics_endpoint, "processes": processes}
+                "metrics_endpoint": metrics_endpoint, "kafka_endpoint": kafka_endpoint,
+                "processes": processes}
     # No directory fsync: the file describes this boot only and is meaningless after a crash.
     files.write_atomic(runtime_path(data_dir), json.dumps(document, indent=1).encode() + b"\n",
                        sync_dir=False)

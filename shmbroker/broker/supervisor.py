@@ -44,8 +44,9 @@ STARTING, RUNNING, STOPPING, RESTARTING = "starting", "running", "stopping", "re
 COORDINATOR = ("coordinator",)
 ROUTER = ("router",)
 METRICS = ("metrics",)
+KAFKA = ("kafka",)
 #: Children that are not partitions: never stopped by a topic change.
-_SERVICES = (COORDINATOR, ROUTER, METRICS)
+_SERVICES = (COORDINATOR, ROUTER, METRICS, KAFKA)
 #: Bytes read from a ready pipe or the link per wake-up (their messages are a few bytes).
 _PIPE_READ_BYTES_MAX = 4096
 
@@ -105,6 +106,8 @@ class Supervisor:
         self.router_endpoint: str | None = None
         #: The metrics endpoint's bound HOST:PORT (port 0 resolved), from its ready line.
         self.metrics_endpoint: str | None = None
+        #: The Kafka listener's bound HOST:PORT (port 0 resolved), from its ready line.
+        self.kafka_endpoint: str | None = None
         #: One control region per wanted partition, created before its first process starts
         #: and kept across its restarts; unlinked when the partition stops for good.
         self.controls = shm_regions.ControlRegions(names.broker_prefix(self.data_dir))
@@ -130,6 +133,8 @@ class Supervisor:
                 self._start(ROUTER)
             if self.config.metrics_listen is not None:
                 self._start(METRICS)
+            if self.config.kafka_listen is not None:
+                self._start(KAFKA)
             self._reconcile()
             while not (self.stopping and not self.children):
                 self._write_runtime()
@@ -242,6 +247,12 @@ class Supervisor:
             return [sys.executable, "-m", "shmbroker.monitor.metrics_server", *common,
                     "--listen", self.metrics_endpoint or self.config.metrics_listen,
                     *(["--allow-remote"] if self.config.metrics_allow_remote else [])]
+        if child.role == "kafka":
+            assert self.config.kafka_listen is not None
+            # A restarted listener binds the port its first run got: clients reconnect to the
+            # address Metadata gave them.
+            return [sys.executable, "-m", "shmbroker.kafka", *common,
+                    "--listen", self.kafka_endpoint or self.config.kafka_listen]
         _, topic, partition = child.key
         return [sys.executable, "-m", "shmbroker.partition", *common, "--topic", topic,
                 "--partition", str(partition), "--spin-us", str(self.config.partition_spin_us)]
@@ -305,6 +316,8 @@ class Supervisor:
                 self.router_endpoint = data.decode(errors="replace").split()[-1]
             elif child.key == METRICS:
                 self.metrics_endpoint = data.decode(errors="replace").split()[-1]
+            elif child.key == KAFKA:
+                self.kafka_endpoint = data.decode(errors="replace").split()[-1]
             child.state = RUNNING
             self._dirty = True
             log.info("%s (pid %d) is up (%s)", child.name, child.proc.pid,
@@ -449,7 +462,7 @@ class Supervisor:
                              directory=partition_dir(self.data_dir, child.key[1], child.key[2]))
             processes.append(entry)
         runtime.write_runtime(self.data_dir, state, self.endpoint, processes,
-                              self.router_endpoint, self.metrics_endpoint)
+                              self.router_endpoint, self.metrics_endpoint, self.kafka_endpoint)
         if state == "running" and not self._announced_ready:
             self._announced_ready = True
             log.info("broker ready on %s: coordinator%s + %d partition process(es)",
@@ -465,6 +478,9 @@ def check_router_settings(config: BrokerConfig) -> None:
     from ..router.auth import load_server_keys
     from ..router.server import check_listen_address
 
+    if config.kafka_listen is not None:
+        from ..kafka.server import parse_kafka_listen
+        parse_kafka_listen(config.kafka_listen)
     if config.listen is None:
         return
     check_listen_address(config.listen, config.curve)
@@ -511,6 +527,25 @@ def _check_metrics_listen(listen: str, allow_remote: bool) -> None:
         trial.close()
 
 
+def _check_kafka_listen(listen: str) -> None:
+    """As _check_listen, for ``--kafka-listen``: a taken port stops `serve` before anything
+    starts (the address itself was checked by check_router_settings)."""
+    from ..kafka.server import parse_kafka_listen
+
+    host, port = parse_kafka_listen(listen)
+    if port == 0:
+        return
+    trial = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        trial.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the listener binds
+        trial.bind((host, port))
+    except OSError as exc:
+        raise ShmbrokerError(f"--kafka-listen {listen}: cannot bind ({exc.strerror}); is "
+                             f"another broker listening there? pass another port") from None
+    finally:
+        trial.close()
+
+
 def serve(data_dir: str, config: BrokerConfig = BrokerConfig()) -> int:
     """`shmbroker serve`: take the lock, supervise until stopped, clean up. Returns the exit status."""
     from .lifecycle import configure_logging
@@ -523,6 +558,8 @@ def serve(data_dir: str, config: BrokerConfig = BrokerConfig()) -> int:
         _check_listen(config.listen)
     if config.metrics_listen is not None:
         _check_metrics_listen(config.metrics_listen, config.metrics_allow_remote)
+    if config.kafka_listen is not None:
+        _check_kafka_listen(config.kafka_listen)
     name_this_process(process_title("supervisor"))
     configure_logging()
     files.make_dir(data_dir)

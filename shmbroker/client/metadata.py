@@ -57,6 +57,11 @@ class LocalMetadata:
                 f"(known: {', '.join(sorted(self._topics)) or 'none'})")
         return meta
 
+    def topics(self) -> dict[str, TopicMetadata]:
+        """Every topic (re-read when the file changed)."""
+        self._refresh()
+        return self._topics
+
     def partitions(self, name: str) -> int:
         return self.topic(name).partitions
 

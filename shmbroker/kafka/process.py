@@ -1,0 +1,41 @@
+"""The kafka process (``python -m shmbroker.kafka``, title ``shmbroker: kafka``): lifecycle
+wiring around KafkaServer, as router/process.py is around RouterServer."""
+from __future__ import annotations
+
+import logging
+import sys
+
+from .. import errors
+from ..broker import lifecycle
+from ..broker.naming import process_title
+
+log = logging.getLogger("shmbroker.kafka")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = lifecycle.child_parser("kafka")
+    parser.add_argument("--listen", required=True, metavar="HOST:PORT")
+    args = parser.parse_args(argv)
+    stop = lifecycle.start_child(process_title("kafka"), args.supervisor_pid)
+    from .server import KafkaServer  # after naming: zmq (admin) starts threads on first use
+
+    try:
+        server = KafkaServer(args.data_dir, args.listen)
+    except errors.ShmbrokerError as exc:
+        log.error("kafka listener cannot start: %s", exc)
+        return 1
+    try:
+        log.info("kafka listener on %s (classic protocol; no authentication: loopback only)",
+                 server.endpoint)
+        # The supervisor records the bound address (port 0 resolved) in runtime.json.
+        lifecycle.report_ready(args.ready_fd, f"ready {server.endpoint}")
+        server.serve(stop.read_fd, lambda: stop.requested)
+    finally:
+        server.close()
+    log.info("kafka listener stopped (%d requests, %d connections closed for errors)",
+             server.requests, server.refused)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

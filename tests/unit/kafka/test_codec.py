@@ -1,0 +1,42 @@
+"""The Kafka codec: lengths and counts are checked against the bytes present, so truncated or
+absurd requests are typed errors, never huge allocations or long loops."""
+import struct
+
+import pytest
+
+from shmbroker import errors
+from shmbroker.kafka import messages as M
+from shmbroker.kafka.codec import Reader, Writer
+
+
+@pytest.mark.parametrize("data", [b"\x7f\xff", b"\x00\x05ab", b"\xff\xfe"])
+def test_a_string_longer_than_the_frame_or_negative_is_malformed(data):
+    with pytest.raises(errors.MalformedKafkaRequestError):
+        Reader(memoryview(data)).string()
+
+
+def test_an_array_count_beyond_the_bytes_left_is_malformed_before_any_element_is_read():
+    with pytest.raises(errors.MalformedKafkaRequestError):
+        Reader(memoryview(struct.pack(">i", 2 ** 31 - 1) + b"\x00" * 8)).array_count()
+    assert Reader(memoryview(b"\xff\xff\xff\xff")).array_count(nullable=True) == -1
+
+
+def test_writer_and_reader_agree_on_every_primitive():
+    w = Writer().int8(-3).int16(-2).int32(7).int64(-9).boolean(True).string("hé").string(None)
+    w.bytes_(b"xyz").array([1, 2], lambda w, v: w.int32(v))
+    r = Reader(memoryview(bytes(w.buf)))
+    assert (r.int8(), r.int16(), r.int32(), r.int64(), r.boolean(), r.string(),
+            r.nullable_string(), bytes(r.nullable_bytes()), r.int32_array()) == \
+        (-3, -2, 7, -9, True, "hé", None, b"xyz", [1, 2])
+
+
+def test_api_versions_above_ours_get_kafkas_v0_fallback_body():
+    assert M.api_versions_response(3) == bytes.fromhex("0023 00000001 0012 0000 0002")
+    body = M.api_versions_response(1)
+    assert body[:2] == b"\x00\x00" and struct.unpack(">i", body[2:6])[0] == len(M.SUPPORTED)
+
+
+def test_no_served_version_is_flexible():
+    flexible_from = {M.PRODUCE: 9, M.FETCH: 12, M.LIST_OFFSETS: 6, M.METADATA: 9,
+                     M.API_VERSIONS: 3, M.CREATE_TOPICS: 5}
+    assert all(M.SUPPORTED[k][1] < v for k, v in flexible_from.items())
