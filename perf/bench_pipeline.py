@@ -125,6 +125,25 @@ def _start_top(data_dir: str) -> subprocess.Popen:
                             stderr=subprocess.DEVNULL, start_new_session=True)
 
 
+def _broker_cpu_ms(data_dir: str) -> dict[str, float]:
+    """user+sys ms of the broker's coordinator and partition process so far (runtime.json)."""
+    import json
+
+    import psutil
+
+    with open(os.path.join(data_dir, "runtime.json")) as f:
+        doc = json.load(f)
+    out = {}
+    for entry in doc.get("processes", []):
+        if entry.get("role") in ("coordinator", "partition"):
+            try:
+                t = psutil.Process(entry["pid"]).cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            out[entry["role"]] = (t.user + t.system) * 1000
+    return out
+
+
 def run_once(count: int, value_bytes: int, with_top: bool = False) -> dict[str, float]:
     out_dir = os.path.join(HERE, "out")
     os.makedirs(out_dir, exist_ok=True)
@@ -144,8 +163,15 @@ def run_once(count: int, value_bytes: int, with_top: bool = False) -> dict[str, 
         for proc in procs:
             proc.start()
         time.sleep(1.5)  # both attached and idle
+        before = _broker_cpu_ms(data_dir)
+        started = time.perf_counter()
         go.set()
         out = dict(results.get(timeout=RESULT_S_MAX) for _ in range(4))
+        seconds = time.perf_counter() - started
+        after = _broker_cpu_ms(data_dir)
+        for role in ("coordinator", "partition"):
+            if role in before and role in after:  # CPU ms per second of the run
+                out[f"{role} CPU ms/s"] = (after[role] - before[role]) / seconds
         for proc in procs:
             proc.join(30)
         out["records per batch"] = (count + 1) / max(1, _batches(data_dir))
