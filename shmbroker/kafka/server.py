@@ -41,6 +41,7 @@ from ..router.protocol import FETCH_BYTES_MAX, FETCH_WAIT_MS_MAX, REQUEST_PARTIT
 from . import messages as M
 from .codec import Reader
 from .groups import CoordinatorLink, KafkaGroups
+from .idempotence import ProducerStates, batch_ids
 
 log = logging.getLogger("shmbroker.kafka")
 
@@ -134,13 +135,15 @@ class Connection:
 class ProduceWait:
     """A produce request whose partitions' outcomes are still arriving."""
 
-    __slots__ = ("slot", "version", "topics", "left")
+    __slots__ = ("slot", "version", "topics", "left", "idempotent")
 
     def __init__(self, slot: Slot | None, version: int, topics: list):
         self.slot = slot          # None: acks=0, nothing is answered
         self.version = version
         self.topics = topics      # [(name, [[partition, error, base_offset]])]
         self.left = 0
+        #: (topic index, partition index) -> batch_ids of an idempotent batch being appended
+        self.idempotent: dict | None = None
 
 
 class FetchWait:
@@ -175,6 +178,8 @@ class KafkaServer:
         self.produce = Produce(data_dir)
         self.fetch = Fetch(data_dir)
         self.admin = None  # client/admin.Admin, made on the first CreateTopics
+        #: Idempotent producers' sequences per partition (idempotence.py).
+        self.producers = ProducerStates()
         #: Group APIs: the coordinator's groups, asked without blocking the loop (groups.py).
         self.link = CoordinatorLink(data_dir)
         self.groups = KafkaGroups(self.link, self.broker,
@@ -527,7 +532,22 @@ class KafkaServer:
                     row[1] = errors.InvalidRecordError.code
                     continue
                 try:
-                    self.produce.submit(wait, (ti, pi), name, index, acks, records)
+                    ids = batch_ids(records) if acks == -1 else None
+                    if ids is not None:
+                        first_offset = self.producers.check(name, index, ids)
+                        if first_offset is not None:  # a retry of an appended batch
+                            row[2] = first_offset
+                            continue
+                    try:
+                        self.produce.submit(wait, (ti, pi), name, index, acks, records)
+                    except BaseException:
+                        if ids is not None:
+                            self.producers.done(name, index, ids, None)
+                        raise
+                    if ids is not None:
+                        if wait.idempotent is None:
+                            wait.idempotent = {}
+                        wait.idempotent[(ti, pi)] = (name, index, ids)
                     wait.left += 1
                 except errors.ShmbrokerError as exc:
                     row[1] = exc.code if exc.code != -1 else UNKNOWN_SERVER_ERROR
@@ -546,6 +566,10 @@ class KafkaServer:
             row[1] = outcome.error.code if outcome.error.code != -1 else UNKNOWN_SERVER_ERROR
         else:
             row[2] = outcome.base_offset
+        if wait.idempotent is not None and (ti, pi) in wait.idempotent:
+            name, index, ids = wait.idempotent.pop((ti, pi))
+            self.producers.done(name, index, ids,
+                                outcome.base_offset if outcome.error is None else None)
         wait.left -= 1
         if wait.left == 0:
             self._produce_done(wait)
