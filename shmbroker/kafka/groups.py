@@ -282,10 +282,9 @@ class KafkaGroups:
     # -- InitProducerId ---------------------------------------------------------------------------
 
     def init_producer_id(self, slot, version: int, body) -> None:
-        """A fresh producer id, epoch 0, for an idempotent producer. What it does NOT give:
-        deduplication. Our partitions do not check a Kafka producer's id/epoch/sequence (the
-        listener stamps its own ring producer id on each batch), so a batch the client retries
-        after a lost response can be appended twice (docs/design/kafka.md, "Idempotence")."""
+        """A fresh producer id, epoch 0, for an idempotent producer; its batches' sequences
+        are then checked by the listener (idempotence.py, which also says what is not
+        guaranteed). Transactional ids are refused: transactions are not served."""
         transactional_id, _ = body
         if transactional_id is not None:
             self.respond(slot, M.init_producer_id_response(

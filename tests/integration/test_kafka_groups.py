@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -121,7 +122,7 @@ def committed_by_cli(broker, group: str) -> dict[int, tuple[int, int]]:
     for line in result.stdout.splitlines():
         cols = line.split()
         if len(cols) == 5 and cols[0] == TOPIC and cols[1].isdigit():
-            rows[int(cols[1])] = (int(cols[2]), int(cols[3]))
+            rows[int(cols[1])] = tuple(-1 if c == "-" else int(c) for c in cols[2:4])
     return rows
 
 
@@ -230,3 +231,38 @@ def test_a_kafka_member_and_a_native_consumer_share_a_group_and_resume_from_each
     values = [r.value.decode() for r in got_native + later] + [r[2] for r in group.records()]
     assert sorted(values) == sorted(sent), "every record consumed once across both clients"
     assert sorted(r.value.decode() for r in later) == sent[120:]
+
+
+def test_group_errors_are_kafkas_codes_and_a_bad_partition_does_not_spoil_a_commit(kbroker):
+    """FindCoordinator names this listener; a heartbeat from an unknown member is
+    UNKNOWN_MEMBER_ID (25); an OffsetCommit with one unknown partition commits the others and
+    marks that one UNKNOWN_TOPIC_OR_PARTITION (3); OffsetFetch reads the commit back."""
+    from test_kafka_listener import connect, frame, response
+
+    from shmbroker.kafka import messages as M
+
+    def s(text: str) -> bytes:
+        return struct.pack(">h", len(text)) + text.encode()
+
+    host, port = kbroker.address.rsplit(":", 1)
+    with connect(kbroker.address) as sock:
+        sock.sendall(frame(M.FIND_COORDINATOR, 2, 1, s("g") + b"\x00"))
+        _, body = response(sock)
+        assert body == struct.pack(">ihh", 0, 0, -1) + struct.pack(">i", 0) + s(host) + \
+            struct.pack(">i", int(port))
+        sock.sendall(frame(M.HEARTBEAT, 3, 2, s("g") + struct.pack(">i", 1) + s("nobody") +
+                           struct.pack(">h", -1)))
+        assert response(sock) == (2, struct.pack(">ih", 0, 25))
+        commit = s("g") + struct.pack(">i", -1) + s("") + struct.pack(">h", -1) + \
+            struct.pack(">i", 1) + s(TOPIC) + struct.pack(">i", 2) + \
+            struct.pack(">iqi", 1, 42, -1) + s("m") + struct.pack(">iqi", 99, 7, -1) + s("")
+        sock.sendall(frame(M.OFFSET_COMMIT, 7, 3, commit))
+        assert response(sock) == (3, struct.pack(">ii", 0, 1) + s(TOPIC) + struct.pack(
+            ">iihih", 2, 1, 0, 99, 3))
+        sock.sendall(frame(M.OFFSET_FETCH, 5, 4, s("g") + struct.pack(">i", 1) + s(TOPIC) +
+                           struct.pack(">iii", 2, 1, 2)))
+        assert response(sock) == (4, struct.pack(">ii", 0, 1) + s(TOPIC) + struct.pack(">i", 2) +
+                                  struct.pack(">iqi", 1, 42, -1) + s("m") + b"\x00\x00" +
+                                  struct.pack(">iqi", 2, -1, -1) + s("") + b"\x00\x00" +
+                                  b"\x00\x00")
+    assert committed_by_cli(kbroker, "g")[1][0] == 42
