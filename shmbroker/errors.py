@@ -343,6 +343,21 @@ class FencedInstanceIdError(ShmbrokerError):
     code = 82  # FENCED_INSTANCE_ID
 
 
+class OutOfOrderSequenceError(ShmbrokerError):
+    """An idempotent Kafka producer's batch does not follow its previous one on the partition
+    (a batch between them was lost or refused): appending it would reorder or skip records.
+    Not retriable as is; the client resets its producer state (kafka/idempotence.py)."""
+
+    code = 45  # OUT_OF_ORDER_SEQUENCE_NUMBER
+
+
+class InvalidProducerEpochError(ShmbrokerError):
+    """An idempotent Kafka producer's batch carries an epoch older than one already seen for
+    its producer id: a zombie instance of a producer that has moved on."""
+
+    code = 47  # INVALID_PRODUCER_EPOCH
+
+
 def _all_subclasses(cls: type) -> list[type]:
     out = []
     for sub in cls.__subclasses__():

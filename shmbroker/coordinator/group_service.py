@@ -168,7 +168,7 @@ class GroupService:
         key = (group_id, result.member_id)
         self._pids[key] = _PidWatch(process)
         if isinstance(result, JoinResult):
-            return protocol.ok_reply(request_id, _join_reply(result))
+            return protocol.ok_reply(request_id, _join_reply(result, group))
         previous = self._held.pop(key, None)
         if previous is not None:  # the client gave up on its earlier join and asked again
             self._ready.append((previous.envelope, protocol.error_reply(
@@ -359,7 +359,7 @@ class GroupService:
                 if isinstance(result, JoinFailed):
                     body = protocol.error_reply(held.request_id, result.error)
                 else:
-                    body = protocol.ok_reply(held.request_id, _join_reply(result))
+                    body = protocol.ok_reply(held.request_id, _join_reply(result, group))
                 self._ready.append((held.envelope, body))
 
     def _drop_empty_groups(self) -> None:
@@ -378,9 +378,20 @@ def _has_member(group: Group, member_id: str) -> bool:
         return False
 
 
-def _join_reply(result: JoinResult) -> dict[str, Any]:
-    return {"member_id": result.member_id, "generation_id": result.generation_id,
-            "leader_id": result.leader_id, "protocol": result.protocol}
+def _join_reply(result: JoinResult, group: Group) -> dict[str, Any]:
+    """The leader's reply also lists every member with its subscription, as Kafka's
+    JoinGroup response does: a Kafka client is given the members' metadata when it leads
+    (the kafka listener builds that metadata from these topics; docs/design/kafka.md,
+    "Groups"). Native members ignore the field: the coordinator assigns."""
+    reply = {"member_id": result.member_id, "generation_id": result.generation_id,
+             "leader_id": result.leader_id, "protocol": result.protocol}
+    if result.member_id == result.leader_id:
+        members = []
+        for member_id in group.member_ids():  # bounded by GROUP_MEMBERS_MAX
+            m = group.member(member_id)
+            members.append([member_id, m.group_instance_id, sorted(m.topics)])
+        reply["members"] = members
+    return reply
 
 
 def _offset_entry(partition: int, value: CommittedOffset | None) -> list:

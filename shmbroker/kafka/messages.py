@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from .codec import MalformedRequest, Reader, Writer
 
 PRODUCE, FETCH, LIST_OFFSETS, METADATA = 0, 1, 2, 3
-API_VERSIONS, CREATE_TOPICS = 18, 19
+OFFSET_COMMIT, OFFSET_FETCH, FIND_COORDINATOR, JOIN_GROUP = 8, 9, 10, 11
+HEARTBEAT, LEAVE_GROUP, SYNC_GROUP = 12, 13, 14
+API_VERSIONS, CREATE_TOPICS, INIT_PRODUCER_ID = 18, 19, 22
 
 #: API key -> (min, max) version served. Every one is below the version where the API turns
 #: flexible, so one classic codec serves them all. The maxima are the ones the three clients
@@ -29,9 +31,25 @@ SUPPORTED: dict[int, tuple[int, int]] = {
     METADATA: (1, 8),
     API_VERSIONS: (0, 2),
     CREATE_TOPICS: (0, 4),
+    # The group APIs, classic versions. The maxima are what the clients pick (kafka-protocol
+    # brief §1); LeaveGroup stops at 1 because v3 batches members, which only kafka-python
+    # could send. OffsetCommit from 2: v0/v1 carry per-partition timestamps no client sends.
+    OFFSET_COMMIT: (2, 7),
+    OFFSET_FETCH: (1, 5),
+    FIND_COORDINATOR: (0, 2),
+    JOIN_GROUP: (0, 5),
+    HEARTBEAT: (0, 3),
+    LEAVE_GROUP: (0, 1),
+    SYNC_GROUP: (0, 3),
+    # v0-1 only: v2 turns flexible, v3+ is an epoch bump kafka-python tries only when it
+    # guesses a broker >= 2.5, which our maxima keep it from guessing.
+    INIT_PRODUCER_ID: (0, 1),
 }
 NAMES = {PRODUCE: "Produce", FETCH: "Fetch", LIST_OFFSETS: "ListOffsets", METADATA: "Metadata",
-         API_VERSIONS: "ApiVersions", CREATE_TOPICS: "CreateTopics"}
+         API_VERSIONS: "ApiVersions", CREATE_TOPICS: "CreateTopics",
+         OFFSET_COMMIT: "OffsetCommit", OFFSET_FETCH: "OffsetFetch",
+         FIND_COORDINATOR: "FindCoordinator", JOIN_GROUP: "JoinGroup", HEARTBEAT: "Heartbeat",
+         LEAVE_GROUP: "LeaveGroup", SYNC_GROUP: "SyncGroup", INIT_PRODUCER_ID: "InitProducerId"}
 
 NONE = 0
 UNSUPPORTED_VERSION = 35
@@ -307,8 +325,232 @@ def fetch_response_parts(version: int, topics) -> list:
     return parts
 
 
+# -- FindCoordinator (10) ------------------------------------------------------------------------
+
+def decode_find_coordinator(r: Reader, version: int) -> tuple[str, int]:
+    """(key, key type): 0 a group, 1 a transactional id."""
+    key = r.string()
+    return key, (r.int8() if version >= 1 else 0)
+
+
+def find_coordinator_response(version: int, error: int, message: str | None,
+                              broker: Broker | None) -> bytes:
+    w = Writer()
+    if version >= 1:
+        w.int32(0)
+    w.int16(error)
+    if version >= 1:
+        w.string(message)
+    if broker is None:
+        w.int32(-1).string("").int32(-1)
+    else:
+        w.int32(broker.node_id).string(broker.host).int32(broker.port)
+    return bytes(w.buf)
+
+
+# -- JoinGroup (11) ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class JoinGroupData:
+    group_id: str
+    session_timeout_ms: int
+    rebalance_timeout_ms: int
+    member_id: str
+    group_instance_id: str | None
+    protocol_type: str
+    protocols: list  # [(name, metadata bytes)]
+
+
+def decode_join_group(r: Reader, version: int) -> JoinGroupData:
+    group_id, session_timeout_ms = r.string(), r.int32()
+    # v0 has no rebalance timeout: Kafka uses the session timeout for both.
+    rebalance_timeout_ms = r.int32() if version >= 1 else session_timeout_ms
+    member_id = r.string()
+    instance_id = r.nullable_string() if version >= 5 else None
+    protocol_type = r.string()
+    protocols = []
+    for _ in range(r.array_count()):
+        name = r.string()
+        metadata = r.nullable_bytes()
+        protocols.append((name, bytes(metadata) if metadata is not None else b""))
+    return JoinGroupData(group_id, session_timeout_ms, rebalance_timeout_ms, member_id,
+                         instance_id, protocol_type, protocols)
+
+
+def join_group_response(version: int, error: int, generation_id: int, protocol: str,
+                        leader: str, member_id: str, members: list) -> bytes:
+    """``members``: [(member id, group instance id, metadata bytes)], the leader's only."""
+    w = Writer()
+    if version >= 2:
+        w.int32(0)
+    w.int16(error).int32(generation_id).string(protocol).string(leader).string(member_id)
+
+    def member(w: Writer, m) -> None:
+        w.string(m[0])
+        if version >= 5:
+            w.string(m[1])
+        w.bytes_(m[2])
+
+    w.array(members, member)
+    return bytes(w.buf)
+
+
+# -- SyncGroup (14), Heartbeat (12), LeaveGroup (13) ----------------------------------------------
+
+@dataclass(frozen=True)
+class MemberRef:
+    """Who a SyncGroup/Heartbeat/LeaveGroup comes from (generation -1 for LeaveGroup)."""
+
+    group_id: str
+    generation_id: int
+    member_id: str
+    group_instance_id: str | None
+
+
+def decode_sync_group(r: Reader, version: int) -> MemberRef:
+    group_id, generation_id, member_id = r.string(), r.int32(), r.string()
+    instance_id = r.nullable_string() if version >= 3 else None
+    # The leader's assignments are read and dropped: our coordinator assigns (the design
+    # note's "Groups" says why); every member gets the coordinator's share for it.
+    for _ in range(r.array_count()):
+        r.string()
+        r.nullable_bytes()
+    return MemberRef(group_id, generation_id, member_id, instance_id)
+
+
+def sync_group_response(version: int, error: int, assignment: bytes) -> bytes:
+    w = Writer()
+    if version >= 1:
+        w.int32(0)
+    return bytes(w.int16(error).bytes_(assignment).buf)
+
+
+def decode_heartbeat(r: Reader, version: int) -> MemberRef:
+    group_id, generation_id, member_id = r.string(), r.int32(), r.string()
+    return MemberRef(group_id, generation_id, member_id,
+                     r.nullable_string() if version >= 3 else None)
+
+
+def decode_leave_group(r: Reader, version: int) -> MemberRef:
+    return MemberRef(r.string(), -1, r.string(), None)
+
+
+def error_only_response(version: int, error: int, throttle_from: int = 1) -> bytes:
+    """Heartbeat and LeaveGroup: [ThrottleTimeMs (v1+)] ErrorCode."""
+    w = Writer()
+    if version >= throttle_from:
+        w.int32(0)
+    return bytes(w.int16(error).buf)
+
+
+# -- OffsetCommit (8), OffsetFetch (9) -----------------------------------------------------------
+
+@dataclass(frozen=True)
+class OffsetCommitData:
+    member: MemberRef
+    topics: list  # [(name, [(partition, offset, metadata | None)])]
+
+
+def decode_offset_commit(r: Reader, version: int) -> OffsetCommitData:
+    group_id, generation_id, member_id = r.string(), r.int32(), r.string()
+    instance_id = r.nullable_string() if version >= 7 else None
+    if version <= 4:
+        r.int64()  # retention time: committed offsets are kept until the group is deleted
+    topics = []
+    for _ in range(r.array_count()):
+        name = r.string()
+        parts = []
+        for _ in range(r.array_count()):
+            index, offset = r.int32(), r.int64()
+            if version >= 6:
+                r.int32()  # committed leader epoch: we report -1 everywhere (no epochs)
+            parts.append((index, offset, r.nullable_string()))
+        topics.append((name, parts))
+    return OffsetCommitData(MemberRef(group_id, generation_id, member_id, instance_id), topics)
+
+
+def offset_commit_response(version: int, topics) -> bytes:
+    """``topics``: [(name, [(partition, error)])]."""
+    w = Writer()
+    if version >= 3:
+        w.int32(0)
+    w.array(topics, lambda w, t: w.string(t[0]).array(
+        t[1], lambda w, p: w.int32(p[0]).int16(p[1])))
+    return bytes(w.buf)
+
+
+def decode_offset_fetch(r: Reader, version: int) -> tuple[str, list | None]:
+    """(group id, [(topic, [partition])] or None: every committed partition, v2+)."""
+    group_id = r.string()
+    count = r.array_count(nullable=version >= 2)
+    if count == -1:
+        return group_id, None
+    return group_id, [(r.string(), r.int32_array()) for _ in range(count)]
+
+
+def offset_fetch_response(version: int, topics, error: int) -> bytes:
+    """``topics``: [(name, [(partition, offset, metadata, error)])]."""
+    w = Writer()
+    if version >= 3:
+        w.int32(0)
+
+    def partition(w: Writer, p) -> None:
+        w.int32(p[0]).int64(p[1])
+        if version >= 5:
+            w.int32(-1)  # leader epoch: none (brief §4.14)
+        w.string(p[2]).int16(p[3])
+
+    w.array(topics, lambda w, t: w.string(t[0]).array(t[1], partition))
+    if version >= 2:
+        w.int16(error)
+    return bytes(w.buf)
+
+
+# -- InitProducerId (22) -------------------------------------------------------------------------
+
+def decode_init_producer_id(r: Reader, version: int) -> tuple[str | None, int]:
+    return r.nullable_string(), r.int32()
+
+
+def init_producer_id_response(version: int, error: int, producer_id: int, epoch: int) -> bytes:
+    return bytes(Writer().int32(0).int16(error).int64(producer_id).int16(epoch).buf)
+
+
+# -- The "consumer" protocol's embedded bytes (opaque to Kafka's broker, read by ours) -------------
+
+def decode_subscription_topics(metadata: bytes) -> list[str]:
+    """The topics of a ConsumerProtocolSubscription (any version: they all start with
+    Version INT16, Topics ARRAY of STRING; later fields are not needed and not read)."""
+    r = Reader(memoryview(metadata))
+    r.int16()
+    return [r.string() for _ in range(r.array_count())]
+
+
+def encode_subscription(topics: list[str]) -> bytes:
+    """ConsumerProtocolSubscription v0 (topics, null user data): what a Kafka leader is
+    given for each member, Kafka or native, so its own assignor sees the whole group."""
+    w = Writer().int16(0)
+    w.array(sorted(topics), lambda w, t: w.string(t))
+    return bytes(w.bytes_(None).buf)
+
+
+def encode_assignment(partitions) -> bytes:
+    """ConsumerProtocolAssignment v0 of ``partitions`` ([(topic, partition)]), empty user data."""
+    by_topic: dict[str, list[int]] = {}
+    for topic, index in sorted(partitions):  # bounded by the member's assignment
+        by_topic.setdefault(topic, []).append(index)
+    w = Writer().int16(0)
+    w.array(sorted(by_topic.items()),
+            lambda w, t: w.string(t[0]).array(t[1], lambda w, p: w.int32(p)))
+    return bytes(w.bytes_(b"").buf)
+
+
 DECODERS = {METADATA: decode_metadata, CREATE_TOPICS: decode_create_topics,
-            LIST_OFFSETS: decode_list_offsets, PRODUCE: decode_produce, FETCH: decode_fetch}
+            LIST_OFFSETS: decode_list_offsets, PRODUCE: decode_produce, FETCH: decode_fetch,
+            FIND_COORDINATOR: decode_find_coordinator, JOIN_GROUP: decode_join_group,
+            SYNC_GROUP: decode_sync_group, HEARTBEAT: decode_heartbeat,
+            LEAVE_GROUP: decode_leave_group, OFFSET_COMMIT: decode_offset_commit,
+            OFFSET_FETCH: decode_offset_fetch, INIT_PRODUCER_ID: decode_init_producer_id}
 
 
 def check_consumed(r: Reader) -> None:

@@ -40,6 +40,8 @@ from ..router.produce import Outcome, Produce
 from ..router.protocol import FETCH_BYTES_MAX, FETCH_WAIT_MS_MAX, REQUEST_PARTITIONS_MAX
 from . import messages as M
 from .codec import Reader
+from .groups import CoordinatorLink, KafkaGroups
+from .idempotence import ProducerStates, batch_ids
 
 log = logging.getLogger("shmbroker.kafka")
 
@@ -74,6 +76,11 @@ INVALID_REQUIRED_ACKS = 21
 INVALID_REPLICATION_FACTOR = 38
 INVALID_PARTITIONS = 37
 UNKNOWN_SERVER_ERROR = -1
+#: While coordinator requests are out, the loop looks at their deadlines at least this often
+#: (replies themselves wake it through the coordinator socket's descriptor).
+KAFKA_COORDINATOR_POLL_MS = 100
+#: The selector's mark for the coordinator socket's descriptor.
+_COORDINATOR = "coordinator"
 _SIZE = struct.Struct(">i")
 _HEAD = struct.Struct(">ii")  # frame size, correlation id
 
@@ -128,13 +135,15 @@ class Connection:
 class ProduceWait:
     """A produce request whose partitions' outcomes are still arriving."""
 
-    __slots__ = ("slot", "version", "topics", "left")
+    __slots__ = ("slot", "version", "topics", "left", "idempotent")
 
     def __init__(self, slot: Slot | None, version: int, topics: list):
         self.slot = slot          # None: acks=0, nothing is answered
         self.version = version
         self.topics = topics      # [(name, [[partition, error, base_offset]])]
         self.left = 0
+        #: (topic index, partition index) -> batch_ids of an idempotent batch being appended
+        self.idempotent: dict | None = None
 
 
 class FetchWait:
@@ -169,6 +178,13 @@ class KafkaServer:
         self.produce = Produce(data_dir)
         self.fetch = Fetch(data_dir)
         self.admin = None  # client/admin.Admin, made on the first CreateTopics
+        #: Idempotent producers' sequences per partition (idempotence.py).
+        self.producers = ProducerStates()
+        #: Group APIs: the coordinator's groups, asked without blocking the loop (groups.py).
+        self.link = CoordinatorLink(data_dir)
+        self.groups = KafkaGroups(self.link, self.broker,
+                                  lambda slot, body: self._respond(slot, [body]),
+                                  self._partitions_of)
         self.selector = selectors.DefaultSelector()
         self.connections: dict[int, Connection] = {}
         #: Counters for logs and tests.
@@ -187,13 +203,14 @@ class KafkaServer:
         self.selector.register(self.listener, selectors.EVENT_READ, None)
         if stop_fd is not None:
             self.selector.register(stop_fd, selectors.EVENT_READ, False)
+        self.selector.register(self.link.fd, selectors.EVENT_READ, _COORDINATOR)
         while not is_stopped():
             for key, mask in self.selector.select(self._timeout_s()):
                 conn = key.data
                 if conn is None:
                     self._accept()
-                elif conn is False:
-                    continue  # the stop pipe: is_stopped() says so now
+                elif conn is False or conn is _COORDINATOR:
+                    continue  # the stop pipe (is_stopped() says so now); replies: _tick
                 elif not conn.closed:
                     if mask & selectors.EVENT_WRITE:
                         self._write(conn)
@@ -206,9 +223,14 @@ class KafkaServer:
             return KAFKA_ACK_POLL_MS / 1000.0
         if self.fetch.parked:
             return KAFKA_FETCH_POLL_MS / 1000.0
+        if self.link.pending:
+            return KAFKA_COORDINATOR_POLL_MS / 1000.0
         return None  # idle: sleeps until a socket or the stop signal
 
     def _tick(self) -> None:
+        # Every turn, not only when its descriptor fired: ZeroMQ's descriptor is
+        # edge-triggered, and draining each turn is what keeps it from going quiet.
+        self.link.poll()
         for outcome in self.produce.tick():
             self._produce_outcome(outcome)
         if self.fetch.parked:
@@ -361,8 +383,12 @@ class KafkaServer:
                 self._respond(slot, [self._metadata(version, body)])
             elif key == M.LIST_OFFSETS:
                 self._respond(slot, [self._list_offsets(version, body)])
-            else:
+            elif key == M.CREATE_TOPICS:
                 self._respond(slot, [self._create_topics(version, *body)])
+            elif key == M.JOIN_GROUP:
+                self.groups.join_group(slot, version, body, head.client_id, conn.peer)
+            else:  # answered when the coordinator replies (or at once): groups.py
+                getattr(self.groups, _GROUP_HANDLERS[key])(slot, version, body)
 
     def _slot(self, conn: Connection, head: M.Header) -> Slot:
         slot = Slot(conn, head.correlation_id)
@@ -472,6 +498,13 @@ class KafkaServer:
         self.meta.topics()  # the next Metadata sees the new topics
         return M.create_topics_response(version, results)
 
+    def _partitions_of(self, topic: str) -> int | None:
+        try:
+            t = self.meta.topics().get(topic)
+        except errors.ShmbrokerError:
+            return None
+        return None if t is None else t.partitions
+
     def _admin(self):
         if self.admin is None:
             from ..client.admin import Admin
@@ -499,7 +532,22 @@ class KafkaServer:
                     row[1] = errors.InvalidRecordError.code
                     continue
                 try:
-                    self.produce.submit(wait, (ti, pi), name, index, acks, records)
+                    ids = batch_ids(records) if acks == -1 else None
+                    if ids is not None:
+                        first_offset = self.producers.check(name, index, ids)
+                        if first_offset is not None:  # a retry of an appended batch
+                            row[2] = first_offset
+                            continue
+                    try:
+                        self.produce.submit(wait, (ti, pi), name, index, acks, records)
+                    except BaseException:
+                        if ids is not None:
+                            self.producers.done(name, index, ids, None)
+                        raise
+                    if ids is not None:
+                        if wait.idempotent is None:
+                            wait.idempotent = {}
+                        wait.idempotent[(ti, pi)] = (name, index, ids)
                     wait.left += 1
                 except errors.ShmbrokerError as exc:
                     row[1] = exc.code if exc.code != -1 else UNKNOWN_SERVER_ERROR
@@ -518,6 +566,10 @@ class KafkaServer:
             row[1] = outcome.error.code if outcome.error.code != -1 else UNKNOWN_SERVER_ERROR
         else:
             row[2] = outcome.base_offset
+        if wait.idempotent is not None and (ti, pi) in wait.idempotent:
+            name, index, ids = wait.idempotent.pop((ti, pi))
+            self.producers.done(name, index, ids,
+                                outcome.base_offset if outcome.error is None else None)
         wait.left -= 1
         if wait.left == 0:
             self._produce_done(wait)
@@ -574,3 +626,11 @@ class KafkaServer:
         self.meta.close()
         if self.admin is not None:
             self.admin.close()
+        self.link.close()
+
+
+#: API key -> KafkaGroups method (JoinGroup is dispatched apart: it also takes the client id).
+_GROUP_HANDLERS = {M.FIND_COORDINATOR: "find_coordinator", M.SYNC_GROUP: "sync_group",
+                   M.HEARTBEAT: "heartbeat", M.LEAVE_GROUP: "leave_group",
+                   M.OFFSET_COMMIT: "offset_commit", M.OFFSET_FETCH: "offset_fetch",
+                   M.INIT_PRODUCER_ID: "init_producer_id"}

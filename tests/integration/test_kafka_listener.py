@@ -373,3 +373,50 @@ def test_aiokafka_creates_produces_with_each_acks_and_consumes(kbroker):
     for m in got:
         assert m.partition == (records.murmur2(m.key) & 0x7FFFFFFF) % 2  # aiokafka: murmur2
         assert list(m.headers) == [("acks", m.value.split(b"-")[0])]
+
+
+def init_producer_id(sock: socket.socket, correlation_id: int) -> int:
+    sock.sendall(frame(M.INIT_PRODUCER_ID, 1, correlation_id, struct.pack(">hi", -1, 60_000)))
+    cid, body = response(sock)
+    _, error, producer_id, epoch = struct.unpack(">ihqh", body)
+    assert (cid, error, epoch) == (correlation_id, 0, 0) and producer_id >= 0
+    return producer_id
+
+
+def produce_v8(sock: socket.socket, correlation_id: int, topic: str, batch: bytes) -> tuple[int, int]:
+    """One batch to partition 0 with acks=all; (error code, base offset)."""
+    name = topic.encode()
+    body = struct.pack(">hhii", -1, -1, 10_000, 1) + struct.pack(">h", len(name)) + name
+    body += struct.pack(">iii", 1, 0, len(batch)) + batch
+    sock.sendall(frame(M.PRODUCE, 8, correlation_id, body))
+    cid, data = response(sock)
+    assert cid == correlation_id
+    at = 4 + 2 + len(name) + 4 + 4  # topics count, name, partitions count, partition index
+    return struct.unpack_from(">hq", data, at)
+
+
+def test_an_idempotent_producers_retried_batch_is_appended_once_and_a_gap_is_refused(kbroker):
+    """What InitProducerId promises: the same (producer id, epoch, sequence) batch sent again,
+    as a client does after a lost response, is answered with its first offset and not appended
+    again; a batch whose sequence skips ahead gets OUT_OF_ORDER_SEQUENCE_NUMBER."""
+    create_topic(kbroker.address, "idem", 1)
+    with connect(kbroker.address) as sock:
+        pid = init_producer_id(sock, 1)
+        assert init_producer_id(sock, 2) != pid, "every producer gets its own id"
+
+        def batch(values, sequence, epoch=0):
+            return records.encode_batch([v.encode() for v in values], producer_id=pid,
+                                        producer_epoch=epoch, base_sequence=sequence)
+
+        first = batch(["a0", "a1", "a2"], 0)
+        assert produce_v8(sock, 3, "idem", first) == (0, 0)
+        assert produce_v8(sock, 4, "idem", first) == (0, 0), "a retry: first offset, no append"
+        second = batch(["b0", "b1"], 3)
+        assert produce_v8(sock, 5, "idem", second) == (0, 3)
+        assert produce_v8(sock, 6, "idem", first) == (0, 0), "still known among the last five"
+        assert produce_v8(sock, 7, "idem", second) == (0, 3)
+        assert produce_v8(sock, 8, "idem", batch(["gap"], 9))[0] == 45  # OUT_OF_ORDER_SEQUENCE
+        assert produce_v8(sock, 9, "idem", batch(["c0"], 5)) == (0, 5)
+        assert produce_v8(sock, 10, "idem", batch(["old"], 6, epoch=-1))[0] == 47  # INVALID_PRODUCER_EPOCH
+    got = read_all(kbroker.address, "idem", 1, 6)
+    assert [m.value for m in got] == [b"a0", b"a1", b"a2", b"b0", b"b1", b"c0"]

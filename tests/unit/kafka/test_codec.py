@@ -38,5 +38,22 @@ def test_api_versions_above_ours_get_kafkas_v0_fallback_body():
 
 def test_no_served_version_is_flexible():
     flexible_from = {M.PRODUCE: 9, M.FETCH: 12, M.LIST_OFFSETS: 6, M.METADATA: 9,
-                     M.API_VERSIONS: 3, M.CREATE_TOPICS: 5}
+                     M.API_VERSIONS: 3, M.CREATE_TOPICS: 5, M.OFFSET_COMMIT: 8,
+                     M.OFFSET_FETCH: 6, M.FIND_COORDINATOR: 3, M.JOIN_GROUP: 6,
+                     M.HEARTBEAT: 4, M.LEAVE_GROUP: 4, M.SYNC_GROUP: 4, M.INIT_PRODUCER_ID: 2}
+    assert flexible_from.keys() == M.SUPPORTED.keys()
     assert all(M.SUPPORTED[k][1] < v for k, v in flexible_from.items())
+
+
+def test_consumer_protocol_bytes_match_kafka_pythons_own_codec():
+    """The subscription we build for a Kafka leader and the assignment we hand each member
+    are read by kafka-python's own ConsumerProtocol classes as we meant them."""
+    cp = pytest.importorskip("kafka.protocol.old.consumer_protocol")
+    sub = cp.ConsumerProtocolMemberMetadata_v0.decode(M.encode_subscription(["b", "a"]))
+    assert sorted(sub.topics) == ["a", "b"]
+    assignment = cp.ConsumerProtocolMemberAssignment_v0.decode(
+        M.encode_assignment([("t", 3), ("s", 0), ("t", 1)]))
+    assert sorted((t, sorted(ps)) for t, ps in assignment.assigned_partitions) == [
+        ("s", [0]), ("t", [1, 3])]
+    own = cp.ConsumerProtocolMemberMetadata_v0(0, ["x", "y"], b"").encode()
+    assert M.decode_subscription_topics(own) == ["x", "y"]

@@ -1,0 +1,103 @@
+"""One Kafka-client consumer-group member, run as its own process by test_kafka_groups.py:
+
+    python kafka_group_member.py CLIENT ADDRESS GROUP TOPIC OUT_PATH STOP_PATH
+
+CLIENT is kafka-python, confluent-kafka or aiokafka. The member subscribes, and for every
+poll writes ``{"records": [[partition, offset, value], ...]}`` to OUT_PATH and only then commits
+those offsets synchronously (auto-commit off), so that a record written down is a record whose
+commit was at least attempted. It leaves the group (closes) when STOP_PATH exists, and exits by
+itself after LIFETIME_S whatever happens (the test may have died). Short session timeouts so a
+kill -9'd member is noticed in seconds.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+
+LIFETIME_S = 50.0
+SESSION_TIMEOUT_MS = 3_000
+HEARTBEAT_MS = 300
+#: The rebalance timeout (Kafka clients send max.poll.interval.ms): a join phase waits at most
+#: this long for members that do not rejoin.
+MAX_POLL_INTERVAL_MS = 10_000
+
+
+def main() -> None:
+    client, address, group, topic, out_path, stop_path = sys.argv[1:7]
+    out = open(out_path, "a", buffering=1)
+
+    def emit(kind: str, **fields) -> None:
+        out.write(json.dumps({"event": kind, "pid": os.getpid(), **fields}) + "\n")
+
+    deadline = time.monotonic() + LIFETIME_S
+    running = lambda: not os.path.exists(stop_path) and time.monotonic() < deadline  # noqa: E731
+    emit("started")
+    {"kafka-python": kafka_python, "confluent-kafka": confluent,
+     "aiokafka": lambda *a: asyncio.run(aiokafka_member(*a))}[client](
+        address, group, topic, emit, running)
+    emit("closed")
+
+
+def kafka_python(address, group, topic, emit, running) -> None:
+    from kafka import KafkaConsumer, OffsetAndMetadata
+    consumer = KafkaConsumer(topic, bootstrap_servers=address, group_id=group,
+                             auto_offset_reset="earliest", enable_auto_commit=False,
+                             session_timeout_ms=SESSION_TIMEOUT_MS,
+                             heartbeat_interval_ms=HEARTBEAT_MS,
+                             max_poll_interval_ms=MAX_POLL_INTERVAL_MS)
+    try:
+        while running():  # bounded by running()'s deadline
+            batches = consumer.poll(timeout_ms=100)
+            got = [m for b in batches.values() for m in b]
+            if got:
+                emit("records", records=[[m.partition, m.offset, m.value.decode()] for m in got])
+                consumer.commit({tp: OffsetAndMetadata(b[-1].offset + 1, "", -1)
+                                 for tp, b in batches.items()})
+    finally:
+        consumer.close()
+
+
+def confluent(address, group, topic, emit, running) -> None:
+    from confluent_kafka import Consumer
+    consumer = Consumer({"bootstrap.servers": address, "group.id": group,
+                         "auto.offset.reset": "earliest", "enable.auto.commit": False,
+                         "session.timeout.ms": SESSION_TIMEOUT_MS,
+                         "heartbeat.interval.ms": HEARTBEAT_MS,
+                         "max.poll.interval.ms": MAX_POLL_INTERVAL_MS})
+    consumer.subscribe([topic])
+    try:
+        while running():  # bounded by running()'s deadline
+            got = [m for m in consumer.consume(num_messages=100, timeout=0.1) if not m.error()]
+            if got:
+                emit("records", records=[[m.partition(), m.offset(), m.value().decode()]
+                                         for m in got])
+                consumer.commit(asynchronous=False)
+    finally:
+        consumer.close()
+
+
+async def aiokafka_member(address, group, topic, emit, running) -> None:
+    from aiokafka import AIOKafkaConsumer
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=address, group_id=group,
+                                auto_offset_reset="earliest", enable_auto_commit=False,
+                                session_timeout_ms=SESSION_TIMEOUT_MS,
+                                heartbeat_interval_ms=HEARTBEAT_MS,
+                                max_poll_interval_ms=MAX_POLL_INTERVAL_MS,
+                                rebalance_timeout_ms=MAX_POLL_INTERVAL_MS)
+    await consumer.start()
+    try:
+        while running():  # bounded by running()'s deadline
+            batches = await consumer.getmany(timeout_ms=100)
+            got = [m for b in batches.values() for m in b]
+            if got:
+                emit("records", records=[[m.partition, m.offset, m.value.decode()] for m in got])
+                await consumer.commit({tp: b[-1].offset + 1 for tp, b in batches.items()})
+    finally:
+        await consumer.stop()
+
+
+if __name__ == "__main__":
+    main()
