@@ -33,6 +33,7 @@ from ..log import files
 from ..shm import names
 from ..shm.control import ControlRegion
 from . import shm_regions
+from .listen_address import try_bind
 from . import runtime
 from .backoff import RestartBackoff
 from .lock import BrokerLock
@@ -513,18 +514,7 @@ def _check_metrics_listen(listen: str, allow_remote: bool) -> None:
     from ..monitor.metrics_server import parse_listen
 
     host, port = parse_listen(listen, allow_remote)
-    if port == 0:
-        return
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    trial = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        trial.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as http.server binds
-        trial.bind((host, port))
-    except OSError as exc:
-        raise ShmbrokerError(f"--metrics-listen {listen}: cannot bind ({exc.strerror}); is "
-                             f"another broker serving metrics there? pass another port") from None
-    finally:
-        trial.close()
+    try_bind(host, port, "--metrics-listen", listen, "serving metrics")
 
 
 def _check_kafka_listen(listen: str) -> None:
@@ -533,17 +523,7 @@ def _check_kafka_listen(listen: str) -> None:
     from ..kafka.server import parse_kafka_listen
 
     host, port = parse_kafka_listen(listen)
-    if port == 0:
-        return
-    trial = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        trial.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the listener binds
-        trial.bind((host, port))
-    except OSError as exc:
-        raise ShmbrokerError(f"--kafka-listen {listen}: cannot bind ({exc.strerror}); is "
-                             f"another broker listening there? pass another port") from None
-    finally:
-        trial.close()
+    try_bind(host, port, "--kafka-listen", listen, "listening")
 
 
 def serve(data_dir: str, config: BrokerConfig = BrokerConfig()) -> int:

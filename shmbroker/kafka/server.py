@@ -24,7 +24,6 @@ thread-safe.
 from __future__ import annotations
 
 import errno
-import ipaddress
 import logging
 import selectors
 import socket
@@ -34,6 +33,7 @@ from collections import deque
 from typing import Callable
 
 from .. import errors
+from ..broker.listen_address import parse_host_port
 from ..client.metadata import LocalMetadata
 from ..router.fetch import Fetch, FetchRequest
 from ..router.produce import Outcome, Produce
@@ -88,21 +88,14 @@ _HEAD = struct.Struct(">ii")  # frame size, correlation id
 def parse_kafka_listen(listen: str) -> tuple[str, int]:
     """``HOST:PORT`` (port 0: a free one) -> (host, port); loopback only for now: this
     listener has no authentication yet. ConfigError says why."""
-    host, sep, port_text = listen.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise errors.ConfigError(f"--kafka-listen {listen!r}: expected HOST:PORT, e.g. "
-                                 f"127.0.0.1:9092 (port 0 picks a free one)")
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
+    host, port, loopback = parse_host_port(listen, "--kafka-listen",
+                                           "127.0.0.1:9092 (port 0 picks a free one)")
     if not loopback:
         raise errors.ConfigError(
             f"--kafka-listen {listen!r}: only loopback addresses (127.0.0.1, ::1, localhost) "
             f"for now: the Kafka listener has no authentication yet, so anyone who could reach "
             f"it could read and write every topic")
-    return host, int(port_text)
+    return host, port
 
 
 class Slot:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import http.server
-import ipaddress
 import logging
 import select
 import socket
@@ -23,6 +22,7 @@ import sys
 
 from .. import errors
 from ..broker import lifecycle
+from ..broker.listen_address import parse_host_port
 from ..broker.naming import process_title
 
 log = logging.getLogger("shmbroker.metrics")
@@ -35,23 +35,13 @@ DEFAULT_METRICS_PORT = 9644
 def parse_listen(listen: str, allow_remote: bool = False) -> tuple[str, int]:
     """``HOST:PORT`` (``[::1]:9644`` for IPv6; port 0: any free one) -> (host, port).
     ConfigError for anything else, and for a non-loopback host unless ``allow_remote``."""
-    host, sep, port_text = listen.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise errors.ConfigError(f"--metrics-listen {listen!r}: expected HOST:PORT, e.g. "
-                                 f"127.0.0.1:{DEFAULT_METRICS_PORT}")
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-        if not allow_remote:
-            raise errors.ConfigError(f"--metrics-listen {listen!r}: {host!r} is not an IP "
-                                     f"address or localhost") from None
+    host, port, loopback = parse_host_port(listen, "--metrics-listen",
+                                           f"127.0.0.1:{DEFAULT_METRICS_PORT}")
     if not loopback and not allow_remote:
         raise errors.ConfigError(
             f"--metrics-listen {listen!r}: only loopback addresses (127.0.0.1, ::1, localhost) "
             f"unless --metrics-allow-remote: the endpoint has no authentication")
-    return host, int(port_text)
+    return host, port
 
 
 class _Server(http.server.HTTPServer):
