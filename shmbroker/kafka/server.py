@@ -34,6 +34,7 @@ from collections import deque
 from typing import Callable
 
 from .. import errors
+from ..layout import record_batch as RB
 from ..client.metadata import LocalMetadata
 from ..router.fetch import Fetch, FetchRequest
 from ..router.produce import Outcome, Produce
@@ -130,6 +131,18 @@ class Connection:
         self.closed = False
         self.events = selectors.EVENT_READ
         self.parsing = False
+
+
+#: zstd batches are refused below Produce v7 (Kafka's rule, KIP-110).
+ZSTD_PRODUCE_VERSION_MIN = 7
+ZSTD = RB.COMPRESSION_ZSTD
+
+
+def _codec(batch) -> int:
+    """The compression codec of a produced batch (attributes' low bits), 0 if too short."""
+    if len(batch) < RB.HEADER_SIZE:
+        return 0
+    return batch[RB.OFFSETS["attributes"] + 1] & RB.COMPRESSION_MASK
 
 
 class ProduceWait:
@@ -530,6 +543,11 @@ class KafkaServer:
                     continue
                 if records is None:
                     row[1] = errors.InvalidRecordError.code
+                    continue
+                if head.api_version < ZSTD_PRODUCE_VERSION_MIN and _codec(records) == ZSTD:
+                    # Kafka's rule (KIP-110): a client that asks for zstd must say so with
+                    # Produce v7+, which tells the broker its consumers can fetch zstd too.
+                    row[1] = errors.UnsupportedCompressionError.code
                     continue
                 try:
                     ids = batch_ids(records) if acks == -1 else None
