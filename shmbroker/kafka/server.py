@@ -480,8 +480,16 @@ class KafkaServer:
                     rows.append((index, M.NONE, -1, start))
                 elif timestamp == -1:
                     rows.append((index, M.NONE, -1, end))
-                else:  # by time: not yet (docs/design/kafka.md, "Not done")
+                elif timestamp < 0:  # -3 (max timestamp) is v7+, which we do not serve
                     rows.append((index, errors.InvalidRequestError.code, -1, -1))
+                else:  # by time, from the time index (Kafka: -1/-1 when no record is as new)
+                    try:
+                        found = self.fetch.offset_for_timestamp(name, index, timestamp)
+                    except errors.ShmbrokerError as exc:
+                        rows.append((index, exc.code if exc.code != -1 else UNKNOWN_SERVER_ERROR, -1, -1))
+                        continue
+                    offset, at = found if found is not None else (-1, -1)
+                    rows.append((index, M.NONE, at, offset))
             out.append((name, rows))
         return M.list_offsets_response(version, out)
 

@@ -97,3 +97,39 @@ def test_a_compressed_batch_is_stored_as_sent_but_for_the_fields_the_broker_owns
     got = records.decode_records(stored)
     assert [r.value for r in got] == [f"value-{i}".encode() * 10 for i in range(50)]
     assert [r.offset for r in got] == list(range(50, 100))
+
+
+def test_offsets_for_times_answers_from_the_time_index_across_segments(kbroker):
+    """kafka-python's offsets_for_times: the first offset whose timestamp is >= the target,
+    with that record's timestamp; None (-1/-1 on the wire) past the newest record. Small
+    segments, so sealed ones are skipped by their last time index entry."""
+    from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+    from kafka.admin import NewTopic
+    admin = KafkaAdminClient(bootstrap_servers=kbroker.address)
+    try:
+        admin.create_topics([NewTopic("times", 1, 1, topic_configs={"segment.bytes": "2048"})])
+    finally:
+        admin.close()
+    t0 = 1_700_000_000_000
+    producer = KafkaProducer(bootstrap_servers=kbroker.address, acks=1, linger_ms=0)
+    for i in range(60):  # one batch per record: .get() before the next send
+        # timestamps t0, t0+10, ... with a gap after offset 29
+        at = t0 + i * 10 + (100_000 if i >= 30 else 0)
+        producer.send("times", value=b"x" * 100, partition=0, timestamp_ms=at).get(timeout=30)
+    producer.close(timeout=10)
+    assert len(glob.glob(os.path.join(kbroker.data_dir, "times-0", "*.log"))) >= 3
+    tp = TopicPartition("times", 0)
+    consumer = KafkaConsumer(bootstrap_servers=kbroker.address, enable_auto_commit=False)
+    try:
+        def at(ts):
+            found = consumer.offsets_for_times({tp: ts})[tp]
+            return None if found is None else (found.offset, found.timestamp)
+        assert at(0) == (0, t0)
+        assert at(t0) == (0, t0)
+        assert at(t0 + 1) == (1, t0 + 10)
+        assert at(t0 + 250) == (25, t0 + 250)
+        assert at(t0 + 300) == (30, t0 + 300 + 100_000), "inside the gap: the next record"
+        assert at(t0 + 590 + 100_000) == (59, t0 + 590 + 100_000)
+        assert at(t0 + 591 + 100_000) is None
+    finally:
+        consumer.close()
