@@ -80,6 +80,13 @@ class UnsupportedCompressionError(ShmbrokerError):
     code = 76  # UNSUPPORTED_COMPRESSION_TYPE
 
 
+class CompressionLibraryMissingError(UnsupportedCompressionError):
+    """A batch is compressed with a codec whose optional package is not installed.
+
+    The message names the package (``pip install lz4``); gzip needs none.
+    """
+
+
 class RecordTooLargeError(ShmbrokerError):
     """A record or batch is larger than the configured limit (``batch_bytes_max``)."""
 

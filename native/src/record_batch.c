@@ -54,6 +54,24 @@ int shmb_rb_records_count_ok(const shmb_rb_header *h)
            (int64_t)h->records_count * SHMB_RB_RECORD_BYTES_MIN <= records_bytes;
 }
 
+/* A compressed batch is stored as the producer sent it, like Kafka's leader does when the
+ * codec is kept: offsets come from the header alone (records_count, last_offset_delta are
+ * outside the compressed block), so the records are not decompressed here. What can be
+ * checked without them is: the count is possible and matches last_offset_delta. The records
+ * themselves are checked by whoever decompresses them (our consumers' decoders). */
+static int check_compressed_header(size_t pos, const shmb_rb_header *h, shmb_rb_error *err)
+{
+    if (h->records_count < 1 || h->records_count > SHMB_RB_COMPRESSED_RECORDS_MAX)
+        return fail(err, SHMB_RB_SCAN_BAD_RECORD, pos, pos,
+                    "compressed batch with records_count %d (allowed 1-%d)",
+                    (int)h->records_count, SHMB_RB_COMPRESSED_RECORDS_MAX);
+    if ((int64_t)h->last_offset_delta != (int64_t)h->records_count - 1)
+        return fail(err, SHMB_RB_SCAN_BAD_RECORD, pos, pos,
+                    "last_offset_delta %d does not match records_count %d",
+                    (int)h->last_offset_delta, (int)h->records_count);
+    return SHMB_RB_SCAN_OK;
+}
+
 int shmb_rb_check_batch(const uint8_t *buf, size_t len, size_t pos, const shmb_rb_scan_opts *opts,
                         shmb_rb_header *h, shmb_rb_error *err)
 {
@@ -89,10 +107,13 @@ int shmb_rb_check_batch(const uint8_t *buf, size_t len, size_t pos, const shmb_r
                         (unsigned)crc);
     }
     if (opts->verify_records) {
-        if (h->attributes & SHMB_RB_COMPRESSION_MASK)
+        int codec = h->attributes & SHMB_RB_COMPRESSION_MASK;
+        if (codec > SHMB_RB_COMPRESSION_CODEC_MAX)
             return fail(err, SHMB_RB_SCAN_COMPRESSED, pos, pos,
-                        "batch is compressed (codec %d); only uncompressed batches are supported",
-                        (int)(h->attributes & SHMB_RB_COMPRESSION_MASK));
+                        "compression codec %d is not one of Kafka's (1-%d)", codec,
+                        SHMB_RB_COMPRESSION_CODEC_MAX);
+        if (codec != 0)
+            return check_compressed_header(pos, h, err);
         return shmb_rb_walk_records(buf, len, pos, h, NULL, 0, 0, err);
     }
     return SHMB_RB_SCAN_OK;

@@ -153,8 +153,8 @@ def _decode_columnar(piece, verify_crc: bool) -> records.ColumnarBatch:
             np.empty(n, np.int32), np.empty(n, np.int64), np.empty(n, np.int32))
     try:
         got = _native.decode_columnar_into(piece.data, *cols, verify_crc)
-    except ValueError:
-        got = -1
+    except (ValueError, errors.UnsupportedCompressionError):
+        got = -1  # compressed batches: records.decode_columnar inflates them
     if got != n:
         return records.decode_columnar(piece.data, verify_crc=verify_crc)
     return records.ColumnarBatch(np.frombuffer(piece.data, dtype=np.uint8), *cols)

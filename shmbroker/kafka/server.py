@@ -34,6 +34,7 @@ from typing import Callable
 
 from .. import errors
 from ..broker.listen_address import parse_host_port
+from ..layout import record_batch as RB
 from ..client.metadata import LocalMetadata
 from ..router.fetch import Fetch, FetchRequest
 from ..router.produce import Outcome, Produce
@@ -123,6 +124,18 @@ class Connection:
         self.closed = False
         self.events = selectors.EVENT_READ
         self.parsing = False
+
+
+#: zstd batches are refused below Produce v7 (Kafka's rule, KIP-110).
+ZSTD_PRODUCE_VERSION_MIN = 7
+ZSTD = RB.COMPRESSION_ZSTD
+
+
+def _codec(batch) -> int:
+    """The compression codec of a produced batch (attributes' low bits), 0 if too short."""
+    if len(batch) < RB.HEADER_SIZE:
+        return 0
+    return batch[RB.OFFSETS["attributes"] + 1] & RB.COMPRESSION_MASK
 
 
 class ProduceWait:
@@ -460,8 +473,16 @@ class KafkaServer:
                     rows.append((index, M.NONE, -1, start))
                 elif timestamp == -1:
                     rows.append((index, M.NONE, -1, end))
-                else:  # by time: not yet (docs/design/kafka.md, "Not done")
+                elif timestamp < 0:  # -3 (max timestamp) is v7+, which we do not serve
                     rows.append((index, errors.InvalidRequestError.code, -1, -1))
+                else:  # by time, from the time index (Kafka: -1/-1 when no record is as new)
+                    try:
+                        found = self.fetch.offset_for_timestamp(name, index, timestamp)
+                    except errors.ShmbrokerError as exc:
+                        rows.append((index, exc.code if exc.code != -1 else UNKNOWN_SERVER_ERROR, -1, -1))
+                        continue
+                    offset, at = found if found is not None else (-1, -1)
+                    rows.append((index, M.NONE, at, offset))
             out.append((name, rows))
         return M.list_offsets_response(version, out)
 
@@ -523,6 +544,11 @@ class KafkaServer:
                     continue
                 if records is None:
                     row[1] = errors.InvalidRecordError.code
+                    continue
+                if head.api_version < ZSTD_PRODUCE_VERSION_MIN and _codec(records) == ZSTD:
+                    # Kafka's rule (KIP-110): a client that asks for zstd must say so with
+                    # Produce v7+, which tells the broker its consumers can fetch zstd too.
+                    row[1] = errors.UnsupportedCompressionError.code
                     continue
                 try:
                     ids = batch_ids(records) if acks == -1 else None

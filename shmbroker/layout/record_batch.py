@@ -84,6 +84,14 @@ COMPRESSION_GZIP = 1
 COMPRESSION_SNAPPY = 2
 COMPRESSION_LZ4 = 3
 COMPRESSION_ZSTD = 4
+#: Codecs above this (5-7 of the three bits) are not Kafka codecs: refused as unsupported.
+COMPRESSION_CODEC_MAX = COMPRESSION_ZSTD
+#: A compressed batch's records_count cannot be bounded by its bytes (a kilobyte of gzip can
+#: hold a million empty records), yet it advances the log end offset before anyone looks
+#: inside. This caps it: far above what a producer's batch holds (Kafka's default
+#: max.message.bytes of 1 MiB fits at most ~150,000 of the smallest records), far below what
+#: would make a single batch skip billions of offsets.
+COMPRESSED_RECORDS_MAX = 1 << 20
 
 #: Kafka's "no producer" values for the idempotence fields.
 NO_PRODUCER_ID = -1
@@ -110,7 +118,7 @@ SCAN_STATUS = {
     "BAD_MAGIC": 3,   # magic is not 2
     "BAD_CRC": 4,     # CRC-32C mismatch
     "BAD_RECORD": 5,  # CRC fine but a record inside is malformed (varints, lengths, counts)
-    "COMPRESSED": 6,  # compressed batch where only uncompressed ones can be handled
+    "COMPRESSED": 6,  # a codec above COMPRESSION_CODEC_MAX, or compressed where a decoder needs plain records
     "TOO_LARGE": 7,   # a whole, well-formed length, but above the caller's batch_bytes_max
 }
 
@@ -121,6 +129,8 @@ CONSTANTS = {
     "MAGIC": MAGIC,
     "BATCH_LENGTH_MIN": BATCH_LENGTH_MIN,
     "COMPRESSION_MASK": COMPRESSION_MASK,
+    "COMPRESSION_CODEC_MAX": COMPRESSION_CODEC_MAX,
+    "COMPRESSED_RECORDS_MAX": COMPRESSED_RECORDS_MAX,
     "TIMESTAMP_TYPE_MASK": TIMESTAMP_TYPE_MASK,
     "TRANSACTIONAL_MASK": TRANSACTIONAL_MASK,
     "CONTROL_MASK": CONTROL_MASK,

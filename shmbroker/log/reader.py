@@ -58,10 +58,10 @@ import struct
 from array import array
 from typing import NamedTuple
 
-from .. import errors
+from .. import errors, records
 from ..layout import record_batch as layout
 from ..native import _native
-from . import files
+from . import files, index
 from .segment import LogSlice
 
 _ENTRY = struct.Struct(">ii")
@@ -83,6 +83,10 @@ WALK_WINDOW_BYTES = 64 * 1024
 #: Segments a single read may step over (an offset past the end of a sealed segment continues
 #: in the next one); more means the files contradict the published state.
 SEGMENT_STEPS_MAX = 64
+#: Reads one lookup by time may make after its time index entry: between two entries lie at
+#: most a few index intervals of batches, so this is only a guard (4 GiB at 1 MiB a read).
+TIME_LOOKUP_READS_MAX = 4096
+TIME_LOOKUP_READ_BYTES = 1024 * 1024
 
 
 class ReadState(NamedTuple):
@@ -317,6 +321,63 @@ class LogReader:
         raise errors.CorruptSegmentError(
             f"{self.directory}: offset {offset} is below the high watermark {hw} but no "
             f"segment up to the active one ({active}) holds it", path=self.directory)
+
+    def offset_for_timestamp(self, timestamp: int, state) -> tuple[int, int] | None:
+        """Kafka's ListOffsets by time: (offset, timestamp) of the first committed record
+        whose timestamp is >= ``timestamp``, or None when there is none.
+
+        Like Kafka's log: skip sealed segments whose largest timestamp (the last entry of
+        their .timeindex, written when they are sealed) is below the target; in the first
+        other segment, start at the time index's last entry below the target (every record
+        up to its offset is older than the target, see ``TimeIndex.lookup``), then walk batch
+        headers (their max timestamp) and decode only the batch that holds the answer. The
+        active segment's .timeindex may lag behind the log (its entries are written in
+        groups): that only makes the walk start earlier.
+        """
+        hw, start = state.high_watermark, state.log_start_offset
+        if start >= hw:
+            return None
+        self._relist()
+        self._listed_active = state.active_segment_base_offset
+        self._prune(start)
+        begin = start
+        for slot, base in enumerate(self._bases):  # bounded by the segment files
+            path = files.segment_path(self.directory, base, files.TIMEINDEX_SUFFIX)
+            sealed = slot + 1 < len(self._bases) and self._bases[slot + 1] <= state.active_segment_base_offset
+            if sealed:
+                last = index.read_last_time_entry(path, base)
+                if last is not None and last[0] < timestamp:
+                    continue
+            try:
+                entry = index.read_time_index_file(path, base).lookup(timestamp)
+            except FileNotFoundError:
+                entry = None
+            begin = max(start, base if entry is None else entry)
+            break
+        else:
+            return None
+        return self._first_at_or_after(begin, timestamp, state)
+
+    def _first_at_or_after(self, offset: int, timestamp: int, state) -> tuple[int, int] | None:
+        hw = state.high_watermark
+        for _ in range(TIME_LOOKUP_READS_MAX):  # bounded; see TIME_LOOKUP_READS_MAX
+            if offset >= hw:
+                return None
+            piece = self.read(offset, TIME_LOOKUP_READ_BYTES, state, verify_crc=True)
+            if piece.length == 0:
+                return None
+            view = piece.data
+            for b in records.scan_batches(view, verify_crc=False).batches:  # checked by read
+                if b.max_timestamp < timestamp or b.last_offset < offset:
+                    continue
+                size = _HEAD.unpack_from(view, b.position)[1] + _OVERHEAD
+                for record in records.decode_records(view[b.position:b.position + size], False):
+                    if record.offset >= offset and record.timestamp >= timestamp:
+                        return record.offset, record.timestamp
+            offset = piece.last_offset + 1
+        raise errors.CorruptSegmentError(
+            f"{self.directory}: no answer for timestamp {timestamp} after "
+            f"{TIME_LOOKUP_READS_MAX} reads from its time index entry", path=self.directory)
 
     def _gone(self, offset: int, start: int) -> errors.OffsetOutOfRangeError:
         first = self._bases[0] if self._bases else None

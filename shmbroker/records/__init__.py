@@ -15,13 +15,14 @@ import numpy as np
 from .. import errors
 from ..layout import record_batch as layout
 from ..native import _native
+from . import compression
 from .validation import STATUS_ERRORS, error_for
 
 Record = _native.Record
 crc32c = _native.crc32c
 murmur2 = _native.murmur2
 partition_for_key = _native.partition_for_key
-decode_records = _native.decode_records
+_native_decode_records = _native.decode_records
 
 SCAN_STATUS = layout.SCAN_STATUS
 SCAN_OK = SCAN_STATUS["OK"]
@@ -31,6 +32,9 @@ _STATUS_NAMES = {v: k for k, v in SCAN_STATUS.items()}
 #: Smallest possible record: length, attributes, timestamp delta, offset delta, key length,
 #: value length and header count, one byte each.
 RECORD_BYTES_MIN = 7
+
+#: The attributes field is big-endian: its low byte, with the codec bits, is the second.
+_ATTRIBUTES_LOW = layout.OFFSETS["attributes"] + 1
 
 
 class BatchInfo(NamedTuple):
@@ -73,6 +77,29 @@ def scan_batches(buf: Any, verify_crc: bool = True, verify_records: bool = False
                  batch_bytes_max: int = 0) -> ScanResult:
     valid, status, err_pos, batches = _native.scan_batches(buf, verify_crc, verify_records, batch_bytes_max)
     return ScanResult(valid, status, err_pos, [BatchInfo(*b) for b in batches])
+
+
+def _inflated(buf: Any, verify_crc: bool) -> bytes:
+    """``buf`` with its compressed batches decompressed (records/compression.py), after the
+    original bytes passed the scan (so a bad CRC is reported at its real position)."""
+    scan = scan_batches(buf, verify_crc=verify_crc)
+    if not scan.ok:
+        raise scan.error(buf, "decode")
+    return compression.inflate_batches(buf, crc32c)
+
+
+def decode_records(buf: Any, verify_crc: bool = True, topic: str | None = None,
+                   partition: int = -1) -> list:
+    """Every record of the whole batches in ``buf`` (C), compressed batches included.
+
+    The C decoder refuses a compressed batch; only then are the batches inflated in Python
+    and decoded again, so plain batches pay nothing for compression support.
+    """
+    try:
+        return _native_decode_records(buf, verify_crc, topic, partition)
+    except errors.UnsupportedCompressionError:
+        pass  # a compressed batch (or a codec that is not Kafka's: inflating names it)
+    return _native_decode_records(_inflated(buf, verify_crc), False, topic, partition)
 
 
 class BatchHeader(NamedTuple):
@@ -180,6 +207,11 @@ def decode_columnar(buf: Any, verify_crc: bool = True) -> ColumnarBatch:
     scan = scan_batches(buf, verify_crc=verify_crc)
     if not scan.ok:
         raise scan.error(buf, "decode_columnar")
+    view = memoryview(buf).cast("B")
+    if any(view[b.position + _ATTRIBUTES_LOW] & layout.COMPRESSION_MASK for b in scan.batches):
+        # Columns point into the bytes they were decoded from: here, the inflated copy.
+        buf = compression.inflate_batches(buf, crc32c)
+        scan = scan_batches(buf, verify_crc=False)
     # records_count is only a header field here: a corrupt one may be negative or absurd. Size
     # the arrays by it, but never beyond what the batch's bytes can hold (a record takes at
     # least RECORD_BYTES_MIN), so garbage cannot make us allocate gigabytes; the walk below

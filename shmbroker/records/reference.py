@@ -12,7 +12,8 @@ from typing import Any, NamedTuple, Sequence
 
 from .. import errors
 from ..layout import record_batch as L
-from .validation import STATUS_ERRORS
+from . import compression
+from .validation import STATUS_ERRORS, error_for
 
 # --- CRC-32C (Castagnoli, reflected polynomial 0x82F63B78) -----------------------------------
 
@@ -322,6 +323,24 @@ def _walk_records(buf: memoryview, pos: int, end: int, build: bool) -> list:
     return out
 
 
+def _verify_records(view: memoryview, pos: int, end: int) -> int:
+    """The record check of scan_batches(verify_records=True); a compressed batch keeps its
+    records compressed, so only its header can be checked (count against last_offset_delta)."""
+    attributes, last_delta = struct.unpack_from(">hi", view, pos + L.CRC_START)
+    codec = attributes & L.COMPRESSION_MASK
+    if codec > L.COMPRESSION_CODEC_MAX:
+        return S["COMPRESSED"]
+    if codec:
+        count, = struct.unpack_from(">i", view, pos + 57)
+        ok = 1 <= count <= L.COMPRESSED_RECORDS_MAX and last_delta == count - 1
+        return S["OK"] if ok else S["BAD_RECORD"]
+    try:
+        _walk_records(view, pos, end, build=False)
+    except _Bad:
+        return S["BAD_RECORD"]
+    return S["OK"]
+
+
 def scan_batches(buf: Any, verify_crc: bool = True, verify_records: bool = False,
                  batch_bytes_max: int = 0) -> ScanResult:
     view = memoryview(buf).cast("B")
@@ -330,10 +349,7 @@ def scan_batches(buf: Any, verify_crc: bool = True, verify_records: bool = False
     while pos < len(view):
         status, _message, end = _check_batch(view, pos, verify_crc, batch_bytes_max)
         if status == S["OK"] and verify_records:
-            try:
-                _walk_records(view, pos, end, build=False)
-            except _Bad as exc:
-                status = S["COMPRESSED"] if str(exc) == "compressed" else S["BAD_RECORD"]
+            status = _verify_records(view, pos, end)
         if status != S["OK"]:
             return ScanResult(pos, status, pos, batches)
         base_offset = struct.unpack_from(">q", view, pos)[0]
@@ -373,6 +389,21 @@ def _decoded_batches(buf: Any, verify_crc: bool):
 
 def decode_records(buf: Any, verify_crc: bool = True, topic: str | None = None,
                    partition: int = -1) -> list[Record]:
+    """Like ``records.decode_records``: the plain decode first; if it stops at a compressed
+    batch, the scanned bytes are inflated (``records.compression``, shared with the C path:
+    decompression is not ours to twin) and decoded again."""
+    try:
+        return _decode_plain(buf, verify_crc, topic, partition)
+    except errors.UnsupportedCompressionError:
+        pass
+    view = memoryview(buf).cast("B")
+    scan = scan_batches(view, verify_crc)
+    if scan.status != S["OK"]:  # as records.decode_records: the bytes' own error first
+        raise error_for(view, scan.error_position, scan.status, 0, "decode")
+    return _decode_plain(compression.inflate_batches(view, crc32c), False, topic, partition)
+
+
+def _decode_plain(buf: Any, verify_crc: bool, topic: str | None, partition: int) -> list[Record]:
     out = []
     for base_offset, base_ts, parsed in _decoded_batches(buf, verify_crc):
         for off_delta, ts_delta, key, value, hdrs in parsed:

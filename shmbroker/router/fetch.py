@@ -249,6 +249,12 @@ class Fetch:
                 rows.append([topic, partition, exc.code, -1, -1])
         return {"partitions": rows}
 
+    def offset_for_timestamp(self, topic: str, partition: int, timestamp: int) -> tuple[int, int] | None:
+        """(offset, timestamp) of the first committed record at or after ``timestamp``, or
+        None (``LogReader.offset_for_timestamp``); typed errors for an unknown partition."""
+        found = self._partition(topic, partition)
+        return found.reader.offset_for_timestamp(timestamp, found.control.read_state())
+
     # -- parked fetches ---------------------------------------------------------------------------
 
     def _hw_seq(self, topic: str, partition: int) -> int:

@@ -12,7 +12,7 @@ import threading
 import numpy as np
 import pytest
 
-from shmbroker import _native, errors
+from shmbroker import _native, errors, records
 from shmbroker.layout import record_batch as L
 from shmbroker.records import reference
 
@@ -466,12 +466,25 @@ def test_batch_level_errors(name, damage, exc, status):
 
 
 def test_compressed_batch():
+    """A plain batch labelled snappy: the C core leaves decompression to records.compression
+    (UnsupportedCompressionError); the reference, like records.decode_records, decompresses
+    and finds garbage. The broker's check reads the header only, so the scan accepts it; a
+    codec above 4 is refused. Real codecs: tests/unit/records/test_compression.py."""
     buf, pos = second_batch(lambda b: (struct.pack_into(">h", b, OFF["attributes"], 2),
                                        set_crc(b)))
-    both_raise(errors.UnsupportedCompressionError, "decode_records", buf)
+    with pytest.raises(errors.UnsupportedCompressionError):
+        _native.decode_records(buf)
+    for decode in (records.decode_records, reference.decode_records):
+        with pytest.raises(errors.CorruptRecordError, match="snappy"):
+            decode(buf)
     both_raise(errors.UnsupportedCompressionError, "decode_columnar_into", buf, *columnar(10))
     assert _native.scan_batches(buf, True, False)[1] == S["OK"]  # headers alone are fine
+    assert _native.scan_batches(buf, True, True)[1] == S["OK"]
+    assert tuple(reference.scan_batches(buf, True, True)) == _native.scan_batches(buf, True, True)
+    buf, pos = second_batch(lambda b: (struct.pack_into(">h", b, OFF["attributes"], 5),
+                                       set_crc(b)))
     assert _native.scan_batches(buf, True, True)[:3] == (pos, S["COMPRESSED"], pos)
+    assert tuple(reference.scan_batches(buf, True, True)) == _native.scan_batches(buf, True, True)
 
 
 def test_batch_bytes_max():

@@ -58,7 +58,7 @@ void shmb_rb_header_read(const uint8_t *p, shmb_rb_header *h);
 
 typedef struct {
     int verify_crc;          /* compare the stored CRC with the bytes */
-    int verify_records;      /* walk every record; report COMPRESSED for compressed batches */
+    int verify_records;      /* walk every record; a compressed batch: header checks only */
     int64_t batch_bytes_max; /* > 0: a batch (header included) larger than this is TOO_LARGE */
 } shmb_rb_scan_opts;
 
@@ -73,7 +73,8 @@ typedef struct {
  * _check_batch does the same): fewer than 12 bytes (TRUNCATED); batch_length below 49 or the
  * batch above batch_bytes_max (TOO_LARGE); magic, when its byte is there (BAD_MAGIC); fewer
  * bytes than the batch (TRUNCATED); CRC (BAD_CRC); then with verify_records compression
- * (COMPRESSED) and the records (BAD_RECORD). */
+ * (COMPRESSED: a codec above 4) and the records (BAD_RECORD; of a compressed batch only
+ * records_count against last_offset_delta, its records stay compressed). */
 int shmb_rb_check_batch(const uint8_t *buf, size_t len, size_t pos, const shmb_rb_scan_opts *opts,
                         shmb_rb_header *h, shmb_rb_error *err);
 

@@ -429,9 +429,10 @@ def test_oversize_batch_is_record_too_large(open_log):
     assert log.log_end_offset == 0 and log.active_segment.size == 0
 
 
-def test_compressed_batches_are_refused(open_log):
+def test_unknown_compression_codecs_are_refused(open_log):
+    """Codecs 1-4 are stored as sent (their records stay compressed); 5-7 are not Kafka's."""
     data = bytearray(GOOD)
-    data[22] |= 1  # attributes low byte: gzip; fix the CRC so only compression is wrong
+    data[22] |= 5  # attributes low byte: codec 5; fix the CRC so only the codec is wrong
     data[17:21] = records.crc32c(bytes(data[21:])).to_bytes(4, "big")
     with pytest.raises(errors.UnsupportedCompressionError):
         open_log().append(bytes(data))
