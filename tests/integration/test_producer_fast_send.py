@@ -3,6 +3,7 @@
 and concurrent sends from several threads lose nothing."""
 from __future__ import annotations
 
+import multiprocessing
 import re
 import threading
 
@@ -141,3 +142,32 @@ def test_send_on_the_class_is_the_python_reference_and_a_bound_send_survives_the
     send.__self__.flush()
     assert future.result(timeout=10).offset == 0
     send.__self__.close()
+
+
+def _child_sends_with_the_parents_bound_send(send, queue) -> None:
+    """In a forked child: `send` was bound in the parent; after the fork it must reach the
+    child's own (new) accumulators, never the parent's."""
+    future = send("forked-fast", b"child", partition=0)
+    send.__self__.flush()
+    queue.put(tuple(future.result(timeout=10)))
+    send.__self__.close()
+
+
+def test_a_send_bound_before_a_fork_uses_the_childs_accumulators(broker):
+    create_topic(broker.data_dir, "forked-fast", 1)
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    with Producer(broker=broker.data_dir, linger_ms=60_000) as parent:
+        send = parent.send
+        send("forked-fast", b"parent before", partition=0).result(timeout=10)
+        pending = send("forked-fast", b"parent pending", partition=0)  # held: linger
+        child = ctx.Process(target=_child_sends_with_the_parents_bound_send,
+                            args=(send, queue))
+        child.start()
+        result = queue.get(timeout=30)
+        child.join(30)
+        assert child.exitcode == 0
+        pending.result(timeout=10)
+    values = [r.value for r in read_partition(broker.data_dir, "forked-fast", 0)]
+    assert sorted(values) == [b"child", b"parent before", b"parent pending"]
+    assert result[:2] == ("forked-fast", 0)
