@@ -82,6 +82,9 @@ _READ_POSITION = L.RING["read_position"]
 _WRITE_POSITION = L.RING["write_position"]
 _PARTITION_STATUS = L.CONTROL["partition_status"]
 _load_u64 = _native.atomic_load_u64
+#: Producer.send takes the C fast path (_native.SendPath) where it can. Tests set it False
+#: (before making a Producer) to run the Python reference alone and compare the two.
+FAST_SEND = True
 
 
 class RecordMetadata(NamedTuple):
@@ -422,12 +425,21 @@ class Producer:
         self._cond = threading.Condition(self._lock)  # a ring's sleepers left it
         self._sender: threading.Thread | None = None
         self._sender_wake = threading.Event()
+        # Producer.send in C (see send below); it uses this lock and these dicts, so made
+        # once per Producer and pointed at the new ones here (also after a fork: a `send`
+        # bound before the fork must not reach the parent's accumulators).
+        path = self.__dict__.get("_send_path")
+        if path is None:
+            path = self._send_path = _native.SendPath(_Accumulator, Producer._send_python,
+                                                      Producer._after_append)
+        path.enabled = FAST_SEND
         self._sender_armed = False  # records are pending and the sender knows
         self._sender_poke = bytearray(1)  # non-zero: the sender's wait in C ends
         self._metadata = LocalMetadata(self.data_dir)
         self._writers: dict[tuple[str, int], _Writer] = {}
         self._accs: dict[tuple[str, int], _Accumulator] = {}
         self._sticky: dict[str, _Accumulator] = {}
+        path.reset(self._lock, self._accs, self._sticky)
         self._partition_counts: dict[str, tuple[int, float]] = {}  # count, expiry
 
     def _check_broker(self) -> None:
@@ -438,10 +450,22 @@ class Producer:
 
     # -- the hot path ---------------------------------------------------------------------------
 
-    def send(self, topic: str, value: Any, key: Any = None, partition: int | None = None,
-             headers: Sequence[tuple[str, Any]] | None = None,
-             timestamp: int | None = None) -> RecordFuture:
-        """Queue one record; returns its future. Raises at once for an unknown topic or
+    @property
+    def _sender_armed(self) -> bool:
+        """Records are pending and the sender knows. Kept in the SendPath, which reads it
+        after each append in C."""
+        return bool(self._send_path.armed)
+
+    @_sender_armed.setter
+    def _sender_armed(self, armed: bool) -> None:
+        self._send_path.armed = armed
+
+    def _send_python(self, topic: str, value: Any, key: Any = None, partition: int | None = None,
+                     headers: Sequence[tuple[str, Any]] | None = None,
+                     timestamp: int | None = None) -> RecordFuture:
+        """The reference of ``send`` (and its fallback for what the C fast path leaves).
+
+        Queue one record; returns its future. Raises at once for an unknown topic or
         partition, a record too large for a batch, a broker that is not running, a closed
         producer, and RingFullTimeoutError when writing a full batch blocked too long."""
         # acquire/release rather than `with`: ~100 ns instead of ~250 ns on this hot path.
@@ -477,6 +501,20 @@ class Producer:
             return future
         finally:
             lock.release()
+
+    #: ``producer.send(...)`` is one C call (_native.SendPath, native/src/module.c): the common
+    #: cases (an int partition, or neither key nor partition, whose accumulator exists) are done
+    #: there under ``_lock``; everything else calls ``_send_python`` above, which behaves as
+    #: ``send`` always did. ``Producer.send`` (on the class) is ``_send_python`` itself.
+    send = _native.SendMethod(_send_python)
+
+    def _after_append(self, acc: _Accumulator) -> None:
+        """The end of ``_send_python``, for the C fast path (lock held): the record is in
+        ``acc`` and its batch is due, or the sender thread is not armed."""
+        if acc.records.write_due:
+            self._write(acc)
+        elif not self._sender_armed:
+            self._arm_sender()
 
     def _append_after_write(self, acc: _Accumulator, value, key, headers,
                             timestamp) -> tuple[_Accumulator, RecordFuture]:

@@ -1,0 +1,173 @@
+"""Producer.send's C fast path (_native.SendPath) against its Python reference
+(Producer._send_python): the same sends give the same offsets, records, futures and errors,
+and concurrent sends from several threads lose nothing."""
+from __future__ import annotations
+
+import multiprocessing
+import re
+import threading
+
+import pytest
+from produce_helpers import read_partition
+
+from shmbroker import Admin, Producer, errors
+from shmbroker.client import producer as producer_module
+
+pytestmark = [pytest.mark.usefixtures("stop_resource_tracker"), pytest.mark.timeout(120)]
+
+
+def create_topic(data_dir, name, partitions, config=None):
+    with Admin(broker=data_dir) as admin:
+        admin.create_topic(name, partitions, config)
+
+
+def _outcome(call):
+    """What a send gave: ("ok", future) or ("error", type name, message)."""
+    try:
+        return ("ok", call())
+    except (errors.ShmbrokerError, TypeError, ValueError) as e:
+        # The message names the topics the broker knows (both modes' ones: cut off), and a
+        # record's encoded size, whose varints (timestamp and offset deltas) depend on the
+        # wall clock and on which records share its batch, i.e. on timing: masked.
+        message = re.sub(r"a record of \d+ bytes", "a record of N bytes", str(e))
+        return ("error", type(e).__name__, message.split(" (known")[0])
+
+
+def _sequence(producer: Producer, topic: str) -> list:
+    """Sends that take the fast path and sends that fall back (first send of an accumulator,
+    keys, headers, timestamps, keywords, bad types, unknown partitions, a record too large,
+    full batches), in one fixed order."""
+    send, out = producer.send, []
+    for i in range(300):
+        out.append(_outcome(lambda: send(topic, b"p%d" % i, partition=i % 2)))
+        out.append(_outcome(lambda: send(topic, b"k%d" % i, key=b"key-%d" % (i % 5))))
+        out.append(_outcome(lambda: producer.send(topic, bytearray(b"pos"), None, 1,
+                                                  [("h", b"v")], 1_700_000_000_000 + i)))
+        out.append(_outcome(lambda: send(topic=topic, value=memoryview(b"kw"), partition=0,
+                                         timestamp=1_700_000_000_000)))
+    out.append(_outcome(lambda: send(topic, "not bytes", partition=0)))
+    out.append(_outcome(lambda: send(topic, b"x", partition=7)))
+    out.append(_outcome(lambda: send(topic, b"x", partition="0")))
+    out.append(_outcome(lambda: send(topic, b"x", partition=0, timestamp="now")))
+    out.append(_outcome(lambda: send(topic, b"x", partition=0, headers=5)))
+    out.append(_outcome(lambda: send(topic, b"x", partition=0, bogus=1)))
+    out.append(_outcome(lambda: send(topic, b"x", b"k", 0, None, None, "extra")))
+    out.append(_outcome(lambda: send(topic, b"x" * 2_000_000, partition=0)))
+    out.append(_outcome(lambda: send("no-such-topic", b"x", partition=0)))
+    for i in range(3000):  # several full batches (batch_bytes_max below)
+        out.append(_outcome(lambda: send(topic, b"f" * 200, partition=i % 2)))
+    producer.flush()
+    return [(o[0], tuple(o[1].result(timeout=10))[1:]) if o[0] == "ok"
+            else (o[0], o[1], o[2].replace(topic, "TOPIC")) for o in out]
+
+
+@pytest.mark.parametrize("linger_ms", [0, 50])
+def test_fast_and_reference_send_give_the_same_offsets_records_and_errors(broker, monkeypatch,
+                                                                           linger_ms):
+    results, logs, slow_calls = {}, {}, {}
+    for mode in ("ref", "fast"):
+        topic = f"same-{mode}-{linger_ms}"
+        create_topic(broker.data_dir, topic, 2)
+        monkeypatch.setattr(producer_module, "FAST_SEND", mode == "fast")
+        calls = [0]
+        reference = Producer._send_python
+
+        def counted(*args, **kwargs):
+            calls[0] += 1
+            return reference(*args, **kwargs)
+        monkeypatch.setattr(Producer, "_send_python", counted)
+        with Producer(broker=broker.data_dir, linger_ms=linger_ms,
+                      batch_bytes_max=64 * 1024) as producer:
+            results[mode] = _sequence(producer, topic)
+        monkeypatch.setattr(Producer, "_send_python", reference)
+        slow_calls[mode] = calls[0]
+        logs[mode] = [[(r.offset, r.key, r.value, r.headers) for r in
+                       read_partition(broker.data_dir, topic, p)] for p in (0, 1)]
+    assert results["fast"] == results["ref"]
+    assert logs["fast"] == logs["ref"]
+    sends = len(results["ref"])
+    assert slow_calls["ref"] == sends
+    # The fast path took most sends: the keyed ones, the first of each accumulator, the full
+    # batches and the errors went to the reference.
+    assert slow_calls["fast"] < sends // 2, slow_calls
+
+
+def test_concurrent_sends_from_8_threads_lose_nothing_and_offsets_are_dense(broker):
+    create_topic(broker.data_dir, "threads", 2)
+    threads_n, per_thread = 8, 5000
+    futures: list[list] = [[] for _ in range(threads_n)]
+    with Producer(broker=broker.data_dir, batch_bytes_max=16 * 1024) as producer:
+        start = threading.Barrier(threads_n)
+
+        def work(t: int) -> None:
+            send = producer.send
+            start.wait()
+            for i in range(per_thread):
+                value = b"%d:%d" % (t, i)
+                futures[t].append(send("threads", value, partition=t % 2) if i % 2
+                                  else send("threads", value))
+        workers = [threading.Thread(target=work, args=(t,)) for t in range(threads_n)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(timeout=60)
+        producer.flush()
+        where = [f.result(timeout=10) for fs in futures for f in fs]
+    assert len(where) == threads_n * per_thread
+    assert len({(w.partition, w.offset) for w in where}) == len(where)
+    values = []
+    for p in (0, 1):
+        log = read_partition(broker.data_dir, "threads", p)
+        assert [r.offset for r in log] == list(range(len(log)))
+        values += [r.value for r in log]
+    assert sorted(values) == sorted(b"%d:%d" % (t, i) for t in range(threads_n)
+                                    for i in range(per_thread))
+    # each thread's records stay in its order within a partition
+    for p in (0, 1):
+        seen: dict[int, int] = {}
+        for r in read_partition(broker.data_dir, "threads", p):
+            t, i = map(int, r.value.split(b":"))
+            assert seen.get(t, -1) < i
+            seen[t] = i
+
+
+def test_send_on_the_class_is_the_python_reference_and_a_bound_send_survives_the_producer(
+        broker):
+    create_topic(broker.data_dir, "bound", 1)
+    assert Producer.send is Producer._send_python
+    producer = Producer(broker=broker.data_dir)
+    send = producer.send
+    del producer  # the bound send keeps it alive, as a bound method did
+    future = send("bound", b"v", partition=0)
+    send.__self__.flush()
+    assert future.result(timeout=10).offset == 0
+    send.__self__.close()
+
+
+def _child_sends_with_the_parents_bound_send(send, queue) -> None:
+    """In a forked child: `send` was bound in the parent; after the fork it must reach the
+    child's own (new) accumulators, never the parent's."""
+    future = send("forked-fast", b"child", partition=0)
+    send.__self__.flush()
+    queue.put(tuple(future.result(timeout=10)))
+    send.__self__.close()
+
+
+def test_a_send_bound_before_a_fork_uses_the_childs_accumulators(broker):
+    create_topic(broker.data_dir, "forked-fast", 1)
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    with Producer(broker=broker.data_dir, linger_ms=60_000) as parent:
+        send = parent.send
+        send("forked-fast", b"parent before", partition=0).result(timeout=10)
+        pending = send("forked-fast", b"parent pending", partition=0)  # held: linger
+        child = ctx.Process(target=_child_sends_with_the_parents_bound_send,
+                            args=(send, queue))
+        child.start()
+        result = queue.get(timeout=30)
+        child.join(30)
+        assert child.exitcode == 0
+        pending.result(timeout=10)
+    values = [r.value for r in read_partition(broker.data_dir, "forked-fast", 0)]
+    assert sorted(values) == [b"child", b"parent before", b"parent pending"]
+    assert result[:2] == ("forked-fast", 0)
