@@ -167,13 +167,9 @@ class RemoteProducer(Producer):
         with self._lock:
             self._check_open()
             self._seal_all()
-            while self._busy:  # bounded by the deadline, or by the replies
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    raise errors.RequestTimeoutError(
-                        f"flush: {sum(self._busy.values())} batches not acknowledged by the "
-                        f"router at {self.address} within {timeout} s")
-                self._cond.wait(left)
+            self._wait_until(lambda: not self._busy, deadline, lambda: (
+                f"flush: {sum(self._busy.values())} batches not acknowledged by the router at "
+                f"{self.address} within {timeout} s"))
 
     def close(self, timeout: float | None = None) -> None:
         """Flush (bounded by ``timeout``), stop the I/O thread, fail what is left."""
@@ -218,13 +214,18 @@ class RemoteProducer(Producer):
             acc = self._accs.get((batch.topic, batch.partition))
             if acc is not None and acc.batch is batch and acc.count:
                 self._seal(batch.topic, batch.partition, acc)
-            while not batch.done:  # bounded by the deadline, or by the reply
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    raise errors.RequestTimeoutError(
-                        f"no acknowledgement from the router at {self.address} for "
-                        f"{batch.topic}/{batch.partition} within {timeout} s")
-                self._cond.wait(left)
+            self._wait_until(lambda: batch.done, deadline, lambda: (
+                f"no acknowledgement from the router at {self.address} for "
+                f"{batch.topic}/{batch.partition} within {timeout} s"))
+
+    def _wait_until(self, done, deadline: float | None, timed_out) -> None:
+        """Wait on the condition (lock held) until ``done()``, or RequestTimeoutError with
+        ``timed_out()``'s text at ``deadline`` (None: no deadline; replies wake us)."""
+        while not done():  # bounded by the deadline, or by the replies
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise errors.RequestTimeoutError(timed_out())
+            self._cond.wait(left)
 
     def _poll_acks(self, writer) -> None:
         pass  # never called: remote batches have no writer; replies resolve them
