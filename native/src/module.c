@@ -17,6 +17,7 @@
 #include <limits.h>
 #include <stddef.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <stdint.h>
 #include <string.h>
 #include <time.h>
@@ -1707,6 +1708,158 @@ static int region_view(PyObject *obj, int writable, Py_buffer *v, const char *wh
     return 0;
 }
 
+/* ==== tail_read: a caught-up consumer's read of one partition in one call ================== */
+
+/* The common case of Consumer.poll for one partition, in one call: the published state
+ * (seqlock), the batches after the reader's hint in the active segment, their records. It
+ * declines (TAIL_DECLINED, nothing changed) whenever anything is not that case (another
+ * segment, the mapping too short, a hint that does not match, a corrupt or torn byte, the
+ * state mid-publish), and Consumer then takes the Python read (log/reader.py), which is the
+ * reference this is tested against and which raises the precise errors. */
+#define TAIL_RECORDS 0
+#define TAIL_NOTHING 1
+#define TAIL_DECLINED 2
+#define TAIL_SEQLOCK_TRIES 64
+
+static PyObject *tail_declined(void)
+{
+    return Py_BuildValue("(iOOOOOOO)", TAIL_DECLINED, Py_None, Py_None, Py_None, Py_None,
+                         Py_None, Py_None, Py_None);
+}
+
+static int tail_ll(PyObject *o, long long *out)
+{
+    *out = PyLong_AsLongLong(o);
+    return (*out == -1 && PyErr_Occurred()) ? -1 : 0;
+}
+
+static PyObject *py_tail_read(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    /* control, segment_map, segment_base, offset, position, checked_end, fd, max_bytes,
+     * verify_crc, topic, partition */
+    if (nargs != 11)
+        return PyErr_Format(PyExc_TypeError, "tail_read takes 11 arguments, got %zd", nargs);
+    module_state *st = get_state(module);
+    long long segment_base, offset, position, checked_end, fd, max_bytes, partition;
+    if (tail_ll(args[2], &segment_base) < 0 || tail_ll(args[3], &offset) < 0 ||
+        tail_ll(args[4], &position) < 0 || tail_ll(args[5], &checked_end) < 0 ||
+        tail_ll(args[6], &fd) < 0 || tail_ll(args[7], &max_bytes) < 0 ||
+        tail_ll(args[10], &partition) < 0)
+        return NULL;
+    int verify_crc = PyObject_IsTrue(args[8]);
+    if (verify_crc < 0)
+        return NULL;
+    PyObject *topic = args[9];
+    if (topic != Py_None && !PyUnicode_CheckExact(topic))
+        return PyErr_Format(PyExc_TypeError, "tail_read: topic must be str or None");
+    Py_buffer cv, mv;
+    if (region_view(args[0], 1, &cv, "control region") < 0)
+        return NULL;
+    if (cv.len < SHMB_CTL_HW_WAITERS_OFFSET + 4) {
+        PyBuffer_Release(&cv);
+        return PyErr_Format(PyExc_ValueError, "tail_read: control region too short");
+    }
+    if (PyObject_GetBuffer(args[1], &mv, PyBUF_SIMPLE) < 0) {
+        PyErr_Clear(); /* a retired (closed) mapping: the Python read maps again */
+        PyBuffer_Release(&cv);
+        return tail_declined();
+    }
+    const uint8_t *ctl = cv.buf;
+    const uint8_t *map = mv.buf;
+    size_t map_len = (size_t)mv.len;
+    PyObject *result = NULL;
+    owned_columns oc = {{0}, NULL};
+
+    /* hw_seq before the state, as Consumer._read: a publish after this load wakes the sleep. */
+    uint32_t hw_seq = shmb_u32_load_acquire(ctl + SHMB_CTL_HW_SEQ_OFFSET);
+    int64_t hw = 0, start = 0, active = 0, end = 0;
+    int consistent = 0;
+    for (int i = 0; i < TAIL_SEQLOCK_TRIES && !consistent; i++) {
+        uint64_t s1 = shmb_u64_load_seq_cst(ctl + SHMB_CTL_STATE_SEQ_OFFSET);
+        if (s1 & 1)
+            continue;
+        memcpy(&hw, ctl + SHMB_CTL_HIGH_WATERMARK_OFFSET, 8);
+        memcpy(&start, ctl + SHMB_CTL_LOG_START_OFFSET_OFFSET, 8);
+        memcpy(&active, ctl + SHMB_CTL_ACTIVE_SEGMENT_BASE_OFFSET_OFFSET, 8);
+        memcpy(&end, ctl + SHMB_CTL_ACTIVE_SEGMENT_END_POSITION_OFFSET, 8);
+        consistent = shmb_u64_load_seq_cst(ctl + SHMB_CTL_STATE_SEQ_OFFSET) == s1;
+    }
+    if (!consistent || offset < start || offset > hw)
+        goto declined;
+    if (offset == hw) {
+        result = Py_BuildValue("(iILOOOOO)", TAIL_NOTHING, hw_seq, (long long)hw, Py_None,
+                               Py_None, Py_None, Py_None, Py_None);
+        goto done;
+    }
+    if (active != segment_base || end <= 0 || (uint64_t)end > map_len || position < 0 ||
+        position + SHMB_RB_HEADER_SIZE > end)
+        goto declined;
+    if (end > checked_end) {
+        /* Never touch a page past the file's end (SIGBUS): the size must cover what the
+         * partition published, as _SegmentFile.view checks. */
+        struct stat sb;
+        if (fstat((int)fd, &sb) < 0 || sb.st_size < end)
+            goto declined;
+        checked_end = end;
+    }
+    /* Whole batches from the hint, chained from offset, below hw, within max_bytes (the first
+     * one whatever its size). Headers only here; shmb_rb_decode checks everything. */
+    size_t pos = (size_t)position, stop = pos, limit;
+    limit = (size_t)end;
+    if (max_bytes > 0 && (size_t)position + (size_t)max_bytes < limit)
+        limit = (size_t)position + (size_t)max_bytes;
+    int64_t expected = offset;
+    for (int batches = 0; pos + SHMB_RB_HEADER_SIZE <= (size_t)end; batches++) {
+        shmb_rb_header h;
+        shmb_rb_header_read(map + pos, &h);
+        if (h.magic != 2 || h.batch_length < SHMB_RB_BATCH_LENGTH_MIN ||
+            h.last_offset_delta < 0)
+            goto declined;
+        size_t size = (size_t)h.batch_length + SHMB_RB_LOG_OVERHEAD;
+        int64_t last = h.base_offset + h.last_offset_delta;
+        if (h.base_offset != expected || pos + size > (size_t)end || last >= hw)
+            break;
+        if (batches > 0 && pos + size > limit)
+            break;
+        pos += size;
+        stop = pos;
+        expected = last + 1;
+    }
+    if (stop == (size_t)position)
+        goto declined;
+    const uint8_t *data = map + position;
+    size_t len = stop - (size_t)position, n = 0;
+    size_t cap = shmb_rb_count_records(data, len);
+    if (owned_columns_alloc(&oc, cap) < 0) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    shmb_rb_error err;
+    int status;
+    if (len >= GIL_RELEASE_BYTES_MIN) {
+        Py_BEGIN_ALLOW_THREADS
+        status = shmb_rb_decode(data, len, verify_crc, &oc.cols, cap, &n, &err);
+        Py_END_ALLOW_THREADS
+    } else {
+        status = shmb_rb_decode(data, len, verify_crc, &oc.cols, cap, &n, &err);
+    }
+    if (status != SHMB_RB_SCAN_OK || n == 0 || oc.cols.offsets[0] != offset)
+        goto declined;
+    PyObject *records = build_records(st, data, len, &oc.cols, n, topic, (int64_t)partition);
+    if (records == NULL)
+        goto done;
+    result = Py_BuildValue("(iILNLLLn)", TAIL_RECORDS, hw_seq, (long long)hw, records,
+                           (long long)stop, (long long)expected, checked_end, (Py_ssize_t)len);
+    goto done;
+declined:
+    result = tail_declined();
+done:
+    PyMem_RawFree(oc.memory);
+    PyBuffer_Release(&mv);
+    PyBuffer_Release(&cv);
+    return result;
+}
+
 static PyObject *py_ring_check(PyObject *module, PyObject *arg)
 {
     Py_buffer v;
@@ -3333,7 +3486,10 @@ static int add_drain_constants(PyObject *m)
         Py_DECREF(t);
         return -1;
     }
-    return (PyModule_AddIntConstant(m, "DRAIN_DONE", SHMB_DRAIN_DONE) < 0 ||
+    return (PyModule_AddIntConstant(m, "TAIL_RECORDS", TAIL_RECORDS) < 0 ||
+            PyModule_AddIntConstant(m, "TAIL_NOTHING", TAIL_NOTHING) < 0 ||
+            PyModule_AddIntConstant(m, "TAIL_DECLINED", TAIL_DECLINED) < 0 ||
+            PyModule_AddIntConstant(m, "DRAIN_DONE", SHMB_DRAIN_DONE) < 0 ||
             PyModule_AddIntConstant(m, "DRAIN_DECLINED", SHMB_DRAIN_DECLINED) < 0 ||
             PyModule_AddIntConstant(m, "DRAIN_WRITE_FAILED", SHMB_DRAIN_WRITE_FAILED) < 0 ||
             PyModule_AddIntConstant(m, "DRAIN_STOP_AFTER_WRITE", SHMB_DRAIN_STOP_AFTER_WRITE) < 0 ||
@@ -3372,6 +3528,13 @@ static PyMethodDef module_methods[] = {
      "scan_batches(buf, verify_crc=True, verify_records=False, batch_bytes_max=0)\n"
      "-> (valid_bytes, status, error_position, [(position, base_offset, last_offset,\n"
      "    max_timestamp, records_count), ...])"},
+    {"tail_read", (PyCFunction)(void (*)(void))py_tail_read, METH_FASTCALL,
+     "tail_read(control, segment_map, segment_base, offset, position, checked_end, fd,\n"
+     "          max_bytes, verify_crc, topic, partition)\n"
+     "-> (TAIL_RECORDS, hw_seq, hw, records, next_position, next_offset, checked_end, nbytes)\n"
+     "   | (TAIL_NOTHING, hw_seq, hw, None, ...) | (TAIL_DECLINED, None, ...): 8 items\n\n"
+     "A caught-up consumer's read of the active segment from its hint, in one call; declines\n"
+     "anything else (the caller then reads with log/reader.py, the reference)."},
     {"decode_records", (PyCFunction)(void (*)(void))py_decode_records,
      METH_VARARGS | METH_KEYWORDS,
      "decode_records(buf, verify_crc=True, topic=None, partition=-1) -> list[Record]"},

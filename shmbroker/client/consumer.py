@@ -4,6 +4,7 @@ No socket, no request, no broker process in the path (docs/design/consumer.md)::
 
     Consumer.poll
       ├─ per assigned partition: hw_seq unchanged and position == high watermark? skip (idle)
+      ├─ caught up in the active segment? _native.tail_read: the next three steps in one C call
       ├─ control.read_state()             seqlock read of the published state (shared memory)
       ├─ LogReader.read(position, ...)    memoryview of whole committed batches (zero copy)
       ├─ records.decode_records(view)     C: CRC + records -> list[Record]
@@ -63,6 +64,9 @@ _FUTEX_WAITV = True
 #: Iteration polls in slices this long, so signals are handled between them.
 ITERATION_POLL_MS = 1_000
 SPIN_US_MAX = SPIN_NS_MAX // 1000
+#: Whether a caught-up consumer reads with one C call (``_native.tail_read``) where it can;
+#: tests turn it off to compare with the Python read, which stays the reference.
+TAIL_READ = True
 
 log = logging.getLogger("shmbroker.consumer")
 
@@ -634,6 +638,12 @@ class Consumer:
         # Records are handed out from pending[at:], never by copying the rest of the list: a
         # backlog read with a small max_records would copy (or move) it at every poll.
         at = fetch.pending_at
+        if not pending and TAIL_READ and not self.value_memoryview:
+            pending = self._tail_read(fetch)
+            if pending is not None:
+                if not pending:
+                    return 0
+                at = 0
         if not pending:
             piece = self._read(fetch)
             if piece is None or piece.length == 0:
@@ -666,6 +676,30 @@ class Consumer:
         if self._counters is not None:
             fetch.records_out += len(taken)
         return len(taken)
+
+    def _tail_read(self, fetch: _Fetch) -> list | None:
+        """New records at ``fetch.position`` in one C call when the last read ended exactly
+        there in the active segment (a caught-up consumer); [] when nothing new; None when
+        that is not the case, or anything is unusual: then ``_read`` does it in Python."""
+        segment = fetch.reader.last_segment
+        if segment is None or segment.hint_offset != fetch.position or segment.map is None \
+                or segment.fd is None:
+            return None
+        status, hw_seq, hw, got, next_position, next_offset, checked_end, nbytes = \
+            _native.tail_read(fetch.control.buf, segment.map, segment.base_offset,
+                              fetch.position, segment.hint_position, segment.checked_end,
+                              segment.fd, self.fetch_max_bytes, self.check_crcs, fetch.topic,
+                              fetch.partition)
+        if status == _native.TAIL_DECLINED:
+            return None
+        fetch.seen_hw_seq, fetch.hw = hw_seq, hw
+        if status == _native.TAIL_NOTHING:
+            return []
+        segment.hint_offset, segment.hint_position = next_offset, next_position
+        segment.checked_end = checked_end
+        if self._counters is not None:
+            fetch.bytes_out += nbytes
+        return got
 
     def _view_records(self, fetch: _Fetch, piece) -> list:
         batch = _decode_columnar(piece, self.check_crcs)

@@ -227,6 +227,9 @@ class LogReader:
         self._mapped: list[int] = []  # bases with a live fd/mapping, least recently used first
         self.pid = os.getpid()
         self._closed = False
+        #: The segment the last successful read ended in (its hint says where the next batch
+        #: starts): what a caught-up consumer's one-call read (``_native.tail_read``) continues.
+        self.last_segment: _SegmentFile | None = None
 
     # -- segments ---------------------------------------------------------------------------------
 
@@ -405,7 +408,9 @@ class LogReader:
                 if found is None:
                     return None
                 position, first = found
-            return self._slice(segment, view, position, first, end, max_bytes, hw, verify_crc)
+            found = self._slice(segment, view, position, first, end, max_bytes, hw, verify_crc)
+            self.last_segment = segment
+            return found
         finally:
             view.release()
 
@@ -497,6 +502,7 @@ class LogReader:
         for segment in self._segments.values():
             segment.close()
         self._segments.clear()
+        self.last_segment = None
         self._mapped.clear()
         self._closed = True
 

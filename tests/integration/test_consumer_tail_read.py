@@ -1,0 +1,195 @@
+"""A caught-up consumer reads in one C call (``_native.tail_read``); the Python read
+(``LogReader.read`` + ``decode_records``) is the reference it must agree with, byte for byte,
+and the path it must fall back to whenever anything is unusual (other segment, corrupt or
+truncated bytes, a hint that does not match)."""
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+from fake_partitions import FakePartitions
+
+import shmbroker.client.consumer as consumer_module
+from shmbroker import Consumer, errors, records
+from shmbroker.coordinator.topics import partition_dir
+from shmbroker.log.reader import LogReader
+from shmbroker.native import _native
+
+
+@pytest.fixture
+def parts(data_dir):
+    fake = FakePartitions(data_dir)
+    yield fake
+    fake.close()
+
+
+def _fields(rs) -> list:
+    return [(r.topic, r.partition, r.offset, r.timestamp, r.key, r.value, r.headers) for r in rs]
+
+
+def _mixed_batch(rng: random.Random, start: int) -> tuple[list, list, list]:
+    n = rng.randint(1, 6)
+    values = [None if rng.random() < 0.1 else os.urandom(rng.choice((0, 7, 100, 3000)))
+              for _ in range(n)]
+    keys = [None if rng.random() < 0.5 else f"k{start + i}".encode() for i in range(n)]
+    headers = [None if rng.random() < 0.5 else [("h", b"%d" % (start + i)), ("n", None)]
+               for i in range(n)]
+    return values, keys, headers
+
+
+class _CountingNative:
+    """The real extension, with the statuses tail_read returned counted (an observer: every
+    call goes to the C function unchanged)."""
+
+    def __init__(self):
+        self.tail_statuses: list[int] = []
+
+    def tail_read(self, *args):
+        result = _native.tail_read(*args)
+        self.tail_statuses.append(result[0])
+        return result
+
+    def __getattr__(self, name):
+        return getattr(_native, name)
+
+
+def _tail(reader: LogReader, control, offset: int, max_bytes: int = 1 << 20):
+    segment = reader.last_segment
+    return _native.tail_read(control.buf, segment.map, segment.base_offset, offset,
+                             segment.hint_position, segment.checked_end, segment.fd, max_bytes,
+                             True, "t", 0)
+
+
+@pytest.mark.parametrize("mode", ["tail", "python"])
+def test_a_tailing_consumer_gets_the_same_records_either_way(parts, data_dir, monkeypatch,
+                                                             mode):
+    monkeypatch.setattr(consumer_module, "TAIL_READ", mode == "tail")
+    counting = _CountingNative()
+    monkeypatch.setattr(consumer_module, "_native", counting)
+    parts.create_topic("t", 1, segment_bytes=8192)  # rolls every few batches
+    rng = random.Random(7)
+    consumer = Consumer("t", broker=data_dir, auto_offset_reset="earliest",
+                        fetch_max_bytes=5000)
+    expected, got = [], []
+    try:
+        for _ in range(150):  # bounded
+            values, keys, headers = _mixed_batch(rng, len(expected))
+            info = parts.append("t", 0, values, keys=keys, headers=headers)
+            expected += [(info.base_offset + i, k, v, tuple(h or ()))
+                         for i, (k, v, h) in enumerate(zip(keys, values, headers))]
+            for _ in range(3):  # bounded: catch up, with small max_records sometimes
+                got += consumer.poll(timeout_ms=0, max_records=rng.choice((1, 2, 500)))
+        for _ in range(1000):  # bounded: one fetch of fetch_max_bytes per poll
+            more = consumer.poll(timeout_ms=0)
+            if not more:
+                break
+            got += more
+    finally:
+        consumer.close()
+    assert len(parts.logs[("t", 0)].segments) > 10
+    assert [(r.offset, r.key, r.value, tuple(r.headers)) for r in got] == expected
+    assert all(r.topic == "t" and r.partition == 0 for r in got)
+    if mode == "tail":  # most reads took the one-call path; rolls and the start did not
+        assert counting.tail_statuses.count(_native.TAIL_RECORDS) > 50
+        assert _native.TAIL_DECLINED in counting.tail_statuses
+    else:
+        assert counting.tail_statuses == []
+
+
+def test_tail_read_agrees_with_the_python_read_and_declines_what_it_does_not_cover(parts):
+    parts.create_topic("t", 1, segment_bytes=1 << 20)
+    control = parts.controls[("t", 0)]
+    directory = partition_dir(parts.data_dir, "t", 0)
+    reader = LogReader(directory)
+    rng = random.Random(3)
+    try:
+        parts.append("t", 0, [b"first"])
+        state = control.read_state()
+        piece = reader.read(0, 1 << 20, state)  # the Python read leaves the hint at offset 1
+        assert reader.last_segment.hint_offset == 1
+        position = 1
+        reads = 0
+        for _ in range(60):  # bounded
+            assert _tail(reader, control, position)[0] == _native.TAIL_NOTHING
+            values, keys, headers = _mixed_batch(rng, position)
+            for _ in range(rng.randint(1, 3)):
+                parts.append("t", 0, values, keys=keys, headers=headers)
+            max_bytes = rng.choice((1, 200, 1 << 20))
+            for _ in range(4):  # bounded: at least one batch per read, at most 3 appended
+                status, hw_seq, hw, got, next_position, next_offset, checked_end, nbytes = \
+                    _tail(reader, control, position, max_bytes)
+                if position == parts.logs[("t", 0)].high_watermark:
+                    assert status == _native.TAIL_NOTHING and hw == position
+                    break
+                assert status == _native.TAIL_RECORDS
+                reads += 1
+                assert hw == parts.logs[("t", 0)].high_watermark
+                assert hw_seq == control.hw_seq
+                with LogReader(directory) as fresh:  # the reference, from nothing cached
+                    piece = fresh.read(position, max_bytes, control.read_state())
+                    want = records.decode_records(piece.data, True, "t", 0)
+                assert _fields(got) == _fields(want) and got[0].offset == position
+                assert nbytes == piece.length
+                assert next_position == piece.file_position + piece.length
+                assert next_offset == piece.last_offset + 1 == got[-1].offset + 1
+                segment = reader.last_segment
+                segment.hint_position, segment.hint_offset = next_position, next_offset
+                segment.checked_end = checked_end
+                position = next_offset
+        assert reads >= 60
+        # A hint that does not point at ``offset``'s batch: declined, nothing touched.
+        parts.append("t", 0, [b"x", b"y"])  # offset position + 1 is inside this batch
+        assert _tail(reader, control, position + 1)[0] == _native.TAIL_DECLINED
+        # Another segment is active (a roll): declined; the Python read follows the roll.
+        for _ in range(2):  # 2 x 700 KB in 1 MiB segments: the second one rolls
+            parts.append("t", 0, [b"z" * 700_000])
+        assert len(parts.logs[("t", 0)].segments) == 2
+        assert _tail(reader, control, position)[0] == _native.TAIL_DECLINED
+    finally:
+        reader.close()
+
+
+@pytest.mark.parametrize("mode", ["tail", "python"])
+def test_a_corrupt_byte_after_catching_up_is_a_crc_error_either_way(parts, data_dir,
+                                                                    monkeypatch, mode):
+    monkeypatch.setattr(consumer_module, "TAIL_READ", mode == "tail")
+    parts.create_topic("t", 1)
+    parts.append("t", 0, [b"a" * 50])
+    consumer = Consumer("t", broker=data_dir, auto_offset_reset="earliest")
+    try:
+        assert [r.value for r in consumer.poll(timeout_ms=1000)] == [b"a" * 50]
+        log = parts.logs[("t", 0)]
+        end = log.active_segment.size
+        parts.append("t", 0, [b"b" * 50])
+        with open(log.active_segment.path, "r+b") as f:  # one value byte of the new batch
+            f.seek(log.active_segment.size - 10)
+            byte = f.read(1)
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([byte[0] ^ 0xFF]))
+        assert end < log.active_segment.size
+        with pytest.raises(errors.CrcMismatchError):
+            consumer.poll(timeout_ms=0)
+    finally:
+        consumer.close()
+
+
+@pytest.mark.parametrize("mode", ["tail", "python"])
+def test_a_segment_shorter_than_published_is_an_error_not_a_sigbus(parts, data_dir,
+                                                                   monkeypatch, mode):
+    monkeypatch.setattr(consumer_module, "TAIL_READ", mode == "tail")
+    parts.create_topic("t", 1)
+    parts.append("t", 0, [b"a" * 50])
+    consumer = Consumer("t", broker=data_dir, auto_offset_reset="earliest")
+    try:
+        assert len(consumer.poll(timeout_ms=1000)) == 1
+        log = parts.logs[("t", 0)]
+        caught_up_at = log.active_segment.size
+        parts.append("t", 0, [b"b" * 5000])
+        # Someone else truncates the file below what the partition published: the mapping
+        # past the file's end must never be touched (SIGBUS would kill the consumer).
+        os.truncate(log.active_segment.path, caught_up_at + 100)
+        with pytest.raises(errors.CorruptSegmentError, match="shorter than"):
+            consumer.poll(timeout_ms=0)
+    finally:
+        consumer.close()
