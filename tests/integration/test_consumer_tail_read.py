@@ -150,46 +150,38 @@ def test_tail_read_agrees_with_the_python_read_and_declines_what_it_does_not_cov
         reader.close()
 
 
-@pytest.mark.parametrize("mode", ["tail", "python"])
-def test_a_corrupt_byte_after_catching_up_is_a_crc_error_either_way(parts, data_dir,
-                                                                    monkeypatch, mode):
-    monkeypatch.setattr(consumer_module, "TAIL_READ", mode == "tail")
+@pytest.fixture(params=["tail", "python"])
+def caught_up(request, parts, data_dir, monkeypatch):
+    """A consumer that has read the one record of topic "t", with either read path."""
+    monkeypatch.setattr(consumer_module, "TAIL_READ", request.param == "tail")
     parts.create_topic("t", 1)
     parts.append("t", 0, [b"a" * 50])
     consumer = Consumer("t", broker=data_dir, auto_offset_reset="earliest")
-    try:
-        assert [r.value for r in consumer.poll(timeout_ms=1000)] == [b"a" * 50]
-        log = parts.logs[("t", 0)]
-        end = log.active_segment.size
-        parts.append("t", 0, [b"b" * 50])
-        with open(log.active_segment.path, "r+b") as f:  # one value byte of the new batch
-            f.seek(log.active_segment.size - 10)
-            byte = f.read(1)
-            f.seek(-1, os.SEEK_CUR)
-            f.write(bytes([byte[0] ^ 0xFF]))
-        assert end < log.active_segment.size
-        with pytest.raises(errors.CrcMismatchError):
-            consumer.poll(timeout_ms=0)
-    finally:
-        consumer.close()
+    assert [r.value for r in consumer.poll(timeout_ms=1000)] == [b"a" * 50]
+    yield consumer, parts.logs[("t", 0)]
+    consumer.close()
 
 
-@pytest.mark.parametrize("mode", ["tail", "python"])
-def test_a_segment_shorter_than_published_is_an_error_not_a_sigbus(parts, data_dir,
-                                                                   monkeypatch, mode):
-    monkeypatch.setattr(consumer_module, "TAIL_READ", mode == "tail")
-    parts.create_topic("t", 1)
-    parts.append("t", 0, [b"a" * 50])
-    consumer = Consumer("t", broker=data_dir, auto_offset_reset="earliest")
-    try:
-        assert len(consumer.poll(timeout_ms=1000)) == 1
-        log = parts.logs[("t", 0)]
-        caught_up_at = log.active_segment.size
-        parts.append("t", 0, [b"b" * 5000])
-        # Someone else truncates the file below what the partition published: the mapping
-        # past the file's end must never be touched (SIGBUS would kill the consumer).
-        os.truncate(log.active_segment.path, caught_up_at + 100)
-        with pytest.raises(errors.CorruptSegmentError, match="shorter than"):
-            consumer.poll(timeout_ms=0)
-    finally:
-        consumer.close()
+def test_a_corrupt_byte_after_catching_up_is_a_crc_error_either_way(parts, caught_up):
+    consumer, log = caught_up
+    end = log.active_segment.size
+    parts.append("t", 0, [b"b" * 50])
+    with open(log.active_segment.path, "r+b") as f:  # one value byte of the new batch
+        f.seek(log.active_segment.size - 10)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    assert end < log.active_segment.size
+    with pytest.raises(errors.CrcMismatchError):
+        consumer.poll(timeout_ms=0)
+
+
+def test_a_segment_shorter_than_published_is_an_error_not_a_sigbus(parts, caught_up):
+    consumer, log = caught_up
+    caught_up_at = log.active_segment.size
+    parts.append("t", 0, [b"b" * 5000])
+    # Someone else truncates the file below what the partition published: the mapping past
+    # the file's end must never be touched (SIGBUS would kill the consumer).
+    os.truncate(log.active_segment.path, caught_up_at + 100)
+    with pytest.raises(errors.CorruptSegmentError, match="shorter than"):
+        consumer.poll(timeout_ms=0)
