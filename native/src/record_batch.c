@@ -434,6 +434,21 @@ static int slice_ok(shmb_slice s, int nullable)
     return s.length <= INT32_MAX && (s.length >= 0 || (nullable && s.length == -1));
 }
 
+/* The common batch of send_batch: values only (no keys, no headers) and one timestamp. Its
+ * records differ only in offset delta and value, so sizing and writing them needs none of the
+ * general per-record work (measured with callgrind: ~450 -> ~170 instructions per 100-byte
+ * record). Bytes are the same as the general path's (tests compare both with the reference). */
+static inline int plain_values(const shmb_rb_encode_input *in)
+{
+    return in->keys == NULL && in->header_starts == NULL && in->timestamps == NULL;
+}
+
+/* Attributes, timestamp delta 0, offset delta, null key (-1), value, 0 headers. */
+static inline size_t plain_body_size(int32_t index, shmb_slice value)
+{
+    return 4 + shmb_varint32_size(index) + slice_size(value);
+}
+
 int shmb_rb_encoded_size(const shmb_rb_encode_input *in, size_t *size_out, shmb_rb_error *err)
 {
     const uint64_t limit = (uint64_t)INT32_MAX + SHMB_RB_LOG_OVERHEAD;
@@ -446,6 +461,21 @@ int shmb_rb_encoded_size(const shmb_rb_encode_input *in, size_t *size_out, shmb_
                     (unsigned)(uint16_t)in->attributes);
     int64_t base = record_timestamp(in, 0);
     uint64_t total = SHMB_RB_HEADER_SIZE;
+    if (plain_values(in)) {
+        for (size_t i = 0; i < in->count; i++) {
+            if (!slice_ok(in->values[i], 1))
+                return fail(err, -1, i, i, "record %zu: key or value longer than 2**31-1 bytes",
+                            i);
+            uint64_t body = plain_body_size((int32_t)i, in->values[i]);
+            if (body > INT32_MAX)
+                return fail(err, -1, i, i, "record %zu is larger than 2**31-1 bytes", i);
+            total += shmb_varint32_size((int32_t)body) + body;
+            if (total > limit)
+                return fail(err, -1, i, i, "the batch would be larger than 2**31-1 bytes");
+        }
+        *size_out = (size_t)total;
+        return 0;
+    }
     for (size_t i = 0; i < in->count; i++) {
         int64_t delta;
         if (__builtin_sub_overflow(record_timestamp(in, i), base, &delta))
@@ -522,8 +552,22 @@ void shmb_rb_encode(const shmb_rb_encode_input *in, uint8_t *out, size_t size)
 {
     int64_t base = record_timestamp(in, 0), max = base;
     uint8_t *p = out + SHMB_RB_HEADER_SIZE;
+    size_t general_from = 0;
 
-    for (size_t i = 0; i < in->count; i++) {
+    if (plain_values(in)) {
+        for (size_t i = 0; i < in->count; i++) {
+            shmb_slice value = in->values[i];
+            p += shmb_varint32_write(p, (int32_t)plain_body_size((int32_t)i, value));
+            *p++ = 0; /* attributes */
+            *p++ = 0; /* timestamp delta: one timestamp for the batch */
+            p += shmb_varint32_write(p, (int32_t)i);
+            *p++ = 1; /* key length -1 (zigzag): null key */
+            p = write_slice(p, value);
+            *p++ = 0; /* no headers */
+        }
+        general_from = in->count;
+    }
+    for (size_t i = general_from; i < in->count; i++) {
         int64_t ts = record_timestamp(in, i);
         int64_t delta = (int64_t)((uint64_t)ts - (uint64_t)base); /* checked by encoded_size */
         if (ts > max)

@@ -185,6 +185,21 @@ def test_random_batches_encode_identically_and_decode_to_what_was_encoded(seed):
     assert_same_outcome(nat)
 
 
+@pytest.mark.parametrize("n", [1, 63, 64, 65, 8191, 8193, 20_000])
+def test_values_only_batches_take_the_plain_path_and_encode_like_the_reference(n):
+    # No keys, no headers, one timestamp: the C encoder's plain path (offset deltas cross
+    # the 1-, 2- and 3-byte varint sizes at 64 and 8192; values of 0, 1, 127, 128 and 300
+    # bytes cross the length varint's sizes; None values are null).
+    rng = random.Random(n)
+    values = [None if i % 97 == 5 else bytes([i % 256]) * rng.choice((0, 1, 127, 128, 300))
+              for i in range(n)]
+    nat = _native.encode_batch(values, timestamp=1_700_000_000_123, base_offset=7)
+    assert nat == reference.encode_batch(values, timestamp=1_700_000_000_123, base_offset=7)
+    assert [r.value for r in _native.decode_records(nat)] == values
+    grid = np.frombuffer(rng.randbytes(n * 100), dtype=np.uint8).reshape(n, 100)
+    assert _native.encode_batch(grid) == reference.encode_batch([bytes(r) for r in grid])
+
+
 def two_dimensional_case():
     rng = np.random.default_rng(1)
     values = rng.integers(0, 256, (300, 100), dtype=np.uint8)
