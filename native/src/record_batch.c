@@ -175,6 +175,58 @@ int shmb_rb_header_next(const uint8_t **pp, const uint8_t *end, const uint8_t **
     return 0;
 }
 
+/* One or two varint bytes (zigzag int32) at p, within [p, end): the byte after them, or NULL
+ * when the varint is longer or runs past end. */
+static inline const uint8_t *short_varint32(const uint8_t *p, const uint8_t *end, int32_t *out)
+{
+    if (p < end && p[0] < 0x80u) {
+        *out = shmb_zigzag32_decode(p[0]);
+        return p + 1;
+    }
+    if (end - p >= 2 && p[1] < 0x80u) {
+        *out = shmb_zigzag32_decode((uint32_t)(p[0] & 0x7fu) | ((uint32_t)p[1] << 7));
+        return p + 2;
+    }
+    return NULL;
+}
+
+/* The record at p if it has the common shape: no headers, and every varint (length,
+ * timestamp delta, offset delta, key and value lengths) of one or two bytes; whole and
+ * consistent within [p, end). Fills the fields and returns its end; NULL otherwise, and the
+ * general walk reads it (and finds what is wrong, if anything): this only skips the general
+ * walk's work for the commonest records (what encode_batch and the producer write without
+ * headers). */
+static inline const uint8_t *plain_record(const uint8_t *p, const uint8_t *end,
+                                          int64_t *timestamp_delta, int32_t *offset_delta,
+                                          const uint8_t **key, int32_t *key_length,
+                                          const uint8_t **value, int32_t *value_length,
+                                          const uint8_t **headers)
+{
+    int32_t body, td, kl, vl;
+    if ((p = short_varint32(p, end, &body)) == NULL || body < 6 || body > end - p)
+        return NULL;
+    const uint8_t *rend = p + body;
+    if ((p = short_varint32(p + 1, rend, &td)) == NULL || /* after the attributes */
+        (p = short_varint32(p, rend, offset_delta)) == NULL ||
+        (p = short_varint32(p, rend, &kl)) == NULL || kl < -1 || kl >= rend - p)
+        return NULL;
+    *key = p;
+    if (kl > 0)
+        p += kl;
+    if ((p = short_varint32(p, rend, &vl)) == NULL || vl < -1 || vl >= rend - p)
+        return NULL;
+    *value = p;
+    if (vl > 0)
+        p += vl;
+    if (p + 1 != rend || *p != 0) /* no headers, and nothing after them */
+        return NULL;
+    *timestamp_delta = td;
+    *key_length = kl;
+    *value_length = vl;
+    *headers = rend;
+    return rend;
+}
+
 int shmb_rb_walk_records(const uint8_t *buf, size_t len, size_t pos, const shmb_rb_header *h,
                          const shmb_rb_columns *cols, size_t first, int flags, shmb_rb_error *err)
 {
@@ -199,7 +251,15 @@ int shmb_rb_walk_records(const uint8_t *buf, size_t len, size_t pos, const shmb_
         const uint8_t *rend = end;
         int32_t body, offset_delta, key_length, value_length, headers_count;
         int64_t timestamp_delta;
+        const uint8_t *key, *value, *headers;
 
+        const uint8_t *plain_end = plain_record(p, end, &timestamp_delta, &offset_delta, &key,
+                                                &key_length, &value, &value_length, &headers);
+        if (plain_end != NULL) {
+            p = plain_end;
+            headers_count = 0;
+            goto columns;
+        }
         READ_VARINT32(body, "length");
         if (body < 0 || body > end - p)
             return fail(err, SHMB_RB_SCAN_BAD_RECORD, pos, rec_pos,
@@ -224,7 +284,7 @@ int shmb_rb_walk_records(const uint8_t *buf, size_t len, size_t pos, const shmb_
             return fail(err, SHMB_RB_SCAN_BAD_RECORD, pos, rec_pos,
                         "record %zu: key_length %d is invalid or runs past the record end", i,
                         (int)key_length);
-        const uint8_t *key = p;
+        key = p;
         if (key_length > 0)
             p += key_length;
         READ_VARINT32(value_length, "value_length");
@@ -232,7 +292,7 @@ int shmb_rb_walk_records(const uint8_t *buf, size_t len, size_t pos, const shmb_
             return fail(err, SHMB_RB_SCAN_BAD_RECORD, pos, rec_pos,
                         "record %zu: value_length %d is invalid or runs past the record end", i,
                         (int)value_length);
-        const uint8_t *value = p;
+        value = p;
         if (value_length > 0)
             p += value_length;
         READ_VARINT32(headers_count, "headers_count");
@@ -240,7 +300,7 @@ int shmb_rb_walk_records(const uint8_t *buf, size_t len, size_t pos, const shmb_
             return fail(err, SHMB_RB_SCAN_BAD_RECORD, pos, rec_pos,
                         "record %zu: headers_count %d is negative or cannot fit in the record",
                         i, (int)headers_count);
-        const uint8_t *headers = p;
+        headers = p;
         for (int32_t j = 0; j < headers_count; j++) {
             const uint8_t *hk, *hv;
             int32_t hkl, hvl;
@@ -257,6 +317,7 @@ int shmb_rb_walk_records(const uint8_t *buf, size_t len, size_t pos, const shmb_
             return fail(err, SHMB_RB_SCAN_BAD_RECORD, pos, rec_pos,
                         "record %zu: length says %d bytes but its fields take %td", i, (int)body,
                         p - (rend - body));
+    columns:
         if (cols) {
             size_t k = first + i;
             if (cols->offsets)
