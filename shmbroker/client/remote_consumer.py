@@ -197,6 +197,10 @@ class RemoteConsumer(Consumer):
 
     # -- fetching ---------------------------------------------------------------------------------
 
+    def _tail_read(self, fetch) -> None:
+        """No one-call read of mapped segments here: records come in fetch replies."""
+        return None
+
     def _read(self, fetch):
         return None  # Consumer._fill hands out ``pending``; fetching is _fetch_remote's
 
