@@ -299,7 +299,8 @@ def decode_fetch(r: Reader, version: int) -> FetchData:
 
 def fetch_response_parts(version: int, topics) -> list:
     """The response body as buffers: encoded headers interleaved with the partitions' record
-    bytes (memoryviews of the mapped segments, sent without a copy). ``topics``:
+    bytes (anything with a length: the listener's FilePart, sent with sendfile, or a
+    memoryview of the mapped segment). ``topics``:
     [(name, [(partition, error, high_watermark, log_start, records)])]."""
     parts: list = []
     w = Writer()

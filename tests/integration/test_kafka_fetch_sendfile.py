@@ -1,0 +1,187 @@
+"""Fetch record bytes leave the Kafka listener with sendfile from the segment files
+(docs/design/kafka.md, "Fetch record bytes are sent from the segment file"): real clients
+read them, a big response to a slow reader with a tiny receive buffer arrives byte for byte
+through many partial sends, and a segment rolled and deleted by retention while its bytes
+are being sent is still sent whole. The listener's counters are read from its stop line in
+the broker's log (the only place they are shown for now)."""
+from __future__ import annotations
+
+import os
+import re
+import socket
+import struct
+import time
+
+import pytest
+from broker_harness import wait_for
+
+from shmbroker import Producer
+from shmbroker.coordinator.topics import partition_dir
+from shmbroker.kafka import messages as M
+
+kafka = pytest.importorskip("kafka")
+from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition  # noqa: E402
+from kafka.admin import NewTopic  # noqa: E402
+
+pytestmark = pytest.mark.timeout(180)
+
+_STOP_LINE = re.compile(r"fetch record bytes: (\d+) sent with sendfile, (\d+) copied")
+#: A receive buffer this small makes the listener's sends partial many times over.
+SLOW_RCVBUF_BYTES = 4096
+MiB = 1 << 20
+
+
+@pytest.fixture
+def kbroker(make_broker):
+    """A broker with the Kafka listener on a free loopback port (no router)."""
+    broker = make_broker(serve_args=("--kafka-listen", "127.0.0.1:0"))
+    broker.address = broker.wait_running()["kafka_endpoint"]
+    return broker
+
+
+def listener_counters(broker) -> tuple[int, int]:
+    """(bytes sent with sendfile, record bytes copied) from the stopped listener's log line."""
+    assert broker.stop() == 0
+    found = _STOP_LINE.findall(broker.log())
+    assert len(found) == 1, broker.log()[-3000:]
+    return int(found[0][0]), int(found[0][1])
+
+
+def create_topic(address: str, name: str, configs: dict | None = None) -> None:
+    admin = KafkaAdminClient(bootstrap_servers=address)
+    try:
+        admin.create_topics([NewTopic(name, 1, 1, topic_configs=configs or {})])
+    finally:
+        admin.close()
+
+
+def produce(data_dir: str, topic: str, total_bytes: int, tag: int) -> None:
+    """``total_bytes`` of distinct 1 KiB values to partition 0, appended when it returns."""
+    with Producer(broker=data_dir, acks=1) as producer:
+        for i in range(total_bytes // 1024):  # bounded by the count
+            producer.send(topic, struct.pack(">ii", tag, i) * 128, partition=0)
+        producer.flush()
+
+
+def segment_path(data_dir: str, topic: str, base: int) -> str:
+    return os.path.join(partition_dir(data_dir, topic, 0), f"{base:020d}.log")
+
+
+def fetch_v4_frame(topic: str, offset: int, max_bytes: int, correlation_id: int) -> bytes:
+    name = topic.encode()
+    body = struct.pack(">iiiib", -1, 0, 0, max_bytes, 0)  # replica, wait 0, min 0, max, isolation
+    body += struct.pack(">ih", 1, len(name)) + name + struct.pack(">iiqi", 1, 0, offset, max_bytes)
+    head = struct.pack(">hhih", M.FETCH, 4, correlation_id, 1) + b"t"
+    return struct.pack(">i", len(head) + len(body)) + head + body
+
+
+def slow_connection(address: str) -> socket.socket:
+    host, port = address.rsplit(":", 1)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SLOW_RCVBUF_BYTES)  # before connect
+    sock.settimeout(30)
+    sock.connect((host, int(port)))
+    return sock
+
+
+def read_some(sock: socket.socket, n: int, into: bytearray) -> None:
+    """Append ``n`` bytes to ``into``, a few KiB per recv with a pause now and then."""
+    goal = len(into) + n
+    calls = 0
+    while len(into) < goal:  # bounded: every recv returns bytes or raises
+        chunk = sock.recv(min(SLOW_RCVBUF_BYTES, goal - len(into)))
+        if not chunk:
+            raise ConnectionError("closed")
+        into += chunk
+        calls += 1
+        if calls % 256 == 0:
+            time.sleep(0.002)
+
+
+def fetch_v4_records(raw: bytes, correlation_id: int) -> tuple[int, int, bytes]:
+    """(error, high watermark, record bytes) of a one-partition Fetch v4 response frame."""
+    size, got_id = struct.unpack_from(">ii", raw, 0)
+    assert size == len(raw) - 4 and got_id == correlation_id
+    at = 8 + 4  # throttle
+    assert struct.unpack_from(">i", raw, at)[0] == 1
+    name_len = struct.unpack_from(">h", raw, at + 4)[0]
+    at += 6 + name_len
+    count, _, error, hw, _, aborted, length = struct.unpack_from(">iihqqii", raw, at)
+    assert count == 1 and aborted == 0
+    at += struct.calcsize(">iihqqii")
+    records = raw[at:at + length]
+    assert at + length == len(raw) and len(records) == length
+    return error, hw, records
+
+
+def test_a_kafka_consumer_reads_records_sent_with_sendfile(kbroker):
+    create_topic(kbroker.address, "sf")
+    produce(kbroker.data_dir, "sf", 2 * MiB, tag=1)
+    log_bytes = os.path.getsize(segment_path(kbroker.data_dir, "sf", 0))
+    consumer = KafkaConsumer(bootstrap_servers=kbroker.address, enable_auto_commit=False)
+    try:
+        consumer.assign([TopicPartition("sf", 0)])
+        consumer.seek_to_beginning()
+        got, deadline = [], time.monotonic() + 30
+        while len(got) < 2048 and time.monotonic() < deadline:  # bounded by the deadline
+            for batch in consumer.poll(timeout_ms=500).values():
+                got.extend(batch)
+    finally:
+        consumer.close()
+    assert [m.offset for m in got] == list(range(2048))
+    assert all(m.value == struct.pack(">ii", 1, m.offset) * 128 for m in got)
+    sendfile_bytes, copied = listener_counters(kbroker)
+    # Every byte of the segment went out from the file at least once; none was copied.
+    assert sendfile_bytes >= log_bytes and copied == 0
+
+
+def test_a_big_fetch_to_a_slow_reader_arrives_byte_exact_through_partial_sends(kbroker):
+    create_topic(kbroker.address, "big")
+    produce(kbroker.data_dir, "big", 9 * MiB, tag=2)
+    with open(segment_path(kbroker.data_dir, "big", 0), "rb") as f:
+        on_disk = f.read()
+    with slow_connection(kbroker.address) as sock:
+        sock.sendall(fetch_v4_frame("big", 0, 32 * MiB, 7))
+        raw = bytearray()
+        read_some(sock, 64 * 1024, raw)
+        # While that response waits on the slow reader, the loop serves others.
+        host, port = kbroker.address.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=10) as other:
+            other.sendall(struct.pack(">ihhih", 11, M.API_VERSIONS, 0, 5, 1) + b"t")
+            assert struct.unpack(">ii", other.recv(8))[1] == 5
+        read_some(sock, struct.unpack_from(">i", raw)[0] + 4 - len(raw), raw)
+    error, hw, records = fetch_v4_records(bytes(raw), 7)
+    assert error == 0 and hw == 9 * 1024
+    assert len(records) == len(on_disk) >= 9 * MiB  # every committed batch of the segment
+    assert records == on_disk
+    sendfile_bytes, copied = listener_counters(kbroker)
+    assert sendfile_bytes == len(records) and copied == 0
+
+
+def test_a_segment_rolled_and_deleted_while_its_bytes_are_sent_still_arrives_whole(kbroker):
+    create_topic(kbroker.address, "gone", {"segment.bytes": str(12 * MiB)})
+    produce(kbroker.data_dir, "gone", 9 * MiB, tag=3)
+    first = segment_path(kbroker.data_dir, "gone", 0)
+    with open(first, "rb") as f:
+        on_disk = f.read()
+    with slow_connection(kbroker.address) as sock:
+        sock.sendall(fetch_v4_frame("gone", 0, 32 * MiB, 9))
+        raw = bytearray()
+        read_some(sock, 64 * 1024, raw)
+        size = struct.unpack_from(">i", raw)[0] + 4
+        produce(kbroker.data_dir, "gone", 4 * MiB, tag=4)  # the segment rolls at 12 MiB
+        directory = os.path.dirname(first)
+        wait_for(lambda: sum(n.endswith(".log") for n in os.listdir(directory)) >= 2, 30,
+                 "the segment to roll")
+        os.unlink(first)  # as retention would (its check runs every 5 minutes)
+        # More is left to send than the kernel's buffers can hold (the listener's send buffer
+        # grows to tcp_wmem's max at most), so part of it is read from the unlinked file.
+        with open("/proc/sys/net/ipv4/tcp_wmem") as f:
+            send_buffer_max = int(f.read().split()[2])
+        assert size - len(raw) > send_buffer_max + 2 * SLOW_RCVBUF_BYTES
+        read_some(sock, size - len(raw), raw)
+    error, _, records = fetch_v4_records(bytes(raw), 9)
+    assert error == 0 and len(records) == len(on_disk) >= 9 * MiB
+    assert records == on_disk
+    sendfile_bytes, copied = listener_counters(kbroker)
+    assert sendfile_bytes == len(records) and copied == 0
