@@ -45,16 +45,12 @@ from ..router.produce import Outcome, Produce
 from ..router.protocol import FETCH_BYTES_MAX, FETCH_WAIT_MS_MAX, REQUEST_PARTITIONS_MAX
 from . import messages as M
 from .codec import Reader
+from .framing import KAFKA_REQUEST_BYTES_MAX, KAFKA_REQUEST_BYTES_MIN, RequestBuffer
 from .groups import CoordinatorLink, KafkaGroups
 from .idempotence import ProducerStates, batch_ids
 
 log = logging.getLogger("shmbroker.kafka")
 
-#: Largest request frame (Kafka's socket.request.max.bytes is 100 MiB; a produce request
-#: carries at most one 16 MiB batch per partition here, and clients default to 1 MiB).
-KAFKA_REQUEST_BYTES_MAX = 32 << 20
-#: Smallest request frame: api key, version and correlation id.
-KAFKA_REQUEST_BYTES_MIN = 8
 #: Open client connections; a further one is closed at once.
 KAFKA_CONNECTIONS_MAX = 1_024
 #: Requests of one connection awaiting their responses; beyond it the connection is not read
@@ -63,8 +59,6 @@ KAFKA_CONNECTIONS_MAX = 1_024
 KAFKA_INFLIGHT_MAX = 64
 #: Response bytes queued for one connection before it is no longer read from.
 KAFKA_QUEUED_BYTES_MAX = 64 << 20
-#: Bytes read from one socket per wake-up.
-KAFKA_RECV_BYTES = 256 << 10
 #: Buffers handed to one sendmsg call (the kernel's IOV_MAX is 1024).
 _IOV_MAX = 512
 #: Segment file descriptors held open by Fetch responses not yet sent (one per partition
@@ -138,13 +132,16 @@ class FilePart:
 
 
 class Connection:
+    """One client: its received bytes (``inbuf``: frames are handed to the handlers as views
+    of it, valid until they return; framing.py), its response slots and its queued output."""
+
     __slots__ = ("sock", "peer", "inbuf", "pending", "out", "out_bytes", "closed", "events",
                  "parsing")
 
     def __init__(self, sock: socket.socket, peer: str):
         self.sock = sock
         self.peer = peer
-        self.inbuf = bytearray()
+        self.inbuf = RequestBuffer()
         self.pending: deque[Slot] = deque()
         self.out: deque[memoryview | FilePart] = deque()
         self.out_bytes = 0
@@ -332,8 +329,9 @@ class KafkaServer:
     def _interest(self, conn: Connection) -> None:
         """Read while the client is within its limits; write while responses wait."""
         events = 0
-        if len(conn.pending) < KAFKA_INFLIGHT_MAX and conn.out_bytes < KAFKA_QUEUED_BYTES_MAX \
-                and len(conn.inbuf) <= KAFKA_REQUEST_BYTES_MAX + 4:
+        # Below the in-flight limit every whole frame has been handled, so the buffer holds
+        # at most one frame in progress, and _room always finds room for it.
+        if len(conn.pending) < KAFKA_INFLIGHT_MAX and conn.out_bytes < KAFKA_QUEUED_BYTES_MAX:
             events |= selectors.EVENT_READ
         if conn.out:
             events |= selectors.EVENT_WRITE
@@ -348,17 +346,20 @@ class KafkaServer:
         conn.events = events
 
     def _read(self, conn: Connection) -> None:
+        """Receive straight into the connection's buffer (the kernel's copy is the only one
+        before a frame reaches its handler; framing.py), then handle the whole frames."""
         try:
-            data = conn.sock.recv(KAFKA_RECV_BYTES)
+            received = conn.inbuf.receive(conn.sock)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
             self._close(conn, f"receive failed: {exc.strerror}")
             return
-        if not data:
+        if received is None:
+            return  # no room: whole frames wait for the in-flight limit (READ is off by now)
+        if not received:
             self._close(conn)
             return
-        conn.inbuf += data
         self._frames(conn)
 
     def _frames(self, conn: Connection) -> None:
@@ -367,22 +368,24 @@ class KafkaServer:
         if conn.parsing:
             return
         conn.parsing = True
+        inbuf = conn.inbuf
         try:
-            buf = conn.inbuf
             # Bounded: each step consumes a frame, and at most KAFKA_INFLIGHT_MAX wait.
             while len(conn.pending) < KAFKA_INFLIGHT_MAX and not conn.closed:
-                if len(buf) < 4:
+                size = inbuf.frame_size()
+                if size is None:
                     break
-                size = _SIZE.unpack_from(buf, 0)[0]
                 if not KAFKA_REQUEST_BYTES_MIN <= size <= KAFKA_REQUEST_BYTES_MAX:
                     self._close(conn, f"request frame of {size} bytes; frames are "
                                       f"{KAFKA_REQUEST_BYTES_MIN}..{KAFKA_REQUEST_BYTES_MAX} bytes")
                     return
-                if len(buf) < 4 + size:
+                frame = inbuf.take(size)
+                if frame is None:
                     break
-                frame = memoryview(bytes(buf[4:4 + size]))
-                del buf[:4 + size]
-                self._request(conn, frame)
+                try:
+                    self._request(conn, frame)
+                finally:
+                    frame.release()
         finally:
             conn.parsing = False
         if not conn.closed:
