@@ -750,4 +750,5 @@ class KafkaServer:
 _GROUP_HANDLERS = {M.FIND_COORDINATOR: "find_coordinator", M.SYNC_GROUP: "sync_group",
                    M.HEARTBEAT: "heartbeat", M.LEAVE_GROUP: "leave_group",
                    M.OFFSET_COMMIT: "offset_commit", M.OFFSET_FETCH: "offset_fetch",
-                   M.INIT_PRODUCER_ID: "init_producer_id"}
+                   M.INIT_PRODUCER_ID: "init_producer_id", M.DESCRIBE_GROUPS: "describe_groups",
+                   M.LIST_GROUPS: "list_groups"}
