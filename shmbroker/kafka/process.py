@@ -34,8 +34,10 @@ def main(argv: list[str] | None = None) -> int:
         server.close()
     # The only place the listener's counters are seen for now (tests read this line).
     log.info("kafka listener stopped (%d requests, %d connections closed for errors; fetch "
-             "record bytes: %d sent with sendfile, %d copied from the mapping)",
-             server.requests, server.refused, server.sendfile_bytes, server.record_bytes_copied)
+             "record bytes: %d sent with sendfile, %d copied from the mapping; produce "
+             "batches: %d of %d written from the receive buffer without a copy)",
+             server.requests, server.refused, server.sendfile_bytes, server.record_bytes_copied,
+             server.produce.in_place, server.produce.batches)
     return 0
 
 

@@ -635,7 +635,10 @@ class KafkaServer:
                             row[2] = first_offset
                             continue
                     try:
-                        self.produce.submit(wait, (ti, pi), name, index, acks, records)
+                        # The batch is a view of the receive buffer, ours until this
+                        # returns: stamped in place and written when the ring has room.
+                        self.produce.submit(wait, (ti, pi), name, index, acks, records,
+                                            borrowed=True)
                     except BaseException:
                         if ids is not None:
                             self.producers.done(name, index, ids, None)
