@@ -87,7 +87,6 @@ UNKNOWN_SERVER_ERROR = -1
 KAFKA_COORDINATOR_POLL_MS = 100
 #: The selector's mark for the coordinator socket's descriptor.
 _COORDINATOR = "coordinator"
-_SIZE = struct.Struct(">i")
 _HEAD = struct.Struct(">ii")  # frame size, correlation id
 
 
@@ -330,7 +329,7 @@ class KafkaServer:
         """Read while the client is within its limits; write while responses wait."""
         events = 0
         # Below the in-flight limit every whole frame has been handled, so the buffer holds
-        # at most one frame in progress, and _room always finds room for it.
+        # at most one frame in progress, and RequestBuffer.room always makes room for it.
         if len(conn.pending) < KAFKA_INFLIGHT_MAX and conn.out_bytes < KAFKA_QUEUED_BYTES_MAX:
             events |= selectors.EVENT_READ
         if conn.out:
