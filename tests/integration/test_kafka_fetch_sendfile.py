@@ -67,10 +67,14 @@ def segment_path(data_dir: str, topic: str, base: int) -> str:
     return os.path.join(partition_dir(data_dir, topic, 0), f"{base:020d}.log")
 
 
-def fetch_v4_frame(topic: str, offset: int, max_bytes: int, correlation_id: int) -> bytes:
+def fetch_v4_frame(topic: str, offset: int, max_bytes: int, correlation_id: int,
+                   offsets: list[int] | None = None) -> bytes:
+    """Fetch v4 of partition 0 at ``offset`` (or once per entry of ``offsets``)."""
     name = topic.encode()
+    offsets = [offset] if offsets is None else offsets
     body = struct.pack(">iiiib", -1, 0, 0, max_bytes, 0)  # replica, wait 0, min 0, max, isolation
-    body += struct.pack(">ih", 1, len(name)) + name + struct.pack(">iiqi", 1, 0, offset, max_bytes)
+    body += struct.pack(">ih", 1, len(name)) + name + struct.pack(">i", len(offsets))
+    body += b"".join(struct.pack(">iqi", 0, at, max_bytes) for at in offsets)
     head = struct.pack(">hhih", M.FETCH, 4, correlation_id, 1) + b"t"
     return struct.pack(">i", len(head) + len(body)) + head + body
 
@@ -98,20 +102,31 @@ def read_some(sock: socket.socket, n: int, into: bytearray) -> None:
             time.sleep(0.002)
 
 
-def fetch_v4_records(raw: bytes, correlation_id: int) -> tuple[int, int, bytes]:
-    """(error, high watermark, record bytes) of a one-partition Fetch v4 response frame."""
+def fetch_v4_partitions(raw: bytes, correlation_id: int) -> list[tuple[int, int, bytes]]:
+    """[(error, high watermark, record bytes)] of a one-topic Fetch v4 response frame."""
     size, got_id = struct.unpack_from(">ii", raw, 0)
     assert size == len(raw) - 4 and got_id == correlation_id
     at = 8 + 4  # throttle
     assert struct.unpack_from(">i", raw, at)[0] == 1
     name_len = struct.unpack_from(">h", raw, at + 4)[0]
     at += 6 + name_len
-    count, _, error, hw, _, aborted, length = struct.unpack_from(">iihqqii", raw, at)
-    assert count == 1 and aborted == 0
-    at += struct.calcsize(">iihqqii")
-    records = raw[at:at + length]
-    assert at + length == len(raw) and len(records) == length
-    return error, hw, records
+    count = struct.unpack_from(">i", raw, at)[0]
+    at += 4
+    out = []
+    for _ in range(count):  # bounded by the response
+        _, error, hw, _, aborted, length = struct.unpack_from(">ihqqii", raw, at)
+        assert aborted == 0
+        at += struct.calcsize(">ihqqii")
+        out.append((error, hw, raw[at:at + length]))
+        at += length
+    assert at == len(raw)
+    return out
+
+
+def fetch_v4_records(raw: bytes, correlation_id: int) -> tuple[int, int, bytes]:
+    """(error, high watermark, record bytes) of a one-partition Fetch v4 response frame."""
+    (only,) = fetch_v4_partitions(raw, correlation_id)
+    return only
 
 
 def test_a_kafka_consumer_reads_records_sent_with_sendfile(kbroker):
@@ -185,3 +200,31 @@ def test_a_segment_rolled_and_deleted_while_its_bytes_are_sent_still_arrives_who
     assert records == on_disk
     sendfile_bytes, copied = listener_counters(kbroker)
     assert sendfile_bytes == len(records) and copied == 0
+
+
+def test_records_from_a_segment_the_reader_closed_go_from_the_mapping_in_the_same_response(
+        kbroker):
+    """The memoryview fallback: one request names the partition once per segment, five
+    segments, and the reader keeps four open, so the first slice's segment is closed before
+    its descriptor could be pinned; its records go from the mapping, the others by sendfile,
+    all byte for byte in one response."""
+    create_topic(kbroker.address, "many", {"segment.bytes": str(64 * 1024)})
+    for tag in range(8):  # a 40 KiB batch each: every 64 KiB segment holds one
+        produce(kbroker.data_dir, "many", 40 * 1024, tag=tag)
+    directory = partition_dir(kbroker.data_dir, "many", 0)
+    bases = sorted(int(n[:-4]) for n in os.listdir(directory) if n.endswith(".log"))
+    assert len(bases) >= 6  # five sealed segments and the active one
+    sealed = []
+    for base in bases[:5]:
+        with open(segment_path(kbroker.data_dir, "many", base), "rb") as f:
+            sealed.append(f.read())
+    with slow_connection(kbroker.address) as sock:
+        sock.sendall(fetch_v4_frame("many", 0, 32 * MiB, 11, offsets=bases[:5]))
+        raw = bytearray()
+        read_some(sock, 4, raw)
+        read_some(sock, struct.unpack_from(">i", raw)[0], raw)
+    parts = fetch_v4_partitions(bytes(raw), 11)
+    assert [error for error, _, _ in parts] == [0] * 5
+    assert [records for _, _, records in parts] == sealed  # each sealed segment, whole
+    sendfile_bytes, copied = listener_counters(kbroker)
+    assert copied == len(sealed[0]) and sendfile_bytes == sum(map(len, sealed[1:]))
