@@ -228,3 +228,34 @@ def test_records_from_a_segment_the_reader_closed_go_from_the_mapping_in_the_sam
     assert [records for _, _, records in parts] == sealed  # each sealed segment, whole
     sendfile_bytes, copied = listener_counters(kbroker)
     assert copied == len(sealed[0]) and sendfile_bytes == sum(map(len, sealed[1:]))
+
+
+def segment_fds(broker, path: str) -> int:
+    """Descriptors the kafka process holds on the segment file ``path``."""
+    pid = next(e["pid"] for e in broker.runtime()["processes"] if e["role"] == "kafka")
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):  # bounded by the process's descriptors
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") in (path, path + " (deleted)"):
+                count += 1
+        except FileNotFoundError:
+            pass  # closed meanwhile
+    return count
+
+
+def test_a_client_gone_mid_response_leaves_no_segment_descriptor_behind(kbroker):
+    create_topic(kbroker.address, "cut")
+    produce(kbroker.data_dir, "cut", 9 * MiB, tag=6)
+    path = segment_path(kbroker.data_dir, "cut", 0)
+    sock = slow_connection(kbroker.address)
+    try:
+        sock.sendall(fetch_v4_frame("cut", 0, 32 * MiB, 13))
+        read_some(sock, 64 * 1024, bytearray())
+        # The reader's own descriptor and the one pinned for the unsent response.
+        wait_for(lambda: segment_fds(kbroker, path) == 2, 10, "a pinned descriptor")
+    finally:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # a reset: the next sendfile fails and the connection is closed
+    wait_for(lambda: segment_fds(kbroker, path) == 1, 10, "the pinned descriptor closed")
+    sendfile_bytes, copied = listener_counters(kbroker)
+    assert 0 < sendfile_bytes < 9 * MiB and copied == 0
