@@ -63,7 +63,8 @@ KAFKA_QUEUED_BYTES_MAX = 64 << 20
 _IOV_MAX = 512
 #: Segment file descriptors held open by Fetch responses not yet sent (one per partition
 #: with records); beyond it record bytes go out as memoryviews of the mapping instead. With
-#: KAFKA_CONNECTIONS_MAX sockets this stays under a soft RLIMIT_NOFILE of 4,096.
+#: KAFKA_CONNECTIONS_MAX sockets and the readers' own descriptors that is about 4,096 at
+#: most; under a lower RLIMIT_NOFILE, a dup that fails (EMFILE) takes the same fallback.
 KAFKA_SENDFILE_FDS_MAX = 2_048
 #: Bytes per sendfile call (the loop's other connections get a turn between calls).
 KAFKA_SENDFILE_BYTES_MAX = 4 << 20
