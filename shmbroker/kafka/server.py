@@ -223,6 +223,7 @@ class KafkaServer:
         self.sendfile_bytes = self.record_bytes_copied = 0
         #: FileParts alive (queued or in answered slots not yet at the head).
         self.sendfile_fds = 0
+        self._pin_failure_logged_at = float("-inf")
         self._refusal_window = (0.0, 0)
 
     @property
@@ -728,8 +729,11 @@ class KafkaServer:
             try:
                 fd = self.fetch.pin(topic, partition, piece)
             except OSError as exc:
-                log.warning("fetch of %s/%d: no descriptor for sendfile (%s); sending from "
-                            "the mapping", topic, partition, exc)
+                now = time.monotonic()
+                if now - self._pin_failure_logged_at >= 1.0:  # at most one line a second
+                    self._pin_failure_logged_at = now
+                    log.warning("fetch of %s/%d: no descriptor for sendfile (%s); sending "
+                                "from the mapping", topic, partition, exc)
         if fd is None:
             self.record_bytes_copied += piece.length
             return piece.data
