@@ -23,6 +23,11 @@ the last (consume: a client's start-up, librdkafka's connection and metadata rou
 is left out, for every path alike); clients run in this process, one path after the other. MB/s is of values
 (count x 1024 bytes / 1e6 / seconds); medians over ``--runs``.
 
+``--kafka-only``: the kafka path alone (comparing two builds of the listener). Every run also
+reads the listener's CPU time (utime + stime of ``shmbroker: kafka``, /proc, 10 ms ticks)
+around the kafka produce and consume calls: CPU ms per MB of values, which a busy shared host
+disturbs less than MB/s.
+
 ``--py-spy OUT``: during one extra kafka produce run, ``py-spy record --format raw`` samples
 the listener process (250 Hz, ``--nonblocking``, three times ``--count`` messages); the collapsed stacks go to OUT and the top
 frames by own time, and the share of time under each part of the listener, are printed.
@@ -122,6 +127,16 @@ class Broker:
 
 
 # --- the paths -------------------------------------------------------------------------------
+
+KAFKA = "kafka (confluent-kafka)"
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (/proc/PID/stat fields 14, 15)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
 
 
 def kafka_produce(address: str, topic: str, values: list) -> float:
@@ -259,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--count", type=int, default=100_000, help="messages per case")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--py-spy", dest="py_spy", default=None, help="raw stacks output file")
+    ap.add_argument("--kafka-only", action="store_true", help="only the kafka path")
     args = ap.parse_args(argv)
     values = [message(i) for i in range(args.count)]
     want = checksum(args.count)
@@ -269,22 +285,34 @@ def main(argv: list[str] | None = None) -> int:
     try:
         broker = Broker(tmp)
         paths = {
-            "kafka (confluent-kafka)": (lambda t: kafka_produce(broker.kafka, t, values),
+            KAFKA: (lambda t: kafka_produce(broker.kafka, t, values),
                                         lambda t: kafka_consume(broker.kafka, t, args.count)),
             "native local": (lambda t: native_produce(broker.data_dir, t, values),
                              lambda t: native_consume(broker.data_dir, t, args.count)),
             "native remote (router)": (lambda t: native_produce(broker.router, t, values),
                                        lambda t: native_consume(broker.router, t, args.count)),
         }
+        if args.kafka_only:
+            paths = {KAFKA: paths[KAFKA]}
+        kafka_pid = broker.kafka_pid(broker.runtime())
         for run in range(args.runs):  # bounded by --runs
             for i, (name, (produce, consume)) in enumerate(paths.items()):
                 topic = f"b{run}-{i}"
                 broker.topic(topic)
+                cpu0 = process_cpu_s(kafka_pid)
                 results[(name, "produce")].append(mb / produce(topic))
+                cpu1 = process_cpu_s(kafka_pid)
                 seconds, n, s = consume(topic)
+                cpu2 = process_cpu_s(kafka_pid)
                 results[(name, "consume")].append(mb / seconds if (n, s) == (args.count, want) else "BAD")
+                if name == KAFKA:
+                    results["cpu produce"].append(1000 * (cpu1 - cpu0) / mb)
+                    results["cpu consume"].append(1000 * (cpu2 - cpu1) / mb)
                 print(f"run {run}: {name}: produce {results[(name, 'produce')][-1]:.0f} MB/s, "
-                      f"consume {results[(name, 'consume')][-1]} MB/s", file=sys.stderr, flush=True)
+                      f"consume {results[(name, 'consume')][-1]} MB/s"
+                      + (f"; listener CPU ms/MB: produce {results['cpu produce'][-1]:.2f}, "
+                         f"consume {results['cpu consume'][-1]:.2f}" if name == KAFKA else ""),
+                      file=sys.stderr, flush=True)
         profile = None
         if args.py_spy:
             broker.topic("profiled")
@@ -310,12 +338,14 @@ def render(results, paths, args, profile) -> str:
         p, c = _median(results[(name, "produce")]), _median(results[(name, "consume")])
         out.append(f"| {name} | {p if isinstance(p, str) else f'{p:.0f}'} | "
                    f"{c if isinstance(c, str) else f'{c:.0f}'} |")
-    p = _median(results[("kafka (confluent-kafka)", "produce")])
-    c = _median(results[("kafka (confluent-kafka)", "consume")])
+    p = _median(results[(KAFKA, "produce")])
+    c = _median(results[(KAFKA, "consume")])
     ok = lambda v, t: "BAD" if isinstance(v, str) else ("met" if v >= t else "missed")  # noqa: E731
     out += ["", f"targets (kafka listener, confluent-kafka, 1 KiB): produce >= {PRODUCE_TARGET_MBS:.0f} "
             f"MB/s: {ok(p, PRODUCE_TARGET_MBS)}; consume >= {CONSUME_TARGET_MBS:.0f} MB/s: "
             f"{ok(c, CONSUME_TARGET_MBS)}"]
+    out.append(f"kafka listener CPU ms per MB of values (median): produce "
+               f"{_median(results['cpu produce']):.2f}, consume {_median(results['cpu consume']):.2f}")
     if profile:
         out += ["", "py-spy, listener process during a kafka produce run:", profile]
     return "\n".join(out)

@@ -48,6 +48,10 @@ CONSUMER_PROTOCOL_TYPE = "consumer"
 UNKNOWN_SERVER_ERROR = -1
 COORDINATOR_NOT_AVAILABLE = errors.CoordinatorNotAvailableError.code
 
+#: Groups one DescribeGroups may ask about (each is a coordinator request); the rest are
+#: answered INVALID_REQUEST.
+KAFKA_DESCRIBE_GROUPS_MAX = 1_000
+
 Reply = Callable[[Any], None]  # a result dict, or a ShmbrokerError
 
 
@@ -279,6 +283,41 @@ class KafkaGroups:
         self.link.request("offset_fetch", KAFKA_COORDINATOR_TIMEOUT_MS, on_reply,
                           group_id=group_id, topics=asked)
 
+    # -- ListGroups, DescribeGroups (what admin tools show; `shmbroker groups` reads the same) ----
+
+    def list_groups(self, slot, version: int, body) -> None:
+        def on_reply(result) -> None:
+            if isinstance(result, Exception):
+                self.respond(slot, M.list_groups_response(version, error_code(result), []))
+                return
+            self.respond(slot, M.list_groups_response(version, M.NONE, [
+                (g["group_id"], _protocol_type(g)) for g in result["groups"]]))
+
+        self.link.request("groups_list", KAFKA_COORDINATOR_TIMEOUT_MS, on_reply)
+
+    def describe_groups(self, slot, version: int, group_ids: list[str]) -> None:
+        """One coordinator request per group (``group_describe``, what `shmbroker groups
+        describe` shows); the response when the last has its answer."""
+        described: list = [None] * len(group_ids)
+        left = [len(group_ids)]
+
+        def answer(index: int, group: M.DescribedGroup) -> None:
+            described[index] = group
+            left[0] -= 1
+            if left[0] == 0:
+                self.respond(slot, M.describe_groups_response(version, described))
+
+        if not group_ids:
+            self.respond(slot, M.describe_groups_response(version, []))
+        for index, group_id in enumerate(group_ids):  # bounded by the request's array
+            if index >= KAFKA_DESCRIBE_GROUPS_MAX:
+                answer(index, M.DescribedGroup(errors.InvalidRequestError.code, group_id, "", "",
+                                               ""))
+                continue
+            self.link.request("group_describe", KAFKA_COORDINATOR_TIMEOUT_MS,
+                              lambda result, i=index, g=group_id: answer(i, _described(g, result)),
+                              group_id=group_id)
+
     # -- InitProducerId ---------------------------------------------------------------------------
 
     def init_producer_id(self, slot, version: int, body) -> None:
@@ -293,3 +332,39 @@ class KafkaGroups:
         self._producer_ids += 1
         self.respond(slot, M.init_producer_id_response(version, M.NONE,
                                                        self._producer_ids, 0))
+
+
+def _protocol_type(summary: dict) -> str:
+    """Every group of ours is a consumer group; one known only by its committed offsets
+    (no members, no protocol) is listed with "" as Kafka lists such groups."""
+    return CONSUMER_PROTOCOL_TYPE if summary.get("members") or summary.get("protocol") else ""
+
+
+def _client_host(host: str) -> str:
+    """Kafka's form for a Kafka member ("/127.0.0.1": its peer address, as Kafka shows it);
+    a native member's host name as the coordinator has it."""
+    if host.startswith("kafka:"):
+        return "/" + host[len("kafka:"):].rsplit(":", 1)[0]
+    return host
+
+
+def _described(group_id: str, result) -> M.DescribedGroup:
+    """The coordinator's ``group_describe`` reply (or error) as Kafka describes a group. As
+    in Kafka, an unknown group is no error: state Dead, no members; and members carry their
+    subscription and assignment only while the group is Stable."""
+    if isinstance(result, errors.GroupIdNotFoundError):
+        return M.DescribedGroup(M.NONE, group_id, "Dead", "", "")
+    if isinstance(result, Exception):
+        return M.DescribedGroup(error_code(result), group_id, "", "", "")
+    stable = result["state"] == "Stable"
+    members = tuple(
+        M.DescribedMember(
+            m["member_id"], m.get("group_instance_id"), m.get("client_id") or "",
+            _client_host(m.get("host") or ""),
+            M.encode_subscription(m.get("topics") or []) if stable else b"",
+            M.encode_assignment(tuple(tp) for tp in m.get("assignment") or ()) if stable else b"")
+        for m in result["members"])
+    return M.DescribedGroup(M.NONE, group_id, result["state"],
+                            _protocol_type({"members": len(members),
+                                            "protocol": result.get("protocol")}),
+                            result.get("protocol") or "", members)

@@ -15,7 +15,7 @@ from .codec import MalformedRequest, Reader, Writer
 
 PRODUCE, FETCH, LIST_OFFSETS, METADATA = 0, 1, 2, 3
 OFFSET_COMMIT, OFFSET_FETCH, FIND_COORDINATOR, JOIN_GROUP = 8, 9, 10, 11
-HEARTBEAT, LEAVE_GROUP, SYNC_GROUP = 12, 13, 14
+HEARTBEAT, LEAVE_GROUP, SYNC_GROUP, DESCRIBE_GROUPS, LIST_GROUPS = 12, 13, 14, 15, 16
 API_VERSIONS, CREATE_TOPICS, INIT_PRODUCER_ID = 18, 19, 22
 
 #: API key -> (min, max) version served. Every one is below the version where the API turns
@@ -41,6 +41,10 @@ SUPPORTED: dict[int, tuple[int, int]] = {
     HEARTBEAT: (0, 3),
     LEAVE_GROUP: (0, 1),
     SYNC_GROUP: (0, 3),
+    # What admin tools ask (kafka-consumer-groups, AdminClient): the last classic versions
+    # (DescribeGroups v5 and ListGroups v3 turn flexible).
+    DESCRIBE_GROUPS: (0, 4),
+    LIST_GROUPS: (0, 2),
     # v0-1 only: v2 turns flexible, v3+ is an epoch bump kafka-python tries only when it
     # guesses a broker >= 2.5, which our maxima keep it from guessing.
     INIT_PRODUCER_ID: (0, 1),
@@ -49,7 +53,8 @@ NAMES = {PRODUCE: "Produce", FETCH: "Fetch", LIST_OFFSETS: "ListOffsets", METADA
          API_VERSIONS: "ApiVersions", CREATE_TOPICS: "CreateTopics",
          OFFSET_COMMIT: "OffsetCommit", OFFSET_FETCH: "OffsetFetch",
          FIND_COORDINATOR: "FindCoordinator", JOIN_GROUP: "JoinGroup", HEARTBEAT: "Heartbeat",
-         LEAVE_GROUP: "LeaveGroup", SYNC_GROUP: "SyncGroup", INIT_PRODUCER_ID: "InitProducerId"}
+         LEAVE_GROUP: "LeaveGroup", SYNC_GROUP: "SyncGroup", INIT_PRODUCER_ID: "InitProducerId",
+         DESCRIBE_GROUPS: "DescribeGroups", LIST_GROUPS: "ListGroups"}
 
 NONE = 0
 UNSUPPORTED_VERSION = 35
@@ -299,7 +304,8 @@ def decode_fetch(r: Reader, version: int) -> FetchData:
 
 def fetch_response_parts(version: int, topics) -> list:
     """The response body as buffers: encoded headers interleaved with the partitions' record
-    bytes (memoryviews of the mapped segments, sent without a copy). ``topics``:
+    bytes (anything with a length: the listener's FilePart, sent with sendfile, or a
+    memoryview of the mapped segment). ``topics``:
     [(name, [(partition, error, high_watermark, log_start, records)])]."""
     parts: list = []
     w = Writer()
@@ -443,6 +449,70 @@ def error_only_response(version: int, error: int, throttle_from: int = 1) -> byt
     return bytes(w.int16(error).buf)
 
 
+# -- DescribeGroups (15), ListGroups (16) --------------------------------------------------------
+
+def decode_describe_groups(r: Reader, version: int) -> list[str]:
+    """The group ids asked for."""
+    groups = [r.string() for _ in range(r.array_count())]
+    if version >= 3:
+        r.boolean()  # include authorized operations: answered "omitted" (there are no ACLs)
+    return groups
+
+
+def decode_list_groups(r: Reader, version: int) -> None:
+    """v0-2 have no fields (v4's states filter comes with the flexible versions)."""
+    return None
+
+
+@dataclass(frozen=True)
+class DescribedMember:
+    member_id: str
+    group_instance_id: str | None
+    client_id: str
+    client_host: str
+    metadata: bytes       # ConsumerProtocolSubscription (empty unless the group is Stable)
+    assignment: bytes     # ConsumerProtocolAssignment (likewise)
+
+
+@dataclass(frozen=True)
+class DescribedGroup:
+    error: int
+    group_id: str
+    state: str            # Kafka's names: Empty, PreparingRebalance, ..., Dead
+    protocol_type: str    # "consumer", or "" for a group that only has committed offsets
+    protocol_data: str    # the assignor chosen, or ""
+    members: tuple[DescribedMember, ...] = ()
+
+
+def describe_groups_response(version: int, groups: list[DescribedGroup]) -> bytes:
+    w = Writer()
+    if version >= 1:
+        w.int32(0)  # throttle_time_ms
+
+    def member(w: Writer, m: DescribedMember) -> None:
+        w.string(m.member_id)
+        if version >= 4:
+            w.string(m.group_instance_id)
+        w.string(m.client_id).string(m.client_host).bytes_(m.metadata).bytes_(m.assignment)
+
+    def group(w: Writer, g: DescribedGroup) -> None:
+        w.int16(g.error).string(g.group_id).string(g.state).string(g.protocol_type)
+        w.string(g.protocol_data).array(g.members, member)
+        if version >= 3:
+            w.int32(AUTHORIZED_OPERATIONS_OMITTED)
+
+    return bytes(w.array(groups, group).buf)
+
+
+def list_groups_response(version: int, error: int, groups: list[tuple[str, str]]) -> bytes:
+    """``groups``: [(group id, protocol type)]."""
+    w = Writer()
+    if version >= 1:
+        w.int32(0)  # throttle_time_ms
+    w.int16(error)
+    return bytes(w.array(groups, lambda w, g: w.string(g[0]).string(g[1])).buf)
+
+
 # -- OffsetCommit (8), OffsetFetch (9) -----------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -550,7 +620,8 @@ DECODERS = {METADATA: decode_metadata, CREATE_TOPICS: decode_create_topics,
             FIND_COORDINATOR: decode_find_coordinator, JOIN_GROUP: decode_join_group,
             SYNC_GROUP: decode_sync_group, HEARTBEAT: decode_heartbeat,
             LEAVE_GROUP: decode_leave_group, OFFSET_COMMIT: decode_offset_commit,
-            OFFSET_FETCH: decode_offset_fetch, INIT_PRODUCER_ID: decode_init_producer_id}
+            OFFSET_FETCH: decode_offset_fetch, INIT_PRODUCER_ID: decode_init_producer_id,
+            DESCRIBE_GROUPS: decode_describe_groups, LIST_GROUPS: decode_list_groups}
 
 
 def check_consumed(r: Reader) -> None:

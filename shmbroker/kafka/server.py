@@ -3,8 +3,9 @@
     Kafka client --TCP, [INT32 size][header][body]--> KafkaServer (this, one thread, selectors)
         Produce  -> router/produce.py's Produce: checked, stamped, written to the ingress ring;
                     answered from the ring's completions (acks 1/-1; acks 0: no response)
-        Fetch    -> router/fetch.py's Fetch: whole batches from the mapped segments, long poll;
-                    the record bytes go out as memoryviews of the mapping (sendmsg, no copy)
+        Fetch    -> router/fetch.py's Fetch: whole batches of the segments, long poll; the
+                    record bytes go out with sendfile from the segment file (a FilePart),
+                    the encoded headers around them with sendmsg
         Metadata, ListOffsets, ApiVersions: answered from topics.json and the control regions
         CreateTopics -> the coordinator (client/admin.py)
 
@@ -24,7 +25,9 @@ thread-safe.
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
+import os
 import selectors
 import socket
 import struct
@@ -35,22 +38,19 @@ from typing import Callable
 from .. import errors
 from ..broker.listen_address import parse_host_port
 from ..layout import record_batch as RB
+from ..log.segment import LogSlice
 from ..client.metadata import LocalMetadata
 from ..router.fetch import Fetch, FetchRequest
 from ..router.produce import Outcome, Produce
 from ..router.protocol import FETCH_BYTES_MAX, FETCH_WAIT_MS_MAX, REQUEST_PARTITIONS_MAX
 from . import messages as M
 from .codec import Reader
+from .framing import KAFKA_REQUEST_BYTES_MAX, KAFKA_REQUEST_BYTES_MIN, RequestBuffer
 from .groups import CoordinatorLink, KafkaGroups
 from .idempotence import ProducerStates, batch_ids
 
 log = logging.getLogger("shmbroker.kafka")
 
-#: Largest request frame (Kafka's socket.request.max.bytes is 100 MiB; a produce request
-#: carries at most one 16 MiB batch per partition here, and clients default to 1 MiB).
-KAFKA_REQUEST_BYTES_MAX = 32 << 20
-#: Smallest request frame: api key, version and correlation id.
-KAFKA_REQUEST_BYTES_MIN = 8
 #: Open client connections; a further one is closed at once.
 KAFKA_CONNECTIONS_MAX = 1_024
 #: Requests of one connection awaiting their responses; beyond it the connection is not read
@@ -59,10 +59,16 @@ KAFKA_CONNECTIONS_MAX = 1_024
 KAFKA_INFLIGHT_MAX = 64
 #: Response bytes queued for one connection before it is no longer read from.
 KAFKA_QUEUED_BYTES_MAX = 64 << 20
-#: Bytes read from one socket per wake-up.
-KAFKA_RECV_BYTES = 256 << 10
 #: Buffers handed to one sendmsg call (the kernel's IOV_MAX is 1024).
 _IOV_MAX = 512
+#: Segment file descriptors held open by Fetch responses not yet sent (one per partition
+#: with records); beyond it record bytes go out as memoryviews of the mapping instead. With
+#: KAFKA_CONNECTIONS_MAX sockets and the readers' own descriptors that is about 4,096 at
+#: most; under a lower RLIMIT_NOFILE, a dup that fails (EMFILE) takes the same fallback.
+KAFKA_SENDFILE_FDS_MAX = 2_048
+#: Bytes per sendfile call (the loop's other connections get a turn between calls).
+KAFKA_SENDFILE_BYTES_MAX = 4 << 20
+_MSG_MORE = getattr(socket, "MSG_MORE", 0)
 #: While produce requests wait for completions / fetches are parked, the loop ticks this often.
 KAFKA_ACK_POLL_MS = 1
 KAFKA_FETCH_POLL_MS = 2
@@ -82,7 +88,6 @@ UNKNOWN_SERVER_ERROR = -1
 KAFKA_COORDINATOR_POLL_MS = 100
 #: The selector's mark for the coordinator socket's descriptor.
 _COORDINATOR = "coordinator"
-_SIZE = struct.Struct(">i")
 _HEAD = struct.Struct(">ii")  # frame size, correlation id
 
 
@@ -110,16 +115,35 @@ class Slot:
         self.parts: list | None = None
 
 
+class FilePart:
+    """Record bytes of a Fetch response still to send from a segment file: ``left`` bytes
+    from ``position`` of ``fd`` (a descriptor owned by this part, ``LogReader.pin``; closed
+    through ``KafkaServer._unpin`` once sent or dropped)."""
+
+    __slots__ = ("fd", "position", "left")
+
+    def __init__(self, fd: int, position: int, length: int):
+        self.fd = fd
+        self.position = position
+        self.left = length
+
+    def __len__(self) -> int:
+        return self.left
+
+
 class Connection:
+    """One client: its received bytes (``inbuf``: frames are handed to the handlers as views
+    of it, valid until they return; framing.py), its response slots and its queued output."""
+
     __slots__ = ("sock", "peer", "inbuf", "pending", "out", "out_bytes", "closed", "events",
                  "parsing")
 
     def __init__(self, sock: socket.socket, peer: str):
         self.sock = sock
         self.peer = peer
-        self.inbuf = bytearray()
+        self.inbuf = RequestBuffer()
         self.pending: deque[Slot] = deque()
-        self.out: deque[memoryview] = deque()
+        self.out: deque[memoryview | FilePart] = deque()
         self.out_bytes = 0
         self.closed = False
         self.events = selectors.EVENT_READ
@@ -182,7 +206,7 @@ class KafkaServer:
         self.data_dir = data_dir
         self.meta = LocalMetadata(data_dir)
         self.produce = Produce(data_dir)
-        self.fetch = Fetch(data_dir)
+        self.fetch = Fetch(data_dir, slices=True)
         self.admin = None  # client/admin.Admin, made on the first CreateTopics
         #: Idempotent producers' sequences per partition (idempotence.py).
         self.producers = ProducerStates()
@@ -193,8 +217,13 @@ class KafkaServer:
                                   self._partitions_of)
         self.selector = selectors.DefaultSelector()
         self.connections: dict[int, Connection] = {}
-        #: Counters for logs and tests.
+        #: Counters for logs and tests: record bytes of Fetch responses sent with sendfile,
+        #: and queued as memoryviews (copied by sendmsg) when no descriptor could be pinned.
         self.requests = self.refused = 0
+        self.sendfile_bytes = self.record_bytes_copied = 0
+        #: FileParts alive (queued or in answered slots not yet at the head).
+        self.sendfile_fds = 0
+        self._pin_failure_logged_at = float("-inf")
         self._refusal_window = (0.0, 0)
 
     @property
@@ -276,7 +305,14 @@ class KafkaServer:
         if conn.events:
             self.selector.unregister(conn.sock)
         conn.sock.close()
+        for slot in conn.pending:  # bounded by KAFKA_INFLIGHT_MAX
+            for part in slot.parts or ():
+                if type(part) is FilePart:
+                    self._unpin(part)
         conn.pending.clear()
+        for part in conn.out:  # bounded by the queued responses' parts
+            if type(part) is FilePart:
+                self._unpin(part)
         conn.out.clear()
         if self.fetch.parked:
             self.fetch.parked = [r for r in self.fetch.parked if r.route.slot.conn is not conn]
@@ -294,8 +330,9 @@ class KafkaServer:
     def _interest(self, conn: Connection) -> None:
         """Read while the client is within its limits; write while responses wait."""
         events = 0
-        if len(conn.pending) < KAFKA_INFLIGHT_MAX and conn.out_bytes < KAFKA_QUEUED_BYTES_MAX \
-                and len(conn.inbuf) <= KAFKA_REQUEST_BYTES_MAX + 4:
+        # Below the in-flight limit every whole frame has been handled, so the buffer holds
+        # at most one frame in progress, and RequestBuffer.room always makes room for it.
+        if len(conn.pending) < KAFKA_INFLIGHT_MAX and conn.out_bytes < KAFKA_QUEUED_BYTES_MAX:
             events |= selectors.EVENT_READ
         if conn.out:
             events |= selectors.EVENT_WRITE
@@ -310,17 +347,20 @@ class KafkaServer:
         conn.events = events
 
     def _read(self, conn: Connection) -> None:
+        """Receive straight into the connection's buffer (the kernel's copy is the only one
+        before a frame reaches its handler; framing.py), then handle the whole frames."""
         try:
-            data = conn.sock.recv(KAFKA_RECV_BYTES)
+            received = conn.inbuf.receive(conn.sock)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
             self._close(conn, f"receive failed: {exc.strerror}")
             return
-        if not data:
+        if received is None:
+            return  # no room: whole frames wait for the in-flight limit (READ is off by now)
+        if not received:
             self._close(conn)
             return
-        conn.inbuf += data
         self._frames(conn)
 
     def _frames(self, conn: Connection) -> None:
@@ -329,22 +369,24 @@ class KafkaServer:
         if conn.parsing:
             return
         conn.parsing = True
+        inbuf = conn.inbuf
         try:
-            buf = conn.inbuf
             # Bounded: each step consumes a frame, and at most KAFKA_INFLIGHT_MAX wait.
             while len(conn.pending) < KAFKA_INFLIGHT_MAX and not conn.closed:
-                if len(buf) < 4:
+                size = inbuf.frame_size()
+                if size is None:
                     break
-                size = _SIZE.unpack_from(buf, 0)[0]
                 if not KAFKA_REQUEST_BYTES_MIN <= size <= KAFKA_REQUEST_BYTES_MAX:
                     self._close(conn, f"request frame of {size} bytes; frames are "
                                       f"{KAFKA_REQUEST_BYTES_MIN}..{KAFKA_REQUEST_BYTES_MAX} bytes")
                     return
-                if len(buf) < 4 + size:
+                frame = inbuf.take(size)
+                if frame is None:
                     break
-                frame = memoryview(bytes(buf[4:4 + size]))
-                del buf[:4 + size]
-                self._request(conn, frame)
+                try:
+                    self._request(conn, frame)
+                finally:
+                    frame.release()
         finally:
             conn.parsing = False
         if not conn.closed:
@@ -405,13 +447,16 @@ class KafkaServer:
         """Fill ``slot``; send every answered response at the head of its connection."""
         conn = slot.conn
         if conn.closed:
+            for part in body:  # bounded by the response's parts
+                if type(part) is FilePart:
+                    self._unpin(part)
             return
         size = 4 + sum(len(p) for p in body)
         slot.parts = [_HEAD.pack(size, slot.correlation_id), *body]
         while conn.pending and conn.pending[0].parts is not None:  # bounded by pending
             for part in conn.pending.popleft().parts:
                 if len(part):
-                    conn.out.append(memoryview(part))
+                    conn.out.append(part if type(part) is FilePart else memoryview(part))
                     conn.out_bytes += len(part)
         self._write(conn)
         if not conn.closed and conn.inbuf:
@@ -420,12 +465,35 @@ class KafkaServer:
             self._interest(conn)
 
     def _write(self, conn: Connection) -> None:
+        """Send what the socket takes: runs of buffers with sendmsg, a FilePart with sendfile
+        (either may send less than asked; the rest waits for EVENT_WRITE). A run followed by
+        a FilePart is sent with MSG_MORE, so the headers and the records after them leave in
+        the same TCP segments despite TCP_NODELAY."""
         out = conn.out
         for _ in range(64):  # bounded per wake-up; the rest when the socket is writable again
             if not out:
                 break
+            head = out[0]
             try:
-                sent = conn.sock.sendmsg([out[i] for i in range(min(len(out), _IOV_MAX))])
+                if type(head) is FilePart:
+                    sent = os.sendfile(conn.sock.fileno(), head.fd, head.position,
+                                       min(head.left, KAFKA_SENDFILE_BYTES_MAX))
+                    if sent == 0:  # the file ends early: only a broken invariant does that
+                        log.error("segment file ends %d bytes before the fetched range "
+                                  "(position %d); closing %s", head.left, head.position,
+                                  conn.peer)
+                        self._close(conn)
+                        return
+                    self.sendfile_bytes += sent
+                else:
+                    run = []
+                    flags = 0
+                    for part in itertools.islice(out, _IOV_MAX):  # bounded by _IOV_MAX
+                        if type(part) is FilePart:
+                            flags = _MSG_MORE
+                            break
+                        run.append(part)
+                    sent = conn.sock.sendmsg(run, (), flags)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
@@ -435,13 +503,23 @@ class KafkaServer:
             conn.out_bytes -= sent
             while sent:  # bounded by the buffers sent
                 head = out[0]
-                if len(head) <= sent:
-                    sent -= len(head)
-                    out.popleft()
-                else:
-                    out[0] = head[sent:]
-                    sent = 0
+                if len(head) > sent:
+                    if type(head) is FilePart:
+                        head.position += sent
+                        head.left -= sent
+                    else:
+                        out[0] = head[sent:]
+                    break
+                sent -= len(head)
+                out.popleft()
+                if type(head) is FilePart:
+                    self._unpin(head)
         self._interest(conn)
+
+    def _unpin(self, part: FilePart) -> None:
+        os.close(part.fd)
+        part.left = 0
+        self.sendfile_fds -= 1
 
     # -- APIs answered at once --------------------------------------------------------------------
 
@@ -558,7 +636,10 @@ class KafkaServer:
                             row[2] = first_offset
                             continue
                     try:
-                        self.produce.submit(wait, (ti, pi), name, index, acks, records)
+                        # The batch is a view of the receive buffer, ours until this
+                        # returns: stamped in place and written when the ring has room.
+                        self.produce.submit(wait, (ti, pi), name, index, acks, records,
+                                            borrowed=True)
                     except BaseException:
                         if ids is not None:
                             self.producers.done(name, index, ids, None)
@@ -631,9 +712,33 @@ class KafkaServer:
             for _ in range(count):
                 row, data = next(rows)
                 _, index, code, hw, start = row[:5]
+                if type(data) is LogSlice:
+                    data = self._records_part(name, index, data)
                 parts.append((index, code, hw, start, data))
             topics.append((name, parts))
         self._respond(wait.slot, M.fetch_response_parts(wait.version, topics))
+
+    def _records_part(self, topic: str, partition: int, piece: LogSlice):
+        """How a partition's records go out: a FilePart (sendfile from the segment file)
+        whenever a descriptor can be pinned; else the slice's memoryview of the mapping
+        (sendmsg copies it): KAFKA_SENDFILE_FDS_MAX descriptors pinned already, the reader
+        closed the segment since (several reads of one partition in one request), or no
+        descriptor left (EMFILE)."""
+        fd = None
+        if self.sendfile_fds < KAFKA_SENDFILE_FDS_MAX:
+            try:
+                fd = self.fetch.pin(topic, partition, piece)
+            except OSError as exc:
+                now = time.monotonic()
+                if now - self._pin_failure_logged_at >= 1.0:  # at most one line a second
+                    self._pin_failure_logged_at = now
+                    log.warning("fetch of %s/%d: no descriptor for sendfile (%s); sending "
+                                "from the mapping", topic, partition, exc)
+        if fd is None:
+            self.record_bytes_copied += piece.length
+            return piece.data
+        self.sendfile_fds += 1
+        return FilePart(fd, piece.file_position, piece.length)
 
     def close(self) -> None:
         for conn in list(self.connections.values()):
@@ -652,4 +757,5 @@ class KafkaServer:
 _GROUP_HANDLERS = {M.FIND_COORDINATOR: "find_coordinator", M.SYNC_GROUP: "sync_group",
                    M.HEARTBEAT: "heartbeat", M.LEAVE_GROUP: "leave_group",
                    M.OFFSET_COMMIT: "offset_commit", M.OFFSET_FETCH: "offset_fetch",
-                   M.INIT_PRODUCER_ID: "init_producer_id"}
+                   M.INIT_PRODUCER_ID: "init_producer_id", M.DESCRIBE_GROUPS: "describe_groups",
+                   M.LIST_GROUPS: "list_groups"}

@@ -495,6 +495,26 @@ class LogReader:
             f"corrupt segment {segment.path} at position {position}: batch {problem}",
             path=segment.path, position=position)
 
+    # -- sending a slice from its file ------------------------------------------------------------
+
+    def pin(self, piece: LogSlice) -> int | None:
+        """A new descriptor of the segment file ``piece`` was read from, for
+        ``os.sendfile(sock, fd, piece.file_position, piece.length)``; the caller owns and
+        closes it. None when that segment is no longer open here (this reader read other
+        segments since and closed it): the caller sends ``piece.data`` instead.
+
+        A duplicate of the descriptor the read used, not a new ``open`` of the path, so it is
+        the very file whose committed bytes the read checked (a path may name a new file
+        after retention or a restarted owner). An open descriptor keeps the file's bytes
+        while retention unlinks it; only bytes past the high watermark are ever cut from a
+        segment (a restarted owner's recovery), and a slice ends below it.
+        """
+        for segment in self._segments.values():  # bounded: the few segments known
+            if segment.path == piece.path and segment.fd is not None:
+                assert piece.file_position + piece.length <= segment.checked_end, piece
+                return os.dup(segment.fd)  # non-inheritable, like the original
+        return None
+
     # -- lifecycle --------------------------------------------------------------------------------
 
     def close(self) -> None:

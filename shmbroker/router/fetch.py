@@ -128,10 +128,13 @@ class _Partition:
 class Fetch:
     """Readers of every partition fetched from, and the parked fetches (see the module doc)."""
 
-    def __init__(self, data_dir: str, cold: ColdReads | None = None):
+    def __init__(self, data_dir: str, cold: ColdReads | None = None, slices: bool = False):
         self.meta = LocalMetadata(data_dir)
         #: Cold reads (None: every fetch is answered with its bytes).
         self.cold = cold
+        #: True: a partition's data in ``answer`` is its ``LogSlice`` (the Kafka listener
+        #: sends it from the file, see ``pin``); False: the slice's memoryview (the router).
+        self.slices = slices
         self._partitions: dict[tuple[str, int], _Partition] = {}
         self.parked: list[FetchRequest] = []
         #: Counters for logs and tests.
@@ -160,7 +163,8 @@ class Fetch:
     # -- answering --------------------------------------------------------------------------------
 
     def answer(self, request: FetchRequest, final: bool) -> tuple[dict, list] | None:
-        """(result, data frames) of the reply, or None: not enough yet, keep it parked."""
+        """(result, data frames) of the reply, or None: not enough yet, keep it parked. A
+        data frame is a memoryview of the mapping, or its ``LogSlice`` with ``slices``."""
         rows, frames, grants = [], [], []
         total = 0
         must_answer = final
@@ -217,7 +221,7 @@ class Fetch:
             if grant is not None:
                 return [topic, partition, NO_ERROR, hw, start, grant[6], 0], _EMPTY, grant
         return [topic, partition, NO_ERROR, hw, start, piece.first_offset, piece.length], \
-            piece.data, None
+            piece if self.slices else piece.data, None
 
     def _cold_grant(self, found: _Partition, state, offset: int, piece, cold_max: int,
                     topic: str, partition: int) -> list | None:
@@ -237,6 +241,12 @@ class Fetch:
             log.info("cold read of %s/%d at %d not granted (%s); served hot", topic,
                      partition, offset, exc)
             return None
+
+    def pin(self, topic: str, partition: int, piece) -> int | None:
+        """A descriptor of the segment file ``piece`` (a ``LogSlice`` of ``answer``) lies in,
+        owned by the caller, or None: send ``piece.data`` (``LogReader.pin``)."""
+        found = self._partitions.get((topic, partition))
+        return None if found is None else found.reader.pin(piece)
 
     def list_offsets(self, partitions: list) -> dict:
         rows = []

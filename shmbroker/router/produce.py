@@ -13,7 +13,9 @@ is a per-ring flag). For each produce request, in this order:
    restarted partition process recognises a frame it appended but had not released
    (docs/design/partition.md, "Duplicates"); a client's own values would defeat that check.
    They are inside the CRC'd range, so the CRC must be recomputed; the stamp is written into
-   the router's own copy (the copy the ring write needs anyway);
+   the router's own copy, or, when the caller lends a writable buffer it owns (the Kafka
+   listener's receive buffer, ``borrowed``) and the ring has room at once, into that buffer,
+   since the ring write copies it anyway;
 3. it is written to the ring without blocking: a full ring keeps the request waiting in the
    partition's FIFO (order kept), tried again at every tick of the router loop;
 4. completions are read at every tick while any request waits for one; each frame's base
@@ -59,6 +61,8 @@ _CRC = struct.Struct(">I")
 _STAMP_AT = RB.OFFSETS["producer_id"]
 assert RB.OFFSETS["producer_epoch"] == _STAMP_AT + 8 and RB.OFFSETS["base_sequence"] == _STAMP_AT + 10
 _CRC_AT = RB.OFFSETS["crc"]
+#: A request's batch once the ring has its copy.
+_WRITTEN = b""
 
 
 @dataclass(eq=False)
@@ -68,7 +72,7 @@ class ProduceRequest:
     route: list            # the client's envelope frames
     request_id: int
     acks: int
-    batch: bytearray       # the router's copy of the client's RecordBatch (stamped here)
+    batch: bytearray | bytes  # the router's copy of the client's RecordBatch (stamped here)
     count: int             # records in it
     deadline: float        # monotonic
     sequence: int = -1     # its frame's sequence once written
@@ -101,7 +105,7 @@ def check_batch(data, bytes_max: int) -> int:
     return scan.batches[0].records_count
 
 
-def stamp(batch: bytearray, producer_id: int, base_sequence: int) -> None:
+def stamp(batch, producer_id: int, base_sequence: int) -> None:
     """Write the ring's producer id and the frame's sequence, then the CRC they change."""
     _STAMP.pack_into(batch, _STAMP_AT, producer_id, 0, base_sequence)
     with memoryview(batch) as view:
@@ -132,16 +136,23 @@ class PartitionWriter:
         """Write waiting requests, oldest first, until the ring is full."""
         while self.waiting:  # bounded by the waiting requests
             request = self.waiting[0]
-            sequence = self.ring.next_sequence  # the router is this ring's only writer
-            stamp(request.batch, self.producer_id, base_sequence_for(sequence))
-            status, first, _ = self.ring.try_send_many((request.batch,))
-            if status != RING_OK:
+            if not self.write(request, request.batch):
                 return
-            assert first == sequence, (first, sequence)
             self.waiting.popleft()
-            request.sequence = sequence
-            request.batch = bytearray()  # the ring has its copy
-            self.inflight.append(request)
+            request.batch = _WRITTEN  # the ring has its copy
+
+    def write(self, request: ProduceRequest, batch) -> bool:
+        """Stamp ``batch`` (writable) and write it to the ring: True and ``request`` in flight;
+        False when the ring is full (``batch`` is stamped; a later write stamps it again)."""
+        sequence = self.ring.next_sequence  # the router is this ring's only writer
+        stamp(batch, self.producer_id, base_sequence_for(sequence))
+        status, first, _ = self.ring.try_send_many((batch,))
+        if status != RING_OK:
+            return False
+        assert first == sequence, (first, sequence)
+        request.sequence = sequence
+        self.inflight.append(request)
+        return True
 
     def reap(self, out: list) -> None:
         """Outcomes of the requests whose completions arrived."""
@@ -202,12 +213,17 @@ class Produce:
         self.writers: dict[tuple[str, int, bool], PartitionWriter] = {}
         #: Writers with requests waiting or in flight (the loop ticks while there are any).
         self.busy: set[PartitionWriter] = set()
-        #: Counters for logs and tests.
-        self.batches = self.rejected = 0
+        #: Counters for logs and tests (``in_place``: borrowed batches written without a copy).
+        self.batches = self.rejected = self.in_place = 0
 
     def submit(self, route: list, request_id: int, topic: str, partition: int, acks: int,
-               data) -> None:
-        """Check and queue one request; raises its typed error when it is refused at once."""
+               data, borrowed: bool = False) -> None:
+        """Check and queue one request; raises its typed error when it is refused at once.
+
+        ``borrowed``: ``data`` is a writable buffer the caller gives up for good but that is
+        valid only until this returns (the Kafka listener's receive buffer): when nothing
+        waits ahead of it and the ring has room, it is stamped in place and written without
+        a copy; otherwise it is copied, as every other request is."""
         fsync = acks == -1
         writer = self.writers.get((topic, partition, fsync))
         if writer is None:
@@ -226,9 +242,13 @@ class Produce:
                 f"partition {topic}/{partition}: {len(writer.waiting)} batches already wait for "
                 f"room in the router's ring; try again")
         deadline = time.monotonic() + ROUTER_PRODUCE_TIMEOUT_MS / 1000.0
-        writer.waiting.append(ProduceRequest(route, request_id, acks, bytearray(data), count,
-                                             deadline))
+        request = ProduceRequest(route, request_id, acks, _WRITTEN, count, deadline)
         self.batches += 1
+        if borrowed and not writer.waiting and writer.write(request, data):
+            self.in_place += 1
+        else:
+            request.batch = bytearray(data)
+            writer.waiting.append(request)
         writer.pump()
         if writer.busy():
             self.busy.add(writer)

@@ -266,3 +266,58 @@ def test_group_errors_are_kafkas_codes_and_a_bad_partition_does_not_spoil_a_comm
                                   struct.pack(">iqi", 2, -1, -1) + s("") + b"\x00\x00" +
                                   b"\x00\x00")
     assert committed_by_cli(kbroker, "g")[1][0] == 42
+
+
+def test_kafka_admin_lists_and_describes_the_coordinators_groups_native_members_included(
+        kbroker, members):
+    """ListGroups and DescribeGroups show the coordinator's groups, as `shmbroker groups`
+    does: a group with a Kafka and a native member, Stable, each member's subscription and
+    assignment in the consumer protocol's bytes; an unknown group is Dead, no error."""
+    group = members("admin-view")
+    native = Consumer(TOPIC, broker=kbroker.data_dir, group=group.group,
+                      auto_offset_reset="earliest", heartbeat_interval_ms=50, client_id="native-1")
+    admin = KafkaAdminClient(bootstrap_servers=kbroker.address)
+    try:
+        group.start("kafka-python")
+
+        def stable_3_3():
+            native.poll(timeout_ms=50)
+            shares = assignments(kbroker.data_dir, group.group)
+            if len(shares) != 2 or sorted(len(p) for p in shares.values()) != [3, 3]:
+                return None
+            described = admin.describe_groups([group.group])[group.group]
+            return described if described["group_state"] == "Stable" else None
+
+        described = wait_for(stable_3_3, SETTLE_S_MAX, "a Stable 3/3 group")
+        listed = admin.list_groups()
+        assert {"group_id": "admin-view", "protocol_type": "consumer"} in listed, listed
+        assert described["error"] is None and described["protocol_type"] == "consumer"
+        assert described["protocol_data"] == "range"
+        by_host = {m["client_host"].startswith("/127.0.0.1"): m for m in described["members"]}
+        assert set(by_host) == {True, False}, described["members"]  # one Kafka, one native
+        assert by_host[False]["client_id"] == "native-1"
+        coordinator = assignments(kbroker.data_dir, group.group)
+        covered = []
+        for m in described["members"]:
+            assert m["member_metadata"]["topics"] == [TOPIC]
+            owned = sorted(p for t in m["member_assignment"]["assigned_partitions"]
+                           if t["topic"] == TOPIC for p in t["partitions"])
+            assert owned == coordinator[m["member_id"]]
+            covered += owned
+        assert sorted(covered) == list(range(PARTITIONS))
+
+        nobody = admin.describe_groups(["no-such-group"])["no-such-group"]
+        assert nobody["error"] is None and nobody["group_state"] == "Dead"
+        assert nobody["members"] == []
+
+        # librdkafka's AdminClient reads the same answers (ListGroups v2 carries no state).
+        ck_admin = pytest.importorskip("confluent_kafka.admin").AdminClient(
+            {"bootstrap.servers": kbroker.address})
+        assert "admin-view" in [g.group_id for g in ck_admin.list_consumer_groups().result(30).valid]
+        ck_described = ck_admin.describe_consumer_groups(["admin-view"])["admin-view"].result(30)
+        assert ck_described.state.name == "STABLE" and ck_described.partition_assignor == "range"
+        assert sorted(p.partition for m in ck_described.members
+                      for p in m.assignment.topic_partitions) == list(range(PARTITIONS))
+    finally:
+        admin.close()
+        native.close()

@@ -40,7 +40,8 @@ def test_no_served_version_is_flexible():
     flexible_from = {M.PRODUCE: 9, M.FETCH: 12, M.LIST_OFFSETS: 6, M.METADATA: 9,
                      M.API_VERSIONS: 3, M.CREATE_TOPICS: 5, M.OFFSET_COMMIT: 8,
                      M.OFFSET_FETCH: 6, M.FIND_COORDINATOR: 3, M.JOIN_GROUP: 6,
-                     M.HEARTBEAT: 4, M.LEAVE_GROUP: 4, M.SYNC_GROUP: 4, M.INIT_PRODUCER_ID: 2}
+                     M.HEARTBEAT: 4, M.LEAVE_GROUP: 4, M.SYNC_GROUP: 4, M.INIT_PRODUCER_ID: 2,
+                     M.DESCRIBE_GROUPS: 5, M.LIST_GROUPS: 3}
     assert flexible_from.keys() == M.SUPPORTED.keys()
     assert all(M.SUPPORTED[k][1] < v for k, v in flexible_from.items())
 
@@ -57,3 +58,25 @@ def test_consumer_protocol_bytes_match_kafka_pythons_own_codec():
         ("s", [0]), ("t", [1, 3])]
     own = cp.ConsumerProtocolMemberMetadata_v0(0, ["x", "y"], b"").encode()
     assert M.decode_subscription_topics(own) == ["x", "y"]
+
+
+def test_group_listings_decode_with_kafka_pythons_own_classes_in_every_version_they_have():
+    """ListGroups v0-2 and DescribeGroups v0-3 as kafka-python's classic classes read them
+    (v4, which adds the group instance id, is read by its newer codec in
+    tests/integration/test_kafka_groups.py)."""
+    old = pytest.importorskip("kafka.protocol.old.admin")
+    for version in range(3):
+        got = old.ListGroupsResponse[version].decode(
+            M.list_groups_response(version, 0, [("g1", "consumer"), ("g2", "")]))
+        assert got.error_code == 0 and [tuple(g) for g in got.groups] == [
+            ("g1", "consumer"), ("g2", "")]
+    member = M.DescribedMember("m-1", None, "client", "/127.0.0.1",
+                               M.encode_subscription(["t"]), M.encode_assignment([("t", 0)]))
+    groups = [M.DescribedGroup(0, "g", "Stable", "consumer", "range", (member,)),
+              M.DescribedGroup(0, "gone", "Dead", "", "")]
+    for version in range(4):
+        got = old.DescribeGroupsResponse[version].decode(M.describe_groups_response(version, groups))
+        first, second = got.groups
+        assert (first[0], first[1], first[2], first[3], first[4]) == (0, "g", "Stable", "consumer", "range")
+        assert [tuple(m)[:3] for m in first[5]] == [("m-1", "client", "/127.0.0.1")]
+        assert (second[1], second[2], list(second[5])) == ("gone", "Dead", [])

@@ -172,6 +172,41 @@ def test_a_view_outlives_the_reader_and_the_segment_file(open_log, tmp_path):
     assert len(records.decode_records(piece.data)) == 9
 
 
+def test_a_pinned_descriptor_sends_the_slice_after_the_reader_closed_and_the_file_went(
+        open_log, tmp_path):
+    log = open_log()
+    fill(log, 3)
+    reader = LogReader(tmp_path / "p0")
+    piece = reader.read(3, 1 << 20, state_of(log))
+    expected = bytes(piece.data)
+    fd = reader.pin(piece)
+    assert fd is not None and not os.get_inheritable(fd)
+    try:
+        reader.close()
+        log.close()
+        for name in os.listdir(tmp_path / "p0"):
+            os.remove(tmp_path / "p0" / name)
+        assert os.pread(fd, piece.length, piece.file_position) == expected
+    finally:
+        os.close(fd)
+
+
+def test_pin_is_none_once_the_reader_closed_the_slices_segment(open_log, tmp_path):
+    log = open_log(segment_bytes=600)
+    fill(log, 40)
+    reader = LogReader(tmp_path / "p0")
+    state = state_of(log)
+    first = reader.read(0, 1 << 20, state)
+    read_all(reader, state, start=first.next_offset)  # maps later segments, closes the first
+    assert len(log.segments) > reader_module.MAPPED_SEGMENTS_MAX
+    assert reader.pin(first) is None  # the caller sends first.data, which keeps its mapping
+    last = reader.read(state.high_watermark - 1, 1 << 20, state)
+    fd = reader.pin(last)
+    assert fd is not None
+    os.close(fd)
+    reader.close()
+
+
 def test_corrupt_crc_is_reported_when_verifying(open_log, tmp_path):
     log = open_log()
     fill(log, 2)
