@@ -3269,13 +3269,13 @@ static PyObject *py_drain_round(PyObject *module, PyObject *args, PyObject *kwds
      * PySequence_GetItem, which for a tuple subclass goes through __getitem__ and a slice:
      * ~21,000 instructions per round, measured with callgrind (perf/RESULTS.md). */
     if (!PyArg_ParseTuple(
-            log_arg, "iLLLKiLLKLLLLLLpLLLLLL:drain_round log", &log.fd, &log.log_end_offset,
+            log_arg, "iLLLKiLLKLLLLLLLLLLLpL:drain_round log", &log.fd, &log.log_end_offset,
             &log.log_start_offset, &log.segment_base_offset, &segment_size, &log.leader_epoch,
             &log.batch_bytes_max, &log.batch_records_max, &segment_bytes, &log.segment_ms,
             &log.offset_entries_left, &log.time_entries_left, &log.first_batch_max_timestamp,
-            &log.created_ms, &log.now_ms, &log.flush_due, &log.flush_records_left,
-            &log.last_offset_max, &log.interval_bytes, &log.bytes_since_entry,
-            &log.max_timestamp, &log.offset_of_max_timestamp))
+            &log.created_ms, &log.last_offset_max, &log.interval_bytes, &log.bytes_since_entry,
+            &log.max_timestamp, &log.offset_of_max_timestamp, &log.now_ms, &log.flush_due,
+            &log.flush_records_left))
         return NULL;
     log.segment_size = segment_size;
     log.segment_bytes = segment_bytes;

@@ -100,6 +100,7 @@ def play(data_dir, native: bool, config: LogConfig, capacities: list[int], steps
         for step in range(steps):
             script(rings, owner, step)
             owner.step()
+            _check_kept_state(owner.log)
             rings.reap()
         rings.hold.clear()
         rings.reap()
@@ -120,6 +121,18 @@ def play(data_dir, native: bool, config: LogConfig, capacities: list[int], steps
                 "rejected": drainer.frames_rejected}
     finally:
         rings.close()
+
+
+def _check_kept_state(log_) -> None:
+    """The state the C round appends with, as kept between rounds (PartitionLog._native_next)
+    must be the one built afresh from the log's objects."""
+    kept = log_._native_next
+    state = log_.native_append_state()
+    log_._native_next = None
+    try:
+        assert state == log_.native_append_state()
+    finally:
+        log_._native_next = kept
 
 
 def _files(directory: str) -> dict[str, bytes]:
@@ -259,3 +272,16 @@ def test_index_entries_at_exact_interval_boundaries_match(tmp_path):
     index = [v for n, v in python["files"].items() if n.endswith(files.INDEX_SUFFIX)]
     assert index and len(index[0]) >= 8 * 5
     assert native["native_rounds"] >= 8
+
+
+def test_small_rounds_that_cross_no_index_entry_match_across_rolls(tmp_path):
+    """The latency case: one small record per round, so most rounds cross no index entry and
+    the C round appends with the state kept from the previous round; rolls by size (the
+    Python round) in between replace the segment that state was kept for."""
+    def script(rings, owner, step):
+        rings.frame(step % 2, [(1, 90, TIME0_MS + step)])
+
+    python, native = both(tmp_path, LogConfig(segment_bytes=3000), [1 << 16] * 2, 80, script)
+    assert sum(n.endswith(files.LOG_SUFFIX) for n in python["files"]) >= 3
+    assert native["declined"]["ROLL_DUE"] >= 2
+    assert native["native_rounds"] >= 60
