@@ -2,8 +2,8 @@
 
 One PartitionOwner in this process, one producer ring; each pass commits one frame (one
 batch of ``--records`` records of ``--value-bytes``) and then runs the body of
-``process.run_loop`` once (``wait_for_work``, which returns at once because the ring is
-readable, then ``step``, which drains it). Only that body is counted:
+``process.run_loop`` once: ``step``, which drains it, then ``wait_for_work``, which finds
+nothing and sleeps (1 ms at most here). Only that body is counted:
 it is called through ``operator.methodcaller``, and callgrind collects inside
 ``methodcaller_call`` alone (``--toggle-collect``), so the producer's writes and completion
 reads are left out. The monotonic clock the owner's periodic work (reap) uses advances
@@ -72,10 +72,11 @@ def main() -> None:
     never = lambda: False  # noqa: E731 (the loop's stop_requested)
 
     def body() -> None:
-        # process.run_loop's body, rotated: the frame is committed before the wait, as when
-        # the doorbell ends the sleep, so the wait returns at once and step drains it.
-        owner.wait_for_work(owner.ms_until_due(), never)
+        # process.run_loop's body: step drains the frame, then wait_for_work looks at the
+        # rings, finds nothing and sleeps on the doorbell; here for 1 ms at most (the futex
+        # times out instead of being woken: the same instructions in this process).
         owner.step()
+        owner.wait_for_work(min(1, owner.ms_until_due()), never)
 
     counted = operator.methodcaller("__call__")
 

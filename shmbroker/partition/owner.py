@@ -34,6 +34,7 @@ log = logging.getLogger("shmbroker.partition")
 
 #: Longest sleep while a stopping process waits for a producer to read its completions.
 _STOP_WAIT_MS = 10
+_DOORBELL = L.CONTROL["doorbell"]
 
 
 def _monotonic_ms() -> int:
@@ -110,25 +111,30 @@ class PartitionOwner:
             self._next_reap_ms = now + DOORBELL_SLEEP_MS_MAX
             self.ingress.reap()
             self.count_now()
-        self.ingress.refresh()
+        ingress = self.ingress
+        if self.control.registry_changes != ingress.registry_seen:
+            ingress.refresh()
         drained = self.drainer.round()  # publishes before it acknowledges
         if drained:
             done += drained
         else:
-            done += len(self.ingress.retire_finished())
+            done += len(ingress.retire_finished())
         if self.log.maybe_flush():
             done += 1
         if now >= self._next_retention_ms:
-            self._next_retention_ms = now + self.broker_config.retention_check_interval_ms
-            deleted = self.log.delete_old_segments()
-            if deleted:
-                log.info("partition %s/%d: retention deleted segments %s", self.topic,
-                         self.partition, deleted)
-                self.publish()
-                self.counters.values[CL.PARTITION["segments_deleted"]] += len(deleted)
-                self.count_now()
-            done += len(deleted)
+            done += self._apply_retention(now)
         return done
+
+    def _apply_retention(self, now: int) -> int:
+        self._next_retention_ms = now + self.broker_config.retention_check_interval_ms
+        deleted = self.log.delete_old_segments()
+        if deleted:
+            log.info("partition %s/%d: retention deleted segments %s", self.topic,
+                     self.partition, deleted)
+            self.publish()
+            self.counters.values[CL.PARTITION["segments_deleted"]] += len(deleted)
+            self.count_now()
+        return len(deleted)
 
     def count_now(self) -> None:
         """Every counter of the region from the current state (at start, every reap interval
@@ -165,13 +171,18 @@ class PartitionOwner:
         signal arrives or ``timeout_ms`` passes. Race-free (docs/design/shm.md, wake-ups): the
         sleeping flag is raised before the last look at the rings."""
         control = self.control
-        seen = control.sleep_prepare()
+        ingress = self.ingress
+        registry_seen = ingress.registry_seen
+        # One C call: ControlRegion.sleep_prepare, then registry_changes against
+        # registry_seen and IngressRing.readable for every ring that is read (-1: work).
+        seen = _native.drain_sleep_prepare(control.buf,
+                                           -1 if registry_seen is None else registry_seen,
+                                           ingress.live_consumers())
         try:
-            if stop_requested() or control.registry_changes != self.ingress.registry_seen or \
-                    any(ring.readable() for ring in self.ingress):
+            if seen < 0 or stop_requested():
                 return
-            _native.futex_wait(control.buf, L.CONTROL["doorbell"], seen,
-                               max(1, int(timeout_ms)), self.spin_ns)
+            _native.futex_wait(control.buf, _DOORBELL, seen, max(1, int(timeout_ms)),
+                               self.spin_ns)
         finally:
             control.sleep_cancel()
 

@@ -285,3 +285,70 @@ def test_small_rounds_that_cross_no_index_entry_match_across_rolls(tmp_path):
     assert sum(n.endswith(files.LOG_SUFFIX) for n in python["files"]) >= 3
     assert native["declined"]["ROLL_DUE"] >= 2
     assert native["native_rounds"] >= 60
+
+
+def _look(owner: PartitionOwner) -> int:
+    """drain_sleep_prepare as wait_for_work calls it; the sleeping flag is lowered again."""
+    from shmbroker.native import _native
+    registry_seen = owner.ingress.registry_seen
+    try:
+        return _native.drain_sleep_prepare(owner.control.buf,
+                                           -1 if registry_seen is None else registry_seen,
+                                           owner.ingress.live_consumers())
+    finally:
+        owner.control.sleep_cancel()
+
+
+def _python_look(owner: PartitionOwner) -> bool:
+    """The reference: work if the registry moved or a ring that is read is readable."""
+    return owner.control.registry_changes != owner.ingress.registry_seen or \
+        any(ring.readable() for ring in owner.ingress)
+
+
+def test_the_c_look_before_sleeping_finds_work_exactly_when_the_python_look_does(tmp_path):
+    """wait_for_work's last look (one C call) against IngressRing.readable and the registry
+    check: nothing written, a frame in one ring, a held-back ring (its producer has
+    COMPLETIONS_MAX completions unread), a registry change, a broken ring."""
+    rings = Rings(str(tmp_path), 3, [1 << 16] * 3)
+    owner = PartitionOwner(str(tmp_path), TOPIC, 0, LogConfig(), clock_ms=lambda: CLOCK_MS,
+                           control=ControlRegion.attach(rings.control.name))
+    try:
+        def agree(work: bool) -> None:
+            seen = _look(owner)
+            assert (seen < 0) == work == _python_look(owner), (seen, work)
+            if not work:
+                assert seen == rings.control.sleep_prepare()  # the doorbell's value
+                rings.control.sleep_cancel()
+
+        agree(False)
+        rings.frame(1, [(1, 20, TIME0_MS)])
+        agree(True)
+        owner.step()
+        rings.reap()
+        agree(False)
+        # Ring 0's producer stops reading completions: readable until it is held back.
+        rings.hold = {0}
+        for step in range(L.COMPLETIONS_MAX):
+            rings.frame(0, [(1, 20, TIME0_MS + step)])
+            agree(True)
+            owner.step()
+        rings.frame(0, [(1, 20, TIME0_MS)])
+        agree(False)  # a frame waits, but the ring is held back: not work
+        rings.hold.clear()
+        rings.reap()
+        agree(True)
+        owner.step()
+        agree(False)
+        rings.control.announce_registry_change()
+        agree(True)
+        owner.step()  # rescans the registry
+        agree(False)
+        rings.frame(2, [(1, 20, TIME0_MS)])
+        agree(True)
+        ring2 = next(r for r in owner.ingress if r.name == rings.rings[2].name)
+        owner.drainer._mark_broken(ring2, RuntimeError("test: broken"))
+        agree(False)  # a broken ring is no longer read, so not work
+    finally:
+        owner.shutdown()
+        owner.close()
+        rings.close()
