@@ -488,3 +488,11 @@ int64_t shmb_drain_sleep_prepare(uint8_t *control, int64_t registry_seen,
     }
     return (int64_t)seen;
 }
+
+int shmb_drain_sleep(uint8_t *control, uint32_t seen, int64_t timeout_ms, int64_t spin_ns)
+{
+    int r = shmb_futex_wait((const uint32_t *)(control + SHMB_CTL_DOORBELL_OFFSET), seen,
+                            timeout_ms, spin_ns);
+    shmb_u32_store_seq_cst(control + SHMB_CTL_PARTITION_SLEEPING_OFFSET, 0);
+    return r;
+}

@@ -353,8 +353,10 @@ class PartitionLog:
         if kept is not None:
             segment, size, log_end, log_start, fields = kept
             active = self._segments[-1]
+            # (The active segment is closed only by a failed write, which drops the kept
+            # state: append and native_append_failed, or by close().)
             if segment is active and active.size == size and active.next_offset == log_end \
-                    and self._bases[0] == log_start and not active.closed:
+                    and self._bases[0] == log_start:
                 return _new_native_state(NativeAppendState, fields + (now, flush_due, flush_left))
             self._native_next = None
         active = self._segments[-1]

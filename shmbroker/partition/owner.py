@@ -34,7 +34,7 @@ log = logging.getLogger("shmbroker.partition")
 
 #: Longest sleep while a stopping process waits for a producer to read its completions.
 _STOP_WAIT_MS = 10
-_DOORBELL = L.CONTROL["doorbell"]
+_REGISTRY_CHANGES = L.CONTROL["registry_changes"]
 
 
 def _monotonic_ms() -> int:
@@ -68,6 +68,7 @@ class PartitionOwner:
         self.counters = counters if counters is not None else \
             _attach_counters(prefix, topic, partition)
         self.log = PartitionLog.open(self.directory, log_config, clock=clock_ms)
+        self._flush_ms = log_config.flush_ms  # ms_until_due, every pass
         now = monotonic_ms()
         self._next_retention_ms = now + broker_config.retention_check_interval_ms
         self._next_reap_ms = now + DOORBELL_SLEEP_MS_MAX
@@ -112,7 +113,8 @@ class PartitionOwner:
             self.ingress.reap()
             self.count_now()
         ingress = self.ingress
-        if self.control.registry_changes != ingress.registry_seen:
+        # ControlRegion.registry_changes without the property: one load per pass.
+        if _native.atomic_load_u32(self.control.buf, _REGISTRY_CHANGES) != ingress.registry_seen:
             ingress.refresh()
         drained = self.drainer.round()  # publishes before it acknowledges
         if drained:
@@ -158,12 +160,11 @@ class PartitionOwner:
     def ms_until_due(self) -> int:
         """How long the loop may sleep before :meth:`step` has periodic work (dead producers,
         retention, flush.ms); new frames wake it earlier (doorbell)."""
-        now = self._monotonic_ms()
-        due = min(self._next_retention_ms, self._next_reap_ms) - now
-        flush_ms = self.log.config.flush_ms
-        if flush_ms is not None:
-            due = min(due, flush_ms)
-        return max(0, due)
+        due = min(self._next_retention_ms, self._next_reap_ms) - self._monotonic_ms()
+        flush_ms = self._flush_ms
+        if flush_ms is not None and flush_ms < due:
+            due = flush_ms
+        return due if due > 0 else 0
 
     def wait_for_work(self, timeout_ms: int, stop_requested: Callable[[], bool] = lambda: False
                       ) -> None:
@@ -180,11 +181,13 @@ class PartitionOwner:
                                            ingress.live_consumers())
         try:
             if seen < 0 or stop_requested():
+                control.sleep_cancel()
                 return
-            _native.futex_wait(control.buf, _DOORBELL, seen, max(1, int(timeout_ms)),
-                               self.spin_ns)
-        finally:
+        except BaseException:
             control.sleep_cancel()
+            raise
+        # The futex wait, then sleep_cancel, in one call (whatever ends the wait).
+        _native.drain_sleep(control.buf, seen, max(1, int(timeout_ms)), self.spin_ns)
 
     def interrupt(self) -> None:
         """From a signal handler: make a current or next doorbell sleep return at once."""

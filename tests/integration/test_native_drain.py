@@ -352,3 +352,41 @@ def test_the_c_look_before_sleeping_finds_work_exactly_when_the_python_look_does
         owner.shutdown()
         owner.close()
         rings.close()
+
+
+def test_wait_for_work_sleeps_until_a_frame_is_committed_and_lowers_the_sleeping_flag(tmp_path):
+    """The doorbell sleep (drain_sleep_prepare, then drain_sleep): it ends when a producer
+    commits a frame (not at its timeout), returns at once when a ring is already readable or
+    a stop is requested, times out when nothing comes; partition_sleeping is down after each."""
+    import threading
+    import time
+
+    rings = Rings(str(tmp_path), 1, [1 << 16])
+    owner = PartitionOwner(str(tmp_path), TOPIC, 0, LogConfig(), clock_ms=lambda: CLOCK_MS,
+                           control=ControlRegion.attach(rings.control.name))
+    sleeping = L.CONTROL["partition_sleeping"]
+    try:
+        owner.step()
+
+        def timed(timeout_ms: int, stop=lambda: False) -> float:
+            t0 = time.monotonic()
+            owner.wait_for_work(timeout_ms, stop)
+            assert owner.control.registry_changes == owner.ingress.registry_seen
+            from shmbroker.native import _native
+            assert _native.atomic_load_u32(owner.control.buf, sleeping) == 0
+            return time.monotonic() - t0
+
+        assert 0.015 <= timed(20) < 2.0  # nothing comes: the timeout
+        timer = threading.Timer(0.05, rings.frame, (0, [(1, 20, TIME0_MS)]))
+        timer.start()
+        try:
+            assert 0.03 <= timed(10_000) < 5.0  # woken by the producer's doorbell
+        finally:
+            timer.join()
+        assert timed(10_000) < 1.0  # the frame is still there: at once
+        assert owner.step() == 1
+        assert timed(10_000, stop=lambda: True) < 1.0  # a stop requested: at once
+    finally:
+        owner.shutdown()
+        owner.close()
+        rings.close()

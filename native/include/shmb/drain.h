@@ -175,4 +175,9 @@ int shmb_drain_ring_readable(const shmb_drain_look *ring);
 int64_t shmb_drain_sleep_prepare(uint8_t *control, int64_t registry_seen,
                                  const shmb_drain_look *rings, size_t n);
 
+/* The sleep itself, after shmb_drain_sleep_prepare returned `seen`: FUTEX_WAIT on the doorbell
+ * (shmb_futex_wait: at most timeout_ms, spinning spin_ns first), then partition_sleeping is
+ * lowered (ControlRegion.sleep_cancel) whatever woke it. Returns shmb_futex_wait's SHMB_WAIT_*. */
+int shmb_drain_sleep(uint8_t *control, uint32_t seen, int64_t timeout_ms, int64_t spin_ns);
+
 #endif
