@@ -3249,7 +3249,8 @@ static int drain_log_state(PyObject *t, shmb_drain_log *log, unsigned long long 
         &log->offset_of_max_timestamp, &log->now_ms, &log->flush_due, &log->flush_records_left};
     enum { FIELDS = sizeof format - 1 };
     _Static_assert(sizeof to / sizeof to[0] == FIELDS, "one destination per field");
-    _Static_assert(sizeof(int64_t) == sizeof(long long), "'L' fields are int64_t");
+    _Static_assert(sizeof(int64_t) == sizeof(long long) && sizeof(long) == sizeof(long long),
+                   "'L' fields are int64_t, read as long");
     if (PyTuple_GET_SIZE(t) != FIELDS) {
         PyErr_Format(PyExc_TypeError, "drain_round: log state must have %d fields, not %zd",
                      (int)FIELDS, PyTuple_GET_SIZE(t));
@@ -3270,8 +3271,8 @@ static int drain_log_state(PyObject *t, shmb_drain_log *log, unsigned long long 
             *(int *)to[i] = (int)v;
             break;
         }
-        case 'L': {
-            long long v = PyLong_AsLongLong(item);
+        case 'L': { /* PyLong_AsLong: 64 bits here, and no byte-array path for 2-digit ints */
+            long v = PyLong_AsLong(item);
             if (v == -1 && PyErr_Occurred())
                 return -1;
             *(long long *)to[i] = v;
@@ -3372,19 +3373,46 @@ static PyObject *drain_done_result(const drain_hold *h, const shmb_drain_result 
     return tuple_steal(3, items);
 }
 
-static PyObject *py_drain_round(PyObject *module, PyObject *args, PyObject *kwds)
+/* An int argument of drain_round (PyArg's 'K': unsigned, masked; 'i': int, range-checked). */
+static int drain_arg_u64(PyObject *o, unsigned long long *out)
 {
-    static char *kwlist[] = {"rings", "control", "scratch", "log", "round_bytes_max",
-                             "ring_round_bytes_max", "pid", "start_time", "stop_after", NULL};
-    PyObject *rings_arg, *control_arg, *scratch_arg, *log_arg;
+    *out = PyLong_AsUnsignedLongLongMask(o);
+    return *out == (unsigned long long)-1 && PyErr_Occurred() ? -1 : 0;
+}
+
+static int drain_arg_int(PyObject *o, int *out)
+{
+    long v = PyLong_AsLong(o);
+    if (v == -1 && PyErr_Occurred())
+        return -1;
+    if (v < INT_MIN || v > INT_MAX) {
+        PyErr_SetString(PyExc_OverflowError, "drain_round: argument out of int range");
+        return -1;
+    }
+    *out = (int)v;
+    return 0;
+}
+
+/* Positional only (METH_FASTCALL: no keyword parsing per round). */
+static PyObject *py_drain_round(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
     shmb_drain_log log;
     unsigned long long segment_size, segment_bytes, round_max, ring_round_max, start_time;
     memset(&log, 0, sizeof log);
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOO!KKiK|i:drain_round", kwlist, &rings_arg,
-                                     &control_arg, &scratch_arg, &PyTuple_Type, &log_arg,
-                                     &round_max, &ring_round_max, &log.pid, &start_time,
-                                     &log.stop_after) ||
-        drain_log_state(log_arg, &log, &segment_size, &segment_bytes) < 0)
+    if (nargs != 8 && nargs != 9) {
+        PyErr_Format(PyExc_TypeError, "drain_round takes 8 or 9 positional arguments (%zd given)",
+                     nargs);
+        return NULL;
+    }
+    PyObject *rings_arg = args[0], *control_arg = args[1], *scratch_arg = args[2];
+    if (!PyTuple_Check(args[3])) {
+        PyErr_SetString(PyExc_TypeError, "drain_round: log must be a tuple (NativeAppendState)");
+        return NULL;
+    }
+    if (drain_log_state(args[3], &log, &segment_size, &segment_bytes) < 0 ||
+        drain_arg_u64(args[4], &round_max) < 0 || drain_arg_u64(args[5], &ring_round_max) < 0 ||
+        drain_arg_int(args[6], &log.pid) < 0 || drain_arg_u64(args[7], &start_time) < 0 ||
+        (nargs == 9 && drain_arg_int(args[8], &log.stop_after) < 0))
         return NULL;
     log.segment_size = segment_size;
     log.segment_bytes = segment_bytes;
@@ -3700,9 +3728,9 @@ static PyMethodDef module_methods[] = {
      "drain_sleep(control, seen, timeout_ms, spin_ns) -> WAIT_* status\n\n"
      "After drain_sleep_prepare returned seen: FUTEX_WAIT on the doorbell (GIL released), then\n"
      "partition_sleeping is lowered, whatever ended the wait."},
-    {"drain_round", (PyCFunction)(void (*)(void))py_drain_round, METH_VARARGS | METH_KEYWORDS,
+    {"drain_round", (PyCFunction)(void (*)(void))py_drain_round, METH_FASTCALL,
      "drain_round(rings, control, scratch, log, round_bytes_max, ring_round_bytes_max, pid,\n"
-     "            start_time, stop_after=0)\n"
+     "            start_time, stop_after=0)  (positional only)\n"
      "-> (DRAIN_DONE, ((next_position, count, base_offset, release_error), ...), appended)\n"
      "   | (DRAIN_DECLINED, reason) | (DRAIN_WRITE_FAILED, errno, truncated)\n\n"
      "One drain round in C, GIL released (shmb/drain.h). rings: (region, position,\n"
