@@ -1540,8 +1540,11 @@ static PyObject *py_atomic_store_u64_many(PyObject *m, PyObject *const *args, Py
         goto fail;
     }
     for (Py_ssize_t i = 0; i < n; i++) {
-        unsigned long long x = PyLong_AsUnsignedLongLong(PySequence_Fast_GET_ITEM(seq, i));
-        if (x == (unsigned long long)-1 && PyErr_Occurred())
+        /* PyLong_AsUnsignedLong: the same checks, 64 bits here, and no byte-array path for
+         * values past 2**30 (bytes and offsets soon are): the drain round stores 18 a round. */
+        _Static_assert(sizeof(unsigned long) == sizeof(uint64_t), "unsigned long is 64 bits");
+        unsigned long x = PyLong_AsUnsignedLong(PySequence_Fast_GET_ITEM(seq, i));
+        if (x == (unsigned long)-1 && PyErr_Occurred())
             goto fail; /* the words before i are stored: a counter is never half written */
         shmb_u64_store_relaxed(p + 8 * i, (uint64_t)x);
     }
@@ -3625,6 +3628,26 @@ static PyObject *py_monotonic_ns(PyObject *module, PyObject *Py_UNUSED(ignored))
     return PyLong_FromLongLong(shmb_monotonic_ns());
 }
 
+/* time.monotonic_ns() // 1_000_000 and time.time_ns() // 1_000_000 (both clocks are what
+ * CPython reads there), without a Python frame: the partition loop reads them every pass. */
+static PyObject *py_monotonic_ms(PyObject *module, PyObject *Py_UNUSED(ignored))
+{
+    return PyLong_FromLongLong(shmb_monotonic_ns() / 1000000);
+}
+
+static PyObject *py_wall_clock_ms(PyObject *module, PyObject *Py_UNUSED(ignored))
+{
+    struct timespec ts;
+    if (clock_gettime(CLOCK_REALTIME, &ts) != 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    /* Floor division, as Python's // (ns before 1970 are negative). */
+    long long ns = (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+    long long ms = ns / 1000000;
+    if (ns % 1000000 < 0)
+        ms -= 1;
+    return PyLong_FromLongLong(ms);
+}
+
 /* ==== module =============================================================================== */
 
 static PyMethodDef module_methods[] = {
@@ -3692,6 +3715,10 @@ static PyMethodDef module_methods[] = {
     {"futex_wake", py_futex_wake, METH_VARARGS,
      "futex_wake(buf, offset, count=INT_MAX) -> number woken"},
     {"monotonic_ns", py_monotonic_ns, METH_NOARGS, "monotonic_ns() -> CLOCK_MONOTONIC in ns"},
+    {"monotonic_ms", py_monotonic_ms, METH_NOARGS,
+     "monotonic_ms() -> time.monotonic_ns() // 1_000_000"},
+    {"wall_clock_ms", py_wall_clock_ms, METH_NOARGS,
+     "wall_clock_ms() -> time.time_ns() // 1_000_000 (CLOCK_REALTIME)"},
     {"ring_check", py_ring_check, METH_O,
      "ring_check(ring) -> capacity; RingCorruptError when the header is bad"},
     {"ring_write", (PyCFunction)(void (*)(void))py_ring_write, METH_VARARGS | METH_KEYWORDS,

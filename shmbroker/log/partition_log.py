@@ -27,13 +27,13 @@ other processes map the segment files read-only.
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 from .. import errors, records
 from ..config import BATCH_RECORDS_MAX, LogConfig
 from ..layout import record_batch as layout
+from ..native import _native
 from . import files, recovery
 from ..records import validation
 from .recovery import RecoveryReport, SegmentRecovery
@@ -49,10 +49,11 @@ _META_FILE_BYTES_MAX = 4096
 ClockMs = Callable[[], int]
 
 
-def wall_clock_ms() -> int:
-    """Default clock: wall time in ms, because segment.ms and retention.ms compare it with
-    record timestamps, which producers take from their wall clocks (Kafka does the same)."""
-    return time.time_ns() // 1_000_000
+#: Default clock: wall time in ms (``time.time_ns() // 1_000_000``), because segment.ms and
+#: retention.ms compare it with record timestamps, which producers take from their wall clocks
+#: (Kafka does the same). In C: the partition loop reads it every round, and a Python
+#: function costs a frame (~1,400 instructions) each time.
+wall_clock_ms: ClockMs = _native.wall_clock_ms
 
 
 class NativeAppendState(NamedTuple):
