@@ -96,6 +96,8 @@ _FILL_SAMPLE_MASK = FILL_SAMPLE_ROUNDS - 1
 assert CL.PARTITION["last_fsync_time_ms"] == _FSYNCS + 1
 #: The C round's names for why it declined (index = its code).
 DECLINE_REASONS = _native.DRAIN_DECLINE_REASONS
+_DRAIN_DECLINED = _native.DRAIN_DECLINED
+_DRAIN_WRITE_FAILED = _native.DRAIN_WRITE_FAILED
 #: Tests only: make the C round stop right after a step, as a kill -9 there would.
 NATIVE_STOP_AFTER = {"write": _native.DRAIN_STOP_AFTER_WRITE,
                      "publish": _native.DRAIN_STOP_AFTER_PUBLISH,
@@ -243,9 +245,10 @@ class Drainer:
         result = _native.drain_round(
             views, self.control.buf, self._scratch, state, self.round_bytes_max,
             self.ring_round_bytes_max, pid, start_time, stop)
-        if result[0] == _native.DRAIN_DECLINED:
+        status = result[0]
+        if status == _DRAIN_DECLINED:
             return self._declined(DECLINE_REASONS[result[1]])
-        if result[0] == _native.DRAIN_WRITE_FAILED:
+        if status == _DRAIN_WRITE_FAILED:
             self.log.native_append_failed(state, result[1], result[2])  # raises LogError
         if stop and result[2] is not None:
             raise NativeRoundStopped(self.native_stop_after)
