@@ -390,3 +390,26 @@ def test_wait_for_work_sleeps_until_a_frame_is_committed_and_lowers_the_sleeping
         owner.shutdown()
         owner.close()
         rings.close()
+
+
+def test_more_rings_than_the_glue_keeps_on_its_stack_match_and_are_looked_at(tmp_path):
+    """drain_round keeps 4 rings and drain_sleep_prepare 8 on the C stack; more go to the
+    heap. Ten rings: the two rounds agree, and a frame in the last ring is seen as work."""
+    _, native = both(tmp_path / "rounds", LogConfig(index_interval_bytes=300),
+                     [1 << 16] * 10, 4, mixed_frames)
+    assert native["native_rounds"] >= 3
+    rings = Rings(str(tmp_path / "look"), 10, [1 << 16] * 10)
+    owner = PartitionOwner(str(tmp_path / "look"), TOPIC, 0, LogConfig(),
+                           clock_ms=lambda: CLOCK_MS,
+                           control=ControlRegion.attach(rings.control.name))
+    try:
+        owner.step()
+        assert _look(owner) >= 0 and not _python_look(owner)
+        rings.frame(9, [(1, 20, TIME0_MS)])
+        assert _look(owner) == -1 and _python_look(owner)
+        owner.step()
+        assert _look(owner) >= 0 and not _python_look(owner)
+    finally:
+        owner.shutdown()
+        owner.close()
+        rings.close()
