@@ -456,3 +456,43 @@ void shmb_drain_result_free(shmb_drain_result *r)
     free(r->time_entries);
     r->offset_entries = r->time_entries = NULL;
 }
+
+/* ---- the loop's last look before it sleeps ---------------------------------------------- */
+
+int shmb_drain_ring_readable(const shmb_drain_look *ring)
+{
+    /* RingConsumer.has_unread, then completions_full, in that order (both are loads). */
+    uint64_t at = SHMB_RING_DATA_OFFSET + (ring->position & (ring->capacity - 1));
+    if (ring->region_len < SHMB_RING_DATA_OFFSET || at > ring->region_len - 4)
+        return -1;
+    if (shmb_u32_load_seq_cst(ring->region + at) == 0)
+        return 0;
+    return !completions_full(ring->region);
+}
+
+int64_t shmb_drain_sleep_prepare(uint8_t *control, int64_t registry_seen,
+                                 const shmb_drain_look *rings, size_t n)
+{
+    /* ControlRegion.sleep_prepare: seq_cst store, then loads (Dekker with the producers'
+     * doorbell_ring, which publishes its frame, fences, then loads the flag). */
+    uint32_t seen = shmb_u32_load_seq_cst(control + SHMB_CTL_DOORBELL_OFFSET);
+    shmb_u32_store_seq_cst(control + SHMB_CTL_PARTITION_SLEEPING_OFFSET, 1);
+    if (registry_seen < 0 ||
+        shmb_u32_load_seq_cst(control + SHMB_CTL_REGISTRY_CHANGES_OFFSET) !=
+            (uint32_t)registry_seen)
+        return -1;
+    for (size_t i = 0; i < n; i++) { /* bounded by n */
+        int r = shmb_drain_ring_readable(&rings[i]);
+        if (r != 0)
+            return r < 0 ? -2 : -1;
+    }
+    return (int64_t)seen;
+}
+
+int shmb_drain_sleep(uint8_t *control, uint32_t seen, int64_t timeout_ms, int64_t spin_ns)
+{
+    int r = shmb_futex_wait((const uint32_t *)(control + SHMB_CTL_DOORBELL_OFFSET), seen,
+                            timeout_ms, spin_ns);
+    shmb_u32_store_seq_cst(control + SHMB_CTL_PARTITION_SLEEPING_OFFSET, 0);
+    return r;
+}

@@ -1541,8 +1541,11 @@ static PyObject *py_atomic_store_u64_many(PyObject *m, PyObject *const *args, Py
         goto fail;
     }
     for (Py_ssize_t i = 0; i < n; i++) {
-        unsigned long long x = PyLong_AsUnsignedLongLong(PySequence_Fast_GET_ITEM(seq, i));
-        if (x == (unsigned long long)-1 && PyErr_Occurred())
+        /* PyLong_AsUnsignedLong: the same checks, 64 bits here, and no byte-array path for
+         * values past 2**30 (bytes and offsets soon are): the drain round stores 18 a round. */
+        _Static_assert(sizeof(unsigned long) == sizeof(uint64_t), "unsigned long is 64 bits");
+        unsigned long x = PyLong_AsUnsignedLong(PySequence_Fast_GET_ITEM(seq, i));
+        if (x == (unsigned long)-1 && PyErr_Occurred())
             goto fail; /* the words before i are stored: a counter is never half written */
         shmb_u64_store_relaxed(p + 8 * i, (uint64_t)x);
     }
@@ -3308,40 +3311,68 @@ static PyType_Spec SendMethod_spec = {
 
 /* ==== the C drain round ===================================================================== */
 
-/* Region views and ring descriptors of one drain_round call. */
+/* Region views and ring descriptors of one drain_round call (a few rings on the stack: no
+ * allocation per round in the common case). */
+enum { DRAIN_HOLD_ON_STACK = 4 };
 typedef struct {
     Py_buffer *views;
     shmb_drain_ring *rings;
     Py_ssize_t n;
+    Py_buffer views_stack[DRAIN_HOLD_ON_STACK];
+    shmb_drain_ring rings_stack[DRAIN_HOLD_ON_STACK];
 } drain_hold;
 
 static void drain_hold_free(drain_hold *h)
 {
     for (Py_ssize_t i = 0; i < h->n; i++)
         PyBuffer_Release(&h->views[i]);
-    PyMem_Free(h->views);
-    PyMem_Free(h->rings);
+    if (h->views != h->views_stack)
+        PyMem_Free(h->views);
+    if (h->rings != h->rings_stack)
+        PyMem_Free(h->rings);
+}
+
+/* One (region, position, expected_sequence) of drain_round's rings: read directly from an exact
+ * 3-tuple (the caller's case), else through PyArg_ParseTuple (its errors). */
+static int drain_ring_item(PyObject *item, PyObject **buf, unsigned long long *position,
+                           unsigned long long *expected)
+{
+    if (!PyTuple_CheckExact(item) || PyTuple_GET_SIZE(item) != 3)
+        return PyArg_ParseTuple(item, "OKK:drain_round ring", buf, position, expected) ? 0 : -1;
+    *buf = PyTuple_GET_ITEM(item, 0);
+    *position = PyLong_AsUnsignedLongLongMask(PyTuple_GET_ITEM(item, 1));
+    if (*position == (unsigned long long)-1 && PyErr_Occurred())
+        return -1;
+    *expected = PyLong_AsUnsignedLongLongMask(PyTuple_GET_ITEM(item, 2));
+    if (*expected == (unsigned long long)-1 && PyErr_Occurred())
+        return -1;
+    return 0;
 }
 
 static int drain_hold_init(drain_hold *h, PyObject *rings)
 {
-    memset(h, 0, sizeof *h);
+    h->n = 0;
+    h->views = h->views_stack;
+    h->rings = h->rings_stack;
     PyObject *seq = PySequence_Fast(rings, "drain_round: rings must be a sequence");
     if (seq == NULL)
         return -1;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    h->views = PyMem_Calloc((size_t)n + 1, sizeof(Py_buffer));
-    h->rings = PyMem_Calloc((size_t)n + 1, sizeof(shmb_drain_ring));
-    if (h->views == NULL || h->rings == NULL) {
-        Py_DECREF(seq);
-        PyErr_NoMemory();
-        return -1;
+    if (n > DRAIN_HOLD_ON_STACK) {
+        h->views = PyMem_Calloc((size_t)n, sizeof(Py_buffer));
+        h->rings = PyMem_Calloc((size_t)n, sizeof(shmb_drain_ring));
+        if (h->views == NULL || h->rings == NULL) {
+            Py_DECREF(seq);
+            PyErr_NoMemory();
+            return -1;
+        }
+    } else {
+        memset(h->rings_stack, 0, sizeof h->rings_stack);
     }
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *buf;
         unsigned long long position, expected;
-        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "OKK:drain_round ring", &buf,
-                              &position, &expected) ||
+        if (drain_ring_item(PySequence_Fast_GET_ITEM(seq, i), &buf, &position, &expected) < 0 ||
             region_view(buf, 1, &h->views[i], "drain_round") < 0) {
             Py_DECREF(seq);
             return -1;
@@ -3356,11 +3387,97 @@ static int drain_hold_init(drain_hold *h, PyObject *rings)
     return 0;
 }
 
+/* PartitionLog.native_append_state()'s tuple (NativeAppendState, in its field order) into
+ * `log`: each item read directly, with PyArg's conversions ('i' int with range check, 'L' long
+ * long, 'K' unsigned masked, 'p' truth). PyArg_ParseTuple with the same format took ~3,000
+ * instructions per round; a "(...)" unit in drain_round's format ~21,000 (it goes through the
+ * NamedTuple's __getitem__), measured with callgrind (perf/RESULTS.md). */
+static int drain_log_state(PyObject *t, shmb_drain_log *log, unsigned long long *segment_size,
+                           unsigned long long *segment_bytes)
+{
+    static const char format[] = "iLLLKiLLKLLLLLLLLLLLpL";
+    void *const to[] = {
+        &log->fd, &log->log_end_offset, &log->log_start_offset, &log->segment_base_offset,
+        segment_size, &log->leader_epoch, &log->batch_bytes_max, &log->batch_records_max,
+        segment_bytes, &log->segment_ms, &log->offset_entries_left, &log->time_entries_left,
+        &log->first_batch_max_timestamp, &log->created_ms, &log->last_offset_max,
+        &log->interval_bytes, &log->bytes_since_entry, &log->max_timestamp,
+        &log->offset_of_max_timestamp, &log->now_ms, &log->flush_due, &log->flush_records_left};
+    enum { FIELDS = sizeof format - 1 };
+    _Static_assert(sizeof to / sizeof to[0] == FIELDS, "one destination per field");
+    _Static_assert(sizeof(int64_t) == sizeof(long long) && sizeof(long) == sizeof(long long),
+                   "'L' fields are int64_t, read as long");
+    if (PyTuple_GET_SIZE(t) != FIELDS) {
+        PyErr_Format(PyExc_TypeError, "drain_round: log state must have %d fields, not %zd",
+                     (int)FIELDS, PyTuple_GET_SIZE(t));
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < FIELDS; i++) { /* bounded by FIELDS */
+        PyObject *item = PyTuple_GET_ITEM(t, i);
+        switch (format[i]) {
+        case 'i': {
+            long v = PyLong_AsLong(item);
+            if (v == -1 && PyErr_Occurred())
+                return -1;
+            if (v < INT_MIN || v > INT_MAX) {
+                PyErr_Format(PyExc_OverflowError, "drain_round: log state field %zd out of int "
+                             "range", i);
+                return -1;
+            }
+            *(int *)to[i] = (int)v;
+            break;
+        }
+        case 'L': { /* PyLong_AsLong: 64 bits here, and no byte-array path for 2-digit ints */
+            long v = PyLong_AsLong(item);
+            if (v == -1 && PyErr_Occurred())
+                return -1;
+            *(long long *)to[i] = v;
+            break;
+        }
+        case 'K': {
+            unsigned long long v = PyLong_AsUnsignedLongLongMask(item);
+            if (v == (unsigned long long)-1 && PyErr_Occurred())
+                return -1;
+            *(unsigned long long *)to[i] = v;
+            break;
+        }
+        default: { /* 'p' */
+            int v = PyObject_IsTrue(item);
+            if (v < 0)
+                return -1;
+            *(int *)to[i] = v;
+            break;
+        }
+        }
+    }
+    return 0;
+}
+
+/* A tuple of n new references (stolen; NULL if any is NULL, all released). */
+static PyObject *tuple_steal(Py_ssize_t n, PyObject *const *items)
+{
+    PyObject *t = NULL;
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (items[i] == NULL)
+            goto fail;
+    t = PyTuple_New(n);
+    if (t == NULL)
+        goto fail;
+    for (Py_ssize_t i = 0; i < n; i++)
+        PyTuple_SET_ITEM(t, i, items[i]);
+    return t;
+fail:
+    for (Py_ssize_t i = 0; i < n; i++)
+        Py_XDECREF(items[i]);
+    return NULL;
+}
+
 static PyObject *entries_list(const shmb_drain_entry *e, size_t n)
 {
     PyObject *list = PyList_New((Py_ssize_t)n);
     for (size_t i = 0; list != NULL && i < n; i++) {
-        PyObject *t = Py_BuildValue("(LL)", (long long)e[i].a, (long long)e[i].b);
+        PyObject *items[2] = {PyLong_FromLongLong(e[i].a), PyLong_FromLongLong(e[i].b)};
+        PyObject *t = tuple_steal(2, items);
         if (t == NULL) {
             Py_CLEAR(list);
             break;
@@ -3377,51 +3494,81 @@ static PyObject *drain_done_result(const drain_hold *h, const shmb_drain_result 
         return NULL;
     for (Py_ssize_t i = 0; i < h->n; i++) {
         const shmb_drain_ring *g = &h->rings[i];
-        PyObject *t = g->release_failed
-            ? Py_BuildValue("(KIL(sK))", (unsigned long long)g->next_position,
-                            (unsigned int)g->count, (long long)g->base_offset,
-                            g->release_err.message,
-                            (unsigned long long)g->release_err.position)
-            : Py_BuildValue("(KILO)", (unsigned long long)g->next_position,
-                            (unsigned int)g->count, (long long)g->base_offset, Py_None);
+        PyObject *error = Py_NewRef(Py_None);
+        if (g->release_failed) {
+            Py_DECREF(error);
+            error = Py_BuildValue("(sK)", g->release_err.message,
+                                  (unsigned long long)g->release_err.position);
+        }
+        PyObject *items[4] = {PyLong_FromUnsignedLongLong(g->next_position),
+                              PyLong_FromUnsignedLong(g->count),
+                              PyLong_FromLongLong(g->base_offset), error};
+        PyObject *t = tuple_steal(4, items);
         if (t == NULL) {
             Py_DECREF(rings);
             return NULL;
         }
         PyTuple_SET_ITEM(rings, i, t);
     }
-    if (r->frames == 0)
-        return Py_BuildValue("(iNO)", SHMB_DRAIN_DONE, rings, Py_None);
-    PyObject *first = r->first_batch_set ? PyLong_FromLongLong(r->first_batch_max_timestamp)
-                                         : Py_NewRef(Py_None);
-    return Py_BuildValue("(iN(KKKKLKNLLLNN))", SHMB_DRAIN_DONE, rings,
-                         (unsigned long long)r->frames, (unsigned long long)r->records,
-                         (unsigned long long)r->batches, (unsigned long long)r->bytes,
-                         (long long)r->log_end_offset, (unsigned long long)r->segment_size,
-                         first, (long long)r->bytes_since_entry, (long long)r->max_timestamp,
-                         (long long)r->offset_of_max_timestamp,
-                         entries_list(r->offset_entries, r->offset_entries_count),
-                         entries_list(r->time_entries, r->time_entries_count));
+    PyObject *appended = Py_NewRef(Py_None);
+    if (r->frames != 0) {
+        Py_DECREF(appended);
+        PyObject *items[12] = {
+            PyLong_FromUnsignedLongLong(r->frames), PyLong_FromUnsignedLongLong(r->records),
+            PyLong_FromUnsignedLongLong(r->batches), PyLong_FromUnsignedLongLong(r->bytes),
+            PyLong_FromLongLong(r->log_end_offset), PyLong_FromUnsignedLongLong(r->segment_size),
+            r->first_batch_set ? PyLong_FromLongLong(r->first_batch_max_timestamp)
+                               : Py_NewRef(Py_None),
+            PyLong_FromLongLong(r->bytes_since_entry), PyLong_FromLongLong(r->max_timestamp),
+            PyLong_FromLongLong(r->offset_of_max_timestamp),
+            entries_list(r->offset_entries, r->offset_entries_count),
+            entries_list(r->time_entries, r->time_entries_count)};
+        appended = tuple_steal(12, items);
+    }
+    PyObject *items[3] = {PyLong_FromLong(SHMB_DRAIN_DONE), rings, appended};
+    return tuple_steal(3, items);
 }
 
-static PyObject *py_drain_round(PyObject *module, PyObject *args, PyObject *kwds)
+/* An int argument of drain_round (PyArg's 'K': unsigned, masked; 'i': int, range-checked). */
+static int drain_arg_u64(PyObject *o, unsigned long long *out)
 {
-    static char *kwlist[] = {"rings", "control", "scratch", "log", "round_bytes_max",
-                             "ring_round_bytes_max", "pid", "start_time", "stop_after", NULL};
-    PyObject *rings_arg, *control_arg, *scratch_arg;
+    *out = PyLong_AsUnsignedLongLongMask(o);
+    return *out == (unsigned long long)-1 && PyErr_Occurred() ? -1 : 0;
+}
+
+static int drain_arg_int(PyObject *o, int *out)
+{
+    long v = PyLong_AsLong(o);
+    if (v == -1 && PyErr_Occurred())
+        return -1;
+    if (v < INT_MIN || v > INT_MAX) {
+        PyErr_SetString(PyExc_OverflowError, "drain_round: argument out of int range");
+        return -1;
+    }
+    *out = (int)v;
+    return 0;
+}
+
+/* Positional only (METH_FASTCALL: no keyword parsing per round). */
+static PyObject *py_drain_round(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
     shmb_drain_log log;
     unsigned long long segment_size, segment_bytes, round_max, ring_round_max, start_time;
     memset(&log, 0, sizeof log);
-    if (!PyArg_ParseTupleAndKeywords(
-            args, kwds, "OOO(iLLLKiLLKLLLLLLpLLLLLL)KKiK|i:drain_round", kwlist, &rings_arg,
-            &control_arg, &scratch_arg, &log.fd, &log.log_end_offset, &log.log_start_offset,
-            &log.segment_base_offset, &segment_size, &log.leader_epoch, &log.batch_bytes_max,
-            &log.batch_records_max, &segment_bytes, &log.segment_ms, &log.offset_entries_left,
-            &log.time_entries_left, &log.first_batch_max_timestamp, &log.created_ms,
-            &log.now_ms, &log.flush_due, &log.flush_records_left, &log.last_offset_max,
-            &log.interval_bytes, &log.bytes_since_entry, &log.max_timestamp,
-            &log.offset_of_max_timestamp, &round_max, &ring_round_max, &log.pid, &start_time,
-            &log.stop_after))
+    if (nargs != 8 && nargs != 9) {
+        PyErr_Format(PyExc_TypeError, "drain_round takes 8 or 9 positional arguments (%zd given)",
+                     nargs);
+        return NULL;
+    }
+    PyObject *rings_arg = args[0], *control_arg = args[1], *scratch_arg = args[2];
+    if (!PyTuple_Check(args[3])) {
+        PyErr_SetString(PyExc_TypeError, "drain_round: log must be a tuple (NativeAppendState)");
+        return NULL;
+    }
+    if (drain_log_state(args[3], &log, &segment_size, &segment_bytes) < 0 ||
+        drain_arg_u64(args[4], &round_max) < 0 || drain_arg_u64(args[5], &ring_round_max) < 0 ||
+        drain_arg_int(args[6], &log.pid) < 0 || drain_arg_u64(args[7], &start_time) < 0 ||
+        (nargs == 9 && drain_arg_int(args[8], &log.stop_after) < 0))
         return NULL;
     log.segment_size = segment_size;
     log.segment_bytes = segment_bytes;
@@ -3466,6 +3613,137 @@ static PyObject *py_drain_round(PyObject *module, PyObject *args, PyObject *kwds
     return result;
 }
 
+/* The partition loop's last look before it sleeps (PartitionOwner.wait_for_work):
+ * shmb_drain_sleep_prepare over RingConsumer objects, whose buf, position and capacity are read
+ * here. One call instead of ~12,000 instructions of Python per pass (perf/RESULTS.md). */
+static PyObject *py_drain_sleep_prepare(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    static PyObject *s_buf, *s_position, *s_capacity;
+    if (s_buf == NULL && ((s_buf = PyUnicode_InternFromString("buf")) == NULL ||
+                          (s_position = PyUnicode_InternFromString("position")) == NULL ||
+                          (s_capacity = PyUnicode_InternFromString("capacity")) == NULL)) {
+        Py_CLEAR(s_buf);
+        return NULL;
+    }
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "drain_sleep_prepare(control, registry_seen, consumers)");
+        return NULL;
+    }
+    long long registry_seen = PyLong_AsLongLong(args[1]);
+    if (registry_seen == -1 && PyErr_Occurred())
+        return NULL;
+    PyObject *seq = PySequence_Fast(args[2], "drain_sleep_prepare: consumers must be a sequence");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    enum { ON_STACK = 8 };
+    shmb_drain_look looks_stack[ON_STACK];
+    Py_buffer views_stack[ON_STACK];
+    shmb_drain_look *looks = looks_stack;
+    Py_buffer *views = views_stack;
+    Py_ssize_t held = 0;
+    PyObject *result = NULL;
+    Py_buffer control;
+    int have_control = 0;
+    if (n > ON_STACK) {
+        looks = PyMem_Calloc((size_t)n, sizeof *looks);
+        views = PyMem_Calloc((size_t)n, sizeof *views);
+        if (looks == NULL || views == NULL) {
+            PyErr_NoMemory();
+            goto done;
+        }
+    }
+    for (Py_ssize_t i = 0; i < n; i++) { /* bounded by n */
+        PyObject *c = PySequence_Fast_GET_ITEM(seq, i);
+        PyObject *buf = PyObject_GetAttr(c, s_buf);
+        if (buf == NULL)
+            goto done;
+        int r = PyObject_GetBuffer(buf, &views[i], PyBUF_SIMPLE);
+        Py_DECREF(buf);
+        if (r < 0)
+            goto done;
+        held = i + 1;
+        PyObject *pos = PyObject_GetAttr(c, s_position);
+        if (pos == NULL)
+            goto done;
+        looks[i].position = PyLong_AsUnsignedLongLong(pos);
+        Py_DECREF(pos);
+        if (PyErr_Occurred())
+            goto done;
+        PyObject *cap = PyObject_GetAttr(c, s_capacity);
+        if (cap == NULL)
+            goto done;
+        looks[i].capacity = PyLong_AsUnsignedLongLong(cap);
+        Py_DECREF(cap);
+        if (PyErr_Occurred())
+            goto done;
+        looks[i].region = views[i].buf;
+        looks[i].region_len = (size_t)views[i].len;
+    }
+    if (region_view(args[0], 1, &control, "drain_sleep_prepare control") < 0)
+        goto done;
+    have_control = 1;
+    if (control.len < SHMB_CONTROL_REGISTRY_OFFSET) {
+        PyErr_SetString(PyExc_ValueError, "drain_sleep_prepare: not a control region");
+        goto done;
+    }
+    int64_t seen = shmb_drain_sleep_prepare(control.buf, registry_seen, looks, (size_t)n);
+    if (seen == -2)
+        PyErr_SetString(PyExc_ValueError,
+                        "drain_sleep_prepare: a consumer's position lies outside its ring");
+    else
+        result = PyLong_FromLongLong(seen);
+done:
+    if (have_control)
+        PyBuffer_Release(&control);
+    for (Py_ssize_t i = 0; i < held; i++)
+        PyBuffer_Release(&views[i]);
+    if (looks != looks_stack)
+        PyMem_Free(looks);
+    if (views != views_stack)
+        PyMem_Free(views);
+    Py_DECREF(seq);
+    return result;
+}
+
+/* drain_sleep(control, seen, timeout_ms, spin_ns): shmb_drain_sleep with the GIL released. */
+static PyObject *py_drain_sleep(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "drain_sleep(control, seen, timeout_ms, spin_ns)");
+        return NULL;
+    }
+    unsigned long long seen = PyLong_AsUnsignedLongLong(args[1]);
+    if (seen == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    long long timeout_ms = PyLong_AsLongLong(args[2]);
+    if (timeout_ms == -1 && PyErr_Occurred())
+        return NULL;
+    long long spin_ns = PyLong_AsLongLong(args[3]);
+    if (spin_ns == -1 && PyErr_Occurred())
+        return NULL;
+    if (seen > UINT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "drain_sleep: seen is a u32 doorbell value");
+        return NULL;
+    }
+    Py_buffer control;
+    if (region_view(args[0], 1, &control, "drain_sleep control") < 0)
+        return NULL;
+    if (control.len < SHMB_CONTROL_REGISTRY_OFFSET) {
+        PyBuffer_Release(&control);
+        PyErr_SetString(PyExc_ValueError, "drain_sleep: not a control region");
+        return NULL;
+    }
+    int r;
+    Py_BEGIN_ALLOW_THREADS
+    r = shmb_drain_sleep(control.buf, (uint32_t)seen, timeout_ms, spin_ns);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&control);
+    if (r == SHMB_WAIT_INTERRUPTED && PyErr_CheckSignals() < 0)
+        return NULL;
+    return PyLong_FromLong(r);
+}
+
 static int add_drain_constants(PyObject *m)
 {
 #define DECLINE_NAME(name) #name,
@@ -3504,6 +3782,26 @@ static int add_drain_constants(PyObject *m)
 static PyObject *py_monotonic_ns(PyObject *module, PyObject *Py_UNUSED(ignored))
 {
     return PyLong_FromLongLong(shmb_monotonic_ns());
+}
+
+/* time.monotonic_ns() // 1_000_000 and time.time_ns() // 1_000_000 (both clocks are what
+ * CPython reads there), without a Python frame: the partition loop reads them every pass. */
+static PyObject *py_monotonic_ms(PyObject *module, PyObject *Py_UNUSED(ignored))
+{
+    return PyLong_FromLongLong(shmb_monotonic_ns() / 1000000);
+}
+
+static PyObject *py_wall_clock_ms(PyObject *module, PyObject *Py_UNUSED(ignored))
+{
+    struct timespec ts;
+    if (clock_gettime(CLOCK_REALTIME, &ts) != 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    /* Floor division, as Python's // (ns before 1970 are negative). */
+    long long ns = (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+    long long ms = ns / 1000000;
+    if (ns % 1000000 < 0)
+        ms -= 1;
+    return PyLong_FromLongLong(ms);
 }
 
 /* ==== module =============================================================================== */
@@ -3580,6 +3878,10 @@ static PyMethodDef module_methods[] = {
     {"futex_wake", py_futex_wake, METH_VARARGS,
      "futex_wake(buf, offset, count=INT_MAX) -> number woken"},
     {"monotonic_ns", py_monotonic_ns, METH_NOARGS, "monotonic_ns() -> CLOCK_MONOTONIC in ns"},
+    {"monotonic_ms", py_monotonic_ms, METH_NOARGS,
+     "monotonic_ms() -> time.monotonic_ns() // 1_000_000"},
+    {"wall_clock_ms", py_wall_clock_ms, METH_NOARGS,
+     "wall_clock_ms() -> time.time_ns() // 1_000_000 (CLOCK_REALTIME)"},
     {"ring_check", py_ring_check, METH_O,
      "ring_check(ring) -> capacity; RingCorruptError when the header is bad"},
     {"ring_write", (PyCFunction)(void (*)(void))py_ring_write, METH_VARARGS | METH_KEYWORDS,
@@ -3605,9 +3907,20 @@ static PyMethodDef module_methods[] = {
      "True when the payload fits; False on timeout or when woken without room (a nudge)."},
     {"doorbell_ring", py_doorbell_ring, METH_O,
      "doorbell_ring(control): wake the partition process if it sleeps"},
-    {"drain_round", (PyCFunction)(void (*)(void))py_drain_round, METH_VARARGS | METH_KEYWORDS,
+    {"drain_sleep_prepare", (PyCFunction)(void (*)(void))py_drain_sleep_prepare, METH_FASTCALL,
+     "drain_sleep_prepare(control, registry_seen, consumers) -> int\n\n"
+     "PartitionOwner.wait_for_work's look before it sleeps (shmb/drain.h): loads the doorbell,\n"
+     "raises partition_sleeping, then returns -1 if registry_changes != registry_seen (-1:\n"
+     "never scanned) or a consumer's ring is readable (a committed frame at its position and\n"
+     "fewer than COMPLETIONS_MAX completions unread), else the doorbell value to sleep on.\n"
+     "consumers: RingConsumer objects (buf, position, capacity are read)."},
+    {"drain_sleep", (PyCFunction)(void (*)(void))py_drain_sleep, METH_FASTCALL,
+     "drain_sleep(control, seen, timeout_ms, spin_ns) -> WAIT_* status\n\n"
+     "After drain_sleep_prepare returned seen: FUTEX_WAIT on the doorbell (GIL released), then\n"
+     "partition_sleeping is lowered, whatever ended the wait."},
+    {"drain_round", (PyCFunction)(void (*)(void))py_drain_round, METH_FASTCALL,
      "drain_round(rings, control, scratch, log, round_bytes_max, ring_round_bytes_max, pid,\n"
-     "            start_time, stop_after=0)\n"
+     "            start_time, stop_after=0)  (positional only)\n"
      "-> (DRAIN_DONE, ((next_position, count, base_offset, release_error), ...), appended)\n"
      "   | (DRAIN_DECLINED, reason) | (DRAIN_WRITE_FAILED, errno, truncated)\n\n"
      "One drain round in C, GIL released (shmb/drain.h). rings: (region, position,\n"

@@ -27,13 +27,13 @@ other processes map the segment files read-only.
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 from .. import errors, records
 from ..config import BATCH_RECORDS_MAX, LogConfig
 from ..layout import record_batch as layout
+from ..native import _native
 from . import files, recovery
 from ..records import validation
 from .recovery import RecoveryReport, SegmentRecovery
@@ -49,10 +49,11 @@ _META_FILE_BYTES_MAX = 4096
 ClockMs = Callable[[], int]
 
 
-def wall_clock_ms() -> int:
-    """Default clock: wall time in ms, because segment.ms and retention.ms compare it with
-    record timestamps, which producers take from their wall clocks (Kafka does the same)."""
-    return time.time_ns() // 1_000_000
+#: Default clock: wall time in ms (``time.time_ns() // 1_000_000``), because segment.ms and
+#: retention.ms compare it with record timestamps, which producers take from their wall clocks
+#: (Kafka does the same). In C: the partition loop reads it every round, and a Python
+#: function costs a frame (~1,400 instructions) each time.
+wall_clock_ms: ClockMs = _native.wall_clock_ms
 
 
 class NativeAppendState(NamedTuple):
@@ -75,14 +76,21 @@ class NativeAppendState(NamedTuple):
     time_entries_left: int
     first_batch_max_timestamp: int  # -1: none (time_waited_for_roll uses the wall clock)
     created_ms: int
-    now_ms: int
-    flush_due: bool                 # flush.ms would fsync after this append
-    flush_records_left: int         # flush.messages fsyncs at this many more records; -1: never
     last_offset_max: int
     index_interval_bytes: int
     bytes_since_entry: int
     max_timestamp: int
     offset_of_max_timestamp: int
+    # The fields read afresh every round come last: the others are kept between rounds
+    # (PartitionLog._native_next) and these three appended to them.
+    now_ms: int
+    flush_due: bool                 # flush.ms would fsync after this append
+    flush_records_left: int         # flush.messages fsyncs at this many more records; -1: never
+
+
+#: The fields of a NativeAppendState that do not depend on the clock or the flush policy.
+_NATIVE_KEPT_FIELDS = len(NativeAppendState._fields) - 3
+_new_native_state = tuple.__new__  # (NativeAppendState, fields): no Python __new__ frame
 
 
 @dataclass(frozen=True)
@@ -128,6 +136,12 @@ class PartitionLog:
         self._sealed_bytes = 0
         self._closed = False
         self.recovery_report: RecoveryReport | None = None
+        #: Whether the flush policy can ever fsync (flush.messages or flush.ms set).
+        self._flush_policy = config.flush_messages is not None or config.flush_ms is not None
+        #: The C round's next state but its last three fields, as record_native_append left
+        #: the log; with the segment, segment size, log end and log start it was computed for
+        #: (checked on use). None: build it afresh (see native_append_state).
+        self._native_next: tuple | None = None
 
     # -- open / load ------------------------------------------------------------------------------
 
@@ -293,6 +307,7 @@ class PartitionLog:
         leave the log unchanged.
         """
         self._check_open()
+        self._native_next = None
         view = _byte_view(data)
         planned = self._validate(view)
         now = self.clock()
@@ -317,25 +332,45 @@ class PartitionLog:
 
         The C round appends only what :meth:`append` would write in one go to the active
         segment: it declines (and the caller runs :meth:`append`) when a roll, a flush or a
-        bad batch would be involved. It reads the clock once, as append does."""
+        bad batch would be involved. It reads the clock once, as append does.
+
+        Between C rounds nothing but the clock and the flush fields changes unless something
+        else appended, rolled, deleted or closed: record_native_append keeps the rest
+        (``_native_next``), and it is used only while the active segment, its size, the log
+        end and the log start are still the ones it was computed for (append, delete and
+        close also drop it)."""
         if self._closed:
             return None
-        active = self.active_segment
+        now = self.clock()
+        config = self.config
+        if self._flush_policy:
+            flush_due = config.flush_ms is not None and \
+                now - self._last_flush_ms >= config.flush_ms
+            flush_left = -1 if config.flush_messages is None else \
+                max(0, config.flush_messages - self._unflushed_records)
+        else:
+            flush_due, flush_left = False, -1
+        kept = self._native_next
+        if kept is not None:
+            segment, size, log_end, log_start, fields = kept
+            active = self._segments[-1]
+            # (The active segment is closed only by a failed write, which drops the kept
+            # state: append and native_append_failed, or by close().)
+            if segment is active and active.size == size and active.next_offset == log_end \
+                    and self._bases[0] == log_start:
+                return _new_native_state(NativeAppendState, fields + (now, flush_due, flush_left))
+            self._native_next = None
+        active = self._segments[-1]
         seg = active.native_state()
         if seg is None:
             return None
         (fd, size, offset_left, time_left, first_ts, created_ms, interval, since, max_ts,
          max_off) = seg
-        now = self.clock()
-        config = self.config
-        flush_due = config.flush_ms is not None and now - self._last_flush_ms >= config.flush_ms
-        flush_left = -1 if config.flush_messages is None else \
-            max(0, config.flush_messages - self._unflushed_records)
         return NativeAppendState(
             fd, self.log_end_offset, self.log_start_offset, active.base_offset, size,
             self.leader_epoch, config.batch_bytes_max, BATCH_RECORDS_MAX, config.segment_bytes,
-            config.segment_ms, offset_left, time_left, first_ts, created_ms, now, flush_due,
-            flush_left, files.OFFSET_MAX - 1, interval, since, max_ts, max_off)
+            config.segment_ms, offset_left, time_left, first_ts, created_ms,
+            files.OFFSET_MAX - 1, interval, since, max_ts, max_off, now, flush_due, flush_left)
 
     def record_native_append(self, state: NativeAppendState, appended: tuple) -> None:
         """The C drain round appended at ``state``'s position; ``appended`` is its result
@@ -344,20 +379,36 @@ class PartitionLog:
         offset_entries, time_entries). Leaves this object as :meth:`append` would have."""
         (_, records_count, _, _, log_end, size, first_ts, since, max_ts, max_off,
          offset_entries, time_entries) = appended
-        active = self.active_segment
+        active = self._segments[-1]
         assert active.base_offset == state.segment_base_offset and \
-            self.log_end_offset == state.log_end_offset, (self, state)
+            active.next_offset == state.log_end_offset, (self, state)
         active.record_native_append(state.segment_size, size, log_end, first_ts,
                                     (since, max_ts, max_off), offset_entries, time_entries)
         self._unflushed_records += records_count
-        # The round declined if the flush policy was due (flush_due, flush_records_left), so
-        # this never flushes; it is here so that the policy holds even if that were wrong.
-        flushed = self._maybe_flush(state.now_ms)
-        assert not flushed, "the C round appended although the flush policy was due"
+        if self._flush_policy:
+            # The round declined if the flush policy was due (flush_due, flush_records_left),
+            # so this never flushes; it is here so that the policy holds even if that were
+            # wrong.
+            flushed = self._maybe_flush(state.now_ms)
+            assert not flushed, "the C round appended although the flush policy was due"
+        if offset_entries or time_entries:
+            # Entries left and (for a time entry) what the index kept: built afresh.
+            self._native_next = None
+            return
+        # The next round's state, as native_append_state would build it: only the log end,
+        # the segment's size, its first batch's timestamp and the IndexRule moved.
+        self._native_next = (active, size, log_end, state.log_start_offset, (
+            state.fd, log_end, state.log_start_offset, state.segment_base_offset, size,
+            state.leader_epoch, state.batch_bytes_max, state.batch_records_max,
+            state.segment_bytes, state.segment_ms, state.offset_entries_left,
+            state.time_entries_left, state.first_batch_max_timestamp if first_ts is None
+            else first_ts, state.created_ms, state.last_offset_max, state.index_interval_bytes,
+            since, max_ts, max_off))
 
     def native_append_failed(self, state: NativeAppendState, errno_: int, truncated: bool
                              ) -> None:
         """The C drain round's write failed: raise what :meth:`append` raises (LogError)."""
+        self._native_next = None
         self.active_segment.native_write_failed(state.segment_size, truncated)
         raise errors.LogError(f"write to {self.active_segment.path} failed: "
                               f"{os.strerror(errno_)}")
@@ -471,7 +522,10 @@ class PartitionLog:
 
     def maybe_flush(self) -> bool:
         """Apply the time part of the flush policy (call it from the owner's loop); True if flushed."""
-        self._check_open()
+        if self._closed:
+            self._check_open()
+        if not self._flush_policy:
+            return False  # neither flush.messages nor flush.ms: nothing is ever due
         return self._maybe_flush(self.clock())
 
     def flush(self) -> None:

@@ -442,11 +442,18 @@ class LogSegment:
         and its new ends, exactly as :meth:`append` would have left this object."""
         assert not self.sealed and self._fd is not None and self.size == position, \
             (self, position)
-        offset_index, time_index, rule = self.offset_index, self.time_index, self._rule
-        for offset, entry_position in offset_entries:
-            offset_index.append(offset, entry_position)
-        for timestamp, offset in time_entries:
-            time_index.maybe_append(timestamp, offset)
+        rule = self._rule
+        if offset_entries or time_entries:
+            # (Most small rounds cross no entry: index_interval_bytes is 4 KiB. The active
+            # segment's indexes are open and have nothing pending outside an append, so a
+            # round without entries has nothing to write.)
+            offset_index, time_index = self.offset_index, self.time_index
+            for offset, entry_position in offset_entries:
+                offset_index.append(offset, entry_position)
+            for timestamp, offset in time_entries:
+                time_index.maybe_append(timestamp, offset)
+            offset_index.write_pending()
+            time_index.write_pending()
         if first_batch_max_timestamp is not None:
             assert position == 0
             self.first_batch_max_timestamp = first_batch_max_timestamp
@@ -454,8 +461,6 @@ class LogSegment:
         self.max_timestamp = rule.max_timestamp
         self.offset_of_max_timestamp = rule.offset_of_max_timestamp
         self._log_dirty = True
-        offset_index.write_pending()
-        time_index.write_pending()
         self.size = size
         self.next_offset = next_offset
 

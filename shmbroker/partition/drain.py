@@ -96,6 +96,8 @@ _FILL_SAMPLE_MASK = FILL_SAMPLE_ROUNDS - 1
 assert CL.PARTITION["last_fsync_time_ms"] == _FSYNCS + 1
 #: The C round's names for why it declined (index = its code).
 DECLINE_REASONS = _native.DRAIN_DECLINE_REASONS
+_DRAIN_DECLINED = _native.DRAIN_DECLINED
+_DRAIN_WRITE_FAILED = _native.DRAIN_WRITE_FAILED
 #: Tests only: make the C round stop right after a step, as a kill -9 there would.
 NATIVE_STOP_AFTER = {"write": _native.DRAIN_STOP_AFTER_WRITE,
                      "publish": _native.DRAIN_STOP_AFTER_PUBLISH,
@@ -137,6 +139,7 @@ class Drainer:
         #: round takes at most round_bytes_max plus one ring's share; a larger one (a single
         #: frame above the ring's share) is declined to the Python round.
         self._scratch: bytearray | None = None
+        self._publisher: tuple[int, int] = (0, 0)  # ControlRegion.publisher(), with _scratch
         self._start = 0  # round-robin: which ring goes first
         #: Counters for logs and tests.
         self.rounds = 0
@@ -158,11 +161,15 @@ class Drainer:
 
     def round(self) -> int:
         """Drains what is committed now (bounded); returns the frames handled (0: none)."""
-        rings = list(self.ingress)
-        if not rings:
+        rings = self.ingress.ring_list()
+        n = len(rings)
+        if not n:
             return 0
-        self._start = (self._start + 1) % len(rings)
-        order = rings[self._start:] + rings[:self._start]
+        if n == 1:
+            order = rings
+        else:
+            start = self._start = (self._start + 1) % n
+            order = rings[start:] + rings[:start]
         if self.native:
             done = self._round_native(order)
             if done is not None:
@@ -206,11 +213,13 @@ class Drainer:
         """The round in one C call; None when it declined (nothing changed: run the Python
         round). Frames handled otherwise."""
         picked = []
+        views = []  # what drain_round reads of each picked ring
         for ring in order:
             if ring.broken is not None:
                 continue
             consumer = ring.consumer
-            if consumer.expected_sequence is None:
+            expected = consumer.expected_sequence
+            if expected is None:
                 # Never read yet: its first poll learns the sequence (Python). An empty one
                 # gives the Python round nothing to do, unless its header is broken.
                 try:
@@ -221,6 +230,7 @@ class Drainer:
                     return self._declined("NEW_RING")
                 continue
             picked.append(ring)
+            views.append((consumer.buf, consumer.position, expected))
         if not picked:
             return 0
         state = self.log.native_append_state()
@@ -228,15 +238,17 @@ class Drainer:
             return self._declined("LOG")
         if self._scratch is None:
             self._scratch = bytearray(self.round_bytes_max + self.ring_round_bytes_max)
+            # (pid, start time): fixed for the life of this process, which made this object.
+            self._publisher = self.control.publisher()
         stop = NATIVE_STOP_AFTER[self.native_stop_after] if self.native_stop_after else 0
+        pid, start_time = self._publisher
         result = _native.drain_round(
-            [(r.consumer.buf, r.consumer.position, r.consumer.expected_sequence)
-             for r in picked],
-            self.control.buf, self._scratch, state, self.round_bytes_max,
-            self.ring_round_bytes_max, *self.control.publisher(), stop)
-        if result[0] == _native.DRAIN_DECLINED:
+            views, self.control.buf, self._scratch, state, self.round_bytes_max,
+            self.ring_round_bytes_max, pid, start_time, stop)
+        status = result[0]
+        if status == _DRAIN_DECLINED:
             return self._declined(DECLINE_REASONS[result[1]])
-        if result[0] == _native.DRAIN_WRITE_FAILED:
+        if status == _DRAIN_WRITE_FAILED:
             self.log.native_append_failed(state, result[1], result[2])  # raises LogError
         if stop and result[2] is not None:
             raise NativeRoundStopped(self.native_stop_after)
@@ -466,7 +478,7 @@ class Drainer:
         self._release(ring, position, batch.first_sequence + k)
 
     def _mark_broken(self, ring: IngressRing, exc: Exception) -> None:
-        ring.broken = str(exc)
+        self.ingress.mark_broken(ring, str(exc))
         self.count_event("rings_broken")
         log.error("partition %s/%d: ring %s (producer pid %d) is corrupt and is no longer read: "
                   "%s", self.ingress.topic, self.ingress.partition, ring.name,

@@ -78,12 +78,39 @@ class Ingress:
         self.registry_seen: int | None = None
         #: Dead producers whose ring (or slot without a ring) was reclaimed (counters).
         self.producers_gone = 0
+        #: ring_list() and live_consumers(), kept until a ring comes, goes or breaks
+        #: (_changed): the loop asks for them every pass.
+        self._ring_list: list[IngressRing] | None = None
+        self._live: list[RingConsumer] | None = None
 
     def __iter__(self):
         return iter(list(self.rings.values()))
 
     def __len__(self) -> int:
         return len(self.rings)
+
+    def ring_list(self) -> list[IngressRing]:
+        """Every attached ring, in attach order. The same list until a ring comes or goes:
+        do not change it."""
+        rings = self._ring_list
+        if rings is None:
+            rings = self._ring_list = list(self.rings.values())
+        return rings
+
+    def live_consumers(self) -> list[RingConsumer]:
+        """The consumers of the rings that are read (not broken); kept like ring_list."""
+        live = self._live
+        if live is None:
+            live = self._live = [r.consumer for r in self.rings.values() if r.broken is None]
+        return live
+
+    def mark_broken(self, ring: IngressRing, why: str) -> None:
+        """The ring's bytes broke an invariant: it is no longer read (see IngressRing)."""
+        ring.broken = why
+        self._changed()
+
+    def _changed(self) -> None:
+        self._ring_list = self._live = None
 
     # -- finding rings -------------------------------------------------------------------------
 
@@ -118,6 +145,7 @@ class Ingress:
                 unlink(name)
             return False
         self.rings[(slot, generation, name)] = IngressRing(consumer, slot, generation, pid)
+        self._changed()
         return True
 
     def adopt_orphans(self) -> int:
@@ -140,6 +168,7 @@ class Ingress:
                 if ring.consumer.owner_alive():
                     ring.consumer.close()  # a live producer still setting up: not ours
                     del self.rings[(None, generation, name)]
+                    self._changed()
                     continue
                 ring.dead = True
                 ring.consumer.stop_holding_back()
@@ -196,6 +225,7 @@ class Ingress:
                 self.producers_gone += 1
             consumer.close()
             del self.rings[key]
+            self._changed()
             retired.append(ring.name)
         return retired
 
@@ -205,3 +235,4 @@ class Ingress:
         for ring in self.rings.values():
             ring.consumer.close()
         self.rings.clear()
+        self._changed()

@@ -100,6 +100,7 @@ def play(data_dir, native: bool, config: LogConfig, capacities: list[int], steps
         for step in range(steps):
             script(rings, owner, step)
             owner.step()
+            _check_kept_state(owner.log)
             rings.reap()
         rings.hold.clear()
         rings.reap()
@@ -120,6 +121,18 @@ def play(data_dir, native: bool, config: LogConfig, capacities: list[int], steps
                 "rejected": drainer.frames_rejected}
     finally:
         rings.close()
+
+
+def _check_kept_state(log_) -> None:
+    """The state the C round appends with, as kept between rounds (PartitionLog._native_next)
+    must be the one built afresh from the log's objects."""
+    kept = log_._native_next
+    state = log_.native_append_state()
+    log_._native_next = None
+    try:
+        assert state == log_.native_append_state()
+    finally:
+        log_._native_next = kept
 
 
 def _files(directory: str) -> dict[str, bytes]:
@@ -259,3 +272,144 @@ def test_index_entries_at_exact_interval_boundaries_match(tmp_path):
     index = [v for n, v in python["files"].items() if n.endswith(files.INDEX_SUFFIX)]
     assert index and len(index[0]) >= 8 * 5
     assert native["native_rounds"] >= 8
+
+
+def test_small_rounds_that_cross_no_index_entry_match_across_rolls(tmp_path):
+    """The latency case: one small record per round, so most rounds cross no index entry and
+    the C round appends with the state kept from the previous round; rolls by size (the
+    Python round) in between replace the segment that state was kept for."""
+    def script(rings, owner, step):
+        rings.frame(step % 2, [(1, 90, TIME0_MS + step)])
+
+    python, native = both(tmp_path, LogConfig(segment_bytes=3000), [1 << 16] * 2, 80, script)
+    assert sum(n.endswith(files.LOG_SUFFIX) for n in python["files"]) >= 3
+    assert native["declined"]["ROLL_DUE"] >= 2
+    assert native["native_rounds"] >= 60
+
+
+def _look(owner: PartitionOwner) -> int:
+    """drain_sleep_prepare as wait_for_work calls it; the sleeping flag is lowered again."""
+    from shmbroker.native import _native
+    registry_seen = owner.ingress.registry_seen
+    try:
+        return _native.drain_sleep_prepare(owner.control.buf,
+                                           -1 if registry_seen is None else registry_seen,
+                                           owner.ingress.live_consumers())
+    finally:
+        owner.control.sleep_cancel()
+
+
+def _python_look(owner: PartitionOwner) -> bool:
+    """The reference: work if the registry moved or a ring that is read is readable."""
+    return owner.control.registry_changes != owner.ingress.registry_seen or \
+        any(ring.readable() for ring in owner.ingress)
+
+
+def test_the_c_look_before_sleeping_finds_work_exactly_when_the_python_look_does(tmp_path):
+    """wait_for_work's last look (one C call) against IngressRing.readable and the registry
+    check: nothing written, a frame in one ring, a held-back ring (its producer has
+    COMPLETIONS_MAX completions unread), a registry change, a broken ring."""
+    rings = Rings(str(tmp_path), 3, [1 << 16] * 3)
+    owner = PartitionOwner(str(tmp_path), TOPIC, 0, LogConfig(), clock_ms=lambda: CLOCK_MS,
+                           control=ControlRegion.attach(rings.control.name))
+    try:
+        def agree(work: bool) -> None:
+            seen = _look(owner)
+            assert (seen < 0) == work == _python_look(owner), (seen, work)
+            if not work:
+                assert seen == rings.control.sleep_prepare()  # the doorbell's value
+                rings.control.sleep_cancel()
+
+        agree(False)
+        rings.frame(1, [(1, 20, TIME0_MS)])
+        agree(True)
+        owner.step()
+        rings.reap()
+        agree(False)
+        # Ring 0's producer stops reading completions: readable until it is held back.
+        rings.hold = {0}
+        for step in range(L.COMPLETIONS_MAX):
+            rings.frame(0, [(1, 20, TIME0_MS + step)])
+            agree(True)
+            owner.step()
+        rings.frame(0, [(1, 20, TIME0_MS)])
+        agree(False)  # a frame waits, but the ring is held back: not work
+        rings.hold.clear()
+        rings.reap()
+        agree(True)
+        owner.step()
+        agree(False)
+        rings.control.announce_registry_change()
+        agree(True)
+        owner.step()  # rescans the registry
+        agree(False)
+        rings.frame(2, [(1, 20, TIME0_MS)])
+        agree(True)
+        ring2 = next(r for r in owner.ingress if r.name == rings.rings[2].name)
+        owner.drainer._mark_broken(ring2, RuntimeError("test: broken"))
+        agree(False)  # a broken ring is no longer read, so not work
+    finally:
+        owner.shutdown()
+        owner.close()
+        rings.close()
+
+
+def test_wait_for_work_sleeps_until_a_frame_is_committed_and_lowers_the_sleeping_flag(tmp_path):
+    """The doorbell sleep (drain_sleep_prepare, then drain_sleep): it ends when a producer
+    commits a frame (not at its timeout), returns at once when a ring is already readable or
+    a stop is requested, times out when nothing comes; partition_sleeping is down after each."""
+    import threading
+    import time
+
+    rings = Rings(str(tmp_path), 1, [1 << 16])
+    owner = PartitionOwner(str(tmp_path), TOPIC, 0, LogConfig(), clock_ms=lambda: CLOCK_MS,
+                           control=ControlRegion.attach(rings.control.name))
+    sleeping = L.CONTROL["partition_sleeping"]
+    try:
+        owner.step()
+
+        def timed(timeout_ms: int, stop=lambda: False) -> float:
+            t0 = time.monotonic()
+            owner.wait_for_work(timeout_ms, stop)
+            assert owner.control.registry_changes == owner.ingress.registry_seen
+            from shmbroker.native import _native
+            assert _native.atomic_load_u32(owner.control.buf, sleeping) == 0
+            return time.monotonic() - t0
+
+        assert 0.015 <= timed(20) < 2.0  # nothing comes: the timeout
+        timer = threading.Timer(0.05, rings.frame, (0, [(1, 20, TIME0_MS)]))
+        timer.start()
+        try:
+            assert 0.03 <= timed(10_000) < 5.0  # woken by the producer's doorbell
+        finally:
+            timer.join()
+        assert timed(10_000) < 1.0  # the frame is still there: at once
+        assert owner.step() == 1
+        assert timed(10_000, stop=lambda: True) < 1.0  # a stop requested: at once
+    finally:
+        owner.shutdown()
+        owner.close()
+        rings.close()
+
+
+def test_more_rings_than_the_glue_keeps_on_its_stack_match_and_are_looked_at(tmp_path):
+    """drain_round keeps 4 rings and drain_sleep_prepare 8 on the C stack; more go to the
+    heap. Ten rings: the two rounds agree, and a frame in the last ring is seen as work."""
+    _, native = both(tmp_path / "rounds", LogConfig(index_interval_bytes=300),
+                     [1 << 16] * 10, 4, mixed_frames)
+    assert native["native_rounds"] >= 3
+    rings = Rings(str(tmp_path / "look"), 10, [1 << 16] * 10)
+    owner = PartitionOwner(str(tmp_path / "look"), TOPIC, 0, LogConfig(),
+                           clock_ms=lambda: CLOCK_MS,
+                           control=ControlRegion.attach(rings.control.name))
+    try:
+        owner.step()
+        assert _look(owner) >= 0 and not _python_look(owner)
+        rings.frame(9, [(1, 20, TIME0_MS)])
+        assert _look(owner) == -1 and _python_look(owner)
+        owner.step()
+        assert _look(owner) >= 0 and not _python_look(owner)
+    finally:
+        owner.shutdown()
+        owner.close()
+        rings.close()

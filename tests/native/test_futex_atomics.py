@@ -114,3 +114,15 @@ def test_futex_waitv_sleeps_on_several_words_and_any_of_them_wakes_it():
         _native.futex_waitv([], 10)
     with pytest.raises(ValueError):
         _native.futex_waitv([(first, 0, 0)] * 129, 10)
+
+
+def test_the_c_clocks_read_what_pythons_time_module_reads():
+    """monotonic_ms and wall_clock_ms (the partition loop's clocks, in C) against
+    time.monotonic_ns() // 1_000_000 and time.time_ns() // 1_000_000, read around them."""
+    for _ in range(100):  # bounded
+        before = time.monotonic_ns() // 1_000_000
+        got = _native.monotonic_ms()
+        assert before <= got <= time.monotonic_ns() // 1_000_000
+        before = time.time_ns() // 1_000_000
+        got = _native.wall_clock_ms()
+        assert before <= got <= time.time_ns() // 1_000_000

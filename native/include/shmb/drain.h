@@ -150,4 +150,34 @@ int shmb_drain_round(shmb_drain_ring *rings, size_t n, uint8_t *control, uint8_t
 
 void shmb_drain_result_free(shmb_drain_result *r);
 
+/* ---- the loop's last look before it sleeps ---------------------------------------------- */
+
+/* One ring as the partition process reads it: RingConsumer.buf, .position, .capacity. */
+typedef struct {
+    const uint8_t *region;
+    size_t region_len;
+    uint64_t position;
+    uint64_t capacity;          /* as ring_check found it at attach (a power of two) */
+} shmb_drain_look;
+
+/* IngressRing.readable: a committed frame waits at `position` and the producer does not have
+ * COMPLETIONS_MAX completions unread (a held-back ring is not work: its producer is nudged
+ * and rings the doorbell when it has read them). 0 or 1; -1 when `position` lies outside the
+ * region (a caller error). */
+int shmb_drain_ring_readable(const shmb_drain_look *ring);
+
+/* PartitionOwner.wait_for_work's first steps (docs/design/shm.md, wake-ups): load the doorbell,
+ * raise partition_sleeping, then look once more for work: registry_changes moved from
+ * `registry_seen` (-1: never scanned) or a ring is readable. Returns the doorbell value to
+ * sleep on (>= 0) when there is none, -1 when there is work, -2 for a caller error (see
+ * shmb_drain_ring_readable). partition_sleeping stays raised in every case: the caller clears
+ * it after its sleep, or at once. */
+int64_t shmb_drain_sleep_prepare(uint8_t *control, int64_t registry_seen,
+                                 const shmb_drain_look *rings, size_t n);
+
+/* The sleep itself, after shmb_drain_sleep_prepare returned `seen`: FUTEX_WAIT on the doorbell
+ * (shmb_futex_wait: at most timeout_ms, spinning spin_ns first), then partition_sleeping is
+ * lowered (ControlRegion.sleep_cancel) whatever woke it. Returns shmb_futex_wait's SHMB_WAIT_*. */
+int shmb_drain_sleep(uint8_t *control, uint32_t seen, int64_t timeout_ms, int64_t spin_ns);
+
 #endif
