@@ -484,7 +484,9 @@ class Consumer:
         added = sorted(assigned - set(self._fetches))
         if added:
             try:
-                committed = group.committed(added)
+                # Sent with the assignment: no offset fetch (the coordinator read them when the
+                # join phase ended, after every previous owner's last commit).
+                committed = {tp: group.assigned_offsets[tp] for tp in added}
                 self._assign([*self._fetches, *added])
             except BaseException:
                 # Nothing remembers the assignment but the fetches: rejoin at the next poll
@@ -492,9 +494,9 @@ class Consumer:
                 group.rejoin_needed = True
                 raise
             for tp in added:
-                offset = committed.get(tp)
+                offset = committed[tp]
                 if offset is not None:
-                    self._fetches[tp].set_position(offset)  # checked against the log on poll
+                    self._fetches[tp].set_position(offset.offset)  # checked against the log on poll
         self._next_auto_commit = time.monotonic() + self.auto_commit_interval_ms / 1000
         if added and self._on_assign is not None:
             self._on_assign(added)

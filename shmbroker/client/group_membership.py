@@ -3,9 +3,9 @@
 The coordinator computes assignments (docs/design/groups.md, "Decision: the coordinator computes
 the assignment"), so a member only asks and obeys::
 
-    rejoin needed?  join (held by the coordinator until the join phase ends)
-                    -> member id, generation, protocol
-                    sync -> this member's assignment
+    rejoin needed?  join with sync=True (held by the coordinator until the join phase ends)
+                    -> member id, generation, protocol, this member's assignment and the
+                       group's committed offsets of it: no sync, no offset fetch
     otherwise       heartbeat every heartbeat_interval_ms: from Consumer.poll while the
                     application polls, from a background thread (heartbeat.py) while it
                     processes between polls;
@@ -106,6 +106,9 @@ class GroupMembership:
         self.member_id = ""
         self.generation_id = -1
         self.protocol: str | None = None
+        #: The group's committed offsets of the partitions the last join assigned (None: none
+        #: committed), sent by the coordinator with the assignment.
+        self.assigned_offsets: dict[TopicPartition, OffsetAndMetadata | None] = {}
         #: True until the first join, and after the coordinator said to rejoin.
         self.rejoin_needed = True
         self._last_heartbeat = 0.0  # time.monotonic() of the last heartbeat, by either thread
@@ -125,6 +128,8 @@ class GroupMembership:
 
     def join(self) -> frozenset[TopicPartition]:
         """Join (or rejoin) and sync; returns this member's assignment in the new generation.
+        The group's committed offsets of those partitions, as the coordinator sent them with
+        the assignment, are in :attr:`assigned_offsets` until the next join.
 
         Retries what the protocol says to retry (a newer rebalance began, the member id was
         forgotten) at most GROUP_JOIN_ATTEMPTS_MAX times; other errors are raised.
@@ -154,12 +159,16 @@ class GroupMembership:
             client_id=self.client_id, pid=os.getpid(), host=socket.gethostname(),
             topics=self.topics, protocols=self.protocols,
             session_timeout_ms=self.session_timeout_ms,
-            rebalance_timeout_ms=self.rebalance_timeout_ms, **self._instance())
+            rebalance_timeout_ms=self.rebalance_timeout_ms, sync=True, **self._instance())
         self.member_id = joined["member_id"]
         self.generation_id = joined["generation_id"]
         self.protocol = joined["protocol"]
-        synced = self._admin._request("sync", group_id=self.group_id, member_id=self.member_id,
-                                      generation_id=self.generation_id, **self._instance())
+        # The join came back with the sync's answer and the committed offsets (one round trip
+        # instead of three; docs/design/groups.md, "Decision: sync and offsets with the join").
+        synced = joined
+        self.assigned_offsets = {
+            TopicPartition(t, p): OffsetAndMetadata(offset, metadata) if offset >= 0 else None
+            for t, p, offset, metadata in joined["offsets"]}
         now = time.monotonic()
         with self._lock:
             self.generation_id = synced["generation_id"]

@@ -215,6 +215,43 @@ def test_a_new_member_resumes_after_the_offsets_its_predecessor_committed(broker
         assert {third.position((TOPIC, p)) for p in range(PARTITIONS)} == {30}
 
 
+def coordinator_counters(data_dir: str) -> dict[str, int]:
+    from shmbroker.layout import counters as CL
+    from shmbroker.shm import names
+    from shmbroker.shm.counters import CountersReader
+
+    reader = CountersReader.attach(names.counters_name(names.broker_prefix(data_dir), "coordinator"),
+                                   CL.KIND_COORDINATOR)
+    try:
+        return reader.read()
+    finally:
+        reader.close()
+
+
+@pytest.mark.parametrize("protocols", [["cooperative-sticky", "range"], ["cooperative-sticky"]],
+                         ids=["eager", "cooperative"])
+def test_a_rejoin_is_one_join_round_trip_and_starts_at_the_offsets_the_previous_owner_committed(
+        broker, topic, members, protocols):
+    produce(broker.data_dir, 0, 60)
+    [a] = members.start(1, group_protocols=protocols)
+    wait_for(lambda: len(received(a)) == 60 and owned(a) == set(range(PARTITIONS)),
+             what="the first member consumed everything")
+    before = coordinator_counters(broker.data_dir)
+    [b] = members.start(1, group_protocols=protocols)
+    wait_for(lambda: balanced([a, b], PARTITIONS // 2), what="both members own three partitions")
+    produce(broker.data_dir, 60, 60)
+    wait_for(lambda: len(received(a)) + len(received(b)) >= 120, what="every record consumed")
+    # b started where a had committed (at its revocation), not at auto_offset_reset: it
+    # received nothing before sequence 60, and nothing came twice.
+    assert min(seq for _, _, seq in received(b)) >= 60
+    assert sorted(seq for _, _, seq in received(a) + received(b)) == list(range(120))
+    after = coordinator_counters(broker.data_dir)
+    # The share and the offsets came with each join's answer: no sync, no offset fetch.
+    assert after["requests_sync"] == before["requests_sync"] == 0
+    assert after["requests_offset_fetch"] == before["requests_offset_fetch"] == 0
+    assert after["requests_join"] > before["requests_join"]
+
+
 @pytest.mark.parametrize("protocols", [["cooperative-sticky", "range"], ["cooperative-sticky"]],
                          ids=["eager", "cooperative"])
 def test_a_kill9_members_partitions_move_to_the_survivors_and_no_record_is_lost(
