@@ -226,6 +226,9 @@ class Group:
         self.leader_id: str | None = None
         #: Why the last rebalance started (for the coordinator's log and ``groups describe``).
         self.rebalance_reason: str | None = None
+        #: Rebalances started (entries into PreparingRebalance): the coordinator wakes the
+        #: members' futex word when it moves (``shm/group_wake.py``).
+        self.rebalances_started = 0
         self._members: dict[str, Member] = {}  # in join order: the first is the next leader
         self._static: dict[str, str] = {}  # group_instance_id -> member id
         self._assignment: GroupAssignment | None = None
@@ -506,6 +509,7 @@ class Group:
         started_empty = self.state is GroupState.EMPTY
         self._transition(GroupState.PREPARING_REBALANCE)
         self.rebalance_reason = reason
+        self.rebalances_started += 1
         now = self.clock_ms()
         self._rebalance_started_ms = now
         self._join_not_before_ms = now + (self.config.initial_rebalance_delay_ms if started_empty else 0)

@@ -78,12 +78,17 @@ class GroupService:
 
     def __init__(self, data_dir: str, partitions_per_topic: Mapping[str, int], clock_ms: ClockMs,
                  config: GroupConfig = GroupConfig(), hostname: str | None = None,
-                 pid_check_interval_ms: int = GROUP_PID_CHECK_INTERVAL_MS):
+                 pid_check_interval_ms: int = GROUP_PID_CHECK_INTERVAL_MS,
+                 wake_group: Callable[[str], None] = lambda group_id: None):
         assert pid_check_interval_ms > 0, pid_check_interval_ms
         self.clock_ms = clock_ms
         self.config = config
         self.hostname = hostname if hostname is not None else socket.gethostname()
         self.pid_check_interval_ms = pid_check_interval_ms
+        #: Called with a group id once each time that group starts a rebalance, after the
+        #: request or tick that started it (the server bumps the group's futex word).
+        self.wake_group = wake_group
+        self._woken: dict[str, int] = {}  # group id -> rebalances_started already woken
         self.offsets = OffsetStore.open(data_dir)
         self._partitions = dict(partitions_per_topic)
         self._groups: dict[str, Group] = {}
@@ -351,6 +356,10 @@ class GroupService:
             if group.generation_id > counted:
                 self.rebalances += group.generation_id - counted
                 self._generation_counted[group_id] = group.generation_id
+            if group.rebalances_started != self._woken.get(group_id, 0):
+                self._woken[group_id] = group.rebalances_started
+                if group.state is GroupState.PREPARING_REBALANCE:
+                    self.wake_group(group_id)  # members learn it now, not at their heartbeat
             for result in group.take_join_results():
                 held = self._held.pop((group_id, result.member_id), None)
                 if held is None:
@@ -389,6 +398,7 @@ class GroupService:
                          if group.state in (GroupState.EMPTY, GroupState.DEAD) and not group.member_ids()]:
             del self._groups[group_id]
             self._generation_counted.pop(group_id, None)
+            self._woken.pop(group_id, None)
 
 
 def _has_member(group: Group, member_id: str) -> bool:

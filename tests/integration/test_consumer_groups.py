@@ -39,8 +39,8 @@ def _member(data_dir: str, group: str, out_path: str, stop_path: str, options: d
     def emit(kind: str, **fields) -> None:
         out.write(json.dumps({"event": kind, "pid": os.getpid(), **fields}) + "\n")
 
+    options = {"heartbeat_interval_ms": HEARTBEAT_MS, **options}
     consumer = Consumer(TOPIC, broker=data_dir, group=group, auto_offset_reset="earliest",
-                        heartbeat_interval_ms=HEARTBEAT_MS,
                         on_assign=lambda tps: emit("assign", partitions=[p for _, p in tps]),
                         on_revoke=lambda tps: emit("revoke", partitions=[p for _, p in tps]),
                         **options)
@@ -226,6 +226,22 @@ def coordinator_counters(data_dir: str) -> dict[str, int]:
         return reader.read()
     finally:
         reader.close()
+
+
+@pytest.mark.parametrize("protocols", [["cooperative-sticky", "range"], ["cooperative-sticky"]],
+                         ids=["eager", "cooperative"])
+def test_members_learn_of_a_rebalance_from_the_group_wake_word_long_before_their_heartbeat(
+        broker, topic, members, protocols):
+    slow = dict(heartbeat_interval_ms=20_000, session_timeout_ms=60_000, group_protocols=protocols)
+    [a] = members.start(1, **slow)
+    wait_for(lambda: owned(a) == set(range(PARTITIONS)), what="the first member owns everything")
+    time.sleep(0.5)  # a's next heartbeat (from poll or its thread) is ~19 s away
+    started = time.monotonic()
+    [b] = members.start(1, **slow)
+    # Only the wake word can tell a in time: its heartbeat would take ~19 s more.
+    wait_for(lambda: balanced([a, b], PARTITIONS // 2), timeout_s=8.0,
+             what="both members own three partitions")
+    assert time.monotonic() - started < 8.0
 
 
 @pytest.mark.parametrize("protocols", [["cooperative-sticky", "range"], ["cooperative-sticky"]],

@@ -121,3 +121,23 @@ def test_offsets_survive_a_reopen_of_the_service(tmp_path, clock):
         assert call(service, "offset_fetch", group_id="g")["offsets"]["t"][0][:3] == [3, 9, "m"]
     finally:
         service.close()
+
+
+def test_the_wake_callback_runs_once_per_rebalance_started_and_not_for_other_requests(tmp_path, clock):
+    woken: list[str] = []
+    service = GroupService(str(tmp_path), {"t": 4}, clock, hostname=socket.gethostname(),
+                           wake_group=woken.append)
+    try:
+        first = join(service, os.getpid(), sync=True)
+        assert woken == []  # its rebalance ended in the same call: nobody to tell
+        call(service, "heartbeat", group_id="g", member_id=first["member_id"], generation_id=1)
+        assert woken == []  # Stable: nothing to tell
+        assert join(service, os.getpid(), envelope=b"second", sync=True) is None
+        assert woken == ["g"]  # first must rejoin: its word moves now
+        with pytest.raises(errors.RebalanceInProgressError):  # what its heartbeat then says
+            call(service, "heartbeat", group_id="g", member_id=first["member_id"],
+                 generation_id=1)
+        join(service, os.getpid(), first["member_id"], sync=True)
+        assert woken == ["g"]
+    finally:
+        service.close()
