@@ -1617,7 +1617,9 @@ static PyObject *py_futex_wait(PyObject *m, PyObject *args, PyObject *kwds)
 }
 
 /* futex_waitv([(buf, offset, expected), ...], timeout_ms=-1, spin_ns=0) -> (status, index), or
- * None when the kernel has no futex_waitv (the caller falls back to one word at a time). */
+ * None when the kernel has no futex_waitv (the caller falls back to one word at a time).
+ * A waiter only reads its words, so a read-only mapping will do (a group member sleeps on its
+ * group's wake word in the coordinator's region, which it maps read-only). */
 static PyObject *py_futex_waitv(PyObject *m, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"words", "timeout_ms", "spin_ns", NULL};
@@ -1647,7 +1649,7 @@ static PyObject *py_futex_waitv(PyObject *m, PyObject *args, PyObject *kwds)
         if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, got), "OLK:futex_waitv word", &obj,
                               &off, &want))
             goto done;
-        uint8_t *p = word_at(obj, off, 4, 1, &views[got]);
+        uint8_t *p = word_at(obj, off, 4, 0, &views[got]);
         if (p == NULL)
             goto done;
         words[got] = (const uint32_t *)p;

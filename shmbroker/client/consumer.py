@@ -302,7 +302,8 @@ class Consumer:
                     protocols=list(group_protocols), session_timeout_ms=session_timeout_ms,
                     rebalance_timeout_ms=max_poll_interval_ms,
                     heartbeat_interval_ms=heartbeat_interval_ms,
-                    group_instance_id=group_instance_id, admin_kwargs=self._admin_kwargs())
+                    group_instance_id=group_instance_id, admin_kwargs=self._admin_kwargs(),
+                    wake_word=self._local_broker())
                 try:
                     self._group = GroupMembership(**self._group_args)
                 except errors.BrokerNotRunningError as e:
@@ -332,6 +333,10 @@ class Consumer:
     def _admin_kwargs(self) -> dict:
         """More arguments of the group's Admin objects (none locally)."""
         return {}
+
+    def _local_broker(self) -> bool:
+        """Whether the broker's shared memory is ours to map (its group wake words)."""
+        return True
 
     # -- assignment -------------------------------------------------------------------------------
 
@@ -488,7 +493,9 @@ class Consumer:
         added = sorted(assigned - set(self._fetches))
         if added:
             try:
-                committed = group.committed(added)
+                # Sent with the assignment: no offset fetch (the coordinator read them when the
+                # join phase ended, after every previous owner's last commit).
+                committed = {tp: group.assigned_offsets[tp] for tp in added}
                 self._assign([*self._fetches, *added])
             except BaseException:
                 # Nothing remembers the assignment but the fetches: rejoin at the next poll
@@ -496,9 +503,9 @@ class Consumer:
                 group.rejoin_needed = True
                 raise
             for tp in added:
-                offset = committed.get(tp)
+                offset = committed[tp]
                 if offset is not None:
-                    self._fetches[tp].set_position(offset)  # checked against the log on poll
+                    self._fetches[tp].set_position(offset.offset)  # checked against the log on poll
         self._next_auto_commit = time.monotonic() + self.auto_commit_interval_ms / 1000
         if added and self._on_assign is not None:
             self._on_assign(added)
@@ -818,6 +825,8 @@ class Consumer:
             left_ms = min(left_ms, group.ms_until_heartbeat())
             if self.enable_auto_commit:
                 left_ms = min(left_ms, max(0.0, (self._next_auto_commit - time.monotonic()) * 1e3))
+            if self._sleep_with_group_word(group, left_ms):
+                return
             if not order:
                 time.sleep(left_ms / 1000.0)
                 return
@@ -844,6 +853,26 @@ class Consumer:
         self._sleep_next += 1
         fetch.control.wait_hw_change(fetch.seen_hw_seq, min(left_ms, MULTI_PARTITION_SLEEP_MS),
                                      self.spin_ns)
+
+    def _sleep_with_group_word(self, group: GroupMembership, left_ms: float) -> bool:
+        """One futex_waitv sleep on the partitions' hw_seq words and the group's wake word,
+        so a rebalance wakes the poll at once (shm/group_wake.py). False when there is no
+        word to sleep on, or futex_waitv is missing: the caller sleeps as without a group."""
+        global _FUTEX_WAITV
+        word = group.wake_wait_word()
+        order = self._order
+        if word is None or not _FUTEX_WAITV or len(order) >= FUTEX_WAITV_WORDS_MAX:
+            return False
+        for fetch in order:  # a publish since our last look: no sleep at all
+            if fetch.control.hw_seq != fetch.seen_hw_seq:
+                return True
+        woke = ControlRegion.wait_any_hw_change([f.control for f in order],
+                                                [f.seen_hw_seq for f in order], left_ms,
+                                                self.spin_ns, extra_words=[word])
+        if woke is None:
+            _FUTEX_WAITV = False  # a kernel before 5.16
+            return False
+        return True
 
     # -- iteration --------------------------------------------------------------------------------
 

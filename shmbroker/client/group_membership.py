@@ -3,9 +3,9 @@
 The coordinator computes assignments (docs/design/groups.md, "Decision: the coordinator computes
 the assignment"), so a member only asks and obeys::
 
-    rejoin needed?  join (held by the coordinator until the join phase ends)
-                    -> member id, generation, protocol
-                    sync -> this member's assignment
+    rejoin needed?  join with sync=True (held by the coordinator until the join phase ends)
+                    -> member id, generation, protocol, this member's assignment and the
+                       group's committed offsets of it: no sync, no offset fetch
     otherwise       heartbeat every heartbeat_interval_ms: from Consumer.poll while the
                     application polls, from a background thread (heartbeat.py) while it
                     processes between polls;
@@ -42,6 +42,7 @@ from ..config import (ADMIN_REQUEST_TIMEOUT_MS, GROUP_HEARTBEAT_INTERVAL_MS_MIN,
                       GROUP_REBALANCE_TIMEOUT_MS_MAX, GROUP_REBALANCE_TIMEOUT_MS_MIN,
                       GROUP_SESSION_TIMEOUT_MS_MAX, GROUP_SESSION_TIMEOUT_MS_MIN)
 from .admin import Admin
+from ..shm.group_wake import GroupWakeWord
 from .heartbeat import HEARTBEAT_REQUEST_TIMEOUT_MS, HeartbeatThread
 from .types import OffsetAndMetadata, TopicPartition
 
@@ -73,7 +74,7 @@ class GroupMembership:
                  protocols: Iterable[str] = DEFAULT_PROTOCOLS,
                  session_timeout_ms: int = 45_000, rebalance_timeout_ms: int = 300_000,
                  heartbeat_interval_ms: int = 100, group_instance_id: str | None = None,
-                 admin_kwargs: dict | None = None):
+                 admin_kwargs: dict | None = None, wake_word: bool = False):
         _check_ms("session_timeout_ms", session_timeout_ms, GROUP_SESSION_TIMEOUT_MS_MIN,
                   GROUP_SESSION_TIMEOUT_MS_MAX)
         _check_ms("max_poll_interval_ms", rebalance_timeout_ms, GROUP_REBALANCE_TIMEOUT_MS_MIN,
@@ -106,6 +107,9 @@ class GroupMembership:
         self.member_id = ""
         self.generation_id = -1
         self.protocol: str | None = None
+        #: The group's committed offsets of the partitions the last join assigned (None: none
+        #: committed), sent by the coordinator with the assignment.
+        self.assigned_offsets: dict[TopicPartition, OffsetAndMetadata | None] = {}
         #: True until the first join, and after the coordinator said to rejoin.
         self.rejoin_needed = True
         self._last_heartbeat = 0.0  # time.monotonic() of the last heartbeat, by either thread
@@ -120,11 +124,20 @@ class GroupMembership:
         # poll/commit; the timeout is raised only around a held join.
         self._admin = Admin(broker=data_dir, request_timeout_ms=ADMIN_REQUEST_TIMEOUT_MS,
                             **self.admin_kwargs)
+        #: The group's wake word in the coordinator's shared memory (a local broker run by a
+        #: supervisor; else None): it moves when the group starts a rebalance, and the owner's
+        #: poll sleeps on it, so a member heartbeats (and rejoins) at once instead of at its
+        #: next heartbeat (shm/group_wake.py). ``_wake_seen``: its value loaded before the
+        #: last heartbeat or join the owner sent.
+        self.wake_word = GroupWakeWord.attach(data_dir, group_id) if wake_word else None
+        self._wake_seen = -1
 
     # -- membership -------------------------------------------------------------------------------
 
     def join(self) -> frozenset[TopicPartition]:
         """Join (or rejoin) and sync; returns this member's assignment in the new generation.
+        The group's committed offsets of those partitions, as the coordinator sent them with
+        the assignment, are in :attr:`assigned_offsets` until the next join.
 
         Retries what the protocol says to retry (a newer rebalance began, the member id was
         forgotten) at most GROUP_JOIN_ATTEMPTS_MAX times; other errors are raised.
@@ -148,19 +161,25 @@ class GroupMembership:
 
     def _join_once(self) -> frozenset[TopicPartition]:
         # The coordinator holds a join until the join phase ends: at most the rebalance timeout.
+        wake_seen = self._wake_load()  # before asking: a later rebalance moves it past this
         joined = self._admin._request(
             "join", self.rebalance_timeout_ms + GROUP_JOIN_REPLY_MARGIN_MS,
             group_id=self.group_id, member_id=self.member_id,
             client_id=self.client_id, pid=os.getpid(), host=socket.gethostname(),
             topics=self.topics, protocols=self.protocols,
             session_timeout_ms=self.session_timeout_ms,
-            rebalance_timeout_ms=self.rebalance_timeout_ms, **self._instance())
+            rebalance_timeout_ms=self.rebalance_timeout_ms, sync=True, **self._instance())
         self.member_id = joined["member_id"]
         self.generation_id = joined["generation_id"]
         self.protocol = joined["protocol"]
-        synced = self._admin._request("sync", group_id=self.group_id, member_id=self.member_id,
-                                      generation_id=self.generation_id, **self._instance())
+        # The join came back with the sync's answer and the committed offsets (one round trip
+        # instead of three; docs/design/groups.md, "Decision: sync and offsets with the join").
+        synced = joined
+        self.assigned_offsets = {
+            TopicPartition(t, p): OffsetAndMetadata(offset, metadata) if offset >= 0 else None
+            for t, p, offset, metadata in joined["offsets"]}
         now = time.monotonic()
+        self._wake_seen = wake_seen
         with self._lock:
             self.generation_id = synced["generation_id"]
             self.rejoin_needed = False
@@ -181,13 +200,16 @@ class GroupMembership:
         the generation is stale: its partitions may be someone else's now); sets
         ``rejoin_needed`` when the group rebalances. Other errors are raised."""
         now = time.monotonic()
+        wake = self._wake_load()
         with self._lock:
             self._last_poll = now
             news, self._news = self._news, []
-            due = not self.rejoin_needed and \
+            due = not self.rejoin_needed and (
                 now - self._last_heartbeat >= self.heartbeat_interval_ms / 1000
+                or wake != self._wake_seen)  # the group's word moved: a rebalance, likely
             if due:
                 self._last_heartbeat = now
+                self._wake_seen = wake
         for member_id, generation, error in news:
             if not self._apply_error(member_id, generation, error):
                 return False
@@ -234,6 +256,16 @@ class GroupMembership:
                 self.member_id = ""
             self.generation_id = -1
             self.rejoin_needed = True
+
+    def _wake_load(self) -> int:
+        return -1 if self.wake_word is None else self.wake_word.load()
+
+    def wake_wait_word(self) -> tuple | None:
+        """``(buf, offset, expected)`` of the group's wake word for the owner's futex_waitv
+        sleep, or None (no word, or the owner must not sleep on it: a rejoin is pending)."""
+        if self.wake_word is None or self.rejoin_needed:
+            return None
+        return self.wake_word.word(self._wake_seen)
 
     def ms_until_heartbeat(self) -> float:
         due = self._last_heartbeat + self.heartbeat_interval_ms / 1000
@@ -355,6 +387,8 @@ class GroupMembership:
     def close(self) -> None:
         self._stop_heartbeats()
         self._admin.close()
+        if self.wake_word is not None:
+            self.wake_word.close()
 
     def __repr__(self) -> str:
         return (f"GroupMembership(group={self.group_id!r}, member={self.member_id!r}, "

@@ -126,6 +126,9 @@ class RemoteConsumer(Consumer):
     def _new_counters(self):
         return None  # no shared memory of the broker's here: the router counts what it sends
 
+    def _local_broker(self) -> bool:
+        return False  # no group wake word: rebalances are learnt by heartbeat
+
     # -- assignment -------------------------------------------------------------------------------
 
     def _assign(self, partitions: Iterable) -> None:

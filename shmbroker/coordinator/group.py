@@ -116,6 +116,9 @@ class JoinRequest:
     session_timeout_ms: int = GROUP_SESSION_TIMEOUT_MS_DEFAULT
     rebalance_timeout_ms: int = GROUP_REBALANCE_TIMEOUT_MS_DEFAULT
     group_instance_id: str | None = None
+    #: Sync in the same round trip: the join's result carries the member's share
+    #: (``JoinResult.sync``), as if it had sent SyncGroup the moment its join was answered.
+    sync_on_join: bool = False
 
     def __post_init__(self) -> None:
         # Normalised so that "did the subscription change?" is a plain comparison.
@@ -130,11 +133,24 @@ class JoinRequest:
 
 
 @dataclass(frozen=True)
+class SyncResult:
+    generation_id: int
+    protocol: str
+    #: What the member may consume in this generation.
+    assignment: tuple[TopicPartition, ...]
+    #: What it owned and must stop consuming (commit first) before it rejoins.
+    revoked: tuple[TopicPartition, ...]
+
+
+@dataclass(frozen=True)
 class JoinResult:
     member_id: str
     generation_id: int
     leader_id: str
     protocol: str
+    #: The member's sync of this generation, done with the join (``sync_on_join``); None
+    #: for a member that syncs by itself.
+    sync: SyncResult | None = None
 
 
 @dataclass(frozen=True)
@@ -150,16 +166,6 @@ class JoinFailed:
 
     member_id: str
     error: errors.ShmbrokerError
-
-
-@dataclass(frozen=True)
-class SyncResult:
-    generation_id: int
-    protocol: str
-    #: What the member may consume in this generation.
-    assignment: tuple[TopicPartition, ...]
-    #: What it owned and must stop consuming (commit first) before it rejoins.
-    revoked: tuple[TopicPartition, ...]
 
 
 @dataclass(slots=True)
@@ -178,6 +184,8 @@ class Member:
     rebalance_timeout_ms: int
     last_heard_ms: int
     awaiting_join: bool = False
+    #: Its held join is answered with its sync (``JoinRequest.sync_on_join``).
+    sync_on_join: bool = False
     synced: bool = False
     assignment: tuple[TopicPartition, ...] = ()
     revoked: tuple[TopicPartition, ...] = ()
@@ -218,6 +226,9 @@ class Group:
         self.leader_id: str | None = None
         #: Why the last rebalance started (for the coordinator's log and ``groups describe``).
         self.rebalance_reason: str | None = None
+        #: Rebalances started (entries into PreparingRebalance): the coordinator wakes the
+        #: members' futex word when it moves (``shm/group_wake.py``).
+        self.rebalances_started = 0
         self._members: dict[str, Member] = {}  # in join order: the first is the next leader
         self._static: dict[str, str] = {}  # group_instance_id -> member id
         self._assignment: GroupAssignment | None = None
@@ -322,17 +333,27 @@ class Group:
         self._check_generation(generation_id)
         if self.state is GroupState.PREPARING_REBALANCE:
             raise errors.RebalanceInProgressError(f"group {self.group_id!r} is rebalancing; rejoin")
+        result = self._sync(member)
+        self._maybe_stabilise()
+        return result
+
+    def _sync(self, member: Member) -> SyncResult:
+        """The member has its share of this generation (by sync, or with its join result):
+        from now on the group counts it as owning what it was assigned."""
         assert self.state in (GroupState.COMPLETING_REBALANCE, GroupState.STABLE), self.state
         assert self.protocol is not None
         member.last_heard_ms = self.clock_ms()
         member.owned = member.assignment
         member.synced = True
-        result = SyncResult(self.generation_id, self.protocol, member.assignment, member.revoked)
+        return SyncResult(self.generation_id, self.protocol, member.assignment, member.revoked)
+
+    def _maybe_stabilise(self) -> None:
+        """CompletingRebalance ends when every member has its share; the cooperative follow-up
+        starts then, since every old owner has been told what it must give up."""
         if self.state is GroupState.COMPLETING_REBALANCE and all(m.synced for m in self._members.values()):
             self._transition(GroupState.STABLE)
             if self._assignment is not None and self._assignment.has_pending():
                 self._prepare_rebalance("partitions revoked for other members can now be granted")
-        return result
 
     def heartbeat(self, member_id: str, generation_id: int,
                   group_instance_id: str | None = None) -> HeartbeatResult:
@@ -435,6 +456,7 @@ class Group:
         if self.state is not GroupState.PREPARING_REBALANCE and not changed:
             # Nothing new: Kafka answers with the current generation at once.
             self._results.append(self._join_result(member.member_id))
+            self._maybe_stabilise()
             return member.member_id
         if self.state is not GroupState.PREPARING_REBALANCE:
             self._prepare_rebalance(f"member {member.member_id!r} changed its subscription")
@@ -463,6 +485,7 @@ class Group:
             self.leader_id = member_id
         if self.state is GroupState.STABLE and not changed:
             self._results.append(self._join_result(member_id))  # no rebalance: the point
+            self._maybe_stabilise()
             return member_id
         if self.state is not GroupState.PREPARING_REBALANCE:
             self._prepare_rebalance(f"static member {request.group_instance_id!r} came back "
@@ -486,6 +509,7 @@ class Group:
         started_empty = self.state is GroupState.EMPTY
         self._transition(GroupState.PREPARING_REBALANCE)
         self.rebalance_reason = reason
+        self.rebalances_started += 1
         now = self.clock_ms()
         self._rebalance_started_ms = now
         self._join_not_before_ms = now + (self.config.initial_rebalance_delay_ms if started_empty else 0)
@@ -523,10 +547,14 @@ class Group:
         self._assign()
         self._transition(GroupState.COMPLETING_REBALANCE)
         self._sync_deadline_ms = self.clock_ms() + max(m.rebalance_timeout_ms for m in self._members.values())
-        for member in self._members.values():
-            if member.awaiting_join:
-                member.awaiting_join = False
-                self._results.append(self._join_result(member.member_id))
+        joined = [m for m in self._members.values() if m.awaiting_join]
+        for member in joined:
+            member.awaiting_join = False
+        # Results first, then the state they lead to: a sync done here may end the phase and
+        # start the cooperative follow-up, which must not touch this generation's answers.
+        for member in joined:
+            self._results.append(self._join_result(member.member_id))
+        self._maybe_stabilise()
 
     def _assign(self) -> None:
         assert self.protocol is not None
@@ -552,8 +580,12 @@ class Group:
         return min(votes, key=lambda name: (-votes[name], name))
 
     def _join_result(self, member_id: str) -> JoinResult:
+        """The answer to a member's join; with its sync for a ``sync_on_join`` member (the
+        caller then calls :meth:`_maybe_stabilise`, once every result is made)."""
         assert self.protocol is not None and self.leader_id is not None
-        return JoinResult(member_id, self.generation_id, self.leader_id, self.protocol)
+        member = self._members[member_id]
+        sync = self._sync(member) if member.sync_on_join else None
+        return JoinResult(member_id, self.generation_id, self.leader_id, self.protocol, sync)
 
     # --- leaving --------------------------------------------------------------------------------
 
@@ -619,7 +651,8 @@ class Group:
 def _member_from(member_id: str, request: JoinRequest, now_ms: int) -> Member:
     return Member(member_id, request.group_instance_id, request.client_id, request.host,
                   request.pid, frozenset(request.topics), tuple(request.protocols),
-                  request.session_timeout_ms, request.rebalance_timeout_ms, now_ms)
+                  request.session_timeout_ms, request.rebalance_timeout_ms, now_ms,
+                  sync_on_join=request.sync_on_join)
 
 
 def _update_member(member: Member, request: JoinRequest, now_ms: int) -> None:
@@ -629,6 +662,7 @@ def _update_member(member: Member, request: JoinRequest, now_ms: int) -> None:
     member.rebalance_timeout_ms = request.rebalance_timeout_ms
     member.last_heard_ms = now_ms
     member.process_gone_ms = None
+    member.sync_on_join = request.sync_on_join
     if not member.cooperative:
         # Eager protocol: the client revoked everything before it sent this join.
         member.owned = ()

@@ -33,7 +33,7 @@ from ..config import (COORDINATOR_GROUPS_MAX, GROUP_PID_CHECK_INTERVAL_MS,
                       GROUP_REBALANCE_TIMEOUT_MS_DEFAULT, GROUP_SESSION_TIMEOUT_MS_DEFAULT)
 from . import protocol
 from .group import (Group, GroupConfig, GroupState, HeartbeatResult, JoinFailed, JoinRequest,
-                    JoinResult)
+                    JoinResult, SyncResult)
 from .offsets import CommittedOffset, OffsetStore
 
 log = logging.getLogger("shmbroker.coordinator")
@@ -78,12 +78,17 @@ class GroupService:
 
     def __init__(self, data_dir: str, partitions_per_topic: Mapping[str, int], clock_ms: ClockMs,
                  config: GroupConfig = GroupConfig(), hostname: str | None = None,
-                 pid_check_interval_ms: int = GROUP_PID_CHECK_INTERVAL_MS):
+                 pid_check_interval_ms: int = GROUP_PID_CHECK_INTERVAL_MS,
+                 wake_group: Callable[[str], None] = lambda group_id: None):
         assert pid_check_interval_ms > 0, pid_check_interval_ms
         self.clock_ms = clock_ms
         self.config = config
         self.hostname = hostname if hostname is not None else socket.gethostname()
         self.pid_check_interval_ms = pid_check_interval_ms
+        #: Called with a group id once each time that group starts a rebalance, after the
+        #: request or tick that started it (the server bumps the group's futex word).
+        self.wake_group = wake_group
+        self._woken: dict[str, int] = {}  # group id -> rebalances_started already woken
         self.offsets = OffsetStore.open(data_dir)
         self._partitions = dict(partitions_per_topic)
         self._groups: dict[str, Group] = {}
@@ -157,18 +162,20 @@ class GroupService:
                  client_id: str, pid: int, host: str, topics: list, protocols: list,
                  group_instance_id: str | None = None,
                  session_timeout_ms: int = GROUP_SESSION_TIMEOUT_MS_DEFAULT,
-                 rebalance_timeout_ms: int = GROUP_REBALANCE_TIMEOUT_MS_DEFAULT) -> bytes | None:
+                 rebalance_timeout_ms: int = GROUP_REBALANCE_TIMEOUT_MS_DEFAULT,
+                 sync: bool = False) -> bytes | None:
         for what, names in (("topics", topics), ("protocols", protocols)):
             if not all(isinstance(name, str) for name in names):
                 raise errors.InvalidRequestError(f"join: {what} must be an array of strings")
         process = self._local_process(pid, host)
         group = self._group(group_id, create=True)
         result = group.join(JoinRequest(member_id, client_id, host, pid, topics, protocols,
-                                        session_timeout_ms, rebalance_timeout_ms, group_instance_id))
+                                        session_timeout_ms, rebalance_timeout_ms, group_instance_id,
+                                        sync_on_join=sync))
         key = (group_id, result.member_id)
         self._pids[key] = _PidWatch(process)
         if isinstance(result, JoinResult):
-            return protocol.ok_reply(request_id, _join_reply(result, group))
+            return protocol.ok_reply(request_id, self._join_reply(result, group))
         previous = self._held.pop(key, None)
         if previous is not None:  # the client gave up on its earlier join and asked again
             self._ready.append((previous.envelope, protocol.error_reply(
@@ -179,10 +186,7 @@ class GroupService:
     def _on_sync(self, envelope, request_id: int, group_id: str, member_id: str, generation_id: int,
                  group_instance_id: str | None = None) -> bytes:
         result = self._existing(group_id, member_id).sync(member_id, generation_id, group_instance_id)
-        return protocol.ok_reply(request_id, {
-            "generation_id": result.generation_id, "protocol": result.protocol,
-            "assignment": [list(tp) for tp in result.assignment],
-            "revoked": [list(tp) for tp in result.revoked]})
+        return protocol.ok_reply(request_id, _sync_reply(result))
 
     def _on_heartbeat(self, envelope, request_id: int, group_id: str, member_id: str,
                       generation_id: int, group_instance_id: str | None = None) -> bytes:
@@ -352,6 +356,10 @@ class GroupService:
             if group.generation_id > counted:
                 self.rebalances += group.generation_id - counted
                 self._generation_counted[group_id] = group.generation_id
+            if group.rebalances_started != self._woken.get(group_id, 0):
+                self._woken[group_id] = group.rebalances_started
+                if group.state is GroupState.PREPARING_REBALANCE:
+                    self.wake_group(group_id)  # members learn it now, not at their heartbeat
             for result in group.take_join_results():
                 held = self._held.pop((group_id, result.member_id), None)
                 if held is None:
@@ -359,8 +367,30 @@ class GroupService:
                 if isinstance(result, JoinFailed):
                     body = protocol.error_reply(held.request_id, result.error)
                 else:
-                    body = protocol.ok_reply(held.request_id, _join_reply(result, group))
+                    body = protocol.ok_reply(held.request_id, self._join_reply(result, group))
                 self._ready.append((held.envelope, body))
+
+    def _join_reply(self, result: JoinResult, group: Group) -> dict[str, Any]:
+        """The join's reply; for a member that asked to sync with its join, also the sync's
+        fields and ``offsets``: the group's committed offset of each partition it is assigned
+        (``[topic, partition, offset, metadata]``, offset -1: none), read now. Now is late
+        enough: every commit of a previous owner came before that owner's join (same
+        connection, in order), so before this join phase ended; and any commit the coordinator
+        accepts from here on is from this generation, whose only owner of a partition is the
+        member this reply goes to. That saves the sync and the offset fetch, two round trips
+        per member per rebalance (docs/design/groups.md, "Decision: sync and offsets with the
+        join")."""
+        reply = _join_fields(result, group)
+        if result.sync is not None:
+            reply.update(_sync_reply(result.sync))
+            committed = self.offsets.group_offsets(group.group_id)
+            entries = []
+            for tp in result.sync.assignment:  # bounded by the group's partitions
+                value = committed.get(tp)
+                entries.append([tp[0], tp[1], *((value.offset, value.metadata) if value is not None
+                                               else (-1, ""))])
+            reply["offsets"] = entries
+        return reply
 
     def _drop_empty_groups(self) -> None:
         """An empty group holds nothing its offsets do not: forget it (bounds memory)."""
@@ -368,6 +398,7 @@ class GroupService:
                          if group.state in (GroupState.EMPTY, GroupState.DEAD) and not group.member_ids()]:
             del self._groups[group_id]
             self._generation_counted.pop(group_id, None)
+            self._woken.pop(group_id, None)
 
 
 def _has_member(group: Group, member_id: str) -> bool:
@@ -378,7 +409,13 @@ def _has_member(group: Group, member_id: str) -> bool:
         return False
 
 
-def _join_reply(result: JoinResult, group: Group) -> dict[str, Any]:
+def _sync_reply(result: SyncResult) -> dict[str, Any]:
+    return {"generation_id": result.generation_id, "protocol": result.protocol,
+            "assignment": [list(tp) for tp in result.assignment],
+            "revoked": [list(tp) for tp in result.revoked]}
+
+
+def _join_fields(result: JoinResult, group: Group) -> dict[str, Any]:
     """The leader's reply also lists every member with its subscription, as Kafka's
     JoinGroup response does: a Kafka client is given the members' metadata when it leads
     (the kafka listener builds that metadata from these topics; docs/design/kafka.md,

@@ -43,7 +43,7 @@ REQUEST_FIELDS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
              "group_instance_id": ((str, type(None)), False), "client_id": ((str,), True),
              "pid": ((int,), True), "host": ((str,), True), "topics": ((list,), True),
              "protocols": ((list,), True), "session_timeout_ms": ((int,), False),
-             "rebalance_timeout_ms": ((int,), False)},
+             "rebalance_timeout_ms": ((int,), False), "sync": ((bool,), False)},
     "sync": {"group_id": ((str,), True), "member_id": ((str,), True),
              "generation_id": ((int,), True), "group_instance_id": ((str, type(None)), False)},
     "heartbeat": {"group_id": ((str,), True), "member_id": ((str,), True),

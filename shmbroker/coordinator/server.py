@@ -36,7 +36,7 @@ import zmq
 from .. import errors
 from ..config import COORDINATOR_REQUEST_BYTES_MAX, UNIX_SOCKET_PATH_BYTES_MAX, BrokerConfig
 from ..layout import counters as CL
-from ..shm import names
+from ..shm import group_wake, names
 from ..shm.counters import CountersWriter
 from ..log import files
 from . import protocol
@@ -93,7 +93,8 @@ class CoordinatorServer:
         # First, before the socket is bound: it opens (and recovers) the offsets log, and a
         # coordinator that cannot must not start half-built.
         self.groups = GroupService(self.data_dir, _partition_counts(self.registry),
-                                   clock_ms=lambda: int(self.clock() * 1000))
+                                   clock_ms=lambda: int(self.clock() * 1000),
+                                   wake_group=self._wake_group)
         self.counters = attach_counters(self.data_dir, "coordinator", CL.KIND_COORDINATOR)
         self._counted = (0, 0, 0)  # the GroupService's (rebalances, commits, offsets) counted
         self._gauges_at_ms = -GROUP_GAUGES_INTERVAL_MS
@@ -148,6 +149,11 @@ class CoordinatorServer:
             self.groups.tick()
             self._send_group_replies()
             self._store_counters()
+
+    def _wake_group(self, group_id: str) -> None:
+        """A group began a rebalance: bump its wake word in our counters region (the members
+        sleep on it; shm/group_wake.py)."""
+        group_wake.wake(self.counters.buf, group_id)
 
     def _store_counters(self) -> None:
         """The counters region from this pass of the loop: one C call (see the module doc)."""

@@ -51,6 +51,21 @@ Consumer partition slots, from ``consumer_slots_offset()`` (64-byte aligned), SL
         24     8  u64 bytes_out      bytes of record batches it read from the partition
         32    32  reserved
 
+The coordinator's region ends with GROUP_WAKE_WORDS u32 **group wake words**, from
+``group_wake_offset()`` (64-byte aligned)::
+
+    offset  size  field                          writer
+         0   4*W  u32 word[i], i = group_wake_slot(group id): +1 (and FUTEX_WAKE) each time
+                  a group hashed to slot i starts a rebalance   the coordinator
+
+A group consumer futex-waits on its group's word beside its partitions' hw_seq words, so it
+learns of a rebalance at once instead of at its next heartbeat (docs/design/groups.md,
+"Decision: a futex word tells members a rebalance began"). The word only says "ask now":
+groups share a word when their ids hash alike, and the member's next heartbeat is what tells
+it to rejoin. They live here, not in a region of their own, because this is the region the
+coordinator writes, the supervisor creates before the coordinator starts and keeps across its
+restarts, and unlinks at a clean stop: what a wake word needs, with no new name or cleanup.
+
 A slot, once given to a partition, stays its own for the region's life (a partition revoked
 and assigned again gets its old slot back), so every slot's counters only grow and no seqlock
 is needed: the writer stores topic_hash and partition once, then the table's
@@ -78,7 +93,8 @@ class Counter(NamedTuple):
 
 
 COUNTERS_MAGIC = int.from_bytes(b"SHMBCNT1", "little")
-COUNTERS_LAYOUT_VERSION = 1
+#: 2: the coordinator's region ends with its group wake words (below).
+COUNTERS_LAYOUT_VERSION = 2
 WRITER_OFFSET = 64
 COUNTERS_OFFSET = 128
 
@@ -230,9 +246,33 @@ def slot_offset(index: int) -> int:
     return consumer_slots_offset() + SLOT_BYTES * index
 
 
+#: Group wake words in the coordinator's region (4 KiB). Groups beyond this many share words.
+GROUP_WAKE_WORDS = 1024
+
+
+def group_wake_offset() -> int:
+    return (COUNTERS_OFFSET + 8 * len(COORDINATOR_COUNTERS) + 63) // 64 * 64
+
+
+def group_wake_slot(group_id: str) -> int:
+    """The word of ``group_id``: 32 bits of BLAKE2b of its UTF-8 bytes, modulo
+    GROUP_WAKE_WORDS (stable across processes and builds, unlike ``hash()``; CRC-32's low
+    bits collide too often for ids that differ in a digit)."""
+    import hashlib
+
+    digest = hashlib.blake2b(group_id.encode("utf-8", "surrogateescape"), digest_size=4).digest()
+    return int.from_bytes(digest, "little") % GROUP_WAKE_WORDS
+
+
+def group_wake_word_offset(group_id: str) -> int:
+    return group_wake_offset() + 4 * group_wake_slot(group_id)
+
+
 def region_bytes(kind: int) -> int:
     if kind == KIND_CONSUMER:
         return slot_offset(CONSUMER_SLOTS_MAX)
+    if kind == KIND_COORDINATOR:
+        return group_wake_offset() + 4 * GROUP_WAKE_WORDS
     return COUNTERS_OFFSET + 8 * len(TABLES[kind])
 
 
@@ -264,3 +304,5 @@ for _table in TABLES.values():
     assert all(c.metric in SHARED_HELP for c in _table if c.label is not None)
 assert SLOT_WORDS * 8 <= SLOT_BYTES and max(SLOT.values()) < SLOT_WORDS * 8
 assert consumer_slots_offset() >= COUNTERS_OFFSET + 8 * len(CONSUMER_COUNTERS)
+assert group_wake_offset() >= COUNTERS_OFFSET + 8 * len(COORDINATOR_COUNTERS)
+assert group_wake_offset() % 64 == 0

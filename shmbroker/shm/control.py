@@ -211,12 +211,14 @@ class ControlRegion:
 
     @staticmethod
     def wait_any_hw_change(regions: list, seen_hw_seqs: list, timeout_ms: float | None,
-                           spin_ns: int = 0) -> bool | None:
+                           spin_ns: int = 0, extra_words: list = ()) -> bool | None:
         """Consumer of several partitions: one sleep until any region's hw_seq differs from
         its seen value (futex_waitv); False on timeout, None when the kernel has no
         futex_waitv. Each region counts the consumer in hw_waiters meanwhile, so its
-        publishes wake it."""
+        publishes wake it. ``extra_words``: more ``(buf, offset, expected)`` words to wake on
+        (a group member's wake word, whose writer wakes it unasked)."""
         words = [(r.buf, C["hw_seq"], seen) for r, seen in zip(regions, seen_hw_seqs)]
+        words.extend(extra_words)
         counted = []
         try:
             for region in regions:

@@ -39,8 +39,8 @@ def _member(data_dir: str, group: str, out_path: str, stop_path: str, options: d
     def emit(kind: str, **fields) -> None:
         out.write(json.dumps({"event": kind, "pid": os.getpid(), **fields}) + "\n")
 
+    options = {"heartbeat_interval_ms": HEARTBEAT_MS, **options}
     consumer = Consumer(TOPIC, broker=data_dir, group=group, auto_offset_reset="earliest",
-                        heartbeat_interval_ms=HEARTBEAT_MS,
                         on_assign=lambda tps: emit("assign", partitions=[p for _, p in tps]),
                         on_revoke=lambda tps: emit("revoke", partitions=[p for _, p in tps]),
                         **options)
@@ -213,6 +213,59 @@ def test_a_new_member_resumes_after_the_offsets_its_predecessor_committed(broker
     with Consumer(TOPIC, broker=broker.data_dir, group="g", auto_offset_reset="earliest") as third:
         assert third.poll(timeout_ms=200) == []
         assert {third.position((TOPIC, p)) for p in range(PARTITIONS)} == {30}
+
+
+def coordinator_counters(data_dir: str) -> dict[str, int]:
+    from shmbroker.layout import counters as CL
+    from shmbroker.shm import names
+    from shmbroker.shm.counters import CountersReader
+
+    reader = CountersReader.attach(names.counters_name(names.broker_prefix(data_dir), "coordinator"),
+                                   CL.KIND_COORDINATOR)
+    try:
+        return reader.read()
+    finally:
+        reader.close()
+
+
+@pytest.mark.parametrize("protocols", [["cooperative-sticky", "range"], ["cooperative-sticky"]],
+                         ids=["eager", "cooperative"])
+def test_members_learn_of_a_rebalance_from_the_group_wake_word_long_before_their_heartbeat(
+        broker, topic, members, protocols):
+    slow = dict(heartbeat_interval_ms=20_000, session_timeout_ms=60_000, group_protocols=protocols)
+    [a] = members.start(1, **slow)
+    wait_for(lambda: owned(a) == set(range(PARTITIONS)), what="the first member owns everything")
+    time.sleep(0.5)  # a's next heartbeat (from poll or its thread) is ~19 s away
+    started = time.monotonic()
+    [b] = members.start(1, **slow)
+    # Only the wake word can tell a in time: its heartbeat would take ~19 s more.
+    wait_for(lambda: balanced([a, b], PARTITIONS // 2), timeout_s=8.0,
+             what="both members own three partitions")
+    assert time.monotonic() - started < 8.0
+
+
+@pytest.mark.parametrize("protocols", [["cooperative-sticky", "range"], ["cooperative-sticky"]],
+                         ids=["eager", "cooperative"])
+def test_a_rejoin_is_one_join_round_trip_and_starts_at_the_offsets_the_previous_owner_committed(
+        broker, topic, members, protocols):
+    produce(broker.data_dir, 0, 60)
+    [a] = members.start(1, group_protocols=protocols)
+    wait_for(lambda: len(received(a)) == 60 and owned(a) == set(range(PARTITIONS)),
+             what="the first member consumed everything")
+    before = coordinator_counters(broker.data_dir)
+    [b] = members.start(1, group_protocols=protocols)
+    wait_for(lambda: balanced([a, b], PARTITIONS // 2), what="both members own three partitions")
+    produce(broker.data_dir, 60, 60)
+    wait_for(lambda: len(received(a)) + len(received(b)) >= 120, what="every record consumed")
+    # b started where a had committed (at its revocation), not at auto_offset_reset: it
+    # received nothing before sequence 60, and nothing came twice.
+    assert min(seq for _, _, seq in received(b)) >= 60
+    assert sorted(seq for _, _, seq in received(a) + received(b)) == list(range(120))
+    after = coordinator_counters(broker.data_dir)
+    # The share and the offsets came with each join's answer: no sync, no offset fetch.
+    assert after["requests_sync"] == before["requests_sync"] == 0
+    assert after["requests_offset_fetch"] == before["requests_offset_fetch"] == 0
+    assert after["requests_join"] > before["requests_join"]
 
 
 @pytest.mark.parametrize("protocols", [["cooperative-sticky", "range"], ["cooperative-sticky"]],

@@ -43,10 +43,41 @@ def call(service, request_type, envelope=b"peer", **fields):
     return result
 
 
-def join(service, pid, member_id="", envelope=b"peer"):
+def join(service, pid, member_id="", envelope=b"peer", **more):
     return call(service, "join", envelope, group_id="g", member_id=member_id, client_id="c",
                 pid=pid, host=socket.gethostname(), topics=["t"], protocols=["range"],
-                session_timeout_ms=10_000, rebalance_timeout_ms=5_000)
+                session_timeout_ms=10_000, rebalance_timeout_ms=5_000, **more)
+
+
+def test_a_join_with_sync_is_answered_with_the_share_and_the_previous_owners_commits(service):
+    first = join(service, os.getpid(), sync=True)
+    assert first["assignment"] == [["t", p] for p in range(4)] and first["revoked"] == []
+    assert first["offsets"] == [["t", p, -1, ""] for p in range(4)]  # nothing committed yet
+    assert join(service, os.getpid(), envelope=b"second", sync=True) is None  # held
+    # The first member revokes (eager): commits, then rejoins on the same connection.
+    call(service, "offset_commit", group_id="g", member_id=first["member_id"], generation_id=1,
+         offsets={"t": [[p, 10 + p, f"m{p}"] for p in range(4)]})
+    again = join(service, os.getpid(), first["member_id"], sync=True)
+    [(envelope, body)] = service.take_replies()
+    second = protocol.decode_reply(body)[1]
+    assert envelope == [b"second"] and again["generation_id"] == second["generation_id"] == 2
+    for reply in (again, second):
+        assert reply["offsets"] == [[t, p, 10 + p, f"m{p}"] for t, p in reply["assignment"]]
+    assert sorted(again["assignment"] + second["assignment"]) == [["t", p] for p in range(4)]
+    # No sync round: both may commit at once; the old generation may not.
+    call(service, "offset_commit", group_id="g", member_id=second["member_id"], generation_id=2,
+         offsets={"t": [[p, 20, ""] for _, p in second["assignment"]]})
+    with pytest.raises(errors.IllegalGenerationError):
+        call(service, "offset_commit", group_id="g", member_id=first["member_id"],
+             generation_id=1, offsets={"t": [[0, 99, ""]]})
+
+
+def test_a_join_without_sync_is_answered_as_before_and_waits_for_its_sync(service):
+    first = join(service, os.getpid())
+    assert set(first) == {"member_id", "generation_id", "leader_id", "protocol", "members"}
+    with pytest.raises(errors.RebalanceInProgressError):  # no share fetched yet
+        call(service, "offset_commit", group_id="g", member_id=first["member_id"],
+             generation_id=1, offsets={"t": [[0, 1, ""]]})
 
 
 def test_a_held_join_is_answered_when_the_other_member_rejoins(service):
@@ -88,5 +119,25 @@ def test_offsets_survive_a_reopen_of_the_service(tmp_path, clock):
     service = GroupService(str(tmp_path), {"t": 4}, clock)
     try:
         assert call(service, "offset_fetch", group_id="g")["offsets"]["t"][0][:3] == [3, 9, "m"]
+    finally:
+        service.close()
+
+
+def test_the_wake_callback_runs_once_per_rebalance_started_and_not_for_other_requests(tmp_path, clock):
+    woken: list[str] = []
+    service = GroupService(str(tmp_path), {"t": 4}, clock, hostname=socket.gethostname(),
+                           wake_group=woken.append)
+    try:
+        first = join(service, os.getpid(), sync=True)
+        assert woken == []  # its rebalance ended in the same call: nobody to tell
+        call(service, "heartbeat", group_id="g", member_id=first["member_id"], generation_id=1)
+        assert woken == []  # Stable: nothing to tell
+        assert join(service, os.getpid(), envelope=b"second", sync=True) is None
+        assert woken == ["g"]  # first must rejoin: its word moves now
+        with pytest.raises(errors.RebalanceInProgressError):  # what its heartbeat then says
+            call(service, "heartbeat", group_id="g", member_id=first["member_id"],
+                 generation_id=1)
+        join(service, os.getpid(), first["member_id"], sync=True)
+        assert woken == ["g"]
     finally:
         service.close()

@@ -32,9 +32,9 @@ def new_group(clock: FakeClock, partitions=None, config: GroupConfig = GroupConf
 
 def req(member_id: str = "", client: str = "c", topics=("t",), protocols=("range",),
         instance: str | None = None, session_ms: int = SESSION_MS, pid: int = 4242,
-        rebalance_ms: int = REBALANCE_MS) -> JoinRequest:
+        rebalance_ms: int = REBALANCE_MS, sync_on_join: bool = False) -> JoinRequest:
     return JoinRequest(member_id, client, "localhost", pid, frozenset(topics), tuple(protocols),
-                       session_ms, rebalance_ms, instance)
+                       session_ms, rebalance_ms, instance, sync_on_join)
 
 
 def stabilise(group: Group, requests: dict[str, JoinRequest], rounds_max: int = 10) -> None:
@@ -418,6 +418,57 @@ def test_cooperative_sticky_moves_only_what_must_move_when_a_member_joins(clock)
     assert group.member(a).revoked == () and group.member(b).revoked == ()
 
 
+def test_a_join_with_sync_on_join_carries_the_share_and_the_group_needs_no_sync(clock):
+    group = new_group(clock, {"t": 4})
+    a = group.join(req(client="a", sync_on_join=True))
+    assert a.sync is not None and a.sync.assignment == tuple(all_partitions(count=4))
+    assert group.state is GroupState.STABLE  # no SyncGroup was sent
+    group.validate_commit(a.member_id, a.generation_id)  # it knows what it owns: may commit
+    b = group.join(req(client="b", sync_on_join=True))
+    assert isinstance(b, JoinPending)
+    assert group.heartbeat(a.member_id, 1) is HeartbeatResult.REBALANCE_IN_PROGRESS
+    a2 = group.join(req(a.member_id, client="a", sync_on_join=True))
+    [b2] = group.take_join_results()
+    assert a2.generation_id == b2.generation_id == 2 and group.state is GroupState.STABLE
+    assert sorted(a2.sync.assignment + b2.sync.assignment) == all_partitions(count=4)
+    assert not set(a2.sync.assignment) & set(b2.sync.assignment)
+    with pytest.raises(errors.IllegalGenerationError):  # the old generation's commits stay out
+        group.validate_commit(a.member_id, 1)
+
+
+def test_a_member_without_sync_on_join_still_holds_the_group_in_completing_rebalance(clock):
+    group = new_group(clock, {"t": 4})
+    a = group.join(req(client="a", sync_on_join=True))
+    b = group.join(req(client="b"))  # an old client, or a Kafka client through the listener
+    a2 = group.join(req(a.member_id, client="a", sync_on_join=True))
+    [b2] = group.take_join_results()
+    assert a2.sync is not None and b2.sync is None
+    assert group.state is GroupState.COMPLETING_REBALANCE
+    with pytest.raises(errors.RebalanceInProgressError):  # b cannot know what it owns yet
+        group.validate_commit(b.member_id, b2.generation_id)
+    assert group.sync(b.member_id, b2.generation_id).assignment
+    assert group.state is GroupState.STABLE
+
+
+def test_cooperative_sync_on_join_starts_the_follow_up_at_once_and_grants_moves_only_there(clock):
+    group = new_group(clock, {"t": 4})
+    coop = ("cooperative-sticky",)
+    a = group.join(req(client="a", protocols=coop, sync_on_join=True))
+    b = group.join(req(client="b", protocols=coop, sync_on_join=True))
+    a2 = group.join(req(a.member_id, client="a", protocols=coop, sync_on_join=True))
+    [b2] = group.take_join_results()
+    assert a2.sync.assignment == (("t", 0), ("t", 1)) and a2.sync.revoked == (("t", 2), ("t", 3))
+    assert b2.sync.assignment == ()  # not while a may still consume them
+    # Both answers went out with their shares: the follow-up begins without a sync round.
+    assert group.state is GroupState.PREPARING_REBALANCE
+    assert isinstance(group.join(req(b.member_id, client="b", protocols=coop,
+                                     sync_on_join=True)), JoinPending)
+    a3 = group.join(req(a.member_id, client="a", protocols=coop, sync_on_join=True))
+    [b3] = group.take_join_results()
+    assert a3.generation_id == 3 and group.state is GroupState.STABLE
+    assert a3.sync.assignment == (("t", 0), ("t", 1)) and b3.sync.assignment == (("t", 2), ("t", 3))
+
+
 def test_eager_members_revoke_before_rejoining_so_nothing_is_held_back(clock):
     group, requests = new_group(clock, {"t": 4}), {}
     a = join_new(group, requests, req(client="a", protocols=("roundrobin",)))
@@ -533,8 +584,10 @@ class SimClient:
     """A consumer as the protocol expects it to behave: eager clients stop consuming
     everything before they rejoin; cooperative ones stop only what a sync revokes."""
 
-    def __init__(self, name: str, topics: tuple, protocols: tuple, instance: str | None):
+    def __init__(self, name: str, topics: tuple, protocols: tuple, instance: str | None,
+                 sync_on_join: bool = False):
         self.name, self.topics, self.protocols, self.instance = name, topics, protocols, instance
+        self.sync_on_join = sync_on_join
         self.member_id = ""
         self.generation = -1
         self.waiting = False  # its join is held: a real client blocks in join, sends nothing
@@ -542,7 +595,8 @@ class SimClient:
         self.consuming: set = set()
 
     def request(self) -> JoinRequest:
-        return req(self.member_id, self.name, self.topics, self.protocols, self.instance)
+        return req(self.member_id, self.name, self.topics, self.protocols, self.instance,
+                   sync_on_join=self.sync_on_join)
 
     def reset(self) -> None:
         self.member_id, self.generation, self.waiting, self.joined = "", -1, False, False
@@ -553,7 +607,10 @@ class SimClient:
             self.reset()
         elif isinstance(result, JoinResult):
             self.member_id, self.generation = result.member_id, result.generation_id
-            self.waiting, self.joined = False, True
+            self.waiting, self.joined = False, result.sync is None
+            if result.sync is not None:  # its share came with the answer: consume it now
+                assert not set(result.sync.assignment) & set(result.sync.revoked)
+                self.consuming = set(result.sync.assignment)
         else:
             self.member_id, self.waiting = result.member_id, True
 
@@ -585,7 +642,9 @@ class SimClient:
             self.reset()
 
 
-def test_simulated_clients_never_consume_one_partition_twice_and_settle_on_all_partitions():
+@pytest.mark.parametrize("sync_on_join", [False, True], ids=["sync", "sync_on_join"])
+def test_simulated_clients_never_consume_one_partition_twice_and_settle_on_all_partitions(
+        sync_on_join):
     for seed in range(30):
         rng = random.Random(seed)
         clock = FakeClock()
@@ -594,7 +653,7 @@ def test_simulated_clients_never_consume_one_partition_twice_and_settle_on_all_p
         protocols = rng.choice([("range",), ("roundrobin",), ("cooperative-sticky",)])
         clients: dict[str, SimClient] = {}
         for step in range(300):
-            _simulate_one_step(rng, clock, group, clients, protocols, step)
+            _simulate_one_step(rng, clock, group, clients, protocols, step, sync_on_join)
             _route_join_results(group, clients)
             _check_no_partition_consumed_twice(clients, seed, step)
         _settle(group, clients, clock)
@@ -605,13 +664,13 @@ def test_simulated_clients_never_consume_one_partition_twice_and_settle_on_all_p
         assert consumed == (expected if clients else []), seed
 
 
-def _simulate_one_step(rng, clock, group, clients, protocols, step) -> None:
+def _simulate_one_step(rng, clock, group, clients, protocols, step, sync_on_join) -> None:
     action = rng.random()
     live = sorted(clients)
     if action < 0.08 and len(clients) < 6:
         instance = f"w{step}" if rng.random() < 0.3 else None
         topics = rng.choice([("t",), ("t", "u"), ("u",)])
-        clients[f"c{step}"] = SimClient(f"c{step}", topics, protocols, instance)
+        clients[f"c{step}"] = SimClient(f"c{step}", topics, protocols, instance, sync_on_join)
     elif action < 0.12 and live:
         client = clients.pop(rng.choice(live))  # graceful: stop consuming, then leave
         if client.member_id:
@@ -621,7 +680,8 @@ def _simulate_one_step(rng, clock, group, clients, protocols, step) -> None:
         if client.member_id:
             group.member_died(client.member_id)
         if client.instance is not None and rng.random() < 0.5:  # restarted under the same id
-            clients[client.name] = SimClient(client.name, client.topics, protocols, client.instance)
+            clients[client.name] = SimClient(client.name, client.topics, protocols, client.instance,
+                                             sync_on_join)
     elif action < 0.3:
         clock.advance(rng.randint(1, 50))
         group.tick()

@@ -59,7 +59,7 @@ def test_a_restarted_writer_continues_its_predecessors_counters(region):
 
 @pytest.mark.parametrize("offset,value,message", [
     (0, int.from_bytes(b"NOTOURS!", "little"), "bad magic"),
-    (8, CL.COUNTERS_LAYOUT_VERSION + 1, "layout version 2, this build reads version 1"),
+    (8, CL.COUNTERS_LAYOUT_VERSION + 1, "layout version 3, this build reads version 2"),
     (28, 77, "kind 77"),
     (40, 3, "3 counters"),
 ])
