@@ -462,7 +462,8 @@ def test_byte_flips_in_headerless_records_decode_like_the_reference(shape):
     assert clean == reference.encode_batch(values, base_offset=3, **kwargs)
     assert_same_outcome(clean)
     rng = random.Random(5)
-    for pos in range(61, len(clean), 3):  # bounded: every third byte of the records
+    # 150 record bytes (the reference decoder is pure Python: every flip costs it a full walk)
+    for pos in sorted(rng.sample(range(61, len(clean)), 150)):
         buf = bytearray(clean)
         buf[pos] ^= 1 << rng.randrange(8)
         set_crc(buf)
