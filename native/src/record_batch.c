@@ -522,24 +522,10 @@ int shmb_rb_encoded_size(const shmb_rb_encode_input *in, size_t *size_out, shmb_
                     (unsigned)(uint16_t)in->attributes);
     int64_t base = record_timestamp(in, 0);
     uint64_t total = SHMB_RB_HEADER_SIZE;
-    if (plain_values(in)) {
-        for (size_t i = 0; i < in->count; i++) {
-            if (!slice_ok(in->values[i], 1))
-                return fail(err, -1, i, i, "record %zu: key or value longer than 2**31-1 bytes",
-                            i);
-            uint64_t body = plain_body_size((int32_t)i, in->values[i]);
-            if (body > INT32_MAX)
-                return fail(err, -1, i, i, "record %zu is larger than 2**31-1 bytes", i);
-            total += shmb_varint32_size((int32_t)body) + body;
-            if (total > limit)
-                return fail(err, -1, i, i, "the batch would be larger than 2**31-1 bytes");
-        }
-        *size_out = (size_t)total;
-        return 0;
-    }
+    const int plain = plain_values(in);
     for (size_t i = 0; i < in->count; i++) {
-        int64_t delta;
-        if (__builtin_sub_overflow(record_timestamp(in, i), base, &delta))
+        int64_t delta = 0;
+        if (!plain && __builtin_sub_overflow(record_timestamp(in, i), base, &delta))
             return fail(err, -1, i, i, "timestamps[%zu]: delta from the first timestamp "
                         "overflows int64", i);
         if (!slice_ok(in->values[i], 1) || (in->keys && !slice_ok(in->keys[i], 1)))
@@ -552,7 +538,8 @@ int shmb_rb_encoded_size(const shmb_rb_encode_input *in, size_t *size_out, shmb_
                 if (!slice_ok(in->headers[j].key, 0) || !slice_ok(in->headers[j].value, 1))
                     return fail(err, -1, i, i, "record %zu: header longer than 2**31-1 bytes", i);
         }
-        uint64_t body = record_body_size(in, i, delta);
+        uint64_t body = plain ? plain_body_size((int32_t)i, in->values[i])
+                              : record_body_size(in, i, delta);
         if (body > INT32_MAX)
             return fail(err, -1, i, i, "record %zu is larger than 2**31-1 bytes", i);
         total += shmb_varint32_size((int32_t)body) + body;
