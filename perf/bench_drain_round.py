@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -31,45 +29,24 @@ def main() -> None:
     parser.add_argument("--value-bytes", type=int, default=100)
     args = parser.parse_args()
 
-    from shmbroker import records
-    from shmbroker.config import LogConfig
-    from shmbroker.layout import shm as L
-    from shmbroker.partition.ingress import base_sequence_for, producer_id_for
-    from shmbroker.partition.owner import PartitionOwner
-    from shmbroker.shm import names
-    from shmbroker.shm.control import ControlRegion
-    from shmbroker.shm.ring import RingProducer
     sys.path.insert(0, HERE)
     import machine
+    from one_partition import one_partition
 
-    os.makedirs(os.path.join(HERE, "out"), exist_ok=True)
-    data_dir = tempfile.mkdtemp(prefix="bench-drain-", dir=os.path.join(HERE, "out"))
-    prefix = names.broker_prefix(data_dir)
-    control = ControlRegion.create(names.control_name(prefix, "t", 0), 0)
-    slot, generation = control.claim_slot(1 << 20)
-    ring = RingProducer.create(names.ring_name(prefix, "t", 0, slot, generation), 1 << 20,
-                               partition=0, slot=slot, generation=generation, control=control)
-    control.set_slot_state(slot, L.SLOT_READY)
-    control.announce_registry_change()
-    pid = producer_id_for(slot, generation)
-    owner = PartitionOwner(data_dir, "t", 0, LogConfig(),
-                           control=ControlRegion.attach(control.name))
-    value = b"v" * args.value_bytes
     times = {False: [], True: []}
+    values = [b"v" * args.value_bytes] * args.records
+    with one_partition("bench-drain-") as p:
+        drainer = p.owner.drainer
 
-    def one(native: bool) -> None:
-        seq = ring.next_sequence
-        ring.try_send_many([records.encode_batch([value] * args.records, producer_id=pid,
-                                                 producer_epoch=0,
-                                                 base_sequence=base_sequence_for(seq))])
-        owner.drainer.native = native
-        t0 = time.perf_counter_ns()
-        done = owner.drainer.round()
-        times[native].append(time.perf_counter_ns() - t0)
-        assert done == 1
-        ring.poll_completions()
+        def one(native: bool) -> None:
+            p.commit(values)
+            drainer.native = native
+            t0 = time.perf_counter_ns()
+            done = drainer.round()
+            times[native].append(time.perf_counter_ns() - t0)
+            assert done == 1
+            p.ring.poll_completions()
 
-    try:
         one(False)  # the ring's first frame is always a Python round (it learns the sequence)
         for _ in range(args.rounds // args.block):  # bounded
             for native in (False, True):
@@ -78,19 +55,12 @@ def main() -> None:
         print(f"bench_drain_round: {args.rounds:,} rounds per kind, 1 frame of "
               f"{args.records} x {args.value_bytes} B each; {machine.cpu_model()}, "
               f"{os.cpu_count()} cpus, commit {machine.git_commit()}")
-        print(f"  C rounds declined: {owner.drainer.native_declined or 'none'}")
+        print(f"  C rounds declined: {drainer.native_declined or 'none'}")
         for native in (False, True):
             t = sorted(times[native][1:])
             print(f"  {'C round     ' if native else 'Python round'}  p50 "
                   f"{t[len(t) // 2] / 1000:7.1f} us  p99 {t[len(t) * 99 // 100] / 1000:7.1f} us"
                   f"  mean {statistics.fmean(t) / 1000:7.1f} us")
-    finally:
-        owner.shutdown()
-        owner.close()
-        ring.close()
-        control.unlink()
-        control.close()
-        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -27,11 +27,10 @@ from __future__ import annotations
 import argparse
 import operator
 import os
-import shutil
 import sys
-import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
 WARM_PASSES = 100
 
 
@@ -44,55 +43,32 @@ def main() -> None:
     parser.add_argument("--python", action="store_true", help="the Python round")
     args = parser.parse_args()
 
-    from shmbroker import records
-    from shmbroker.config import LogConfig
-    from shmbroker.layout import shm as L
-    from shmbroker.partition.ingress import base_sequence_for, producer_id_for
-    from shmbroker.partition.owner import PartitionOwner
-    from shmbroker.shm import names
-    from shmbroker.shm.control import ControlRegion
-    from shmbroker.shm.ring import RingProducer
+    from one_partition import one_partition
 
-    os.makedirs(os.path.join(HERE, "out"), exist_ok=True)
-    data_dir = tempfile.mkdtemp(prefix="cg-loop-", dir=os.path.join(HERE, "out"))
-    prefix = names.broker_prefix(data_dir)
-    control = ControlRegion.create(names.control_name(prefix, "t", 0), 0)
-    slot, generation = control.claim_slot(1 << 20)
-    ring = RingProducer.create(names.ring_name(prefix, "t", 0, slot, generation), 1 << 20,
-                               partition=0, slot=slot, generation=generation, control=control)
-    control.set_slot_state(slot, L.SLOT_READY)
-    control.announce_registry_change()
-    pid = producer_id_for(slot, generation)
     clock = [1_000_000.0]
-    owner = PartitionOwner(data_dir, "t", 0, LogConfig(),
-                           control=ControlRegion.attach(control.name),
-                           monotonic_ms=lambda: int(clock[0]))
-    owner.drainer.native = not args.python
-    value = b"v" * args.value_bytes
     never = lambda: False  # noqa: E731 (the loop's stop_requested)
-
-    def body() -> None:
-        # process.run_loop's body: step drains the frame, then wait_for_work looks at the
-        # rings, finds nothing and sleeps on the doorbell; here for 1 ms at most (the futex
-        # times out instead of being woken: the same instructions in this process).
-        owner.step()
-        owner.wait_for_work(min(1, owner.ms_until_due()), never)
-
     counted = operator.methodcaller("__call__")
+    with one_partition("cg-loop-", monotonic_ms=lambda: int(clock[0])) as p:
+        owner = p.owner
+        owner.drainer.native = not args.python
+        values = [b"v" * args.value_bytes] * args.records
 
-    def one(measured: bool) -> None:
-        seq = ring.next_sequence
-        ring.try_send_many([records.encode_batch([value] * args.records, producer_id=pid,
-                                                 producer_epoch=0,
-                                                 base_sequence=base_sequence_for(seq))])
-        clock[0] += args.ms_per_pass
-        if measured:
-            counted(body)
-        else:
-            body()
-        ring.poll_completions()
+        def body() -> None:
+            # process.run_loop's body: step drains the frame, then wait_for_work looks at
+            # the rings, finds nothing and sleeps on the doorbell; here for 1 ms at most (the
+            # futex times out instead of being woken: the same instructions in this process).
+            owner.step()
+            owner.wait_for_work(min(1, owner.ms_until_due()), never)
 
-    try:
+        def one(measured: bool) -> None:
+            p.commit(values)
+            clock[0] += args.ms_per_pass
+            if measured:
+                counted(body)
+            else:
+                body()
+            p.ring.poll_completions()
+
         for _ in range(WARM_PASSES):  # bounded
             one(False)
         for _ in range(args.passes):  # bounded
@@ -103,13 +79,6 @@ def main() -> None:
         print(f"callgrind_partition_loop: {args.passes} passes counted; {drainer.rounds} rounds,"
               f" {drainer.native_rounds} in C; declined: {drainer.native_declined or 'never'}",
               file=sys.stderr)
-    finally:
-        owner.shutdown()
-        owner.close()
-        ring.close()
-        control.unlink()
-        control.close()
-        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":
