@@ -812,6 +812,7 @@ class Producer:
         key = (writer.topic, writer.partition)
         self._writers.pop(key, None)
         acc = self._accs.pop(key, None)
+        self._send_path.forget()  # it may hold this accumulator
         if acc is not None:
             acc.batch.fail(error)
             acc.unbind()
@@ -1074,6 +1075,7 @@ class Producer:
         self._writers.clear()
         self._accs.clear()
         self._sticky.clear()
+        self._send_path.forget()
         self._metadata.close()
         _LIVE.discard(self)
 

@@ -171,3 +171,29 @@ def test_a_send_bound_before_a_fork_uses_the_childs_accumulators(broker):
     values = [r.value for r in read_partition(broker.data_dir, "forked-fast", 0)]
     assert sorted(values) == [b"child", b"parent before", b"parent pending"]
     assert result[:2] == ("forked-fast", 0)
+
+
+def test_a_send_after_the_broker_restarts_reaches_the_new_partition_not_the_dropped_ring(
+        make_broker):
+    """The fast path remembers the last (topic, partition) -> accumulator. A broker that stops
+    makes the producer drop that accumulator and its ring; the next send, with the very same
+    topic object, must go to a new ring of the restarted broker, not to the dropped one."""
+    broker = make_broker()
+    topic = "restart-cache"
+    create_topic(broker.data_dir, topic, 1)
+    producer = Producer(broker=broker.data_dir)
+    try:
+        for i in range(50):  # the fast path, with the cached accumulator
+            last = producer.send(topic, b"before-%d" % i, partition=0)
+        assert last.result(timeout=10) == (topic, 0, 49)
+        assert broker.stop() == 0
+        with pytest.raises(errors.BrokerNotRunningError):
+            producer.send(topic, b"lost", partition=0).result(timeout=5)
+        broker.start()
+        broker.wait_running()
+        futures = [producer.send(topic, b"after-%d" % i, partition=0) for i in range(50)]
+        assert [f.result(timeout=10)[2] for f in futures] == list(range(50, 100))
+    finally:
+        producer.close(timeout=5)
+    assert [r.value for r in read_partition(broker.data_dir, topic, 0)] == \
+        [b"before-%d" % i for i in range(50)] + [b"after-%d" % i for i in range(50)]
