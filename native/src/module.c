@@ -27,6 +27,7 @@
 #include "shmb/drain.h"
 #include "shmb/futex.h"
 #include "shmb/murmur2.h"
+#include "shmb/mutex.h"
 #include "shmb/record_batch.h"
 #include "shmb/ring.h"
 #include "shmb/shm_atomic.h"
@@ -44,6 +45,7 @@ typedef struct {
     PyTypeObject *file_map_type;
     PyTypeObject *accumulator_type;
     PyTypeObject *future_base_type;
+    PyTypeObject *mutex_type;
     PyObject *empty_tuple;
     PyObject *errors[STATUS_COUNT];
     PyObject *ring_corrupt_error;
@@ -2918,6 +2920,158 @@ static PyType_Spec Accumulator_spec = {
     .slots = Accumulator_slots,
 };
 
+/* ==== Mutex: the producer's lock, one word the C send path can CAS ============================
+ *
+ * Behaves as threading.Lock for the calls Producer and threading.Condition make: acquire
+ * (blocking, timeout), release, locked, the context manager. The word and why: shmb/mutex.h.
+ * A blocking acquire sleeps without the GIL (the holder may need it to get to its release)
+ * and runs signal handlers when a signal interrupts it, as threading.Lock does. */
+
+typedef struct {
+    PyObject_HEAD
+    uint32_t word;
+} MutexObject;
+
+/* Takes the mutex, sleeping (GIL released) up to timeout_s (< 0: no limit): 1 taken, 0 timed
+ * out, -1 an exception (a signal handler raised). */
+static int mutex_lock_blocking(MutexObject *self, double timeout_s)
+{
+    if (shmb_mutex_trylock(&self->word))
+        return 1;
+    int64_t deadline = timeout_s < 0 ? -1 : shmb_monotonic_ns() + (int64_t)(timeout_s * 1e9);
+    for (int r;;) {  /* bounded by the deadline; each pass ends in a sleep or a signal */
+        Py_BEGIN_ALLOW_THREADS
+        r = shmb_mutex_lock(&self->word, deadline);
+        Py_END_ALLOW_THREADS
+        if (r == SHMB_MUTEX_TAKEN)
+            return 1;
+        if (r == SHMB_MUTEX_TIMEOUT)
+            return 0;
+        if (PyErr_CheckSignals() < 0)
+            return -1;
+    }
+}
+
+static PyObject *Mutex_acquire(MutexObject *self, PyObject *const *args, Py_ssize_t nargs,
+                               PyObject *kwnames)
+{
+    PyObject *blocking_o = NULL, *timeout_o = NULL;
+    Py_ssize_t nkw = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
+    if (nargs > 2)
+        return PyErr_Format(PyExc_TypeError, "acquire() takes at most 2 arguments (%zd given)",
+                            nargs + nkw);
+    if (nargs > 0)
+        blocking_o = args[0];
+    if (nargs > 1)
+        timeout_o = args[1];
+    for (Py_ssize_t i = 0; i < nkw; i++) {
+        PyObject *name = PyTuple_GET_ITEM(kwnames, i);
+        PyObject **slot = PyUnicode_CompareWithASCIIString(name, "blocking") == 0 ? &blocking_o
+                        : PyUnicode_CompareWithASCIIString(name, "timeout") == 0 ? &timeout_o
+                                                                                : NULL;
+        if (slot == NULL || *slot != NULL)
+            return PyErr_Format(PyExc_TypeError, "acquire() got an unexpected or repeated "
+                                "keyword argument '%U'", name);
+        *slot = args[nargs + i];
+    }
+    int blocking = 1;
+    if (blocking_o != NULL && (blocking = PyObject_IsTrue(blocking_o)) < 0)
+        return NULL;
+    double timeout = -1.0;
+    if (timeout_o != NULL && (timeout = PyFloat_AsDouble(timeout_o)) == -1.0 && PyErr_Occurred())
+        return NULL;
+    if (!blocking && timeout != -1.0)
+        return PyErr_Format(PyExc_ValueError, "can't specify a timeout for a non-blocking call");
+    if (timeout < 0 && timeout != -1.0)
+        return PyErr_Format(PyExc_ValueError, "timeout value must be a non-negative number");
+    if (shmb_mutex_trylock(&self->word))
+        Py_RETURN_TRUE;
+    if (!blocking)
+        Py_RETURN_FALSE;
+    int r = mutex_lock_blocking(self, timeout);
+    if (r < 0)
+        return NULL;
+    return PyBool_FromLong(r);
+}
+
+/* 0, or -1 with RuntimeError if it was not held (as threading.Lock). */
+static int mutex_unlock_checked(MutexObject *self)
+{
+    if (__atomic_load_n(&self->word, __ATOMIC_RELAXED) == SHMB_MUTEX_UNLOCKED) {
+        PyErr_SetString(PyExc_RuntimeError, "release unlocked lock");
+        return -1;
+    }
+    shmb_mutex_unlock(&self->word);
+    return 0;
+}
+
+static PyObject *Mutex_release(MutexObject *self, PyObject *Py_UNUSED(ignored))
+{
+    if (mutex_unlock_checked(self) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Mutex_enter(MutexObject *self, PyObject *Py_UNUSED(ignored))
+{
+    int r = mutex_lock_blocking(self, -1.0);
+    if (r < 0)
+        return NULL;
+    Py_RETURN_TRUE;
+}
+
+static PyObject *Mutex_exit(MutexObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (mutex_unlock_checked(self) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Mutex_locked(MutexObject *self, PyObject *Py_UNUSED(ignored))
+{
+    return PyBool_FromLong(__atomic_load_n(&self->word, __ATOMIC_RELAXED) != SHMB_MUTEX_UNLOCKED);
+}
+
+static PyObject *Mutex_repr(MutexObject *self)
+{
+    return PyUnicode_FromFormat("<_native.Mutex %s at %p>",
+                                self->word == SHMB_MUTEX_UNLOCKED ? "unlocked" : "locked", self);
+}
+
+static void Mutex_dealloc(MutexObject *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp);
+}
+
+static PyMethodDef Mutex_methods[] = {
+    {"acquire", (PyCFunction)(void (*)(void))Mutex_acquire, METH_FASTCALL | METH_KEYWORDS,
+     "acquire(blocking=True, timeout=-1) -> bool, as threading.Lock.acquire"},
+    {"release", (PyCFunction)Mutex_release, METH_NOARGS, "release(); RuntimeError if not held"},
+    {"locked", (PyCFunction)Mutex_locked, METH_NOARGS, "whether it is held"},
+    {"__enter__", (PyCFunction)Mutex_enter, METH_NOARGS, NULL},
+    {"__exit__", (PyCFunction)(void (*)(void))Mutex_exit, METH_FASTCALL, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyType_Slot Mutex_slots[] = {
+    {Py_tp_new, (void *)PyType_GenericNew},
+    {Py_tp_dealloc, (void *)Mutex_dealloc},
+    {Py_tp_repr, (void *)Mutex_repr},
+    {Py_tp_methods, Mutex_methods},
+    {Py_tp_doc, (void *)"A lock as threading.Lock whose state is one word the C send path takes "
+                        "with a compare-and-swap (native/include/shmb/mutex.h)."},
+    {0, NULL},
+};
+
+static PyType_Spec Mutex_spec = {
+    .name = "shmbroker._native.Mutex",
+    .basicsize = sizeof(MutexObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = Mutex_slots,
+};
+
 /* ==== SendPath: Producer.send without a Python frame ========================================
  *
  * Why: callgrind put ~4,300 instructions on each Producer.send, ~800 of them in the C append;
@@ -2945,6 +3099,8 @@ typedef struct {
     PyObject_HEAD
     vectorcallfunc vectorcall;
     PyObject *acquire, *release;   /* the producer's lock's bound methods */
+    MutexObject *mutex;            /* the same lock when it is a _native.Mutex (taken in C) */
+    PyTypeObject *mutex_type;
     PyObject *accs, *sticky;       /* Producer._accs and Producer._sticky (dicts) */
     PyTypeObject *acc_type;        /* client.producer._Accumulator */
     Py_ssize_t records_offset;     /* where its `records` slot is (a member descriptor) */
@@ -2999,6 +3155,8 @@ static PyObject *SendPath_new(PyTypeObject *type, PyObject *args, PyObject *kwds
     self->records_offset = offset;
     self->records_type = get_state(PyType_GetModule(type))->accumulator_type;
     Py_INCREF(self->records_type);
+    self->mutex_type = get_state(PyType_GetModule(type))->mutex_type;
+    Py_INCREF(self->mutex_type);
     Py_INCREF(slow);
     self->slow = slow;
     Py_INCREF(after_append);
@@ -3029,6 +3187,12 @@ static PyObject *SendPath_reset(SendPathObject *self, PyObject *const *args, Py_
     }
     Py_XSETREF(self->acquire, acquire);
     Py_XSETREF(self->release, release);
+    if (Py_IS_TYPE(args[0], self->mutex_type)) {
+        Py_INCREF(args[0]);
+        Py_XSETREF(self->mutex, (MutexObject *)args[0]);
+    } else {
+        Py_CLEAR(self->mutex);
+    }
     Py_INCREF(args[1]);
     Py_XSETREF(self->accs, args[1]);
     Py_INCREF(args[2]);
@@ -3052,6 +3216,8 @@ static int SendPath_traverse(SendPathObject *self, visitproc visit, void *arg)
     Py_VISIT(Py_TYPE(self));
     Py_VISIT(self->acquire);
     Py_VISIT(self->release);
+    Py_VISIT(self->mutex);
+    Py_VISIT(self->mutex_type);
     Py_VISIT(self->accs);
     Py_VISIT(self->sticky);
     Py_VISIT(self->acc_type);
@@ -3067,6 +3233,8 @@ static int SendPath_clear(SendPathObject *self)
 {
     Py_CLEAR(self->acquire);
     Py_CLEAR(self->release);
+    Py_CLEAR(self->mutex);
+    Py_CLEAR(self->mutex_type);
     Py_CLEAR(self->accs);
     Py_CLEAR(self->sticky);
     Py_CLEAR(self->acc_type);
@@ -3098,6 +3266,8 @@ static PyObject *sendpath_slow(SendPathObject *self, PyObject *const *args, size
 
 static inline int sendpath_unlock(SendPathObject *self)
 {
+    if (self->mutex != NULL)
+        return mutex_unlock_checked(self->mutex);
     PyObject *r = PyObject_Vectorcall(self->release, NULL, 0, NULL);
     if (r == NULL)
         return -1;
@@ -3133,10 +3303,16 @@ static PyObject *sendpath_call(PyObject *op, PyObject *const *args, size_t nargs
         (partition == Py_None ? key != Py_None : !PyLong_CheckExact(partition)))
         return sendpath_slow(self, args, nargsf, kwnames);
 
-    PyObject *r = PyObject_Vectorcall(self->acquire, NULL, 0, NULL);
-    if (r == NULL)
-        return NULL;
-    Py_DECREF(r);
+    PyObject *r;
+    if (self->mutex != NULL) {
+        if (!shmb_mutex_trylock(&self->mutex->word) && mutex_lock_blocking(self->mutex, -1.0) < 0)
+            return NULL;
+    } else {
+        r = PyObject_Vectorcall(self->acquire, NULL, 0, NULL);
+        if (r == NULL)
+            return NULL;
+        Py_DECREF(r);
+    }
     /* Lock held from here to every return (as the reference's try/finally). */
     PyObject *acc;
     if (partition == Py_None) {
@@ -3981,6 +4157,7 @@ static int module_traverse(PyObject *m, visitproc visit, void *arg)
     Py_VISIT(st->record_type);
     Py_VISIT(st->file_map_type);
     Py_VISIT(st->accumulator_type);
+    Py_VISIT(st->mutex_type);
     Py_VISIT(st->future_base_type);
     Py_VISIT(st->empty_tuple);
     for (int i = 0; i < STATUS_COUNT; i++)
@@ -3997,6 +4174,7 @@ static int module_clear(PyObject *m)
     Py_CLEAR(st->record_type);
     Py_CLEAR(st->file_map_type);
     Py_CLEAR(st->accumulator_type);
+    Py_CLEAR(st->mutex_type);
     Py_CLEAR(st->future_base_type);
     Py_CLEAR(st->empty_tuple);
     for (int i = 0; i < STATUS_COUNT; i++)
@@ -4149,6 +4327,14 @@ static int init_state(PyObject *m, module_state *st)
     Py_INCREF(st->future_base_type);
     if (PyModule_AddObject(m, "FutureBase", (PyObject *)st->future_base_type) < 0) {
         Py_DECREF(st->future_base_type);
+        return -1;
+    }
+    st->mutex_type = (PyTypeObject *)PyType_FromModuleAndSpec(m, &Mutex_spec, NULL);
+    if (st->mutex_type == NULL)
+        return -1;
+    Py_INCREF(st->mutex_type);
+    if (PyModule_AddObject(m, "Mutex", (PyObject *)st->mutex_type) < 0) {
+        Py_DECREF(st->mutex_type);
         return -1;
     }
     st->accumulator_type = (PyTypeObject *)PyType_FromModuleAndSpec(m, &Accumulator_spec, NULL);

@@ -421,7 +421,9 @@ class Producer:
     def _init_state(self) -> None:
         self._pid = os.getpid()
         self._closed = False
-        self._lock = threading.Lock()
+        # As a threading.Lock, but one word that the C send path takes with a CAS (~370
+        # instructions per send less; native/include/shmb/mutex.h).
+        self._lock = _native.Mutex()
         self._cond = threading.Condition(self._lock)  # a ring's sleepers left it
         self._sender: threading.Thread | None = None
         self._sender_wake = threading.Event()
