@@ -3119,7 +3119,19 @@ typedef struct {
     PyObject *cached_topic;        /* strong reference, or NULL */
     long cached_partition;
     PyObject *cached_acc;          /* strong reference, or NULL */
+    /* The write of a due batch (sendpath_write), set by configure(); batch_type NULL: off. */
+    PyObject *batch_type;          /* client.producer._Batch */
+    int acks;
+    double delivery_timeout_s;
+    Py_ssize_t reap_inflight;      /* _REAP_INFLIGHT: at that many the reference reaps */
+    PyObject *wnames[13];          /* interned attribute names, see sendpath_wnames */
 } SendPathObject;
+
+enum { W_WRITER, W_TOPIC, W_PARTITION, W_CONTROL, W_BUF, W_PRODUCER_ID, W_NEXT_SEQUENCE,
+       W_WRITTEN_POSITION, W_INFLIGHT, W_SEQUENCE, W_DEADLINE, W_COUNT, W_APPEND, W_NAMES };
+static const char *const sendpath_wnames[W_NAMES] = {
+    "writer", "topic", "partition", "control", "buf", "producer_id", "next_sequence",
+    "written_position", "inflight", "sequence", "deadline", "count", "append"};
 
 static const char *const sendpath_names[6] = {"topic", "value", "key", "partition", "headers",
                                               "timestamp"};
@@ -3164,6 +3176,13 @@ static PyObject *SendPath_new(PyTypeObject *type, PyObject *args, PyObject *kwds
     for (int i = 0; i < 6; i++) {
         self->names[i] = PyUnicode_InternFromString(sendpath_names[i]);
         if (self->names[i] == NULL) {
+            Py_DECREF(self);
+            return NULL;
+        }
+    }
+    for (int i = 0; i < W_NAMES; i++) {
+        self->wnames[i] = PyUnicode_InternFromString(sendpath_wnames[i]);
+        if (self->wnames[i] == NULL) {
             Py_DECREF(self);
             return NULL;
         }
@@ -3226,6 +3245,7 @@ static int SendPath_traverse(SendPathObject *self, visitproc visit, void *arg)
     Py_VISIT(self->after_append);
     Py_VISIT(self->cached_topic);
     Py_VISIT(self->cached_acc);
+    Py_VISIT(self->batch_type);
     return 0;
 }
 
@@ -3243,8 +3263,11 @@ static int SendPath_clear(SendPathObject *self)
     Py_CLEAR(self->after_append);
     Py_CLEAR(self->cached_topic);
     Py_CLEAR(self->cached_acc);
+    Py_CLEAR(self->batch_type);
     for (int i = 0; i < 6; i++)
         Py_CLEAR(self->names[i]);
+    for (int i = 0; i < W_NAMES; i++)
+        Py_CLEAR(self->wnames[i]);
     return 0;
 }
 
@@ -3273,6 +3296,168 @@ static inline int sendpath_unlock(SendPathObject *self)
         return -1;
     Py_DECREF(r);
     return 0;
+}
+
+/* configure(batch_type, acks, delivery_timeout_ms, reap_inflight): what sendpath_write needs
+ * of the producer; batch_type None turns the C write off (every due batch goes to
+ * Producer._after_append, the reference). */
+static PyObject *SendPath_configure(SendPathObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4)
+        return PyErr_Format(PyExc_TypeError,
+                            "configure(batch_type, acks, delivery_timeout_ms, reap_inflight)");
+    int acks = (int)PyLong_AsLong(args[1]);
+    double timeout_ms = PyFloat_AsDouble(args[2]);
+    Py_ssize_t reap = PyLong_AsSsize_t(args[3]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (args[0] != Py_None && !PyType_Check(args[0]))
+        return PyErr_Format(PyExc_TypeError, "configure: batch_type must be a class or None");
+    Py_XINCREF(args[0] == Py_None ? NULL : args[0]);
+    Py_XSETREF(self->batch_type, args[0] == Py_None ? NULL : args[0]);
+    self->acks = acks;
+    self->delivery_timeout_s = timeout_ms / 1000.0;
+    self->reap_inflight = reap;
+    Py_RETURN_NONE;
+}
+
+/* Sets obj.name = value, taking the reference to value (NULL: an error already set). */
+static inline int set_attr_steal(PyObject *obj, PyObject *name, PyObject *value)
+{
+    if (value == NULL)
+        return -1;
+    int r = PyObject_SetAttr(obj, name, value);
+    Py_DECREF(value);
+    return r;
+}
+
+/* The write of a due batch (Producer._write's common case) without a Python frame: seal the
+ * accumulator's records into one frame, copy it into the bound ring, ring the doorbell, start
+ * a new batch, and put the written one in flight. Declines (returns 0, having changed nothing)
+ * for everything else, and Producer._after_append then runs the reference: acks=0, a keyless
+ * topic's sticky accumulator (the switch picks a partition at random), a stopped partition, a
+ * ring whose completions are due to be read (_reap), a ring without room (the blocking write),
+ * a corrupt ring. 1: written; -1: an error (a new batch could not be made, out of memory). Lock
+ * held, GIL held throughout (the batch is small: the write of a large one is the reference's). */
+static int sendpath_write(SendPathObject *self, PyObject *producer, PyObject *acc,
+                          AccumulatorObject *records)
+{
+    PyObject **n = self->wnames;
+    if (self->batch_type == NULL || self->acks == 0 || records->acc.count == 0 ||
+        records->ring.obj == NULL || records->batch == NULL)
+        return 0;
+    int result = -1;
+    PyObject *writer = NULL, *topic = NULL, *partition = NULL, *control = NULL, *cbuf = NULL,
+             *inflight = NULL, *new_batch = NULL, *batch = NULL;
+    Py_buffer dv = {0};
+    if ((writer = PyObject_GetAttr(acc, n[W_WRITER])) == NULL ||
+        (topic = PyObject_GetAttr(acc, n[W_TOPIC])) == NULL ||
+        (inflight = PyObject_GetAttr(writer, n[W_INFLIGHT])) == NULL)
+        goto done;
+    PyObject *sticky = PyDict_GetItemWithError(self->sticky, topic);
+    if (sticky == NULL && PyErr_Occurred())
+        goto done;
+    Py_ssize_t in_flight = PyObject_Size(inflight);
+    if (in_flight < 0)
+        goto done;
+    if (sticky == acc || in_flight + 1 >= self->reap_inflight) {
+        result = 0;
+        goto done;
+    }
+    if ((control = PyObject_GetAttr(writer, n[W_CONTROL])) == NULL ||
+        (cbuf = PyObject_GetAttr(control, n[W_BUF])) == NULL ||
+        region_view(cbuf, 1, &dv, "write doorbell") < 0)
+        goto done;
+    if (dv.len < SHMB_CONTROL_REGISTRY_OFFSET ||
+        shmb_u32_load_acquire((uint8_t *)dv.buf + SHMB_CTL_PARTITION_STATUS_OFFSET) ==
+            SHMB_PARTITION_STATUS_STOPPED) {
+        result = 0;
+        goto done;
+    }
+    long long pid;
+    unsigned long long next_sequence;
+    {
+        PyObject *o = PyObject_GetAttr(writer, n[W_PRODUCER_ID]);
+        if (o == NULL)
+            goto done;
+        pid = PyLong_AsLongLong(o);
+        Py_DECREF(o);
+        if ((o = PyObject_GetAttr(writer, n[W_NEXT_SEQUENCE])) == NULL)
+            goto done;
+        next_sequence = PyLong_AsUnsignedLongLong(o);
+        Py_DECREF(o);
+        if (PyErr_Occurred())
+            goto done;
+    }
+    if ((partition = PyObject_GetAttr(acc, n[W_PARTITION])) == NULL)
+        goto done;
+    PyObject *call[4] = {NULL, producer, topic, partition};
+    new_batch = PyObject_Vectorcall(self->batch_type, call + 1, 3 | PY_VECTORCALL_ARGUMENTS_OFFSET,
+                                    NULL);
+    if (new_batch == NULL)
+        goto done;
+
+    /* The write: what Accumulator.write_ring does, for a small batch (GIL held). */
+    Py_ssize_t count = records->acc.count;
+    shmb_ring_payload payload;
+    payload.len = shmb_acc_seal(&records->acc, pid, 0, (int32_t)(next_sequence & 0x7FFFFFFFu));
+    payload.data = records->acc.buf;
+    size_t written;
+    uint64_t first_seq;
+    shmb_ring_error err;
+    int r;
+    if (payload.len >= GIL_RELEASE_BYTES_MIN) {  /* as write_ring: the copy without the GIL */
+        Py_BEGIN_ALLOW_THREADS
+        r = shmb_ring_write(records->ring.buf, (size_t)records->ring.len, &payload, 1, &written,
+                            &first_seq, &err);
+        if (written > 0)
+            shmb_ctl_doorbell_ring(dv.buf);
+        Py_END_ALLOW_THREADS
+    } else {
+        r = shmb_ring_write(records->ring.buf, (size_t)records->ring.len, &payload, 1, &written,
+                            &first_seq, &err);
+        if (written > 0)
+            shmb_ctl_doorbell_ring(dv.buf);
+    }
+    if (r != SHMB_RING_OK) {  /* no room, too large, corrupt: the reference sees it again */
+        result = 0;
+        goto done;
+    }
+    uint64_t wpos = shmb_u64_load_relaxed((uint8_t *)records->ring.buf +
+                                          SHMB_RING_WRITE_POSITION_OFFSET);
+    shmb_acc_clear(&records->acc);
+    records->write_due = 0;
+
+    /* From here the frame is in the ring: only bookkeeping, as the reference's, in its order. */
+    batch = records->batch;  /* the written batch: its futures point to it */
+    records->batch = new_batch;
+    new_batch = NULL;
+    if (set_attr_steal(batch, n[W_COUNT], PyLong_FromSsize_t(count)) < 0 ||
+        set_attr_steal(writer, n[W_NEXT_SEQUENCE], PyLong_FromUnsignedLongLong(first_seq + 1)) < 0 ||
+        set_attr_steal(writer, n[W_WRITTEN_POSITION], PyLong_FromUnsignedLongLong(wpos)) < 0 ||
+        PyObject_SetAttr(batch, n[W_WRITER], writer) < 0 ||
+        set_attr_steal(batch, n[W_SEQUENCE], PyLong_FromUnsignedLongLong(first_seq)) < 0 ||
+        set_attr_steal(batch, n[W_DEADLINE],
+                       PyFloat_FromDouble((double)shmb_monotonic_ns() / 1e9 +
+                                          self->delivery_timeout_s)) < 0)
+        goto done;
+    PyObject *appended = PyObject_CallMethodOneArg(inflight, n[W_APPEND], batch);
+    if (appended == NULL)
+        goto done;
+    Py_DECREF(appended);
+    result = 1;
+done:
+    if (dv.buf != NULL)
+        PyBuffer_Release(&dv);
+    Py_XDECREF(batch);
+    Py_XDECREF(new_batch);
+    Py_XDECREF(partition);
+    Py_XDECREF(cbuf);
+    Py_XDECREF(control);
+    Py_XDECREF(inflight);
+    Py_XDECREF(topic);
+    Py_XDECREF(writer);
+    return result;
 }
 
 /* args[0]: the producer; then send's arguments (topic, value, key=None, partition=None,
@@ -3357,7 +3542,14 @@ static PyObject *sendpath_call(PyObject *op, PyObject *const *args, size_t nargs
         Py_DECREF(acc);
         goto slow;
     }
-    if (future != NULL && (((AccumulatorObject *)records)->write_due || !self->armed)) {
+    int wrote = 0;
+    if (future != NULL && ((AccumulatorObject *)records)->write_due) {
+        wrote = sendpath_write(self, args[0], acc, (AccumulatorObject *)records);
+        if (wrote < 0)
+            Py_CLEAR(future);
+    }
+    if (future != NULL && !wrote &&
+        (((AccumulatorObject *)records)->write_due || !self->armed)) {
         PyObject *call[3] = {NULL, args[0], acc};
         r = PyObject_Vectorcall(self->after_append, call + 1,
                                 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
@@ -3395,6 +3587,9 @@ slow:
 static PyMethodDef SendPath_methods[] = {
     {"reset", (PyCFunction)(void (*)(void))SendPath_reset, METH_FASTCALL,
      "reset(lock, accs, sticky): use these (the producer made new ones); not armed"},
+    {"configure", (PyCFunction)(void (*)(void))SendPath_configure, METH_FASTCALL,
+     "configure(batch_type, acks, delivery_timeout_ms, reap_inflight): for the C write of a due "
+     "batch; batch_type None: every due batch goes to the reference"},
     {"forget", (PyCFunction)SendPath_forget, METH_NOARGS,
      "forget(): an accumulator was removed from accs; drop the cached (topic, partition)"},
     {NULL, NULL, 0, NULL},

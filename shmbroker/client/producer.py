@@ -85,6 +85,9 @@ _load_u64 = _native.atomic_load_u64
 #: Producer.send takes the C fast path (_native.SendPath) where it can. Tests set it False
 #: (before making a Producer) to run the Python reference alone and compare the two.
 FAST_SEND = True
+#: ... and writes a due batch in C as well (the common case of ``_write``: sends with an
+#: int partition, acks 1/all, room in the ring, completions not due). Tests set it False.
+FAST_WRITE = True
 
 
 class RecordMetadata(NamedTuple):
@@ -435,6 +438,9 @@ class Producer:
             path = self._send_path = _native.SendPath(_Accumulator, Producer._send_python,
                                                       Producer._after_append)
         path.enabled = FAST_SEND
+        # The write of a due batch in C too (SendPath's sendpath_write): _write's common case.
+        path.configure(_Batch if FAST_WRITE else None, self.acks, self.delivery_timeout_ms,
+                       _REAP_INFLIGHT)
         self._sender_armed = False  # records are pending and the sender knows
         self._sender_poke = bytearray(1)  # non-zero: the sender's wait in C ends
         self._metadata = LocalMetadata(self.data_dir)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import multiprocessing
 import re
 import threading
+import time
 
 import pytest
 from produce_helpers import read_partition
@@ -65,10 +66,11 @@ def _sequence(producer: Producer, topic: str) -> list:
 def test_fast_and_reference_send_give_the_same_offsets_records_and_errors(broker, monkeypatch,
                                                                            linger_ms):
     results, logs, slow_calls = {}, {}, {}
-    for mode in ("ref", "fast"):
+    for mode in ("ref", "fast", "fast-python-write"):
         topic = f"same-{mode}-{linger_ms}"
         create_topic(broker.data_dir, topic, 2)
-        monkeypatch.setattr(producer_module, "FAST_SEND", mode == "fast")
+        monkeypatch.setattr(producer_module, "FAST_SEND", mode != "ref")
+        monkeypatch.setattr(producer_module, "FAST_WRITE", mode == "fast")
         calls = [0]
         reference = Producer._send_python
 
@@ -83,8 +85,8 @@ def test_fast_and_reference_send_give_the_same_offsets_records_and_errors(broker
         slow_calls[mode] = calls[0]
         logs[mode] = [[(r.offset, r.key, r.value, r.headers) for r in
                        read_partition(broker.data_dir, topic, p)] for p in (0, 1)]
-    assert results["fast"] == results["ref"]
-    assert logs["fast"] == logs["ref"]
+    assert results["fast"] == results["ref"] == results["fast-python-write"]
+    assert logs["fast"] == logs["ref"] == logs["fast-python-write"]
     sends = len(results["ref"])
     assert slow_calls["ref"] == sends
     # The fast path took most sends: the keyed ones, the first of each accumulator, the full
@@ -197,3 +199,43 @@ def test_a_send_after_the_broker_restarts_reaches_the_new_partition_not_the_drop
         producer.close(timeout=5)
     assert [r.value for r in read_partition(broker.data_dir, topic, 0)] == \
         [b"before-%d" % i for i in range(50)] + [b"after-%d" % i for i in range(50)]
+
+
+@pytest.mark.parametrize("fast_write", [True, False])
+def test_a_due_batch_is_written_in_c_with_the_same_offsets_and_the_reference_is_not_called(
+        broker, monkeypatch, fast_write):
+    """A send to an idle ring with an int partition writes its batch in C (SendPath's write):
+    Producer._write is not called, and the futures, offsets and log are those of the
+    reference, which writes every one of these batches when the C write is off."""
+    create_topic(broker.data_dir, f"cwrite-{fast_write}", 1)
+    topic = f"cwrite-{fast_write}"
+    monkeypatch.setattr(producer_module, "FAST_WRITE", fast_write)
+    writes = [0]
+    reference = Producer._write
+
+    def counted(self, acc):
+        writes[0] += 1
+        return reference(self, acc)
+    monkeypatch.setattr(Producer, "_write", counted)
+    sends = 40  # more than _REAP_INFLIGHT: the C write declines when completions are due
+    with Producer(broker=broker.data_dir, linger_ms=0) as producer:
+        producer.send(topic, b"first", partition=0).result(timeout=10)
+        writer = producer._writers[(topic, 0)]
+        futures, python_writes = [], 0
+        for i in range(sends):
+            deadline = time.monotonic() + 10
+            while not writer.idle() and time.monotonic() < deadline:  # bounded
+                time.sleep(0.0005)
+            assert writer.idle()
+            before = writes[0]
+            futures.append(producer.send(topic, b"r%d" % i, partition=0))
+            python_writes += writes[0] - before
+        assert [f.result(timeout=10) for f in futures] == \
+            [(topic, 0, 1 + i) for i in range(sends)]
+    if fast_write:
+        # Only the sends that found completions due went to the reference (it reaps them).
+        assert python_writes <= sends // producer_module._REAP_INFLIGHT + 1, python_writes
+    else:
+        assert python_writes == sends
+    assert [r.value for r in read_partition(broker.data_dir, topic, 0)] == \
+        [b"first"] + [b"r%d" % i for i in range(sends)]
