@@ -1,7 +1,7 @@
 """KafkaServer: the Kafka listener's socket loop (docs/design/kafka.md).
 
     Kafka client --TCP, [INT32 size][header][body]--> KafkaServer (this, one thread, selectors)
-        Produce  -> router/produce.py's Produce: checked, stamped, written to the ingress ring;
+        Produce  -> router/produce.py's Produce: checked, written unchanged to the ingress ring;
                     answered from the ring's completions (acks 1/-1; acks 0: no response)
         Fetch    -> router/fetch.py's Fetch: whole batches of the segments, long poll; the
                     record bytes go out with sendfile from the segment file (a FilePart),
@@ -637,7 +637,7 @@ class KafkaServer:
                             continue
                     try:
                         # The batch is a view of the receive buffer, ours until this
-                        # returns: stamped in place and written when the ring has room.
+                        # returns: written from there when the ring has room.
                         self.produce.submit(wait, (ti, pi), name, index, acks, records,
                                             borrowed=True)
                     except BaseException:

@@ -423,6 +423,41 @@ def test_an_idempotent_producers_retried_batch_is_appended_once_and_a_gap_is_ref
     assert [m.value for m in got] == [b"a0", b"a1", b"a2", b"b0", b"b1", b"c0"]
 
 
+def segment_file(broker, topic: str) -> bytes:
+    with open(os.path.join(broker.data_dir, f"{topic}-0", "00000000000000000000.log"), "rb") as f:
+        return f.read()
+
+
+def test_a_kafka_producers_batches_are_stored_byte_for_byte_but_offset_and_leader_epoch(
+        kbroker):
+    """Produce writes a client's batch into the log as it is: read from the segment file, each
+    batch equals the client's bytes except baseOffset (assigned) and partitionLeaderEpoch
+    (set by the partition, as Kafka's leader does; both outside the CRC). Producer id, epoch
+    and base sequence are the client's, and so is the CRC."""
+    create_topic(kbroker.address, "bytes", 1)
+    sent = []
+    with connect(kbroker.address) as sock:
+        pid = init_producer_id(sock, 1)
+        sequence = 0
+        for i, n in enumerate((3, 1, 2)):
+            batch = records.encode_batch([b"v%d-%d" % (i, k) for k in range(n)],
+                                         keys=[b"k%d" % k for k in range(n)], producer_id=pid,
+                                         producer_epoch=0, base_sequence=sequence)
+            assert produce_v8(sock, 2 + i, "bytes", batch) == (0, sum((3, 1, 2)[:i]))
+            sent.append(batch)
+            sequence += n
+    stored = segment_file(kbroker, "bytes")
+    at = 0
+    for i, batch in enumerate(sent):
+        got = stored[at:at + len(batch)]
+        assert struct.unpack_from(">q", got)[0] == sum((3, 1, 2)[:i])  # baseOffset
+        assert got[8:12] == batch[8:12] and got[16:] == batch[16:]  # all the rest
+        header = records.read_header(got)
+        assert (header.producer_id, header.producer_epoch) == (pid, 0)
+        at += len(batch)
+    assert at == len(stored)
+
+
 def produce_frame(correlation_id: int, topic: str, batch: bytes) -> bytes:
     """Produce v8, acks=1, one batch to partition 0."""
     name = topic.encode()
