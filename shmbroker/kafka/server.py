@@ -47,7 +47,7 @@ from . import messages as M
 from .codec import Reader
 from .framing import KAFKA_REQUEST_BYTES_MAX, KAFKA_REQUEST_BYTES_MIN, RequestBuffer
 from .groups import CoordinatorLink, KafkaGroups
-from .idempotence import ProducerStates, batch_ids
+from .idempotence import ProducerStates, batch_ids, idempotent_batches_in_tail
 
 log = logging.getLogger("shmbroker.kafka")
 
@@ -631,6 +631,8 @@ class KafkaServer:
                 try:
                     ids = batch_ids(records) if acks == -1 else None
                     if ids is not None:
+                        if not self.producers.restored(name, index):
+                            self._restore_producers(name, index)
                         first_offset = self.producers.check(name, index, ids)
                         if first_offset is not None:  # a retry of an appended batch
                             row[2] = first_offset
@@ -656,6 +658,16 @@ class KafkaServer:
                                  conn.peer, exc)
         if wait.left == 0:
             self._produce_done(wait)
+
+    def _restore_producers(self, topic: str, partition: int) -> None:
+        """Idempotent producers' sequences of one partition from its log's tail, once per
+        listener process, before its first idempotent batch is checked (idempotence.py)."""
+        batches = self.fetch.read_tail(topic, partition, idempotent_batches_in_tail)
+        self.producers.restore(topic, partition, batches)
+        if batches:
+            log.info("%s/%d: sequences of %d idempotent producer(s) rebuilt from the last %d "
+                     "batches of the log", topic, partition, len({b[0] for b in batches}),
+                     len(batches))
 
     def _produce_outcome(self, outcome: Outcome) -> None:
         request = outcome.request

@@ -458,6 +458,47 @@ def test_a_kafka_producers_batches_are_stored_byte_for_byte_but_offset_and_leade
     assert at == len(stored)
 
 
+def test_an_idempotent_retry_after_the_listener_is_killed_and_restarted_is_a_duplicate(
+        kbroker):
+    """Kafka rebuilds a producer's sequences from its log; so does a restarted listener. The
+    listener is kill -9'd after appending two batches of an idempotent producer, the
+    supervisor restarts it, and the client's retry of the second batch (its response lost
+    with the connection) is answered with the first append's offset, not appended again;
+    the next sequence goes on, a gap is still refused."""
+    create_topic(kbroker.address, "idem2", 1)
+    with connect(kbroker.address) as sock:
+        pid = init_producer_id(sock, 1)
+
+        def batch(values, sequence):
+            return records.encode_batch([v.encode() for v in values], producer_id=pid,
+                                        producer_epoch=0, base_sequence=sequence)
+
+        first, second = batch(["a0", "a1", "a2"], 0), batch(["b0", "b1"], 3)
+        assert produce_v8(sock, 2, "idem2", first) == (0, 0)
+        assert produce_v8(sock, 3, "idem2", second) == (0, 3)
+    before, restarts = kafka_pid(kbroker)
+    os.kill(before, 9)
+
+    def listening_again():
+        pid_now, restarts_now = kafka_pid(kbroker)
+        if pid_now == before or restarts_now <= restarts:
+            return False
+        try:
+            connect(kbroker.address).close()
+        except OSError:
+            return False
+        return True
+
+    wait_for(listening_again, what="the kafka listener to be restarted")
+    with connect(kbroker.address) as sock:
+        assert produce_v8(sock, 4, "idem2", second) == (0, 3), "a retry: its first offset"
+        assert produce_v8(sock, 5, "idem2", first) == (0, 0)
+        assert produce_v8(sock, 6, "idem2", batch(["gap"], 9))[0] == 45  # OUT_OF_ORDER
+        assert produce_v8(sock, 7, "idem2", batch(["c0"], 5)) == (0, 5)
+    got = read_all(kbroker.address, "idem2", 1, 6)
+    assert [m.value for m in got] == [b"a0", b"a1", b"a2", b"b0", b"b1", b"c0"]
+
+
 def produce_frame(correlation_id: int, topic: str, batch: bytes) -> bytes:
     """Produce v8, acks=1, one batch to partition 0."""
     name = topic.encode()
