@@ -458,6 +458,29 @@ def test_a_kafka_producers_batches_are_stored_byte_for_byte_but_offset_and_leade
     assert at == len(stored)
 
 
+def test_kafka_pythons_idempotent_producer_keeps_its_id_and_sequences_in_the_log(kbroker):
+    """A real client with enable_idempotence: the segment file holds its producer id (from
+    InitProducerId), epoch and consecutive base sequences, with its CRC intact."""
+    create_topic(kbroker.address, "kp", 1)
+    producer = KafkaProducer(bootstrap_servers=kbroker.address, acks="all",
+                             enable_idempotence=True, linger_ms=0)
+    try:
+        for i in range(5):
+            producer.send("kp", b"v%d" % i, partition=0).get(timeout=30)
+    finally:
+        producer.close()
+    stored = segment_file(kbroker, "kp")
+    scan = records.scan_batches(stored, verify_crc=True)
+    assert scan.ok and scan.valid_bytes == len(stored)
+    headers = [records.read_header(stored, b.position) for b in scan.batches]
+    assert len({h.producer_id for h in headers}) == 1 and headers[0].producer_id >= 0
+    assert {h.producer_epoch for h in headers} == {0}
+    sequences = [(h.base_sequence, h.records_count) for h in headers]
+    assert sequences[0][0] == 0 and all(
+        b[0] == a[0] + a[1] for a, b in zip(sequences, sequences[1:])), sequences
+    assert sum(n for _, n in sequences) == 5
+
+
 def test_an_idempotent_retry_after_the_listener_is_killed_and_restarted_is_a_duplicate(
         kbroker):
     """Kafka rebuilds a producer's sequences from its log; so does a restarted listener. The
