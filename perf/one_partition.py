@@ -21,17 +21,13 @@ RING_BYTES = 1 << 20
 class OnePartition:
     owner: object      # PartitionOwner of topic "t", partition 0
     ring: object       # RingProducer registered in its control region
-    producer_id: int   # the ring's stamp (ingress.producer_id_for)
 
     def commit(self, values: list) -> None:
-        """Writes one frame holding one batch of ``values``, stamped as the Producer does."""
+        """Writes one frame holding one batch of ``values``, as the Producer does (producer
+        fields -1: not idempotent)."""
         from shmbroker import records
-        from shmbroker.partition.ingress import base_sequence_for
 
-        ring = self.ring
-        ring.try_send_many([records.encode_batch(
-            values, producer_id=self.producer_id, producer_epoch=0,
-            base_sequence=base_sequence_for(ring.next_sequence))])
+        self.ring.try_send_many([records.encode_batch(values)])
 
 
 @contextlib.contextmanager
@@ -40,7 +36,6 @@ def one_partition(prefix: str, monotonic_ms=None):
     removed on exit."""
     from shmbroker.config import LogConfig
     from shmbroker.layout import shm as L
-    from shmbroker.partition.ingress import producer_id_for
     from shmbroker.partition.owner import PartitionOwner
     from shmbroker.shm import names
     from shmbroker.shm.control import ControlRegion
@@ -59,7 +54,7 @@ def one_partition(prefix: str, monotonic_ms=None):
     owner = PartitionOwner(data_dir, "t", 0, LogConfig(),
                            control=ControlRegion.attach(control.name), **kwargs)
     try:
-        yield OnePartition(owner, ring, producer_id_for(slot, generation))
+        yield OnePartition(owner, ring)
     finally:
         owner.shutdown()
         owner.close()

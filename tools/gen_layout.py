@@ -37,7 +37,8 @@ def render_record_batch() -> str:
 def shm_layout_entries() -> list[tuple[str, str]]:
     """(key in _native.SHM_LAYOUT, C macro) for every field offset and constant of shm.py."""
     out = []
-    groups = (("CTL", shm.CONTROL_FIELDS), ("SLOT", shm.SLOT_FIELDS), ("RING", shm.RING_FIELDS),
+    groups = (("CTL", shm.CONTROL_FIELDS), ("SLOT", shm.SLOT_FIELDS),
+              ("MANIFEST", shm.MANIFEST_FIELDS), ("RING", shm.RING_FIELDS),
               ("COMPL", shm.COMPLETION_FIELDS), ("FRAME", shm.FRAME_FIELDS))
     for prefix, fields in groups:
         for f in fields:
@@ -53,7 +54,8 @@ def render_shm() -> str:
         "#define SHMB_SHM_LAYOUT_H",
         "",
     ]
-    groups = (("CTL", shm.CONTROL_FIELDS), ("SLOT", shm.SLOT_FIELDS), ("RING", shm.RING_FIELDS),
+    groups = (("CTL", shm.CONTROL_FIELDS), ("SLOT", shm.SLOT_FIELDS),
+              ("MANIFEST", shm.MANIFEST_FIELDS), ("RING", shm.RING_FIELDS),
               ("COMPL", shm.COMPLETION_FIELDS), ("FRAME", shm.FRAME_FIELDS))
     for prefix, fields in groups:
         for f in fields:

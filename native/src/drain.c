@@ -123,6 +123,7 @@ static int collect(shmb_drain_ring *rings, size_t n, const shmb_drain_log *log, 
         r->count = 0;
         r->held_back = 0;
         r->bytes = 0;
+        r->offsets = 0;
         r->base_offset = -1;
         r->release_failed = 0;
     }
@@ -226,14 +227,36 @@ static int check_no_roll(const round_state *s, const shmb_drain_log *log)
     return 0;
 }
 
-/* Everything that makes the Python round do more than append + publish + complete. */
-static int check_round(shmb_drain_ring *rings, size_t n, uint8_t *control, uint64_t records,
-                       const round_state *s, const shmb_drain_log *log)
+/* The round manifest's place: after the registry of the region's registry_slots (layout/shm.py,
+ * control_manifest_offset); 0 when the region is too small for it (a caller error). */
+static size_t manifest_offset(const uint8_t *control, size_t control_len, uint32_t *slots)
 {
-    for (size_t i = 0; i < n; i++)
+    uint32_t n;
+    memcpy(&n, control + SHMB_CTL_REGISTRY_SLOTS_OFFSET, 4);
+    size_t at = SHMB_CONTROL_REGISTRY_OFFSET + (size_t)n * SHMB_SLOT_BYTES;
+    if (n == 0 || n > SHMB_REGISTRY_SLOTS_MAX ||
+        control_len < at + (size_t)n * SHMB_MANIFEST_ENTRY_BYTES)
+        return 0;
+    *slots = n;
+    return at;
+}
+
+/* Everything that makes the Python round do more than append + publish + complete. */
+static int check_round(shmb_drain_ring *rings, size_t n, uint8_t *control, size_t control_len,
+                       uint64_t records, const round_state *s, const shmb_drain_log *log)
+{
+    size_t taken = 0;
+    for (size_t i = 0; i < n; i++) {
         if (rings[i].count && shmb_u32_load_seq_cst(rings[i].region +
                                                     SHMB_RING_FSYNC_REQUIRED_OFFSET))
             return SHMB_DRAIN_DECLINE_FSYNC_REQUIRED;
+        taken += rings[i].count != 0;
+    }
+    uint32_t slots = 0;
+    /* One manifest entry per ring that gave frames (Drainer.round takes at most
+     * registry_slots rings, so this is a caller error). */
+    if (manifest_offset(control, control_len, &slots) == 0 || taken > slots)
+        return SHMB_DRAIN_DECLINE_MANIFEST_FULL;
     int d = check_no_roll(s, log);
     if (d)
         return d;
@@ -363,12 +386,37 @@ static void complete(shmb_drain_ring *r)
         shmb_futex_wake((uint32_t *)(region + SHMB_RING_ACK_SEQ_OFFSET), INT_MAX);
 }
 
-/* Steps 2-6 of drain.py's module doc, in that order. */
-static int act(shmb_drain_ring *rings, size_t n, uint8_t *control, const uint8_t *scratch,
-               size_t used, const shmb_drain_log *log, shmb_drain_result *out)
+/* ControlRegion.write_round_manifest: -1, the entries, their count, the base offset (every
+ * step a seq_cst store or before one, so none moves past the next; layout/shm.py). */
+static void write_manifest(const shmb_drain_ring *rings, size_t n, uint8_t *control,
+                           size_t control_len, int64_t base_offset)
 {
+    uint32_t slots = 0, count = 0;
+    size_t at = manifest_offset(control, control_len, &slots); /* check_round: it fits */
+    shmb_u64_store_seq_cst(control + SHMB_CTL_APPEND_ROUND_BASE_OFFSET_OFFSET, UINT64_MAX);
+    for (size_t i = 0; i < n; i++) { /* bounded by n; at most `slots` take frames */
+        const shmb_drain_ring *r = &rings[i];
+        if (!r->count)
+            continue;
+        uint8_t *e = control + at + (size_t)count++ * SHMB_MANIFEST_ENTRY_BYTES;
+        uint32_t frames = r->count, offsets = (uint32_t)r->offsets;
+        memcpy(e + SHMB_MANIFEST_FIRST_SEQUENCE_OFFSET, &r->expected_sequence, 8);
+        memcpy(e + SHMB_MANIFEST_SLOT_OFFSET, r->region + SHMB_RING_SLOT_OFFSET, 4);
+        memcpy(e + SHMB_MANIFEST_GENERATION_OFFSET, r->region + SHMB_RING_GENERATION_OFFSET, 4);
+        memcpy(e + SHMB_MANIFEST_FRAME_COUNT_OFFSET, &frames, 4);
+        memcpy(e + SHMB_MANIFEST_OFFSET_COUNT_OFFSET, &offsets, 4);
+    }
+    shmb_u32_store_seq_cst(control + SHMB_CTL_MANIFEST_RINGS_OFFSET, count);
     shmb_u64_store_seq_cst(control + SHMB_CTL_APPEND_ROUND_BASE_OFFSET_OFFSET,
-                           (uint64_t)log->log_end_offset);
+                           (uint64_t)base_offset);
+}
+
+/* Steps 2-6 of drain.py's module doc, in that order. */
+static int act(shmb_drain_ring *rings, size_t n, uint8_t *control, size_t control_len,
+               const uint8_t *scratch, size_t used, const shmb_drain_log *log,
+               shmb_drain_result *out)
+{
+    write_manifest(rings, n, control, control_len, log->log_end_offset);
     if (write_all(log->fd, scratch, used, &out->write_errno) < 0) {
         /* LogSegment._undo_partial_write: no torn batch stays behind. */
         out->truncated = ftruncate(log->fd, (off_t)log->segment_size) == 0;
@@ -403,8 +451,9 @@ static int decline(shmb_drain_result *out, int why)
     return SHMB_DRAIN_DECLINED;
 }
 
-int shmb_drain_round(shmb_drain_ring *rings, size_t n, uint8_t *control, uint8_t *scratch,
-                     size_t scratch_len, const shmb_drain_log *log, shmb_drain_result *out)
+int shmb_drain_round(shmb_drain_ring *rings, size_t n, uint8_t *control, size_t control_len,
+                     uint8_t *scratch, size_t scratch_len, const shmb_drain_log *log,
+                     shmb_drain_result *out)
 {
     round_state s;
     size_t used = 0;
@@ -425,7 +474,7 @@ int shmb_drain_round(shmb_drain_ring *rings, size_t n, uint8_t *control, uint8_t
     if (d == 0 && s.frames > 0)
         d = plan_offsets(&s, log);
     if (d == 0 && s.frames > 0)
-        d = check_round(rings, n, control, s.records, &s, log);
+        d = check_round(rings, n, control, control_len, s.records, &s, log);
     if (d == 0 && s.frames > 0)
         d = patch_and_index(&s, scratch, log, out);
     if (d) {
@@ -441,10 +490,17 @@ int shmb_drain_round(shmb_drain_ring *rings, size_t n, uint8_t *control, uint8_t
     out->bytes = used;
     int status = SHMB_DRAIN_DONE;
     if (s.frames > 0) {
-        for (size_t i = 0; i < n; i++)
-            if (rings[i].count)
-                rings[i].base_offset = s.batches[s.ring_first_batch[i]].base_offset;
-        status = act(rings, n, control, scratch, used, log, out);
+        shmb_drain_ring *previous = NULL;
+        for (size_t i = 0; i < n; i++) {
+            if (!rings[i].count)
+                continue;
+            rings[i].base_offset = s.batches[s.ring_first_batch[i]].base_offset;
+            if (previous != NULL)
+                previous->offsets = (uint64_t)(rings[i].base_offset - previous->base_offset);
+            previous = &rings[i];
+        }
+        previous->offsets = (uint64_t)(out->log_end_offset - previous->base_offset);
+        status = act(rings, n, control, control_len, scratch, used, log, out);
     }
     round_free(&s);
     return status;

@@ -4009,8 +4009,8 @@ static PyObject *py_drain_round(PyObject *module, PyObject *const *args, Py_ssiz
     shmb_drain_result r;
     int status;
     Py_BEGIN_ALLOW_THREADS
-    status = shmb_drain_round(h.rings, (size_t)h.n, control.buf, scratch.buf,
-                              (size_t)scratch.len, &log, &r);
+    status = shmb_drain_round(h.rings, (size_t)h.n, control.buf, (size_t)control.len,
+                              scratch.buf, (size_t)scratch.len, &log, &r);
     Py_END_ALLOW_THREADS
     PyObject *result;
     if (status == SHMB_DRAIN_DECLINED)

@@ -19,8 +19,9 @@ How a record travels (docs/design/partition.md):
    is in flight) and ``linger_ms`` has passed, or on ``flush``/``result``/``close``. Records
    that a ``send`` leaves behind (the ring was busy) are written by a background sender
    thread as soon as the ring goes idle, so ``send`` alone always delivers, as with Kafka.
-   Each batch is stamped with producer_id = its ring's (slot, generation) and base_sequence =
-   its frame sequence, so a restarted partition process never appends it twice.
+   Its producer fields are Kafka's "not idempotent" (producer id, epoch and base sequence
+   -1): a restarted partition process recognises frames it appended already by its round
+   manifest, not by anything in the batch (docs/design/partition.md, "Duplicates").
 3. The partition process appends the frame, writes a completion (base offset), releases the
    space. The producer reads completions whenever it writes or waits, and resolves futures.
 
@@ -63,7 +64,6 @@ from ..config import (PRODUCER_BATCH_BYTES_DEFAULT, PRODUCER_BATCH_RECORDS_MAX,
 from ..layout import record_batch as RB
 from ..layout import shm as L
 from ..native import _native
-from ..partition.ingress import base_sequence_for, producer_id_for
 from ..shm import names
 from ..shm.ring import RING_OK, RingProducer
 from .metadata import LocalMetadata
@@ -81,6 +81,8 @@ _ACK_WAIT_SLICE_MS = 200
 _READ_POSITION = L.RING["read_position"]
 _WRITE_POSITION = L.RING["write_position"]
 _PARTITION_STATUS = L.CONTROL["partition_status"]
+#: A batch's producer fields: Kafka's values for a producer that is not idempotent.
+_NO_PRODUCER_ID = _NO_EPOCH = _NO_SEQUENCE = -1
 _load_u64 = _native.atomic_load_u64
 #: Producer.send takes the C fast path (_native.SendPath) where it can. Tests set it False
 #: (before making a Producer) to run the Python reference alone and compare the two.
@@ -224,7 +226,7 @@ class _Writer:
     """This producer's ring to one partition, its registry slot, and the frames in flight."""
 
     __slots__ = ("topic", "partition", "control", "ring", "buf", "slot", "generation",
-                 "producer_id", "next_sequence", "written_position", "inflight",
+                 "next_sequence", "written_position", "inflight",
                  "payload_bytes_max", "sleepers", "closing")
 
     def __init__(self, topic: str, partition: int, control, ring: RingProducer, slot: int,
@@ -236,7 +238,6 @@ class _Writer:
         self.buf = ring.buf
         self.slot = slot
         self.generation = generation
-        self.producer_id = producer_id_for(slot, generation)
         self.next_sequence = ring.next_sequence
         self.written_position = ring.write_position
         self.inflight: deque[_Batch] = deque()
@@ -719,9 +720,8 @@ class Producer:
             error = self._partition_stopped(writer)
             batch.fail(error)
             raise error
-        base_sequence = base_sequence_for(writer.next_sequence)
         status, first, wpos = records_.write_ring(writer.buf, writer.control.buf,
-                                               writer.producer_id, 0, base_sequence)
+                                               _NO_PRODUCER_ID, _NO_EPOCH, _NO_SEQUENCE)
         if status == RING_OK:  # _after_write, inlined for one batch (the hot path)
             writer.next_sequence = first + 1
             writer.written_position = wpos
@@ -739,7 +739,7 @@ class Producer:
                 self._reap(writer)
             return
         # No room now: the blocking write (wait for space, up to send_timeout_ms).
-        self._write_frames(writer, [records_.encode(writer.producer_id, 0, base_sequence)],
+        self._write_frames(writer, [records_.encode(_NO_PRODUCER_ID, _NO_EPOCH, _NO_SEQUENCE)],
                            [batch])
 
     def _write_frames(self, writer: _Writer, payloads: list, batches: list[_Batch]) -> None:
@@ -980,12 +980,9 @@ class Producer:
         bounds = _split(sizes, acc.bytes_max)
         writer = acc.writer
         payloads, batches, pieces = [], [], []
-        seq = writer.next_sequence
         for start, end in zip(bounds, bounds[1:] + [n]):
             sub_keys = None if keys is None else list(keys[start:end])
-            payloads.append(records.encode_batch(
-                values[start:end], sub_keys, producer_id=writer.producer_id, producer_epoch=0,
-                base_sequence=base_sequence_for(seq + len(payloads))))
+            payloads.append(records.encode_batch(values[start:end], sub_keys))
             batch = _Batch(self, acc.topic, acc.partition)
             batch.count = end - start
             batches.append(batch)

@@ -269,7 +269,7 @@ class RemoteProducer(Producer):
             return
         batch = acc.batch
         batch.count = count
-        payload = acc.encode(-1, -1, -1)  # the router stamps the producer fields
+        payload = acc.encode(-1, -1, -1)  # not idempotent: Kafka's -1s, stored as they are
         acc.batch = _Batch(self, topic, partition)
         if self._io_error is not None:  # no I/O thread any more: fail now, never hang
             batch.fail(self._io_error)

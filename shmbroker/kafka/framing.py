@@ -14,8 +14,8 @@ starts in an empty buffer (``start = end = 0``) and a stream of big produce requ
 moved. ``moved_bytes`` counts what was moved (tests and benchmarks look at it).
 
 The handler's view is valid only until it returns: the region is received into again
-afterwards, so a handler copies what it keeps (``Produce.submit`` stamps a batch in place
-and writes it to the ring, or copies it when it must wait; the decoders make
+afterwards, so a handler copies what it keeps (``Produce.submit`` writes a batch to the
+ring from the view, unchanged, or copies it when it must wait; the decoders make
 ``bytes``/``str`` of the rest). A view that outlives its frame
 stops the listener at the next reuse of the region (an assertion: a bytearray with a live
 view cannot change size, which is checked before the region is written over).

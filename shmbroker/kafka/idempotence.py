@@ -18,11 +18,23 @@ Worked example: batches (seq 0, 3 records) and (seq 3, 2 records) are appended a
 and 13; the response to the second is lost and the client sends it again: (3, 4) matches the
 remembered (3, 4, offset 13), so nothing is appended and the answer is offset 13.
 
-Limits, said plainly: the state lives in the listener's memory, so a restarted listener (or a
-producer evicted past KAFKA_PRODUCER_STATES_MAX) starts afresh and accepts whatever sequence
-comes next: a retry that straddles a listener restart can be appended twice. Batches from
-acks 0/1 producers are not checked (Kafka clients allow idempotence only with acks=all).
-Owned by the kafka process's loop; not thread-safe.
+After a restart the state is rebuilt from the log, as Kafka's ProducerStateManager rebuilds
+it: the partition stores a client's batch as it is (producer id, epoch, base sequence and
+record count intact), so before the first idempotent batch to a partition is checked, the
+last KAFKA_PRODUCER_STATE_SCAN_BYTES_MAX of that partition's log are read
+(``LogReader.tail_offset``) and every idempotent batch there is replayed into the state in
+log order (:meth:`ProducerStates.restore`): the last 5 batches of each producer, its epoch,
+its last sequence. A retry that straddles a listener restart is then a duplicate, answered
+with the first append's offset.
+
+Limits, said plainly: a producer whose last batch lies further back than the scanned tail
+(4 MiB; more than that written to the partition since, by others) is not found and starts
+afresh, accepting whatever sequence comes next; so does one evicted past
+KAFKA_PRODUCER_STATES_MAX. A batch still in the dead listener's ring when a retry arrives
+(it is appended as soon as the partition process drains the ring, microseconds after the
+write, long before a client's retry) would be missed too. Batches from acks 0/1 producers are
+not checked (Kafka clients allow idempotence only with acks=all). Owned by the kafka
+process's loop; not thread-safe.
 """
 from __future__ import annotations
 
@@ -36,6 +48,11 @@ from .. import errors
 KAFKA_PRODUCER_STATES_MAX = 100_000
 #: Appended batches remembered per state: Kafka's, matching the clients' 5 in flight.
 KAFKA_PRODUCER_BATCHES_KEPT = 5
+#: Bytes at the end of a partition's log read to rebuild its producers' state after a restart
+#: (at most one index interval more): a few ms of reading, once per partition.
+KAFKA_PRODUCER_STATE_SCAN_BYTES_MAX = 4 << 20
+#: Bytes per read of that scan.
+_SCAN_READ_BYTES = 1 << 20
 #: RecordBatch v2: producerId INT64 at 43, producerEpoch INT16 at 51, baseSequence INT32 at 53,
 #: recordsCount INT32 at 57 (brief §5.1); the header is 61 bytes.
 _IDS = struct.Struct(">qhii")
@@ -78,8 +95,35 @@ class ProducerStates:
         assert states_max > 0
         self.states_max = states_max
         self._states: OrderedDict[tuple, _State] = OrderedDict()
+        #: (topic, partition) whose log tail has been read into the state (restore).
+        self._restored: set[tuple[str, int]] = set()
         #: For logs and tests.
         self.duplicates = 0
+        self.restored_batches = 0
+
+    def restored(self, topic: str, partition: int) -> bool:
+        """Whether the partition's log tail was read already (call ``restore`` if not)."""
+        return (topic, partition) in self._restored
+
+    def restore(self, topic: str, partition: int, batches) -> None:
+        """Rebuild the state of ``topic``/``partition`` from its log's tail, before any batch
+        to it is checked: ``batches`` are (producer id, epoch, first sequence, last sequence,
+        base offset) of the idempotent batches there, in log order. A producer the listener
+        already knows keeps what it knows (it produced since; the log has nothing newer)."""
+        self._restored.add((topic, partition))
+        for pid, epoch, first, last, base_offset in batches:  # bounded by the scanned tail
+            key = (pid, topic, partition)
+            state = self._states.get(key)
+            if state is not None and state.in_flight:
+                continue
+            if state is None or epoch > state.epoch:
+                state = self._states[key] = _State(epoch)
+                if len(self._states) > self.states_max:
+                    self._states.popitem(last=False)
+            elif epoch < state.epoch:
+                continue
+            state.appended.append((first, last, base_offset))
+            self.restored_batches += 1
 
     def check(self, topic: str, partition: int, ids: tuple[int, int, int, int]) -> int | None:
         """Before an append. Returns the base offset of an earlier append of the same batch
@@ -124,3 +168,30 @@ class ProducerStates:
         state.in_flight.remove((first, last))
         if base_offset is not None:
             state.appended.append((first, last, base_offset))
+
+
+def idempotent_batches_in_tail(reader, state, bytes_max: int = KAFKA_PRODUCER_STATE_SCAN_BYTES_MAX):
+    """(producer id, epoch, first sequence, last sequence, base offset) of every idempotent
+    batch in the last ``bytes_max`` committed bytes of a partition's log, in log order:
+    ``reader`` a LogReader of it, ``state`` its published state (what ``restore`` takes)."""
+    from .. import records
+
+    out = []
+    offset = reader.tail_offset(state, bytes_max)
+    hw = state.high_watermark
+    # bytes_max, the index interval before it, and a short read at each segment end.
+    reads_max = bytes_max // _SCAN_READ_BYTES + 2 + 64
+    for _ in range(reads_max):  # bounded: each read moves past at least one batch
+        if offset >= hw:
+            break
+        piece = reader.read(offset, _SCAN_READ_BYTES, state, verify_crc=False)
+        if piece.length == 0:
+            break
+        data = piece.data
+        for b in records.scan_batches(data, verify_crc=False).batches:
+            ids = batch_ids(data[b.position:b.position + BATCH_HEADER_BYTES])
+            if ids is not None:
+                out.append((*ids, b.base_offset))
+        offset = piece.last_offset + 1
+        del data, piece
+    return out

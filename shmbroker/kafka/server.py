@@ -1,7 +1,7 @@
 """KafkaServer: the Kafka listener's socket loop (docs/design/kafka.md).
 
     Kafka client --TCP, [INT32 size][header][body]--> KafkaServer (this, one thread, selectors)
-        Produce  -> router/produce.py's Produce: checked, stamped, written to the ingress ring;
+        Produce  -> router/produce.py's Produce: checked, written unchanged to the ingress ring;
                     answered from the ring's completions (acks 1/-1; acks 0: no response)
         Fetch    -> router/fetch.py's Fetch: whole batches of the segments, long poll; the
                     record bytes go out with sendfile from the segment file (a FilePart),
@@ -47,7 +47,7 @@ from . import messages as M
 from .codec import Reader
 from .framing import KAFKA_REQUEST_BYTES_MAX, KAFKA_REQUEST_BYTES_MIN, RequestBuffer
 from .groups import CoordinatorLink, KafkaGroups
-from .idempotence import ProducerStates, batch_ids
+from .idempotence import ProducerStates, batch_ids, idempotent_batches_in_tail
 
 log = logging.getLogger("shmbroker.kafka")
 
@@ -631,13 +631,15 @@ class KafkaServer:
                 try:
                     ids = batch_ids(records) if acks == -1 else None
                     if ids is not None:
+                        if not self.producers.restored(name, index):
+                            self._restore_producers(name, index)
                         first_offset = self.producers.check(name, index, ids)
                         if first_offset is not None:  # a retry of an appended batch
                             row[2] = first_offset
                             continue
                     try:
                         # The batch is a view of the receive buffer, ours until this
-                        # returns: stamped in place and written when the ring has room.
+                        # returns: written from there when the ring has room.
                         self.produce.submit(wait, (ti, pi), name, index, acks, records,
                                             borrowed=True)
                     except BaseException:
@@ -656,6 +658,16 @@ class KafkaServer:
                                  conn.peer, exc)
         if wait.left == 0:
             self._produce_done(wait)
+
+    def _restore_producers(self, topic: str, partition: int) -> None:
+        """Idempotent producers' sequences of one partition from its log's tail, once per
+        listener process, before its first idempotent batch is checked (idempotence.py)."""
+        batches = self.fetch.read_tail(topic, partition, idempotent_batches_in_tail)
+        self.producers.restore(topic, partition, batches)
+        if batches:
+            log.info("%s/%d: sequences of %d idempotent producer(s) rebuilt from the last %d "
+                     "batches of the log", topic, partition, len({b[0] for b in batches}),
+                     len(batches))
 
     def _produce_outcome(self, outcome: Outcome) -> None:
         request = outcome.request

@@ -40,9 +40,12 @@ writer; every group (and every hot futex word) has its own 64-byte cache line::
                   384  u32 partition_status      0 none yet, 1 running, 2 stopping (takes no
                                                  new frames), 3 stopped (its rings are drained)
                   392  i64 append_round_base_offset  log end offset before the append of the
-                                                 current drain round (-1: none); after a crash
+                                                 current drain round (-1: none, or the round
+                                                 manifest is being rewritten); after a crash
                                                  the restarted process reads the log from here
                                                  to find frames appended but not released
+                  400  u32 manifest_rings        entries of the round manifest (below) that
+                                                 describe that append, in log order
        448    64  u32 registry_changes          producers; +1 after a slot becomes READY
        512  64*N  producer registry, N = registry_slots, one 64-byte slot each:
                     0  i32 pid       claimed by CAS 0 -> pid; freed by CAS pid -> 0
@@ -51,6 +54,21 @@ writer; every group (and every hot futex word) has its own 64-byte cache line::
                    16  u32 generation  +1 on every claim; part of the ring's name
                    20  u32 reserved
                    24  u64 ring_bytes  capacity of the slot's ring
+  512+64*N  24*N  round manifest, N entries of MANIFEST_ENTRY_BYTES:  partition process
+                    0  u64 first_sequence  first frame of the ring that the append holds
+                    8  u32 slot            the ring's (slot, generation): its name
+                   12  u32 generation
+                   16  u32 frame_count     its frames, contiguous in the append
+                   20  u32 offset_count    the offsets those frames take
+
+The round manifest says which frames one append writes, in the order the log gets them: the
+frames of the first entry's ring, then the next entry's, and so on. The partition process
+writes it before every append, in this order (every store seq_cst, so none moves past the
+next): ``append_round_base_offset`` = -1, the entries and ``manifest_rings``, then
+``append_round_base_offset`` = the log end offset, then the write. A kill at any point leaves
+either -1 (nothing of that append is in the log) or a base offset whose manifest is the one
+in place. No field of a batch is needed to recognise a frame after a crash, so producers'
+batches are stored as they are (docs/design/partition.md, "Duplicates after a restart").
 
 Ingress ring region (``shmb.<broker>.r.<topic>.<partition>.<slot>.<generation>``), one per
 (producer process, partition); single producer, single consumer (the partition process)::
@@ -120,7 +138,7 @@ CACHE_LINE_BYTES = 64
 # --- partition control region --------------------------------------------------------------
 
 CONTROL_MAGIC = int.from_bytes(b"SHMBCTL1", "little")
-CONTROL_LAYOUT_VERSION = 1
+CONTROL_LAYOUT_VERSION = 2  # 2: the round manifest
 
 CONTROL_FIELDS: tuple[Field, ...] = (
     # header line
@@ -149,6 +167,7 @@ CONTROL_FIELDS: tuple[Field, ...] = (
     Field("partition_sleeping", 320, 4, "I"),
     Field("partition_status", 384, 4, "I"),
     Field("append_round_base_offset", 392, 8, "q"),
+    Field("manifest_rings", 400, 4, "I"),
     Field("registry_changes", 448, 4, "I"),
 )
 
@@ -184,8 +203,26 @@ SLOT_CLOSING = 3   # the producer is closing: drain what is committed, then free
 REGISTRY_SLOTS_MAX = 256
 
 
-def control_region_bytes(registry_slots: int) -> int:
+#: One entry of the round manifest (one ring's frames in one append); a round takes at most
+#: registry_slots rings, so the manifest has registry_slots entries.
+MANIFEST_FIELDS: tuple[Field, ...] = (
+    Field("first_sequence", 0, 8, "Q"),
+    Field("slot", 8, 4, "I"),
+    Field("generation", 12, 4, "I"),
+    Field("frame_count", 16, 4, "I"),
+    Field("offset_count", 20, 4, "I"),
+)
+MANIFEST_ENTRY_BYTES = 24
+MANIFEST_ENTRY_STRUCT = struct.Struct("<QIIII")
+
+
+def control_manifest_offset(registry_slots: int) -> int:
+    """Where the round manifest starts: right after the registry."""
     return CONTROL_REGISTRY_OFFSET + registry_slots * SLOT_BYTES
+
+
+def control_region_bytes(registry_slots: int) -> int:
+    return control_manifest_offset(registry_slots) + registry_slots * MANIFEST_ENTRY_BYTES
 
 
 # --- ingress ring region -------------------------------------------------------------------
@@ -307,6 +344,9 @@ def _check(fields: tuple[Field, ...], end: int) -> None:
 
 _check(CONTROL_FIELDS, CONTROL_REGISTRY_OFFSET)
 _check(SLOT_FIELDS, SLOT_BYTES)
+_check(MANIFEST_FIELDS, MANIFEST_ENTRY_BYTES)
+assert MANIFEST_ENTRY_STRUCT.size == MANIFEST_ENTRY_BYTES
+assert MANIFEST_ENTRY_BYTES % 8 == 0  # first_sequence stays naturally aligned
 _check(RING_FIELDS, RING_COMPLETIONS_OFFSET)
 _check(COMPLETION_FIELDS, COMPLETION_BYTES)
 _check(FRAME_FIELDS, FRAME_HEADER_BYTES)
@@ -318,6 +358,7 @@ assert COMPLETIONS_MAX & (COMPLETIONS_MAX - 1) == 0
 
 CONTROL = {f.name: f.offset for f in CONTROL_FIELDS}
 SLOT = {f.name: f.offset for f in SLOT_FIELDS}
+MANIFEST = {f.name: f.offset for f in MANIFEST_FIELDS}
 RING = {f.name: f.offset for f in RING_FIELDS}
 COMPLETION = {f.name: f.offset for f in COMPLETION_FIELDS}
 FRAME = {f.name: f.offset for f in FRAME_FIELDS}
@@ -337,6 +378,7 @@ CONSTANTS = {
     "CONTROL_LAYOUT_VERSION": CONTROL_LAYOUT_VERSION,
     "CONTROL_REGISTRY_OFFSET": CONTROL_REGISTRY_OFFSET,
     "SLOT_BYTES": SLOT_BYTES,
+    "MANIFEST_ENTRY_BYTES": MANIFEST_ENTRY_BYTES,
     "PARTITION_STATUS_NONE": PARTITION_STATUS_NONE,
     "PARTITION_STATUS_RUNNING": PARTITION_STATUS_RUNNING,
     "PARTITION_STATUS_STOPPING": PARTITION_STATUS_STOPPING,

@@ -325,6 +325,43 @@ class LogReader:
             f"{self.directory}: offset {offset} is below the high watermark {hw} but no "
             f"segment up to the active one ({active}) holds it", path=self.directory)
 
+    def tail_offset(self, state, bytes_max: int) -> int:
+        """An offset from which reading to the high watermark covers about the last
+        ``bytes_max`` committed bytes of the log (at least those, plus up to one index
+        interval and a batch; less only where the log is shorter). Walks segments back from
+        the active one; inside the segment where the budget ends, the last .index entry at
+        or before the budget's first byte gives the offset (position 0 when there is none). Used by a
+        restarted Kafka listener to rebuild producers' sequences from the log's tail."""
+        start = state.log_start_offset
+        if state.high_watermark <= start:
+            return start
+        active = state.active_segment_base_offset
+        if active != self._listed_active or not self._bases:
+            self._relist()
+            self._listed_active = active
+        bases = [b for b in self._bases if b <= active]
+        budget = bytes_max
+        earliest = active  # the oldest segment wholly within the budget so far
+        for base in reversed(bases[-SEGMENT_STEPS_MAX:]):  # bounded: SEGMENT_STEPS_MAX
+            if base == active:
+                size = state.active_segment_end_position
+            else:
+                try:
+                    size = os.stat(files.segment_path(self.directory, base,
+                                                      files.LOG_SUFFIX)).st_size
+                except FileNotFoundError:
+                    break  # retention: what follows is all there is
+            if size > budget:
+                # The last index entry at or before the budget's first byte (entries point
+                # at batch starts): at most one index interval more than asked.
+                segment = self._segment(base)
+                segment.refresh_index()
+                at = bisect.bisect_right(segment.index_positions, size - budget) - 1
+                return max(start, segment.index_offsets[at] if at >= 0 else base)
+            budget -= size
+            earliest = base
+        return max(start, earliest)
+
     def offset_for_timestamp(self, timestamp: int, state) -> tuple[int, int] | None:
         """Kafka's ListOffsets by time: (offset, timestamp) of the first committed record
         whose timestamp is >= ``timestamp``, or None when there is none.

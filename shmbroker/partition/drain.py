@@ -6,7 +6,9 @@ A round, in order (the order is what makes a crash at any point safe):
 
 1. ``poll`` each readable ring (round-robin start, at most PARTITION_RING_ROUND_BYTES_MAX per
    ring and PARTITION_ROUND_BYTES_MAX in all), as memoryviews of the ring's frames;
-2. write the log end offset to the control region (``append_round_base_offset``);
+2. write the round manifest to the control region: which rings' frames the append holds, in
+   log order (one entry per ring: slot, generation, first sequence, frames, offsets), then
+   the log end offset (``append_round_base_offset``; layout/shm.py says why this order);
 3. join every payload into one buffer (the only copy; it also means a producer cannot change
    bytes between validation and write) and ``PartitionLog.append`` it: one validation pass,
    one ``writev`` per segment touched. Each ring's frames are contiguous in the buffer, so one
@@ -16,10 +18,13 @@ A round, in order (the order is what makes a crash at any point safe):
    readable: a producer that gets its ack and tells a consumer must not find it missing;
 6. ``complete`` each ring's frames, then ``release`` their space.
 
-A kill between 3 and 6 leaves frames appended but not released. The restarted process reads
-the log from ``append_round_base_offset`` and matches each batch's (producer_id, base_sequence)
-— stamped by the producer as (its ring's slot and generation, the frame's sequence) — with
-the frames at each ring's read position (:func:`replay_unreleased`).
+A kill between 3 and 6 leaves frames appended but not released. The restarted process counts
+the whole batches the log holds from ``append_round_base_offset`` and walks the manifest's
+frames in the same order: the frames those batches fill were appended (completed with their
+offsets, skipped), the rest were not (:meth:`Drainer.replay_unreleased`). No field of a batch
+is needed, so the partition stores producers' batches as they are (only base offset and
+partition leader epoch, both outside the CRC, are set). Every append writes its own manifest:
+the slow paths below append ring by ring or run by run, each after its manifest.
 
 A batch that fails validation costs only its own frame: the round falls back to one append per
 ring, and for the ring that failed to one validation per frame; the bad frame is completed with
@@ -27,7 +32,7 @@ the error's code and skipped, the others are appended.
 
 The C round (``_native.drain_round``, native/include/shmb/drain.h) does steps 1-6 of the
 common case in one call, the GIL released, in the same order: collect and copy (the join),
-validate, ``append_round_base_offset``, write, publish, complete, release. It changes nothing
+validate, the manifest and ``append_round_base_offset``, write, publish, complete, release. It changes nothing
 before it has decided, and declines — the Python round below then runs, and stays the
 reference it is tested against (tests/integration/test_native_drain.py) — for anything
 unusual: a bad or empty frame, a batch split across frames, a roll or flush due, a ring that
@@ -59,9 +64,9 @@ from ..layout import shm as L
 from ..log import PartitionLog
 from ..log.partition_log import AppendInfo
 from ..native import _native
-from ..shm.control import ControlRegion
+from ..shm.control import ControlRegion, ManifestEntry
 from ..shm.counters import CountersWriter
-from .ingress import Ingress, IngressRing, base_sequence_for
+from .ingress import Ingress, IngressRing
 
 log = logging.getLogger("shmbroker.partition")
 
@@ -75,6 +80,8 @@ _LAST_OFFSET_DELTA = struct.Struct(">i")
 _BATCH_LENGTH = struct.Struct(">i")
 _LAST_OFFSET_DELTA_AT = RB.FIELDS[[f.name for f in RB.FIELDS].index("last_offset_delta")].offset
 _BATCH_LENGTH_AT = RB.FIELDS[[f.name for f in RB.FIELDS].index("batch_length")].offset
+_CRC = struct.Struct(">I")
+_CRC_AT = RB.OFFSETS["crc"]
 #: Bytes scanned per read of the log while looking for already appended frames.
 _REPLAY_READ_BYTES = 1 << 20
 #: One frame per ring_scan call (to know each frame's end position).
@@ -110,13 +117,34 @@ class NativeRoundStopped(Exception):
 
 
 def offsets_in(payload) -> int:
-    """Offsets taken by the (validated) batches of one frame's payload."""
+    """Offsets taken by the batches of one frame's payload. Exact for validated bytes; for
+    others (the manifest is written before the append validates) a bounded guess that no
+    append uses, since validation then refuses the bytes before anything is written."""
     n = pos = 0
     end = len(payload)
-    while pos < end:  # bounded: every batch is at least a header long
-        n += _LAST_OFFSET_DELTA.unpack_from(payload, pos + _LAST_OFFSET_DELTA_AT)[0] + 1
-        pos += RB.LOG_OVERHEAD + _BATCH_LENGTH.unpack_from(payload, pos + _BATCH_LENGTH_AT)[0]
+    while pos + RB.HEADER_SIZE <= end:  # bounded: every step is at least a header long
+        step = RB.LOG_OVERHEAD + _BATCH_LENGTH.unpack_from(payload, pos + _BATCH_LENGTH_AT)[0]
+        if step < RB.HEADER_SIZE:
+            break
+        n += max(0, _LAST_OFFSET_DELTA.unpack_from(payload, pos + _LAST_OFFSET_DELTA_AT)[0]) + 1
+        pos += step
     return n
+
+
+def batches_in(payload) -> list[tuple[int, int]]:
+    """(last_offset_delta, crc) of each batch of one frame's payload, in order (bounded as
+    :func:`offsets_in`): what the replay compares with the batches in the log."""
+    out = []
+    pos = 0
+    end = len(payload)
+    while pos + RB.HEADER_SIZE <= end:  # bounded: every step is at least a header long
+        step = RB.LOG_OVERHEAD + _BATCH_LENGTH.unpack_from(payload, pos + _BATCH_LENGTH_AT)[0]
+        if step < RB.HEADER_SIZE:
+            break
+        out.append((_LAST_OFFSET_DELTA.unpack_from(payload, pos + _LAST_OFFSET_DELTA_AT)[0],
+                    _CRC.unpack_from(payload, pos + _CRC_AT)[0]))
+        pos += step
+    return out
 
 
 class Drainer:
@@ -141,6 +169,8 @@ class Drainer:
         self._scratch: bytearray | None = None
         self._publisher: tuple[int, int] = (0, 0)  # ControlRegion.publisher(), with _scratch
         self._start = 0  # round-robin: which ring goes first
+        #: Rings one round takes: the round manifest has an entry for each.
+        self._rings_max = control.registry_slots
         #: Counters for logs and tests.
         self.rounds = 0
         self.native_rounds = 0
@@ -179,6 +209,8 @@ class Drainer:
         for ring in order:
             if ring.broken is not None:
                 continue
+            if len(taken) == self._rings_max:  # one manifest entry each (layout/shm.py)
+                break
             start = ring.consumer.position
             try:
                 batch = ring.consumer.poll(self.ring_round_bytes_max, copy=False)
@@ -231,6 +263,8 @@ class Drainer:
                 continue
             picked.append(ring)
             views.append((consumer.buf, consumer.position, expected))
+            if len(picked) == self._rings_max:  # one manifest entry each (layout/shm.py)
+                break
         if not picked:
             return 0
         state = self.log.native_append_state()
@@ -356,13 +390,25 @@ class Drainer:
         py[2] += info.size_bytes
         return info
 
+    def _append_frames(self, parts: list) -> AppendInfo:
+        """One append of the frames ``parts`` = [(ring, first sequence, payloads)], after
+        the round manifest that names them (layout/shm.py): a restarted process counts the
+        log's batches from the base offset against these frames (:meth:`replay_unreleased`).
+        Returns the AppendInfo; a FRAME_ERROR leaves the log as it was."""
+        entries = []
+        for ring, first, payloads in parts:
+            consumer = ring.consumer
+            offsets = sum(offsets_in(v) for v in payloads)
+            entries.append(ManifestEntry(first, consumer.slot, consumer.generation,
+                                         len(payloads), min(offsets, 0xFFFFFFFF)))
+        self.control.write_round_manifest(self.log.log_end_offset, entries)
+        return self._log_append(b"".join([v for _, _, payloads in parts for v in payloads]))
+
     def _append(self, taken: list) -> None:
-        self.control.set_append_round_base_offset(self.log.log_end_offset)
-        data = b"".join([view for _, _, batch in taken for view in batch.data])
         try:
-            info = self._log_append(data)
+            info = self._append_frames([(ring, batch.first_sequence, batch.data)
+                                        for ring, _, batch in taken])
         except FRAME_ERRORS:
-            del data
             self._append_ring_by_ring(taken)
             return
         offset = info.base_offset
@@ -413,7 +459,7 @@ class Drainer:
         done = []
         for ring, start, batch in taken:
             try:
-                info = self._log_append(b"".join(batch.data))
+                info = self._append_frames([(ring, batch.first_sequence, batch.data)])
             except FRAME_ERRORS:
                 self._finish(done)  # what is appended so far, before the slow path
                 done = []
@@ -444,7 +490,7 @@ class Drainer:
             if j > k:
                 if consumer.completions_full():
                     break
-                info = self._log_append(b"".join(copies[k:j]))
+                info = self._append_frames([(ring, batch.first_sequence + k, copies[k:j])])
                 if consumer.fsync_required:
                     self.log.flush()
                 self.publish()  # before the ack: see the module doc, step 5
@@ -488,28 +534,67 @@ class Drainer:
 
     def replay_unreleased(self) -> int:
         """Frames at the rings' read positions that the previous process appended (its last
-        round) but did not release: complete them with the offsets they got, skip them.
-        Returns how many were found."""
+        append) but did not release: complete them with the offsets they got (unless it
+        had: ``acked_sequence``), skip them. Returns how many were found.
+
+        The round manifest (layout/shm.py) names the append's frames in log order; the log
+        holds whole batches from ``append_round_base_offset`` (recovery cut a torn tail).
+        Walking the manifest's frames, each frame's batches are matched with the next
+        batches of the log (offsets contiguous, last offset delta and CRC equal: the log
+        stores a producer's batch as it is, and base offset and leader epoch lie outside
+        the CRC): those frames were appended, the rest were not. Worked example: base 6,
+        the log holds 6..14 (three batches of 3), the manifest says ring A frames 2..3,
+        ring B frame 0..1: A's frames 2 and 3 and B's frame 0 were appended (offsets 6, 9,
+        12), B's frame 1 was not and is drained as usual."""
         base = self.control.append_round_base_offset
         end = self.log.log_end_offset
         if base < 0 or base >= end or base < self.log.log_start_offset:
             return 0
-        appended = self._appended_since(base)
+        logged = self._batches_since(base)
+        rings = {(r.consumer.slot, r.consumer.generation): r for r in self.ingress}
+        at = 0  # index of the next logged batch to match
         found = 0
-        for ring in self.ingress:
+        for entry in self.control.round_manifest():  # bounded: registry_slots
+            if at == len(logged):
+                break
+            ring = rings.get((entry.slot, entry.generation))
+            frames = 0
             try:
-                found += self._skip_appended(ring, appended)
+                if ring is not None and ring.broken is None:
+                    frames, at, whole = self._skip_appended(ring, entry, logged, at)
+                else:
+                    whole = False
             except errors.RingCorruptError as exc:  # see _release: only this ring is dropped
                 self._mark_broken(ring, exc)
+                whole = False
+            found += frames
+            if whole:
+                continue
+            if frames == 0 and self._released(ring, entry):
+                # Released already (its ring gone, or read past): its offsets still count.
+                stop = logged[at][0] + entry.offset_count
+                while at < len(logged) and logged[at][0] < stop:  # bounded by logged
+                    at += 1
+                continue
+            break  # the log ends inside this ring's frames: later entries were not written
         if found:
             log.info("partition %s/%d: %d frame(s) appended before the restart but not released "
                      "were recognised in the log and not appended again", self.ingress.topic,
                      self.ingress.partition, found)
         return found
 
-    def _appended_since(self, offset: int) -> dict[tuple[int, int], int]:
-        """(producer_id, base_sequence) -> base offset of every stamped batch from ``offset``."""
-        appended: dict[tuple[int, int], int] = {}
+    @staticmethod
+    def _released(ring: IngressRing | None, entry: ManifestEntry) -> bool:
+        """The entry's frames are no longer in its ring (released, or the ring is gone)."""
+        if ring is None or ring.broken is not None:
+            return True
+        seq = ring.consumer.first_unread_sequence()
+        return seq is None or seq >= entry.first_sequence + entry.frame_count
+
+    def _batches_since(self, offset: int) -> list[tuple[int, int, int]]:
+        """(base offset, last offset, crc) of every whole batch from ``offset`` to the log end
+        (at most one append: a round, PARTITION_ROUND_BYTES_MAX and one ring's share)."""
+        out: list[tuple[int, int, int]] = []
         end = self.log.log_end_offset
         while offset < end:  # bounded: offset grows with every slice
             piece = self.log.read(offset, _REPLAY_READ_BYTES)
@@ -517,53 +602,84 @@ class Drainer:
                 break
             scan = records.scan_batches(piece.data, verify_crc=False)
             for b in scan.batches:
-                header = records.read_header(piece.data, b.position)
-                if header.producer_id >= 0 and b.base_offset >= offset:
-                    appended[(header.producer_id, header.base_sequence)] = b.base_offset
+                if b.base_offset >= offset:
+                    out.append((b.base_offset, b.last_offset,
+                                _CRC.unpack_from(piece.data, b.position + _CRC_AT)[0]))
             offset = piece.last_offset + 1
             del piece, scan
-        return appended
+        return out
 
-    def _skip_appended(self, ring: IngressRing, appended: dict) -> int:
+    def _skip_appended(self, ring: IngressRing, entry: ManifestEntry, logged: list, at: int
+                       ) -> tuple[int, int, bool]:
+        """Matches ``entry``'s frames, read from ``ring``, with ``logged[at:]``. Returns
+        (frames skipped, index of the next logged batch, whether every frame of the entry
+        was in the log)."""
         consumer = ring.consumer
         seq = consumer.first_unread_sequence()
-        if seq is None:
-            return 0
+        if seq is None or seq > entry.first_sequence or \
+                seq >= entry.first_sequence + entry.frame_count:
+            return 0, at, False
+        acked = _native.atomic_load_u64(consumer.buf, L.RING["acked_sequence"])
+        if acked < entry.first_sequence:
+            # Unreleased frames before the entry's were completed (an earlier append of a
+            # round that went frame by frame); any that was not means a manifest we do
+            # not understand: leave the ring alone.
+            return 0, at, False
         position, start_seq = consumer.position, seq
-        runs: list[list[int]] = []  # [first, last, base_offset, next_offset]
-        while True:  # bounded by the frames in the ring
+        last = entry.first_sequence + entry.frame_count  # one past the entry's frames
+        first_offset = -1  # offset of the first frame at or after acked
+        torn = -1  # a frame whose first batches only are in the log
+        while seq < last:  # bounded by the entry's frames
             nxt, spans = _native.ring_scan(consumer.buf, position, seq, _SCAN_BYTES_ANY,
                                            _ONE_FRAME)
             if not spans:
                 break
-            off, length = spans[0]
-            if length < RB.HEADER_SIZE:
-                break
-            header = records.read_header(consumer.buf, off)
-            key = (header.producer_id, header.base_sequence)
-            if header.producer_id != ring.producer_id or \
-                    header.base_sequence != base_sequence_for(seq) or key not in appended:
-                break
-            base_offset = appended[key]
-            with memoryview(consumer.buf) as whole, whole[off:off + length] as payload:
-                frame_offsets = offsets_in(payload)
-            if runs and runs[-1][3] == base_offset:
-                runs[-1][1] = seq
-                runs[-1][3] = base_offset + frame_offsets
-            else:
-                runs.append([seq, seq, base_offset, base_offset + frame_offsets])
+            if seq >= entry.first_sequence:
+                off, length = spans[0]
+                with memoryview(consumer.buf) as whole, whole[off:off + length] as payload:
+                    batches = batches_in(payload)
+                k = 0
+                for delta, crc in batches:  # bounded by the frame's batches
+                    if at + k == len(logged):
+                        break
+                    base, last_offset, logged_crc = logged[at + k]
+                    if last_offset - base != delta or logged_crc != crc:
+                        break
+                    k += 1
+                if k == 0 and at < len(logged):
+                    log.warning("partition %s/%d: the batch at offset %d is not frame %d of "
+                                "ring %s, which the round manifest names; the replay stops "
+                                "there", self.ingress.topic, self.ingress.partition,
+                                logged[at][0], seq, ring.name)
+                if k < len(batches) or not batches:
+                    if k > 0:
+                        torn, at = seq, at + k
+                        position, seq = nxt, seq + 1
+                    break
+                if seq >= acked and first_offset < 0:
+                    first_offset = logged[at][0]
+                at += k
             position, seq = nxt, seq + 1
         if seq == start_seq:
-            return 0
-        acked = _native.atomic_load_u64(consumer.buf, L.RING["acked_sequence"])
-        for first, last, base_offset, _ in runs:
-            if last >= acked and not consumer.completions_full():
-                consumer.complete(max(first, acked), last,
-                                  base_offset if first >= acked else
-                                  self._offset_of(appended, ring, max(first, acked)))
+            return 0, at, False
+        appended_last = torn - 1 if torn >= 0 else seq - 1
+        first = max(entry.first_sequence, acked)
+        if first_offset >= 0 and appended_last >= first and not consumer.completions_full():
+            consumer.complete(first, appended_last, first_offset)
+        if torn >= acked and not consumer.completions_full():
+            self._refuse_torn(ring, torn, logged[at - 1][1])
         consumer.skip_to(position, seq)
-        return seq - start_seq
+        return seq - start_seq, at, seq == last and torn < 0
 
-    @staticmethod
-    def _offset_of(appended: dict, ring: IngressRing, seq: int) -> int:
-        return appended[(ring.producer_id, base_sequence_for(seq))]
+    def _refuse_torn(self, ring: IngressRing, seq: int, last_logged: int) -> None:
+        """A frame of several batches whose first batches are in the log and the rest not (a
+        kill inside the write, between two of its batches): it is neither appended again
+        (that would duplicate what is there) nor acknowledged (records are missing); its
+        producer gets RequestTimeoutError ("may or may not be appended"), as when an ack
+        is lost. Our producers, the router and the Kafka listener write one batch per
+        frame, so only another writer's ring can see this."""
+        log.error("partition %s/%d: frame %d of ring %s was cut inside the write before the "
+                  "restart (the log holds its batches up to offset %d only); answered with "
+                  "REQUEST_TIMED_OUT", self.ingress.topic, self.ingress.partition, seq,
+                  ring.name, last_logged)
+        ring.consumer.complete(seq, seq, -1, errors.RequestTimeoutError.code)

@@ -27,19 +27,6 @@ from ..shm.stale import list_names
 log = logging.getLogger("shmbroker.partition")
 
 
-def producer_id_for(slot: int, generation: int) -> int:
-    """The ``producer_id`` a producer stamps into every batch it writes to the ring of
-    (slot, generation): unique per ring for the life of the control region. With
-    ``base_sequence`` = the frame's sequence it lets a restarted partition process recognise
-    frames it had appended but not yet released (docs/design/partition.md, "Duplicates")."""
-    return (generation << 8) | slot
-
-
-def base_sequence_for(frame_sequence: int) -> int:
-    """RecordBatch ``base_sequence`` is int32; frame sequences are u64 (compared mod 2**31)."""
-    return frame_sequence & 0x7FFFFFFF
-
-
 @dataclass(eq=False)
 class IngressRing:
     """One attached ring and what the partition process knows about its producer."""
@@ -54,10 +41,6 @@ class IngressRing:
     @property
     def name(self) -> str:
         return self.consumer.name
-
-    @property
-    def producer_id(self) -> int:
-        return producer_id_for(self.consumer.slot, self.consumer.generation)
 
     def readable(self) -> bool:
         """A committed frame waits and the ring is not held back (cheap: two atomic loads)."""

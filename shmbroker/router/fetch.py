@@ -265,6 +265,13 @@ class Fetch:
         found = self._partition(topic, partition)
         return found.reader.offset_for_timestamp(timestamp, found.control.read_state())
 
+    def read_tail(self, topic: str, partition: int, scan) -> object:
+        """``scan(reader, state)`` on the partition's reader and published state (the Kafka
+        listener rebuilds producer state from the log's tail this way); typed errors for an
+        unknown partition."""
+        found = self._partition(topic, partition)
+        return scan(found.reader, found.control.read_state())
+
     # -- parked fetches ---------------------------------------------------------------------------
 
     def _hw_seq(self, topic: str, partition: int) -> int:

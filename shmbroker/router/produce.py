@@ -8,16 +8,16 @@ is a per-ring flag). For each produce request, in this order:
    uncompressed, every record well formed, the CRC right, at most the topic's
    max.message.bytes and the ring's largest frame (``records.scan_batches``, the partition's
    own check, in C);
-2. it is stamped with the ring's producer id and the frame's sequence (producer_id,
-   producer_epoch 0, base_sequence) and its CRC recomputed. *Why:* those fields are how a
-   restarted partition process recognises a frame it appended but had not released
-   (docs/design/partition.md, "Duplicates"); a client's own values would defeat that check.
-   They are inside the CRC'd range, so the CRC must be recomputed; the stamp is written into
-   the router's own copy, or, when the caller lends a writable buffer it owns (the Kafka
-   listener's receive buffer, ``borrowed``) and the ring has room at once, into that buffer,
-   since the ring write copies it anyway;
+2. it is written to the ring as the client sent it, not a byte changed (the partition sets
+   base offset and partition leader epoch, which lie outside the CRC, as Kafka's leader
+   does): a Kafka client's producer id, epoch and base sequence stay in the log, where a
+   restarted Kafka listener finds them (kafka/idempotence.py), and a restarted partition
+   process recognises frames it had appended by its round manifest, not by batch fields
+   (docs/design/partition.md, "Duplicates after a restart");
 3. it is written to the ring without blocking: a full ring keeps the request waiting in the
-   partition's FIFO (order kept), tried again at every tick of the router loop;
+   partition's FIFO (order kept, in the router's own copy), tried again at every tick of the
+   router loop; when nothing waits and the ring has room, a buffer the caller lends
+   (``borrowed``: the Kafka listener's receive buffer) is written straight from there;
 4. completions are read at every tick while any request waits for one; each frame's base
    offset is the completion's base offset plus the records of the frames before it.
 
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import os
-import struct
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -39,7 +38,6 @@ from .. import errors, records
 from ..config import PRODUCER_RING_BYTES_DEFAULT, RING_SEND_TIMEOUT_MS_DEFAULT
 from ..layout import record_batch as RB
 from ..layout import shm as L
-from ..partition.ingress import base_sequence_for, producer_id_for
 from ..shm import names
 from ..shm.ring import RING_OK, RingProducer
 from ..client.metadata import LocalMetadata
@@ -56,11 +54,6 @@ ROUTER_PRODUCE_TIMEOUT_MS = RING_SEND_TIMEOUT_MS_DEFAULT
 #: router's in-flight limit per client bounds them too; this bounds them across clients.
 ROUTER_RING_WAITING_MAX = 4_096
 
-_STAMP = struct.Struct(">qhi")  # producer_id, producer_epoch, base_sequence: contiguous
-_CRC = struct.Struct(">I")
-_STAMP_AT = RB.OFFSETS["producer_id"]
-assert RB.OFFSETS["producer_epoch"] == _STAMP_AT + 8 and RB.OFFSETS["base_sequence"] == _STAMP_AT + 10
-_CRC_AT = RB.OFFSETS["crc"]
 #: A request's batch once the ring has its copy.
 _WRITTEN = b""
 
@@ -72,7 +65,7 @@ class ProduceRequest:
     route: list            # the client's envelope frames
     request_id: int
     acks: int
-    batch: bytearray | bytes  # the router's copy of the client's RecordBatch (stamped here)
+    batch: bytearray | bytes  # the router's copy of the client's RecordBatch, until written
     count: int             # records in it
     deadline: float        # monotonic
     sequence: int = -1     # its frame's sequence once written
@@ -105,13 +98,6 @@ def check_batch(data, bytes_max: int) -> int:
     return scan.batches[0].records_count
 
 
-def stamp(batch, producer_id: int, base_sequence: int) -> None:
-    """Write the ring's producer id and the frame's sequence, then the CRC they change."""
-    _STAMP.pack_into(batch, _STAMP_AT, producer_id, 0, base_sequence)
-    with memoryview(batch) as view:
-        _CRC.pack_into(batch, _CRC_AT, records.crc32c(view[RB.CRC_START:]))
-
-
 @dataclass(eq=False)
 class PartitionWriter:
     """The router's ring into one partition at one fsync level, and its requests."""
@@ -124,10 +110,6 @@ class PartitionWriter:
     generation: int
     waiting: deque = field(default_factory=deque)   # not written yet (ring full)
     inflight: deque = field(default_factory=deque)  # written, waiting for a completion
-
-    @property
-    def producer_id(self) -> int:
-        return producer_id_for(self.slot, self.generation)
 
     def busy(self) -> bool:
         return bool(self.waiting or self.inflight)
@@ -142,10 +124,9 @@ class PartitionWriter:
             request.batch = _WRITTEN  # the ring has its copy
 
     def write(self, request: ProduceRequest, batch) -> bool:
-        """Stamp ``batch`` (writable) and write it to the ring: True and ``request`` in flight;
-        False when the ring is full (``batch`` is stamped; a later write stamps it again)."""
+        """Write ``batch`` to the ring unchanged: True and ``request`` in flight; False when
+        the ring is full."""
         sequence = self.ring.next_sequence  # the router is this ring's only writer
-        stamp(batch, self.producer_id, base_sequence_for(sequence))
         status, first, _ = self.ring.try_send_many((batch,))
         if status != RING_OK:
             return False
@@ -220,10 +201,10 @@ class Produce:
                data, borrowed: bool = False) -> None:
         """Check and queue one request; raises its typed error when it is refused at once.
 
-        ``borrowed``: ``data`` is a writable buffer the caller gives up for good but that is
-        valid only until this returns (the Kafka listener's receive buffer): when nothing
-        waits ahead of it and the ring has room, it is stamped in place and written without
-        a copy; otherwise it is copied, as every other request is."""
+        ``borrowed``: ``data`` is a buffer valid only until this returns (the Kafka
+        listener's receive buffer): when nothing waits ahead of it and the ring has room, it
+        is written from there (the ring write is the one copy); otherwise it is copied, as
+        every other request is."""
         fsync = acks == -1
         writer = self.writers.get((topic, partition, fsync))
         if writer is None:

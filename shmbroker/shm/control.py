@@ -9,6 +9,8 @@ Writers, one per group of fields:
 * published state (seqlock) and ``hw_seq``: the partition process (``publish``);
 * ``doorbell``: producers, after committing frames (the C ``ring_write`` does it);
 * ``partition_sleeping``: the partition process, around its doorbell sleep;
+* ``append_round_base_offset`` and the round manifest: the partition process, before each
+  append (``write_round_manifest``);
 * ``hw_waiters``: consumers, around their sleep on ``hw_seq`` (a count: a consumer that dies
   while counted only costs the partition extra wake syscalls);
 * a registry slot: the producer that claimed it, and the partition process that frees it
@@ -48,6 +50,16 @@ class PartitionState(NamedTuple):
     seq: int  # the seqlock value it was read at (even)
 
 
+class ManifestEntry(NamedTuple):
+    """One ring's frames in one append (layout/shm.py, the round manifest)."""
+
+    first_sequence: int
+    slot: int
+    generation: int
+    frame_count: int
+    offset_count: int
+
+
 class SlotInfo(NamedTuple):
     slot: int
     pid: int
@@ -66,6 +78,7 @@ class ControlRegion:
         self.name = region.name
         (self.owner_pid, self.registry_slots, self.owner_start_time,
          self.partition) = _HEADER_REST.unpack_from(self.buf, C["owner_pid"])
+        self.manifest_offset = L.control_manifest_offset(self.registry_slots)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -249,6 +262,30 @@ class ControlRegion:
     def set_append_round_base_offset(self, offset: int) -> None:
         # seq_cst store: it must be in memory before the append that it announces.
         _native.atomic_store_u64(self.buf, C["append_round_base_offset"], offset & (2**64 - 1))
+
+    def write_round_manifest(self, base_offset: int, entries: list[ManifestEntry]) -> None:
+        """Partition process, before an append that starts at ``base_offset``: which frames
+        it writes, in log order. -1 first, then the entries, then the base offset (each a
+        seq_cst store or before one): a kill at any point leaves either -1 or a base offset
+        whose manifest is complete. The C round (drain.c, write_manifest) does the same."""
+        n = len(entries)
+        assert n <= self.registry_slots, (n, self.registry_slots)
+        _native.atomic_store_u64(self.buf, C["append_round_base_offset"], 2**64 - 1)
+        pack = L.MANIFEST_ENTRY_STRUCT.pack_into
+        at = self.manifest_offset
+        for e in entries:  # bounded: registry_slots
+            pack(self.buf, at, *e)
+            at += L.MANIFEST_ENTRY_BYTES
+        _native.atomic_store_u32(self.buf, C["manifest_rings"], n)
+        _native.atomic_store_u64(self.buf, C["append_round_base_offset"], base_offset)
+
+    def round_manifest(self) -> list[ManifestEntry]:
+        """The manifest of the append at ``append_round_base_offset`` (read after a restart)."""
+        n = min(_native.atomic_load_u32(self.buf, C["manifest_rings"]), self.registry_slots)
+        unpack = L.MANIFEST_ENTRY_STRUCT.unpack_from
+        at = self.manifest_offset
+        return [ManifestEntry(*unpack(self.buf, at + i * L.MANIFEST_ENTRY_BYTES))
+                for i in range(n)]
 
     # -- registry changes (producers announce new rings) -------------------------------------
 

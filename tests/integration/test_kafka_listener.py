@@ -423,6 +423,105 @@ def test_an_idempotent_producers_retried_batch_is_appended_once_and_a_gap_is_ref
     assert [m.value for m in got] == [b"a0", b"a1", b"a2", b"b0", b"b1", b"c0"]
 
 
+def segment_file(broker, topic: str) -> bytes:
+    with open(os.path.join(broker.data_dir, f"{topic}-0", "00000000000000000000.log"), "rb") as f:
+        return f.read()
+
+
+def test_a_kafka_producers_batches_are_stored_byte_for_byte_but_offset_and_leader_epoch(
+        kbroker):
+    """Produce writes a client's batch into the log as it is: read from the segment file, each
+    batch equals the client's bytes except baseOffset (assigned) and partitionLeaderEpoch
+    (set by the partition, as Kafka's leader does; both outside the CRC). Producer id, epoch
+    and base sequence are the client's, and so is the CRC."""
+    create_topic(kbroker.address, "bytes", 1)
+    sent = []
+    with connect(kbroker.address) as sock:
+        pid = init_producer_id(sock, 1)
+        sequence = 0
+        for i, n in enumerate((3, 1, 2)):
+            batch = records.encode_batch([b"v%d-%d" % (i, k) for k in range(n)],
+                                         keys=[b"k%d" % k for k in range(n)], producer_id=pid,
+                                         producer_epoch=0, base_sequence=sequence)
+            assert produce_v8(sock, 2 + i, "bytes", batch) == (0, sum((3, 1, 2)[:i]))
+            sent.append(batch)
+            sequence += n
+    stored = segment_file(kbroker, "bytes")
+    at = 0
+    for i, batch in enumerate(sent):
+        got = stored[at:at + len(batch)]
+        assert struct.unpack_from(">q", got)[0] == sum((3, 1, 2)[:i])  # baseOffset
+        assert got[8:12] == batch[8:12] and got[16:] == batch[16:]  # all the rest
+        header = records.read_header(got)
+        assert (header.producer_id, header.producer_epoch) == (pid, 0)
+        at += len(batch)
+    assert at == len(stored)
+
+
+def test_kafka_pythons_idempotent_producer_keeps_its_id_and_sequences_in_the_log(kbroker):
+    """A real client with enable_idempotence: the segment file holds its producer id (from
+    InitProducerId), epoch and consecutive base sequences, with its CRC intact."""
+    create_topic(kbroker.address, "kp", 1)
+    producer = KafkaProducer(bootstrap_servers=kbroker.address, acks="all",
+                             enable_idempotence=True, linger_ms=0)
+    try:
+        for i in range(5):
+            producer.send("kp", b"v%d" % i, partition=0).get(timeout=30)
+    finally:
+        producer.close()
+    stored = segment_file(kbroker, "kp")
+    scan = records.scan_batches(stored, verify_crc=True)
+    assert scan.ok and scan.valid_bytes == len(stored)
+    headers = [records.read_header(stored, b.position) for b in scan.batches]
+    assert len({h.producer_id for h in headers}) == 1 and headers[0].producer_id >= 0
+    assert {h.producer_epoch for h in headers} == {0}
+    sequences = [(h.base_sequence, h.records_count) for h in headers]
+    assert sequences[0][0] == 0 and all(
+        b[0] == a[0] + a[1] for a, b in zip(sequences, sequences[1:])), sequences
+    assert sum(n for _, n in sequences) == 5
+
+
+def test_an_idempotent_retry_after_the_listener_is_killed_and_restarted_is_a_duplicate(
+        kbroker):
+    """Kafka rebuilds a producer's sequences from its log; so does a restarted listener. The
+    listener is kill -9'd after appending two batches of an idempotent producer, the
+    supervisor restarts it, and the client's retry of the second batch (its response lost
+    with the connection) is answered with the first append's offset, not appended again;
+    the next sequence goes on, a gap is still refused."""
+    create_topic(kbroker.address, "idem2", 1)
+    with connect(kbroker.address) as sock:
+        pid = init_producer_id(sock, 1)
+
+        def batch(values, sequence):
+            return records.encode_batch([v.encode() for v in values], producer_id=pid,
+                                        producer_epoch=0, base_sequence=sequence)
+
+        first, second = batch(["a0", "a1", "a2"], 0), batch(["b0", "b1"], 3)
+        assert produce_v8(sock, 2, "idem2", first) == (0, 0)
+        assert produce_v8(sock, 3, "idem2", second) == (0, 3)
+    before, restarts = kafka_pid(kbroker)
+    os.kill(before, 9)
+
+    def listening_again():
+        pid_now, restarts_now = kafka_pid(kbroker)
+        if pid_now == before or restarts_now <= restarts:
+            return False
+        try:
+            connect(kbroker.address).close()
+        except OSError:
+            return False
+        return True
+
+    wait_for(listening_again, what="the kafka listener to be restarted")
+    with connect(kbroker.address) as sock:
+        assert produce_v8(sock, 4, "idem2", second) == (0, 3), "a retry: its first offset"
+        assert produce_v8(sock, 5, "idem2", first) == (0, 0)
+        assert produce_v8(sock, 6, "idem2", batch(["gap"], 9))[0] == 45  # OUT_OF_ORDER
+        assert produce_v8(sock, 7, "idem2", batch(["c0"], 5)) == (0, 5)
+    got = read_all(kbroker.address, "idem2", 1, 6)
+    assert [m.value for m in got] == [b"a0", b"a1", b"a2", b"b0", b"b1", b"c0"]
+
+
 def produce_frame(correlation_id: int, topic: str, batch: bytes) -> bytes:
     """Produce v8, acks=1, one batch to partition 0."""
     name = topic.encode()

@@ -21,7 +21,6 @@ from shmbroker import records
 from shmbroker.config import LogConfig
 from shmbroker.layout import shm as L
 from shmbroker.log import files
-from shmbroker.partition.ingress import base_sequence_for, producer_id_for
 from shmbroker.partition.owner import PartitionOwner
 from shmbroker.shm import names
 from shmbroker.shm.control import ControlRegion
@@ -37,7 +36,7 @@ CLOCK_MS = TIME0_MS + 10_000_000
 
 class Rings:
     """A control region and ``n`` registered producer rings, as the supervisor and producers
-    make them; frames are written with the producer's stamps, deterministically."""
+    make them; frames carry Kafka-style producer fields (id, epoch, sequence), deterministically."""
 
     def __init__(self, data_dir: str, n: int, capacities: list[int]):
         prefix = names.broker_prefix(data_dir)
@@ -51,7 +50,7 @@ class Rings:
                                        generation=generation, control=self.control)
             self.control.set_slot_state(slot, L.SLOT_READY)
             self.rings.append(ring)
-            self.ids.append(producer_id_for(slot, generation))
+            self.ids.append(1000 + k)  # a Kafka-style producer id, stored as it is
         self.control.announce_registry_change()
         self.completions: list[list] = [[] for _ in range(n)]
         #: Rings whose producer does not read its completions for now (acks back-pressure).
@@ -61,7 +60,7 @@ class Rings:
         return records.encode_batch(
             [b"r%d-%d-%d-" % (k, seq, i) + b"x" * size for i in range(records_count)],
             timestamps=[ts + i for i in range(records_count)], producer_id=self.ids[k],
-            producer_epoch=0, base_sequence=base_sequence_for(seq))
+            producer_epoch=0, base_sequence=seq & 0x7FFFFFFF)
 
     def frame(self, k: int, batches: list[tuple[int, int, int]]) -> None:
         """One frame of ring k holding one batch per (records, value size, timestamp)."""
@@ -265,7 +264,7 @@ def test_index_entries_at_exact_interval_boundaries_match(tmp_path):
                 seq = rings.rings[k].next_sequence
                 rings.send(k, records.encode_batch(
                     [b"v" * 50], timestamp=TIME0_MS + step, producer_id=rings.ids[k],
-                    producer_epoch=0, base_sequence=base_sequence_for(seq)))
+                    producer_epoch=0, base_sequence=seq & 0x7FFFFFFF))
 
     python, native = both(tmp_path, LogConfig(index_interval_bytes=3 * size), [1 << 16] * 2,
                           10, script)

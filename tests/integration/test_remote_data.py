@@ -7,6 +7,7 @@ import ast
 import os
 import random
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -96,28 +97,38 @@ def test_a_client_written_from_the_protocol_document_produces_and_fetches(routed
         client.close()
 
 
-def test_the_router_stamps_batches_so_a_restarted_partition_recognises_them(routed):
-    """The client's producer fields (-1) are replaced by the router ring's producer id and the
-    frame's sequence, with the CRC recomputed: what the partition's replay check matches."""
-    from shmbroker import records
-
+def test_the_router_stores_a_remote_producers_batches_byte_for_byte(routed):
+    """Each batch in the segment file is the client's, byte for byte, but for the base offset
+    and the partition leader epoch (both outside the CRC, set by the partition as Kafka's
+    leader sets them): the router no longer stamps producer fields or rewrites the CRC.
+    Read from the segment file itself; a producer id, epoch and sequence of the client's own
+    choosing survive."""
     create_topic(routed, "st", 1)
+    sent = []
     client = RawClient(routed.address)
     try:
         for i in range(3):
-            assert client.produce("st", 0, [b"a%d" % i, b"b%d" % i])["ok"]
-        reply, frames = client.call({"type": "fetch", "max_wait_ms": 0, "min_bytes": 1,
-                                     "max_bytes": 1 << 20, "partitions": [["st", 0, 0, 1 << 20]]})
-        data = frames[0]
-        scan = records.scan_batches(data, verify_crc=True)
-        assert scan.ok and len(scan.batches) == 3
-        headers = [records.read_header(data, b.position) for b in scan.batches]
-        assert len({h.producer_id for h in headers}) == 1 and headers[0].producer_id >= 0
-        assert [h.base_sequence for h in headers] == [headers[0].base_sequence + i
-                                                      for i in range(3)]
-        assert {h.producer_epoch for h in headers} == {0}
+            batch = bytearray(encode_batch([b"a%d" % i, b"b%d" % i]))
+            # A Kafka-style idempotent producer's fields (inside the CRC): id 77, epoch 3,
+            # base sequence 2i; then the CRC over attributes.. as the client computes it.
+            struct.pack_into(">qhi", batch, 43, 77, 3, 2 * i)
+            struct.pack_into(">I", batch, 17, raw_wire_client.crc32c(bytes(batch[21:])))
+            sent.append(bytes(batch))
+            reply, _ = client.call({"type": "produce", "topic": "st", "partition": 0,
+                                    "acks": 1}, bytes(batch))
+            assert reply["ok"], reply
     finally:
         client.close()
+    with open(os.path.join(routed.data_dir, "st-0", "00000000000000000000.log"), "rb") as f:
+        stored = f.read()
+    at = 0
+    for i, batch in enumerate(sent):
+        got = stored[at:at + len(batch)]
+        assert struct.unpack_from(">q", got, 0)[0] == 2 * i  # base offset: assigned
+        assert got[8:12] == batch[8:12]  # batch length
+        assert got[16:] == batch[16:]  # magic, CRC, producer fields, records: unchanged
+        at += len(batch)
+    assert at == len(stored)
 
 
 def test_fetch_hands_zeromq_views_of_the_mapped_segment_not_copies(routed):

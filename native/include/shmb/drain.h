@@ -24,10 +24,11 @@
  *      offsets), the flush policy would fsync, or the offsets would pass the limit. Base
  *      offset and leader epoch are patched into the scratch copy; index entries are planned
  *      with Kafka's rule (IndexRule in shmbroker/log/index.py).
- *   3. act, in drain.py's crash-safe order: nudge held-back producers; store
- *      append_round_base_offset; write the scratch bytes to the segment (O_APPEND fd: its
- *      end); publish the seqlocked state and wake consumers; complete each ring; release
- *      each ring.
+ *   3. act, in drain.py's crash-safe order: nudge held-back producers; write the round
+ *      manifest (append_round_base_offset = -1, one entry per ring that gave frames, then
+ *      append_round_base_offset = the log end: layout/shm.py); write the scratch bytes to
+ *      the segment (O_APPEND fd: its end); publish the seqlocked state and wake consumers;
+ *      complete each ring; release each ring.
  */
 #ifndef SHMB_DRAIN_H
 #define SHMB_DRAIN_H
@@ -55,7 +56,8 @@
     X(SCRATCH_FULL)                 \
     X(OFFSET_LIMIT)                 \
     X(STATE_ODD)                    \
-    X(NO_MEMORY)
+    X(NO_MEMORY)                    \
+    X(MANIFEST_FULL)
 
 #define SHMB_DRAIN_DECLINE_ENUM(name) SHMB_DRAIN_DECLINE_##name,
 enum { SHMB_DRAIN_DECLINE_NAMES(SHMB_DRAIN_DECLINE_ENUM) SHMB_DRAIN_DECLINE_COUNT };
@@ -79,6 +81,7 @@ typedef struct {
     int release_failed;         /* release found the header broken: release_err says why */
     shmb_ring_error release_err;
     /* private to the round */
+    uint64_t offsets;           /* offsets its frames take (the manifest's offset_count) */
     uint64_t bytes;
     size_t scratch_at;
 } shmb_drain_ring;
@@ -141,12 +144,13 @@ typedef struct {
 } shmb_drain_result;
 
 /* Runs one round over rings[0..n) (see the phases above). `control` is the partition's
- * control region; `scratch` (scratch_len bytes, private to the caller) receives the copies.
+ * control region (control_len bytes: the manifest lies after the registry); `scratch` (scratch_len bytes, private to the caller) receives the copies.
  * Returns SHMB_DRAIN_DONE, SHMB_DRAIN_DECLINED or SHMB_DRAIN_WRITE_FAILED. A release that
  * finds a ring's header broken does not fail the round: that ring's release_failed is set
  * (its frames are appended and completed; the caller stops reading it, as _release does). */
-int shmb_drain_round(shmb_drain_ring *rings, size_t n, uint8_t *control, uint8_t *scratch,
-                     size_t scratch_len, const shmb_drain_log *log, shmb_drain_result *out);
+int shmb_drain_round(shmb_drain_ring *rings, size_t n, uint8_t *control, size_t control_len,
+                     uint8_t *scratch, size_t scratch_len, const shmb_drain_log *log,
+                     shmb_drain_result *out);
 
 void shmb_drain_result_free(shmb_drain_result *r);
 

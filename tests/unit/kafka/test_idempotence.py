@@ -50,3 +50,22 @@ def test_sequences_wrap_at_int32_and_states_are_bounded():
     for pid in (2, 3):
         states.check("t", 0, (pid, 0, 0, 0))
     assert len(states._states) == 2, "the least recently used state was forgotten"
+
+
+def test_state_restored_from_the_log_answers_a_retry_as_a_duplicate_and_checks_the_next():
+    """What a restarted listener does before the first idempotent batch to a partition: the
+    batches found in the log's tail, in log order, become each producer's last five."""
+    states = ProducerStates()
+    assert not states.restored("t", 0)
+    states.restore("t", 0, [(1, 0, 0, 2, 10), (2, 0, 0, 0, 13), (1, 0, 3, 4, 14),
+                            (3, 0, 0, 0, 16), (3, 1, 0, 1, 17)])  # producer 3: a new epoch
+    assert states.restored("t", 0) and not states.restored("t", 1)
+    assert states.check("t", 0, (1, 0, 3, 4)) == 14  # the retry of the last batch
+    assert states.check("t", 0, (1, 0, 0, 2)) == 10
+    with pytest.raises(errors.OutOfOrderSequenceError):
+        states.check("t", 0, (1, 0, 9, 9))
+    assert states.check("t", 0, (1, 0, 5, 5)) is None  # the next sequence: appended
+    assert states.check("t", 0, (3, 1, 0, 1)) == 17
+    with pytest.raises(errors.InvalidProducerEpochError):
+        states.check("t", 0, (3, 0, 1, 1))
+    assert states.check("t", 1, (1, 0, 3, 4)) is None, "another partition: not restored"

@@ -284,3 +284,28 @@ def test_file_map_reaches_past_the_end_and_sees_what_is_appended_later(tmp_path)
         os.close(fd)
     with pytest.raises(OSError):
         _native.FileMap(fd, 4096)  # closed fd
+
+
+def test_tail_offset_covers_the_last_bytes_asked_across_segments(open_log, tmp_path):
+    """What a restarted Kafka listener reads to rebuild producer state: from the offset it
+    returns to the high watermark lie at least ``bytes_max`` bytes (where the log has them)
+    and at most one index interval more; a small budget stays in the active segment, a
+    large one reaches back into sealed segments, a larger one than the log starts at 0."""
+    log = open_log(segment_bytes=4096, index_interval_bytes=256)
+    fill(log, 120, per_batch=3, size=40)
+    assert len(log.segments) > 3
+    state = state_of(log)
+    sizes = {s.base_offset: s.size for s in log.segments}
+    with LogReader(tmp_path / "p0") as reader:
+        for bytes_max in (100, 1000, 5000, 9000):
+            start = reader.tail_offset(state, bytes_max)
+            covered = sum(len(p) for p in _pieces(reader, state, start))
+            assert bytes_max <= covered <= bytes_max + 256 + 400, (bytes_max, covered)
+        assert reader.tail_offset(state, sum(sizes.values()) + 1) == 0
+
+
+def _pieces(reader, state, offset):
+    while offset < state.high_watermark:  # bounded: every read moves past a batch
+        piece = reader.read(offset, 1 << 20, state)
+        yield bytes(piece.data)
+        offset = piece.last_offset + 1
