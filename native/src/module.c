@@ -3124,14 +3124,16 @@ typedef struct {
     int acks;
     double delivery_timeout_s;
     Py_ssize_t reap_inflight;      /* _REAP_INFLIGHT: at that many the reference reaps */
-    PyObject *wnames[13];          /* interned attribute names, see sendpath_wnames */
+    PyObject *wnames[12];          /* interned attribute names, see sendpath_wnames */
 } SendPathObject;
 
-enum { W_WRITER, W_TOPIC, W_PARTITION, W_CONTROL, W_BUF, W_PRODUCER_ID, W_NEXT_SEQUENCE,
+enum { W_WRITER, W_TOPIC, W_PARTITION, W_CONTROL, W_BUF, W_NEXT_SEQUENCE,
        W_WRITTEN_POSITION, W_INFLIGHT, W_SEQUENCE, W_DEADLINE, W_COUNT, W_APPEND, W_NAMES };
 static const char *const sendpath_wnames[W_NAMES] = {
-    "writer", "topic", "partition", "control", "buf", "producer_id", "next_sequence",
+    "writer", "topic", "partition", "control", "buf", "next_sequence",
     "written_position", "inflight", "sequence", "deadline", "count", "append"};
+_Static_assert(W_NAMES == sizeof(((SendPathObject *)0)->wnames) / sizeof(PyObject *),
+               "SendPathObject.wnames holds one name per W_ index");
 
 static const char *const sendpath_names[6] = {"topic", "value", "key", "partition", "headers",
                                               "timestamp"};
@@ -3374,21 +3376,6 @@ static int sendpath_write(SendPathObject *self, PyObject *producer, PyObject *ac
         result = 0;
         goto done;
     }
-    long long pid;
-    unsigned long long next_sequence;
-    {
-        PyObject *o = PyObject_GetAttr(writer, n[W_PRODUCER_ID]);
-        if (o == NULL)
-            goto done;
-        pid = PyLong_AsLongLong(o);
-        Py_DECREF(o);
-        if ((o = PyObject_GetAttr(writer, n[W_NEXT_SEQUENCE])) == NULL)
-            goto done;
-        next_sequence = PyLong_AsUnsignedLongLong(o);
-        Py_DECREF(o);
-        if (PyErr_Occurred())
-            goto done;
-    }
     if ((partition = PyObject_GetAttr(acc, n[W_PARTITION])) == NULL)
         goto done;
     PyObject *call[4] = {NULL, producer, topic, partition};
@@ -3400,7 +3387,9 @@ static int sendpath_write(SendPathObject *self, PyObject *producer, PyObject *ac
     /* The write: what Accumulator.write_ring does, for a small batch (GIL held). */
     Py_ssize_t count = records->acc.count;
     shmb_ring_payload payload;
-    payload.len = shmb_acc_seal(&records->acc, pid, 0, (int32_t)(next_sequence & 0x7FFFFFFFu));
+    /* No producer id, epoch or sequence: batches are stored as sent, and the round manifest,
+     * not these fields, tells a restarted partition what it appended (Producer._write). */
+    payload.len = shmb_acc_seal(&records->acc, -1, -1, -1);
     payload.data = records->acc.buf;
     size_t written;
     uint64_t first_seq;
