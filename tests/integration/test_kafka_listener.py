@@ -70,7 +70,8 @@ def test_kafka_python_produces_with_acks_0_1_all_and_reads_back_exactly(kbroker)
     create_topic(kbroker.address, "orders", 3)
     sent, acked = [], {}
     for acks in (0, 1, "all"):
-        # acks=all with idempotence off: InitProducerId is not served yet (docs/design/kafka.md)
+        # idempotence off here so that acks 0 and 1 are allowed too (kafka-python refuses them
+        # with it); its idempotent producer has its own test below
         producer = KafkaProducer(bootstrap_servers=kbroker.address, acks=acks,
                                  enable_idempotence=False, linger_ms=5)
         futures = []
