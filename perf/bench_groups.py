@@ -16,13 +16,23 @@ so eager on the client side: every member revokes all its partitions and rejoins
 ``--protocols cooperative-sticky`` only moved partitions pause, and a partition its owner kept
 throughout counts as consuming from the event on;
 ``heartbeat_interval_ms`` = --heartbeat-ms), and a feeder process sends one record to every
-partition every --feed-ms. Each member reports, per partition it is assigned, when a poll
-first handed it a record of that partition. Measured: from the event to the moment the last
-partition was first consumed by its new owner, once the live members own every partition
-exactly once, each assigned after the event. That is records flowing again: it includes the
-heartbeat that tells members to rejoin, revocation, join, sync, offset fetch, and the wait
-for the next fed record (up to --feed-ms: the committed offset a new owner starts at is the
-end its predecessor consumed). The raw mode runs first, before the feeder starts. The feed is
+partition every --feed-ms. Each member reports, per partition it is assigned, when it was
+assigned (its on_assign, which the Consumer calls once the partition is positioned at the
+group's committed offset, just before that poll reads it) and when a poll first handed it a
+record of that partition. Two times are printed, both from the event, both taken once the
+live members own every partition exactly once, each assigned after the event:
+
+* **consuming** (the measure of every earlier RESULTS table): the last partition's first
+  record at its new owner. Records flowing again; it includes the heartbeat or wake that tells
+  members to rejoin, revocation, join, sync, offset fetch, *and* the wait for the next fed
+  record: up to --feed-ms, since the committed offset a new owner starts at is the end its
+  predecessor consumed, so a record is waiting there only if the feeder wrote one after the
+  revocation;
+* **positioned**: the last partition's assignment at its new owner, i.e. that owner reads it
+  from the next record on, and a record already waiting would be returned by the same poll.
+  The rebalance without the feed's phase; it does not show a slow first read.
+
+The raw mode runs first, before the feeder starts. The feed is
 every 50 ms by default because a faster one saturates a 2-core machine by itself (64 partition
 processes and up to 32 consumers woken every time): with 10 ms, the consumer rows measured
 1.5-10 s, which is CPU starvation, not the protocol (perf/RESULTS.md).
@@ -307,10 +317,14 @@ class ConsumerGroup:
             elif kind == "first" and what in owned and owned[what][1] is None:
                 owned[what][1] = t
 
-    def consuming_at(self, partitions: int, since: float, cooperative: bool) -> float | None:
+    def consuming_at(self, partitions: int, since: float, cooperative: bool
+                     ) -> tuple[float, float] | None:
         """Wait until every partition is owned by exactly one live member (each joined member
         owning some), assigned after ``since`` and consumed by it since, or (cooperative
-        members only) kept by its owner throughout; the time the last was first consumed."""
+        members only) kept by its owner throughout; then (the time the last was assigned,
+        the time the last was first consumed). "Assigned" is the member's on_assign, which
+        the Consumer calls after it positioned the partition at its committed offset, in the
+        poll that reads it next: from then on a waiting record is returned at once."""
         deadline = time.monotonic() + SETTLE_S_MAX
         while time.monotonic() < deadline:  # bounded by the deadline
             self._pump(0.05)
@@ -323,7 +337,9 @@ class ConsumerGroup:
             if any((assigned >= since or not cooperative) and (assigned < since or first is None)
                    for assigned, first in episodes):
                 continue
-            return max([since] + [first for assigned, first in episodes if assigned >= since])
+            moved = [(assigned, first) for assigned, first in episodes if assigned >= since]
+            return (max([since] + [assigned for assigned, _ in moved]),
+                    max([since] + [first for _, first in moved]))
         return None
 
     def close(self) -> None:
@@ -343,7 +359,9 @@ class ConsumerGroup:
 
 def measure_consumers(ctx, data_dir: str, size: int, partitions: int, heartbeat_ms: int,
                       run: int, protocols: list):
-    """Join and kill -9 times (ms) of a group of ``size`` Consumer processes, as documented."""
+    """Join and kill -9 times (ms) of a group of ``size`` Consumer processes, as documented:
+    ((join -> positioned, join -> first record), (kill -> positioned, kill -> first record)),
+    None where it did not settle."""
     cooperative = set(protocols) == {"cooperative-sticky"}  # the client's rule
     group = ConsumerGroup(ctx, data_dir, f"c{size}-{run}", heartbeat_ms, protocols)
     try:
@@ -363,8 +381,8 @@ def measure_consumers(ctx, data_dir: str, size: int, partitions: int, heartbeat_
         if joined is None or killed is None:
             print(f"  consumer group of {size}, run {run}: did not settle; killed pid {victim}; "
                   f"owned: {group.owned}", file=sys.stderr)
-        return (None if joined is None else (joined - t0) * 1000,
-                None if killed is None else (killed - t1) * 1000)
+        return (None if joined is None else tuple((t - t0) * 1000 for t in joined),
+                None if killed is None else tuple((t - t1) * 1000 for t in killed))
     finally:
         group.close()
 
@@ -439,24 +457,30 @@ def main(argv: list[str] | None = None) -> int:
               + (f"consumers offer {args.protocols}, feed every {args.feed_ms:g} ms, "
                  if feeder else "")
               + f"{args.runs} runs, median (max)")
-        heads = {"raw": ("join -> assigned (ms)", "kill -9 -> reassigned (ms)"),
-                 "consumer": ("join -> consuming (ms)", "kill -9 -> consuming (ms)")}
-        widths = {"raw": (22, 27), "consumer": (23, 26)}
-        print(f"{'members':>8}" + "".join(f"  {h:>{w}}" for m in modes
-                                          for h, w in zip(heads[m], widths[m])))
+        # Columns per mode: (header, width, which event, which time of a consumer result).
+        # Consumer mode prints the first-record measure (the "consuming" of earlier RESULTS
+        # tables) beside the positioned one (see the module doc).
+        cols = {"raw": [("join -> assigned (ms)", 22, 0, None),
+                        ("kill -9 -> reassigned (ms)", 27, 1, None)],
+                "consumer": [("join -> consuming (ms)", 23, 0, 1),
+                             ("join -> positioned (ms)", 24, 0, 0),
+                             ("kill -9 -> consuming (ms)", 26, 1, 1),
+                             ("kill -9 -> positioned (ms)", 27, 1, 0)]}
+        kafka = {"raw": (">= heartbeat (3,000)", "session timeout (45,000)"),
+                 "consumer": (">= heartbeat (3,000)", ">= heartbeat (3,000)",
+                              "session timeout (45,000)", "session timeout (45,000)")}
+        print(f"{'members':>8}" + "".join(f"  {h:>{w}}" for m in modes for h, w, _, _ in cols[m]))
         for size in sizes:
             line, incomplete = f"{size:>8}", False
             for mode in modes:
-                joins = [j for j, _ in results[mode, size] if j is not None]
-                kills = [k for _, k in results[mode, size] if k is not None]
-                incomplete |= not len(joins) == len(kills) == args.runs
-                line += "".join(f"  {_show(xs):>{w}}" for xs, w in zip((joins, kills),
-                                                                      widths[mode]))
+                for _, w, event, which in cols[mode]:
+                    xs = [r[event] if which is None else r[event][which]
+                          for r in results[mode, size] if r[event] is not None]
+                    incomplete |= len(xs) != args.runs
+                    line += f"  {_show(xs):>{w}}"
             print(line + ("  (some runs never settled)" if incomplete else ""))
-        kafka = {"raw": (">= heartbeat (3,000)", "session timeout (45,000)"),
-                 "consumer": (">= heartbeat (3,000)", "session timeout (45,000)")}
-        print(f"{'Kafka':>8}" + "".join(f"  {h:>{w}}" for m in modes
-                                        for h, w in zip(kafka[m], widths[m]))
+        print(f"{'Kafka':>8}" + "".join(f"  {h:>{c[1]}}" for m in modes
+                                        for h, c in zip(kafka[m], cols[m]))
               + "  default settings, reference only")
         print("target: graceful rebalance < 100 ms, dead member < 1,000 ms")
     finally:

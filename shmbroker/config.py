@@ -272,9 +272,10 @@ GROUP_AUTO_COMMIT_INTERVAL_MS_MIN = 1
 GROUP_JOIN_ATTEMPTS_MAX = 20
 #: Extra time a client waits for a held join beyond its rebalance timeout.
 GROUP_JOIN_REPLY_MARGIN_MS = 5_000
-#: How often the coordinator checks that the registered pids of local members still run. A
-#: kill -9'd member is noticed within this, so its partitions move within about this plus one
-#: heartbeat of the survivors (the issue asks for < 1 s). Costs one /proc read per member.
+#: How often the coordinator drops the pid watches of members gone from their group, and,
+#: only for a member whose pidfd could not be opened (no pidfd_open, fds exhausted), checks
+#: that its pid still runs (psutil, /proc reads): such a kill -9'd member is noticed within
+#: this. Others are noticed at once through their pidfd (docs/design/groups.md).
 GROUP_PID_CHECK_INTERVAL_MS = 100
 #: Groups the coordinator keeps in memory at once (a group with members or a rebalance in
 #: progress; empty ones are dropped, their committed offsets stay in the offsets store).

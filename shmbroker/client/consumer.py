@@ -292,6 +292,9 @@ class Consumer:
         self.enable_auto_commit = bool(enable_auto_commit)
         self.auto_commit_interval_ms = auto_commit_interval_ms
         self._next_auto_commit = 0.0
+        #: A pipelined revocation commit refused for a reason other than the group moving on,
+        #: raised from the next poll (see _commit_revoked).
+        self._revoke_commit_error: Exception | None = None
         self._on_assign, self._on_revoke = on_assign, on_revoke
         try:
             if group is not None:
@@ -468,6 +471,9 @@ class Consumer:
         group = self._group
         assert group is not None
         group.dispatch_replies()
+        error, self._revoke_commit_error = self._revoke_commit_error, None
+        if error is not None:
+            raise error
         if not group.heartbeat_if_due():
             self._revoke(set(self._fetches), commit=False)  # lost: maybe someone else's now
         if group.rejoin_needed:
@@ -485,11 +491,13 @@ class Consumer:
 
     def _rejoin(self, group: GroupMembership) -> None:
         if not group.cooperative:
-            self._revoke(set(self._fetches))  # eager: give everything back before rejoining
+            # Eager: give everything back before rejoining; the commit goes ahead of the join
+            # on the same socket, not waited for (_commit_revoked).
+            self._revoke(set(self._fetches), pipelined=True)
         assigned = group.join()
         revoked = set(self._fetches) - assigned
         if revoked:
-            self._revoke(revoked)
+            self._revoke(revoked, pipelined=True)  # ahead of our follow-up join, likewise
         added = sorted(assigned - set(self._fetches))
         if added:
             try:
@@ -510,16 +518,48 @@ class Consumer:
         if added and self._on_assign is not None:
             self._on_assign(added)
 
-    def _revoke(self, tps: set, commit: bool = True) -> None:
+    def _revoke(self, tps: set, commit: bool = True, pipelined: bool = False) -> None:
         """Stop reading ``tps`` (their pending records go): commit their positions first if
-        auto-commit is on and ``commit``, then tell on_revoke."""
+        auto-commit is on and ``commit`` (without waiting for the reply if ``pipelined``: a
+        join follows on the same socket), then tell on_revoke."""
         if not tps:
             return
         if commit and self.enable_auto_commit:
-            self._commit_logged(tps, "commit before revoking")
+            if pipelined:
+                self._commit_revoked(tps)
+            else:
+                self._commit_logged(tps, "commit before revoking")
         if self._on_revoke is not None:
             self._on_revoke(sorted(tps))
         self._assign([tp for tp in self._fetches if tp not in tps])
+
+    def _commit_revoked(self, tps: Iterable[TopicPartition]) -> None:
+        """Send the commit of partitions being revoked and go on without its reply
+        (docs/design/groups.md, "Decision: the revocation commit is pipelined"). Safe because
+        the join that may hand them to another member is sent after it on the same socket
+        and the coordinator serves one connection's requests in order: the commit is stored
+        (or refused) before that join is even read, so before the join phase can end and the
+        new owners' offsets are read. The reply is read with the join's or later: a refusal
+        because the group moved on is logged (as _commit_logged does); any other is raised
+        from the next poll, once this member holds its new assignment."""
+        group = self._group
+        assert group is not None
+
+        def done(offsets: dict, error: Exception | None) -> None:
+            if error is None:
+                return
+            if isinstance(error, (*REJOIN_ERRORS, errors.CoordinatorNotAvailableError,
+                                  errors.RequestTimeoutError)):
+                log.warning("group %r: commit before revoking failed, the group moved on (%s: "
+                            "%s); records after the last commit may be delivered again",
+                            group.group_id, type(error).__name__, error)
+            elif self._revoke_commit_error is None:
+                self._revoke_commit_error = error
+
+        try:
+            group.commit_async(self._positions(tps), done)
+        except (errors.CoordinatorNotAvailableError, errors.RequestTimeoutError) as e:
+            done({}, e)  # not even sent (no coordinator connected): as a refusal
 
     def _commit_logged(self, tps: Iterable[TopicPartition], why: str) -> None:
         """Commit positions where a failure because the group moved on is no caller's error

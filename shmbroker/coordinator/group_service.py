@@ -13,15 +13,21 @@ them and answers with reply bodies. Three things the plain classes leave to the 
 * **Timers.** :meth:`next_deadline_ms` is the server's poll timeout; :meth:`tick` applies what
   is due: group timers, pid checks, offsets compaction.
 * **Dead local members.** Every join names the member's pid and host. For a member on this host
-  the pid is checked every ``GROUP_PID_CHECK_INTERVAL_MS`` (``psutil.Process`` remembers the
-  start time, so a recycled pid is not taken for the member; a zombie counts as dead) and
-  ``Group.member_died`` is called once for a dead one.
+  a pidfd is opened (``os.pidfd_open``: it names that process, never a later one under a
+  recycled pid, and becomes readable when the process exits, zombie included); all pidfds sit
+  in one epoll set, whose fd the server polls beside its socket (:meth:`pid_wait_fd`), so a
+  death wakes the loop at once and :meth:`tick` calls ``Group.member_died`` once for it.
+  Where a pidfd cannot be had (no pidfd_open, fds exhausted), the pid is polled every
+  ``GROUP_PID_CHECK_INTERVAL_MS`` with ``psutil`` instead (it compares the start time; a
+  zombie counts as dead).
 
 Owned by the coordinator process (``CoordinatorServer``); single-threaded, not thread-safe.
 """
 from __future__ import annotations
 
 import logging
+import os
+import select
 import socket
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -53,12 +59,20 @@ class _HeldJoin:
 
 @dataclass
 class _PidWatch:
-    """A member's process. None: not on this host, so only its session timeout applies."""
+    """A member's process. Both None: not on this host, so only its session timeout applies.
+    ``pidfd``: open, in the service's epoll set until the death is reported (then closed);
+    ``process``: the psutil fallback, polled, where no pidfd could be opened."""
 
-    process: psutil.Process | None
+    pid: int
+    pidfd: int | None = None
+    process: psutil.Process | None = None
     #: member_died was called; a static member stays until its session runs out, and calling
     #: again would move its recorded time of death.
     reported: bool = False
+
+    @property
+    def polled(self) -> bool:
+        return self.process is not None and not self.reported
 
 
 def _alive(process: psutil.Process) -> bool:
@@ -79,7 +93,8 @@ class GroupService:
     def __init__(self, data_dir: str, partitions_per_topic: Mapping[str, int], clock_ms: ClockMs,
                  config: GroupConfig = GroupConfig(), hostname: str | None = None,
                  pid_check_interval_ms: int = GROUP_PID_CHECK_INTERVAL_MS,
-                 wake_group: Callable[[str], None] = lambda group_id: None):
+                 wake_group: Callable[[str], None] = lambda group_id: None,
+                 pidfds: bool = True):
         assert pid_check_interval_ms > 0, pid_check_interval_ms
         self.clock_ms = clock_ms
         self.config = config
@@ -95,6 +110,11 @@ class GroupService:
         self._held: dict[MemberKey, _HeldJoin] = {}
         self._pids: dict[MemberKey, _PidWatch] = {}
         self._pid_check_at_ms = 0
+        #: Every open pidfd, readable when its process ended (None: psutil polling only, as
+        #: on a kernel before 5.3 or when asked, ``pidfds=False``).
+        self._epoll: select.epoll | None = \
+            select.epoll() if pidfds and hasattr(os, "pidfd_open") else None
+        self._pidfd_keys: dict[int, MemberKey] = {}
         self._ready: list[tuple[list[bytes], bytes]] = []
         #: For the counters region: join phases completed, commits and offsets accepted.
         self.rebalances = 0
@@ -124,13 +144,14 @@ class GroupService:
     def next_deadline_ms(self) -> int | None:
         """When :meth:`tick` has something to do next (None: nothing timed)."""
         deadlines = [d for d in (g.next_deadline_ms() for g in self._groups.values()) if d is not None]
-        if self._pids:
+        if any(watch.polled for watch in self._pids.values()):
             deadlines.append(self._pid_check_at_ms)
         return min(deadlines) if deadlines else None
 
     def tick(self) -> None:
         """Apply what is due: pid checks, group timers, compaction of the offsets log."""
         now = self.clock_ms()
+        self._read_pidfds()
         if now >= self._pid_check_at_ms:
             self._pid_check_at_ms = now + self.pid_check_interval_ms
             self._check_pids()
@@ -153,7 +174,16 @@ class GroupService:
             group.update_partitions(self._partitions)
         self._collect_join_results()
 
+    def pid_wait_fd(self) -> int | None:
+        """An fd that becomes readable when a watched local member's process ends (the
+        server polls it; :meth:`tick` then reports the death). None: no pidfds here."""
+        return None if self._epoll is None else self._epoll.fileno()
+
     def close(self) -> None:
+        for key in list(self._pids):
+            self._drop_watch(key)
+        if self._epoll is not None:
+            self._epoll.close()
         self.offsets.close()
 
     # -- membership requests --------------------------------------------------------------------
@@ -167,13 +197,30 @@ class GroupService:
         for what, names in (("topics", topics), ("protocols", protocols)):
             if not all(isinstance(name, str) for name in names):
                 raise errors.InvalidRequestError(f"join: {what} must be an array of strings")
-        process = self._local_process(pid, host)
+        # A rejoin from the same process keeps its watch (no pidfd_open, no /proc read).
+        asked_key = (group_id, member_id)
+        watch = self._pids.get(asked_key)
+        reused = watch is not None and watch.pid == pid and not watch.reported \
+            and host == self.hostname
+        if not reused:
+            watch = self._local_watch(pid, host)  # refuses a local pid that does not run
         group = self._group(group_id, create=True)
-        result = group.join(JoinRequest(member_id, client_id, host, pid, topics, protocols,
-                                        session_timeout_ms, rebalance_timeout_ms, group_instance_id,
-                                        sync_on_join=sync))
+        try:
+            result = group.join(JoinRequest(member_id, client_id, host, pid, topics, protocols,
+                                            session_timeout_ms, rebalance_timeout_ms,
+                                            group_instance_id, sync_on_join=sync))
+        except BaseException:
+            if not reused:
+                self._close_watch(watch)
+            raise
         key = (group_id, result.member_id)
-        self._pids[key] = _PidWatch(process)
+        if reused and key != asked_key:
+            del self._pids[asked_key]  # the watch moves to the member id the join gave
+        if self._pids.get(key) is not watch:
+            self._drop_watch(key)
+            self._pids[key] = watch
+            if watch.pidfd is not None:
+                self._pidfd_keys[watch.pidfd] = key
         if isinstance(result, JoinResult):
             return protocol.ok_reply(request_id, self._join_reply(result, group))
         previous = self._held.pop(key, None)
@@ -199,7 +246,7 @@ class GroupService:
     def _on_leave(self, envelope, request_id: int, group_id: str, member_id: str,
                   group_instance_id: str | None = None) -> bytes:
         self._existing(group_id, member_id).leave(member_id, group_instance_id)
-        self._pids.pop((group_id, member_id), None)
+        self._drop_watch((group_id, member_id))
         return protocol.ok_reply(request_id, {})
 
     # -- offsets ----------------------------------------------------------------------------------
@@ -315,34 +362,83 @@ class GroupService:
             raise errors.UnknownMemberIdError(f"no member {member_id!r} in group {group_id!r} (no such group)")
         return group
 
-    def _local_process(self, pid: int, host: str) -> psutil.Process | None:
-        """The member's process, if it is on this host (None otherwise: its session timeout
-        is all we have). A local pid that does not run is refused: it could never heartbeat."""
+    def _local_watch(self, pid: int, host: str) -> _PidWatch:
+        """A watch of the member's process: a pidfd, else (no pidfd to be had) a psutil
+        process, if it is on this host; neither otherwise (its session timeout is all we
+        have). A local pid that does not run is refused: it could never heartbeat."""
         if host != self.hostname or not isinstance(pid, int) or pid <= 0:
-            return None  # a bad pid is the join's InvalidRequestError
+            return _PidWatch(pid if isinstance(pid, int) else -1)  # a bad pid: the join's error
+        refused = errors.InvalidRequestError(f"pid {pid} is not a running process on host {host!r}")
+        if self._epoll is not None:
+            try:
+                pidfd = os.pidfd_open(pid)
+            except ProcessLookupError:
+                raise refused from None
+            except (OSError, OverflowError) as e:  # EMFILE, EINVAL (not a process), ENOSYS
+                log.warning("no pidfd for member pid %d (%s): polling it instead", pid, e)
+            else:
+                exited = select.poll()
+                exited.register(pidfd, select.POLLIN)
+                if exited.poll(0):  # it has exited already (a zombie)
+                    os.close(pidfd)
+                    raise refused
+                self._epoll.register(pidfd, select.EPOLLIN)
+                return _PidWatch(pid, pidfd=pidfd)
         try:
             process = psutil.Process(pid)
             if process.status() != psutil.STATUS_ZOMBIE:
-                return process
+                return _PidWatch(pid, process=process)
         except (psutil.Error, ValueError, OverflowError):  # gone, or no pid at all
             pass
-        raise errors.InvalidRequestError(f"pid {pid} is not a running process on host {host!r}")
+        raise refused
+
+    def _close_watch(self, watch: _PidWatch) -> None:
+        if watch.pidfd is not None:
+            assert self._epoll is not None
+            self._pidfd_keys.pop(watch.pidfd, None)
+            self._epoll.unregister(watch.pidfd)
+            os.close(watch.pidfd)
+            watch.pidfd = None
+
+    def _drop_watch(self, key: MemberKey) -> None:
+        watch = self._pids.pop(key, None)
+        if watch is not None:
+            self._close_watch(watch)
+
+    def _read_pidfds(self) -> None:
+        """Report the members whose pidfd says their process ended. Bounded: one epoll read
+        of at most the open pidfds, none blocking."""
+        if self._epoll is None or not self._pidfd_keys:
+            return
+        for fd, _ in self._epoll.poll(0, len(self._pidfd_keys)):
+            key = self._pidfd_keys.get(fd)
+            if key is not None:
+                self._member_gone(key, self._pids[key])
 
     def _check_pids(self) -> None:
-        """Bounded: one look at each registered pid."""
+        """Bounded: one look at each registered pid. Drops the watches of members no longer
+        in their group; polls (psutil) the processes that have no pidfd."""
         for key, watch in list(self._pids.items()):
             group = self._groups.get(key[0])
             if group is None or not _has_member(group, key[1]):
-                del self._pids[key]  # left, expired or removed: nothing to watch
+                self._drop_watch(key)  # left, expired or removed: nothing to watch
                 continue
-            if watch.process is None or watch.reported or _alive(watch.process):
-                continue
-            watch.reported = True
-            removed = group.member_died(key[1])
-            if removed:
-                del self._pids[key]
-            log.info("group %s: process %d of member %s is gone; %s", key[0], watch.process.pid,
-                     key[1], "removed, rebalancing" if removed else "static: kept until its session ends")
+            if watch.polled and not _alive(watch.process):
+                self._member_gone(key, watch)
+
+    def _member_gone(self, key: MemberKey, watch: _PidWatch) -> None:
+        """The process of member ``key`` ended: tell its group, once."""
+        watch.reported = True
+        self._close_watch(watch)  # a static member stays; its pidfd would stay readable
+        group = self._groups.get(key[0])
+        if group is None or not _has_member(group, key[1]):
+            self._pids.pop(key, None)
+            return
+        removed = group.member_died(key[1])
+        if removed:
+            del self._pids[key]
+        log.info("group %s: process %d of member %s is gone; %s", key[0], watch.pid,
+                 key[1], "removed, rebalancing" if removed else "static: kept until its session ends")
 
     def live_groups_and_members(self) -> tuple[int, int]:
         """Groups held in memory (they have or just had members) and their members."""

@@ -13,8 +13,9 @@ A deletion is finished (directories removed, topic dropped from "deleting") only
 "done": removing a directory under a running partition process would break its log.
 
 Consumer-group requests go to the :class:`~.group_service.GroupService`, which holds join
-replies the same way (answered later, without blocking other requests) and whose timers and
-pid checks set the poll timeout.
+replies the same way (answered later, without blocking other requests), whose timers set the
+poll timeout, and whose pidfd set (one fd, readable when a local member's process ends) is
+polled beside the socket.
 
 Counters (shmbroker/layout/counters.py, COORDINATOR table): requests by type, error replies,
 commits, rebalances, groups and members, in the coordinator's counters region (created by the
@@ -138,6 +139,9 @@ class CoordinatorServer:
             poller.register(stop_fd, zmq.POLLIN)
         if self.link is not None:
             poller.register(self.link.fileno(), zmq.POLLIN)
+        pid_fd = self.groups.pid_wait_fd()
+        if pid_fd is not None:  # a local member's process ended: tick() reports it at once
+            poller.register(pid_fd, zmq.POLLIN)
         while not is_stopped():
             timeout_ms = self._poll_timeout_ms()
             events = dict(poller.poll(timeout_ms))

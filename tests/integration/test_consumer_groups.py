@@ -611,3 +611,69 @@ def test_close_after_a_kill9_of_the_whole_broker_returns_promptly_and_quietly(br
         producer.close(timeout=1)
         broker.start()  # reclaims the dead broker's shared memory, as any restart does
         assert broker.stop() == 0
+
+
+class RequestLog:
+    """Records, for each request ``consumer``'s group membership sends, its type, whether it
+    waited for its reply, and which ``_request_later`` replies were still unread then."""
+
+    def __init__(self, consumer: Consumer):
+        self.sent: list[tuple[str, bool, list[str]]] = []
+        admin = consumer._membership()._admin
+        request, request_later = admin._request, admin._request_later
+
+        def logged_request(request_type, *args, **fields):
+            self.sent.append((request_type, True, [t for _, t, _ in admin._later.values()]))
+            return request(request_type, *args, **fields)
+
+        def logged_request_later(request_type, *args, **fields):
+            self.sent.append((request_type, False, [t for _, t, _ in admin._later.values()]))
+            return request_later(request_type, *args, **fields)
+
+        admin._request, admin._request_later = logged_request, logged_request_later
+
+
+def test_an_eager_member_sends_its_revocation_commit_and_its_join_without_waiting_between(
+        broker, topic, members):
+    produce(broker.data_dir, 0, 60)
+    with Consumer(TOPIC, broker=broker.data_dir, group="g", auto_offset_reset="earliest",
+                  heartbeat_interval_ms=HEARTBEAT_MS) as a:
+        assert sorted(parse_value(r.value)[1] for r in drain(a, 60)) == list(range(60))
+        sent = RequestLog(a).sent
+        [b] = members.start(1)
+        poll_until(a, lambda: len(a.assignment()) == PARTITIONS // 2, "a keeps three partitions")
+        # The commit went as a later request and was still unanswered when the join was sent:
+        # one round trip, not two (a synchronous commit would be a waited-for request here).
+        i = next(i for i, (t, _, _) in enumerate(sent) if t == "join")
+        assert sent[i - 1][:2] == ("offset_commit", False), sent
+        assert sent[i][2] == ["offset_commit"], sent
+        assert not any(t == "offset_commit" and waited for t, waited, _ in sent[:i]), sent
+        # And it was stored before the join phase ended: b starts where a stopped (no record
+        # read twice), and every record after the rebalance is read once.
+        wait_for(lambda: len(owned(b)) == PARTITIONS // 2, what="b owns three partitions")
+        produce(broker.data_dir, 60, 60)
+        got_a = [parse_value(r.value)[1] for r in drain(a, 30)]
+    wait_for(lambda: len(received(b)) >= 30, what="b consumed its half")
+    assert sorted(got_a + [seq for _, _, seq in received(b)]) == list(range(60, 120))
+
+
+def test_a_pipelined_revocation_commit_refused_for_another_reason_is_raised_from_the_next_poll(
+        broker, topic, members):
+    produce(broker.data_dir, 0, 6)
+    with Consumer(TOPIC, broker=broker.data_dir, group="g", auto_offset_reset="earliest",
+                  heartbeat_interval_ms=HEARTBEAT_MS) as a:
+        drain(a, 6)
+        a._next_auto_commit = time.monotonic() + 3600  # only the revocation commits here
+        positions = a._positions
+        # A partition the topic does not have: the coordinator refuses the whole commit with
+        # an error that is not "the group moved on".
+        a._positions = lambda tps: {**positions(tps), TopicPartition(TOPIC, PARTITIONS + 1): 1}
+        members.start(1)
+        deadline = time.monotonic() + WAIT_S_MAX
+        with pytest.raises(errors.UnknownTopicOrPartitionError):
+            while time.monotonic() < deadline:  # bounded by the deadline
+                a.poll(timeout_ms=20)
+        a._positions = positions
+        # Raised once the rebalance was done: a holds its new share and goes on polling.
+        assert len(a.assignment()) == PARTITIONS // 2
+        a.poll(timeout_ms=20)

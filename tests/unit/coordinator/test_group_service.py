@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -92,7 +93,57 @@ def test_a_held_join_is_answered_when_the_other_member_rejoins(service):
     assert envelope == [b"second"] and protocol.decode_reply(body)[1]["generation_id"] == 2
 
 
-def test_a_dead_local_pid_removes_its_member_at_the_next_pid_check(service, clock):
+def test_a_dead_local_pid_is_reported_by_its_pidfd_at_once_not_at_a_pid_check(service, clock):
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        joined = join(service, child.pid)
+        service.tick()
+        wait_fd = service.pid_wait_fd()
+        assert wait_fd is not None
+        # No pid poll is scheduled: the next deadline is the group's own (its sync, 5 s).
+        assert service.next_deadline_ms() > clock.now_ms + service.pid_check_interval_ms
+        assert select.select([wait_fd], [], [], 0)[0] == []
+        child.kill()  # not reaped yet: a zombie is dead too
+        assert select.select([wait_fd], [], [], 10)[0] == [wait_fd]  # the server's poll wakes
+        service.tick()  # the clock has not moved: no interval was waited for
+        with pytest.raises(errors.UnknownMemberIdError):
+            call(service, "heartbeat", group_id="g", member_id=joined["member_id"], generation_id=1)
+        assert select.select([wait_fd], [], [], 0)[0] == []  # reported once, pidfd closed
+        assert service.next_deadline_ms() is None  # group gone, nothing to watch
+    finally:
+        child.kill()
+        child.wait(timeout=10)
+
+
+def test_a_rejoin_from_the_same_process_keeps_its_pidfd(service):
+    first = join(service, os.getpid(), sync=True)
+    fds_before = len(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        assert join(service, os.getpid(), first["member_id"], sync=True)["generation_id"] == 1
+    assert len(os.listdir("/proc/self/fd")) == fds_before
+    call(service, "leave", group_id="g", member_id=first["member_id"])
+    assert len(os.listdir("/proc/self/fd")) == fds_before - 1  # its pidfd closed
+
+
+def test_a_pid_that_already_exited_is_refused_at_join(service):
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait(timeout=10)
+    with pytest.raises(errors.InvalidRequestError):
+        join(service, child.pid)
+
+
+@pytest.fixture
+def polling_service(tmp_path, clock):
+    service = GroupService(str(tmp_path), {"t": 4}, clock, hostname=socket.gethostname(),
+                           pidfds=False)
+    yield service
+    service.close()
+
+
+def test_without_pidfds_a_dead_local_pid_removes_its_member_at_the_next_pid_check(
+        polling_service, clock):
+    service = polling_service
+    assert service.pid_wait_fd() is None
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
         joined = join(service, child.pid)
