@@ -3088,7 +3088,8 @@ static PyType_Spec Mutex_spec = {
  *
  * sendpath_call does, under the same lock and for the same span as the Python reference
  * (Producer._send_python), only the common cases: an int partition whose accumulator exists,
- * or no key and no partition with the topic's sticky accumulator existing; the accumulator
+ * no key and no partition with the topic's sticky accumulator existing, or a bytes key and no
+ * partition (murmur2 over the partition count the reference cached); the accumulator
  * takes the record. Everything else (a key, no accumulator yet, a full batch or a record too
  * large, unusual argument types or keywords) calls the reference, which then does all the
  * work as before; the fast path has changed nothing by then (a refused append adds nothing).
@@ -3102,6 +3103,7 @@ typedef struct {
     MutexObject *mutex;            /* the same lock when it is a _native.Mutex (taken in C) */
     PyTypeObject *mutex_type;
     PyObject *accs, *sticky;       /* Producer._accs and Producer._sticky (dicts) */
+    PyObject *counts;              /* Producer._partition_counts: topic -> (count, expiry) */
     PyTypeObject *acc_type;        /* client.producer._Accumulator */
     Py_ssize_t records_offset;     /* where its `records` slot is (a member descriptor) */
     PyTypeObject *records_type;    /* _native.RecordAccumulator */
@@ -3196,8 +3198,10 @@ static PyObject *SendPath_new(PyTypeObject *type, PyObject *args, PyObject *kwds
 /* reset(lock, accs, sticky): the producer made a new lock and new dicts (start, fork). */
 static PyObject *SendPath_reset(SendPathObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 3 || !PyDict_CheckExact(args[1]) || !PyDict_CheckExact(args[2]))
-        return PyErr_Format(PyExc_TypeError, "reset(lock, accs: dict, sticky: dict)");
+    if (nargs != 4 || !PyDict_CheckExact(args[1]) || !PyDict_CheckExact(args[2]) ||
+        !PyDict_CheckExact(args[3]))
+        return PyErr_Format(PyExc_TypeError,
+                            "reset(lock, accs: dict, sticky: dict, partition_counts: dict)");
     PyObject *acquire = PyObject_GetAttrString(args[0], "acquire");
     if (acquire == NULL)
         return NULL;
@@ -3218,6 +3222,8 @@ static PyObject *SendPath_reset(SendPathObject *self, PyObject *const *args, Py_
     Py_XSETREF(self->accs, args[1]);
     Py_INCREF(args[2]);
     Py_XSETREF(self->sticky, args[2]);
+    Py_INCREF(args[3]);
+    Py_XSETREF(self->counts, args[3]);
     self->armed = 0;
     Py_CLEAR(self->cached_topic);
     Py_CLEAR(self->cached_acc);
@@ -3241,6 +3247,7 @@ static int SendPath_traverse(SendPathObject *self, visitproc visit, void *arg)
     Py_VISIT(self->mutex_type);
     Py_VISIT(self->accs);
     Py_VISIT(self->sticky);
+    Py_VISIT(self->counts);
     Py_VISIT(self->acc_type);
     Py_VISIT(self->records_type);
     Py_VISIT(self->slow);
@@ -3259,6 +3266,7 @@ static int SendPath_clear(SendPathObject *self)
     Py_CLEAR(self->mutex_type);
     Py_CLEAR(self->accs);
     Py_CLEAR(self->sticky);
+    Py_CLEAR(self->counts);
     Py_CLEAR(self->acc_type);
     Py_CLEAR(self->records_type);
     Py_CLEAR(self->slow);
@@ -3473,8 +3481,11 @@ static PyObject *sendpath_call(PyObject *op, PyObject *const *args, size_t nargs
         a[i] = args[nargs + j];
     }
     PyObject *topic = a[0], *key = a[2], *partition = a[3];
+    /* keyed: a bytes key without a partition (Kafka's murmur2 mapping, below) */
+    int keyed = partition == Py_None && key != Py_None;
     if (topic == NULL || a[1] == NULL || !PyUnicode_CheckExact(topic) ||
-        (partition == Py_None ? key != Py_None : !PyLong_CheckExact(partition)))
+        (keyed ? !PyBytes_CheckExact(key) || self->counts == NULL
+               : partition != Py_None && !PyLong_CheckExact(partition)))
         return sendpath_slow(self, args, nargsf, kwnames);
 
     PyObject *r;
@@ -3489,17 +3500,44 @@ static PyObject *sendpath_call(PyObject *op, PyObject *const *args, size_t nargs
     }
     /* Lock held from here to every return (as the reference's try/finally). */
     PyObject *acc;
-    if (partition == Py_None) {
+    if (partition == Py_None && !keyed) {
         acc = PyDict_GetItemWithError(self->sticky, topic);
     } else {
         int overflow = 0;
-        long p = PyLong_AsLongAndOverflow(partition, &overflow);
+        long p;
+        if (keyed) {
+            /* The partition count as the reference's _partitions() has it cached, while
+             * fresh (metadata.max.age); else the reference re-reads it. */
+            PyObject *cached = PyDict_GetItemWithError(self->counts, topic);
+            if (cached == NULL || !PyTuple_CheckExact(cached) || PyTuple_GET_SIZE(cached) != 2) {
+                if (PyErr_Occurred()) {
+                    sendpath_unlock(self);
+                    return NULL;
+                }
+                goto slow;
+            }
+            long count = PyLong_AsLong(PyTuple_GET_ITEM(cached, 0));
+            double expiry = PyFloat_AsDouble(PyTuple_GET_ITEM(cached, 1));
+            if (PyErr_Occurred()) {
+                PyErr_Clear();
+                goto slow;
+            }
+            if (count <= 0 || count > INT32_MAX ||
+                (double)shmb_monotonic_ns() / 1e9 >= expiry)
+                goto slow;
+            p = shmb_partition_for_key(PyBytes_AS_STRING(key), (size_t)PyBytes_GET_SIZE(key),
+                                       (int32_t)count);
+        } else {
+            p = PyLong_AsLongAndOverflow(partition, &overflow);
+        }
         if (topic == self->cached_topic && p == self->cached_partition && !overflow &&
             !(p == -1 && PyErr_Occurred())) {
             acc = self->cached_acc;
         } else {
             PyErr_Clear();  /* an int too large for a long is simply not cached */
-            PyObject *tk = PyTuple_Pack(2, topic, partition);
+            PyObject *po = keyed ? PyLong_FromLong(p) : (Py_INCREF(partition), partition);
+            PyObject *tk = po == NULL ? NULL : PyTuple_Pack(2, topic, po);
+            Py_XDECREF(po);
             acc = tk == NULL ? NULL : PyDict_GetItemWithError(self->accs, tk);
             Py_XDECREF(tk);
             if (acc != NULL && !overflow) {

@@ -448,8 +448,8 @@ class Producer:
         self._writers: dict[tuple[str, int], _Writer] = {}
         self._accs: dict[tuple[str, int], _Accumulator] = {}
         self._sticky: dict[str, _Accumulator] = {}
-        path.reset(self._lock, self._accs, self._sticky)
         self._partition_counts: dict[str, tuple[int, float]] = {}  # count, expiry
+        path.reset(self._lock, self._accs, self._sticky, self._partition_counts)
 
     def _check_broker(self) -> None:
         if broker_pid(self.data_dir) is None:

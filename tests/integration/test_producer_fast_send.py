@@ -239,3 +239,32 @@ def test_a_due_batch_is_written_in_c_with_the_same_offsets_and_the_reference_is_
         assert python_writes == sends
     assert [r.value for r in read_partition(broker.data_dir, topic, 0)] == \
         [b"first"] + [b"r%d" % i for i in range(sends)]
+
+
+def test_keyed_sends_take_the_c_path_and_land_on_kafkas_murmur2_partitions(broker, monkeypatch):
+    """A bytes key without a partition is mapped in C (murmur2, with the partition count the
+    reference cached) once the reference has made the accumulators; every record lands where
+    records.partition_for_key says, as with the reference."""
+    from shmbroker import records
+
+    topic = "keyed-fast"
+    create_topic(broker.data_dir, topic, 4)
+    calls = [0]
+    reference = Producer._send_python
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return reference(*args, **kwargs)
+    monkeypatch.setattr(Producer, "_send_python", counted)
+    keys = [b"user-%d" % (i % 16) for i in range(2000)]
+    with Producer(broker=broker.data_dir) as producer:
+        futures = [producer.send(topic, b"v%d" % i, key=k) for i, k in enumerate(keys)]
+        got = [f.result(timeout=10) for f in futures]
+    assert [g[1] for g in got] == [records.partition_for_key(k, 4) for k in keys]
+    # The reference made the four accumulators (and the partition count) on first use; a
+    # batch that filled up goes there too. Everything else was C.
+    assert calls[0] < 100, calls[0]
+    by_partition = {p: [r.key for r in read_partition(broker.data_dir, topic, p)]
+                    for p in range(4)}
+    for p in range(4):
+        assert by_partition[p] == [k for k in keys if records.partition_for_key(k, 4) == p]
