@@ -1017,15 +1017,23 @@ class Producer:
         are the parent's) and its accumulated records; new rings are made on demand."""
         if self._pid == os.getpid():
             return
-        for acc in self._accs.values():
-            acc.unbind()
-        for writer in self._writers.values():
+        # _init_state runs whatever happens before it: it gives the child a new lock, and the
+        # parent's may have been held at the fork by a thread the child does not have (a
+        # write with the GIL released); the child's first send would wait on it forever.
+        try:
+            for acc in self._accs.values():
+                acc.unbind()
+            for writer in self._writers.values():
+                try:
+                    writer.ring.region.close()
+                except BufferError:
+                    pass  # the parent's sender slept on it at the fork; the child's exit unmaps it
             try:
-                writer.ring.region.close()
+                self._metadata.close()  # unmaps the control regions (nothing else)
             except BufferError:
-                pass  # the parent's sender slept on it at the fork; the child's exit unmaps it
-        self._metadata.close()  # unmaps the control regions (nothing else)
-        self._init_state()
+                pass  # a parent thread's write held one (its doorbell) at the fork: as above
+        finally:
+            self._init_state()
 
     def close(self, timeout: float | None = None) -> None:
         """Flush (bounded by ``timeout`` seconds), then close every ring: wait until the

@@ -226,6 +226,42 @@ def _forked_while_sending(producer, queue) -> None:
     queue.put("done")
 
 
+def _send_ten_in_child(producer, queue) -> None:
+    offsets = [producer.send("held-fork", b"child %d" % i, partition=0).result(timeout=10)[2]
+               for i in range(10)]
+    producer.close()
+    queue.put(offsets)
+
+
+def test_a_fork_while_a_parent_thread_holds_the_lock_and_a_region_gives_the_child_its_own(
+        broker):
+    """A parent thread writing a large batch holds the producer's lock and an export of the
+    control region (its doorbell) with the GIL released; a fork then copies both. The child
+    must still get a new lock and new regions: it sends and gets its acks instead of waiting
+    forever on a lock that no thread of its own will release."""
+    create_topic(broker.data_dir, "held-fork", 1)
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    with Producer(broker=broker.data_dir) as parent:
+        parent.send("held-fork", b"parent", partition=0).result(timeout=10)
+        held = memoryview(parent._writers[("held-fork", 0)].control.buf)  # the write's export
+        parent._lock.acquire()  # as the writing thread holds it
+        proc = ctx.Process(target=_send_ten_in_child, args=(parent, queue))
+        try:
+            proc.start()
+            offsets = queue.get(timeout=WAIT_S_MAX)
+        finally:
+            parent._lock.release()
+            held.release()
+            if proc.is_alive() and proc.exitcode is None:
+                proc.join(WAIT_S_MAX)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(WAIT_S_MAX)
+    assert offsets == list(range(1, 11))
+    assert proc.exitcode == 0
+
+
 def test_a_fork_while_the_background_sender_runs_gives_the_child_a_working_producer(broker):
     create_topic(broker.data_dir, "busy-fork", 1)
     ctx = multiprocessing.get_context("fork")
