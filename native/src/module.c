@@ -2712,6 +2712,40 @@ static PyObject *Accumulator_encode(AccumulatorObject *self, PyObject *const *ar
 /* write_ring(ring, doorbell, producer_id, producer_epoch, base_sequence) ->
  * (status, sequence, write_position): the batch as one frame of the ring, the partition's
  * doorbell rung; on RING_OK the accumulator is empty, on RING_FULL unchanged. */
+/* Seals the accumulator's records into one frame, copies it into the ring `ring` and rings
+ * the doorbell of `control` (NULL: none); without the GIL for a large batch (the accumulator
+ * is ours: the caller holds the Producer's lock). On SHMB_RING_OK the accumulator is cleared.
+ * Returns the ring's status; *first_seq, *wpos (the write position after) and *len are set.
+ * Used by Accumulator.write_ring and by the send path's write (sendpath_write). */
+static int acc_write_frame(AccumulatorObject *self, void *ring, size_t ring_len,
+                           uint8_t *control, long long pid, int epoch, long seq,
+                           uint64_t *first_seq, uint64_t *wpos, size_t *len, shmb_ring_error *err)
+{
+    shmb_ring_payload payload;
+    payload.len = shmb_acc_seal(&self->acc, pid, (int16_t)epoch, (int32_t)seq);
+    payload.data = self->acc.buf;
+    size_t written;
+    int r;
+    if (payload.len >= GIL_RELEASE_BYTES_MIN) {
+        Py_BEGIN_ALLOW_THREADS
+        r = shmb_ring_write(ring, ring_len, &payload, 1, &written, first_seq, err);
+        if (written > 0 && control != NULL)
+            shmb_ctl_doorbell_ring(control);
+        Py_END_ALLOW_THREADS
+    } else {
+        r = shmb_ring_write(ring, ring_len, &payload, 1, &written, first_seq, err);
+        if (written > 0 && control != NULL)
+            shmb_ctl_doorbell_ring(control);
+    }
+    *wpos = shmb_u64_load_relaxed((uint8_t *)ring + SHMB_RING_WRITE_POSITION_OFFSET);
+    *len = payload.len;
+    if (r == SHMB_RING_OK) {
+        shmb_acc_clear(&self->acc);
+        self->write_due = 0;
+    }
+    return r;
+}
+
 static PyObject *Accumulator_write_ring(AccumulatorObject *self, PyObject *const *args,
                                         Py_ssize_t nargs)
 {
@@ -2742,37 +2776,18 @@ static PyObject *Accumulator_write_ring(AccumulatorObject *self, PyObject *const
             return NULL;
         }
     }
-    shmb_ring_payload payload;
-    payload.len = shmb_acc_seal(&self->acc, pid, (int16_t)epoch, (int32_t)seq);
-    payload.data = self->acc.buf;
-    size_t written;
-    uint64_t first_seq;
+    uint64_t first_seq, wpos;
+    size_t len;
     shmb_ring_error err;
-    int r;
-    /* Without the GIL only for large batches; the accumulator is ours (the Producer's lock). */
-    if (payload.len >= GIL_RELEASE_BYTES_MIN) {
-        Py_BEGIN_ALLOW_THREADS
-        r = shmb_ring_write(rv.buf, (size_t)rv.len, &payload, 1, &written, &first_seq, &err);
-        if (written > 0 && dv.buf != NULL)
-            shmb_ctl_doorbell_ring(dv.buf);
-        Py_END_ALLOW_THREADS
-    } else {
-        r = shmb_ring_write(rv.buf, (size_t)rv.len, &payload, 1, &written, &first_seq, &err);
-        if (written > 0 && dv.buf != NULL)
-            shmb_ctl_doorbell_ring(dv.buf);
-    }
-    uint64_t wpos = shmb_u64_load_relaxed((uint8_t *)rv.buf + SHMB_RING_WRITE_POSITION_OFFSET);
+    int r = acc_write_frame(self, rv.buf, (size_t)rv.len, dv.buf, pid, epoch, seq, &first_seq,
+                            &wpos, &len, &err);
     PyObject *result = NULL;
     if (r == SHMB_RING_CORRUPT) {
         raise_ring_corrupt(get_state(module), &err);
     } else if (r == SHMB_RING_TOO_LARGE) {
         PyErr_Format(get_state(module)->errors[SHMB_RB_SCAN_TOO_LARGE],
-                     "a batch of %zu bytes is larger than this ring can ever hold", payload.len);
+                     "a batch of %zu bytes is larger than this ring can ever hold", len);
     } else {
-        if (r == SHMB_RING_OK) {
-            shmb_acc_clear(&self->acc);
-            self->write_due = 0;
-        }
         result = Py_BuildValue("(iKK)", r, (unsigned long long)first_seq,
                                (unsigned long long)wpos);
     }
@@ -3394,36 +3409,17 @@ static int sendpath_write(SendPathObject *self, PyObject *producer, PyObject *ac
 
     /* The write: what Accumulator.write_ring does, for a small batch (GIL held). */
     Py_ssize_t count = records->acc.count;
-    shmb_ring_payload payload;
     /* No producer id, epoch or sequence: batches are stored as sent, and the round manifest,
      * not these fields, tells a restarted partition what it appended (Producer._write). */
-    payload.len = shmb_acc_seal(&records->acc, -1, -1, -1);
-    payload.data = records->acc.buf;
-    size_t written;
-    uint64_t first_seq;
+    uint64_t first_seq, wpos;
+    size_t len;
     shmb_ring_error err;
-    int r;
-    if (payload.len >= GIL_RELEASE_BYTES_MIN) {  /* as write_ring: the copy without the GIL */
-        Py_BEGIN_ALLOW_THREADS
-        r = shmb_ring_write(records->ring.buf, (size_t)records->ring.len, &payload, 1, &written,
-                            &first_seq, &err);
-        if (written > 0)
-            shmb_ctl_doorbell_ring(dv.buf);
-        Py_END_ALLOW_THREADS
-    } else {
-        r = shmb_ring_write(records->ring.buf, (size_t)records->ring.len, &payload, 1, &written,
-                            &first_seq, &err);
-        if (written > 0)
-            shmb_ctl_doorbell_ring(dv.buf);
-    }
+    int r = acc_write_frame(records, records->ring.buf, (size_t)records->ring.len, dv.buf, -1,
+                            -1, -1, &first_seq, &wpos, &len, &err);
     if (r != SHMB_RING_OK) {  /* no room, too large, corrupt: the reference sees it again */
         result = 0;
         goto done;
     }
-    uint64_t wpos = shmb_u64_load_relaxed((uint8_t *)records->ring.buf +
-                                          SHMB_RING_WRITE_POSITION_OFFSET);
-    shmb_acc_clear(&records->acc);
-    records->write_due = 0;
 
     /* From here the frame is in the ring: only bookkeeping, as the reference's, in its order. */
     batch = records->batch;  /* the written batch: its futures point to it */
