@@ -1740,19 +1740,40 @@ static int tail_ll(PyObject *o, long long *out)
     return (*out == -1 && PyErr_Occurred()) ? -1 : 0;
 }
 
+/* Sleeps until the partition publishes (hw_seq differs from seen), as
+ * ControlRegion.wait_hw_change does: counted in hw_waiters first (seq_cst, so the publisher,
+ * which bumps hw_seq and then reads hw_waiters, either sees the count or the futex sees the
+ * new hw_seq), the GIL released. */
+static int tail_wait(uint8_t *ctl, uint32_t seen, long long wait_ms, long long spin_ns)
+{
+    int r;
+    (void)shmb_u32_fetch_add(ctl + SHMB_CTL_HW_WAITERS_OFFSET, 1);
+    Py_BEGIN_ALLOW_THREADS
+    r = shmb_futex_wait((const uint32_t *)(ctl + SHMB_CTL_HW_SEQ_OFFSET), seen, wait_ms, spin_ns);
+    Py_END_ALLOW_THREADS
+    (void)shmb_u32_fetch_add(ctl + SHMB_CTL_HW_WAITERS_OFFSET, (uint32_t)-1);
+    return r;
+}
+
 static PyObject *py_tail_read(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     /* control, segment_map, segment_base, offset, position, checked_end, fd, max_bytes,
-     * verify_crc, topic, partition */
-    if (nargs != 11)
-        return PyErr_Format(PyExc_TypeError, "tail_read takes 11 arguments, got %zd", nargs);
+     * verify_crc, topic, partition[, wait_ms, spin_ns] */
+    if (nargs != 11 && nargs != 13)
+        return PyErr_Format(PyExc_TypeError, "tail_read takes 11 or 13 arguments, got %zd",
+                            nargs);
     module_state *st = get_state(module);
     long long segment_base, offset, position, checked_end, fd, max_bytes, partition;
+    long long wait_ms = 0, spin_ns = 0;
     if (tail_ll(args[2], &segment_base) < 0 || tail_ll(args[3], &offset) < 0 ||
         tail_ll(args[4], &position) < 0 || tail_ll(args[5], &checked_end) < 0 ||
         tail_ll(args[6], &fd) < 0 || tail_ll(args[7], &max_bytes) < 0 ||
         tail_ll(args[10], &partition) < 0)
         return NULL;
+    if (nargs == 13 && (tail_ll(args[11], &wait_ms) < 0 || tail_ll(args[12], &spin_ns) < 0))
+        return NULL;
+    if (wait_ms < 0 || spin_ns < 0)
+        return PyErr_Format(PyExc_ValueError, "tail_read: wait_ms and spin_ns must be >= 0");
     int verify_crc = PyObject_IsTrue(args[8]);
     if (verify_crc < 0)
         return NULL;
@@ -1766,16 +1787,19 @@ static PyObject *py_tail_read(PyObject *module, PyObject *const *args, Py_ssize_
         PyBuffer_Release(&cv);
         return PyErr_Format(PyExc_ValueError, "tail_read: control region too short");
     }
+    uint8_t *ctl = cv.buf;
+    PyObject *result = NULL;
+    owned_columns oc = {{0}, NULL};
+    int waited = 0;
+    mv.obj = NULL;
+again:
     if (PyObject_GetBuffer(args[1], &mv, PyBUF_SIMPLE) < 0) {
         PyErr_Clear(); /* a retired (closed) mapping: the Python read maps again */
         PyBuffer_Release(&cv);
         return tail_declined();
     }
-    const uint8_t *ctl = cv.buf;
     const uint8_t *map = mv.buf;
     size_t map_len = (size_t)mv.len;
-    PyObject *result = NULL;
-    owned_columns oc = {{0}, NULL};
 
     /* hw_seq before the state, as Consumer._read: a publish after this load wakes the sleep. */
     uint32_t hw_seq = shmb_u32_load_acquire(ctl + SHMB_CTL_HW_SEQ_OFFSET);
@@ -1793,6 +1817,26 @@ static PyObject *py_tail_read(PyObject *module, PyObject *const *args, Py_ssize_
     }
     if (!consistent || offset < start || offset > hw)
         goto declined;
+    if (offset == hw && wait_ms > 0 && !waited) {
+        /* Nothing new: sleep here, then read once more, so that the records a wake-up
+         * announces come back from this call (one call from the wake-up to the records; a
+         * return to Python in between ran ~a dozen frames on the critical path). The segment
+         * mapping is not held while asleep (a close elsewhere must not meet an export). */
+        waited = 1;
+        PyBuffer_Release(&mv);
+        int r = tail_wait(ctl, hw_seq, wait_ms, spin_ns);
+        if (r == SHMB_WAIT_INTERRUPTED && PyErr_CheckSignals() < 0) {
+            PyBuffer_Release(&cv);
+            return NULL;
+        }
+        if (r != SHMB_WAIT_TIMEOUT && r != SHMB_WAIT_INTERRUPTED)
+            goto again;
+        if (PyObject_GetBuffer(args[1], &mv, PyBUF_SIMPLE) < 0) {
+            PyErr_Clear();
+            PyBuffer_Release(&cv);
+            return tail_declined();
+        }
+    }
     if (offset == hw) {
         result = Py_BuildValue("(iILOOOOO)", TAIL_NOTHING, hw_seq, (long long)hw, Py_None,
                                Py_None, Py_None, Py_None, Py_None);
@@ -3985,17 +4029,35 @@ static int drain_arg_int(PyObject *o, int *out)
     return 0;
 }
 
-/* Positional only (METH_FASTCALL: no keyword parsing per round). */
-static PyObject *py_drain_round(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+/* The doorbell sleep that may precede a round (drain_sleep_round). */
+typedef struct {
+    uint32_t seen;
+    long long timeout_ms, spin_ns;
+    int status; /* out: the sleep's WAIT_* status */
+} drain_sleep_args;
+
+static int drain_wall_clock_ms(int64_t *out)
+{
+    struct timespec ts;
+    if (clock_gettime(CLOCK_REALTIME, &ts) != 0)
+        return -1;
+    long long ns = (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+    long long ms = ns / 1000000;
+    if (ns % 1000000 < 0)
+        ms -= 1;
+    *out = ms;
+    return 0;
+}
+
+/* drain_round's body; with sl, the doorbell sleep first and the round only if it was woken
+ * (or the doorbell had moved): both with the GIL released, without a return to Python in
+ * between. The round then takes the wall clock afresh (its state was made before the sleep;
+ * the caller passes a state whose other fields cannot change while the process sleeps). */
+static PyObject *drain_round_run(PyObject *const *args, Py_ssize_t nargs, drain_sleep_args *sl)
 {
     shmb_drain_log log;
     unsigned long long segment_size, segment_bytes, round_max, ring_round_max, start_time;
     memset(&log, 0, sizeof log);
-    if (nargs != 8 && nargs != 9) {
-        PyErr_Format(PyExc_TypeError, "drain_round takes 8 or 9 positional arguments (%zd given)",
-                     nargs);
-        return NULL;
-    }
     PyObject *rings_arg = args[0], *control_arg = args[1], *scratch_arg = args[2];
     if (!PyTuple_Check(args[3])) {
         PyErr_SetString(PyExc_TypeError, "drain_round: log must be a tuple (NativeAppendState)");
@@ -4030,23 +4092,80 @@ static PyObject *py_drain_round(PyObject *module, PyObject *const *args, Py_ssiz
         return NULL;
     }
     shmb_drain_result r;
-    int status;
+    memset(&r, 0, sizeof r);
+    int status = -1, clock_failed = 0;
     Py_BEGIN_ALLOW_THREADS
-    status = shmb_drain_round(h.rings, (size_t)h.n, control.buf, (size_t)control.len,
-                              scratch.buf, (size_t)scratch.len, &log, &r);
+    if (sl != NULL) {
+        sl->status = shmb_drain_sleep(control.buf, sl->seen, sl->timeout_ms, sl->spin_ns);
+        if (sl->status != SHMB_WAIT_TIMEOUT && sl->status != SHMB_WAIT_INTERRUPTED)
+            clock_failed = drain_wall_clock_ms(&log.now_ms) < 0;
+    }
+    if ((sl == NULL || (sl->status != SHMB_WAIT_TIMEOUT && sl->status != SHMB_WAIT_INTERRUPTED))
+        && !clock_failed)
+        status = shmb_drain_round(h.rings, (size_t)h.n, control.buf, (size_t)control.len,
+                                  scratch.buf, (size_t)scratch.len, &log, &r);
     Py_END_ALLOW_THREADS
     PyObject *result;
-    if (status == SHMB_DRAIN_DECLINED)
+    if (status == -1)
+        result = Py_NewRef(Py_None); /* slept without a wake-up: no round */
+    else if (status == SHMB_DRAIN_DECLINED)
         result = Py_BuildValue("(ii)", status, r.decline);
     else if (status == SHMB_DRAIN_WRITE_FAILED)
         result = Py_BuildValue("(iiO)", status, r.write_errno, r.truncated ? Py_True : Py_False);
     else
         result = drain_done_result(&h, &r);
-    shmb_drain_result_free(&r);
+    if (status != -1)
+        shmb_drain_result_free(&r);
     PyBuffer_Release(&scratch);
     PyBuffer_Release(&control);
     drain_hold_free(&h);
     return result;
+}
+
+/* Positional only (METH_FASTCALL: no keyword parsing per round). */
+static PyObject *py_drain_round(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 8 && nargs != 9) {
+        PyErr_Format(PyExc_TypeError, "drain_round takes 8 or 9 positional arguments (%zd given)",
+                     nargs);
+        return NULL;
+    }
+    return drain_round_run(args, nargs, NULL);
+}
+
+/* drain_sleep_round(seen, timeout_ms, spin_ns, rings, control, scratch, log, round_bytes_max,
+ * ring_round_bytes_max, pid, start_time) -> (WAIT_* status, drain_round's result or None):
+ * the doorbell sleep (drain_sleep, whose prepare the caller has done) and, once woken, the
+ * round, in one call: a wake-up runs no Python before the round publishes. */
+static PyObject *py_drain_sleep_round(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 11) {
+        PyErr_Format(PyExc_TypeError, "drain_sleep_round takes 11 positional arguments "
+                     "(%zd given)", nargs);
+        return NULL;
+    }
+    unsigned long long seen = PyLong_AsUnsignedLongLong(args[0]);
+    if (seen == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    if (seen > UINT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "drain_sleep_round: seen is a u32 doorbell value");
+        return NULL;
+    }
+    drain_sleep_args sl = {(uint32_t)seen, 0, 0, SHMB_WAIT_TIMEOUT};
+    sl.timeout_ms = PyLong_AsLongLong(args[1]);
+    if (sl.timeout_ms == -1 && PyErr_Occurred())
+        return NULL;
+    sl.spin_ns = PyLong_AsLongLong(args[2]);
+    if (sl.spin_ns == -1 && PyErr_Occurred())
+        return NULL;
+    PyObject *round = drain_round_run(args + 3, 8, &sl);
+    if (round == NULL)
+        return NULL;
+    if (sl.status == SHMB_WAIT_INTERRUPTED && PyErr_CheckSignals() < 0) {
+        Py_DECREF(round);
+        return NULL;
+    }
+    return Py_BuildValue("(iN)", sl.status, round);
 }
 
 /* The partition loop's last look before it sleeps (PartitionOwner.wait_for_work):
@@ -4264,11 +4383,14 @@ static PyMethodDef module_methods[] = {
      "    max_timestamp, records_count), ...])"},
     {"tail_read", (PyCFunction)(void (*)(void))py_tail_read, METH_FASTCALL,
      "tail_read(control, segment_map, segment_base, offset, position, checked_end, fd,\n"
-     "          max_bytes, verify_crc, topic, partition)\n"
+     "          max_bytes, verify_crc, topic, partition[, wait_ms, spin_ns])\n"
      "-> (TAIL_RECORDS, hw_seq, hw, records, next_position, next_offset, checked_end, nbytes)\n"
      "   | (TAIL_NOTHING, hw_seq, hw, None, ...) | (TAIL_DECLINED, None, ...): 8 items\n\n"
      "A caught-up consumer's read of the active segment from its hint, in one call; declines\n"
-     "anything else (the caller then reads with log/reader.py, the reference)."},
+     "anything else (the caller then reads with log/reader.py, the reference). With wait_ms\n"
+     "> 0 and nothing new, it first sleeps (GIL released) until the partition publishes or\n"
+     "wait_ms pass (spinning spin_ns first), then reads once more; TAIL_NOTHING on a timeout\n"
+     "or a signal (whose handler has run)."},
     {"decode_records", (PyCFunction)(void (*)(void))py_decode_records,
      METH_VARARGS | METH_KEYWORDS,
      "decode_records(buf, verify_crc=True, topic=None, partition=-1) -> list[Record]"},
@@ -4350,6 +4472,12 @@ static PyMethodDef module_methods[] = {
      "never scanned) or a consumer's ring is readable (a committed frame at its position and\n"
      "fewer than COMPLETIONS_MAX completions unread), else the doorbell value to sleep on.\n"
      "consumers: RingConsumer objects (buf, position, capacity are read)."},
+    {"drain_sleep_round", (PyCFunction)(void (*)(void))py_drain_sleep_round, METH_FASTCALL,
+     "drain_sleep_round(seen, timeout_ms, spin_ns, rings, control, scratch, log,\n"
+     "                  round_bytes_max, ring_round_bytes_max, pid, start_time)\n"
+     "-> (WAIT_* status, drain_round's result, or None when the sleep was not woken)\n\n"
+     "drain_sleep, then (woken or the doorbell moved) drain_round with the clock read afresh,\n"
+     "in one call with the GIL released."},
     {"drain_sleep", (PyCFunction)(void (*)(void))py_drain_sleep, METH_FASTCALL,
      "drain_sleep(control, seen, timeout_ms, spin_ns) -> WAIT_* status\n\n"
      "After drain_sleep_prepare returned seen: FUTEX_WAIT on the doorbell (GIL released), then\n"

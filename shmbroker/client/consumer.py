@@ -724,10 +724,15 @@ class Consumer:
             fetch.records_out += len(taken)
         return len(taken)
 
-    def _tail_read(self, fetch: _Fetch) -> list | None:
+    def _tail_read(self, fetch: _Fetch, wait_ms: int = 0) -> list | None:
         """New records at ``fetch.position`` in one C call when the last read ended exactly
         there in the active segment (a caught-up consumer); [] when nothing new; None when
-        that is not the case, or anything is unusual: then ``_read`` does it in Python."""
+        that is not the case, or anything is unusual: then ``_read`` does it in Python.
+
+        ``wait_ms`` > 0: when nothing is new, the same call sleeps on the partition's
+        hw_seq (as :meth:`ControlRegion.wait_hw_change`, spinning ``spin_ns`` first) and
+        reads again once woken, so a wake-up runs no Python before the records are decoded:
+        on the round trip's critical path (perf/RESULTS.md, eighth session)."""
         segment = fetch.reader.last_segment
         if segment is None or segment.hint_offset != fetch.position or segment.map is None \
                 or segment.fd is None:
@@ -736,7 +741,7 @@ class Consumer:
             _native.tail_read(fetch.control.buf, segment.map, segment.base_offset,
                               fetch.position, segment.hint_position, segment.checked_end,
                               segment.fd, self.fetch_max_bytes, self.check_crcs, fetch.topic,
-                              fetch.partition)
+                              fetch.partition, wait_ms, self.spin_ns)
         if status == _native.TAIL_DECLINED:
             return None
         fetch.seen_hw_seq, fetch.hw = hw_seq, hw
@@ -799,6 +804,24 @@ class Consumer:
             left_ms = (deadline - time.monotonic()) * 1000.0
             if left_ms <= 0:
                 return out
+            order = self._order
+            if len(order) == 1 and self._group is None:
+                # One partition, no group (nothing else to wake for): sleep and read in one
+                # C call where the read is the caught-up kind; otherwise sleep as below.
+                fetch = order[0]
+                segment = fetch.reader.last_segment
+                if TAIL_READ and not self.value_memoryview and not fetch.pending \
+                        and segment is not None and segment.hint_offset == fetch.position:
+                    got = self._tail_read(fetch, int(left_ms + 0.999))
+                    if got:
+                        fetch.pending, fetch.pending_at = got, 0
+                        self._fill(fetch, max_records, out)
+                        if self._counters is not None:
+                            self._counters.publish(order)
+                        return out
+                    if got is not None:
+                        continue  # a timeout, a signal or nothing new: the deadline decides
+                    # Declined (before or after the sleep): sleep and read the usual way.
             self._sleep(left_ms)
 
     def poll_columnar(self, timeout_ms: float = 0, max_records: int | None = None

@@ -326,6 +326,13 @@ class PartitionLog:
 
     # -- append by the C drain round ---------------------------------------------------------
 
+    @property
+    def sleep_round_ok(self) -> bool:
+        """Whether a NativeAppendState made before a sleep holds after it once the C round
+        reads the clock itself (``_native.drain_sleep_round``): the clock is the wall clock
+        (not a test's) and no flush policy (whose flush_due depends on the time) is set."""
+        return self.clock is wall_clock_ms and not self._flush_policy and not self._closed
+
     def native_append_state(self) -> NativeAppendState | None:
         """The state and limits the C drain round appends with (see NativeAppendState); None
         when the log cannot take such an append now (closed; active segment unusable).

@@ -174,6 +174,8 @@ class Drainer:
         #: Counters for logs and tests.
         self.rounds = 0
         self.native_rounds = 0
+        #: C rounds run by drain_sleep_round straight from a wake-up (also in native_rounds).
+        self.sleep_rounds = 0
         #: reason name -> rounds the C round declined for it.
         self.native_declined: dict[str, int] = {}
         self.frames_rejected = 0
@@ -279,9 +281,62 @@ class Drainer:
         result = _native.drain_round(
             views, self.control.buf, self._scratch, state, self.round_bytes_max,
             self.ring_round_bytes_max, pid, start_time, stop)
-        status = result[0]
-        if status == _DRAIN_DECLINED:
+        if result[0] == _DRAIN_DECLINED:
             return self._declined(DECLINE_REASONS[result[1]])
+        return self._after_native(picked, state, result, stop)
+
+    def sleep_round_plan(self) -> tuple | None:
+        """What ``_native.drain_sleep_round`` needs to run the C round the moment the doorbell
+        sleep ends: ``(picked, views, state)``, or None when the next round must start in
+        Python (the Python round, a test stop point, no ring read yet, or a log whose clock
+        or flush policy the C round cannot read by itself: see
+        PartitionLog.sleep_round_ok). Called right before the sleep, after its last look
+        found nothing, so nothing in it can change until the wake-up but the clock."""
+        if not self.native or self.native_stop_after or not self.log.sleep_round_ok:
+            return None
+        rings = self.ingress.ring_list()
+        n = len(rings)
+        if n > 1:  # the same rotation as round(), so no ring is always first
+            start = self._start = (self._start + 1) % n
+            rings = rings[start:] + rings[:start]
+        picked = []
+        views = []
+        for ring in rings:
+            if ring.broken is not None:
+                continue
+            consumer = ring.consumer
+            expected = consumer.expected_sequence
+            if expected is None:
+                continue  # its first round is the Python one: step() runs it after the wake
+            picked.append(ring)
+            views.append((consumer.buf, consumer.position, expected))
+            if len(picked) == self._rings_max:
+                break
+        if not picked or self._scratch is None:
+            return None
+        state = self.log.native_append_state()
+        if state is None:
+            return None
+        return picked, views, state
+
+    def sleep_round(self, plan: tuple, seen: int, timeout_ms: int, spin_ns: int) -> int:
+        """The doorbell sleep and, once woken, the C round, in one call (see
+        sleep_round_plan); returns the frames the round handled. A declined round changes
+        nothing: the loop's next step() runs it (and counts the decline) in Python."""
+        picked, views, state = plan
+        pid, start_time = self._publisher
+        _, result = _native.drain_sleep_round(
+            seen, timeout_ms, spin_ns, views, self.control.buf, self._scratch, state,
+            self.round_bytes_max, self.ring_round_bytes_max, pid, start_time)
+        if result is None or result[0] == _DRAIN_DECLINED:
+            return 0
+        self.sleep_rounds += 1
+        return self._after_native(picked, state, result, 0) or 0
+
+    def _after_native(self, picked: list, state, result: tuple, stop: int) -> int | None:
+        """Everything a C round that did not decline leaves to Python: a failed write, the
+        rings' positions, the log's bookkeeping, the counters."""
+        status = result[0]
         if status == _DRAIN_WRITE_FAILED:
             self.log.native_append_failed(state, result[1], result[2])  # raises LogError
         if stop and result[2] is not None:

@@ -33,6 +33,9 @@ log = logging.getLogger("shmbroker.partition")
 
 #: Longest sleep while a stopping process waits for a producer to read its completions.
 _STOP_WAIT_MS = 10
+#: Whether the doorbell sleep runs the C round as soon as it is woken (drain_sleep_round)
+#: where the drainer can; tests turn it off to compare with the round run from step().
+SLEEP_ROUND = True
 _REGISTRY_CHANGES = L.CONTROL["registry_changes"]
 
 
@@ -184,12 +187,20 @@ class PartitionOwner:
             if seen < 0 or stop_requested():
                 control.sleep_cancel()
                 return
+            plan = self.drainer.sleep_round_plan() if SLEEP_ROUND else None
         except BaseException:
             control.sleep_cancel()
             raise
-        # The futex wait, then sleep_cancel, in one call (whatever ends the wait).
+        # The futex wait, then sleep_cancel, in one call (whatever ends the wait); where the
+        # drainer can, the C round too, so a wake-up publishes before any Python runs (on the
+        # round trip's critical path: perf/RESULTS.md, eighth session). What is left of the
+        # round (positions, log bookkeeping, counters) runs after it, off that path.
         timeout_ms = int(timeout_ms)
-        _native.drain_sleep(control.buf, seen, timeout_ms if timeout_ms > 1 else 1, self.spin_ns)
+        timeout_ms = timeout_ms if timeout_ms > 1 else 1
+        if plan is None:
+            _native.drain_sleep(control.buf, seen, timeout_ms, self.spin_ns)
+        else:
+            self.drainer.sleep_round(plan, seen, timeout_ms, self.spin_ns)
 
     def interrupt(self) -> None:
         """From a signal handler: make a current or next doorbell sleep return at once."""

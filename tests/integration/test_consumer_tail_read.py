@@ -185,3 +185,118 @@ def test_a_segment_shorter_than_published_is_an_error_not_a_sigbus(parts, caught
     os.truncate(log.active_segment.path, caught_up_at + 100)
     with pytest.raises(errors.CorruptSegmentError, match="shorter than"):
         consumer.poll(timeout_ms=0)
+
+
+class _WaitObserver(_CountingNative):
+    """The real extension; records (argument count, wait_ms, status) of each tail_read."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[int, int, int]] = []
+
+    def tail_read(self, *args):
+        result = _native.tail_read(*args)
+        self.calls.append((len(args), args[11] if len(args) > 11 else 0, result[0]))
+        return result
+
+
+@pytest.mark.parametrize("mode", ["tail", "python"])
+def test_a_caught_up_poll_is_woken_by_the_publish_and_returns_its_records(
+        parts, data_dir, monkeypatch, mode):
+    """A blocking poll of one caught-up partition sleeps in the same C call that then reads
+    (tail mode): the publish wakes it, not its timeout, and the records come back from that
+    call. The Python sleep (python mode) is the reference."""
+    import threading
+    import time
+
+    from shmbroker.layout import shm as L
+
+    monkeypatch.setattr(consumer_module, "TAIL_READ", mode == "tail")
+    observer = _WaitObserver()
+    monkeypatch.setattr(consumer_module, "_native", observer)
+    parts.create_topic("t", 1)
+    parts.append("t", 0, [b"first"])
+    control = parts.controls[("t", 0)]
+    consumer = Consumer("t", broker=data_dir, auto_offset_reset="earliest")
+    try:
+        assert [r.value for r in consumer.poll(timeout_ms=1000)] == [b"first"]
+        for round_ in range(3):  # bounded
+            timer = threading.Timer(0.1, parts.append, ("t", 0, [b"late%d" % round_, b"x"]))
+            timer.start()
+            t0 = time.monotonic()
+            try:
+                got = consumer.poll(timeout_ms=20_000)
+            finally:
+                timer.join()
+            assert 0.05 <= time.monotonic() - t0 < 10.0  # woken by the publish
+            assert [r.value for r in got] == [b"late%d" % round_, b"x"]
+            assert [r.offset for r in got] == [1 + 2 * round_, 2 + 2 * round_]
+            assert _native.atomic_load_u32(control.buf, L.CONTROL["hw_waiters"]) == 0
+        # Nothing comes: [] at the timeout, and the waiter count is back to 0.
+        t0 = time.monotonic()
+        assert consumer.poll(timeout_ms=150) == []
+        assert 0.14 <= time.monotonic() - t0 < 5.0
+        assert _native.atomic_load_u32(control.buf, L.CONTROL["hw_waiters"]) == 0
+    finally:
+        consumer.close()
+    waited = [c for c in observer.calls if c[0] == 13 and c[1] > 0]
+    if mode == "tail":  # each wake-up's records came back from the call that slept
+        assert sum(1 for c in waited if c[2] == _native.TAIL_RECORDS) == 3
+    else:
+        assert observer.calls == []
+
+
+def test_tail_read_does_not_hold_the_segment_mapping_while_it_waits(parts):
+    """The wait releases the segment mapping: another thread may close the reader meanwhile
+    (a held export would make that close raise BufferError); the woken call then declines
+    (the mapping is gone) instead of touching it."""
+    import threading
+    import time
+
+    from shmbroker.layout import shm as L
+
+    parts.create_topic("t", 1)
+    control = parts.controls[("t", 0)]
+    reader = LogReader(partition_dir(parts.data_dir, "t", 0))
+    parts.append("t", 0, [b"first"])
+    reader.read(0, 1 << 20, control.read_state())
+    segment = reader.last_segment
+    out = []
+
+    def wait():
+        out.append(_native.tail_read(control.buf, segment.map, segment.base_offset, 1,
+                                     segment.hint_position, segment.checked_end, segment.fd,
+                                     1 << 20, True, "t", 0, 10_000, 0))
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    try:
+        deadline = time.monotonic() + 5
+        while _native.atomic_load_u32(control.buf, L.CONTROL["hw_waiters"]) == 0 and time.monotonic() < deadline:
+            time.sleep(0.005)  # bounded: until the waiter counts itself in hw_waiters
+        reader.close()  # unmaps: would raise BufferError if the wait held the mapping
+        parts.append("t", 0, [b"second"])
+    finally:
+        waiter.join(10)
+    assert not waiter.is_alive()
+    assert out and out[0][0] == _native.TAIL_DECLINED
+
+
+def test_tail_read_waits_at_most_wait_ms_and_refuses_negative_waits(parts):
+    import time
+
+    parts.create_topic("t", 1)
+    control = parts.controls[("t", 0)]
+    with LogReader(partition_dir(parts.data_dir, "t", 0)) as reader:
+        parts.append("t", 0, [b"first"])
+        reader.read(0, 1 << 20, control.read_state())
+        segment = reader.last_segment
+        args = (control.buf, segment.map, segment.base_offset, 1, segment.hint_position,
+                segment.checked_end, segment.fd, 1 << 20, True, "t", 0)
+        t0 = time.monotonic()
+        assert _native.tail_read(*args, 120, 0)[0] == _native.TAIL_NOTHING
+        assert 0.11 <= time.monotonic() - t0 < 5.0
+        with pytest.raises(ValueError, match="wait_ms"):
+            _native.tail_read(*args, -1, 0)
+        with pytest.raises(TypeError, match="11 or 13"):
+            _native.tail_read(*args, 5)

@@ -412,3 +412,114 @@ def test_more_rings_than_the_glue_keeps_on_its_stack_match_and_are_looked_at(tmp
         owner.shutdown()
         owner.close()
         rings.close()
+
+
+def _play_woken(data_dir, sleep_round: bool, config: LogConfig, monkeypatch) -> dict:
+    """Frames committed by another thread while the partition sleeps on its doorbell (the
+    log on the wall clock: the sleep round's condition), then a step(), as run_loop does."""
+    import threading
+
+    import shmbroker.partition.owner as owner_module
+
+    monkeypatch.setattr(owner_module, "SLEEP_ROUND", sleep_round)
+    os.makedirs(data_dir, exist_ok=True)
+    rings = Rings(str(data_dir), 2, [1 << 16, 1 << 16])
+    owner = PartitionOwner(str(data_dir), TOPIC, 0, config,
+                           control=ControlRegion.attach(rings.control.name))
+    published_at_wake = []
+    try:
+        mixed_frames(rings, owner, 0)
+        while owner.step():  # bounded: the first (Python) rounds learn each ring's sequence
+            rings.reap()
+        def one_frame(step: int) -> None:
+            # One frame a wake-up: which round takes it is then the only difference (several
+            # commits would be split between rounds by timing, and index entries and the
+            # order across rings follow the rounds).
+            ts = TIME0_MS + step * 100
+            if step % 3:
+                rings.frame(step % 2, [(3, 40, ts), (1, 120, ts - 50), (5, 10, ts + 20)])
+            else:
+                rings.frame(step % 2, [(2, 70, ts)])
+
+        for step in range(1, 12):  # bounded
+            timer = threading.Timer(0.02, one_frame, (step,))
+            timer.start()
+            try:
+                owner.wait_for_work(10_000)
+            finally:
+                timer.join()
+            published_at_wake.append(rings.control.read_state().high_watermark)
+            while owner.step():  # bounded: what the sleep round left, if anything
+                rings.reap()
+            _check_kept_state(owner.log)
+            rings.reap()
+        state = rings.control.read_state()
+        directory = owner.log.directory
+        before = _files(directory)
+        drainer = owner.drainer
+        owner.shutdown()
+        owner.close()
+        rings.reap()
+        return {"files": before, "completions": rings.completions,
+                "state": (state.high_watermark, state.log_start_offset,
+                          state.active_segment_base_offset, state.active_segment_end_position),
+                "sleep_rounds": drainer.sleep_rounds, "published_at_wake": published_at_wake}
+    finally:
+        rings.close()
+
+
+def test_the_round_run_by_the_wake_up_itself_writes_what_the_step_after_it_would(
+        tmp_path, monkeypatch):
+    """drain_sleep_round: the doorbell sleep runs the C round as soon as a commit wakes it
+    (no Python before the publish). Every file byte, completion and published field must be
+    what the round run from step() after the wake-up leaves; and the records must be
+    published when wait_for_work returns, before any step()."""
+    config = LogConfig(index_interval_bytes=300)
+    woken = _play_woken(tmp_path / "woken", True, config, monkeypatch)
+    stepped = _play_woken(tmp_path / "stepped", False, config, monkeypatch)
+    for key in ("files", "completions", "state"):
+        assert woken[key] == stepped[key], key
+    assert stepped["sleep_rounds"] == 0
+    assert woken["sleep_rounds"] >= 8  # the timer's frames may land before a sleep starts
+    hw = woken["published_at_wake"]
+    assert sum(1 for a, b in zip([0] + hw, hw) if b > a) >= 8
+
+
+def test_the_wake_up_round_reads_the_clock_after_the_sleep(tmp_path, monkeypatch):
+    """The state made before the sleep has a stale clock; the C round must take the time
+    afresh, or a segment.ms roll due by the time of the wake-up would be missed (the frame
+    appended to the old segment). Records without timestamps (-1), so the time waited for
+    the roll is the clock's (now - the segment's creation), as in Kafka."""
+    import threading
+
+    import shmbroker.partition.owner as owner_module
+
+    monkeypatch.setattr(owner_module, "SLEEP_ROUND", True)
+    rings = Rings(str(tmp_path), 1, [1 << 16])
+    owner = PartitionOwner(str(tmp_path), TOPIC, 0, LogConfig(segment_ms=400),
+                           control=ControlRegion.attach(rings.control.name))
+    try:
+        rings.frame(0, [(1, 20, -1)])
+        while owner.step():  # bounded
+            rings.reap()
+        rings.frame(0, [(1, 20, -1)])
+        while owner.step():  # bounded: a C round now (the ring's sequence is known)
+            rings.reap()
+        assert owner.drainer.native_rounds >= 1
+        assert len(owner.log.segments) == 1
+        timer = threading.Timer(0.6, rings.frame, (0, [(1, 20, -1)]))
+        timer.start()
+        try:
+            owner.wait_for_work(10_000)
+        finally:
+            timer.join()
+        while owner.step():  # bounded
+            rings.reap()
+        # The roll was due at the wake-up (600 ms > segment.ms since the segment was
+        # made): the third record opened a new segment, whichever round appended it.
+        assert len(owner.log.segments) == 2
+        assert owner.log.segments[-1].base_offset == 2
+    finally:
+        owner.shutdown()
+        owner.close()
+        rings.close()
