@@ -5,6 +5,7 @@
 #include <limits.h>
 #include <linux/futex.h>
 #include <sys/syscall.h>
+#include <sched.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -27,8 +28,11 @@ static int spin_until_changed(const uint32_t *word, uint32_t expected, int64_t s
         if (shmb_u32_load_acquire(word) != expected)
             return 1;
         shmb_cpu_relax();
-        if (i % SPIN_CLOCK_EVERY == 0 && shmb_monotonic_ns() >= deadline)
-            return 0;
+        if (i % SPIN_CLOCK_EVERY == 0) {
+            if (shmb_monotonic_ns() >= deadline)
+                return 0;
+            sched_yield();
+        }
     }
 }
 
