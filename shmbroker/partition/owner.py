@@ -171,10 +171,12 @@ class PartitionOwner:
         return due if due > 0 else 0
 
     def wait_for_work(self, timeout_ms: int, stop_requested: Callable[[], bool] = lambda: False
-                      ) -> None:
+                      ) -> bool:
         """Sleep on the doorbell futex until a producer commits frames, a ring appears, a
         signal arrives or ``timeout_ms`` passes. Race-free (docs/design/shm.md, wake-ups): the
-        sleeping flag is raised before the last look at the rings."""
+        sleeping flag is raised before the last look at the rings. True when the wake-up ran
+        a C round that appended (drain_sleep_round): a full round's work is done, so the loop
+        may look again before it steps (see process.run_loop)."""
         control = self.control
         ingress = self.ingress
         registry_seen = ingress.registry_seen
@@ -186,7 +188,7 @@ class PartitionOwner:
         try:
             if seen < 0 or stop_requested():
                 control.sleep_cancel()
-                return
+                return False
             plan = self.drainer.sleep_round_plan() if SLEEP_ROUND else None
         except BaseException:
             control.sleep_cancel()
@@ -199,8 +201,8 @@ class PartitionOwner:
         timeout_ms = timeout_ms if timeout_ms > 1 else 1
         if plan is None:
             _native.drain_sleep(control.buf, seen, timeout_ms, self.spin_ns)
-        else:
-            self.drainer.sleep_round(plan, seen, timeout_ms, self.spin_ns)
+            return False
+        return self.drainer.sleep_round(plan, seen, timeout_ms, self.spin_ns) > 0
 
     def interrupt(self) -> None:
         """From a signal handler: make a current or next doorbell sleep return at once."""

@@ -66,14 +66,20 @@ def run_loop(owner: PartitionOwner, stop: lifecycle.StopSignal) -> None:
         owner.interrupt()  # a doorbell sleep returns at once
 
     signal.signal(signal.SIGTERM, on_sigterm)
+    step = True
     while not stop.requested:
-        owner.step()
+        if step:
+            owner.step()
         # Sleep on the doorbell futex until a producer commits frames, a signal, or the next
         # periodic duty (dead producers, retention, flush.ms). It returns at once when a ring
         # is readable (it looks after raising the sleeping flag), so a busy partition goes
         # from round to round without an empty step between them (measured: every 1-frame
-        # round used to be followed by a step that polled every ring for nothing).
-        owner.wait_for_work(owner.ms_until_due(), lambda: stop.requested)
+        # round used to be followed by a step that polled every ring for nothing). When the
+        # wake-up itself ran the round (drain_sleep_round), the step after it would find
+        # nothing unless a duty is due or more came: the next look tells (it returns at once
+        # if a ring is readable, and then the step runs).
+        woke_with_round = owner.wait_for_work(owner.ms_until_due(), lambda: stop.requested)
+        step = not woke_with_round or owner.ms_until_due() == 0
 
 
 if __name__ == "__main__":
