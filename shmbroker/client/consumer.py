@@ -796,32 +796,41 @@ class Consumer:
         while True:  # bounded by the deadline
             if self._group is not None:
                 self._group_poll()
+            order = self._order
+            if len(order) == 1 and self._group is None and TAIL_READ \
+                    and not self.value_memoryview:
+                # One partition, no group (nothing else to wake for), caught up: read, and if
+                # nothing is new sleep and read again, in one C call (a wake-up runs no
+                # Python before the records are decoded: docs/design/consumer.md).
+                fetch = order[0]
+                segment = fetch.reader.last_segment
+                if not fetch.pending and segment is not None \
+                        and segment.hint_offset == fetch.position:
+                    wait_ms = 0
+                    if timeout_ms:
+                        left_ms = (deadline - time.monotonic()) * 1000.0
+                        wait_ms = int(left_ms + 0.999) if left_ms > 0 else 0
+                    got = self._tail_read(fetch, wait_ms)
+                    if got:
+                        fetch.pending, fetch.pending_at = got, 0
+                        out: list = []
+                        self._fill(fetch, max_records, out)
+                        if self._counters is not None:
+                            self._counters.publish(order)
+                        return out
+                    if got is not None:  # nothing new by the deadline, or a signal
+                        if not wait_ms:
+                            return []
+                        continue  # the deadline decides
+                    # Declined (before or after the sleep): the reference read below.
             out = self._collect(max_records)
             if out and self._counters is not None:
-                self._counters.publish(self._order)
+                self._counters.publish(order)
             if out or not timeout_ms:
                 return out
             left_ms = (deadline - time.monotonic()) * 1000.0
             if left_ms <= 0:
                 return out
-            order = self._order
-            if len(order) == 1 and self._group is None:
-                # One partition, no group (nothing else to wake for): sleep and read in one
-                # C call where the read is the caught-up kind; otherwise sleep as below.
-                fetch = order[0]
-                segment = fetch.reader.last_segment
-                if TAIL_READ and not self.value_memoryview and not fetch.pending \
-                        and segment is not None and segment.hint_offset == fetch.position:
-                    got = self._tail_read(fetch, int(left_ms + 0.999))
-                    if got:
-                        fetch.pending, fetch.pending_at = got, 0
-                        self._fill(fetch, max_records, out)
-                        if self._counters is not None:
-                            self._counters.publish(order)
-                        return out
-                    if got is not None:
-                        continue  # a timeout, a signal or nothing new: the deadline decides
-                    # Declined (before or after the sleep): sleep and read the usual way.
             self._sleep(left_ms)
 
     def poll_columnar(self, timeout_ms: float = 0, max_records: int | None = None
