@@ -191,17 +191,20 @@ class Drainer:
 
     # -- one round ------------------------------------------------------------------------------
 
-    def round(self) -> int:
-        """Drains what is committed now (bounded); returns the frames handled (0: none)."""
+    def _rotated(self) -> list:
+        """The rings, starting one further each round, so that none is always first."""
         rings = self.ingress.ring_list()
         n = len(rings)
-        if not n:
+        if n <= 1:
+            return rings
+        start = self._start = (self._start + 1) % n
+        return rings[start:] + rings[:start]
+
+    def round(self) -> int:
+        """Drains what is committed now (bounded); returns the frames handled (0: none)."""
+        order = self._rotated()
+        if not order:
             return 0
-        if n == 1:
-            order = rings
-        else:
-            start = self._start = (self._start + 1) % n
-            order = rings[start:] + rings[:start]
         if self.native:
             done = self._round_native(order)
             if done is not None:
@@ -246,27 +249,10 @@ class Drainer:
     def _round_native(self, order: list) -> int | None:
         """The round in one C call; None when it declined (nothing changed: run the Python
         round). Frames handled otherwise."""
-        picked = []
-        views = []  # what drain_round reads of each picked ring
-        for ring in order:
-            if ring.broken is not None:
-                continue
-            consumer = ring.consumer
-            expected = consumer.expected_sequence
-            if expected is None:
-                # Never read yet: its first poll learns the sequence (Python). An empty one
-                # gives the Python round nothing to do, unless its header is broken.
-                try:
-                    _native.ring_check(consumer.buf)
-                except errors.RingCorruptError:
-                    return self._declined("RING_CORRUPT")
-                if consumer.has_unread() or consumer.completions_full():
-                    return self._declined("NEW_RING")
-                continue
-            picked.append(ring)
-            views.append((consumer.buf, consumer.position, expected))
-            if len(picked) == self._rings_max:  # one manifest entry each (layout/shm.py)
-                break
+        picked = self._pick(order, True)
+        if isinstance(picked, str):
+            return self._declined(picked)
+        picked, views = picked
         if not picked:
             return 0
         state = self.log.native_append_state()
@@ -285,6 +271,33 @@ class Drainer:
             return self._declined(DECLINE_REASONS[result[1]])
         return self._after_native(picked, state, result, stop)
 
+    def _pick(self, order: list, first_reads_decline: bool) -> tuple[list, list] | str:
+        """The rings a C round reads and what it reads of each (buffer, position, expected
+        frame sequence), at most one per manifest entry. A ring never read yet is skipped: its
+        first poll learns the sequence (Python); with ``first_reads_decline``, if it has
+        anything to read (or a broken header) the reason to decline is returned instead."""
+        picked = []
+        views = []
+        for ring in order:
+            if ring.broken is not None:
+                continue
+            consumer = ring.consumer
+            expected = consumer.expected_sequence
+            if expected is None:
+                if first_reads_decline:
+                    try:
+                        _native.ring_check(consumer.buf)
+                    except errors.RingCorruptError:
+                        return "RING_CORRUPT"
+                    if consumer.has_unread() or consumer.completions_full():
+                        return "NEW_RING"
+                continue
+            picked.append(ring)
+            views.append((consumer.buf, consumer.position, expected))
+            if len(picked) == self._rings_max:  # one manifest entry each (layout/shm.py)
+                break
+        return picked, views
+
     def sleep_round_plan(self) -> tuple | None:
         """What ``_native.drain_sleep_round`` needs to run the C round the moment the doorbell
         sleep ends: ``(picked, views, state)``, or None when the next round must start in
@@ -294,24 +307,9 @@ class Drainer:
         found nothing, so nothing in it can change until the wake-up but the clock."""
         if not self.native or self.native_stop_after or not self.log.sleep_round_ok:
             return None
-        rings = self.ingress.ring_list()
-        n = len(rings)
-        if n > 1:  # the same rotation as round(), so no ring is always first
-            start = self._start = (self._start + 1) % n
-            rings = rings[start:] + rings[:start]
-        picked = []
-        views = []
-        for ring in rings:
-            if ring.broken is not None:
-                continue
-            consumer = ring.consumer
-            expected = consumer.expected_sequence
-            if expected is None:
-                continue  # its first round is the Python one: step() runs it after the wake
-            picked.append(ring)
-            views.append((consumer.buf, consumer.position, expected))
-            if len(picked) == self._rings_max:
-                break
+        # (A ring never read yet is left out: the loop's step() after the wake-up runs its
+        # first round in Python.)
+        picked, views = self._pick(self._rotated(), False)
         if not picked or self._scratch is None:
             return None
         state = self.log.native_append_state()
