@@ -83,12 +83,12 @@ def _batches(data_dir: str) -> int:
     return n
 
 
-def _start_broker(data_dir: str, log_path: str) -> subprocess.Popen:
+def _start_broker(data_dir: str, log_path: str, extra_args: tuple = ()) -> subprocess.Popen:
     with open(log_path, "w") as log:
         # No router (--listen none): the bench uses shared memory, and 7070 may be taken.
         return subprocess.Popen([sys.executable, "-m", "shmbroker", "serve", "--data-dir",
-                                 data_dir, "--listen", "none"], stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                 data_dir, "--listen", "none", *extra_args], stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def _stop_broker(proc: subprocess.Popen) -> None:

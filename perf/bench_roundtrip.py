@@ -10,6 +10,7 @@ pong's send call, and the hop back. It also reports the CPU each process spent p
 stacks in perf/out/) and prints their top frames.
 
     .venv/bin/python perf/bench_roundtrip.py [--rounds 3000] [--spin-us 0] [--py-spy]
+                                             [--partition-spin-us 0]
 """
 from __future__ import annotations
 
@@ -83,13 +84,16 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3000)
     parser.add_argument("--spin-us", type=int, default=0)
     parser.add_argument("--py-spy", action="store_true")
+    parser.add_argument("--partition-spin-us", type=int, default=0,
+                        help="serve --partition-spin-us: the partition processes spin too")
     args = parser.parse_args()
     from shmbroker import Consumer, Producer
 
     data_dir = tempfile.mkdtemp(prefix="shmb-rtt-")
     out_dir = os.path.join(HERE, "out")
     os.makedirs(out_dir, exist_ok=True)
-    broker = _start_broker(data_dir, os.path.join(out_dir, "bench_roundtrip-broker.log"))
+    broker = _start_broker(data_dir, os.path.join(out_dir, "bench_roundtrip-broker.log"),
+                           ("--partition-spin-us", str(args.partition_spin_us)))
     total = args.rounds + WARM
     try:
         _create_topic(data_dir, "ping")
