@@ -21,8 +21,10 @@ int64_t shmb_monotonic_ns(void)
     return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
-static int spin_until_changed(const uint32_t *word, uint32_t expected, int64_t spin_ns)
+int shmb_spin_until_changed(const uint32_t *word, uint32_t expected, int64_t spin_ns)
 {
+    if (spin_ns <= 0)
+        return shmb_u32_load_acquire(word) != expected;
     int64_t deadline = shmb_monotonic_ns() + spin_ns;
     for (unsigned i = 1;; i++) {
         if (shmb_u32_load_acquire(word) != expected)
@@ -39,7 +41,7 @@ static int spin_until_changed(const uint32_t *word, uint32_t expected, int64_t s
 int shmb_futex_wait(const uint32_t *word, uint32_t expected, int64_t timeout_ms, int64_t spin_ns)
 {
     int64_t start = shmb_monotonic_ns();
-    if (spin_ns > 0 && spin_until_changed(word, expected, spin_ns))
+    if (spin_ns > 0 && shmb_spin_until_changed(word, expected, spin_ns))
         return SHMB_WAIT_CHANGED;
     if (shmb_u32_load_acquire(word) != expected)
         return SHMB_WAIT_CHANGED;

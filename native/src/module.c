@@ -1741,17 +1741,25 @@ static int tail_ll(PyObject *o, long long *out)
 }
 
 /* Sleeps until the partition publishes (hw_seq differs from seen), as
- * ControlRegion.wait_hw_change does: counted in hw_waiters first (seq_cst, so the publisher,
- * which bumps hw_seq and then reads hw_waiters, either sees the count or the futex sees the
- * new hw_seq), the GIL released. */
+ * ControlRegion.wait_hw_change does, the GIL released: the spin first (not counted: the
+ * publisher need not wake a spinner), then counted in hw_waiters (seq_cst, so the publisher,
+ * which bumps hw_seq and then reads hw_waiters, either sees the count or the futex's compare
+ * sees the new hw_seq) for the sleep. */
 static int tail_wait(uint8_t *ctl, uint32_t seen, long long wait_ms, long long spin_ns)
 {
     int r;
-    (void)shmb_u32_fetch_add(ctl + SHMB_CTL_HW_WAITERS_OFFSET, 1);
+    const uint32_t *word = (const uint32_t *)(ctl + SHMB_CTL_HW_SEQ_OFFSET);
     Py_BEGIN_ALLOW_THREADS
-    r = shmb_futex_wait((const uint32_t *)(ctl + SHMB_CTL_HW_SEQ_OFFSET), seen, wait_ms, spin_ns);
+    int64_t start = shmb_monotonic_ns();
+    if (spin_ns > 0 && shmb_spin_until_changed(word, seen, spin_ns)) {
+        r = SHMB_WAIT_CHANGED;
+    } else {
+        int64_t left_ms = wait_ms - (shmb_monotonic_ns() - start) / 1000000;
+        (void)shmb_u32_fetch_add(ctl + SHMB_CTL_HW_WAITERS_OFFSET, 1);
+        r = shmb_futex_wait(word, seen, left_ms > 0 ? left_ms : 0, 0);
+        (void)shmb_u32_fetch_add(ctl + SHMB_CTL_HW_WAITERS_OFFSET, (uint32_t)-1);
+    }
     Py_END_ALLOW_THREADS
-    (void)shmb_u32_fetch_add(ctl + SHMB_CTL_HW_WAITERS_OFFSET, (uint32_t)-1);
     return r;
 }
 

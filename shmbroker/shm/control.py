@@ -215,9 +215,15 @@ class ControlRegion:
         buf = self.buf
         if _native.atomic_load_u32(buf, C["hw_seq"]) != seen_hw_seq:
             return True
+        if spin_ns and _native.futex_wait(buf, C["hw_seq"], seen_hw_seq, 0, spin_ns) \
+                != wake.TIMEOUT:
+            # Changed while spinning, not counted in hw_waiters meanwhile: the publisher
+            # need not wake a spinner (the count is only for the sleep, whose futex compare
+            # keeps the protocol race-free).
+            return True
         _native.atomic_add_u32(buf, C["hw_waiters"], 1)
         try:
-            r = wake.wait(buf, C["hw_seq"], seen_hw_seq, timeout_ms, spin_ns)
+            r = wake.wait(buf, C["hw_seq"], seen_hw_seq, timeout_ms)
         finally:
             _native.atomic_add_u32(buf, C["hw_waiters"], -1)
         return r != wake.TIMEOUT

@@ -300,3 +300,62 @@ def test_tail_read_waits_at_most_wait_ms_and_refuses_negative_waits(parts):
             _native.tail_read(*args, -1, 0)
         with pytest.raises(TypeError, match="11 or 13"):
             _native.tail_read(*args, 5)
+
+
+def test_a_spinning_tail_read_is_not_counted_as_a_sleeper_until_it_sleeps(parts):
+    """While it spins, the waiter is not in hw_waiters (the publisher then skips the futex
+    wake: a syscall on every publish for nobody asleep); once the spin runs out it counts
+    itself and sleeps, and a publish still wakes it."""
+    import threading
+    import time
+
+    from shmbroker.layout import shm as L
+
+    parts.create_topic("t", 1)
+    control = parts.controls[("t", 0)]
+    waiters = L.CONTROL["hw_waiters"]
+    with LogReader(partition_dir(parts.data_dir, "t", 0)) as reader:
+        parts.append("t", 0, [b"first"])
+        reader.read(0, 1 << 20, control.read_state())
+        segment = reader.last_segment
+
+        def tail(position: int, spin_ns: int, out: list) -> None:
+            out.append(_native.tail_read(
+                control.buf, segment.map, segment.base_offset, position,
+                segment.hint_position, segment.checked_end, segment.fd, 1 << 20, True, "t", 0,
+                10_000, spin_ns))
+
+        # 1. A long spin: never counted; the publish during the spin ends it.
+        out: list = []
+        waiter = threading.Thread(target=tail, args=(1, 3_000_000_000, out))
+        waiter.start()
+        seen_counts = []
+        try:
+            for _ in range(20):  # bounded: 100 ms of looking while it spins
+                seen_counts.append(_native.atomic_load_u32(control.buf, waiters))
+                time.sleep(0.005)
+            parts.append("t", 0, [b"second"])
+        finally:
+            waiter.join(10)
+        assert seen_counts == [0] * 20
+        assert out[0][0] == _native.TAIL_RECORDS
+        assert [r.value for r in out[0][3]] == [b"second"]
+        segment.hint_position, segment.hint_offset = out[0][4], out[0][5]
+        segment.checked_end = out[0][6]
+        # 2. A short spin, then the sleep: counted while asleep, woken by the publish.
+        out = []
+        waiter = threading.Thread(target=tail, args=(2, 1_000_000, out))
+        waiter.start()
+        try:
+            deadline = time.monotonic() + 5
+            while _native.atomic_load_u32(control.buf, waiters) == 0 \
+                    and time.monotonic() < deadline:
+                time.sleep(0.002)  # bounded: until it sleeps
+            assert _native.atomic_load_u32(control.buf, waiters) == 1
+            t0 = time.monotonic()
+            parts.append("t", 0, [b"third"])
+        finally:
+            waiter.join(10)
+        assert time.monotonic() - t0 < 5.0
+        assert [r.value for r in out[0][3]] == [b"third"]
+        assert _native.atomic_load_u32(control.buf, waiters) == 0

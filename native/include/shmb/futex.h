@@ -22,6 +22,12 @@ int64_t shmb_monotonic_ns(void);
  * SHMB_WAIT_CHANGED (the word differed, no sleep), SHMB_WAIT_WOKEN (woken, maybe spuriously:
  * the caller re-checks its condition), SHMB_WAIT_TIMEOUT or SHMB_WAIT_INTERRUPTED (EINTR). */
 int shmb_futex_wait(const uint32_t *word, uint32_t expected, int64_t timeout_ms, int64_t spin_ns);
+/* The spin of shmb_futex_wait alone: re-reads the word (yielding the CPU now and then) up to
+ * spin_ns; 1 when it differed from expected, 0 when the spin ran out. A waiter that counts
+ * itself for its waker (a waiters word) spins with this first and counts itself only before
+ * the sleep: a waker then skips FUTEX_WAKE while the waiter still spins, and the futex's own
+ * compare keeps the protocol race-free (docs/design/shm.md). */
+int shmb_spin_until_changed(const uint32_t *word, uint32_t expected, int64_t spin_ns);
 
 /* Most words one shmb_futex_waitv waits on (the kernel's limit is 128). */
 #define SHMB_FUTEX_WAITV_MAX 128

@@ -81,6 +81,33 @@ def test_consumer_sleeps_on_hw_seq_and_is_woken_by_publish(ctl):
     assert _native.atomic_load_u32(ctl.buf, C["hw_waiters"]) == 0
 
 
+def test_a_spinning_consumer_is_counted_in_hw_waiters_only_once_it_sleeps(ctl):
+    """The spin is not counted (a publish then needs no futex wake); the sleep after it is,
+    and a publish wakes it."""
+    seen = ctl.hw_seq
+    counts = []
+
+    def publish_later():
+        for _ in range(10):  # bounded: 50 ms of looking while the consumer spins
+            counts.append(_native.atomic_load_u32(ctl.buf, C["hw_waiters"]))
+            time.sleep(0.005)
+        ctl.publish(1, 0, 0, 1, 0)
+
+    timer = threading.Thread(target=publish_later)
+    timer.start()
+    try:
+        assert ctl.wait_hw_change(seen, timeout_ms=10_000, spin_ns=3_000_000_000)
+    finally:
+        timer.join()
+    assert counts == [0] * 10
+    seen = ctl.hw_seq
+    threading.Timer(0.1, lambda: ctl.publish(2, 0, 0, 2, 0)).start()
+    t0 = time.monotonic()
+    assert ctl.wait_hw_change(seen, timeout_ms=10_000, spin_ns=1_000_000)  # then asleep
+    assert time.monotonic() - t0 < 5
+    assert _native.atomic_load_u32(ctl.buf, C["hw_waiters"]) == 0
+
+
 def test_doorbell_wakes_a_sleeping_partition_only_when_it_sleeps(ctl):
     before = _native.atomic_load_u32(ctl.buf, C["doorbell"])
     ctl.ring_doorbell()  # nobody sleeps: no bump, no syscall
