@@ -532,7 +532,7 @@ int64_t shmb_drain_sleep_prepare(uint8_t *control, int64_t registry_seen,
     /* ControlRegion.sleep_prepare: seq_cst store, then loads (Dekker with the producers'
      * doorbell_ring, which publishes its frame, fences, then loads the flag). */
     uint32_t seen = shmb_u32_load_seq_cst(control + SHMB_CTL_DOORBELL_OFFSET);
-    shmb_u32_store_seq_cst(control + SHMB_CTL_PARTITION_SLEEPING_OFFSET, 1);
+    shmb_u32_store_seq_cst(control + SHMB_CTL_PARTITION_SLEEPING_OFFSET, SHMB_PARTITION_MAY_SLEEP);
     if (registry_seen < 0 ||
         shmb_u32_load_seq_cst(control + SHMB_CTL_REGISTRY_CHANGES_OFFSET) !=
             (uint32_t)registry_seen)
@@ -547,8 +547,24 @@ int64_t shmb_drain_sleep_prepare(uint8_t *control, int64_t registry_seen,
 
 int shmb_drain_sleep(uint8_t *control, uint32_t seen, int64_t timeout_ms, int64_t spin_ns)
 {
-    int r = shmb_futex_wait((const uint32_t *)(control + SHMB_CTL_DOORBELL_OFFSET), seen,
-                            timeout_ms, spin_ns);
-    shmb_u32_store_seq_cst(control + SHMB_CTL_PARTITION_SLEEPING_OFFSET, 0);
+    const uint32_t *doorbell = (const uint32_t *)(control + SHMB_CTL_DOORBELL_OFFSET);
+    int64_t start = shmb_monotonic_ns();
+    int r;
+    /* The spin under PARTITION_MAY_SLEEP (producers bump the doorbell, no syscall); ASLEEP
+     * only for the futex wait (producers then wake it too: shmb_ctl_doorbell_ring). */
+    if (spin_ns > 0 && shmb_spin_until_changed(doorbell, seen, spin_ns)) {
+        r = SHMB_WAIT_CHANGED;
+    } else {
+        shmb_u32_store_seq_cst(control + SHMB_CTL_PARTITION_SLEEPING_OFFSET,
+                               SHMB_PARTITION_ASLEEP);
+        int64_t left_ms = timeout_ms;
+        if (timeout_ms > 0) {
+            left_ms = timeout_ms - (shmb_monotonic_ns() - start) / 1000000;
+            if (left_ms < 1)
+                left_ms = 1;
+        }
+        r = shmb_futex_wait(doorbell, seen, left_ms, 0);
+    }
+    shmb_u32_store_seq_cst(control + SHMB_CTL_PARTITION_SLEEPING_OFFSET, SHMB_PARTITION_AWAKE);
     return r;
 }

@@ -354,10 +354,16 @@ int shmb_rings_wait_quiet(uint8_t *const *regions, const size_t *region_lens, si
 void shmb_ctl_doorbell_ring(uint8_t *control)
 {
     /* Dekker with the partition process: our frames were published (release) before this
-     * fence; it sets partition_sleeping before looking at the rings. */
+     * fence; it sets partition_sleeping before looking at the rings. A spinning partition
+     * (PARTITION_MAY_SLEEP) watches the doorbell word: the bump is enough. The wake only for
+     * one in the futex: the flag is read again after the bump (seq_cst), so a partition that
+     * stored ASLEEP after that read finds the bump in the futex's compare. */
     shmb_fence_seq_cst();
-    if (shmb_u32_load_relaxed(control + SHMB_CTL_PARTITION_SLEEPING_OFFSET)) {
+    if (shmb_u32_load_relaxed(control + SHMB_CTL_PARTITION_SLEEPING_OFFSET) !=
+        SHMB_PARTITION_AWAKE) {
         shmb_u32_fetch_add(control + SHMB_CTL_DOORBELL_OFFSET, 1);
-        shmb_futex_wake((uint32_t *)(control + SHMB_CTL_DOORBELL_OFFSET), INT_MAX);
+        if (shmb_u32_load_seq_cst(control + SHMB_CTL_PARTITION_SLEEPING_OFFSET) ==
+            SHMB_PARTITION_ASLEEP)
+            shmb_futex_wake((uint32_t *)(control + SHMB_CTL_DOORBELL_OFFSET), INT_MAX);
     }
 }

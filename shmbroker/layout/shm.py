@@ -35,7 +35,7 @@ writer; every group (and every hot futex word) has its own 64-byte cache line::
        128    64  u32 hw_seq (futex)            partition process; +1 on every publish
        192    64  u32 doorbell (futex)          producers; +1 after committing frames
        256    64  u32 hw_waiters                consumers; count of those sleeping on hw_seq
-       320    64  u32 partition_sleeping        partition process; 1 while it may sleep
+       320    64  u32 partition_sleeping        partition process; PARTITION_MAY_SLEEP/ASLEEP
        384    64  partition process, rarely written:
                   384  u32 partition_status      0 none yet, 1 running, 2 stopping (takes no
                                                  new frames), 3 stopped (its rings are drained)
@@ -193,6 +193,16 @@ PARTITION_STATUS_NONE = 0      # no partition process has run on this region yet
 PARTITION_STATUS_RUNNING = 1   # draining rings
 PARTITION_STATUS_STOPPING = 2  # SIGTERM: draining what is committed, then exiting
 PARTITION_STATUS_STOPPED = 3   # exited cleanly; frames written now are never appended
+
+#: ``partition_sleeping``: AWAKE (0) while the partition process works; MAY_SLEEP (1) from
+#: the last look before a sleep and through its spin: a producer that commits then bumps the
+#: doorbell (the spinner watches it) but makes no syscall; ASLEEP (2) from just before the
+#: futex wait: the producer also wakes it. The stores are seq_cst and the producer bumps the
+#: doorbell before it reads the flag again, so a producer that saw MAY_SLEEP bumped before
+#: the ASLEEP store, and the futex's compare then sees the bump (docs/design/shm.md).
+PARTITION_AWAKE = 0
+PARTITION_MAY_SLEEP = 1
+PARTITION_ASLEEP = 2
 
 SLOT_EMPTY = 0     # pid == 0, free
 SLOT_CLAIMED = 1   # pid claimed it; the ring may not exist yet
@@ -383,6 +393,9 @@ CONSTANTS = {
     "PARTITION_STATUS_RUNNING": PARTITION_STATUS_RUNNING,
     "PARTITION_STATUS_STOPPING": PARTITION_STATUS_STOPPING,
     "PARTITION_STATUS_STOPPED": PARTITION_STATUS_STOPPED,
+    "PARTITION_AWAKE": PARTITION_AWAKE,
+    "PARTITION_MAY_SLEEP": PARTITION_MAY_SLEEP,
+    "PARTITION_ASLEEP": PARTITION_ASLEEP,
     "SLOT_EMPTY": SLOT_EMPTY,
     "SLOT_CLAIMED": SLOT_CLAIMED,
     "SLOT_READY": SLOT_READY,

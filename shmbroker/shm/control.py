@@ -312,18 +312,20 @@ class ControlRegion:
         says it may sleep. Then it must look at every ring once more, and call ``sleep`` only
         if all are empty (otherwise ``sleep_cancel``)."""
         seen = _native.atomic_load_u32(self.buf, C["doorbell"])
-        _native.atomic_store_u32(self.buf, C["partition_sleeping"], 1)
+        _native.atomic_store_u32(self.buf, C["partition_sleeping"], L.PARTITION_MAY_SLEEP)
         return seen
 
     def sleep(self, seen: int, timeout_ms: float) -> bool:
         """Partition process, step 2: sleeps until a producer rings (True) or timeout (False)."""
         try:
+            # ASLEEP just before the futex: producers then wake it (shmb_ctl_doorbell_ring).
+            _native.atomic_store_u32(self.buf, C["partition_sleeping"], L.PARTITION_ASLEEP)
             return wake.wait(self.buf, C["doorbell"], seen, timeout_ms) != wake.TIMEOUT
         finally:
-            _native.atomic_store_u32(self.buf, C["partition_sleeping"], 0)
+            _native.atomic_store_u32(self.buf, C["partition_sleeping"], L.PARTITION_AWAKE)
 
     def sleep_cancel(self) -> None:
-        _native.atomic_store_u32(self.buf, C["partition_sleeping"], 0)
+        _native.atomic_store_u32(self.buf, C["partition_sleeping"], L.PARTITION_AWAKE)
 
     def ring_doorbell(self) -> None:
         """Producer: wake the partition process if it sleeps (ring_write does this in C)."""

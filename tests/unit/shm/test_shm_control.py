@@ -14,6 +14,7 @@ import pytest
 from shmbroker import _native, errors
 from shmbroker.layout import shm as L
 from shmbroker.shm import names
+from shmbroker.shm import wake
 from shmbroker.shm.control import ControlRegion
 
 C = L.CONTROL
@@ -118,6 +119,38 @@ def test_doorbell_wakes_a_sleeping_partition_only_when_it_sleeps(ctl):
     assert _native.atomic_load_u32(ctl.buf, C["partition_sleeping"]) == 0
     seen = ctl.sleep_prepare()
     assert not ctl.sleep(seen, timeout_ms=20)
+
+
+def test_a_spinning_partition_is_ended_by_the_doorbell_bump_and_a_sleeping_one_is_woken(ctl):
+    """partition_sleeping: MAY_SLEEP through the partition's spin (a producer bumps the
+    doorbell, which ends the spin, and makes no futex wake), ASLEEP only in the futex (the
+    producer then wakes it too), AWAKE after either."""
+    flag = C["partition_sleeping"]
+    out = []
+
+    def drain_sleep(spin_ns: int) -> None:
+        seen = _native.drain_sleep_prepare(ctl.buf, ctl.registry_changes, [])
+        out.append(_native.drain_sleep(ctl.buf, seen, 10_000, spin_ns))
+
+    for spin_ns, state in ((3_000_000_000, L.PARTITION_MAY_SLEEP),
+                           (1_000_000, L.PARTITION_ASLEEP)):
+        out.clear()
+        sleeper = threading.Thread(target=drain_sleep, args=(spin_ns,))
+        sleeper.start()
+        try:
+            deadline = time.monotonic() + 5
+            while _native.atomic_load_u32(ctl.buf, flag) != state \
+                    and time.monotonic() < deadline:
+                time.sleep(0.002)  # bounded: until it spins, or sleeps after a short spin
+            time.sleep(0.05)
+            assert _native.atomic_load_u32(ctl.buf, flag) == state
+            t0 = time.monotonic()
+            ctl.ring_doorbell()
+        finally:
+            sleeper.join(10)
+        assert not sleeper.is_alive() and time.monotonic() - t0 < 5
+        assert out == [wake.CHANGED if state == L.PARTITION_MAY_SLEEP else wake.WOKEN]
+        assert _native.atomic_load_u32(ctl.buf, flag) == L.PARTITION_AWAKE
 
 
 def test_registry_claim_release_and_full(ctl):
