@@ -236,6 +236,10 @@ class Consumer:
     (default: iterate forever). ``check_crcs=False`` skips CRC checks (not recommended).
     """
 
+    #: Whether records are read from mapped segments here (the one-call tail read applies);
+    #: a remote consumer gets them in fetch replies.
+    _maps_segments = True
+
     def __new__(cls, *topics: str, broker: str | os.PathLike | None = None, **kwargs):
         """``broker="tcp://host:port"`` (a router) makes a RemoteConsumer: same API, over TCP
         (client/remote_consumer.py)."""
@@ -797,7 +801,7 @@ class Consumer:
             if self._group is not None:
                 self._group_poll()
             order = self._order
-            if len(order) == 1 and self._group is None and TAIL_READ \
+            if len(order) == 1 and self._group is None and TAIL_READ and self._maps_segments \
                     and not self.value_memoryview:
                 # One partition, no group (nothing else to wake for), caught up: read, and if
                 # nothing is new sleep and read again, in one C call (a wake-up runs no

@@ -200,6 +200,8 @@ class RemoteConsumer(Consumer):
 
     # -- fetching ---------------------------------------------------------------------------------
 
+    _maps_segments = False
+
     def _tail_read(self, fetch) -> None:
         """No one-call read of mapped segments here: records come in fetch replies."""
         return None
