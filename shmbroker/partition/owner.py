@@ -21,6 +21,7 @@ from ..coordinator.topics import partition_dir
 from ..layout import counters as CL
 from ..layout import shm as L
 from ..log import PartitionLog
+from ..log.flusher import SegmentFlusher
 from ..log.partition_log import wall_clock_ms
 from ..native import _native
 from ..shm import names
@@ -66,7 +67,10 @@ class PartitionOwner:
         self.control = control
         self.counters = counters if counters is not None else \
             _attach_counters(prefix, topic, partition)
-        self.log = PartitionLog.open(self.directory, log_config, clock=clock_ms)
+        # The flusher fsyncs rolled segments on its own thread and rings our doorbell when one
+        # is done, so step() writes the checkpoint soon after without polling for it.
+        self.log = PartitionLog.open(self.directory, log_config, clock=clock_ms,
+                                     flusher=SegmentFlusher(on_done=self.interrupt))
         self._flush_ms = log_config.flush_ms  # ms_until_due, every pass
         now = monotonic_ms()
         self._next_retention_ms = now + broker_config.retention_check_interval_ms
@@ -122,6 +126,8 @@ class PartitionOwner:
             done += len(ingress.retire_finished())
         if self.log.maybe_flush():
             done += 1
+        if self.log.roll_flushes_pending and self.log.collect_flushes():
+            done += 1  # a rolled segment is durable now: recovery point and checkpoint moved
         if now >= self._next_retention_ms:
             done += self._apply_retention(now)
         return done
