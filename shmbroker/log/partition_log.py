@@ -329,6 +329,10 @@ class PartitionLog:
         records_count = sum(b.records_count for b in planned)
         self._unflushed_records += records_count
         flushed = self._maybe_flush(now)
+        if self.roll_flushes_pending and self._flusher.done_offset > self._checkpointed:
+            # A rolled segment became durable: the checkpoint follows here too, for owners
+            # without a loop that calls collect_flushes (the coordinator's offset store).
+            self.collect_flushes()
         max_batch = max(planned, key=lambda b: b.max_timestamp)  # the first one reaching it
         assert self.log_end_offset == planned[-1].last_offset + 1
         return AppendInfo(
@@ -518,6 +522,7 @@ class PartitionLog:
         """
         old = self.active_segment
         assert old.size > 0, "never roll an empty segment"
+        self._flusher.raise_if_failed()  # before sealing: a failed disk leaves the log as it is
         handed = old.seal(sync=False)
         base = old.next_offset
         # From here the descriptors belong to the flusher (submit closes them if it raises).

@@ -7,8 +7,9 @@ high watermark, apply the flush policy and retention. :meth:`wait_for_work` slee
 doorbell futex when there is nothing to do. :meth:`shutdown` is the clean stop (stop taking
 new frames, drain what is committed, flush, publish). Design: docs/design/partition.md.
 
-Owned by the partition process's main thread; not thread-safe. Takes clocks so tests can drive
-retention without sleeping.
+Owned by the partition process's main thread; not thread-safe (the log's SegmentFlusher
+thread only rings this process's doorbell). Takes clocks so tests can drive retention without
+sleeping, and ``flush_fsync`` so they can hold or fail a rolled segment's background fsync.
 """
 from __future__ import annotations
 
@@ -49,7 +50,8 @@ class PartitionOwner:
                  clock_ms: Callable[[], int] = wall_clock_ms,
                  monotonic_ms: Callable[[], int] = _monotonic_ms,
                  control: ControlRegion | None = None, spin_ns: int = 0,
-                 counters: CountersWriter | None = None):
+                 counters: CountersWriter | None = None,
+                 flush_fsync: Callable[[int], None] | None = None):
         self.topic = topic
         self.partition = partition
         self.directory = partition_dir(data_dir, topic, partition)
@@ -70,7 +72,8 @@ class PartitionOwner:
         # The flusher fsyncs rolled segments on its own thread and rings our doorbell when one
         # is done, so step() writes the checkpoint soon after without polling for it.
         self.log = PartitionLog.open(self.directory, log_config, clock=clock_ms,
-                                     flusher=SegmentFlusher(on_done=self.interrupt))
+                                     flusher=SegmentFlusher(fsync=flush_fsync,
+                                                            on_done=self.interrupt))
         self._flush_ms = log_config.flush_ms  # ms_until_due, every pass
         now = monotonic_ms()
         self._next_retention_ms = now + broker_config.retention_check_interval_ms

@@ -231,3 +231,15 @@ def test_a_roll_waits_when_pending_max_fsyncs_are_queued(tmp_path, clock):
     finally:
         disk.open()
         log.close()
+
+
+def test_an_append_after_the_fsync_completed_moves_the_checkpoint(gated):
+    """Owners without a loop calling collect_flushes (the offset store) still see the
+    checkpoint follow the rolls."""
+    log, disk = gated
+    base = _roll_once(log)
+    disk.open()
+    assert log._flusher.wait(WAIT_S)
+    assert _checkpoint(log) == 0
+    log.append(batch([b"next"]))
+    assert _checkpoint(log) == base and not log.roll_flushes_pending
