@@ -29,6 +29,12 @@ SEGMENT_BYTES_MAX_LIMIT = 2 * GiB - 1
 SEGMENT_BYTES_MIN_LIMIT = 512
 #: Records in one batch (Kafka stores the count as int32; we bound it far lower).
 BATCH_RECORDS_MAX = 1 << 24
+#: Rolled segments whose background fsync (shmbroker/log/flusher.py) may be queued at once; a
+#: roll past it waits for the oldest. Each holds three duplicated file descriptors.
+ROLL_FLUSHES_PENDING_MAX = 4
+#: How long PartitionLog.close waits for the background fsyncs of rolled segments before it
+#: gives up (LogError, no clean-shutdown marker: the next open validates those segments).
+ROLL_FLUSH_CLOSE_WAIT_MS_MAX = 30_000
 
 # --- topics and the broker's processes (docs/design/broker.md) -----------------------------------
 

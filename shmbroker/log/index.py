@@ -122,6 +122,16 @@ class _IndexFile:
             files.fsync_fd(self._fd)
             self._dirty = False
 
+    def dup_for_flush(self) -> int:
+        """Write staged entries and hand the caller a duplicate of the file's descriptor to
+        fsync (SegmentFlusher); the file counts as clean from here on: the caller owns its
+        durability."""
+        self.write_pending()
+        assert self._fd is not None, f"{self.path} is closed"
+        fd = os.dup(self._fd)
+        self._dirty = False
+        return fd
+
     def close(self) -> None:
         if self._fd is not None:
             self.write_pending()

@@ -22,7 +22,9 @@ above the recovery point is validated batch by batch (recovery.py); after a clea
 tail of the active segment after its last index entry is (to learn the next offset).
 
 Owned by one writer process; not thread-safe. Readers in the same process use :meth:`read`;
-other processes map the segment files read-only.
+other processes map the segment files read-only. The one other thread is the log's
+SegmentFlusher (flusher.py), which fsyncs rolled segments through its own descriptors and
+touches nothing of this object: the owner picks its results up (:meth:`collect_flushes`).
 """
 from __future__ import annotations
 
@@ -31,10 +33,11 @@ from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 from .. import errors, records
-from ..config import BATCH_RECORDS_MAX, LogConfig
+from ..config import BATCH_RECORDS_MAX, ROLL_FLUSH_CLOSE_WAIT_MS_MAX, LogConfig
 from ..layout import record_batch as layout
 from ..native import _native
 from . import files, recovery
+from .flusher import FlushJob, SegmentFlusher
 from ..records import validation
 from .recovery import RecoveryReport, SegmentRecovery
 from .segment import LogSegment, LogSlice, PlannedBatch, plan_batches, segment_for
@@ -120,7 +123,8 @@ class PartitionLog:
     Owned by one writer process; not thread-safe.
     """
 
-    def __init__(self, directory: str, config: LogConfig, clock: ClockMs, leader_epoch: int):
+    def __init__(self, directory: str, config: LogConfig, clock: ClockMs, leader_epoch: int,
+                 flusher: SegmentFlusher | None = None):
         self.directory = directory
         self.config = config
         self.clock = clock
@@ -128,6 +132,13 @@ class PartitionLog:
         self._segments: list[LogSegment] = []
         self._bases: list[int] = []
         self._recovery_point = 0
+        #: The recovery point last written to the checkpoint file.
+        self._checkpointed = -1
+        #: Fsyncs of rolled segments, in the background (flusher.py).
+        self._flusher = flusher if flusher is not None else SegmentFlusher()
+        #: A rolled segment's fsync was handed to the flusher and its result not yet picked
+        #: up by collect_flushes (a plain attribute: the owner's loop reads it every pass).
+        self.roll_flushes_pending = False
         self._unflushed_records = 0
         self._last_flush_ms = clock()
         #: fsyncs by flush() (the flush policy, acks=all, close); for the counters region.
@@ -147,14 +158,17 @@ class PartitionLog:
 
     @classmethod
     def open(cls, directory: str, config: LogConfig = LogConfig(), clock: ClockMs | None = None,
-             leader_epoch: int = 0) -> "PartitionLog":
+             leader_epoch: int = 0, flusher: SegmentFlusher | None = None) -> "PartitionLog":
         """Open (creating if needed) the log in ``directory`` and recover it if it was not
         closed cleanly. ``leader_epoch`` is stamped on every appended batch; it must not be
         below an epoch already in the log (LogError), since recovery treats a batch from a
-        later epoch than the current one as corrupt."""
+        later epoch than the current one as corrupt. ``flusher``: the background fsync of
+        rolled segments (default: a SegmentFlusher of its own; the partition owner passes one
+        that wakes its loop)."""
         if not isinstance(leader_epoch, int) or not 0 <= leader_epoch <= 0x7FFFFFFF:
             raise errors.ConfigError(f"leader_epoch={leader_epoch!r} must be an int in [0, 2**31)")
-        log = cls(os.path.abspath(directory), config, clock or wall_clock_ms, leader_epoch)
+        log = cls(os.path.abspath(directory), config, clock or wall_clock_ms, leader_epoch,
+                  flusher)
         try:
             log._load()
         except BaseException:
@@ -315,6 +329,10 @@ class PartitionLog:
         records_count = sum(b.records_count for b in planned)
         self._unflushed_records += records_count
         flushed = self._maybe_flush(now)
+        if self.roll_flushes_pending and self._flusher.done_offset > self._checkpointed:
+            # A rolled segment became durable: the checkpoint follows here too, for owners
+            # without a loop that calls collect_flushes (the coordinator's offset store).
+            self.collect_flushes()
         max_batch = max(planned, key=lambda b: b.max_timestamp)  # the first one reaching it
         assert self.log_end_offset == planned[-1].last_offset + 1
         return AppendInfo(
@@ -499,20 +517,28 @@ class PartitionLog:
     def _roll(self, now: int) -> LogSegment:
         """Seal the active segment and start a new one at the log end offset.
 
-        Order matters for recovery: the old segment is fsynced (data, final time entry,
-        indexes) *before* the new files exist, so a segment followed by another was always
-        complete on disk, and corruption in it is real, never a torn write.
+        The old segment (data, final time entry, indexes) is fsynced in the background, as
+        Kafka schedules ``flushUptoOffsetExclusive(newSegment.baseOffset)``: its files go to
+        the SegmentFlusher as duplicated descriptors and the append goes on at once (an fsync
+        of a full 1 GiB segment stalled every ring for ~390 ms). *Ordering guarantee:* the
+        recovery point, and the checkpoint that records it, move past the old segment only
+        after that fsync completed (:meth:`collect_flushes`, or :meth:`flush` and
+        :meth:`close`, which wait for it), so the checkpoint never calls a segment durable
+        before it is, and a crash before then makes the next open validate it. The new files
+        are made durable by a directory fsync here, synchronously (it is cheap).
         """
         old = self.active_segment
         assert old.size > 0, "never roll an empty segment"
-        old.seal()
+        self._flusher.raise_if_failed()  # before sealing: a failed disk leaves the log as it is
+        handed = old.seal(sync=False)
         base = old.next_offset
+        # From here the descriptors belong to the flusher (submit closes them if it raises).
+        self._flusher.submit(FlushJob(base, tuple(fd for fd, _ in handed),
+                                      tuple(path for _, path in handed)))
+        self.roll_flushes_pending = True
         new = LogSegment.create(self.directory, base, self.config, now, sync_dir=False)
         self._segments.append(new)
         self._bases.append(base)
-        self._recovery_point = base
-        # One directory fsync makes both the new segment files and the checkpoint durable.
-        self._write_checkpoint(sync_dir=False)
         files.fsync_dir(self.directory)
         return new
 
@@ -538,20 +564,58 @@ class PartitionLog:
     def flush(self) -> None:
         """fsync the active segment's .log: every appended record is durable after this.
 
-        Sealed segments were fsynced when they were sealed. The checkpoint is not rewritten here
-        (that would add a rename and two fsyncs to every flush); it is rewritten on roll and on
-        close, so after a crash recovery validates the active segment even if it was flushed.
+        Rolled segments whose background fsync is still pending are waited for first (and a
+        failure of one raises LogError), so "durable" means everything up to the log end, for
+        acks=all and the flush policy alike. The checkpoint is not rewritten here (that would
+        add a rename and two fsyncs to every flush) unless a roll's fsync completed since it
+        was last written (once per roll, as before); so after a crash recovery validates the
+        active segment even if it was flushed.
         """
         self._check_open()
+        if self.roll_flushes_pending:
+            self._wait_for_roll_flushes(None)
         self.active_segment.flush()
         self._recovery_point = self.log_end_offset
         self._unflushed_records = 0
         self._last_flush_ms = self.clock()
         self.flushes += 1
+        if self.roll_flushes_pending:
+            self.collect_flushes()
+
+    def collect_flushes(self) -> bool:
+        """Pick up what the background fsyncs of rolled segments did (the owner's loop calls it
+        when :attr:`roll_flushes_pending`, after the flusher's ``on_done`` woke it): move the
+        recovery point to the end of the last segment fsynced and write the checkpoint.
+        Returns True if the checkpoint was written. A failed fsync raises LogError here, as a
+        synchronous one raised from the append that rolled."""
+        self._check_open()
+        flusher = self._flusher
+        flusher.raise_if_failed()
+        idle = flusher.pending == 0  # read before done_offset: no completion is missed
+        done = flusher.done_offset
+        wrote = False
+        if done > self._recovery_point:
+            self._recovery_point = done
+        if self._recovery_point > self._checkpointed and done > self._checkpointed:
+            self._write_checkpoint()
+            wrote = True
+        if idle:
+            self.roll_flushes_pending = False
+        return wrote
+
+    def _wait_for_roll_flushes(self, timeout_ms: int | None) -> None:
+        """Block until every rolled segment handed to the flusher is fsynced; LogError if one
+        failed or ``timeout_ms`` passed first."""
+        if not self._flusher.wait(None if timeout_ms is None else timeout_ms / 1000):
+            raise errors.LogError(
+                f"{self.directory}: background fsync of rolled segments not done after "
+                f"{timeout_ms} ms")
+        self._flusher.raise_if_failed()
 
     def _write_checkpoint(self, sync_dir: bool = True) -> None:
         text = f"{_CHECKPOINT_MAGIC}\nrecovery_point {self._recovery_point}\nleader_epoch {self.leader_epoch}\n"
         files.write_atomic(os.path.join(self.directory, CHECKPOINT_FILE), text.encode(), sync_dir=sync_dir)
+        self._checkpointed = self._recovery_point
 
     # -- read -------------------------------------------------------------------------------------
 
@@ -627,10 +691,20 @@ class PartitionLog:
     def close(self) -> None:
         """Flush everything, write the checkpoint and the clean-shutdown marker, release files.
 
-        Readers' views stay valid after close (their mappings live on).
+        Waits (at most ROLL_FLUSH_CLOSE_WAIT_MS_MAX) for the background fsyncs of rolled
+        segments first. If one failed or did not finish in time, the log is abandoned (files
+        released, no checkpoint, no marker: the next open validates what may be unflushed)
+        and LogError raised. Readers' views stay valid after close (their mappings live on).
         """
         if self._closed:
             return
+        if self.roll_flushes_pending:
+            try:
+                self._wait_for_roll_flushes(ROLL_FLUSH_CLOSE_WAIT_MS_MAX)
+            except errors.LogError:
+                self.abandon()
+                raise
+            self.roll_flushes_pending = False
         active = self.active_segment
         if active.max_timestamp >= 0:
             # Kafka's final time entry, so a later open knows the max timestamp from the index.

@@ -328,6 +328,14 @@ def recover_segment(log_path: str, base_offset: int, config: LogConfig, *, seale
         else:
             bytes_dropped = scan.file_size - scan.valid_bytes
             os.truncate(log_path, scan.valid_bytes)
+    elif sealed and offset_limit is not None and scan.next_offset < offset_limit:
+        # A roll starts the next segment at this one's log end, so a sealed segment that ends
+        # early lost its tail: a power loss before the roll's background fsync ran (flusher.py)
+        # can cut it exactly at a batch boundary. The missing offsets are fenced, not skipped.
+        error = errors.CorruptSegmentError(
+            f"sealed segment {log_path} ends at offset {scan.next_offset} (position "
+            f"{scan.valid_bytes}) but the next segment starts at {offset_limit}: its tail is "
+            f"missing", path=log_path, position=scan.valid_bytes)
     if sync:
         files.fsync_file(log_path)
     write_indexes(log_path, base_offset, scan, sealed=sealed)

@@ -720,13 +720,30 @@ class LogSegment:
             did = True
         return did
 
-    def seal(self) -> None:
-        """Stop appending here: write Kafka's final time entry (the segment's max) and fsync all."""
+    def seal(self, sync: bool = True) -> list[tuple[int, str]]:
+        """Stop appending here: write Kafka's final time entry (the segment's max), then fsync
+        all (``sync``) or return ``[(fd, path)]``: duplicated descriptors of the .log and both
+        indexes, owned by the caller, whose fsync makes the segment durable (the roll hands
+        them to the SegmentFlusher). Either way the segment counts as clean afterwards."""
         assert not self.sealed
+        assert self._fd is not None, f"{self.path} is closed"
         if self.max_timestamp > NO_TIMESTAMP:
             self.time_index.maybe_append(self.max_timestamp, self.offset_of_max_timestamp)
-        self.flush(indexes=True)
+        handed: list[tuple[int, str]] = []
+        if sync:
+            self.flush(indexes=True)
+        else:
+            try:
+                handed.append((os.dup(self._fd), self.path))
+                handed.append((self.offset_index.dup_for_flush(), self.index_path))
+                handed.append((self.time_index.dup_for_flush(), self.timeindex_path))
+            except BaseException:
+                for fd, _ in handed:
+                    os.close(fd)
+                raise
+            self._log_dirty = False
         self.sealed = True
+        return handed
 
     def truncate_to(self, offset: int) -> int:
         """Remove the batch containing ``offset`` and everything after it; returns bytes cut.

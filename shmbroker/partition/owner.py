@@ -7,8 +7,9 @@ high watermark, apply the flush policy and retention. :meth:`wait_for_work` slee
 doorbell futex when there is nothing to do. :meth:`shutdown` is the clean stop (stop taking
 new frames, drain what is committed, flush, publish). Design: docs/design/partition.md.
 
-Owned by the partition process's main thread; not thread-safe. Takes clocks so tests can drive
-retention without sleeping.
+Owned by the partition process's main thread; not thread-safe (the log's SegmentFlusher
+thread only rings this process's doorbell). Takes clocks so tests can drive retention without
+sleeping, and ``flush_fsync`` so they can hold or fail a rolled segment's background fsync.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from ..coordinator.topics import partition_dir
 from ..layout import counters as CL
 from ..layout import shm as L
 from ..log import PartitionLog
+from ..log.flusher import SegmentFlusher
 from ..log.partition_log import wall_clock_ms
 from ..native import _native
 from ..shm import names
@@ -51,7 +53,8 @@ class PartitionOwner:
                  clock_ms: Callable[[], int] = wall_clock_ms,
                  monotonic_ms: Callable[[], int] = _monotonic_ms,
                  control: ControlRegion | None = None, spin_ns: int = 0,
-                 counters: CountersWriter | None = None):
+                 counters: CountersWriter | None = None,
+                 flush_fsync: Callable[[int], None] | None = None):
         self.topic = topic
         self.partition = partition
         self.directory = partition_dir(data_dir, topic, partition)
@@ -69,7 +72,11 @@ class PartitionOwner:
         self.control = control
         self.counters = counters if counters is not None else \
             _attach_counters(prefix, topic, partition)
-        self.log = PartitionLog.open(self.directory, log_config, clock=clock_ms)
+        # The flusher fsyncs rolled segments on its own thread and rings our doorbell when one
+        # is done, so step() writes the checkpoint soon after without polling for it.
+        self.log = PartitionLog.open(self.directory, log_config, clock=clock_ms,
+                                     flusher=SegmentFlusher(fsync=flush_fsync,
+                                                            on_done=self.interrupt))
         self._flush_ms = log_config.flush_ms  # ms_until_due, every pass
         now = monotonic_ms()
         self._next_retention_ms = now + broker_config.retention_check_interval_ms
@@ -125,6 +132,8 @@ class PartitionOwner:
             done += len(ingress.retire_finished())
         if self.log.maybe_flush():
             done += 1
+        if self.log.roll_flushes_pending and self.log.collect_flushes():
+            done += 1  # a rolled segment is durable now: recovery point and checkpoint moved
         if now >= self._next_retention_ms:
             done += self._apply_retention(now)
         return done

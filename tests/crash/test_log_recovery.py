@@ -324,3 +324,89 @@ def test_bit_rot_in_the_open_active_segment_is_not_served_and_appends_continue(t
 def stored_last(i: int) -> int:
     """Last offset of batch ``i`` in a log built from _batch(0), _batch(1), ..."""
     return sum(1 + j % 3 for j in range(i + 1)) - 1
+
+
+# -- the background fsync of rolled segments (shmbroker/log/flusher.py) --------------------------
+
+_CHILD_ROLL = textwrap.dedent("""
+    import sys, threading
+    from shmbroker import records
+    from shmbroker.config import LogConfig
+    from shmbroker.log import PartitionLog
+    from shmbroker.log.flusher import SegmentFlusher
+    held = threading.Event()  # never set: the disk never finishes the roll's fsync
+    log = PartitionLog.open(sys.argv[1], LogConfig(segment_bytes=4096),
+                            flusher=SegmentFlusher(fsync=lambda fd: held.wait()))
+    i = 0
+    while len(log.segments) < 3:  # bounded: 4 KiB segments, ~80-byte batches
+        log.append(records.encode_batch([b"roll-%06d" % i], timestamp=0))
+        i += 1
+    print(log.log_end_offset, log.segments[1].base_offset, log.recovery_point, flush=True)
+    held.wait()  # until the parent kills it
+""")
+
+
+def test_kill_9_right_after_a_roll_recovers_the_segment_whose_fsync_never_ran(tmp_path):
+    directory = str(tmp_path / "p")
+    child = subprocess.Popen([sys.executable, "-c", _CHILD_ROLL, directory],
+                             stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    try:
+        line = child.stdout.readline()
+        assert line, "child died"
+        end, second_base, recovery_point = map(int, line.split())
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+        child.stdout.close()
+    # The rolls returned, but nothing claimed the rolled segments durable.
+    assert recovery_point == 0
+    with open(os.path.join(directory, "recovery-point-offset-checkpoint")) as f:
+        assert "recovery_point 0\n" in f.read()
+    with PartitionLog.open(directory, LogConfig(segment_bytes=4096)) as log:
+        report = log.recovery_report
+        assert not report.clean_shutdown and report.recovery_point == 0
+        # Both rolled segments and the active one were validated, none found corrupt.
+        assert [s.base_offset for s in report.segments_checked] == \
+            [s.base_offset for s in log.segments]
+        assert log.segments[1].base_offset == second_base and not report.corrupt_segments
+        # SIGKILL keeps the page cache: every appended record is there.
+        assert log.log_end_offset == end
+        for offset in range(end):
+            assert records.decode_records(log.read(offset, 1).data)[0].value == b"roll-%06d" % offset
+        assert log.recovery_point == end  # recovery fsynced what it validated
+        _assert_appends_continue(log)
+
+
+@pytest.mark.parametrize("cut", ["mid-batch", "batch-boundary"])
+def test_a_torn_tail_in_a_sealed_segment_above_the_recovery_point_is_fenced(pristine, tmp_path,
+                                                                            cut):
+    """A power loss before a rolled segment's background fsync ran can leave its tail torn
+    while the next segment exists. Recovery reports it, serves what is before it and the
+    later segments, never what is missing, and appends continue."""
+    pristine_dir, stored = pristine
+    directory = _copy(pristine_dir, tmp_path)
+    path, position, victim = _sealed_victim(stored, directory)
+    os.truncate(path, position + (len(stored[victim][2]) // 2 if cut == "mid-batch" else 0))
+    os.unlink(os.path.join(directory, MARKER))
+    with open(os.path.join(directory, "recovery-point-offset-checkpoint"), "w") as f:
+        f.write(f"shmbroker-recovery-point 1\nrecovery_point {stored[0][0]}\nleader_epoch 0\n")
+    with PartitionLog.open(directory, CONFIG, clock=Clock()) as log:
+        report = log.recovery_report
+        assert path in [s.path for s in report.segments_checked]
+        [error] = report.corrupt_segments
+        assert (error.path, error.position) == (path, position)
+        if cut == "batch-boundary":
+            assert "tail is missing" in str(error)
+        for b, _, data in stored[:victim]:
+            assert bytes(log.read(b, 1).data) == data
+        # The lost batches are never served (an error, not other bytes or an empty read).
+        segment_end = log.segments[2].base_offset
+        for b, _, _ in stored[victim:]:
+            if b >= segment_end:
+                break
+            with pytest.raises(errors.LogError):
+                log.read(b, 1 << 20)
+        later = [s for s in stored if s[0] >= segment_end]
+        assert later and all(bytes(log.read(b, 1).data) == d for b, _, d in later)
+        assert log.log_end_offset == stored[-1][1] + 1
+        _assert_appends_continue(log)
