@@ -76,10 +76,12 @@ def run_loop(owner: PartitionOwner, stop: lifecycle.StopSignal) -> None:
         # from round to round without an empty step between them (measured: every 1-frame
         # round used to be followed by a step that polled every ring for nothing). When the
         # wake-up itself ran the round (drain_sleep_round), the step after it would find
-        # nothing unless a duty is due or more came: the next look tells (it returns at once
-        # if a ring is readable, and then the step runs).
+        # nothing unless a duty is due, a rolled segment's background fsync may have ended,
+        # or more came: the next look tells (it returns at once if a ring is readable, and
+        # then the step runs).
         woke_with_round = owner.wait_for_work(owner.ms_until_due(), lambda: stop.requested)
-        step = not woke_with_round or owner.ms_until_due() == 0
+        step = not woke_with_round or owner.ms_until_due() == 0 \
+            or owner.log.roll_flushes_pending  # the flusher's wake-up: step collects it
 
 
 if __name__ == "__main__":
