@@ -4044,6 +4044,8 @@ typedef struct {
     int status; /* out: the sleep's WAIT_* status */
 } drain_sleep_args;
 
+/* CLOCK_REALTIME in ms, floored as Python's // (ns before 1970 are negative): the wall clock
+ * of the log (wall_clock_ms) and of the wake-up round. */
 static int drain_wall_clock_ms(int64_t *out)
 {
     struct timespec ts;
@@ -4356,14 +4358,9 @@ static PyObject *py_monotonic_ms(PyObject *module, PyObject *Py_UNUSED(ignored))
 
 static PyObject *py_wall_clock_ms(PyObject *module, PyObject *Py_UNUSED(ignored))
 {
-    struct timespec ts;
-    if (clock_gettime(CLOCK_REALTIME, &ts) != 0)
+    int64_t ms;
+    if (drain_wall_clock_ms(&ms) < 0)
         return PyErr_SetFromErrno(PyExc_OSError);
-    /* Floor division, as Python's // (ns before 1970 are negative). */
-    long long ns = (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
-    long long ms = ns / 1000000;
-    if (ns % 1000000 < 0)
-        ms -= 1;
     return PyLong_FromLongLong(ms);
 }
 
