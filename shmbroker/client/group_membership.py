@@ -11,6 +11,9 @@ the assignment"), so a member only asks and obeys::
                     processes between polls;
                     RebalanceInProgressError -> rejoin (keep the partitions: cooperative;
                     revoke them all first: eager, which the Consumer does)
+    word moved      the group's wake word (shm/group_wake.py) moved past the value the last
+                    join answer named: the group began a rebalance; rejoin at once, no
+                    heartbeat first (a local member of a broker run by a supervisor)
                     UnknownMemberIdError / IllegalGenerationError -> the partitions are lost
                     (maybe someone else's already): rejoin, as a new member if unknown
 
@@ -125,11 +128,11 @@ class GroupMembership:
         self._admin = Admin(broker=data_dir, request_timeout_ms=ADMIN_REQUEST_TIMEOUT_MS,
                             **self.admin_kwargs)
         #: The group's wake word in the coordinator's shared memory (a local broker run by a
-        #: supervisor; else None): it moves when the group starts a rebalance, and the owner's
-        #: poll sleeps on it, so a member heartbeats (and rejoins) at once instead of at its
-        #: next heartbeat (shm/group_wake.py). ``_wake_seen``: its value loaded before the
-        #: last heartbeat or join the owner sent.
-        self.wake_word = GroupWakeWord.attach(data_dir, group_id) if wake_word else None
+        #: supervisor; else None), at the slot the last join answer named: it moves when the
+        #: group starts a rebalance, and the owner's poll sleeps on it, so a member rejoins at
+        #: once instead of at its next heartbeat (shm/group_wake.py). ``_wake_seen``: its value
+        #: named by that answer (-1: no word followed).
+        self.wake_word = GroupWakeWord.attach(data_dir) if wake_word else None
         self._wake_seen = -1
 
     # -- membership -------------------------------------------------------------------------------
@@ -161,7 +164,6 @@ class GroupMembership:
 
     def _join_once(self) -> frozenset[TopicPartition]:
         # The coordinator holds a join until the join phase ends: at most the rebalance timeout.
-        wake_seen = self._wake_load()  # before asking: a later rebalance moves it past this
         joined = self._admin._request(
             "join", self.rebalance_timeout_ms + GROUP_JOIN_REPLY_MARGIN_MS,
             group_id=self.group_id, member_id=self.member_id,
@@ -179,7 +181,7 @@ class GroupMembership:
             TopicPartition(t, p): OffsetAndMetadata(offset, metadata) if offset >= 0 else None
             for t, p, offset, metadata in joined["offsets"]}
         now = time.monotonic()
-        self._wake_seen = wake_seen
+        self._follow_wake_word(joined)
         with self._lock:
             self.generation_id = synced["generation_id"]
             self.rejoin_needed = False
@@ -204,12 +206,14 @@ class GroupMembership:
         with self._lock:
             self._last_poll = now
             news, self._news = self._news, []
-            due = not self.rejoin_needed and (
+            if not self.rejoin_needed and wake != self._wake_seen:
+                # The group's word moved: it began a rebalance since our last join answer.
+                # Rejoin now; asking by heartbeat first would only cost a round trip.
+                self.rejoin_needed = True
+            due = not self.rejoin_needed and \
                 now - self._last_heartbeat >= self.heartbeat_interval_ms / 1000
-                or wake != self._wake_seen)  # the group's word moved: a rebalance, likely
             if due:
                 self._last_heartbeat = now
-                self._wake_seen = wake
         for member_id, generation, error in news:
             if not self._apply_error(member_id, generation, error):
                 return False
@@ -260,12 +264,22 @@ class GroupMembership:
     def _wake_load(self) -> int:
         return -1 if self.wake_word is None else self.wake_word.load()
 
+    def _follow_wake_word(self, joined: dict) -> None:
+        """Sleep from now on on the word a join answer named, expecting the value it named
+        (read by the coordinator after this generation began: a later rebalance of the group
+        moves the word past it). No slot named: heartbeats only."""
+        if self.wake_word is None:
+            return
+        seq = joined.get("wake_seq")
+        self.wake_word.follow(joined.get("wake_slot") if isinstance(seq, int) else None)
+        self._wake_seen = seq if self.wake_word.offset is not None else -1
+
     def wake_wait_word(self) -> tuple | None:
         """``(buf, offset, expected)`` of the group's wake word for the owner's futex_waitv
         sleep, or None (no word, or the owner must not sleep on it: a rejoin is pending)."""
         if self.wake_word is None or self.rejoin_needed:
             return None
-        return self.wake_word.word(self._wake_seen)
+        return self.wake_word.word(self._wake_seen)  # None while no slot is followed
 
     def ms_until_heartbeat(self) -> float:
         due = self._last_heartbeat + self.heartbeat_interval_ms / 1000

@@ -41,6 +41,8 @@ from . import protocol
 from .group import (Group, GroupConfig, GroupState, HeartbeatResult, JoinFailed, JoinRequest,
                     JoinResult, SyncResult)
 from .offsets import CommittedOffset, OffsetStore
+from ..layout.counters import GROUP_WAKE_WORDS
+from ..shm.group_wake import WakeSlots
 
 log = logging.getLogger("shmbroker.coordinator")
 
@@ -93,16 +95,19 @@ class GroupService:
     def __init__(self, data_dir: str, partitions_per_topic: Mapping[str, int], clock_ms: ClockMs,
                  config: GroupConfig = GroupConfig(), hostname: str | None = None,
                  pid_check_interval_ms: int = GROUP_PID_CHECK_INTERVAL_MS,
-                 wake_group: Callable[[str], None] = lambda group_id: None,
-                 pidfds: bool = True):
+                 wake_group: Callable[[int], None] = lambda slot: None,
+                 wake_value: Callable[[int], int] = lambda slot: 0,
+                 wake_slots: int = GROUP_WAKE_WORDS, pidfds: bool = True):
         assert pid_check_interval_ms > 0, pid_check_interval_ms
         self.clock_ms = clock_ms
         self.config = config
         self.hostname = hostname if hostname is not None else socket.gethostname()
         self.pid_check_interval_ms = pid_check_interval_ms
-        #: Called with a group id once each time that group starts a rebalance, after the
-        #: request or tick that started it (the server bumps the group's futex word).
-        self.wake_group = wake_group
+        #: Called with a group's wake slot once each time that group starts a rebalance,
+        #: after the request or tick that started it (the server bumps the slot's futex word);
+        #: ``wake_value(slot)``: the word now, for join answers (shm/group_wake.py).
+        self.wake_group, self.wake_value = wake_group, wake_value
+        self._wake_slots = WakeSlots(wake_slots)
         self._woken: dict[str, int] = {}  # group id -> rebalances_started already woken
         self.offsets = OffsetStore.open(data_dir)
         self._partitions = dict(partitions_per_topic)
@@ -337,6 +342,7 @@ class GroupService:
         if group is not None:
             group.delete()  # NonEmptyGroupError while it has members
             del self._groups[group_id]
+            self._forget(group_id)
         deleted = self.offsets.delete_group(group_id)
         log.info("group %s deleted (%d committed offsets)", group_id, deleted)
         return protocol.ok_reply(request_id, {"group_id": group_id, "offsets_deleted": deleted})
@@ -350,6 +356,7 @@ class GroupService:
                 raise errors.InvalidRequestError(
                     f"the coordinator already serves {len(self._groups)} groups (the limit)")
             group = self._groups[group_id] = Group(group_id, self.clock_ms, self.config, self._partitions)
+            self._wake_slots.slot(group_id)  # None when all are taken: heartbeats only
         if group is None:
             raise errors.GroupIdNotFoundError(f"no group {group_id!r}")
         return group
@@ -452,10 +459,9 @@ class GroupService:
             if group.generation_id > counted:
                 self.rebalances += group.generation_id - counted
                 self._generation_counted[group_id] = group.generation_id
-            if group.rebalances_started != self._woken.get(group_id, 0):
-                self._woken[group_id] = group.rebalances_started
-                if group.state is GroupState.PREPARING_REBALANCE:
-                    self.wake_group(group_id)  # members learn it now, not at their heartbeat
+            # Answers first, with the word as it is now; then the wake of a rebalance that
+            # began after them (a cooperative follow-up, say): that wake moves the word past
+            # the value the answers name, so their members rejoin at once.
             for result in group.take_join_results():
                 held = self._held.pop((group_id, result.member_id), None)
                 if held is None:
@@ -465,6 +471,11 @@ class GroupService:
                 else:
                     body = protocol.ok_reply(held.request_id, self._join_reply(result, group))
                 self._ready.append((held.envelope, body))
+            if group.rebalances_started != self._woken.get(group_id, 0):
+                self._woken[group_id] = group.rebalances_started
+                slot = self._wake_slots.held(group_id)
+                if group.state is GroupState.PREPARING_REBALANCE and slot is not None:
+                    self.wake_group(slot)  # members learn it now, not at their heartbeat
 
     def _join_reply(self, result: JoinResult, group: Group) -> dict[str, Any]:
         """The join's reply; for a member that asked to sync with its join, also the sync's
@@ -477,6 +488,10 @@ class GroupService:
         per member per rebalance (docs/design/groups.md, "Decision: sync and offsets with the
         join")."""
         reply = _join_fields(result, group)
+        slot = self._wake_slots.held(group.group_id)
+        if slot is not None:
+            # The group's wake word and its value now: the member rejoins when it moves.
+            reply["wake_slot"], reply["wake_seq"] = slot, self.wake_value(slot)
         if result.sync is not None:
             reply.update(_sync_reply(result.sync))
             committed = self.offsets.group_offsets(group.group_id)
@@ -493,8 +508,12 @@ class GroupService:
         for group_id in [g for g, group in self._groups.items()
                          if group.state in (GroupState.EMPTY, GroupState.DEAD) and not group.member_ids()]:
             del self._groups[group_id]
-            self._generation_counted.pop(group_id, None)
-            self._woken.pop(group_id, None)
+            self._forget(group_id)
+
+    def _forget(self, group_id: str) -> None:
+        self._generation_counted.pop(group_id, None)
+        self._woken.pop(group_id, None)
+        self._wake_slots.release(group_id)
 
 
 def _has_member(group: Group, member_id: str) -> bool:

@@ -95,7 +95,7 @@ class CoordinatorServer:
         # coordinator that cannot must not start half-built.
         self.groups = GroupService(self.data_dir, _partition_counts(self.registry),
                                    clock_ms=lambda: int(self.clock() * 1000),
-                                   wake_group=self._wake_group)
+                                   wake_group=self._wake_group, wake_value=self._wake_value)
         self.counters = attach_counters(self.data_dir, "coordinator", CL.KIND_COORDINATOR)
         self._counted = (0, 0, 0)  # the GroupService's (rebalances, commits, offsets) counted
         self._gauges_at_ms = -GROUP_GAUGES_INTERVAL_MS
@@ -154,10 +154,13 @@ class CoordinatorServer:
             self._send_group_replies()
             self._store_counters()
 
-    def _wake_group(self, group_id: str) -> None:
+    def _wake_group(self, slot: int) -> None:
         """A group began a rebalance: bump its wake word in our counters region (the members
         sleep on it; shm/group_wake.py)."""
-        group_wake.wake(self.counters.buf, group_id)
+        group_wake.wake(self.counters.buf, slot)
+
+    def _wake_value(self, slot: int) -> int:
+        return group_wake.load(self.counters.buf, slot)
 
     def _store_counters(self) -> None:
         """The counters region from this pass of the loop: one C call (see the module doc)."""

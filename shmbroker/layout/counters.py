@@ -55,16 +55,19 @@ The coordinator's region ends with GROUP_WAKE_WORDS u32 **group wake words**, fr
 ``group_wake_offset()`` (64-byte aligned)::
 
     offset  size  field                          writer
-         0   4*W  u32 word[i], i = group_wake_slot(group id): +1 (and FUTEX_WAKE) each time
-                  a group hashed to slot i starts a rebalance   the coordinator
+         0   4*W  u32 word[i]: +1 (and FUTEX_WAKE) each time the group the coordinator gave
+                  slot i starts a rebalance                   the coordinator
 
 A group consumer futex-waits on its group's word beside its partitions' hw_seq words, so it
-learns of a rebalance at once instead of at its next heartbeat (docs/design/groups.md,
-"Decision: a futex word tells members a rebalance began"). The word only says "ask now":
-groups share a word when their ids hash alike, and the member's next heartbeat is what tells
-it to rejoin. They live here, not in a region of their own, because this is the region the
-coordinator writes, the supervisor creates before the coordinator starts and keeps across its
-restarts, and unlinks at a clean stop: what a wake word needs, with no new name or cleanup.
+learns of a rebalance at once instead of at its next heartbeat, and rejoins (docs/design/
+groups.md, "Decision: a futex word tells members a rebalance began"). The coordinator gives
+each group it holds in memory a slot of its own (at most GROUP_WAKE_WORDS groups at once; a
+group beyond that has none and its members learn by heartbeat) and names it, with the word's
+value, in every join answer; a slot freed by a forgotten group goes to the next new one, and
+its word keeps counting up. They live here, not in a region of their own, because this is
+the region the coordinator writes, the supervisor creates before the coordinator starts and
+keeps across its restarts, and unlinks at a clean stop: what a wake word needs, with no new
+name or cleanup.
 
 A slot, once given to a partition, stays its own for the region's life (a partition revoked
 and assigned again gets its old slot back), so every slot's counters only grow and no seqlock
@@ -246,7 +249,8 @@ def slot_offset(index: int) -> int:
     return consumer_slots_offset() + SLOT_BYTES * index
 
 
-#: Group wake words in the coordinator's region (4 KiB). Groups beyond this many share words.
+#: Group wake words in the coordinator's region (4 KiB): one slot per group held in memory;
+#: groups beyond this many at once have none (their members learn by heartbeat).
 GROUP_WAKE_WORDS = 1024
 
 
@@ -254,18 +258,9 @@ def group_wake_offset() -> int:
     return (COUNTERS_OFFSET + 8 * len(COORDINATOR_COUNTERS) + 63) // 64 * 64
 
 
-def group_wake_slot(group_id: str) -> int:
-    """The word of ``group_id``: 32 bits of BLAKE2b of its UTF-8 bytes, modulo
-    GROUP_WAKE_WORDS (stable across processes and builds, unlike ``hash()``; CRC-32's low
-    bits collide too often for ids that differ in a digit)."""
-    import hashlib
-
-    digest = hashlib.blake2b(group_id.encode("utf-8", "surrogateescape"), digest_size=4).digest()
-    return int.from_bytes(digest, "little") % GROUP_WAKE_WORDS
-
-
-def group_wake_word_offset(group_id: str) -> int:
-    return group_wake_offset() + 4 * group_wake_slot(group_id)
+def group_wake_word_offset(slot: int) -> int:
+    assert 0 <= slot < GROUP_WAKE_WORDS, slot
+    return group_wake_offset() + 4 * slot
 
 
 def region_bytes(kind: int) -> int:

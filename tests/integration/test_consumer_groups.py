@@ -236,12 +236,20 @@ def test_members_learn_of_a_rebalance_from_the_group_wake_word_long_before_their
     [a] = members.start(1, **slow)
     wait_for(lambda: owned(a) == set(range(PARTITIONS)), what="the first member owns everything")
     time.sleep(0.5)  # a's next heartbeat (from poll or its thread) is ~19 s away
+    before = coordinator_counters(broker.data_dir)
     started = time.monotonic()
     [b] = members.start(1, **slow)
     # Only the wake word can tell a in time: its heartbeat would take ~19 s more.
     wait_for(lambda: balanced([a, b], PARTITIONS // 2), timeout_s=8.0,
              what="both members own three partitions")
     assert time.monotonic() - started < 8.0
+    time.sleep(1.0)  # both keep polling: a spurious wake would show as another join
+    after = coordinator_counters(broker.data_dir)
+    # a rejoined on the word alone, with no heartbeat first; and neither member rejoined
+    # again once settled (the answers named the word's value after their generation began).
+    # Joins: b's and a's, plus, cooperative, both again for the follow-up generation.
+    assert after["requests_heartbeat"] == before["requests_heartbeat"]
+    assert after["requests_join"] - before["requests_join"] == (2 if len(protocols) > 1 else 4)
 
 
 @pytest.mark.parametrize("protocols", [["cooperative-sticky", "range"], ["cooperative-sticky"]],

@@ -75,7 +75,8 @@ def test_a_join_with_sync_is_answered_with_the_share_and_the_previous_owners_com
 
 def test_a_join_without_sync_is_answered_as_before_and_waits_for_its_sync(service):
     first = join(service, os.getpid())
-    assert set(first) == {"member_id", "generation_id", "leader_id", "protocol", "members"}
+    assert set(first) == {"member_id", "generation_id", "leader_id", "protocol", "members",
+                          "wake_slot", "wake_seq"}
     with pytest.raises(errors.RebalanceInProgressError):  # no share fetched yet
         call(service, "offset_commit", group_id="g", member_id=first["member_id"],
              generation_id=1, offsets={"t": [[0, 1, ""]]})
@@ -175,7 +176,7 @@ def test_offsets_survive_a_reopen_of_the_service(tmp_path, clock):
 
 
 def test_the_wake_callback_runs_once_per_rebalance_started_and_not_for_other_requests(tmp_path, clock):
-    woken: list[str] = []
+    woken: list[int] = []
     service = GroupService(str(tmp_path), {"t": 4}, clock, hostname=socket.gethostname(),
                            wake_group=woken.append)
     try:
@@ -184,11 +185,78 @@ def test_the_wake_callback_runs_once_per_rebalance_started_and_not_for_other_req
         call(service, "heartbeat", group_id="g", member_id=first["member_id"], generation_id=1)
         assert woken == []  # Stable: nothing to tell
         assert join(service, os.getpid(), envelope=b"second", sync=True) is None
-        assert woken == ["g"]  # first must rejoin: its word moves now
+        assert woken == [first["wake_slot"]]  # first must rejoin: its word moves now
         with pytest.raises(errors.RebalanceInProgressError):  # what its heartbeat then says
             call(service, "heartbeat", group_id="g", member_id=first["member_id"],
                  generation_id=1)
         join(service, os.getpid(), first["member_id"], sync=True)
-        assert woken == ["g"]
+        assert woken == [first["wake_slot"]]
+    finally:
+        service.close()
+
+
+class Words:
+    """The coordinator's wake words, as the server keeps them (a bump adds 1)."""
+
+    def __init__(self) -> None:
+        self.values: dict[int, int] = {}
+
+    def wake(self, slot: int) -> None:
+        self.values[slot] = self.values.get(slot, 0) + 1
+
+    def value(self, slot: int) -> int:
+        return self.values.get(slot, 0)
+
+
+def join_group(service, group_id, pid, member_id="", envelope=b"peer", protocols=("range",)):
+    return call(service, "join", envelope, group_id=group_id, member_id=member_id,
+                client_id="c", pid=pid, host=socket.gethostname(), topics=["t"],
+                protocols=list(protocols), session_timeout_ms=10_000,
+                rebalance_timeout_ms=5_000, sync=True)
+
+
+def test_each_group_has_a_wake_slot_of_its_own_named_in_its_join_answers_and_freed_when_forgotten(
+        tmp_path, clock):
+    words = Words()
+    service = GroupService(str(tmp_path), {"t": 4}, clock, hostname=socket.gethostname(),
+                           wake_group=words.wake, wake_value=words.value, wake_slots=2)
+    try:
+        a = join_group(service, "a", os.getpid())
+        b = join_group(service, "b", os.getpid())
+        assert {a["wake_slot"], b["wake_slot"]} == {0, 1}  # never shared: a wake is the group's
+        c = join_group(service, "c", os.getpid())
+        assert "wake_slot" not in c and "wake_seq" not in c  # none left: heartbeats only
+        # A rebalance of b moves b's word only.
+        assert join_group(service, "b", os.getpid(), envelope=b"b2") is None
+        assert words.values == {b["wake_slot"]: 1}
+        # a's only member leaves: the group is forgotten at the next tick, its slot handed on.
+        call(service, "leave", group_id="a", member_id=a["member_id"])
+        service.tick()
+        d = join_group(service, "d", os.getpid())
+        assert d["wake_slot"] == a["wake_slot"] and d["wake_seq"] == 0
+    finally:
+        service.close()
+
+
+def test_join_answers_name_the_word_before_the_wake_of_the_follow_up_they_lead_to(tmp_path, clock):
+    """Cooperative: the answers that end a join phase revoke partitions, and the follow-up
+    rebalance begins in the same call. The answers must name the word as it was before that
+    follow-up's bump, or their members would sleep through it."""
+    words = Words()
+    service = GroupService(str(tmp_path), {"t": 4}, clock, hostname=socket.gethostname(),
+                           wake_group=words.wake, wake_value=words.value)
+    coop = ("cooperative-sticky",)
+    try:
+        first = join_group(service, "g", os.getpid(), protocols=coop)
+        slot = first["wake_slot"]
+        assert first["wake_seq"] == 0 and len(first["assignment"]) == 4
+        assert join_group(service, "g", os.getpid(), envelope=b"second", protocols=coop) is None
+        assert words.value(slot) == 1  # first is told to rejoin
+        again = join_group(service, "g", os.getpid(), first["member_id"], protocols=coop)
+        [(_, body)] = service.take_replies()
+        second = protocol.decode_reply(body)[1]
+        assert again["revoked"] and not second["assignment"]  # granted in the follow-up only
+        assert again["wake_seq"] == second["wake_seq"] == 1
+        assert words.value(slot) == 2  # the follow-up began: both see the word moved, rejoin
     finally:
         service.close()

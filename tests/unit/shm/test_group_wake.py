@@ -25,25 +25,27 @@ def data_dir(tmp_path):
     region.close()
 
 
-def test_the_words_follow_the_counters_and_groups_get_stable_slots():
+def test_the_words_follow_the_counters_and_slots_are_handed_out_one_per_group():
     assert CL.group_wake_offset() % 64 == 0
     assert CL.region_bytes(CL.KIND_COORDINATOR) == CL.group_wake_offset() + 4 * CL.GROUP_WAKE_WORDS
-    import hashlib
-    digest = hashlib.blake2b(b"g", digest_size=4).digest()  # not hash(): the same everywhere
-    assert CL.group_wake_slot("g") == int.from_bytes(digest, "little") % CL.GROUP_WAKE_WORDS
-    slots = {CL.group_wake_slot(f"group-{i}") for i in range(200)}
-    assert len(slots) > 150 and all(0 <= s < CL.GROUP_WAKE_WORDS for s in slots)
+    slots = group_wake.WakeSlots(3)
+    assert [slots.slot(g) for g in ("a", "b", "a", "c", "d")] == [0, 1, 0, 2, None]
+    slots.release("b")
+    assert slots.held("b") is None and slots.slot("d") == 1 and slots.held("d") == 1
+    slots.release("nobody")  # forgetting a group without a slot is no error
 
 
 def test_a_wake_moves_only_its_groups_word_and_wakes_a_read_only_sleeper(data_dir):
     writer = CountersWriter.attach(names.counters_name(names.broker_prefix(data_dir),
                                                        "coordinator"), CL.KIND_COORDINATOR)
-    word = GroupWakeWord.attach(data_dir, "g")
-    other = GroupWakeWord.attach(data_dir, next(f"o{i}" for i in range(1000)
-                                                if CL.group_wake_slot(f"o{i}") != CL.group_wake_slot("g")))
+    word, other = GroupWakeWord.attach(data_dir), GroupWakeWord.attach(data_dir)
     try:
         assert word is not None and word._region.readonly
+        assert word.load() == -1 and word.word(0) is None  # no slot named yet: no word
+        word.follow(7)
+        other.follow(8)
         seen, seen_other = word.load(), other.load()
+        assert seen == group_wake.load(writer.buf, 7)
         woke_after: list[float] = []
 
         def sleeper() -> None:
@@ -55,10 +57,13 @@ def test_a_wake_moves_only_its_groups_word_and_wakes_a_read_only_sleeper(data_di
         thread = threading.Thread(target=sleeper)
         thread.start()
         time.sleep(0.2)
-        group_wake.wake(writer.buf, "g")
+        group_wake.wake(writer.buf, 7)
         thread.join(5)
         assert woke_after and 0.15 < woke_after[0] < 5  # woken by the bump, not the timeout
         assert word.load() == seen + 1 and other.load() == seen_other
+        for bad in (None, -1, CL.GROUP_WAKE_WORDS, True, "7"):  # from a reply: checked
+            word.follow(bad)
+            assert word.offset is None and word.load() == -1
     finally:
         word.close()
         other.close()
@@ -66,4 +71,4 @@ def test_a_wake_moves_only_its_groups_word_and_wakes_a_read_only_sleeper(data_di
 
 
 def test_no_coordinator_region_means_no_word(tmp_path):
-    assert GroupWakeWord.attach(str(tmp_path), "g") is None
+    assert GroupWakeWord.attach(str(tmp_path)) is None
