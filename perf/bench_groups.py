@@ -14,9 +14,12 @@ Measured: from the event to every member holding its part of one generation's as
 ``consumer``: members are real ``Consumer(topic, group=...)`` processes (default assignors,
 so eager on the client side: every member revokes all its partitions and rejoins; with
 ``--protocols cooperative-sticky`` only moved partitions pause, and a partition its owner kept
-throughout counts as consuming from the event on;
-``heartbeat_interval_ms`` = --heartbeat-ms), and a feeder process sends one record to every
-partition every --feed-ms. Each member reports, per partition it is assigned, when it was
+throughout counts as consuming from the event on; ``heartbeat_interval_ms`` = --heartbeat-ms,
+by default the Consumer's own: they learn of a rebalance from the group's wake word, not from
+a heartbeat; each loops on ``poll(timeout_ms=--member-poll-ms)``, 100 ms by default; before
+the ninth session both were 20 ms, which on a 2-vCPU VM, where every wake-up costs ~0.1 ms of
+CPU, kept half the machine busy with 32 idle members), and a feeder process sends one record
+to every partition every --feed-ms. Each member reports, per partition it is assigned, when it was
 assigned (its on_assign, which the Consumer calls once the partition is positioned at the
 group's committed offset, just before that poll reads it) and when a poll first handed it a
 record of that partition. Two times are printed, both from the event, both taken once the
@@ -41,7 +44,7 @@ Kafka's defaults are printed beside as reference lines: a dead member is noticed
 session timeout (45 s), a rebalance waits for members' heartbeats (every 3 s).
 
     .venv/bin/python perf/bench_groups.py [--mode raw|consumer|both] [--partitions 64]
-        [--sizes 2,8,32] [--runs 3] [--heartbeat-ms 20] [--feed-ms 50]
+        [--sizes 2,8,32] [--runs 3] [--heartbeat-ms MS] [--member-poll-ms 100] [--feed-ms 50]
         [--protocols cooperative-sticky,range | cooperative-sticky]
 """
 from __future__ import annotations
@@ -57,6 +60,8 @@ import sys
 import time
 
 from bench_pipeline import HERE, _start_broker, _stop_broker
+
+from shmbroker.config import GROUP_HEARTBEAT_INTERVAL_MS_DEFAULT
 
 TOPIC = "bench-groups"
 #: How long one measurement may take before it is reported as a failure.
@@ -217,8 +222,8 @@ def _feeder(data_dir: str, partitions: int, feed_s: float, conn) -> None:
             time.sleep(max(0.0, tick - time.monotonic()))
 
 
-def _consumer_member(data_dir: str, group: str, heartbeat_ms: int, protocols: list, conn
-                     ) -> None:
+def _consumer_member(data_dir: str, group: str, heartbeat_ms: int, protocols: list,
+                     poll_ms: int, conn) -> None:
     """A Consumer group member. Reports over ``conn`` (its own pipe: no lock shared with other
     members, which a kill -9 could leave held): ("assign"|"revoke", partitions, t) and
     ("first", partition, t) when a poll first hands it a record of a partition assigned to it.
@@ -244,7 +249,7 @@ def _consumer_member(data_dir: str, group: str, heartbeat_ms: int, protocols: li
         conn.send(("ready", [], time.monotonic()))
         conn.recv()  # go
         while not conn.poll():  # bounded: the parent stops us (or kills us)
-            got = consumer.poll(timeout_ms=20)
+            got = consumer.poll(timeout_ms=poll_ms)
             if got and unreported:
                 now = time.monotonic()
                 for record in got:  # bounded by one poll's records
@@ -259,9 +264,10 @@ class ConsumerGroup:
     """The Consumer member processes of one group and what they reported: per live member,
     per partition it owns, when it was assigned and when it first consumed a record of it."""
 
-    def __init__(self, ctx, data_dir: str, name: str, heartbeat_ms: int, protocols: list):
+    def __init__(self, ctx, data_dir: str, name: str, heartbeat_ms: int, protocols: list,
+                 poll_ms: int):
         self.ctx, self.data_dir, self.name, self.heartbeat_ms = ctx, data_dir, name, heartbeat_ms
-        self.protocols = protocols
+        self.protocols, self.poll_ms = protocols, poll_ms
         self.going: set[int] = set()
         self.procs: dict[int, mp.Process] = {}
         self.conns: dict[int, object] = {}
@@ -273,7 +279,7 @@ class ConsumerGroup:
         mine, theirs = self.ctx.Pipe()
         proc = self.ctx.Process(target=_consumer_member,
                                 args=(self.data_dir, self.name, self.heartbeat_ms,
-                                      self.protocols, theirs),
+                                      self.protocols, self.poll_ms, theirs),
                                 daemon=True)
         proc.start()
         theirs.close()
@@ -358,12 +364,12 @@ class ConsumerGroup:
 
 
 def measure_consumers(ctx, data_dir: str, size: int, partitions: int, heartbeat_ms: int,
-                      run: int, protocols: list):
+                      run: int, protocols: list, poll_ms: int):
     """Join and kill -9 times (ms) of a group of ``size`` Consumer processes, as documented:
     ((join -> positioned, join -> first record), (kill -> positioned, kill -> first record)),
     None where it did not settle."""
     cooperative = set(protocols) == {"cooperative-sticky"}  # the client's rule
-    group = ConsumerGroup(ctx, data_dir, f"c{size}-{run}", heartbeat_ms, protocols)
+    group = ConsumerGroup(ctx, data_dir, f"c{size}-{run}", heartbeat_ms, protocols, poll_ms)
     try:
         first = [group.add() for _ in range(size - 1)]
         for pid in first:
@@ -398,14 +404,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--partitions", type=int, default=64)
     ap.add_argument("--sizes", default="2,8,32", help="group sizes (default 2,8,32)")
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--heartbeat-ms", type=int, default=20,
-                    help="members' heartbeat interval (default 20 ms)")
+    ap.add_argument("--heartbeat-ms", type=int, default=None,
+                    help="members' heartbeat interval (default: raw 20 ms, which is how raw "
+                         "members learn of a rebalance; consumer the Consumer's default, "
+                         f"{GROUP_HEARTBEAT_INTERVAL_MS_DEFAULT} ms: Consumers learn of it "
+                         "from the group's wake word)")
+    ap.add_argument("--member-poll-ms", type=int, default=100,
+                    help="consumer mode: each member's poll(timeout_ms=) (default 100 ms)")
     ap.add_argument("--protocols", default="cooperative-sticky,range",
                     help="consumer mode: the members' group_protocols (default the Consumer's: "
                          "eager on the client side; 'cooperative-sticky' for incremental)")
     ap.add_argument("--feed-ms", type=float, default=50.0,
                     help="consumer mode: one record per partition this often (default 50 ms)")
     args = ap.parse_args(argv)
+    heartbeat_ms = {"raw": args.heartbeat_ms or 20,
+                    "consumer": args.heartbeat_ms or GROUP_HEARTBEAT_INTERVAL_MS_DEFAULT}
     from machine import cpu_model, git_commit
 
     from shmbroker import Admin
@@ -445,17 +458,19 @@ def main(argv: list[str] | None = None) -> int:
                 feeder_conn.recv()
             for size in sizes:
                 results[mode, size] = [
-                    measure(ctx, data_dir, size, args.partitions, args.heartbeat_ms / 1000, r)
+                    measure(ctx, data_dir, size, args.partitions, heartbeat_ms["raw"] / 1000, r)
                     if mode == "raw" else
-                    measure_consumers(ctx, data_dir, size, args.partitions, args.heartbeat_ms, r,
-                                      args.protocols.split(","))
+                    measure_consumers(ctx, data_dir, size, args.partitions,
+                                      heartbeat_ms["consumer"], r, args.protocols.split(","),
+                                      args.member_poll_ms)
                     for r in range(args.runs)]
                 print(f"  {mode}, {size} members: {results[mode, size]}", file=sys.stderr,
                       flush=True)
         print(f"bench_groups: {cpu_model()}, {os.cpu_count()} cores, commit {git_commit()}, "
-              f"{args.partitions} partitions, heartbeat {args.heartbeat_ms} ms, "
-              + (f"consumers offer {args.protocols}, feed every {args.feed_ms:g} ms, "
-                 if feeder else "")
+              f"{args.partitions} partitions, heartbeat "
+              + ", ".join(f"{heartbeat_ms[m]} ms ({m})" for m in modes) + ", "
+              + (f"consumers offer {args.protocols} and poll({args.member_poll_ms} ms), "
+                 f"feed every {args.feed_ms:g} ms, " if feeder else "")
               + f"{args.runs} runs, median (max)")
         # Columns per mode: (header, width, which event, which time of a consumer result).
         # Consumer mode prints the first-record measure (the "consuming" of earlier RESULTS
