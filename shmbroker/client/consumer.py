@@ -495,9 +495,9 @@ class Consumer:
 
     def _rejoin(self, group: GroupMembership) -> None:
         if not group.cooperative:
-            # Eager: give everything back before rejoining; the commit goes ahead of the join
-            # on the same socket, not waited for (_commit_revoked).
-            self._revoke(set(self._fetches), pipelined=True)
+            # Eager: give everything back before rejoining; the commit rides on the join
+            # (_commit_revoked): stored just before the join is served, not waited for.
+            self._revoke(set(self._fetches), pipelined=True, with_join=True)
         assigned = group.join()
         revoked = set(self._fetches) - assigned
         if revoked:
@@ -522,28 +522,30 @@ class Consumer:
         if added and self._on_assign is not None:
             self._on_assign(added)
 
-    def _revoke(self, tps: set, commit: bool = True, pipelined: bool = False) -> None:
+    def _revoke(self, tps: set, commit: bool = True, pipelined: bool = False,
+                with_join: bool = False) -> None:
         """Stop reading ``tps`` (their pending records go): commit their positions first if
         auto-commit is on and ``commit`` (without waiting for the reply if ``pipelined``: a
-        join follows on the same socket), then tell on_revoke."""
+        join follows on the same socket; inside that join if ``with_join``), then tell
+        on_revoke."""
         if not tps:
             return
         if commit and self.enable_auto_commit:
             if pipelined:
-                self._commit_revoked(tps)
+                self._commit_revoked(tps, with_join)
             else:
                 self._commit_logged(tps, "commit before revoking")
         if self._on_revoke is not None:
             self._on_revoke(sorted(tps))
         self._assign([tp for tp in self._fetches if tp not in tps])
 
-    def _commit_revoked(self, tps: Iterable[TopicPartition]) -> None:
-        """Send the commit of partitions being revoked and go on without its reply
-        (docs/design/groups.md, "Decision: the revocation commit is pipelined"). Safe because
-        the join that may hand them to another member is sent after it on the same socket
-        and the coordinator serves one connection's requests in order: the commit is stored
-        (or refused) before that join is even read, so before the join phase can end and the
-        new owners' offsets are read. The reply is read with the join's or later: a refusal
+    def _commit_revoked(self, tps: Iterable[TopicPartition], with_join: bool = False) -> None:
+        """Send the commit of partitions being revoked and go on without its reply: inside
+        the join that follows if ``with_join``, else alone just before it on the same socket
+        (docs/design/groups.md, "Decision: the revocation commit rides on the join"). Safe
+        because the coordinator stores it (or refuses it) before it serves that join, which
+        may hand the partitions to another member, so before the join phase can end and the
+        new owners' offsets are read. The outcome comes with the join's answer: a refusal
         because the group moved on is logged (as _commit_logged does); any other is raised
         from the next poll, once this member holds its new assignment."""
         group = self._group
@@ -561,7 +563,10 @@ class Consumer:
                 self._revoke_commit_error = error
 
         try:
-            group.commit_async(self._positions(tps), done)
+            if with_join:  # one request less: docs/design/groups.md, "rides on the join"
+                group.commit_with_join(self._positions(tps), done)
+            else:
+                group.commit_async(self._positions(tps), done)
         except (errors.CoordinatorNotAvailableError, errors.RequestTimeoutError) as e:
             done({}, e)  # not even sent (no coordinator connected): as a refusal
 

@@ -37,13 +37,14 @@ import os
 import socket
 import threading
 import time
-from typing import Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from .. import errors
 from ..config import (ADMIN_REQUEST_TIMEOUT_MS, GROUP_HEARTBEAT_INTERVAL_MS_MIN,
                       GROUP_JOIN_ATTEMPTS_MAX, GROUP_JOIN_REPLY_MARGIN_MS,
                       GROUP_REBALANCE_TIMEOUT_MS_MAX, GROUP_REBALANCE_TIMEOUT_MS_MIN,
                       GROUP_SESSION_TIMEOUT_MS_MAX, GROUP_SESSION_TIMEOUT_MS_MIN)
+from ..coordinator import protocol
 from .admin import Admin
 from ..shm.group_wake import GroupWakeWord
 from .heartbeat import HEARTBEAT_REQUEST_TIMEOUT_MS, HeartbeatThread
@@ -134,6 +135,10 @@ class GroupMembership:
         #: named by that answer (-1: no word followed).
         self.wake_word = GroupWakeWord.attach(data_dir) if wake_word else None
         self._wake_seen = -1
+        #: A revocation commit to send inside the next join (``commit_with_join``): its
+        #: request fields and the callback of its outcome; sent alone, first, if any other
+        #: request of ours goes out before that join.
+        self._join_commit: tuple[dict, Callable[[Any], None]] | None = None
 
     # -- membership -------------------------------------------------------------------------------
 
@@ -164,13 +169,25 @@ class GroupMembership:
 
     def _join_once(self) -> frozenset[TopicPartition]:
         # The coordinator holds a join until the join phase ends: at most the rebalance timeout.
-        joined = self._admin._request(
-            "join", self.rebalance_timeout_ms + GROUP_JOIN_REPLY_MARGIN_MS,
-            group_id=self.group_id, member_id=self.member_id,
-            client_id=self.client_id, pid=os.getpid(), host=socket.gethostname(),
-            topics=self.topics, protocols=self.protocols,
-            session_timeout_ms=self.session_timeout_ms,
-            rebalance_timeout_ms=self.rebalance_timeout_ms, sync=True, **self._instance())
+        carried, self._join_commit = self._join_commit, None
+        extra = self._instance()
+        if carried is not None:
+            extra["commit"] = {"generation_id": carried[0]["generation_id"],
+                               "offsets": carried[0]["offsets"]}
+        try:
+            joined = self._admin._request(
+                "join", self.rebalance_timeout_ms + GROUP_JOIN_REPLY_MARGIN_MS,
+                group_id=self.group_id, member_id=self.member_id,
+                client_id=self.client_id, pid=os.getpid(), host=socket.gethostname(),
+                topics=self.topics, protocols=self.protocols,
+                session_timeout_ms=self.session_timeout_ms,
+                rebalance_timeout_ms=self.rebalance_timeout_ms, sync=True, **extra)
+        except errors.ShmbrokerError as e:
+            if carried is not None:
+                # Whether the commit was stored is not known: reported as refused (its
+                # records may be read again by the next owner, never lost).
+                carried[1](e)
+            raise
         self.member_id = joined["member_id"]
         self.generation_id = joined["generation_id"]
         self.protocol = joined["protocol"]
@@ -189,6 +206,13 @@ class GroupMembership:
         if self._heartbeater is None:
             self._heartbeater = HeartbeatThread(self)
             self._heartbeater.start()
+        if carried is not None:
+            outcome = joined.get("commit")
+            carried[1](protocol.exception_from_error(outcome.get("error"))
+                       if isinstance(outcome, dict) and "error" in outcome else
+                       {} if isinstance(outcome, dict) else
+                       errors.ShmbrokerError(f"the join's answer says nothing of the commit it "
+                                             f"carried: {outcome!r:.100}"))
         return frozenset(TopicPartition(t, p) for t, p in synced["assignment"])
 
     def _instance(self) -> dict:
@@ -219,6 +243,7 @@ class GroupMembership:
                 return False
         if not due:
             return True
+        self._send_join_commit_alone()
         try:
             self._admin._request("heartbeat", min(HEARTBEAT_REQUEST_TIMEOUT_MS,
                                                   self.session_timeout_ms),
@@ -303,6 +328,7 @@ class GroupMembership:
         self._stop_heartbeats()
         if not self.member_id:
             return
+        self._send_join_commit_alone()
         try:
             if self.group_instance_id is None:
                 self._admin._request("leave", group_id=self.group_id, member_id=self.member_id)
@@ -332,9 +358,11 @@ class GroupMembership:
         are raised. Callbacks of earlier ``commit_async`` calls run first (their replies come
         before this one's)."""
         if not offsets:
+            self._send_join_commit_alone()
             self.dispatch_replies()
             return
         member_id, generation = self.member_id, self.generation_id
+        self._send_join_commit_alone()
         try:
             self._admin._request("offset_commit", **self._commit_fields(offsets))
         except REJOIN_ERRORS as e:
@@ -350,6 +378,37 @@ class GroupMembership:
         were sent); a rejoin error marks the membership as ``commit`` does, if the
         generation it was sent in is still ours."""
         offsets = dict(offsets)
+        done = self._commit_done(offsets, callback)
+        self._send_join_commit_alone()
+        self.dispatch_replies()
+        if not offsets:
+            done({})
+            return
+        self._admin._request_later("offset_commit", done, **self._commit_fields(offsets))
+
+    def commit_with_join(self, offsets: Mapping[TopicPartition, int | OffsetAndMetadata],
+                         callback: CommitCallback | None = None) -> None:
+        """``commit_async`` whose request travels inside the next join (an eager member's
+        revocation commit: docs/design/groups.md, "Decision: the revocation commit rides on
+        the join"): stored by the coordinator just before it serves the join, and its
+        outcome comes back in the join's answer; ``callback`` runs when the join returns
+        (or raises: then as refused with the join's error). If any other request of ours
+        goes out first, the commit goes alone, just before it, so commits keep their order."""
+        offsets = dict(offsets)
+        done = self._commit_done(offsets, callback)
+        self._send_join_commit_alone()
+        if not offsets:
+            done({})
+            return
+        self._join_commit = (self._commit_fields(offsets), done)
+
+    def _send_join_commit_alone(self) -> None:
+        carried, self._join_commit = self._join_commit, None
+        if carried is not None:
+            self._admin._request_later("offset_commit", carried[1], **carried[0])
+
+    def _commit_done(self, offsets: dict, callback: CommitCallback | None
+                     ) -> Callable[[Any], None]:
         member_id, generation = self.member_id, self.generation_id
 
         def done(result) -> None:
@@ -365,11 +424,7 @@ class GroupMembership:
                 except Exception:  # the application's bug must not break the consumer
                     log.exception("group %r: commit_async callback raised", self.group_id)
 
-        self.dispatch_replies()
-        if not offsets:
-            done({})
-            return
-        self._admin._request_later("offset_commit", done, **self._commit_fields(offsets))
+        return done
 
     def dispatch_replies(self, wait_ms: float = 0) -> int:
         """Run the callbacks of ``commit_async`` replies that arrived (waiting up to
@@ -390,6 +445,7 @@ class GroupMembership:
             by_topic.setdefault(tp.topic, []).append(tp.partition)
         if not by_topic:
             return {}
+        self._send_join_commit_alone()
         reply = self._admin._request("offset_fetch", group_id=self.group_id, topics=by_topic)
         out: dict[TopicPartition, OffsetAndMetadata | None] = {}
         for topic, entries in reply["offsets"].items():
@@ -400,6 +456,12 @@ class GroupMembership:
 
     def close(self) -> None:
         self._stop_heartbeats()
+        if self._join_commit is not None:
+            try:
+                self._send_join_commit_alone()
+                self.dispatch_replies(ADMIN_REQUEST_TIMEOUT_MS)
+            except errors.ShmbrokerError as e:
+                log.warning("group %r: commit before closing failed: %s", self.group_id, e)
         self._admin.close()
         if self.wake_word is not None:
             self.wake_word.close()

@@ -57,6 +57,8 @@ class _HeldJoin:
 
     envelope: list[bytes]
     request_id: int
+    #: The outcome of the commit the join carried (``_commit_with_join``), for its answer.
+    commit: dict | None = None
 
 
 @dataclass
@@ -198,10 +200,13 @@ class GroupService:
                  group_instance_id: str | None = None,
                  session_timeout_ms: int = GROUP_SESSION_TIMEOUT_MS_DEFAULT,
                  rebalance_timeout_ms: int = GROUP_REBALANCE_TIMEOUT_MS_DEFAULT,
-                 sync: bool = False) -> bytes | None:
+                 sync: bool = False, commit: dict | None = None) -> bytes | None:
         for what, names in (("topics", topics), ("protocols", protocols)):
             if not all(isinstance(name, str) for name in names):
                 raise errors.InvalidRequestError(f"join: {what} must be an array of strings")
+        # First the commit the join carries, exactly as if it had come alone just before.
+        committed = None if commit is None else \
+            self._commit_with_join(group_id, member_id, group_instance_id, commit)
         # A rejoin from the same process keeps its watch (no pidfd_open, no /proc read).
         asked_key = (group_id, member_id)
         watch = self._pids.get(asked_key)
@@ -227,12 +232,12 @@ class GroupService:
             if watch.pidfd is not None:
                 self._pidfd_keys[watch.pidfd] = key
         if isinstance(result, JoinResult):
-            return protocol.ok_reply(request_id, self._join_reply(result, group))
+            return protocol.ok_reply(request_id, self._join_reply(result, group, committed))
         previous = self._held.pop(key, None)
         if previous is not None:  # the client gave up on its earlier join and asked again
             self._ready.append((previous.envelope, protocol.error_reply(
                 previous.request_id, errors.RebalanceInProgressError("superseded by a newer join"))))
-        self._held[key] = _HeldJoin(envelope, request_id)
+        self._held[key] = _HeldJoin(envelope, request_id, committed)
         return None
 
     def _on_sync(self, envelope, request_id: int, group_id: str, member_id: str, generation_id: int,
@@ -259,13 +264,38 @@ class GroupService:
     def _on_offset_commit(self, envelope, request_id: int, group_id: str, member_id: str,
                           generation_id: int, offsets: dict,
                           group_instance_id: str | None = None) -> bytes:
+        stored = self._commit(group_id, member_id, generation_id, offsets, group_instance_id)
+        return protocol.ok_reply(request_id, {"partitions": stored})
+
+    def _commit(self, group_id: str, member_id: str, generation_id: int, offsets: dict,
+                group_instance_id: str | None) -> int:
         entries = self._commit_entries(offsets)
         group = self._group(group_id, create=True)
         group.validate_commit(member_id, generation_id, group_instance_id)
         stored = self.offsets.commit(group_id, entries)
         self.commits += 1
         self.offsets_committed += len(stored)
-        return protocol.ok_reply(request_id, {"partitions": len(stored)})
+        return len(stored)
+
+    def _commit_with_join(self, group_id: str, member_id: str, group_instance_id: str | None,
+                          commit: dict) -> dict:
+        """The commit an eager member's join carries (the positions it revokes), stored
+        before the join is served, as an ``offset_commit`` sent just before it on the same
+        connection would be (docs/design/groups.md, "Decision: the revocation commit rides
+        on the join"). Its outcome goes into the join's answer: ``{"partitions": n}`` or
+        ``{"error": {...}}`` (an error reply's ``error``). A malformed ``commit`` fails the
+        whole request, as any malformed field does."""
+        generation_id, offsets = commit.get("generation_id"), commit.get("offsets")
+        if set(commit) != {"generation_id", "offsets"} or not isinstance(generation_id, int) \
+                or isinstance(generation_id, bool) or not isinstance(offsets, dict):
+            raise errors.InvalidRequestError(
+                "join: commit must be {generation_id: int, offsets: {topic: [[partition, "
+                "offset, metadata], ...]}}")
+        try:
+            return {"partitions": self._commit(group_id, member_id, generation_id, offsets,
+                                               group_instance_id)}
+        except errors.ShmbrokerError as exc:
+            return {"error": protocol.error_fields(exc)}
 
     def _commit_entries(self, offsets: dict) -> dict[tuple[str, int], tuple[int, str]]:
         """``{topic: [[partition, offset, metadata], ...]}`` -> the store's form. The store
@@ -469,7 +499,8 @@ class GroupService:
                 if isinstance(result, JoinFailed):
                     body = protocol.error_reply(held.request_id, result.error)
                 else:
-                    body = protocol.ok_reply(held.request_id, self._join_reply(result, group))
+                    body = protocol.ok_reply(held.request_id,
+                                             self._join_reply(result, group, held.commit))
                 self._ready.append((held.envelope, body))
             if group.rebalances_started != self._woken.get(group_id, 0):
                 self._woken[group_id] = group.rebalances_started
@@ -477,7 +508,8 @@ class GroupService:
                 if group.state is GroupState.PREPARING_REBALANCE and slot is not None:
                     self.wake_group(slot)  # members learn it now, not at their heartbeat
 
-    def _join_reply(self, result: JoinResult, group: Group) -> dict[str, Any]:
+    def _join_reply(self, result: JoinResult, group: Group,
+                    committed: dict | None = None) -> dict[str, Any]:
         """The join's reply; for a member that asked to sync with its join, also the sync's
         fields and ``offsets``: the group's committed offset of each partition it is assigned
         (``[topic, partition, offset, metadata]``, offset -1: none), read now. Now is late
@@ -488,6 +520,8 @@ class GroupService:
         per member per rebalance (docs/design/groups.md, "Decision: sync and offsets with the
         join")."""
         reply = _join_fields(result, group)
+        if committed is not None:
+            reply["commit"] = committed
         slot = self._wake_slots.held(group.group_id)
         if slot is not None:
             # The group's wake word and its value now: the member rejoins when it moves.

@@ -43,7 +43,8 @@ REQUEST_FIELDS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
              "group_instance_id": ((str, type(None)), False), "client_id": ((str,), True),
              "pid": ((int,), True), "host": ((str,), True), "topics": ((list,), True),
              "protocols": ((list,), True), "session_timeout_ms": ((int,), False),
-             "rebalance_timeout_ms": ((int,), False), "sync": ((bool,), False)},
+             "rebalance_timeout_ms": ((int,), False), "sync": ((bool,), False),
+             "commit": ((dict,), False)},
     "sync": {"group_id": ((str,), True), "member_id": ((str,), True),
              "generation_id": ((int,), True), "group_instance_id": ((str, type(None)), False)},
     "heartbeat": {"group_id": ((str,), True), "member_id": ((str,), True),
@@ -78,10 +79,14 @@ def ok_reply(request_id: int | None, result: dict[str, Any]) -> bytes:
 
 
 def error_reply(request_id: int | None, exc: errors.ShmbrokerError) -> bytes:
-    name = type(exc).__name__ if type(exc).__module__ == errors.__name__ else "ShmbrokerError"
     return encode({"v": PROTOCOL_VERSION, "id": request_id, "ok": False,
-                   "error": {"code": exc.code, "name": name, "message": str(exc),
-                             "retriable": exc.retriable}})
+                   "error": error_fields(exc)})
+
+
+def error_fields(exc: errors.ShmbrokerError) -> dict[str, Any]:
+    """An error reply's ``error`` (also what a join answer says of the commit it carried)."""
+    name = type(exc).__name__ if type(exc).__module__ == errors.__name__ else "ShmbrokerError"
+    return {"code": exc.code, "name": name, "message": str(exc), "retriable": exc.retriable}
 
 
 def decode_request(body: bytes, spec_by_type: dict | None = None

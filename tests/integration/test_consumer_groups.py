@@ -257,12 +257,21 @@ def test_members_learn_of_a_rebalance_from_the_group_wake_word_long_before_their
 def test_a_rejoin_is_one_join_round_trip_and_starts_at_the_offsets_the_previous_owner_committed(
         broker, topic, members, protocols):
     produce(broker.data_dir, 0, 60)
-    [a] = members.start(1, group_protocols=protocols)
+    # No periodic auto-commit in the window: the only commits are the revocations'.
+    quiet = dict(group_protocols=protocols, auto_commit_interval_ms=600_000)
+    [a] = members.start(1, **quiet)
     wait_for(lambda: len(received(a)) == 60 and owned(a) == set(range(PARTITIONS)),
              what="the first member consumed everything")
     before = coordinator_counters(broker.data_dir)
-    [b] = members.start(1, group_protocols=protocols)
+    [b] = members.start(1, **quiet)
     wait_for(lambda: balanced([a, b], PARTITIONS // 2), what="both members own three partitions")
+    moved = coordinator_counters(broker.data_dir)
+    # a committed what it gave up: eager, inside its join (no offset_commit request);
+    # cooperative, alone, ahead of the follow-up join (docs/design/groups.md, "Decision: the
+    # revocation commit rides on the join").
+    assert moved["commits"] - before["commits"] == 1
+    assert moved["requests_offset_commit"] - before["requests_offset_commit"] == \
+        (0 if len(protocols) > 1 else 1)
     produce(broker.data_dir, 60, 60)
     wait_for(lambda: len(received(a)) + len(received(b)) >= 120, what="every record consumed")
     # b started where a had committed (at its revocation), not at auto_offset_reset: it
@@ -623,26 +632,27 @@ def test_close_after_a_kill9_of_the_whole_broker_returns_promptly_and_quietly(br
 
 class RequestLog:
     """Records, for each request ``consumer``'s group membership sends, its type, whether it
-    waited for its reply, and which ``_request_later`` replies were still unread then."""
+    waited for its reply, and which ``_request_later`` replies were still unread then, and the commit it carried."""
 
     def __init__(self, consumer: Consumer):
-        self.sent: list[tuple[str, bool, list[str]]] = []
+        self.sent: list[tuple[str, bool, list[str], dict | None]] = []
         admin = consumer._membership()._admin
         request, request_later = admin._request, admin._request_later
 
         def logged_request(request_type, *args, **fields):
-            self.sent.append((request_type, True, [t for _, t, _ in admin._later.values()]))
+            self.sent.append((request_type, True, [t for _, t, _ in admin._later.values()],
+                              fields.get("commit")))
             return request(request_type, *args, **fields)
 
         def logged_request_later(request_type, *args, **fields):
-            self.sent.append((request_type, False, [t for _, t, _ in admin._later.values()]))
+            self.sent.append((request_type, False, [t for _, t, _ in admin._later.values()],
+                              fields.get("commit")))
             return request_later(request_type, *args, **fields)
 
         admin._request, admin._request_later = logged_request, logged_request_later
 
 
-def test_an_eager_member_sends_its_revocation_commit_and_its_join_without_waiting_between(
-        broker, topic, members):
+def test_an_eager_member_sends_its_revocation_commit_inside_its_join(broker, topic, members):
     produce(broker.data_dir, 0, 60)
     with Consumer(TOPIC, broker=broker.data_dir, group="g", auto_offset_reset="earliest",
                   heartbeat_interval_ms=HEARTBEAT_MS) as a:
@@ -650,12 +660,13 @@ def test_an_eager_member_sends_its_revocation_commit_and_its_join_without_waitin
         sent = RequestLog(a).sent
         [b] = members.start(1)
         poll_until(a, lambda: len(a.assignment()) == PARTITIONS // 2, "a keeps three partitions")
-        # The commit went as a later request and was still unanswered when the join was sent:
-        # one round trip, not two (a synchronous commit would be a waited-for request here).
-        i = next(i for i, (t, _, _) in enumerate(sent) if t == "join")
-        assert sent[i - 1][:2] == ("offset_commit", False), sent
-        assert sent[i][2] == ["offset_commit"], sent
-        assert not any(t == "offset_commit" and waited for t, waited, _ in sent[:i]), sent
+        # The commit rode on the join: one request, not two, and no commit of a's sent alone
+        # between the rebalance and its join (docs/design/groups.md, "rides on the join").
+        i = next(i for i, (t, _, _, _) in enumerate(sent) if t == "join")
+        carried = sent[i][3]
+        assert carried is not None and carried["generation_id"] == 1, sent
+        assert sorted(p for p, _, _ in carried["offsets"][TOPIC]) == list(range(PARTITIONS))
+        assert not any(t == "offset_commit" for t, _, _, _ in sent[:i + 1]), sent
         # And it was stored before the join phase ended: b starts where a stopped (no record
         # read twice), and every record after the rebalance is read once.
         wait_for(lambda: len(owned(b)) == PARTITIONS // 2, what="b owns three partitions")

@@ -260,3 +260,28 @@ def test_join_answers_name_the_word_before_the_wake_of_the_follow_up_they_lead_t
         assert words.value(slot) == 2  # the follow-up began: both see the word moved, rejoin
     finally:
         service.close()
+
+
+def test_a_join_carrying_a_commit_stores_it_before_the_join_is_served_and_answers_its_outcome(service):
+    first = join(service, os.getpid(), sync=True)
+    assert join(service, os.getpid(), envelope=b"second", sync=True) is None  # held
+    # The eager member revokes: its commit rides on its rejoin.
+    again = join(service, os.getpid(), first["member_id"], sync=True,
+                 commit={"generation_id": 1, "offsets": {"t": [[p, 30 + p, ""] for p in range(4)]}})
+    assert again["commit"] == {"partitions": 4}
+    [(_, body)] = service.take_replies()
+    second = protocol.decode_reply(body)[1]
+    assert "commit" not in second  # it carried none
+    for reply in (again, second):  # the new owners start where the commit left off
+        assert reply["offsets"] == [[t, p, 30 + p, ""] for t, p in reply["assignment"]]
+    # A refused commit does not stop the join: the answer says why it was refused.
+    third = join(service, os.getpid(), again["member_id"], sync=True,
+                 commit={"generation_id": 1, "offsets": {"t": [[0, 99, ""]]}})
+    assert third["commit"]["error"]["name"] == "IllegalGenerationError"
+    assert third["generation_id"] == 2  # Stable and unchanged: answered at once
+    assert call(service, "offset_fetch", group_id="g")["offsets"]["t"][0][1] == 30
+    # A malformed one fails the whole request, as any malformed field does.
+    for bad in ({"offsets": {}}, {"generation_id": "2", "offsets": {}},
+                {"generation_id": 2, "offsets": []}, {"generation_id": 2, "offsets": {}, "x": 1}):
+        with pytest.raises(errors.InvalidRequestError):
+            join(service, os.getpid(), again["member_id"], sync=True, commit=bad)
