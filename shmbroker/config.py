@@ -265,8 +265,10 @@ GROUP_OFFSETS_SEGMENT_BYTES_DEFAULT = 100 * MiB
 #: the rest are only counted (a newer version's log could hold millions).
 GROUP_OFFSETS_LOAD_WARNINGS_MAX = 10
 #: A group consumer heartbeats this often, from ``poll()`` (Kafka: heartbeat.interval.ms, 3 s).
-#: A heartbeat is how a member learns that the group rebalances, so this bounds how long a
-#: rebalance waits for a member that is polling; one local request costs ~0.1 ms.
+#: A local member learns that its group rebalances from the group's wake word at once; for a
+#: remote one (no shared memory) a heartbeat is how, so this bounds how long a rebalance waits
+#: for it. Each heartbeat costs a member and the coordinator a wake-up (~0.1 ms of CPU each
+#: on a 2-vCPU VM): 32 members at 20 ms kept most of such a machine busy (perf/RESULTS.md).
 GROUP_HEARTBEAT_INTERVAL_MS_DEFAULT = 100
 GROUP_HEARTBEAT_INTERVAL_MS_MIN = 1
 #: A group consumer commits its positions this often, from ``poll()`` (Kafka:
