@@ -111,11 +111,16 @@ int shmb_futex_waitv(const uint32_t *const *words, const uint32_t *expected, siz
         if (any_changed(words, expected, n, which))
             return SHMB_WAIT_CHANGED;
         shmb_cpu_relax();
-        if (i % SPIN_CLOCK_EVERY == 0 && shmb_monotonic_ns() - start >= spin_ns)
-            break;
+        if (i % SPIN_CLOCK_EVERY == 0) {
+            if (shmb_monotonic_ns() - start >= spin_ns)
+                break;
+            sched_yield(); /* as shmb_spin_until_changed: the writer may need this CPU */
+        }
     }
     if (any_changed(words, expected, n, which))
         return SHMB_WAIT_CHANGED;
+    if (timeout_ms == 0)
+        return SHMB_WAIT_TIMEOUT; /* a spin only: no syscall for a deadline already past */
     struct shmb_futex_waitv v[SHMB_FUTEX_WAITV_MAX];
     for (size_t i = 0; i < n; i++) {
         v[i].val = expected[i];

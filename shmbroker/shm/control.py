@@ -238,12 +238,21 @@ class ControlRegion:
         (a group member's wake word, whose writer wakes it unasked)."""
         words = [(r.buf, C["hw_seq"], seen) for r, seen in zip(regions, seen_hw_seqs)]
         words.extend(extra_words)
+        if spin_ns:
+            # Spin first, not counted in hw_waiters (as wait_hw_change): a publisher need not
+            # wake a spinner; only the sleep below counts, and its futex compare keeps the
+            # protocol race-free (docs/design/shm.md).
+            spun = _native.futex_waitv(words, 0, spin_ns)
+            if spun is None:
+                return None  # no futex_waitv here
+            if spun[0] != wake.TIMEOUT:
+                return True
         counted = []
         try:
             for region in regions:
                 _native.atomic_add_u32(region.buf, C["hw_waiters"], 1)
                 counted.append(region)
-            r = wake.wait_any(words, timeout_ms, spin_ns)
+            r = wake.wait_any(words, timeout_ms)
         finally:
             for region in counted:
                 _native.atomic_add_u32(region.buf, C["hw_waiters"], -1)

@@ -109,6 +109,42 @@ def test_a_spinning_consumer_is_counted_in_hw_waiters_only_once_it_sleeps(ctl):
     assert _native.atomic_load_u32(ctl.buf, C["hw_waiters"]) == 0
 
 
+def test_a_spinning_consumer_of_several_partitions_is_counted_only_once_it_sleeps(ctl, prefix):
+    """The same rule for one futex_waitv over several partitions: no region counts the
+    consumer while it spins; every region counts it while it sleeps, and a publish on any of
+    them wakes it."""
+    with ControlRegion.create(names.control_name(prefix, "orders", 1), 1, registry_slots=4) as other:
+        regions = [ctl, other]
+        waiters = lambda: [_native.atomic_load_u32(r.buf, C["hw_waiters"]) for r in regions]
+        counts: list = []
+
+        def publish_later(region, version):
+            for _ in range(10):  # bounded: 50 ms of looking while the consumer waits
+                counts.append(waiters())
+                time.sleep(0.005)
+            region.publish(version, 0, 0, version, 0)
+
+        t = threading.Thread(target=publish_later, args=(other, 1))
+        t.start()
+        try:
+            woke = ControlRegion.wait_any_hw_change(regions, [r.hw_seq for r in regions],
+                                                    10_000, spin_ns=3_000_000_000)
+        finally:
+            t.join()
+        if woke is None:
+            pytest.skip("no futex_waitv in this kernel")
+        assert woke and counts == [[0, 0]] * 10
+        counts.clear()
+        t = threading.Thread(target=publish_later, args=(ctl, 2))
+        t.start()
+        try:
+            assert ControlRegion.wait_any_hw_change(regions, [r.hw_seq for r in regions],
+                                                    10_000, spin_ns=1_000_000)  # then asleep
+        finally:
+            t.join()
+        assert counts[-1] == [1, 1] and waiters() == [0, 0]
+
+
 def test_doorbell_wakes_a_sleeping_partition_only_when_it_sleeps(ctl):
     before = _native.atomic_load_u32(ctl.buf, C["doorbell"])
     ctl.ring_doorbell()  # nobody sleeps: no bump, no syscall
