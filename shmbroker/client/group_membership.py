@@ -11,11 +11,11 @@ the assignment"), so a member only asks and obeys::
                     processes between polls;
                     RebalanceInProgressError -> rejoin (keep the partitions: cooperative;
                     revoke them all first: eager, which the Consumer does)
+                    UnknownMemberIdError / IllegalGenerationError -> the partitions are lost
+                    (maybe someone else's already): rejoin, as a new member if unknown
     word moved      the group's wake word (shm/group_wake.py) moved past the value the last
                     join answer named: the group began a rebalance; rejoin at once, no
                     heartbeat first (a local member of a broker run by a supervisor)
-                    UnknownMemberIdError / IllegalGenerationError -> the partitions are lost
-                    (maybe someone else's already): rejoin, as a new member if unknown
 
 This class knows nothing of partitions being read; :class:`~shmbroker.client.consumer.Consumer`
 applies the assignments. Requests travel through :class:`~shmbroker.client.admin.Admin`'s
@@ -64,6 +64,17 @@ REJOIN_ERRORS = (errors.RebalanceInProgressError, errors.UnknownMemberIdError,
 CommitCallback = Callable[[dict, Exception | None], None]
 
 log = logging.getLogger("shmbroker.consumer")
+
+
+def _carried_commit_outcome(outcome: Any) -> dict | Exception:
+    """What a join's answer says of the commit the join carried: ``{}`` (stored) or the
+    exception of its refusal, as a ``commit_async`` callback takes them."""
+    if not isinstance(outcome, dict):
+        return errors.ShmbrokerError(
+            f"the join's answer says nothing of the commit it carried: {outcome!r:.100}")
+    if "error" in outcome:
+        return protocol.exception_from_error(outcome["error"])
+    return {}
 
 
 def _check_ms(name: str, value: int, low: int, high: int) -> None:
@@ -207,12 +218,7 @@ class GroupMembership:
             self._heartbeater = HeartbeatThread(self)
             self._heartbeater.start()
         if carried is not None:
-            outcome = joined.get("commit")
-            carried[1](protocol.exception_from_error(outcome.get("error"))
-                       if isinstance(outcome, dict) and "error" in outcome else
-                       {} if isinstance(outcome, dict) else
-                       errors.ShmbrokerError(f"the join's answer says nothing of the commit it "
-                                             f"carried: {outcome!r:.100}"))
+            carried[1](_carried_commit_outcome(joined.get("commit")))
         return frozenset(TopicPartition(t, p) for t, p in synced["assignment"])
 
     def _instance(self) -> dict:
