@@ -53,7 +53,7 @@ def _producer(data_dir: str, count: int, value_bytes: int, go, results) -> None:
     producer.close()
 
 
-def _consumer(data_dir: str, count: int, go, results) -> None:
+def _consumer(data_dir: str, count: int, go, results, producers: int = 1) -> None:
     from shmbroker import Consumer
 
     consumer = Consumer("t", broker=data_dir, auto_offset_reset="earliest")
@@ -61,7 +61,7 @@ def _consumer(data_dir: str, count: int, go, results) -> None:
     go.wait()
     t0, c0 = time.perf_counter(), time.process_time()
     got = touched = 0
-    while got < count + 1:  # bounded: the producer sends count + 1 records
+    while got < count + producers:  # bounded: each producer sends its share + 1 records
         records = consumer.poll(timeout_ms=10_000, max_records=4096)
         if not records:
             raise TimeoutError(f"no record for 10 s after {got}")
@@ -151,7 +151,8 @@ def _broker_cpu_ms(data_dir: str) -> dict[str, float]:
     return out
 
 
-def run_once(count: int, value_bytes: int, with_top: bool = False) -> dict[str, float]:
+def run_once(count: int, value_bytes: int, with_top: bool = False, producers: int = 1
+             ) -> dict[str, float]:
     out_dir = os.path.join(HERE, "out")
     os.makedirs(out_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="bench-pipeline-", dir=out_dir)
@@ -165,8 +166,11 @@ def run_once(count: int, value_bytes: int, with_top: bool = False) -> dict[str, 
             top = _start_top(data_dir)
         ctx = mp.get_context("spawn")
         go, results = ctx.Event(), ctx.Queue()
-        procs = [ctx.Process(target=_consumer, args=(data_dir, count, go, results)),
-                 ctx.Process(target=_producer, args=(data_dir, count, value_bytes, go, results))]
+        share = count // producers
+        count = share * producers
+        procs = [ctx.Process(target=_consumer, args=(data_dir, count, go, results, producers))]
+        procs += [ctx.Process(target=_producer, args=(data_dir, share, value_bytes, go, results))
+                  for _ in range(producers)]
         for proc in procs:
             proc.start()
         # Both attached and idle; top (if on) past its start-up (~0.5 s of CPU), so that the
@@ -176,7 +180,8 @@ def run_once(count: int, value_bytes: int, with_top: bool = False) -> dict[str, 
         before = _broker_cpu_ms(data_dir)
         started = time.perf_counter()
         go.set()
-        out = dict(results.get(timeout=RESULT_S_MAX) for _ in range(4))
+        # (With several producers, the producer lines are the last one's to report.)
+        out = dict(results.get(timeout=RESULT_S_MAX) for _ in range(2 + 2 * producers))
         seconds = time.perf_counter() - started
         after = _broker_cpu_ms(data_dir)
         for role in ("coordinator", "partition"):
@@ -184,7 +189,7 @@ def run_once(count: int, value_bytes: int, with_top: bool = False) -> dict[str, 
                 out[f"{role} CPU ms/s"] = (after[role] - before[role]) / seconds
         for proc in procs:
             proc.join(30)
-        out["records per batch"] = (count + 1) / max(1, _batches(data_dir))
+        out["records per batch"] = (count + producers) / max(1, _batches(data_dir))
         if top is not None:
             if top.poll() is not None:
                 raise RuntimeError(f"shmbroker top exited early ({top.returncode})")
@@ -222,14 +227,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--with-top", choices=("no", "yes", "alternate"), default="no",
                     help="run `shmbroker top --json --interval 1` against the broker during "
                          "the runs (alternate: every other run, starting without)")
+    ap.add_argument("--producers", type=int, default=1,
+                    help="producer processes, all to partition 0, count split between them "
+                         "(their commits interleave: the partition merges them by offset)")
     args = ap.parse_args(argv)
     import shmbroker
 
     print(f"bench_pipeline: shmbroker from {os.path.dirname(shmbroker.__file__)}, "
-          f"{args.count:,} x {args.value_bytes} B, {args.runs} runs")
+          f"{args.count:,} x {args.value_bytes} B, {args.producers} producer(s), "
+          f"{args.runs} runs")
     for i in range(args.runs):
         with_top = args.with_top == "yes" or (args.with_top == "alternate" and i % 2 == 1)
-        result = run_once(args.count, args.value_bytes, with_top)
+        result = run_once(args.count, args.value_bytes, with_top, args.producers)
         print(f"  top {'on ' if with_top else 'off'}  " +
               "  ".join(f"{k} {v:,.0f}" for k, v in sorted(result.items())), flush=True)
     return 0

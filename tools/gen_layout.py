@@ -38,7 +38,7 @@ def shm_layout_entries() -> list[tuple[str, str]]:
     """(key in _native.SHM_LAYOUT, C macro) for every field offset and constant of shm.py."""
     out = []
     groups = (("CTL", shm.CONTROL_FIELDS), ("SLOT", shm.SLOT_FIELDS),
-              ("MANIFEST", shm.MANIFEST_FIELDS), ("RING", shm.RING_FIELDS),
+              ("RING", shm.RING_FIELDS),
               ("COMPL", shm.COMPLETION_FIELDS), ("FRAME", shm.FRAME_FIELDS))
     for prefix, fields in groups:
         for f in fields:
@@ -55,7 +55,7 @@ def render_shm() -> str:
         "",
     ]
     groups = (("CTL", shm.CONTROL_FIELDS), ("SLOT", shm.SLOT_FIELDS),
-              ("MANIFEST", shm.MANIFEST_FIELDS), ("RING", shm.RING_FIELDS),
+              ("RING", shm.RING_FIELDS),
               ("COMPL", shm.COMPLETION_FIELDS), ("FRAME", shm.FRAME_FIELDS))
     for prefix, fields in groups:
         for f in fields:

@@ -24,6 +24,14 @@
 #define WRITE_EINTR_MAX 1000
 #define INT32_RELATIVE_MAX 0x7FFFFFFFLL
 
+/* One ring's frames that continue the log back to back: one completion. */
+typedef struct {
+    shmb_drain_ring *ring;
+    uint64_t first_sequence;
+    uint32_t count;
+    int64_t base_offset;
+} run;
+
 typedef struct {
     size_t position; /* in scratch */
     uint64_t size;
@@ -37,7 +45,8 @@ typedef struct {
     size_t frames, frames_cap;
     planned_batch *batches;
     size_t batches_count, batches_cap;
-    size_t *ring_first_batch; /* n entries: index of each ring's first batch */
+    run *runs; /* in log order: one completion each */
+    size_t runs_count, runs_cap;
     uint64_t records;
 } round_state;
 
@@ -45,7 +54,7 @@ static void round_free(round_state *s)
 {
     free(s->frame_lens);
     free(s->batches);
-    free(s->ring_first_batch);
+    free(s->runs);
 }
 
 static int grow(void **p, size_t *cap, size_t need, size_t item)
@@ -74,78 +83,178 @@ static int completions_full(const uint8_t *region)
     return written - read >= SHMB_COMPLETIONS_MAX;
 }
 
+/* Completions the producer has room for (SIZE_MAX: it wants none, completions_off). */
+static size_t completions_free(const uint8_t *region)
+{
+    if (shmb_u32_load_seq_cst(region + SHMB_RING_COMPLETIONS_OFF_OFFSET))
+        return SIZE_MAX;
+    uint64_t written = shmb_u64_load_seq_cst(region + SHMB_RING_COMPLETIONS_WRITTEN_OFFSET);
+    uint64_t read = shmb_u64_load_seq_cst(region + SHMB_RING_COMPLETIONS_READ_OFFSET);
+    uint64_t unread = written - read;
+    return unread >= SHMB_COMPLETIONS_MAX ? 0 : (size_t)(SHMB_COMPLETIONS_MAX - unread);
+}
+
 /* ---- phase 1: collect ------------------------------------------------------------------- */
 
-/* One ring's committed frames into scratch (RingConsumer.poll(copy=False) + the join).
- * Returns 0 or a SHMB_DRAIN_DECLINE_* code. */
-static int collect_ring(shmb_drain_ring *r, uint64_t max_bytes, round_state *s,
+/* The base offset the producer's commit wrote into a frame (-1: too short to hold a batch). */
+static int64_t frame_base_of(const uint8_t *payload, size_t len)
+{
+    return len >= SHMB_RB_HEADER_SIZE ? shmb_frame_base(payload) : -1;
+}
+
+/* The ring's first unread committed frame: 1 and its base offset, 0 when none (a lone padding
+ * frame is stepped over: next_position moves), or a SHMB_DRAIN_DECLINE_* code (negated). */
+static int peek_base(shmb_drain_ring *r, int64_t *base)
+{
+    shmb_ring_frame f;
+    size_t got = 0;
+    uint64_t next;
+    if (shmb_ring_read(r->region, r->region_len, r->next_position, r->expected_sequence, 0, 1,
+                       &f, 1, &got, &next, NULL) != SHMB_RING_OK)
+        return -SHMB_DRAIN_DECLINE_RING_CORRUPT; /* the Python round marks it broken */
+    if (got == 0) {
+        r->next_position = next;
+        return 0;
+    }
+    *base = frame_base_of(r->region + f.payload_offset, f.payload_len);
+    return 1;
+}
+
+/* One ring's run into scratch (Drainer._take_run + the join): its committed frames from
+ * `position` while each starts at *next (the offset after the previous one), at most max_bytes
+ * of them (the first always). Bases and spans are read from the copy, which is what gets
+ * written. Returns 0 or a SHMB_DRAIN_DECLINE_* code. */
+static int collect_ring(shmb_drain_ring *r, uint64_t max_bytes, int64_t *next, round_state *s,
                         uint8_t *scratch, size_t scratch_len, size_t *used)
 {
     shmb_ring_frame chunk[READ_CHUNK_FRAMES];
-    r->scratch_at = *used;
+    uint32_t before = r->count;
+    r->head = 0; /* unless the run ends at a frame of its own that comes later in the log */
     /* Bounded: each pass takes READ_CHUNK_FRAMES frames or ends the loop. */
-    while (r->count < SHMB_DRAIN_RING_FRAMES_MAX && (r->count == 0 || r->bytes < max_bytes)) {
+    while (r->count < SHMB_DRAIN_RING_FRAMES_MAX &&
+           (r->count == before || r->bytes < max_bytes)) {
         size_t room = SHMB_DRAIN_RING_FRAMES_MAX - r->count, got = 0;
         if (room > READ_CHUNK_FRAMES)
             room = READ_CHUNK_FRAMES;
         uint64_t left = r->bytes < max_bytes ? max_bytes - r->bytes : 0;
-        if (shmb_ring_read(r->region, r->region_len, r->next_position,
-                           r->expected_sequence + r->count, left, r->count == 0, chunk, room,
-                           &got, &r->next_position, NULL) != SHMB_RING_OK)
+        uint64_t chunk_start = r->next_position, chunk_seq = r->expected_sequence + r->count;
+        if (shmb_ring_read(r->region, r->region_len, chunk_start, chunk_seq, left,
+                           r->count == before, chunk, room, &got, &r->next_position,
+                           NULL) != SHMB_RING_OK)
             return SHMB_DRAIN_DECLINE_RING_CORRUPT; /* the Python round marks it broken */
         if (grow((void **)&s->frame_lens, &s->frames_cap, s->frames + got, sizeof(uint32_t)))
             return SHMB_DRAIN_DECLINE_NO_MEMORY;
-        for (size_t i = 0; i < got; i++) {
-            size_t len = chunk[i].payload_len;
+        size_t k = 0;
+        for (; k < got; k++) {
+            size_t len = chunk[k].payload_len;
             if (len > scratch_len - *used)
                 return SHMB_DRAIN_DECLINE_SCRATCH_FULL;
-            memcpy(scratch + *used, r->region + chunk[i].payload_offset, len);
+            uint8_t *copy = scratch + *used;
+            memcpy(copy, r->region + chunk[k].payload_offset, len);
+            int64_t base = frame_base_of(copy, len);
+            if (base != *next) {
+                /* Another ring's frame comes first: the run ends here; this one is the
+                 * ring's head for a later run of the round. */
+                r->head = base > *next;
+                r->head_base = base;
+                break;
+            }
+            *next += (int64_t)shmb_frame_offsets(copy, len);
             *used += len;
             r->bytes += len;
             s->frame_lens[s->frames++] = (uint32_t)len;
         }
-        r->count += (uint32_t)got;
+        r->count += (uint32_t)k;
+        if (k < got) {
+            /* Where the k-th frame of the chunk ends: read those k again (rare: producers
+             * whose commits interleave). */
+            size_t again = 0;
+            r->next_position = chunk_start;
+            if (k > 0 && (shmb_ring_read(r->region, r->region_len, chunk_start, chunk_seq,
+                                         UINT64_MAX, 1, chunk, k, &again, &r->next_position,
+                                         NULL) != SHMB_RING_OK || again != k))
+                return SHMB_DRAIN_DECLINE_RING_CORRUPT;
+            break;
+        }
         if (got < room)
             break;
     }
     return 0;
 }
 
-/* Drainer.round's loop: held-back rings are skipped, the budget counts each taken ring's
- * bytes and the round stops once it is used up. */
+/* Drainer._collect: from the log end, the ring whose first frame continues the log gives its
+ * run, then the next one that continues, each ring once; held-back rings are skipped (and
+ * nudged in phase 3), the budget counts each taken ring's bytes and the round stops once it
+ * is used up. Declines BEHIND for a frame below the log end (the Python round settles it)
+ * and HOLE when a ring has frames but none continues the log (the Python round waits for the
+ * producer in its reservation, or fills the offsets of one that died). */
 static int collect(shmb_drain_ring *rings, size_t n, const shmb_drain_log *log, round_state *s,
                    uint8_t *scratch, size_t scratch_len, size_t *used)
 {
     int64_t budget = (int64_t)log->round_bytes_max;
+    int64_t next = log->log_end_offset;
+    size_t readable = 0;
     for (size_t i = 0; i < n; i++) {
         shmb_drain_ring *r = &rings[i];
         r->next_position = r->position;
         r->count = 0;
         r->held_back = 0;
         r->bytes = 0;
-        r->offsets = 0;
         r->base_offset = -1;
         r->release_failed = 0;
-    }
-    for (size_t i = 0; i < n; i++) {
-        shmb_drain_ring *r = &rings[i];
+        r->head = 0;
+        r->runs = 0;
         /* RingConsumer.poll's order: the completions first (a held-back ring is not read,
          * so its header is not checked either), then the read, which checks the header. */
         if (r->region_len < SHMB_RING_DATA_OFFSET)
             return SHMB_DRAIN_DECLINE_RING_CORRUPT;
-        if (completions_full(r->region)) {
+        r->completions_free = completions_free(r->region);
+        if (r->completions_free == 0) {
             r->held_back = 1;
             continue;
         }
-        int d = collect_ring(r, log->ring_round_bytes_max, s, scratch, scratch_len, used);
+        int found = peek_base(r, &r->head_base);
+        if (found < 0)
+            return -found;
+        r->head = found;
+        if (found && r->head_base < next)
+            return SHMB_DRAIN_DECLINE_BEHIND;
+        readable += (size_t)found;
+    }
+    /* Bounded: each pass takes at least one frame (of SHMB_DRAIN_RING_FRAMES_MAX per ring)
+     * or ends the loop. */
+    for (;;) {
+        shmb_drain_ring *r = NULL;
+        for (size_t i = 0; i < n && r == NULL; i++)
+            if (rings[i].head && rings[i].head_base == next)
+                r = &rings[i];
+        if (r == NULL || r->count >= SHMB_DRAIN_RING_FRAMES_MAX)
+            break;
+        /* One completion per run: a ring with no room for one more ends the round (the
+         * Python round has the same rule; one with no room at all was held back above). */
+        if (r->runs >= r->completions_free)
+            break;
+        if (grow((void **)&s->runs, &s->runs_cap, s->runs_count + 1, sizeof(run)))
+            return SHMB_DRAIN_DECLINE_NO_MEMORY;
+        run *u = &s->runs[s->runs_count++];
+        u->ring = r;
+        u->first_sequence = r->expected_sequence + r->count;
+        u->base_offset = next;
+        uint32_t had = r->count;
+        uint64_t had_bytes = r->bytes;
+        if (r->base_offset < 0)
+            r->base_offset = next;
+        int d = collect_ring(r, log->ring_round_bytes_max, &next, s, scratch, scratch_len, used);
         if (d)
             return d;
-        if (r->count == 0)
-            continue;
-        budget -= (int64_t)r->bytes;
+        u->count = r->count - had;
+        r->runs++;
+        budget -= (int64_t)(r->bytes - had_bytes);
         if (budget <= 0)
             break;
     }
+    if (readable > 0 && s->frames == 0)
+        return SHMB_DRAIN_DECLINE_HOLE;
     return 0;
 }
 
@@ -182,7 +291,7 @@ static int check_frame(const uint8_t *scratch, size_t at, size_t len, const shmb
 }
 
 /* plan_batches + the OFFSET_MAX check of _validate. */
-static int plan_offsets(round_state *s, const shmb_drain_log *log)
+static int plan_offsets(round_state *s, const shmb_drain_log *log, const uint8_t *scratch_base)
 {
     int64_t next = log->log_end_offset;
     for (size_t i = 0; i < s->batches_count; i++) {
@@ -193,6 +302,10 @@ static int plan_offsets(round_state *s, const shmb_drain_log *log)
         b->base_offset = next;
         b->last_offset = last;
         next = last + 1;
+        /* The producer's commit set every batch's base offset (decision 0005); a batch whose
+         * own says otherwise is refused by the Python round (its frame-by-frame path). */
+        if (i > 0 && (int64_t)be64(scratch_base + b->position) != b->base_offset)
+            return SHMB_DRAIN_DECLINE_BAD_FRAME;
     }
     return 0;
 }
@@ -227,36 +340,15 @@ static int check_no_roll(const round_state *s, const shmb_drain_log *log)
     return 0;
 }
 
-/* The round manifest's place: after the registry of the region's registry_slots (layout/shm.py,
- * control_manifest_offset); 0 when the region is too small for it (a caller error). */
-static size_t manifest_offset(const uint8_t *control, size_t control_len, uint32_t *slots)
-{
-    uint32_t n;
-    memcpy(&n, control + SHMB_CTL_REGISTRY_SLOTS_OFFSET, 4);
-    size_t at = SHMB_CONTROL_REGISTRY_OFFSET + (size_t)n * SHMB_SLOT_BYTES;
-    if (n == 0 || n > SHMB_REGISTRY_SLOTS_MAX ||
-        control_len < at + (size_t)n * SHMB_MANIFEST_ENTRY_BYTES)
-        return 0;
-    *slots = n;
-    return at;
-}
-
 /* Everything that makes the Python round do more than append + publish + complete. */
 static int check_round(shmb_drain_ring *rings, size_t n, uint8_t *control, size_t control_len,
                        uint64_t records, const round_state *s, const shmb_drain_log *log)
 {
-    size_t taken = 0;
     for (size_t i = 0; i < n; i++) {
         if (rings[i].count && shmb_u32_load_seq_cst(rings[i].region +
                                                     SHMB_RING_FSYNC_REQUIRED_OFFSET))
             return SHMB_DRAIN_DECLINE_FSYNC_REQUIRED;
-        taken += rings[i].count != 0;
     }
-    uint32_t slots = 0;
-    /* One manifest entry per ring that gave frames (Drainer.round takes at most
-     * registry_slots rings, so this is a caller error). */
-    if (manifest_offset(control, control_len, &slots) == 0 || taken > slots)
-        return SHMB_DRAIN_DECLINE_MANIFEST_FULL;
     int d = check_no_roll(s, log);
     if (d)
         return d;
@@ -365,19 +457,19 @@ static void publish(uint8_t *control, const shmb_drain_log *log, const shmb_drai
         shmb_futex_wake((uint32_t *)(control + SHMB_CTL_HW_SEQ_OFFSET), INT_MAX);
 }
 
-/* RingConsumer.complete (error_code 0). */
-static void complete(shmb_drain_ring *r)
+/* RingConsumer.complete (error_code 0) of one run. */
+static void complete(const run *u)
 {
-    uint8_t *region = r->region;
+    uint8_t *region = u->ring->region;
     uint64_t written = shmb_u64_load_seq_cst(region + SHMB_RING_COMPLETIONS_WRITTEN_OFFSET);
     uint8_t *c = region + SHMB_RING_COMPLETIONS_OFFSET +
                  (written % SHMB_COMPLETIONS_MAX) * SHMB_COMPLETION_BYTES;
-    uint64_t first = r->expected_sequence, last = r->expected_sequence + r->count - 1;
+    uint64_t first = u->first_sequence, last = u->first_sequence + u->count - 1;
     int32_t code = 0;
     memset(c, 0, SHMB_COMPLETION_BYTES); /* the padding too, as struct.pack_into writes it */
     memcpy(c + SHMB_COMPL_FIRST_SEQUENCE_OFFSET, &first, 8);
     memcpy(c + SHMB_COMPL_LAST_SEQUENCE_OFFSET, &last, 8);
-    memcpy(c + SHMB_COMPL_BASE_OFFSET_OFFSET, &r->base_offset, 8);
+    memcpy(c + SHMB_COMPL_BASE_OFFSET_OFFSET, &u->base_offset, 8);
     memcpy(c + SHMB_COMPL_ERROR_CODE_OFFSET, &code, 4);
     shmb_u64_store_seq_cst(region + SHMB_RING_COMPLETIONS_WRITTEN_OFFSET, written + 1);
     shmb_u64_store_seq_cst(region + SHMB_RING_ACKED_SEQUENCE_OFFSET, last + 1);
@@ -386,37 +478,11 @@ static void complete(shmb_drain_ring *r)
         shmb_futex_wake((uint32_t *)(region + SHMB_RING_ACK_SEQ_OFFSET), INT_MAX);
 }
 
-/* ControlRegion.write_round_manifest: -1, the entries, their count, the base offset (every
- * step a seq_cst store or before one, so none moves past the next; layout/shm.py). */
-static void write_manifest(const shmb_drain_ring *rings, size_t n, uint8_t *control,
-                           size_t control_len, int64_t base_offset)
-{
-    uint32_t slots = 0, count = 0;
-    size_t at = manifest_offset(control, control_len, &slots); /* check_round: it fits */
-    shmb_u64_store_seq_cst(control + SHMB_CTL_APPEND_ROUND_BASE_OFFSET_OFFSET, UINT64_MAX);
-    for (size_t i = 0; i < n; i++) { /* bounded by n; at most `slots` take frames */
-        const shmb_drain_ring *r = &rings[i];
-        if (!r->count)
-            continue;
-        uint8_t *e = control + at + (size_t)count++ * SHMB_MANIFEST_ENTRY_BYTES;
-        uint32_t frames = r->count, offsets = (uint32_t)r->offsets;
-        memcpy(e + SHMB_MANIFEST_FIRST_SEQUENCE_OFFSET, &r->expected_sequence, 8);
-        memcpy(e + SHMB_MANIFEST_SLOT_OFFSET, r->region + SHMB_RING_SLOT_OFFSET, 4);
-        memcpy(e + SHMB_MANIFEST_GENERATION_OFFSET, r->region + SHMB_RING_GENERATION_OFFSET, 4);
-        memcpy(e + SHMB_MANIFEST_FRAME_COUNT_OFFSET, &frames, 4);
-        memcpy(e + SHMB_MANIFEST_OFFSET_COUNT_OFFSET, &offsets, 4);
-    }
-    shmb_u32_store_seq_cst(control + SHMB_CTL_MANIFEST_RINGS_OFFSET, count);
-    shmb_u64_store_seq_cst(control + SHMB_CTL_APPEND_ROUND_BASE_OFFSET_OFFSET,
-                           (uint64_t)base_offset);
-}
-
 /* Steps 2-6 of drain.py's module doc, in that order. */
-static int act(shmb_drain_ring *rings, size_t n, uint8_t *control, size_t control_len,
-               const uint8_t *scratch, size_t used, const shmb_drain_log *log,
-               shmb_drain_result *out)
+static int act(shmb_drain_ring *rings, size_t n, const round_state *s, uint8_t *control,
+               size_t control_len, const uint8_t *scratch, size_t used,
+               const shmb_drain_log *log, shmb_drain_result *out)
 {
-    write_manifest(rings, n, control, control_len, log->log_end_offset);
     if (write_all(log->fd, scratch, used, &out->write_errno) < 0) {
         /* LogSegment._undo_partial_write: no torn batch stays behind. */
         out->truncated = ftruncate(log->fd, (off_t)log->segment_size) == 0;
@@ -427,9 +493,8 @@ static int act(shmb_drain_ring *rings, size_t n, uint8_t *control, size_t contro
     publish(control, log, out); /* before complete: an acked record is always readable */
     if (log->stop_after == SHMB_DRAIN_STOP_AFTER_PUBLISH)
         return SHMB_DRAIN_DONE;
-    for (size_t i = 0; i < n; i++)
-        if (rings[i].count)
-            complete(&rings[i]);
+    for (size_t k = 0; k < s->runs_count; k++)
+        complete(&s->runs[k]);
     if (log->stop_after == SHMB_DRAIN_STOP_AFTER_COMPLETE)
         return SHMB_DRAIN_DONE;
     for (size_t i = 0; i < n; i++)
@@ -460,19 +525,13 @@ int shmb_drain_round(shmb_drain_ring *rings, size_t n, uint8_t *control, size_t 
     memset(&s, 0, sizeof s);
     memset(out, 0, sizeof *out);
     int d = collect(rings, n, log, &s, scratch, scratch_len, &used);
-    if (d == 0 && s.frames > 0 && (s.ring_first_batch = malloc(n * sizeof(size_t))) == NULL)
-        d = SHMB_DRAIN_DECLINE_NO_MEMORY;
-    for (size_t i = 0, frame = 0; d == 0 && i < n; i++) {
-        if (s.frames > 0)
-            s.ring_first_batch[i] = s.batches_count;
-        size_t at = rings[i].scratch_at;
-        for (uint32_t k = 0; d == 0 && k < rings[i].count; k++, frame++) {
-            d = check_frame(scratch, at, s.frame_lens[frame], log, &s);
-            at += s.frame_lens[frame];
-        }
+    /* The scratch holds the round's frames back to back in log order (collect). */
+    for (size_t frame = 0, at = 0; d == 0 && frame < s.frames; frame++) {
+        d = check_frame(scratch, at, s.frame_lens[frame], log, &s);
+        at += s.frame_lens[frame];
     }
     if (d == 0 && s.frames > 0)
-        d = plan_offsets(&s, log);
+        d = plan_offsets(&s, log, scratch);
     if (d == 0 && s.frames > 0)
         d = check_round(rings, n, control, control_len, s.records, &s, log);
     if (d == 0 && s.frames > 0)
@@ -489,19 +548,8 @@ int shmb_drain_round(shmb_drain_ring *rings, size_t n, uint8_t *control, size_t 
     out->records = s.records;
     out->bytes = used;
     int status = SHMB_DRAIN_DONE;
-    if (s.frames > 0) {
-        shmb_drain_ring *previous = NULL;
-        for (size_t i = 0; i < n; i++) {
-            if (!rings[i].count)
-                continue;
-            rings[i].base_offset = s.batches[s.ring_first_batch[i]].base_offset;
-            if (previous != NULL)
-                previous->offsets = (uint64_t)(rings[i].base_offset - previous->base_offset);
-            previous = &rings[i];
-        }
-        previous->offsets = (uint64_t)(out->log_end_offset - previous->base_offset);
-        status = act(rings, n, control, control_len, scratch, used, log, out);
-    }
+    if (s.frames > 0)
+        status = act(rings, n, &s, control, control_len, scratch, used, log, out);
     round_free(&s);
     return status;
 }

@@ -1560,6 +1560,18 @@ fail:
     return NULL;
 }
 
+/* frame_offsets(buffer) -> offsets one ring frame's payload takes (shmb_frame_offsets;
+ * reference: shm/ring_reference.frame_offsets). */
+static PyObject *py_frame_offsets(PyObject *m, PyObject *arg)
+{
+    Py_buffer v;
+    if (PyObject_GetBuffer(arg, &v, PyBUF_SIMPLE) < 0)
+        return NULL;
+    uint64_t n = shmb_frame_offsets(v.buf, (size_t)v.len);
+    PyBuffer_Release(&v);
+    return PyLong_FromUnsignedLongLong(n);
+}
+
 static PyObject *py_atomic_load_u64_many(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs != 3) {
@@ -1985,10 +1997,11 @@ static int payload_hold_init(payload_hold *h, PyObject *payloads)
 
 static PyObject *py_ring_write(PyObject *module, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"ring", "payloads", "doorbell", NULL};
+    static char *kwlist[] = {"ring", "payloads", "doorbell", "die_before_commit", NULL};
     PyObject *ring, *payloads, *doorbell = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|O:ring_write", kwlist, &ring, &payloads,
-                                     &doorbell))
+    int die_before_commit = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|Op:ring_write", kwlist, &ring, &payloads,
+                                     &doorbell, &die_before_commit))
         return NULL;
     Py_buffer rv, dv = {0};
     if (region_view(ring, 1, &rv, "ring_write") < 0)
@@ -2011,22 +2024,29 @@ static PyObject *py_ring_write(PyObject *module, PyObject *args, PyObject *kwds)
         goto done;
     size_t written;
     uint64_t first_seq;
+    int64_t first_offset;
     shmb_ring_error err;
     int r;
+    if (die_before_commit) /* tests only: a kill -9 between the reservation and the commit */
+        shmb_ring_write_then_die(rv.buf, (size_t)rv.len, dv.buf, h.payloads, (size_t)h.n);
     if (h.total >= GIL_RELEASE_BYTES_MIN) {
         Py_BEGIN_ALLOW_THREADS
-        r = shmb_ring_write(rv.buf, (size_t)rv.len, h.payloads, (size_t)h.n, &written,
-                            &first_seq, &err);
+        r = shmb_ring_write(rv.buf, (size_t)rv.len, dv.buf, h.payloads, (size_t)h.n, &written,
+                            &first_seq, &first_offset, &err);
         if (written > 0 && dv.buf != NULL)
             shmb_ctl_doorbell_ring(dv.buf);
         Py_END_ALLOW_THREADS
     } else {
-        r = shmb_ring_write(rv.buf, (size_t)rv.len, h.payloads, (size_t)h.n, &written,
-                            &first_seq, &err);
+        r = shmb_ring_write(rv.buf, (size_t)rv.len, dv.buf, h.payloads, (size_t)h.n, &written,
+                            &first_seq, &first_offset, &err);
         if (written > 0 && dv.buf != NULL)
             shmb_ctl_doorbell_ring(dv.buf);
     }
-    if (r == SHMB_RING_CORRUPT) {
+    if (r == SHMB_RING_BAD_PAYLOAD) {
+        PyErr_Format(get_state(module)->errors[SHMB_RB_SCAN_TRUNCATED],
+                     "payload %zu of %zu bytes is shorter than a record batch header (%d "
+                     "bytes)", written, h.payloads[written].len, SHMB_RB_HEADER_SIZE);
+    } else if (r == SHMB_RING_CORRUPT) {
         raise_ring_corrupt(get_state(module), &err);
     } else if (r == SHMB_RING_TOO_LARGE) {
         uint64_t cap = shmb_u64_load_relaxed((uint8_t *)rv.buf + SHMB_RING_CAPACITY_OFFSET);
@@ -2777,15 +2797,18 @@ static int acc_write_frame(AccumulatorObject *self, void *ring, size_t ring_len,
     payload.len = shmb_acc_seal(&self->acc, pid, (int16_t)epoch, (int32_t)seq);
     payload.data = self->acc.buf;
     size_t written;
+    int64_t first_offset;
     int r;
     if (payload.len >= GIL_RELEASE_BYTES_MIN) {
         Py_BEGIN_ALLOW_THREADS
-        r = shmb_ring_write(ring, ring_len, &payload, 1, &written, first_seq, err);
+        r = shmb_ring_write(ring, ring_len, control, &payload, 1, &written, first_seq,
+                            &first_offset, err);
         if (written > 0 && control != NULL)
             shmb_ctl_doorbell_ring(control);
         Py_END_ALLOW_THREADS
     } else {
-        r = shmb_ring_write(ring, ring_len, &payload, 1, &written, first_seq, err);
+        r = shmb_ring_write(ring, ring_len, control, &payload, 1, &written, first_seq,
+                            &first_offset, err);
         if (written > 0 && control != NULL)
             shmb_ctl_doorbell_ring(control);
     }
@@ -3461,8 +3484,8 @@ static int sendpath_write(SendPathObject *self, PyObject *producer, PyObject *ac
 
     /* The write: what Accumulator.write_ring does, for a small batch (GIL held). */
     Py_ssize_t count = records->acc.count;
-    /* No producer id, epoch or sequence: batches are stored as sent, and the round manifest,
-     * not these fields, tells a restarted partition what it appended (Producer._write). */
+    /* No producer id, epoch or sequence: batches are stored as sent, and the offsets the
+     * commit sets in them, not these fields, tell a restarted partition what it appended. */
     uint64_t first_seq, wpos;
     size_t len;
     shmb_ring_error err;
@@ -4409,6 +4432,8 @@ static PyMethodDef module_methods[] = {
      "             producer_epoch=-1, base_sequence=-1, attributes=0) -> bytes"},
     {"atomic_load_u32", py_atomic_load_u32, METH_VARARGS,
      "atomic_load_u32(buf, offset) -> int\n\nSequentially consistent load of a u32."},
+    {"frame_offsets", py_frame_offsets, METH_O,
+     "frame_offsets(buffer) -> offsets a ring frame's payload takes (decision 0005)."},
     {"atomic_load_u64", py_atomic_load_u64, METH_VARARGS,
      "atomic_load_u64(buf, offset) -> int\n\nSequentially consistent load of a u64."},
     {"atomic_store_u32", py_atomic_store_u32, METH_VARARGS,
@@ -4448,8 +4473,12 @@ static PyMethodDef module_methods[] = {
     {"ring_check", py_ring_check, METH_O,
      "ring_check(ring) -> capacity; RingCorruptError when the header is bad"},
     {"ring_write", (PyCFunction)(void (*)(void))py_ring_write, METH_VARARGS | METH_KEYWORDS,
-     "ring_write(ring, payloads, doorbell=None) -> (status, first_sequence, written)\n\n"
-     "status RING_OK or RING_FULL (only `written` of the payloads went in)."},
+     "ring_write(ring, payloads, doorbell=None, die_before_commit=False)\n"
+     "-> (status, first_sequence, written)\n\n"
+     "status RING_OK or RING_FULL (only `written` of the payloads went in), RING_OFFSETS_UNSET.\n"
+     "doorbell: the partition's control region: the frames' offsets are taken from its\n"
+     "next_offset at the commit (decision 0005), and the partition is woken.\n"
+     "die_before_commit (tests only): SIGKILL this process between reservation and commit."},
     {"ring_read", (PyCFunction)(void (*)(void))py_ring_read, METH_VARARGS | METH_KEYWORDS,
      "ring_read(ring, position, expected_sequence, max_bytes=1MiB, frames_max=65536)\n"
      "-> (next_position, count, payloads_concatenated: bytes)"},

@@ -642,3 +642,54 @@ void shmb_rb_encode(const shmb_rb_encode_input *in, uint8_t *out, size_t size)
     };
     shmb_rb_put_header(out, size, &h);
 }
+
+/* ---- a ring frame's offsets (decision 0005) ------------------------------------------ */
+
+/* One step of the frame walk: the batch at p[pos] takes *offsets offsets and *step bytes;
+ * 0 when no whole header with a sane batchLength is there (the walk ends). */
+static int frame_step(const uint8_t *p, size_t len, size_t pos, uint64_t *offsets,
+                      uint64_t *step)
+{
+    if (len < SHMB_RB_HEADER_SIZE || pos > len - SHMB_RB_HEADER_SIZE)
+        return 0;
+    int32_t blen = (int32_t)be32(p + pos + SHMB_RB_BATCH_LENGTH_OFFSET);
+    if (blen < SHMB_RB_BATCH_LENGTH_MIN)
+        return 0;
+    int32_t delta = (int32_t)be32(p + pos + SHMB_RB_LAST_OFFSET_DELTA_OFFSET);
+    *offsets = delta < 0 ? 1 : (uint64_t)delta + 1;
+    *step = (uint64_t)blen + SHMB_RB_LOG_OVERHEAD;
+    return 1;
+}
+
+uint64_t shmb_frame_offsets(const uint8_t *p, size_t len)
+{
+    uint64_t n = 0, offsets, step;
+    size_t pos = 0;
+    /* Bounded: every step is at least SHMB_RB_BATCH_LENGTH_MIN + 12 bytes. */
+    while (frame_step(p, len, pos, &offsets, &step)) {
+        n += offsets;
+        if (step > len - pos)
+            break;
+        pos += (size_t)step;
+    }
+    return n ? n : 1;
+}
+
+void shmb_frame_set_base(uint8_t *p, size_t len, int64_t base)
+{
+    uint64_t offsets, step;
+    size_t pos = 0;
+    put_be64(p, (uint64_t)base);
+    while (frame_step(p, len, pos, &offsets, &step)) { /* bounded as above */
+        put_be64(p + pos, (uint64_t)base);
+        base += (int64_t)offsets;
+        if (step > len - pos)
+            break;
+        pos += (size_t)step;
+    }
+}
+
+int64_t shmb_frame_base(const uint8_t *p)
+{
+    return (int64_t)be64(p);
+}

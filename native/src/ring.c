@@ -9,6 +9,10 @@
 #include <time.h>
 
 #include "shmb/futex.h"
+#include <signal.h>
+#include <unistd.h>
+
+#include "shmb/record_batch.h"
 #include "shmb/shm_atomic.h"
 
 #define ALIGN_MASK ((uint64_t)SHMB_FRAME_ALIGN - 1)
@@ -102,12 +106,49 @@ static void put_header(write_cursor *c, uint64_t pos, int32_t len, int32_t type,
         shmb_u32_store_relaxed(h + SHMB_FRAME_LENGTH_OFFSET, (uint32_t)len);
 }
 
-int shmb_ring_write(uint8_t *region, size_t region_len, const shmb_ring_payload *payloads,
-                    size_t n, size_t *written, uint64_t *first_sequence, shmb_ring_error *err)
+/* Decision 0005: the offsets of the n frames just written (not yet committed) are taken from
+ * the control region's next_offset and patched into their batches. reserved_base says what
+ * this producer holds until the commit, so that the partition process can tell a producer in
+ * this window (wait for it) from one that died in it (fill its offsets): PENDING before the
+ * fetch_add (the partition may not know our base yet), then [base, end). Every store is
+ * seq_cst: the partition loads next_offset first and the rings' reservations after it, so a
+ * fetch_add it counted is always seen here as PENDING or as its range. Returns the first
+ * frame's base offset. */
+static int64_t reserve_offsets(uint8_t *region, uint8_t *control, const write_cursor *c,
+                               const shmb_ring_payload *payloads, size_t n)
+{
+    uint64_t total = 0;
+    for (size_t i = 0; i < n; i++)
+        total += shmb_frame_offsets(payloads[i].data, payloads[i].len);
+    shmb_u64_store_seq_cst(region + SHMB_RING_RESERVED_BASE_OFFSET, SHMB_RESERVED_PENDING);
+    uint64_t base = shmb_u64_fetch_add(control + SHMB_CTL_NEXT_OFFSET_OFFSET, total);
+    shmb_u64_store_seq_cst(region + SHMB_RING_RESERVED_END_OFFSET, base + total);
+    shmb_u64_store_seq_cst(region + SHMB_RING_RESERVED_BASE_OFFSET, base);
+    /* Patch the ring's copies: walk the frames from the write's start (padding skipped). */
+    uint64_t pos = c->tail;
+    int64_t next = (int64_t)base;
+    for (size_t i = 0; i < n; i++) { /* bounded by the n frames (and a padding before each) */
+        uint8_t *h = c->data + (pos & c->mask);
+        if ((int32_t)shmb_u32_load_relaxed(h + SHMB_FRAME_TYPE_OFFSET) == SHMB_FRAME_TYPE_PADDING) {
+            pos += (c->mask + 1) - (pos & c->mask);
+            h = c->data;
+        }
+        shmb_frame_set_base(h + SHMB_FRAME_HEADER_BYTES, payloads[i].len, next);
+        next += (int64_t)shmb_frame_offsets(payloads[i].data, payloads[i].len);
+        pos += shmb_ring_frame_bytes(payloads[i].len);
+    }
+    return (int64_t)base;
+}
+
+static int ring_write(uint8_t *region, size_t region_len, uint8_t *control,
+                      const shmb_ring_payload *payloads, size_t n, size_t *written,
+                      uint64_t *first_sequence, int64_t *first_offset, shmb_ring_error *err,
+                      int kill_before_commit)
 {
     uint64_t capacity;
     *written = 0;
     *first_sequence = 0;
+    *first_offset = -1;
     if (shmb_ring_check(region, region_len, &capacity, err) != SHMB_RING_OK)
         return SHMB_RING_CORRUPT;
     uint64_t max = shmb_ring_payload_bytes_max(capacity);
@@ -116,7 +157,15 @@ int shmb_ring_write(uint8_t *region, size_t region_len, const shmb_ring_payload 
             *written = i;
             return SHMB_RING_TOO_LARGE;
         }
+        if (control != NULL && payloads[i].len < SHMB_RB_HEADER_SIZE) {
+            *written = i;
+            return SHMB_RING_BAD_PAYLOAD;
+        }
     }
+    /* Only the partition process sets it, once, from UNSET: a value read here stays valid. */
+    if (control != NULL &&
+        (shmb_u64_load_acquire(control + SHMB_CTL_NEXT_OFFSET_OFFSET) & SHMB_NEXT_OFFSET_UNSET))
+        return SHMB_RING_OFFSETS_UNSET;
     write_cursor c = {region + SHMB_RING_DATA_OFFSET, capacity - 1, 0, 0};
     c.tail = shmb_u64_load_relaxed(region + SHMB_RING_WRITE_POSITION_OFFSET); /* ours */
     uint64_t head = shmb_u64_load_acquire(region + SHMB_RING_READ_POSITION_OFFSET);
@@ -144,6 +193,10 @@ int shmb_ring_write(uint8_t *region, size_t region_len, const shmb_ring_payload 
     }
     if (i == 0)
         return SHMB_RING_FULL;
+    if (control != NULL)
+        *first_offset = reserve_offsets(region, control, &c, payloads, i);
+    if (kill_before_commit)
+        kill(getpid(), SIGKILL);
     /* The length word at the new tail must read 0 until the next write publishes it: readers
      * stop there. It is free space (room_for keeps FRAME_ALIGN bytes beyond every frame). */
     shmb_u64_store_relaxed(c.data + (pos & c.mask), 0);
@@ -151,6 +204,8 @@ int shmb_ring_write(uint8_t *region, size_t region_len, const shmb_ring_payload 
     shmb_u64_store_release(region + SHMB_RING_WRITE_POSITION_OFFSET, pos);
     /* The commit: everything above becomes visible to a reader that acquires this length. */
     shmb_u32_store_release(c.data + (c.tail & c.mask) + SHMB_FRAME_LENGTH_OFFSET, c.first_len);
+    if (control != NULL) /* committed: the frames now hold their offsets themselves */
+        shmb_u64_store_release(region + SHMB_RING_RESERVED_BASE_OFFSET, SHMB_RESERVED_NONE);
     *written = i;
     return i == n ? SHMB_RING_OK : SHMB_RING_FULL;
 }
@@ -366,4 +421,22 @@ void shmb_ctl_doorbell_ring(uint8_t *control)
             SHMB_PARTITION_ASLEEP)
             shmb_futex_wake((uint32_t *)(control + SHMB_CTL_DOORBELL_OFFSET), INT_MAX);
     }
+}
+
+int shmb_ring_write(uint8_t *region, size_t region_len, uint8_t *control,
+                    const shmb_ring_payload *payloads, size_t n, size_t *written,
+                    uint64_t *first_sequence, int64_t *first_offset, shmb_ring_error *err)
+{
+    return ring_write(region, region_len, control, payloads, n, written, first_sequence,
+                      first_offset, err, 0);
+}
+
+int shmb_ring_write_then_die(uint8_t *region, size_t region_len, uint8_t *control,
+                             const shmb_ring_payload *payloads, size_t n)
+{
+    size_t written;
+    uint64_t first_sequence;
+    int64_t first_offset;
+    return ring_write(region, region_len, control, payloads, n, &written, &first_sequence,
+                      &first_offset, NULL, 1);
 }

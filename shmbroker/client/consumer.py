@@ -23,6 +23,7 @@ and ``poll()`` drives heartbeats, rebalances and auto-commit (docs/design/consum
 """
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 import time
@@ -67,6 +68,14 @@ SPIN_US_MAX = SPIN_NS_MAX // 1000
 #: Whether a caught-up consumer reads with one C call (``_native.tail_read``) where it can;
 #: tests turn it off to compare with the Python read, which stays the reference.
 TAIL_READ = True
+#: Reads one poll makes of a partition whose reads find only offsets without records (empty
+#: batches: offsets a producer reserved and never committed, decision 0005) before it moves
+#: on; each read moves past at most fetch_max_bytes of them.
+_GAP_READS_MAX = 8
+
+
+def _offset_of(record) -> int:
+    return record.offset
 
 log = logging.getLogger("shmbroker.consumer")
 
@@ -168,7 +177,7 @@ class _Fetch:
     """Per assigned partition: control region, reader, position, records not yet handed out."""
 
     __slots__ = ("tp", "topic", "partition", "directory", "control", "reader", "position",
-                 "pending", "pending_at", "seen_hw_seq", "hw", "counter_slot",
+                 "pending", "pending_at", "pending_end", "seen_hw_seq", "hw", "counter_slot",
                  "records_out", "bytes_out")
 
     def __init__(self, tp: TopicPartition, directory: str, control) -> None:
@@ -183,6 +192,11 @@ class _Fetch:
         #: ``position``); empty once all are handed out.
         self.pending: list = []
         self.pending_at = 0
+        #: The offset after the last batch ``pending`` came from: past its last record when
+        #: the batches end with offsets that hold no record (an empty batch over offsets a
+        #: producer reserved and never committed, decision 0005; Kafka's compaction leaves
+        #: such batches too). Handing out the last pending record moves the position there.
+        self.pending_end = 0
         #: hw_seq loaded before the last state read: a poll sleeps until it changes.
         self.seen_hw_seq = -1
         self.hw = -1
@@ -193,7 +207,7 @@ class _Fetch:
 
     def set_position(self, offset: int) -> None:
         self.position = offset
-        self.pending, self.pending_at = [], 0
+        self.pending, self.pending_at, self.pending_end = [], 0, 0
 
     def close(self) -> None:
         self.reader.close()
@@ -689,7 +703,18 @@ class Consumer:
         return None
 
     def _fill(self, fetch: _Fetch, want: int, out: list) -> int:
-        """Append up to ``want`` records of ``fetch`` to ``out``; returns how many."""
+        """Append up to ``want`` records of ``fetch`` to ``out``; returns how many. A read
+        that finds only offsets without records (empty batches) moves the position past them
+        and reads again (bounded), so records after a gap come in the same poll."""
+        for _ in range(_GAP_READS_MAX):  # bounded
+            got = self._fill_once(fetch, want, out)
+            if got >= 0:
+                return got
+        return 0
+
+    def _fill_once(self, fetch: _Fetch, want: int, out: list) -> int:
+        """One read for :meth:`_fill`: records handed out, or -1 when the position only moved
+        past offsets that hold no record."""
         pending = fetch.pending
         # Records are handed out from pending[at:], never by copying the rest of the list: a
         # backlog read with a small max_records would copy (or move) it at every poll.
@@ -698,7 +723,7 @@ class Consumer:
             pending = self._tail_read(fetch)
             if pending is not None:
                 if not pending:
-                    return 0
+                    return self._skip_gap(fetch)
                 at = 0
         if not pending:
             piece = self._read(fetch)
@@ -707,17 +732,19 @@ class Consumer:
             if self._counters is not None:
                 fetch.bytes_out += piece.length
             position = fetch.position
+            fetch.pending_end = piece.last_offset + 1
             if self.value_memoryview:
                 pending, at = self._view_records(fetch, piece), 0
             else:
                 pending = records.decode_records(piece.data, self.check_crcs, fetch.topic,
                                                  fetch.partition)
                 at = position - piece.first_offset
-                if at < len(pending) and pending[at].offset != position:
-                    raise errors.CorruptSegmentError(
-                        f"{piece.path}: expected offset {position} at position "
-                        f"{piece.file_position}, decoded {pending[at].offset}",
-                        path=piece.path, position=piece.file_position)
+                if at >= len(pending) or pending[at].offset != position:
+                    # Offsets without records before it (empty batches): look it up.
+                    at = bisect.bisect_left(pending, position, key=_offset_of)
+                if at >= len(pending):
+                    fetch.pending, fetch.pending_at = [], 0
+                    return self._skip_gap(fetch)
         stop = at + want
         if stop < len(pending):
             taken = pending[at:stop]
@@ -728,6 +755,8 @@ class Consumer:
         if not taken:
             return 0
         fetch.position = taken[-1].offset + 1
+        if not fetch.pending and fetch.pending_end > fetch.position:
+            fetch.position = fetch.pending_end  # past an empty batch that ended the read
         out.extend(taken)
         if self._counters is not None:
             fetch.records_out += len(taken)
@@ -758,13 +787,22 @@ class Consumer:
             return []
         segment.hint_offset, segment.hint_position = next_offset, next_position
         segment.checked_end = checked_end
+        fetch.pending_end = next_offset
         if self._counters is not None:
             fetch.bytes_out += nbytes
         return got
 
+    def _skip_gap(self, fetch: _Fetch) -> int:
+        """Nothing to hand out from the last read: -1 when it ended past the position (only
+        offsets without records were read: move past them), else 0."""
+        if fetch.pending_end > fetch.position:
+            fetch.position = fetch.pending_end
+            return -1
+        return 0
+
     def _view_records(self, fetch: _Fetch, piece) -> list:
         batch = _decode_columnar(piece, self.check_crcs)
-        skip = fetch.position - piece.first_offset
+        skip = int(np.searchsorted(batch.offsets, fetch.position))
         chunk = _Chunk(piece.data, piece.first_offset)
         data = piece.data
         out = []
@@ -858,7 +896,7 @@ class Consumer:
                 self._group_poll()
             out = {}
             for fetch in self._order:  # bounded by the assigned partitions
-                batch = self._fill_columnar(fetch, max_records)
+                batch = self._fill_columnar(fetch, max_records, _GAP_READS_MAX)
                 if batch is not None:
                     out[fetch.tp] = batch
             if out and self._counters is not None:
@@ -870,7 +908,7 @@ class Consumer:
                 return out
             self._sleep(left_ms)
 
-    def _fill_columnar(self, fetch: _Fetch, max_records: int | None):
+    def _fill_columnar(self, fetch: _Fetch, max_records: int | None, gaps: int = 0):
         if fetch.pending:
             # Records decoded for poll() but not handed out: read them again as columns.
             fetch.pending, fetch.pending_at = [], 0
@@ -878,8 +916,16 @@ class Consumer:
         if piece is None or piece.length == 0:
             return None
         batch = _decode_columnar(piece, self.check_crcs)
-        skip = fetch.position - piece.first_offset
+        skip = int(np.searchsorted(batch.offsets, fetch.position))
+        if skip >= len(batch):
+            # Only offsets without records (empty batches) from the position on: past them,
+            # and read again (bounded), so that records after the gap come in this poll.
+            if piece.last_offset + 1 > fetch.position and gaps > 0:
+                fetch.position = piece.last_offset + 1
+                return self._fill_columnar(fetch, max_records, gaps - 1)
+            return None
         stop = len(batch) if max_records is None else min(len(batch), skip + max_records)
+        whole = stop == len(batch)
         if skip or stop < len(batch):
             batch = replace(batch, offsets=batch.offsets[skip:stop],
                             timestamps=batch.timestamps[skip:stop],
@@ -890,6 +936,8 @@ class Consumer:
         if len(batch) == 0:
             return None
         fetch.position = int(batch.offsets[-1]) + 1
+        if whole and piece.last_offset + 1 > fetch.position:
+            fetch.position = piece.last_offset + 1  # past an empty batch that ended the read
         if self._counters is not None:
             fetch.records_out += len(batch)
             fetch.bytes_out += piece.length

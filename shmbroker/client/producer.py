@@ -20,8 +20,9 @@ How a record travels (docs/design/partition.md):
    that a ``send`` leaves behind (the ring was busy) are written by a background sender
    thread as soon as the ring goes idle, so ``send`` alone always delivers, as with Kafka.
    Its producer fields are Kafka's "not idempotent" (producer id, epoch and base sequence
-   -1): a restarted partition process recognises frames it appended already by its round
-   manifest, not by anything in the batch (docs/design/partition.md, "Duplicates").
+   -1): a restarted partition process recognises frames it appended already by the offsets
+   the ring write set in them at its commit (decision 0005; docs/design/partition.md,
+   "Duplicates after a restart").
 3. The partition process appends the frame, writes a completion (base offset), releases the
    space. The producer reads completions whenever it writes or waits, and resolves futures.
 

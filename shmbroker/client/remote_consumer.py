@@ -26,6 +26,8 @@ Not available remotely (UnsupportedFeatureError): ``value_memoryview``, ``poll_c
 """
 from __future__ import annotations
 
+import bisect
+
 import logging
 import os
 import time
@@ -36,6 +38,7 @@ import zmq
 from .. import errors, records
 from ..router import protocol as wire
 from . import cold_read
+from .consumer import _offset_of
 from .consumer import Consumer
 from .curve import client_keys, curve_kwargs
 from .group_membership import GroupMembership
@@ -64,8 +67,8 @@ class _Bounds(NamedTuple):
 class _RemoteFetch:
     """Per assigned partition: position and records fetched, not handed out yet."""
 
-    __slots__ = ("tp", "topic", "partition", "position", "pending", "pending_at", "bounds",
-                 "retry_at")
+    __slots__ = ("tp", "topic", "partition", "position", "pending", "pending_at", "pending_end",
+                 "bounds", "retry_at")
 
     def __init__(self, tp: TopicPartition):
         self.tp = tp
@@ -73,12 +76,13 @@ class _RemoteFetch:
         self.position: int | None = None
         self.pending: list = []
         self.pending_at = 0  # Consumer._fill hands out pending[pending_at:]
+        self.pending_end = 0  # as _Fetch.pending_end: after the last batch received
         self.bounds: _Bounds | None = None
         self.retry_at = 0.0
 
     def set_position(self, offset: int) -> None:
         self.position = offset
-        self.pending, self.pending_at = [], 0
+        self.pending, self.pending_at, self.pending_end = [], 0, 0
 
     def close(self) -> None:
         self.pending, self.pending_at = [], 0
@@ -307,22 +311,24 @@ class RemoteConsumer(Consumer):
     def _deliver(self, fetch: _RemoteFetch, data) -> None:
         """Decode whole batches (CRCs checked unless check_crcs is off) and add the records
         from the next expected offset on to the partition's pending. The first batch may
-        start below the position (a batch is never cut); records are copied out of ``data``."""
+        start below the position (a batch is never cut); records are copied out of ``data``.
+        Offsets may hold no record (an empty batch: offsets a producer reserved and never
+        committed, decision 0005): the position moves past the last batch received, not only
+        past its last record."""
         got = records.decode_records(data, self.check_crcs, fetch.topic, fetch.partition)
-        if not got:
-            return
+        scan = records.scan_batches(data, verify_crc=False)
+        end = scan.batches[-1].last_offset + 1 if scan.batches else 0
         pending = fetch.pending
-        expected = pending[-1].offset + 1 if pending else fetch.position
-        skip = expected - got[0].offset
-        if skip > 0:
-            del got[:skip]
-        if got and got[0].offset != expected:
-            raise errors.CorruptRecordError(
-                f"fetch {fetch.tp}: expected offset {expected} next, got {got[0].offset}")
+        expected = max(pending[-1].offset + 1 if pending else fetch.position, fetch.pending_end)
+        if got and got[0].offset < expected:
+            del got[:bisect.bisect_left(got, expected, key=_offset_of)]
         if pending:
             pending.extend(got)
-        else:
+        elif got:
             fetch.pending, fetch.pending_at = got, 0
+        elif end > fetch.position:
+            fetch.position = end  # only offsets without records: past them
+        fetch.pending_end = max(fetch.pending_end, end)
 
     # -- requests ---------------------------------------------------------------------------------
 

@@ -162,6 +162,9 @@ PARTITION_COUNTERS: tuple[Counter, ...] = (
     _c("producers_gone", "Rings of producers that died, drained and reclaimed."),
     _c("native_rounds_declined", "Drain rounds the C round declined (the Python round ran)."),
     _c("segments_deleted", "Segments deleted by retention."),
+    # -- decision 0005: offsets reserved at the producer's commit
+    _c("offsets_filled", "Offsets filled with an empty batch: reserved by a producer that died "
+                         "before its commit, or held by a refused frame."),
 )
 PARTITION = {c.name: i for i, c in enumerate(PARTITION_COUNTERS)}
 

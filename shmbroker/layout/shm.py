@@ -39,36 +39,24 @@ writer; every group (and every hot futex word) has its own 64-byte cache line::
        384    64  partition process, rarely written:
                   384  u32 partition_status      0 none yet, 1 running, 2 stopping (takes no
                                                  new frames), 3 stopped (its rings are drained)
-                  392  i64 append_round_base_offset  log end offset before the append of the
-                                                 current drain round (-1: none, or the round
-                                                 manifest is being rewritten); after a crash
-                                                 the restarted process reads the log from here
-                                                 to find frames appended but not released
-                  400  u32 manifest_rings        entries of the round manifest (below) that
-                                                 describe that append, in log order
        448    64  u32 registry_changes          producers; +1 after a slot becomes READY
-       512  64*N  producer registry, N = registry_slots, one 64-byte slot each:
+       512    64  u64 next_offset               producers fetch_add a frame's offsets at its
+                                                 commit (decision 0005); NEXT_OFFSET_UNSET
+                                                 until the partition process sets it once from
+                                                 its log end (a new region)
+       576  64*N  producer registry, N = registry_slots, one 64-byte slot each:
                     0  i32 pid       claimed by CAS 0 -> pid; freed by CAS pid -> 0
                     4  u32 state     EMPTY / CLAIMED / READY / CLOSING
                     8  u64 start_time  of pid, pid reuse guard (0 = not written yet)
                    16  u32 generation  +1 on every claim; part of the ring's name
                    20  u32 reserved
                    24  u64 ring_bytes  capacity of the slot's ring
-  512+64*N  24*N  round manifest, N entries of MANIFEST_ENTRY_BYTES:  partition process
-                    0  u64 first_sequence  first frame of the ring that the append holds
-                    8  u32 slot            the ring's (slot, generation): its name
-                   12  u32 generation
-                   16  u32 frame_count     its frames, contiguous in the append
-                   20  u32 offset_count    the offsets those frames take
 
-The round manifest says which frames one append writes, in the order the log gets them: the
-frames of the first entry's ring, then the next entry's, and so on. The partition process
-writes it before every append, in this order (every store seq_cst, so none moves past the
-next): ``append_round_base_offset`` = -1, the entries and ``manifest_rings``, then
-``append_round_base_offset`` = the log end offset, then the write. A kill at any point leaves
-either -1 (nothing of that append is in the log) or a base offset whose manifest is the one
-in place. No field of a batch is needed to recognise a frame after a crash, so producers'
-batches are stored as they are (docs/design/partition.md, "Duplicates after a restart").
+A frame's offsets are in its batches (the producer's commit set them), so a restarted partition
+process needs no journal to tell which frames it had appended: a frame below the log end whose
+batch is the log's batch at that offset was (docs/design/partition.md, "Duplicates after a
+restart"). Layout version 2 had a round manifest here for that; 3 replaced it with
+``next_offset``.
 
 Ingress ring region (``shmb.<broker>.r.<topic>.<partition>.<slot>.<generation>``), one per
 (producer process, partition); single producer, single consumer (the partition process)::
@@ -97,6 +85,11 @@ Ingress ring region (``shmb.<broker>.r.<topic>.<partition>.<slot>.<generation>``
                   100  u32 completions_off       1: acks=0, completions may be overwritten
                   104  u32 fsync_required        1: acks="all", the log is fsynced before this
                                                  ring's frames are completed
+                  112  u64 reserved_base         offsets this producer took from next_offset
+                  120  u64 reserved_end            and has not committed yet: [base, end);
+                                                 base = RESERVED_NONE when it holds none,
+                                                 RESERVED_PENDING around its fetch_add (the
+                                                 partition's hole check, decision 0005)
        128    64  consumer line                 partition process
                   128  u64 read_position         release-stored after frames are appended
                   136  u64 acked_sequence        last sequence with a completion (+1; 0 = none)
@@ -118,7 +111,18 @@ Frame (``FRAME_HEADER_BYTES`` + payload, padded to ``FRAME_ALIGN``)::
                       committed; readers acquire-load it and stop at <= 0
     4  i32 type       DATA or PADDING (a PADDING frame fills the bytes up to the buffer's end)
     8  u64 sequence   DATA: the producer's frame sequence, consecutive from 0
-   16  payload        one or more RecordBatch v2, as produced by records.encode_batch
+   16  payload        one or more RecordBatch v2, as produced by records.encode_batch, whose
+                      baseOffset fields the producer set at its commit (decision 0005):
+                      the frame takes offsets [baseOffset of its first batch, + the sum of
+                      lastOffsetDelta + 1 of its batches)
+
+Offsets are assigned at the producer's commit (docs/decisions/0005): ``shmb_ring_write``
+writes its frames, stores ``reserved_base = RESERVED_PENDING``, takes the frames' offsets with
+one ``fetch_add`` on the control region's ``next_offset``, stores ``reserved_end`` then
+``reserved_base``, patches each batch's baseOffset (outside the batch CRC), commits, and
+stores ``reserved_base = RESERVED_NONE``. The partition appends frames in offset order across
+rings; an offset below ``next_offset`` that no committed frame holds and no live producer
+reserves belonged to a producer that died in that window, and is filled with an empty batch.
 """
 from __future__ import annotations
 
@@ -138,7 +142,7 @@ CACHE_LINE_BYTES = 64
 # --- partition control region --------------------------------------------------------------
 
 CONTROL_MAGIC = int.from_bytes(b"SHMBCTL1", "little")
-CONTROL_LAYOUT_VERSION = 2  # 2: the round manifest
+CONTROL_LAYOUT_VERSION = 3  # 3: next_offset (offsets at the producer's commit), no manifest
 
 CONTROL_FIELDS: tuple[Field, ...] = (
     # header line
@@ -166,9 +170,8 @@ CONTROL_FIELDS: tuple[Field, ...] = (
     Field("hw_waiters", 256, 4, "I"),
     Field("partition_sleeping", 320, 4, "I"),
     Field("partition_status", 384, 4, "I"),
-    Field("append_round_base_offset", 392, 8, "q"),
-    Field("manifest_rings", 400, 4, "I"),
     Field("registry_changes", 448, 4, "I"),
+    Field("next_offset", 512, 8, "Q"),
 )
 
 #: Published state fields after state_seq, in order (one struct, read under the seqlock).
@@ -177,7 +180,9 @@ CONTROL_STATE_FIELDS = ("high_watermark", "log_start_offset", "active_segment_ba
                         "partition_start_time")
 CONTROL_STATE_STRUCT = struct.Struct("<qqqqiiQ")
 
-CONTROL_REGISTRY_OFFSET = 512
+CONTROL_REGISTRY_OFFSET = 576
+#: next_offset of a region whose partition process has not set it yet (from its log end).
+NEXT_OFFSET_UNSET = 1 << 63
 SLOT_BYTES = 64
 
 SLOT_FIELDS: tuple[Field, ...] = (
@@ -213,32 +218,17 @@ SLOT_CLOSING = 3   # the producer is closing: drain what is committed, then free
 REGISTRY_SLOTS_MAX = 256
 
 
-#: One entry of the round manifest (one ring's frames in one append); a round takes at most
-#: registry_slots rings, so the manifest has registry_slots entries.
-MANIFEST_FIELDS: tuple[Field, ...] = (
-    Field("first_sequence", 0, 8, "Q"),
-    Field("slot", 8, 4, "I"),
-    Field("generation", 12, 4, "I"),
-    Field("frame_count", 16, 4, "I"),
-    Field("offset_count", 20, 4, "I"),
-)
-MANIFEST_ENTRY_BYTES = 24
-MANIFEST_ENTRY_STRUCT = struct.Struct("<QIIII")
-
-
-def control_manifest_offset(registry_slots: int) -> int:
-    """Where the round manifest starts: right after the registry."""
-    return CONTROL_REGISTRY_OFFSET + registry_slots * SLOT_BYTES
-
-
 def control_region_bytes(registry_slots: int) -> int:
-    return control_manifest_offset(registry_slots) + registry_slots * MANIFEST_ENTRY_BYTES
+    return CONTROL_REGISTRY_OFFSET + registry_slots * SLOT_BYTES
 
 
 # --- ingress ring region -------------------------------------------------------------------
 
 RING_MAGIC = int.from_bytes(b"SHMBRNG1", "little")
-RING_LAYOUT_VERSION = 1
+RING_LAYOUT_VERSION = 2  # 2: reserved_base, reserved_end
+#: reserved_base: the producer holds no offsets / is taking some (its fetch_add).
+RESERVED_NONE = (1 << 64) - 1
+RESERVED_PENDING = (1 << 64) - 2
 
 RING_FIELDS: tuple[Field, ...] = (
     # header line
@@ -262,6 +252,8 @@ RING_FIELDS: tuple[Field, ...] = (
     Field("closed", 96, 4, "I"),
     Field("completions_off", 100, 4, "I"),
     Field("fsync_required", 104, 4, "I"),
+    Field("reserved_base", 112, 8, "Q"),
+    Field("reserved_end", 120, 8, "Q"),
     # consumer line
     Field("read_position", 128, 8, "Q"),
     Field("acked_sequence", 136, 8, "Q"),
@@ -330,6 +322,10 @@ RING_STATUS = {
     "FULL": 1,       # not every payload fit; the ones reported were written
     "TOO_LARGE": 2,  # a payload can never fit this ring (payload_bytes_max)
     "CORRUPT": 3,    # the ring's bytes break an invariant; message says which
+    "OFFSETS_UNSET": 4,  # next_offset is not set yet (the partition process is starting):
+                         # nothing was written; wait and write again
+    "BAD_PAYLOAD": 5,    # a payload is shorter than a batch header, so its offsets cannot be
+                         # set at the commit (decision 0005): nothing was written
 }
 
 #: futex_wait results.
@@ -354,9 +350,6 @@ def _check(fields: tuple[Field, ...], end: int) -> None:
 
 _check(CONTROL_FIELDS, CONTROL_REGISTRY_OFFSET)
 _check(SLOT_FIELDS, SLOT_BYTES)
-_check(MANIFEST_FIELDS, MANIFEST_ENTRY_BYTES)
-assert MANIFEST_ENTRY_STRUCT.size == MANIFEST_ENTRY_BYTES
-assert MANIFEST_ENTRY_BYTES % 8 == 0  # first_sequence stays naturally aligned
 _check(RING_FIELDS, RING_COMPLETIONS_OFFSET)
 _check(COMPLETION_FIELDS, COMPLETION_BYTES)
 _check(FRAME_FIELDS, FRAME_HEADER_BYTES)
@@ -368,7 +361,6 @@ assert COMPLETIONS_MAX & (COMPLETIONS_MAX - 1) == 0
 
 CONTROL = {f.name: f.offset for f in CONTROL_FIELDS}
 SLOT = {f.name: f.offset for f in SLOT_FIELDS}
-MANIFEST = {f.name: f.offset for f in MANIFEST_FIELDS}
 RING = {f.name: f.offset for f in RING_FIELDS}
 COMPLETION = {f.name: f.offset for f in COMPLETION_FIELDS}
 FRAME = {f.name: f.offset for f in FRAME_FIELDS}
@@ -378,7 +370,8 @@ assert CONTROL["high_watermark"] == CONTROL["state_seq"] + 8
 for _a, _b in (("hw_seq", "doorbell"), ("doorbell", "hw_waiters"),
                ("hw_waiters", "partition_sleeping"), ("state_seq", "hw_seq"),
                ("partition_sleeping", "partition_status"),
-               ("partition_status", "registry_changes"), ("doorbell", "registry_changes")):
+               ("partition_status", "registry_changes"), ("doorbell", "registry_changes"),
+               ("registry_changes", "next_offset"), ("hw_seq", "next_offset")):
     assert CONTROL[_a] // CACHE_LINE_BYTES != CONTROL[_b] // CACHE_LINE_BYTES
 assert RING["write_position"] // 64 != RING["read_position"] // 64
 
@@ -387,8 +380,8 @@ CONSTANTS = {
     "CONTROL_MAGIC": CONTROL_MAGIC,
     "CONTROL_LAYOUT_VERSION": CONTROL_LAYOUT_VERSION,
     "CONTROL_REGISTRY_OFFSET": CONTROL_REGISTRY_OFFSET,
+    "NEXT_OFFSET_UNSET": NEXT_OFFSET_UNSET,
     "SLOT_BYTES": SLOT_BYTES,
-    "MANIFEST_ENTRY_BYTES": MANIFEST_ENTRY_BYTES,
     "PARTITION_STATUS_NONE": PARTITION_STATUS_NONE,
     "PARTITION_STATUS_RUNNING": PARTITION_STATUS_RUNNING,
     "PARTITION_STATUS_STOPPING": PARTITION_STATUS_STOPPING,
@@ -403,6 +396,8 @@ CONSTANTS = {
     "REGISTRY_SLOTS_MAX": REGISTRY_SLOTS_MAX,
     "RING_MAGIC": RING_MAGIC,
     "RING_LAYOUT_VERSION": RING_LAYOUT_VERSION,
+    "RESERVED_NONE": RESERVED_NONE,
+    "RESERVED_PENDING": RESERVED_PENDING,
     "RING_COMPLETIONS_OFFSET": RING_COMPLETIONS_OFFSET,
     "COMPLETION_BYTES": COMPLETION_BYTES,
     "COMPLETIONS_MAX": COMPLETIONS_MAX,

@@ -310,7 +310,7 @@ class PartitionLog:
 
     # -- append -----------------------------------------------------------------------------------
 
-    def append(self, data) -> AppendInfo:
+    def append(self, data, gap: bool = False) -> AppendInfo:
         """Validate the batches in ``data``, give them offsets, write them; all or nothing.
 
         ``data`` is one or more RecordBatch v2 batches back to back (any buffer; its base
@@ -319,11 +319,15 @@ class PartitionLog:
         compression (UnsupportedCompressionError), record count, no control batches. Bad bytes
         raise the typed error from shmbroker.errors naming the problem and its position, and
         leave the log unchanged.
+
+        ``gap``: ``data`` is the partition process's own empty batch (records.empty_batch)
+        over offsets that no producer will commit (decision 0005); a batch of no records is
+        refused otherwise.
         """
         self._check_open()
         self._native_next = None
         view = _byte_view(data)
-        planned = self._validate(view)
+        planned = self._validate(view, gap)
         now = self.clock()
         position, segment, rolled = self._write(view, planned, now)
         records_count = sum(b.records_count for b in planned)
@@ -488,7 +492,7 @@ class PartitionLog:
         return (active.offset_index.entries_left >= len(group) + 1
                 and active.time_index.entries_left >= len(group) + 2)
 
-    def _validate(self, view: memoryview) -> list[PlannedBatch]:
+    def _validate(self, view: memoryview, gap: bool = False) -> list[PlannedBatch]:
         if len(view) == 0:
             raise errors.CorruptRecordError("append: no batch (empty buffer)", 0)
         limit = self.config.batch_bytes_max
@@ -499,7 +503,7 @@ class PartitionLog:
         for batch in scan.batches:
             position, _, _, _, count = batch
             header = records.read_header(view, position)
-            if not 1 <= count <= BATCH_RECORDS_MAX:
+            if not (gap and count == 0) and not 1 <= count <= BATCH_RECORDS_MAX:
                 raise errors.InvalidRecordError(
                     f"append: batch at position {position} has records_count {count}, outside "
                     f"[1, {BATCH_RECORDS_MAX}]", position)

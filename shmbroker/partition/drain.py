@@ -1,43 +1,51 @@
 """One drain round: committed frames from the rings -> one log append -> completions ->
-released ring space. And, once at start, the replay check that keeps a restart from
-appending a frame twice. Design: docs/design/partition.md.
+released ring space, in offset order across the rings. Design: docs/design/partition.md.
+
+Producers take their frames' offsets at their commit (docs/decisions/0005: a fetch_add on the
+control region's next_offset, written into the batches), so the log's order is fixed before
+the partition process sees a frame: it appends frames in offset order, merging the rings.
 
 A round, in order (the order is what makes a crash at any point safe):
 
-1. ``poll`` each readable ring (round-robin start, at most PARTITION_RING_ROUND_BYTES_MAX per
-   ring and PARTITION_ROUND_BYTES_MAX in all), as memoryviews of the ring's frames;
-2. write the round manifest to the control region: which rings' frames the append holds, in
-   log order (one entry per ring: slot, generation, first sequence, frames, offsets), then
-   the log end offset (``append_round_base_offset``; layout/shm.py says why this order);
-3. join every payload into one buffer (the only copy; it also means a producer cannot change
+1. from the log end, take the ring whose first unread frame starts at the next offset, and its
+   run (its frames while each continues the previous one); then the next ring that continues
+   the log; each ring once a round, at most PARTITION_RING_ROUND_BYTES_MAX per ring and
+   PARTITION_ROUND_BYTES_MAX in all (:meth:`Drainer._collect`), as memoryviews of the frames;
+2. join every payload into one buffer (the only copy; it also means a producer cannot change
    bytes between validation and write) and ``PartitionLog.append`` it: one validation pass,
-   one ``writev`` per segment touched. Each ring's frames are contiguous in the buffer, so one
+   one ``writev`` per segment touched. Each ring's run is contiguous in offsets, so one
    completion per ring gives the producer every record's offset;
-4. fsync if a ring of this round asked for acks="all" (``fsync_required``);
-5. publish the new high watermark (consumers wake), so that an acknowledged record is always
+3. fsync if a ring of this round asked for acks="all" (``fsync_required``);
+4. publish the new high watermark (consumers wake), so that an acknowledged record is always
    readable: a producer that gets its ack and tells a consumer must not find it missing;
-6. ``complete`` each ring's frames, then ``release`` their space.
+5. ``complete`` each ring's run, then ``release`` its space; when the producer has
+   COMPLETIONS_MAX completions unread, both wait in the ring's ``owed`` list (its frames are
+   in the log: completions never hold the log back).
 
-A kill between 3 and 6 leaves frames appended but not released. The restarted process counts
-the whole batches the log holds from ``append_round_base_offset`` and walks the manifest's
-frames in the same order: the frames those batches fill were appended (completed with their
-offsets, skipped), the rest were not (:meth:`Drainer.replay_unreleased`). No field of a batch
-is needed, so the partition stores producers' batches as they are (only base offset and
-partition leader epoch, both outside the CRC, are set). Every append writes its own manifest:
-the slow paths below append ring by ring or run by run, each after its manifest.
+A kill between 2 and 5 leaves frames appended but not released; the offsets in them are the
+journal: a restarted process finds them below the log end, checks that the log's batch there
+is theirs, completes them with their offsets and skips them (:meth:`Drainer._settle_behind`).
+No producer field of a batch is needed, so the partition stores producers' batches as they are
+(only the partition leader epoch, outside the CRC, is set).
+
+When no ring continues the log, a live producer between its reservation and its commit is
+waited for (``blocked_by``: the loop sleeps on the doorbell), and offsets nobody alive will
+commit (a producer killed in that window) are filled with an empty batch
+(:meth:`Drainer._no_progress`).
 
 A batch that fails validation costs only its own frame: the round falls back to one append per
 ring, and for the ring that failed to one validation per frame; the bad frame is completed with
-the error's code and skipped, the others are appended.
+the error's code, its offsets get an empty batch, the others are appended.
 
 The C round (``_native.drain_round``, native/include/shmb/drain.h) does steps 1-6 of the
 common case in one call, the GIL released, in the same order: collect and copy (the join),
-validate, the manifest and ``append_round_base_offset``, write, publish, complete, release. It changes nothing
+the same merge by offset, validate, write, publish, complete, release. It changes nothing
 before it has decided, and declines — the Python round below then runs, and stays the
 reference it is tested against (tests/integration/test_native_drain.py) — for anything
 unusual: a bad or empty frame, a batch split across frames, a roll or flush due, a ring that
-asks for fsync (acks=all), a corrupt ring, a ring never read before, more than the scratch
-buffer holds. Python then takes the index entries the C round planned, and the new log end
+asks for fsync (acks=all), a corrupt ring, a ring never read before or owed completions, more
+than the scratch buffer holds, a frame below the log end, rings whose frames do not continue
+the log. Python then takes the index entries the C round planned, and the new log end
 and segment size (``PartitionLog.record_native_append``): index files are derived data,
 written just after the publish instead of just before it (a reader that looks meanwhile
 walks from the previous entry).
@@ -54,6 +62,7 @@ from __future__ import annotations
 
 import logging
 import struct
+import time
 
 from .. import errors, records
 from ..config import (PARTITION_NATIVE_ROUND, PARTITION_RING_ROUND_BYTES_MAX,
@@ -64,7 +73,8 @@ from ..layout import shm as L
 from ..log import PartitionLog
 from ..log.partition_log import AppendInfo
 from ..native import _native
-from ..shm.control import ControlRegion, ManifestEntry
+from ..shm.control import ControlRegion
+from ..shm.ring import ReadBatch
 from ..shm.counters import CountersWriter
 from .ingress import Ingress, IngressRing
 
@@ -76,14 +86,7 @@ log = logging.getLogger("shmbroker.partition")
 FRAME_ERRORS = (errors.CorruptRecordError, errors.RecordTooLargeError,
                 errors.UnsupportedCompressionError, errors.InvalidOffsetError)
 
-_LAST_OFFSET_DELTA = struct.Struct(">i")
-_BATCH_LENGTH = struct.Struct(">i")
-_LAST_OFFSET_DELTA_AT = RB.FIELDS[[f.name for f in RB.FIELDS].index("last_offset_delta")].offset
-_BATCH_LENGTH_AT = RB.FIELDS[[f.name for f in RB.FIELDS].index("batch_length")].offset
-_CRC = struct.Struct(">I")
-_CRC_AT = RB.OFFSETS["crc"]
-#: Bytes scanned per read of the log while looking for already appended frames.
-_REPLAY_READ_BYTES = 1 << 20
+_BASE_OFFSET = struct.Struct(">q")
 #: One frame per ring_scan call (to know each frame's end position).
 _ONE_FRAME = 1
 _SCAN_BYTES_ANY = 1 << 62
@@ -116,35 +119,27 @@ class NativeRoundStopped(Exception):
     for a kill -9 there; the caller then abandons the log and the shared memory)."""
 
 
-def offsets_in(payload) -> int:
-    """Offsets taken by the batches of one frame's payload. Exact for validated bytes; for
-    others (the manifest is written before the append validates) a bounded guess that no
-    append uses, since validation then refuses the bytes before anything is written."""
-    n = pos = 0
-    end = len(payload)
-    while pos + RB.HEADER_SIZE <= end:  # bounded: every step is at least a header long
-        step = RB.LOG_OVERHEAD + _BATCH_LENGTH.unpack_from(payload, pos + _BATCH_LENGTH_AT)[0]
-        if step < RB.HEADER_SIZE:
-            break
-        n += max(0, _LAST_OFFSET_DELTA.unpack_from(payload, pos + _LAST_OFFSET_DELTA_AT)[0]) + 1
-        pos += step
-    return n
+#: The offsets a frame's payload takes (shmb_frame_offsets; reference:
+#: shm/ring_reference.frame_offsets): the producer reserved exactly these at its commit.
+frame_offsets = _native.frame_offsets
 
 
-def batches_in(payload) -> list[tuple[int, int]]:
-    """(last_offset_delta, crc) of each batch of one frame's payload, in order (bounded as
-    :func:`offsets_in`): what the replay compares with the batches in the log."""
-    out = []
-    pos = 0
-    end = len(payload)
-    while pos + RB.HEADER_SIZE <= end:  # bounded: every step is at least a header long
-        step = RB.LOG_OVERHEAD + _BATCH_LENGTH.unpack_from(payload, pos + _BATCH_LENGTH_AT)[0]
-        if step < RB.HEADER_SIZE:
-            break
-        out.append((_LAST_OFFSET_DELTA.unpack_from(payload, pos + _LAST_OFFSET_DELTA_AT)[0],
-                    _CRC.unpack_from(payload, pos + _CRC_AT)[0]))
-        pos += step
-    return out
+def frame_base(payload) -> int:
+    """The base offset the producer's commit wrote into a frame's first batch (-1 for a
+    payload too short to hold one: no commit of ours writes such a frame)."""
+    return _BASE_OFFSET.unpack_from(payload, 0)[0] if len(payload) >= RB.HEADER_SIZE else -1
+
+
+#: Frames below the log end one look at a ring settles (after a restart: at most one round's
+#: worth per ring, released as they are settled; more wait for the next round).
+_BEHIND_PER_LOOK = 4096
+#: How long a producer may hold the log's next offset uncommitted before the partition looks
+#: whether it is still alive (a commit takes a few stores; a descheduled producer, a few ms).
+RESERVER_ALIVE_CHECK_MS = 20
+#: Frames one ring gives one round (SHMB_DRAIN_RING_FRAMES_MAX).
+_RING_FRAMES_MAX = 65536
+_RESERVED_BASE = L.RING["reserved_base"]
+_RESERVED_END = L.RING["reserved_end"]
 
 
 class Drainer:
@@ -169,8 +164,16 @@ class Drainer:
         self._scratch: bytearray | None = None
         self._publisher: tuple[int, int] = (0, 0)  # ControlRegion.publisher(), with _scratch
         self._start = 0  # round-robin: which ring goes first
-        #: Rings one round takes: the round manifest has an entry for each.
+        #: Rings one round takes at most (one completion and one release each).
         self._rings_max = control.registry_slots
+        #: Rings whose completions (and releases) wait for their producer to read older ones.
+        self._owing: set = set()
+        #: The reservation waited for since when (time.monotonic()): see _wait_for.
+        self._blocked_key: tuple | None = None
+        self._blocked_since = 0.0
+        #: (ring, reserved_base seen): the last round found the next offset reserved by this
+        #: live producer, which has not committed it yet (the loop sleeps on the doorbell).
+        self.blocked_by: tuple | None = None
         #: Counters for logs and tests.
         self.rounds = 0
         self.native_rounds = 0
@@ -179,6 +182,8 @@ class Drainer:
         #: reason name -> rounds the C round declined for it.
         self.native_declined: dict[str, int] = {}
         self.frames_rejected = 0
+        #: Frames found in the log below its end (appended before a restart, not released).
+        self.frames_settled = 0
         #: The partition's counters region (a private one when nobody reads it).
         self.counters = counters if counters is not None else \
             CountersWriter.private(CL.KIND_PARTITION)
@@ -205,36 +210,21 @@ class Drainer:
         order = self._rotated()
         if not order:
             return 0
+        self.blocked_by = None
+        if self._owing:
+            self.flush_owed()
         if self.native:
             done = self._round_native(order)
             if done is not None:
                 return done
-        taken = []
-        budget = self.round_bytes_max
-        for ring in order:
-            if ring.broken is not None:
-                continue
-            if len(taken) == self._rings_max:  # one manifest entry each (layout/shm.py)
-                break
-            start = ring.consumer.position
-            try:
-                batch = ring.consumer.poll(self.ring_round_bytes_max, copy=False)
-            except errors.RingCorruptError as exc:
-                self._mark_broken(ring, exc)
-                continue
-            if batch is None:
-                continue
-            taken.append((ring, start, batch))
-            budget -= sum(len(v) for v in batch.data)
-            if budget <= 0:
-                break
+        taken = self._collect(order)
         if not taken:
-            return 0
-        frames = sum(batch.count for _, _, batch in taken)
+            return self._no_progress()
+        frames = sum(batch.count for _, _, _, batch in taken)
         try:
             self._append(taken)
         finally:
-            for _, _, batch in taken:
+            for _, _, _, batch in taken:
                 for view in batch.data:
                     view.release()
             # Even when the append raised (the process then exits): what went in is counted.
@@ -243,6 +233,364 @@ class Drainer:
             py[0] = py[1] = py[2] = 0
         self.rounds += 1
         return frames
+
+    # -- merging the rings by offset (decision 0005) --------------------------------------------
+
+    def _collect(self, order: list) -> list:
+        """The rounds' rule (the C round follows it exactly): from the log end, take the ring
+        whose first unread frame starts at the next offset and its *run*, its following
+        frames while each starts where the previous one ended; then the ring that continues
+        the log, and so on: a ring whose producers' commits interleave with others' gives
+        several runs a round. Each run is one completion, so a ring gives no more runs than
+        its producer has completion slots free (the round ends there), except a first one
+        when it has none (its completions are owed, :meth:`_settle`; the C round holds such a
+        ring back and declines). At most ``ring_round_bytes_max`` bytes and
+        SHMB_DRAIN_RING_FRAMES_MAX frames of a ring (each run takes at least one frame) and
+        about ``round_bytes_max`` in all. Returns [(ring, start position, base offset,
+        ReadBatch)] in log order."""
+        next_offset = self.log.log_end_offset
+        budget = self.round_bytes_max
+        heads: dict = {}
+        runs: dict = {}  # ring -> [runs, bytes, frames] this round
+        taken: list = []
+        rings = [r for r in order if r.broken is None]
+        while True:  # bounded: each pass takes at least one frame or stops
+            ring = None
+            for r in rings:
+                if r not in heads:
+                    heads[r] = self._head(r)
+                head = heads[r]
+                if head is not None and head[0] == next_offset:
+                    ring = r
+                    break
+            if ring is None:
+                break
+            done = runs.setdefault(ring, [0, 0, 0])
+            if done[2] >= _RING_FRAMES_MAX:
+                break
+            if done[0] and done[0] >= self._completions_free(ring):
+                break
+            start, base = ring.consumer.position, next_offset
+            batch, next_offset, heads[ring] = self._take_run(
+                ring, next_offset, max(0, self.ring_round_bytes_max - done[1]),
+                _RING_FRAMES_MAX - done[2])
+            taken.append((ring, start, base, batch))
+            size = sum(len(v) for v in batch.data)
+            done[0] += 1
+            done[1] += size
+            done[2] += batch.count
+            budget -= size
+            if budget <= 0:
+                break
+        return taken
+
+    @staticmethod
+    def _completions_free(ring: IngressRing) -> int:
+        """Completions the ring's producer has room for (unbounded when it wants none)."""
+        buf = ring.consumer.buf
+        if _native.atomic_load_u32(buf, L.RING["completions_off"]):
+            return 1 << 62
+        unread = _native.atomic_load_u64(buf, L.RING["completions_written"]) - \
+            _native.atomic_load_u64(buf, L.RING["completions_read"])
+        return max(0, L.COMPLETIONS_MAX - unread)
+
+    def _head(self, ring: IngressRing) -> tuple[int, int] | None:
+        """(base offset, offsets) of the ring's first unread committed frame; None when it
+        has none or broke. Frames below the log end are settled on the way
+        (:meth:`_settle_behind`). A producer with COMPLETIONS_MAX completions unread is nudged,
+        but its frames are not held back: they hold offsets the log needs (their completions
+        wait instead: :meth:`_settle`)."""
+        consumer = ring.consumer
+        if consumer.completions_full():
+            consumer.nudge_producer()  # it has completions to read (its frames still go in)
+        run = None  # [first, last, base, next base, position]: settled frames, one completion
+        settled = self.frames_settled
+        head = None
+        for _ in range(_BEHIND_PER_LOOK):  # bounded: settled frames are skipped one by one
+            try:
+                found = self._first_frame(ring)
+            except errors.RingCorruptError as exc:
+                self._mark_broken(ring, exc)
+                break
+            if found is None:
+                break
+            nxt, payload = found
+            base, offsets = frame_base(payload), frame_offsets(payload)
+            if base >= self.log.log_end_offset:
+                payload.release()
+                head = base, offsets
+                break
+            seq = consumer.expected_sequence
+            outcome = self._settle_behind(ring, nxt, base, offsets, payload)
+            payload.release()
+            appended = outcome is True
+            if run is not None and not (appended and run[3] == base and run[1] + 1 == seq):
+                self._settle(ring, run[0], run[1], run[2], 0, run[4])
+                run = None
+            if not appended:
+                self._settle(ring, seq, seq, -1, outcome, nxt)
+            else:
+                if run is None:
+                    run = [seq, seq, base, base + offsets, nxt]
+                else:
+                    run[1], run[3], run[4] = seq, base + offsets, nxt
+            if ring.broken is not None:
+                break
+        if run is not None:
+            self._settle(ring, run[0], run[1], run[2], 0, run[4])
+        if self.frames_settled != settled:
+            log.info("partition %s/%d: %d frame(s) appended before the restart but not released "
+                     "were recognised in the log (ring %s) and not appended again",
+                     self.ingress.topic, self.ingress.partition, self.frames_settled - settled,
+                     ring.name)
+        return head if ring.broken is None else None
+
+    @staticmethod
+    def _first_frame(ring: IngressRing) -> tuple[int, memoryview] | None:
+        """(position after it, payload view) of the first unread committed frame, or None.
+        A first look at a ring learns its frame sequence (RingConsumer.poll's rule)."""
+        consumer = ring.consumer
+        if consumer.expected_sequence is None:
+            _native.ring_check(consumer.buf)
+            consumer.expected_sequence = consumer.first_unread_sequence()
+            if consumer.expected_sequence is None:
+                return None
+        nxt, spans = _native.ring_scan(consumer.buf, consumer.position,
+                                       consumer.expected_sequence, _SCAN_BYTES_ANY, _ONE_FRAME)
+        if not spans:
+            if nxt != consumer.position:  # only a padding frame: skip it
+                consumer.position = nxt
+            return None
+        off, length = spans[0]
+        return nxt, memoryview(consumer.buf)[off:off + length]
+
+    def _take_run(self, ring: IngressRing, next_offset: int, max_bytes: int, frames_max: int):
+        """The ring's frames from its position while each starts at the next offset (at most
+        ``max_bytes`` and ``frames_max``, the first always). Returns (ReadBatch of payload
+        views, the offset after them, the ring's next head: (base, offsets) of the frame that
+        ended the run when it starts further on, else None); the consumer moves past them."""
+        consumer = ring.consumer
+        start, seq = consumer.position, consumer.expected_sequence
+        nxt, spans = _native.ring_scan(consumer.buf, start, seq, max_bytes, frames_max)
+        whole = memoryview(consumer.buf)
+        views = []
+        head = None
+        for off, length in spans:  # bounded by the scan
+            view = whole[off:off + length]
+            base = frame_base(view)
+            if base != next_offset:
+                if base > next_offset:
+                    head = base, frame_offsets(view)
+                view.release()
+                break
+            views.append(view)
+            next_offset += frame_offsets(view)
+        if len(views) < len(spans):
+            nxt, _ = _native.ring_scan(consumer.buf, start, seq, _SCAN_BYTES_ANY, len(views))
+        consumer.position = nxt
+        consumer.expected_sequence = seq + len(views)
+        return ReadBatch(views, seq, len(views), nxt), next_offset, head
+
+    @staticmethod
+    def _untake(ring: IngressRing, start: int, batch) -> None:
+        """Puts frames taken by _take_run back (a later round reads them again)."""
+        ring.consumer.position = start
+        ring.consumer.expected_sequence = batch.first_sequence
+
+    def _settle_behind(self, ring: IngressRing, nxt: int, base: int, offsets: int,
+                       payload) -> bool | int:
+        """A frame whose offsets start below the log end; the consumer moves past it. After a
+        restart that is a frame the previous process appended but did not release (the
+        offsets are the drain journal): the log's batch at ``base`` is the frame's own (same
+        CRC and last offset delta). True when it is and its producer has no completion for it
+        yet (``acked_sequence``): the caller completes it (runs of such frames share one
+        completion); else the error code to complete it with (-1: none, it has one). Any other such frame was never appended and can no longer be at its
+        offsets: its producer gets REQUEST_TIMED_OUT ("may or may not be appended", as when an
+        ack is lost) when part of it is in the log, CORRUPT_MESSAGE otherwise (a frame whose
+        base offset no reservation gave it)."""
+        consumer = ring.consumer
+        seq = consumer.expected_sequence
+        consumer.position, consumer.expected_sequence = nxt, seq + 1
+        end = self.log.log_end_offset
+        acked = _native.atomic_load_u64(consumer.buf, L.RING["acked_sequence"])
+        if base + offsets <= end and self._in_log(base, payload):
+            self.frames_settled += 1
+            if seq >= acked:
+                return True
+        elif seq >= acked:
+            torn = base + offsets > end
+            code = errors.RequestTimeoutError.code if torn else errors.CorruptRecordError.code
+            log.error("partition %s/%d: frame %d of ring %s (producer pid %d) holds offsets "
+                      "%d..%d but the log ends at %d%s; answered with %s", self.ingress.topic,
+                      self.ingress.partition, seq, ring.name, consumer.owner_pid, base,
+                      base + offsets - 1, end, "" if torn else " and holds other batches there",
+                      "REQUEST_TIMED_OUT" if torn else "CORRUPT_MESSAGE")
+            self.frames_rejected += 1
+            self.count_event("frames_rejected")
+            return code
+        return -1
+
+    def _in_log(self, base: int, payload) -> bool:
+        """Whether the log's batch at ``base`` is the payload's first batch (last offset delta
+        and CRC equal: the log stores a producer's batch as it is, and base offset and leader
+        epoch lie outside the CRC)."""
+        if len(payload) < RB.HEADER_SIZE or base < self.log.log_start_offset:
+            return False
+        piece = self.log.read(base, RB.HEADER_SIZE)
+        if piece.length < RB.HEADER_SIZE:
+            return False
+        mine = records.read_header(payload, 0)
+        logged = records.read_header(piece.data, 0)
+        return (logged.base_offset == base and logged.crc == mine.crc
+                and logged.last_offset_delta == mine.last_offset_delta)
+
+    def _no_progress(self) -> int:
+        """No ring continues the log. Either nothing is reserved beyond it, or a producer is
+        between its reservation and its commit (wait: it commits within a few stores and
+        rings the doorbell; ``blocked_by`` tells the loop to sleep on it), or the offsets
+        at the log end belong to nobody alive: a producer that died in that window, or a
+        refused or settled frame. Those are filled with an empty batch (decision 0005, step
+        3), as far as the first offset someone alive may still commit. Returns 1 when it
+        appended one, else 0. Loads in the order that makes it safe: next_offset first, then
+        the registry and the rings' reservations, then their first frames (a reservation
+        counted in next_offset is seen as PENDING, as its range, or as its committed frame)."""
+        end = self.log.log_end_offset
+        next_offset = self.control.next_offset
+        if next_offset & L.NEXT_OFFSET_UNSET:
+            return 0
+        ingress = self.ingress
+        if self.control.registry_changes != ingress.registry_seen:
+            ingress.refresh()
+        limit = next_offset
+        refused = 0
+        for ring in ingress.ring_list():  # bounded by the attached rings
+            if ring.broken is not None:
+                continue  # its offsets are given up: it is no longer read
+            buf = ring.consumer.buf
+            reserved = _native.atomic_load_u64(buf, _RESERVED_BASE)
+            if reserved == L.RESERVED_PENDING:
+                if self._wait_for(ring, reserved):
+                    return 0
+            elif reserved != L.RESERVED_NONE and not ring.dead:
+                if reserved <= end < _native.atomic_load_u64(buf, _RESERVED_END) and \
+                        self._wait_for(ring, reserved):
+                    return 0
+                if end < reserved < limit:
+                    limit = reserved
+            head = self._head(ring)
+            if head is None:
+                continue
+            if head[0] == end:
+                return 0  # committed meanwhile: the next round takes it
+            if head[0] >= next_offset:
+                # Reserved after our load of next_offset? Then it is below it now.
+                if head[0] >= self.control.next_offset:
+                    self._refuse_unreserved(ring, head[0])
+                    refused += 1
+                continue
+            if head[0] < limit:
+                limit = head[0]
+        if refused or limit <= end:
+            return refused  # (after a refused frame its ring's next one may hold the offsets)
+        self._fill(end, limit)
+        return 1
+
+    def _wait_for(self, ring: IngressRing, reserved: int) -> bool:
+        """The producer of ``ring`` holds the next offset uncommitted: True (wait for it,
+        ``blocked_by``) unless it is dead. Ingress.reap finds dead producers once every
+        DOORBELL_SLEEP_MS_MAX; a producer seen in the same reservation for longer than
+        RESERVER_ALIVE_CHECK_MS is looked at now (one /proc read), so that the log waits that
+        long, not a whole reap interval, for a producer killed in its window."""
+        if ring.dead:
+            return False
+        now = time.monotonic()
+        if self._blocked_key != (ring, reserved):
+            self._blocked_key, self._blocked_since = (ring, reserved), now
+        elif (now - self._blocked_since) * 1000 >= RESERVER_ALIVE_CHECK_MS and \
+                not ring.consumer.owner_alive():
+            ring.dead = True
+            ring.consumer.stop_holding_back()
+            log.info("partition %s/%d: producer pid %d of ring %s died holding offsets it had "
+                     "not committed", self.ingress.topic, self.ingress.partition,
+                     ring.consumer.owner_pid, ring.name)
+            return False
+        self.blocked_by = (ring, reserved)
+        return True
+
+    def _refuse_unreserved(self, ring: IngressRing, base: int) -> None:
+        """A frame whose base offset lies beyond every offset given out: no commit of ours
+        wrote it. Refused (CORRUPT_MESSAGE) and skipped, so it blocks nothing."""
+        consumer = ring.consumer
+        found = self._first_frame(ring)
+        if found is None:
+            return
+        nxt, payload = found
+        payload.release()
+        seq = consumer.expected_sequence
+        log.error("partition %s/%d: frame %d of ring %s (producer pid %d) says offset %d, which "
+                  "no producer reserved; rejected", self.ingress.topic, self.ingress.partition,
+                  seq, ring.name, consumer.owner_pid, base)
+        self.frames_rejected += 1
+        self.count_event("frames_rejected")
+        self._settle(ring, seq, seq, -1, errors.CorruptRecordError.code, nxt, seq + 1)
+
+    def _fill(self, start: int, stop: int) -> None:
+        """Empty batches over offsets start..stop-1 that nobody will commit, then publish."""
+        log.warning("partition %s/%d: offsets %d..%d were reserved by a producer that died "
+                    "before committing them (or belong to a refused frame); filled with an "
+                    "empty batch", self.ingress.topic, self.ingress.partition, start, stop - 1)
+        at = start
+        while at < stop:  # bounded: each pass covers up to EMPTY_BATCH_SPAN_MAX offsets
+            span = min(stop - at, records.EMPTY_BATCH_SPAN_MAX)
+            self.log.append(records.empty_batch(at, span), gap=True)
+            at += span
+        self.count_event("offsets_filled", stop - start)
+        self.publish()
+
+    def reserver_moved(self) -> bool:
+        """Whether the producer that ``blocked_by`` names has committed or given up its
+        reservation since (the loop's re-check before it sleeps on the doorbell)."""
+        if self.blocked_by is None:
+            return True
+        ring, seen = self.blocked_by
+        return ring.consumer.buf is None or \
+            _native.atomic_load_u64(ring.consumer.buf, _RESERVED_BASE) != seen
+
+    def start_offsets(self) -> int:
+        """At start: a new control region's next_offset becomes the log end, or the end of
+        the furthest frame or reservation the attached rings hold (rings a killed broker left:
+        their offsets came from the old region's counter). A region that has one keeps it."""
+        end = self.log.log_end_offset
+        if not self.control.next_offset & L.NEXT_OFFSET_UNSET:
+            have = self.control.next_offset
+            if have < end:
+                log.error("partition %s/%d: next_offset %d is below the log end %d; frames "
+                          "reserved below it will be refused", self.ingress.topic,
+                          self.ingress.partition, have, end)
+                _native.atomic_cas_u64(self.control.buf, L.CONTROL["next_offset"], have, end)
+            return self.control.next_offset
+        furthest = end
+        for ring in self.ingress.ring_list():
+            if ring.broken is not None:
+                continue
+            consumer = ring.consumer
+            reserved = _native.atomic_load_u64(consumer.buf, _RESERVED_BASE)
+            if reserved not in (L.RESERVED_NONE, L.RESERVED_PENDING):
+                furthest = max(furthest, _native.atomic_load_u64(consumer.buf, _RESERVED_END))
+            seq = consumer.first_unread_sequence()
+            if seq is None:
+                continue
+            try:
+                _, spans = _native.ring_scan(consumer.buf, consumer.position, seq,
+                                             _SCAN_BYTES_ANY)
+            except errors.RingCorruptError as exc:
+                self._mark_broken(ring, exc)
+                continue
+            with memoryview(consumer.buf) as whole:
+                for off, length in spans:  # bounded by the ring's frames
+                    with whole[off:off + length] as payload:
+                        furthest = max(furthest, frame_base(payload) + frame_offsets(payload))
+        return self.control.start_offsets(furthest)
 
     # -- the C round ----------------------------------------------------------------------------
 
@@ -273,13 +621,17 @@ class Drainer:
 
     def _pick(self, order: list, first_reads_decline: bool) -> tuple[list, list] | str:
         """The rings a C round reads and what it reads of each (buffer, position, expected
-        frame sequence), at most one per manifest entry. A ring never read yet is skipped: its
+        frame sequence), at most _rings_max. A ring never read yet is skipped: its
         first poll learns the sequence (Python); with ``first_reads_decline``, if it has
         anything to read (or a broken header) the reason to decline is returned instead."""
         picked = []
         views = []
         for ring in order:
             if ring.broken is not None:
+                continue
+            if ring.owed:
+                # Its completions must follow the owed ones (flush_owed): if its frames are
+                # next in the log, the C round finds a hole and the Python round takes them.
                 continue
             consumer = ring.consumer
             expected = consumer.expected_sequence
@@ -294,7 +646,7 @@ class Drainer:
                 continue
             picked.append(ring)
             views.append((consumer.buf, consumer.position, expected))
-            if len(picked) == self._rings_max:  # one manifest entry each (layout/shm.py)
+            if len(picked) == self._rings_max:
                 break
         return picked, views
 
@@ -443,35 +795,17 @@ class Drainer:
         py[2] += info.size_bytes
         return info
 
-    def _append_frames(self, parts: list) -> AppendInfo:
-        """One append of the frames ``parts`` = [(ring, first sequence, payloads)], after
-        the round manifest that names them (layout/shm.py): a restarted process counts the
-        log's batches from the base offset against these frames (:meth:`replay_unreleased`).
-        Returns the AppendInfo; a FRAME_ERROR leaves the log as it was."""
-        entries = []
-        for ring, first, payloads in parts:
-            consumer = ring.consumer
-            offsets = sum(offsets_in(v) for v in payloads)
-            entries.append(ManifestEntry(first, consumer.slot, consumer.generation,
-                                         len(payloads), min(offsets, 0xFFFFFFFF)))
-        self.control.write_round_manifest(self.log.log_end_offset, entries)
-        return self._log_append(b"".join([v for _, _, payloads in parts for v in payloads]))
-
     def _append(self, taken: list) -> None:
+        """One append of every taken run (their offsets are contiguous from the log end: the
+        merge made sure), then _finish; a bad batch sends the round down the slow path."""
         try:
-            info = self._append_frames([(ring, batch.first_sequence, batch.data)
-                                        for ring, _, batch in taken])
+            info = self._log_append(b"".join([v for *_, batch in taken for v in batch.data]))
         except FRAME_ERRORS:
             self._append_ring_by_ring(taken)
             return
-        offset = info.base_offset
-        done = []
-        for i, (ring, _, batch) in enumerate(taken):
-            done.append((ring, batch.first_sequence, batch.last_sequence, offset,
-                         batch.next_position))
-            if i + 1 < len(taken):
-                offset += sum(offsets_in(v) for v in batch.data)
-        self._finish(done)
+        assert info.base_offset == taken[0][2], (info.base_offset, taken[0][2])
+        self._finish([(ring, batch.first_sequence, batch.last_sequence, base,
+                       batch.next_position) for ring, _, base, batch in taken])
 
     def publish(self) -> None:
         """High watermark, log start and the active segment's end, for consumers (seqlock);
@@ -486,10 +820,59 @@ class Drainer:
             self.log.flush()
         self.publish()
         for ring, first, last, base_offset, next_position in done:
-            if last >= first:
-                ring.consumer.complete(first, last, base_offset)
-        for ring, _, _, _, next_position in done:
-            self._release(ring, next_position)
+            self._settle(ring, first, last, base_offset, 0, next_position)
+
+    # -- completions and releases, in each ring's order ----------------------------------------
+
+    def _settle(self, ring: IngressRing, first: int, last: int, base_offset: int,
+                error_code: int, position: int, expected_sequence: int | None = None) -> None:
+        """Complete frames first..last (base_offset, or error_code; error_code -1: no
+        completion, the producer had one already) and release the ring up to ``position``.
+        When the producer has COMPLETIONS_MAX completions unread (or older ones are owed),
+        both wait in the ring's ``owed`` list, in order, until it has read some
+        (:meth:`flush_owed`): the frames are in the log already, and the ring's space stays
+        taken until their completion is written, so a restart finds them below the log end
+        and completes them itself. ``expected_sequence``: the frames were read without
+        ``_take_run``; the consumer moves past them now."""
+        consumer = ring.consumer
+        if expected_sequence is not None:
+            consumer.position, consumer.expected_sequence = position, expected_sequence
+        if ring.owed or (error_code >= 0 and consumer.completions_full()):
+            ring.owed.append((first, last, base_offset, error_code, position))
+            self._owing.add(ring)
+            consumer.nudge_producer()
+            return
+        if error_code >= 0:
+            consumer.complete(first, last, base_offset, error_code)
+        self._release(ring, position)
+
+    def flush_owed(self) -> int:
+        """Completions and releases that waited for the producers to read theirs (see
+        :meth:`_settle`), as far as they have room now; returns how many were written."""
+        done = 0
+        for ring in list(self._owing):  # bounded by the rings that owe
+            consumer = ring.consumer
+            owed = ring.owed
+            while owed and ring.broken is None:  # bounded by the owed entries
+                first, last, base_offset, error_code, position = owed[0]
+                if error_code >= 0:
+                    if consumer.completions_full():
+                        break
+                    consumer.complete(first, last, base_offset, error_code)
+                owed.popleft()
+                self._release(ring, position)
+                done += 1
+            if not owed or ring.broken is not None:
+                owed.clear()
+                self._owing.discard(ring)
+        return done
+
+    def owed_flushable(self) -> bool:
+        """Whether :meth:`flush_owed` would write something now (the loop does not sleep)."""
+        for ring in self._owing:  # bounded by the rings that owe
+            if ring.owed and (ring.owed[0][3] < 0 or not ring.consumer.completions_full()):
+                return True
+        return False
 
     def _release(self, ring: IngressRing, position: int, expected_sequence: int | None = None
                  ) -> None:
@@ -509,28 +892,37 @@ class Drainer:
     # -- a round with a bad batch ----------------------------------------------------------------
 
     def _append_ring_by_ring(self, taken: list) -> None:
+        """The round's runs one append each, in log order; the run with a bad batch frame by
+        frame. A run that could not be handled whole ends the round there: the runs after it
+        are put back (their offsets would not continue the log)."""
         done = []
-        for ring, start, batch in taken:
+        for i, (ring, start, base, batch) in enumerate(taken):
             try:
-                info = self._append_frames([(ring, batch.first_sequence, batch.data)])
+                self._log_append(b"".join(batch.data))
             except FRAME_ERRORS:
                 self._finish(done)  # what is appended so far, before the slow path
                 done = []
-                self._append_frame_by_frame(ring, start, batch)
+                if not self._append_frame_by_frame(ring, start, base, batch):
+                    # Latest first: a ring's earliest run put back sets its position last.
+                    for later_ring, later_start, _, later in reversed(taken[i + 1:]):
+                        self._untake(later_ring, later_start, later)
+                    return
                 continue
-            done.append((ring, batch.first_sequence, batch.last_sequence, info.base_offset,
+            done.append((ring, batch.first_sequence, batch.last_sequence, base,
                          batch.next_position))
         self._finish(done)
 
-    def _append_frame_by_frame(self, ring: IngressRing, start: int, batch) -> None:
-        """Appends the good frames of one ring's round, completes the bad ones with their
-        error. Needs one completion per run of good frames and one per bad frame; when the
-        producer's completion slots run out, the rest is left for a later round."""
+    def _append_frame_by_frame(self, ring: IngressRing, start: int, base: int, batch) -> bool:
+        """Appends the good frames of one ring's run and completes the bad ones with their
+        error; a bad frame's offsets get an empty batch, so the log stays contiguous (and
+        the runs after it still continue it: True)."""
         consumer = ring.consumer
         copies = [bytes(v) for v in batch.data]
         k = 0
         n = len(copies)
-        while k < n:  # bounded: k grows every pass or the loop breaks
+        offset = base
+        positions = None  # where each frame ends, when a run of good frames needs it
+        while k < n:  # bounded: k grows every pass
             j = k
             bad: errors.ShmbrokerError | None = None
             while j < n:
@@ -540,41 +932,45 @@ class Drainer:
                     bad = exc
                     break
                 j += 1
+            if positions is None:
+                positions = self._frame_ends(ring, start, batch)
             if j > k:
-                if consumer.completions_full():
-                    break
-                info = self._append_frames([(ring, batch.first_sequence + k, copies[k:j])])
+                info = self._log_append(b"".join(copies[k:j]))
+                assert info.base_offset == offset, (info.base_offset, offset)
                 if consumer.fsync_required:
                     self.log.flush()
                 self.publish()  # before the ack: see the module doc, step 5
-                consumer.complete(batch.first_sequence + k, batch.first_sequence + j - 1,
-                                  info.base_offset)
+                self._settle(ring, batch.first_sequence + k, batch.first_sequence + j - 1,
+                             offset, 0, positions[j - 1])
+                offset = info.last_offset + 1
             if bad is None:
-                k = j
-                continue
-            if consumer.completions_full():
-                k = j
                 break
             seq = batch.first_sequence + j
             log.warning("partition %s/%d: rejected frame %d of ring %s (producer pid %d): %s",
                         self.ingress.topic, self.ingress.partition, seq, ring.name,
                         consumer.owner_pid, bad)
-            consumer.complete(seq, seq, -1, bad.code)
+            span = frame_offsets(copies[j])
+            self.log.append(records.empty_batch(offset, span), gap=True)
+            offset += span
+            self.count_event("offsets_filled", span)
+            self.publish()
             self.frames_rejected += 1
             self.count_event("frames_rejected")
+            self._settle(ring, seq, seq, -1, bad.code, positions[j])
             k = j + 1
-        if k == n:
-            self._release(ring, batch.next_position)
-            return
-        position = start
-        if k > 0:
-            try:
-                position, _ = _native.ring_scan(consumer.buf, start, batch.first_sequence,
-                                                _SCAN_BYTES_ANY, k)
-            except errors.RingCorruptError as exc:  # header overwritten: see _release
-                self._mark_broken(ring, exc)
-                return
-        self._release(ring, position, batch.first_sequence + k)
+        return True
+
+    @staticmethod
+    def _frame_ends(ring: IngressRing, start: int, batch) -> list[int]:
+        """The ring position after each frame of ``batch`` (read from ``start``)."""
+        ends = []
+        position, seq = start, batch.first_sequence
+        for _ in range(batch.count):  # bounded by the batch's frames
+            position, _ = _native.ring_scan(ring.consumer.buf, position, seq, _SCAN_BYTES_ANY,
+                                            _ONE_FRAME)
+            ends.append(position)
+            seq += 1
+        return ends
 
     def _mark_broken(self, ring: IngressRing, exc: Exception) -> None:
         self.ingress.mark_broken(ring, str(exc))
@@ -582,157 +978,3 @@ class Drainer:
         log.error("partition %s/%d: ring %s (producer pid %d) is corrupt and is no longer read: "
                   "%s", self.ingress.topic, self.ingress.partition, ring.name,
                   ring.consumer.owner_pid, exc)
-
-    # -- after a restart ------------------------------------------------------------------------
-
-    def replay_unreleased(self) -> int:
-        """Frames at the rings' read positions that the previous process appended (its last
-        append) but did not release: complete them with the offsets they got (unless it
-        had: ``acked_sequence``), skip them. Returns how many were found.
-
-        The round manifest (layout/shm.py) names the append's frames in log order; the log
-        holds whole batches from ``append_round_base_offset`` (recovery cut a torn tail).
-        Walking the manifest's frames, each frame's batches are matched with the next
-        batches of the log (offsets contiguous, last offset delta and CRC equal: the log
-        stores a producer's batch as it is, and base offset and leader epoch lie outside
-        the CRC): those frames were appended, the rest were not. Worked example: base 6,
-        the log holds 6..14 (three batches of 3), the manifest says ring A frames 2..3,
-        ring B frame 0..1: A's frames 2 and 3 and B's frame 0 were appended (offsets 6, 9,
-        12), B's frame 1 was not and is drained as usual."""
-        base = self.control.append_round_base_offset
-        end = self.log.log_end_offset
-        if base < 0 or base >= end or base < self.log.log_start_offset:
-            return 0
-        logged = self._batches_since(base)
-        rings = {(r.consumer.slot, r.consumer.generation): r for r in self.ingress}
-        at = 0  # index of the next logged batch to match
-        found = 0
-        for entry in self.control.round_manifest():  # bounded: registry_slots
-            if at == len(logged):
-                break
-            ring = rings.get((entry.slot, entry.generation))
-            frames = 0
-            try:
-                if ring is not None and ring.broken is None:
-                    frames, at, whole = self._skip_appended(ring, entry, logged, at)
-                else:
-                    whole = False
-            except errors.RingCorruptError as exc:  # see _release: only this ring is dropped
-                self._mark_broken(ring, exc)
-                whole = False
-            found += frames
-            if whole:
-                continue
-            if frames == 0 and self._released(ring, entry):
-                # Released already (its ring gone, or read past): its offsets still count.
-                stop = logged[at][0] + entry.offset_count
-                while at < len(logged) and logged[at][0] < stop:  # bounded by logged
-                    at += 1
-                continue
-            break  # the log ends inside this ring's frames: later entries were not written
-        if found:
-            log.info("partition %s/%d: %d frame(s) appended before the restart but not released "
-                     "were recognised in the log and not appended again", self.ingress.topic,
-                     self.ingress.partition, found)
-        return found
-
-    @staticmethod
-    def _released(ring: IngressRing | None, entry: ManifestEntry) -> bool:
-        """The entry's frames are no longer in its ring (released, or the ring is gone)."""
-        if ring is None or ring.broken is not None:
-            return True
-        seq = ring.consumer.first_unread_sequence()
-        return seq is None or seq >= entry.first_sequence + entry.frame_count
-
-    def _batches_since(self, offset: int) -> list[tuple[int, int, int]]:
-        """(base offset, last offset, crc) of every whole batch from ``offset`` to the log end
-        (at most one append: a round, PARTITION_ROUND_BYTES_MAX and one ring's share)."""
-        out: list[tuple[int, int, int]] = []
-        end = self.log.log_end_offset
-        while offset < end:  # bounded: offset grows with every slice
-            piece = self.log.read(offset, _REPLAY_READ_BYTES)
-            if piece.length == 0:
-                break
-            scan = records.scan_batches(piece.data, verify_crc=False)
-            for b in scan.batches:
-                if b.base_offset >= offset:
-                    out.append((b.base_offset, b.last_offset,
-                                _CRC.unpack_from(piece.data, b.position + _CRC_AT)[0]))
-            offset = piece.last_offset + 1
-            del piece, scan
-        return out
-
-    def _skip_appended(self, ring: IngressRing, entry: ManifestEntry, logged: list, at: int
-                       ) -> tuple[int, int, bool]:
-        """Matches ``entry``'s frames, read from ``ring``, with ``logged[at:]``. Returns
-        (frames skipped, index of the next logged batch, whether every frame of the entry
-        was in the log)."""
-        consumer = ring.consumer
-        seq = consumer.first_unread_sequence()
-        if seq is None or seq > entry.first_sequence or \
-                seq >= entry.first_sequence + entry.frame_count:
-            return 0, at, False
-        acked = _native.atomic_load_u64(consumer.buf, L.RING["acked_sequence"])
-        if acked < entry.first_sequence:
-            # Unreleased frames before the entry's were completed (an earlier append of a
-            # round that went frame by frame); any that was not means a manifest we do
-            # not understand: leave the ring alone.
-            return 0, at, False
-        position, start_seq = consumer.position, seq
-        last = entry.first_sequence + entry.frame_count  # one past the entry's frames
-        first_offset = -1  # offset of the first frame at or after acked
-        torn = -1  # a frame whose first batches only are in the log
-        while seq < last:  # bounded by the entry's frames
-            nxt, spans = _native.ring_scan(consumer.buf, position, seq, _SCAN_BYTES_ANY,
-                                           _ONE_FRAME)
-            if not spans:
-                break
-            if seq >= entry.first_sequence:
-                off, length = spans[0]
-                with memoryview(consumer.buf) as whole, whole[off:off + length] as payload:
-                    batches = batches_in(payload)
-                k = 0
-                for delta, crc in batches:  # bounded by the frame's batches
-                    if at + k == len(logged):
-                        break
-                    base, last_offset, logged_crc = logged[at + k]
-                    if last_offset - base != delta or logged_crc != crc:
-                        break
-                    k += 1
-                if k == 0 and at < len(logged):
-                    log.warning("partition %s/%d: the batch at offset %d is not frame %d of "
-                                "ring %s, which the round manifest names; the replay stops "
-                                "there", self.ingress.topic, self.ingress.partition,
-                                logged[at][0], seq, ring.name)
-                if k < len(batches) or not batches:
-                    if k > 0:
-                        torn, at = seq, at + k
-                        position, seq = nxt, seq + 1
-                    break
-                if seq >= acked and first_offset < 0:
-                    first_offset = logged[at][0]
-                at += k
-            position, seq = nxt, seq + 1
-        if seq == start_seq:
-            return 0, at, False
-        appended_last = torn - 1 if torn >= 0 else seq - 1
-        first = max(entry.first_sequence, acked)
-        if first_offset >= 0 and appended_last >= first and not consumer.completions_full():
-            consumer.complete(first, appended_last, first_offset)
-        if torn >= acked and not consumer.completions_full():
-            self._refuse_torn(ring, torn, logged[at - 1][1])
-        consumer.skip_to(position, seq)
-        return seq - start_seq, at, seq == last and torn < 0
-
-    def _refuse_torn(self, ring: IngressRing, seq: int, last_logged: int) -> None:
-        """A frame of several batches whose first batches are in the log and the rest not (a
-        kill inside the write, between two of its batches): it is neither appended again
-        (that would duplicate what is there) nor acknowledged (records are missing); its
-        producer gets RequestTimeoutError ("may or may not be appended"), as when an ack
-        is lost. Our producers, the router and the Kafka listener write one batch per
-        frame, so only another writer's ring can see this."""
-        log.error("partition %s/%d: frame %d of ring %s was cut inside the write before the "
-                  "restart (the log holds its batches up to offset %d only); answered with "
-                  "REQUEST_TIMED_OUT", self.ingress.topic, self.ingress.partition, seq,
-                  ring.name, last_logged)
-        ring.consumer.complete(seq, seq, -1, errors.RequestTimeoutError.code)

@@ -14,7 +14,8 @@ Owned by the partition process's main thread; not thread-safe.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 
 from .. import errors
 from ..layout import shm as L
@@ -37,6 +38,9 @@ class IngressRing:
     pid: int
     dead: bool = False        # its producer is gone: drain, then unlink and free the slot
     broken: str | None = None  # its bytes broke an invariant: no longer read
+    #: Completions and releases of frames in the log that wait for the producer to read its
+    #: completions (Drainer._settle): (first, last, base offset, error code, position).
+    owed: deque = field(default_factory=deque)
 
     @property
     def name(self) -> str:
@@ -193,6 +197,8 @@ class Ingress:
         retired = []
         for key, ring in list(self.rings.items()):
             consumer = ring.consumer
+            if ring.owed and ring.broken is None:
+                continue  # its completions are still to be written
             if ring.broken is not None:
                 if not ring.dead:
                     continue  # keep it (not read) until its producer goes away

@@ -39,6 +39,8 @@ _STOP_WAIT_MS = 10
 #: where the drainer can; tests turn it off to compare with the round run from step().
 SLEEP_ROUND = True
 _REGISTRY_CHANGES = L.CONTROL["registry_changes"]
+#: Longest doorbell sleep while a live producer holds the next offset uncommitted.
+RESERVER_WAIT_MS = 5
 
 
 #: time.monotonic_ns() // 1_000_000, in C (read twice a pass of the loop).
@@ -97,12 +99,14 @@ class PartitionOwner:
 
     def _take_over_rings(self) -> None:
         """After a restart (or a kill -9 of the whole broker): every registered ring, the rings
-        of producers that died meanwhile and orphans are attached; frames the previous
-        process appended but did not release are recognised and skipped."""
+        of producers that died meanwhile and orphans are attached, and a new control region's
+        next_offset is set, which lets producers commit (decision 0005). Frames the previous
+        process appended but did not release lie below the log end: the rounds recognise
+        and skip them (Drainer._settle_behind)."""
         self.ingress.refresh(force=True)
         self.ingress.reap()
         self.ingress.adopt_orphans()
-        self.drainer.replay_unreleased()
+        self.drainer.start_offsets()
         if len(self.ingress):
             log.info("partition %s/%d: %d producer ring(s) attached", self.topic,
                      self.partition, len(self.ingress))
@@ -188,6 +192,10 @@ class PartitionOwner:
         may look again before it steps (see process.run_loop)."""
         control = self.control
         ingress = self.ingress
+        if self.drainer.blocked_by is not None:
+            return self._wait_for_reserver(timeout_ms, stop_requested)
+        if self.drainer.owed_flushable():
+            return False  # the next step writes them
         registry_seen = ingress.registry_seen
         # One C call: ControlRegion.sleep_prepare, then registry_changes against
         # registry_seen and IngressRing.readable for every ring that is read (-1: work).
@@ -213,6 +221,21 @@ class PartitionOwner:
             return False
         return self.drainer.sleep_round(plan, seen, timeout_ms, self.spin_ns) > 0
 
+    def _wait_for_reserver(self, timeout_ms: int, stop_requested: Callable[[], bool]) -> bool:
+        """The last round found the next offset reserved by a live producer that has not
+        committed it (Drainer.blocked_by): other rings may be readable, but nothing can be
+        appended before that commit, which rings the doorbell. Sleep on it (at most
+        RESERVER_WAIT_MS: a producer stopped in that window is looked at again, and the
+        reap finds it if it died), race-free as the ordinary sleep."""
+        control = self.control
+        seen = control.sleep_prepare()
+        if stop_requested() or self.drainer.reserver_moved():
+            control.sleep_cancel()
+            return False
+        timeout_ms = max(1, min(int(timeout_ms), RESERVER_WAIT_MS))
+        _native.drain_sleep(control.buf, seen, timeout_ms, self.spin_ns)
+        return False
+
     def interrupt(self) -> None:
         """From a signal handler: make a current or next doorbell sleep return at once."""
         if self.control.buf is not None:
@@ -231,13 +254,15 @@ class PartitionOwner:
         while self._monotonic_ms() < deadline:  # bounded by the deadline
             if self.drainer.round():
                 continue
-            waiting = [r for r in self.ingress if r.broken is None and r.consumer.has_unread()]
+            waiting = [r for r in self.ingress
+                       if r.broken is None and (r.consumer.has_unread() or r.owed)]
             if not waiting:
                 break
             # Held back: their producers have COMPLETIONS_MAX completions unread (poll nudged
             # them); they read them and ring the doorbell.
             self.wait_for_work(_STOP_WAIT_MS)
-        left = [r.name for r in self.ingress if r.broken is None and r.consumer.has_unread()]
+        left = [r.name for r in self.ingress
+                if r.broken is None and (r.consumer.has_unread() or r.owed)]
         if left:
             log.warning("partition %s/%d: stopping with committed frames left in %s (their "
                         "producers did not read their completions)", self.topic,

@@ -146,6 +146,26 @@ def read_header(buf: Any, pos: int = 0) -> BatchHeader:
     return BatchHeader(*layout.HEADER_STRUCT.unpack_from(buf, pos))
 
 
+#: Largest span one empty batch covers (lastOffsetDelta is an INT32).
+EMPTY_BATCH_SPAN_MAX = 0x7FFFFFFF + 1
+
+
+def empty_batch(base_offset: int, span: int) -> bytes:
+    """A batch of no records that takes offsets ``base_offset .. base_offset + span - 1``
+    (lastOffsetDelta = span - 1): what Kafka's compaction leaves where records were, and what
+    a partition process appends over offsets a producer reserved and never committed
+    (decision 0005). Readers skip it and continue after its last offset. No timestamps."""
+    if not 1 <= span <= EMPTY_BATCH_SPAN_MAX:
+        raise ValueError(f"empty_batch: span {span} outside [1, {EMPTY_BATCH_SPAN_MAX}]")
+    buf = bytearray(layout.HEADER_SIZE)
+    layout.HEADER_STRUCT.pack_into(
+        buf, 0, base_offset, layout.BATCH_LENGTH_MIN, -1, layout.MAGIC, 0, 0, span - 1, -1, -1,
+        layout.NO_PRODUCER_ID, layout.NO_PRODUCER_EPOCH, layout.NO_SEQUENCE, 0)
+    crc = crc32c(memoryview(buf)[layout.CRC_START:])
+    buf[layout.OFFSETS["crc"]:layout.OFFSETS["crc"] + 4] = crc.to_bytes(4, "big")
+    return bytes(buf)
+
+
 def encode_batch(values: Any, keys: Sequence[Any] | None = None,
                  headers: Sequence[Any] | None = None, timestamps: Any = None,
                  timestamp: int | None = None, base_offset: int = 0,
@@ -229,6 +249,6 @@ def decode_columnar(buf: Any, verify_crc: bool = True) -> ColumnarBatch:
 
 __all__ = [
     "Record", "BatchHeader", "BatchInfo", "ScanResult", "ColumnarBatch", "SCAN_STATUS",
-    "crc32c", "murmur2", "partition_for_key", "encode_batch", "decode_records",
+    "crc32c", "murmur2", "partition_for_key", "encode_batch", "empty_batch", "decode_records",
     "decode_columnar", "scan_batches", "read_header", "STATUS_ERRORS",
 ]

@@ -12,8 +12,9 @@ is a per-ring flag). For each produce request, in this order:
    base offset and partition leader epoch, which lie outside the CRC, as Kafka's leader
    does): a Kafka client's producer id, epoch and base sequence stay in the log, where a
    restarted Kafka listener finds them (kafka/idempotence.py), and a restarted partition
-   process recognises frames it had appended by its round manifest, not by batch fields
-   (docs/design/partition.md, "Duplicates after a restart");
+   process recognises frames it had appended by the offsets the ring write set in them at
+   its commit, not by producer fields (docs/design/partition.md, "Duplicates after a
+   restart");
 3. it is written to the ring without blocking: a full ring keeps the request waiting in the
    partition's FIFO (order kept, in the router's own copy), tried again at every tick of the
    router loop; when nothing waits and the ring has room, a buffer the caller lends

@@ -9,8 +9,9 @@ Writers, one per group of fields:
 * published state (seqlock) and ``hw_seq``: the partition process (``publish``);
 * ``doorbell``: producers, after committing frames (the C ``ring_write`` does it);
 * ``partition_sleeping``: the partition process, around its doorbell sleep;
-* ``append_round_base_offset`` and the round manifest: the partition process, before each
-  append (``write_round_manifest``);
+* ``next_offset``: producers take their frames' offsets from it at each commit (fetch_add
+  in the C ``ring_write``); the partition process sets it once, at its start, in a new
+  region (``start_offsets``; docs/decisions/0005);
 * ``hw_waiters``: consumers, around their sleep on ``hw_seq`` (a count: a consumer that dies
   while counted only costs the partition extra wake syscalls);
 * a registry slot: the producer that claimed it, and the partition process that frees it
@@ -50,16 +51,6 @@ class PartitionState(NamedTuple):
     seq: int  # the seqlock value it was read at (even)
 
 
-class ManifestEntry(NamedTuple):
-    """One ring's frames in one append (layout/shm.py, the round manifest)."""
-
-    first_sequence: int
-    slot: int
-    generation: int
-    frame_count: int
-    offset_count: int
-
-
 class SlotInfo(NamedTuple):
     slot: int
     pid: int
@@ -78,7 +69,6 @@ class ControlRegion:
         self.name = region.name
         (self.owner_pid, self.registry_slots, self.owner_start_time,
          self.partition) = _HEADER_REST.unpack_from(self.buf, C["owner_pid"])
-        self.manifest_offset = L.control_manifest_offset(self.registry_slots)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -95,7 +85,7 @@ class ControlRegion:
                                    my_start_time(), partition)
             struct.pack_into("<Q", buf, C["created_ns"], time.time_ns())
             struct.pack_into("<qqqq", buf, C["high_watermark"], 0, 0, 0, 0)
-            struct.pack_into("<q", buf, C["append_round_base_offset"], -1)
+            struct.pack_into("<Q", buf, C["next_offset"], L.NEXT_OFFSET_UNSET)
             region.write_prefix(L.CONTROL_MAGIC, L.CONTROL_LAYOUT_VERSION,
                                 L.CONTROL_REGISTRY_OFFSET)
         except BaseException:
@@ -177,6 +167,25 @@ class ControlRegion:
         _native.atomic_add_u32(buf, C["hw_seq"], 1)
         if _native.atomic_load_u32(buf, C["hw_waiters"]):
             wake.wake(buf, C["hw_seq"])
+
+    # -- offsets assigned at the producer's commit (decision 0005) ---------------------------
+
+    @property
+    def next_offset(self) -> int:
+        """The next offset a producer's commit takes (L.NEXT_OFFSET_UNSET: not set yet)."""
+        return _native.atomic_load_u64(self.buf, C["next_offset"])
+
+    def start_offsets(self, at_least: int) -> int:
+        """Partition process, at start, before its first round: a new region's next_offset
+        becomes ``at_least`` (the log end, or past every offset the attached rings' frames
+        hold); producers' writes wait for this (RING_OFFSETS_UNSET). A region that has it
+        already (a restarted partition process, an adopted region) keeps it: producers may
+        hold offsets from it. Returns the value in force."""
+        if at_least < 0 or at_least >= L.NEXT_OFFSET_UNSET:
+            raise ValueError(f"start_offsets: {at_least} is not an offset")
+        if _native.atomic_cas_u64(self.buf, C["next_offset"], L.NEXT_OFFSET_UNSET, at_least):
+            return at_least
+        return self.next_offset
 
     @staticmethod
     def publisher() -> tuple[int, int]:
@@ -268,39 +277,6 @@ class ControlRegion:
         assert status in (L.PARTITION_STATUS_RUNNING, L.PARTITION_STATUS_STOPPING,
                           L.PARTITION_STATUS_STOPPED), status
         _native.atomic_store_u32(self.buf, C["partition_status"], status)
-
-    @property
-    def append_round_base_offset(self) -> int:
-        """Log end offset before the partition process's current append (-1: none)."""
-        return struct.unpack_from("<q", self.buf, C["append_round_base_offset"])[0]
-
-    def set_append_round_base_offset(self, offset: int) -> None:
-        # seq_cst store: it must be in memory before the append that it announces.
-        _native.atomic_store_u64(self.buf, C["append_round_base_offset"], offset & (2**64 - 1))
-
-    def write_round_manifest(self, base_offset: int, entries: list[ManifestEntry]) -> None:
-        """Partition process, before an append that starts at ``base_offset``: which frames
-        it writes, in log order. -1 first, then the entries, then the base offset (each a
-        seq_cst store or before one): a kill at any point leaves either -1 or a base offset
-        whose manifest is complete. The C round (drain.c, write_manifest) does the same."""
-        n = len(entries)
-        assert n <= self.registry_slots, (n, self.registry_slots)
-        _native.atomic_store_u64(self.buf, C["append_round_base_offset"], 2**64 - 1)
-        pack = L.MANIFEST_ENTRY_STRUCT.pack_into
-        at = self.manifest_offset
-        for e in entries:  # bounded: registry_slots
-            pack(self.buf, at, *e)
-            at += L.MANIFEST_ENTRY_BYTES
-        _native.atomic_store_u32(self.buf, C["manifest_rings"], n)
-        _native.atomic_store_u64(self.buf, C["append_round_base_offset"], base_offset)
-
-    def round_manifest(self) -> list[ManifestEntry]:
-        """The manifest of the append at ``append_round_base_offset`` (read after a restart)."""
-        n = min(_native.atomic_load_u32(self.buf, C["manifest_rings"]), self.registry_slots)
-        unpack = L.MANIFEST_ENTRY_STRUCT.unpack_from
-        at = self.manifest_offset
-        return [ManifestEntry(*unpack(self.buf, at + i * L.MANIFEST_ENTRY_BYTES))
-                for i in range(n)]
 
     # -- registry changes (producers announce new rings) -------------------------------------
 

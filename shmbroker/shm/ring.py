@@ -28,6 +28,10 @@ from .region import Region
 R = L.RING
 RING_OK = L.RING_STATUS["OK"]
 RING_FULL = L.RING_STATUS["FULL"]
+RING_OFFSETS_UNSET = L.RING_STATUS["OFFSETS_UNSET"]
+#: Nap while the partition process has not set next_offset yet (it is starting: recovering
+#: its log); a start takes milliseconds to seconds, so a nap is cheaper than a futex word.
+_OFFSETS_UNSET_NAP_S = 0.002
 _HEADER_REST = struct.Struct("<QQiiQIIQ")  # region_bytes .. created_ns (offset 16)
 
 
@@ -149,7 +153,21 @@ class RingProducer:
             done += written
             if status == RING_OK:
                 return first if first is not None else seq
+            if status == RING_OFFSETS_UNSET:
+                self._wait_offsets(deadline, timeout_ms, done)
+                continue
             self._wait_space(len(payloads[done]), deadline, timeout_ms, done, spin_ns)
+
+    def _wait_offsets(self, deadline: float | None, timeout_ms, done: int) -> None:
+        """The partition process has not set next_offset yet (decision 0005: offsets are
+        taken at the commit): nap until it has, up to the deadline."""
+        if deadline is not None and time.monotonic() >= deadline:
+            err = errors.RingFullTimeoutError(
+                f"ring {self.name!r}: the partition process did not start within {timeout_ms} "
+                f"ms ({done} payloads written, the rest not sent): no offsets to give them")
+            err.written = done
+            raise err
+        time.sleep(_OFFSETS_UNSET_NAP_S)
 
     def _wait_space(self, payload_bytes: int, deadline: float | None, timeout_ms, done: int,
                     spin_ns: int) -> None:
@@ -360,7 +378,7 @@ class RingConsumer:
         frame). None when there is nothing, or when the producer has COMPLETIONS_MAX
         completions unread (acks back-pressure; the producer is nudged)."""
         if self.completions_full():
-            self._nudge_producer()
+            self.nudge_producer()
             return None
         if self.expected_sequence is None:
             _native.ring_check(self.buf)  # the C read does this on every call after
@@ -407,7 +425,8 @@ class RingConsumer:
         if _native.atomic_load_u32(buf, R["ack_waiting"]):
             wake.wake(buf, R["ack_seq"])
 
-    def _nudge_producer(self) -> None:
+    def nudge_producer(self) -> None:
+        """Wake the producer if it sleeps on a full ring (it reads its completions then)."""
         if _native.atomic_load_u32(self.buf, R["space_waiting"]):
             _native.atomic_add_u32(self.buf, R["space_seq"], 1)
             wake.wake(self.buf, R["space_seq"])

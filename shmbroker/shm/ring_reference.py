@@ -10,6 +10,7 @@ from __future__ import annotations
 import struct
 
 from .. import errors
+from ..layout import record_batch as RB
 from ..layout import shm as L
 
 _U32 = struct.Struct("<I")
@@ -85,6 +86,57 @@ def ring_fits(ring, payload_bytes: int) -> bool:
     return _room_for(tail, head, capacity, _needed(tail, capacity, payload_bytes))
 
 
+_BE64 = struct.Struct(">q")
+_BE32 = struct.Struct(">i")
+
+
+def _frame_steps(payload):
+    """(position, offsets) of each batch of a frame's payload, by shmb_frame_offsets' walk."""
+    pos, end = 0, len(payload)
+    while pos + RB.HEADER_SIZE <= end:  # bounded: each step is at least 61 bytes
+        blen = _BE32.unpack_from(payload, pos + RB.OFFSETS["batch_length"])[0]
+        if blen < RB.BATCH_LENGTH_MIN:
+            return
+        delta = _BE32.unpack_from(payload, pos + RB.OFFSETS["last_offset_delta"])[0]
+        yield pos, (1 if delta < 0 else delta + 1)
+        pos += blen + RB.LOG_OVERHEAD
+
+
+def frame_offsets(payload) -> int:
+    """Offsets one frame's payload takes (shmb_frame_offsets): lastOffsetDelta + 1 summed over
+    its batches, at least 1."""
+    return sum(n for _, n in _frame_steps(payload)) or 1
+
+
+def frame_set_base(payload, base: int) -> None:
+    """shmb_frame_set_base: consecutive base offsets on the frame's batches, from ``base``."""
+    _BE64.pack_into(payload, 0, base)
+    for pos, n in _frame_steps(payload):
+        _BE64.pack_into(payload, pos, base)
+        base += n
+
+
+def _reserve_offsets(buf, ctl, tail: int, mask: int, views: list) -> int:
+    """reserve_offsets in ring.c: take the frames' offsets from next_offset, patch them in."""
+    R = L.RING
+    total = sum(frame_offsets(v) for v in views)
+    _U64.pack_into(buf, R["reserved_base"], L.RESERVED_PENDING)
+    at = L.CONTROL["next_offset"]
+    base = _u64(ctl, at)
+    _U64.pack_into(ctl, at, base + total)  # (single-threaded reference: no fetch_add needed)
+    _U64.pack_into(buf, R["reserved_end"], base + total)
+    _U64.pack_into(buf, R["reserved_base"], base)
+    pos, data, nxt = tail, L.RING_DATA_OFFSET, base
+    for v in views:
+        if _I32.unpack_from(buf, data + (pos & mask) + 4)[0] == L.FRAME_TYPE_PADDING:
+            pos += (mask + 1) - (pos & mask)
+        off = data + (pos & mask) + L.FRAME_HEADER_BYTES
+        frame_set_base(buf[off:off + len(v)], nxt)
+        nxt += frame_offsets(v)
+        pos += L.frame_bytes(len(v))
+    return base
+
+
 def ring_write(ring, payloads, doorbell=None) -> tuple[int, int, int]:
     """Writes as many payloads as fit, publishes them at once: (status, first_sequence, written).
 
@@ -102,6 +154,15 @@ def ring_write(ring, payloads, doorbell=None) -> tuple[int, int, int]:
             raise errors.RecordTooLargeError(
                 f"payload {i} of {len(v)} bytes is larger than this ring can ever hold "
                 f"({limit} bytes, capacity {capacity})")
+    ctl = memoryview(doorbell).cast("B") if doorbell is not None else None
+    if ctl is not None:
+        for i, v in enumerate(views):
+            if len(v) < RB.HEADER_SIZE:
+                raise errors.CorruptRecordError(
+                    f"payload {i} of {len(v)} bytes is shorter than a record batch header "
+                    f"({RB.HEADER_SIZE} bytes)")
+        if _u64(ctl, L.CONTROL["next_offset"]) & L.NEXT_OFFSET_UNSET:
+            return L.RING_STATUS["OFFSETS_UNSET"], 0, 0
     R, data, mask = L.RING, L.RING_DATA_OFFSET, capacity - 1
     tail = pos = _u64(buf, R["write_position"])
     head = _u64(buf, R["read_position"])
@@ -137,10 +198,14 @@ def ring_write(ring, payloads, doorbell=None) -> tuple[int, int, int]:
         written += 1
     if written == 0:
         return RING_FULL, first_seq, 0
+    if ctl is not None:
+        _reserve_offsets(buf, ctl, tail, mask, views[:written])
     _U64.pack_into(buf, data + (pos & mask), 0)
     _U64.pack_into(buf, R["next_sequence"], seq)
     _U64.pack_into(buf, R["write_position"], pos)
     _I32.pack_into(buf, data + (tail & mask), first_len)
+    if ctl is not None:
+        _U64.pack_into(buf, R["reserved_base"], L.RESERVED_NONE)
     if doorbell is not None:
         ctl = memoryview(doorbell).cast("B")
         if _u32(ctl, L.CONTROL["partition_sleeping"]):

@@ -1,7 +1,8 @@
 """The partition process's drain round, driven in-process so that a crash can be put exactly
-between "appended" and "released": a restarted owner recognises the frames in the log (by the
-round manifest in the control region: which rings' frames the append held, in log order) and
-neither appends them again nor loses their acks. The batches carry a Kafka producer's own
+between "appended" and "released": a restarted owner recognises the frames in the log (they
+carry the offsets their producer took at its commit, decision 0005: a frame below the log end
+whose batch is the log's batch at that offset was appended) and neither appends them again nor
+loses their acks. The batches carry a Kafka producer's own
 fields (the same producer id and sequence in every frame), which the partition never rewrites
 and the replay does not need. Also: one bad frame in a round is rejected alone."""
 from __future__ import annotations
@@ -110,10 +111,11 @@ def test_frames_appended_but_not_released_before_a_crash_are_not_appended_twice(
     crash(owner)
     assert ring.read_position < ring.write_position
 
+    restarted = owner_for(data_dir, control)
     with caplog.at_level("INFO", logger="shmbroker.partition"):
-        restarted = owner_for(data_dir, control)
+        restarted.step()
     assert "4 frame(s) appended before the restart but not released" in caplog.text
-    restarted.step()
+    assert restarted.drainer.frames_settled == 4
     assert ring.drained()
     values = values_in_log(restarted)
     assert len(values) == 18 and len(set(values)) == 18  # every record once
@@ -235,8 +237,8 @@ def test_two_rings_crash_between_their_completions(data_dir, shm):
         owner.step()
     crash(owner)
     restarted = owner_for(data_dir, control)
-    assert restarted.drainer.replay_unreleased() == 0  # (already done by the constructor)
     restarted.step()
+    assert restarted.drainer.frames_settled == 5
     check_every_record_once_and_acked_once(restarted, {b"a": ring_a, b"b": ring_b})
     restarted.shutdown()
     restarted.close()
@@ -265,7 +267,7 @@ def test_a_write_torn_inside_the_last_frame_appends_that_frame_once(data_dir, sh
     restarted.close()
 
 
-def test_a_crash_after_the_manifest_and_before_the_write_appends_once(data_dir, shm):
+def test_a_crash_before_the_write_appends_once(data_dir, shm):
     control, ring, producer_id = shm
     owner = owner_for(data_dir, control)
     owner.drainer.native = False
@@ -277,7 +279,6 @@ def test_a_crash_after_the_manifest_and_before_the_write_appends_once(data_dir, 
     owner.drainer._log_append = crash_before_write
     with pytest.raises(Crash):
         owner.step()
-    assert control.append_round_base_offset == 0 and len(control.round_manifest()) == 1
     crash(owner)
     restarted = owner_for(data_dir, control)
     restarted.step()
@@ -287,8 +288,7 @@ def test_a_crash_after_the_manifest_and_before_the_write_appends_once(data_dir, 
 
 
 def test_a_crash_between_rounds_finds_nothing_to_replay(data_dir, shm):
-    """The last round was released: its manifest is still in place, but its frames are no
-    longer in the ring; the restart must not take the next frames for them."""
+    """The last round was released: the restart finds only new frames, at the log end."""
     control, ring, producer_id = shm
     owner = owner_for(data_dir, control)
     write_frames(ring, producer_id, 2)
@@ -296,8 +296,8 @@ def test_a_crash_between_rounds_finds_nothing_to_replay(data_dir, shm):
     crash(owner)
     write_frames(ring, producer_id, 2)  # written while no partition process runs
     restarted = owner_for(data_dir, control)
-    assert restarted.drainer.replay_unreleased() == 0
     restarted.step()
+    assert restarted.drainer.frames_settled == 0
     check_every_record_once_and_acked_once(restarted, {b"": ring})
     restarted.shutdown()
     restarted.close()

@@ -170,6 +170,7 @@ class Partition:
 def part(tmp_path):
     prefix = names.broker_prefix(tmp_path)
     ctl = ControlRegion.create(names.control_name(prefix, "t", 0), 0, registry_slots=16)
+    ctl.start_offsets(0)  # what a partition process does at start (decision 0005)
     p = Partition(ctl)
     p.prefix = prefix
     yield p

@@ -245,3 +245,83 @@ def test_native_ring_rejects_unaligned_or_readonly_buffers():
         _native.ring_write(bytes(buf), [b"x"])
     with pytest.raises(ValueError):
         _native.ring_check(memoryview(buf)[8:])
+
+
+# -- offsets at the commit (decision 0005) -----------------------------------------------------
+
+def new_control(next_offset: int) -> mmap.mmap:
+    """Just the control region's words ring_write touches: next_offset and the doorbell."""
+    buf = mmap.mmap(-1, L.CONTROL_REGISTRY_OFFSET)
+    put(buf, "<Q", L.CONTROL["next_offset"], next_offset)
+    return buf
+
+
+def batches(rng, n: int) -> bytes:
+    """n record batches back to back, of random record counts (their base offsets 0)."""
+    from shmbroker import records
+    return b"".join(records.encode_batch([rng.randbytes(rng.choice([0, 5, 40]))
+                                          for _ in range(rng.choice([1, 2, 7]))])
+                    for _ in range(n))
+
+
+def frame_base_offsets(data: bytes) -> list[tuple[int, int]]:
+    """(base offset, last offset delta) of every batch in a read's payloads."""
+    from shmbroker import records
+    out = []
+    pos = 0
+    while pos < len(data):  # bounded by the data
+        h = records.read_header(data, pos)
+        out.append((h.base_offset, h.last_offset_delta))
+        pos += 12 + h.batch_length
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_offsets_taken_at_the_commit_are_the_same_in_c_and_the_reference(seed):
+    """Frames of one or more batches, written one or several per call through both: the same
+    offsets go into every batch (consecutive across batches, frames and calls, from the
+    control region's next_offset), next_offset moves by the same amount, the reservation is
+    given back after the commit, and the rings are byte-identical."""
+    rng = random.Random(seed)
+    start = rng.choice([0, 7, 1 << 40])
+    rings = {impl: (new_ring(1 << 16), new_control(start)) for impl in IMPLS}
+    expect = start
+    for _ in range(40):
+        payloads = [batches(rng, rng.choice([1, 1, 3])) for _ in range(rng.choice([1, 2, 4]))]
+        results = [impl.ring_write(ring, payloads, control) for impl, (ring, control)
+                   in rings.items()]
+        assert results[0] == results[1] and results[0][0] == OK
+        expect += sum(reference.frame_offsets(p) for p in payloads)
+        for ring, control in rings.values():
+            assert u64(control, L.CONTROL["next_offset"]) == expect
+            assert u64(ring, R["reserved_base"]) == L.RESERVED_NONE
+    (ra, _), (rb, _) = rings.values()
+    assert same_bytes(ra, rb)
+    _, _, data = _native.ring_read(ra, 0, 0, 1 << 24)
+    bases = frame_base_offsets(data)
+    assert bases[0][0] == start
+    for (base, delta), (nxt, _) in zip(bases, bases[1:]):
+        assert nxt == base + delta + 1  # no gap, no overlap
+    assert bases[-1][0] + bases[-1][1] + 1 == expect
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=IDS)
+def test_a_write_waits_while_next_offset_is_unset_and_changes_nothing(impl):
+    ring, control = new_ring(), new_control(L.NEXT_OFFSET_UNSET)
+    before = bytes(ring)
+    status, _, written = impl.ring_write(ring, [batches(random.Random(1), 1)], control)
+    assert (status, written) == (L.RING_STATUS["OFFSETS_UNSET"], 0)
+    assert bytes(ring) == before
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=IDS)
+def test_a_payload_shorter_than_a_batch_header_is_refused_with_offsets(impl):
+    ring, control = new_ring(), new_control(0)
+    with pytest.raises(errors.CorruptRecordError):
+        impl.ring_write(ring, [b"x" * 60], control)
+    assert u64(control, L.CONTROL["next_offset"]) == 0
+
+
+@pytest.mark.parametrize("payload", [b"", b"\0" * 61, b"\xff" * 200, b"x" * 70])
+def test_frame_offsets_of_garbage_is_the_same_in_c_and_the_reference(payload):
+    assert _native.frame_offsets(payload) == reference.frame_offsets(payload) >= 1

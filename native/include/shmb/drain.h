@@ -11,24 +11,27 @@
  * Phases. Nothing in shared memory or on disk changes before phase 3, so a declined round
  * leaves everything exactly as it was for the Python round that follows:
  *
- *   1. collect: for each ring, in the order given (the caller's round-robin order): a ring
- *      whose producer has COMPLETIONS_MAX completions unread is held back (nudged in phase 3,
- *      as RingConsumer.poll does); else its committed frames from `position` (at most
- *      ring_round_bytes_max, the first frame always) are copied into `scratch` (the one
- *      copy, as the Python round's join: a producer cannot change bytes between validation
- *      and write). The round stops taking rings once round_bytes_max is used up.
+ *   1. collect (Drainer._collect): producers took their frames' offsets at their commit
+ *      (decision 0005), so frames are taken in offset order across the rings: from the log
+ *      end, the ring whose first unread frame starts at the next offset gives its run (its
+ *      frames while each starts where the previous one ended, at most ring_round_bytes_max,
+ *      the first always), then the next ring that continues, each ring once. A ring whose
+ *      producer has COMPLETIONS_MAX completions unread is skipped (nudged in phase 3). The
+ *      frames are copied into `scratch` in that order (the one copy, as the Python round's
+ *      join: a producer cannot change bytes between validation and write); bases and spans
+ *      are read from the copy. Declines BEHIND (a first frame below the log end: the Python
+ *      round settles it) and HOLE (frames, but none continues the log: the Python round
+ *      waits for a producer in its reservation or fills a dead one's offsets).
  *   2. check: each frame's bytes must be whole, valid batches (the C scan with CRC and
  *      records, batch_bytes_max, 1..batch_records_max records, no control batch); offsets
- *      are planned from the log end; then the round declines if any taken ring wants fsync
- *      (acks=all), a roll is due (segment.ms, segment.bytes, a full index, int32 relative
- *      offsets), the flush policy would fsync, or the offsets would pass the limit. Base
- *      offset and leader epoch are patched into the scratch copy; index entries are planned
- *      with Kafka's rule (IndexRule in shmbroker/log/index.py).
- *   3. act, in drain.py's crash-safe order: nudge held-back producers; write the round
- *      manifest (append_round_base_offset = -1, one entry per ring that gave frames, then
- *      append_round_base_offset = the log end: layout/shm.py); write the scratch bytes to
- *      the segment (O_APPEND fd: its end); publish the seqlocked state and wake consumers;
- *      complete each ring; release each ring.
+ *      are planned from the log end and every batch's own base offset must match; then the
+ *      round declines if any taken ring wants fsync (acks=all), a roll is due (segment.ms,
+ *      segment.bytes, a full index, int32 relative offsets), the flush policy would fsync,
+ *      or the offsets would pass the limit. The leader epoch is patched into the scratch
+ *      copy; index entries are planned with Kafka's rule (IndexRule in shmbroker/log/index.py).
+ *   3. act, in drain.py's crash-safe order: nudge held-back producers; write the scratch
+ *      bytes to the segment (O_APPEND fd: its end); publish the seqlocked state and wake
+ *      consumers; complete each ring; release each ring.
  */
 #ifndef SHMB_DRAIN_H
 #define SHMB_DRAIN_H
@@ -57,7 +60,8 @@
     X(OFFSET_LIMIT)                 \
     X(STATE_ODD)                    \
     X(NO_MEMORY)                    \
-    X(MANIFEST_FULL)
+    X(BEHIND)                       \
+    X(HOLE)
 
 #define SHMB_DRAIN_DECLINE_ENUM(name) SHMB_DRAIN_DECLINE_##name,
 enum { SHMB_DRAIN_DECLINE_NAMES(SHMB_DRAIN_DECLINE_ENUM) SHMB_DRAIN_DECLINE_COUNT };
@@ -77,11 +81,14 @@ typedef struct {
     uint64_t next_position;     /* where the next read starts (also past a lone padding) */
     uint32_t count;             /* frames taken, appended, completed and released */
     int held_back;              /* completions full: not read, producer nudged */
-    int64_t base_offset;        /* offset of the first record of the ring's frames */
+    int64_t base_offset;        /* offset of the first record of the ring's first run */
     int release_failed;         /* release found the header broken: release_err says why */
     shmb_ring_error release_err;
     /* private to the round */
-    uint64_t offsets;           /* offsets its frames take (the manifest's offset_count) */
+    int head;                   /* a committed frame waits at next_position, not taken yet */
+    int64_t head_base;          /* its base offset */
+    size_t runs;                /* runs taken this round (one completion each) */
+    size_t completions_free;    /* completions its producer has room for (SIZE_MAX: any) */
     uint64_t bytes;
     size_t scratch_at;
 } shmb_drain_ring;
@@ -144,7 +151,8 @@ typedef struct {
 } shmb_drain_result;
 
 /* Runs one round over rings[0..n) (see the phases above). `control` is the partition's
- * control region (control_len bytes: the manifest lies after the registry); `scratch` (scratch_len bytes, private to the caller) receives the copies.
+ * control region (control_len bytes); `scratch` (scratch_len bytes, private to the caller)
+ * receives the copies.
  * Returns SHMB_DRAIN_DONE, SHMB_DRAIN_DECLINED or SHMB_DRAIN_WRITE_FAILED. A release that
  * finds a ring's header broken does not fail the round: that ring's release_failed is set
  * (its frames are appended and completed; the caller stops reading it, as _release does). */

@@ -194,4 +194,21 @@ uint8_t *shmb_rb_put_record(uint8_t *p, size_t body_size, int32_t index, int64_t
  * from h's fields (batch_length, magic and crc are computed, not read), the CRC last. */
 void shmb_rb_put_header(uint8_t *out, size_t size, const shmb_rb_header *h);
 
+/* ---- a ring frame's offsets (decision 0005) ------------------------------------------ */
+
+/* Offsets one ring frame's payload takes: the sum of lastOffsetDelta + 1 (1 for a negative
+ * delta) over its batches, walked by batchLength while a whole header remains and batchLength
+ * is at least SHMB_RB_BATCH_LENGTH_MIN; at least 1, whatever the bytes. The producer reserves
+ * this many at its commit and the partition process reads a frame's span with the same walk,
+ * so a frame it refuses (bad batch) still has a known span to fill. */
+uint64_t shmb_frame_offsets(const uint8_t *p, size_t len);
+
+/* Sets the baseOffset of each batch of the walk above to consecutive values from `base` (the
+ * first batch's at bytes 0..8 whatever the walk finds; len >= SHMB_RB_HEADER_SIZE). baseOffset
+ * lies outside the batch CRC. */
+void shmb_frame_set_base(uint8_t *p, size_t len, int64_t base);
+
+/* The first batch's baseOffset (len >= 8): where a committed frame's offsets start. */
+int64_t shmb_frame_base(const uint8_t *p);
+
 #endif

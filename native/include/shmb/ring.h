@@ -59,11 +59,24 @@ static inline uint64_t shmb_ring_frame_bytes(uint64_t payload_len)
 
 /* Producer: writes as many of payloads[0..n) as fit, in order, as DATA frames and publishes
  * them at once. *written = how many were written, *first_sequence = the first one's sequence.
+ * With `control` (the partition's control region), the frames' offsets are taken from its
+ * next_offset right before the commit and patched into their batches (decision 0005; see
+ * reserve_offsets in ring.c): *first_offset = the first frame's base offset (-1 without
+ * control), and each next frame's follows the previous one's shmb_frame_offsets.
  * Returns SHMB_RING_OK (all written), SHMB_RING_FULL (only *written of them; wait for space and
  * call again with the rest), SHMB_RING_TOO_LARGE (payloads[*written] can never fit; nothing
- * was written) or SHMB_RING_CORRUPT. */
-int shmb_ring_write(uint8_t *region, size_t region_len, const shmb_ring_payload *payloads,
-                    size_t n, size_t *written, uint64_t *first_sequence, shmb_ring_error *err);
+ * was written), SHMB_RING_BAD_PAYLOAD (with control: payloads[*written] is shorter than a
+ * batch header; nothing was written), SHMB_RING_OFFSETS_UNSET (with control: next_offset is
+ * not set yet; nothing was written) or SHMB_RING_CORRUPT. */
+int shmb_ring_write(uint8_t *region, size_t region_len, uint8_t *control,
+                    const shmb_ring_payload *payloads, size_t n, size_t *written,
+                    uint64_t *first_sequence, int64_t *first_offset, shmb_ring_error *err);
+
+/* Tests only: shmb_ring_write that kills its own process with SIGKILL right after the
+ * frames' offsets are reserved and patched, before the commit (decision 0005's crash case
+ * "producer between reserve and commit"). Returns only when it failed before that point. */
+int shmb_ring_write_then_die(uint8_t *region, size_t region_len, uint8_t *control,
+                             const shmb_ring_payload *payloads, size_t n);
 
 /* Producer: whether a payload of payload_len bytes would fit now (0/1), or -1 if the header is
  * corrupt. */

@@ -174,7 +174,8 @@ def test_ring_file_is_owner_only_and_close_unlinks(prefix):
 
 
 @pytest.mark.parametrize("field,fmt,value", [
-    ("magic", "<Q", 0xDEAD), ("layout_version", "<I", 2), ("capacity", "<Q", 1 << 50),
+    ("magic", "<Q", 0xDEAD), ("layout_version", "<I", L.RING_LAYOUT_VERSION + 1),
+    ("capacity", "<Q", 1 << 50),
     ("capacity", "<Q", 5000), ("write_position", "<Q", 1 << 20),
 ])
 def test_corrupted_ring_header_is_refused_on_attach(pair, field, fmt, value):
