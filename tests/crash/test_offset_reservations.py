@@ -246,3 +246,83 @@ def test_a_frame_whose_offsets_nobody_reserved_is_refused_and_blocks_nothing(two
         [(0, errors.CorruptRecordError.code), (1, 0)]
     piece = owner.log.read(0, 1 << 20)
     assert [(r.offset, r.value) for r in records.decode_records(piece.data)] == [(0, b"good")]
+
+
+#: A producer process that commits three frames of ten records each, then dies (kill -9).
+COMMITS_THEN_DIES = r"""
+import os, signal, sys
+from shmbroker import records
+from shmbroker.layout import shm as L
+from shmbroker.shm import names
+from shmbroker.shm.control import ControlRegion
+from shmbroker.shm.ring import RingProducer
+
+data_dir, topic = sys.argv[1], sys.argv[2]
+prefix = names.broker_prefix(data_dir)
+ctl = ControlRegion.attach(names.control_name(prefix, topic, 0))
+slot, gen = ctl.claim_slot(1 << 16)
+ring = RingProducer.create(names.ring_name(prefix, topic, 0, slot, gen), 1 << 16, partition=0,
+                           slot=slot, generation=gen, control=ctl)
+ctl.set_slot_state(slot, L.SLOT_READY)
+ctl.announce_registry_change()
+for f in range(3):
+    ring.send(records.encode_batch([b"b-%d" % (10 * f + i) for i in range(10)]))
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_kill_9_of_the_whole_broker_with_a_hole_and_frames_after_it_restarts_in_offset_order(
+        make_broker):
+    """The partition process is stopped (SIGSTOP) so that nothing is drained; producer A
+    commits a frame and dies inside its next reservation (offsets 1..5), producer B commits
+    30 records after it (6..35) and dies; then the whole broker is killed with -9. The next
+    broker adopts the control region, appends A's frame, fills A's offsets, appends B's
+    records at the offsets their commits took, and unlinks both rings."""
+    broker = make_broker()
+    with Admin(broker=broker.data_dir) as admin:
+        admin.create_topic("w", 1)
+    (pid,) = broker.partition_pids(broker.wait_running({("w", 0)})).values()
+    os.kill(pid, signal.SIGSTOP)
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    for script in (DIES_IN_ITS_RESERVATION, COMMITS_THEN_DIES):
+        child = subprocess.run([sys.executable, "-c", script, broker.data_dir, "w"],
+                               capture_output=True, timeout=60, env=env)
+        assert child.returncode == -signal.SIGKILL, child.stderr.decode()
+    broker.kill9()
+    restarted = make_broker()
+    prefix = names.broker_prefix(broker.data_dir)
+    wait_for(lambda: not [n for n in os.listdir("/dev/shm") if n.startswith(prefix) and
+                          ".r." in n], 20, "both dead producers' rings to be drained")
+    assert restarted.stop() == 0
+    want = [(0, b"dead-committed")] + [(6 + i, b"b-%d" % i) for i in range(30)]
+    assert [(r.offset, r.value) for r in read_partition(broker.data_dir, "w", 0)] == want
+    with open(os.path.join(broker.data_dir, "w-0", "00000000000000000000.log"), "rb") as f:
+        scan = records.scan_batches(f.read(), verify_crc=True, verify_records=True)
+    assert [(b.base_offset, b.last_offset) for b in scan.batches if b.records_count == 0] == \
+        [(1, 5)]
+    assert "adopted 1 control region(s)" in restarted.log()
+
+
+def test_kill_9_of_the_partition_process_with_a_hole_pending_loses_nothing(broker):
+    """As above, but only the partition process dies, and the producer after the hole is a
+    live Producer whose futures wait: the restarted partition fills the hole and appends
+    its records at the offsets their commits took; its futures resolve with them."""
+    with Admin(broker=broker.data_dir) as admin:
+        admin.create_topic("p", 1)
+    (pid,) = broker.partition_pids(broker.wait_running({("p", 0)})).values()
+    with Producer(broker=broker.data_dir) as producer:
+        producer.send("p", b"first").result(timeout=10)  # ring made, offset 0
+        os.kill(pid, signal.SIGSTOP)
+        child = subprocess.run([sys.executable, "-c", DIES_IN_ITS_RESERVATION,
+                                broker.data_dir, "p"], capture_output=True, timeout=60,
+                               env={**os.environ, "PYTHONPATH": os.getcwd()})
+        assert child.returncode == -signal.SIGKILL, child.stderr.decode()
+        futures = [producer.send("p", b"after-%d" % i) for i in range(20)]
+        os.kill(pid, signal.SIGKILL)
+        offsets = [f.result(timeout=20).offset for f in futures]
+    assert offsets == list(range(7, 27))  # 0 first, 1 A's frame, 2..6 A's reservation
+    assert broker.partition_pids(broker.wait_running())[("p", 0)] != pid
+    assert broker.stop() == 0
+    want = [(0, b"first"), (1, b"dead-committed")] + [(7 + i, b"after-%d" % i)
+                                                     for i in range(20)]
+    assert [(r.offset, r.value) for r in read_partition(broker.data_dir, "p", 0)] == want
