@@ -202,6 +202,13 @@ PRODUCER_CLOSE_DRAIN_MS_MAX = 5_000
 #: partitions added later get keyed and keyless records (Kafka: metadata.max.age.ms, 5 min;
 #: on one host the check costs a stat, not a request).
 PRODUCER_METADATA_MAX_AGE_MS = 1_000
+#: How long a client waits for a partition of an existing topic to be served while the broker
+#: runs (a topic created a moment ago: the supervisor is still starting its partition
+#: process; Kafka's producer waits for metadata likewise, max.block.ms). A stopped broker is
+#: reported at once.
+PARTITION_SERVE_WAIT_MS = 10_000
+#: Nap between looks for that partition's control region.
+PARTITION_SERVE_POLL_MS = 5
 #: The producer's background sender takes over a ring's pending records once the ring is
 #: idle and was not written for this long (the application, which writes on idle rings
 #: itself, has stopped sending there). It checks that often, without the GIL.

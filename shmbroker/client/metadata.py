@@ -12,8 +12,11 @@ Owned by one client object; not thread-safe. After ``fork`` a child must build i
 from __future__ import annotations
 
 import os
+import time
 
 from .. import errors
+from ..broker.lock import broker_pid
+from ..config import PARTITION_SERVE_POLL_MS
 from ..coordinator.topics import TopicMetadata, load_topics, topics_path
 from ..shm import names
 from ..shm.control import ControlRegion
@@ -73,21 +76,34 @@ class LocalMetadata:
 
     # -- control regions ------------------------------------------------------------------------
 
-    def control(self, topic: str, partition: int) -> ControlRegion:
+    def control(self, topic: str, partition: int, wait_ms: int = 0) -> ControlRegion:
         """The (cached) control region of a partition, attached read-write (producers bump its
-        doorbell and claim registry slots). BrokerNotRunningError when the broker is not up."""
+        doorbell and claim registry slots). BrokerNotRunningError when the broker is not up;
+        while it is up, up to ``wait_ms`` for a partition not served yet (a topic created a
+        moment ago: its partition process is starting)."""
         key = (topic, partition)
         region = self._controls.get(key)
         if region is not None:
             return region
         self.check_partition(topic, partition)
         name = names.control_name(self.prefix, topic, partition)
-        try:
-            region = ControlRegion.attach(name)
-        except errors.RegionNotFoundError:
-            raise errors.BrokerNotRunningError(
-                f"partition {topic}/{partition} is not being served: is `shmbroker serve "
-                f"--data-dir {self.data_dir}` running?") from None
+        deadline = time.monotonic() + wait_ms / 1000.0
+        while True:  # bounded by the deadline
+            try:
+                region = ControlRegion.attach(name)
+                break
+            except errors.RegionNotFoundError:
+                if broker_pid(self.data_dir) is None:
+                    raise errors.BrokerNotRunningError(
+                        f"partition {topic}/{partition} is not being served: is `shmbroker "
+                        f"serve --data-dir {self.data_dir}` running?") from None
+                if time.monotonic() >= deadline:
+                    waited = f" within {wait_ms} ms" if wait_ms > 0 else " (yet)"
+                    raise errors.BrokerNotRunningError(
+                        f"partition {topic}/{partition} is not being served: the broker on "
+                        f"{self.data_dir} runs but has not started it{waited}") from None
+                # A topic created a moment ago: its partition process is starting.
+                time.sleep(PARTITION_SERVE_POLL_MS / 1000.0)
         self._controls[key] = region
         return region
 

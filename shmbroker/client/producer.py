@@ -56,7 +56,7 @@ from .. import errors, records
 from ..broker.lock import broker_pid
 from ..config import (PRODUCER_BATCH_BYTES_DEFAULT, PRODUCER_BATCH_RECORDS_MAX,
                       PRODUCER_CLOSE_DRAIN_MS_MAX, PRODUCER_DELIVERY_TIMEOUT_MS_DEFAULT, PRODUCER_LINGER_MS_MAX,
-                      PRODUCER_METADATA_MAX_AGE_MS,
+                      PRODUCER_METADATA_MAX_AGE_MS, PARTITION_SERVE_WAIT_MS,
                       PRODUCER_RING_BYTES_DEFAULT, PRODUCER_SENDER_IDLE_MS_MAX,
                       PRODUCER_SENDER_QUIET_US, PRODUCER_SENDER_TIMER_SLICE_MS,
                       PRODUCER_SENDER_WAIT_MS_MAX,
@@ -680,7 +680,11 @@ class Producer:
         if writer is not None:
             return writer
         self._metadata.check_partition(topic, partition)
-        control = self._metadata.control(topic, partition)
+        # A topic created a moment ago may not be served yet: wait for it, as Kafka's
+        # producer waits for metadata (bounded by send_timeout_ms as well).
+        wait_ms = PARTITION_SERVE_WAIT_MS if self.send_timeout_ms is None else \
+            min(PARTITION_SERVE_WAIT_MS, self.send_timeout_ms)
+        control = self._metadata.control(topic, partition, wait_ms)
         if control.partition_status == L.PARTITION_STATUS_STOPPED:
             self._metadata.forget(topic, partition)
             self._check_broker()

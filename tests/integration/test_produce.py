@@ -422,3 +422,34 @@ def test_records_a_dead_broker_never_acknowledges_fail_after_delivery_timeout_ms
         producer.close(timeout=1)
         broker.start()  # reclaims the killed broker's shared memory
         assert broker.stop() == 0
+
+
+def test_a_producer_waits_for_a_partition_of_a_topic_created_a_moment_ago(broker):
+    """The topic exists (its metadata is written) but the supervisor, stopped here so that the
+    race is certain, has not started its partition process: the first send waits for it, as
+    Kafka's producer waits for metadata, instead of failing with BrokerNotRunningError. (A
+    broker that is not running is still reported at once: test_bad_input_... and the client
+    tests.)"""
+    import signal
+    import threading
+
+    from shmbroker.client.metadata import LocalMetadata
+    from shmbroker.shm import names
+
+    supervisor = broker.proc.pid
+    os.kill(supervisor, signal.SIGSTOP)
+    creating = threading.Thread(target=create_topic, args=(broker.data_dir, "fresh", 1))
+    try:
+        creating.start()  # answers once the supervisor has started the partition
+        meta = LocalMetadata(broker.data_dir)
+        wait_for(lambda: "fresh" in meta.topics(), 10, "the topic's metadata")
+        region = names.control_name(names.broker_prefix(broker.data_dir), "fresh", 0)
+        assert not os.path.exists(f"/dev/shm/{region}")  # not served yet
+        with Producer(broker=broker.data_dir) as producer:
+            threading.Timer(0.3, os.kill, (supervisor, signal.SIGCONT)).start()
+            t0 = time.monotonic()
+            assert producer.send("fresh", b"x").result(timeout=20).offset == 0
+            assert time.monotonic() - t0 >= 0.2  # it did wait for the partition
+    finally:
+        os.kill(supervisor, signal.SIGCONT)
+        creating.join(30)
