@@ -233,7 +233,9 @@ class _WalkState:
             if last != expected:
                 return (f"batch at position {position} ends at offset {last} but the offset "
                         f"index says {expected}")
-        if not 1 <= count <= BATCH_RECORDS_MAX:
+        # 0: an empty batch over offsets no record holds (Kafka's compaction leaves them; the
+        # partition writes one over offsets a producer reserved and never committed).
+        if not 0 <= count <= BATCH_RECORDS_MAX:
             return f"batch at position {position} has records_count {count}"
         if last - scan.base_offset > INT32_MAX:
             return (f"batch at position {position} ends at offset {last}, beyond the int32 "
@@ -268,7 +270,8 @@ def count_dropped(buf, position: int) -> tuple[int, int]:
         if end - position >= layout.HEADER_SIZE:
             count = _COUNT.unpack_from(buf, position + _COUNT_AT)[0]
             delta = _DELTA.unpack_from(buf, position + _DELTA_AT)[0]
-            if 1 <= count <= BATCH_RECORDS_MAX and delta == count - 1:
+            if (1 <= count <= BATCH_RECORDS_MAX and delta == count - 1) or \
+                    (count == 0 and delta >= 0):
                 records_total += count
         position += length + layout.LOG_OVERHEAD
     return batches, records_total

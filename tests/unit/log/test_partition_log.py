@@ -498,3 +498,28 @@ def test_unclean_stop_validates_only_segments_from_the_recovery_point(tmp_path, 
         assert not report.clean_shutdown and report.recovery_point == 30
         assert [s.base_offset for s in report.segments_checked] == [active_base]
         assert values_of(log)[-1] == (30, b"unflushed")
+
+
+@pytest.mark.parametrize("stop", ["clean", "kill"])
+def test_an_empty_batch_survives_a_restart_and_reads_skip_its_offsets(tmp_path, clock, stop):
+    """An empty batch (no records; the partition writes one over offsets a producer reserved
+    and never committed, decision 0005) is a valid batch for recovery: a restart, clean or
+    after kill -9, keeps it and everything after it (recovery used to cut the log there)."""
+    directory = str(tmp_path / "p")
+    log = PartitionLog.open(directory, LogConfig(), clock=clock)
+    log.append(batch([b"a"]))
+    with pytest.raises(errors.InvalidRecordError):
+        log.append(records.empty_batch(1, 5))  # only the partition's own gap may be empty
+    log.append(records.empty_batch(1, 5), gap=True)
+    log.append(batch([b"b", b"c"]))
+    if stop == "clean":
+        log.close()
+    else:
+        log.abandon()
+    with PartitionLog.open(directory, LogConfig(), clock=clock) as log:
+        report = log.recovery_report
+        assert report is None or not report.bytes_dropped, report.summary()
+        assert log.log_end_offset == 8
+        assert values_of(log) == [(0, b"a"), (6, b"b"), (7, b"c")]
+        piece = log.read(3, 1 << 20)  # inside the empty batch: it comes first
+        assert (piece.first_offset, piece.last_offset) == (1, 7)
