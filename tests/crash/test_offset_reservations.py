@@ -328,3 +328,40 @@ def test_kill_9_of_the_partition_process_with_a_hole_pending_loses_nothing(broke
     want = [(0, b"first"), (1, b"dead-committed")] + [(7 + i, b"after-%d" % i)
                                                      for i in range(20)]
     assert [(r.offset, r.value) for r in read_partition(broker.data_dir, "p", 0)] == want
+
+
+def test_a_remote_consumer_reads_across_the_empty_batch(make_broker):
+    """Through the router (fetch replies, and cold reads by sendfile), a consumer caught up
+    at the offsets a producer killed in its reservation took: its next fetch starts with the
+    empty batch over them, and it goes on with the records after it, each once, in order."""
+    broker = make_broker(serve_args=("--listen", "tcp://127.0.0.1:*"))
+    address = broker.wait_running()["router_endpoint"]
+    with Admin(broker=broker.data_dir) as admin:
+        admin.create_topic("r", 1)
+    broker.wait_running({("r", 0)})
+    want = [(0, b"first"), (1, b"dead-committed"), (7, b"after-0"), (8, b"after-1"),
+            (9, b"after-2")]
+    with Producer(broker=broker.data_dir) as producer, \
+            Consumer("r", broker=address, auto_offset_reset="earliest") as live, \
+            Consumer("r", broker=address, auto_offset_reset="earliest",
+                     cold_read_bytes_max=0) as no_cold:
+        producer.send("r", b"first").result(timeout=10)
+        child = subprocess.run([sys.executable, "-c", DIES_IN_ITS_RESERVATION,
+                                broker.data_dir, "r"], capture_output=True, timeout=60,
+                               env={**os.environ, "PYTHONPATH": os.getcwd()})
+        assert child.returncode == -signal.SIGKILL, child.stderr.decode()
+        got = {id(live): [], id(no_cold): []}
+        for consumer in (live, no_cold):
+            for _ in range(50):  # bounded: both caught up at offset 2, the reserved ones
+                got[id(consumer)] += [(r.offset, r.value) for r in consumer.poll(200)]
+                if len(got[id(consumer)]) >= 2:
+                    break
+        after = [producer.send("r", b"after-%d" % i) for i in range(3)]
+        assert [f.result(timeout=20).offset for f in after] == [7, 8, 9]
+        for consumer in (live, no_cold):
+            for _ in range(50):  # bounded
+                got[id(consumer)] += [(r.offset, r.value) for r in consumer.poll(200)]
+                if len(got[id(consumer)]) >= len(want):
+                    break
+            assert consumer.poll(200) == []
+            assert got[id(consumer)] == want
