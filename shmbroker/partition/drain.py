@@ -874,18 +874,13 @@ class Drainer:
                 return True
         return False
 
-    def _release(self, ring: IngressRing, position: int, expected_sequence: int | None = None
-                 ) -> None:
-        """``release`` (or ``skip_to``) checks the ring's header. A producer may overwrite it
-        after our poll (seen in tests/integration/test_end_to_end.py): the RingCorruptError
-        used to escape the round and kill the partition process (the replay check at a
-        restart calls the same checks). The frames are in the log already; only this ring
-        is dropped, as when its poll fails."""
+    def _release(self, ring: IngressRing, position: int) -> None:
+        """``release`` checks the ring's header. A producer may overwrite it after our read
+        (seen in tests/integration/test_end_to_end.py): the RingCorruptError used to escape
+        the round and kill the partition process. The frames are in the log already; only
+        this ring is dropped, as when its read fails."""
         try:
-            if expected_sequence is None:
-                ring.consumer.release(position)
-            else:
-                ring.consumer.skip_to(position, expected_sequence)
+            ring.consumer.release(position)
         except errors.RingCorruptError as exc:
             self._mark_broken(ring, exc)
 

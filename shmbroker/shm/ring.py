@@ -352,13 +352,6 @@ class RingConsumer:
         """The sequence of the committed frame at ``position``, None when none is there."""
         return self._peek_sequence()
 
-    def skip_to(self, position: int, expected_sequence: int) -> None:
-        """Moves the read position past frames handled without ``poll`` (a restarted
-        partition process found them already in the log) and releases them."""
-        self.position = position
-        self.expected_sequence = expected_sequence
-        self.release(position)
-
     # -- reading --------------------------------------------------------------------------------
 
     def completions_full(self) -> bool:

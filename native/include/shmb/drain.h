@@ -90,7 +90,6 @@ typedef struct {
     size_t runs;                /* runs taken this round (one completion each) */
     size_t completions_free;    /* completions its producer has room for (SIZE_MAX: any) */
     uint64_t bytes;
-    size_t scratch_at;
 } shmb_drain_ring;
 
 /* The partition log's state and limits: PartitionLog.native_append_state. */
