@@ -4359,6 +4359,7 @@ static int add_drain_constants(PyObject *m)
             PyModule_AddIntConstant(m, "DRAIN_DECLINED", SHMB_DRAIN_DECLINED) < 0 ||
             PyModule_AddIntConstant(m, "DRAIN_WRITE_FAILED", SHMB_DRAIN_WRITE_FAILED) < 0 ||
             PyModule_AddIntConstant(m, "DRAIN_STOP_AFTER_WRITE", SHMB_DRAIN_STOP_AFTER_WRITE) < 0 ||
+            PyModule_AddIntConstant(m, "DRAIN_RING_FRAMES_MAX", SHMB_DRAIN_RING_FRAMES_MAX) < 0 ||
             PyModule_AddIntConstant(m, "DRAIN_STOP_AFTER_PUBLISH",
                                     SHMB_DRAIN_STOP_AFTER_PUBLISH) < 0 ||
             PyModule_AddIntConstant(m, "DRAIN_STOP_AFTER_COMPLETE",

@@ -136,8 +136,8 @@ _BEHIND_PER_LOOK = 4096
 #: How long a producer may hold the log's next offset uncommitted before the partition looks
 #: whether it is still alive (a commit takes a few stores; a descheduled producer, a few ms).
 RESERVER_ALIVE_CHECK_MS = 20
-#: Frames one ring gives one round (SHMB_DRAIN_RING_FRAMES_MAX).
-_RING_FRAMES_MAX = 65536
+#: Frames one ring gives one round (the C round's limit).
+_RING_FRAMES_MAX = _native.DRAIN_RING_FRAMES_MAX
 _RESERVED_BASE = L.RING["reserved_base"]
 _RESERVED_END = L.RING["reserved_end"]
 
@@ -268,7 +268,7 @@ class Drainer:
             done = runs.setdefault(ring, [0, 0, 0])
             if done[2] >= _RING_FRAMES_MAX:
                 break
-            if done[0] and done[0] >= self._completions_free(ring):
+            if done[0] and done[0] >= ring.consumer.completions_free():
                 break
             start, base = ring.consumer.position, next_offset
             batch, next_offset, heads[ring] = self._take_run(
@@ -283,16 +283,6 @@ class Drainer:
             if budget <= 0:
                 break
         return taken
-
-    @staticmethod
-    def _completions_free(ring: IngressRing) -> int:
-        """Completions the ring's producer has room for (unbounded when it wants none)."""
-        buf = ring.consumer.buf
-        if _native.atomic_load_u32(buf, L.RING["completions_off"]):
-            return 1 << 62
-        unread = _native.atomic_load_u64(buf, L.RING["completions_written"]) - \
-            _native.atomic_load_u64(buf, L.RING["completions_read"])
-        return max(0, L.COMPLETIONS_MAX - unread)
 
     def _head(self, ring: IngressRing) -> tuple[int, int] | None:
         """(base offset, offsets) of the ring's first unread committed frame; None when it

@@ -354,12 +354,17 @@ class RingConsumer:
 
     # -- reading --------------------------------------------------------------------------------
 
-    def completions_full(self) -> bool:
+    def completions_free(self) -> int:
+        """Completions the producer has room for (unbounded, 1 << 62, when it wants none:
+        completions_off). The C round's completions_free is the same rule."""
         if _native.atomic_load_u32(self.buf, R["completions_off"]):
-            return False
+            return 1 << 62
         written = _native.atomic_load_u64(self.buf, R["completions_written"])
-        return written - _native.atomic_load_u64(self.buf, R["completions_read"]) \
-            >= L.COMPLETIONS_MAX
+        unread = written - _native.atomic_load_u64(self.buf, R["completions_read"])
+        return max(0, L.COMPLETIONS_MAX - unread)
+
+    def completions_full(self) -> bool:
+        return self.completions_free() == 0
 
     def has_unread(self) -> bool:
         """Whether a committed frame waits at ``position`` (one acquire load)."""
