@@ -30,24 +30,38 @@ def main() -> None:
     out = open(out_path, "a", buffering=1)
 
     def emit(kind: str, **fields) -> None:
-        out.write(json.dumps({"event": kind, "pid": os.getpid(), **fields}) + "\n")
+        out.write(json.dumps({"event": kind, "pid": os.getpid(), "t": round(time.time(), 3),
+                              **fields}) + "\n")
 
     deadline = time.monotonic() + LIFETIME_S
     running = lambda: not os.path.exists(stop_path) and time.monotonic() < deadline  # noqa: E731
     emit("started")
-    {"kafka-python": kafka_python, "confluent-kafka": confluent,
-     "aiokafka": lambda *a: asyncio.run(aiokafka_member(*a))}[client](
-        address, group, topic, emit, running)
+    try:
+        {"kafka-python": kafka_python, "confluent-kafka": confluent,
+         "aiokafka": lambda *a: asyncio.run(aiokafka_member(*a))}[client](
+            address, group, topic, emit, running)
+    except BaseException as exc:  # the test's report shows it (stderr may be lost under xdist)
+        emit("failed", error=f"{type(exc).__name__}: {exc}")
+        raise
     emit("closed")
 
 
 def kafka_python(address, group, topic, emit, running) -> None:
-    from kafka import KafkaConsumer, OffsetAndMetadata
-    consumer = KafkaConsumer(topic, bootstrap_servers=address, group_id=group,
+    from kafka import ConsumerRebalanceListener, KafkaConsumer, OffsetAndMetadata
+
+    class Listener(ConsumerRebalanceListener):  # rebalances go into the test's report
+        def on_partitions_revoked(self, revoked):
+            emit("revoked", partitions=sorted(tp.partition for tp in revoked))
+
+        def on_partitions_assigned(self, assigned):
+            emit("assigned", partitions=sorted(tp.partition for tp in assigned))
+
+    consumer = KafkaConsumer(bootstrap_servers=address, group_id=group,
                              auto_offset_reset="earliest", enable_auto_commit=False,
                              session_timeout_ms=SESSION_TIMEOUT_MS,
                              heartbeat_interval_ms=HEARTBEAT_MS,
                              max_poll_interval_ms=MAX_POLL_INTERVAL_MS)
+    consumer.subscribe([topic], listener=Listener())
     try:
         while running():  # bounded by running()'s deadline
             batches = consumer.poll(timeout_ms=100)

@@ -77,6 +77,32 @@ class Members:
                         out += [tuple(r) + (proc.index,) for r in event.get("records", [])]
         return out
 
+    def report(self) -> str:
+        """Why a wait may have failed: each member's exit status and last events, and the
+        group as the coordinator has it."""
+        lines = []
+        for proc in self.procs:
+            path = self.tmp_path / f"m{proc.index}.jsonl"
+            events = path.read_text().splitlines()[-4:] if path.exists() else []
+            lines.append(f"member {proc.index} pid {proc.pid} exit {proc.poll()}: "
+                         + " | ".join(e[:300] for e in events))
+        with Admin(self.broker.data_dir) as admin:
+            try:
+                described = admin.describe_group(self.group)
+                described["members"] = [(m["member_id"], m["assignment"])
+                                        for m in described["members"]]
+            except errors.ShmbrokerError as exc:
+                described = repr(exc)
+        lines.append(f"group: {described}")
+        return "\n".join(lines)
+
+    def settle(self, predicate, what: str) -> None:
+        """wait_for, and on a timeout say what the members and the group were doing."""
+        try:
+            wait_for(predicate, SETTLE_S_MAX, what)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{self.report()}") from None
+
     def close(self) -> None:
         for proc in self.procs:
             (self.tmp_path / f"stop{proc.index}").touch()
@@ -154,13 +180,13 @@ def test_three_kafka_members_share_six_partitions_through_a_leave_and_a_kill_9_e
         shares = assignments(kbroker.data_dir, group.group)
         return len(shares) == 3 and sorted(len(p) for p in shares.values()) == [2, 2, 2]
 
-    wait_for(split_three_ways, SETTLE_S_MAX, "the six partitions split over three members")
+    group.settle(split_three_ways, "the six partitions split over three members")
     sent = produce(kbroker.address, 0, 60)  # after the split: every member gets a share
-    wait_for(lambda: all_committed(kbroker, group.group, 60), SETTLE_S_MAX, "60 records committed")
+    group.settle(lambda: all_committed(kbroker, group.group, 60), "60 records committed")
 
     group.stop(a)  # LeaveGroup: the other two take its partitions at once
     sent += produce(kbroker.address, 60, 60)
-    wait_for(lambda: all_committed(kbroker, group.group, 120), SETTLE_S_MAX, "120 committed")
+    group.settle(lambda: all_committed(kbroker, group.group, 120), "120 committed")
     assert len(assignments(kbroker.data_dir, group.group)) == 2
 
     # kill -9 while idle (all it read is committed): the coordinator has no pid of a Kafka
@@ -168,7 +194,7 @@ def test_three_kafka_members_share_six_partitions_through_a_leave_and_a_kill_9_e
     os.kill(b.pid, signal.SIGKILL)
     b.wait(timeout=10)
     sent += produce(kbroker.address, 120, 60)
-    wait_for(lambda: all_committed(kbroker, group.group, 180), SETTLE_S_MAX, "180 committed")
+    group.settle(lambda: all_committed(kbroker, group.group, 180), "180 committed")
     assert list(assignments(kbroker.data_dir, group.group).values()) == [list(range(PARTITIONS))]
 
     got = group.records()
