@@ -264,16 +264,14 @@ static int collect(shmb_drain_ring *rings, size_t n, const shmb_drain_log *log, 
 static int check_frame(const uint8_t *scratch, size_t at, size_t len, const shmb_drain_log *log,
                        round_state *s)
 {
-    const shmb_rb_scan_opts opts = {1, 1, log->batch_bytes_max};
     size_t end = at + len, pos = at;
     if (len == 0)
         return SHMB_DRAIN_DECLINE_BAD_FRAME; /* "no batch": the Python round rejects it */
     while (pos < end) { /* bounded: every batch is at least a header long */
         shmb_rb_header h;
-        if (shmb_rb_check_batch(scratch, end, pos, &opts, &h, NULL) != SHMB_RB_SCAN_OK)
-            return SHMB_DRAIN_DECLINE_BAD_FRAME;
-        if (h.records_count < 1 || h.records_count > log->batch_records_max ||
-            (h.attributes & SHMB_RB_CONTROL_MASK))
+        /* The rule consumers reading rings apply too (shmb_ring_frame_at). */
+        if (!shmb_frame_batch_ok(scratch, end, pos, log->batch_bytes_max,
+                                 log->batch_records_max, &h))
             return SHMB_DRAIN_DECLINE_BAD_FRAME;
         if (grow((void **)&s->batches, &s->batches_cap, s->batches_count + 1,
                  sizeof(planned_batch)))

@@ -1572,6 +1572,17 @@ static PyObject *py_frame_offsets(PyObject *m, PyObject *arg)
     return PyLong_FromUnsignedLongLong(n);
 }
 
+static PyObject *py_frame_ok(PyObject *m, PyObject *args)
+{
+    Py_buffer v;
+    long long bytes_max, records_max;
+    if (!PyArg_ParseTuple(args, "y*LL:frame_ok", &v, &bytes_max, &records_max))
+        return NULL;
+    int ok = shmb_frame_ok(v.buf, (size_t)v.len, bytes_max, records_max);
+    PyBuffer_Release(&v);
+    return PyBool_FromLong(ok);
+}
+
 static PyObject *py_atomic_load_u64_many(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs != 3) {
@@ -1928,6 +1939,58 @@ done:
     PyMem_RawFree(oc.memory);
     PyBuffer_Release(&mv);
     PyBuffer_Release(&cv);
+    return result;
+}
+
+/* ==== ring_frame_at: a consumer's read of a committed ring frame (decision 0005 step 5) ==== */
+
+static uint8_t *frame_at_alloc(void *ctx, size_t len)
+{
+    PyObject **bytes = ctx;
+    *bytes = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)len);
+    return *bytes == NULL ? NULL : (uint8_t *)PyBytes_AS_STRING(*bytes);
+}
+
+static PyObject *py_ring_frame_at(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    /* ring, control, offset, hint, batch_bytes_max, records_max */
+    if (nargs != 6)
+        return PyErr_Format(PyExc_TypeError, "ring_frame_at takes 6 arguments, got %zd", nargs);
+    long long offset, bytes_max, records_max;
+    unsigned long long hint;
+    if (tail_ll(args[2], &offset) < 0 || tail_ll(args[4], &bytes_max) < 0 ||
+        tail_ll(args[5], &records_max) < 0)
+        return NULL;
+    hint = PyLong_AsUnsignedLongLong(args[3]);
+    if (hint == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    if (offset < 0)
+        return PyErr_Format(PyExc_ValueError, "ring_frame_at: offset %lld < 0", offset);
+    Py_buffer rv, cv;
+    if (region_view(args[0], 0, &rv, "ring region") < 0)
+        return NULL;
+    if (region_view(args[1], 0, &cv, "control region") < 0) {
+        PyBuffer_Release(&rv);
+        return NULL;
+    }
+    if (cv.len < SHMB_CONTROL_REGISTRY_OFFSET) {
+        PyBuffer_Release(&rv);
+        PyBuffer_Release(&cv);
+        return PyErr_Format(PyExc_ValueError, "ring_frame_at: control region too short");
+    }
+    PyObject *copy = NULL;
+    shmb_ring_found found;
+    int status = shmb_ring_frame_at(rv.buf, (size_t)rv.len, cv.buf, offset, hint, bytes_max,
+                                    records_max, frame_at_alloc, &copy, &found);
+    PyBuffer_Release(&rv);
+    PyBuffer_Release(&cv);
+    if (copy == NULL && PyErr_Occurred())
+        return NULL;
+    PyObject *payload = status == SHMB_FRAME_AT_FOUND ? copy : Py_None;
+    PyObject *result = Py_BuildValue("(iOLKK)", status, payload, (long long)found.base,
+                                     (unsigned long long)found.span,
+                                     (unsigned long long)found.next_hint);
+    Py_XDECREF(copy);
     return result;
 }
 
@@ -4410,6 +4473,12 @@ static PyMethodDef module_methods[] = {
      "scan_batches(buf, verify_crc=True, verify_records=False, batch_bytes_max=0)\n"
      "-> (valid_bytes, status, error_position, [(position, base_offset, last_offset,\n"
      "    max_timestamp, records_count), ...])"},
+    {"ring_frame_at", (PyCFunction)(void (*)(void))py_ring_frame_at, METH_FASTCALL,
+     "ring_frame_at(ring, control, offset, hint, batch_bytes_max, records_max)\n"
+     "-> (FRAME_AT_* status, payload bytes or None, base, span, next_hint)\n\n"
+     "A consumer's read of the committed frame of one producer ring whose offsets hold\n"
+     "offset (decision 0005 step 5): a checked copy on FRAME_AT_FOUND. hint: where to start\n"
+     "walking (a next_hint of an earlier call, or 0). Never writes to the ring."},
     {"tail_read", (PyCFunction)(void (*)(void))py_tail_read, METH_FASTCALL,
      "tail_read(control, segment_map, segment_base, offset, position, checked_end, fd,\n"
      "          max_bytes, verify_crc, topic, partition[, wait_ms, spin_ns])\n"
@@ -4433,6 +4502,9 @@ static PyMethodDef module_methods[] = {
      "             producer_epoch=-1, base_sequence=-1, attributes=0) -> bytes"},
     {"atomic_load_u32", py_atomic_load_u32, METH_VARARGS,
      "atomic_load_u32(buf, offset) -> int\n\nSequentially consistent load of a u32."},
+    {"frame_ok", py_frame_ok, METH_VARARGS,
+     "frame_ok(payload, batch_bytes_max, records_max) -> bool: the partition's rule for a\n"
+     "ring frame, which consumers reading rings apply too (decision 0005)."},
     {"frame_offsets", py_frame_offsets, METH_O,
      "frame_offsets(buffer) -> offsets a ring frame's payload takes (decision 0005)."},
     {"atomic_load_u64", py_atomic_load_u64, METH_VARARGS,

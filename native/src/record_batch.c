@@ -693,3 +693,27 @@ int64_t shmb_frame_base(const uint8_t *p)
 {
     return (int64_t)be64(p);
 }
+
+int shmb_frame_batch_ok(const uint8_t *buf, size_t end, size_t pos, int64_t batch_bytes_max,
+                        int64_t records_max, shmb_rb_header *h)
+{
+    const shmb_rb_scan_opts opts = {1, 1, batch_bytes_max};
+    if (shmb_rb_check_batch(buf, end, pos, &opts, h, NULL) != SHMB_RB_SCAN_OK)
+        return 0;
+    return h->records_count >= 1 && h->records_count <= records_max &&
+           !(h->attributes & SHMB_RB_CONTROL_MASK);
+}
+
+int shmb_frame_ok(const uint8_t *p, size_t len, int64_t batch_bytes_max, int64_t records_max)
+{
+    size_t pos = 0;
+    if (len == 0)
+        return 0;
+    while (pos < len) { /* bounded: every batch is at least a header long */
+        shmb_rb_header h;
+        if (!shmb_frame_batch_ok(p, len, pos, batch_bytes_max, records_max, &h))
+            return 0;
+        pos += (size_t)h.batch_length + SHMB_RB_LOG_OVERHEAD;
+    }
+    return 1;
+}

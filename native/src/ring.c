@@ -140,6 +140,17 @@ static int64_t reserve_offsets(uint8_t *region, uint8_t *control, const write_cu
     return (int64_t)base;
 }
 
+/* Decision 0005 step 6: the commit itself wakes consumers that read rings. Dekker with
+ * their sleep: the bump (a seq_cst RMW) comes before our load of commit_waiters; a consumer
+ * counts itself in commit_waiters before its futex compares commit_seq. So either we see it
+ * and wake it, or its compare sees the bump. No syscall while nobody sleeps. */
+static void commit_wake(uint8_t *control)
+{
+    shmb_u32_fetch_add(control + SHMB_CTL_COMMIT_SEQ_OFFSET, 1);
+    if (shmb_u32_load_seq_cst(control + SHMB_CTL_COMMIT_WAITERS_OFFSET))
+        shmb_futex_wake((uint32_t *)(control + SHMB_CTL_COMMIT_SEQ_OFFSET), INT_MAX);
+}
+
 static int ring_write(uint8_t *region, size_t region_len, uint8_t *control,
                       const shmb_ring_payload *payloads, size_t n, size_t *written,
                       uint64_t *first_sequence, int64_t *first_offset, shmb_ring_error *err,
@@ -204,8 +215,10 @@ static int ring_write(uint8_t *region, size_t region_len, uint8_t *control,
     shmb_u64_store_release(region + SHMB_RING_WRITE_POSITION_OFFSET, pos);
     /* The commit: everything above becomes visible to a reader that acquires this length. */
     shmb_u32_store_release(c.data + (c.tail & c.mask) + SHMB_FRAME_LENGTH_OFFSET, c.first_len);
-    if (control != NULL) /* committed: the frames now hold their offsets themselves */
+    if (control != NULL) { /* committed: the frames now hold their offsets themselves */
         shmb_u64_store_release(region + SHMB_RING_RESERVED_BASE_OFFSET, SHMB_RESERVED_NONE);
+        commit_wake(control);
+    }
     *written = i;
     return i == n ? SHMB_RING_OK : SHMB_RING_FULL;
 }
@@ -439,4 +452,90 @@ int shmb_ring_write_then_die(uint8_t *region, size_t region_len, uint8_t *contro
     int64_t first_offset;
     return ring_write(region, region_len, control, payloads, n, &written, &first_sequence,
                       &first_offset, NULL, 1);
+}
+
+int shmb_ring_frame_at(const uint8_t *region, size_t region_len, const uint8_t *control,
+                       int64_t offset, uint64_t hint, int64_t batch_bytes_max,
+                       int64_t records_max, uint8_t *(*alloc)(void *ctx, size_t len), void *ctx,
+                       shmb_ring_found *out)
+{
+    uint64_t capacity;
+    memset(out, 0, sizeof *out);
+    out->base = -1;
+    if (shmb_ring_check(region, region_len, &capacity, NULL) != SHMB_RING_OK ||
+        shmb_u32_load_relaxed(region + SHMB_RING_FSYNC_REQUIRED_OFFSET))
+        return SHMB_FRAME_AT_NONE; /* acks="all": its records are visible once fsynced */
+    const uint8_t *data = region + SHMB_RING_DATA_OFFSET;
+    const uint8_t *read_position = region + SHMB_RING_READ_POSITION_OFFSET;
+    uint64_t mask = capacity - 1;
+    uint64_t head = shmb_u64_load_acquire(read_position);
+    uint64_t pos = hint;
+    if ((hint & ALIGN_MASK) != 0 || hint < head || hint - head > capacity)
+        pos = head;
+    out->next_hint = pos;
+    /* Bounded: every step moves pos forward by at least FRAME_ALIGN within one capacity. */
+    while ((pos - head) + SHMB_FRAME_ALIGN <= capacity) {
+        uint64_t idx = pos & mask;
+        int32_t len = (int32_t)shmb_u32_load_acquire(data + idx + SHMB_FRAME_LENGTH_OFFSET);
+        if (len == 0)
+            return SHMB_FRAME_AT_NONE; /* the committed end */
+        int32_t type = (int32_t)shmb_u32_load_relaxed(data + idx + SHMB_FRAME_TYPE_OFFSET);
+        if (len < 0)
+            return SHMB_FRAME_AT_NONE;
+        if (type == SHMB_FRAME_TYPE_PADDING) {
+            shmb_fence_acquire();
+            if (shmb_u64_load_relaxed(read_position) > pos)
+                return SHMB_FRAME_AT_TORN;
+            if ((uint64_t)len != capacity - idx)
+                return SHMB_FRAME_AT_NONE;
+            pos += (uint64_t)len;
+            continue;
+        }
+        uint64_t fb = shmb_ring_frame_bytes((uint64_t)len - SHMB_FRAME_HEADER_BYTES);
+        if (type != SHMB_FRAME_TYPE_DATA || len < SHMB_FRAME_HEADER_BYTES + SHMB_RB_HEADER_SIZE ||
+            idx + fb > capacity || (pos - head) + fb > capacity) {
+            shmb_fence_acquire();
+            return shmb_u64_load_relaxed(read_position) > pos ? SHMB_FRAME_AT_TORN
+                                                               : SHMB_FRAME_AT_NONE;
+        }
+        const uint8_t *payload = data + idx + SHMB_FRAME_HEADER_BYTES;
+        size_t plen = (size_t)len - SHMB_FRAME_HEADER_BYTES;
+        int64_t base = shmb_frame_base(payload);
+        uint64_t span = shmb_frame_offsets(payload, plen);
+        /* Everything read from this frame so far is what the producer committed only if the
+         * partition had not handed its space back when we read it. */
+        shmb_fence_acquire();
+        if (shmb_u64_load_relaxed(read_position) > pos)
+            return SHMB_FRAME_AT_TORN;
+        if (base > offset)
+            return SHMB_FRAME_AT_NONE; /* this ring's frames are all later: not here */
+        if ((uint64_t)(offset - base) >= span) {
+            pos += fb;
+            out->next_hint = pos;
+            continue;
+        }
+        uint8_t *copy = alloc(ctx, plen);
+        if (copy == NULL)
+            return SHMB_FRAME_AT_NONE;
+        memcpy(copy, payload, plen);
+        shmb_fence_acquire();
+        if (shmb_u64_load_relaxed(read_position) > pos)
+            return SHMB_FRAME_AT_TORN;
+        out->base = base;
+        out->span = span;
+        out->next_hint = pos + fb;
+        out->payload = copy;
+        out->payload_len = plen;
+        /* After the frame's commit was seen (the acquire of its length): every offset a
+         * committed frame holds was taken from next_offset before, so it is below this. */
+        uint64_t next_offset = shmb_u64_load_acquire(control + SHMB_CTL_NEXT_OFFSET_OFFSET);
+        if (shmb_frame_base(copy) != base || shmb_frame_offsets(copy, plen) != span)
+            return SHMB_FRAME_AT_TORN; /* cannot happen after the check above; cheap */
+        if (base < 0 || (next_offset & SHMB_NEXT_OFFSET_UNSET) || (uint64_t)base >= next_offset ||
+            !shmb_frame_ok(copy, plen, batch_bytes_max, records_max))
+            return SHMB_FRAME_AT_REFUSED;
+        shmb_frame_set_base(copy, plen, base);
+        return SHMB_FRAME_AT_FOUND;
+    }
+    return SHMB_FRAME_AT_NONE;
 }

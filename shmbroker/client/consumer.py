@@ -8,9 +8,12 @@ No socket, no request, no broker process in the path (docs/design/consumer.md)::
       ├─ control.read_state()             seqlock read of the published state (shared memory)
       ├─ LogReader.read(position, ...)    memoryview of whole committed batches (zero copy)
       ├─ records.decode_records(view)     C: CRC + records -> list[Record]
-      └─ wrap / buffer / hand out         Python: a few list operations per poll
-    nothing anywhere?  futex-wait on hw_seq (ControlRegion.wait_hw_change), optionally after a
-                       bounded spin (``spin_us``)
+      ├─ wrap / buffer / hand out         Python: a few list operations per poll
+      └─ the log has nothing at the position? RingReads.read: the committed ring frame that
+                                          holds it (client/ring_reads.py, decision 0005)
+    nothing anywhere?  futex-wait on hw_seq (ControlRegion.wait_hw_change), and on commit_seq
+                       when reading rings (wait_commit_or_hw), optionally after a bounded
+                       spin (``spin_us``)
 
 Owned by one thread; not thread-safe (Kafka's consumer is not either). Safe across ``fork``:
 a child that uses a consumer created by its parent rebuilds its mappings and control regions
@@ -38,11 +41,14 @@ from ..config import (ADMIN_REQUEST_TIMEOUT_MS, GROUP_AUTO_COMMIT_INTERVAL_MS_DE
                       GROUP_HEARTBEAT_INTERVAL_MS_DEFAULT, GROUP_REBALANCE_TIMEOUT_MS_DEFAULT,
                       GROUP_SESSION_TIMEOUT_MS_DEFAULT, SPIN_NS_MAX, default_data_dir)
 from ..coordinator.topics import partition_dir
+from ..layout import shm as L
 from ..log.reader import LogReader
 from ..shm.control import ControlRegion
 from ..shm.counters import ConsumerCounters
 from .group_membership import DEFAULT_PROTOCOLS, REJOIN_ERRORS, CommitCallback, GroupMembership
+from . import ring_reads
 from .metadata import LocalMetadata
+from .ring_reads import RingReads
 from .types import OffsetAndMetadata, TopicPartition, as_topic_partition
 
 #: auto_offset_reset values: Kafka's names, plus "error" (Kafka's "none": raise instead).
@@ -72,6 +78,16 @@ TAIL_READ = True
 #: batches: offsets a producer reserved and never committed, decision 0005) before it moves
 #: on; each read moves past at most fetch_max_bytes of them.
 _GAP_READS_MAX = 8
+#: A consumer reading rings whose position no producer has taken yet sleeps on the commit
+#: word alone (a publish cannot bring that offset: it would only wake it for nothing, once per
+#: record it read from a ring). Only a producer that takes the offset and dies before its
+#: commit makes the log move without a commit; the sleep is cut to this so that the filled
+#: hole is seen within it even then (10 wake-ups a second of an idle consumer: ~0.05% of a
+#: core on the 2-core VM).
+COMMIT_ONLY_SLEEP_MS_MAX = 100
+
+
+_RING_READS = L.CONTROL["ring_reads"]
 
 
 def _offset_of(record) -> int:
@@ -178,7 +194,7 @@ class _Fetch:
 
     __slots__ = ("tp", "topic", "partition", "directory", "control", "reader", "position",
                  "pending", "pending_at", "pending_end", "seen_hw_seq", "hw", "counter_slot",
-                 "records_out", "bytes_out")
+                 "records_out", "bytes_out", "rings", "seen_commit_seq", "beyond_taken")
 
     def __init__(self, tp: TopicPartition, directory: str, control) -> None:
         self.tp = tp
@@ -204,6 +220,15 @@ class _Fetch:
         self.counter_slot: int | None = None
         #: Handed out / read since the consumer last published its counters.
         self.records_out = self.bytes_out = 0
+        #: The partition's rings, read past the log's end (client/ring_reads.py); None until
+        #: first needed, or when this consumer does not read rings.
+        self.rings: RingReads | None = None
+        #: commit_seq loaded before the last ring read found nothing; None: the poll does
+        #: not wait for commits of this partition (rings not read).
+        self.seen_commit_seq: int | None = None
+        #: The last ring read found the position at or past next_offset (no producer had
+        #: taken it): only a commit can bring it (see COMMIT_ONLY_SLEEP_MS_MAX).
+        self.beyond_taken = False
 
     def set_position(self, offset: int) -> None:
         self.position = offset
@@ -212,6 +237,9 @@ class _Fetch:
     def close(self) -> None:
         self.reader.close()
         self.pending, self.pending_at = [], 0
+        if self.rings is not None:
+            self.rings.close()
+            self.rings = None
 
 
 class Consumer:
@@ -248,6 +276,9 @@ class Consumer:
     while waiting). ``fetch_max_bytes``: bytes read per partition per fetch (at least one whole
     batch). ``consumer_timeout_ms``: iteration stops after that long without a record
     (default: iterate forever). ``check_crcs=False`` skips CRC checks (not recommended).
+    ``read_rings`` (default True): once the log is read to its end, the newest records come
+    from the producers' committed ring frames, woken by the commit (client/ring_reads.py);
+    False waits for the partition process to append them.
     """
 
     #: Whether records are read from mapped segments here (the one-call tail read applies);
@@ -275,7 +306,7 @@ class Consumer:
                  group_protocols: Iterable[str] = DEFAULT_PROTOCOLS,
                  group_instance_id: str | None = None,
                  on_assign: Callable[[list], None] | None = None,
-                 on_revoke: Callable[[list], None] | None = None):
+                 on_revoke: Callable[[list], None] | None = None, read_rings: bool = True):
         if not isinstance(auto_commit_interval_ms, int) or \
                 auto_commit_interval_ms < GROUP_AUTO_COMMIT_INTERVAL_MS_MIN:
             raise errors.ConfigError(f"auto_commit_interval_ms={auto_commit_interval_ms!r} must "
@@ -295,6 +326,10 @@ class Consumer:
         self.fetch_max_bytes = fetch_max_bytes
         self.consumer_timeout_ms = consumer_timeout_ms
         self.check_crcs = bool(check_crcs)
+        #: Records past the log's end come from the producers' committed ring frames
+        #: (client/ring_reads.py); not for zero-copy values (ring records are copies).
+        self.read_rings = bool(read_rings) and not self.value_memoryview and \
+            self._maps_segments
         self._pid = os.getpid()
         self._meta = self._new_metadata()
         self._counters = self._new_counters()
@@ -685,6 +720,8 @@ class Consumer:
             if position is None:
                 self._resolve(fetch, state, "has no position yet")
             elif not state.log_start_offset <= position <= state.high_watermark:
+                if position > state.high_watermark and self._ahead_ok(fetch, position):
+                    return None  # read from a ring past the log's end: the log follows
                 self._resolve(fetch, state, "is out of range")
             position = fetch.position
             assert position is not None
@@ -701,6 +738,46 @@ class Consumer:
                 if state.log_start_offset <= position:
                     raise
         return None
+
+    def _ahead_ok(self, fetch: _Fetch, position: int) -> bool:
+        """A position past the high watermark is one a committed frame holds (it was read
+        from a ring, or sought to) when producers have taken offsets up to it."""
+        if not self.read_rings:
+            return False
+        taken = fetch.control.next_offset
+        return not taken & L.NEXT_OFFSET_UNSET and position <= taken
+
+    def _ring_read(self, fetch: _Fetch) -> tuple[list, int] | None:
+        """Records at ``fetch.position`` from the committed frame that holds it in one of
+        the partition's rings, when the log has nothing there yet (decision 0005 step 5):
+        (records, index of the one at the position), or None (nothing; the poll then also
+        waits for a commit, see _sleep)."""
+        position = fetch.position
+        if position is None or position < fetch.hw:
+            return None
+        rings = fetch.rings
+        if rings is None or rings.control is not fetch.control:
+            if rings is not None:
+                rings.close()
+            rings = fetch.rings = RingReads(fetch.control, self._meta.prefix, fetch.topic,
+                                            fetch.partition)
+        # Before the look: a commit after this load wakes the sleep (the futex compares it),
+        # and an offset taken after the next load comes with such a commit.
+        seen = fetch.control.commit_seq
+        taken = fetch.control.next_offset
+        status, payload, base, span = rings.read(position)
+        if status != ring_reads.FOUND:
+            fetch.seen_commit_seq = seen if rings.limit() else None
+            fetch.beyond_taken = status == ring_reads.NONE and position >= taken
+            return None
+        got = records.decode_records(payload, False, fetch.topic, fetch.partition)
+        fetch.pending_end = base + span
+        at = position - base
+        if at >= len(got) or got[at].offset != position:
+            at = bisect.bisect_left(got, position, key=_offset_of)
+        if self._counters is not None:
+            fetch.bytes_out += len(payload)
+        return got, at
 
     def _fill(self, fetch: _Fetch, want: int, out: list) -> int:
         """Append up to ``want`` records of ``fetch`` to ``out``; returns how many. A read
@@ -719,16 +796,27 @@ class Consumer:
         # Records are handed out from pending[at:], never by copying the rest of the list: a
         # backlog read with a small max_records would copy (or move) it at every poll.
         at = fetch.pending_at
+        log_said_nothing, piece = False, None
         if not pending and TAIL_READ and not self.value_memoryview:
             pending = self._tail_read(fetch)
             if pending is not None:
                 if not pending:
-                    return self._skip_gap(fetch)
+                    skipped = self._skip_gap(fetch)
+                    if skipped or not self.read_rings:
+                        return skipped
+                    log_said_nothing = True
                 at = 0
         if not pending:
-            piece = self._read(fetch)
+            piece = None if log_said_nothing else self._read(fetch)
             if piece is None or piece.length == 0:
-                return 0
+                got = self._ring_read(fetch) if self.read_rings else None
+                if got is None:
+                    return 0
+                pending, at = got
+                if at >= len(pending):
+                    fetch.pending, fetch.pending_at = [], 0
+                    return self._skip_gap(fetch)
+        if piece is not None and piece.length:
             if self._counters is not None:
                 fetch.bytes_out += piece.length
             position = fetch.position
@@ -845,7 +933,9 @@ class Consumer:
                 self._group_poll()
             order = self._order
             if len(order) == 1 and self._group is None and TAIL_READ and self._maps_segments \
-                    and not self.value_memoryview:
+                    and not self.value_memoryview and not (
+                        self.read_rings and _native.atomic_load_u32(order[0].control.buf,
+                                                                    _RING_READS)):
                 # One partition, no group (nothing else to wake for), caught up: read, and if
                 # nothing is new sleep and read again, in one C call (a wake-up runs no
                 # Python before the records are decoded: docs/design/consumer.md).
@@ -878,7 +968,10 @@ class Consumer:
             left_ms = (deadline - time.monotonic()) * 1000.0
             if left_ms <= 0:
                 return out
-            self._sleep(left_ms)
+            if self.read_rings:
+                self._sleep(left_ms, commits=True)
+            else:
+                self._sleep(left_ms)
 
     def poll_columnar(self, timeout_ms: float = 0, max_records: int | None = None
                       ) -> dict[TopicPartition, records.ColumnarBatch]:
@@ -945,8 +1038,10 @@ class Consumer:
 
     # -- waiting ----------------------------------------------------------------------------------
 
-    def _sleep(self, left_ms: float) -> None:
-        """Sleep until a partition publishes, or ``left_ms`` pass (see module doc)."""
+    def _sleep(self, left_ms: float, commits: bool = False) -> None:
+        """Sleep until a partition publishes, or ``left_ms`` pass (see module doc); with
+        ``commits``, also until a producer commits to a partition whose rings the last look
+        read (poll, reading rings: client/ring_reads.py)."""
         order = self._order
         group = self._group
         if group is not None:
@@ -954,7 +1049,7 @@ class Consumer:
             left_ms = min(left_ms, group.ms_until_heartbeat())
             if self.enable_auto_commit:
                 left_ms = min(left_ms, max(0.0, (self._next_auto_commit - time.monotonic()) * 1e3))
-            if self._sleep_with_group_word(group, left_ms):
+            if self._sleep_with_group_word(group, left_ms, commits):
                 return
             if not order:
                 time.sleep(left_ms / 1000.0)
@@ -965,16 +1060,22 @@ class Consumer:
                 "call assign([...]) first")
         if len(order) == 1:
             fetch = order[0]
-            fetch.control.wait_hw_change(fetch.seen_hw_seq, left_ms, self.spin_ns)
+            if commits and fetch.seen_commit_seq is not None and fetch.beyond_taken:
+                fetch.control.wait_commit(fetch.seen_commit_seq,
+                                          min(left_ms, COMMIT_ONLY_SLEEP_MS_MAX), self.spin_ns)
+            elif commits and fetch.seen_commit_seq is not None:
+                fetch.control.wait_commit_or_hw(fetch.seen_hw_seq, fetch.seen_commit_seq,
+                                                left_ms, self.spin_ns)
+            else:
+                fetch.control.wait_hw_change(fetch.seen_hw_seq, left_ms, self.spin_ns)
             return
-        for fetch in order:  # a publish since our last look: no sleep at all
-            if fetch.control.hw_seq != fetch.seen_hw_seq:
-                return
+        if self._news_since_last_look(order, commits):
+            return
         global _FUTEX_WAITV
         if _FUTEX_WAITV and len(order) <= FUTEX_WAITV_WORDS_MAX:
-            woke = ControlRegion.wait_any_hw_change([f.control for f in order],
-                                                    [f.seen_hw_seq for f in order], left_ms,
-                                                    self.spin_ns)
+            woke = ControlRegion.wait_any_hw_change(
+                [f.control for f in order], [f.seen_hw_seq for f in order], left_ms,
+                self.spin_ns, seen_commit_seqs=self._commit_words(order, commits))
             if woke is not None:
                 return
             _FUTEX_WAITV = False  # a kernel before 5.16: one word at a time from now on
@@ -983,7 +1084,23 @@ class Consumer:
         fetch.control.wait_hw_change(fetch.seen_hw_seq, min(left_ms, MULTI_PARTITION_SLEEP_MS),
                                      self.spin_ns)
 
-    def _sleep_with_group_word(self, group: GroupMembership, left_ms: float) -> bool:
+    @staticmethod
+    def _commit_words(order: list, commits: bool) -> list | None:
+        return [f.seen_commit_seq for f in order] if commits else None
+
+    @staticmethod
+    def _news_since_last_look(order: list, commits: bool) -> bool:
+        """A publish (or, reading rings, a commit) since our last look: no sleep at all."""
+        for fetch in order:  # bounded by the assigned partitions
+            if fetch.control.hw_seq != fetch.seen_hw_seq:
+                return True
+            if commits and fetch.seen_commit_seq is not None and \
+                    fetch.control.commit_seq != fetch.seen_commit_seq:
+                return True
+        return False
+
+    def _sleep_with_group_word(self, group: GroupMembership, left_ms: float,
+                               commits: bool = False) -> bool:
         """One futex_waitv sleep on the partitions' hw_seq words and the group's wake word,
         so a rebalance wakes the poll at once (shm/group_wake.py). False when there is no
         word to sleep on, or futex_waitv is missing: the caller sleeps as without a group."""
@@ -992,12 +1109,13 @@ class Consumer:
         order = self._order
         if word is None or not _FUTEX_WAITV or len(order) >= FUTEX_WAITV_WORDS_MAX:
             return False
-        for fetch in order:  # a publish since our last look: no sleep at all
-            if fetch.control.hw_seq != fetch.seen_hw_seq:
-                return True
+        if self._news_since_last_look(order, commits):
+            return True
         woke = ControlRegion.wait_any_hw_change([f.control for f in order],
                                                 [f.seen_hw_seq for f in order], left_ms,
-                                                self.spin_ns, extra_words=[word])
+                                                self.spin_ns, extra_words=[word],
+                                                seen_commit_seqs=self._commit_words(order,
+                                                                                    commits))
         if woke is None:
             _FUTEX_WAITV = False  # a kernel before 5.16
             return False
@@ -1063,6 +1181,9 @@ class Consumer:
             fetch.reader = LogReader(fetch.directory)
             fetch.pending, fetch.pending_at = [], 0
             fetch.seen_hw_seq = fetch.hw = -1
+            if fetch.rings is not None:
+                fetch.rings.close()  # the child's copies of the mappings
+                fetch.rings, fetch.seen_commit_seq = None, None
         self._iter_buffer, self._iter_at = [], 0
 
     def close(self) -> None:

@@ -1075,8 +1075,9 @@ class Producer:
         for writer in self._writers.values():
             self._retire(writer)
             left_ms = max(0.0, (deadline - time.monotonic()) * 1000.0)
-            writer.ring.close(drain_timeout_ms=left_ms)
-            writer.control.release_slot(writer.slot, os.getpid())
+            if writer.ring.close(drain_timeout_ms=left_ms):
+                writer.control.release_slot(writer.slot, os.getpid())
+            # else: handed over to the partition with its slot (RingProducer.close)
             self._resolve(writer, writer.ring.take_collected())  # read while it drained
             error = errors.BrokerNotRunningError(
                 f"the producer was closed before partition {writer.topic}/{writer.partition} "

@@ -44,7 +44,16 @@ writer; every group (and every hot futex word) has its own 64-byte cache line::
                                                  commit (decision 0005); NEXT_OFFSET_UNSET
                                                  until the partition process sets it once from
                                                  its log end (a new region)
-       576  64*N  producer registry, N = registry_slots, one 64-byte slot each:
+       576    64  u32 commit_seq (futex)        producers; +1 after every commit (decision
+                                                 0005: a consumer reading rings sleeps on it)
+       640    64  u32 commit_waiters            consumers; count of those sleeping on commit_seq
+       704    64  what a consumer reading rings must know, partition process:
+                  704  u32 ring_reads            1: consumers may read committed ring frames
+                                                 (0 for LogAppendTime topics, whose timestamps
+                                                 the partition sets)
+                  712  i64 batch_bytes_max       the topic's max.message.bytes: a consumer
+                                                 refuses exactly the frames the partition does
+       768  64*N  producer registry, N = registry_slots, one 64-byte slot each:
                     0  i32 pid       claimed by CAS 0 -> pid; freed by CAS pid -> 0
                     4  u32 state     EMPTY / CLAIMED / READY / CLOSING
                     8  u64 start_time  of pid, pid reuse guard (0 = not written yet)
@@ -81,7 +90,10 @@ Ingress ring region (``shmb.<broker>.r.<topic>.<partition>.<slot>.<generation>``
                    80  u64 completions_read      completions the producer has consumed
                    88  u32 space_waiting         producer threads that may sleep on space_seq
                    92  u32 ack_waiting           1 while the producer may sleep on ack_seq
-                   96  u32 closed                1: the producer will write no more frames
+                   96  u32 closed                1: the producer will write no more frames;
+                                                 2: and it left the ring to the partition
+                                                 undrained (RING_HANDED_OVER): the partition
+                                                 unlinks it and frees the slot once drained
                   100  u32 completions_off       1: acks=0, completions may be overwritten
                   104  u32 fsync_required        1: acks="all", the log is fsynced before this
                                                  ring's frames are completed
@@ -142,7 +154,8 @@ CACHE_LINE_BYTES = 64
 # --- partition control region --------------------------------------------------------------
 
 CONTROL_MAGIC = int.from_bytes(b"SHMBCTL1", "little")
-CONTROL_LAYOUT_VERSION = 3  # 3: next_offset (offsets at the producer's commit), no manifest
+CONTROL_LAYOUT_VERSION = 4  # 3: next_offset (offsets at the producer's commit), no manifest;
+#                             4: commit_seq, commit_waiters, ring_reads (consumers read rings)
 
 CONTROL_FIELDS: tuple[Field, ...] = (
     # header line
@@ -172,6 +185,10 @@ CONTROL_FIELDS: tuple[Field, ...] = (
     Field("partition_status", 384, 4, "I"),
     Field("registry_changes", 448, 4, "I"),
     Field("next_offset", 512, 8, "Q"),
+    Field("commit_seq", 576, 4, "I"),
+    Field("commit_waiters", 640, 4, "I"),
+    Field("ring_reads", 704, 4, "I"),
+    Field("batch_bytes_max", 712, 8, "q"),
 )
 
 #: Published state fields after state_seq, in order (one struct, read under the seqlock).
@@ -180,7 +197,7 @@ CONTROL_STATE_FIELDS = ("high_watermark", "log_start_offset", "active_segment_ba
                         "partition_start_time")
 CONTROL_STATE_STRUCT = struct.Struct("<qqqqiiQ")
 
-CONTROL_REGISTRY_OFFSET = 576
+CONTROL_REGISTRY_OFFSET = 768
 #: next_offset of a region whose partition process has not set it yet (from its log end).
 NEXT_OFFSET_UNSET = 1 << 63
 SLOT_BYTES = 64
@@ -229,6 +246,12 @@ RING_LAYOUT_VERSION = 2  # 2: reserved_base, reserved_end
 #: reserved_base: the producer holds no offsets / is taking some (its fetch_add).
 RESERVED_NONE = (1 << 64) - 1
 RESERVED_PENDING = (1 << 64) - 2
+#: ``closed``: the producer closed the ring before the partition took every committed frame
+#: (a stopped broker). Committed frames are the log's (consumers may have read them from the
+#: ring, decision 0005), so the ring is not removed with them: the partition drains it, then
+#: unlinks it and frees its slot.
+RING_CLOSED = 1
+RING_HANDED_OVER = 2
 
 RING_FIELDS: tuple[Field, ...] = (
     # header line
@@ -328,6 +351,15 @@ RING_STATUS = {
                          # set at the commit (decision 0005): nothing was written
 }
 
+#: shmb_ring_frame_at results (a consumer reading a ring, decision 0005 step 5).
+FRAME_AT_STATUS = {
+    "FOUND": 0,    # the committed frame holding the offset, copied and checked
+    "NONE": 1,     # no committed frame of this ring holds it (or the ring is not readable)
+    "TORN": 2,     # the partition released past the frame while it was read: the log has it
+    "REFUSED": 3,  # the frame holding it breaks the partition's rule: the log will hold an
+                   # empty batch there
+}
+
 #: futex_wait results.
 WAIT_STATUS = {
     "WOKEN": 0,          # woken by a futex_wake (or spuriously): re-check the condition
@@ -371,7 +403,9 @@ for _a, _b in (("hw_seq", "doorbell"), ("doorbell", "hw_waiters"),
                ("hw_waiters", "partition_sleeping"), ("state_seq", "hw_seq"),
                ("partition_sleeping", "partition_status"),
                ("partition_status", "registry_changes"), ("doorbell", "registry_changes"),
-               ("registry_changes", "next_offset"), ("hw_seq", "next_offset")):
+               ("registry_changes", "next_offset"), ("hw_seq", "next_offset"),
+               ("next_offset", "commit_seq"), ("commit_seq", "commit_waiters"),
+               ("commit_waiters", "ring_reads"), ("hw_seq", "commit_seq")):
     assert CONTROL[_a] // CACHE_LINE_BYTES != CONTROL[_b] // CACHE_LINE_BYTES
 assert RING["write_position"] // 64 != RING["read_position"] // 64
 
@@ -398,6 +432,8 @@ CONSTANTS = {
     "RING_LAYOUT_VERSION": RING_LAYOUT_VERSION,
     "RESERVED_NONE": RESERVED_NONE,
     "RESERVED_PENDING": RESERVED_PENDING,
+    "RING_CLOSED": RING_CLOSED,
+    "RING_HANDED_OVER": RING_HANDED_OVER,
     "RING_COMPLETIONS_OFFSET": RING_COMPLETIONS_OFFSET,
     "COMPLETION_BYTES": COMPLETION_BYTES,
     "COMPLETIONS_MAX": COMPLETIONS_MAX,
@@ -410,4 +446,5 @@ CONSTANTS = {
     "RING_CAPACITY_MAX": RING_CAPACITY_MAX,
     **{f"RING_{k}": v for k, v in RING_STATUS.items()},
     **{f"WAIT_{k}": v for k, v in WAIT_STATUS.items()},
+    **{f"FRAME_AT_{k}": v for k, v in FRAME_AT_STATUS.items()},
 }

@@ -207,7 +207,7 @@ class Ingress:
                     continue
             elif not (consumer.producer_closed and not consumer.has_unread()):
                 continue
-            if ring.dead:
+            if ring.dead or consumer.handed_over:
                 unlink(ring.name)
                 if ring.slot is not None:
                     self.control.release_slot(ring.slot, ring.pid)

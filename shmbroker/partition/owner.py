@@ -88,6 +88,12 @@ class PartitionOwner:
                  self.directory, self.log.log_start_offset, self.log.log_end_offset,
                  report.summary() if report is not None else "no recovery report")
         self.control.take_ownership(self.log.leader_epoch)
+        # Consumers may read committed ring frames (decision 0005) unless the topic has a
+        # flush policy: its records are meant to be seen once the policy flushed them.
+        if log_config.flush_messages is None and log_config.flush_ms is None:
+            self.control.allow_ring_reads(log_config.batch_bytes_max)
+        else:
+            self.control.forbid_ring_reads()
         self.ingress = Ingress(control, prefix, topic, partition)
         self.drainer = Drainer(self.log, control, self.ingress, counters=self.counters)
         #: producers_gone of the region when we attached (a predecessor's), plus ours.

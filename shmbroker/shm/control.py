@@ -60,6 +60,10 @@ class SlotInfo(NamedTuple):
     ring_bytes: int
 
 
+#: Words one futex_waitv takes (the kernel's limit).
+_WAITV_WORDS_MAX = 128
+
+
 class ControlRegion:
     """A mapped control region. Not thread-safe; see the module docstring for who writes what."""
 
@@ -187,6 +191,65 @@ class ControlRegion:
             return at_least
         return self.next_offset
 
+    # -- consumers reading committed ring frames (decision 0005 steps 5-6) ----------------------
+
+    def allow_ring_reads(self, batch_bytes_max: int) -> None:
+        """Partition process, at start: consumers may read committed frames from the rings,
+        refusing what this process refuses (the topic's max.message.bytes)."""
+        if batch_bytes_max <= 0:
+            raise ValueError(f"allow_ring_reads: batch_bytes_max {batch_bytes_max} <= 0")
+        struct.pack_into("<q", self.buf, C["batch_bytes_max"], batch_bytes_max)
+        _native.atomic_store_u32(self.buf, C["ring_reads"], 1)  # after the limit
+
+    def forbid_ring_reads(self) -> None:
+        _native.atomic_store_u32(self.buf, C["ring_reads"], 0)
+
+    @property
+    def commit_seq(self) -> int:
+        return _native.atomic_load_u32(self.buf, C["commit_seq"])
+
+    def wait_commit(self, seen_commit_seq: int, timeout_ms: float | None,
+                    spin_ns: int = 0) -> bool:
+        """Consumer reading rings, at an offset no producer has taken: sleeps until a commit
+        (commit_seq differs from ``seen_commit_seq``); False on timeout."""
+        buf = self.buf
+        if _native.atomic_load_u32(buf, C["commit_seq"]) != seen_commit_seq:
+            return True
+        if spin_ns and _native.futex_wait(buf, C["commit_seq"], seen_commit_seq, 0, spin_ns) \
+                != wake.TIMEOUT:
+            return True  # not counted while spinning: the producer need not wake a spinner
+        _native.atomic_add_u32(buf, C["commit_waiters"], 1)
+        try:
+            r = wake.wait(buf, C["commit_seq"], seen_commit_seq, timeout_ms)
+        finally:
+            _native.atomic_add_u32(buf, C["commit_waiters"], -1)
+        return r != wake.TIMEOUT
+
+    def wait_commit_or_hw(self, seen_hw_seq: int, seen_commit_seq: int,
+                          timeout_ms: float | None, spin_ns: int = 0) -> bool:
+        """Consumer reading rings: sleeps until a producer commits (commit_seq) or the
+        partition publishes (hw_seq: a hole filled, a refused frame's empty batch appended);
+        False on timeout. Counted in both waiter words for the sleep, as wait_hw_change."""
+        buf = self.buf
+        words = [(buf, C["hw_seq"], seen_hw_seq), (buf, C["commit_seq"], seen_commit_seq)]
+        if spin_ns:
+            spun = _native.futex_waitv(words, 0, spin_ns)
+            if spun is not None and spun[0] != wake.TIMEOUT:
+                return True
+        _native.atomic_add_u32(buf, C["hw_waiters"], 1)
+        _native.atomic_add_u32(buf, C["commit_waiters"], 1)
+        try:
+            r = wake.wait_any(words, timeout_ms)
+            if r is None:  # no futex_waitv (Linux < 5.16): the commit word, a bounded nap;
+                # the caller looks again (its deadline decides), so a publish is seen too
+                wake.wait(buf, C["commit_seq"], seen_commit_seq,
+                          1.0 if timeout_ms is None else min(timeout_ms, 1.0))
+                return True
+        finally:
+            _native.atomic_add_u32(buf, C["commit_waiters"], -1)
+            _native.atomic_add_u32(buf, C["hw_waiters"], -1)
+        return r != wake.TIMEOUT
+
     @staticmethod
     def publisher() -> tuple[int, int]:
         """(pid, start time) that :meth:`publish` stores: the C drain round, which publishes
@@ -239,13 +302,21 @@ class ControlRegion:
 
     @staticmethod
     def wait_any_hw_change(regions: list, seen_hw_seqs: list, timeout_ms: float | None,
-                           spin_ns: int = 0, extra_words: list = ()) -> bool | None:
+                           spin_ns: int = 0, extra_words: list = (),
+                           seen_commit_seqs: list | None = None) -> bool | None:
         """Consumer of several partitions: one sleep until any region's hw_seq differs from
         its seen value (futex_waitv); False on timeout, None when the kernel has no
         futex_waitv. Each region counts the consumer in hw_waiters meanwhile, so its
         publishes wake it. ``extra_words``: more ``(buf, offset, expected)`` words to wake on
-        (a group member's wake word, whose writer wakes it unasked)."""
+        (a group member's wake word, whose writer wakes it unasked). ``seen_commit_seqs``:
+        per region, a commit_seq to wake on as well (None: not), counted in commit_waiters
+        (a consumer reading that partition's rings, wait_commit_or_hw)."""
         words = [(r.buf, C["hw_seq"], seen) for r, seen in zip(regions, seen_hw_seqs)]
+        commits = [(r, seen) for r, seen in zip(regions, seen_commit_seqs or ())
+                   if seen is not None]
+        if len(words) + len(commits) + len(extra_words) > _WAITV_WORDS_MAX:
+            commits = []  # too many words for one sleep: the publishes still wake it
+        words.extend((r.buf, C["commit_seq"], seen) for r, seen in commits)
         words.extend(extra_words)
         if spin_ns:
             # Spin first, not counted in hw_waiters (as wait_hw_change): a publisher need not
@@ -260,11 +331,14 @@ class ControlRegion:
         try:
             for region in regions:
                 _native.atomic_add_u32(region.buf, C["hw_waiters"], 1)
-                counted.append(region)
+                counted.append((region, "hw_waiters"))
+            for region, _ in commits:
+                _native.atomic_add_u32(region.buf, C["commit_waiters"], 1)
+                counted.append((region, "commit_waiters"))
             r = wake.wait_any(words, timeout_ms)
         finally:
-            for region in counted:
-                _native.atomic_add_u32(region.buf, C["hw_waiters"], -1)
+            for region, field in counted:
+                _native.atomic_add_u32(region.buf, C[field], -1)
         return None if r is None else r != wake.TIMEOUT
 
     # -- partition status and the drain journal (partition process) ---------------------------

@@ -26,6 +26,7 @@ from .liveness import my_start_time, process_alive
 from .region import Region
 
 R = L.RING
+C = L.CONTROL
 RING_OK = L.RING_STATUS["OK"]
 RING_FULL = L.RING_STATUS["FULL"]
 RING_OFFSETS_UNSET = L.RING_STATUS["OFFSETS_UNSET"]
@@ -273,10 +274,15 @@ class RingProducer:
     def close(self, drain_timeout_ms: float = 0) -> bool:
         """Marks the ring closed, waits up to ``drain_timeout_ms`` for the consumer to take
         every committed frame, unlinks the name and unmaps. Returns whether it was drained.
-        Undrained frames stay readable by a consumer that has the ring mapped already."""
+        A ring of a partition (``control``) that is not drained by then is left to the
+        partition instead (L.RING_HANDED_OVER): its committed frames hold offsets that
+        consumers may have read from it already, so they must reach the log (the partition
+        unlinks it and frees the slot once drained; a restarted one finds it in the
+        registry). Without a partition, undrained frames stay readable by a consumer that
+        has the ring mapped already."""
         if self.region.closed:
             return True
-        _native.atomic_store_u32(self.buf, R["closed"], 1)
+        _native.atomic_store_u32(self.buf, R["closed"], L.RING_CLOSED)
         if self.control is not None:
             self.control.ring_doorbell()
         deadline = time.monotonic() + drain_timeout_ms / 1000.0
@@ -292,11 +298,30 @@ class RingProducer:
             # and Producer.close() never closed its other rings: unlink and unmap it anyway.
             pass
         drained = self.drained()
-        if os.getpid() == self._pid:  # a forked child never unlinks its parent's ring
+        if not drained and self._readable_by_consumers():
+            # Nobody reads its completions any more: the partition must not hold it back.
+            _native.atomic_store_u32(self.buf, R["completions_off"], 1)
+            _native.atomic_store_u32(self.buf, R["closed"], L.RING_HANDED_OVER)
+            self.control.ring_doorbell()
+        elif os.getpid() == self._pid:  # a forked child never unlinks its parent's ring
             self.region.unlink()
         self.region.close()
         self.buf = None
         return drained
+
+    def _readable_by_consumers(self) -> bool:
+        """Whether consumers may have read committed frames of this ring (decision 0005): the
+        partition allows ring reads, has not stopped for good, and the ring is sound (one
+        whose header broke is given up by the partition anyway)."""
+        control = self.control
+        if control is None or not _native.atomic_load_u32(control.buf, C["ring_reads"]) or \
+                control.partition_status == L.PARTITION_STATUS_STOPPED:
+            return False
+        try:
+            _native.ring_check(self.buf)
+        except errors.RingCorruptError:
+            return False
+        return True
 
     def __enter__(self) -> "RingProducer":
         return self
@@ -443,6 +468,11 @@ class RingConsumer:
     @property
     def producer_closed(self) -> bool:
         return _native.atomic_load_u32(self.buf, R["closed"]) != 0
+
+    @property
+    def handed_over(self) -> bool:
+        """The producer closed it undrained and left it to us (L.RING_HANDED_OVER)."""
+        return _native.atomic_load_u32(self.buf, R["closed"]) == L.RING_HANDED_OVER
 
     def owner_alive(self) -> bool:
         return process_alive(self.owner_pid, self.owner_start_time)

@@ -206,6 +206,8 @@ def ring_write(ring, payloads, doorbell=None) -> tuple[int, int, int]:
     _I32.pack_into(buf, data + (tail & mask), first_len)
     if ctl is not None:
         _U64.pack_into(buf, R["reserved_base"], L.RESERVED_NONE)
+        off = L.CONTROL["commit_seq"]  # commit_wake in ring.c (the wake itself: C only)
+        _U32.pack_into(ctl, off, (_u32(ctl, off) + 1) & 0xFFFFFFFF)
     if doorbell is not None:
         ctl = memoryview(doorbell).cast("B")
         if _u32(ctl, L.CONTROL["partition_sleeping"]):
@@ -280,3 +282,71 @@ def ring_release(ring, position: int) -> None:
     if _u32(buf, L.RING["space_waiting"]):
         off = L.RING["space_seq"]
         _U32.pack_into(buf, off, (_u32(buf, off) + 1) & 0xFFFFFFFF)
+
+
+def frame_ok(payload, batch_bytes_max: int, records_max: int) -> bool:
+    """shmb_frame_ok: the partition's rule for a ring frame (CRC and records checked, every
+    batch at most ``batch_bytes_max``, 1..``records_max`` records, no control batch)."""
+    from ..records import reference as records_reference
+    view = memoryview(payload).cast("B")
+    if not len(view):
+        return False
+    scan = records_reference.scan_batches(view, verify_crc=True, verify_records=True,
+                                          batch_bytes_max=batch_bytes_max)
+    if scan.error_position != -1:
+        return False
+    for pos, _base, _last, _ts, count in scan.batches:
+        attributes = struct.unpack_from(">h", view, pos + RB.OFFSETS["attributes"])[0]
+        if not 1 <= count <= records_max or attributes & RB.CONTROL_MASK:
+            return False
+    return True
+
+
+def ring_frame_at(ring, control, offset: int, hint: int, batch_bytes_max: int,
+                  records_max: int) -> tuple:
+    """shmb_ring_frame_at: (status, payload or None, base, span, next_hint) of the committed
+    frame of ``ring`` whose offsets hold ``offset`` (a consumer reading rings). Single-threaded:
+    a torn read cannot happen here, so TORN comes only from a read_position past the walk."""
+    S = L.FRAME_AT_STATUS
+    buf = memoryview(ring).cast("B")
+    ctl = memoryview(control).cast("B")
+    try:
+        capacity = ring_check(buf)
+    except errors.RingCorruptError:
+        return S["NONE"], None, -1, 0, hint
+    if _u32(buf, L.RING["fsync_required"]):
+        return S["NONE"], None, -1, 0, hint
+    head = _u64(buf, L.RING["read_position"])
+    pos = hint if (hint % L.FRAME_ALIGN == 0 and head <= hint <= head + capacity) else head
+    next_hint, mask, data = pos, capacity - 1, L.RING_DATA_OFFSET
+    while (pos - head) + L.FRAME_ALIGN <= capacity:  # bounded: pos grows within a capacity
+        idx = pos & mask
+        length, ftype, _seq = _FRAME.unpack_from(buf, data + idx)
+        if length <= 0:
+            return S["NONE"], None, -1, 0, next_hint
+        if ftype == L.FRAME_TYPE_PADDING:
+            if length != capacity - idx:
+                return S["NONE"], None, -1, 0, next_hint
+            pos += length
+            continue
+        fb = L.frame_bytes(length - L.FRAME_HEADER_BYTES)
+        if ftype != L.FRAME_TYPE_DATA or length < L.FRAME_HEADER_BYTES + RB.HEADER_SIZE \
+                or idx + fb > capacity or (pos - head) + fb > capacity:
+            return S["NONE"], None, -1, 0, next_hint
+        start = data + idx + L.FRAME_HEADER_BYTES
+        payload = bytearray(buf[start:start + length - L.FRAME_HEADER_BYTES])
+        base = struct.unpack_from(">q", payload, 0)[0]
+        span = frame_offsets(payload)
+        if base > offset:
+            return S["NONE"], None, -1, 0, next_hint
+        if offset - base >= span:
+            pos += fb
+            next_hint = pos
+            continue
+        next_offset = _u64(ctl, L.CONTROL["next_offset"])
+        if base < 0 or next_offset & L.NEXT_OFFSET_UNSET or base >= next_offset \
+                or not frame_ok(payload, batch_bytes_max, records_max):
+            return S["REFUSED"], None, base, span, pos + fb
+        frame_set_base(payload, base)
+        return S["FOUND"], bytes(payload), base, span, pos + fb
+    return S["NONE"], None, -1, 0, next_hint

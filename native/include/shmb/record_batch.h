@@ -211,4 +211,16 @@ void shmb_frame_set_base(uint8_t *p, size_t len, int64_t base);
 /* The first batch's baseOffset (len >= 8): where a committed frame's offsets start. */
 int64_t shmb_frame_base(const uint8_t *p);
 
+/* The partition's rule for a batch of a ring frame, the one function behind both the round's
+ * check (drain.c) and a consumer reading rings (shmb_ring_frame_at), so that both refuse
+ * exactly the same frames: the batch at buf[pos] passes shmb_rb_check_batch with the CRC and
+ * the records checked and batch_bytes_max, has 1..records_max records and is not a control
+ * batch. 1 (and *h filled) or 0. */
+int shmb_frame_batch_ok(const uint8_t *buf, size_t end, size_t pos, int64_t batch_bytes_max,
+                        int64_t records_max, shmb_rb_header *h);
+
+/* Every batch of a frame's payload passes shmb_frame_batch_ok and they fill it exactly
+ * (an empty payload does not): 1 or 0. */
+int shmb_frame_ok(const uint8_t *p, size_t len, int64_t batch_bytes_max, int64_t records_max);
+
 #endif

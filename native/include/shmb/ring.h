@@ -94,6 +94,32 @@ int shmb_ring_read(const uint8_t *region, size_t region_len, uint64_t position,
                    shmb_ring_frame *out, size_t out_max, size_t *count,
                    uint64_t *next_position, shmb_ring_error *err);
 
+/* What shmb_ring_frame_at found. */
+typedef struct {
+    int64_t base;       /* the frame's first offset */
+    uint64_t span;      /* offsets it takes (shmb_frame_offsets) */
+    uint64_t next_hint; /* where the next call (for a later offset) may start its walk */
+    uint8_t *payload;   /* the copy (from alloc), FOUND only */
+    size_t payload_len;
+} shmb_ring_found;
+
+/* A second reader of a ring, never writing (decision 0005 step 5: a consumer reads committed
+ * frames before the partition appends them). Walks the committed frames from `hint` (a frame
+ * boundary a previous call returned; read_position when it is behind read_position) for the
+ * DATA frame whose offsets hold `offset`; copies its payload into alloc(ctx, len), then checks
+ * that read_position did not pass the frame meanwhile (else the space may have been reused
+ * and the copy torn: SHMB_FRAME_AT_TORN, and the log holds the frame), that the frame takes
+ * offsets below the control region's next_offset and passes shmb_frame_ok with
+ * batch_bytes_max and records_max (else SHMB_FRAME_AT_REFUSED: the partition refuses it too
+ * and fills its offsets), and sets the copy's baseOffsets from its first one as the
+ * partition's append does. SHMB_FRAME_AT_NONE: no committed frame of this ring holds offset
+ * (ring of an acks="all" producer, bytes it cannot read, or alloc failed: the caller checks
+ * its own alloc). Every loop is bounded by the ring's capacity. */
+int shmb_ring_frame_at(const uint8_t *region, size_t region_len, const uint8_t *control,
+                       int64_t offset, uint64_t hint, int64_t batch_bytes_max,
+                       int64_t records_max, uint8_t *(*alloc)(void *ctx, size_t len), void *ctx,
+                       shmb_ring_found *out);
+
 /* Consumer: frees the ring up to `position` (release store of read_position), then wakes the
  * producer if it sleeps on space. Returns SHMB_RING_OK or SHMB_RING_CORRUPT (position not
  * 8-aligned, behind read_position or beyond write_position). */

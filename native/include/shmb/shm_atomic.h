@@ -96,6 +96,9 @@ static inline int shmb_u64_cas(void *p, uint64_t *expected, uint64_t desired)
 }
 
 static inline void shmb_fence_seq_cst(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+/* Orders the plain loads before it (a copy out of a ring) before the loads after it (the
+ * re-check that the ring's space was not handed back meanwhile): a seqlock reader's fence. */
+static inline void shmb_fence_acquire(void) { __atomic_thread_fence(__ATOMIC_ACQUIRE); }
 
 static inline void shmb_cpu_relax(void)
 {

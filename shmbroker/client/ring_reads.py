@@ -1,0 +1,127 @@
+"""A consumer's reads of committed records still in the producers' rings (decision 0005, step 5).
+
+A producer takes its frame's offsets at the commit, so a committed frame in its ring already
+holds records at their final offsets, ahead of the partition's append to the log. A consumer
+that has read everything the log holds (its position is at or past the high watermark) finds
+the frame holding its position in one of the partition's rings and hands out a checked copy,
+instead of waiting for the partition process to append and publish: one wake-up (the
+producer's commit) instead of two on the way from producer to consumer.
+
+What a ring read may hand out is exactly what the log will hold at those offsets:
+
+* the frame is committed (its length word), so the partition appends it at those offsets,
+  also after a crash of any of our processes (a restart drains the rings first);
+* ``shmb_frame_ok`` with the topic's ``max.message.bytes`` from the control region is the
+  rule the partition's round applies (one C function for both); a frame it refuses gets an
+  empty batch in the log, and here it is ``REFUSED``: the consumer waits for the log;
+* the copy is checked against the ring's ``read_position`` after it was taken: once the
+  partition released the frame's space the producer may have written over it, so the copy
+  is thrown away (``TORN``) and the record is read from the log, where it is by then;
+* rings of acks="all" producers are not read (their records become visible once fsynced),
+  nor any ring of a partition whose process did not allow it (``ring_reads``: topics with a
+  flush policy).
+
+Holds read-only mappings of the rings it found in the control region's registry; a consumer
+thread owns it (not thread-safe). Design: docs/design/consumer.md, "Reading the rings".
+"""
+from __future__ import annotations
+
+import struct
+
+from .. import errors
+from ..config import BATCH_RECORDS_MAX
+from ..layout import shm as L
+from ..native import _native
+from ..shm import names
+from ..shm.control import ControlRegion
+from ..shm.region import Region
+
+S = L.FRAME_AT_STATUS
+FOUND, NONE, TORN, REFUSED = S["FOUND"], S["NONE"], S["TORN"], S["REFUSED"]
+_C = L.CONTROL
+_LIMIT = struct.Struct("<q")
+
+
+class _Ring:
+    __slots__ = ("region", "hint", "hint_from")
+
+    def __init__(self, region: Region):
+        self.region = region
+        #: shmb_ring_frame_at's next_hint for offsets from hint_from on.
+        self.hint = 0
+        self.hint_from = 0
+
+
+class RingReads:
+    """The committed ring frames of one partition, read by one consumer."""
+
+    def __init__(self, control: ControlRegion, prefix: str, topic: str, partition: int):
+        self.control = control
+        self.prefix, self.topic, self.partition = prefix, topic, partition
+        #: (slot, generation) -> ring; rings whose slot moved on are closed at a refresh.
+        self._rings: dict[tuple[int, int], _Ring] = {}
+        self._registry_seen = -1
+
+    def limit(self) -> int:
+        """The topic's max.message.bytes when the partition allows ring reads, else 0."""
+        buf = self.control.buf
+        if not _native.atomic_load_u32(buf, _C["ring_reads"]):
+            return 0
+        return _LIMIT.unpack_from(buf, _C["batch_bytes_max"])[0]
+
+    def read(self, offset: int) -> tuple[int, bytes | None, int, int]:
+        """(status, payload, base, span) of the committed frame holding ``offset``: FOUND with
+        a checked copy whose batches are at their offsets; REFUSED or TORN (the log will
+        have it: wait for the high watermark); NONE (no ring holds it now)."""
+        limit = self.limit()
+        if limit <= 0 or self.control.partition_status == L.PARTITION_STATUS_STOPPED:
+            # Stopped cleanly: what is committed from now on is never appended.
+            return NONE, None, -1, 0
+        self._refresh()
+        control = self.control.buf
+        for ring in self._rings.values():  # bounded by the registry's slots
+            hint = ring.hint if offset >= ring.hint_from else 0
+            try:
+                status, payload, base, span, next_hint = _native.ring_frame_at(
+                    ring.region.buf, control, offset, hint, limit, BATCH_RECORDS_MAX)
+            except ValueError:
+                continue  # closed under us (never: one thread); a bad mapping reads nothing
+            if status == NONE:
+                if offset >= ring.hint_from:
+                    ring.hint, ring.hint_from = next_hint, offset
+                continue
+            if status == FOUND:
+                ring.hint, ring.hint_from = next_hint, base + span
+            return status, payload, base, span
+        return NONE, None, -1, 0
+
+    def _refresh(self) -> None:
+        changes = self.control.registry_changes
+        if changes == self._registry_seen:
+            return
+        self._registry_seen = changes
+        live = set()
+        for info in self.control.slots():  # bounded by the registry's slots
+            if info.state not in (L.SLOT_READY, L.SLOT_CLOSING):
+                continue
+            key = (info.slot, info.generation)
+            live.add(key)
+            if key in self._rings:
+                continue
+            name = names.ring_name(self.prefix, self.topic, self.partition, info.slot,
+                                   info.generation)
+            try:
+                region = Region.attach(name, magic=L.RING_MAGIC,
+                                       layout_version=L.RING_LAYOUT_VERSION, readonly=True,
+                                       what="ingress ring")
+            except (errors.RegionNotFoundError, errors.RegionHeaderError, OSError):
+                continue  # gone, or not readable: its records come through the log
+            self._rings[key] = _Ring(region)
+        for key in [k for k in self._rings if k not in live]:
+            self._rings.pop(key).region.close()
+
+    def close(self) -> None:
+        for ring in self._rings.values():
+            ring.region.close()
+        self._rings.clear()
+        self._registry_seen = -1

@@ -1,0 +1,187 @@
+"""Consumers read committed frames from the producers' rings past the log's end (decision 0005
+steps 5-6, client/ring_reads.py): records reach a consumer while the partition process is
+stopped, at the offsets and with the bytes the log then holds; a frame the partition refuses
+is never handed out; a copy torn by the ring's reuse is never handed out (stress, values carry
+their own offset); the records a consumer read from a ring are in the log after a kill -9 of
+the whole broker."""
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from broker_harness import wait_for
+
+from shmbroker import Admin, Consumer, Producer, records
+from shmbroker.shm import names
+from shmbroker.shm.control import ControlRegion
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _control(data_dir: str, topic: str) -> ControlRegion:
+    return ControlRegion.attach(names.control_name(names.broker_prefix(data_dir), topic, 0),
+                                readonly=True)
+
+
+def _poll_until(consumer, count: int, timeout_s: float = 20.0) -> list:
+    got: list = []
+    deadline = time.monotonic() + timeout_s
+    while len(got) < count and time.monotonic() < deadline:  # bounded by the deadline
+        got += consumer.poll(timeout_ms=200)
+    return got
+
+
+def _fields(rs) -> list:
+    return [(r.offset, r.timestamp, r.key, r.value, r.headers) for r in rs]
+
+
+@pytest.fixture
+def topic(broker):
+    with Admin(broker=broker.data_dir) as admin:
+        admin.create_topic("r", 1)
+    (pid,) = broker.partition_pids(broker.wait_running({("r", 0)})).values()
+    return broker, pid
+
+
+def test_records_reach_a_ring_reader_while_the_partition_process_is_stopped(topic):
+    broker, pid = topic
+    reader = Consumer("r", broker=broker.data_dir, auto_offset_reset="earliest")
+    log_only = Consumer("r", broker=broker.data_dir, auto_offset_reset="earliest",
+                        read_rings=False)
+    control = _control(broker.data_dir, "r")
+    try:
+        assert reader.poll(timeout_ms=50) == [] and log_only.poll(timeout_ms=50) == []
+        with Producer(broker=broker.data_dir, acks=0) as producer:
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                for i in range(20):
+                    producer.send("r", b"v%d" % i, key=b"k%d" % i, headers=[("h", b"%d" % i)])
+                producer.flush()
+                got = _poll_until(reader, 20)
+                assert [(r.offset, r.value) for r in got] == [(i, b"v%d" % i) for i in range(20)]
+                assert control.read_state().high_watermark == 0, "nothing was appended yet"
+                assert log_only.poll(timeout_ms=300) == [], "the log path waits for the log"
+            finally:
+                os.kill(pid, signal.SIGCONT)
+        from_log = _poll_until(log_only, 20)
+        assert _fields(from_log) == _fields(got), "the log holds what the ring reader got"
+        wait_for(lambda: control.read_state().high_watermark == 20, 10, "the append")
+        assert reader.poll(timeout_ms=200) == [], "nothing twice"
+    finally:
+        control.close()
+        reader.close()
+        log_only.close()
+
+
+#: A producer process that commits a frame whose batch CRC is wrong (the C writer does not
+#: check CRCs: a buggy producer), then a good one, and exits.
+_BAD_THEN_GOOD = r"""
+import sys
+from shmbroker import records
+from shmbroker.layout import shm as L
+from shmbroker.native import _native
+from shmbroker.shm import names
+from shmbroker.shm.control import ControlRegion
+from shmbroker.shm.ring import RingProducer
+
+data_dir, topic = sys.argv[1], sys.argv[2]
+prefix = names.broker_prefix(data_dir)
+ctl = ControlRegion.attach(names.control_name(prefix, topic, 0))
+slot, gen = ctl.claim_slot(1 << 16)
+ring = RingProducer.create(names.ring_name(prefix, topic, 0, slot, gen), 1 << 16, partition=0,
+                           slot=slot, generation=gen, control=ctl)
+ctl.set_slot_state(slot, L.SLOT_READY)
+ctl.announce_registry_change()
+bad = bytearray(records.encode_batch([b"bad-%d" % i for i in range(3)]))
+bad[-1] ^= 0xFF
+ring.send(bytes(bad))
+ring.send(records.encode_batch([b"good"]))
+print("written", flush=True)
+"""
+
+
+def test_a_frame_the_partition_refuses_is_never_handed_out_from_a_ring(topic):
+    broker, pid = topic
+    reader = Consumer("r", broker=broker.data_dir, auto_offset_reset="earliest")
+    try:
+        assert reader.poll(timeout_ms=50) == []
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            child = subprocess.run([sys.executable, "-c", _BAD_THEN_GOOD, broker.data_dir, "r"],
+                                   capture_output=True, timeout=60,
+                                   env={**os.environ, "PYTHONPATH": os.getcwd()})
+            assert child.returncode == 0 and b"written" in child.stdout, child.stderr.decode()
+            # Offsets 0..2 are the refused frame's: the reader waits for the log there.
+            assert reader.poll(timeout_ms=500) == []
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        got = _poll_until(reader, 1)
+        assert [(r.offset, r.value) for r in got] == [(3, b"good")]
+    finally:
+        reader.close()
+    with Consumer("r", broker=broker.data_dir, auto_offset_reset="earliest",
+                  read_rings=False) as log_only:
+        assert [(r.offset, r.value) for r in _poll_until(log_only, 1)] == [(3, b"good")]
+
+
+def _value(i: int) -> bytes:
+    return b"%d:" % i + hashlib.sha256(b"%d" % i).hexdigest().encode() * (1 + i % 5)
+
+
+_FAST_PRODUCER = r"""
+import hashlib, sys
+from shmbroker import Producer
+def value(i):
+    return b"%d:" % i + hashlib.sha256(b"%d" % i).hexdigest().encode() * (1 + i % 5)
+n = int(sys.argv[2])
+with Producer(broker=sys.argv[1], acks=0, ring_bytes=1 << 14) as p:
+    for i in range(n):
+        p.send("r", value(i))
+    p.flush()
+"""
+
+
+def test_ring_reads_under_constant_reuse_hand_out_only_whole_records_at_their_offsets(topic):
+    """A small ring reused all the time while a consumer reads it: every record it hands out
+    has its own offset's value (a torn copy would show another), each offset once."""
+    broker, _ = topic
+    n = 30_000
+    reader = Consumer("r", broker=broker.data_dir, auto_offset_reset="earliest")
+    try:
+        assert reader.poll(timeout_ms=50) == []
+        child = subprocess.Popen([sys.executable, "-c", _FAST_PRODUCER, broker.data_dir, str(n)],
+                                 env={**os.environ, "PYTHONPATH": os.getcwd()})
+        got = _poll_until(reader, n, timeout_s=90)
+        assert child.wait(timeout=60) == 0
+    finally:
+        reader.close()
+    assert [r.offset for r in got] == list(range(n))
+    bad = [r.offset for r in got if r.value != _value(r.offset)]
+    assert bad == []
+
+
+def test_records_read_from_a_ring_are_in_the_log_after_a_kill_9_of_the_whole_broker(topic):
+    broker, pid = topic
+    reader = Consumer("r", broker=broker.data_dir, auto_offset_reset="earliest")
+    try:
+        assert reader.poll(timeout_ms=50) == []
+        with Producer(broker=broker.data_dir, acks=0) as producer:
+            os.kill(pid, signal.SIGSTOP)  # nothing reaches the log before the kill
+            for i in range(10):
+                producer.send("r", b"x%d" % i)
+            producer.flush()
+            got = _poll_until(reader, 10)
+            assert [r.value for r in got] == [b"x%d" % i for i in range(10)]
+            broker.kill9()
+    finally:
+        reader.close()
+    broker.start()
+    broker.wait_running({("r", 0)})
+    with Consumer("r", broker=broker.data_dir, auto_offset_reset="earliest",
+                  read_rings=False) as log_only:
+        assert _fields(_poll_until(log_only, 10)) == _fields(got)

@@ -1,0 +1,154 @@
+"""A consumer's read of committed ring frames (decision 0005 step 5): ``_native.ring_frame_at``
+against its pure-Python reference on the same rings, and the partition's rule for a frame
+(``shmb_frame_ok``, the one function drain.c's round calls too) on bad frames."""
+from __future__ import annotations
+
+import random
+import struct
+
+import pytest
+from test_ring_native_vs_reference import batches, new_control, new_ring, put, u64
+
+from shmbroker import _native, records
+from shmbroker.config import BATCH_RECORDS_MAX
+from shmbroker.layout import record_batch as RB
+from shmbroker.layout import shm as L
+from shmbroker.shm import ring_reference as reference
+
+S = L.FRAME_AT_STATUS
+LIMIT = 1 << 20
+
+
+def frame_at(impl, ring, control, offset, hint=0, limit=LIMIT):
+    return impl.ring_frame_at(ring, control, offset, hint, limit, BATCH_RECORDS_MAX)
+
+
+def filled(seed: int, start: int, capacity: int = 1 << 14, writes: int = 60):
+    """A ring written through the C producer (offsets at the commit), released now and then as
+    a partition would, so that frames wrap and padding appears; returns (ring, control, the
+    (base, span) of every frame written, in order)."""
+    rng = random.Random(seed)
+    ring, control = new_ring(capacity), new_control(start)
+    frames, position, sequence = [], 0, 0
+    for i in range(writes):  # bounded
+        payloads = [batches(rng, rng.choice([1, 2])) for _ in range(rng.choice([1, 3]))]
+        status, _, written = _native.ring_write(ring, payloads, control)
+        if written == 0:
+            nxt, count, _ = _native.ring_read(ring, position, sequence, 1 << 30)
+            position, sequence = nxt, sequence + count
+            _native.ring_release(ring, position)
+            continue
+        for p in payloads[:written]:
+            base = frames[-1][0] + frames[-1][1] if frames else start
+            frames.append((base, reference.frame_offsets(p)))
+        if rng.random() < 0.3 and i < writes - 5:  # the partition appends, releases some
+            nxt, count, _ = _native.ring_read(ring, position, sequence, rng.choice([100, 1 << 30]))
+            position, sequence = nxt, sequence + count
+            _native.ring_release(ring, position)
+    return ring, control, frames, position
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_every_offset_finds_the_same_frame_in_c_and_the_reference(seed):
+    """For every offset around what the ring holds, from the start and from the hint a previous
+    call gave: both give the same status, bytes, base, span and hint; a found frame is the one
+    that holds the offset, not yet released, and decodes to records at its offsets."""
+    start = random.Random(seed).choice([0, 5, 1 << 33])
+    ring, control, frames, released = filled(seed, start)
+    first_unreleased = None
+    hint, hint_from = 0, 0  # a found frame's next_hint serves offsets from its end on
+    end = u64(control, L.CONTROL["next_offset"])
+    found = 0
+    for offset in range(max(0, start - 2), end + 3):
+        results = {}
+        for impl in (_native, reference):
+            for h in (0, hint if offset >= hint_from else 0):
+                results.setdefault(impl, set()).add(frame_at(impl, ring, control, offset, h))
+        assert results[_native] == results[reference], offset
+        assert len(results[_native]) == 1, "the hint changes nothing but the walk's start"
+        status, payload, base, span, next_hint = results[_native].pop()
+        if status == S["FOUND"]:
+            found += 1
+            assert (base, span) in frames and base <= offset < base + span
+            got = records.decode_records(payload)
+            assert [r.offset for r in got] == list(range(base, base + span))
+            first_unreleased = base if first_unreleased is None else first_unreleased
+            hint, hint_from = next_hint, base + span
+        else:
+            assert status == S["NONE"] and payload is None
+            assert first_unreleased is None or offset >= end, "after the first, all are found"
+    assert found > 0 and first_unreleased is not None
+    assert found == end - first_unreleased
+
+
+def committed_one(start: int = 10, payload: bytes | None = None):
+    ring, control = new_ring(), new_control(start)
+    payload = payload if payload is not None else records.encode_batch([b"a", b"bb", b"ccc"])
+    assert _native.ring_write(ring, [payload], control)[0] == L.RING_STATUS["OK"]
+    return ring, control
+
+
+def payload_at(ring) -> int:
+    return L.RING_DATA_OFFSET + L.FRAME_HEADER_BYTES
+
+
+def bad_crc(ring, control):
+    ring[payload_at(ring) + RB.HEADER_SIZE + 2] ^= 0xFF
+
+
+def control_batch(ring, control):
+    # The attributes are under the CRC: write a valid control batch instead.
+    at = payload_at(ring)
+    good = records.encode_batch([b"a", b"bb", b"ccc"], attributes=RB.CONTROL_MASK)
+    ring[at + 8:at + len(good)] = good[8:]
+
+
+def beyond_next_offset(ring, control):
+    put(control, "<Q", L.CONTROL["next_offset"], 10)  # the frame holds 10..12
+
+
+@pytest.mark.parametrize("breaks", [bad_crc, control_batch, beyond_next_offset])
+@pytest.mark.parametrize("impl", [_native, reference], ids=["native", "reference"])
+def test_a_frame_the_partition_would_refuse_is_refused(impl, breaks):
+    ring, control = committed_one()
+    breaks(ring, control)
+    status, payload, base, span, _ = frame_at(impl, ring, control, 11)
+    assert (status, payload, base, span) == (S["REFUSED"], None, 10, 3)
+
+
+@pytest.mark.parametrize("impl", [_native, reference], ids=["native", "reference"])
+def test_a_frame_over_the_topics_limit_is_refused_and_one_within_it_found(impl):
+    ring, control = committed_one(payload=records.encode_batch([b"x" * 500]))
+    assert frame_at(impl, ring, control, 10, limit=200)[0] == S["REFUSED"]
+    assert frame_at(impl, ring, control, 10, limit=600)[0] == S["FOUND"]
+
+
+@pytest.mark.parametrize("impl", [_native, reference], ids=["native", "reference"])
+def test_an_acks_all_ring_and_a_released_frame_are_not_read(impl):
+    ring, control = committed_one()
+    put(ring, "<I", L.RING["fsync_required"], 1)
+    assert frame_at(impl, ring, control, 10)[0] == S["NONE"]
+    put(ring, "<I", L.RING["fsync_required"], 0)
+    assert frame_at(impl, ring, control, 10)[0] == S["FOUND"]
+    nxt, _, _ = _native.ring_read(ring, 0, 0, 1 << 20)
+    _native.ring_release(ring, nxt)
+    assert frame_at(impl, ring, control, 10)[0] == S["NONE"]
+
+
+def test_an_uncommitted_frame_is_not_read():
+    """A frame whose offsets were reserved but whose length word is not stored yet (the
+    producer between reserve and commit) is invisible."""
+    ring, control = committed_one()
+    struct.pack_into("<i", ring, L.RING_DATA_OFFSET, 0)  # un-commit it
+    for impl in (_native, reference):
+        assert frame_at(impl, ring, control, 10)[0] == S["NONE"]
+
+
+@pytest.mark.parametrize("payload", [b"", b"\0" * 61, b"\xff" * 200])
+def test_frame_ok_is_the_same_in_c_and_the_reference(payload):
+    good = records.encode_batch([b"v"] * 3)
+    for p in (payload, good, good + good, good[:-1]):
+        assert _native.frame_ok(p, LIMIT, BATCH_RECORDS_MAX) == \
+            reference.frame_ok(p, LIMIT, BATCH_RECORDS_MAX)
+    assert _native.frame_ok(good, LIMIT, BATCH_RECORDS_MAX) is True
+    assert _native.frame_ok(good, LIMIT, 2) is False
