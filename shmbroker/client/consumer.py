@@ -739,13 +739,13 @@ class Consumer:
                     raise
         return None
 
-    def _ahead_ok(self, fetch: _Fetch, position: int) -> bool:
-        """A position past the high watermark is one a committed frame holds (it was read
-        from a ring, or sought to) when producers have taken offsets up to it."""
-        if not self.read_rings:
-            return False
-        taken = fetch.control.next_offset
-        return not taken & L.NEXT_OFFSET_UNSET and position <= taken
+    @staticmethod
+    def _ahead_ok(fetch: _Fetch, position: int) -> bool:
+        """A position past the high watermark is a valid one to wait at when producers have
+        taken offsets up to it: this consumer read from a ring, or another one did and
+        committed past it (a group member that takes the partition over then waits for the
+        log, ring reads or not)."""
+        return fetch.control.offset_taken(position)
 
     def _ring_read(self, fetch: _Fetch) -> tuple[list, int] | None:
         """Records at ``fetch.position`` from the committed frame that holds it in one of

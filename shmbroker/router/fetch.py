@@ -203,6 +203,11 @@ class Fetch:
         except errors.ShmbrokerError as exc:
             return [topic, partition, exc.code, -1, -1, -1, 0], _EMPTY, None
         hw, start = state.high_watermark, state.log_start_offset
+        if offset > hw and found.control.offset_taken(offset):
+            # A producer took it and the log has not reached it yet: a local consumer read it
+            # from a ring and committed past it (decision 0005). Nothing yet, not an error
+            # (which would make a Kafka client reset its position).
+            return [topic, partition, NO_ERROR, hw, start, offset, 0], _EMPTY, None
         if not start <= offset <= hw:
             return [topic, partition, errors.OffsetOutOfRangeError.code, hw, start, -1, 0], \
                 _EMPTY, None

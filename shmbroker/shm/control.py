@@ -179,6 +179,13 @@ class ControlRegion:
         """The next offset a producer's commit takes (L.NEXT_OFFSET_UNSET: not set yet)."""
         return _native.atomic_load_u64(self.buf, C["next_offset"])
 
+    def offset_taken(self, offset: int) -> bool:
+        """Whether producers have taken offsets up to ``offset`` (it may be past the high
+        watermark: in a committed ring frame not appended yet, or a consumer's position just
+        past one, decision 0005). A position there is a valid one to wait at."""
+        taken = self.next_offset
+        return not taken & L.NEXT_OFFSET_UNSET and offset <= taken
+
     def start_offsets(self, at_least: int) -> int:
         """Partition process, at start, before its first round: a new region's next_offset
         becomes ``at_least`` (the log end, or past every offset the attached rings' frames

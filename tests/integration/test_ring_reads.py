@@ -185,3 +185,49 @@ def test_records_read_from_a_ring_are_in_the_log_after_a_kill_9_of_the_whole_bro
     with Consumer("r", broker=broker.data_dir, auto_offset_reset="earliest",
                   read_rings=False) as log_only:
         assert _fields(_poll_until(log_only, 10)) == _fields(got)
+
+
+def test_a_position_producers_took_past_the_log_is_waited_at_by_every_reader_not_reset(
+        make_broker):
+    """A ring reader's position (and so a committed offset) may run ahead of the log. A
+    reader that reads only the log, here or through the router (as the Kafka listener's
+    fetch does), waits there until the log comes; it is not out of range (Kafka clients would
+    reset their position)."""
+    broker = make_broker(serve_args=("--listen", "tcp://127.0.0.1:*"))
+    address = broker.wait_running()["router_endpoint"]
+    with Admin(broker=broker.data_dir) as admin:
+        admin.create_topic("r", 1)
+    (pid,) = broker.partition_pids(broker.wait_running({("r", 0)})).values()
+    control = _control(broker.data_dir, "r")
+    with Producer(broker=broker.data_dir, acks=0) as producer:
+        producer.send("r", b"first")
+        producer.flush()
+        wait_for(lambda: control.read_state().high_watermark == 1, 10, "the first append")
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            producer.send("r", b"second")
+            producer.send("r", b"third")
+            producer.flush()  # acks=0: in the ring
+            ring_reader = Consumer("r", broker=broker.data_dir, auto_offset_reset="earliest")
+            got = _poll_until(ring_reader, 3)
+            assert [r.value for r in got] == [b"first", b"second", b"third"]
+            ring_reader.close()
+            ahead = 3  # past the log's end (1): a committed offset could be this
+            local = Consumer("r", broker=broker.data_dir, auto_offset_reset="earliest",
+                             read_rings=False)
+            remote = Consumer("r", broker=address, auto_offset_reset="earliest")
+            local.assign([("r", 0)])
+            remote.assign([("r", 0)])
+            local.seek(("r", 0), ahead)
+            remote.seek(("r", 0), ahead)
+            assert local.poll(timeout_ms=300) == [] and remote.poll(timeout_ms=300) == []
+            assert local.position(("r", 0)) == ahead and remote.position(("r", 0)) == ahead
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        producer.send("r", b"fourth")
+        producer.flush()
+        assert [(r.offset, r.value) for r in _poll_until(local, 1)] == [(3, b"fourth")]
+        assert [(r.offset, r.value) for r in _poll_until(remote, 1)] == [(3, b"fourth")]
+        local.close()
+        remote.close()
+    control.close()
