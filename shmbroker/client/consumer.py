@@ -796,7 +796,19 @@ class Consumer:
         # Records are handed out from pending[at:], never by copying the rest of the list: a
         # backlog read with a small max_records would copy (or move) it at every poll.
         at = fetch.pending_at
-        log_said_nothing, piece = False, None
+        log_said_nothing, piece, ring_tried = False, None, False
+        if not pending and self.read_rings and fetch.rings is not None and \
+                fetch.position is not None and fetch.position >= fetch.hw >= 0:
+            # At or past the log's end when we last looked: the ring first (its frame is
+            # there until the partition releases it, and a ring read costs less than a log
+            # read that has to find its place again).
+            ring_tried = True
+            got = self._ring_read(fetch)
+            if got is not None:
+                pending, at = got
+                if at >= len(pending):
+                    fetch.pending, fetch.pending_at = [], 0
+                    return self._skip_gap(fetch)
         if not pending and TAIL_READ and not self.value_memoryview:
             pending = self._tail_read(fetch)
             if pending is not None:
@@ -809,7 +821,7 @@ class Consumer:
         if not pending:
             piece = None if log_said_nothing else self._read(fetch)
             if piece is None or piece.length == 0:
-                got = self._ring_read(fetch) if self.read_rings else None
+                got = self._ring_read(fetch) if self.read_rings and not ring_tried else None
                 if got is None:
                     return 0
                 pending, at = got

@@ -75,6 +75,9 @@ _OVERHEAD = layout.LOG_OVERHEAD
 
 #: Segments kept mapped at once; a reader going through a long backlog maps them in turn.
 MAPPED_SEGMENTS_MAX = 4
+#: A read this few offsets past where the last one ended walks on from there instead of
+#: looking the offset up in the index (bounded: a few batch headers).
+HINT_WALK_OFFSETS_MAX = 256
 #: Smallest mapping of a segment (address space, not memory: only touched pages cost).
 MAP_BYTES_MIN = 64 * 1024 * 1024
 #: Bytes of batch headers walked per native scan call (Kafka's default index interval: between
@@ -437,9 +440,21 @@ class LogReader:
             return None
         view = segment.view(end)
         try:
-            if segment.hint_offset == offset and segment.hint_position + _HEADER <= end \
+            hint = segment.hint_offset
+            if hint == offset and segment.hint_position + _HEADER <= end \
                     and _HEAD.unpack_from(view, segment.hint_position)[0] == offset:
                 position, first = segment.hint_position, offset
+            elif 0 <= hint < offset <= hint + HINT_WALK_OFFSETS_MAX and \
+                    0 <= segment.hint_position and segment.hint_position + _HEADER <= end and \
+                    _HEAD.unpack_from(view, segment.hint_position)[0] == hint:
+                # A little past the last read (a consumer that took the records in between
+                # from a ring, decision 0005): walk on from there, no index lookup (which
+                # opens and reads the index file).
+                found = self._walk(segment, view, segment.hint_position, end, offset, -1,
+                                   expected_base=hint)
+                if found is None:
+                    return None
+                position, first = found
             else:
                 found = self._find(segment, view, offset, end)
                 if found is None:
@@ -463,15 +478,18 @@ class LogReader:
         return found  # type: ignore[return-value]
 
     def _walk(self, segment: _SegmentFile, view: memoryview, position: int, end: int,
-              offset: int, entry_offset: int):
+              offset: int, entry_offset: int, expected_base: int | None = None):
         """Walk batch headers from ``position`` to the batch whose last offset >= ``offset``.
 
         From position 0 the first batch must start at the segment's base offset; from an index
         entry the batch there must end at the entry's offset ("bad-entry" if not: the index is
         derived and may be stale, the log is the truth); after that base offsets must chain.
         """
-        expected_base = segment.base_offset if position == 0 else None
-        expected_last = entry_offset if position > 0 else None
+        if expected_base is None:
+            expected_base = segment.base_offset if position == 0 else None
+            expected_last = entry_offset if position > 0 else None
+        else:  # from a batch whose base offset is known (the last read's end)
+            expected_last = None
         # Bounded: each round moves ``position`` forward by at least one batch, or returns.
         while position + _HEADER <= end:
             base, length = _HEAD.unpack_from(view, position)

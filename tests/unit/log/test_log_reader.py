@@ -144,6 +144,30 @@ def test_index_lookup_finds_the_batch_and_a_bad_index_falls_back_to_a_scan(open_
     reader.close()
 
 
+def test_a_read_a_little_past_the_last_one_walks_on_without_the_index(open_log, tmp_path,
+                                                                        monkeypatch):
+    """A consumer that took records from a ring reads the log a few offsets past where its
+    last read ended: the reader walks on from there (no index file opened); far past it, or
+    behind it, the index is used as before."""
+    log = open_log(index_interval_bytes=0)
+    expected = fill(log, 40, per_batch=2)
+    state = state_of(log)
+    with LogReader(tmp_path / "p0") as reader:
+        first = reader.read(0, 1, state)  # one batch: offsets 0..1, the hint is now 2
+        assert first.next_offset == 2
+        lookups = []
+        original = reader_module._SegmentFile.lookup
+        monkeypatch.setattr(reader_module._SegmentFile, "lookup",
+                            lambda self, *a: lookups.append(a) or original(self, *a))
+        for offset in (7, 8, 13):  # each a little past the last read's end
+            piece = reader.read(offset, 1, state)
+            got = [(r.offset, r.value) for r in records.decode_records(piece.data)]
+            assert got[0][0] <= offset and dict(got)[offset] == dict(expected)[offset]
+        assert lookups == []
+        assert read_all(reader, state, start=5) == expected[5:]  # behind: the index
+        assert lookups
+
+
 def test_a_file_shorter_than_the_published_end_is_an_error_not_a_sigbus(open_log, tmp_path):
     log = open_log()
     fill(log, 3)
