@@ -1994,6 +1994,156 @@ static PyObject *py_ring_frame_at(PyObject *module, PyObject *const *args, Py_ss
     return result;
 }
 
+/* consumer.COMMIT_ONLY_SLEEP_MS_MAX: the sleep on the commit word alone is cut to this. */
+#define RING_POLL_COMMIT_ONLY_MS_MAX 100
+
+/* ==== ring_poll: a caught-up consumer's ring read, its wait and its decode in one call ===== */
+
+/* Sleeps until a producer commits (commit_seq != seen_commit) or, unless beyond_taken (no
+ * producer took the offset yet: a publish cannot bring it), the partition publishes (hw_seq
+ * != seen_hw), as ControlRegion.wait_commit / wait_commit_or_hw do: spin first (not counted),
+ * then counted in the waiter words for the sleep (Dekker with the producer's commit_wake and
+ * the partition's publish). The GIL is released. */
+static int ring_poll_wait(uint8_t *ctl, uint32_t seen_commit, uint32_t seen_hw,
+                          int beyond_taken, int64_t wait_ms, int64_t spin_ns)
+{
+    uint32_t *commit = (uint32_t *)(ctl + SHMB_CTL_COMMIT_SEQ_OFFSET);
+    uint32_t *hw = (uint32_t *)(ctl + SHMB_CTL_HW_SEQ_OFFSET);
+    const uint32_t *words[2] = {commit, hw};
+    const uint32_t expected[2] = {seen_commit, seen_hw};
+    size_t n = beyond_taken ? 1 : 2, which;
+    int r;
+    if (beyond_taken && wait_ms > RING_POLL_COMMIT_ONLY_MS_MAX)
+        wait_ms = RING_POLL_COMMIT_ONLY_MS_MAX;
+    Py_BEGIN_ALLOW_THREADS
+    int64_t start = shmb_monotonic_ns();
+    r = SHMB_WAIT_TIMEOUT;
+    if (spin_ns > 0) {
+        r = n == 1 ? (shmb_spin_until_changed(commit, seen_commit, spin_ns) ? SHMB_WAIT_CHANGED
+                                                                           : SHMB_WAIT_TIMEOUT)
+                   : shmb_futex_waitv(words, expected, n, 0, spin_ns, &which);
+    }
+    if (r == SHMB_WAIT_TIMEOUT || r == SHMB_FUTEX_WAITV_UNSUPPORTED) {
+        int64_t left_ms = wait_ms - (shmb_monotonic_ns() - start) / 1000000;
+        if (left_ms < 0)
+            left_ms = 0;
+        (void)shmb_u32_fetch_add(ctl + SHMB_CTL_COMMIT_WAITERS_OFFSET, 1);
+        if (n == 2)
+            (void)shmb_u32_fetch_add(ctl + SHMB_CTL_HW_WAITERS_OFFSET, 1);
+        r = n == 1 ? shmb_futex_wait(commit, seen_commit, left_ms, 0)
+                   : shmb_futex_waitv(words, expected, n, left_ms, 0, &which);
+        if (r == SHMB_FUTEX_WAITV_UNSUPPORTED) /* Linux < 5.16: the commit word, a short nap */
+            r = shmb_futex_wait(commit, seen_commit, left_ms < 1 ? left_ms : 1, 0);
+        if (n == 2)
+            (void)shmb_u32_fetch_add(ctl + SHMB_CTL_HW_WAITERS_OFFSET, (uint32_t)-1);
+        (void)shmb_u32_fetch_add(ctl + SHMB_CTL_COMMIT_WAITERS_OFFSET, (uint32_t)-1);
+    }
+    Py_END_ALLOW_THREADS
+    return r;
+}
+
+static PyObject *py_ring_poll(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    /* control, rings, hints, offset, batch_bytes_max, records_max, topic, partition, wait_ms,
+     * spin_ns, seen_hw_seq */
+    if (nargs != 11)
+        return PyErr_Format(PyExc_TypeError, "ring_poll takes 11 arguments, got %zd", nargs);
+    module_state *st = get_state(module);
+    long long offset, bytes_max, records_max, partition, wait_ms, spin_ns, seen_hw;
+    if (tail_ll(args[3], &offset) < 0 || tail_ll(args[4], &bytes_max) < 0 ||
+        tail_ll(args[5], &records_max) < 0 || tail_ll(args[7], &partition) < 0 ||
+        tail_ll(args[8], &wait_ms) < 0 || tail_ll(args[9], &spin_ns) < 0 ||
+        tail_ll(args[10], &seen_hw) < 0)
+        return NULL;
+    PyObject *rings = args[1], *hints = args[2], *topic = args[6];
+    if (!PyList_CheckExact(rings) || !PyList_CheckExact(hints) ||
+        PyList_GET_SIZE(rings) != PyList_GET_SIZE(hints))
+        return PyErr_Format(PyExc_TypeError, "ring_poll: rings and hints: lists of one length");
+    if (topic != Py_None && !PyUnicode_CheckExact(topic))
+        return PyErr_Format(PyExc_TypeError, "ring_poll: topic must be str or None");
+    if (offset < 0 || wait_ms < 0 || spin_ns < 0)
+        return PyErr_Format(PyExc_ValueError, "ring_poll: negative offset, wait_ms or spin_ns");
+    Py_buffer cv;
+    if (region_view(args[0], 0, &cv, "control region") < 0)
+        return NULL;
+    if (cv.len < SHMB_CONTROL_REGISTRY_OFFSET) {
+        PyBuffer_Release(&cv);
+        return PyErr_Format(PyExc_ValueError, "ring_poll: control region too short");
+    }
+    uint8_t *ctl = cv.buf;
+    PyObject *result = NULL;
+    int status = SHMB_FRAME_AT_NONE, beyond = 0;
+    uint32_t seen_commit = 0;
+    for (int attempt = 0; attempt < 2; attempt++) { /* a look, a sleep, a second look */
+        /* Before the look: a commit after this load wakes the sleep, and an offset taken
+         * after the next load comes with such a commit. */
+        seen_commit = shmb_u32_load_acquire(ctl + SHMB_CTL_COMMIT_SEQ_OFFSET);
+        uint64_t taken = shmb_u64_load_acquire(ctl + SHMB_CTL_NEXT_OFFSET_OFFSET);
+        status = SHMB_FRAME_AT_NONE;
+        Py_ssize_t n = PyList_GET_SIZE(rings);
+        for (Py_ssize_t i = 0; i < n && status == SHMB_FRAME_AT_NONE; i++) {
+            Py_buffer rv;
+            unsigned long long hint = PyLong_AsUnsignedLongLong(PyList_GET_ITEM(hints, i));
+            if (hint == (unsigned long long)-1 && PyErr_Occurred())
+                goto done;
+            if (region_view(PyList_GET_ITEM(rings, i), 0, &rv, "ring region") < 0)
+                goto done;
+            PyObject *copy = NULL;
+            shmb_ring_found f;
+            status = shmb_ring_frame_at(rv.buf, (size_t)rv.len, ctl, offset, hint, bytes_max,
+                                        records_max, frame_at_alloc, &copy, &f);
+            PyBuffer_Release(&rv);
+            if (copy == NULL && PyErr_Occurred())
+                goto done;
+            if (status != SHMB_FRAME_AT_FOUND) {
+                Py_XDECREF(copy);
+                continue;
+            }
+            const uint8_t *data = (const uint8_t *)PyBytes_AS_STRING(copy);
+            size_t len = f.payload_len, got = 0, cap = shmb_rb_count_records(data, len);
+            owned_columns oc = {{0}, NULL};
+            shmb_rb_error err;
+            if (owned_columns_alloc(&oc, cap) < 0) {
+                Py_DECREF(copy);
+                PyErr_NoMemory();
+                goto done;
+            }
+            /* The CRC and every record were checked by shmb_frame_ok already. */
+            if (shmb_rb_decode(data, len, 0, &oc.cols, cap, &got, &err) != SHMB_RB_SCAN_OK) {
+                PyMem_RawFree(oc.memory); /* cannot happen after shmb_frame_ok */
+                Py_DECREF(copy);
+                status = SHMB_FRAME_AT_REFUSED;
+                break;
+            }
+            PyObject *records = build_records(st, data, len, &oc.cols, got, topic,
+                                              (int64_t)partition);
+            PyMem_RawFree(oc.memory);
+            Py_DECREF(copy);
+            if (records == NULL)
+                goto done;
+            result = Py_BuildValue("(iNLKnKIi)", status, records, (long long)f.base,
+                                   (unsigned long long)f.span, i,
+                                   (unsigned long long)f.next_hint, seen_commit, 0);
+            goto done;
+        }
+        if (status != SHMB_FRAME_AT_NONE)
+            break; /* TORN or REFUSED: the log will have it */
+        beyond = !(taken & SHMB_NEXT_OFFSET_UNSET) && (uint64_t)offset >= taken;
+        if (attempt > 0 || wait_ms <= 0)
+            break;
+        int r = ring_poll_wait(ctl, seen_commit, (uint32_t)seen_hw, beyond, wait_ms, spin_ns);
+        if (r == SHMB_WAIT_INTERRUPTED && PyErr_CheckSignals() < 0)
+            goto done;
+        if (r == SHMB_WAIT_TIMEOUT || r == SHMB_WAIT_INTERRUPTED)
+            break;
+    }
+    result = Py_BuildValue("(iOLKnKIi)", status, Py_None, -1LL, 0ULL, (Py_ssize_t)-1, 0ULL,
+                           seen_commit, beyond);
+done:
+    PyBuffer_Release(&cv);
+    return result;
+}
+
 static PyObject *py_ring_check(PyObject *module, PyObject *arg)
 {
     Py_buffer v;
@@ -4416,6 +4566,8 @@ static int add_drain_constants(PyObject *m)
         return -1;
     }
     return (PyModule_AddIntConstant(m, "TAIL_RECORDS", TAIL_RECORDS) < 0 ||
+            PyModule_AddIntConstant(m, "RING_POLL_COMMIT_ONLY_MS_MAX",
+                                    RING_POLL_COMMIT_ONLY_MS_MAX) < 0 ||
             PyModule_AddIntConstant(m, "TAIL_NOTHING", TAIL_NOTHING) < 0 ||
             PyModule_AddIntConstant(m, "TAIL_DECLINED", TAIL_DECLINED) < 0 ||
             PyModule_AddIntConstant(m, "DRAIN_DONE", SHMB_DRAIN_DONE) < 0 ||
@@ -4473,6 +4625,15 @@ static PyMethodDef module_methods[] = {
      "scan_batches(buf, verify_crc=True, verify_records=False, batch_bytes_max=0)\n"
      "-> (valid_bytes, status, error_position, [(position, base_offset, last_offset,\n"
      "    max_timestamp, records_count), ...])"},
+    {"ring_poll", (PyCFunction)(void (*)(void))py_ring_poll, METH_FASTCALL,
+     "ring_poll(control, rings, hints, offset, batch_bytes_max, records_max, topic,\n"
+     "          partition, wait_ms, spin_ns, seen_hw_seq)\n"
+     "-> (FRAME_AT_* status, records or None, base, span, ring index, next_hint,\n"
+     "    commit_seq seen, beyond_taken)\n\n"
+     "A consumer's ring read (ring_frame_at over each ring, hints[i] for rings[i]) decoded\n"
+     "into Records; when no ring holds the offset and wait_ms > 0, sleeps on the commit word\n"
+     "(and the high watermark's, unless no producer took the offset yet: then at most\n"
+     "RING_POLL_COMMIT_ONLY_MS_MAX) and looks once more, in the same call."},
     {"ring_frame_at", (PyCFunction)(void (*)(void))py_ring_frame_at, METH_FASTCALL,
      "ring_frame_at(ring, control, offset, hint, batch_bytes_max, records_max)\n"
      "-> (FRAME_AT_* status, payload bytes or None, base, span, next_hint)\n\n"

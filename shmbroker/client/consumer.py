@@ -779,6 +779,30 @@ class Consumer:
             fetch.bytes_out += len(payload)
         return got, at
 
+    def _ring_poll(self, fetch: _Fetch, wait_ms: int) -> list | None:
+        """The one-call ring read of a caught-up consumer of one partition (RingReads.poll):
+        records from the position on (set as ``fetch.pending``), or None (nothing by then, or
+        the log has it: the general path looks)."""
+        rings = fetch.rings
+        if rings is None or rings.control is not fetch.control:
+            return None
+        position = fetch.position
+        polled = rings.poll(position, fetch.topic, fetch.partition, wait_ms, self.spin_ns,
+                            fetch.seen_hw_seq)
+        if polled is None:
+            return None
+        status, got, base, span, seen, beyond = polled
+        if status != ring_reads.FOUND:
+            fetch.seen_commit_seq, fetch.beyond_taken = seen, beyond
+            return None
+        at = position - base
+        if at >= len(got) or got[at].offset != position:
+            at = bisect.bisect_left(got, position, key=_offset_of)
+        if at >= len(got):
+            return None  # no record from the position on (cannot happen: checked frames)
+        fetch.pending, fetch.pending_at, fetch.pending_end = got, at, base + span
+        return got
+
     def _fill(self, fetch: _Fetch, want: int, out: list) -> int:
         """Append up to ``want`` records of ``fetch`` to ``out``; returns how many. A read
         that finds only offsets without records (empty batches) moves the position past them
@@ -944,6 +968,22 @@ class Consumer:
             if self._group is not None:
                 self._group_poll()
             order = self._order
+            if len(order) == 1 and self._group is None and self.read_rings:
+                # One partition read from the rings: the read, the sleep until a producer's
+                # commit and the read after it in one C call (docs/design/consumer.md).
+                fetch = order[0]
+                if not fetch.pending and fetch.rings is not None and \
+                        fetch.position is not None and fetch.position >= fetch.hw >= 0:
+                    wait_ms = 0
+                    if timeout_ms:
+                        left_ms = (deadline - time.monotonic()) * 1000.0
+                        wait_ms = int(left_ms + 0.999) if left_ms > 0 else 0
+                    if self._ring_poll(fetch, wait_ms):
+                        out = []
+                        self._fill(fetch, max_records, out)
+                        if self._counters is not None:
+                            self._counters.publish(order)
+                        return out
             if len(order) == 1 and self._group is None and TAIL_READ and self._maps_segments \
                     and not self.value_memoryview and not (
                         self.read_rings and _native.atomic_load_u32(order[0].control.buf,

@@ -61,6 +61,9 @@ class RingReads:
         #: (slot, generation) -> ring; rings whose slot moved on are closed at a refresh.
         self._rings: dict[tuple[int, int], _Ring] = {}
         self._registry_seen = -1
+        #: The rings and their mappings in one order, as ring_poll takes them.
+        self._list: list[_Ring] = []
+        self._bufs: list = []
 
     def limit(self) -> int:
         """The topic's max.message.bytes when the partition allows ring reads, else 0."""
@@ -95,6 +98,27 @@ class RingReads:
             return status, payload, base, span
         return NONE, None, -1, 0
 
+    def poll(self, offset: int, topic: str, partition: int, wait_ms: int, spin_ns: int,
+             seen_hw_seq: int) -> tuple | None:
+        """:meth:`read`, decoded, and when nothing holds ``offset`` a sleep until a commit
+        (or a publish) and a second look, in one C call (``_native.ring_poll``): what a
+        caught-up consumer of one partition does between a producer's commit and its records.
+        None when ring reads are off; else (status, records or None, base, span, commit_seq
+        seen before the last look, beyond_taken)."""
+        limit = self.limit()
+        if limit <= 0 or self.control.partition_status == L.PARTITION_STATUS_STOPPED:
+            return None
+        self._refresh()
+        rings = self._list
+        hints = [r.hint if offset >= r.hint_from else 0 for r in rings]
+        status, got, base, span, index, next_hint, seen, beyond = _native.ring_poll(
+            self.control.buf, self._bufs, hints, offset, limit, BATCH_RECORDS_MAX, topic,
+            partition, wait_ms, spin_ns, seen_hw_seq)
+        if status == FOUND:
+            ring = rings[index]
+            ring.hint, ring.hint_from = next_hint, base + span
+        return status, got, base, span, seen, bool(beyond)
+
     def _refresh(self) -> None:
         changes = self.control.registry_changes
         if changes == self._registry_seen:
@@ -119,8 +143,11 @@ class RingReads:
             self._rings[key] = _Ring(region)
         for key in [k for k in self._rings if k not in live]:
             self._rings.pop(key).region.close()
+        self._list = list(self._rings.values())
+        self._bufs = [r.region.buf for r in self._list]
 
     def close(self) -> None:
+        self._list, self._bufs = [], []
         for ring in self._rings.values():
             ring.region.close()
         self._rings.clear()

@@ -4,6 +4,7 @@ against its pure-Python reference on the same rings, and the partition's rule fo
 from __future__ import annotations
 
 import random
+import time
 import struct
 
 import pytest
@@ -152,3 +153,95 @@ def test_frame_ok_is_the_same_in_c_and_the_reference(payload):
             reference.frame_ok(p, LIMIT, BATCH_RECORDS_MAX)
     assert _native.frame_ok(good, LIMIT, BATCH_RECORDS_MAX) is True
     assert _native.frame_ok(good, LIMIT, 2) is False
+
+
+# -- ring_poll: the read, the wait and the decode in one call -----------------------------------
+
+def poll(control, rings, offset, wait_ms=0, seen_hw=0, hints=None):
+    return _native.ring_poll(control, rings, hints or [0] * len(rings), offset, LIMIT,
+                             BATCH_RECORDS_MAX, "t", 3, wait_ms, 0, seen_hw)
+
+
+def test_ring_poll_returns_the_records_of_the_frame_any_ring_holds():
+    """Two producers' rings on one partition: for every offset, the records ring_poll
+    returns are those of the frame ring_frame_at finds in whichever ring holds it."""
+    rng = random.Random(3)
+    control = new_control(0)
+    rings = [new_ring(1 << 14), new_ring(1 << 14)]
+    for _ in range(20):  # bounded
+        ring = rng.choice(rings)
+        assert _native.ring_write(ring, [batches(rng, rng.choice([1, 2]))], control)[0] == \
+            L.RING_STATUS["OK"]
+    end = u64(control, L.CONTROL["next_offset"])
+    for offset in range(end):
+        status, got, base, span, index, next_hint, _, _ = poll(control, rings, offset)
+        assert status == S["FOUND"]
+        want = frame_at(_native, rings[index], control, offset)
+        assert (want[0], want[2], want[3], want[4]) == (S["FOUND"], base, span, next_hint)
+        expected = records.decode_records(want[1], topic="t", partition=3)
+        assert [(r.topic, r.partition, r.offset, r.timestamp, r.key, r.value, r.headers)
+                for r in got] == [(r.topic, r.partition, r.offset, r.timestamp, r.key, r.value,
+                                   r.headers) for r in expected]
+    status, got, *_, beyond = poll(control, rings, end)
+    assert (status, got, beyond) == (S["NONE"], None, 1)
+
+
+def test_ring_poll_sleeps_until_a_commit_and_returns_what_it_committed():
+    """Offsets 7..8 were taken (next_offset 9) and nobody committed them yet: a poll at 7
+    sleeps on the commit word (and the publish word) until another producer's commit wakes
+    it, looks again, and returns; the committed records are there for the poll at 9."""
+    import threading
+    control, ring = new_control(9), new_ring()
+    payload = records.encode_batch([b"late"])
+    timer = threading.Timer(0.2, _native.ring_write, (ring, [payload], control))
+    timer.start()
+    try:
+        started = time.monotonic()
+        status, _, _, _, _, _, _, beyond = poll(control, [ring], 7, wait_ms=10_000)
+        waited = time.monotonic() - started
+    finally:
+        timer.join()
+    assert (status, beyond) == (S["NONE"], 0)
+    assert 0.1 < waited < 5, "woken by the commit, not by its timeout"
+    assert u64(control, L.CONTROL["commit_waiters"]) & 0xFFFFFFFF == 0
+    status, got, base, *_ = poll(control, [ring], 9)
+    assert (status, base, [r.value for r in got]) == (S["FOUND"], 9, [b"late"])
+
+
+def test_ring_poll_at_an_offset_nobody_took_sleeps_on_the_commit_word_at_most_a_while():
+    """No producer took the offset: only a commit can bring it, so the publish word is not
+    watched, and the sleep is cut to RING_POLL_COMMIT_ONLY_MS_MAX (a producer that took it
+    and died would have its hole filled by a publish)."""
+    control, ring = new_control(5), new_ring()
+    started = time.monotonic()
+    status, _, _, _, _, _, _, beyond = poll(control, [ring], 5, wait_ms=10_000)
+    waited = time.monotonic() - started
+    assert (status, beyond) == (S["NONE"], 1)
+    assert waited < 5 and waited * 1000 >= _native.RING_POLL_COMMIT_ONLY_MS_MAX * 0.5
+
+
+def test_ring_poll_at_a_taken_offset_is_woken_by_a_publish():
+    """Offset 5 was taken (next_offset 9) but no ring holds it (its producer has not
+    committed, or died): a publish (the hole filled) wakes the sleep."""
+    import threading
+
+    from shmbroker.shm import wake
+    control, ring = new_control(9), new_ring()
+    seen_hw = 4
+    put(control, "<I", L.CONTROL["hw_seq"], seen_hw)
+
+    def publish():
+        put(control, "<I", L.CONTROL["hw_seq"], seen_hw + 1)
+        wake.wake(control, L.CONTROL["hw_seq"])
+
+    timer = threading.Timer(0.2, publish)
+    timer.start()
+    try:
+        started = time.monotonic()
+        status, _, _, _, _, _, _, beyond = poll(control, [ring], 5, wait_ms=10_000,
+                                                seen_hw=seen_hw)
+        waited = time.monotonic() - started
+    finally:
+        timer.join()
+    assert (status, beyond) == (S["NONE"], 0)
+    assert 0.1 < waited < 5
