@@ -1995,7 +1995,7 @@ static PyObject *py_ring_frame_at(PyObject *module, PyObject *const *args, Py_ss
 }
 
 /* consumer.COMMIT_ONLY_SLEEP_MS_MAX: the sleep on the commit word alone is cut to this. */
-#define RING_POLL_COMMIT_ONLY_MS_MAX 100
+#define RING_POLL_COMMIT_ONLY_MS_MAX 500
 
 /* ==== ring_poll: a caught-up consumer's ring read, its wait and its decode in one call ===== */
 

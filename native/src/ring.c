@@ -514,6 +514,12 @@ int shmb_ring_frame_at(const uint8_t *region, size_t region_len, const uint8_t *
             out->next_hint = pos;
             continue;
         }
+        if (plen > SHMB_RING_READ_COPY_BYTES_MAX) {
+            out->base = base;
+            out->span = span;
+            out->next_hint = pos + fb;
+            return SHMB_FRAME_AT_LARGE;
+        }
         uint8_t *copy = alloc(ctx, plen);
         if (copy == NULL)
             return SHMB_FRAME_AT_NONE;

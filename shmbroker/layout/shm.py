@@ -358,7 +358,13 @@ FRAME_AT_STATUS = {
     "TORN": 2,     # the partition released past the frame while it was read: the log has it
     "REFUSED": 3,  # the frame holding it breaks the partition's rule: the log will hold an
                    # empty batch there
+    "LARGE": 4,    # the frame holding it is larger than RING_READ_COPY_BYTES_MAX: read it
+                   # from the log (zero copy there; from a ring it would be a second copy)
 }
+#: Frames a consumer copies out of a ring at most (payload bytes). Measured reason: bench_ipc's
+#: 64 KiB row, where the copy out of the ring came on top of the value's own copy on a
+#: 2-vCPU host (perf/RESULTS.md, eleventh session); small frames are the latency case.
+RING_READ_COPY_BYTES_MAX = 32 * 1024
 
 #: futex_wait results.
 WAIT_STATUS = {
@@ -447,4 +453,5 @@ CONSTANTS = {
     **{f"RING_{k}": v for k, v in RING_STATUS.items()},
     **{f"WAIT_{k}": v for k, v in WAIT_STATUS.items()},
     **{f"FRAME_AT_{k}": v for k, v in FRAME_AT_STATUS.items()},
+    "RING_READ_COPY_BYTES_MAX": RING_READ_COPY_BYTES_MAX,
 }

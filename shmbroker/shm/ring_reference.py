@@ -343,6 +343,8 @@ def ring_frame_at(ring, control, offset: int, hint: int, batch_bytes_max: int,
             pos += fb
             next_hint = pos
             continue
+        if len(payload) > L.RING_READ_COPY_BYTES_MAX:
+            return S["LARGE"], None, base, span, pos + fb
         next_offset = _u64(ctl, L.CONTROL["next_offset"])
         if base < 0 or next_offset & L.NEXT_OFFSET_UNSET or base >= next_offset \
                 or not frame_ok(payload, batch_bytes_max, records_max):

@@ -245,3 +245,13 @@ def test_ring_poll_at_a_taken_offset_is_woken_by_a_publish():
         timer.join()
     assert (status, beyond) == (S["NONE"], 0)
     assert 0.1 < waited < 5
+
+
+@pytest.mark.parametrize("impl", [_native, reference], ids=["native", "reference"])
+def test_a_frame_larger_than_the_copy_limit_is_left_to_the_log(impl):
+    big = records.encode_batch([b"b" * L.RING_READ_COPY_BYTES_MAX])
+    ring, control = new_ring(1 << 17), new_control(3)
+    assert _native.ring_write(ring, [big], control)[0] == L.RING_STATUS["OK"]
+    status, payload, base, span, _ = frame_at(impl, ring, control, 3)
+    assert (status, payload, base, span) == (S["LARGE"], None, 3, 1)
+    assert poll(control, [ring], 3)[0] == S["LARGE"]

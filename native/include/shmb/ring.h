@@ -112,7 +112,8 @@ typedef struct {
  * offsets below the control region's next_offset and passes shmb_frame_ok with
  * batch_bytes_max and records_max (else SHMB_FRAME_AT_REFUSED: the partition refuses it too
  * and fills its offsets), and sets the copy's baseOffsets from its first one as the
- * partition's append does. SHMB_FRAME_AT_NONE: no committed frame of this ring holds offset
+ * partition's append does. A frame of more than SHMB_RING_READ_COPY_BYTES_MAX payload bytes
+ * is not copied: SHMB_FRAME_AT_LARGE (read it from the log). SHMB_FRAME_AT_NONE: no committed frame of this ring holds offset
  * (ring of an acks="all" producer, bytes it cannot read, or alloc failed: the caller checks
  * its own alloc). Every loop is bounded by the ring's capacity. */
 int shmb_ring_frame_at(const uint8_t *region, size_t region_len, const uint8_t *control,

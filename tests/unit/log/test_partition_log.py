@@ -394,9 +394,12 @@ def test_explicit_flush_and_roll_fsync_log_indexes_and_directory(open_log, fsync
     log.append(batch([b"x" * 300]))
     log.append(batch([b"x" * 300]))  # rolls
     # The roll itself fsyncs only the directory (new files); the old segment's files are
-    # fsynced by the flusher's thread, and the checkpoint is written once that is done.
-    assert [f for f in fsyncs.on_main if f.startswith(".")] == []
-    assert sum(1 for f in fsyncs.on_main if not f.startswith(".")) == 1
+    # fsynced by the flusher's thread, and the checkpoint is written once that is done: by
+    # the second append itself when the flusher was that quick (its .tmp and a directory
+    # fsync on this thread then; seen once in a full run).
+    checkpointed = ".tmp" in fsyncs.on_main
+    assert [f for f in fsyncs.on_main if f.startswith(".") and f != ".tmp"] == []
+    assert sum(1 for f in fsyncs.on_main if not f.startswith(".")) == 1 + checkpointed
     log.flush()  # waits for the roll's fsync
     background = list(fsyncs)
     for kind in fsyncs.on_main:
