@@ -1996,6 +1996,9 @@ static PyObject *py_ring_frame_at(PyObject *module, PyObject *const *args, Py_ss
 
 /* consumer.COMMIT_ONLY_SLEEP_MS_MAX: the sleep on the commit word alone is cut to this. */
 #define RING_POLL_COMMIT_ONLY_MS_MAX 500
+/* Frames (and payload bytes) one ring_poll takes from a ring at most. */
+#define RING_POLL_FRAMES_MAX 64
+#define RING_POLL_BYTES_MAX (1 << 20)
 
 /* ==== ring_poll: a caught-up consumer's ring read, its wait and its decode in one call ===== */
 
@@ -2040,6 +2043,44 @@ static int ring_poll_wait(uint8_t *ctl, uint32_t seen_commit, uint32_t seen_hw,
     }
     Py_END_ALLOW_THREADS
     return r;
+}
+
+/* One ring frame for ring_poll: shmb_ring_frame_at, and on FOUND its records decoded into
+ * *records (a new list). Returns the FRAME_AT status, or -1 with a Python error set. */
+static int ring_poll_frame(module_state *st, Py_buffer *rv, uint8_t *ctl, int64_t offset,
+                           uint64_t hint, long long bytes_max, long long records_max,
+                           PyObject *topic, long long partition, shmb_ring_found *f,
+                           PyObject **records)
+{
+    PyObject *copy = NULL;
+    *records = NULL;
+    int status = shmb_ring_frame_at(rv->buf, (size_t)rv->len, ctl, offset, hint, bytes_max,
+                                    records_max, frame_at_alloc, &copy, f);
+    if (copy == NULL && PyErr_Occurred())
+        return -1;
+    if (status != SHMB_FRAME_AT_FOUND) {
+        Py_XDECREF(copy);
+        return status;
+    }
+    const uint8_t *data = (const uint8_t *)PyBytes_AS_STRING(copy);
+    size_t len = f->payload_len, got = 0, cap = shmb_rb_count_records(data, len);
+    owned_columns oc = {{0}, NULL};
+    shmb_rb_error err;
+    if (owned_columns_alloc(&oc, cap) < 0) {
+        Py_DECREF(copy);
+        PyErr_NoMemory();
+        return -1;
+    }
+    /* The CRC and every record were checked by shmb_frame_ok already. */
+    if (shmb_rb_decode(data, len, 0, &oc.cols, cap, &got, &err) != SHMB_RB_SCAN_OK) {
+        PyMem_RawFree(oc.memory); /* cannot happen after shmb_frame_ok */
+        Py_DECREF(copy);
+        return SHMB_FRAME_AT_REFUSED;
+    }
+    *records = build_records(st, data, len, &oc.cols, got, topic, (int64_t)partition);
+    PyMem_RawFree(oc.memory);
+    Py_DECREF(copy);
+    return *records == NULL ? -1 : SHMB_FRAME_AT_FOUND;
 }
 
 static PyObject *py_ring_poll(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
@@ -2088,42 +2129,50 @@ static PyObject *py_ring_poll(PyObject *module, PyObject *const *args, Py_ssize_
                 goto done;
             if (region_view(PyList_GET_ITEM(rings, i), 0, &rv, "ring region") < 0)
                 goto done;
-            PyObject *copy = NULL;
             shmb_ring_found f;
-            status = shmb_ring_frame_at(rv.buf, (size_t)rv.len, ctl, offset, hint, bytes_max,
-                                        records_max, frame_at_alloc, &copy, &f);
-            PyBuffer_Release(&rv);
-            if (copy == NULL && PyErr_Occurred())
+            PyObject *records = NULL;
+            status = ring_poll_frame(st, &rv, ctl, offset, hint, bytes_max, records_max, topic,
+                                     partition, &f, &records);
+            if (status < 0) {
+                PyBuffer_Release(&rv);
                 goto done;
+            }
             if (status != SHMB_FRAME_AT_FOUND) {
-                Py_XDECREF(copy);
+                PyBuffer_Release(&rv);
                 continue;
             }
-            const uint8_t *data = (const uint8_t *)PyBytes_AS_STRING(copy);
-            size_t len = f.payload_len, got = 0, cap = shmb_rb_count_records(data, len);
-            owned_columns oc = {{0}, NULL};
-            shmb_rb_error err;
-            if (owned_columns_alloc(&oc, cap) < 0) {
-                Py_DECREF(copy);
-                PyErr_NoMemory();
-                goto done;
+            /* The frames after it in the same ring, while they continue it: a consumer that
+             * fell behind a producer takes them in one call (bounded in frames and bytes). */
+            int64_t base = f.base;
+            uint64_t end_offset = (uint64_t)f.base + f.span, next_hint = f.next_hint;
+            size_t bytes = f.payload_len;
+            for (int k = 1; k < RING_POLL_FRAMES_MAX && bytes < RING_POLL_BYTES_MAX; k++) {
+                PyObject *more = NULL;
+                int s2 = ring_poll_frame(st, &rv, ctl, (int64_t)end_offset, next_hint, bytes_max,
+                                         records_max, topic, partition, &f, &more);
+                if (s2 < 0) {
+                    Py_DECREF(records);
+                    PyBuffer_Release(&rv);
+                    goto done;
+                }
+                if (s2 != SHMB_FRAME_AT_FOUND || (uint64_t)f.base != end_offset)
+                    break;
+                Py_ssize_t at = PyList_GET_SIZE(records);
+                int bad = PyList_SetSlice(records, at, at, more);
+                Py_DECREF(more);
+                if (bad < 0) {
+                    Py_DECREF(records);
+                    PyBuffer_Release(&rv);
+                    goto done;
+                }
+                end_offset += f.span;
+                next_hint = f.next_hint;
+                bytes += f.payload_len;
             }
-            /* The CRC and every record were checked by shmb_frame_ok already. */
-            if (shmb_rb_decode(data, len, 0, &oc.cols, cap, &got, &err) != SHMB_RB_SCAN_OK) {
-                PyMem_RawFree(oc.memory); /* cannot happen after shmb_frame_ok */
-                Py_DECREF(copy);
-                status = SHMB_FRAME_AT_REFUSED;
-                break;
-            }
-            PyObject *records = build_records(st, data, len, &oc.cols, got, topic,
-                                              (int64_t)partition);
-            PyMem_RawFree(oc.memory);
-            Py_DECREF(copy);
-            if (records == NULL)
-                goto done;
-            result = Py_BuildValue("(iNLKnKIi)", status, records, (long long)f.base,
-                                   (unsigned long long)f.span, i,
-                                   (unsigned long long)f.next_hint, seen_commit, 0);
+            PyBuffer_Release(&rv);
+            result = Py_BuildValue("(iNLKnKIi)", SHMB_FRAME_AT_FOUND, records, (long long)base,
+                                   (unsigned long long)(end_offset - (uint64_t)base), i,
+                                   (unsigned long long)next_hint, seen_commit, 0);
             goto done;
         }
         if (status != SHMB_FRAME_AT_NONE)

@@ -164,7 +164,8 @@ def poll(control, rings, offset, wait_ms=0, seen_hw=0, hints=None):
 
 def test_ring_poll_returns_the_records_of_the_frame_any_ring_holds():
     """Two producers' rings on one partition: for every offset, the records ring_poll
-    returns are those of the frame ring_frame_at finds in whichever ring holds it."""
+    returns are those of the frame ring_frame_at finds in whichever ring holds it, and of
+    the frames after it in that ring that continue it."""
     rng = random.Random(3)
     control = new_control(0)
     rings = [new_ring(1 << 14), new_ring(1 << 14)]
@@ -173,15 +174,28 @@ def test_ring_poll_returns_the_records_of_the_frame_any_ring_holds():
         assert _native.ring_write(ring, [batches(rng, rng.choice([1, 2]))], control)[0] == \
             L.RING_STATUS["OK"]
     end = u64(control, L.CONTROL["next_offset"])
+    took_several = False
     for offset in range(end):
         status, got, base, span, index, next_hint, _, _ = poll(control, rings, offset)
         assert status == S["FOUND"]
-        want = frame_at(_native, rings[index], control, offset)
-        assert (want[0], want[2], want[3], want[4]) == (S["FOUND"], base, span, next_hint)
-        expected = records.decode_records(want[1], topic="t", partition=3)
+        # The frame holding the offset, then the frames after it in that ring while they
+        # continue it: all in one call.
+        expected, at, hint = [], base, 0
+        while at < base + span:  # bounded by the span
+            want = frame_at(_native, rings[index], control, at, hint)
+            assert want[0] == S["FOUND"] and want[2] == at
+            expected += records.decode_records(want[1], topic="t", partition=3)
+            at, hint = at + want[3], want[4]
+        assert at == base + span and hint == next_hint
+        assert base <= offset < base + span
+        after = frame_at(_native, rings[index], control, at, hint)
+        assert after[0] != S["FOUND"], "every continuing frame was taken"
+        took_several |= len(expected) > len(records.decode_records(
+            frame_at(_native, rings[index], control, base)[1]))
         assert [(r.topic, r.partition, r.offset, r.timestamp, r.key, r.value, r.headers)
                 for r in got] == [(r.topic, r.partition, r.offset, r.timestamp, r.key, r.value,
                                    r.headers) for r in expected]
+    assert took_several
     status, got, *_, beyond = poll(control, rings, end)
     assert (status, got, beyond) == (S["NONE"], None, 1)
 
