@@ -219,18 +219,8 @@ class ControlRegion:
                     spin_ns: int = 0) -> bool:
         """Consumer reading rings, at an offset no producer has taken: sleeps until a commit
         (commit_seq differs from ``seen_commit_seq``); False on timeout."""
-        buf = self.buf
-        if _native.atomic_load_u32(buf, C["commit_seq"]) != seen_commit_seq:
-            return True
-        if spin_ns and _native.futex_wait(buf, C["commit_seq"], seen_commit_seq, 0, spin_ns) \
-                != wake.TIMEOUT:
-            return True  # not counted while spinning: the producer need not wake a spinner
-        _native.atomic_add_u32(buf, C["commit_waiters"], 1)
-        try:
-            r = wake.wait(buf, C["commit_seq"], seen_commit_seq, timeout_ms)
-        finally:
-            _native.atomic_add_u32(buf, C["commit_waiters"], -1)
-        return r != wake.TIMEOUT
+        return self._wait_counted("commit_seq", "commit_waiters", seen_commit_seq, timeout_ms,
+                                  spin_ns)
 
     def wait_commit_or_hw(self, seen_hw_seq: int, seen_commit_seq: int,
                           timeout_ms: float | None, spin_ns: int = 0) -> bool:
@@ -291,20 +281,25 @@ class ControlRegion:
     def wait_hw_change(self, seen_hw_seq: int, timeout_ms: float | None,
                        spin_ns: int = 0) -> bool:
         """Consumer: sleeps until hw_seq differs from ``seen_hw_seq``; False on timeout."""
+        return self._wait_counted("hw_seq", "hw_waiters", seen_hw_seq, timeout_ms, spin_ns)
+
+    def _wait_counted(self, word: str, waiters: str, seen: int, timeout_ms: float | None,
+                      spin_ns: int) -> bool:
+        """Sleeps until ``word`` differs from ``seen``, counted in ``waiters`` while asleep
+        (its writer wakes only counted sleepers); False on timeout."""
         buf = self.buf
-        if _native.atomic_load_u32(buf, C["hw_seq"]) != seen_hw_seq:
+        if _native.atomic_load_u32(buf, C[word]) != seen:
             return True
-        if spin_ns and _native.futex_wait(buf, C["hw_seq"], seen_hw_seq, 0, spin_ns) \
-                != wake.TIMEOUT:
-            # Changed while spinning, not counted in hw_waiters meanwhile: the publisher
-            # need not wake a spinner (the count is only for the sleep, whose futex compare
-            # keeps the protocol race-free).
+        if spin_ns and _native.futex_wait(buf, C[word], seen, 0, spin_ns) != wake.TIMEOUT:
+            # Changed while spinning, not counted meanwhile: the writer need not wake a
+            # spinner (the count is only for the sleep, whose futex compare keeps the
+            # protocol race-free).
             return True
-        _native.atomic_add_u32(buf, C["hw_waiters"], 1)
+        _native.atomic_add_u32(buf, C[waiters], 1)
         try:
-            r = wake.wait(buf, C["hw_seq"], seen_hw_seq, timeout_ms)
+            r = wake.wait(buf, C[word], seen, timeout_ms)
         finally:
-            _native.atomic_add_u32(buf, C["hw_waiters"], -1)
+            _native.atomic_add_u32(buf, C[waiters], -1)
         return r != wake.TIMEOUT
 
     @staticmethod

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 from broker_harness import wait_for
-from produce_helpers import read_partition
+from produce_helpers import RAW_PRODUCER, read_partition
 
 from shmbroker import Admin, Consumer, Producer, records
 from shmbroker.config import LogConfig
@@ -28,29 +28,9 @@ from shmbroker.shm.ring import RingProducer
 
 pytestmark = pytest.mark.timeout(120)
 
-#: A producer process as Producer makes one (slot, ring, READY) without the Producer class, so
-#: that the test decides exactly what it commits before it dies.
-_RAW_PRODUCER = r"""
-import os, signal, sys
-from shmbroker import records
-from shmbroker.layout import shm as L
-from shmbroker.native import _native
-from shmbroker.shm import names
-from shmbroker.shm.control import ControlRegion
-from shmbroker.shm.ring import RingProducer
-
-data_dir, topic = sys.argv[1], sys.argv[2]
-prefix = names.broker_prefix(data_dir)
-ctl = ControlRegion.attach(names.control_name(prefix, topic, 0))
-slot, gen = ctl.claim_slot(1 << 16)
-ring = RingProducer.create(names.ring_name(prefix, topic, 0, slot, gen), 1 << 16, partition=0,
-                           slot=slot, generation=gen, control=ctl)
-ctl.set_slot_state(slot, L.SLOT_READY)
-ctl.announce_registry_change()
-"""
 #: It commits one frame, then dies (SIGKILL from inside ring_write) after taking the offsets
 #: of its next frame (5 records) and before committing it.
-DIES_IN_ITS_RESERVATION = _RAW_PRODUCER + r"""
+DIES_IN_ITS_RESERVATION = RAW_PRODUCER + r"""
 ring.send(records.encode_batch([b"dead-committed"]))
 _native.ring_write(ring.buf, [records.encode_batch([b"never-%d" % i for i in range(5)])],
                    ctl.buf, die_before_commit=True)
@@ -253,7 +233,7 @@ def test_a_frame_whose_offsets_nobody_reserved_is_refused_and_blocks_nothing(two
 
 
 #: It commits three frames of ten records each, then dies (kill -9).
-COMMITS_THEN_DIES = _RAW_PRODUCER + r"""
+COMMITS_THEN_DIES = RAW_PRODUCER + r"""
 for f in range(3):
     ring.send(records.encode_batch([b"b-%d" % (10 * f + i) for i in range(10)]))
 os.kill(os.getpid(), signal.SIGKILL)

@@ -19,6 +19,30 @@ from shmbroker import records
 VALUE_HEAD = struct.Struct(">II")  # producer index, sequence
 
 
+#: The start of a script for a producer process as Producer makes one (slot, ring, READY)
+#: without the Producer class, so that a test decides exactly what it commits; run it as
+#: ``python -c RAW_PRODUCER + more DATA_DIR TOPIC``; it leaves ``ring``, ``ctl``, ``records``
+#: and ``_native`` for what follows.
+RAW_PRODUCER = r"""
+import os, signal, sys
+from shmbroker import records
+from shmbroker.layout import shm as L
+from shmbroker.native import _native
+from shmbroker.shm import names
+from shmbroker.shm.control import ControlRegion
+from shmbroker.shm.ring import RingProducer
+
+data_dir, topic = sys.argv[1], sys.argv[2]
+prefix = names.broker_prefix(data_dir)
+ctl = ControlRegion.attach(names.control_name(prefix, topic, 0))
+slot, gen = ctl.claim_slot(1 << 16)
+ring = RingProducer.create(names.ring_name(prefix, topic, 0, slot, gen), 1 << 16, partition=0,
+                           slot=slot, generation=gen, control=ctl)
+ctl.set_slot_state(slot, L.SLOT_READY)
+ctl.announce_registry_change()
+"""
+
+
 def make_value(producer: int, seq: int, size: int = 100) -> bytes:
     head = VALUE_HEAD.pack(producer, seq)
     filler = bytes([(producer * 31 + seq) & 0xFF]) * max(0, size - len(head))

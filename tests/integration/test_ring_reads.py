@@ -15,8 +15,9 @@ import time
 
 import pytest
 from broker_harness import wait_for
+from produce_helpers import RAW_PRODUCER
 
-from shmbroker import Admin, Consumer, Producer, records
+from shmbroker import Admin, Consumer, Producer
 from shmbroker.shm import names
 from shmbroker.shm.control import ControlRegion
 
@@ -80,23 +81,7 @@ def test_records_reach_a_ring_reader_while_the_partition_process_is_stopped(topi
 
 #: A producer process that commits a frame whose batch CRC is wrong (the C writer does not
 #: check CRCs: a buggy producer), then a good one, and exits.
-_BAD_THEN_GOOD = r"""
-import sys
-from shmbroker import records
-from shmbroker.layout import shm as L
-from shmbroker.native import _native
-from shmbroker.shm import names
-from shmbroker.shm.control import ControlRegion
-from shmbroker.shm.ring import RingProducer
-
-data_dir, topic = sys.argv[1], sys.argv[2]
-prefix = names.broker_prefix(data_dir)
-ctl = ControlRegion.attach(names.control_name(prefix, topic, 0))
-slot, gen = ctl.claim_slot(1 << 16)
-ring = RingProducer.create(names.ring_name(prefix, topic, 0, slot, gen), 1 << 16, partition=0,
-                           slot=slot, generation=gen, control=ctl)
-ctl.set_slot_state(slot, L.SLOT_READY)
-ctl.announce_registry_change()
+_BAD_THEN_GOOD = RAW_PRODUCER + r"""
 bad = bytearray(records.encode_batch([b"bad-%d" % i for i in range(3)]))
 bad[-1] ^= 0xFF
 ring.send(bytes(bad))
