@@ -90,6 +90,16 @@ COMMIT_ONLY_SLEEP_MS_MAX = 500
 _RING_READS = L.CONTROL["ring_reads"]
 
 
+def _index_of(got: list, position: int, first_offset: int) -> int:
+    """Index of the record at ``position`` in decoded records whose first batch starts at
+    ``first_offset`` (len(got) when none is at or after it): direct unless offsets without
+    records (empty batches) come first."""
+    at = position - first_offset
+    if at >= len(got) or got[at].offset != position:
+        at = bisect.bisect_left(got, position, key=_offset_of)
+    return at
+
+
 def _offset_of(record) -> int:
     return record.offset
 
@@ -772,9 +782,7 @@ class Consumer:
             return None
         got = records.decode_records(payload, False, fetch.topic, fetch.partition)
         fetch.pending_end = base + span
-        at = position - base
-        if at >= len(got) or got[at].offset != position:
-            at = bisect.bisect_left(got, position, key=_offset_of)
+        at = _index_of(got, position, base)
         if self._counters is not None:
             fetch.bytes_out += len(payload)
         return got, at
@@ -795,9 +803,7 @@ class Consumer:
         if status != ring_reads.FOUND:
             fetch.seen_commit_seq, fetch.beyond_taken = seen, beyond
             return None
-        at = position - base
-        if at >= len(got) or got[at].offset != position:
-            at = bisect.bisect_left(got, position, key=_offset_of)
+        at = _index_of(got, position, base)
         if at >= len(got):
             return None  # no record from the position on (cannot happen: checked frames)
         fetch.pending, fetch.pending_at, fetch.pending_end = got, at, base + span

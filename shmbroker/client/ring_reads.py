@@ -76,19 +76,14 @@ class RingReads:
         """(status, payload, base, span) of the committed frame holding ``offset``: FOUND with
         a checked copy whose batches are at their offsets; REFUSED or TORN (the log will
         have it: wait for the high watermark); NONE (no ring holds it now)."""
-        limit = self.limit()
-        if limit <= 0 or self.control.partition_status == L.PARTITION_STATUS_STOPPED:
-            # Stopped cleanly: what is committed from now on is never appended.
+        limit = self._readable()
+        if not limit:
             return NONE, None, -1, 0
-        self._refresh()
         control = self.control.buf
-        for ring in self._rings.values():  # bounded by the registry's slots
+        for ring in self._list:  # bounded by the registry's slots
             hint = ring.hint if offset >= ring.hint_from else 0
-            try:
-                status, payload, base, span, next_hint = _native.ring_frame_at(
-                    ring.region.buf, control, offset, hint, limit, BATCH_RECORDS_MAX)
-            except ValueError:
-                continue  # closed under us (never: one thread); a bad mapping reads nothing
+            status, payload, base, span, next_hint = _native.ring_frame_at(
+                ring.region.buf, control, offset, hint, limit, BATCH_RECORDS_MAX)
             if status == NONE:
                 if offset >= ring.hint_from:
                     ring.hint, ring.hint_from = next_hint, offset
@@ -105,10 +100,9 @@ class RingReads:
         caught-up consumer of one partition does between a producer's commit and its records.
         None when ring reads are off; else (status, records or None, base, span, commit_seq
         seen before the last look, beyond_taken)."""
-        limit = self.limit()
-        if limit <= 0 or self.control.partition_status == L.PARTITION_STATUS_STOPPED:
+        limit = self._readable()
+        if not limit:
             return None
-        self._refresh()
         rings = self._list
         hints = [r.hint if offset >= r.hint_from else 0 for r in rings]
         status, got, base, span, index, next_hint, seen, beyond = _native.ring_poll(
@@ -118,6 +112,16 @@ class RingReads:
             ring = rings[index]
             ring.hint, ring.hint_from = next_hint, base + span
         return status, got, base, span, seen, bool(beyond)
+
+    def _readable(self) -> int:
+        """The limit to read with (the rings found in the registry attached), or 0 when ring
+        reads are off, or the partition stopped cleanly: what is committed from then on is
+        never appended."""
+        limit = self.limit()
+        if limit <= 0 or self.control.partition_status == L.PARTITION_STATUS_STOPPED:
+            return 0
+        self._refresh()
+        return limit
 
     def _refresh(self) -> None:
         changes = self.control.registry_changes
