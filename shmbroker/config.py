@@ -181,6 +181,11 @@ PARTITION_RING_ROUND_BYTES_MAX = 1 * MiB
 #: publish, complete, release; native/include/shmb/drain.h), which declines to the Python
 #: round for anything unusual (docs/decisions/0004, step 1). False: the Python round only.
 PARTITION_NATIVE_ROUND = True
+#: Partition processes run under SCHED_BATCH (sched(7)): woken by a producer's doorbell, one
+#: does not preempt the client that rang it (the woken task would otherwise often get the
+#: producer's own CPU at once, inside its send, on a host with few cores); it runs when that
+#: client sleeps or another core is free. Same share of CPU as before (nice 0).
+PARTITION_SCHED_BATCH = True
 #: How long a stopping partition process keeps draining rings before it exits anyway (below
 #: BrokerConfig.child_stop_timeout_ms, after which the supervisor sends SIGKILL).
 PARTITION_STOP_DRAIN_MS_MAX = 3_000
@@ -194,6 +199,16 @@ PRODUCER_BATCH_BYTES_DEFAULT = 256 * KiB
 PRODUCER_BATCH_RECORDS_MAX = 1 << 16
 #: Longest a producer lets records wait in its accumulator (Kafka: linger.ms).
 PRODUCER_LINGER_MS_MAX = 60_000
+#: Frames a producer may have unacknowledged in one ring before a new batch waits for the
+#: ring to go idle (Kafka: max.in.flight.requests.per.connection, default 5). 1: a batch is
+#: written only when the partition has taken everything before it.
+PRODUCER_MAX_IN_FLIGHT_DEFAULT = 5
+PRODUCER_MAX_IN_FLIGHT_MAX = 64
+#: A batch's first record is written at once, beside frames still in flight, when the
+#: producer's last frame went out at least this long ago (a sparse send: waiting for the ring
+#: to go idle would add the partition's round to its latency and batch nothing). Sends closer
+#: together than this batch behind the frame in flight, as before.
+PRODUCER_SPARSE_GAP_US = 20
 #: Per-(producer, partition) ring for producers (data bytes, power of two).
 PRODUCER_RING_BYTES_DEFAULT = 4 * MiB
 #: How long close() waits for the partition process to take what is still in the rings.

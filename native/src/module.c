@@ -2709,19 +2709,29 @@ typedef struct {
     int64_t first_ns;           /* CLOCK_MONOTONIC of the first record held */
     int32_t records_max;        /* a batch is due once it holds this many */
     int write_due;              /* the last append says: write the batch now */
+    /* Sparse sends (Producer docs, "When a batch is written"): a batch's first record is
+     * also due while frames are in flight, when the last frame went out at least gap_ns ago
+     * and fewer than inflight_max frames are unacknowledged (0: only an idle ring). */
+    int64_t sparse_gap_ns;
+    int64_t last_write_ns;      /* CLOCK_MONOTONIC of the last frame written (0: none) */
+    int32_t inflight_max;
 } AccumulatorObject;
 
 static PyObject *Accumulator_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"records_bytes_max", "future_type", "linger_ms", "records_max",
-                             NULL};
+                             "sparse_gap_us", "inflight_max", NULL};
     Py_ssize_t max;
     PyObject *future_type = Py_None;
-    double linger_ms = 0;
-    int records_max = INT32_MAX;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "n|Odi:RecordAccumulator", kwlist, &max,
-                                     &future_type, &linger_ms, &records_max))
+    double linger_ms = 0, sparse_gap_us = 0;
+    int records_max = INT32_MAX, inflight_max = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "n|Odidi:RecordAccumulator", kwlist, &max,
+                                     &future_type, &linger_ms, &records_max, &sparse_gap_us,
+                                     &inflight_max))
         return NULL;
+    if (!(sparse_gap_us >= 0 && sparse_gap_us <= 1e9) || inflight_max < 0)
+        return PyErr_Format(PyExc_ValueError, "RecordAccumulator: sparse_gap_us must be in "
+                            "[0, 1e9] and inflight_max >= 0");
     PyTypeObject *base = get_state(PyType_GetModule(type))->future_base_type;
     if (future_type != Py_None &&
         (!PyType_Check(future_type) ||
@@ -2748,6 +2758,8 @@ static PyObject *Accumulator_new(PyTypeObject *type, PyObject *args, PyObject *k
     self->ring.obj = NULL;
     self->linger_ns = (int64_t)(linger_ms * 1e6);
     self->records_max = records_max;
+    self->sparse_gap_ns = (int64_t)(sparse_gap_us * 1e3);
+    self->inflight_max = inflight_max;
     return (PyObject *)self;
 }
 
@@ -2783,6 +2795,23 @@ static int64_t monotonic_ns(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* A sparse send's first record is due though a frame is in flight: waiting for the ring to
+ * go idle would add the partition's wake-up and round to its latency (on a round trip, the
+ * whole of it), while batching behind the in-flight frame gains nothing when sends are this
+ * far apart. Dense sends (the last frame went out less than sparse_gap_ns ago) still batch
+ * behind it; so do sends to a ring with inflight_max frames unacknowledged (Kafka's
+ * max.in.flight.requests.per.connection) or filled to a quarter. */
+static int acc_sparse_due(AccumulatorObject *self, const uint8_t *rb, uint64_t rpos,
+                          uint64_t wpos)
+{
+    uint64_t capacity = shmb_u64_load_relaxed(rb + SHMB_RING_CAPACITY_OFFSET);
+    uint64_t next = shmb_u64_load_relaxed(rb + SHMB_RING_NEXT_SEQUENCE_OFFSET);
+    uint64_t acked = shmb_u64_load_acquire(rb + SHMB_RING_ACKED_SEQUENCE_OFFSET);
+    if (next - acked >= (uint64_t)self->inflight_max || wpos - rpos >= capacity / 4)
+        return 0;
+    return monotonic_ns() - self->last_write_ns >= self->sparse_gap_ns;
 }
 
 /* A bytes-like object or None as a slice over a view the caller releases (view->obj NULL when
@@ -2951,8 +2980,11 @@ static PyObject *Accumulator_append(AccumulatorObject *self, PyObject *const *ar
         if (!due && self->ring.obj != NULL) {
             /* Idle: the partition took everything written (we are the ring's only writer). */
             const uint8_t *rb = self->ring.buf;
-            due = shmb_u64_load_acquire(rb + SHMB_RING_READ_POSITION_OFFSET) ==
-                  shmb_u64_load_relaxed(rb + SHMB_RING_WRITE_POSITION_OFFSET);
+            uint64_t rpos = shmb_u64_load_acquire(rb + SHMB_RING_READ_POSITION_OFFSET);
+            uint64_t wpos = shmb_u64_load_relaxed(rb + SHMB_RING_WRITE_POSITION_OFFSET);
+            due = rpos == wpos;
+            if (!due && count == 1 && self->inflight_max > 0)
+                due = acc_sparse_due(self, rb, rpos, wpos);
             if (due && self->linger_ns > 0)
                 due = monotonic_ns() - self->first_ns >= self->linger_ns;
         }
@@ -3079,6 +3111,8 @@ static int acc_write_frame(AccumulatorObject *self, void *ring, size_t ring_len,
     if (r == SHMB_RING_OK) {
         shmb_acc_clear(&self->acc);
         self->write_due = 0;
+        if (self->inflight_max > 0)
+            self->last_write_ns = monotonic_ns();
     }
     return r;
 }

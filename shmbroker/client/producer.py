@@ -16,7 +16,11 @@ How a record travels (docs/design/partition.md):
    call that also rings the partition's doorbell, when it is full (``batch_bytes_max``), when the ring is idle (the partition process has
    appended everything written before: nothing to wait for, so latency stays low when lightly
    loaded, and batches grow by themselves under load, like Kafka's accumulator while a request
-   is in flight) and ``linger_ms`` has passed, or on ``flush``/``result``/``close``. Records
+   is in flight) and ``linger_ms`` has passed, or on ``flush``/``result``/``close``. A sparse
+   send (the last frame went out PRODUCER_SPARSE_GAP_US or more ago) is written at once
+   beside frames still in flight, up to ``max_in_flight`` unacknowledged frames (Kafka's
+   max.in.flight.requests.per.connection; 1: only on an idle ring): it would batch nothing by
+   waiting, and its latency would include the partition's round. Records
    that a ``send`` leaves behind (the ring was busy) are written by a background sender
    thread as soon as the ring goes idle, so ``send`` alone always delivers, as with Kafka.
    Its producer fields are Kafka's "not idempotent" (producer id, epoch and base sequence
@@ -56,10 +60,11 @@ from .. import errors, records
 from ..broker.lock import broker_pid
 from ..config import (PRODUCER_BATCH_BYTES_DEFAULT, PRODUCER_BATCH_RECORDS_MAX,
                       PRODUCER_CLOSE_DRAIN_MS_MAX, PRODUCER_DELIVERY_TIMEOUT_MS_DEFAULT, PRODUCER_LINGER_MS_MAX,
+                      PRODUCER_MAX_IN_FLIGHT_DEFAULT, PRODUCER_MAX_IN_FLIGHT_MAX,
                       PRODUCER_METADATA_MAX_AGE_MS, PARTITION_SERVE_WAIT_MS,
                       PRODUCER_RING_BYTES_DEFAULT, PRODUCER_SENDER_IDLE_MS_MAX,
                       PRODUCER_SENDER_QUIET_US, PRODUCER_SENDER_TIMER_SLICE_MS,
-                      PRODUCER_SENDER_WAIT_MS_MAX,
+                      PRODUCER_SENDER_WAIT_MS_MAX, PRODUCER_SPARSE_GAP_US,
                       RING_BYTES_MAX, RING_BYTES_MIN,
                       RING_SEND_TIMEOUT_MS_DEFAULT, SPIN_NS_MAX, default_data_dir)
 from ..layout import record_batch as RB
@@ -273,7 +278,10 @@ class _Accumulator:
         self.writer = writer
         self.bytes_max = bytes_max
         self.records = _native.RecordAccumulator(bytes_max, RecordFuture, producer.linger_ms,
-                                                 PRODUCER_BATCH_RECORDS_MAX)
+                                                 PRODUCER_BATCH_RECORDS_MAX,
+                                                 PRODUCER_SPARSE_GAP_US,
+                                                 producer.max_in_flight
+                                                 if producer.max_in_flight > 1 else 0)
         self.records.batch = _Batch(producer, topic, partition)
         self.records.bind(writer.buf)
 
@@ -387,7 +395,8 @@ class Producer:
                  linger_ms: float = 0, batch_bytes_max: int = PRODUCER_BATCH_BYTES_DEFAULT,
                  send_timeout_ms: int = RING_SEND_TIMEOUT_MS_DEFAULT,
                  ring_bytes: int = PRODUCER_RING_BYTES_DEFAULT, spin_ns: int = 0,
-                 delivery_timeout_ms: int = PRODUCER_DELIVERY_TIMEOUT_MS_DEFAULT):
+                 delivery_timeout_ms: int = PRODUCER_DELIVERY_TIMEOUT_MS_DEFAULT,
+                 max_in_flight: int = PRODUCER_MAX_IN_FLIGHT_DEFAULT):
         if acks in ("all", -1, "-1"):
             acks = -1
         elif acks in (0, 1, "0", "1"):
@@ -410,6 +419,10 @@ class Producer:
                 or delivery_timeout_ms < 1:
             raise errors.ConfigError(f"delivery_timeout_ms={delivery_timeout_ms!r} must be a "
                                      f"positive int")
+        if not isinstance(max_in_flight, int) or isinstance(max_in_flight, bool) \
+                or not 1 <= max_in_flight <= PRODUCER_MAX_IN_FLIGHT_MAX:
+            raise errors.ConfigError(f"max_in_flight={max_in_flight!r} must be an int in "
+                                     f"[1, {PRODUCER_MAX_IN_FLIGHT_MAX}]")
         self.data_dir = os.path.realpath(os.fspath(broker) if broker is not None
                                          else default_data_dir())
         self.acks = acks
@@ -419,6 +432,7 @@ class Producer:
         self.ring_bytes = ring_bytes
         self.spin_ns = spin_ns
         self.delivery_timeout_ms = delivery_timeout_ms
+        self.max_in_flight = max_in_flight
         self._check_broker()
         self._init_state()
         _LIVE.add(self)

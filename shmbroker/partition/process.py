@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import logging
 import signal
 import sys
@@ -11,7 +12,7 @@ import sys
 from .. import errors
 from ..broker import lifecycle
 from ..broker.naming import process_title
-from ..config import SPIN_NS_MAX
+from ..config import PARTITION_SCHED_BATCH, SPIN_NS_MAX
 from ..coordinator.topics import load_topics
 from .owner import PartitionOwner
 
@@ -29,6 +30,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--spin-us", type=int, default=0,
                         help="busy-wait on the doorbell before sleeping (BrokerConfig)")
     return parser.parse_args(argv)
+
+
+def _sched_batch(topic: str, partition: int) -> None:
+    """SCHED_BATCH for this process (config.PARTITION_SCHED_BATCH; docs/design/partition.md,
+    "Scheduling"). A kernel that refuses it leaves the default policy: only latency differs."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    except (OSError, AttributeError) as exc:
+        log.warning("partition %s/%d: SCHED_BATCH refused (%s); default scheduling", topic,
+                    partition, exc)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     # partition process's samples were in gc_collect_main before).
     gc.collect()
     gc.freeze()
+    if PARTITION_SCHED_BATCH:
+        _sched_batch(args.topic, args.partition)
     clean = False
     try:
         lifecycle.report_ready(args.ready_fd, f"ready {owner.log.log_end_offset}")

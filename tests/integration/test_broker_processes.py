@@ -50,6 +50,19 @@ def test_serve_starts_supervisor_coordinator_and_one_named_process_per_partition
     assert os.stat(os.path.join(broker.data_dir, "coordinator.sock")).st_mode & 0o777 == 0o600
 
 
+def test_partition_processes_run_under_sched_batch_and_the_others_do_not(broker):
+    # A woken partition must not preempt the client that rang its doorbell (config.py,
+    # PARTITION_SCHED_BATCH; docs/design/partition.md, "Scheduling").
+    with Admin(broker=broker.data_dir) as admin:
+        admin.create_topic("orders", 2)
+    doc = broker.wait_running({("orders", 0), ("orders", 1)})
+    policies = {e["role"]: set() for e in doc["processes"]}
+    for entry in doc["processes"]:
+        policies[entry["role"]].add(os.sched_getscheduler(entry["pid"]))
+    assert policies["partition"] == {os.SCHED_BATCH}
+    assert policies["supervisor"] == policies["coordinator"] == {os.SCHED_OTHER}
+
+
 def test_second_broker_on_the_same_data_dir_is_refused_naming_pid_and_dir(broker):
     proc = run_cli("serve", "--data-dir", broker.data_dir, "--listen", "none", timeout=30)
     assert proc.returncode == 1

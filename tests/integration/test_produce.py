@@ -15,7 +15,7 @@ from broker_harness import WAIT_S_MAX, run_cli, wait_for
 from produce_helpers import (check_exactly_once, make_value, read_partition, read_topic,
                              spawn_producer)
 
-from shmbroker import Admin, Producer, errors
+from shmbroker import Admin, Producer, _native, errors
 from shmbroker.layout import shm as L
 from shmbroker.shm import names
 from shmbroker.shm.control import ControlRegion
@@ -281,6 +281,46 @@ def test_a_fork_while_the_background_sender_runs_gives_the_child_a_working_produ
                                     [b"child %d" % i for i in range(100)])
     parents = [v for v in values if v.startswith(b"parent")]
     assert parents == [b"parent %d" % i for i in range(3000)]  # order kept, nothing twice
+
+
+@pytest.mark.parametrize("max_in_flight", [1, 5])
+def test_sparse_sends_are_written_beside_frames_in_flight_up_to_max_in_flight(broker,
+                                                                              max_in_flight):
+    """A send that starts a batch, more than PRODUCER_SPARSE_GAP_US after the last frame
+    went out, is written at once though the partition has not taken that frame (its latency
+    would otherwise include the partition's round), up to max_in_flight unacknowledged frames;
+    then records batch behind them. The partition process is stopped meanwhile (SIGSTOP), so
+    nothing is taken; afterwards every record is in the log once, in order."""
+    import signal
+
+    create_topic(broker.data_dir, "sparse", 1)
+    pids = broker.partition_pids(broker.wait_running())
+    producer = Producer(broker=broker.data_dir, max_in_flight=max_in_flight)
+    try:
+        assert producer.send("sparse", b"first", partition=0).result(timeout=10).offset == 0
+        writer = producer._writers[("sparse", 0)]
+        wait_for(lambda: _native.atomic_load_u64(writer.buf, L.RING["read_position"]) ==
+                 writer.written_position, what="the ring to be idle")
+        os.kill(pids[("sparse", 0)], signal.SIGSTOP)
+        try:
+            futures = []
+            for i in range(7):
+                time.sleep(0.002)  # sparse: 2 ms since the last frame went out
+                futures.append(producer.send("sparse", b"v%d" % i, partition=0))
+            frames = writer.next_sequence - 1  # after "first"
+            held = producer._accs[("sparse", 0)].records.count
+            # The first goes to an idle ring; then one frame per send while fewer than
+            # max_in_flight are unacknowledged; the rest wait in one batch.
+            assert (frames, held) == (max_in_flight, 7 - max_in_flight)
+        finally:
+            os.kill(pids[("sparse", 0)], signal.SIGCONT)
+        assert [f.result(timeout=10).offset for f in futures] == list(range(1, 8))
+    finally:
+        producer.close()
+    assert [r.value for r in read_partition(broker.data_dir, "sparse", 0)] == \
+        [b"first"] + [b"v%d" % i for i in range(7)]
+    with pytest.raises(errors.ConfigError, match="max_in_flight"):
+        Producer(broker=broker.data_dir, max_in_flight=0)
 
 
 def test_bad_input_gives_typed_errors_and_the_broker_keeps_serving(broker):

@@ -202,6 +202,63 @@ def test_write_due_says_whether_the_bound_ring_is_idle_linger_and_records_max_pe
     assert lingering.write_due  # linger_ms passed since the first record
 
 
+def test_a_sparse_batch_is_due_beside_frames_in_flight_up_to_inflight_max():
+    # Producer docs, "When a batch is written": a batch's first record, sent at least
+    # sparse_gap_us after the last frame went out, is written at once though the partition has
+    # not taken that frame yet, while fewer than inflight_max frames are unacknowledged and
+    # the ring is less than a quarter full.
+    import struct
+    capacity = 1 << 16
+    ring = mmap.mmap(-1, L.ring_region_bytes(capacity))
+    init_ring_header(ring, capacity)
+
+    def ack_all():
+        struct.pack_into("<Q", ring, L.RING["acked_sequence"],
+                         _native.atomic_load_u64(ring, L.RING["next_sequence"]))
+
+    acc = _native.RecordAccumulator(1 << 15, Future, 0, 1000, 2000, 2)  # 2 ms, 2 in flight
+    acc.bind(ring)
+    acc.append(b"a")
+    assert acc.write_due  # idle ring
+    assert acc.write_ring(ring, None, 1, 0, 0)[0] == OK
+    acc.append(b"b")
+    assert not acc.write_due  # dense: the last frame went out less than 2 ms ago
+    time.sleep(0.005)
+    acc.append(b"c")
+    assert not acc.write_due  # sparse now, but not the batch's first record: it batches
+    acc.clear()
+    acc.append(b"d")
+    assert acc.write_due  # a first record, 5 ms after the last frame, 1 frame in flight
+    assert acc.write_ring(ring, None, 1, 0, 0)[0] == OK
+    time.sleep(0.005)
+    acc.append(b"e")
+    assert not acc.write_due  # 2 frames unacknowledged: inflight_max
+    acc.clear()
+    ack_all()
+    acc.append(b"f")
+    assert acc.write_due  # acknowledged (the ring is still not idle: nothing released)
+    acc.clear()
+    acc.append(b"g" * (capacity // 4))
+    assert acc.write_ring(ring, None, 1, 0, 0)[0] == OK
+    ack_all()
+    time.sleep(0.005)
+    acc.append(b"h")
+    assert not acc.write_due  # a quarter of the ring is still unread: batch behind it
+    acc.clear()
+    _native.ring_release(ring, _native.atomic_load_u64(ring, L.RING["write_position"]))
+    plain = _native.RecordAccumulator(1 << 15, Future, 0, 1000)  # inflight_max 0: idle only
+    plain.bind(ring)
+    plain.append(b"i")
+    assert plain.write_ring(ring, None, 1, 0, 0)[0] == OK
+    time.sleep(0.005)
+    plain.append(b"j")
+    assert not plain.write_due
+    plain.clear()
+    for bad in ({"sparse_gap_us": -1}, {"inflight_max": -1}):
+        with pytest.raises(ValueError, match="sparse_gap_us"):
+            _native.RecordAccumulator(1 << 10, Future, **bad)
+
+
 def test_a_bound_ring_cannot_be_unmapped_until_unbound():
     ring = mmap.mmap(-1, L.ring_region_bytes(4096))
     init_ring_header(ring, 4096)
