@@ -376,6 +376,8 @@ class Producer:
     full ring or for an ack (lower latency, more CPU). ``delivery_timeout_ms``: how long a
     written batch may wait for its ack (riding out a restart of the partition or the broker)
     before its futures fail with RequestTimeoutError (Kafka's delivery.timeout.ms, 2 min).
+    ``max_in_flight``: unacknowledged frames per partition beside which a sparse send is still
+    written at once (Kafka's max.in.flight.requests.per.connection; 1: only on an idle ring).
 
     A record that ``send`` cannot write at once (its ring is busy) waits in the accumulator
     and is written by the background sender thread as soon as the ring is idle and
