@@ -151,7 +151,8 @@ def main() -> int:
     print(f"bench_roundtrip: {args.rounds} round trips of 100 B, acks=1, spin {args.spin_us} us")
     for name, column in zip(("ping send", "hop ping -> pong poll", "pong send",
                              "hop pong -> ping poll", "round trip"), us):
-        print(f"  {name:24s} p50 {np.percentile(column, 50):8.1f} us   mean {column.mean():8.1f} us")
+        print(f"  {name:24s} p50 {np.percentile(column, 50):8.1f} us   mean {column.mean():8.1f} us"
+              f"   p99 {np.percentile(column, 99):8.1f} us   p99.9 {np.percentile(column, 99.9):8.1f} us")
     print(f"  wall per round trip        {wall / args.rounds * 1e6:8.1f} us")
     for name in processes:
         print(f"  cpu {name:22s} {(cpu1[name] - cpu0[name]) / args.rounds * 1e6:8.1f} us per round trip")

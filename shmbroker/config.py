@@ -186,6 +186,13 @@ PARTITION_NATIVE_ROUND = True
 #: producer's own CPU at once, inside its send, on a host with few cores); it runs when that
 #: client sleeps or another core is free. Same share of CPU as before (nice 0).
 PARTITION_SCHED_BATCH = True
+#: After a wake-up that found work, a partition process dozes at most this long instead of
+#: sleeping until woken: producers' commits meanwhile bump its doorbell without a syscall,
+#: and it takes them all when the doze ends (one round for many sparse frames, and no
+#: wake-up on the producer's critical path; docs/design/shm.md, "Dozing"). Who waits on it
+#: wakes it anyway (an ack, ring space, a consumer of the log waiting for the high
+#: watermark). A doze that ends with nothing new is followed by a sleep. 0: never doze.
+PARTITION_DOZE_MS = 1
 #: How long a stopping partition process keeps draining rings before it exits anyway (below
 #: BrokerConfig.child_stop_timeout_ms, after which the supervisor sends SIGKILL).
 PARTITION_STOP_DRAIN_MS_MAX = 3_000
@@ -200,13 +207,15 @@ PRODUCER_BATCH_RECORDS_MAX = 1 << 16
 #: Longest a producer lets records wait in its accumulator (Kafka: linger.ms).
 PRODUCER_LINGER_MS_MAX = 60_000
 #: Frames a producer may have unacknowledged in one ring before a new batch waits for the
-#: ring to go idle (Kafka: max.in.flight.requests.per.connection, default 5). 1: a batch is
-#: written only when the partition has taken everything before it.
-PRODUCER_MAX_IN_FLIGHT_DEFAULT = 5
-PRODUCER_MAX_IN_FLIGHT_MAX = 64
-#: A batch's first record is written at once, beside frames still in flight, when the
-#: producer's last frame went out at least this long ago (a sparse send: waiting for the ring
-#: to go idle would add the partition's round to its latency and batch nothing). Sends closer
+#: ring to go idle (Kafka: max.in.flight.requests.per.connection, 5 there: a request in
+#: flight costs a connection's pipeline; a frame here costs ring bytes and one of the ring's
+#: COMPLETIONS_MAX completion slots, which the producer reads back at 32 in flight). 1: a
+#: batch is written only when the partition has taken everything before it.
+PRODUCER_MAX_IN_FLIGHT_DEFAULT = 32
+PRODUCER_MAX_IN_FLIGHT_MAX = 32
+#: A batch's first record is written at once, beside frames still in flight, when the record
+#: before it was appended at least this long earlier (a sparse send: waiting for the ring to
+#: go idle would add the partition's round to its latency and batch nothing). Sends closer
 #: together than this batch behind the frame in flight, as before.
 PRODUCER_SPARSE_GAP_US = 20
 #: Per-(producer, partition) ring for producers (data bytes, power of two).

@@ -591,7 +591,8 @@ int64_t shmb_drain_sleep_prepare(uint8_t *control, int64_t registry_seen,
     return (int64_t)seen;
 }
 
-int shmb_drain_sleep(uint8_t *control, uint32_t seen, int64_t timeout_ms, int64_t spin_ns)
+int shmb_drain_sleep(uint8_t *control, uint32_t seen, int64_t timeout_ms, int64_t spin_ns,
+                     int64_t doze_ms)
 {
     const uint32_t *doorbell = (const uint32_t *)(control + SHMB_CTL_DOORBELL_OFFSET);
     int64_t start = shmb_monotonic_ns();
@@ -601,15 +602,31 @@ int shmb_drain_sleep(uint8_t *control, uint32_t seen, int64_t timeout_ms, int64_
     if (spin_ns > 0 && shmb_spin_until_changed(doorbell, seen, spin_ns)) {
         r = SHMB_WAIT_CHANGED;
     } else {
-        shmb_u32_store_seq_cst(control + SHMB_CTL_PARTITION_SLEEPING_OFFSET,
-                               SHMB_PARTITION_ASLEEP);
         int64_t left_ms = timeout_ms;
         if (timeout_ms > 0) {
             left_ms = timeout_ms - (shmb_monotonic_ns() - start) / 1000000;
             if (left_ms < 1)
                 left_ms = 1;
         }
+        uint32_t state = SHMB_PARTITION_ASLEEP;
+        if (doze_ms > 0 && (left_ms < 0 || doze_ms < left_ms)) {
+            /* Dekker with shmb_ctl_hw_waiter_enter: DOZING first, then the count. A consumer
+             * already waiting for the high watermark wants each commit appended: no doze. */
+            shmb_u32_store_seq_cst(control + SHMB_CTL_PARTITION_SLEEPING_OFFSET,
+                                   SHMB_PARTITION_DOZING);
+            if (shmb_u32_load_seq_cst(control + SHMB_CTL_HW_WAITERS_OFFSET) == 0) {
+                state = SHMB_PARTITION_DOZING;
+                left_ms = doze_ms;
+            }
+        }
+        if (state == SHMB_PARTITION_ASLEEP)
+            shmb_u32_store_seq_cst(control + SHMB_CTL_PARTITION_SLEEPING_OFFSET,
+                                   SHMB_PARTITION_ASLEEP);
         r = shmb_futex_wait(doorbell, seen, left_ms, 0);
+        /* Producers bumped the doorbell without waking a dozer: their frames are the work. */
+        if (state == SHMB_PARTITION_DOZING && r == SHMB_WAIT_TIMEOUT &&
+            shmb_u32_load_seq_cst(doorbell) != seen)
+            r = SHMB_WAIT_CHANGED;
     }
     shmb_u32_store_seq_cst(control + SHMB_CTL_PARTITION_SLEEPING_OFFSET, SHMB_PARTITION_AWAKE);
     return r;

@@ -1778,9 +1778,9 @@ static int tail_wait(uint8_t *ctl, uint32_t seen, long long wait_ms, long long s
         r = SHMB_WAIT_CHANGED;
     } else {
         int64_t left_ms = wait_ms - (shmb_monotonic_ns() - start) / 1000000;
-        (void)shmb_u32_fetch_add(ctl + SHMB_CTL_HW_WAITERS_OFFSET, 1);
+        shmb_ctl_hw_waiter_enter(ctl);
         r = shmb_futex_wait(word, seen, left_ms > 0 ? left_ms : 0, 0);
-        (void)shmb_u32_fetch_add(ctl + SHMB_CTL_HW_WAITERS_OFFSET, (uint32_t)-1);
+        shmb_ctl_hw_waiter_leave(ctl);
     }
     Py_END_ALLOW_THREADS
     return r;
@@ -2032,13 +2032,13 @@ static int ring_poll_wait(uint8_t *ctl, uint32_t seen_commit, uint32_t seen_hw,
             left_ms = 0;
         (void)shmb_u32_fetch_add(ctl + SHMB_CTL_COMMIT_WAITERS_OFFSET, 1);
         if (n == 2)
-            (void)shmb_u32_fetch_add(ctl + SHMB_CTL_HW_WAITERS_OFFSET, 1);
+            shmb_ctl_hw_waiter_enter(ctl);
         r = n == 1 ? shmb_futex_wait(commit, seen_commit, left_ms, 0)
                    : shmb_futex_waitv(words, expected, n, left_ms, 0, &which);
         if (r == SHMB_FUTEX_WAITV_UNSUPPORTED) /* Linux < 5.16: the commit word, a short nap */
             r = shmb_futex_wait(commit, seen_commit, left_ms < 1 ? left_ms : 1, 0);
         if (n == 2)
-            (void)shmb_u32_fetch_add(ctl + SHMB_CTL_HW_WAITERS_OFFSET, (uint32_t)-1);
+            shmb_ctl_hw_waiter_leave(ctl);
         (void)shmb_u32_fetch_add(ctl + SHMB_CTL_COMMIT_WAITERS_OFFSET, (uint32_t)-1);
     }
     Py_END_ALLOW_THREADS
@@ -2605,6 +2605,43 @@ done_seq:
     return result;
 }
 
+static PyObject *py_doorbell_ring_urgent(PyObject *module, PyObject *arg)
+{
+    Py_buffer v;
+    if (region_view(arg, 1, &v, "doorbell_ring_urgent") < 0)
+        return NULL;
+    if (v.len < SHMB_CONTROL_REGISTRY_OFFSET) {
+        PyBuffer_Release(&v);
+        PyErr_SetString(PyExc_ValueError, "doorbell_ring_urgent: not a control region");
+        return NULL;
+    }
+    shmb_ctl_doorbell_ring_urgent(v.buf);
+    PyBuffer_Release(&v);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_hw_waiter(PyObject *module, PyObject *args)
+{
+    PyObject *obj;
+    int enter;
+    if (!PyArg_ParseTuple(args, "Op:hw_waiter", &obj, &enter))
+        return NULL;
+    Py_buffer v;
+    if (region_view(obj, 1, &v, "hw_waiter") < 0)
+        return NULL;
+    if (v.len < SHMB_CONTROL_REGISTRY_OFFSET) {
+        PyBuffer_Release(&v);
+        PyErr_SetString(PyExc_ValueError, "hw_waiter: not a control region");
+        return NULL;
+    }
+    if (enter)
+        shmb_ctl_hw_waiter_enter(v.buf);
+    else
+        shmb_ctl_hw_waiter_leave(v.buf);
+    PyBuffer_Release(&v);
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_doorbell_ring(PyObject *module, PyObject *arg)
 {
     Py_buffer v;
@@ -2710,10 +2747,11 @@ typedef struct {
     int32_t records_max;        /* a batch is due once it holds this many */
     int write_due;              /* the last append says: write the batch now */
     /* Sparse sends (Producer docs, "When a batch is written"): a batch's first record is
-     * also due while frames are in flight, when the last frame went out at least gap_ns ago
-     * and fewer than inflight_max frames are unacknowledged (0: only an idle ring). */
+     * also due while frames are in flight, when the record before it was appended at least
+     * gap_ns earlier and fewer than inflight_max frames are unacknowledged (0: only an idle
+     * ring). */
     int64_t sparse_gap_ns;
-    int64_t last_write_ns;      /* CLOCK_MONOTONIC of the last frame written (0: none) */
+    int64_t last_append_ns;     /* CLOCK_REALTIME of the last append (0: none) */
     int32_t inflight_max;
 } AccumulatorObject;
 
@@ -2798,20 +2836,22 @@ static int64_t monotonic_ns(void)
 }
 
 /* A sparse send's first record is due though a frame is in flight: waiting for the ring to
- * go idle would add the partition's wake-up and round to its latency (on a round trip, the
- * whole of it), while batching behind the in-flight frame gains nothing when sends are this
- * far apart. Dense sends (the last frame went out less than sparse_gap_ns ago) still batch
- * behind it; so do sends to a ring with inflight_max frames unacknowledged (Kafka's
- * max.in.flight.requests.per.connection) or filled to a quarter. */
+ * go idle would add the partition's round (and the sender thread's quiet wait) to its
+ * latency (on a round trip, all of it), while batching behind the in-flight frame gains
+ * nothing when sends are this far apart. Dense sends (the record before came less than
+ * sparse_gap_ns earlier) still batch behind it; so do sends to a ring with inflight_max
+ * frames unacknowledged (Kafka's max.in.flight.requests.per.connection) or filled to a
+ * quarter. The gap is between appends, not since the last write: a record the sender thread
+ * wrote late must not make the next sparse send look dense (it did, in a chain). */
 static int acc_sparse_due(AccumulatorObject *self, const uint8_t *rb, uint64_t rpos,
-                          uint64_t wpos)
+                          uint64_t wpos, int64_t gap_ns)
 {
     uint64_t capacity = shmb_u64_load_relaxed(rb + SHMB_RING_CAPACITY_OFFSET);
     uint64_t next = shmb_u64_load_relaxed(rb + SHMB_RING_NEXT_SEQUENCE_OFFSET);
     uint64_t acked = shmb_u64_load_acquire(rb + SHMB_RING_ACKED_SEQUENCE_OFFSET);
     if (next - acked >= (uint64_t)self->inflight_max || wpos - rpos >= capacity / 4)
         return 0;
-    return monotonic_ns() - self->last_write_ns >= self->sparse_gap_ns;
+    return gap_ns >= self->sparse_gap_ns;
 }
 
 /* A bytes-like object or None as a slice over a view the caller releases (view->obj NULL when
@@ -2919,11 +2959,11 @@ static int acc_headers(PyObject *headers, PyObject *keep, shmb_header_slice **hs
     return 0;
 }
 
-static int64_t wall_clock_ms(void)
+static int64_t wall_clock_ns(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
 /* append(value, key=None, headers=None, timestamp=None) -> index >= 0, -1 (full: write the
@@ -2936,9 +2976,10 @@ static PyObject *Accumulator_append(AccumulatorObject *self, PyObject *const *ar
     PyObject *key = nargs > 1 ? args[1] : Py_None;
     PyObject *headers = nargs > 2 ? args[2] : Py_None;
     PyObject *ts_obj = nargs > 3 ? args[3] : Py_None;
-    int64_t ts;
+    int64_t ts, now_ns = 0;
     if (ts_obj == Py_None) {
-        ts = wall_clock_ms();
+        now_ns = wall_clock_ns(); /* one clock read: the timestamp and the sparse-send gap */
+        ts = now_ns / 1000000;
     } else {
         if (!PyLong_Check(ts_obj) || PyBool_Check(ts_obj))
             return PyErr_Format(PyExc_TypeError, "timestamp must be an int (ms), got %R", ts_obj);
@@ -2976,6 +3017,13 @@ static PyObject *Accumulator_append(AccumulatorObject *self, PyObject *const *ar
         int32_t count = self->acc.count;
         if (count == 1 && self->linger_ns > 0)
             self->first_ns = monotonic_ns();
+        int64_t gap_ns = 0;
+        if (self->inflight_max > 0) {
+            if (now_ns == 0)
+                now_ns = wall_clock_ns();
+            gap_ns = now_ns - self->last_append_ns; /* a clock stepped back: dense, harmless */
+            self->last_append_ns = now_ns;
+        }
         int due = count >= self->records_max;
         if (!due && self->ring.obj != NULL) {
             /* Idle: the partition took everything written (we are the ring's only writer). */
@@ -2984,7 +3032,7 @@ static PyObject *Accumulator_append(AccumulatorObject *self, PyObject *const *ar
             uint64_t wpos = shmb_u64_load_relaxed(rb + SHMB_RING_WRITE_POSITION_OFFSET);
             due = rpos == wpos;
             if (!due && count == 1 && self->inflight_max > 0)
-                due = acc_sparse_due(self, rb, rpos, wpos);
+                due = acc_sparse_due(self, rb, rpos, wpos, gap_ns);
             if (due && self->linger_ns > 0)
                 due = monotonic_ns() - self->first_ns >= self->linger_ns;
         }
@@ -3111,8 +3159,6 @@ static int acc_write_frame(AccumulatorObject *self, void *ring, size_t ring_len,
     if (r == SHMB_RING_OK) {
         shmb_acc_clear(&self->acc);
         self->write_due = 0;
-        if (self->inflight_max > 0)
-            self->last_write_ns = monotonic_ns();
     }
     return r;
 }
@@ -4359,7 +4405,7 @@ static int drain_arg_int(PyObject *o, int *out)
 /* The doorbell sleep that may precede a round (drain_sleep_round). */
 typedef struct {
     uint32_t seen;
-    long long timeout_ms, spin_ns;
+    long long timeout_ms, spin_ns, doze_ms;
     int status; /* out: the sleep's WAIT_* status */
 } drain_sleep_args;
 
@@ -4425,7 +4471,8 @@ static PyObject *drain_round_run(PyObject *const *args, Py_ssize_t nargs, drain_
     int status = -1, clock_failed = 0;
     Py_BEGIN_ALLOW_THREADS
     if (sl != NULL) {
-        sl->status = shmb_drain_sleep(control.buf, sl->seen, sl->timeout_ms, sl->spin_ns);
+        sl->status = shmb_drain_sleep(control.buf, sl->seen, sl->timeout_ms, sl->spin_ns,
+                                      sl->doze_ms);
         if (sl->status != SHMB_WAIT_TIMEOUT && sl->status != SHMB_WAIT_INTERRUPTED)
             clock_failed = drain_wall_clock_ms(&log.now_ms) < 0;
     }
@@ -4463,13 +4510,14 @@ static PyObject *py_drain_round(PyObject *module, PyObject *const *args, Py_ssiz
 }
 
 /* drain_sleep_round(seen, timeout_ms, spin_ns, rings, control, scratch, log, round_bytes_max,
- * ring_round_bytes_max, pid, start_time) -> (WAIT_* status, drain_round's result or None):
- * the doorbell sleep (drain_sleep, whose prepare the caller has done) and, once woken, the
- * round, in one call: a wake-up runs no Python before the round publishes. */
+ * ring_round_bytes_max, pid, start_time[, doze_ms]) -> (WAIT_* status, drain_round's result
+ * or None): the doorbell sleep (drain_sleep, whose prepare the caller has done) and, once
+ * woken (or a doze ended with the doorbell moved), the round, in one call: a wake-up runs no
+ * Python before the round publishes. */
 static PyObject *py_drain_sleep_round(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 11) {
-        PyErr_Format(PyExc_TypeError, "drain_sleep_round takes 11 positional arguments "
+    if (nargs != 11 && nargs != 12) {
+        PyErr_Format(PyExc_TypeError, "drain_sleep_round takes 11 or 12 positional arguments "
                      "(%zd given)", nargs);
         return NULL;
     }
@@ -4480,7 +4528,9 @@ static PyObject *py_drain_sleep_round(PyObject *module, PyObject *const *args, P
         PyErr_SetString(PyExc_ValueError, "drain_sleep_round: seen is a u32 doorbell value");
         return NULL;
     }
-    drain_sleep_args sl = {(uint32_t)seen, 0, 0, SHMB_WAIT_TIMEOUT};
+    drain_sleep_args sl = {(uint32_t)seen, 0, 0, 0, SHMB_WAIT_TIMEOUT};
+    if (nargs == 12 && tail_ll(args[11], &sl.doze_ms) < 0)
+        return NULL;
     sl.timeout_ms = PyLong_AsLongLong(args[1]);
     if (sl.timeout_ms == -1 && PyErr_Occurred())
         return NULL;
@@ -4593,10 +4643,14 @@ done:
 /* drain_sleep(control, seen, timeout_ms, spin_ns): shmb_drain_sleep with the GIL released. */
 static PyObject *py_drain_sleep(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "drain_sleep(control, seen, timeout_ms, spin_ns)");
+    if (nargs != 4 && nargs != 5) {
+        PyErr_SetString(PyExc_TypeError,
+                        "drain_sleep(control, seen, timeout_ms, spin_ns[, doze_ms])");
         return NULL;
     }
+    long long doze_ms = 0;
+    if (nargs == 5 && tail_ll(args[4], &doze_ms) < 0)
+        return NULL;
     unsigned long long seen = PyLong_AsUnsignedLongLong(args[1]);
     if (seen == (unsigned long long)-1 && PyErr_Occurred())
         return NULL;
@@ -4620,7 +4674,7 @@ static PyObject *py_drain_sleep(PyObject *module, PyObject *const *args, Py_ssiz
     }
     int r;
     Py_BEGIN_ALLOW_THREADS
-    r = shmb_drain_sleep(control.buf, (uint32_t)seen, timeout_ms, spin_ns);
+    r = shmb_drain_sleep(control.buf, (uint32_t)seen, timeout_ms, spin_ns, doze_ms);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&control);
     if (r == SHMB_WAIT_INTERRUPTED && PyErr_CheckSignals() < 0)
@@ -4815,7 +4869,13 @@ static PyMethodDef module_methods[] = {
      "ring_wait_space(ring, payload_bytes, timeout_ms=-1, spin_ns=0) -> bool\n\n"
      "True when the payload fits; False on timeout or when woken without room (a nudge)."},
     {"doorbell_ring", py_doorbell_ring, METH_O,
-     "doorbell_ring(control): wake the partition process if it sleeps"},
+     "doorbell_ring(control): wake the partition process if it sleeps (not if it dozes)"},
+    {"doorbell_ring_urgent", py_doorbell_ring_urgent, METH_O,
+     "doorbell_ring_urgent(control): wake the partition process if it sleeps or dozes (a\n"
+     "client about to wait on it: an ack, ring space)"},
+    {"hw_waiter", py_hw_waiter, METH_VARARGS,
+     "hw_waiter(control, enter): a consumer around its sleep on hw_seq: enter counts it in\n"
+     "hw_waiters and wakes a dozing partition process; leave (False) uncounts it"},
     {"drain_sleep_prepare", (PyCFunction)(void (*)(void))py_drain_sleep_prepare, METH_FASTCALL,
      "drain_sleep_prepare(control, registry_seen, consumers) -> int\n\n"
      "PartitionOwner.wait_for_work's look before it sleeps (shmb/drain.h): loads the doorbell,\n"
@@ -4825,14 +4885,16 @@ static PyMethodDef module_methods[] = {
      "consumers: RingConsumer objects (buf, position, capacity are read)."},
     {"drain_sleep_round", (PyCFunction)(void (*)(void))py_drain_sleep_round, METH_FASTCALL,
      "drain_sleep_round(seen, timeout_ms, spin_ns, rings, control, scratch, log,\n"
-     "                  round_bytes_max, ring_round_bytes_max, pid, start_time)\n"
+     "                  round_bytes_max, ring_round_bytes_max, pid, start_time[, doze_ms])\n"
      "-> (WAIT_* status, drain_round's result, or None when the sleep was not woken)\n\n"
      "drain_sleep, then (woken or the doorbell moved) drain_round with the clock read afresh,\n"
      "in one call with the GIL released."},
     {"drain_sleep", (PyCFunction)(void (*)(void))py_drain_sleep, METH_FASTCALL,
-     "drain_sleep(control, seen, timeout_ms, spin_ns) -> WAIT_* status\n\n"
+     "drain_sleep(control, seen, timeout_ms, spin_ns[, doze_ms]) -> WAIT_* status\n\n"
      "After drain_sleep_prepare returned seen: FUTEX_WAIT on the doorbell (GIL released), then\n"
-     "partition_sleeping is lowered, whatever ended the wait."},
+     "partition_sleeping is lowered, whatever ended the wait. doze_ms > 0: a doze (DOZING:\n"
+     "producers' commits do not wake it) unless a consumer waits for the high watermark; one\n"
+     "that ends with the doorbell moved returns WAIT_CHANGED."},
     {"drain_round", (PyCFunction)(void (*)(void))py_drain_round, METH_FASTCALL,
      "drain_round(rings, control, scratch, log, round_bytes_max, ring_round_bytes_max, pid,\n"
      "            start_time, stop_after=0)  (positional only)\n"

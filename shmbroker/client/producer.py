@@ -17,7 +17,7 @@ How a record travels (docs/design/partition.md):
    appended everything written before: nothing to wait for, so latency stays low when lightly
    loaded, and batches grow by themselves under load, like Kafka's accumulator while a request
    is in flight) and ``linger_ms`` has passed, or on ``flush``/``result``/``close``. A sparse
-   send (the last frame went out PRODUCER_SPARSE_GAP_US or more ago) is written at once
+   send (PRODUCER_SPARSE_GAP_US or more after the one before) is written at once
    beside frames still in flight, up to ``max_in_flight`` unacknowledged frames (Kafka's
    max.in.flight.requests.per.connection; 1: only on an idle ring): it would batch nothing by
    waiting, and its latency would include the partition's round. Records
@@ -600,6 +600,8 @@ class Producer:
                 busy = busy[:_native.QUIET_RINGS_MAX]  # the rest: next turn
                 for writer in busy:
                     writer.sleepers += 1
+                    # We wait for the partition to take the ring: a dozing one now.
+                    writer.control.ring_doorbell_urgent()
                 timeout_ms = PRODUCER_SENDER_WAIT_MS_MAX if timer_ms is None else timer_ms
                 return busy, timeout_ms, self._sender_poke
             if timer_ms is not None:  # a linger, in slices so that close() need not wait

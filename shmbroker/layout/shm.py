@@ -35,7 +35,7 @@ writer; every group (and every hot futex word) has its own 64-byte cache line::
        128    64  u32 hw_seq (futex)            partition process; +1 on every publish
        192    64  u32 doorbell (futex)          producers; +1 after committing frames
        256    64  u32 hw_waiters                consumers; count of those sleeping on hw_seq
-       320    64  u32 partition_sleeping        partition process; PARTITION_MAY_SLEEP/ASLEEP
+       320    64  u32 partition_sleeping        partition process; PARTITION_MAY_SLEEP/ASLEEP/DOZING
        384    64  partition process, rarely written:
                   384  u32 partition_status      0 none yet, 1 running, 2 stopping (takes no
                                                  new frames), 3 stopped (its rings are drained)
@@ -222,9 +222,17 @@ PARTITION_STATUS_STOPPED = 3   # exited cleanly; frames written now are never ap
 #: futex wait: the producer also wakes it. The stores are seq_cst and the producer bumps the
 #: doorbell before it reads the flag again, so a producer that saw MAY_SLEEP bumped before
 #: the ASLEEP store, and the futex's compare then sees the bump (docs/design/shm.md).
+#: DOZING (3): a sleep of at most PARTITION_DOZE_MS right after a wake-up that found work
+#: (frames are likely to keep coming). A producer's commit then bumps the doorbell without a
+#: syscall; the partition takes what came when the doze ends (a doze the doorbell moved in
+#: ends as a wake-up). Who waits for the partition wakes it anyway: a producer waiting for an
+#: ack or for space (doorbell_ring_urgent), a consumer waiting for the high watermark
+#: (hw_waiter_enter, which a partition about to doze also checks: with a waiter it sleeps
+#: ASLEEP). docs/design/shm.md, "Dozing".
 PARTITION_AWAKE = 0
 PARTITION_MAY_SLEEP = 1
 PARTITION_ASLEEP = 2
+PARTITION_DOZING = 3
 
 SLOT_EMPTY = 0     # pid == 0, free
 SLOT_CLAIMED = 1   # pid claimed it; the ring may not exist yet
@@ -429,6 +437,7 @@ CONSTANTS = {
     "PARTITION_AWAKE": PARTITION_AWAKE,
     "PARTITION_MAY_SLEEP": PARTITION_MAY_SLEEP,
     "PARTITION_ASLEEP": PARTITION_ASLEEP,
+    "PARTITION_DOZING": PARTITION_DOZING,
     "SLOT_EMPTY": SLOT_EMPTY,
     "SLOT_CLAIMED": SLOT_CLAIMED,
     "SLOT_READY": SLOT_READY,

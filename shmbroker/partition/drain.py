@@ -659,16 +659,20 @@ class Drainer:
             return None
         return picked, views, state
 
-    def sleep_round(self, plan: tuple, seen: int, timeout_ms: int, spin_ns: int) -> int:
-        """The doorbell sleep and, once woken, the C round, in one call (see
-        sleep_round_plan); returns the frames the round handled. A declined round changes
-        nothing: the loop's next step() runs it (and counts the decline) in Python."""
+    def sleep_round(self, plan: tuple, seen: int, timeout_ms: int, spin_ns: int,
+                    doze_ms: int = 0) -> int:
+        """The doorbell sleep (or doze) and, once woken, the C round, in one call (see
+        sleep_round_plan); returns the frames the round handled, -1 when the sleep ended
+        without a wake-up (a timeout: no round ran). A declined round changes nothing: the
+        loop's next step() runs it (and counts the decline) in Python."""
         picked, views, state = plan
         pid, start_time = self._publisher
         _, result = _native.drain_sleep_round(
             seen, timeout_ms, spin_ns, views, self.control.buf, self._scratch, state,
-            self.round_bytes_max, self.ring_round_bytes_max, pid, start_time)
-        if result is None or result[0] == _DRAIN_DECLINED:
+            self.round_bytes_max, self.ring_round_bytes_max, pid, start_time, doze_ms)
+        if result is None:
+            return -1
+        if result[0] == _DRAIN_DECLINED:
             return 0
         self.sleep_rounds += 1
         return self._after_native(picked, state, result, 0) or 0

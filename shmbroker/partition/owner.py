@@ -17,7 +17,8 @@ import logging
 from typing import Callable
 
 from .. import errors
-from ..config import DOORBELL_SLEEP_MS_MAX, PARTITION_STOP_DRAIN_MS_MAX, BrokerConfig, LogConfig
+from ..config import (DOORBELL_SLEEP_MS_MAX, PARTITION_DOZE_MS, PARTITION_STOP_DRAIN_MS_MAX,
+                      BrokerConfig, LogConfig)
 from ..coordinator.topics import partition_dir
 from ..layout import counters as CL
 from ..layout import shm as L
@@ -27,6 +28,7 @@ from ..log.partition_log import wall_clock_ms
 from ..native import _native
 from ..shm import names
 from ..shm.control import ControlRegion
+from ..shm.wake import TIMEOUT as WAIT_TIMEOUT
 from ..shm.counters import CountersWriter
 from .drain import Drainer
 from .ingress import Ingress
@@ -62,6 +64,8 @@ class PartitionOwner:
         self.directory = partition_dir(data_dir, topic, partition)
         self.broker_config = broker_config
         self.spin_ns = spin_ns
+        #: The last sleep ended with work (a wake-up): the next one is a doze.
+        self._doze = False
         self._monotonic_ms = monotonic_ms
         prefix = names.broker_prefix(data_dir)
         if control is None:
@@ -222,10 +226,17 @@ class PartitionOwner:
         # round (positions, log bookkeeping, counters) runs after it, off that path.
         timeout_ms = int(timeout_ms)
         timeout_ms = timeout_ms if timeout_ms > 1 else 1
+        # A doze right after a wake-up with work (more is likely to come: commits meanwhile
+        # wake nobody, the doze's end takes them); after a doze that found nothing, a sleep.
+        doze_ms = PARTITION_DOZE_MS if self._doze else 0
         if plan is None:
-            _native.drain_sleep(control.buf, seen, timeout_ms, self.spin_ns)
+            woken = _native.drain_sleep(control.buf, seen, timeout_ms, self.spin_ns,
+                                        doze_ms) != WAIT_TIMEOUT
+            self._doze = woken
             return False
-        return self.drainer.sleep_round(plan, seen, timeout_ms, self.spin_ns) > 0
+        handled = self.drainer.sleep_round(plan, seen, timeout_ms, self.spin_ns, doze_ms)
+        self._doze = handled >= 0
+        return handled > 0
 
     def _wait_for_reserver(self, timeout_ms: int, stop_requested: Callable[[], bool]) -> bool:
         """The last round found the next offset reserved by a live producer that has not

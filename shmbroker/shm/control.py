@@ -233,7 +233,7 @@ class ControlRegion:
             spun = _native.futex_waitv(words, 0, spin_ns)
             if spun is not None and spun[0] != wake.TIMEOUT:
                 return True
-        _native.atomic_add_u32(buf, C["hw_waiters"], 1)
+        _native.hw_waiter(buf, True)
         _native.atomic_add_u32(buf, C["commit_waiters"], 1)
         try:
             r = wake.wait_any(words, timeout_ms)
@@ -244,7 +244,7 @@ class ControlRegion:
                 return True
         finally:
             _native.atomic_add_u32(buf, C["commit_waiters"], -1)
-            _native.atomic_add_u32(buf, C["hw_waiters"], -1)
+            _native.hw_waiter(buf, False)
         return r != wake.TIMEOUT
 
     @staticmethod
@@ -295,11 +295,18 @@ class ControlRegion:
             # spinner (the count is only for the sleep, whose futex compare keeps the
             # protocol race-free).
             return True
-        _native.atomic_add_u32(buf, C[waiters], 1)
+        hw = waiters == "hw_waiters"  # a dozing partition is woken for these (hw_waiter)
+        if hw:
+            _native.hw_waiter(buf, True)
+        else:
+            _native.atomic_add_u32(buf, C[waiters], 1)
         try:
             r = wake.wait(buf, C[word], seen, timeout_ms)
         finally:
-            _native.atomic_add_u32(buf, C[waiters], -1)
+            if hw:
+                _native.hw_waiter(buf, False)
+            else:
+                _native.atomic_add_u32(buf, C[waiters], -1)
         return r != wake.TIMEOUT
 
     @staticmethod
@@ -332,7 +339,7 @@ class ControlRegion:
         counted = []
         try:
             for region in regions:
-                _native.atomic_add_u32(region.buf, C["hw_waiters"], 1)
+                _native.hw_waiter(region.buf, True)
                 counted.append((region, "hw_waiters"))
             for region, _ in commits:
                 _native.atomic_add_u32(region.buf, C["commit_waiters"], 1)
@@ -340,7 +347,10 @@ class ControlRegion:
             r = wake.wait_any(words, timeout_ms)
         finally:
             for region, field in counted:
-                _native.atomic_add_u32(region.buf, C[field], -1)
+                if field == "hw_waiters":
+                    _native.hw_waiter(region.buf, False)
+                else:
+                    _native.atomic_add_u32(region.buf, C[field], -1)
         return None if r is None else r != wake.TIMEOUT
 
     # -- partition status and the drain journal (partition process) ---------------------------
@@ -376,21 +386,42 @@ class ControlRegion:
         _native.atomic_store_u32(self.buf, C["partition_sleeping"], L.PARTITION_MAY_SLEEP)
         return seen
 
-    def sleep(self, seen: int, timeout_ms: float) -> bool:
-        """Partition process, step 2: sleeps until a producer rings (True) or timeout (False)."""
+    def sleep(self, seen: int, timeout_ms: float, doze_ms: float = 0) -> bool:
+        """Partition process, step 2: sleeps until a producer rings (True) or timeout (False).
+        ``doze_ms`` (below ``timeout_ms``): a doze instead, unless a consumer waits for the
+        high watermark: producers' commits do not wake it, and it returns True at its end if
+        they moved the doorbell meanwhile (the reference of shmb_drain_sleep's doze)."""
+        buf = self.buf
         try:
-            # ASLEEP just before the futex: producers then wake it (shmb_ctl_doorbell_ring).
-            _native.atomic_store_u32(self.buf, C["partition_sleeping"], L.PARTITION_ASLEEP)
-            return wake.wait(self.buf, C["doorbell"], seen, timeout_ms) != wake.TIMEOUT
+            state = L.PARTITION_ASLEEP
+            if 0 < doze_ms and (timeout_ms is None or doze_ms < timeout_ms):
+                # DOZING, then the count: Dekker with hw_waiter (a consumer counts itself,
+                # then wakes a dozer).
+                _native.atomic_store_u32(buf, C["partition_sleeping"], L.PARTITION_DOZING)
+                if not _native.atomic_load_u32(buf, C["hw_waiters"]):
+                    state, timeout_ms = L.PARTITION_DOZING, doze_ms
+            if state == L.PARTITION_ASLEEP:
+                # ASLEEP just before the futex: producers then wake it (shmb_ctl_doorbell_ring).
+                _native.atomic_store_u32(buf, C["partition_sleeping"], L.PARTITION_ASLEEP)
+            if wake.wait(buf, C["doorbell"], seen, timeout_ms) != wake.TIMEOUT:
+                return True
+            return state == L.PARTITION_DOZING and \
+                _native.atomic_load_u32(buf, C["doorbell"]) != seen
         finally:
-            _native.atomic_store_u32(self.buf, C["partition_sleeping"], L.PARTITION_AWAKE)
+            _native.atomic_store_u32(buf, C["partition_sleeping"], L.PARTITION_AWAKE)
 
     def sleep_cancel(self) -> None:
         _native.atomic_store_u32(self.buf, C["partition_sleeping"], L.PARTITION_AWAKE)
 
     def ring_doorbell(self) -> None:
-        """Producer: wake the partition process if it sleeps (ring_write does this in C)."""
+        """Producer: wake the partition process if it sleeps (ring_write does this in C); a
+        dozing one takes the frames when its doze ends."""
         _native.doorbell_ring(self.buf)
+
+    def ring_doorbell_urgent(self) -> None:
+        """A client about to wait on the partition process (an ack, ring space): wake it if
+        it sleeps or dozes."""
+        _native.doorbell_ring_urgent(self.buf)
 
     # -- registry ------------------------------------------------------------------------------
 

@@ -182,6 +182,7 @@ class RingProducer:
                         "written, the rest not sent): the partition process is not draining")
                     err.written = done
                     raise err
+            self._before_wait()
             if _native.ring_wait_space(self.buf, payload_bytes,
                                        -1 if left_ms < 0 else max(1, int(left_ms)), spin_ns):
                 return
@@ -189,6 +190,12 @@ class RingProducer:
             # unread, and nudges the producer. Read them and ring the doorbell.
             if self.acks and self.reap_completions() and self.control is not None:
                 self.control.ring_doorbell()
+
+    def _before_wait(self) -> None:
+        """About to wait on the partition (space, an ack): a dozing one is woken now rather
+        than at the end of its doze (ControlRegion.ring_doorbell_urgent)."""
+        if self.control is not None:
+            self.control.ring_doorbell_urgent()
 
     # -- completions (acks) ------------------------------------------------------------------
 
@@ -244,6 +251,7 @@ class RingProducer:
                 left = None if deadline is None else (deadline - time.monotonic()) * 1000.0
                 if left is not None and left <= 0:
                     return False
+                self._before_wait()
                 wake.wait(buf, word, seen, left)
             finally:
                 _native.atomic_store_u32(buf, flag, 0)
@@ -284,7 +292,7 @@ class RingProducer:
             return True
         _native.atomic_store_u32(self.buf, R["closed"], L.RING_CLOSED)
         if self.control is not None:
-            self.control.ring_doorbell()
+            self.control.ring_doorbell_urgent()
         deadline = time.monotonic() + drain_timeout_ms / 1000.0
         try:
             while not self.drained() and time.monotonic() < deadline:

@@ -462,6 +462,9 @@ def _play_woken(data_dir, sleep_round: bool, config: LogConfig, monkeypatch) -> 
     import shmbroker.partition.owner as owner_module
 
     monkeypatch.setattr(owner_module, "SLEEP_ROUND", sleep_round)
+    # Each frame comes 20 ms into a sleep: a 1 ms doze would end before it (the doze has its
+    # own test, test_a_dozing_partition_takes_the_commits_of_its_doze_in_one_round).
+    monkeypatch.setattr(owner_module, "PARTITION_DOZE_MS", 0)
     os.makedirs(data_dir, exist_ok=True)
     rings = Rings(str(data_dir), 2, [1 << 16, 1 << 16])
     owner = PartitionOwner(str(data_dir), TOPIC, 0, config,
@@ -550,6 +553,66 @@ def test_the_wake_up_round_reads_the_clock_after_the_sleep(tmp_path, monkeypatch
         # made): the third record opened a new segment, whichever round appended it.
         assert len(owner.log.segments) == 2
         assert owner.log.segments[-1].base_offset == 2
+    finally:
+        owner.shutdown()
+        owner.close()
+        rings.close()
+
+
+@pytest.mark.parametrize("sleep_round", [True, False])
+def test_a_dozing_partition_takes_the_commits_of_its_doze_in_one_round(tmp_path, monkeypatch,
+                                                                        sleep_round):
+    """After a wake-up with work the partition dozes (PARTITION_DOZE_MS) instead of sleeping
+    until woken: commits meanwhile do not wake it, and when the doze ends it takes them all
+    at once (one round for three frames, published before wait_for_work returns when the
+    wake-up runs the round). A doze that finds nothing is followed by a plain sleep, which a
+    commit ends at once."""
+    import threading
+    import time
+
+    import shmbroker.partition.owner as owner_module
+
+    monkeypatch.setattr(owner_module, "SLEEP_ROUND", sleep_round)
+    monkeypatch.setattr(owner_module, "PARTITION_DOZE_MS", 300)
+    rings = Rings(str(tmp_path), 1, [1 << 16])
+    owner = PartitionOwner(str(tmp_path), TOPIC, 0, LogConfig(),
+                           control=ControlRegion.attach(rings.control.name))
+
+    def commits(n: int) -> None:
+        for i in range(n):
+            rings.frame(0, [(1, 20, TIME0_MS + i)])
+
+    def wait(timer: threading.Timer) -> float:
+        t0 = time.monotonic()
+        timer.start()
+        try:
+            owner.wait_for_work(10_000)
+        finally:
+            timer.join()
+        return time.monotonic() - t0
+
+    try:
+        commits(2)
+        while owner.step():  # bounded: the first (Python) rounds learn the ring's sequence
+            rings.reap()
+        assert wait(threading.Timer(0.02, commits, (1,))) < 0.29  # a sleep: woken at once
+        while owner.step():  # bounded
+            rings.reap()
+        rounds = owner.drainer.sleep_rounds
+        # That wake-up had work: this is a doze. Three commits land in it, none wakes it.
+        assert wait(threading.Timer(0.02, commits, (3,))) >= 0.29
+        if sleep_round:  # the round ran at the doze's end, before any step()
+            assert rings.control.read_state().high_watermark == 6
+            assert owner.drainer.sleep_rounds == rounds + 1
+        while owner.step():  # bounded
+            rings.reap()
+        assert rings.control.read_state().high_watermark == 6
+        assert wait(threading.Timer(0.0, lambda: None)) >= 0.29  # a doze with nothing
+        # ... so the next is a sleep again: a commit ends it at once.
+        assert wait(threading.Timer(0.02, commits, (1,))) < 0.29
+        while owner.step():  # bounded
+            rings.reap()
+        assert rings.control.read_state().high_watermark == 7
     finally:
         owner.shutdown()
         owner.close()

@@ -203,10 +203,10 @@ def test_write_due_says_whether_the_bound_ring_is_idle_linger_and_records_max_pe
 
 
 def test_a_sparse_batch_is_due_beside_frames_in_flight_up_to_inflight_max():
-    # Producer docs, "When a batch is written": a batch's first record, sent at least
-    # sparse_gap_us after the last frame went out, is written at once though the partition has
-    # not taken that frame yet, while fewer than inflight_max frames are unacknowledged and
-    # the ring is less than a quarter full.
+    # Producer docs, "When a batch is written": a batch's first record, appended at least
+    # sparse_gap_us after the record before it, is written at once though the partition has
+    # not taken the frames before it, while fewer than inflight_max frames are
+    # unacknowledged and the ring is less than a quarter full.
     import struct
     capacity = 1 << 16
     ring = mmap.mmap(-1, L.ring_region_bytes(capacity))
@@ -222,23 +222,26 @@ def test_a_sparse_batch_is_due_beside_frames_in_flight_up_to_inflight_max():
     assert acc.write_due  # idle ring
     assert acc.write_ring(ring, None, 1, 0, 0)[0] == OK
     acc.append(b"b")
-    assert not acc.write_due  # dense: the last frame went out less than 2 ms ago
+    assert not acc.write_due  # dense: the record before came less than 2 ms earlier
     time.sleep(0.005)
     acc.append(b"c")
-    assert not acc.write_due  # sparse now, but not the batch's first record: it batches
+    assert not acc.write_due  # sparse, but not the batch's first record: it batches
     acc.clear()
+    time.sleep(0.005)
     acc.append(b"d")
-    assert acc.write_due  # a first record, 5 ms after the last frame, 1 frame in flight
+    assert acc.write_due  # a first record, 5 ms after the one before, 1 frame in flight
     assert acc.write_ring(ring, None, 1, 0, 0)[0] == OK
     time.sleep(0.005)
     acc.append(b"e")
     assert not acc.write_due  # 2 frames unacknowledged: inflight_max
     acc.clear()
     ack_all()
+    time.sleep(0.005)
     acc.append(b"f")
     assert acc.write_due  # acknowledged (the ring is still not idle: nothing released)
     acc.clear()
     acc.append(b"g" * (capacity // 4))
+    assert not acc.write_due  # dense (right after f)
     assert acc.write_ring(ring, None, 1, 0, 0)[0] == OK
     ack_all()
     time.sleep(0.005)

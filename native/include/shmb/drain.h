@@ -188,7 +188,11 @@ int64_t shmb_drain_sleep_prepare(uint8_t *control, int64_t registry_seen,
 
 /* The sleep itself, after shmb_drain_sleep_prepare returned `seen`: FUTEX_WAIT on the doorbell
  * (shmb_futex_wait: at most timeout_ms, spinning spin_ns first), then partition_sleeping is
- * lowered (ControlRegion.sleep_cancel) whatever woke it. Returns shmb_futex_wait's SHMB_WAIT_*. */
-int shmb_drain_sleep(uint8_t *control, uint32_t seen, int64_t timeout_ms, int64_t spin_ns);
+ * lowered (ControlRegion.sleep_cancel) whatever woke it. Returns shmb_futex_wait's SHMB_WAIT_*.
+ * doze_ms > 0 (below the time left): a doze (PARTITION_DOZING) of doze_ms instead, unless a
+ * consumer waits for the high watermark; a doze that times out with the doorbell moved
+ * returns SHMB_WAIT_CHANGED (producers committed meanwhile without waking it). */
+int shmb_drain_sleep(uint8_t *control, uint32_t seen, int64_t timeout_ms, int64_t spin_ns,
+                     int64_t doze_ms);
 
 #endif

@@ -151,7 +151,19 @@ int shmb_rings_wait_quiet(uint8_t *const *regions, const size_t *region_lens, si
                           size_t *which);
 
 /* Producer side of the partition's doorbell: after committing frames, wake the partition
- * process if (and only if) it said it may sleep. `control` is the partition control region. */
+ * process if (and only if) it sleeps (ASLEEP; a DOZING one takes the frames when its doze
+ * ends, a bump tells it). `control` is the partition control region. */
 void shmb_ctl_doorbell_ring(uint8_t *control);
+
+/* As shmb_ctl_doorbell_ring, but a dozing partition is woken too: for a client about to wait
+ * on the partition (an ack, ring space, the sender's idle ring). */
+void shmb_ctl_doorbell_ring_urgent(uint8_t *control);
+
+/* A consumer about to sleep on hw_seq: counted in hw_waiters (seq_cst), then a dozing
+ * partition is woken (Dekker with shmb_drain_sleep, which raises DOZING before it reads
+ * hw_waiters: either it sees the count and sleeps ASLEEP, or we see DOZING). Undo with
+ * shmb_ctl_hw_waiter_leave. */
+void shmb_ctl_hw_waiter_enter(uint8_t *control);
+void shmb_ctl_hw_waiter_leave(uint8_t *control);
 
 #endif

@@ -189,6 +189,63 @@ def test_a_spinning_partition_is_ended_by_the_doorbell_bump_and_a_sleeping_one_i
         assert _native.atomic_load_u32(ctl.buf, flag) == L.PARTITION_AWAKE
 
 
+def _doze(ctl, impl: str, doze_ms: int, timeout_ms: int = 10_000) -> bool:
+    """One doze as the partition process sleeps: the C call (drain_sleep) or the Python
+    reference (ControlRegion.sleep); True when it ended with work (woken, or the doorbell
+    moved during the doze)."""
+    if impl == "c":
+        seen = _native.drain_sleep_prepare(ctl.buf, ctl.registry_changes, [])
+        return _native.drain_sleep(ctl.buf, seen, timeout_ms, 0, doze_ms) != wake.TIMEOUT
+    seen = ctl.sleep_prepare()
+    return ctl.sleep(seen, timeout_ms, doze_ms)
+
+
+def _during(ctl, impl: str, doze_ms: int, action, at_s: float = 0.05):
+    """Runs ``action`` ``at_s`` into a doze; (ended with work, seconds it took, the
+    partition_sleeping flag the action saw)."""
+    seen_flag = []
+
+    def act():
+        seen_flag.append(_native.atomic_load_u32(ctl.buf, C["partition_sleeping"]))
+        action()
+
+    timer = threading.Timer(at_s, act)
+    t0 = time.monotonic()
+    timer.start()
+    try:
+        worked = _doze(ctl, impl, doze_ms)
+    finally:
+        timer.join()
+    assert _native.atomic_load_u32(ctl.buf, C["partition_sleeping"]) == L.PARTITION_AWAKE
+    return worked, time.monotonic() - t0, seen_flag[0]
+
+
+@pytest.mark.parametrize("impl", ["c", "python"])
+def test_a_doze_is_not_ended_by_a_commit_but_counts_it_and_waiters_end_it_at_once(ctl, impl):
+    """docs/design/shm.md, "Dozing": a producer's commit bumps a dozing partition's doorbell
+    without waking it; the doze then ends at its time as a wake-up (the commits are work). A
+    client about to wait on the partition (doorbell_ring_urgent) and a consumer about to
+    sleep on the high watermark (hw_waiter) end it at once; with a consumer already waiting,
+    the partition does not doze (a commit wakes it, as before). A doze with nothing times out."""
+    worked, took, flag = _during(ctl, impl, 400, ctl.ring_doorbell)
+    assert flag == L.PARTITION_DOZING
+    assert worked and took >= 0.38  # not woken by the commit; its bump made the doze work
+    worked, took, _ = _during(ctl, impl, 400, lambda: None)
+    assert not worked and took >= 0.38
+    worked, took, _ = _during(ctl, impl, 3_000, ctl.ring_doorbell_urgent)
+    assert worked and took < 2.0
+    worked, took, _ = _during(ctl, impl, 3_000, lambda: _native.hw_waiter(ctl.buf, True))
+    _native.hw_waiter(ctl.buf, False)
+    assert worked and took < 2.0
+    assert _native.atomic_load_u32(ctl.buf, C["hw_waiters"]) == 0
+    _native.hw_waiter(ctl.buf, True)  # a consumer waits already: a sleep, not a doze
+    try:
+        worked, took, flag = _during(ctl, impl, 3_000, ctl.ring_doorbell)
+    finally:
+        _native.hw_waiter(ctl.buf, False)
+    assert flag == L.PARTITION_ASLEEP and worked and took < 2.0
+
+
 def test_registry_claim_release_and_full(ctl):
     got = [ctl.claim_slot(ring_bytes=4096) for _ in range(4)]
     assert [s for s, _ in got] == [0, 1, 2, 3] and all(g == 1 for _, g in got)
