@@ -246,6 +246,32 @@ def test_a_doze_is_not_ended_by_a_commit_but_counts_it_and_waiters_end_it_at_onc
     assert flag == L.PARTITION_ASLEEP and worked and took < 2.0
 
 
+@pytest.mark.parametrize("before, wakes", [(14, False), (15, True)])
+def test_a_producer_with_16_frames_unacknowledged_wakes_a_dozing_partition(ctl, before, wakes):
+    """A producer sending faster than a doze is long would reach its in-flight bound within
+    one doze and hold its records: its commit wakes a dozing partition once 16 frames wait
+    for their acks (RecordAccumulator.write_ring, ACC_DOZE_WAKE_FRAMES), not before."""
+    import mmap
+
+    from shmbroker.shm.ring import init_ring_header
+
+    ctl.start_offsets(0)
+    capacity = 1 << 16
+    ring = mmap.mmap(-1, L.ring_region_bytes(capacity))
+    init_ring_header(ring, capacity)
+    acc = _native.RecordAccumulator(1 << 12)
+
+    def write(n: int) -> None:
+        for _ in range(n):
+            acc.append(b"x")
+            assert acc.write_ring(ring, ctl.buf, -1, -1, -1)[0] == L.RING_STATUS["OK"]
+
+    write(before)
+    worked, took, flag = _during(ctl, "c", 1_500, lambda: write(1))
+    assert flag == L.PARTITION_DOZING and worked  # the commit's bump, at least
+    assert (took < 1.2) == wakes
+
+
 def test_registry_claim_release_and_full(ctl):
     got = [ctl.claim_slot(ring_bytes=4096) for _ in range(4)]
     assert [s for s, _ in got] == [0, 1, 2, 3] and all(g == 1 for _, g in got)
