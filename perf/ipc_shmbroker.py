@@ -323,10 +323,10 @@ class Shmbroker(ipc_workers.System):
         stall_ms = int(p["stall_s"] * 1000)
 
         def send(m):
-            # send() alone: the ring is idle between round trips, so it writes at once (and
-            # the producer's background sender would write it anyway). The consumer sees the
-            # record only once the partition process has appended it (acks=1 durability)
-            # and published the high watermark; nobody waits for the ack itself.
+            # send() alone: a sparse send is written at once (and the producer's background
+            # sender would write it anyway). The consumer reads the committed frame from the
+            # producer's ring (decision 0005); the partition process appends it to the log
+            # (acks=1) meanwhile or at the end of its doze; nobody waits for the ack itself.
             send_one(out_topic, m, partition=0)
 
         def recv():
