@@ -875,6 +875,15 @@ class Consumer:
                 if at >= len(pending):
                     fetch.pending, fetch.pending_at = [], 0
                     return self._skip_gap(fetch)
+        taken = self._hand_out(fetch, pending, at, want)
+        if not taken:
+            return 0
+        out.extend(taken)
+        return len(taken)
+
+    def _hand_out(self, fetch: _Fetch, pending: list, at: int, want: int) -> list:
+        """Up to ``want`` records of ``pending`` from ``at`` on: the rest stays pending, the
+        position moves past them (and past an empty batch that ended the read)."""
         stop = at + want
         if stop < len(pending):
             taken = pending[at:stop]
@@ -883,14 +892,13 @@ class Consumer:
             taken = pending[at:] if at else pending
             fetch.pending, fetch.pending_at = [], 0
         if not taken:
-            return 0
+            return taken
         fetch.position = taken[-1].offset + 1
         if not fetch.pending and fetch.pending_end > fetch.position:
             fetch.position = fetch.pending_end  # past an empty batch that ended the read
-        out.extend(taken)
         if self._counters is not None:
             fetch.records_out += len(taken)
-        return len(taken)
+        return taken
 
     def _tail_read(self, fetch: _Fetch, wait_ms: int = 0) -> list | None:
         """New records at ``fetch.position`` in one C call when the last read ended exactly
@@ -985,8 +993,10 @@ class Consumer:
                         left_ms = (deadline - time.monotonic()) * 1000.0
                         wait_ms = int(left_ms + 0.999) if left_ms > 0 else 0
                     if self._ring_poll(fetch, wait_ms):
-                        out = []
-                        self._fill(fetch, max_records, out)
+                        # What _fill would do with the records _ring_poll left pending (at
+                        # least one from the position on), without its look for more.
+                        out = self._hand_out(fetch, fetch.pending, fetch.pending_at,
+                                             max_records)
                         if self._counters is not None:
                             self._counters.publish(order)
                         return out

@@ -40,6 +40,9 @@ S = L.FRAME_AT_STATUS
 FOUND, NONE, TORN, REFUSED = S["FOUND"], S["NONE"], S["TORN"], S["REFUSED"]
 _C = L.CONTROL
 _LIMIT = struct.Struct("<q")
+_RING_READS, _BATCH_BYTES_MAX = _C["ring_reads"], _C["batch_bytes_max"]
+_STATUS, _REGISTRY_CHANGES = _C["partition_status"], _C["registry_changes"]
+_load_u32 = _native.atomic_load_u32
 
 
 class _Ring:
@@ -116,11 +119,17 @@ class RingReads:
     def _readable(self) -> int:
         """The limit to read with (the rings found in the registry attached), or 0 when ring
         reads are off, or the partition stopped cleanly: what is committed from then on is
-        never appended."""
-        limit = self.limit()
-        if limit <= 0 or self.control.partition_status == L.PARTITION_STATUS_STOPPED:
+        never appended. (limit(), partition_status and the registry check as three loads:
+        this runs before every ring read, on a caught-up consumer's every poll.)"""
+        buf = self.control.buf
+        if not _load_u32(buf, _RING_READS) or \
+                _load_u32(buf, _STATUS) == L.PARTITION_STATUS_STOPPED:
             return 0
-        self._refresh()
+        limit = _LIMIT.unpack_from(buf, _BATCH_BYTES_MAX)[0]
+        if limit <= 0:
+            return 0
+        if _load_u32(buf, _REGISTRY_CHANGES) != self._registry_seen:
+            self._refresh()
         return limit
 
     def _refresh(self) -> None:
