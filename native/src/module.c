@@ -2605,19 +2605,25 @@ done_seq:
     return result;
 }
 
-static PyObject *py_doorbell_ring_urgent(PyObject *module, PyObject *arg)
+/* The doorbell and waiter calls on a control region: a writable view of it (checked to be
+ * one), `fn` on it, released. */
+static PyObject *control_call(PyObject *obj, void (*fn)(uint8_t *), const char *what)
 {
     Py_buffer v;
-    if (region_view(arg, 1, &v, "doorbell_ring_urgent") < 0)
+    if (region_view(obj, 1, &v, what) < 0)
         return NULL;
     if (v.len < SHMB_CONTROL_REGISTRY_OFFSET) {
         PyBuffer_Release(&v);
-        PyErr_SetString(PyExc_ValueError, "doorbell_ring_urgent: not a control region");
-        return NULL;
+        return PyErr_Format(PyExc_ValueError, "%s: not a control region", what);
     }
-    shmb_ctl_doorbell_ring_urgent(v.buf);
+    fn(v.buf);
     PyBuffer_Release(&v);
     Py_RETURN_NONE;
+}
+
+static PyObject *py_doorbell_ring_urgent(PyObject *module, PyObject *arg)
+{
+    return control_call(arg, shmb_ctl_doorbell_ring_urgent, "doorbell_ring_urgent");
 }
 
 static PyObject *py_hw_waiter(PyObject *module, PyObject *args)
@@ -2626,35 +2632,13 @@ static PyObject *py_hw_waiter(PyObject *module, PyObject *args)
     int enter;
     if (!PyArg_ParseTuple(args, "Op:hw_waiter", &obj, &enter))
         return NULL;
-    Py_buffer v;
-    if (region_view(obj, 1, &v, "hw_waiter") < 0)
-        return NULL;
-    if (v.len < SHMB_CONTROL_REGISTRY_OFFSET) {
-        PyBuffer_Release(&v);
-        PyErr_SetString(PyExc_ValueError, "hw_waiter: not a control region");
-        return NULL;
-    }
-    if (enter)
-        shmb_ctl_hw_waiter_enter(v.buf);
-    else
-        shmb_ctl_hw_waiter_leave(v.buf);
-    PyBuffer_Release(&v);
-    Py_RETURN_NONE;
+    return control_call(obj, enter ? shmb_ctl_hw_waiter_enter : shmb_ctl_hw_waiter_leave,
+                        "hw_waiter");
 }
 
 static PyObject *py_doorbell_ring(PyObject *module, PyObject *arg)
 {
-    Py_buffer v;
-    if (region_view(arg, 1, &v, "doorbell_ring") < 0)
-        return NULL;
-    if (v.len < SHMB_CONTROL_REGISTRY_OFFSET) {
-        PyBuffer_Release(&v);
-        PyErr_SetString(PyExc_ValueError, "doorbell_ring: not a control region");
-        return NULL;
-    }
-    shmb_ctl_doorbell_ring(v.buf);
-    PyBuffer_Release(&v);
-    Py_RETURN_NONE;
+    return control_call(arg, shmb_ctl_doorbell_ring, "doorbell_ring");
 }
 
 /* ==== RecordAccumulator ===================================================================== */
