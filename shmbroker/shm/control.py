@@ -233,8 +233,8 @@ class ControlRegion:
             spun = _native.futex_waitv(words, 0, spin_ns)
             if spun is not None and spun[0] != wake.TIMEOUT:
                 return True
-        _native.hw_waiter(buf, True)
-        _native.atomic_add_u32(buf, C["commit_waiters"], 1)
+        _count(buf, "hw_waiters", 1)
+        _count(buf, "commit_waiters", 1)
         try:
             r = wake.wait_any(words, timeout_ms)
             if r is None:  # no futex_waitv (Linux < 5.16): the commit word, a bounded nap;
@@ -243,8 +243,8 @@ class ControlRegion:
                           1.0 if timeout_ms is None else min(timeout_ms, 1.0))
                 return True
         finally:
-            _native.atomic_add_u32(buf, C["commit_waiters"], -1)
-            _native.hw_waiter(buf, False)
+            _count(buf, "commit_waiters", -1)
+            _count(buf, "hw_waiters", -1)
         return r != wake.TIMEOUT
 
     @staticmethod
@@ -295,18 +295,11 @@ class ControlRegion:
             # spinner (the count is only for the sleep, whose futex compare keeps the
             # protocol race-free).
             return True
-        hw = waiters == "hw_waiters"  # a dozing partition is woken for these (hw_waiter)
-        if hw:
-            _native.hw_waiter(buf, True)
-        else:
-            _native.atomic_add_u32(buf, C[waiters], 1)
+        _count(buf, waiters, 1)
         try:
             r = wake.wait(buf, C[word], seen, timeout_ms)
         finally:
-            if hw:
-                _native.hw_waiter(buf, False)
-            else:
-                _native.atomic_add_u32(buf, C[waiters], -1)
+            _count(buf, waiters, -1)
         return r != wake.TIMEOUT
 
     @staticmethod
@@ -339,18 +332,15 @@ class ControlRegion:
         counted = []
         try:
             for region in regions:
-                _native.hw_waiter(region.buf, True)
+                _count(region.buf, "hw_waiters", 1)
                 counted.append((region, "hw_waiters"))
             for region, _ in commits:
-                _native.atomic_add_u32(region.buf, C["commit_waiters"], 1)
+                _count(region.buf, "commit_waiters", 1)
                 counted.append((region, "commit_waiters"))
             r = wake.wait_any(words, timeout_ms)
         finally:
             for region, field in counted:
-                if field == "hw_waiters":
-                    _native.hw_waiter(region.buf, False)
-                else:
-                    _native.atomic_add_u32(region.buf, C[field], -1)
+                _count(region.buf, field, -1)
         return None if r is None else r != wake.TIMEOUT
 
     # -- partition status and the drain journal (partition process) ---------------------------
@@ -502,6 +492,16 @@ class ControlRegion:
 
 
 _START_TIME: tuple[int, int] | None = None
+
+
+def _count(buf, waiters: str, delta: int) -> None:
+    """A consumer into (+1) or out of (-1) a waiter count around its sleep. hw_waiters goes
+    through _native.hw_waiter, which on the way in also wakes a dozing partition process
+    (docs/design/shm.md, "Dozing"); commit_waiters is a plain count."""
+    if waiters == "hw_waiters":
+        _native.hw_waiter(buf, delta > 0)
+    else:
+        _native.atomic_add_u32(buf, C[waiters], delta)
 
 
 def _pid_cached() -> int:
