@@ -868,10 +868,7 @@ class Consumer:
             else:
                 pending = records.decode_records(piece.data, self.check_crcs, fetch.topic,
                                                  fetch.partition)
-                at = position - piece.first_offset
-                if at >= len(pending) or pending[at].offset != position:
-                    # Offsets without records before it (empty batches): look it up.
-                    at = bisect.bisect_left(pending, position, key=_offset_of)
+                at = _index_of(pending, position, piece.first_offset)
                 if at >= len(pending):
                     fetch.pending, fetch.pending_at = [], 0
                     return self._skip_gap(fetch)

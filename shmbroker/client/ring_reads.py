@@ -71,9 +71,9 @@ class RingReads:
     def limit(self) -> int:
         """The topic's max.message.bytes when the partition allows ring reads, else 0."""
         buf = self.control.buf
-        if not _native.atomic_load_u32(buf, _C["ring_reads"]):
+        if not _load_u32(buf, _RING_READS):
             return 0
-        return _LIMIT.unpack_from(buf, _C["batch_bytes_max"])[0]
+        return _LIMIT.unpack_from(buf, _BATCH_BYTES_MAX)[0]
 
     def read(self, offset: int) -> tuple[int, bytes | None, int, int]:
         """(status, payload, base, span) of the committed frame holding ``offset``: FOUND with
