@@ -419,37 +419,33 @@ int shmb_rings_wait_quiet(uint8_t *const *regions, const size_t *region_lens, si
     }
 }
 
-void shmb_ctl_doorbell_ring(uint8_t *control)
+/* Dekker with the partition process: our frames were published (release) before this
+ * fence; it sets partition_sleeping before looking at the rings. A spinning partition
+ * (PARTITION_MAY_SLEEP) watches the doorbell word: the bump is enough. The wake only for one
+ * in the futex: the flag is read again after the bump (seq_cst), so a partition that stored
+ * ASLEEP (or DOZING) after that read finds the bump in the futex's compare. A DOZING one is
+ * woken only for `urgent`: otherwise its doze ends within PARTITION_DOZE_MS and, the doorbell
+ * having moved, counts as a wake-up (shmb_drain_sleep). */
+static void doorbell(uint8_t *control, int urgent)
 {
-    /* Dekker with the partition process: our frames were published (release) before this
-     * fence; it sets partition_sleeping before looking at the rings. A spinning partition
-     * (PARTITION_MAY_SLEEP) watches the doorbell word: the bump is enough. The wake only for
-     * one in the futex: the flag is read again after the bump (seq_cst), so a partition that
-     * stored ASLEEP after that read finds the bump in the futex's compare. A DOZING one is
-     * not woken: its doze ends within PARTITION_DOZE_MS and, the doorbell having moved,
-     * counts as a wake-up (shmb_drain_sleep). */
-    shmb_fence_seq_cst();
-    if (shmb_u32_load_relaxed(control + SHMB_CTL_PARTITION_SLEEPING_OFFSET) !=
-        SHMB_PARTITION_AWAKE) {
-        shmb_u32_fetch_add(control + SHMB_CTL_DOORBELL_OFFSET, 1);
-        if (shmb_u32_load_seq_cst(control + SHMB_CTL_PARTITION_SLEEPING_OFFSET) ==
-            SHMB_PARTITION_ASLEEP)
-            shmb_futex_wake((uint32_t *)(control + SHMB_CTL_DOORBELL_OFFSET), INT_MAX);
-    }
-}
-
-void shmb_ctl_doorbell_ring_urgent(uint8_t *control)
-{
-    /* The same Dekker as shmb_ctl_doorbell_ring; DOZING is woken as ASLEEP is. The bump
-     * comes first, so a partition between its DOZING store and its futex finds it there. */
     shmb_fence_seq_cst();
     if (shmb_u32_load_relaxed(control + SHMB_CTL_PARTITION_SLEEPING_OFFSET) !=
         SHMB_PARTITION_AWAKE) {
         shmb_u32_fetch_add(control + SHMB_CTL_DOORBELL_OFFSET, 1);
         uint32_t state = shmb_u32_load_seq_cst(control + SHMB_CTL_PARTITION_SLEEPING_OFFSET);
-        if (state == SHMB_PARTITION_ASLEEP || state == SHMB_PARTITION_DOZING)
+        if (state == SHMB_PARTITION_ASLEEP || (urgent && state == SHMB_PARTITION_DOZING))
             shmb_futex_wake((uint32_t *)(control + SHMB_CTL_DOORBELL_OFFSET), INT_MAX);
     }
+}
+
+void shmb_ctl_doorbell_ring(uint8_t *control)
+{
+    doorbell(control, 0);
+}
+
+void shmb_ctl_doorbell_ring_urgent(uint8_t *control)
+{
+    doorbell(control, 1);
 }
 
 void shmb_ctl_hw_waiter_enter(uint8_t *control)
