@@ -536,6 +536,52 @@ static PyObject *py_partition_for_key(PyObject *module, PyObject *args)
     return PyLong_FromLong(p);
 }
 
+/* ==== walk_batches ========================================================================= */
+
+/* walk_batches(buf, position, end, offset, expected_base, expected_last) ->
+ * (status, position, base, last, expected_base): shmb_rb_walk_to over a segment's mapping
+ * (LogReader._walk; -1 for "no expectation"). Long walks (from a segment's start, after a
+ * distrusted index) run without the GIL; the buffer export keeps the mapping alive. */
+#define WALK_GIL_FREE_BYTES (64 * 1024)
+
+static int tail_ll(PyObject *o, long long *out);
+
+static PyObject *py_walk_batches(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 6)
+        return PyErr_Format(PyExc_TypeError, "walk_batches takes 6 arguments, got %zd", nargs);
+    long long position, end, offset, expected_base, expected_last;
+    if (tail_ll(args[1], &position) < 0 || tail_ll(args[2], &end) < 0 ||
+        tail_ll(args[3], &offset) < 0 || tail_ll(args[4], &expected_base) < 0 ||
+        tail_ll(args[5], &expected_last) < 0)
+        return NULL;
+    Py_buffer v;
+    if (PyObject_GetBuffer(args[0], &v, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (position < 0 || end < position || end > v.len || expected_base < -1 ||
+        expected_last < -1) {
+        PyBuffer_Release(&v);
+        return PyErr_Format(PyExc_ValueError,
+                            "walk_batches: position %lld, end %lld outside the buffer (%zd bytes) "
+                            "or an expectation below -1", position, end, v.len);
+    }
+    shmb_rb_walk w;
+    int status;
+    if (end - position > WALK_GIL_FREE_BYTES) {
+        Py_BEGIN_ALLOW_THREADS
+        status = shmb_rb_walk_to(v.buf, (size_t)end, (size_t)position, offset, expected_base,
+                                 expected_last, &w);
+        Py_END_ALLOW_THREADS
+    } else {
+        status = shmb_rb_walk_to(v.buf, (size_t)end, (size_t)position, offset, expected_base,
+                                 expected_last, &w);
+    }
+    PyBuffer_Release(&v);
+    return Py_BuildValue("(inLLL)", status, (Py_ssize_t)w.position, (long long)w.base,
+                         (long long)w.last, (long long)w.expected_base);
+}
+
 /* ==== scan_batches ========================================================================= */
 
 /* base + delta as a Python int, exact even where int64 would overflow. */
@@ -2083,6 +2129,125 @@ static int ring_poll_frame(module_state *st, Py_buffer *rv, uint8_t *ctl, int64_
     return *records == NULL ? -1 : SHMB_FRAME_AT_FOUND;
 }
 
+/* What one ring_poll_run found: on FOUND, records (a new list) from frames of ring `index`
+ * holding offsets [base, base + span), and the hint for the frame after them. */
+typedef struct {
+    int status;
+    int beyond;
+    uint32_t seen_commit;
+    PyObject *records;
+    int64_t base;
+    uint64_t span;
+    Py_ssize_t index;
+    uint64_t next_hint;
+} ring_poll_out;
+
+/* The look, the sleep and the second look of ring_poll and ring_take: the rings (a list of
+ * mappings) with their hints (one per ring). 0, or -1 with a Python error set. */
+static int ring_poll_run(module_state *st, uint8_t *ctl, PyObject *rings, const uint64_t *hints,
+                         long long offset, long long bytes_max, long long records_max,
+                         PyObject *topic, long long partition, long long wait_ms,
+                         long long spin_ns, long long seen_hw, ring_poll_out *out)
+{
+    out->status = SHMB_FRAME_AT_NONE;
+    out->beyond = 0;
+    out->seen_commit = 0;
+    out->records = NULL;
+    out->base = -1;
+    out->span = 0;
+    out->index = -1;
+    out->next_hint = 0;
+    for (int attempt = 0; attempt < 2; attempt++) { /* a look, a sleep, a second look */
+        /* Before the look: a commit after this load wakes the sleep, and an offset taken
+         * after the next load comes with such a commit. */
+        out->seen_commit = shmb_u32_load_acquire(ctl + SHMB_CTL_COMMIT_SEQ_OFFSET);
+        uint64_t taken = shmb_u64_load_acquire(ctl + SHMB_CTL_NEXT_OFFSET_OFFSET);
+        int status = SHMB_FRAME_AT_NONE;
+        Py_ssize_t n = PyList_GET_SIZE(rings);
+        for (Py_ssize_t i = 0; i < n && status == SHMB_FRAME_AT_NONE; i++) {
+            Py_buffer rv;
+            if (region_view(PyList_GET_ITEM(rings, i), 0, &rv, "ring region") < 0)
+                return -1;
+            shmb_ring_found f;
+            PyObject *records = NULL;
+            status = ring_poll_frame(st, &rv, ctl, offset, hints[i], bytes_max, records_max,
+                                     topic, partition, &f, &records);
+            if (status < 0) {
+                PyBuffer_Release(&rv);
+                return -1;
+            }
+            if (status != SHMB_FRAME_AT_FOUND) {
+                PyBuffer_Release(&rv);
+                continue;
+            }
+            /* The frames after it in the same ring, while they continue it: a consumer that
+             * fell behind a producer takes them in one call (bounded in frames and bytes). */
+            int64_t base = f.base;
+            uint64_t end_offset = (uint64_t)f.base + f.span, next_hint = f.next_hint;
+            size_t bytes = f.payload_len;
+            for (int k = 1; k < RING_POLL_FRAMES_MAX && bytes < RING_POLL_BYTES_MAX; k++) {
+                PyObject *more = NULL;
+                int s2 = ring_poll_frame(st, &rv, ctl, (int64_t)end_offset, next_hint, bytes_max,
+                                         records_max, topic, partition, &f, &more);
+                if (s2 < 0) {
+                    Py_DECREF(records);
+                    PyBuffer_Release(&rv);
+                    return -1;
+                }
+                if (s2 != SHMB_FRAME_AT_FOUND || (uint64_t)f.base != end_offset)
+                    break;
+                Py_ssize_t at = PyList_GET_SIZE(records);
+                int bad = PyList_SetSlice(records, at, at, more);
+                Py_DECREF(more);
+                if (bad < 0) {
+                    Py_DECREF(records);
+                    PyBuffer_Release(&rv);
+                    return -1;
+                }
+                end_offset += f.span;
+                next_hint = f.next_hint;
+                bytes += f.payload_len;
+            }
+            PyBuffer_Release(&rv);
+            out->status = SHMB_FRAME_AT_FOUND;
+            out->records = records;
+            out->base = base;
+            out->span = end_offset - (uint64_t)base;
+            out->index = i;
+            out->next_hint = next_hint;
+            return 0;
+        }
+        out->status = status;
+        if (status != SHMB_FRAME_AT_NONE)
+            return 0; /* TORN or REFUSED: the log will have it */
+        out->beyond = !(taken & SHMB_NEXT_OFFSET_UNSET) && (uint64_t)offset >= taken;
+        if (attempt > 0 || wait_ms <= 0)
+            return 0;
+        int r = ring_poll_wait(ctl, out->seen_commit, (uint32_t)seen_hw, out->beyond, wait_ms,
+                               spin_ns);
+        if (r == SHMB_WAIT_INTERRUPTED && PyErr_CheckSignals() < 0)
+            return -1;
+        if (r == SHMB_WAIT_TIMEOUT || r == SHMB_WAIT_INTERRUPTED)
+            return 0;
+    }
+    return 0;
+}
+
+/* Hints for ring_poll_run from a list of ints, into buf (RING_TAKE_RINGS_MAX) or a new array
+ * (*owned, to free). NULL with a Python error set on failure. */
+#define RING_TAKE_RINGS_MAX 32
+
+static uint64_t *hints_array(Py_ssize_t n, uint64_t *buf, uint64_t **owned)
+{
+    *owned = NULL;
+    if (n <= RING_TAKE_RINGS_MAX)
+        return buf;
+    *owned = PyMem_Malloc(sizeof(uint64_t) * (size_t)n);
+    if (*owned == NULL)
+        PyErr_NoMemory();
+    return *owned;
+}
+
 static PyObject *py_ring_poll(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     /* control, rings, hints, offset, batch_bytes_max, records_max, topic, partition, wait_ms,
@@ -2104,92 +2269,142 @@ static PyObject *py_ring_poll(PyObject *module, PyObject *const *args, Py_ssize_
         return PyErr_Format(PyExc_TypeError, "ring_poll: topic must be str or None");
     if (offset < 0 || wait_ms < 0 || spin_ns < 0)
         return PyErr_Format(PyExc_ValueError, "ring_poll: negative offset, wait_ms or spin_ns");
+    Py_ssize_t n = PyList_GET_SIZE(rings);
+    uint64_t hint_buf[RING_TAKE_RINGS_MAX], *owned;
+    uint64_t *hint_values = hints_array(n, hint_buf, &owned);
+    if (hint_values == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        hint_values[i] = PyLong_AsUnsignedLongLong(PyList_GET_ITEM(hints, i));
+        if (hint_values[i] == (unsigned long long)-1 && PyErr_Occurred()) {
+            PyMem_Free(owned);
+            return NULL;
+        }
+    }
+    Py_buffer cv;
+    if (region_view(args[0], 0, &cv, "control region") < 0) {
+        PyMem_Free(owned);
+        return NULL;
+    }
+    PyObject *result = NULL;
+    ring_poll_out o;
+    if (cv.len < SHMB_CONTROL_REGISTRY_OFFSET) {
+        PyErr_Format(PyExc_ValueError, "ring_poll: control region too short");
+    } else if (ring_poll_run(st, cv.buf, rings, hint_values, offset, bytes_max, records_max,
+                             topic, partition, wait_ms, spin_ns, seen_hw, &o) == 0) {
+        if (o.status == SHMB_FRAME_AT_FOUND)
+            result = Py_BuildValue("(iNLKnKIi)", o.status, o.records, (long long)o.base,
+                                   (unsigned long long)o.span, o.index,
+                                   (unsigned long long)o.next_hint, o.seen_commit, 0);
+        else
+            result = Py_BuildValue("(iOLKnKIi)", o.status, Py_None, -1LL, 0ULL, (Py_ssize_t)-1,
+                                   0ULL, o.seen_commit, o.beyond);
+    }
+    PyBuffer_Release(&cv);
+    PyMem_Free(owned);
+    return result;
+}
+
+/* ring_take(control, rings, hints, hint_froms, offset, registry_seen, records_max, topic,
+ * partition, wait_ms, spin_ns, seen_hw_seq) -> (status, records, at, end, seen_commit, beyond):
+ * RingReads.take, a caught-up consumer's whole ring read in one call. RingReads._readable's
+ * checks first (DECLINED when ring reads are off, the partition stopped cleanly, or the
+ * registry changed since registry_seen: Python refreshes and calls again); a ring's hint
+ * counts for offsets from its hint_from on; on FOUND the ring's hint and hint_from are set in
+ * the lists, `at` is the index of the record at offset (len(records) if it is not there),
+ * `end` the offset after the frames read. */
+#define RING_TAKE_DECLINED (-1)
+
+static PyObject *py_ring_take(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 12)
+        return PyErr_Format(PyExc_TypeError, "ring_take takes 12 arguments, got %zd", nargs);
+    module_state *st = get_state(module);
+    long long offset, registry_seen, records_max, partition, wait_ms, spin_ns, seen_hw;
+    if (tail_ll(args[4], &offset) < 0 || tail_ll(args[5], &registry_seen) < 0 ||
+        tail_ll(args[6], &records_max) < 0 || tail_ll(args[8], &partition) < 0 ||
+        tail_ll(args[9], &wait_ms) < 0 || tail_ll(args[10], &spin_ns) < 0 ||
+        tail_ll(args[11], &seen_hw) < 0)
+        return NULL;
+    PyObject *rings = args[1], *hints = args[2], *froms = args[3], *topic = args[7];
+    if (!PyList_CheckExact(rings) || !PyList_CheckExact(hints) || !PyList_CheckExact(froms) ||
+        PyList_GET_SIZE(rings) != PyList_GET_SIZE(hints) ||
+        PyList_GET_SIZE(rings) != PyList_GET_SIZE(froms))
+        return PyErr_Format(PyExc_TypeError,
+                            "ring_take: rings, hints and hint_froms: lists of one length");
+    if (topic != Py_None && !PyUnicode_CheckExact(topic))
+        return PyErr_Format(PyExc_TypeError, "ring_take: topic must be str or None");
+    if (offset < 0 || wait_ms < 0 || spin_ns < 0)
+        return PyErr_Format(PyExc_ValueError, "ring_take: negative offset, wait_ms or spin_ns");
     Py_buffer cv;
     if (region_view(args[0], 0, &cv, "control region") < 0)
         return NULL;
     if (cv.len < SHMB_CONTROL_REGISTRY_OFFSET) {
         PyBuffer_Release(&cv);
-        return PyErr_Format(PyExc_ValueError, "ring_poll: control region too short");
+        return PyErr_Format(PyExc_ValueError, "ring_take: control region too short");
     }
     uint8_t *ctl = cv.buf;
-    PyObject *result = NULL;
-    int status = SHMB_FRAME_AT_NONE, beyond = 0;
-    uint32_t seen_commit = 0;
-    for (int attempt = 0; attempt < 2; attempt++) { /* a look, a sleep, a second look */
-        /* Before the look: a commit after this load wakes the sleep, and an offset taken
-         * after the next load comes with such a commit. */
-        seen_commit = shmb_u32_load_acquire(ctl + SHMB_CTL_COMMIT_SEQ_OFFSET);
-        uint64_t taken = shmb_u64_load_acquire(ctl + SHMB_CTL_NEXT_OFFSET_OFFSET);
-        status = SHMB_FRAME_AT_NONE;
-        Py_ssize_t n = PyList_GET_SIZE(rings);
-        for (Py_ssize_t i = 0; i < n && status == SHMB_FRAME_AT_NONE; i++) {
-            Py_buffer rv;
-            unsigned long long hint = PyLong_AsUnsignedLongLong(PyList_GET_ITEM(hints, i));
-            if (hint == (unsigned long long)-1 && PyErr_Occurred())
-                goto done;
-            if (region_view(PyList_GET_ITEM(rings, i), 0, &rv, "ring region") < 0)
-                goto done;
-            shmb_ring_found f;
-            PyObject *records = NULL;
-            status = ring_poll_frame(st, &rv, ctl, offset, hint, bytes_max, records_max, topic,
-                                     partition, &f, &records);
-            if (status < 0) {
-                PyBuffer_Release(&rv);
-                goto done;
-            }
-            if (status != SHMB_FRAME_AT_FOUND) {
-                PyBuffer_Release(&rv);
-                continue;
-            }
-            /* The frames after it in the same ring, while they continue it: a consumer that
-             * fell behind a producer takes them in one call (bounded in frames and bytes). */
-            int64_t base = f.base;
-            uint64_t end_offset = (uint64_t)f.base + f.span, next_hint = f.next_hint;
-            size_t bytes = f.payload_len;
-            for (int k = 1; k < RING_POLL_FRAMES_MAX && bytes < RING_POLL_BYTES_MAX; k++) {
-                PyObject *more = NULL;
-                int s2 = ring_poll_frame(st, &rv, ctl, (int64_t)end_offset, next_hint, bytes_max,
-                                         records_max, topic, partition, &f, &more);
-                if (s2 < 0) {
-                    Py_DECREF(records);
-                    PyBuffer_Release(&rv);
-                    goto done;
-                }
-                if (s2 != SHMB_FRAME_AT_FOUND || (uint64_t)f.base != end_offset)
-                    break;
-                Py_ssize_t at = PyList_GET_SIZE(records);
-                int bad = PyList_SetSlice(records, at, at, more);
-                Py_DECREF(more);
-                if (bad < 0) {
-                    Py_DECREF(records);
-                    PyBuffer_Release(&rv);
-                    goto done;
-                }
-                end_offset += f.span;
-                next_hint = f.next_hint;
-                bytes += f.payload_len;
-            }
-            PyBuffer_Release(&rv);
-            result = Py_BuildValue("(iNLKnKIi)", SHMB_FRAME_AT_FOUND, records, (long long)base,
-                                   (unsigned long long)(end_offset - (uint64_t)base), i,
-                                   (unsigned long long)next_hint, seen_commit, 0);
-            goto done;
-        }
-        if (status != SHMB_FRAME_AT_NONE)
-            break; /* TORN or REFUSED: the log will have it */
-        beyond = !(taken & SHMB_NEXT_OFFSET_UNSET) && (uint64_t)offset >= taken;
-        if (attempt > 0 || wait_ms <= 0)
-            break;
-        int r = ring_poll_wait(ctl, seen_commit, (uint32_t)seen_hw, beyond, wait_ms, spin_ns);
-        if (r == SHMB_WAIT_INTERRUPTED && PyErr_CheckSignals() < 0)
-            goto done;
-        if (r == SHMB_WAIT_TIMEOUT || r == SHMB_WAIT_INTERRUPTED)
-            break;
+    long long bytes_max = (long long)shmb_u64_load_acquire(ctl + SHMB_CTL_BATCH_BYTES_MAX_OFFSET);
+    if (!shmb_u32_load_acquire(ctl + SHMB_CTL_RING_READS_OFFSET) ||
+        shmb_u32_load_acquire(ctl + SHMB_CTL_PARTITION_STATUS_OFFSET) ==
+            SHMB_PARTITION_STATUS_STOPPED ||
+        bytes_max <= 0 ||
+        shmb_u32_load_acquire(ctl + SHMB_CTL_REGISTRY_CHANGES_OFFSET) != (uint32_t)registry_seen ||
+        registry_seen < 0) {
+        PyBuffer_Release(&cv);
+        return Py_BuildValue("(iOnLIi)", RING_TAKE_DECLINED, Py_None, (Py_ssize_t)0, -1LL, 0U, 0);
     }
-    result = Py_BuildValue("(iOLKnKIi)", status, Py_None, -1LL, 0ULL, (Py_ssize_t)-1, 0ULL,
-                           seen_commit, beyond);
+    Py_ssize_t n = PyList_GET_SIZE(rings);
+    uint64_t hint_buf[RING_TAKE_RINGS_MAX], *owned;
+    uint64_t *hint_values = hints_array(n, hint_buf, &owned);
+    if (hint_values == NULL) {
+        PyBuffer_Release(&cv);
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        long long from = PyLong_AsLongLong(PyList_GET_ITEM(froms, i));
+        unsigned long long hint = PyLong_AsUnsignedLongLong(PyList_GET_ITEM(hints, i));
+        if (PyErr_Occurred()) {
+            PyBuffer_Release(&cv);
+            PyMem_Free(owned);
+            return NULL;
+        }
+        hint_values[i] = offset >= from ? hint : 0;
+    }
+    PyObject *result = NULL;
+    ring_poll_out o;
+    if (ring_poll_run(st, ctl, rings, hint_values, offset, bytes_max, records_max, topic,
+                      partition, wait_ms, spin_ns, seen_hw, &o) < 0)
+        goto done;
+    if (o.status != SHMB_FRAME_AT_FOUND) {
+        result = Py_BuildValue("(iOnLIi)", o.status, Py_None, (Py_ssize_t)0, -1LL, o.seen_commit,
+                               o.beyond);
+        goto done;
+    }
+    long long end_offset = (long long)(o.base + (int64_t)o.span);
+    PyObject *next = PyLong_FromUnsignedLongLong(o.next_hint);
+    PyObject *from = next ? PyLong_FromLongLong(end_offset) : NULL;
+    if (from == NULL || PyList_SetItem(hints, o.index, next) < 0) {
+        Py_XDECREF(next);
+        Py_XDECREF(from);
+        Py_DECREF(o.records);
+        goto done;
+    }
+    if (PyList_SetItem(froms, o.index, from) < 0) {
+        Py_DECREF(o.records);
+        goto done;
+    }
+    /* The record at the offset: ring frames hold records at every offset (shmb_frame_ok
+     * refuses empty batches, the batch check offset gaps), so it is at offset - base;
+     * len(records) says "none" should that ever not hold. */
+    Py_ssize_t count = PyList_GET_SIZE(o.records), at = (Py_ssize_t)(offset - o.base);
+    if (at < 0 || at >= count ||
+        ((RecordObject *)PyList_GET_ITEM(o.records, at))->offset != offset)
+        at = count;
+    result = Py_BuildValue("(iNnLIi)", o.status, o.records, at, end_offset, o.seen_commit, 0);
 done:
     PyBuffer_Release(&cv);
+    PyMem_Free(owned);
     return result;
 }
 
@@ -4710,6 +4925,12 @@ static int add_drain_constants(PyObject *m)
             PyModule_AddIntConstant(m, "RING_POLL_COMMIT_ONLY_MS_MAX",
                                     RING_POLL_COMMIT_ONLY_MS_MAX) < 0 ||
             PyModule_AddIntConstant(m, "TAIL_NOTHING", TAIL_NOTHING) < 0 ||
+            PyModule_AddIntConstant(m, "RING_TAKE_DECLINED", RING_TAKE_DECLINED) < 0 ||
+            PyModule_AddIntConstant(m, "WALK_FOUND", SHMB_RB_WALK_FOUND) < 0 ||
+            PyModule_AddIntConstant(m, "WALK_END", SHMB_RB_WALK_END) < 0 ||
+            PyModule_AddIntConstant(m, "WALK_BAD_ENTRY", SHMB_RB_WALK_BAD_ENTRY) < 0 ||
+            PyModule_AddIntConstant(m, "WALK_NOT_HEADER", SHMB_RB_WALK_NOT_HEADER) < 0 ||
+            PyModule_AddIntConstant(m, "WALK_BAD_CHAIN", SHMB_RB_WALK_BAD_CHAIN) < 0 ||
             PyModule_AddIntConstant(m, "TAIL_DECLINED", TAIL_DECLINED) < 0 ||
             PyModule_AddIntConstant(m, "DRAIN_DONE", SHMB_DRAIN_DONE) < 0 ||
             PyModule_AddIntConstant(m, "DRAIN_DECLINED", SHMB_DRAIN_DECLINED) < 0 ||
@@ -4766,6 +4987,13 @@ static PyMethodDef module_methods[] = {
      "scan_batches(buf, verify_crc=True, verify_records=False, batch_bytes_max=0)\n"
      "-> (valid_bytes, status, error_position, [(position, base_offset, last_offset,\n"
      "    max_timestamp, records_count), ...])"},
+    {"walk_batches", (PyCFunction)(void (*)(void))py_walk_batches, METH_FASTCALL,
+     "walk_batches(buf, position, end, offset, expected_base, expected_last) -> (status, "
+     "position, base, last, expected_base): the batch holding offset (LogReader._walk)"},
+    {"ring_take", (PyCFunction)(void (*)(void))py_ring_take, METH_FASTCALL,
+     "ring_take(control, rings, hints, hint_froms, offset, registry_seen, records_max, topic, "
+     "partition, wait_ms, spin_ns, seen_hw_seq) -> (status, records, at, end, seen_commit, "
+     "beyond): RingReads.take in one call"},
     {"ring_poll", (PyCFunction)(void (*)(void))py_ring_poll, METH_FASTCALL,
      "ring_poll(control, rings, hints, offset, batch_bytes_max, records_max, topic,\n"
      "          partition, wait_ms, spin_ns, seen_hw_seq)\n"

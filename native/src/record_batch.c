@@ -155,6 +155,41 @@ int shmb_rb_scan(const uint8_t *buf, size_t len, size_t start, const shmb_rb_sca
                                                     : "runs past the record end");              \
     } while (0)
 
+/* ---- walking a segment's batch headers ------------------------------------------------ */
+
+int shmb_rb_walk_to(const uint8_t *buf, size_t end, size_t position, int64_t offset,
+                    int64_t expected_base, int64_t expected_last, shmb_rb_walk *out)
+{
+    out->position = position;
+    out->base = out->last = -1;
+    out->expected_base = expected_base;
+    /* Bounded: each round moves position forward by at least one batch, or returns. */
+    while (position <= end && end - position >= SHMB_RB_HEADER_SIZE) {
+        const uint8_t *p = buf + position;
+        int64_t base = (int64_t)be64(p + SHMB_RB_BASE_OFFSET_OFFSET);
+        int32_t length = (int32_t)be32(p + SHMB_RB_BATCH_LENGTH_OFFSET);
+        out->position = position;
+        if (p[SHMB_RB_MAGIC_OFFSET] != SHMB_RB_MAGIC || length < SHMB_RB_BATCH_LENGTH_MIN ||
+            (uint64_t)length + SHMB_RB_LOG_OVERHEAD > end - position)
+            return expected_last >= 0 ? SHMB_RB_WALK_BAD_ENTRY : SHMB_RB_WALK_NOT_HEADER;
+        int32_t delta = (int32_t)be32(p + SHMB_RB_LAST_OFFSET_DELTA_OFFSET);
+        int64_t last;
+        int overflow = __builtin_add_overflow(base, (int64_t)delta, &last);
+        out->base = base;
+        out->last = last;
+        out->expected_base = expected_base;
+        if (overflow || (expected_base >= 0 && base != expected_base) ||
+            (expected_last >= 0 && last != expected_last) || last < base)
+            return expected_last >= 0 ? SHMB_RB_WALK_BAD_ENTRY : SHMB_RB_WALK_BAD_CHAIN;
+        if (last >= offset)
+            return SHMB_RB_WALK_FOUND;
+        expected_base = last + 1; /* last < offset <= INT64_MAX: no overflow */
+        expected_last = -1;
+        position += (size_t)length + SHMB_RB_LOG_OVERHEAD;
+    }
+    return SHMB_RB_WALK_END;
+}
+
 int shmb_rb_header_next(const uint8_t **pp, const uint8_t *end, const uint8_t **key,
                         int32_t *key_length, const uint8_t **value, int32_t *value_length)
 {

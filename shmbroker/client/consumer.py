@@ -39,7 +39,8 @@ from .. import errors, records
 from ..native import _native
 from ..config import (ADMIN_REQUEST_TIMEOUT_MS, GROUP_AUTO_COMMIT_INTERVAL_MS_DEFAULT, GROUP_AUTO_COMMIT_INTERVAL_MS_MIN,
                       GROUP_HEARTBEAT_INTERVAL_MS_DEFAULT, GROUP_REBALANCE_TIMEOUT_MS_DEFAULT,
-                      GROUP_SESSION_TIMEOUT_MS_DEFAULT, SPIN_NS_MAX, default_data_dir)
+                      GROUP_SESSION_TIMEOUT_MS_DEFAULT, SPIN_NS_MAX, BATCH_RECORDS_MAX,
+                      default_data_dir)
 from ..coordinator.topics import partition_dir
 from ..layout import shm as L
 from ..log.reader import LogReader
@@ -787,27 +788,24 @@ class Consumer:
             fetch.bytes_out += len(payload)
         return got, at
 
-    def _ring_poll(self, fetch: _Fetch, wait_ms: int) -> list | None:
-        """The one-call ring read of a caught-up consumer of one partition (RingReads.poll):
-        records from the position on (set as ``fetch.pending``), or None (nothing by then, or
-        the log has it: the general path looks)."""
+    def _ring_poll(self, fetch: _Fetch, wait_ms: int, max_records: int) -> list | None:
+        """The one-call ring read of a caught-up consumer of one partition (RingReads.take):
+        up to ``max_records`` records from the position on, handed out (the rest left
+        pending), or None (nothing by then, or the log has it: the general path looks)."""
         rings = fetch.rings
         if rings is None or rings.control is not fetch.control:
             return None
-        position = fetch.position
-        polled = rings.poll(position, fetch.topic, fetch.partition, wait_ms, self.spin_ns,
-                            fetch.seen_hw_seq)
-        if polled is None:
-            return None
-        status, got, base, span, seen, beyond = polled
+        status, got, at, end, seen, beyond = rings.take(
+            fetch.position, BATCH_RECORDS_MAX, fetch.topic, fetch.partition, wait_ms,
+            self.spin_ns, fetch.seen_hw_seq)
         if status != ring_reads.FOUND:
-            fetch.seen_commit_seq, fetch.beyond_taken = seen, beyond
+            if status is not None:
+                fetch.seen_commit_seq, fetch.beyond_taken = seen, beyond
             return None
-        at = _index_of(got, position, base)
         if at >= len(got):
-            return None  # no record from the position on (cannot happen: checked frames)
-        fetch.pending, fetch.pending_at, fetch.pending_end = got, at, base + span
-        return got
+            return None  # no record at the position (cannot happen: checked frames)
+        fetch.pending_end = end
+        return self._hand_out(fetch, got, at, max_records)
 
     def _fill(self, fetch: _Fetch, want: int, out: list) -> int:
         """Append up to ``want`` records of ``fetch`` to ``out``; returns how many. A read
@@ -989,11 +987,8 @@ class Consumer:
                     if timeout_ms:
                         left_ms = (deadline - time.monotonic()) * 1000.0
                         wait_ms = int(left_ms + 0.999) if left_ms > 0 else 0
-                    if self._ring_poll(fetch, wait_ms):
-                        # What _fill would do with the records _ring_poll left pending (at
-                        # least one from the position on), without its look for more.
-                        out = self._hand_out(fetch, fetch.pending, fetch.pending_at,
-                                             max_records)
+                    out = self._ring_poll(fetch, wait_ms, max_records)
+                    if out:
                         if self._counters is not None:
                             self._counters.publish(order)
                         return out

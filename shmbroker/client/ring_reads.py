@@ -38,21 +38,13 @@ from ..shm.region import Region
 
 S = L.FRAME_AT_STATUS
 FOUND, NONE, TORN, REFUSED = S["FOUND"], S["NONE"], S["TORN"], S["REFUSED"]
+#: ring_take: ring reads are off, or the rings must be looked up again first.
+DECLINED = _native.RING_TAKE_DECLINED
 _C = L.CONTROL
 _LIMIT = struct.Struct("<q")
 _RING_READS, _BATCH_BYTES_MAX = _C["ring_reads"], _C["batch_bytes_max"]
 _STATUS, _REGISTRY_CHANGES = _C["partition_status"], _C["registry_changes"]
 _load_u32 = _native.atomic_load_u32
-
-
-class _Ring:
-    __slots__ = ("region", "hint", "hint_from")
-
-    def __init__(self, region: Region):
-        self.region = region
-        #: shmb_ring_frame_at's next_hint for offsets from hint_from on.
-        self.hint = 0
-        self.hint_from = 0
 
 
 class RingReads:
@@ -61,12 +53,15 @@ class RingReads:
     def __init__(self, control: ControlRegion, prefix: str, topic: str, partition: int):
         self.control = control
         self.prefix, self.topic, self.partition = prefix, topic, partition
-        #: (slot, generation) -> ring; rings whose slot moved on are closed at a refresh.
-        self._rings: dict[tuple[int, int], _Ring] = {}
+        #: (slot, generation) -> ring mapping; rings whose slot moved on are closed at a refresh.
+        self._rings: dict[tuple[int, int], Region] = {}
         self._registry_seen = -1
-        #: The rings and their mappings in one order, as ring_poll takes them.
-        self._list: list[_Ring] = []
+        #: The rings in one order, as ring_take takes them: their keys, mappings, and per ring
+        #: shmb_ring_frame_at's next_hint, good for offsets from its hint_from on.
+        self._keys: list[tuple[int, int]] = []
         self._bufs: list = []
+        self._hints: list[int] = []
+        self._froms: list[int] = []
 
     def limit(self) -> int:
         """The topic's max.message.bytes when the partition allows ring reads, else 0."""
@@ -83,38 +78,38 @@ class RingReads:
         if not limit:
             return NONE, None, -1, 0
         control = self.control.buf
-        for ring in self._list:  # bounded by the registry's slots
-            hint = ring.hint if offset >= ring.hint_from else 0
+        hints, froms = self._hints, self._froms
+        for i, buf in enumerate(self._bufs):  # bounded by the registry's slots
+            hint = hints[i] if offset >= froms[i] else 0
             status, payload, base, span, next_hint = _native.ring_frame_at(
-                ring.region.buf, control, offset, hint, limit, BATCH_RECORDS_MAX)
+                buf, control, offset, hint, limit, BATCH_RECORDS_MAX)
             if status == NONE:
-                if offset >= ring.hint_from:
-                    ring.hint, ring.hint_from = next_hint, offset
+                if offset >= froms[i]:
+                    hints[i], froms[i] = next_hint, offset
                 continue
             if status == FOUND:
-                ring.hint, ring.hint_from = next_hint, base + span
+                hints[i], froms[i] = next_hint, base + span
             return status, payload, base, span
         return NONE, None, -1, 0
 
-    def poll(self, offset: int, topic: str, partition: int, wait_ms: int, spin_ns: int,
-             seen_hw_seq: int) -> tuple | None:
+    def take(self, offset: int, records_max: int, topic: str, partition: int, wait_ms: int,
+             spin_ns: int, seen_hw_seq: int) -> tuple:
         """:meth:`read`, decoded, and when nothing holds ``offset`` a sleep until a commit
-        (or a publish) and a second look, in one C call (``_native.ring_poll``): what a
+        (or a publish) and a second look, in one C call (``_native.ring_take``): what a
         caught-up consumer of one partition does between a producer's commit and its records.
-        None when ring reads are off; else (status, records or None, base, span, commit_seq
-        seen before the last look, beyond_taken)."""
-        limit = self._readable()
-        if not limit:
-            return None
-        rings = self._list
-        hints = [r.hint if offset >= r.hint_from else 0 for r in rings]
-        status, got, base, span, index, next_hint, seen, beyond = _native.ring_poll(
-            self.control.buf, self._bufs, hints, offset, limit, BATCH_RECORDS_MAX, topic,
-            partition, wait_ms, spin_ns, seen_hw_seq)
-        if status == FOUND:
-            ring = rings[index]
-            ring.hint, ring.hint_from = next_hint, base + span
-        return status, got, base, span, seen, bool(beyond)
+        (status, records or None, index of the record at ``offset`` (len(records) if it is
+        not there), the offset after the frames read, commit_seq seen before the last look,
+        beyond_taken); status None when ring reads are off (or the partition stopped
+        cleanly)."""
+        for _ in range(2):  # bounded: a second call only after a registry refresh
+            got = _native.ring_take(self.control.buf, self._bufs, self._hints, self._froms,
+                                    offset, self._registry_seen, records_max, topic, partition,
+                                    wait_ms, spin_ns, seen_hw_seq)
+            if got[0] != DECLINED:
+                return got
+            if not self._readable():  # refreshes the rings when the registry changed
+                break
+        return None, None, 0, -1, 0, False
 
     def _readable(self) -> int:
         """The limit to read with (the rings found in the registry attached), or 0 when ring
@@ -153,15 +148,18 @@ class RingReads:
                                        what="ingress ring")
             except (errors.RegionNotFoundError, errors.RegionHeaderError, OSError):
                 continue  # gone, or not readable: its records come through the log
-            self._rings[key] = _Ring(region)
+            self._rings[key] = region
         for key in [k for k in self._rings if k not in live]:
-            self._rings.pop(key).region.close()
-        self._list = list(self._rings.values())
-        self._bufs = [r.region.buf for r in self._list]
+            self._rings.pop(key).close()
+        kept = {k: (h, f) for k, h, f in zip(self._keys, self._hints, self._froms)}
+        self._keys = list(self._rings)
+        self._bufs = [self._rings[k].buf for k in self._keys]
+        self._hints = [kept.get(k, (0, 0))[0] for k in self._keys]
+        self._froms = [kept.get(k, (0, 0))[1] for k in self._keys]
 
     def close(self) -> None:
-        self._list, self._bufs = [], []
-        for ring in self._rings.values():
-            ring.region.close()
+        self._keys, self._bufs, self._hints, self._froms = [], [], [], []
+        for region in self._rings.values():
+            region.close()
         self._rings.clear()
         self._registry_seen = -1

@@ -155,15 +155,46 @@ def test_frame_ok_is_the_same_in_c_and_the_reference(payload):
     assert _native.frame_ok(good, LIMIT, 2) is False
 
 
-# -- ring_poll: the read, the wait and the decode in one call -----------------------------------
+# -- ring_take: the checks, the read, the wait and the decode in one call ------------------------
 
-def poll(control, rings, offset, wait_ms=0, seen_hw=0, hints=None):
-    return _native.ring_poll(control, rings, hints or [0] * len(rings), offset, LIMIT,
+def allow_ring_reads(control, limit=LIMIT):
+    """What a partition process that allows ring reads publishes in its control region."""
+    put(control, "<I", L.CONTROL["ring_reads"], 1)
+    put(control, "<q", L.CONTROL["batch_bytes_max"], limit)
+
+
+def registry_changes(control) -> int:
+    return struct.unpack_from("<I", control, L.CONTROL["registry_changes"])[0]
+
+
+def take(control, rings, offset, wait_ms=0, seen_hw=0, hints=None, froms=None):
+    """ring_take as RingReads.take calls it (the registry as seen now)."""
+    hints = hints if hints is not None else [0] * len(rings)
+    froms = froms if froms is not None else [0] * len(rings)
+    return _native.ring_take(control, rings, hints, froms, offset, registry_changes(control),
                              BATCH_RECORDS_MAX, "t", 3, wait_ms, 0, seen_hw)
 
 
-def test_ring_poll_returns_the_records_of_the_frame_any_ring_holds():
-    """Two producers' rings on one partition: for every offset, the records ring_poll
+def poll(control, rings, offset, wait_ms=0, seen_hw=0, hints=None):
+    """ring_take with ring reads allowed, as (status, records, base, span, ring index, next
+    hint, commit_seq seen, beyond): what the frames it read were."""
+    allow_ring_reads(control)
+    hints = list(hints) if hints is not None else [0] * len(rings)
+    froms = [0] * len(rings)
+    status, got, at, end, seen, beyond = take(control, rings, offset, wait_ms, seen_hw, hints,
+                                              froms)
+    if status != S["FOUND"]:
+        assert (got, end) == (None, -1)
+        return status, None, -1, 0, -1, 0, seen, beyond
+    index = [i for i, f in enumerate(froms) if f == end]
+    assert len(index) == 1, "the found ring's hint_from is the offset after its frames"
+    base = got[0].offset
+    assert got[at].offset == offset, "at: the record at the offset"
+    return status, got, base, end - base, index[0], hints[index[0]], seen, beyond
+
+
+def test_ring_take_returns_the_records_of_the_frame_any_ring_holds():
+    """Two producers' rings on one partition: for every offset, the records ring_take
     returns are those of the frame ring_frame_at finds in whichever ring holds it, and of
     the frames after it in that ring that continue it."""
     rng = random.Random(3)
@@ -200,7 +231,7 @@ def test_ring_poll_returns_the_records_of_the_frame_any_ring_holds():
     assert (status, got, beyond) == (S["NONE"], None, 1)
 
 
-def test_ring_poll_sleeps_until_a_commit_and_returns_what_it_committed():
+def test_ring_take_sleeps_until_a_commit_and_returns_what_it_committed():
     """Offsets 7..8 were taken (next_offset 9) and nobody committed them yet: a poll at 7
     sleeps on the commit word (and the publish word) until another producer's commit wakes
     it, looks again, and returns; the committed records are there for the poll at 9."""
@@ -222,7 +253,7 @@ def test_ring_poll_sleeps_until_a_commit_and_returns_what_it_committed():
     assert (status, base, [r.value for r in got]) == (S["FOUND"], 9, [b"late"])
 
 
-def test_ring_poll_at_an_offset_nobody_took_sleeps_on_the_commit_word_at_most_a_while():
+def test_ring_take_at_an_offset_nobody_took_sleeps_on_the_commit_word_at_most_a_while():
     """No producer took the offset: only a commit can bring it, so the publish word is not
     watched, and the sleep is cut to RING_POLL_COMMIT_ONLY_MS_MAX (a producer that took it
     and died would have its hole filled by a publish)."""
@@ -234,7 +265,7 @@ def test_ring_poll_at_an_offset_nobody_took_sleeps_on_the_commit_word_at_most_a_
     assert waited < 5 and waited * 1000 >= _native.RING_POLL_COMMIT_ONLY_MS_MAX * 0.5
 
 
-def test_ring_poll_at_a_taken_offset_is_woken_by_a_publish():
+def test_ring_take_at_a_taken_offset_is_woken_by_a_publish():
     """Offset 5 was taken (next_offset 9) but no ring holds it (its producer has not
     committed, or died): a publish (the hole filled) wakes the sleep."""
     import threading
@@ -269,3 +300,57 @@ def test_a_frame_larger_than_the_copy_limit_is_left_to_the_log(impl):
     status, payload, base, span, _ = frame_at(impl, ring, control, 3)
     assert (status, payload, base, span) == (S["LARGE"], None, 3, 1)
     assert poll(control, [ring], 3)[0] == S["LARGE"]
+
+
+def test_ring_take_declines_unless_the_partition_allows_ring_reads_and_the_registry_is_as_seen():
+    """RingReads.take's checks, in C: ring reads off, a partition stopped cleanly (what is
+    committed from then on is never appended), no limit published, or rings registered or
+    gone since the caller looked (it must attach them first): DECLINED, nothing read."""
+    control, ring = new_control(0), new_ring()
+    assert _native.ring_write(ring, [records.encode_batch([b"a"])], control)[0] == \
+        L.RING_STATUS["OK"]
+    declined = _native.RING_TAKE_DECLINED
+    assert take(control, [ring], 0)[0] == declined  # ring reads not allowed yet
+    allow_ring_reads(control)
+    assert take(control, [ring], 0)[0] == S["FOUND"]
+    put(control, "<I", L.CONTROL["partition_status"], L.PARTITION_STATUS_STOPPED)
+    assert take(control, [ring], 0)[0] == declined
+    put(control, "<I", L.CONTROL["partition_status"], 0)
+    allow_ring_reads(control, limit=0)
+    assert take(control, [ring], 0)[0] == declined
+    allow_ring_reads(control)
+    seen = registry_changes(control)
+    put(control, "<I", L.CONTROL["registry_changes"], seen + 1)
+    got = _native.ring_take(control, [ring], [0], [0], 0, seen, BATCH_RECORDS_MAX, "t", 3, 0,
+                            0, 0)
+    assert got == (declined, None, 0, -1, 0, 0)
+    assert _native.ring_take(control, [ring], [0], [0], 0, -1, BATCH_RECORDS_MAX, "t", 3, 0, 0,
+                             0)[0] == declined  # never looked at the registry
+    with pytest.raises(TypeError, match="lists of one length"):
+        _native.ring_take(control, [ring], [0], [], 0, seen + 1, BATCH_RECORDS_MAX, "t", 3, 0,
+                          0, 0)
+
+
+def test_ring_take_keeps_each_rings_hint_for_the_offsets_after_what_it_read():
+    """A found frame sets its ring's hint (where the next frame starts) and hint_from (the
+    offset after it): the next take there starts at the hint; a take below hint_from ignores
+    it (a hint only serves offsets from there on). Same records with or without hints."""
+    rng = random.Random(11)
+    control = new_control(0)
+    allow_ring_reads(control)
+    rings = [new_ring(1 << 14), new_ring(1 << 14)]
+    for _ in range(16):  # bounded
+        _native.ring_write(rng.choice(rings), [batches(rng, 1)], control)
+    end = u64(control, L.CONTROL["next_offset"])
+    hints, froms = [0, 0], [0, 0]
+    offset = 0
+    while offset < end:  # bounded: every take moves past at least one record
+        status, got, at, after, _, _ = take(control, rings, offset, hints=hints, froms=froms)
+        assert status == S["FOUND"] and got[at].offset == offset
+        assert after in froms and after > offset
+        fresh = take(control, rings, offset)  # no hints: the same records
+        assert [(r.offset, r.value) for r in fresh[1]] == [(r.offset, r.value) for r in got]
+        offset = got[-1].offset + 1
+    # A stale hint (it points past the frames below its hint_from) is ignored for those.
+    status, got, at, *_ = take(control, rings, 0, hints=hints, froms=froms)
+    assert status == S["FOUND"] and got[at].offset == 0

@@ -87,6 +87,32 @@ int shmb_rb_scan(const uint8_t *buf, size_t len, size_t start, const shmb_rb_sca
                  shmb_rb_batch_info *out, size_t out_cap, size_t *n_out, size_t *valid_bytes_out,
                  shmb_rb_error *err);
 
+/* ---- walking a segment's batch headers ------------------------------------------------ */
+
+/* shmb_rb_walk_to's statuses. */
+#define SHMB_RB_WALK_FOUND 0      /* out->position, out->base: the batch holding the offset */
+#define SHMB_RB_WALK_END 1        /* no whole batch holds it before end */
+#define SHMB_RB_WALK_BAD_ENTRY 2  /* the first batch does not end at expected_last (a stale index) */
+#define SHMB_RB_WALK_NOT_HEADER 3 /* corrupt: no whole batch header at out->position */
+#define SHMB_RB_WALK_BAD_CHAIN 4  /* corrupt: out->base..out->last where out->expected_base was due */
+
+typedef struct {
+    size_t position;
+    int64_t base;
+    int64_t last;
+    int64_t expected_base;
+} shmb_rb_walk;
+
+/* From the batch at buf[position], batch header by batch header (the bytes are not checked:
+ * a read checks what it hands out), to the first batch whose last offset is >= offset; end
+ * (<= the buffer's length) is where the log's bytes stop. expected_base >= 0: the first batch
+ * must start there; expected_last >= 0: it must end there (it came from an index entry, so a
+ * mismatch is BAD_ENTRY, as is a bad first header); after the first, base offsets must chain.
+ * -1 means "no expectation". A last offset that overflows int64 counts as a broken chain.
+ * The reference is LogReader._walk_reference (shmbroker/log/reader.py): same results. */
+int shmb_rb_walk_to(const uint8_t *buf, size_t end, size_t position, int64_t offset,
+                    int64_t expected_base, int64_t expected_last, shmb_rb_walk *out);
+
 /* ---- decoding ------------------------------------------------------------------------ */
 
 /* Where decoded records go: one entry per record, index first + i. Every pointer may be NULL

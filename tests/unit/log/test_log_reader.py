@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import struct
 
 import pytest
 from log_helpers import batch
@@ -333,3 +334,95 @@ def _pieces(reader, state, offset):
         piece = reader.read(offset, 1 << 20, state)
         yield bytes(piece.data)
         offset = piece.last_offset + 1
+
+
+def _walk_both(reader, segment, view, *args, **kwargs):
+    """(C result, reference result): each a return value or the CorruptSegmentError text."""
+    out = []
+    for walk in (reader._walk, reader._walk_reference):
+        try:
+            out.append(walk(segment, view, *args, **kwargs))
+        except errors.CorruptSegmentError as exc:
+            out.append(("corrupt", str(exc)))
+    return out
+
+
+def test_the_c_header_walk_agrees_with_the_python_reference_on_good_and_bad_bytes(open_log,
+                                                                                  tmp_path):
+    """LogReader._walk runs in C (_native.walk_batches); _walk_reference is the Python it
+    replaced. Every start (segment start, index entries, hints), every target offset, and
+    the failures (stale entry, broken chain, bad magic, a batch cut by the end) agree."""
+    log = open_log()
+    fill(log, 12, per_batch=3)  # offsets 0..35, batches of 3
+    end = log.active_segment.size
+    path = log.active_segment.path
+    log.close()
+    state = ReadState(36, 0, 0, end)
+    with LogReader(tmp_path / "p0") as reader:
+        reader.read(0, 1, state)
+        segment = reader.last_segment
+        view = segment.view(end)
+        positions, bases = [], []
+        position = 0
+        while position < end:  # bounded by the batches in the file
+            base, length = struct.unpack_from(">qi", view, position)
+            positions.append(position)
+            bases.append(base)
+            position += length + 12
+        cases = 0
+        for i, start in enumerate(positions):
+            for offset in range(0, 40, 1):
+                # From the segment's start, from an index entry (the batch's last offset, or a
+                # wrong one), from a hint (the batch's base, or a wrong one).
+                for args, kwargs in (((start, end, offset, bases[i] + 2), {}),
+                                     ((start, end, offset, bases[i] + 1), {}),
+                                     ((start, end, offset, -1), {"expected_base": bases[i]}),
+                                     ((start, end, offset, -1), {"expected_base": bases[i] + 3}),
+                                     ((start, end - 5, offset, bases[i] + 2), {})):
+                    c, ref = _walk_both(reader, segment, view, *args, **kwargs)
+                    assert c == ref, (args, kwargs)
+                    cases += 1
+        assert cases > 1000
+        # Found, end, bad-entry and a corrupt chain were all among them:
+        assert reader._walk(segment, view, 0, end, 20, -1) == (positions[6], 18)
+        assert reader._walk(segment, view, 0, end, 99, -1) is None
+        assert reader._walk(segment, view, positions[2], end, 20, 7) == "bad-entry"
+        view.release()
+        segment.close()
+    # Damaged bytes: a bad magic in the 5th batch, then a base offset that breaks the chain.
+    for at, patch, what in ((positions[4] + 16, b"\x07", "not a whole RecordBatch v2 header"),
+                            (positions[4], struct.pack(">q", 99), "holds offsets 99..101")):
+        with open(path, "r+b") as f:
+            f.seek(at)
+            saved = f.read(len(patch))
+            f.seek(at)
+            f.write(patch)
+        with LogReader(tmp_path / "p0") as reader:
+            reader.read(0, 1, state)
+            segment = reader.last_segment
+            view = segment.view(end)
+            for start, entry in ((0, -1), (positions[1], 5), (positions[3], 11)):
+                for offset in (14, 30):
+                    c, ref = _walk_both(reader, segment, view, start, end, offset, entry)
+                    assert c == ref
+            c, _ = _walk_both(reader, segment, view, 0, end, 30, -1)
+            assert c[0] == "corrupt" and what in c[1]
+            c, _ = _walk_both(reader, segment, view, positions[3], end, 30, 11)
+            assert c[0] == "corrupt" and what in c[1]  # past a good entry: the log's own fault
+            assert reader._walk(segment, view, positions[4], end, 30, 14) == "bad-entry"
+            view.release()
+            segment.close()
+        with open(path, "r+b") as f:
+            f.seek(at)
+            f.write(saved)
+
+
+def test_the_c_header_walk_refuses_a_range_outside_the_buffer():
+    from shmbroker.native import _native
+
+    with pytest.raises(ValueError, match="outside the buffer"):
+        _native.walk_batches(b"x" * 100, 0, 101, 0, -1, -1)
+    with pytest.raises(ValueError, match="outside the buffer"):
+        _native.walk_batches(b"x" * 100, 50, 40, 0, -1, -1)
+    assert _native.walk_batches(b"x" * 100, 0, 100, 0, -1, -1)[0] == _native.WALK_NOT_HEADER
+    assert _native.walk_batches(b"x" * 100, 60, 100, 0, -1, -1)[0] == _native.WALK_END
