@@ -90,6 +90,18 @@ COMMIT_ONLY_SLEEP_MS_MAX = 500
 
 _RING_READS = L.CONTROL["ring_reads"]
 
+#: Forks this interpreter went through (os.register_at_fork): poll compares it with the one a
+#: consumer was made in, instead of calling getpid (a syscall) on every poll; _check still
+#: compares pids wherever it runs.
+_FORKS = [0]
+
+
+def _count_fork() -> None:
+    _FORKS[0] += 1
+
+
+os.register_at_fork(after_in_child=_count_fork)
+
 
 def _index_of(got: list, position: int, first_offset: int) -> int:
     """Index of the record at ``position`` in decoded records whose first batch starts at
@@ -342,8 +354,12 @@ class Consumer:
         self.read_rings = bool(read_rings) and not self.value_memoryview and \
             self._maps_segments
         self._pid = os.getpid()
+        self._forks = _FORKS[0]
         self._meta = self._new_metadata()
         self._counters = self._new_counters()
+        #: The ring fast path handed out records its counters do not show yet (poll publishes
+        #: them first thing).
+        self._counters_due = False
         self._fetches: dict[TopicPartition, _Fetch] = {}
         self._order: list[_Fetch] = []
         self._next = 0  # round-robin start of the next collect
@@ -788,25 +804,6 @@ class Consumer:
             fetch.bytes_out += len(payload)
         return got, at
 
-    def _ring_poll(self, fetch: _Fetch, wait_ms: int, max_records: int) -> list | None:
-        """The one-call ring read of a caught-up consumer of one partition (RingReads.take):
-        up to ``max_records`` records from the position on, handed out (the rest left
-        pending), or None (nothing by then, or the log has it: the general path looks)."""
-        rings = fetch.rings
-        if rings is None or rings.control is not fetch.control:
-            return None
-        status, got, at, end, seen, beyond = rings.take(
-            fetch.position, BATCH_RECORDS_MAX, fetch.topic, fetch.partition, wait_ms,
-            self.spin_ns, fetch.seen_hw_seq)
-        if status != ring_reads.FOUND:
-            if status is not None:
-                fetch.seen_commit_seq, fetch.beyond_taken = seen, beyond
-            return None
-        if at >= len(got):
-            return None  # no record at the position (cannot happen: checked frames)
-        fetch.pending_end = end
-        return self._hand_out(fetch, got, at, max_records)
-
     def _fill(self, fetch: _Fetch, want: int, out: list) -> int:
         """Append up to ``want`` records of ``fetch`` to ``out``; returns how many. A read
         that finds only offsets without records (empty batches) moves the position past them
@@ -969,29 +966,50 @@ class Consumer:
         Records come partition by partition, each partition's in offset order. Waiting sleeps
         on the partitions' high-watermark futex (no polling; see the module doc).
         """
-        self._check()
+        if self._closed or self._forks != _FORKS[0]:
+            self._check()
         if max_records < 1:
             raise errors.ConfigError(f"max_records must be >= 1, got {max_records}")
+        if self._counters_due:
+            self._counters_due = False
+            self._counters.publish(self._order)  # type: ignore[union-attr]
         deadline = time.monotonic() + timeout_ms / 1000.0 if timeout_ms else 0.0
+        first = True
         while True:  # bounded by the deadline
             if self._group is not None:
                 self._group_poll()
             order = self._order
             if len(order) == 1 and self._group is None and self.read_rings:
                 # One partition read from the rings: the read, the sleep until a producer's
-                # commit and the read after it in one C call (docs/design/consumer.md).
+                # commit and the read after it in one C call (docs/design/consumer.md). Kept
+                # lean: after a wake-up every line here runs on cold caches (a ping-pong's
+                # every poll; perf/RESULTS.md, thirteenth session).
                 fetch = order[0]
-                if not fetch.pending and fetch.rings is not None and \
-                        fetch.position is not None and fetch.position >= fetch.hw >= 0:
+                rings = fetch.rings
+                position = fetch.position
+                if rings is not None and not fetch.pending and position is not None and \
+                        position >= fetch.hw >= 0 and rings.control is fetch.control:
                     wait_ms = 0
-                    if timeout_ms:
+                    if first:
+                        wait_ms = int(timeout_ms + 0.999) if timeout_ms > 0 else 0
+                    elif timeout_ms:
                         left_ms = (deadline - time.monotonic()) * 1000.0
                         wait_ms = int(left_ms + 0.999) if left_ms > 0 else 0
-                    out = self._ring_poll(fetch, wait_ms, max_records)
-                    if out:
-                        if self._counters is not None:
-                            self._counters.publish(order)
+                    status, got, at, end, seen, beyond = rings.take(
+                        position, BATCH_RECORDS_MAX, fetch.topic, fetch.partition, wait_ms,
+                        self.spin_ns, fetch.seen_hw_seq)
+                    if status == ring_reads.FOUND and at < len(got):
+                        fetch.pending_end = end
+                        out = self._hand_out(fetch, got, at, max_records)
+                        # Published at the start of the next poll (before it may sleep), not
+                        # here: off the way from a producer's commit to the application.
+                        self._counters_due = self._counters is not None
                         return out
+                    if status is not None and status != ring_reads.FOUND:
+                        # Nothing by then (or the log has it): the general path looks, and
+                        # its sleep also wakes for this partition's commits.
+                        fetch.seen_commit_seq, fetch.beyond_taken = seen, beyond
+            first = False
             if len(order) == 1 and self._group is None and TAIL_READ and self._maps_segments \
                     and not self.value_memoryview and not (
                         self.read_rings and _native.atomic_load_u32(order[0].control.buf,
@@ -1216,11 +1234,13 @@ class Consumer:
         """In a forked child: drop the parent's mappings and regions (without closing what the
         parent still uses) and attach our own; positions carry over."""
         self._pid = os.getpid()
+        self._forks = _FORKS[0]
         old_meta, self._meta = self._meta, LocalMetadata(self.data_dir)
         old_meta.close()  # unmaps the child's copies only; the parent's stay
         # The parent's counters region stays the parent's (not unlinked): the child counts
         # in a region of its own.
         self._counters = self._new_counters() if self._counters is not None else None
+        self._counters_due = False
         for fetch in self._order:
             fetch.counter_slot = None
         if self._group_args is not None:

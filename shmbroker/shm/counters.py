@@ -208,7 +208,8 @@ class ConsumerCounters:
     consumer itself (owner and writer both), unlinked by :meth:`close`. Totals live in the
     table, per-partition records and bytes out in slots; a partition gets its slot the first
     time it hands out records and keeps it (slots only grow). Everything is mirrored in
-    Python and stored by :meth:`publish`, once per poll that returned records."""
+    Python and stored by :meth:`publish`, once per poll that returned records (for a poll
+    served by the ring fast path, at the start of the next poll: docs/design/monitor.md)."""
 
     def __init__(self, region: CountersRegion):
         self._region = region

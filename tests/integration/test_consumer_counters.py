@@ -147,3 +147,29 @@ def test_a_clean_stop_removes_the_regions_of_consumers_still_open(broker, topic)
         assert consumer_regions(broker.data_dir) == []
     finally:
         consumer.close()  # its region is gone already: close says nothing of it
+
+
+def test_a_poll_served_from_a_ring_is_counted_at_the_start_of_the_next_poll(broker, topic):
+    """The one-partition ring fast path hands records out without publishing its counters
+    (the publish would sit between the producer's commit and the application): the next poll
+    publishes them first thing, before it may sleep. The partition process is stopped
+    (SIGSTOP) meanwhile, so the record is certainly read from the ring, not from the log."""
+    from shmbroker.shm.counters import CountersReader
+
+    pids = broker.partition_pids(broker.wait_running())
+    with Consumer(broker=broker.data_dir, auto_offset_reset="earliest") as consumer, \
+            Producer(broker=broker.data_dir, acks=0) as producer:
+        consumer.assign([TopicPartition(topic, 0)])
+        assert consumer.poll(timeout_ms=50) == []  # caught up: at the high watermark
+        [region] = consumer_regions(broker.data_dir)
+        os.kill(pids[(topic, 0)], signal.SIGSTOP)
+        try:
+            with CountersReader.attach(region) as reader:
+                producer.send(topic, b"from the ring", partition=0)
+                got = consumer.poll(timeout_ms=5_000)
+                assert [r.value for r in got] == [b"from the ring"]
+                assert reader.read()["records_out"] == 0, "not published on the way out"
+                assert consumer.poll(timeout_ms=0) == []
+                assert reader.read()["records_out"] == 1
+        finally:
+            os.kill(pids[(topic, 0)], signal.SIGCONT)
