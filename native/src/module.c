@@ -1835,22 +1835,31 @@ static int tail_wait(uint8_t *ctl, uint32_t seen, long long wait_ms, long long s
 static PyObject *py_tail_read(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     /* control, segment_map, segment_base, offset, position, checked_end, fd, max_bytes,
-     * verify_crc, topic, partition[, wait_ms, spin_ns] */
-    if (nargs != 11 && nargs != 13)
-        return PyErr_Format(PyExc_TypeError, "tail_read takes 11 or 13 arguments, got %zd",
+     * verify_crc, topic, partition[, wait_ms, spin_ns[, hint_offset]]: hint_offset is the base
+     * offset of the batch at `position` (default: offset); below offset, the batch holding
+     * offset is found by walking headers from there (shmb_rb_walk_to: a consumer that took
+     * the records in between from a ring), and records before offset are left out. */
+    if (nargs != 11 && nargs != 13 && nargs != 14)
+        return PyErr_Format(PyExc_TypeError, "tail_read takes 11, 13 or 14 arguments, got %zd",
                             nargs);
     module_state *st = get_state(module);
     long long segment_base, offset, position, checked_end, fd, max_bytes, partition;
-    long long wait_ms = 0, spin_ns = 0;
+    long long wait_ms = 0, spin_ns = 0, hint_offset;
     if (tail_ll(args[2], &segment_base) < 0 || tail_ll(args[3], &offset) < 0 ||
         tail_ll(args[4], &position) < 0 || tail_ll(args[5], &checked_end) < 0 ||
         tail_ll(args[6], &fd) < 0 || tail_ll(args[7], &max_bytes) < 0 ||
         tail_ll(args[10], &partition) < 0)
         return NULL;
-    if (nargs == 13 && (tail_ll(args[11], &wait_ms) < 0 || tail_ll(args[12], &spin_ns) < 0))
+    if (nargs >= 13 && (tail_ll(args[11], &wait_ms) < 0 || tail_ll(args[12], &spin_ns) < 0))
+        return NULL;
+    hint_offset = offset;
+    if (nargs == 14 && tail_ll(args[13], &hint_offset) < 0)
         return NULL;
     if (wait_ms < 0 || spin_ns < 0)
         return PyErr_Format(PyExc_ValueError, "tail_read: wait_ms and spin_ns must be >= 0");
+    if (hint_offset < 0 || hint_offset > offset)
+        return PyErr_Format(PyExc_ValueError, "tail_read: hint_offset %lld outside [0, %lld]",
+                            hint_offset, offset);
     int verify_crc = PyObject_IsTrue(args[8]);
     if (verify_crc < 0)
         return NULL;
@@ -1930,13 +1939,24 @@ again:
             goto declined;
         checked_end = end;
     }
-    /* Whole batches from the hint, chained from offset, below hw, within max_bytes (the first
+    /* A hint a little behind offset: on to the batch holding it (a batch that does not
+     * chain, or no whole one: declined, the Python read says what is wrong). */
+    int64_t first = offset;
+    if (hint_offset < offset) {
+        shmb_rb_walk w;
+        if (shmb_rb_walk_to(map, (size_t)end, (size_t)position, offset, hint_offset, -1, &w) !=
+            SHMB_RB_WALK_FOUND)
+            goto declined;
+        position = (long long)w.position;
+        first = w.base;
+    }
+    /* Whole batches from there, chained from its base, below hw, within max_bytes (the first
      * one whatever its size). Headers only here; shmb_rb_decode checks everything. */
     size_t pos = (size_t)position, stop = pos, limit;
     limit = (size_t)end;
     if (max_bytes > 0 && (size_t)position + (size_t)max_bytes < limit)
         limit = (size_t)position + (size_t)max_bytes;
-    int64_t expected = offset;
+    int64_t expected = first;
     for (int batches = 0; pos + SHMB_RB_HEADER_SIZE <= (size_t)end; batches++) {
         shmb_rb_header h;
         shmb_rb_header_read(map + pos, &h);
@@ -1971,11 +1991,20 @@ again:
     } else {
         status = shmb_rb_decode(data, len, verify_crc, &oc.cols, cap, &n, &err);
     }
-    if (status != SHMB_RB_SCAN_OK || n == 0 || oc.cols.offsets[0] != offset)
+    if (status != SHMB_RB_SCAN_OK || n == 0 || oc.cols.offsets[0] != first)
+        goto declined;
+    size_t skip = 0; /* records of the first batch before offset (after a walk) */
+    while (skip < n && oc.cols.offsets[skip] < offset) /* bounded by n */
+        skip++;
+    if (skip == n)
         goto declined;
     PyObject *records = build_records(st, data, len, &oc.cols, n, topic, (int64_t)partition);
     if (records == NULL)
         goto done;
+    if (skip > 0 && PyList_SetSlice(records, 0, (Py_ssize_t)skip, NULL) < 0) {
+        Py_DECREF(records);
+        goto done;
+    }
     result = Py_BuildValue("(iILNLLLn)", TAIL_RECORDS, hw_seq, (long long)hw, records,
                            (long long)stop, (long long)expected, checked_end, (Py_ssize_t)len);
     goto done;
@@ -5011,14 +5040,15 @@ static PyMethodDef module_methods[] = {
      "walking (a next_hint of an earlier call, or 0). Never writes to the ring."},
     {"tail_read", (PyCFunction)(void (*)(void))py_tail_read, METH_FASTCALL,
      "tail_read(control, segment_map, segment_base, offset, position, checked_end, fd,\n"
-     "          max_bytes, verify_crc, topic, partition[, wait_ms, spin_ns])\n"
+     "          max_bytes, verify_crc, topic, partition[, wait_ms, spin_ns[, hint_offset]])\n"
      "-> (TAIL_RECORDS, hw_seq, hw, records, next_position, next_offset, checked_end, nbytes)\n"
      "   | (TAIL_NOTHING, hw_seq, hw, None, ...) | (TAIL_DECLINED, None, ...): 8 items\n\n"
      "A caught-up consumer's read of the active segment from its hint, in one call; declines\n"
      "anything else (the caller then reads with log/reader.py, the reference). With wait_ms\n"
      "> 0 and nothing new, it first sleeps (GIL released) until the partition publishes or\n"
      "wait_ms pass (spinning spin_ns first), then reads once more; TAIL_NOTHING on a timeout\n"
-     "or a signal (whose handler has run)."},
+     "or a signal (whose handler has run). hint_offset (default offset): the base offset of\n"
+     "the batch at position; below offset, it walks batch headers on to offset's batch."},
     {"decode_records", (PyCFunction)(void (*)(void))py_decode_records,
      METH_VARARGS | METH_KEYWORDS,
      "decode_records(buf, verify_crc=True, topic=None, partition=-1) -> list[Record]"},

@@ -43,7 +43,7 @@ from ..config import (ADMIN_REQUEST_TIMEOUT_MS, GROUP_AUTO_COMMIT_INTERVAL_MS_DE
                       default_data_dir)
 from ..coordinator.topics import partition_dir
 from ..layout import shm as L
-from ..log.reader import LogReader
+from ..log.reader import HINT_WALK_OFFSETS_MAX, LogReader
 from ..shm.control import ControlRegion
 from ..shm.counters import ConsumerCounters
 from .group_membership import DEFAULT_PROTOCOLS, REJOIN_ERRORS, CommitCallback, GroupMembership
@@ -902,14 +902,18 @@ class Consumer:
         reads again once woken, so a wake-up runs no Python before the records are decoded:
         on the round trip's critical path (perf/RESULTS.md, eighth session)."""
         segment = fetch.reader.last_segment
-        if segment is None or segment.hint_offset != fetch.position or segment.map is None \
-                or segment.fd is None:
+        if segment is None or segment.map is None or segment.fd is None:
             return None
+        hint, position = segment.hint_offset, fetch.position
+        # At the hint, or a little past it (the records in between came from a ring): the C
+        # read walks on from there, as LogReader does.
+        if hint != position and not 0 <= hint < position <= hint + HINT_WALK_OFFSETS_MAX:
+            return None
+        args = (fetch.control.buf, segment.map, segment.base_offset, position,
+                segment.hint_position, segment.checked_end, segment.fd, self.fetch_max_bytes,
+                self.check_crcs, fetch.topic, fetch.partition, wait_ms, self.spin_ns)
         status, hw_seq, hw, got, next_position, next_offset, checked_end, nbytes = \
-            _native.tail_read(fetch.control.buf, segment.map, segment.base_offset,
-                              fetch.position, segment.hint_position, segment.checked_end,
-                              segment.fd, self.fetch_max_bytes, self.check_crcs, fetch.topic,
-                              fetch.partition, wait_ms, self.spin_ns)
+            _native.tail_read(*args) if hint == position else _native.tail_read(*args, hint)
         if status == _native.TAIL_DECLINED:
             return None
         fetch.seen_hw_seq, fetch.hw = hw_seq, hw

@@ -298,7 +298,7 @@ def test_tail_read_waits_at_most_wait_ms_and_refuses_negative_waits(parts):
         assert 0.11 <= time.monotonic() - t0 < 5.0
         with pytest.raises(ValueError, match="wait_ms"):
             _native.tail_read(*args, -1, 0)
-        with pytest.raises(TypeError, match="11 or 13"):
+        with pytest.raises(TypeError, match="11, 13 or 14"):
             _native.tail_read(*args, 5)
 
 
@@ -359,3 +359,73 @@ def test_a_spinning_tail_read_is_not_counted_as_a_sleeper_until_it_sleeps(parts)
         assert time.monotonic() - t0 < 5.0
         assert [r.value for r in out[0][3]] == [b"third"]
         assert _native.atomic_load_u32(control.buf, waiters) == 0
+
+
+def test_tail_read_walks_on_from_a_hint_a_little_behind_the_offset(parts):
+    """hint_offset below offset (a consumer that took the records in between from a ring):
+    the C read walks batch headers from the hint to the batch holding offset and returns the
+    records from offset on, as the Python read (the reference) does; a hint whose batch is
+    not at hint_offset is declined, a hint_offset past offset refused."""
+    parts.create_topic("t", 1, segment_bytes=1 << 20)
+    control = parts.controls[("t", 0)]
+    directory = partition_dir(parts.data_dir, "t", 0)
+    rng = random.Random(5)
+    for _ in range(30):  # bounded: batches of 1..6 records
+        values, keys, headers = _mixed_batch(rng, 0)
+        parts.append("t", 0, values, keys=keys, headers=headers)
+    hw = parts.logs[("t", 0)].high_watermark
+    reader = LogReader(directory)
+    try:
+        reader.read(0, 1, control.read_state())  # the first batch: the hint after it
+        segment = reader.last_segment
+        hint, hint_position = segment.hint_offset, segment.hint_position
+        assert hint > 0
+        walked = 0
+        for offset in range(hint, min(hw, hint + 60)):
+            for max_bytes in (1, 1 << 20):
+                status, _, _, got, next_position, next_offset, _, nbytes = _native.tail_read(
+                    control.buf, segment.map, segment.base_offset, offset, hint_position,
+                    segment.checked_end, segment.fd, max_bytes, True, "t", 0, 0, 0, hint)
+                assert status == _native.TAIL_RECORDS
+                with LogReader(directory) as fresh:  # the reference, from nothing cached
+                    piece = fresh.read(offset, max_bytes, control.read_state())
+                    want = [r for r in records.decode_records(piece.data, True, "t", 0)
+                            if r.offset >= offset]
+                assert _fields(got) == _fields(want) and got[0].offset == offset
+                assert (next_position, next_offset) == \
+                    (piece.file_position + piece.length, piece.last_offset + 1)
+                assert nbytes == piece.length
+                walked += offset > hint
+        assert walked > 50
+        # The batch at the hint position does not start at hint_offset: declined.
+        assert _native.tail_read(control.buf, segment.map, segment.base_offset, hint + 5,
+                                 hint_position, segment.checked_end, segment.fd, 1 << 20, True,
+                                 "t", 0, 0, 0, hint - 1)[0] == _native.TAIL_DECLINED
+        with pytest.raises(ValueError, match="hint_offset"):
+            _native.tail_read(control.buf, segment.map, segment.base_offset, hint,
+                              hint_position, segment.checked_end, segment.fd, 1 << 20, True,
+                              "t", 0, 0, 0, hint + 1)
+    finally:
+        reader.close()
+
+
+def test_a_consumer_a_little_past_its_last_log_read_reads_in_one_c_call(parts, data_dir,
+                                                                          monkeypatch):
+    """After its position moved ahead of the log read's hint (here by seek; in a ping-pong by
+    records taken from a ring), the consumer's next log read is still the one C call."""
+    counting = _CountingNative()
+    monkeypatch.setattr(consumer_module, "_native", counting)
+    parts.create_topic("t", 1)
+    for i in range(40):  # bounded
+        parts.append("t", 0, [b"%d" % i, b"%d'" % i])  # offsets 2i, 2i + 1
+    # fetch_max_bytes=1: every log read takes one batch, so its hint ends right after it.
+    with Consumer(broker=data_dir, auto_offset_reset="earliest", fetch_max_bytes=1) as consumer:
+        consumer.assign([("t", 0)])
+        assert [r.offset for r in consumer.poll(timeout_ms=1000, max_records=2)] == [0, 1]
+        for target in (7, 20, 33, 60):  # each ahead of where the last read ended
+            consumer.seek(("t", 0), target)
+            counting.tail_statuses.clear()
+            got = consumer.poll(timeout_ms=1000, max_records=1)
+            assert [(r.offset, r.value) for r in got] == \
+                [(target, b"%d" % (target // 2) + (b"'" if target % 2 else b""))]
+            assert counting.tail_statuses == [_native.TAIL_RECORDS]
