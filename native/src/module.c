@@ -2252,6 +2252,12 @@ static int ring_poll_run(module_state *st, uint8_t *ctl, PyObject *rings, const 
         out->beyond = !(taken & SHMB_NEXT_OFFSET_UNSET) && (uint64_t)offset >= taken;
         if (attempt > 0 || wait_ms <= 0)
             return 0;
+        /* Taken, in no ring, and the partition published past it: it is in the log now (its
+         * frame was released before this look). No sleep: it would return at once on hw_seq,
+         * and counting in hw_waiters would wake a dozing partition for nothing. */
+        if (!out->beyond &&
+            (int64_t)shmb_u64_load_acquire(ctl + SHMB_CTL_HIGH_WATERMARK_OFFSET) > offset)
+            return 0;
         int r = ring_poll_wait(ctl, out->seen_commit, (uint32_t)seen_hw, out->beyond, wait_ms,
                                spin_ns);
         if (r == SHMB_WAIT_INTERRUPTED && PyErr_CheckSignals() < 0)

@@ -1010,9 +1010,18 @@ class Consumer:
                         self._counters_due = self._counters is not None
                         return out
                     if status is not None and status != ring_reads.FOUND:
-                        # Nothing by then (or the log has it): the general path looks, and
-                        # its sleep also wakes for this partition's commits.
                         fetch.seen_commit_seq, fetch.beyond_taken = seen, beyond
+                        if status == ring_reads.NONE and not beyond and TAIL_READ:
+                            # Taken but in no ring: the partition released its frame before
+                            # we looked, so the log has it, a little past the last log read
+                            # (one C call; a missed frame's poll makes a ping-pong's p99).
+                            got = self._tail_read(fetch)
+                            if got:
+                                out = self._hand_out(fetch, got, 0, max_records)
+                                self._counters_due = self._counters is not None
+                                return out
+                        # Else the general path looks, and its sleep also wakes for this
+                        # partition's commits.
             first = False
             if len(order) == 1 and self._group is None and TAIL_READ and self._maps_segments \
                     and not self.value_memoryview and not (

@@ -216,3 +216,55 @@ def test_a_position_producers_took_past_the_log_is_waited_at_by_every_reader_not
         local.close()
         remote.close()
     control.close()
+
+
+def test_a_frame_released_before_the_consumer_looked_is_read_from_the_log_in_one_call(
+        topic, monkeypatch):
+    """A caught-up ring reader whose next record's frame the partition already appended and
+    released (a ping-pong's slow hop) gets it from the log in the same poll: ring_take does
+    not sleep on an offset the published high watermark already passed (nor count itself as
+    an hw waiter, which would wake a dozing partition), and poll reads it with one tail_read
+    call, not the general path. Every record comes once, in order."""
+    import shmbroker.client.consumer as consumer_module
+    from shmbroker.layout import shm as L
+    from shmbroker.native import _native
+
+    calls: list = []
+
+    class Observed:  # the real extension, with tail_read's statuses recorded
+        def tail_read(self, *args):
+            result = _native.tail_read(*args)
+            calls.append(result[0])
+            return result
+
+        def __getattr__(self, name):
+            return getattr(_native, name)
+
+    broker, _ = topic
+    control = _control(broker.data_dir, "r")
+    consumer = Consumer("r", broker=broker.data_dir, auto_offset_reset="earliest")
+    try:
+        assert consumer.poll(timeout_ms=50) == []  # caught up, ring reads set up
+        monkeypatch.setattr(consumer_module, "_native", Observed())
+        collects = []
+        original = Consumer._collect
+        monkeypatch.setattr(Consumer, "_collect",
+                            lambda self, n: collects.append(n) or original(self, n))
+        with Producer(broker=broker.data_dir, acks=1) as producer:
+            for i in range(5):  # bounded
+                producer.send("r", b"r%d" % i, partition=0).result(timeout=10)  # appended
+                writer = producer._writers[("r", 0)]
+                wait_for(lambda: _native.atomic_load_u64(writer.buf, L.RING["read_position"])
+                         == writer.written_position, what="the frame's space released")
+                assert control.read_state().high_watermark == i + 1
+                calls.clear()
+                got = consumer.poll(timeout_ms=5_000, max_records=10)
+                assert [(r.offset, r.value) for r in got] == [(i, b"r%d" % i)]
+                if i == 0:  # the first log read finds the segment (the general path)
+                    collects.clear()
+                    continue
+                assert calls == [_native.TAIL_RECORDS]
+        assert collects == [], "the general path ran only for the first log read"
+    finally:
+        consumer.close()
+        control.close()

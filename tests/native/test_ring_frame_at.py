@@ -354,3 +354,23 @@ def test_ring_take_keeps_each_rings_hint_for_the_offsets_after_what_it_read():
     # A stale hint (it points past the frames below its hint_from) is ignored for those.
     status, got, at, *_ = take(control, rings, 0, hints=hints, froms=froms)
     assert status == S["FOUND"] and got[at].offset == 0
+
+
+def test_ring_take_does_not_sleep_on_an_offset_the_high_watermark_passed():
+    """Offset 5 was taken (next_offset 9), no ring holds it, and the partition published a
+    high watermark past it: its frame was released, the log has it. ring_take returns at
+    once (no sleep, no count in hw_waiters, which would wake a dozing partition); with the
+    high watermark at or below it, it sleeps as before (here: until its timeout)."""
+    control, ring = new_control(9), new_ring()
+    allow_ring_reads(control)
+    seen_hw = 4
+    put(control, "<I", L.CONTROL["hw_seq"], seen_hw)
+    put(control, "<q", L.CONTROL["high_watermark"], 8)
+    started = time.monotonic()
+    status, got, _, _, _, beyond = take(control, [ring], 5, wait_ms=3_000, seen_hw=seen_hw)
+    assert (status, got, beyond) == (S["NONE"], None, 0)
+    assert time.monotonic() - started < 1.0
+    put(control, "<q", L.CONTROL["high_watermark"], 5)
+    started = time.monotonic()
+    assert take(control, [ring], 5, wait_ms=300, seen_hw=seen_hw)[0] == S["NONE"]
+    assert time.monotonic() - started >= 0.2
