@@ -2071,11 +2071,11 @@ static PyObject *py_ring_frame_at(PyObject *module, PyObject *const *args, Py_ss
 
 /* consumer.COMMIT_ONLY_SLEEP_MS_MAX: the sleep on the commit word alone is cut to this. */
 #define RING_POLL_COMMIT_ONLY_MS_MAX 500
-/* Frames (and payload bytes) one ring_poll takes from a ring at most. */
+/* Frames (and payload bytes) one ring_take takes from a ring at most. */
 #define RING_POLL_FRAMES_MAX 64
 #define RING_POLL_BYTES_MAX (1 << 20)
 
-/* ==== ring_poll: a caught-up consumer's ring read, its wait and its decode in one call ===== */
+/* ==== ring_take: a caught-up consumer's ring read, its wait and its decode in one call ===== */
 
 /* Sleeps until a producer commits (commit_seq != seen_commit) or, unless beyond_taken (no
  * producer took the offset yet: a publish cannot bring it), the partition publishes (hw_seq
@@ -2120,7 +2120,7 @@ static int ring_poll_wait(uint8_t *ctl, uint32_t seen_commit, uint32_t seen_hw,
     return r;
 }
 
-/* One ring frame for ring_poll: shmb_ring_frame_at, and on FOUND its records decoded into
+/* One ring frame for ring_take: shmb_ring_frame_at, and on FOUND its records decoded into
  * *records (a new list). Returns the FRAME_AT status, or -1 with a Python error set. */
 static int ring_poll_frame(module_state *st, Py_buffer *rv, uint8_t *ctl, int64_t offset,
                            uint64_t hint, long long bytes_max, long long records_max,
@@ -2171,8 +2171,8 @@ typedef struct {
     uint64_t next_hint;
 } ring_poll_out;
 
-/* The look, the sleep and the second look of ring_poll and ring_take: the rings (a list of
- * mappings) with their hints (one per ring). 0, or -1 with a Python error set. */
+/* The look, the sleep and the second look of ring_take: the rings (a list of mappings) with
+ * their hints (one per ring). 0, or -1 with a Python error set. */
 static int ring_poll_run(module_state *st, uint8_t *ctl, PyObject *rings, const uint64_t *hints,
                          long long offset, long long bytes_max, long long records_max,
                          PyObject *topic, long long partition, long long wait_ms,
@@ -2268,7 +2268,7 @@ static int ring_poll_run(module_state *st, uint8_t *ctl, PyObject *rings, const 
     return 0;
 }
 
-/* Hints for ring_poll_run from a list of ints, into buf (RING_TAKE_RINGS_MAX) or a new array
+/* Room for ring_poll_run's hints: buf (RING_TAKE_RINGS_MAX) or a new array
  * (*owned, to free). NULL with a Python error set on failure. */
 #define RING_TAKE_RINGS_MAX 32
 
@@ -2281,63 +2281,6 @@ static uint64_t *hints_array(Py_ssize_t n, uint64_t *buf, uint64_t **owned)
     if (*owned == NULL)
         PyErr_NoMemory();
     return *owned;
-}
-
-static PyObject *py_ring_poll(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
-{
-    /* control, rings, hints, offset, batch_bytes_max, records_max, topic, partition, wait_ms,
-     * spin_ns, seen_hw_seq */
-    if (nargs != 11)
-        return PyErr_Format(PyExc_TypeError, "ring_poll takes 11 arguments, got %zd", nargs);
-    module_state *st = get_state(module);
-    long long offset, bytes_max, records_max, partition, wait_ms, spin_ns, seen_hw;
-    if (tail_ll(args[3], &offset) < 0 || tail_ll(args[4], &bytes_max) < 0 ||
-        tail_ll(args[5], &records_max) < 0 || tail_ll(args[7], &partition) < 0 ||
-        tail_ll(args[8], &wait_ms) < 0 || tail_ll(args[9], &spin_ns) < 0 ||
-        tail_ll(args[10], &seen_hw) < 0)
-        return NULL;
-    PyObject *rings = args[1], *hints = args[2], *topic = args[6];
-    if (!PyList_CheckExact(rings) || !PyList_CheckExact(hints) ||
-        PyList_GET_SIZE(rings) != PyList_GET_SIZE(hints))
-        return PyErr_Format(PyExc_TypeError, "ring_poll: rings and hints: lists of one length");
-    if (topic != Py_None && !PyUnicode_CheckExact(topic))
-        return PyErr_Format(PyExc_TypeError, "ring_poll: topic must be str or None");
-    if (offset < 0 || wait_ms < 0 || spin_ns < 0)
-        return PyErr_Format(PyExc_ValueError, "ring_poll: negative offset, wait_ms or spin_ns");
-    Py_ssize_t n = PyList_GET_SIZE(rings);
-    uint64_t hint_buf[RING_TAKE_RINGS_MAX], *owned;
-    uint64_t *hint_values = hints_array(n, hint_buf, &owned);
-    if (hint_values == NULL)
-        return NULL;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        hint_values[i] = PyLong_AsUnsignedLongLong(PyList_GET_ITEM(hints, i));
-        if (hint_values[i] == (unsigned long long)-1 && PyErr_Occurred()) {
-            PyMem_Free(owned);
-            return NULL;
-        }
-    }
-    Py_buffer cv;
-    if (region_view(args[0], 0, &cv, "control region") < 0) {
-        PyMem_Free(owned);
-        return NULL;
-    }
-    PyObject *result = NULL;
-    ring_poll_out o;
-    if (cv.len < SHMB_CONTROL_REGISTRY_OFFSET) {
-        PyErr_Format(PyExc_ValueError, "ring_poll: control region too short");
-    } else if (ring_poll_run(st, cv.buf, rings, hint_values, offset, bytes_max, records_max,
-                             topic, partition, wait_ms, spin_ns, seen_hw, &o) == 0) {
-        if (o.status == SHMB_FRAME_AT_FOUND)
-            result = Py_BuildValue("(iNLKnKIi)", o.status, o.records, (long long)o.base,
-                                   (unsigned long long)o.span, o.index,
-                                   (unsigned long long)o.next_hint, o.seen_commit, 0);
-        else
-            result = Py_BuildValue("(iOLKnKIi)", o.status, Py_None, -1LL, 0ULL, (Py_ssize_t)-1,
-                                   0ULL, o.seen_commit, o.beyond);
-    }
-    PyBuffer_Release(&cv);
-    PyMem_Free(owned);
-    return result;
 }
 
 /* ring_take(control, rings, hints, hint_froms, offset, registry_seen, records_max, topic,
@@ -5029,15 +4972,6 @@ static PyMethodDef module_methods[] = {
      "ring_take(control, rings, hints, hint_froms, offset, registry_seen, records_max, topic, "
      "partition, wait_ms, spin_ns, seen_hw_seq) -> (status, records, at, end, seen_commit, "
      "beyond): RingReads.take in one call"},
-    {"ring_poll", (PyCFunction)(void (*)(void))py_ring_poll, METH_FASTCALL,
-     "ring_poll(control, rings, hints, offset, batch_bytes_max, records_max, topic,\n"
-     "          partition, wait_ms, spin_ns, seen_hw_seq)\n"
-     "-> (FRAME_AT_* status, records or None, base, span, ring index, next_hint,\n"
-     "    commit_seq seen, beyond_taken)\n\n"
-     "A consumer's ring read (ring_frame_at over each ring, hints[i] for rings[i]) decoded\n"
-     "into Records; when no ring holds the offset and wait_ms > 0, sleeps on the commit word\n"
-     "(and the high watermark's, unless no producer took the offset yet: then at most\n"
-     "RING_POLL_COMMIT_ONLY_MS_MAX) and looks once more, in the same call."},
     {"ring_frame_at", (PyCFunction)(void (*)(void))py_ring_frame_at, METH_FASTCALL,
      "ring_frame_at(ring, control, offset, hint, batch_bytes_max, records_max)\n"
      "-> (FRAME_AT_* status, payload bytes or None, base, span, next_hint)\n\n"
