@@ -43,7 +43,7 @@ from ..config import (ADMIN_REQUEST_TIMEOUT_MS, GROUP_AUTO_COMMIT_INTERVAL_MS_DE
                       default_data_dir)
 from ..coordinator.topics import partition_dir
 from ..layout import shm as L
-from ..log.reader import HINT_WALK_OFFSETS_MAX, LogReader
+from ..log.reader import LogReader, walks_on
 from ..shm.control import ControlRegion
 from ..shm.counters import ConsumerCounters
 from .group_membership import DEFAULT_PROTOCOLS, REJOIN_ERRORS, CommitCallback, GroupMembership
@@ -907,7 +907,7 @@ class Consumer:
         hint, position = segment.hint_offset, fetch.position
         # At the hint, or a little past it (the records in between came from a ring): the C
         # read walks on from there, as LogReader does.
-        if hint != position and not 0 <= hint < position <= hint + HINT_WALK_OFFSETS_MAX:
+        if hint != position and not walks_on(hint, position):
             return None
         args = (fetch.control.buf, segment.map, segment.base_offset, position,
                 segment.hint_position, segment.checked_end, segment.fd, self.fetch_max_bytes,

@@ -78,6 +78,13 @@ MAPPED_SEGMENTS_MAX = 4
 #: A read this few offsets past where the last one ended walks on from there instead of
 #: looking the offset up in the index (bounded: a few batch headers).
 HINT_WALK_OFFSETS_MAX = 256
+
+
+def walks_on(hint: int, offset: int) -> bool:
+    """Whether a read of ``offset`` walks on from a hint (the offset where the last read of
+    the segment ended) rather than using the index: a little past it. Consumer._tail_read
+    asks the same of the C read."""
+    return 0 <= hint < offset <= hint + HINT_WALK_OFFSETS_MAX
 #: Smallest mapping of a segment (address space, not memory: only touched pages cost).
 MAP_BYTES_MIN = 64 * 1024 * 1024
 #: Bytes of batch headers walked per native scan call (Kafka's default index interval: between
@@ -444,7 +451,7 @@ class LogReader:
             if hint == offset and segment.hint_position + _HEADER <= end \
                     and _HEAD.unpack_from(view, segment.hint_position)[0] == offset:
                 position, first = segment.hint_position, offset
-            elif 0 <= hint < offset <= hint + HINT_WALK_OFFSETS_MAX and \
+            elif walks_on(hint, offset) and \
                     0 <= segment.hint_position and segment.hint_position + _HEADER <= end and \
                     _HEAD.unpack_from(view, segment.hint_position)[0] == hint:
                 # A little past the last read (a consumer that took the records in between
