@@ -4599,11 +4599,14 @@ static int drain_arg_int(PyObject *o, int *out)
     return 0;
 }
 
-/* The doorbell sleep that may precede a round (drain_sleep_round). */
+/* The doorbell sleep that may precede a round (drain_sleep_round), and with rounds_max > 1
+ * the steady-state loop after it (drain_loop). */
 typedef struct {
     uint32_t seen;
     long long timeout_ms, spin_ns, doze_ms;
-    int status; /* out: the sleep's WAIT_* status */
+    int status; /* out: the last sleep's WAIT_* status */
+    long long rounds_max, budget_ms, registry_seen; /* drain_loop; rounds_max <= 1: one round */
+    int rounds; /* out: rounds drain_loop ran */
 } drain_sleep_args;
 
 /* CLOCK_REALTIME in ms, floored as Python's // (ns before 1970 are negative): the wall clock
@@ -4619,6 +4622,156 @@ static int drain_wall_clock_ms(int64_t *out)
         ms -= 1;
     *out = ms;
     return 0;
+}
+
+/* Appends n entries (a round's, malloc'd) to *dst (count *dst_n), realloc'd; 0, or -1 when
+ * out of memory (*dst unchanged). */
+static int entries_join(shmb_drain_entry **dst, size_t *dst_n, const shmb_drain_entry *src,
+                        size_t n)
+{
+    if (n == 0)
+        return 0;
+    shmb_drain_entry *grown = realloc(*dst, (*dst_n + n) * sizeof *grown);
+    if (grown == NULL)
+        return -1;
+    memcpy(grown + *dst_n, src, n * sizeof *src);
+    *dst = grown;
+    *dst_n += n;
+    return 0;
+}
+
+/* Steady-state rounds without Python in between (docs/design/partition.md, "What a round
+ * costs"): the doorbell sleep (or doze), a round, and while each round appended frames and
+ * left nothing for Python (no broken or held-back ring; index entries are gathered), the next
+ * sleep prepared as PartitionOwner.wait_for_work does (at once when a picked ring is readable)
+ * and the next round, from the state the last one left: the log end, the segment's size, the
+ * index rule and the indexes' room in `log`, each ring's position and sequence. It ends at a
+ * sleep that times out
+ * or is interrupted, a round that takes nothing or declines (nothing changed: Python's round
+ * runs it), a registry change, sl->rounds_max rounds or sl->budget_ms. *out is the rounds'
+ * sum (the last round's ends, every round's index entries in order), h->rings[i].count each
+ * ring's total; the status is the first round's when it did not run DONE, WRITE_FAILED when a
+ * later write failed or its entries found no memory (the process exits on that LogError and
+ * its restart recovers), else DONE (-1: no round ran).
+ * Runs without the GIL; `totals` and `saved` have room for h->n entries. */
+static int drain_loop(drain_hold *h, uint8_t *ctl, size_t ctl_len, uint8_t *scratch,
+                      size_t scratch_len, shmb_drain_log *log, drain_sleep_args *sl,
+                      shmb_drain_result *out, uint64_t *totals, shmb_drain_ring *saved)
+{
+    int status = -1, rounds = 0, do_sleep = 1;
+    uint32_t seen = sl->seen;
+    long long budget = sl->budget_ms < sl->timeout_ms ? sl->budget_ms : sl->timeout_ms;
+    int64_t deadline = shmb_monotonic_ns() + (budget > 0 ? budget : 0) * 1000000LL;
+    long long timeout_ms = sl->timeout_ms;
+    memset(out, 0, sizeof *out);
+    for (Py_ssize_t i = 0; i < h->n; i++)
+        totals[i] = 0;
+    while (rounds < sl->rounds_max) { /* bounded by rounds_max */
+        if (do_sleep) {
+            sl->status = shmb_drain_sleep(ctl, seen, timeout_ms, sl->spin_ns, sl->doze_ms);
+            if (sl->status == SHMB_WAIT_TIMEOUT || sl->status == SHMB_WAIT_INTERRUPTED)
+                break;
+        }
+        if (drain_wall_clock_ms(&log->now_ms) < 0)
+            break;
+        /* A round that declines (or takes nothing) may still have moved the rings' outputs
+         * (what it collected): Python must see the last appending round's. */
+        if (rounds > 0)
+            memcpy(saved, h->rings, (size_t)h->n * sizeof *saved);
+        shmb_drain_result r;
+        int st = shmb_drain_round(h->rings, (size_t)h->n, ctl, ctl_len, scratch, scratch_len,
+                                  log, &r);
+        if (rounds == 0 || st == SHMB_DRAIN_WRITE_FAILED) {
+            shmb_drain_result_free(out);
+            *out = r;
+            status = st;
+            if (st != SHMB_DRAIN_DONE)
+                break;
+        } else if (st != SHMB_DRAIN_DONE || r.frames == 0) {
+            shmb_drain_result_free(&r); /* declined, or nothing: nothing changed */
+            memcpy(h->rings, saved, (size_t)h->n * sizeof *saved);
+            break;
+        } else {
+            out->frames += r.frames;
+            out->records += r.records;
+            out->batches += r.batches;
+            out->bytes += r.bytes;
+            out->log_end_offset = r.log_end_offset;
+            out->segment_size = r.segment_size;
+            out->bytes_since_entry = r.bytes_since_entry;
+            out->max_timestamp = r.max_timestamp;
+            out->offset_of_max_timestamp = r.offset_of_max_timestamp;
+            int joined = entries_join(&out->offset_entries, &out->offset_entries_count,
+                                      r.offset_entries, r.offset_entries_count) == 0 &&
+                         entries_join(&out->time_entries, &out->time_entries_count,
+                                      r.time_entries, r.time_entries_count) == 0;
+            shmb_drain_result_free(&r);
+            if (!joined) { /* no memory for the entries: this round's are lost, so the */
+                status = SHMB_DRAIN_WRITE_FAILED; /* process must not go on (see below) */
+                out->write_errno = ENOMEM;
+                out->truncated = 0;
+                break;
+            }
+        }
+        rounds++;
+        int stop = shmb_monotonic_ns() >= deadline;
+        for (Py_ssize_t i = 0; i < h->n; i++) {
+            totals[i] += h->rings[i].count;
+            stop |= h->rings[i].release_failed || h->rings[i].held_back;
+        }
+        if (stop || rounds >= sl->rounds_max)
+            break;
+        /* On from where this round left everything (as record_native_append would; the
+         * indexes' room shrinks by every candidate, a bound: the time index keeps only new
+         * maxima, and a round short of room declines to Python, which knows). */
+        log->offset_entries_left -= (int64_t)r.offset_entries_count;
+        log->time_entries_left -= (int64_t)r.time_entries_count;
+        log->log_end_offset = r.log_end_offset;
+        log->segment_size = r.segment_size;
+        if (r.first_batch_set)
+            log->first_batch_max_timestamp = r.first_batch_max_timestamp;
+        log->bytes_since_entry = r.bytes_since_entry;
+        log->max_timestamp = r.max_timestamp;
+        log->offset_of_max_timestamp = r.offset_of_max_timestamp;
+        shmb_drain_look looks[SHMB_REGISTRY_SLOTS_MAX];
+        int bad = h->n > SHMB_REGISTRY_SLOTS_MAX;
+        for (Py_ssize_t i = 0; i < h->n && !bad; i++) {
+            shmb_drain_ring *g = &h->rings[i];
+            g->expected_sequence += g->count;
+            g->position = g->next_position;
+            uint64_t capacity;
+            bad = shmb_ring_check(g->region, g->region_len, &capacity, NULL) != SHMB_RING_OK;
+            looks[i].region = g->region;
+            looks[i].region_len = g->region_len;
+            looks[i].position = g->position;
+            looks[i].capacity = capacity;
+        }
+        if (bad)
+            break; /* (positions moved: Python takes them from the result, as always) */
+        /* No plain sleep inside the loop: one that every commit would end (a doze does not
+         * fit in what is left) is Python's to choose. */
+        int64_t left_ms = (deadline - shmb_monotonic_ns()) / 1000000;
+        if (left_ms < 1 || (sl->doze_ms > 0 && left_ms <= sl->doze_ms))
+            break;
+        int64_t next = shmb_drain_sleep_prepare(ctl, sl->registry_seen, looks, (size_t)h->n);
+        if (next >= 0) {
+            seen = (uint32_t)next;
+            timeout_ms = left_ms;
+            do_sleep = 1;
+            continue;
+        }
+        shmb_u32_store_seq_cst(ctl + SHMB_CTL_PARTITION_SLEEPING_OFFSET, SHMB_PARTITION_AWAKE);
+        if (next < -1 ||
+            shmb_u32_load_seq_cst(ctl + SHMB_CTL_REGISTRY_CHANGES_OFFSET) !=
+                (uint32_t)sl->registry_seen)
+            break; /* a new ring or a caller error: Python looks */
+        do_sleep = 0; /* a picked ring is readable: the next round at once */
+    }
+    /* The positions Python takes are the last round's; the counts, every round's. */
+    for (Py_ssize_t i = 0; i < h->n && status == SHMB_DRAIN_DONE; i++)
+        h->rings[i].count = (uint32_t)totals[i];
+    sl->rounds = rounds;
+    return status;
 }
 
 /* drain_round's body; with sl, the doorbell sleep first and the round only if it was woken
@@ -4666,6 +4819,26 @@ static PyObject *drain_round_run(PyObject *const *args, Py_ssize_t nargs, drain_
     shmb_drain_result r;
     memset(&r, 0, sizeof r);
     int status = -1, clock_failed = 0;
+    if (sl != NULL && sl->rounds_max > 1) {
+        uint64_t *totals = PyMem_Calloc((size_t)(h.n > 0 ? h.n : 1), sizeof *totals);
+        shmb_drain_ring *saved = PyMem_Calloc((size_t)(h.n > 0 ? h.n : 1), sizeof *saved);
+        if (totals == NULL || saved == NULL) {
+            PyMem_Free(totals);
+            PyMem_Free(saved);
+            PyErr_NoMemory();
+            PyBuffer_Release(&scratch);
+            PyBuffer_Release(&control);
+            drain_hold_free(&h);
+            return NULL;
+        }
+        Py_BEGIN_ALLOW_THREADS
+        status = drain_loop(&h, control.buf, (size_t)control.len, scratch.buf,
+                            (size_t)scratch.len, &log, sl, &r, totals, saved);
+        Py_END_ALLOW_THREADS
+        PyMem_Free(totals);
+        PyMem_Free(saved);
+        goto built;
+    }
     Py_BEGIN_ALLOW_THREADS
     if (sl != NULL) {
         sl->status = shmb_drain_sleep(control.buf, sl->seen, sl->timeout_ms, sl->spin_ns,
@@ -4678,6 +4851,7 @@ static PyObject *drain_round_run(PyObject *const *args, Py_ssize_t nargs, drain_
         status = shmb_drain_round(h.rings, (size_t)h.n, control.buf, (size_t)control.len,
                                   scratch.buf, (size_t)scratch.len, &log, &r);
     Py_END_ALLOW_THREADS
+built:;
     PyObject *result;
     if (status == -1)
         result = Py_NewRef(Py_None); /* slept without a wake-up: no round */
@@ -4707,14 +4881,15 @@ static PyObject *py_drain_round(PyObject *module, PyObject *const *args, Py_ssiz
 }
 
 /* drain_sleep_round(seen, timeout_ms, spin_ns, rings, control, scratch, log, round_bytes_max,
- * ring_round_bytes_max, pid, start_time[, doze_ms]) -> (WAIT_* status, drain_round's result
- * or None): the doorbell sleep (drain_sleep, whose prepare the caller has done) and, once
- * woken (or a doze ended with the doorbell moved), the round, in one call: a wake-up runs no
- * Python before the round publishes. */
+ * ring_round_bytes_max, pid, start_time[, doze_ms[, loop]]) -> (WAIT_* status, drain_round's
+ * result or None[, rounds]): the doorbell sleep (drain_sleep, whose prepare the caller has
+ * done) and, once woken (or a doze ended with the doorbell moved), the round, in one call: a
+ * wake-up runs no Python before the round publishes. loop = (rounds_max, budget_ms,
+ * registry_seen): drain_loop's steady-state rounds after it. */
 static PyObject *py_drain_sleep_round(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 11 && nargs != 12) {
-        PyErr_Format(PyExc_TypeError, "drain_sleep_round takes 11 or 12 positional arguments "
+    if (nargs < 11 || nargs > 13) {
+        PyErr_Format(PyExc_TypeError, "drain_sleep_round takes 11 to 13 positional arguments "
                      "(%zd given)", nargs);
         return NULL;
     }
@@ -4725,9 +4900,21 @@ static PyObject *py_drain_sleep_round(PyObject *module, PyObject *const *args, P
         PyErr_SetString(PyExc_ValueError, "drain_sleep_round: seen is a u32 doorbell value");
         return NULL;
     }
-    drain_sleep_args sl = {(uint32_t)seen, 0, 0, 0, SHMB_WAIT_TIMEOUT};
-    if (nargs == 12 && tail_ll(args[11], &sl.doze_ms) < 0)
+    drain_sleep_args sl = {(uint32_t)seen, 0, 0, 0, SHMB_WAIT_TIMEOUT, 1, 0, -1, 0};
+    if (nargs >= 12 && tail_ll(args[11], &sl.doze_ms) < 0)
         return NULL;
+    if (nargs == 13) {
+        PyObject *loop = args[12];
+        if (!PyTuple_Check(loop) || PyTuple_GET_SIZE(loop) != 3) {
+            PyErr_SetString(PyExc_TypeError,
+                            "drain_sleep_round: loop is (rounds_max, budget_ms, registry_seen)");
+            return NULL;
+        }
+        if (tail_ll(PyTuple_GET_ITEM(loop, 0), &sl.rounds_max) < 0 ||
+            tail_ll(PyTuple_GET_ITEM(loop, 1), &sl.budget_ms) < 0 ||
+            tail_ll(PyTuple_GET_ITEM(loop, 2), &sl.registry_seen) < 0)
+            return NULL;
+    }
     sl.timeout_ms = PyLong_AsLongLong(args[1]);
     if (sl.timeout_ms == -1 && PyErr_Occurred())
         return NULL;
@@ -4737,10 +4924,14 @@ static PyObject *py_drain_sleep_round(PyObject *module, PyObject *const *args, P
     PyObject *round = drain_round_run(args + 3, 8, &sl);
     if (round == NULL)
         return NULL;
-    if (sl.status == SHMB_WAIT_INTERRUPTED && PyErr_CheckSignals() < 0) {
+    /* After rounds (drain_loop) their result must reach Python first: the handlers then run
+     * at the interpreter's next check, right after this returns. */
+    if (sl.status == SHMB_WAIT_INTERRUPTED && sl.rounds == 0 && PyErr_CheckSignals() < 0) {
         Py_DECREF(round);
         return NULL;
     }
+    if (nargs == 13)
+        return Py_BuildValue("(iNi)", sl.status, round, sl.rounds);
     return Py_BuildValue("(iN)", sl.status, round);
 }
 
@@ -5087,10 +5278,14 @@ static PyMethodDef module_methods[] = {
      "consumers: RingConsumer objects (buf, position, capacity are read)."},
     {"drain_sleep_round", (PyCFunction)(void (*)(void))py_drain_sleep_round, METH_FASTCALL,
      "drain_sleep_round(seen, timeout_ms, spin_ns, rings, control, scratch, log,\n"
-     "                  round_bytes_max, ring_round_bytes_max, pid, start_time[, doze_ms])\n"
-     "-> (WAIT_* status, drain_round's result, or None when the sleep was not woken)\n\n"
+     "                  round_bytes_max, ring_round_bytes_max, pid, start_time[, doze_ms[,\n"
+     "                  (rounds_max, budget_ms, registry_seen)]])\n"
+     "-> (WAIT_* status, drain_round's result, or None when the sleep was not woken\n"
+     "    [, rounds run])\n\n"
      "drain_sleep, then (woken or the doorbell moved) drain_round with the clock read afresh,\n"
-     "in one call with the GIL released."},
+     "in one call with the GIL released. With the loop tuple and rounds_max > 1: doze and\n"
+     "round again, from the state the last round left, while each round appended and left\n"
+     "nothing for Python, up to rounds_max rounds or budget_ms; the result is the rounds' sum."},
     {"drain_sleep", (PyCFunction)(void (*)(void))py_drain_sleep, METH_FASTCALL,
      "drain_sleep(control, seen, timeout_ms, spin_ns[, doze_ms]) -> WAIT_* status\n\n"
      "After drain_sleep_prepare returned seen: FUTEX_WAIT on the doorbell (GIL released), then\n"

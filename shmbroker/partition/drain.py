@@ -65,7 +65,8 @@ import struct
 import time
 
 from .. import errors, records
-from ..config import (PARTITION_NATIVE_ROUND, PARTITION_RING_ROUND_BYTES_MAX,
+from ..config import (PARTITION_LOOP_BUDGET_MS, PARTITION_LOOP_ROUNDS_MAX,
+                      PARTITION_NATIVE_ROUND, PARTITION_RING_ROUND_BYTES_MAX,
                       PARTITION_ROUND_BYTES_MAX)
 from ..layout import counters as CL
 from ..layout import record_batch as RB
@@ -76,6 +77,7 @@ from ..native import _native
 from ..shm.control import ControlRegion
 from ..shm.ring import ReadBatch
 from ..shm.counters import CountersWriter
+from ..shm.wake import TIMEOUT as _WAIT_TIMEOUT
 from .ingress import Ingress, IngressRing
 
 log = logging.getLogger("shmbroker.partition")
@@ -179,6 +181,11 @@ class Drainer:
         self.native_rounds = 0
         #: C rounds run by drain_sleep_round straight from a wake-up (also in native_rounds).
         self.sleep_rounds = 0
+        #: drain_sleep_round calls that ran at least one round (sleep_rounds / this: the
+        #: rounds one call ran without Python in between).
+        self.sleep_calls = 0
+        #: sleep_round's loop ended with a doze that found nothing.
+        self.ended_idle = False
         #: reason name -> rounds the C round declined for it.
         self.native_declined: dict[str, int] = {}
         self.frames_rejected = 0
@@ -660,26 +667,43 @@ class Drainer:
         return picked, views, state
 
     def sleep_round(self, plan: tuple, seen: int, timeout_ms: int, spin_ns: int,
-                    doze_ms: int = 0) -> int:
+                    doze_ms: int = 0, registry_seen: int | None = None) -> int:
         """The doorbell sleep (or doze) and, once woken, the C round, in one call (see
-        sleep_round_plan); returns the frames the round handled, -1 when the sleep ended
+        sleep_round_plan); returns the frames the rounds handled, -1 when the sleep ended
         without a wake-up (a timeout: no round ran). A declined round changes nothing: the
-        loop's next step() runs it (and counts the decline) in Python."""
+        loop's next step() runs it (and counts the decline) in Python.
+
+        With ``registry_seen`` (the ingress registry the plan's rings come from), the C call
+        goes on dozing and running rounds while each appended and left nothing for Python
+        (``drain_loop``: at most PARTITION_LOOP_ROUNDS_MAX rounds, PARTITION_LOOP_BUDGET_MS);
+        what it returns is their sum, settled here in one pass. ``ended_idle`` says whether
+        its last doze found nothing (the loop's next sleep is then a plain one)."""
         picked, views, state = plan
         pid, start_time = self._publisher
-        _, result = _native.drain_sleep_round(
-            seen, timeout_ms, spin_ns, views, self.control.buf, self._scratch, state,
-            self.round_bytes_max, self.ring_round_bytes_max, pid, start_time, doze_ms)
+        self.ended_idle = False
+        if registry_seen is not None and PARTITION_LOOP_ROUNDS_MAX > 1:
+            status, result, rounds = _native.drain_sleep_round(
+                seen, timeout_ms, spin_ns, views, self.control.buf, self._scratch, state,
+                self.round_bytes_max, self.ring_round_bytes_max, pid, start_time, doze_ms,
+                (PARTITION_LOOP_ROUNDS_MAX, PARTITION_LOOP_BUDGET_MS, registry_seen))
+            self.ended_idle = rounds > 0 and status == _WAIT_TIMEOUT
+        else:
+            _, result = _native.drain_sleep_round(
+                seen, timeout_ms, spin_ns, views, self.control.buf, self._scratch, state,
+                self.round_bytes_max, self.ring_round_bytes_max, pid, start_time, doze_ms)
+            rounds = 1
         if result is None:
             return -1
         if result[0] == _DRAIN_DECLINED:
             return 0
-        self.sleep_rounds += 1
-        return self._after_native(picked, state, result, 0) or 0
+        self.sleep_rounds += rounds
+        self.sleep_calls += 1
+        return self._after_native(picked, state, result, 0, rounds) or 0
 
-    def _after_native(self, picked: list, state, result: tuple, stop: int) -> int | None:
-        """Everything a C round that did not decline leaves to Python: a failed write, the
-        rings' positions, the log's bookkeeping, the counters."""
+    def _after_native(self, picked: list, state, result: tuple, stop: int,
+                      rounds: int = 1) -> int | None:
+        """Everything C rounds that did not decline leave to Python: a failed write, the
+        rings' positions, the log's bookkeeping, the counters (``rounds`` of them, summed)."""
         status = result[0]
         if status == _DRAIN_WRITE_FAILED:
             self.log.native_append_failed(state, result[1], result[2])  # raises LogError
@@ -695,16 +719,16 @@ class Drainer:
         if appended is None:
             return 0
         self.log.record_native_append(state, appended)
-        self.rounds += 1
-        self.native_rounds += 1
-        self._count_native_round(picked, appended)
+        self.rounds += rounds
+        self.native_rounds += rounds
+        self._count_native_round(picked, appended, rounds)
         return appended[0]
 
-    def _count_native_round(self, picked: list, appended: tuple) -> None:
+    def _count_native_round(self, picked: list, appended: tuple, rounds: int = 1) -> None:
         """The C round's counters: the hot path (perf/bench_counters.py times it). The C
         round never rolls, so the sealed segments' bytes are the last Python round's."""
         v = self.counters.values
-        v[0] += 1
+        v[0] += rounds
         v[1] += appended[0]
         v[2] += appended[2]
         v[3] += appended[1]

@@ -234,8 +234,9 @@ class PartitionOwner:
                                         doze_ms) != WAIT_TIMEOUT
             self._doze = woken
             return False
-        handled = self.drainer.sleep_round(plan, seen, timeout_ms, self.spin_ns, doze_ms)
-        self._doze = handled >= 0
+        handled = self.drainer.sleep_round(plan, seen, timeout_ms, self.spin_ns, doze_ms,
+                                           registry_seen)
+        self._doze = handled >= 0 and not self.drainer.ended_idle
         return handled > 0
 
     def _wait_for_reserver(self, timeout_ms: int, stop_requested: Callable[[], bool]) -> bool:
@@ -305,9 +306,9 @@ class PartitionOwner:
         self.control.close()
         drainer = self.drainer
         log.info("partition %s/%d closed cleanly at log_end=%d; %d drain rounds, %d of them "
-                 "in C; C round declined: %s", self.topic, self.partition,
-                 self.log.log_end_offset, drainer.rounds, drainer.native_rounds,
-                 drainer.native_declined or "never")
+                 "in C (%d run by wake-ups, in %d calls); C round declined: %s", self.topic,
+                 self.partition, self.log.log_end_offset, drainer.rounds, drainer.native_rounds,
+                 drainer.sleep_rounds, drainer.sleep_calls, drainer.native_declined or "never")
 
 
 def _attach_counters(prefix: str, topic: str, partition: int) -> CountersWriter:

@@ -617,3 +617,85 @@ def test_a_dozing_partition_takes_the_commits_of_its_doze_in_one_round(tmp_path,
         owner.shutdown()
         owner.close()
         rings.close()
+
+
+def _play_looping(data_dir, rounds_max: int, config: LogConfig, monkeypatch) -> dict:
+    """A producer thread commits one frame every ~2 ms while the partition dozes 1 ms at a
+    time, as run_loop drives it (wait_for_work, then step() when it did not run a round);
+    with rounds_max > 1 one wait_for_work call runs several rounds (drain_loop)."""
+    import threading
+    import time
+
+    import shmbroker.partition.drain as drain_module
+    import shmbroker.partition.owner as owner_module
+
+    monkeypatch.setattr(owner_module, "SLEEP_ROUND", True)
+    monkeypatch.setattr(owner_module, "PARTITION_DOZE_MS", 1)
+    monkeypatch.setattr(drain_module, "PARTITION_LOOP_ROUNDS_MAX", rounds_max)
+    os.makedirs(data_dir, exist_ok=True)
+    rings = Rings(str(data_dir), 1, [1 << 16])
+    owner = PartitionOwner(str(data_dir), TOPIC, 0, config,
+                           control=ControlRegion.attach(rings.control.name))
+    frames = 120
+    try:
+        rings.frame(0, [(1, 30, TIME0_MS)])
+        while owner.step():  # bounded: the first (Python) round learns the ring's sequence
+            rings.reap()
+
+        def produce() -> None:
+            for i in range(1, frames):  # bounded
+                rings.frame(0, [(1 + i % 3, 30 + i % 50, TIME0_MS + i)])
+                time.sleep(0.002)
+
+        producer = threading.Thread(target=produce)
+        producer.start()
+        calls = 0
+        deadline = time.monotonic() + 30
+        while (producer.is_alive() or rings.control.read_state().high_watermark <
+               sum(1 + i % 3 for i in range(1, frames)) + 1) and time.monotonic() < deadline:
+            calls += 1  # bounded by the deadline
+            if not owner.wait_for_work(50):
+                owner.step()
+            _check_kept_state(owner.log)
+        producer.join()
+        rings.reap()
+        return {**_stop(rings, owner), "sleep_rounds": owner.drainer.sleep_rounds,
+                "rounds": owner.drainer.rounds, "calls": calls}
+    finally:
+        rings.close()
+
+
+def _frames_completed(completions: list) -> list:
+    """Every frame sequence the completions of one ring acknowledge, in order (all without
+    error, base offsets growing)."""
+    out, last_base = [], -1
+    for first, last, base, error in completions:
+        assert error == 0 and base > last_base
+        out += list(range(first, last + 1))
+        last_base = base
+    return out
+
+
+@pytest.mark.parametrize("interval,segment_bytes", [(4096, 1 << 30), (300, 1 << 30),
+                                                    (4096, 3000)])
+def test_rounds_that_stay_in_c_write_what_one_round_a_call_writes(tmp_path, monkeypatch,
+                                                                  interval, segment_bytes):
+    """drain_loop: after a woken round the C call dozes and runs the next round itself while
+    each round appended, so Python settles several rounds at once. The segment, .index and
+    .timeindex files and the published state must be what one round per call leaves (index
+    entries every 300 bytes: gathered over the rounds of a call; 3,000-byte segments: a round
+    in the loop declines for the roll, and its frames must be left to the Python round, not
+    skipped), every frame completed once in order; and the loop must have run more rounds
+    than calls did."""
+    config = LogConfig(index_interval_bytes=interval, segment_bytes=segment_bytes)
+    looping = _play_looping(tmp_path / "loop", 32, config, monkeypatch)
+    single = _play_looping(tmp_path / "single", 1, config, monkeypatch)
+    for key in ("files", "files_closed", "state"):
+        assert looping[key] == single[key], key
+    completed = _frames_completed(looping["completions"][0])
+    assert completed == _frames_completed(single["completions"][0])
+    assert completed == list(range(completed[0], completed[0] + 120))
+    assert looping["sleep_rounds"] > 20
+    if segment_bytes > 3000:  # no rolls: most calls run several rounds
+        assert looping["calls"] < looping["sleep_rounds"] / 2, looping
+    assert single["sleep_rounds"] <= single["calls"]
