@@ -4714,7 +4714,7 @@ static int drain_loop(drain_hold *h, uint8_t *ctl, size_t ctl_len, uint8_t *scra
             }
         }
         rounds++;
-        int stop = shmb_monotonic_ns() >= deadline;
+        int stop = r.frames == 0 || shmb_monotonic_ns() >= deadline; /* (a first round's) */
         for (Py_ssize_t i = 0; i < h->n; i++) {
             totals[i] += h->rings[i].count;
             stop |= h->rings[i].release_failed || h->rings[i].held_back;
