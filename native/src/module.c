@@ -4851,6 +4851,8 @@ static PyObject *drain_round_run(PyObject *const *args, Py_ssize_t nargs, drain_
         status = shmb_drain_round(h.rings, (size_t)h.n, control.buf, (size_t)control.len,
                                   scratch.buf, (size_t)scratch.len, &log, &r);
     Py_END_ALLOW_THREADS
+    if (sl != NULL)
+        sl->rounds = status != -1; /* one round, or none (the sleep was not woken) */
 built:;
     PyObject *result;
     if (status == -1)

@@ -680,18 +680,13 @@ class Drainer:
         its last doze found nothing (the loop's next sleep is then a plain one)."""
         picked, views, state = plan
         pid, start_time = self._publisher
-        self.ended_idle = False
-        if registry_seen is not None and PARTITION_LOOP_ROUNDS_MAX > 1:
-            status, result, rounds = _native.drain_sleep_round(
-                seen, timeout_ms, spin_ns, views, self.control.buf, self._scratch, state,
-                self.round_bytes_max, self.ring_round_bytes_max, pid, start_time, doze_ms,
-                (PARTITION_LOOP_ROUNDS_MAX, PARTITION_LOOP_BUDGET_MS, registry_seen))
-            self.ended_idle = rounds > 0 and status == _WAIT_TIMEOUT
-        else:
-            _, result = _native.drain_sleep_round(
-                seen, timeout_ms, spin_ns, views, self.control.buf, self._scratch, state,
-                self.round_bytes_max, self.ring_round_bytes_max, pid, start_time, doze_ms)
-            rounds = 1
+        # (registry_seen -1: the loop ends after its first round, as with rounds_max 1.)
+        status, result, rounds = _native.drain_sleep_round(
+            seen, timeout_ms, spin_ns, views, self.control.buf, self._scratch, state,
+            self.round_bytes_max, self.ring_round_bytes_max, pid, start_time, doze_ms,
+            (PARTITION_LOOP_ROUNDS_MAX, PARTITION_LOOP_BUDGET_MS,
+             -1 if registry_seen is None else registry_seen))
+        self.ended_idle = rounds > 0 and status == _WAIT_TIMEOUT
         if result is None:
             return -1
         if result[0] == _DRAIN_DECLINED:
