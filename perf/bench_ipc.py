@@ -152,6 +152,11 @@ def fan_case(pairs: int) -> Case:
     return Case(f"fan{pairs}", f"{pairs}->{pairs}->{pairs} 100 B, per-message, aggregate", pairs, 100, 0, 256)
 
 
+#: --cases: only these steps (keys as progress prints them: rtt-block, rtt-spin, msg, batch,
+#: fan4, big, idle); empty: all. For A/B runs of one row; the table marks the rest missing.
+CASE_KEYS: set[str] = set()
+
+
 def all_cases() -> list[Case]:
     return CASES + EXTRA_CASES
 
@@ -758,6 +763,8 @@ def run_system(ctx, system: str, tmp: str, quick: bool, warnings: list[str]) -> 
             steps += [(c.key, lambda c=c: throughput_row(ctx, env, c, reps, quick)) for c in all_cases()]
         if hasattr(env, "idle"):
             steps.append(("idle", lambda: Row(IDLE_SECTION, system, unit="%", **env.idle(run_group, IDLE_S))))
+        if CASE_KEYS:
+            steps = [(key, step) for key, step in steps if key in CASE_KEYS]
         for key, step in steps:
             t = time.perf_counter()
             rows.append(step())
@@ -901,6 +908,9 @@ def main(argv: list[str] | None = None) -> int:
                          "drop below 10%% of a core (default 0: do not wait)")
     ap.add_argument("--fan-pairs", metavar="N,N", default="",
                     help="also run N->N->N aggregate cases for these N (4 always runs), e.g. 1,8,16")
+    ap.add_argument("--cases", metavar="KEYS", default="",
+                    help="comma-separated steps to run (rtt-block,rtt-spin,msg,batch,fan4,big,"
+                         "idle; default: all), e.g. for an A/B of the round trips")
     args = ap.parse_args(argv)
     try:
         pairs = sorted({int(n) for n in args.fan_pairs.split(",") if n.strip()} - {4})
@@ -909,6 +919,12 @@ def main(argv: list[str] | None = None) -> int:
     if any(not 1 <= n <= 64 for n in pairs):
         ap.error("--fan-pairs: each N must be 1..64")
     EXTRA_CASES[:] = [fan_case(n) for n in pairs]
+    CASE_KEYS.clear()
+    CASE_KEYS.update(k.strip() for k in args.cases.split(",") if k.strip())
+    known = {f"rtt-{m}" for m, _ in LATENCY_MODES} | {c.key for c in all_cases()} | {"idle"}
+    if CASE_KEYS - known:
+        ap.error(f"unknown case(s) {', '.join(sorted(CASE_KEYS - known))}; known: "
+                 f"{', '.join(sorted(known))}")
     only = {n.strip() for n in args.only.split(",") if n.strip()}
     unknown = only - set(ORDER)
     if unknown:

@@ -112,10 +112,11 @@ def main() -> int:
             title = " ".join(" ".join(child.cmdline()).split())
             if "partition" in title:
                 processes[title.removeprefix("shmbroker: ")] = child
-        rows, cpu0, started = [], {}, 0.0
+        rows, cpu0, ctx0, started = [], {}, {}, 0.0
         for i in range(total):  # bounded
             if i == WARM:
                 cpu0 = {k: sum(p.cpu_times()[:2]) for k, p in processes.items()}
+                ctx0 = {k: p.num_ctx_switches() for k, p in processes.items()}
                 started = time.perf_counter()
                 if args.py_spy:
                     targets = [("partition ping-0", processes["partition ping/0"].pid),
@@ -141,6 +142,7 @@ def main() -> int:
                 rows.append((t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0))
         wall = time.perf_counter() - started
         cpu1 = {k: sum(p.cpu_times()[:2]) for k, p in processes.items()}
+        ctx1 = {k: p.num_ctx_switches() for k, p in processes.items()}
         pong.join(START_S_MAX)
         producer.close()
         consumer.close()
@@ -153,9 +155,18 @@ def main() -> int:
                              "hop pong -> ping poll", "round trip"), us):
         print(f"  {name:24s} p50 {np.percentile(column, 50):8.1f} us   mean {column.mean():8.1f} us"
               f"   p99 {np.percentile(column, 99):8.1f} us   p99.9 {np.percentile(column, 99.9):8.1f} us")
+    # Where the slow trips go: each part's mean over the round trips above the p99, beside its
+    # mean over all (a part that grows is where the tail comes from).
+    slow = us[:, us[4] > np.percentile(us[4], 99)]
+    print("  round trips above the p99, mean of each part (all trips in brackets):")
+    print("   " + "  ".join(f"{name} {s_.mean():.1f} ({a.mean():.1f})" for name, s_, a in
+                            zip(("send", "hop", "send", "hop"), slow[:4], us[:4])))
     print(f"  wall per round trip        {wall / args.rounds * 1e6:8.1f} us")
     for name in processes:
-        print(f"  cpu {name:22s} {(cpu1[name] - cpu0[name]) / args.rounds * 1e6:8.1f} us per round trip")
+        voluntary = (ctx1[name].voluntary - ctx0[name].voluntary) / args.rounds
+        involuntary = (ctx1[name].involuntary - ctx0[name].involuntary) / args.rounds
+        print(f"  cpu {name:22s} {(cpu1[name] - cpu0[name]) / args.rounds * 1e6:8.1f} us per round trip,"
+              f" context switches {voluntary:.3f} voluntary {involuntary:.3f} involuntary")
     if args.py_spy:
         time.sleep(1)
         for name in ("partition ping-0", "pong client"):

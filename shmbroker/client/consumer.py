@@ -90,6 +90,18 @@ COMMIT_ONLY_SLEEP_MS_MAX = 500
 
 _RING_READS = L.CONTROL["ring_reads"]
 
+#: What the ring fast path of poll calls (module globals: one load each on that path).
+_ring_take = _native.ring_take
+_TAKE_DECLINED = ring_reads.DECLINED
+_FOUND = ring_reads.FOUND
+_monotonic_ns = time.monotonic_ns
+
+#: The ring fast path's counters are published by the first poll at least this long after
+#: the last publish: `top` samples once a second, and a publish costs ~1 us of Python, a
+#: tenth of a spinning ping-pong's round trip when made on every poll (perf/RESULTS.md,
+#: fourteenth session). Every other read publishes at once, as before.
+COUNTERS_PUBLISH_NS = 1_000_000
+
 #: Forks this interpreter went through (os.register_at_fork): poll compares it with the one a
 #: consumer was made in, instead of calling getpid (a syscall) on every poll; _check still
 #: compares pids wherever it runs.
@@ -357,9 +369,10 @@ class Consumer:
         self._forks = _FORKS[0]
         self._meta = self._new_metadata()
         self._counters = self._new_counters()
-        #: The ring fast path handed out records its counters do not show yet (poll publishes
-        #: them first thing).
-        self._counters_due = False
+        #: Polls of the ring fast path whose records the counters do not show yet (a poll
+        #: publishes them first thing, once COUNTERS_PUBLISH_NS passed since the last publish).
+        self._counters_due = 0
+        self._counters_next_ns = 0
         self._fetches: dict[TopicPartition, _Fetch] = {}
         self._order: list[_Fetch] = []
         self._next = 0  # round-robin start of the next collect
@@ -892,6 +905,14 @@ class Consumer:
             fetch.records_out += len(taken)
         return taken
 
+    def _publish_counters(self, fetches: list, polls: int = 1) -> None:
+        """Publish ``polls`` more polls, and the ring fast path's that are due, with what
+        ``fetches`` handed out since the last publish (counters on)."""
+        polls += self._counters_due
+        self._counters_due = 0
+        self._counters_next_ns = _monotonic_ns() + COUNTERS_PUBLISH_NS
+        self._counters.publish(fetches, polls)  # type: ignore[union-attr]
+
     def _tail_read(self, fetch: _Fetch, wait_ms: int = 0) -> list | None:
         """New records at ``fetch.position`` in one C call when the last read ended exactly
         there in the active segment (a caught-up consumer); [] when nothing new; None when
@@ -974,9 +995,8 @@ class Consumer:
             self._check()
         if max_records < 1:
             raise errors.ConfigError(f"max_records must be >= 1, got {max_records}")
-        if self._counters_due:
-            self._counters_due = False
-            self._counters.publish(self._order)  # type: ignore[union-attr]
+        if self._counters_due and _monotonic_ns() >= self._counters_next_ns:
+            self._publish_counters(self._order, 0)
         deadline = time.monotonic() + timeout_ms / 1000.0 if timeout_ms else 0.0
         first = True
         while True:  # bounded by the deadline
@@ -999,16 +1019,31 @@ class Consumer:
                     elif timeout_ms:
                         left_ms = (deadline - time.monotonic()) * 1000.0
                         wait_ms = int(left_ms + 0.999) if left_ms > 0 else 0
-                    status, got, at, end, seen, beyond = rings.take(
-                        position, BATCH_RECORDS_MAX, fetch.topic, fetch.partition, wait_ms,
-                        self.spin_ns, fetch.seen_hw_seq)
-                    if status == ring_reads.FOUND and at < len(got):
+                    # RingReads.take's C call itself (its Python wrapper only for a decline:
+                    # the registry changed, or ring reads are off).
+                    got = _ring_take(rings.control.buf, rings._bufs, rings._hints,
+                                     rings._froms, position, rings._registry_seen,
+                                     BATCH_RECORDS_MAX, fetch.topic, fetch.partition, wait_ms,
+                                     self.spin_ns, fetch.seen_hw_seq)
+                    if got[0] == _TAKE_DECLINED:
+                        got = rings.take(position, BATCH_RECORDS_MAX, fetch.topic,
+                                         fetch.partition, wait_ms, self.spin_ns,
+                                         fetch.seen_hw_seq)
+                    status, got, at, end, seen, beyond = got
+                    if status == _FOUND and at < len(got):
                         fetch.pending_end = end
-                        out = self._hand_out(fetch, got, at, max_records)
-                        # Published at the start of the next poll (before it may sleep), not
-                        # here: off the way from a producer's commit to the application.
-                        self._counters_due = self._counters is not None
-                        return out
+                        if at or len(got) > max_records:
+                            got = self._hand_out(fetch, got, at, max_records)
+                        else:  # _hand_out's common case: every record (pending stays [])
+                            position = got[-1].offset + 1
+                            fetch.position = end if end > position else position
+                            if self._counters is not None:
+                                fetch.records_out += len(got)
+                        # Published by a later poll (before it may sleep), not here: off
+                        # the way from a producer's commit to the application.
+                        if self._counters is not None:
+                            self._counters_due += 1
+                        return got
                     if status is not None and status != ring_reads.FOUND:
                         fetch.seen_commit_seq, fetch.beyond_taken = seen, beyond
                         if status == ring_reads.NONE and not beyond and TAIL_READ:
@@ -1018,7 +1053,8 @@ class Consumer:
                             got = self._tail_read(fetch)
                             if got:
                                 out = self._hand_out(fetch, got, 0, max_records)
-                                self._counters_due = self._counters is not None
+                                if self._counters is not None:
+                                    self._counters_due += 1
                                 return out
                         # Else the general path looks, and its sleep also wakes for this
                         # partition's commits.
@@ -1044,7 +1080,7 @@ class Consumer:
                         out: list = []
                         self._fill(fetch, max_records, out)
                         if self._counters is not None:
-                            self._counters.publish(order)
+                            self._publish_counters(order)
                         return out
                     if got is not None:  # nothing new by the deadline, or a signal
                         if not wait_ms:
@@ -1053,7 +1089,7 @@ class Consumer:
                     # Declined (before or after the sleep): the reference read below.
             out = self._collect(max_records)
             if out and self._counters is not None:
-                self._counters.publish(order)
+                self._publish_counters(order)
             if out or not timeout_ms:
                 return out
             left_ms = (deadline - time.monotonic()) * 1000.0
@@ -1084,7 +1120,7 @@ class Consumer:
                 if batch is not None:
                     out[fetch.tp] = batch
             if out and self._counters is not None:
-                self._counters.publish(self._order)
+                self._publish_counters(self._order)
             if out or not timeout_ms:
                 return out
             left_ms = (deadline - time.monotonic()) * 1000.0
@@ -1253,7 +1289,8 @@ class Consumer:
         # The parent's counters region stays the parent's (not unlinked): the child counts
         # in a region of its own.
         self._counters = self._new_counters() if self._counters is not None else None
-        self._counters_due = False
+        self._counters_due = 0
+        self._counters_next_ns = 0
         for fetch in self._order:
             fetch.counter_slot = None
         if self._group_args is not None:

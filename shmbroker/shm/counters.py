@@ -251,15 +251,15 @@ class ConsumerCounters:
         self.writer.set(L.CONSUMER["slots_used"], used + 1)
         return used
 
-    def publish(self, fetches) -> None:
-        """One poll's worth, from ``fetches`` (objects with ``topic``, ``partition``,
+    def publish(self, fetches, polls: int = 1) -> None:
+        """``polls`` polls' worth, from ``fetches`` (objects with ``topic``, ``partition``,
         ``counter_slot``, ``records_out`` and ``bytes_out`` read since the last publish, which
         are reset): each touched slot's two words and the table, one C call each. Kept lean:
-        it runs on every poll that returned records."""
+        it runs on most polls that return records."""
         v = self.values
         buf = self.writer.buf
         store = _native.atomic_store_u64_many
-        v[0] += 1
+        v[0] += polls
         v[3] = len(fetches)
         for fetch in fetches:  # bounded by the consumer's partitions
             records, bytes_ = fetch.records_out, fetch.bytes_out

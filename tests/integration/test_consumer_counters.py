@@ -152,8 +152,9 @@ def test_a_clean_stop_removes_the_regions_of_consumers_still_open(broker, topic)
 def test_a_poll_served_from_a_ring_is_counted_at_the_start_of_the_next_poll(broker, topic):
     """The one-partition ring fast path hands records out without publishing its counters
     (the publish would sit between the producer's commit and the application): the next poll
-    publishes them first thing, before it may sleep. The partition process is stopped
-    (SIGSTOP) meanwhile, so the record is certainly read from the ring, not from the log."""
+    publishes them first thing, before it may sleep (none was published yet, so none is
+    too recent). The partition process is stopped (SIGSTOP) meanwhile, so the record is
+    certainly read from the ring, not from the log."""
     from shmbroker.shm.counters import CountersReader
 
     pids = broker.partition_pids(broker.wait_running())
@@ -171,5 +172,41 @@ def test_a_poll_served_from_a_ring_is_counted_at_the_start_of_the_next_poll(brok
                 assert reader.read()["records_out"] == 0, "not published on the way out"
                 assert consumer.poll(timeout_ms=0) == []
                 assert reader.read()["records_out"] == 1
+        finally:
+            os.kill(pids[(topic, 0)], signal.SIGCONT)
+
+
+def test_ring_fast_path_counters_are_published_at_most_once_per_interval(broker, topic,
+                                                                         monkeypatch):
+    """A publish costs about a microsecond of Python, a tenth of a spinning round trip: the
+    fast path's counters wait for the first poll COUNTERS_PUBLISH_NS after the last publish,
+    and then count every poll that returned records, none lost."""
+    import shmbroker.client.consumer as consumer_module
+    from shmbroker.shm.counters import CountersReader
+
+    monkeypatch.setattr(consumer_module, "COUNTERS_PUBLISH_NS", 3_600 * 10**9)
+    pids = broker.partition_pids(broker.wait_running())
+    with Consumer(broker=broker.data_dir, auto_offset_reset="earliest") as consumer, \
+            Producer(broker=broker.data_dir, acks=0) as producer:
+        consumer.assign([TopicPartition(topic, 0)])
+        assert consumer.poll(timeout_ms=50) == []
+        [region] = consumer_regions(broker.data_dir)
+        os.kill(pids[(topic, 0)], signal.SIGSTOP)
+        try:
+            with CountersReader.attach(region) as reader:
+                producer.send(topic, b"first", partition=0)
+                assert [r.value for r in consumer.poll(timeout_ms=5_000)] == [b"first"]
+                assert consumer.poll(timeout_ms=0) == []  # publishes: none published before
+                first = reader.read()
+                assert (first["records_out"], first["polls"]) == (1, 1)
+                for payload in (b"second", b"third"):
+                    producer.send(topic, payload, partition=0)
+                    assert [r.value for r in consumer.poll(timeout_ms=5_000)] == [payload]
+                    assert consumer.poll(timeout_ms=0) == []
+                    assert reader.read()["records_out"] == 1, "published within the interval"
+                consumer._counters_next_ns = 0  # the interval has passed
+                assert consumer.poll(timeout_ms=0) == []
+                later = reader.read()
+                assert (later["records_out"], later["polls"]) == (3, 3)
         finally:
             os.kill(pids[(topic, 0)], signal.SIGCONT)
