@@ -218,17 +218,22 @@ PRODUCER_BATCH_RECORDS_MAX = 1 << 16
 PRODUCER_LINGER_MS_MAX = 60_000
 #: Frames a producer may have unacknowledged in one ring before a new batch waits for the
 #: ring to go idle (Kafka: max.in.flight.requests.per.connection, 5 there: a request in
-#: flight costs a connection's pipeline; a frame here costs ring bytes and one of the ring's
-#: COMPLETIONS_MAX completion slots, which the producer reads back at 32 in flight). 1: a
-#: batch is written only when the partition has taken everything before it.
-PRODUCER_MAX_IN_FLIGHT_DEFAULT = 32
-PRODUCER_MAX_IN_FLIGHT_MAX = 32
+#: flight costs a connection's pipeline; a frame here costs ring bytes only: the partition
+#: acknowledges all the frames of a round in one completion). 1: a batch is written only
+#: when the partition has taken everything before it. 256, not 32: a dozing partition
+#: (PARTITION_DOZE_MS) acknowledges once a doze, and a spinning ping-pong sends ~100 frames
+#: a millisecond: at 32 its sends were held for the partition's next round (~0.65 ms round
+#: trips, 0.1-1% of them) and it was woken urgently every 16 frames (perf/RESULTS.md,
+#: fourteenth session).
+PRODUCER_MAX_IN_FLIGHT_DEFAULT = 256
+PRODUCER_MAX_IN_FLIGHT_MAX = 256
 #: A batch's first record is written at once, beside frames still in flight, when the record
 #: before it was appended at least this long earlier (a sparse send: waiting for the ring to
 #: go idle would add the partition's round to its latency and batch nothing). Sends closer
 #: together than this batch behind the frame in flight, as before (a dense stream sends
-#: every 0.3-0.5 us; a spinning ping-pong every 17-30 us, which 20 us here split in two).
-PRODUCER_SPARSE_GAP_US = 5
+#: every 0.3-0.5 us; a spinning ping-pong every 5-8 us, which 5 us here split: its held
+#: sends waited for the partition's round, fourteenth session).
+PRODUCER_SPARSE_GAP_US = 2
 #: Per-(producer, partition) ring for producers (data bytes, power of two).
 PRODUCER_RING_BYTES_DEFAULT = 4 * MiB
 #: How long close() waits for the partition process to take what is still in the rings.

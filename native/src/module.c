@@ -3302,10 +3302,11 @@ static PyObject *Accumulator_encode(AccumulatorObject *self, PyObject *const *ar
 
 /* Frames unacknowledged in a ring from which the producer's commit wakes a dozing partition
  * (half the sparse sends' in-flight bound, PRODUCER_MAX_IN_FLIGHT_MAX): a producer sending
- * faster than a doze is long (a spinning ping-pong: a frame every ~30 us, 1 ms dozes) would
- * otherwise reach that bound within one doze and hold its records for the sender thread
- * (p99 ~0.85 ms in spin mode, against ~0.2 ms without dozes). */
-#define ACC_DOZE_WAKE_FRAMES 16
+ * faster than a doze is long would otherwise reach that bound within one doze and hold its
+ * records for the sender thread (p99 ~0.85 ms in spin mode with a bound of 32). A spinning
+ * ping-pong sends ~100 frames a millisecond: at 16 (bound 32) each partition was woken
+ * every ~16 frames, and each such round stalled a spinning client (fourteenth session). */
+#define ACC_DOZE_WAKE_FRAMES 128
 
 /* The doorbell after a commit: the plain ring, or the urgent one (a dozing partition too)
  * once ACC_DOZE_WAKE_FRAMES frames wait for their acks. */
@@ -3755,6 +3756,7 @@ typedef struct {
     int acks;
     double delivery_timeout_s;
     Py_ssize_t reap_inflight;      /* _REAP_INFLIGHT: at that many the reference reaps */
+    uint64_t reap_completions;     /* _REAP_COMPLETIONS: or at that many unread completions */
     PyObject *wnames[12];          /* interned attribute names, see sendpath_wnames */
 } SendPathObject;
 
@@ -3937,19 +3939,23 @@ static inline int sendpath_unlock(SendPathObject *self)
     return 0;
 }
 
-/* configure(batch_type, acks, delivery_timeout_ms, reap_inflight): what sendpath_write needs
- * of the producer; batch_type None turns the C write off (every due batch goes to
- * Producer._after_append, the reference). */
+/* configure(batch_type, acks, delivery_timeout_ms, reap_inflight, reap_completions): what
+ * sendpath_write needs of the producer; batch_type None turns the C write off (every due
+ * batch goes to Producer._after_append, the reference). */
 static PyObject *SendPath_configure(SendPathObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 4)
-        return PyErr_Format(PyExc_TypeError,
-                            "configure(batch_type, acks, delivery_timeout_ms, reap_inflight)");
+    if (nargs != 5)
+        return PyErr_Format(PyExc_TypeError, "configure(batch_type, acks, delivery_timeout_ms, "
+                                             "reap_inflight, reap_completions)");
     int acks = (int)PyLong_AsLong(args[1]);
     double timeout_ms = PyFloat_AsDouble(args[2]);
     Py_ssize_t reap = PyLong_AsSsize_t(args[3]);
+    Py_ssize_t reap_completions = PyLong_AsSsize_t(args[4]);
     if (PyErr_Occurred())
         return NULL;
+    if (reap < 1 || reap_completions < 1 || reap_completions > SHMB_COMPLETIONS_MAX)
+        return PyErr_Format(PyExc_ValueError, "configure: reap_inflight must be >= 1 and "
+                            "reap_completions in [1, %d]", SHMB_COMPLETIONS_MAX);
     if (args[0] != Py_None && !PyType_Check(args[0]))
         return PyErr_Format(PyExc_TypeError, "configure: batch_type must be a class or None");
     Py_XINCREF(args[0] == Py_None ? NULL : args[0]);
@@ -3957,6 +3963,7 @@ static PyObject *SendPath_configure(SendPathObject *self, PyObject *const *args,
     self->acks = acks;
     self->delivery_timeout_s = timeout_ms / 1000.0;
     self->reap_inflight = reap;
+    self->reap_completions = (uint64_t)reap_completions;
     Py_RETURN_NONE;
 }
 
@@ -3999,7 +4006,13 @@ static int sendpath_write(SendPathObject *self, PyObject *producer, PyObject *ac
     Py_ssize_t in_flight = PyObject_Size(inflight);
     if (in_flight < 0)
         goto done;
-    if (sticky == acc || in_flight + 1 >= self->reap_inflight) {
+    /* The reference reaps (_write): completions it has not read fill the ring's slots (a
+     * partition appending frame by frame writes one per frame), or batches pile up. */
+    const uint8_t *rb = records->ring.buf;
+    uint64_t unread = shmb_u64_load_acquire(rb + SHMB_RING_COMPLETIONS_WRITTEN_OFFSET) -
+                      shmb_u64_load_relaxed(rb + SHMB_RING_COMPLETIONS_READ_OFFSET);
+    if (sticky == acc || in_flight + 1 >= self->reap_inflight ||
+        unread >= self->reap_completions) {
         result = 0;
         goto done;
     }
@@ -4225,8 +4238,8 @@ static PyMethodDef SendPath_methods[] = {
     {"reset", (PyCFunction)(void (*)(void))SendPath_reset, METH_FASTCALL,
      "reset(lock, accs, sticky): use these (the producer made new ones); not armed"},
     {"configure", (PyCFunction)(void (*)(void))SendPath_configure, METH_FASTCALL,
-     "configure(batch_type, acks, delivery_timeout_ms, reap_inflight): for the C write of a due "
-     "batch; batch_type None: every due batch goes to the reference"},
+     "configure(batch_type, acks, delivery_timeout_ms, reap_inflight, reap_completions): for "
+     "the C write of a due batch; batch_type None: every due batch goes to the reference"},
     {"forget", (PyCFunction)SendPath_forget, METH_NOARGS,
      "forget(): an accumulator was removed from accs; drop the cached (topic, partition)"},
     {NULL, NULL, 0, NULL},
@@ -5097,6 +5110,7 @@ static int add_drain_constants(PyObject *m)
                                     RING_POLL_COMMIT_ONLY_MS_MAX) < 0 ||
             PyModule_AddIntConstant(m, "TAIL_NOTHING", TAIL_NOTHING) < 0 ||
             PyModule_AddIntConstant(m, "RING_TAKE_DECLINED", RING_TAKE_DECLINED) < 0 ||
+            PyModule_AddIntConstant(m, "ACC_DOZE_WAKE_FRAMES", ACC_DOZE_WAKE_FRAMES) < 0 ||
             PyModule_AddIntConstant(m, "WALK_FOUND", SHMB_RB_WALK_FOUND) < 0 ||
             PyModule_AddIntConstant(m, "WALK_END", SHMB_RB_WALK_END) < 0 ||
             PyModule_AddIntConstant(m, "WALK_BAD_ENTRY", SHMB_RB_WALK_BAD_ENTRY) < 0 ||

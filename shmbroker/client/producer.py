@@ -78,13 +78,21 @@ from .metadata import LocalMetadata
 #: (varints of length, timestamp delta, offset delta, key and value lengths; attributes;
 #: header count), so an accumulated batch never exceeds the size it is allowed.
 RECORD_OVERHEAD_BYTES_MAX = 32
-#: Read completions at the latest when this many batches of one ring wait for theirs (each
-#: batch has at most one completion, so the ring's COMPLETIONS_MAX slots never fill).
-_REAP_INFLIGHT = L.COMPLETIONS_MAX // 2
+#: Read completions at the latest when half the ring's COMPLETIONS_MAX slots hold ones not
+#: read yet: a partition appending frame by frame writes one per frame, and it holds a ring
+#: back whose slots are all unread. A dozing partition writes one per ring and round, for
+#: all the frames it took (a spinning ping-pong: ~100 frames a millisecond), so the count of
+#: batches in flight alone (32 before) made every such send past the 31st take the Python
+#: write and reap (perf/RESULTS.md, fourteenth session).
+_REAP_COMPLETIONS = L.COMPLETIONS_MAX // 2
+#: ... or when this many batches of one ring wait for theirs (bounds the deque of them).
+_REAP_INFLIGHT = 2 * PRODUCER_MAX_IN_FLIGHT_MAX
 #: Longest single sleep while waiting for an ack: the partition's status is checked this often.
 _ACK_WAIT_SLICE_MS = 200
 
 _READ_POSITION = L.RING["read_position"]
+_COMPLETIONS_WRITTEN = L.RING["completions_written"]
+_COMPLETIONS_READ = L.RING["completions_read"]
 _WRITE_POSITION = L.RING["write_position"]
 _PARTITION_STATUS = L.CONTROL["partition_status"]
 #: A batch's producer fields: Kafka's values for a producer that is not idempotent.
@@ -458,7 +466,7 @@ class Producer:
         path.enabled = FAST_SEND
         # The write of a due batch in C too (SendPath's sendpath_write): _write's common case.
         path.configure(_Batch if FAST_WRITE else None, self.acks, self.delivery_timeout_ms,
-                       _REAP_INFLIGHT)
+                       _REAP_INFLIGHT, _REAP_COMPLETIONS)
         self._sender_armed = False  # records are pending and the sender knows
         self._sender_poke = bytearray(1)  # non-zero: the sender's wait in C ends
         self._metadata = LocalMetadata(self.data_dir)
@@ -758,7 +766,9 @@ class Producer:
             # Completions are read when a future is asked (result, done, flush) and here
             # once in a while: often enough that the ring's completion slots never fill (the
             # partition would hold the ring back), not once per batch.
-            if len(inflight) >= _REAP_INFLIGHT:
+            if len(inflight) >= _REAP_INFLIGHT or \
+                    _load_u64(writer.buf, _COMPLETIONS_WRITTEN) - \
+                    _load_u64(writer.buf, _COMPLETIONS_READ) >= _REAP_COMPLETIONS:
                 self._reap(writer)
             return
         # No room now: the blocking write (wait for space, up to send_timeout_ms).

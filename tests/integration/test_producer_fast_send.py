@@ -225,7 +225,10 @@ def test_a_due_batch_is_written_in_c_with_the_same_offsets_and_the_reference_is_
         writes[0] += 1
         return reference(self, acc)
     monkeypatch.setattr(Producer, "_write", counted)
-    sends = 40  # more than _REAP_INFLIGHT: the C write declines when completions are due
+    # More than _REAP_COMPLETIONS: each send here finds the ring idle, so the partition
+    # acknowledges each frame with a completion of its own, and the C write declines once
+    # half the ring's completion slots are unread (the reference reads them).
+    sends = 40
     with Producer(broker=broker.data_dir, linger_ms=0) as producer:
         producer.send(topic, b"first", partition=0).result(timeout=10)
         writer = producer._writers[(topic, 0)]
@@ -242,7 +245,8 @@ def test_a_due_batch_is_written_in_c_with_the_same_offsets_and_the_reference_is_
             [(topic, 0, 1 + i) for i in range(sends)]
     if fast_write:
         # Only the sends that found completions due went to the reference (it reaps them).
-        assert python_writes <= sends // producer_module._REAP_INFLIGHT + 1, python_writes
+        assert 1 <= python_writes <= sends // producer_module._REAP_COMPLETIONS + 1, \
+            python_writes
     else:
         assert python_writes == sends
     assert [r.value for r in read_partition(broker.data_dir, topic, 0)] == \
@@ -270,3 +274,48 @@ def test_keyed_sends_take_the_c_path_and_land_on_kafkas_murmur2_partitions(broke
                     for p in range(4)}
     for p in range(4):
         assert by_partition[p] == [k for k in keys if records.partition_for_key(k, 4) == p]
+
+
+def test_sparse_sends_to_a_partition_that_acknowledges_nothing_are_written_in_c_up_to_the_default_bound(
+        broker, monkeypatch):
+    """A partition that dozes acknowledges a whole round's frames at once, so a sparse
+    sender (a spinning ping-pong: ~100 frames a millisecond) has many frames in flight and
+    few completions. Each such send is still written at once and in C: up to the default
+    max_in_flight (256) frames in flight, and the reference (which reads completions) only
+    when half the ring's completion slots are unread, not at 32 batches in flight. The
+    partition process is stopped (SIGSTOP): it acknowledges nothing meanwhile."""
+    import os
+    import signal
+
+    from shmbroker.config import PRODUCER_MAX_IN_FLIGHT_DEFAULT
+    create_topic(broker.data_dir, "inflight", 1)
+    pids = broker.partition_pids(broker.wait_running())
+    writes = [0]
+    reference = Producer._write
+
+    def counted(self, acc):
+        writes[0] += 1
+        return reference(self, acc)
+    monkeypatch.setattr(Producer, "_write", counted)
+    sends = 100
+    assert 32 < sends < PRODUCER_MAX_IN_FLIGHT_DEFAULT
+    with Producer(broker=broker.data_dir) as producer:
+        producer.send("inflight", b"first", partition=0).result(timeout=10)
+        writer = producer._writers[("inflight", 0)]
+        deadline = time.monotonic() + 10
+        while not writer.idle() and time.monotonic() < deadline:  # bounded
+            time.sleep(0.0005)
+        os.kill(pids[("inflight", 0)], signal.SIGSTOP)
+        try:
+            futures, before = [], writes[0]
+            for i in range(sends):
+                time.sleep(0.0002)  # sparse: well past PRODUCER_SPARSE_GAP_US
+                futures.append(producer.send("inflight", b"s%d" % i, partition=0))
+            assert writer.next_sequence - 1 == sends, "every send written at once"
+            assert producer._accs[("inflight", 0)].records.count == 0, "none held"
+            assert writes[0] == before, "the reference wrote some"
+        finally:
+            os.kill(pids[("inflight", 0)], signal.SIGCONT)
+        assert [f.result(timeout=10).offset for f in futures] == list(range(1, sends + 1))
+    assert [r.value for r in read_partition(broker.data_dir, "inflight", 0)] == \
+        [b"first"] + [b"s%d" % i for i in range(sends)]

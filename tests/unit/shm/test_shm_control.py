@@ -246,11 +246,17 @@ def test_a_doze_is_not_ended_by_a_commit_but_counts_it_and_waiters_end_it_at_onc
     assert flag == L.PARTITION_ASLEEP and worked and took < 2.0
 
 
-@pytest.mark.parametrize("before, wakes", [(14, False), (15, True)])
-def test_a_producer_with_16_frames_unacknowledged_wakes_a_dozing_partition(ctl, before, wakes):
+@pytest.mark.parametrize("before, wakes", [(_native.ACC_DOZE_WAKE_FRAMES - 2, False),
+                                          (_native.ACC_DOZE_WAKE_FRAMES - 1, True)])
+def test_a_producer_with_half_its_in_flight_bound_unacknowledged_wakes_a_dozing_partition(
+        ctl, before, wakes):
     """A producer sending faster than a doze is long would reach its in-flight bound within
-    one doze and hold its records: its commit wakes a dozing partition once 16 frames wait
-    for their acks (RecordAccumulator.write_ring, ACC_DOZE_WAKE_FRAMES), not before."""
+    one doze and hold its records: its commit wakes a dozing partition once
+    ACC_DOZE_WAKE_FRAMES frames (half PRODUCER_MAX_IN_FLIGHT_MAX) wait for their acks
+    (RecordAccumulator.write_ring), not before."""
+    from shmbroker.config import PRODUCER_MAX_IN_FLIGHT_MAX
+
+    assert _native.ACC_DOZE_WAKE_FRAMES == PRODUCER_MAX_IN_FLIGHT_MAX // 2
     import mmap
 
     from shmbroker.shm.ring import init_ring_header
