@@ -196,13 +196,15 @@ PARTITION_DOZE_MS = 1
 #: After a woken round, one C call may go on dozing and running rounds while each appended
 #: and left nothing for Python (drain_loop: at most this many rounds, for at most
 #: PARTITION_LOOP_BUDGET_MS), then Python settles their sum in one pass
-#: (docs/design/partition.md, "What a round costs"). 1 (the default): one round per call. 32
-#: measured here (2 vCPUs, ping-pong, 3 pairs each): spin p99 ~130-145 -> ~75-90 us and the
-#: partition's CPU per message about halved, but blocking-mode p99 and p99.9 worse in all
-#: three pairs (not understood yet; settling 20 ms of rounds at once is the suspect): off
-#: until that is understood.
-PARTITION_LOOP_ROUNDS_MAX = 1
-PARTITION_LOOP_BUDGET_MS = 20
+#: (docs/design/partition.md, "What a round costs"). 1: one round per call. On since the
+#: fourteenth session, once sparse sends stopped waking partitions every 16 frames and the
+#: loop stopped sleeping plainly between rounds: bench_ipc --cases rtt-spin,rtt-block, off
+#: against 64 rounds / 50 ms, alternating, 5 pairs: spin p99 125-187 -> 63-115 us and
+#: blocking p99 276-464 -> 178-353 us (every pair). A Python round and its settling stall a
+#: spinning client once a call, so fewer, longer calls (32 / 20 ms and 32 / 5 ms had a
+#: higher spin p99.9 than 64 / 50 ms in one sitting).
+PARTITION_LOOP_ROUNDS_MAX = 64
+PARTITION_LOOP_BUDGET_MS = 50
 #: How long a stopping partition process keeps draining rings before it exits anyway (below
 #: BrokerConfig.child_stop_timeout_ms, after which the supervisor sends SIGKILL).
 PARTITION_STOP_DRAIN_MS_MAX = 3_000

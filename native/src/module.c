@@ -4619,6 +4619,7 @@ typedef struct {
     long long timeout_ms, spin_ns, doze_ms;
     int status; /* out: the last sleep's WAIT_* status */
     long long rounds_max, budget_ms, registry_seen; /* drain_loop; rounds_max <= 1: one round */
+    long long loop_doze_ms; /* drain_loop's dozes after a round (0: none, the loop ends) */
     int rounds; /* out: rounds drain_loop ran */
 } drain_sleep_args;
 
@@ -4681,7 +4682,9 @@ static int drain_loop(drain_hold *h, uint8_t *ctl, size_t ctl_len, uint8_t *scra
         totals[i] = 0;
     while (rounds < sl->rounds_max) { /* bounded by rounds_max */
         if (do_sleep) {
-            sl->status = shmb_drain_sleep(ctl, seen, timeout_ms, sl->spin_ns, sl->doze_ms);
+            /* The call's sleep (a plain one after an idle spell), then only dozes. */
+            sl->status = shmb_drain_sleep(ctl, seen, timeout_ms, sl->spin_ns,
+                                          rounds == 0 ? sl->doze_ms : sl->loop_doze_ms);
             if (sl->status == SHMB_WAIT_TIMEOUT || sl->status == SHMB_WAIT_INTERRUPTED)
                 break;
         }
@@ -4761,10 +4764,13 @@ static int drain_loop(drain_hold *h, uint8_t *ctl, size_t ctl_len, uint8_t *scra
         }
         if (bad)
             break; /* (positions moved: Python takes them from the result, as always) */
-        /* No plain sleep inside the loop: one that every commit would end (a doze does not
-         * fit in what is left) is Python's to choose. */
+        /* No plain sleep inside the loop: one that every commit would end (dozing is off, or a
+         * doze does not fit in what is left) is Python's to choose. A call that began with a
+         * plain sleep dozes too after its first round (it was woken with work), as
+         * PartitionOwner's next call would (an earlier version slept plainly here, woken by
+         * every commit, until the budget ran out). */
         int64_t left_ms = (deadline - shmb_monotonic_ns()) / 1000000;
-        if (left_ms < 1 || (sl->doze_ms > 0 && left_ms <= sl->doze_ms))
+        if (left_ms < 1 || sl->loop_doze_ms <= 0 || left_ms <= sl->loop_doze_ms)
             break;
         int64_t next = shmb_drain_sleep_prepare(ctl, sl->registry_seen, looks, (size_t)h->n);
         if (next >= 0) {
@@ -4900,7 +4906,7 @@ static PyObject *py_drain_round(PyObject *module, PyObject *const *args, Py_ssiz
  * result or None[, rounds]): the doorbell sleep (drain_sleep, whose prepare the caller has
  * done) and, once woken (or a doze ended with the doorbell moved), the round, in one call: a
  * wake-up runs no Python before the round publishes. loop = (rounds_max, budget_ms,
- * registry_seen): drain_loop's steady-state rounds after it. */
+ * registry_seen, doze_ms): drain_loop's steady-state rounds after it, dozing doze_ms between. */
 static PyObject *py_drain_sleep_round(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs < 11 || nargs > 13) {
@@ -4915,19 +4921,20 @@ static PyObject *py_drain_sleep_round(PyObject *module, PyObject *const *args, P
         PyErr_SetString(PyExc_ValueError, "drain_sleep_round: seen is a u32 doorbell value");
         return NULL;
     }
-    drain_sleep_args sl = {(uint32_t)seen, 0, 0, 0, SHMB_WAIT_TIMEOUT, 1, 0, -1, 0};
+    drain_sleep_args sl = {(uint32_t)seen, 0, 0, 0, SHMB_WAIT_TIMEOUT, 1, 0, -1, 0, 0};
     if (nargs >= 12 && tail_ll(args[11], &sl.doze_ms) < 0)
         return NULL;
     if (nargs == 13) {
         PyObject *loop = args[12];
-        if (!PyTuple_Check(loop) || PyTuple_GET_SIZE(loop) != 3) {
-            PyErr_SetString(PyExc_TypeError,
-                            "drain_sleep_round: loop is (rounds_max, budget_ms, registry_seen)");
+        if (!PyTuple_Check(loop) || PyTuple_GET_SIZE(loop) != 4) {
+            PyErr_SetString(PyExc_TypeError, "drain_sleep_round: loop is (rounds_max, "
+                                             "budget_ms, registry_seen, doze_ms)");
             return NULL;
         }
         if (tail_ll(PyTuple_GET_ITEM(loop, 0), &sl.rounds_max) < 0 ||
             tail_ll(PyTuple_GET_ITEM(loop, 1), &sl.budget_ms) < 0 ||
-            tail_ll(PyTuple_GET_ITEM(loop, 2), &sl.registry_seen) < 0)
+            tail_ll(PyTuple_GET_ITEM(loop, 2), &sl.registry_seen) < 0 ||
+            tail_ll(PyTuple_GET_ITEM(loop, 3), &sl.loop_doze_ms) < 0)
             return NULL;
     }
     sl.timeout_ms = PyLong_AsLongLong(args[1]);
@@ -5295,7 +5302,7 @@ static PyMethodDef module_methods[] = {
     {"drain_sleep_round", (PyCFunction)(void (*)(void))py_drain_sleep_round, METH_FASTCALL,
      "drain_sleep_round(seen, timeout_ms, spin_ns, rings, control, scratch, log,\n"
      "                  round_bytes_max, ring_round_bytes_max, pid, start_time[, doze_ms[,\n"
-     "                  (rounds_max, budget_ms, registry_seen)]])\n"
+     "                  (rounds_max, budget_ms, registry_seen, doze_ms)]])\n"
      "-> (WAIT_* status, drain_round's result, or None when the sleep was not woken\n"
      "    [, rounds run])\n\n"
      "drain_sleep, then (woken or the doorbell moved) drain_round with the clock read afresh,\n"

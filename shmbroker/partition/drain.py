@@ -667,7 +667,8 @@ class Drainer:
         return picked, views, state
 
     def sleep_round(self, plan: tuple, seen: int, timeout_ms: int, spin_ns: int,
-                    doze_ms: int = 0, registry_seen: int | None = None) -> int:
+                    doze_ms: int = 0, registry_seen: int | None = None,
+                    loop_doze_ms: int = 0) -> int:
         """The doorbell sleep (or doze) and, once woken, the C round, in one call (see
         sleep_round_plan); returns the frames the rounds handled, -1 when the sleep ended
         without a wake-up (a timeout: no round ran). A declined round changes nothing: the
@@ -675,7 +676,8 @@ class Drainer:
 
         With ``registry_seen`` (the ingress registry the plan's rings come from), the C call
         goes on dozing and running rounds while each appended and left nothing for Python
-        (``drain_loop``: at most PARTITION_LOOP_ROUNDS_MAX rounds, PARTITION_LOOP_BUDGET_MS);
+        (``drain_loop``: at most PARTITION_LOOP_ROUNDS_MAX rounds, PARTITION_LOOP_BUDGET_MS,
+        dozing ``loop_doze_ms`` between rounds; 0: one round, as without registry_seen);
         what it returns is their sum, settled here in one pass. ``ended_idle`` says whether
         its last doze found nothing (the loop's next sleep is then a plain one)."""
         picked, views, state = plan
@@ -685,7 +687,7 @@ class Drainer:
             seen, timeout_ms, spin_ns, views, self.control.buf, self._scratch, state,
             self.round_bytes_max, self.ring_round_bytes_max, pid, start_time, doze_ms,
             (PARTITION_LOOP_ROUNDS_MAX, PARTITION_LOOP_BUDGET_MS,
-             -1 if registry_seen is None else registry_seen))
+             -1 if registry_seen is None else registry_seen, loop_doze_ms))
         self.ended_idle = rounds > 0 and status == _WAIT_TIMEOUT
         if result is None:
             return -1

@@ -235,7 +235,7 @@ class PartitionOwner:
             self._doze = woken
             return False
         handled = self.drainer.sleep_round(plan, seen, timeout_ms, self.spin_ns, doze_ms,
-                                           registry_seen)
+                                           registry_seen, PARTITION_DOZE_MS)
         self._doze = handled >= 0 and not self.drainer.ended_idle
         return handled > 0
 

@@ -620,9 +620,11 @@ def test_a_dozing_partition_takes_the_commits_of_its_doze_in_one_round(tmp_path,
 
 
 def _play_looping(data_dir, rounds_max: int, config: LogConfig, monkeypatch) -> dict:
-    """A producer thread commits one frame every ~2 ms while the partition dozes 1 ms at a
+    """A producer thread commits one frame every ~2 ms while the partition dozes 5 ms at a
     time, as run_loop drives it (wait_for_work, then step() when it did not run a round);
-    with rounds_max > 1 one wait_for_work call runs several rounds (drain_loop)."""
+    with rounds_max > 1 one wait_for_work call runs several rounds (drain_loop), dozing
+    between them (a doze that ends idle ends the call: the frames must come faster than the
+    doze is long)."""
     import threading
     import time
 
@@ -630,7 +632,7 @@ def _play_looping(data_dir, rounds_max: int, config: LogConfig, monkeypatch) -> 
     import shmbroker.partition.owner as owner_module
 
     monkeypatch.setattr(owner_module, "SLEEP_ROUND", True)
-    monkeypatch.setattr(owner_module, "PARTITION_DOZE_MS", 1)
+    monkeypatch.setattr(owner_module, "PARTITION_DOZE_MS", 5)
     monkeypatch.setattr(drain_module, "PARTITION_LOOP_ROUNDS_MAX", rounds_max)
     os.makedirs(data_dir, exist_ok=True)
     rings = Rings(str(data_dir), 1, [1 << 16])
@@ -699,3 +701,56 @@ def test_rounds_that_stay_in_c_write_what_one_round_a_call_writes(tmp_path, monk
     if segment_bytes > 3000:  # no rolls: most calls run several rounds
         assert looping["calls"] < looping["sleep_rounds"] / 2, looping
     assert single["sleep_rounds"] <= single["calls"]
+
+
+def test_a_loop_that_began_with_a_plain_sleep_dozes_between_its_rounds(tmp_path, monkeypatch):
+    """A drain_loop call that began with a plain sleep (after an idle spell) was woken with
+    work, so it dozes before its next rounds (never a plain sleep inside the loop, which every
+    commit would end with a wake-up): commits during a doze are taken together at its end,
+    and the call ends when a doze finds nothing."""
+    import threading
+    import time
+
+    import shmbroker.partition.drain as drain_module
+    import shmbroker.partition.owner as owner_module
+
+    monkeypatch.setattr(owner_module, "SLEEP_ROUND", True)
+    monkeypatch.setattr(owner_module, "PARTITION_DOZE_MS", 100)
+    monkeypatch.setattr(drain_module, "PARTITION_LOOP_ROUNDS_MAX", 64)
+    monkeypatch.setattr(drain_module, "PARTITION_LOOP_BUDGET_MS", 5_000)
+    rings = Rings(str(tmp_path), 1, [1 << 16])
+    owner = PartitionOwner(str(tmp_path), TOPIC, 0, LogConfig(),
+                           control=ControlRegion.attach(rings.control.name))
+    try:
+        rings.frame(0, [(1, 20, TIME0_MS)])
+        while owner.step():  # bounded: the first (Python) round learns the ring's sequence
+            rings.reap()
+        owner.wait_for_work(20)  # nothing: the next sleep is a plain one
+        rounds, calls = owner.drainer.sleep_rounds, owner.drainer.sleep_calls
+
+        def commits() -> None:
+            rings.frame(0, [(1, 20, TIME0_MS + 1)])  # wakes the plain sleep at once
+            time.sleep(0.02)
+            for i in range(3):  # within the doze that follows: taken in one round
+                rings.frame(0, [(1, 20, TIME0_MS + 2 + i)])
+
+        timer = threading.Timer(0.02, commits)
+        t0 = time.monotonic()
+        timer.start()
+        try:
+            owner.wait_for_work(10_000)
+        finally:
+            timer.join()
+        took = time.monotonic() - t0
+        # The woken round, a doze that took the three, a doze that found nothing.
+        assert owner.drainer.sleep_calls == calls + 1
+        assert owner.drainer.sleep_rounds == rounds + 2
+        assert owner.drainer.ended_idle
+        assert rings.control.read_state().high_watermark == 5
+        # Two dozes of 100 ms after the wake-up at 20 ms; a plain sleep instead would have
+        # waited out the 5 s budget.
+        assert 0.2 <= took < 2.0, took
+    finally:
+        owner.shutdown()
+        owner.close()
+        rings.close()
