@@ -559,6 +559,19 @@ def test_the_wake_up_round_reads_the_clock_after_the_sleep(tmp_path, monkeypatch
         rings.close()
 
 
+def _timed_wait(owner: PartitionOwner, timer) -> float:
+    """Seconds one wait_for_work takes while ``timer`` (a threading.Timer) runs."""
+    import time
+
+    t0 = time.monotonic()
+    timer.start()
+    try:
+        owner.wait_for_work(10_000)
+    finally:
+        timer.join()
+    return time.monotonic() - t0
+
+
 @pytest.mark.parametrize("sleep_round", [True, False])
 def test_a_dozing_partition_takes_the_commits_of_its_doze_in_one_round(tmp_path, monkeypatch,
                                                                         sleep_round):
@@ -568,7 +581,6 @@ def test_a_dozing_partition_takes_the_commits_of_its_doze_in_one_round(tmp_path,
     wake-up runs the round). A doze that finds nothing is followed by a plain sleep, which a
     commit ends at once."""
     import threading
-    import time
 
     import shmbroker.partition.owner as owner_module
 
@@ -583,13 +595,7 @@ def test_a_dozing_partition_takes_the_commits_of_its_doze_in_one_round(tmp_path,
             rings.frame(0, [(1, 20, TIME0_MS + i)])
 
     def wait(timer: threading.Timer) -> float:
-        t0 = time.monotonic()
-        timer.start()
-        try:
-            owner.wait_for_work(10_000)
-        finally:
-            timer.join()
-        return time.monotonic() - t0
+        return _timed_wait(owner, timer)
 
     try:
         commits(2)
@@ -734,14 +740,7 @@ def test_a_loop_that_began_with_a_plain_sleep_dozes_between_its_rounds(tmp_path,
             for i in range(3):  # within the doze that follows: taken in one round
                 rings.frame(0, [(1, 20, TIME0_MS + 2 + i)])
 
-        timer = threading.Timer(0.02, commits)
-        t0 = time.monotonic()
-        timer.start()
-        try:
-            owner.wait_for_work(10_000)
-        finally:
-            timer.join()
-        took = time.monotonic() - t0
+        took = _timed_wait(owner, threading.Timer(0.02, commits))
         # The woken round, a doze that took the three, a doze that found nothing.
         assert owner.drainer.sleep_calls == calls + 1
         assert owner.drainer.sleep_rounds == rounds + 2

@@ -209,6 +209,18 @@ def test_a_send_after_the_broker_restarts_reaches_the_new_partition_not_the_drop
         [b"before-%d" % i for i in range(50)] + [b"after-%d" % i for i in range(50)]
 
 
+def _count_python_writes(monkeypatch) -> list:
+    """Counts calls of Producer._write (the reference's write) in the returned [n]."""
+    writes = [0]
+    reference = Producer._write
+
+    def counted(self, acc):
+        writes[0] += 1
+        return reference(self, acc)
+    monkeypatch.setattr(Producer, "_write", counted)
+    return writes
+
+
 @pytest.mark.parametrize("fast_write", [True, False])
 def test_a_due_batch_is_written_in_c_with_the_same_offsets_and_the_reference_is_not_called(
         broker, monkeypatch, fast_write):
@@ -218,13 +230,7 @@ def test_a_due_batch_is_written_in_c_with_the_same_offsets_and_the_reference_is_
     create_topic(broker.data_dir, f"cwrite-{fast_write}", 1)
     topic = f"cwrite-{fast_write}"
     monkeypatch.setattr(producer_module, "FAST_WRITE", fast_write)
-    writes = [0]
-    reference = Producer._write
-
-    def counted(self, acc):
-        writes[0] += 1
-        return reference(self, acc)
-    monkeypatch.setattr(Producer, "_write", counted)
+    writes = _count_python_writes(monkeypatch)
     # More than _REAP_COMPLETIONS: each send here finds the ring idle, so the partition
     # acknowledges each frame with a completion of its own, and the C write declines once
     # half the ring's completion slots are unread (the reference reads them).
@@ -290,13 +296,7 @@ def test_sparse_sends_to_a_partition_that_acknowledges_nothing_are_written_in_c_
     from shmbroker.config import PRODUCER_MAX_IN_FLIGHT_DEFAULT
     create_topic(broker.data_dir, "inflight", 1)
     pids = broker.partition_pids(broker.wait_running())
-    writes = [0]
-    reference = Producer._write
-
-    def counted(self, acc):
-        writes[0] += 1
-        return reference(self, acc)
-    monkeypatch.setattr(Producer, "_write", counted)
+    writes = _count_python_writes(monkeypatch)
     sends = 100
     assert 32 < sends < PRODUCER_MAX_IN_FLIGHT_DEFAULT
     with Producer(broker=broker.data_dir) as producer:
