@@ -4197,6 +4197,11 @@ static PyObject *sendpath_call(PyObject *op, PyObject *const *args, size_t nargs
         wrote = sendpath_write(self, args[0], acc, (AccumulatorObject *)records);
         if (wrote < 0)
             Py_CLEAR(future);
+        /* The sparse-send gap (acc_sparse_due) counts from the end of this send's own write:
+         * a loop sending as fast as it can, each send writing its frame, would otherwise see
+         * the write's ~1-2 us as a gap and write every record as a frame of its own. */
+        if (wrote > 0 && ((AccumulatorObject *)records)->inflight_max > 0)
+            ((AccumulatorObject *)records)->last_append_ns = wall_clock_ns();
     }
     if (future != NULL && !wrote &&
         (((AccumulatorObject *)records)->write_due || !self->armed)) {
