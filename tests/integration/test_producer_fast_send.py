@@ -282,6 +282,18 @@ def test_keyed_sends_take_the_c_path_and_land_on_kafkas_murmur2_partitions(broke
         assert by_partition[p] == [k for k in keys if records.partition_for_key(k, 4) == p]
 
 
+def _idle_after_first(producer: Producer, topic: str):
+    """Sends b"first" to partition 0, waits for its ack and for the ring to be idle (the
+    partition took every frame); returns the partition's writer."""
+    producer.send(topic, b"first", partition=0).result(timeout=10)
+    writer = producer._writers[(topic, 0)]
+    deadline = time.monotonic() + 10
+    while not writer.idle() and time.monotonic() < deadline:  # bounded
+        time.sleep(0.0005)
+    assert writer.idle()
+    return writer
+
+
 def test_sparse_sends_to_a_partition_that_acknowledges_nothing_are_written_in_c_up_to_the_default_bound(
         broker, monkeypatch):
     """A partition that dozes acknowledges a whole round's frames at once, so a sparse
@@ -300,11 +312,7 @@ def test_sparse_sends_to_a_partition_that_acknowledges_nothing_are_written_in_c_
     sends = 100
     assert 32 < sends < PRODUCER_MAX_IN_FLIGHT_DEFAULT
     with Producer(broker=broker.data_dir) as producer:
-        producer.send("inflight", b"first", partition=0).result(timeout=10)
-        writer = producer._writers[("inflight", 0)]
-        deadline = time.monotonic() + 10
-        while not writer.idle() and time.monotonic() < deadline:  # bounded
-            time.sleep(0.0005)
+        writer = _idle_after_first(producer, "inflight")
         os.kill(pids[("inflight", 0)], signal.SIGSTOP)
         try:
             futures, before = [], writes[0]
@@ -336,11 +344,7 @@ def test_a_tight_send_loop_batches_behind_its_frames_in_flight(broker):
     sends = 200
     value = b"v" * 4096
     with Producer(broker=broker.data_dir) as producer:
-        producer.send("tight", b"first", partition=0).result(timeout=10)
-        writer = producer._writers[("tight", 0)]
-        deadline = time.monotonic() + 10
-        while not writer.idle() and time.monotonic() < deadline:  # bounded
-            time.sleep(0.0005)
+        writer = _idle_after_first(producer, "tight")
         os.kill(pids[("tight", 0)], signal.SIGSTOP)
         try:
             send = producer.send
