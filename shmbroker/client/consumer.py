@@ -1032,19 +1032,20 @@ class Consumer:
                     status, got, at, end, seen, beyond = got
                     if status == _FOUND and at < len(got):
                         fetch.pending_end = end
+                        # The counters: published by a later poll (before it may sleep),
+                        # not here: off the way from a producer's commit to the application.
                         if at or len(got) > max_records:
                             got = self._hand_out(fetch, got, at, max_records)
+                            if self._counters is not None:
+                                self._counters_due += 1
                         else:  # _hand_out's common case: every record (pending stays [])
                             position = got[-1].offset + 1
                             fetch.position = end if end > position else position
                             if self._counters is not None:
                                 fetch.records_out += len(got)
-                        # Published by a later poll (before it may sleep), not here: off
-                        # the way from a producer's commit to the application.
-                        if self._counters is not None:
-                            self._counters_due += 1
+                                self._counters_due += 1
                         return got
-                    if status is not None and status != ring_reads.FOUND:
+                    if status is not None and status != _FOUND:
                         fetch.seen_commit_seq, fetch.beyond_taken = seen, beyond
                         if status == ring_reads.NONE and not beyond and TAIL_READ:
                             # Taken but in no ring: the partition released its frame before
