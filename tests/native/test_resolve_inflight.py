@@ -1,0 +1,106 @@
+"""A producer's reap in C (``_native.resolve_inflight``, ``Producer._resolve``'s common case)
+against the Python reference (``FAST_RESOLVE = False``): the same batches get the same offsets
+or the same typed errors and the same batches stay in flight, for random acknowledgements that
+include error codes, overwritten completions and batches not yet acknowledged; an in-flight
+entry that is not a written batch is a TypeError, not a wrong offset."""
+from __future__ import annotations
+
+import collections
+import random
+from types import SimpleNamespace
+
+import pytest
+
+from shmbroker import _native, errors
+from shmbroker.client import producer as producer_module
+from shmbroker.client.producer import Producer, _Batch
+from shmbroker.shm.ring import Completion
+
+ERROR_CODES = sorted(errors.ERRORS_BY_CODE)
+
+
+def scenario(seed: int):
+    """Batches with consecutive sequences and random record counts, and completions covering
+    a prefix of them in random chunks (some with error codes, some starting past their first
+    batches: those completions were overwritten)."""
+    rng = random.Random(seed)
+    first_seq = rng.randrange(0, 10**6)
+    counts = [rng.randrange(1, 300) for _ in range(rng.randrange(0, 600))]
+    completions, seq, offset = [], first_seq, rng.randrange(0, 10**9)
+    acked_through = first_seq + rng.randrange(0, len(counts) + 1)
+    while seq < acked_through:  # bounded: seq grows each pass
+        last = min(acked_through - 1, seq + rng.randrange(0, 200))
+        first = seq + (rng.randrange(1, 3) if rng.random() < 0.05 else 0)  # overwritten
+        first = min(first, last)
+        code = rng.choice(ERROR_CODES) if rng.random() < 0.08 else 0
+        completions.append(Completion(first, last, offset, code))
+        offset += sum(counts[seq - first_seq:last + 1 - first_seq]) + rng.randrange(0, 5)
+        seq = last + 1
+    return first_seq, counts, completions
+
+
+def build(first_seq: int, counts: list[int]):
+    writer = SimpleNamespace(inflight=collections.deque(), topic="t", partition=3,
+                             ring=SimpleNamespace(name="/shmb-test-ring"))
+    batches = []
+    for i, count in enumerate(counts):
+        batch = _Batch(None, "t", 3)
+        batch.count, batch.sequence, batch.writer = count, first_seq + i, writer
+        writer.inflight.append(batch)
+        batches.append(batch)
+    return writer, batches
+
+
+def outcome(writer, batches):
+    return ([(b.done, b.base_offset, type(b.error).__name__ if b.error else None,
+              str(b.error) if b.error else None) for b in batches],
+            [b.sequence for b in writer.inflight])
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_c_resolve_gives_the_references_offsets_errors_and_leftovers(seed, monkeypatch):
+    first_seq, counts, completions = scenario(seed)
+    got = {}
+    for fast in (False, True):
+        monkeypatch.setattr(producer_module, "FAST_RESOLVE", fast)
+        writer, batches = build(first_seq, counts)
+        Producer._resolve(None, writer, list(completions))
+        got[fast] = outcome(writer, batches)
+    assert got[True] == got[False]
+
+
+def test_a_round_of_acknowledged_batches_gets_consecutive_offsets_per_completion():
+    writer, batches = build(100, [1, 2, 3, 4, 5])
+    handled = _native.resolve_inflight(writer.inflight, [Completion(100, 101, 50, 0),
+                                                         Completion(102, 103, 70, 0)], _Batch)
+    assert handled == 2
+    assert [(b.done, b.base_offset) for b in batches] == \
+        [(True, 50), (True, 51), (True, 70), (True, 73), (False, -1)]
+    assert [b.sequence for b in writer.inflight] == [104]
+
+
+def test_c_resolve_stops_at_an_error_code_and_leaves_it_to_the_reference():
+    writer, batches = build(7, [2, 2, 2])
+    completions = [Completion(7, 7, 0, 0), Completion(8, 9, 2, ERROR_CODES[0])]
+    assert _native.resolve_inflight(writer.inflight, completions, _Batch) == 1
+    assert batches[0].base_offset == 0 and not batches[1].done
+    assert [b.sequence for b in writer.inflight] == [8, 9]
+
+
+def test_c_resolve_stops_at_an_overwritten_completion():
+    writer, batches = build(7, [1, 1, 1])
+    assert _native.resolve_inflight(writer.inflight, [Completion(8, 9, 40, 0)], _Batch) == 0
+    assert not any(b.done for b in batches) and len(writer.inflight) == 3
+
+
+def test_an_in_flight_entry_that_is_not_a_written_batch_is_a_type_error():
+    writer, batches = build(7, [1, 1])
+    writer.inflight.append(object())
+    with pytest.raises(TypeError, match="in-flight entry"):
+        _native.resolve_inflight(writer.inflight, [Completion(7, 9, 0, 0)], _Batch)
+    unwritten = _Batch(None, "t", 3)  # sequence -1: never written
+    with pytest.raises(TypeError, match="in-flight entry"):
+        _native.resolve_inflight(collections.deque([unwritten]), [Completion(0, 0, 0, 0)],
+                                 _Batch)
+    with pytest.raises(TypeError):
+        _native.resolve_inflight(writer.inflight, (Completion(7, 7, 0, 0),), _Batch)
