@@ -3702,6 +3702,88 @@ static PyType_Spec Mutex_spec = {
     .slots = Mutex_slots,
 };
 
+/* ==== _Batch slots: the producer's batch objects read and written at their __slots__ offsets
+ * (as their member descriptors do), by SendPath's write and by resolve_inflight. */
+
+/* The offset of the __slots__ member `name` of `type`; -1 with TypeError if it is not one. */
+static int batch_slot_offset(PyObject *type, const char *name, Py_ssize_t *offset)
+{
+    PyObject *d = PyObject_GetAttrString(type, name);
+    if (d == NULL)
+        return -1;
+    int ok = Py_IS_TYPE(d, &PyMemberDescr_Type) &&
+             ((PyMemberDescrObject *)d)->d_member->type == T_OBJECT_EX;
+    *offset = ok ? ((PyMemberDescrObject *)d)->d_member->offset : 0;
+    Py_DECREF(d);
+    if (!ok)
+        PyErr_Format(PyExc_TypeError, "%s.%s must be a __slots__ slot",
+                     ((PyTypeObject *)type)->tp_name, name);
+    return ok ? 0 : -1;
+}
+
+static inline PyObject **slot_at(PyObject *obj, Py_ssize_t offset)
+{
+    return (PyObject **)((char *)obj + offset);
+}
+
+/* The int in a batch's slot, or -2 (unset, not an int, or out of range). */
+static inline long long batch_slot_int(PyObject *batch, Py_ssize_t offset)
+{
+    PyObject *v = *slot_at(batch, offset);
+    if (v == NULL || !PyLong_CheckExact(v))
+        return -2;
+    int overflow = 0;
+    long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
+    return overflow || x < 0 ? -2 : x;
+}
+
+/* obj.<slot> = value, taking the reference (NULL: an error is set, nothing changes). */
+static inline int slot_set(PyObject *obj, Py_ssize_t offset, PyObject *value)
+{
+    if (value == NULL)
+        return -1;
+    PyObject **slot = slot_at(obj, offset), *old = *slot;
+    *slot = value;
+    Py_XDECREF(old);
+    return 0;
+}
+
+/* client.producer._Batch's slots, in its __slots__ order (checked by batch_slots_init). */
+enum { B_PRODUCER, B_TOPIC, B_PARTITION, B_COUNT, B_BASE_OFFSET, B_ERROR, B_DONE, B_WRITER,
+       B_SEQUENCE, B_DEADLINE, B_NSLOTS };
+static const char *const batch_slot_names[B_NSLOTS] = {
+    "producer", "topic", "partition", "count", "base_offset", "error", "done", "writer",
+    "sequence", "deadline"};
+
+typedef struct {
+    Py_ssize_t at[B_NSLOTS];
+} BatchSlots;
+
+/* The offsets of batch_type's slots; its __slots__ must be exactly batch_slot_names (so that
+ * an object made by batch_new has every slot _Batch.__init__ sets). */
+static int batch_slots_init(PyObject *batch_type, BatchSlots *s)
+{
+    PyObject *names = PyObject_GetAttrString(batch_type, "__slots__");
+    if (names == NULL)
+        return -1;
+    int same = PyTuple_Check(names) && PyTuple_GET_SIZE(names) == B_NSLOTS;
+    for (int i = 0; same && i < B_NSLOTS; i++) {
+        PyObject *name = PyTuple_GET_ITEM(names, i);
+        same = PyUnicode_Check(name) && PyUnicode_CompareWithASCIIString(name, batch_slot_names[i]) == 0;
+    }
+    Py_DECREF(names);
+    if (!same) {
+        PyErr_Format(PyExc_TypeError, "%s.__slots__ must be the tuple (\"producer\", \"topic\", "
+                     "...): the C producer path knows only those", ((PyTypeObject *)batch_type)->tp_name);
+        return -1;
+    }
+    for (int i = 0; i < B_NSLOTS; i++) {
+        if (batch_slot_offset(batch_type, batch_slot_names[i], &s->at[i]) < 0)
+            return -1;
+    }
+    return 0;
+}
+
 /* ==== SendPath: Producer.send without a Python frame ========================================
  *
  * Why: callgrind put ~4,300 instructions on each Producer.send, ~800 of them in the C append;
@@ -3758,6 +3840,8 @@ typedef struct {
     Py_ssize_t reap_inflight;      /* _REAP_INFLIGHT: at that many the reference reaps */
     uint64_t reap_completions;     /* _REAP_COMPLETIONS: or at that many unread completions */
     PyObject *wnames[12];          /* interned attribute names, see sendpath_wnames */
+    BatchSlots bslots;             /* batch_type's slot offsets (set with batch_type) */
+    PyObject *inf;                 /* float("inf"): a new batch's deadline */
 } SendPathObject;
 
 enum { W_WRITER, W_TOPIC, W_PARTITION, W_CONTROL, W_BUF, W_NEXT_SEQUENCE,
@@ -3905,6 +3989,7 @@ static int SendPath_clear(SendPathObject *self)
     Py_CLEAR(self->cached_topic);
     Py_CLEAR(self->cached_acc);
     Py_CLEAR(self->batch_type);
+    Py_CLEAR(self->inf);
     for (int i = 0; i < 6; i++)
         Py_CLEAR(self->names[i]);
     for (int i = 0; i < W_NAMES; i++)
@@ -3958,6 +4043,10 @@ static PyObject *SendPath_configure(SendPathObject *self, PyObject *const *args,
                             "reap_completions in [1, %d]", SHMB_COMPLETIONS_MAX);
     if (args[0] != Py_None && !PyType_Check(args[0]))
         return PyErr_Format(PyExc_TypeError, "configure: batch_type must be a class or None");
+    if (args[0] != Py_None && batch_slots_init(args[0], &self->bslots) < 0)
+        return NULL;
+    if (self->inf == NULL && (self->inf = PyFloat_FromDouble(Py_HUGE_VAL)) == NULL)
+        return NULL;
     Py_XINCREF(args[0] == Py_None ? NULL : args[0]);
     Py_XSETREF(self->batch_type, args[0] == Py_None ? NULL : args[0]);
     self->acks = acks;
@@ -3977,6 +4066,28 @@ static inline int set_attr_steal(PyObject *obj, PyObject *name, PyObject *value)
     return r;
 }
 
+/* _Batch(producer, topic, partition) without running its __init__ (a Python frame per written
+ * frame, ~1/5 of a sparse send): the same slot values, set at their offsets. batch_slots_init
+ * checked that __slots__ is exactly the slots set here; tests compare both ways' batches. */
+static PyObject *batch_new(SendPathObject *self, PyObject *producer, PyObject *topic,
+                           PyObject *partition)
+{
+    PyTypeObject *type = (PyTypeObject *)self->batch_type;
+    PyObject *batch = type->tp_alloc(type, 0);  /* every slot NULL; GC-tracked */
+    if (batch == NULL)
+        return NULL;
+    const Py_ssize_t *at = self->bslots.at;
+    PyObject *values[B_NSLOTS] = {
+        [B_PRODUCER] = Py_NewRef(producer), [B_TOPIC] = Py_NewRef(topic),
+        [B_PARTITION] = Py_NewRef(partition), [B_COUNT] = PyLong_FromLong(0),
+        [B_BASE_OFFSET] = PyLong_FromLong(-1), [B_ERROR] = Py_NewRef(Py_None),
+        [B_DONE] = Py_NewRef(Py_False), [B_WRITER] = Py_NewRef(Py_None),
+        [B_SEQUENCE] = PyLong_FromLong(-1), [B_DEADLINE] = Py_NewRef(self->inf)};
+    for (int i = 0; i < B_NSLOTS; i++)
+        *slot_at(batch, at[i]) = values[i];  /* small ints: cached, never NULL */
+    return batch;
+}
+
 /* The write of a due batch (Producer._write's common case) without a Python frame: seal the
  * accumulator's records into one frame, copy it into the bound ring, ring the doorbell, start
  * a new batch, and put the written one in flight. Declines (returns 0, having changed nothing)
@@ -3990,7 +4101,8 @@ static int sendpath_write(SendPathObject *self, PyObject *producer, PyObject *ac
 {
     PyObject **n = self->wnames;
     if (self->batch_type == NULL || self->acks == 0 || records->acc.count == 0 ||
-        records->ring.obj == NULL || records->batch == NULL)
+        records->ring.obj == NULL || records->batch == NULL ||
+        !Py_IS_TYPE(records->batch, (PyTypeObject *)self->batch_type))  /* its slots are set below */
         return 0;
     int result = -1;
     PyObject *writer = NULL, *topic = NULL, *partition = NULL, *control = NULL, *cbuf = NULL,
@@ -4028,9 +4140,7 @@ static int sendpath_write(SendPathObject *self, PyObject *producer, PyObject *ac
     }
     if ((partition = PyObject_GetAttr(acc, n[W_PARTITION])) == NULL)
         goto done;
-    PyObject *call[4] = {NULL, producer, topic, partition};
-    new_batch = PyObject_Vectorcall(self->batch_type, call + 1, 3 | PY_VECTORCALL_ARGUMENTS_OFFSET,
-                                    NULL);
+    new_batch = batch_new(self, producer, topic, partition);
     if (new_batch == NULL)
         goto done;
 
@@ -4052,14 +4162,14 @@ static int sendpath_write(SendPathObject *self, PyObject *producer, PyObject *ac
     batch = records->batch;  /* the written batch: its futures point to it */
     records->batch = new_batch;
     new_batch = NULL;
-    if (set_attr_steal(batch, n[W_COUNT], PyLong_FromSsize_t(count)) < 0 ||
+    const Py_ssize_t *at = self->bslots.at;
+    if (slot_set(batch, at[B_COUNT], PyLong_FromSsize_t(count)) < 0 ||
         set_attr_steal(writer, n[W_NEXT_SEQUENCE], PyLong_FromUnsignedLongLong(first_seq + 1)) < 0 ||
         set_attr_steal(writer, n[W_WRITTEN_POSITION], PyLong_FromUnsignedLongLong(wpos)) < 0 ||
-        PyObject_SetAttr(batch, n[W_WRITER], writer) < 0 ||
-        set_attr_steal(batch, n[W_SEQUENCE], PyLong_FromUnsignedLongLong(first_seq)) < 0 ||
-        set_attr_steal(batch, n[W_DEADLINE],
-                       PyFloat_FromDouble((double)shmb_monotonic_ns() / 1e9 +
-                                          self->delivery_timeout_s)) < 0)
+        slot_set(batch, at[B_WRITER], Py_NewRef(writer)) < 0 ||
+        slot_set(batch, at[B_SEQUENCE], PyLong_FromUnsignedLongLong(first_seq)) < 0 ||
+        slot_set(batch, at[B_DEADLINE], PyFloat_FromDouble((double)shmb_monotonic_ns() / 1e9 +
+                                                           self->delivery_timeout_s)) < 0)
         goto done;
     PyObject *appended = PyObject_CallMethodOneArg(inflight, n[W_APPEND], batch);
     if (appended == NULL)
@@ -4289,48 +4399,6 @@ static PyType_Spec SendPath_spec = {
  * batch costs its __slots__ reads and writes at their offsets (as their descriptors do) and
  * one popleft. */
 
-typedef struct {
-    Py_ssize_t sequence, count, base_offset, done;
-} BatchSlots;
-
-static int batch_slot_offset(PyObject *type, const char *name, Py_ssize_t *offset)
-{
-    PyObject *d = PyObject_GetAttrString(type, name);
-    if (d == NULL)
-        return -1;
-    int ok = Py_IS_TYPE(d, &PyMemberDescr_Type) &&
-             ((PyMemberDescrObject *)d)->d_member->type == T_OBJECT_EX;
-    *offset = ok ? ((PyMemberDescrObject *)d)->d_member->offset : 0;
-    Py_DECREF(d);
-    if (!ok)
-        PyErr_Format(PyExc_TypeError, "resolve_inflight: batch_type.%s must be a __slots__ slot",
-                     name);
-    return ok ? 0 : -1;
-}
-
-static inline PyObject **slot_at(PyObject *obj, Py_ssize_t offset)
-{
-    return (PyObject **)((char *)obj + offset);
-}
-
-/* The int in a batch's slot, or -2 (stop: unset, not an int, or out of range). */
-static inline long long batch_slot_int(PyObject *batch, Py_ssize_t offset)
-{
-    PyObject *v = *slot_at(batch, offset);
-    if (v == NULL || !PyLong_CheckExact(v))
-        return -2;
-    int overflow = 0;
-    long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
-    return overflow || x < 0 ? -2 : x;
-}
-
-static inline void slot_set(PyObject *obj, Py_ssize_t offset, PyObject *value /* stolen */)
-{
-    PyObject **slot = slot_at(obj, offset), *old = *slot;
-    *slot = value;
-    Py_XDECREF(old);
-}
-
 static PyObject *py_resolve_inflight(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs != 3)
@@ -4340,10 +4408,7 @@ static PyObject *py_resolve_inflight(PyObject *module, PyObject *const *args, Py
         return PyErr_Format(PyExc_TypeError,
                             "resolve_inflight: completions must be a list, batch_type a type");
     BatchSlots s;
-    if (batch_slot_offset(batch_type, "sequence", &s.sequence) < 0 ||
-        batch_slot_offset(batch_type, "count", &s.count) < 0 ||
-        batch_slot_offset(batch_type, "base_offset", &s.base_offset) < 0 ||
-        batch_slot_offset(batch_type, "done", &s.done) < 0)
+    if (batch_slots_init(batch_type, &s) < 0)
         return NULL;
     PyObject *popleft = PyObject_GetAttrString(inflight, "popleft");
     if (popleft == NULL)
@@ -4376,8 +4441,8 @@ static PyObject *py_resolve_inflight(PyObject *module, PyObject *const *args, Py
             if (batch == NULL)
                 goto error;
             long long seq = Py_IS_TYPE(batch, (PyTypeObject *)batch_type)
-                                ? batch_slot_int(batch, s.sequence) : -2;
-            long long count = seq >= 0 ? batch_slot_int(batch, s.count) : -2;
+                                ? batch_slot_int(batch, s.at[B_SEQUENCE]) : -2;
+            long long count = seq >= 0 ? batch_slot_int(batch, s.at[B_COUNT]) : -2;
             if (seq < 0 || count < 0) {
                 Py_DECREF(batch);
                 PyErr_Format(PyExc_TypeError, "resolve_inflight: an in-flight entry is not a "
@@ -4407,9 +4472,9 @@ static PyObject *py_resolve_inflight(PyObject *module, PyObject *const *args, Py
                 goto error;
             }
             Py_DECREF(popped);  /* the same object as batch */
-            slot_set(batch, s.base_offset, base);
+            slot_set(batch, s.at[B_BASE_OFFSET], base);
             Py_INCREF(Py_True);
-            slot_set(batch, s.done, Py_True);
+            slot_set(batch, s.at[B_DONE], Py_True);
             Py_DECREF(batch);
             offset += count;
         }

@@ -11,7 +11,7 @@ import time
 import pytest
 from produce_helpers import read_partition
 
-from shmbroker import Admin, Producer, errors
+from shmbroker import Admin, Producer, _native, errors
 from shmbroker.client import producer as producer_module
 
 pytestmark = [pytest.mark.usefixtures("stop_resource_tracker"), pytest.mark.timeout(120)]
@@ -257,6 +257,48 @@ def test_a_due_batch_is_written_in_c_with_the_same_offsets_and_the_reference_is_
         assert python_writes == sends
     assert [r.value for r in read_partition(broker.data_dir, topic, 0)] == \
         [b"first"] + [b"r%d" % i for i in range(sends)]
+
+
+def test_the_c_write_makes_the_next_batch_as_batch_init_does_and_fills_the_written_one(
+        broker, monkeypatch):
+    """SendPath's write makes the accumulator's next batch without running _Batch.__init__
+    (slots set at their offsets): every slot equals a _Batch made in Python; the written
+    batch has the count, writer, sequence and deadline the reference gives it."""
+    topic = "cbatch"
+    create_topic(broker.data_dir, topic, 1)
+    with Producer(broker=broker.data_dir, linger_ms=0) as producer:
+        producer.send(topic, b"first", partition=0).result(timeout=10)
+        writer = producer._writers[(topic, 0)]
+        deadline = time.monotonic() + 10
+        while not writer.idle() and time.monotonic() < deadline:  # bounded
+            time.sleep(0.0005)
+        writes = _count_python_writes(monkeypatch)
+        acc = producer._accs[(topic, 0)]
+        written = acc.records.batch
+        before = time.monotonic()
+        future = producer.send(topic, b"second", partition=0)
+        assert writes[0] == 0, "the reference wrote the batch: the C write was not exercised"
+        made = acc.records.batch
+        assert made is not written and type(made) is producer_module._Batch
+        reference = producer_module._Batch(producer, topic, 0)
+        for name in producer_module._Batch.__slots__:
+            assert getattr(made, name) == getattr(reference, name), name
+        assert made.producer is producer and made.topic is acc.topic
+        assert written.count == 1 and written.writer is writer
+        assert written.sequence == writer.next_sequence - 1
+        timeout_s = producer.delivery_timeout_ms / 1000
+        assert before + timeout_s <= written.deadline <= time.monotonic() + timeout_s
+        assert future.result(timeout=10) == (topic, 0, 1)
+
+
+def test_the_c_write_refuses_a_batch_class_whose_slots_it_does_not_know():
+    class Other:
+        __slots__ = ("producer", "topic")
+    path = _native.SendPath(producer_module._Accumulator, Producer._send_python,
+                            Producer._after_append)
+    with pytest.raises(TypeError, match="__slots__"):
+        path.configure(Other, 1, 1000, 8, 8)
+    path.configure(producer_module._Batch, 1, 1000, 8, 8)  # the real one is accepted
 
 
 def test_keyed_sends_take_the_c_path_and_land_on_kafkas_murmur2_partitions(broker, monkeypatch):
