@@ -192,7 +192,13 @@ PARTITION_SCHED_BATCH = True
 #: wake-up on the producer's critical path; docs/design/shm.md, "Dozing"). Who waits on it
 #: wakes it anyway (an ack, ring space, a consumer of the log waiting for the high
 #: watermark). A doze that ends with nothing new is followed by a sleep. 0: never doze.
-PARTITION_DOZE_MS = 1
+#: 4, not 1, since the fifteenth session: a doze's round runs on a vCPU a ping-pong client
+#: wants (and takes the frames a woken consumer was about to read from the ring, sending it
+#: to the log): bench_ipc --only shmbroker,pipe, alternating, round-trip p99 blocking
+#: 196/181/171/195/192 -> 167/149/222/194/162 us (5 pairs), spin 87/79/83/84 -> 70/65/69/65
+#: us (4 pairs); throughput rows and idle within noise (perf/RESULTS.md). 8 was no better.
+#: A spinning ping-pong still gets a round every ~128 frames (ACC_DOZE_WAKE_FRAMES).
+PARTITION_DOZE_MS = 4
 #: After a woken round, one C call may go on dozing and running rounds while each appended
 #: and left nothing for Python (drain_loop: at most this many rounds, for at most
 #: PARTITION_LOOP_BUDGET_MS), then Python settles their sum in one pass
