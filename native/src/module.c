@@ -3839,6 +3839,7 @@ typedef struct {
     double delivery_timeout_s;
     Py_ssize_t reap_inflight;      /* _REAP_INFLIGHT: at that many the reference reaps */
     uint64_t reap_completions;     /* _REAP_COMPLETIONS: or at that many unread completions */
+    Py_ssize_t reap_some_inflight; /* _REAP_SOME_INFLIGHT: from that many, a few when acked */
     PyObject *wnames[12];          /* interned attribute names, see sendpath_wnames */
     BatchSlots bslots;             /* batch_type's slot offsets (set with batch_type) */
     PyObject *inf;                 /* float("inf"): a new batch's deadline */
@@ -4029,18 +4030,21 @@ static inline int sendpath_unlock(SendPathObject *self)
  * batch goes to Producer._after_append, the reference). */
 static PyObject *SendPath_configure(SendPathObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 5)
+    if (nargs != 6)
         return PyErr_Format(PyExc_TypeError, "configure(batch_type, acks, delivery_timeout_ms, "
-                                             "reap_inflight, reap_completions)");
+                                             "reap_inflight, reap_completions, reap_some_inflight)");
     int acks = (int)PyLong_AsLong(args[1]);
     double timeout_ms = PyFloat_AsDouble(args[2]);
     Py_ssize_t reap = PyLong_AsSsize_t(args[3]);
     Py_ssize_t reap_completions = PyLong_AsSsize_t(args[4]);
+    Py_ssize_t reap_some = PyLong_AsSsize_t(args[5]);
     if (PyErr_Occurred())
         return NULL;
-    if (reap < 1 || reap_completions < 1 || reap_completions > SHMB_COMPLETIONS_MAX)
-        return PyErr_Format(PyExc_ValueError, "configure: reap_inflight must be >= 1 and "
-                            "reap_completions in [1, %d]", SHMB_COMPLETIONS_MAX);
+    if (reap < 1 || reap_completions < 1 || reap_completions > SHMB_COMPLETIONS_MAX ||
+        reap_some < 1 || reap_some > reap)
+        return PyErr_Format(PyExc_ValueError, "configure: reap_inflight must be >= 1, "
+                            "reap_completions in [1, %d] and reap_some_inflight in [1, "
+                            "reap_inflight]", SHMB_COMPLETIONS_MAX);
     if (args[0] != Py_None && !PyType_Check(args[0]))
         return PyErr_Format(PyExc_TypeError, "configure: batch_type must be a class or None");
     if (args[0] != Py_None && batch_slots_init(args[0], &self->bslots) < 0)
@@ -4053,6 +4057,7 @@ static PyObject *SendPath_configure(SendPathObject *self, PyObject *const *args,
     self->delivery_timeout_s = timeout_ms / 1000.0;
     self->reap_inflight = reap;
     self->reap_completions = (uint64_t)reap_completions;
+    self->reap_some_inflight = reap_some;
     Py_RETURN_NONE;
 }
 
@@ -4127,6 +4132,22 @@ static int sendpath_write(SendPathObject *self, PyObject *producer, PyObject *ac
         unread >= self->reap_completions) {
         result = 0;
         goto done;
+    }
+    /* The oldest batch in flight acknowledged (a dozing partition's round acknowledges a few
+     * hundred at once): the reference resolves a few of them per write (_reap_some), so no
+     * one send resolves them all (~50 us in a ping-pong; perf/RESULTS.md, fifteenth session). */
+    if (in_flight > 0 && in_flight + 1 >= self->reap_some_inflight) {
+        PyObject *oldest = PySequence_GetItem(inflight, 0);
+        if (oldest == NULL)
+            goto done;
+        long long seq = Py_IS_TYPE(oldest, (PyTypeObject *)self->batch_type)
+                            ? batch_slot_int(oldest, self->bslots.at[B_SEQUENCE]) : -2;
+        Py_DECREF(oldest);
+        if (seq < 0 ||
+            (uint64_t)seq < shmb_u64_load_acquire(rb + SHMB_RING_ACKED_SEQUENCE_OFFSET)) {
+            result = 0;
+            goto done;
+        }
     }
     if ((control = PyObject_GetAttr(writer, n[W_CONTROL])) == NULL ||
         (cbuf = PyObject_GetAttr(control, n[W_BUF])) == NULL ||
@@ -4353,8 +4374,9 @@ static PyMethodDef SendPath_methods[] = {
     {"reset", (PyCFunction)(void (*)(void))SendPath_reset, METH_FASTCALL,
      "reset(lock, accs, sticky): use these (the producer made new ones); not armed"},
     {"configure", (PyCFunction)(void (*)(void))SendPath_configure, METH_FASTCALL,
-     "configure(batch_type, acks, delivery_timeout_ms, reap_inflight, reap_completions): for "
-     "the C write of a due batch; batch_type None: every due batch goes to the reference"},
+     "configure(batch_type, acks, delivery_timeout_ms, reap_inflight, reap_completions, "
+     "reap_some_inflight): for the C write of a due batch; batch_type None: every due batch "
+     "goes to the reference"},
     {"forget", (PyCFunction)SendPath_forget, METH_NOARGS,
      "forget(): an accumulator was removed from accs; drop the cached (topic, partition)"},
     {NULL, NULL, 0, NULL},
@@ -4401,9 +4423,16 @@ static PyType_Spec SendPath_spec = {
 
 static PyObject *py_resolve_inflight(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 3)
-        return PyErr_Format(PyExc_TypeError, "resolve_inflight(inflight, completions, batch_type)");
+    if (nargs != 3 && nargs != 4)
+        return PyErr_Format(PyExc_TypeError,
+                            "resolve_inflight(inflight, completions, batch_type[, budget])");
     PyObject *inflight = args[0], *completions = args[1], *batch_type = args[2];
+    long long budget = -1, resolved = 0, next_first = -1, next_offset = -1;
+    if (nargs == 4 && ((budget = PyLong_AsLongLong(args[3])) < 1)) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "resolve_inflight: budget must be >= 1");
+        return NULL;
+    }
     if (!PyList_CheckExact(completions) || !PyType_Check(batch_type))
         return PyErr_Format(PyExc_TypeError,
                             "resolve_inflight: completions must be a list, batch_type a type");
@@ -4464,6 +4493,14 @@ static PyObject *py_resolve_inflight(PyObject *module, PyObject *const *args, Py
                              "after a later one", seq);
                 goto error;
             }
+            if (resolved == budget) {  /* budget spent: the rest of this one from here */
+                Py_DECREF(batch);
+                next_first = seq;
+                next_offset = offset;
+                stop = 1;
+                break;
+            }
+            resolved++;
             PyObject *base = PyLong_FromLongLong(offset);
             PyObject *popped = base == NULL ? NULL : PyObject_CallNoArgs(popleft);
             if (popped == NULL) {
@@ -4482,6 +4519,8 @@ static PyObject *py_resolve_inflight(PyObject *module, PyObject *const *args, Py
             break;
     }
     Py_DECREF(popleft);
+    if (budget > 0)
+        return Py_BuildValue("(nLL)", handled, next_first, next_offset);
     return PyLong_FromSsize_t(handled);
 error:
     Py_DECREF(popleft);
@@ -5399,7 +5438,9 @@ static PyMethodDef module_methods[] = {
      "common case: resolves the batches (popped from the left of the deque inflight) of each "
      "completion (first, last, base_offset, error_code) in turn; stops at a completion with an "
      "error code or a batch below its first (the reference handles those) and returns how many "
-     "completions it handled."},
+     "completions it handled. With budget: resolves at most that many batches and returns "
+     "(handled, next_first, next_offset): when the budget ran out inside completion `handled`, "
+     "its unresolved rest is (next_first, last, next_offset), else next_first is -1."},
     {"ring_take", (PyCFunction)(void (*)(void))py_ring_take, METH_FASTCALL,
      "ring_take(control, rings, hints, hint_froms, offset, registry_seen, records_max, topic, "
      "partition, wait_ms, spin_ns, seen_hw_seq) -> (status, records, at, end, seen_commit, "

@@ -224,6 +224,13 @@ class RingProducer:
         out, self._completions = self._completions, []
         return out
 
+    def pending_completions(self) -> list[Completion]:
+        """Completions read (the ring's new ones now) and not yet handed out, oldest first: the
+        live list, which the caller consumes from its front and may put the rest of a
+        completion back into (Producer._reap_some resolves a few batches at a time)."""
+        self.reap_completions()
+        return self._completions
+
     def take_collected(self) -> list[Completion]:
         """Completions already moved out of the ring and not yet polled; unlike
         poll_completions, this reads nothing from the ring (it may be closed)."""

@@ -297,8 +297,8 @@ def test_the_c_write_refuses_a_batch_class_whose_slots_it_does_not_know():
     path = _native.SendPath(producer_module._Accumulator, Producer._send_python,
                             Producer._after_append)
     with pytest.raises(TypeError, match="__slots__"):
-        path.configure(Other, 1, 1000, 8, 8)
-    path.configure(producer_module._Batch, 1, 1000, 8, 8)  # the real one is accepted
+        path.configure(Other, 1, 1000, 8, 8, 4)
+    path.configure(producer_module._Batch, 1, 1000, 8, 8, 4)  # the real one is accepted
 
 
 def test_keyed_sends_take_the_c_path_and_land_on_kafkas_murmur2_partitions(broker, monkeypatch):
@@ -369,6 +369,49 @@ def test_sparse_sends_to_a_partition_that_acknowledges_nothing_are_written_in_c_
         assert [f.result(timeout=10).offset for f in futures] == list(range(1, sends + 1))
     assert [r.value for r in read_partition(broker.data_dir, "inflight", 0)] == \
         [b"first"] + [b"s%d" % i for i in range(sends)]
+
+
+def test_a_round_of_acknowledged_sparse_frames_is_resolved_a_few_batches_per_send(
+        broker, monkeypatch):
+    """A dozing partition acknowledges a round of a few hundred sparse frames at once. The
+    sends after it resolve at most _REAP_SOME_BATCHES of those batches each (a send that
+    resolved them all stalled a ping-pong by ~50-100 us), and every future still gets its
+    own offset. The partition is stopped (SIGSTOP) while the frames pile up."""
+    import os
+    import signal
+
+    create_topic(broker.data_dir, "reapsome", 1)
+    pids = broker.partition_pids(broker.wait_running())
+    piled = 200
+    assert piled > producer_module._REAP_SOME_INFLIGHT + 2 * producer_module._REAP_SOME_BATCHES
+    with Producer(broker=broker.data_dir) as producer:
+        writer = _idle_after_first(producer, "reapsome")
+        futures = []
+        os.kill(pids[("reapsome", 0)], signal.SIGSTOP)
+        try:
+            for i in range(piled):
+                time.sleep(0.0002)  # sparse: each send writes a frame of its own
+                futures.append(producer.send("reapsome", b"s%d" % i, partition=0))
+        finally:
+            os.kill(pids[("reapsome", 0)], signal.SIGCONT)
+        last = writer.next_sequence - 1
+        deadline = time.monotonic() + 10
+        while writer.ring.acked_sequence <= last and time.monotonic() < deadline:  # bounded
+            time.sleep(0.001)
+        assert writer.ring.acked_sequence > last, "the partition acknowledged the pile"
+        assert len(writer.inflight) == piled, "nothing resolved before the next send"
+        resolved_per_send = []
+        for i in range(piled // producer_module._REAP_SOME_BATCHES + 2):
+            before = len(writer.inflight)
+            time.sleep(0.0002)
+            futures.append(producer.send("reapsome", b"t%d" % i, partition=0))
+            resolved_per_send.append(before + 1 - len(writer.inflight))
+        assert max(resolved_per_send) == producer_module._REAP_SOME_BATCHES, resolved_per_send
+        assert sum(resolved_per_send) >= piled - producer_module._REAP_SOME_INFLIGHT, \
+            resolved_per_send
+        assert all(f.done() for f in futures[:piled - producer_module._REAP_SOME_INFLIGHT])
+        assert [f.result(timeout=10).offset for f in futures] == \
+            list(range(1, len(futures) + 1))
 
 
 def test_a_tight_send_loop_batches_behind_its_frames_in_flight(broker):

@@ -104,3 +104,69 @@ def test_an_in_flight_entry_that_is_not_a_written_batch_is_a_type_error():
                                  _Batch)
     with pytest.raises(TypeError):
         _native.resolve_inflight(writer.inflight, (Completion(7, 7, 0, 0),), _Batch)
+
+
+class _Ring:
+    """The part of RingProducer that Producer._reap_some and _reap use: the unread
+    completions (here a plain list, as RingProducer keeps them once read)."""
+
+    def __init__(self, completions):
+        self.completions = list(completions)
+        self.name = "/shmb-test-ring"
+
+    def pending_completions(self):
+        return self.completions
+
+    def poll_completions(self):
+        out, self.completions = self.completions, []
+        return out
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_resolving_a_few_batches_at_a_time_ends_as_resolving_all_at_once(seed, monkeypatch):
+    """Producer._reap_some (at most _REAP_SOME_BATCHES per call, the rest of a completion put
+    back in front) called until nothing is left gives the reference's outcome; no call but
+    one that meets an error code or an overwritten completion resolves more than the budget."""
+    first_seq, counts, completions = scenario(seed)
+    monkeypatch.setattr(producer_module, "FAST_RESOLVE", False)
+    writer, batches = build(first_seq, counts)
+    Producer._resolve(None, writer, list(completions))
+    expected = outcome(writer, batches)
+    monkeypatch.setattr(producer_module, "FAST_RESOLVE", True)
+    writer, batches = build(first_seq, counts)
+    writer.ring = _Ring(completions)
+    producer = object.__new__(Producer)  # _reap_some and _reap use no producer state
+    budget = producer_module._REAP_SOME_BATCHES
+    # The completions the reference takes over: an error code, or overwritten (it does not
+    # start where the one before it ended). A put-back rest keeps its last_sequence.
+    anomalous, expected_first = set(), first_seq
+    for c in completions:
+        if c.error_code or c.first_sequence != expected_first:
+            anomalous.add(c.last_sequence)
+        expected_first = c.last_sequence + 1
+    calls = within_budget = 0
+    for _ in range(len(counts) + len(completions) + 1):  # bounded: each call makes progress
+        if not writer.ring.completions:
+            break
+        errors_ahead = any(c.last_sequence in anomalous for c in writer.ring.completions)
+        before = sum(b.done for b in batches)
+        producer._reap_some(writer)
+        calls += 1
+        if not errors_ahead:
+            within_budget += 1
+            assert sum(b.done for b in batches) - before <= budget
+    assert not writer.ring.completions
+    assert calls == 0 or within_budget or anomalous
+    assert outcome(writer, batches) == expected
+
+
+def test_a_budget_that_ends_inside_a_completion_says_where_its_rest_starts():
+    writer, batches = build(10, [2, 3, 4, 5])
+    assert _native.resolve_inflight(writer.inflight, [Completion(10, 13, 100, 0)], _Batch, 2) \
+        == (0, 12, 105)
+    assert [(b.done, b.base_offset) for b in batches[:3]] == [(True, 100), (True, 102), (False, -1)]
+    assert _native.resolve_inflight(writer.inflight, [Completion(12, 13, 105, 0)], _Batch, 5) \
+        == (1, -1, -1)
+    assert [b.base_offset for b in batches] == [100, 102, 105, 109]
+    with pytest.raises(ValueError):
+        _native.resolve_inflight(writer.inflight, [], _Batch, 0)
