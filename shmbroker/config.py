@@ -196,7 +196,8 @@ PARTITION_SCHED_BATCH = True
 #: wants (and takes the frames a woken consumer was about to read from the ring, sending it
 #: to the log): bench_ipc --only shmbroker,pipe, alternating, round-trip p99 blocking
 #: 196/181/171/195/192 -> 167/149/222/194/162 us (5 pairs), spin 87/79/83/84 -> 70/65/69/65
-#: us (4 pairs); throughput rows and idle within noise (perf/RESULTS.md). 8 was no better.
+#: us (4 pairs); throughput rows and idle within noise (perf/RESULTS.md). 8: blocking p99
+#: mixed (3 pairs), not taken.
 #: A spinning ping-pong still gets a round every ~128 frames (ACC_DOZE_WAKE_FRAMES).
 PARTITION_DOZE_MS = 4
 #: After a woken round, one C call may go on dozing and running rounds while each appended
