@@ -38,15 +38,15 @@ time just before it gives the signal, and the end is the moment the last consume
 its last message (time.perf_counter: CLOCK_MONOTONIC, the same clock in every process).
 Each throughput case sends a fixed count per producer (per system, see ``COUNTS``); each consumer counts its messages and adds up their last bytes, and a case
 whose count or checksum differs prints LOST/BAD instead of a number. Throughput numbers are
-medians of 3 runs; latency percentiles come from one run of ``ROUNDS`` timed round trips after
-``WARM`` untimed ones. Every process started here is stopped at the end, even on failure
+medians of 3 runs; each latency percentile is the median of 3 runs' (each ``ROUNDS`` timed
+round trips after ``WARM`` untimed ones; the runs' p50/p99 are in the note). Every process started here is stopped at the end, even on failure
 (stop event, then SIGTERM/SIGKILL after a timeout; workers and servers also get
 PR_SET_PDEATHSIG, so a benchmark killed outright leaves nothing running); the temporary
 directory under perf/out/
 is removed and shared-memory objects of the broker and iceoryx2 instances started here are
 checked for and removed (a leak is reported in the output). The os.pipe and shared-memory
 references run first, then shmbroker (round trips first): its blocking round trip is compared
-with a pipe measured seconds before. A full run takes about 2.5-3 minutes on the 2-core VM, ``--quick`` (1/8 of the counts, 1 run per case) about 25 s.
+with a pipe measured seconds before. A full run takes about 4-5 minutes on the 2-core VM (with redis-server), ``--quick`` (1/8 of the counts, 1 run per case) about 25 s.
 Progress goes to stderr, the table to stdout.
 
 The machine may be shared: the column "other CPU %" says how much CPU processes outside the
@@ -269,7 +269,8 @@ def header(tmp: str, quick: bool, only: set[str]) -> dict[str, str]:
         "directory": f"{tmp} ({filesystem_of(os.path.realpath(tmp))})",
         "mode": ("quick" if quick else "full") + (f", only {','.join(sorted(only))}" if only else ""),
         "method": (f"throughput: median of {1 if quick else REPS} runs, fixed count per producer, "
-                   f"consumers verify count+checksum; latency: {ROUNDS // (QUICK_DIV if quick else 1)} "
+                   f"consumers verify count+checksum; latency: each percentile the median of "
+                   f"{1 if quick else REPS} runs of {ROUNDS // (QUICK_DIV if quick else 1)} "
                    f"round trips after {WARM // (QUICK_DIV if quick else 1)} warm-up; spawn start "
                    "method; time.perf_counter; MB = 1e6 bytes"),
         "other CPU %": ("CPU that processes outside the case used meanwhile (/proc/stat busy minus "
@@ -696,7 +697,11 @@ def throughput_row(ctx, env: Env, case: Case, reps: int, quick: bool) -> Row:
     return row
 
 
-def latency_row(ctx, env: Env, mode: str, section: str, quick: bool) -> Row:
+def latency_row(ctx, env: Env, mode: str, section: str, quick: bool, reps: int) -> Row:
+    """Each percentile is the median of ``reps`` runs' (as throughput is): one run's p99 moves
+    by 1.5-2x between runs on this VM, the pipe's as much as anyone's (perf/RESULTS.md,
+    fifteenth session)."""
+    import numpy as np
     system = env.name
     row = Row(section, system, unit="us")
     notes = SPIN_NOTES if mode == "spin" else BLOCK_NOTES
@@ -706,21 +711,29 @@ def latency_row(ctx, env: Env, mode: str, section: str, quick: bool) -> Row:
     div = QUICK_DIV if quick else 1
     params = {"idx": 0, "msg_bytes": 100, "warm": WARM // div, "rounds": ROUNDS // div,
               "spin": mode == "spin", "stall_s": STALL_S}
-    tag = f"rtt-{mode}"
-    chan = env.pingpong_channel(tag)
-    try:
-        g = run_group(ctx, system, [("pong", 0, chan, params)], [("ping", 0, chan, params)],
-                      server_pids=env.server_pids)
-    finally:
-        env.after_run(tag)
-    if g.failure():
-        row.status = g.failure()
-        return row
-    import numpy as np
-    lat = np.asarray(g.done[("ping", 0)]["lat_ns"], dtype=np.float64) / 1e3
-    p50, p99, p999 = np.percentile(lat, [50, 99, 99.9])
-    row.value, row.lat_us, row.other_pct = p50, (p50, p99, p999), g.other_pct
-    row.note = f"{notes[system]}; {len(lat):,} round trips, mean {lat.mean():.1f} us"
+    runs, means, other, count = [], [], [], 0
+    for rep in range(reps):
+        tag = f"rtt-{mode}-{rep}"
+        chan = env.pingpong_channel(tag)
+        try:
+            g = run_group(ctx, system, [("pong", 0, chan, params)], [("ping", 0, chan, params)],
+                          server_pids=env.server_pids)
+        finally:
+            env.after_run(tag)
+        if g.failure():
+            row.status = g.failure()
+            return row
+        lat = np.asarray(g.done[("ping", 0)]["lat_ns"], dtype=np.float64) / 1e3
+        runs.append(tuple(np.percentile(lat, [50, 99, 99.9])))
+        means.append(lat.mean())
+        other.append(g.other_pct)
+        count = len(lat)
+    p50, p99, p999 = (statistics.median(r[i] for r in runs) for i in range(3))
+    row.value, row.lat_us, row.other_pct = p50, (p50, p99, p999), max(other)
+    row.samples = [v for r in runs for v in r]
+    each = "; runs' p50/p99: " + ", ".join(f"{r[0]:.1f}/{r[1]:.0f}" for r in runs) if reps > 1 else ""
+    row.note = (f"{notes[system]}; {count:,} round trips x{reps}, median of each percentile, "
+                f"mean {statistics.median(means):.1f} us{each}")
     return row
 
 
@@ -757,7 +770,7 @@ def run_system(ctx, system: str, tmp: str, quick: bool, warnings: list[str]) -> 
         if env.missing:
             return skipped_rows(system, env.missing)
         steps: list[tuple[str, Callable[[], Row]]] = [
-            (f"rtt-{mode}", lambda m=mode, s=section: latency_row(ctx, env, m, s, quick))
+            (f"rtt-{mode}", lambda m=mode, s=section: latency_row(ctx, env, m, s, quick, reps))
             for mode, section in LATENCY_MODES]
         if system not in ("pipe", "shmspin"):
             steps += [(c.key, lambda c=c: throughput_row(ctx, env, c, reps, quick)) for c in all_cases()]
