@@ -414,6 +414,44 @@ def test_a_round_of_acknowledged_sparse_frames_is_resolved_a_few_batches_per_sen
             list(range(1, len(futures) + 1))
 
 
+def test_batches_acknowledged_before_a_clean_stop_resolve_though_not_yet_resolved_by_sends(
+        make_broker):
+    """A clean stop after a partition acknowledged a pile of frames that the producer was
+    still resolving a few per send: the next send reports the stop, and every acknowledged
+    batch gets its offset, none the stop's error (a producer told "not acknowledged" about
+    appended records would send them again)."""
+    import os
+    import signal
+
+    broker = make_broker()
+    create_topic(broker.data_dir, "stopped", 1)
+    pids = broker.partition_pids(broker.wait_running())
+    piled = 200
+    with Producer(broker=broker.data_dir) as producer:
+        writer = _idle_after_first(producer, "stopped")
+        futures = []
+        os.kill(pids[("stopped", 0)], signal.SIGSTOP)
+        try:
+            for i in range(piled):
+                time.sleep(0.0002)
+                futures.append(producer.send("stopped", b"s%d" % i, partition=0))
+        finally:
+            os.kill(pids[("stopped", 0)], signal.SIGCONT)
+        last = writer.next_sequence - 1
+        deadline = time.monotonic() + 10
+        while writer.ring.acked_sequence <= last and time.monotonic() < deadline:  # bounded
+            time.sleep(0.001)
+        time.sleep(0.0002)
+        futures.append(producer.send("stopped", b"one more", partition=0))
+        assert writer.ring._completions, "a completion's rest waits to be resolved"
+        resolved = sum(f._batch.done for f in futures)  # (done() would resolve them all)
+        assert resolved <= producer_module._REAP_SOME_BATCHES, resolved
+        assert broker.stop() == 0
+        with pytest.raises(errors.BrokerNotRunningError):
+            producer.send("stopped", b"after the stop", partition=0).result(timeout=10)
+        assert [f.result(timeout=10).offset for f in futures] == list(range(1, piled + 2))
+
+
 def test_a_tight_send_loop_batches_behind_its_frames_in_flight(broker):
     """The sparse-send gap counts from the end of a send's own write: a loop sending as fast
     as it can, whose sends each take microseconds when they write a frame (4 KiB values:
