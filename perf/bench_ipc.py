@@ -646,6 +646,15 @@ def params_for(case: Case, count: int, idx: int) -> dict[str, Any]:
             "batch": case.batch, "stall_s": STALL_S}
 
 
+def run_tagged(ctx, env: Env, tag: str, waiters: list, starters: list):
+    """One run_group of ``env``'s system on the channels made for ``tag``; the environment
+    hears of its end (after_run) whatever happened."""
+    try:
+        return run_group(ctx, env.name, waiters, starters, server_pids=env.server_pids)
+    finally:
+        env.after_run(tag)
+
+
 def throughput_row(ctx, env: Env, case: Case, reps: int, quick: bool) -> Row:
     system = env.name
     row = Row(case.section, system, unit="MB/s" if case.msg_bytes >= KiB else "msgs/s")
@@ -659,13 +668,9 @@ def throughput_row(ctx, env: Env, case: Case, reps: int, quick: bool) -> Row:
     for rep in range(reps):
         tag = f"{case.key}-{rep}"
         chans = env.channels(tag, case.pairs)
-        try:
-            g = run_group(ctx, system,
-                          [("consumer", i, c, params_for(case, count, i)) for i, c in enumerate(chans)],
-                          [("producer", i, c, params_for(case, count, i)) for i, c in enumerate(chans)],
-                          server_pids=env.server_pids)
-        finally:
-            env.after_run(tag)
+        g = run_tagged(ctx, env, tag,
+                       [("consumer", i, c, params_for(case, count, i)) for i, c in enumerate(chans)],
+                       [("producer", i, c, params_for(case, count, i)) for i, c in enumerate(chans)])
         if g.failure():
             row.status = g.failure()
             return row
@@ -715,11 +720,7 @@ def latency_row(ctx, env: Env, mode: str, section: str, quick: bool, reps: int) 
     for rep in range(reps):
         tag = f"rtt-{mode}-{rep}"
         chan = env.pingpong_channel(tag)
-        try:
-            g = run_group(ctx, system, [("pong", 0, chan, params)], [("ping", 0, chan, params)],
-                          server_pids=env.server_pids)
-        finally:
-            env.after_run(tag)
+        g = run_tagged(ctx, env, tag, [("pong", 0, chan, params)], [("ping", 0, chan, params)])
         if g.failure():
             row.status = g.failure()
             return row

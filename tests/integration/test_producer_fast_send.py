@@ -371,34 +371,42 @@ def test_sparse_sends_to_a_partition_that_acknowledges_nothing_are_written_in_c_
         [b"first"] + [b"s%d" % i for i in range(sends)]
 
 
+def _pile_acknowledged(producer, partition_pid: int, topic: str, piled: int):
+    """``piled`` sparse sends (each writes a frame of its own) while the partition process is
+    stopped (SIGSTOP), then the partition resumed and waited for until it has acknowledged
+    them all (one round: a few completions): (writer, futures)."""
+    import os
+    import signal
+
+    writer = _idle_after_first(producer, topic)
+    futures = []
+    os.kill(partition_pid, signal.SIGSTOP)
+    try:
+        for i in range(piled):
+            time.sleep(0.0002)  # sparse: well past PRODUCER_SPARSE_GAP_US
+            futures.append(producer.send(topic, b"s%d" % i, partition=0))
+    finally:
+        os.kill(partition_pid, signal.SIGCONT)
+    last = writer.next_sequence - 1
+    deadline = time.monotonic() + 10
+    while writer.ring.acked_sequence <= last and time.monotonic() < deadline:  # bounded
+        time.sleep(0.001)
+    assert writer.ring.acked_sequence > last, "the partition acknowledged the pile"
+    return writer, futures
+
+
 def test_a_round_of_acknowledged_sparse_frames_is_resolved_a_few_batches_per_send(
         broker, monkeypatch):
     """A dozing partition acknowledges a round of a few hundred sparse frames at once. The
     sends after it resolve at most _REAP_SOME_BATCHES of those batches each (a send that
     resolved them all stalled a ping-pong by ~50-100 us), and every future still gets its
     own offset. The partition is stopped (SIGSTOP) while the frames pile up."""
-    import os
-    import signal
-
     create_topic(broker.data_dir, "reapsome", 1)
     pids = broker.partition_pids(broker.wait_running())
     piled = 200
     assert piled > producer_module._REAP_SOME_INFLIGHT + 2 * producer_module._REAP_SOME_BATCHES
     with Producer(broker=broker.data_dir) as producer:
-        writer = _idle_after_first(producer, "reapsome")
-        futures = []
-        os.kill(pids[("reapsome", 0)], signal.SIGSTOP)
-        try:
-            for i in range(piled):
-                time.sleep(0.0002)  # sparse: each send writes a frame of its own
-                futures.append(producer.send("reapsome", b"s%d" % i, partition=0))
-        finally:
-            os.kill(pids[("reapsome", 0)], signal.SIGCONT)
-        last = writer.next_sequence - 1
-        deadline = time.monotonic() + 10
-        while writer.ring.acked_sequence <= last and time.monotonic() < deadline:  # bounded
-            time.sleep(0.001)
-        assert writer.ring.acked_sequence > last, "the partition acknowledged the pile"
+        writer, futures = _pile_acknowledged(producer, pids[("reapsome", 0)], "reapsome", piled)
         assert len(writer.inflight) == piled, "nothing resolved before the next send"
         resolved_per_send = []
         for i in range(piled // producer_module._REAP_SOME_BATCHES + 2):
@@ -420,27 +428,12 @@ def test_batches_acknowledged_before_a_clean_stop_resolve_though_not_yet_resolve
     still resolving a few per send: the next send reports the stop, and every acknowledged
     batch gets its offset, none the stop's error (a producer told "not acknowledged" about
     appended records would send them again)."""
-    import os
-    import signal
-
     broker = make_broker()
     create_topic(broker.data_dir, "stopped", 1)
     pids = broker.partition_pids(broker.wait_running())
     piled = 200
     with Producer(broker=broker.data_dir) as producer:
-        writer = _idle_after_first(producer, "stopped")
-        futures = []
-        os.kill(pids[("stopped", 0)], signal.SIGSTOP)
-        try:
-            for i in range(piled):
-                time.sleep(0.0002)
-                futures.append(producer.send("stopped", b"s%d" % i, partition=0))
-        finally:
-            os.kill(pids[("stopped", 0)], signal.SIGCONT)
-        last = writer.next_sequence - 1
-        deadline = time.monotonic() + 10
-        while writer.ring.acked_sequence <= last and time.monotonic() < deadline:  # bounded
-            time.sleep(0.001)
+        writer, futures = _pile_acknowledged(producer, pids[("stopped", 0)], "stopped", piled)
         time.sleep(0.0002)
         futures.append(producer.send("stopped", b"one more", partition=0))
         assert writer.ring._completions, "a completion's rest waits to be resolved"
