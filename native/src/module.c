@@ -4047,10 +4047,13 @@ static PyObject *SendPath_configure(SendPathObject *self, PyObject *const *args,
                             "reap_inflight]", SHMB_COMPLETIONS_MAX);
     if (args[0] != Py_None && !PyType_Check(args[0]))
         return PyErr_Format(PyExc_TypeError, "configure: batch_type must be a class or None");
-    if (args[0] != Py_None && batch_slots_init(args[0], &self->bslots) < 0)
+    BatchSlots slots;  /* set only once all is known (a refused class changes nothing) */
+    if (args[0] != Py_None && batch_slots_init(args[0], &slots) < 0)
         return NULL;
     if (self->inf == NULL && (self->inf = PyFloat_FromDouble(Py_HUGE_VAL)) == NULL)
         return NULL;
+    if (args[0] != Py_None)
+        self->bslots = slots;
     Py_XINCREF(args[0] == Py_None ? NULL : args[0]);
     Py_XSETREF(self->batch_type, args[0] == Py_None ? NULL : args[0]);
     self->acks = acks;

@@ -884,16 +884,14 @@ class Producer:
             f"partition {writer.topic}/{writer.partition} was stopped (broker on "
             f"{self.data_dir} shut down) before acknowledging")
         # A clean stop drains the rings first: what it appended has completions in the ring
-        # (its header intact), and they say so, not this error.
+        # (its header intact), and they say so, not this error; so do those read and not
+        # yet resolved (_reap_some resolves a few batches per send). Only the rest fail.
         self._reap(writer)
         self._drop_writer(writer, error)
         return error
 
     def _drop_writer(self, writer: _Writer, error: BaseException) -> None:
         self._retire(writer)
-        # Completions already read but not resolved (_reap_some resolves a few batches per
-        # send) acknowledge their batches: only the rest fail.
-        self._resolve(writer, writer.ring.take_collected())
         for batch in writer.inflight:
             batch.fail(error)
         writer.inflight.clear()

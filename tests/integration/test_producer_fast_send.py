@@ -296,9 +296,9 @@ def test_the_c_write_refuses_a_batch_class_whose_slots_it_does_not_know():
         __slots__ = ("producer", "topic")
     path = _native.SendPath(producer_module._Accumulator, Producer._send_python,
                             Producer._after_append)
+    path.configure(producer_module._Batch, 1, 1000, 8, 8, 4)  # the real one is accepted
     with pytest.raises(TypeError, match="__slots__"):
         path.configure(Other, 1, 1000, 8, 8, 4)
-    path.configure(producer_module._Batch, 1, 1000, 8, 8, 4)  # the real one is accepted
 
 
 def test_keyed_sends_take_the_c_path_and_land_on_kafkas_murmur2_partitions(broker, monkeypatch):
