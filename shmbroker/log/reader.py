@@ -475,8 +475,19 @@ class LogReader:
 
     def _find(self, segment: _SegmentFile, view: memoryview, offset: int, end: int
               ) -> tuple[int, int] | None:
-        """(position, base offset) of the batch holding ``offset``, or None past the end."""
+        """(position, base offset) of the batch holding ``offset``, or None past the end.
+
+        From the index entry, or from the last read's end (the hint) where that lies between
+        the entry and ``offset``: the index can lag the log by a partition's C rounds (it is
+        written when Python settles them, up to PARTITION_LOOP_BUDGET_MS later), and a
+        consumer that took a few hundred records from rings walked ~1 MB of headers from a
+        stale entry (~100-250 us and a page fault per 4 KiB; perf/RESULTS.md, sixteenth
+        session)."""
         entry_offset, position = segment.lookup(offset, end)
+        hint, at = segment.hint_offset, segment.hint_position
+        if entry_offset < hint <= offset and 0 <= at and at + _HEADER <= end and \
+                _HEAD.unpack_from(view, at)[0] == hint:
+            return self._walk(segment, view, at, end, offset, -1, expected_base=hint)
         found = self._walk(segment, view, position, end, offset, entry_offset)
         if found == "bad-entry":
             segment.distrust_index()

@@ -169,6 +169,39 @@ def test_a_read_a_little_past_the_last_one_walks_on_without_the_index(open_log, 
         assert lookups
 
 
+def test_a_read_far_past_the_last_one_walks_from_it_when_the_index_entry_lies_behind_it(
+        open_log, tmp_path):
+    """The index can lag the log (a partition writes its entries when Python settles its C
+    rounds): a read far past the last one (more than HINT_WALK_OFFSETS_MAX) walks from the
+    last read's end where that lies between the index entry and the offset, not from the
+    entry. Shown with no index at all (entry: position 0) and a broken header between
+    position 0 and the last read's end: a walk from the entry would meet it. A read behind
+    the last one still walks from the entry, and meets it."""
+    batches = reader_module.HINT_WALK_OFFSETS_MAX * 2 + 100
+    log = open_log()
+    expected = fill(log, batches, per_batch=1)
+    log.close()
+    directory = tmp_path / "p0"
+    os.remove(os.path.join(directory, "00000000000000000000.index"))
+    path = os.path.join(directory, "00000000000000000000.log")
+    size = os.path.getsize(path)
+    assert size % batches == 0  # equal batches: batch k starts at k * (size // batches)
+    state = ReadState(batches, 0, 0, size)
+    with LogReader(directory) as reader:
+        hint = reader_module.HINT_WALK_OFFSETS_MAX // 2
+        assert reader.read(hint - 1, 1, state).next_offset == hint
+        with open(path, "r+b") as f:  # the magic byte of a batch before the hint
+            f.seek((hint // 2) * (size // batches) + 16)
+            f.write(b"\x07")
+        far = batches - 1
+        assert not reader_module.walks_on(hint, far)
+        piece = reader.read(far, 1, state)
+        assert [(r.offset, r.value) for r in records.decode_records(piece.data)] == \
+            [expected[far]]
+        with pytest.raises(errors.CorruptSegmentError):
+            reader.read(hint // 2 + 1, 1, state)
+
+
 def test_a_file_shorter_than_the_published_end_is_an_error_not_a_sigbus(open_log, tmp_path):
     log = open_log()
     fill(log, 3)
