@@ -198,7 +198,7 @@ PARTITION_SCHED_BATCH = True
 #: 196/181/171/195/192 -> 167/149/222/194/162 us (5 pairs), spin 87/79/83/84 -> 70/65/69/65
 #: us (4 pairs); throughput rows and idle within noise (perf/RESULTS.md). 8: blocking p99
 #: mixed (3 pairs), not taken.
-#: A spinning ping-pong still gets a round every ~128 frames (ACC_DOZE_WAKE_FRAMES).
+#: A spinning ping-pong still gets a round every ~512 frames (ACC_DOZE_WAKE_FRAMES).
 PARTITION_DOZE_MS = 4
 #: After a woken round, one C call may go on dozing and running rounds while each appended
 #: and left nothing for Python (drain_loop: at most this many rounds, for at most
@@ -233,9 +233,13 @@ PRODUCER_LINGER_MS_MAX = 60_000
 #: (PARTITION_DOZE_MS) acknowledges once a doze, and a spinning ping-pong sends ~100 frames
 #: a millisecond: at 32 its sends were held for the partition's next round (~0.65 ms round
 #: trips, 0.1-1% of them) and it was woken urgently every 16 frames (perf/RESULTS.md,
-#: fourteenth session).
-PRODUCER_MAX_IN_FLIGHT_DEFAULT = 256
-PRODUCER_MAX_IN_FLIGHT_MAX = 256
+#: fourteenth session). 1024 since the sixteenth session (the urgent wake at half of it, 512
+#: frames): each such wake's round preempts a spinning client on two vCPUs, and once a send
+#: resolves at most _REAP_SOME_BATCHES acknowledged batches a bigger round no longer costs one
+#: send more: bench_pingpong_tail --spin-us 1000, alternating, 3 pairs, spin p99 67/56/45 ->
+#: 31/40/23 us (perf/RESULTS.md).
+PRODUCER_MAX_IN_FLIGHT_DEFAULT = 1024
+PRODUCER_MAX_IN_FLIGHT_MAX = 1024
 #: A batch's first record is written at once, beside frames still in flight, when the record
 #: before it was appended at least this long earlier (a sparse send: waiting for the ring to
 #: go idle would add the partition's round to its latency and batch nothing). Sends closer

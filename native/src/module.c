@@ -40,6 +40,13 @@
 /* Exceptions by SCAN status (index 0 = OK, unused). */
 #define STATUS_COUNT (SHMB_RB_SCAN_TOO_LARGE + 1)
 
+/* client.producer._Batch's slots, in its __slots__ order (checked by batch_slots_init). */
+enum { B_PRODUCER, B_TOPIC, B_PARTITION, B_COUNT, B_BASE_OFFSET, B_ERROR, B_DONE, B_WRITER,
+       B_SEQUENCE, B_DEADLINE, B_NSLOTS };
+typedef struct {
+    Py_ssize_t at[B_NSLOTS];
+} BatchSlots;
+
 typedef struct {
     PyTypeObject *record_type;
     PyTypeObject *file_map_type;
@@ -49,6 +56,11 @@ typedef struct {
     PyObject *empty_tuple;
     PyObject *errors[STATUS_COUNT];
     PyObject *ring_corrupt_error;
+    /* resolve_inflight's last batch type and its slots (batch_slots_cached): valid while
+     * the type's version tag is (any change to the class's attributes bumps it). */
+    PyObject *slots_type;
+    unsigned int slots_tag;
+    BatchSlots slots;
 } module_state;
 
 static inline module_state *get_state(PyObject *module)
@@ -3305,8 +3317,9 @@ static PyObject *Accumulator_encode(AccumulatorObject *self, PyObject *const *ar
  * faster than a doze is long would otherwise reach that bound within one doze and hold its
  * records for the sender thread (p99 ~0.85 ms in spin mode with a bound of 32). A spinning
  * ping-pong sends ~100 frames a millisecond: at 16 (bound 32) each partition was woken
- * every ~16 frames, and each such round stalled a spinning client (fourteenth session). */
-#define ACC_DOZE_WAKE_FRAMES 128
+ * every ~16 frames, and each such round stalled a spinning client (fourteenth session); 128
+ * until the sixteenth, when the bound became 1024 (config.PRODUCER_MAX_IN_FLIGHT_MAX). */
+#define ACC_DOZE_WAKE_FRAMES 512
 
 /* The doorbell after a commit: the plain ring, or the urgent one (a dozing partition too)
  * once ACC_DOZE_WAKE_FRAMES frames wait for their acks. */
@@ -3748,16 +3761,9 @@ static inline int slot_set(PyObject *obj, Py_ssize_t offset, PyObject *value)
     return 0;
 }
 
-/* client.producer._Batch's slots, in its __slots__ order (checked by batch_slots_init). */
-enum { B_PRODUCER, B_TOPIC, B_PARTITION, B_COUNT, B_BASE_OFFSET, B_ERROR, B_DONE, B_WRITER,
-       B_SEQUENCE, B_DEADLINE, B_NSLOTS };
 static const char *const batch_slot_names[B_NSLOTS] = {
     "producer", "topic", "partition", "count", "base_offset", "error", "done", "writer",
     "sequence", "deadline"};
-
-typedef struct {
-    Py_ssize_t at[B_NSLOTS];
-} BatchSlots;
 
 /* The offsets of batch_type's slots; its __slots__ must be exactly batch_slot_names (so that
  * an object made by batch_new has every slot _Batch.__init__ sets). */
@@ -3780,6 +3786,29 @@ static int batch_slots_init(PyObject *batch_type, BatchSlots *s)
     for (int i = 0; i < B_NSLOTS; i++) {
         if (batch_slot_offset(batch_type, batch_slot_names[i], &s->at[i]) < 0)
             return -1;
+    }
+    return 0;
+}
+
+/* batch_slots_init, looked up once per batch type (its 11 attribute lookups were a third
+ * of a budgeted resolve_inflight's time in a spinning ping-pong: perf/RESULTS.md, sixteenth
+ * session). Cached only while the type's version tag is valid and unchanged. */
+static int batch_slots_cached(module_state *st, PyObject *batch_type, BatchSlots *s)
+{
+    PyTypeObject *t = (PyTypeObject *)batch_type;
+    if (st->slots_type == batch_type && PyType_HasFeature(t, Py_TPFLAGS_VALID_VERSION_TAG) &&
+        t->tp_version_tag == st->slots_tag) {
+        *s = st->slots;
+        return 0;
+    }
+    if (batch_slots_init(batch_type, s) < 0)
+        return -1;
+    Py_CLEAR(st->slots_type);
+    if (PyType_HasFeature(t, Py_TPFLAGS_VALID_VERSION_TAG)) {
+        Py_INCREF(batch_type);
+        st->slots_type = batch_type;
+        st->slots_tag = t->tp_version_tag;
+        st->slots = *s;
     }
     return 0;
 }
@@ -4440,7 +4469,7 @@ static PyObject *py_resolve_inflight(PyObject *module, PyObject *const *args, Py
         return PyErr_Format(PyExc_TypeError,
                             "resolve_inflight: completions must be a list, batch_type a type");
     BatchSlots s;
-    if (batch_slots_init(batch_type, &s) < 0)
+    if (batch_slots_cached(get_state(module), batch_type, &s) < 0)
         return NULL;
     PyObject *popleft = PyObject_GetAttrString(inflight, "popleft");
     if (popleft == NULL)
@@ -5604,6 +5633,7 @@ static int module_traverse(PyObject *m, visitproc visit, void *arg)
     for (int i = 0; i < STATUS_COUNT; i++)
         Py_VISIT(st->errors[i]);
     Py_VISIT(st->ring_corrupt_error);
+    Py_VISIT(st->slots_type);
     return 0;
 }
 
@@ -5621,6 +5651,7 @@ static int module_clear(PyObject *m)
     for (int i = 0; i < STATUS_COUNT; i++)
         Py_CLEAR(st->errors[i]);
     Py_CLEAR(st->ring_corrupt_error);
+    Py_CLEAR(st->slots_type);
     return 0;
 }
 

@@ -341,7 +341,7 @@ def test_sparse_sends_to_a_partition_that_acknowledges_nothing_are_written_in_c_
     """A partition that dozes acknowledges a whole round's frames at once, so a sparse
     sender (a spinning ping-pong: ~100 frames a millisecond) has many frames in flight and
     few completions. Each such send is still written at once and in C: up to the default
-    max_in_flight (256) frames in flight, and the reference (which reads completions) only
+    max_in_flight (1024) frames in flight, and the reference (which reads completions) only
     when half the ring's completion slots are unread, not at 32 batches in flight. The
     partition process is stopped (SIGSTOP): it acknowledges nothing meanwhile."""
     import os

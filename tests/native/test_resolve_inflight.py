@@ -170,3 +170,41 @@ def test_a_budget_that_ends_inside_a_completion_says_where_its_rest_starts():
     assert [b.base_offset for b in batches] == [100, 102, 105, 109]
     with pytest.raises(ValueError):
         _native.resolve_inflight(writer.inflight, [], _Batch, 0)
+
+
+def _twin_class():
+    """A class with _Batch's exact __slots__ (what resolve_inflight accepts), made afresh."""
+    return type("TwinBatch", (), {"__slots__": _Batch.__slots__})
+
+
+def _twins(cls, counts):
+    inflight = collections.deque()
+    for i, count in enumerate(counts):
+        batch = cls()
+        for name in cls.__slots__:
+            setattr(batch, name, None)
+        batch.count, batch.sequence, batch.base_offset, batch.done = count, i, -1, False
+        inflight.append(batch)
+    return inflight
+
+
+def test_slot_offsets_kept_between_calls_follow_the_class_and_its_changes():
+    """resolve_inflight keeps a batch type's slot offsets between calls (batch_slots_cached):
+    another type is looked at afresh, and so is the same class once an attribute of it
+    changed (its version tag): a slot replaced by a plain class attribute is a TypeError,
+    not a write at the old slot's offset."""
+    writer, batches = build(0, [1, 1])
+    assert _native.resolve_inflight(writer.inflight, [Completion(0, 0, 7, 0)], _Batch) == 1
+    twin = _twin_class()
+    inflight = _twins(twin, [2, 3])
+    assert _native.resolve_inflight(inflight, [Completion(0, 0, 10, 0)], twin) == 1
+    assert len(inflight) == 1 and inflight[0].base_offset == -1
+    twin.base_offset = -1  # no longer a slot: the cached offsets must not be used
+    with pytest.raises(TypeError, match="base_offset must be a __slots__ slot"):
+        _native.resolve_inflight(inflight, [Completion(1, 1, 12, 0)], twin)
+    assert len(inflight) == 1
+    reordered = type("Reordered", (), {"__slots__": tuple(reversed(_Batch.__slots__))})
+    with pytest.raises(TypeError, match="__slots__ must be the tuple"):
+        _native.resolve_inflight(collections.deque(), [Completion(1, 1, 12, 0)], reordered)
+    assert _native.resolve_inflight(writer.inflight, [Completion(1, 1, 8, 0)], _Batch) == 1
+    assert [(b.done, b.base_offset) for b in batches] == [(True, 7), (True, 8)]
