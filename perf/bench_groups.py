@@ -59,7 +59,7 @@ import statistics
 import sys
 import time
 
-from bench_pipeline import HERE, _start_broker, _stop_broker
+from bench_pipeline import HERE, _sigterm_unwinds, _start_broker, _stop_broker
 
 from shmbroker.config import GROUP_HEARTBEAT_INTERVAL_MS_DEFAULT
 
@@ -417,6 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--feed-ms", type=float, default=50.0,
                     help="consumer mode: one record per partition this often (default 50 ms)")
     args = ap.parse_args(argv)
+    _sigterm_unwinds()
     heartbeat_ms = {"raw": args.heartbeat_ms or 20,
                     "consumer": args.heartbeat_ms or GROUP_HEARTBEAT_INTERVAL_MS_DEFAULT}
     from machine import cpu_model, git_commit

@@ -23,7 +23,8 @@ import sys
 import tempfile
 import time
 
-from bench_pipeline import HERE, _create_topic, _start_broker, _stop_broker
+from bench_pipeline import (HERE, _create_topic, _results, _sigterm_unwinds, _start_broker,
+                            _stop_broker)
 
 WARM = 2_000
 POLL_MS = 5_000
@@ -87,9 +88,11 @@ def main() -> int:
     parser.add_argument("--spin-us", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=20_000)
     args = parser.parse_args()
+    _sigterm_unwinds()
     data_dir = tempfile.mkdtemp(prefix="shmb-pptail-")
     out_dir = os.path.join(HERE, "out")
     os.makedirs(out_dir, exist_ok=True)
+    sides: list = []
     broker = _start_broker(data_dir, os.path.join(out_dir, "bench_pingpong_tail-broker.log"), ())
     try:
         _create_topic(data_dir, "ping")
@@ -101,12 +104,16 @@ def main() -> int:
         for p in sides:
             p.start()
         got = {}
-        for _ in sides:  # bounded: one result per side
-            first, lat, held, inflight, reaps = results.get(timeout=START_S_MAX + args.rounds * 0.01)
+        for first, lat, held, inflight, reaps in _results(results, sides, len(sides),
+                                                          START_S_MAX + args.rounds * 0.01):
             got[first] = (lat, held, inflight, reaps)
         for p in sides:
             p.join(START_S_MAX)
     finally:
+        for p in sides:  # gone before the broker stops, so that it unlinks their rings
+            if p.is_alive():
+                p.kill()
+            p.join(START_S_MAX)
         _stop_broker(broker)
         shutil.rmtree(data_dir, ignore_errors=True)
     lat = got[True][0][WARM:] / 1e3

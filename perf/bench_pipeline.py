@@ -22,6 +22,7 @@ import argparse
 import glob
 import multiprocessing as mp
 import os
+import queue
 import shutil
 import signal
 import subprocess
@@ -33,6 +34,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 #: How long the broker gets to start and the topic to be served.
 START_S_MAX = 30.0
 RESULT_S_MAX = 300.0
+#: How often a wait for workers' results looks whether one of them died without its result.
+RESULT_POLL_S = 0.5
 
 
 def _producer(data_dir: str, count: int, value_bytes: int, go, results) -> None:
@@ -89,6 +92,37 @@ def _start_broker(data_dir: str, log_path: str, extra_args: tuple = ()) -> subpr
         return subprocess.Popen([sys.executable, "-m", "shmbroker", "serve", "--data-dir",
                                  data_dir, "--listen", "none", *extra_args], stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _sigterm_unwinds() -> None:
+    """SIGTERM (``timeout``, a cancelled job) raises KeyboardInterrupt in the main thread, so
+    the script's ``finally`` stops its broker: by default SIGTERM ends Python at once, leaving
+    the broker, its processes and its shared memory behind."""
+    def interrupted(signum, _frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    signal.signal(signal.SIGTERM, interrupted)
+
+
+def _results(results, procs: list, count: int, timeout_s: float) -> list:
+    """``count`` items from the workers ``procs`` through the queue ``results``: a
+    RuntimeError as soon as a worker exited with an error before they all came (not after
+    the whole timeout, with the broker left running meanwhile), TimeoutError after
+    ``timeout_s``."""
+    out: list = []
+    deadline = time.monotonic() + timeout_s
+    while len(out) < count:  # bounded by the deadline
+        try:
+            out.append(results.get(timeout=RESULT_POLL_S))
+            continue
+        except queue.Empty:
+            pass
+        failed = [p for p in procs if p.exitcode not in (None, 0)]
+        if failed:
+            raise RuntimeError(f"worker {failed[0].name} exited with {failed[0].exitcode} "
+                               f"before its result ({len(out)} of {count} came)")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{len(out)} of {count} worker results within {timeout_s:.0f} s")
+    return out
 
 
 def _stop_broker(proc: subprocess.Popen) -> None:
@@ -181,7 +215,7 @@ def run_once(count: int, value_bytes: int, with_top: bool = False, producers: in
         started = time.perf_counter()
         go.set()
         # (With several producers, the producer lines are the last one's to report.)
-        out = dict(results.get(timeout=RESULT_S_MAX) for _ in range(2 + 2 * producers))
+        out = dict(_results(results, procs, 2 + 2 * producers, RESULT_S_MAX))
         seconds = time.perf_counter() - started
         after = _broker_cpu_ms(data_dir)
         for role in ("coordinator", "partition"):
@@ -199,9 +233,10 @@ def run_once(count: int, value_bytes: int, with_top: bool = False, producers: in
         if top is not None and top.poll() is None:
             top.terminate()
             top.wait(10)
-        for proc in procs:
+        for proc in procs:  # gone before the broker stops, so that it unlinks their rings
             if proc.is_alive():
                 proc.kill()
+            proc.join(START_S_MAX)
         _stop_broker(broker)
         _print_drain_counts(os.path.join(tmp, "broker.log"))
         shutil.rmtree(tmp, ignore_errors=True)
@@ -231,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="producer processes, all to partition 0, count split between them "
                          "(their commits interleave: the partition merges them by offset)")
     args = ap.parse_args(argv)
+    _sigterm_unwinds()
     import shmbroker
 
     print(f"bench_pipeline: shmbroker from {os.path.dirname(shmbroker.__file__)}, "

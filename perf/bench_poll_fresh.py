@@ -16,7 +16,7 @@ import shutil
 import tempfile
 import time
 
-from bench_pipeline import _create_topic, _start_broker, _stop_broker
+from bench_pipeline import _create_topic, _sigterm_unwinds, _start_broker, _stop_broker
 from machine import cpu_model, git_commit
 
 
@@ -44,6 +44,7 @@ def main() -> None:
     ap.add_argument("--polls", type=int, default=3000)
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
+    _sigterm_unwinds()
     data_dir = tempfile.mkdtemp(prefix="bench-poll-")
     proc = _start_broker(data_dir, os.path.join(data_dir, "broker.log"))
     try:

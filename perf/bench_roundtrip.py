@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 
-from bench_pipeline import HERE, _create_topic, _start_broker, _stop_broker
+from bench_pipeline import HERE, _create_topic, _sigterm_unwinds, _start_broker, _stop_broker
 
 WARM = 300
 STAMPS = struct.Struct("<qqq")  # sequence, first stamp, second stamp
@@ -87,6 +87,7 @@ def main() -> int:
     parser.add_argument("--partition-spin-us", type=int, default=0,
                         help="serve --partition-spin-us: the partition processes spin too")
     args = parser.parse_args()
+    _sigterm_unwinds()
     from shmbroker import Consumer, Producer
 
     data_dir = tempfile.mkdtemp(prefix="shmb-rtt-")
