@@ -3869,16 +3869,20 @@ typedef struct {
     Py_ssize_t reap_inflight;      /* _REAP_INFLIGHT: at that many the reference reaps */
     uint64_t reap_completions;     /* _REAP_COMPLETIONS: or at that many unread completions */
     Py_ssize_t reap_some_inflight; /* _REAP_SOME_INFLIGHT: from that many, a few when acked */
-    PyObject *wnames[12];          /* interned attribute names, see sendpath_wnames */
+    PyObject *completion_type;     /* shm.ring.Completion; NULL: that reap is the reference's */
+    Py_ssize_t reap_some_batches;  /* _REAP_SOME_BATCHES: the most one such reap resolves */
+    PyObject *wnames[15];          /* interned attribute names, see sendpath_wnames */
     BatchSlots bslots;             /* batch_type's slot offsets (set with batch_type) */
     PyObject *inf;                 /* float("inf"): a new batch's deadline */
 } SendPathObject;
 
 enum { W_WRITER, W_TOPIC, W_PARTITION, W_CONTROL, W_BUF, W_NEXT_SEQUENCE,
-       W_WRITTEN_POSITION, W_INFLIGHT, W_SEQUENCE, W_DEADLINE, W_COUNT, W_APPEND, W_NAMES };
+       W_WRITTEN_POSITION, W_INFLIGHT, W_SEQUENCE, W_DEADLINE, W_COUNT, W_APPEND, W_RING,
+       W_COMPLETIONS, W_COMPLETIONS_READ, W_NAMES };
 static const char *const sendpath_wnames[W_NAMES] = {
     "writer", "topic", "partition", "control", "buf", "next_sequence",
-    "written_position", "inflight", "sequence", "deadline", "count", "append"};
+    "written_position", "inflight", "sequence", "deadline", "count", "append", "ring",
+    "_completions", "_completions_read"};
 _Static_assert(W_NAMES == sizeof(((SendPathObject *)0)->wnames) / sizeof(PyObject *),
                "SendPathObject.wnames holds one name per W_ index");
 
@@ -4000,6 +4004,7 @@ static int SendPath_traverse(SendPathObject *self, visitproc visit, void *arg)
     Py_VISIT(self->cached_topic);
     Py_VISIT(self->cached_acc);
     Py_VISIT(self->batch_type);
+    Py_VISIT(self->completion_type);
     return 0;
 }
 
@@ -4019,6 +4024,7 @@ static int SendPath_clear(SendPathObject *self)
     Py_CLEAR(self->cached_topic);
     Py_CLEAR(self->cached_acc);
     Py_CLEAR(self->batch_type);
+    Py_CLEAR(self->completion_type);
     Py_CLEAR(self->inf);
     for (int i = 0; i < 6; i++)
         Py_CLEAR(self->names[i]);
@@ -4054,21 +4060,31 @@ static inline int sendpath_unlock(SendPathObject *self)
     return 0;
 }
 
-/* configure(batch_type, acks, delivery_timeout_ms, reap_inflight, reap_completions): what
- * sendpath_write needs of the producer; batch_type None turns the C write off (every due
- * batch goes to Producer._after_append, the reference). */
+/* configure(batch_type, acks, delivery_timeout_ms, reap_inflight, reap_completions,
+ * reap_some_inflight, completion_type, reap_some_batches): what sendpath_write needs of the
+ * producer; batch_type None turns the C write off (every due batch goes to
+ * Producer._after_append, the reference), completion_type None its reap of a few
+ * acknowledged batches (sendpath_reap_some: Producer._reap_some then does it). */
 static PyObject *SendPath_configure(SendPathObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 6)
+    if (nargs != 8)
         return PyErr_Format(PyExc_TypeError, "configure(batch_type, acks, delivery_timeout_ms, "
-                                             "reap_inflight, reap_completions, reap_some_inflight)");
+                                             "reap_inflight, reap_completions, reap_some_inflight, "
+                                             "completion_type, reap_some_batches)");
     int acks = (int)PyLong_AsLong(args[1]);
     double timeout_ms = PyFloat_AsDouble(args[2]);
     Py_ssize_t reap = PyLong_AsSsize_t(args[3]);
     Py_ssize_t reap_completions = PyLong_AsSsize_t(args[4]);
     Py_ssize_t reap_some = PyLong_AsSsize_t(args[5]);
+    Py_ssize_t reap_some_batches = PyLong_AsSsize_t(args[7]);
     if (PyErr_Occurred())
         return NULL;
+    if (reap_some_batches < 1)
+        return PyErr_Format(PyExc_ValueError, "configure: reap_some_batches must be >= 1");
+    if (args[6] != Py_None && (!PyType_Check(args[6]) ||
+                               !PyType_IsSubtype((PyTypeObject *)args[6], &PyTuple_Type)))
+        return PyErr_Format(PyExc_TypeError, "configure: completion_type must be a tuple "
+                                             "subclass (shm.ring.Completion) or None");
     if (reap < 1 || reap_completions < 1 || reap_completions > SHMB_COMPLETIONS_MAX ||
         reap_some < 1 || reap_some > reap)
         return PyErr_Format(PyExc_ValueError, "configure: reap_inflight must be >= 1, "
@@ -4090,6 +4106,9 @@ static PyObject *SendPath_configure(SendPathObject *self, PyObject *const *args,
     self->reap_inflight = reap;
     self->reap_completions = (uint64_t)reap_completions;
     self->reap_some_inflight = reap_some;
+    Py_XINCREF(args[6] == Py_None ? NULL : args[6]);
+    Py_XSETREF(self->completion_type, args[6] == Py_None ? NULL : args[6]);
+    self->reap_some_batches = reap_some_batches;
     Py_RETURN_NONE;
 }
 
@@ -4123,6 +4142,126 @@ static PyObject *batch_new(SendPathObject *self, PyObject *producer, PyObject *t
     for (int i = 0; i < B_NSLOTS; i++)
         *slot_at(batch, at[i]) = values[i];  /* small ints: cached, never NULL */
     return batch;
+}
+
+static Py_ssize_t resolve_core(PyObject *inflight, PyObject *completions, PyObject *batch_type,
+                               const BatchSlots *bs, long long budget, long long *next_first_out,
+                               long long *next_offset_out);
+
+/* completion_type(items) as tuple.__new__ makes it (a NamedTuple's own __new__ is a Python
+ * frame); takes the references to the four items (NULL among them: an error is set). */
+static PyObject *completion_new(PyTypeObject *type, PyObject *items[4])
+{
+    PyObject *c = NULL;
+    if (items[0] != NULL && items[1] != NULL && items[2] != NULL && items[3] != NULL)
+        c = type->tp_alloc(type, 4);
+    for (int i = 0; i < 4; i++) {
+        if (c != NULL)
+            PyTuple_SET_ITEM(c, i, items[i]);
+        else
+            Py_XDECREF(items[i]);
+    }
+    return c;
+}
+
+/* Producer._reap_some's common case (a few acknowledged batches resolved per write, so that
+ * no one send resolves a dozing partition's whole round) without its Python: the ring's new
+ * completions are moved to the producer's list (RingProducer.reap_completions), at most
+ * reap_some_batches batches resolved from its front, and the rest of a completion the budget
+ * ended in put back in front (one Python call per such send cost ~10 us p50 in a spinning
+ * ping-pong, 2% of its sends: perf/RESULTS.md, sixteenth session). 1: done (the write goes
+ * on); 0: the reference's (no completion type configured, a completion with an error code or
+ * overwritten, anything unexpected), having changed nothing it would do differently; -1: an
+ * error. Lock held, GIL held. */
+static int sendpath_reap_some(SendPathObject *self, PyObject *writer, PyObject *inflight,
+                              uint8_t *rb)
+{
+    if (self->completion_type == NULL)
+        return 0;
+    PyObject **n = self->wnames;
+    PyTypeObject *ctype = (PyTypeObject *)self->completion_type;
+    int result = -1;
+    PyObject *ring = NULL, *pending = NULL, *read_obj = NULL, *fresh = NULL;
+    if ((ring = PyObject_GetAttr(writer, n[W_RING])) == NULL ||
+        (pending = PyObject_GetAttr(ring, n[W_COMPLETIONS])) == NULL ||
+        (read_obj = PyObject_GetAttr(ring, n[W_COMPLETIONS_READ])) == NULL)
+        goto done;
+    if (!PyList_CheckExact(pending) || !PyLong_CheckExact(read_obj)) {
+        result = 0;
+        goto done;
+    }
+    unsigned long long read = PyLong_AsUnsignedLongLong(read_obj);
+    if (read == (unsigned long long)-1 && PyErr_Occurred())
+        goto done;
+    uint64_t written = shmb_u64_load_acquire(rb + SHMB_RING_COMPLETIONS_WRITTEN_OFFSET);
+    if (written - read > SHMB_COMPLETIONS_MAX) {  /* the reference's assertion says it */
+        result = 0;
+        goto done;
+    }
+    if (written != read) {
+        /* Built aside first: on an error nothing has moved out of the ring. */
+        if ((fresh = PyList_New(0)) == NULL)
+            goto done;
+        for (uint64_t k = read; k != written; k++) {  /* bounded: at most COMPLETIONS_MAX */
+            const uint8_t *c = rb + SHMB_RING_COMPLETIONS_OFFSET +
+                               (k % SHMB_COMPLETIONS_MAX) * SHMB_COMPLETION_BYTES;
+            uint64_t first, last;
+            int64_t base;
+            int32_t code;
+            memcpy(&first, c + SHMB_COMPL_FIRST_SEQUENCE_OFFSET, sizeof first);
+            memcpy(&last, c + SHMB_COMPL_LAST_SEQUENCE_OFFSET, sizeof last);
+            memcpy(&base, c + SHMB_COMPL_BASE_OFFSET_OFFSET, sizeof base);
+            memcpy(&code, c + SHMB_COMPL_ERROR_CODE_OFFSET, sizeof code);
+            PyObject *items[4] = {PyLong_FromUnsignedLongLong(first),
+                                  PyLong_FromUnsignedLongLong(last), PyLong_FromLongLong(base),
+                                  PyLong_FromLong(code)};
+            PyObject *completion = completion_new(ctype, items);
+            if (completion == NULL || PyList_Append(fresh, completion) < 0) {
+                Py_XDECREF(completion);
+                goto done;
+            }
+            Py_DECREF(completion);
+        }
+        Py_ssize_t end = PyList_GET_SIZE(pending);
+        if (set_attr_steal(ring, n[W_COMPLETIONS_READ], PyLong_FromUnsignedLongLong(written)) < 0)
+            goto done;
+        if (PyList_SetSlice(pending, end, end, fresh) < 0)
+            goto done;
+        shmb_u64_store_release(rb + SHMB_RING_COMPLETIONS_READ_OFFSET, written);
+    }
+    Py_ssize_t len = PyList_GET_SIZE(pending);
+    if (len == 0) {  /* acknowledged, its completion not yet written: the next send */
+        result = 1;
+        goto done;
+    }
+    long long next_first = -1, next_offset = -1;
+    Py_ssize_t handled = resolve_core(inflight, pending, self->batch_type, &self->bslots,
+                                      self->reap_some_batches, &next_first, &next_offset);
+    if (handled < 0)
+        goto done;
+    if (handled > 0 && PyList_SetSlice(pending, 0, handled, NULL) < 0)
+        goto done;
+    if (next_first >= 0) {
+        PyObject *rest = PyList_GET_ITEM(pending, 0);  /* a 4-tuple: resolve_core read it */
+        PyObject *items[4] = {PyLong_FromLongLong(next_first),
+                              Py_NewRef(PyTuple_GET_ITEM(rest, 1)),
+                              PyLong_FromLongLong(next_offset),
+                              Py_NewRef(PyTuple_GET_ITEM(rest, 3))};
+        PyObject *put_back = completion_new(ctype, items);
+        if (put_back == NULL || PyList_SetItem(pending, 0, put_back) < 0)
+            goto done;
+        result = 1;
+    } else {
+        /* Stopped before the budget at an error code or an overwritten completion: the
+         * reference's (_reap_some hands those to _reap). */
+        result = handled < len ? 0 : 1;
+    }
+done:
+    Py_XDECREF(fresh);
+    Py_XDECREF(read_obj);
+    Py_XDECREF(pending);
+    Py_XDECREF(ring);
+    return result;
 }
 
 /* The write of a due batch (Producer._write's common case) without a Python frame: seal the
@@ -4166,8 +4305,9 @@ static int sendpath_write(SendPathObject *self, PyObject *producer, PyObject *ac
         goto done;
     }
     /* The oldest batch in flight acknowledged (a dozing partition's round acknowledges a few
-     * hundred at once): the reference resolves a few of them per write (_reap_some), so no
-     * one send resolves them all (~50 us in a ping-pong; perf/RESULTS.md, fifteenth session). */
+     * hundred at once): a few of them are resolved per write (sendpath_reap_some, else the
+     * reference's _reap_some), so no one send resolves them all (~50 us in a ping-pong;
+     * perf/RESULTS.md, fifteenth session). */
     if (in_flight > 0 && in_flight + 1 >= self->reap_some_inflight) {
         PyObject *oldest = PySequence_GetItem(inflight, 0);
         if (oldest == NULL)
@@ -4175,10 +4315,16 @@ static int sendpath_write(SendPathObject *self, PyObject *producer, PyObject *ac
         long long seq = Py_IS_TYPE(oldest, (PyTypeObject *)self->batch_type)
                             ? batch_slot_int(oldest, self->bslots.at[B_SEQUENCE]) : -2;
         Py_DECREF(oldest);
-        if (seq < 0 ||
-            (uint64_t)seq < shmb_u64_load_acquire(rb + SHMB_RING_ACKED_SEQUENCE_OFFSET)) {
+        if (seq < 0) {
             result = 0;
             goto done;
+        }
+        if ((uint64_t)seq < shmb_u64_load_acquire(rb + SHMB_RING_ACKED_SEQUENCE_OFFSET)) {
+            int reaped = sendpath_reap_some(self, writer, inflight, (uint8_t *)rb);
+            if (reaped <= 0) {
+                result = reaped;
+                goto done;
+            }
         }
     }
     if ((control = PyObject_GetAttr(writer, n[W_CONTROL])) == NULL ||
@@ -4453,27 +4599,19 @@ static PyType_Spec SendPath_spec = {
  * batch costs its __slots__ reads and writes at their offsets (as their descriptors do) and
  * one popleft. */
 
-static PyObject *py_resolve_inflight(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+/* resolve_inflight's work for a checked list `completions` and batch_type's slots `s`: the
+ * completions handled (wholly resolved) from the front; with a budget (> 0), *next_first and
+ * *next_offset say where the rest of a completion the budget ended in starts (-1: none).
+ * -1 with an exception set. Also sendpath_reap_some's. */
+static Py_ssize_t resolve_core(PyObject *inflight, PyObject *completions, PyObject *batch_type,
+                               const BatchSlots *bs, long long budget, long long *next_first_out,
+                               long long *next_offset_out)
 {
-    if (nargs != 3 && nargs != 4)
-        return PyErr_Format(PyExc_TypeError,
-                            "resolve_inflight(inflight, completions, batch_type[, budget])");
-    PyObject *inflight = args[0], *completions = args[1], *batch_type = args[2];
-    long long budget = -1, resolved = 0, next_first = -1, next_offset = -1;
-    if (nargs == 4 && ((budget = PyLong_AsLongLong(args[3])) < 1)) {
-        if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_ValueError, "resolve_inflight: budget must be >= 1");
-        return NULL;
-    }
-    if (!PyList_CheckExact(completions) || !PyType_Check(batch_type))
-        return PyErr_Format(PyExc_TypeError,
-                            "resolve_inflight: completions must be a list, batch_type a type");
-    BatchSlots s;
-    if (batch_slots_cached(get_state(module), batch_type, &s) < 0)
-        return NULL;
+    BatchSlots s = *bs;
+    long long resolved = 0, next_first = -1, next_offset = -1;
     PyObject *popleft = PyObject_GetAttrString(inflight, "popleft");
     if (popleft == NULL)
-        return NULL;
+        return -1;
     Py_ssize_t handled = 0, n = PyList_GET_SIZE(completions);
     for (; handled < n; handled++) {
         PyObject *c = PyList_GET_ITEM(completions, handled);
@@ -4551,12 +4689,39 @@ static PyObject *py_resolve_inflight(PyObject *module, PyObject *const *args, Py
             break;
     }
     Py_DECREF(popleft);
+    *next_first_out = next_first;
+    *next_offset_out = next_offset;
+    return handled;
+error:
+    Py_DECREF(popleft);
+    return -1;
+}
+
+static PyObject *py_resolve_inflight(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3 && nargs != 4)
+        return PyErr_Format(PyExc_TypeError,
+                            "resolve_inflight(inflight, completions, batch_type[, budget])");
+    PyObject *inflight = args[0], *completions = args[1], *batch_type = args[2];
+    long long budget = -1, next_first = -1, next_offset = -1;
+    if (nargs == 4 && ((budget = PyLong_AsLongLong(args[3])) < 1)) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "resolve_inflight: budget must be >= 1");
+        return NULL;
+    }
+    if (!PyList_CheckExact(completions) || !PyType_Check(batch_type))
+        return PyErr_Format(PyExc_TypeError,
+                            "resolve_inflight: completions must be a list, batch_type a type");
+    BatchSlots s;
+    if (batch_slots_cached(get_state(module), batch_type, &s) < 0)
+        return NULL;
+    Py_ssize_t handled = resolve_core(inflight, completions, batch_type, &s, budget,
+                                      &next_first, &next_offset);
+    if (handled < 0)
+        return NULL;
     if (budget > 0)
         return Py_BuildValue("(nLL)", handled, next_first, next_offset);
     return PyLong_FromSsize_t(handled);
-error:
-    Py_DECREF(popleft);
-    return NULL;
 }
 
 /* ==== SendMethod: the descriptor behind Producer.send =======================================

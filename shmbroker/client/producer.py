@@ -115,6 +115,10 @@ FAST_WRITE = True
 #: ... and resolves acknowledged batches in C (``_native.resolve_inflight``: _resolve's common
 #: case; a dozing partition acknowledges a few hundred at once). Tests set it False.
 FAST_RESOLVE = True
+#: ... and, in that C write, reads the ring's completions and resolves a few acknowledged
+#: batches (``_reap_some``'s common case) instead of leaving the write to ``_write``. Tests
+#: set it False to run ``_reap_some`` itself.
+FAST_REAP_SOME = True
 _resolve_inflight = _native.resolve_inflight
 
 
@@ -478,7 +482,9 @@ class Producer:
         path.enabled = FAST_SEND
         # The write of a due batch in C too (SendPath's sendpath_write): _write's common case.
         path.configure(_Batch if FAST_WRITE else None, self.acks, self.delivery_timeout_ms,
-                       _REAP_INFLIGHT, _REAP_COMPLETIONS, _REAP_SOME_INFLIGHT)
+                       _REAP_INFLIGHT, _REAP_COMPLETIONS, _REAP_SOME_INFLIGHT,
+                       Completion if FAST_RESOLVE and FAST_REAP_SOME else None,
+                       _REAP_SOME_BATCHES)
         self._sender_armed = False  # records are pending and the sender knows
         self._sender_poke = bytearray(1)  # non-zero: the sender's wait in C ends
         self._metadata = LocalMetadata(self.data_dir)

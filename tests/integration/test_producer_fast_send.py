@@ -292,13 +292,19 @@ def test_the_c_write_makes_the_next_batch_as_batch_init_does_and_fills_the_writt
 
 
 def test_the_c_write_refuses_a_batch_class_whose_slots_it_does_not_know():
+    from shmbroker.shm.ring import Completion
+
     class Other:
         __slots__ = ("producer", "topic")
     path = _native.SendPath(producer_module._Accumulator, Producer._send_python,
                             Producer._after_append)
-    path.configure(producer_module._Batch, 1, 1000, 8, 8, 4)  # the real one is accepted
+    path.configure(producer_module._Batch, 1, 1000, 8, 8, 4, Completion, 2)  # the real ones
     with pytest.raises(TypeError, match="__slots__"):
-        path.configure(Other, 1, 1000, 8, 8, 4)
+        path.configure(Other, 1, 1000, 8, 8, 4, Completion, 2)
+    with pytest.raises(TypeError, match="completion_type"):
+        path.configure(producer_module._Batch, 1, 1000, 8, 8, 4, dict, 2)
+    with pytest.raises(ValueError, match="reap_some_batches"):
+        path.configure(producer_module._Batch, 1, 1000, 8, 8, 4, Completion, 0)
 
 
 def test_keyed_sends_take_the_c_path_and_land_on_kafkas_murmur2_partitions(broker, monkeypatch):
@@ -395,25 +401,33 @@ def _pile_acknowledged(producer, partition_pid: int, topic: str, piled: int):
     return writer, futures
 
 
+@pytest.mark.parametrize("fast_reap_some", [True, False])
 def test_a_round_of_acknowledged_sparse_frames_is_resolved_a_few_batches_per_send(
-        broker, monkeypatch):
+        broker, monkeypatch, fast_reap_some):
     """A dozing partition acknowledges a round of a few hundred sparse frames at once. The
     sends after it resolve at most _REAP_SOME_BATCHES of those batches each (a send that
     resolved them all stalled a ping-pong by ~50-100 us), and every future still gets its
-    own offset. The partition is stopped (SIGSTOP) while the frames pile up."""
+    own offset. The partition is stopped (SIGSTOP) while the frames pile up. In C (the
+    send path's write reads the completions and resolves them: no Producer._write), and
+    the same with the Python reference, Producer._reap_some (FAST_REAP_SOME off)."""
+    monkeypatch.setattr(producer_module, "FAST_REAP_SOME", fast_reap_some)
     create_topic(broker.data_dir, "reapsome", 1)
     pids = broker.partition_pids(broker.wait_running())
     piled = 200
     assert piled > producer_module._REAP_SOME_INFLIGHT + 2 * producer_module._REAP_SOME_BATCHES
+    writes = _count_python_writes(monkeypatch)
     with Producer(broker=broker.data_dir) as producer:
         writer, futures = _pile_acknowledged(producer, pids[("reapsome", 0)], "reapsome", piled)
         assert len(writer.inflight) == piled, "nothing resolved before the next send"
         resolved_per_send = []
+        before_writes = writes[0]
         for i in range(piled // producer_module._REAP_SOME_BATCHES + 2):
             before = len(writer.inflight)
             time.sleep(0.0002)
             futures.append(producer.send("reapsome", b"t%d" % i, partition=0))
             resolved_per_send.append(before + 1 - len(writer.inflight))
+        python_writes = writes[0] - before_writes
+        assert (python_writes == 0) if fast_reap_some else (python_writes >= 3), python_writes
         assert max(resolved_per_send) == producer_module._REAP_SOME_BATCHES, resolved_per_send
         assert sum(resolved_per_send) >= piled - producer_module._REAP_SOME_INFLIGHT, \
             resolved_per_send
