@@ -4222,10 +4222,11 @@ static int sendpath_reap_some(SendPathObject *self, PyObject *writer, PyObject *
             }
             Py_DECREF(completion);
         }
+        /* The list first: should the count's update fail, the next read takes these again,
+         * and a completion seen twice resolves nothing the second time. */
         Py_ssize_t end = PyList_GET_SIZE(pending);
-        if (set_attr_steal(ring, n[W_COMPLETIONS_READ], PyLong_FromUnsignedLongLong(written)) < 0)
-            goto done;
-        if (PyList_SetSlice(pending, end, end, fresh) < 0)
+        if (PyList_SetSlice(pending, end, end, fresh) < 0 ||
+            set_attr_steal(ring, n[W_COMPLETIONS_READ], PyLong_FromUnsignedLongLong(written)) < 0)
             goto done;
         shmb_u64_store_release(rb + SHMB_RING_COMPLETIONS_READ_OFFSET, written);
     }
