@@ -80,6 +80,13 @@ MAPPED_SEGMENTS_MAX = 4
 HINT_WALK_OFFSETS_MAX = 256
 
 
+def _hint_holds(segment: "_SegmentFile", view: memoryview, end: int) -> bool:
+    """Whether the batch at the segment's hint position (below ``end``) starts at its hint
+    offset: where the last read ended is still a batch start to read or walk on from."""
+    at = segment.hint_position
+    return 0 <= at and at + _HEADER <= end and _HEAD.unpack_from(view, at)[0] == segment.hint_offset
+
+
 def walks_on(hint: int, offset: int) -> bool:
     """Whether a read of ``offset`` walks on from a hint (the offset where the last read of
     the segment ended) rather than using the index: a little past it. Consumer._tail_read
@@ -448,12 +455,9 @@ class LogReader:
         view = segment.view(end)
         try:
             hint = segment.hint_offset
-            if hint == offset and segment.hint_position + _HEADER <= end \
-                    and _HEAD.unpack_from(view, segment.hint_position)[0] == offset:
+            if hint == offset and _hint_holds(segment, view, end):
                 position, first = segment.hint_position, offset
-            elif walks_on(hint, offset) and \
-                    0 <= segment.hint_position and segment.hint_position + _HEADER <= end and \
-                    _HEAD.unpack_from(view, segment.hint_position)[0] == hint:
+            elif walks_on(hint, offset) and _hint_holds(segment, view, end):
                 # A little past the last read (a consumer that took the records in between
                 # from a ring, decision 0005): walk on from there, no index lookup (which
                 # opens and reads the index file).
@@ -484,10 +488,10 @@ class LogReader:
         stale entry (~100-250 us and a page fault per 4 KiB; perf/RESULTS.md, sixteenth
         session)."""
         entry_offset, position = segment.lookup(offset, end)
-        hint, at = segment.hint_offset, segment.hint_position
-        if entry_offset < hint <= offset and 0 <= at and at + _HEADER <= end and \
-                _HEAD.unpack_from(view, at)[0] == hint:
-            return self._walk(segment, view, at, end, offset, -1, expected_base=hint)
+        hint = segment.hint_offset
+        if entry_offset < hint <= offset and _hint_holds(segment, view, end):
+            return self._walk(segment, view, segment.hint_position, end, offset, -1,
+                              expected_base=hint)
         found = self._walk(segment, view, position, end, offset, entry_offset)
         if found == "bad-entry":
             segment.distrust_index()
