@@ -436,6 +436,65 @@ def test_a_round_of_acknowledged_sparse_frames_is_resolved_a_few_batches_per_sen
             list(range(1, len(futures) + 1))
 
 
+@pytest.mark.parametrize("fast_reap_some", [True, False])
+def test_a_rejected_frame_inside_an_acknowledged_pile_is_left_to_the_reference(
+        broker, monkeypatch, fast_reap_some):
+    """A round's completions include one with an error code (a frame the partition rejected:
+    here a garbage frame written into the ring, as a buggy producer would). The budgeted
+    reap resolves the batches before it, then leaves that completion to the reference
+    (Producer._reap): the garbage batch fails with CorruptRecordError, every other batch
+    gets its own offset, the garbage's offset is skipped. The partition is stopped
+    (SIGSTOP) while the pile is written."""
+    import os
+    import signal
+
+    from shmbroker.client.producer import _Batch
+
+    monkeypatch.setattr(producer_module, "FAST_REAP_SOME", fast_reap_some)
+    create_topic(broker.data_dir, "rejected", 1)
+    pid = broker.partition_pids(broker.wait_running())[("rejected", 0)]
+    half = producer_module._REAP_SOME_INFLIGHT + producer_module._REAP_SOME_BATCHES
+    writes = _count_python_writes(monkeypatch)
+    with Producer(broker=broker.data_dir) as producer:
+        writer = _idle_after_first(producer, "rejected")
+        futures = []
+
+        def sparse(prefix: bytes, n: int) -> None:
+            for i in range(n):
+                time.sleep(0.0002)  # sparse: each send writes a frame of its own
+                futures.append(producer.send("rejected", prefix + b"%d" % i, partition=0))
+
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            sparse(b"a", half)
+            with producer._lock:  # a frame that is not a RecordBatch, in flight as a batch
+                seq = writer.ring.send(b"\0" * 80)
+                writer.next_sequence = seq + 1
+                garbage = _Batch(producer, "rejected", 0)
+                garbage.count, garbage.writer, garbage.sequence = 1, writer, seq
+                writer.inflight.append(garbage)
+            sparse(b"b", half)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        last = writer.next_sequence - 1
+        deadline = time.monotonic() + 10
+        while writer.ring.acked_sequence <= last and time.monotonic() < deadline:  # bounded
+            time.sleep(0.001)
+        assert writer.ring.acked_sequence > last, "the partition acknowledged the pile"
+        before_writes = writes[0]
+        sparse(b"c", 2 * half // producer_module._REAP_SOME_BATCHES + 2)
+        assert garbage.done, "the sends after the pile reached the rejected frame"
+        assert writes[0] > before_writes, "the error completion went to the reference"
+        with pytest.raises(errors.CorruptRecordError):
+            garbage.wait(10)
+        offsets = [f.result(timeout=10).offset for f in futures]
+        assert offsets == list(range(1, half + 1)) + list(range(half + 2, len(futures) + 2))
+    assert [r.value for r in read_partition(broker.data_dir, "rejected", 0)] == \
+        [b"first"] + [f"a{i}".encode() for i in range(half)] + \
+        [f"b{i}".encode() for i in range(half)] + \
+        [f"c{i}".encode() for i in range(2 * half // producer_module._REAP_SOME_BATCHES + 2)]
+
+
 def test_batches_acknowledged_before_a_clean_stop_resolve_though_not_yet_resolved_by_sends(
         make_broker):
     """A clean stop after a partition acknowledged a pile of frames that the producer was
