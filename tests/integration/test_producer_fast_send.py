@@ -393,12 +393,17 @@ def _pile_acknowledged(producer, partition_pid: int, topic: str, piled: int):
             futures.append(producer.send(topic, b"s%d" % i, partition=0))
     finally:
         os.kill(partition_pid, signal.SIGCONT)
+    _wait_acknowledged(writer)
+    return writer, futures
+
+
+def _wait_acknowledged(writer) -> None:
+    """Waits (10 s at most) until the partition acknowledged every frame written so far."""
     last = writer.next_sequence - 1
     deadline = time.monotonic() + 10
     while writer.ring.acked_sequence <= last and time.monotonic() < deadline:  # bounded
         time.sleep(0.001)
     assert writer.ring.acked_sequence > last, "the partition acknowledged the pile"
-    return writer, futures
 
 
 @pytest.mark.parametrize("fast_reap_some", [True, False])
@@ -476,11 +481,7 @@ def test_a_rejected_frame_inside_an_acknowledged_pile_is_left_to_the_reference(
             sparse(b"b", half)
         finally:
             os.kill(pid, signal.SIGCONT)
-        last = writer.next_sequence - 1
-        deadline = time.monotonic() + 10
-        while writer.ring.acked_sequence <= last and time.monotonic() < deadline:  # bounded
-            time.sleep(0.001)
-        assert writer.ring.acked_sequence > last, "the partition acknowledged the pile"
+        _wait_acknowledged(writer)
         before_writes = writes[0]
         sparse(b"c", 2 * half // producer_module._REAP_SOME_BATCHES + 2)
         assert garbage.done, "the sends after the pile reached the rejected frame"
