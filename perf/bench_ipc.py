@@ -81,6 +81,7 @@ sys.path.insert(0, PERF)
 
 import ipc_shmbroker  # noqa: E402  (both stdlib only at the top: spawned workers import them)
 import ipc_workers  # noqa: E402
+from bench_pipeline import _sigterm_unwinds  # noqa: E402
 from machine import cpu_model, filesystem_of, git_commit, memory_total  # noqa: E402
 
 KiB = 1024
@@ -906,11 +907,6 @@ def sort_rows(rows: list[Row]) -> list[Row]:
 # --- main ---------------------------------------------------------------------------------------
 
 
-def _interrupted(signum, frame) -> None:
-    # SIGTERM unwinds like Ctrl-C, so every finally block stops what it started.
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help=f"1/{QUICK_DIV} of the counts, 1 run per case")
@@ -952,7 +948,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     rows: list[Row] = []
     warnings: list[str] = []
-    old_term = signal.signal(signal.SIGTERM, _interrupted)
+    old_term = _sigterm_unwinds()
     try:
         head = header(tmp, args.quick, only)
         rows.append(memcpy_row(args.quick))

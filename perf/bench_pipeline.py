@@ -94,13 +94,16 @@ def _start_broker(data_dir: str, log_path: str, extra_args: tuple = ()) -> subpr
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _sigterm_unwinds() -> None:
+def _interrupted(signum, _frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _sigterm_unwinds():
     """SIGTERM (``timeout``, a cancelled job) raises KeyboardInterrupt in the main thread, so
-    the script's ``finally`` stops its broker: by default SIGTERM ends Python at once, leaving
-    the broker, its processes and its shared memory behind."""
-    def interrupted(signum, _frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-    signal.signal(signal.SIGTERM, interrupted)
+    the script's ``finally`` blocks stop what they started (its broker): by default SIGTERM
+    ends Python at once, leaving the broker, its processes and its shared memory behind.
+    Returns the handler it replaced."""
+    return signal.signal(signal.SIGTERM, _interrupted)
 
 
 def _results(results, procs: list, count: int, timeout_s: float) -> list:
