@@ -2,9 +2,15 @@
 # Issue 3's measurements on a lent many-core machine (the `device` tool), in one call: that
 # machine is bare (its own python3, no network), lent for minutes, and each start costs one.
 #
-#   here:   put cp312 wheels of posix_ipc, pyzmq, faster-fifo, iceoryx2 (+ flatbuffers) in
+#   here:   put cp312 wheels of posix_ipc, pyzmq, setproctitle, faster-fifo, iceoryx2 (+ its
+#           flatbuffers) in
 #           .whl/ (ignored; the device tool's README says how), then run with carry [".whl"]:
-#   device: bash perf/device_bench.sh            (results and logs under $OUT, else perf/out)
+#   device: bash perf/device_bench.sh [probes]   (results and logs under $OUT, else perf/out)
+#
+# Without an argument: bench_ipc's round trips, the spin tail, and throughput with 1, 4, 8 and 16
+# producer -> partition -> consumer pairs. `probes`: what the misses are made of (a futex
+# against a pipe wake-up, where a blocking round trip goes, the 64 KiB path's page-cache floor
+# and per-process CPU).
 #
 # Each step has its own timeout so that a slow one costs its own numbers only, and each
 # bench writes its JSON as soon as it ends: what finished comes back even if the call is cut.
@@ -27,7 +33,21 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
 step build
 $PY setup.py -q build_ext --inplace >"$OUT/build.log" 2>&1 || { tail -20 "$OUT/build.log"; exit 1; }
-$PY -c 'import shmbroker._native, zmq, posix_ipc; print("native ok")' || exit 1
+$PY -c 'import shmbroker._native, shmbroker.broker.supervisor, zmq; print("native ok")' || exit 1
+
+if [ "${1:-}" = probes ]; then
+    step wakes
+    timeout 60 $PY perf/bench_wakes.py --rounds 20000 --reps 3 2>&1 | tee "$OUT/wakes.txt"
+    step roundtrip split
+    timeout 90 $PY perf/bench_roundtrip.py --rounds 20000 2>&1 | tee "$OUT/roundtrip.txt"
+    step page-cache floor
+    timeout 90 $PY perf/bench_append_path.py --mib 4096 2>&1 | tee "$OUT/append.txt"
+    step 64 KiB pipeline
+    timeout 90 $PY perf/bench_pipeline.py --value-bytes 65536 --count 60000 --runs 2 2>&1 \
+        | tee "$OUT/pipeline64k.txt"
+    step done
+    exit 0
+fi
 
 # Round trips first, while nothing else has run: the targets compare them to a pipe's.
 step round trips
