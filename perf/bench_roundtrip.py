@@ -3,8 +3,9 @@
 A ping client sends a 100 B record to topic ``ping`` (acks=1, no flush) and polls ``pong``; a
 pong process polls ``ping`` and answers on ``pong``. Both stamp CLOCK_MONOTONIC (shared by all
 processes) into the record, so each round trip splits into: the ping's send call, the hop to
-the pong's poll (partition process wake-up and drain round, consumer wake-up and read), the
-pong's send call, and the hop back. It also reports the CPU each process spent per round trip
+the pong's poll (the consumer's wake-up by the commit and its read), the pong's turnaround
+(poll's return to the line before its send: its second stamp), and the pong's send with the
+hop back (the pong cannot stamp the end of the send that carries the stamp). It also reports the CPU each process spent per round trip
 (psutil), which says whether the trip is CPU-bound or waits on wake-ups, and with
 ``--py-spy`` records the ping partition process and the pong client (py-spy --native, raw
 stacks in perf/out/) and prints their top frames.
@@ -37,22 +38,26 @@ PY_SPY_S = 6
 def _pong(data_dir: str, rounds: int, spin_us: int, ready) -> None:
     from shmbroker import Consumer, Producer
 
+    _sigterm_unwinds()  # a SIGTERMed bench closes this side too (no ring left in /dev/shm)
     consumer = Consumer("ping", broker=data_dir, spin_us=spin_us)
     producer = Producer(broker=data_dir)
-    consumer.poll()
-    ready.set()
-    answered = 0
-    deadline = time.monotonic() + START_S_MAX + rounds * 0.01
-    while answered < rounds and time.monotonic() < deadline:  # bounded
-        for record in consumer.poll(timeout_ms=POLL_MS):
-            received = time.perf_counter_ns()
-            seq, _, _ = STAMPS.unpack_from(record.value)
-            producer.send("pong", STAMPS.pack(seq, received, time.perf_counter_ns())
-                          + record.value[STAMPS.size:], partition=0)
-            answered += 1
-    producer.flush()
-    producer.close()
-    consumer.close()
+    try:
+        consumer.poll()
+        ready.set()
+        answered = 0
+        deadline = time.monotonic() + START_S_MAX + rounds * 0.01
+        while answered < rounds and time.monotonic() < deadline:  # bounded
+            for record in consumer.poll(timeout_ms=POLL_MS):
+                received = time.perf_counter_ns()
+                seq, _, _ = STAMPS.unpack_from(record.value)
+                # The second stamp is taken before send(): the pong's send is in the hop back.
+                producer.send("pong", STAMPS.pack(seq, received, time.perf_counter_ns())
+                              + record.value[STAMPS.size:], partition=0)
+                answered += 1
+        producer.flush()
+    finally:
+        producer.close()
+        consumer.close()
 
 
 def _py_spy() -> str:
@@ -96,6 +101,7 @@ def main() -> int:
     broker = _start_broker(data_dir, os.path.join(out_dir, "bench_roundtrip-broker.log"),
                            ("--partition-spin-us", str(args.partition_spin_us)))
     total = args.rounds + WARM
+    pong = None
     try:
         _create_topic(data_dir, "ping")
         _create_topic(data_dir, "pong")
@@ -148,12 +154,17 @@ def main() -> int:
         producer.close()
         consumer.close()
     finally:
+        # The pong before the broker: it closes its producer while the broker still runs.
+        if pong is not None and pong.is_alive():
+            pong.terminate()
+        if pong is not None:
+            pong.join(START_S_MAX)
         _stop_broker(broker)
         shutil.rmtree(data_dir, ignore_errors=True)
     us = np.asarray(rows, dtype=np.float64).T / 1e3
     print(f"bench_roundtrip: {args.rounds} round trips of 100 B, acks=1, spin {args.spin_us} us")
-    for name, column in zip(("ping send", "hop ping -> pong poll", "pong send",
-                             "hop pong -> ping poll", "round trip"), us):
+    for name, column in zip(("ping send", "hop ping -> pong poll", "pong turnaround",
+                             "pong send + hop back", "round trip"), us):
         print(f"  {name:24s} p50 {np.percentile(column, 50):8.1f} us   mean {column.mean():8.1f} us"
               f"   p99 {np.percentile(column, 99):8.1f} us   p99.9 {np.percentile(column, 99.9):8.1f} us")
     # Where the slow trips go: each part's mean over the round trips above the p99, beside its
@@ -161,7 +172,7 @@ def main() -> int:
     slow = us[:, us[4] > np.percentile(us[4], 99)]
     print("  round trips above the p99, mean of each part (all trips in brackets):")
     print("   " + "  ".join(f"{name} {s_.mean():.1f} ({a.mean():.1f})" for name, s_, a in
-                            zip(("send", "hop", "send", "hop"), slow[:4], us[:4])))
+                            zip(("send", "hop", "turn", "send+hop"), slow[:4], us[:4])))
     print(f"  wall per round trip        {wall / args.rounds * 1e6:8.1f} us")
     for name in processes:
         voluntary = (ctx1[name].voluntary - ctx0[name].voluntary) / args.rounds
