@@ -2132,6 +2132,29 @@ static int ring_poll_wait(uint8_t *ctl, uint32_t seen_commit, uint32_t seen_hw,
     return r;
 }
 
+/* The frame copy of ring_poll_frame: on the stack up to RING_POLL_STACK_BYTES (a latency
+ * poll's frame), else a heap block. The copy only has to outlive the decode (build_records
+ * copies keys and values out of it), so it needs no Python object (~150 instructions a poll
+ * less than a bytes object; perf/RESULTS.md, seventeenth session). */
+#define RING_POLL_STACK_BYTES 2048
+#define RING_POLL_STACK_RECORDS 16
+typedef struct {
+    uint8_t *stack;
+    uint8_t *heap; /* PyMem_RawMalloc'd when the frame is larger than the stack buffer */
+    int failed;
+} poll_copy;
+
+static uint8_t *poll_copy_alloc(void *ctx, size_t len)
+{
+    poll_copy *c = ctx;
+    if (len <= RING_POLL_STACK_BYTES)
+        return c->stack;
+    c->heap = PyMem_RawMalloc(len ? len : 1);
+    if (c->heap == NULL)
+        c->failed = 1;
+    return c->heap;
+}
+
 /* One ring frame for ring_take: shmb_ring_frame_at, and on FOUND its records decoded into
  * *records (a new list). Returns the FRAME_AT status, or -1 with a Python error set. */
 static int ring_poll_frame(module_state *st, Py_buffer *rv, uint8_t *ctl, int64_t offset,
@@ -2139,34 +2162,49 @@ static int ring_poll_frame(module_state *st, Py_buffer *rv, uint8_t *ctl, int64_
                            PyObject *topic, long long partition, shmb_ring_found *f,
                            PyObject **records)
 {
-    PyObject *copy = NULL;
+    uint8_t stack[RING_POLL_STACK_BYTES];
+    poll_copy copy = {stack, NULL, 0};
     *records = NULL;
     int status = shmb_ring_frame_at(rv->buf, (size_t)rv->len, ctl, offset, hint, bytes_max,
-                                    records_max, frame_at_alloc, &copy, f);
-    if (copy == NULL && PyErr_Occurred())
-        return -1;
-    if (status != SHMB_FRAME_AT_FOUND) {
-        Py_XDECREF(copy);
-        return status;
-    }
-    const uint8_t *data = (const uint8_t *)PyBytes_AS_STRING(copy);
-    size_t len = f->payload_len, got = 0, cap = shmb_rb_count_records(data, len);
-    owned_columns oc = {{0}, NULL};
-    shmb_rb_error err;
-    if (owned_columns_alloc(&oc, cap) < 0) {
-        Py_DECREF(copy);
+                                    records_max, poll_copy_alloc, &copy, f);
+    if (copy.failed) {
         PyErr_NoMemory();
         return -1;
     }
+    if (status != SHMB_FRAME_AT_FOUND) {
+        PyMem_RawFree(copy.heap);
+        return status;
+    }
+    const uint8_t *data = copy.heap != NULL ? copy.heap : stack;
+    size_t len = f->payload_len, got = 0, cap = shmb_rb_count_records(data, len);
+    /* The columns: on the stack for a few records (a latency poll's one), else one block. */
+    int64_t wide[5][RING_POLL_STACK_RECORDS];
+    int32_t narrow[3][RING_POLL_STACK_RECORDS];
+    owned_columns oc = {{0}, NULL};
+    if (cap <= RING_POLL_STACK_RECORDS) {
+        oc.cols.offsets = wide[0];
+        oc.cols.timestamps = wide[1];
+        oc.cols.key_starts = wide[2];
+        oc.cols.value_starts = wide[3];
+        oc.cols.headers_starts = wide[4];
+        oc.cols.key_lengths = narrow[0];
+        oc.cols.value_lengths = narrow[1];
+        oc.cols.headers_counts = narrow[2];
+    } else if (owned_columns_alloc(&oc, cap) < 0) {
+        PyMem_RawFree(copy.heap);
+        PyErr_NoMemory();
+        return -1;
+    }
+    shmb_rb_error err;
     /* The CRC and every record were checked by shmb_frame_ok already. */
     if (shmb_rb_decode(data, len, 0, &oc.cols, cap, &got, &err) != SHMB_RB_SCAN_OK) {
         PyMem_RawFree(oc.memory); /* cannot happen after shmb_frame_ok */
-        Py_DECREF(copy);
+        PyMem_RawFree(copy.heap);
         return SHMB_FRAME_AT_REFUSED;
     }
     *records = build_records(st, data, len, &oc.cols, got, topic, (int64_t)partition);
     PyMem_RawFree(oc.memory);
-    Py_DECREF(copy);
+    PyMem_RawFree(copy.heap);
     return *records == NULL ? -1 : SHMB_FRAME_AT_FOUND;
 }
 
@@ -2305,6 +2343,32 @@ static uint64_t *hints_array(Py_ssize_t n, uint64_t *buf, uint64_t **owned)
  * `end` the offset after the frames read. */
 #define RING_TAKE_DECLINED (-1)
 
+/* ring_take's result tuple, built directly (Py_BuildValue parses its format on every call:
+ * ~400 instructions of a latency poll's ~4,500). `records` is stolen (NULL: None). */
+static PyObject *take_result(int status, PyObject *records, Py_ssize_t at, long long end,
+                             uint32_t seen_commit, int beyond)
+{
+    PyObject *t = PyTuple_New(6);
+    if (t == NULL) {
+        Py_XDECREF(records);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(t, 1, records != NULL ? records : Py_NewRef(Py_None));
+    PyObject *items[4] = {PyLong_FromLong(status), PyLong_FromSsize_t(at),
+                          PyLong_FromLongLong(end), PyLong_FromUnsignedLong(seen_commit)};
+    PyTuple_SET_ITEM(t, 0, items[0]);
+    PyTuple_SET_ITEM(t, 2, items[1]);
+    PyTuple_SET_ITEM(t, 3, items[2]);
+    PyTuple_SET_ITEM(t, 4, items[3]);
+    PyTuple_SET_ITEM(t, 5, PyLong_FromLong(beyond));
+    for (int i = 0; i < 6; i++)
+        if (PyTuple_GET_ITEM(t, i) == NULL) {
+            Py_DECREF(t);
+            return NULL;
+        }
+    return t;
+}
+
 static PyObject *py_ring_take(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs != 12)
@@ -2342,7 +2406,7 @@ static PyObject *py_ring_take(PyObject *module, PyObject *const *args, Py_ssize_
         shmb_u32_load_acquire(ctl + SHMB_CTL_REGISTRY_CHANGES_OFFSET) != (uint32_t)registry_seen ||
         registry_seen < 0) {
         PyBuffer_Release(&cv);
-        return Py_BuildValue("(iOnLIi)", RING_TAKE_DECLINED, Py_None, (Py_ssize_t)0, -1LL, 0U, 0);
+        return take_result(RING_TAKE_DECLINED, NULL, 0, -1, 0, 0);
     }
     Py_ssize_t n = PyList_GET_SIZE(rings);
     uint64_t hint_buf[RING_TAKE_RINGS_MAX], *owned;
@@ -2367,8 +2431,7 @@ static PyObject *py_ring_take(PyObject *module, PyObject *const *args, Py_ssize_
                       partition, wait_ms, spin_ns, seen_hw, &o) < 0)
         goto done;
     if (o.status != SHMB_FRAME_AT_FOUND) {
-        result = Py_BuildValue("(iOnLIi)", o.status, Py_None, (Py_ssize_t)0, -1LL, o.seen_commit,
-                               o.beyond);
+        result = take_result(o.status, NULL, 0, -1, o.seen_commit, o.beyond);
         goto done;
     }
     long long end_offset = (long long)(o.base + (int64_t)o.span);
@@ -2391,7 +2454,7 @@ static PyObject *py_ring_take(PyObject *module, PyObject *const *args, Py_ssize_
     if (at < 0 || at >= count ||
         ((RecordObject *)PyList_GET_ITEM(o.records, at))->offset != offset)
         at = count;
-    result = Py_BuildValue("(iNnLIi)", o.status, o.records, at, end_offset, o.seen_commit, 0);
+    result = take_result(o.status, o.records, at, end_offset, o.seen_commit, 0);
 done:
     PyBuffer_Release(&cv);
     PyMem_Free(owned);

@@ -79,6 +79,44 @@ def test_records_reach_a_ring_reader_while_the_partition_process_is_stopped(topi
         log_only.close()
 
 
+def test_frames_larger_than_a_latency_poll_takes_on_its_stack_are_read_from_a_ring_whole(topic):
+    """ring_take copies a small frame and decodes its few records on the stack, others on the
+    heap (native/src/module.c, ring_poll_frame): a 6,000-byte value, a 40-record batch and a
+    one-record frame between them all come from the ring (the partition is stopped), each
+    record whole at its offset, as the log then holds them."""
+    broker, pid = topic
+    reader = Consumer("r", broker=broker.data_dir, auto_offset_reset="earliest")
+    log_only = Consumer("r", broker=broker.data_dir, auto_offset_reset="earliest",
+                        read_rings=False)
+    big = bytes(range(256)) * 23 + b"end"  # 5,891 bytes
+    many = [b"m%02d" % i * (i + 1) for i in range(40)]
+    expected = [big, b"small"] + many + [b"last"]
+    try:
+        assert reader.poll(timeout_ms=50) == []
+        with Producer(broker=broker.data_dir, acks=0) as producer:
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                producer.send("r", big, key=b"k" * 300)
+                producer.flush()
+                producer.send("r", b"small")
+                producer.flush()
+                producer.send_batch("r", many)
+                producer.flush()
+                producer.send("r", b"last")
+                producer.flush()
+                got = _poll_until(reader, len(expected))
+            finally:
+                os.kill(pid, signal.SIGCONT)
+        assert [r.offset for r in got] == list(range(len(expected)))
+        assert [r.value for r in got] == expected
+        assert got[0].key == b"k" * 300
+        from_log = _poll_until(log_only, len(expected))
+        assert _fields(from_log) == _fields(got), "the log holds what the ring reader got"
+    finally:
+        reader.close()
+        log_only.close()
+
+
 #: A producer process that commits a frame whose batch CRC is wrong (the C writer does not
 #: check CRCs: a buggy producer), then a good one, and exits.
 _BAD_THEN_GOOD = RAW_PRODUCER + r"""
