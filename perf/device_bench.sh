@@ -5,10 +5,11 @@
 #   here:   put cp312 wheels of posix_ipc, pyzmq, setproctitle, faster-fifo, iceoryx2 (+ its
 #           flatbuffers) in
 #           .whl/ (ignored; the device tool's README says how), then run with carry [".whl"]:
-#   device: bash perf/device_bench.sh [probes]   (results and logs under $OUT, else perf/out)
+#   device: bash perf/device_bench.sh [rtt|probes]  (results, logs under $OUT, else perf/out)
 #
 # Without an argument: bench_ipc's round trips, the spin tail, and throughput with 1, 4, 8 and 16
-# producer -> partition -> consumer pairs. `probes`: what the misses are made of (a futex
+# producer -> partition -> consumer pairs. `rtt`: the round trips alone (bench_ipc's, the spin
+# tail, send and poll apart, a blocking trip split). `probes`: what the misses are made of (a futex
 # against a pipe wake-up, where a blocking round trip goes, the 64 KiB path's page-cache floor
 # and per-process CPU).
 #
@@ -35,6 +36,19 @@ step build
 $PY setup.py -q build_ext --inplace >"$OUT/build.log" 2>&1 || { tail -20 "$OUT/build.log"; exit 1; }
 $PY -c 'import shmbroker._native, shmbroker.broker.supervisor, zmq; print("native ok")' || exit 1
 
+if [ "${1:-}" = rtt ]; then  # the round trips alone, and a hop's own work
+    step round trips
+    timeout 150 $PY perf/bench_ipc.py --only shmbroker,pipe,iceoryx2 --cases rtt-spin,rtt-block \
+        --json "$OUT/rtt.json" 2>&1 | tee "$OUT/rtt.txt"
+    step spin tail
+    timeout 60 $PY perf/bench_pingpong_tail.py --spin-us 1000 --rounds 200000 2>&1 | tee "$OUT/tail.txt"
+    step send and poll
+    timeout 60 $PY perf/bench_send_poll.py 2>&1 | tee "$OUT/send_poll.txt"
+    step roundtrip split
+    timeout 90 $PY perf/bench_roundtrip.py --rounds 20000 2>&1 | tee "$OUT/roundtrip.txt"
+    step done
+    exit 0
+fi
 if [ "${1:-}" = probes ]; then
     step wakes
     timeout 60 $PY perf/bench_wakes.py --rounds 20000 --reps 3 2>&1 | tee "$OUT/wakes.txt"
