@@ -101,6 +101,16 @@ class ControlRegions:
                      len(adopted), kept_rings, removed or "nothing")
 
 
+def rings_kept(prefix: str) -> list[str]:
+    """Rings under ``prefix`` of dead producers that still hold committed frames: after a
+    clean stop, what a partition process killed before it drained them (it ignored SIGTERM)
+    left. They stay: the next start's partition process adopts them as orphans and appends
+    their frames (partition/ingress.py), as after a kill -9 of the broker."""
+    return sorted(info.name for info in stale.list_regions(prefix)
+                  if info.kind == names.RING_KIND and not info.owner_alive
+                  and info.committed_unread)
+
+
 _COUNTER_KINDS = {"partition": counters_layout.KIND_PARTITION,
                   "coordinator": counters_layout.KIND_COORDINATOR,
                   "router": counters_layout.KIND_ROUTER}

@@ -31,7 +31,6 @@ from ..coordinator.topics import TopicRegistry, expected_partitions, load_topics
 from ..errors import ShmbrokerError
 from ..log import files
 from ..shm import names
-from ..shm.control import ControlRegion
 from . import shm_regions
 from .listen_address import try_bind
 from . import runtime
@@ -155,6 +154,12 @@ class Supervisor:
                 self._maybe_sweep(monotonic_ms())
                 self._maybe_ack()
             log.info("all processes stopped; broker on %s is down", self.data_dir)
+            kept = shm_regions.rings_kept(self.controls.prefix)
+            if kept:
+                log.warning("%d ring(s) of dead producers still hold frames that are not in the "
+                            "log (a partition process was killed before it drained them); "
+                            "kept for the next start on %s, which appends them: %s",
+                            len(kept), self.data_dir, ", ".join(kept))
             return 0
         finally:
             signal.set_wakeup_fd(old_wakeup)

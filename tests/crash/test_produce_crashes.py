@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import select
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -13,7 +16,7 @@ from broker_harness import WAIT_S_MAX, wait_for
 from produce_helpers import (assert_logs_whole, check_exactly_once, read_acked,
                              spawn_producer)
 
-from shmbroker import Admin
+from shmbroker import Admin, Consumer
 from shmbroker.shm import names
 from shmbroker.shm.control import ControlRegion
 
@@ -128,3 +131,57 @@ def test_kill_9_of_the_whole_broker_under_load_then_restart_keeps_every_acked_re
     assert our_shm(broker.data_dir) == []  # nothing of ours left after the clean stop
     assert "adopted 2 control region(s)" in restarted.log()
     assert any(k[0] == 0 for k in seen)
+
+
+#: A producer that commits records while its partition process is stopped, says so, and
+#: waits to be killed.
+_COMMIT_THEN_WAIT = r"""
+import sys, time
+from shmbroker import Producer
+data_dir, topic, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+producer = Producer(broker=data_dir, acks=0)
+for i in range(n):
+    producer.send(topic, b"held-%d" % i, partition=0)
+producer.flush()
+print("committed", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_clean_stop_that_has_to_kill_a_stuck_partition_keeps_its_frames_for_the_next_start(
+        make_broker):
+    """The partition process is stopped (SIGSTOP) while a producer commits 50 records (acks=0:
+    in its ring, not in the log), then the producer is killed -9. SIGTERM of the broker: the
+    stopped partition ignores it and is SIGKILLed after child_stop_timeout_ms; the stop still
+    ends 0, and the ring holding the 50 frames is kept in /dev/shm (unlinking it would lose
+    them) and named in the log. The next start on the data dir appends all 50, in order, and
+    its clean stop leaves nothing behind."""
+    broker = make_broker()
+    create_topic(broker.data_dir, "h", 1)
+    (pid,) = broker.partition_pids(broker.wait_running({("h", 0)})).values()
+    os.kill(pid, signal.SIGSTOP)
+    child = subprocess.Popen([sys.executable, "-c", _COMMIT_THEN_WAIT, broker.data_dir, "h", "50"],
+                             stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": os.getcwd()})
+    try:
+        ready, _, _ = select.select([child.stdout], [], [], WAIT_S_MAX)
+        assert ready and child.stdout.readline().strip() == "committed"
+    finally:
+        child.kill()
+        child.wait(WAIT_S_MAX)
+        child.stdout.close()
+    assert broker.stop() == 0
+    rings = [n for n in our_shm(broker.data_dir) if ".r." in n]
+    assert len(rings) == 1, our_shm(broker.data_dir)
+    log = broker.log()
+    assert "ignored SIGTERM" in log
+    assert "kept for the next start" in log and rings[0] in log
+    restarted = make_broker()
+    with Consumer("h", broker=broker.data_dir, auto_offset_reset="earliest") as consumer:
+        got: list = []
+        deadline = time.monotonic() + WAIT_S_MAX
+        while len(got) < 50 and time.monotonic() < deadline:  # bounded by the deadline
+            got += consumer.poll(timeout_ms=200)
+    assert [(r.offset, r.value) for r in got] == [(i, b"held-%d" % i) for i in range(50)]
+    assert restarted.stop() == 0
+    assert our_shm(broker.data_dir) == []
