@@ -2353,15 +2353,13 @@ static PyObject *take_result(int status, PyObject *records, Py_ssize_t at, long 
         Py_XDECREF(records);
         return NULL;
     }
+    PyTuple_SET_ITEM(t, 0, PyLong_FromLong(status));
     PyTuple_SET_ITEM(t, 1, records != NULL ? records : Py_NewRef(Py_None));
-    PyObject *items[4] = {PyLong_FromLong(status), PyLong_FromSsize_t(at),
-                          PyLong_FromLongLong(end), PyLong_FromUnsignedLong(seen_commit)};
-    PyTuple_SET_ITEM(t, 0, items[0]);
-    PyTuple_SET_ITEM(t, 2, items[1]);
-    PyTuple_SET_ITEM(t, 3, items[2]);
-    PyTuple_SET_ITEM(t, 4, items[3]);
+    PyTuple_SET_ITEM(t, 2, PyLong_FromSsize_t(at));
+    PyTuple_SET_ITEM(t, 3, PyLong_FromLongLong(end));
+    PyTuple_SET_ITEM(t, 4, PyLong_FromUnsignedLong(seen_commit));
     PyTuple_SET_ITEM(t, 5, PyLong_FromLong(beyond));
-    for (int i = 0; i < 6; i++)
+    for (int i = 0; i < 6; i++) /* a failed conversion left a NULL: the tuple frees the rest */
         if (PyTuple_GET_ITEM(t, i) == NULL) {
             Py_DECREF(t);
             return NULL;

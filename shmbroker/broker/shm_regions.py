@@ -106,9 +106,8 @@ def rings_kept(prefix: str) -> list[str]:
     clean stop, what a partition process killed before it drained them (it ignored SIGTERM)
     left. They stay: the next start's partition process adopts them as orphans and appends
     their frames (partition/ingress.py), as after a kill -9 of the broker."""
-    return sorted(info.name for info in stale.list_regions(prefix)
-                  if info.kind == names.RING_KIND and not info.owner_alive
-                  and info.committed_unread)
+    return sorted(info.name for info in stale.find_stale(prefix, remove=False).to_drain
+                  if info.kind == names.RING_KIND)
 
 
 _COUNTER_KINDS = {"partition": counters_layout.KIND_PARTITION,
