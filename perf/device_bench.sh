@@ -2,16 +2,17 @@
 # Issue 3's measurements on a lent many-core machine (the `device` tool), in one call: that
 # machine is bare (its own python3, no network), lent for minutes, and each start costs one.
 #
-#   here:   put cp312 wheels of posix_ipc, pyzmq, setproctitle, faster-fifo, iceoryx2 (+ its
-#           flatbuffers) in
-#           .whl/ (ignored; the device tool's README says how), then run with carry [".whl"]:
+#   here:   put cp312 wheels of posix_ipc, pyzmq, setproctitle, faster-fifo, iceoryx2 and
+#           its flatbuffers in .whl/ (ignored; the device tool's README says how), then run
+#           with carry [".whl"]:
 #   device: bash perf/device_bench.sh [rtt|probes]  (results, logs under $OUT, else perf/out)
 #
-# Without an argument: bench_ipc's round trips, the spin tail, and throughput with 1, 4, 8 and 16
-# producer -> partition -> consumer pairs. `rtt`: the round trips alone (bench_ipc's, the spin
-# tail, send and poll apart, a blocking trip split). `probes`: what the misses are made of (a futex
-# against a pipe wake-up, where a blocking round trip goes, the 64 KiB path's page-cache floor
-# and per-process CPU).
+# Without an argument: bench_ipc's round trips, the spin tail, and throughput with 1, 4, 8 and
+# 16 producer -> partition -> consumer pairs. `rtt`: the round trips alone (bench_ipc's, the
+# spin tail, send and poll apart, a blocking trip split). `probes`: what the misses are made
+# of (a futex against a pipe wake-up, where a blocking round trip goes, the 64 KiB path's
+# page-cache floor and per-process CPU). An A/B there carries the other tree too (an ignored
+# folder named in carry) and alternates the two (perf/RESULTS.md, seventeenth session).
 #
 # Each step has its own timeout so that a slow one costs its own numbers only, and each
 # bench writes its JSON as soon as it ends: what finished comes back even if the call is cut.
