@@ -47,6 +47,14 @@ typedef struct {
     Py_ssize_t at[B_NSLOTS];
 } BatchSlots;
 
+/* poll_ring: the client.consumer._Fetch slots it reads or sets, and the other attributes it
+ * reads (of the Consumer, its RingReads and their ControlRegion), by name. */
+enum { F_RINGS, F_PENDING, F_POSITION, F_HW, F_CONTROL, F_TOPIC, F_PARTITION, F_SEEN_HW_SEQ,
+       F_PENDING_END, F_RECORDS_OUT, F_NSLOTS };
+/* ... and client.ring_reads.RingReads' slots. */
+enum { R_CONTROL, R_BUFS, R_HINTS, R_FROMS, R_REGISTRY_SEEN, R_NSLOTS };
+enum { P_BUF, P_NNAMES }; /* attributes read by name: ControlRegion.buf */
+
 typedef struct {
     PyTypeObject *record_type;
     PyTypeObject *file_map_type;
@@ -61,6 +69,15 @@ typedef struct {
     PyObject *slots_type;
     unsigned int slots_tag;
     BatchSlots slots;
+    /* poll_ring: client.consumer._Fetch's slot offsets (cached as slots_type is) and the
+     * interned attribute names it reads. */
+    PyObject *fetch_type;
+    unsigned int fetch_tag;
+    Py_ssize_t fetch_at[F_NSLOTS];
+    PyObject *rings_type;
+    unsigned int rings_tag;
+    Py_ssize_t rings_at[R_NSLOTS];
+    PyObject *poll_names[P_NNAMES];
 } module_state;
 
 static inline module_state *get_state(PyObject *module)
@@ -2367,33 +2384,46 @@ static PyObject *take_result(int status, PyObject *records, Py_ssize_t at, long 
     return t;
 }
 
-static PyObject *py_ring_take(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+/* What ring_take found: its result tuple's fields; `records` a new reference or NULL. */
+typedef struct {
+    int status;
+    PyObject *records;
+    Py_ssize_t at;
+    long long end;
+    uint32_t seen_commit;
+    int beyond;
+} take_out;
+
+/* ring_take on parsed arguments (shared by py_ring_take and poll_ring): 0 with *out set
+ * (status RING_TAKE_DECLINED included), or -1 with a Python error set. */
+static int ring_take_run(module_state *st, PyObject *control, PyObject *rings, PyObject *hints,
+                         PyObject *froms, long long offset, long long registry_seen,
+                         long long records_max, PyObject *topic, long long partition,
+                         long long wait_ms, long long spin_ns, long long seen_hw, take_out *out)
 {
-    if (nargs != 12)
-        return PyErr_Format(PyExc_TypeError, "ring_take takes 12 arguments, got %zd", nargs);
-    module_state *st = get_state(module);
-    long long offset, registry_seen, records_max, partition, wait_ms, spin_ns, seen_hw;
-    if (tail_ll(args[4], &offset) < 0 || tail_ll(args[5], &registry_seen) < 0 ||
-        tail_ll(args[6], &records_max) < 0 || tail_ll(args[8], &partition) < 0 ||
-        tail_ll(args[9], &wait_ms) < 0 || tail_ll(args[10], &spin_ns) < 0 ||
-        tail_ll(args[11], &seen_hw) < 0)
-        return NULL;
-    PyObject *rings = args[1], *hints = args[2], *froms = args[3], *topic = args[7];
+    *out = (take_out){RING_TAKE_DECLINED, NULL, 0, -1, 0, 0};
     if (!PyList_CheckExact(rings) || !PyList_CheckExact(hints) || !PyList_CheckExact(froms) ||
         PyList_GET_SIZE(rings) != PyList_GET_SIZE(hints) ||
-        PyList_GET_SIZE(rings) != PyList_GET_SIZE(froms))
-        return PyErr_Format(PyExc_TypeError,
-                            "ring_take: rings, hints and hint_froms: lists of one length");
-    if (topic != Py_None && !PyUnicode_CheckExact(topic))
-        return PyErr_Format(PyExc_TypeError, "ring_take: topic must be str or None");
-    if (offset < 0 || wait_ms < 0 || spin_ns < 0)
-        return PyErr_Format(PyExc_ValueError, "ring_take: negative offset, wait_ms or spin_ns");
+        PyList_GET_SIZE(rings) != PyList_GET_SIZE(froms)) {
+        PyErr_SetString(PyExc_TypeError,
+                        "ring_take: rings, hints and hint_froms: lists of one length");
+        return -1;
+    }
+    if (topic != Py_None && !PyUnicode_CheckExact(topic)) {
+        PyErr_SetString(PyExc_TypeError, "ring_take: topic must be str or None");
+        return -1;
+    }
+    if (offset < 0 || wait_ms < 0 || spin_ns < 0) {
+        PyErr_SetString(PyExc_ValueError, "ring_take: negative offset, wait_ms or spin_ns");
+        return -1;
+    }
     Py_buffer cv;
-    if (region_view(args[0], 0, &cv, "control region") < 0)
-        return NULL;
+    if (region_view(control, 0, &cv, "control region") < 0)
+        return -1;
     if (cv.len < SHMB_CONTROL_REGISTRY_OFFSET) {
         PyBuffer_Release(&cv);
-        return PyErr_Format(PyExc_ValueError, "ring_take: control region too short");
+        PyErr_SetString(PyExc_ValueError, "ring_take: control region too short");
+        return -1;
     }
     uint8_t *ctl = cv.buf;
     long long bytes_max = (long long)shmb_u64_load_acquire(ctl + SHMB_CTL_BATCH_BYTES_MAX_OFFSET);
@@ -2404,32 +2434,32 @@ static PyObject *py_ring_take(PyObject *module, PyObject *const *args, Py_ssize_
         shmb_u32_load_acquire(ctl + SHMB_CTL_REGISTRY_CHANGES_OFFSET) != (uint32_t)registry_seen ||
         registry_seen < 0) {
         PyBuffer_Release(&cv);
-        return take_result(RING_TAKE_DECLINED, NULL, 0, -1, 0, 0);
+        return 0; /* declined */
     }
     Py_ssize_t n = PyList_GET_SIZE(rings);
     uint64_t hint_buf[RING_TAKE_RINGS_MAX], *owned;
     uint64_t *hint_values = hints_array(n, hint_buf, &owned);
     if (hint_values == NULL) {
         PyBuffer_Release(&cv);
-        return NULL;
+        return -1;
     }
+    int rc = -1;
     for (Py_ssize_t i = 0; i < n; i++) {
         long long from = PyLong_AsLongLong(PyList_GET_ITEM(froms, i));
         unsigned long long hint = PyLong_AsUnsignedLongLong(PyList_GET_ITEM(hints, i));
-        if (PyErr_Occurred()) {
-            PyBuffer_Release(&cv);
-            PyMem_Free(owned);
-            return NULL;
-        }
+        if (PyErr_Occurred())
+            goto done;
         hint_values[i] = offset >= from ? hint : 0;
     }
-    PyObject *result = NULL;
     ring_poll_out o;
     if (ring_poll_run(st, ctl, rings, hint_values, offset, bytes_max, records_max, topic,
                       partition, wait_ms, spin_ns, seen_hw, &o) < 0)
         goto done;
+    out->status = o.status;
+    out->seen_commit = o.seen_commit;
     if (o.status != SHMB_FRAME_AT_FOUND) {
-        result = take_result(o.status, NULL, 0, -1, o.seen_commit, o.beyond);
+        out->beyond = o.beyond;
+        rc = 0;
         goto done;
     }
     long long end_offset = (long long)(o.base + (int64_t)o.span);
@@ -2452,11 +2482,32 @@ static PyObject *py_ring_take(PyObject *module, PyObject *const *args, Py_ssize_
     if (at < 0 || at >= count ||
         ((RecordObject *)PyList_GET_ITEM(o.records, at))->offset != offset)
         at = count;
-    result = take_result(o.status, o.records, at, end_offset, o.seen_commit, 0);
+    out->records = o.records;
+    out->at = at;
+    out->end = end_offset;
+    rc = 0;
 done:
     PyBuffer_Release(&cv);
     PyMem_Free(owned);
-    return result;
+    return rc;
+}
+
+static PyObject *py_ring_take(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 12)
+        return PyErr_Format(PyExc_TypeError, "ring_take takes 12 arguments, got %zd", nargs);
+    long long offset, registry_seen, records_max, partition, wait_ms, spin_ns, seen_hw;
+    if (tail_ll(args[4], &offset) < 0 || tail_ll(args[5], &registry_seen) < 0 ||
+        tail_ll(args[6], &records_max) < 0 || tail_ll(args[8], &partition) < 0 ||
+        tail_ll(args[9], &wait_ms) < 0 || tail_ll(args[10], &spin_ns) < 0 ||
+        tail_ll(args[11], &seen_hw) < 0)
+        return NULL;
+    take_out o;
+    if (ring_take_run(get_state(module), args[0], args[1], args[2], args[3], offset,
+                      registry_seen, records_max, args[7], partition, wait_ms, spin_ns, seen_hw,
+                      &o) < 0)
+        return NULL;
+    return take_result(o.status, o.records, o.at, o.end, o.seen_commit, o.beyond);
 }
 
 static PyObject *py_ring_check(PyObject *module, PyObject *arg)
@@ -3872,6 +3923,230 @@ static int batch_slots_cached(module_state *st, PyObject *batch_type, BatchSlots
         st->slots = *s;
     }
     return 0;
+}
+
+/* ==== poll_ring: Consumer.poll's common case in one call ====================================
+ *
+ * Why: a found poll spent ~1 us in the Python around ring_take (its checks, the deadline's
+ * clock read, the counters gate, the bookkeeping): more than ring_take itself, twice per
+ * round trip (perf/RESULTS.md, seventeenth session).
+ *
+ * What: for a consumer that Consumer.poll found open, unforked and without a group (it
+ * passes the attributes this needs: Python loads an instance attribute ~10x faster than
+ * PyObject_GetAttr), Consumer._poll's checks for its one-partition ring path (counters not
+ * due, rings read, the _Fetch caught up), ring_take with the poll's first wait, then
+ * Consumer._ring_outcome's common case (records from the position on, no more than asked).
+ * _Fetch and RingReads are read through their slots' offsets. Returns
+ *  - None: nothing was read and nothing waited for (a check failed, the ring registry moved
+ *    on, the counters are due): the caller runs Consumer._poll, the reference;
+ *  - a list: the records, handed out exactly as Consumer._poll would have;
+ *  - a 7-tuple, ring_take's result and the CLOCK_MONOTONIC ns at which the poll's wait began
+ *    (0: it did not wait): the ring was read, maybe after a wait, with an outcome the Python
+ *    path handles; Consumer._poll goes on from it (it must: records may have been taken).
+ * Arguments: (order, timeout_ms, max_records, read_rings, spin_ns, counting, counters_due,
+ * counters_next_ns, records_max). */
+
+static const char *const fetch_slot_names[F_NSLOTS] = {
+    "rings", "pending", "position", "hw", "control", "topic", "partition", "seen_hw_seq",
+    "pending_end", "records_out"};
+static const char *const rings_slot_names[R_NSLOTS] = {
+    "control", "_bufs", "_hints", "_froms", "_registry_seen"};
+static const char *const poll_name_strs[P_NNAMES] = {"buf"};
+
+/* The interned attribute names, made once. 0, or -1 with an error set. */
+static int poll_names_ready(module_state *st)
+{
+    for (int i = 0; i < P_NNAMES; i++)
+        if (st->poll_names[i] == NULL &&
+            (st->poll_names[i] = PyUnicode_InternFromString(poll_name_strs[i])) == NULL)
+            return -1;
+    return 0;
+}
+
+/* A type's slot offsets, looked up once (again when the type changes or its version tag
+ * is no longer valid: any change to the class bumps it). 0; 1 when the type has no valid
+ * version tag (not cached, not used: the Python path runs); -1 with an error set (not a
+ * class with those slots). */
+static int slots_cached(PyTypeObject *type, const char *const *names, int n, PyObject **cached,
+                        unsigned int *tag, Py_ssize_t *at)
+{
+    if (*cached == (PyObject *)type && PyType_HasFeature(type, Py_TPFLAGS_VALID_VERSION_TAG) &&
+        type->tp_version_tag == *tag)
+        return 0;
+    Py_ssize_t found[16]; /* the most slots a caller names */
+    if (n > 16) {
+        PyErr_SetString(PyExc_SystemError, "slots_cached: too many slots");
+        return -1;
+    }
+    for (int i = 0; i < n; i++)
+        if (batch_slot_offset((PyObject *)type, names[i], &found[i]) < 0)
+            return -1;
+    Py_CLEAR(*cached);
+    if (!PyType_HasFeature(type, Py_TPFLAGS_VALID_VERSION_TAG))
+        return 1;
+    *cached = Py_NewRef((PyObject *)type);
+    *tag = type->tp_version_tag;
+    memcpy(at, found, sizeof(Py_ssize_t) * (size_t)n);
+    return 0;
+}
+
+/* A slot as a long long; *ok = 0 unless it is set to an int in range. */
+static long long slot_ll(PyObject *obj, Py_ssize_t offset, int *ok)
+{
+    PyObject *v = *slot_at(obj, offset);
+    if (v == NULL || !PyLong_CheckExact(v)) {
+        *ok = 0;
+        return 0;
+    }
+    int overflow;
+    long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
+    if (overflow || (x == -1 && PyErr_Occurred())) {
+        PyErr_Clear();
+        *ok = 0;
+    }
+    return x;
+}
+
+static PyObject *py_poll_ring(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 9)
+        return PyErr_Format(PyExc_TypeError, "poll_ring takes 9 arguments, got %zd", nargs);
+    module_state *st = get_state(module);
+    /* The Consumer's attributes, passed in (see above). */
+    PyObject *order = args[0], *timeout = args[1];
+    int ok = 1;
+    long long max_records = PyLong_CheckExact(args[2]) ? PyLong_AsLongLong(args[2]) : -1;
+    long long records_max = PyLong_CheckExact(args[8]) ? PyLong_AsLongLong(args[8]) : -1;
+    long long spin_ns = PyLong_CheckExact(args[4]) ? PyLong_AsLongLong(args[4]) : -1;
+    long long due = PyLong_CheckExact(args[6]) ? PyLong_AsLongLong(args[6]) : -1;
+    if (PyErr_Occurred() || max_records < 1 || records_max < 1 || spin_ns < 0 || due < 0 ||
+        args[3] != Py_True) {
+        PyErr_Clear();
+        Py_RETURN_NONE; /* the Python path (it raises for a bad max_records) */
+    }
+    int counting = PyObject_IsTrue(args[5]);
+    if (counting < 0)
+        return NULL;
+    if (due) { /* the counters are published by the Python path once they are due */
+        long long next = PyLong_CheckExact(args[7]) ? PyLong_AsLongLong(args[7]) : -1;
+        if (PyErr_Occurred()) {
+            PyErr_Clear();
+            Py_RETURN_NONE;
+        }
+        if (shmb_monotonic_ns() >= next)
+            Py_RETURN_NONE;
+    }
+    /* The first wait, as Consumer._poll: ceil(timeout_ms) when > 0. */
+    long long wait_ms;
+    if (PyLong_CheckExact(timeout)) {
+        int overflow;
+        wait_ms = PyLong_AsLongLongAndOverflow(timeout, &overflow);
+        if (overflow || (wait_ms == -1 && PyErr_Occurred())) {
+            PyErr_Clear();
+            Py_RETURN_NONE;
+        }
+    } else if (PyFloat_CheckExact(timeout)) {
+        double t = PyFloat_AS_DOUBLE(timeout);
+        if (!(t < 1e15)) /* NaN, inf, huge: the Python path */
+            Py_RETURN_NONE;
+        wait_ms = t > 0 ? (long long)(t + 0.999) : 0;
+    } else {
+        Py_RETURN_NONE;
+    }
+    if (wait_ms < 0)
+        wait_ms = 0;
+    if (!PyList_CheckExact(order) || PyList_GET_SIZE(order) != 1)
+        Py_RETURN_NONE;
+    PyObject *fetch = PyList_GET_ITEM(order, 0);
+    if (slots_cached(Py_TYPE(fetch), fetch_slot_names, F_NSLOTS, &st->fetch_type, &st->fetch_tag,
+                     st->fetch_at) != 0) {
+        PyErr_Clear(); /* not a _Fetch with those slots, or no version tag */
+        Py_RETURN_NONE;
+    }
+    const Py_ssize_t *at = st->fetch_at;
+    /* The fetch: rings attached, nothing pending, caught up, the same control region. */
+    PyObject *rings = *slot_at(fetch, at[F_RINGS]);
+    PyObject *pending = *slot_at(fetch, at[F_PENDING]);
+    PyObject *fcontrol = *slot_at(fetch, at[F_CONTROL]);
+    PyObject *topic = *slot_at(fetch, at[F_TOPIC]);
+    if (rings == NULL || rings == Py_None || pending == NULL || !PyList_CheckExact(pending) ||
+        PyList_GET_SIZE(pending) != 0 || fcontrol == NULL || topic == NULL)
+        Py_RETURN_NONE;
+    long long position = slot_ll(fetch, at[F_POSITION], &ok);
+    long long hw = slot_ll(fetch, at[F_HW], &ok);
+    long long partition = slot_ll(fetch, at[F_PARTITION], &ok);
+    long long seen_hw = slot_ll(fetch, at[F_SEEN_HW_SEQ], &ok);
+    if (!ok || !(position >= hw && hw >= 0))
+        Py_RETURN_NONE;
+    if (slots_cached(Py_TYPE(rings), rings_slot_names, R_NSLOTS, &st->rings_type, &st->rings_tag,
+                     st->rings_at) != 0) {
+        PyErr_Clear();
+        Py_RETURN_NONE;
+    }
+    const Py_ssize_t *rat = st->rings_at;
+    PyObject *control = *slot_at(rings, rat[R_CONTROL]);
+    PyObject *bufs = *slot_at(rings, rat[R_BUFS]);
+    PyObject *hints = *slot_at(rings, rat[R_HINTS]);
+    PyObject *froms = *slot_at(rings, rat[R_FROMS]);
+    long long registry_seen = slot_ll(rings, rat[R_REGISTRY_SEEN], &ok);
+    if (control != fcontrol || bufs == NULL || hints == NULL || froms == NULL || !ok)
+        Py_RETURN_NONE;
+    if (st->poll_names[P_BUF] == NULL && poll_names_ready(st) < 0)
+        return NULL;
+    PyObject *buf = PyObject_GetAttr(control, st->poll_names[P_BUF]);
+    if (buf == NULL) {
+        PyErr_Clear();
+        Py_RETURN_NONE;
+    }
+    /* Held across the wait (the GIL is released there): what ring_take_run uses after it. */
+    Py_INCREF(fetch);
+    Py_INCREF(bufs);
+    Py_INCREF(hints);
+    Py_INCREF(froms);
+    Py_INCREF(topic);
+    PyObject *result = NULL;
+    int64_t started = wait_ms > 0 ? shmb_monotonic_ns() : 0;
+    take_out o;
+    if (ring_take_run(st, buf, bufs, hints, froms, position, registry_seen, records_max, topic,
+                      partition, wait_ms, spin_ns, seen_hw, &o) < 0)
+        goto done; /* an argument ring_take refuses: the Python path raises the same */
+    if (o.status == RING_TAKE_DECLINED) { /* decided before any wait: nothing done */
+        result = Py_NewRef(Py_None);
+        goto done;
+    }
+    Py_ssize_t count = o.records != NULL ? PyList_GET_SIZE(o.records) : 0;
+    if (o.status == SHMB_FRAME_AT_FOUND && o.at == 0 && count > 0 && count <= max_records) {
+        /* Consumer._ring_outcome's common case: pending_end, the position past the last
+         * record (or the frames' end), the records handed out (the caller counts the poll). */
+        long long last = ((RecordObject *)PyList_GET_ITEM(o.records, count - 1))->offset + 1;
+        long long out = counting ? slot_ll(fetch, at[F_RECORDS_OUT], &ok) : 0;
+        if (!ok || slot_set(fetch, at[F_PENDING_END], PyLong_FromLongLong(o.end)) < 0 ||
+            slot_set(fetch, at[F_POSITION], PyLong_FromLongLong(o.end > last ? o.end : last)) < 0 ||
+            (counting && slot_set(fetch, at[F_RECORDS_OUT], PyLong_FromLongLong(out + count)) < 0)) {
+            Py_DECREF(o.records);
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_TypeError, "poll_ring: records_out is not an int");
+            goto done;
+        }
+        result = o.records;
+        goto done;
+    }
+    PyObject *t = take_result(o.status, o.records, o.at, o.end, o.seen_commit, o.beyond);
+    PyObject *s7 = t != NULL ? PyLong_FromLongLong(started) : NULL;
+    if (s7 != NULL)
+        result = PyTuple_Pack(7, PyTuple_GET_ITEM(t, 0), PyTuple_GET_ITEM(t, 1),
+                              PyTuple_GET_ITEM(t, 2), PyTuple_GET_ITEM(t, 3),
+                              PyTuple_GET_ITEM(t, 4), PyTuple_GET_ITEM(t, 5), s7);
+    Py_XDECREF(s7);
+    Py_XDECREF(t);
+done:
+    Py_DECREF(buf);
+    Py_DECREF(fetch);
+    Py_DECREF(bufs);
+    Py_DECREF(hints);
+    Py_DECREF(froms);
+    Py_DECREF(topic);
+    return result;
 }
 
 /* ==== SendPath: Producer.send without a Python frame ========================================
@@ -5700,6 +5975,11 @@ static PyMethodDef module_methods[] = {
      "completions it handled. With budget: resolves at most that many batches and returns "
      "(handled, next_first, next_offset): when the budget ran out inside completion `handled`, "
      "its unresolved rest is (next_first, last, next_offset), else next_first is -1."},
+    {"poll_ring", (PyCFunction)(void (*)(void))py_poll_ring, METH_FASTCALL,
+     "poll_ring(order, timeout_ms, max_records, read_rings, spin_ns, counting, counters_due,\n"
+     "          counters_next_ns, records_max) -> None | list | tuple\n\n"
+     "Consumer.poll's one-partition ring read in one call (see native/src/module.c): None\n"
+     "when it did nothing, the records, or ring_take's result + the wait's start (ns)."},
     {"ring_take", (PyCFunction)(void (*)(void))py_ring_take, METH_FASTCALL,
      "ring_take(control, rings, hints, hint_froms, offset, registry_seen, records_max, topic, "
      "partition, wait_ms, spin_ns, seen_hw_seq) -> (status, records, at, end, seen_commit, "
@@ -5861,6 +6141,8 @@ static int module_traverse(PyObject *m, visitproc visit, void *arg)
         Py_VISIT(st->errors[i]);
     Py_VISIT(st->ring_corrupt_error);
     Py_VISIT(st->slots_type);
+    Py_VISIT(st->fetch_type);
+    Py_VISIT(st->rings_type);
     return 0;
 }
 
@@ -5879,6 +6161,10 @@ static int module_clear(PyObject *m)
         Py_CLEAR(st->errors[i]);
     Py_CLEAR(st->ring_corrupt_error);
     Py_CLEAR(st->slots_type);
+    Py_CLEAR(st->fetch_type);
+    Py_CLEAR(st->rings_type);
+    for (int i = 0; i < P_NNAMES; i++)
+        Py_CLEAR(st->poll_names[i]);
     return 0;
 }
 

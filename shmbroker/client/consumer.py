@@ -75,6 +75,9 @@ SPIN_US_MAX = SPIN_NS_MAX // 1000
 #: Whether a caught-up consumer reads with one C call (``_native.tail_read``) where it can;
 #: tests turn it off to compare with the Python read, which stays the reference.
 TAIL_READ = True
+#: poll's common case in one C call (_native.poll_ring); False: every poll runs _poll, the
+#: Python reference (tests run both).
+FAST_POLL = True
 #: Reads one poll makes of a partition whose reads find only offsets without records (empty
 #: batches: offsets a producer reserved and never committed, decision 0005) before it moves
 #: on; each read moves past at most fetch_max_bytes of them.
@@ -92,6 +95,7 @@ _RING_READS = L.CONTROL["ring_reads"]
 
 #: What the ring fast path of poll calls (module globals: one load each on that path).
 _ring_take = _native.ring_take
+_poll_ring = _native.poll_ring
 _TAKE_DECLINED = ring_reads.DECLINED
 _FOUND = ring_reads.FOUND
 _monotonic_ns = time.monotonic_ns
@@ -985,20 +989,82 @@ class Consumer:
                 break
         return out
 
+    def _ring_outcome(self, fetch: _Fetch, result: tuple, max_records: int) -> list | None:
+        """What :meth:`_poll` hands out after a ring read (ring_take's result): the records,
+        or None when the general path goes on (nothing found; what was learnt is kept)."""
+        status, got, at, end, seen, beyond = result[:6]
+        if status == _FOUND and at < len(got):
+            fetch.pending_end = end
+            # The counters: published by a later poll (before it may sleep), not here: off
+            # the way from a producer's commit to the application.
+            if at or len(got) > max_records:
+                got = self._hand_out(fetch, got, at, max_records)
+                if self._counters is not None:
+                    self._counters_due += 1
+            else:  # _hand_out's common case: every record (pending stays []); poll_ring too
+                position = got[-1].offset + 1
+                fetch.position = end if end > position else position
+                if self._counters is not None:
+                    fetch.records_out += len(got)
+                    self._counters_due += 1
+            return got
+        if status is not None and status != _FOUND:
+            fetch.seen_commit_seq, fetch.beyond_taken = seen, beyond
+            if status == ring_reads.NONE and not beyond and TAIL_READ:
+                # Taken but in no ring: the partition released its frame before we looked,
+                # so the log has it, a little past the last log read (one C call; a missed
+                # frame's poll makes a ping-pong's p99).
+                got = self._tail_read(fetch)
+                if got:
+                    out = self._hand_out(fetch, got, 0, max_records)
+                    if self._counters is not None:
+                        self._counters_due += 1
+                    return out
+            # Else the general path looks, and its sleep also wakes for this partition's
+            # commits.
+        return None
+
     def poll(self, timeout_ms: float = 0, max_records: int = MAX_RECORDS_DEFAULT) -> list:
         """Up to ``max_records`` records, waiting up to ``timeout_ms`` for the first; [] on timeout.
 
         Records come partition by partition, each partition's in offset order. Waiting sleeps
         on the partitions' high-watermark futex (no polling; see the module doc).
         """
+        if FAST_POLL and not self._closed and self._forks == _FORKS[0] and self._group is None:
+            # One partition read from the rings, in one C call (native/src/module.c,
+            # poll_ring: _poll's checks, its first ring read and wait, _ring_outcome's common
+            # case; perf/RESULTS.md, seventeenth session): None when it did nothing, the
+            # records, or a ring read that _poll goes on from.
+            counting = self._counters is not None
+            got = _poll_ring(self._order, timeout_ms, max_records, self.read_rings,
+                             self.spin_ns, counting, self._counters_due, self._counters_next_ns,
+                             BATCH_RECORDS_MAX)
+            if got.__class__ is list:
+                if counting:
+                    self._counters_due += 1
+                return got
+            if got is not None:
+                return self._poll(timeout_ms, max_records, got)
+        return self._poll(timeout_ms, max_records, None)
+
+    def _poll(self, timeout_ms: float, max_records: int, taken: tuple | None) -> list:
+        """:meth:`poll` in Python (the reference poll_ring is tested against); ``taken``:
+        poll_ring's ring read (ring_take's result and the ns its wait began) to go on from."""
         if self._closed or self._forks != _FORKS[0]:
             self._check()
         if max_records < 1:
             raise errors.ConfigError(f"max_records must be >= 1, got {max_records}")
         if self._counters_due and _monotonic_ns() >= self._counters_next_ns:
             self._publish_counters(self._order, 0)
-        deadline = time.monotonic() + timeout_ms / 1000.0 if timeout_ms else 0.0
         first = True
+        if taken is None:
+            deadline = time.monotonic() + timeout_ms / 1000.0 if timeout_ms else 0.0
+        else:  # the first look and wait were poll_ring's: its outcome first, then the loop
+            deadline = taken[6] / 1e9 + timeout_ms / 1000.0 if timeout_ms else 0.0
+            got = self._ring_outcome(self._order[0], taken, max_records)
+            if got is not None:
+                return got
+            first = False
         while True:  # bounded by the deadline
             if self._group is not None:
                 self._group_poll()
@@ -1029,36 +1095,9 @@ class Consumer:
                         got = rings.take(position, BATCH_RECORDS_MAX, fetch.topic,
                                          fetch.partition, wait_ms, self.spin_ns,
                                          fetch.seen_hw_seq)
-                    status, got, at, end, seen, beyond = got
-                    if status == _FOUND and at < len(got):
-                        fetch.pending_end = end
-                        # The counters: published by a later poll (before it may sleep),
-                        # not here: off the way from a producer's commit to the application.
-                        if at or len(got) > max_records:
-                            got = self._hand_out(fetch, got, at, max_records)
-                            if self._counters is not None:
-                                self._counters_due += 1
-                        else:  # _hand_out's common case: every record (pending stays [])
-                            position = got[-1].offset + 1
-                            fetch.position = end if end > position else position
-                            if self._counters is not None:
-                                fetch.records_out += len(got)
-                                self._counters_due += 1
+                    got = self._ring_outcome(fetch, got, max_records)
+                    if got is not None:
                         return got
-                    if status is not None and status != _FOUND:
-                        fetch.seen_commit_seq, fetch.beyond_taken = seen, beyond
-                        if status == ring_reads.NONE and not beyond and TAIL_READ:
-                            # Taken but in no ring: the partition released its frame before
-                            # we looked, so the log has it, a little past the last log read
-                            # (one C call; a missed frame's poll makes a ping-pong's p99).
-                            got = self._tail_read(fetch)
-                            if got:
-                                out = self._hand_out(fetch, got, 0, max_records)
-                                if self._counters is not None:
-                                    self._counters_due += 1
-                                return out
-                        # Else the general path looks, and its sleep also wakes for this
-                        # partition's commits.
             first = False
             if len(order) == 1 and self._group is None and TAIL_READ and self._maps_segments \
                     and not self.value_memoryview and not (

@@ -50,6 +50,11 @@ _load_u32 = _native.atomic_load_u32
 class RingReads:
     """The committed ring frames of one partition, read by one consumer."""
 
+    # Slots: _native.poll_ring reads control, _bufs, _hints, _froms and _registry_seen by
+    # their offsets, as it reads client.consumer._Fetch's.
+    __slots__ = ("control", "prefix", "topic", "partition", "_rings", "_registry_seen", "_keys",
+                 "_bufs", "_hints", "_froms")
+
     def __init__(self, control: ControlRegion, prefix: str, topic: str, partition: int):
         self.control = control
         self.prefix, self.topic, self.partition = prefix, topic, partition
