@@ -245,8 +245,10 @@ PRODUCER_MAX_IN_FLIGHT_MAX = 1024
 #: go idle would add the partition's round to its latency and batch nothing). Sends closer
 #: together than this batch behind the frame in flight, as before (a dense stream sends
 #: every 0.3-0.5 us; a spinning ping-pong every 5-8 us, which 5 us here split: its held
-#: sends waited for the partition's round, fourteenth session).
-PRODUCER_SPARSE_GAP_US = 2
+#: sends waited for the partition's round, fourteenth session; 1 us since the seventeenth,
+#: when the C poll brought a ping-pong's sends ~2-3 us apart and 2 us held some of them:
+#: ~0.15% of its round trips at 0.5-1 ms).
+PRODUCER_SPARSE_GAP_US = 1
 #: Per-(producer, partition) ring for producers (data bytes, power of two).
 PRODUCER_RING_BYTES_DEFAULT = 4 * MiB
 #: How long close() waits for the partition process to take what is still in the rings.
