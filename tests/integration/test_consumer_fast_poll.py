@@ -50,6 +50,12 @@ def _drain(consumer, count: int, max_records: int) -> tuple[list, list]:
     return got, sizes
 
 
+def _assert_from(got: list, sent: list, first: int) -> None:
+    """``got`` is every record ``sent`` from offset ``first`` on, each once, in order."""
+    assert [r.offset for r in got] == list(range(first, len(sent)))
+    assert [(r.key, r.value) for r in got] == sent[first:]
+
+
 def _produce_while_stopped(data_dir: str, pid: int) -> list:
     """Frames of several shapes committed to the rings of a stopped partition: single
     records, a 7-record batch, keyed records with headers. Returns their (key, value)."""
@@ -160,8 +166,7 @@ def test_a_seek_into_a_ring_frame_hands_out_the_rest_of_it(topic, fast_poll):
             got, _ = _drain(consumer, len(sent) - 7, 2)
         finally:
             os.kill(pid, signal.SIGCONT)
-        assert [r.offset for r in got] == list(range(7, len(sent)))
-        assert [(r.key, r.value) for r in got] == sent[7:]
+        _assert_from(got, sent, 7)
     finally:
         consumer.close()
 
@@ -189,8 +194,7 @@ def test_a_caught_up_position_inside_a_ring_frame_gets_only_the_records_from_it_
             got, _ = _drain(consumer, len(sent) - 7, 500)
         finally:
             os.kill(pid, signal.SIGCONT)
-        assert [r.offset for r in got] == list(range(7, len(sent)))
-        assert [(r.key, r.value) for r in got] == sent[7:]
+        _assert_from(got, sent, 7)
     finally:
         consumer.close()
 
