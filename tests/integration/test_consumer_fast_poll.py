@@ -245,6 +245,7 @@ def test_a_poll_with_nothing_to_read_returns_after_its_timeout_not_twice_it(topi
             t0 = time.monotonic()
             assert consumer.poll(timeout_ms=timeout_ms) == []
             waited = time.monotonic() - t0
-            assert 0.29 <= waited < 0.5, f"poll({timeout_ms}) returned after {waited:.3f} s"
+            # Twice the timeout would be >= 0.6 s; the slack below it is for a busy CI host.
+            assert 0.29 <= waited < 0.58, f"poll({timeout_ms}) returned after {waited:.3f} s"
     finally:
         consumer.close()
