@@ -53,7 +53,6 @@ enum { F_RINGS, F_PENDING, F_POSITION, F_HW, F_CONTROL, F_TOPIC, F_PARTITION, F_
        F_PENDING_END, F_RECORDS_OUT, F_NSLOTS };
 /* ... and client.ring_reads.RingReads' slots. */
 enum { R_CONTROL, R_BUFS, R_HINTS, R_FROMS, R_REGISTRY_SEEN, R_NSLOTS };
-enum { P_BUF, P_NNAMES }; /* attributes read by name: ControlRegion.buf */
 
 typedef struct {
     PyTypeObject *record_type;
@@ -77,7 +76,7 @@ typedef struct {
     PyObject *rings_type;
     unsigned int rings_tag;
     Py_ssize_t rings_at[R_NSLOTS];
-    PyObject *poll_names[P_NNAMES];
+    PyObject *buf_name; /* "buf" (ControlRegion.buf, read by name), interned */
 } module_state;
 
 static inline module_state *get_state(PyObject *module)
@@ -3951,18 +3950,6 @@ static const char *const fetch_slot_names[F_NSLOTS] = {
     "pending_end", "records_out"};
 static const char *const rings_slot_names[R_NSLOTS] = {
     "control", "_bufs", "_hints", "_froms", "_registry_seen"};
-static const char *const poll_name_strs[P_NNAMES] = {"buf"};
-
-/* The interned attribute names, made once. 0, or -1 with an error set. */
-static int poll_names_ready(module_state *st)
-{
-    for (int i = 0; i < P_NNAMES; i++)
-        if (st->poll_names[i] == NULL &&
-            (st->poll_names[i] = PyUnicode_InternFromString(poll_name_strs[i])) == NULL)
-            return -1;
-    return 0;
-}
-
 /* A type's slot offsets, looked up once (again when the type changes or its version tag
  * is no longer valid: any change to the class bumps it). 0; 1 when the type has no valid
  * version tag (not cached, not used: the Python path runs); -1 with an error set (not a
@@ -4091,9 +4078,9 @@ static PyObject *py_poll_ring(PyObject *module, PyObject *const *args, Py_ssize_
     long long registry_seen = slot_ll(rings, rat[R_REGISTRY_SEEN], &ok);
     if (control != fcontrol || bufs == NULL || hints == NULL || froms == NULL || !ok)
         Py_RETURN_NONE;
-    if (st->poll_names[P_BUF] == NULL && poll_names_ready(st) < 0)
+    if (st->buf_name == NULL && (st->buf_name = PyUnicode_InternFromString("buf")) == NULL)
         return NULL;
-    PyObject *buf = PyObject_GetAttr(control, st->poll_names[P_BUF]);
+    PyObject *buf = PyObject_GetAttr(control, st->buf_name);
     if (buf == NULL) {
         PyErr_Clear();
         Py_RETURN_NONE;
@@ -6163,8 +6150,7 @@ static int module_clear(PyObject *m)
     Py_CLEAR(st->slots_type);
     Py_CLEAR(st->fetch_type);
     Py_CLEAR(st->rings_type);
-    for (int i = 0; i < P_NNAMES; i++)
-        Py_CLEAR(st->poll_names[i]);
+    Py_CLEAR(st->buf_name);
     return 0;
 }
 
