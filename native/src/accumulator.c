@@ -14,6 +14,15 @@ void shmb_acc_init(shmb_acc *a, size_t records_bytes_max)
     memset(a, 0, sizeof *a);
     a->len = SHMB_RB_HEADER_SIZE;
     a->records_bytes_max = records_bytes_max;
+    a->records_bytes_target = records_bytes_max;
+}
+
+void shmb_acc_set_target(shmb_acc *a, size_t records_bytes_target)
+{
+    if (records_bytes_target < 1)
+        records_bytes_target = 1;
+    a->records_bytes_target = records_bytes_target < a->records_bytes_max
+                                  ? records_bytes_target : a->records_bytes_max;
 }
 
 void shmb_acc_free(shmb_acc *a)
@@ -58,7 +67,9 @@ int shmb_acc_append(shmb_acc *a, int64_t timestamp, shmb_slice key, shmb_slice v
         *record_bytes = size;
     if (body > INT32_MAX || size > a->records_bytes_max)
         return SHMB_ACC_TOO_LARGE;
-    if (a->count == INT32_MAX || (a->len - SHMB_RB_HEADER_SIZE) + size > a->records_bytes_max)
+    /* An empty batch takes any record up to the max, however far past the target. */
+    if (a->count == INT32_MAX ||
+        (a->count > 0 && (a->len - SHMB_RB_HEADER_SIZE) + size > a->records_bytes_target))
         return SHMB_ACC_FULL;
     if (reserve(a, a->len + size) < 0)
         return SHMB_ACC_NO_MEMORY;

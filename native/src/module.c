@@ -3058,14 +3058,14 @@ typedef struct {
 static PyObject *Accumulator_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"records_bytes_max", "future_type", "linger_ms", "records_max",
-                             "sparse_gap_us", "inflight_max", NULL};
-    Py_ssize_t max;
+                             "sparse_gap_us", "inflight_max", "records_bytes_target", NULL};
+    Py_ssize_t max, target = 0;
     PyObject *future_type = Py_None;
     double linger_ms = 0, sparse_gap_us = 0;
     int records_max = INT32_MAX, inflight_max = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "n|Odidi:RecordAccumulator", kwlist, &max,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "n|Odidin:RecordAccumulator", kwlist, &max,
                                      &future_type, &linger_ms, &records_max, &sparse_gap_us,
-                                     &inflight_max))
+                                     &inflight_max, &target))
         return NULL;
     if (!(sparse_gap_us >= 0 && sparse_gap_us <= 1e9) || inflight_max < 0)
         return PyErr_Format(PyExc_ValueError, "RecordAccumulator: sparse_gap_us must be in "
@@ -3083,10 +3083,16 @@ static PyObject *Accumulator_new(PyTypeObject *type, PyObject *args, PyObject *k
         return PyErr_Format(PyExc_ValueError,
                             "RecordAccumulator: records_bytes_max must be in [1, 2**31-1], got %zd",
                             max);
+    if (target < 0 || target > max)
+        return PyErr_Format(PyExc_ValueError,
+                            "RecordAccumulator: records_bytes_target must be in [1, "
+                            "records_bytes_max] (0: records_bytes_max), got %zd", target);
     AccumulatorObject *self = (AccumulatorObject *)type->tp_alloc(type, 0);
     if (self == NULL)
         return NULL;
     shmb_acc_init(&self->acc, (size_t)max);
+    if (target > 0)
+        shmb_acc_set_target(&self->acc, (size_t)target);
     self->batch = Py_None;
     Py_INCREF(Py_None);
     if (future_type != Py_None) {
@@ -3619,6 +3625,12 @@ static PyObject *Accumulator_get_records_bytes_max(AccumulatorObject *self,
     return PyLong_FromSize_t(self->acc.records_bytes_max);
 }
 
+static PyObject *Accumulator_get_records_bytes_target(AccumulatorObject *self,
+                                                      void *Py_UNUSED(closure))
+{
+    return PyLong_FromSize_t(self->acc.records_bytes_target);
+}
+
 static PyMethodDef Accumulator_methods[] = {
     {"append", (PyCFunction)(void (*)(void))Accumulator_append, METH_FASTCALL,
      "append(value, key=None, headers=None, timestamp=None) -> index, -1 (full) or -2 (too "
@@ -3643,7 +3655,10 @@ static PyGetSetDef Accumulator_getset[] = {
     {"last_record_bytes", (getter)Accumulator_get_last_record_bytes, NULL,
      "encoded size of the record the last append was given", NULL},
     {"records_bytes_max", (getter)Accumulator_get_records_bytes_max, NULL,
-     "most bytes of records one batch holds", NULL},
+     "most bytes of records one batch holds (a record larger is too large)", NULL},
+    {"records_bytes_target", (getter)Accumulator_get_records_bytes_target, NULL,
+     "a batch is full past this many bytes of records (batch.size); an empty batch takes a "
+     "larger record alone", NULL},
     {"batch", (getter)Accumulator_get_batch, (setter)Accumulator_set_batch,
      "the object the futures of the records held point to", NULL},
     {"write_due", (getter)Accumulator_get_write_due, NULL,
@@ -3661,8 +3676,11 @@ static PyType_Slot Accumulator_slots[] = {
     {Py_tp_clear, (void *)Accumulator_clear_refs},
     {Py_tp_methods, (void *)Accumulator_methods},
     {Py_tp_getset, (void *)Accumulator_getset},
-    {Py_tp_doc, (void *)"RecordAccumulator(records_bytes_max)\n--\n\n"
-                        "One RecordBatch v2 under construction, encoded record by record."},
+    {Py_tp_doc, (void *)"RecordAccumulator(records_bytes_max, future_type=None, linger_ms=0, "
+                        "records_max=2**31-1, sparse_gap_us=0, inflight_max=0, "
+                        "records_bytes_target=0)\n--\n\n"
+                        "One RecordBatch v2 under construction, encoded record by record "
+                        "(shmb/accumulator.h: the target is batch.size, 0 = the max)."},
     {0, NULL},
 };
 

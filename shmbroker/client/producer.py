@@ -202,9 +202,10 @@ class BatchFuture:
     """The future of one ``send_batch``. ``result()`` -> RecordMetadata of its first record;
     ``offsets()`` -> a numpy int64 array with every record's offset, in input order.
 
-    A batch larger than one RecordBatch may hold (the topic's max.message.bytes, the ring's
-    largest frame) is written as several; their offsets are then consecutive within each
-    piece but another producer's records may lie between pieces. A keyed batch without a
+    A batch is written as RecordBatches of at most ``batch_bytes_max`` bytes each (a record
+    larger than that alone, up to the topic's max.message.bytes and the ring's largest frame);
+    their offsets are consecutive within each piece but another producer's records may lie
+    between pieces. A keyed batch without a
     partition is split by key, one piece per partition, and ``result()`` is a list of
     RecordMetadata, one per record.
     """
@@ -293,19 +294,23 @@ class _Accumulator:
     linger_ms has passed, or it holds PRODUCER_BATCH_RECORDS_MAX records). ``records`` is
     bound to the writer's ring: ``unbind`` before the ring is unmapped."""
 
-    __slots__ = ("topic", "partition", "writer", "records", "bytes_max")
+    __slots__ = ("topic", "partition", "writer", "records", "bytes_max", "bytes_target")
 
     def __init__(self, producer: "Producer", topic: str, partition: int, writer: _Writer,
-                 bytes_max: int):
+                 bytes_max: int, bytes_target: int):
         self.topic = topic
         self.partition = partition
         self.writer = writer
+        #: Bytes of records: the most one batch can hold (a record larger is too large), and
+        #: the batch.size past which it is full (a larger record goes alone into a batch).
         self.bytes_max = bytes_max
+        self.bytes_target = bytes_target
         self.records = _native.RecordAccumulator(bytes_max, RecordFuture, producer.linger_ms,
                                                  PRODUCER_BATCH_RECORDS_MAX,
                                                  PRODUCER_SPARSE_GAP_US,
                                                  producer.max_in_flight
-                                                 if producer.max_in_flight > 1 else 0)
+                                                 if producer.max_in_flight > 1 else 0,
+                                                 bytes_target)
         self.records.batch = _Batch(producer, topic, partition)
         self.records.bind(writer.buf)
 
@@ -393,8 +398,10 @@ class Producer:
 
     ``acks``: 0, 1 or "all" (-1), see the module doc. ``linger_ms``: the longest a record waits
     for more to join its batch while the ring is idle (0: write at once when idle).
-    ``batch_bytes_max``: write a batch once it holds this many bytes (capped by the topic's
-    max.message.bytes and the ring's largest frame). ``send_timeout_ms``: how long a write
+    ``batch_bytes_max``: write a batch once it holds this many bytes (Kafka's batch.size; a
+    larger record is written alone in a batch of its own); a record is too large
+    (RecordTooLargeError) only past the topic's max.message.bytes or the ring's largest frame
+    (half of ``ring_bytes``). ``send_timeout_ms``: how long a write
     blocks on a full ring before RingFullTimeoutError. ``ring_bytes``: each (producer,
     partition) ring's data bytes (power of two). ``spin_ns``: busy-wait before sleeping on a
     full ring or for an ack (lower latency, more CPU). ``delivery_timeout_ms``: how long a
@@ -662,8 +669,8 @@ class Producer:
         raise errors.RecordTooLargeError(
             f"a record of {record_bytes} bytes encoded (key, value and headers) does not fit "
             f"in a batch of {acc.topic}/{acc.partition}: at most {acc.bytes_max} bytes of "
-            f"records (the topic's max.message.bytes, the ring's largest frame and "
-            f"batch_bytes_max, less the batch header)")
+            f"records (the topic's max.message.bytes and the ring's largest frame, less the "
+            f"batch header)")
 
     # -- partitions and accumulators -----------------------------------------------------------
 
@@ -711,10 +718,12 @@ class Producer:
             raise errors.UnknownTopicOrPartitionError(f"partition must be an int, got {partition!r}")
         writer = self._writer(topic, partition)
         topic_limit = self._metadata.topic(topic, refresh=False).log_config.batch_bytes_max
-        bytes_max = min(self.batch_bytes_max + RECORD_OVERHEAD_BYTES_MAX,
-                        topic_limit - RB.HEADER_SIZE, writer.payload_bytes_max - RB.HEADER_SIZE)
+        # As Kafka: batch.size (batch_bytes_max) is when a batch is full, not a limit on a
+        # record; a larger one, up to max.message.bytes, is written in a batch of its own.
+        bytes_max = min(topic_limit - RB.HEADER_SIZE, writer.payload_bytes_max - RB.HEADER_SIZE)
+        bytes_target = min(self.batch_bytes_max + RECORD_OVERHEAD_BYTES_MAX, bytes_max)
         acc = self._accs[(topic, partition)] = _Accumulator(self, topic, partition, writer,
-                                                            bytes_max)
+                                                            bytes_max, bytes_target)
         return acc
 
     def _writer(self, topic: str, partition: int) -> _Writer:
@@ -1059,12 +1068,13 @@ class Producer:
         return BatchFuture(pieces, keyed=True)
 
     def _write_pieces(self, acc: _Accumulator, values: Any, keys, where) -> list:
-        """Encode ``values`` as batches of at most acc.bytes_max and write them in one go."""
+        """Encode ``values`` as batches of at most acc.bytes_target (a larger record alone, up
+        to acc.bytes_max) and write them in one go."""
         n = len(values)
         sizes = self._record_sizes(values, keys)
         if int(sizes.max()) > acc.bytes_max:
             self._too_large(acc, int(sizes.max()))
-        bounds = _split(sizes, acc.bytes_max)
+        bounds = _split(sizes, acc.bytes_target)
         writer = acc.writer
         payloads, batches, pieces = [], [], []
         for start, end in zip(bounds, bounds[1:] + [n]):

@@ -249,10 +249,13 @@ class RemoteProducer(Producer):
 
     def _accumulator(self, topic: str, partition: int):
         limit = self._meta.topic(topic, refresh=False).config["batch_bytes_max"]
-        bytes_max = min(self.batch_bytes_max + RECORD_OVERHEAD_BYTES_MAX,
-                        limit - RB.HEADER_SIZE, REMOTE_BATCH_BYTES_MAX - RB.HEADER_SIZE)
-        acc = _native.RecordAccumulator(bytes_max, RecordFuture, self.linger_ms,
-                                        PRODUCER_BATCH_RECORDS_MAX)
+        # As Producer._accumulator: batch_bytes_max is when a batch is full; a larger record,
+        # up to the topic's limit and the router's largest batch, goes alone in its own.
+        bytes_max = min(limit - RB.HEADER_SIZE, REMOTE_BATCH_BYTES_MAX - RB.HEADER_SIZE)
+        acc = _native.RecordAccumulator(
+            bytes_max, RecordFuture, self.linger_ms, PRODUCER_BATCH_RECORDS_MAX,
+            records_bytes_target=min(self.batch_bytes_max + RECORD_OVERHEAD_BYTES_MAX,
+                                     bytes_max))
         acc.batch = _Batch(self, topic, partition)
         self._accs[(topic, partition)] = acc
         return acc

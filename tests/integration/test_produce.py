@@ -3,6 +3,7 @@ record lands in the log exactly once, at the offset its future returned, in the 
 producer sent it; bad input gives typed errors and the broker keeps serving."""
 from __future__ import annotations
 
+import glob
 import multiprocessing
 import os
 import subprocess
@@ -321,6 +322,42 @@ def test_sparse_sends_are_written_beside_frames_in_flight_up_to_max_in_flight(br
         [b"first"] + [b"v%d" % i for i in range(7)]
     with pytest.raises(errors.ConfigError, match="max_in_flight"):
         Producer(broker=broker.data_dir, max_in_flight=0)
+
+
+def test_a_record_larger_than_batch_bytes_max_is_sent_alone_up_to_the_topic_limit(broker):
+    """As Kafka's producer: batch.size (batch_bytes_max, 256 KiB by default) is when a batch
+    is full, not a limit on a record; max.message.bytes (1 MiB by default) is."""
+    from shmbroker import records
+    from shmbroker.layout import record_batch as RB
+
+    create_topic(broker.data_dir, "big", 1)
+    with Admin(broker=broker.data_dir) as admin:
+        limit = admin.describe_topic("big").config["batch_bytes_max"]
+    large = make_value(1, 0, 600_000)
+    largest = make_value(2, 0, limit - RB.HEADER_SIZE - 64)  # the record's framing: < 64 B
+    # A long linger: records wait to be joined, so only the batch.size rule splits them.
+    with Producer(broker=broker.data_dir, batch_bytes_max=256 * 1024,
+                  linger_ms=5_000) as producer:
+        futures = [producer.send("big", b"small-0", partition=0),
+                   producer.send("big", large, partition=0),
+                   producer.send("big", b"small-1", partition=0),
+                   producer.send("big", largest, partition=0)]
+        with pytest.raises(errors.RecordTooLargeError, match="max.message.bytes"):
+            producer.send("big", b"x" * limit, partition=0)
+        pieces = producer.send_batch("big", [b"a", large, b"b"], partition=0)
+        producer.flush(timeout=30)
+        assert [f.result(timeout=30).offset for f in futures] == [0, 1, 2, 3]
+        assert list(pieces.offsets(timeout=30)) == [4, 5, 6]
+    wait_for(lambda: len(read_partition(broker.data_dir, "big", 0)) == 7,
+             what="the 7 records in the log")
+    got = read_partition(broker.data_dir, "big", 0)
+    assert [r.value for r in got] == [b"small-0", large, b"small-1", largest, b"a", large, b"b"]
+    assert [r.offset for r in got] == list(range(7))
+    # Each large record is a batch of its own (nothing was added to it).
+    data = b"".join(open(path, "rb").read() for path in sorted(
+        glob.glob(os.path.join(broker.data_dir, "big-0", "*.log"))))
+    counts = {b.base_offset: b.records_count for b in records.scan_batches(data).batches}
+    assert counts[1] == 1 and counts[3] == 1 and counts[5] == 1
 
 
 def test_bad_input_gives_typed_errors_and_the_broker_keeps_serving(broker):

@@ -282,6 +282,25 @@ def test_acks_0_batches_queued_at_close_still_reach_the_log(routed):
                  what=f"all {count} acks=0 records in the log")
 
 
+def test_a_remote_record_larger_than_batch_bytes_max_is_sent_alone_and_read_back(routed):
+    """batch_bytes_max is batch.size (when a batch is full), not a limit on a record: a
+    600 KB record goes over the router in a batch of its own (the topic allows 1 MiB)."""
+    from shmbroker import Consumer, Producer
+
+    create_topic(routed, "bigr", 1)
+    large = bytes(range(256)) * 2_400  # 614,400 B
+    with Producer(broker=routed.address, batch_bytes_max=64 * 1024) as producer:
+        offsets = [producer.send("bigr", v, partition=0).result(timeout=30).offset
+                   for v in (b"before", large, b"after")]
+    assert offsets == [0, 1, 2]
+    with Consumer("bigr", broker=routed.address, auto_offset_reset="earliest") as consumer:
+        got = []
+        deadline = time.monotonic() + 30
+        while len(got) < 3 and time.monotonic() < deadline:  # bounded
+            got += consumer.poll(timeout_ms=500)
+    assert [r.value for r in got] == [b"before", large, b"after"]
+
+
 def test_remote_clients_raise_the_local_error_classes(routed):
     from shmbroker import Consumer, Producer, errors
 

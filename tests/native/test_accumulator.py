@@ -89,6 +89,33 @@ def test_the_size_limit_is_exact_and_a_refused_record_changes_nothing():
     assert acc.last_record_bytes > 3 * one and acc.count == 0
 
 
+def test_a_batch_is_full_at_its_target_and_a_larger_record_goes_alone_up_to_the_max():
+    value = b"v" * 100
+    probe = _native.RecordAccumulator(1 << 16)
+    probe.append(value, None, None, 0)
+    one = probe.last_record_bytes
+    acc = _native.RecordAccumulator(10 * one, records_bytes_target=2 * one)
+    assert (acc.records_bytes_target, acc.records_bytes_max) == (2 * one, 10 * one)
+    assert [acc.append(value, None, None, 0) for _ in range(3)] == [0, 1, -1]  # full at 2
+    acc.clear()
+    big = b"b" * (5 * one)
+    assert acc.append(big, None, None, 0) == 0  # past the target, alone in an empty batch
+    assert acc.append(value, None, None, 0) == -1  # and nothing joins it
+    assert [r.value for r in _native.decode_records(acc.encode(1, 0, 0))] == [big]
+    assert acc.append(value, None, None, 0) == 0
+    assert acc.append(big, None, None, 0) == -1  # beside a record: write that one first
+    assert acc.append(b"x" * (10 * one), None, None, 0) == -2  # past the max: no batch
+    assert acc.count == 1
+
+
+def test_the_target_defaults_to_the_max_and_may_not_exceed_it():
+    assert _native.RecordAccumulator(4096).records_bytes_target == 4096
+    with pytest.raises(ValueError, match="records_bytes_target"):
+        _native.RecordAccumulator(4096, records_bytes_target=4097)
+    with pytest.raises(ValueError, match="records_bytes_target"):
+        _native.RecordAccumulator(4096, records_bytes_target=-1)
+
+
 @pytest.mark.parametrize("args, error, words", [
     ((7,), TypeError, "value must be bytes-like or None, got int"),
     ((b"v", "key"), TypeError, "key must be bytes-like or None, got str"),

@@ -6,6 +6,13 @@
  * with their timestamps given explicitly (tests/native/test_accumulator.py checks that against
  * shmbroker/records/reference.py).
  *
+ * Sizes: two limits, as Kafka's producer has them. `records_bytes_target` (batch.size) is when
+ * a batch is full: a record that would take the records past it is refused (FULL: write the
+ * batch, then append again). `records_bytes_max` (the topic's max.message.bytes and the ring's
+ * largest frame) is the most one batch can ever hold: a record larger than it is TOO_LARGE,
+ * and one between the two goes into an empty batch alone, as Kafka writes a record larger than
+ * batch.size in a batch of its own.
+ *
  * Timestamps: each record carries its own (CreateTime: the caller passes the time of the send,
  * or the application's); the batch's base timestamp is its first record's, and the others are
  * deltas from it, as Kafka's producer writes them.
@@ -20,8 +27,8 @@
 
 enum {
     SHMB_ACC_OK = 0,
-    SHMB_ACC_FULL = 1,       /* the record does not fit beside the ones held: write them first */
-    SHMB_ACC_TOO_LARGE = 2,  /* the record does not fit even in an empty batch */
+    SHMB_ACC_FULL = 1,       /* the record would take the batch past its target: write first */
+    SHMB_ACC_TOO_LARGE = 2,  /* the record is larger than records_bytes_max: no batch takes it */
     SHMB_ACC_BAD_TIMESTAMP = 3, /* its delta from the base timestamp overflows int64 */
     SHMB_ACC_NO_MEMORY = 4,
 };
@@ -33,10 +40,14 @@ typedef struct {
     int32_t count;
     int64_t base_timestamp, max_timestamp;
     size_t records_bytes_max;  /* most bytes of records (header excluded) one batch may hold */
+    size_t records_bytes_target; /* a batch is full past this many (<= records_bytes_max) */
 } shmb_acc;
 
-/* An empty accumulator; nothing is allocated until the first append. */
+/* An empty accumulator whose target is its max; nothing is allocated until the first append. */
 void shmb_acc_init(shmb_acc *a, size_t records_bytes_max);
+
+/* Sets the target (batch.size), clamped to [1, records_bytes_max]. */
+void shmb_acc_set_target(shmb_acc *a, size_t records_bytes_target);
 void shmb_acc_free(shmb_acc *a);
 
 /* Encodes one record at the end of the batch (offset delta = its index). SHMB_ACC_OK,
