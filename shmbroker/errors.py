@@ -245,6 +245,14 @@ class RegionHeaderError(SharedMemoryError):
     a size that does not match the object, or a corrupted field. Never guessed around."""
 
 
+class RegionNotReadyError(RegionHeaderError):
+    """A region exists but its creator has not finished it (not sized yet, or its magic, which
+    is written last, still 0): it is being created this moment, or its creator died while
+    creating it. Worth a retry for a while; a region that stays so is stale."""
+
+    retriable = True
+
+
 class RingCorruptError(RegionHeaderError):
     """An ingress ring's header or frames break an invariant (positions out of range, a frame
     length that cannot be, a sequence out of order). ``position``: where, when known."""

@@ -92,12 +92,16 @@ class LocalMetadata:
             try:
                 region = ControlRegion.attach(name)
                 break
-            except errors.RegionNotFoundError:
+            except (errors.RegionNotFoundError, errors.RegionNotReadyError) as exc:
+                # Not there, or there but its partition process is still writing its header
+                # (created a moment ago, or re-created by a restarted partition).
                 if broker_pid(self.data_dir) is None:
                     raise errors.BrokerNotRunningError(
                         f"partition {topic}/{partition} is not being served: is `shmbroker "
                         f"serve --data-dir {self.data_dir}` running?") from None
                 if time.monotonic() >= deadline:
+                    if isinstance(exc, errors.RegionNotReadyError):
+                        raise  # it names the region and what is missing
                     waited = f" within {wait_ms} ms" if wait_ms > 0 else " (yet)"
                     raise errors.BrokerNotRunningError(
                         f"partition {topic}/{partition} is not being served: the broker on "

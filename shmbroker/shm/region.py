@@ -84,6 +84,8 @@ class Region:
             raise errors.RegionNotFoundError(f"no shared memory {name!r}") from None
         try:
             size = os.fstat(shm.fd).st_size
+            if size == 0:  # shm_open'd, not yet ftruncate'd by its creator
+                raise errors.RegionNotReadyError(f"{what} {name!r}: not sized yet (0 bytes)", 0)
             if size < PREFIX_BYTES:
                 raise errors.RegionHeaderError(
                     f"{what} {name!r}: {size} bytes, smaller than a header")
@@ -101,10 +103,13 @@ class Region:
 
     def check_prefix(self, magic: int, layout_version: int, what: str) -> None:
         found_magic, version, _header, declared = _PREFIX.unpack_from(self.buf, 0)
+        if found_magic == 0:  # written last (write_prefix): its creator is not done
+            raise errors.RegionNotReadyError(
+                f"{what} {self.name!r}: not initialised yet (magic 0)", 0)
         if found_magic != magic:
-            state = "not initialised yet (magic 0)" if found_magic == 0 else \
-                f"bad magic 0x{found_magic:016x}, expected 0x{magic:016x}"
-            raise errors.RegionHeaderError(f"{what} {self.name!r}: {state}", 0)
+            raise errors.RegionHeaderError(
+                f"{what} {self.name!r}: bad magic 0x{found_magic:016x}, expected "
+                f"0x{magic:016x}", 0)
         if version != layout_version:
             raise errors.RegionHeaderError(
                 f"{what} {self.name!r}: layout version {version}, this build reads version "

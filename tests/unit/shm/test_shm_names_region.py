@@ -79,6 +79,32 @@ def test_attach_checks_magic_version_size(prefix):
             Region.attach(name, magic=MAGIC, layout_version=1)
 
 
+def test_a_region_its_creator_has_not_finished_is_not_ready_and_worth_a_retry(prefix):
+    """Between shm_open and ftruncate a region has 0 bytes; until write_prefix stores the
+    magic (last) it reads 0. Attaching then is a race with the creator, not a corruption."""
+    import posix_ipc
+
+    name = prefix + "t.early"
+    unsized = posix_ipc.SharedMemory("/" + name, posix_ipc.O_CREX, mode=0o600, size=0)
+    unsized.close_fd()
+    try:
+        with pytest.raises(errors.RegionNotReadyError, match="not sized yet") as info:
+            Region.attach(name, magic=MAGIC, layout_version=1)
+        assert info.value.retriable
+    finally:
+        unsized.unlink()
+    with Region.create(name, 8192) as reg:
+        with pytest.raises(errors.RegionNotReadyError, match="magic 0") as info:
+            Region.attach(name, magic=MAGIC, layout_version=1)
+        assert info.value.retriable
+        reg.write_prefix(MAGIC, 1, 64)
+        Region.attach(name, magic=MAGIC, layout_version=1).close()
+        struct.pack_into("<Q", reg.buf, 0, MAGIC + 1)
+        with pytest.raises(errors.RegionHeaderError, match="bad magic") as info:
+            Region.attach(name, magic=MAGIC, layout_version=1)
+        assert not isinstance(info.value, errors.RegionNotReadyError)
+
+
 def test_attach_missing_is_region_not_found(prefix):
     with pytest.raises(errors.RegionNotFoundError) as info:
         Region.attach(prefix + "t.none", magic=MAGIC, layout_version=1)
