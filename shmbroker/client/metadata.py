@@ -100,12 +100,11 @@ class LocalMetadata:
                         f"partition {topic}/{partition} is not being served: is `shmbroker "
                         f"serve --data-dir {self.data_dir}` running?") from None
                 if time.monotonic() >= deadline:
-                    if isinstance(exc, errors.RegionNotReadyError):
-                        raise  # it names the region and what is missing
                     waited = f" within {wait_ms} ms" if wait_ms > 0 else " (yet)"
+                    state = f" ({exc})" if isinstance(exc, errors.RegionNotReadyError) else ""
                     raise errors.BrokerNotRunningError(
                         f"partition {topic}/{partition} is not being served: the broker on "
-                        f"{self.data_dir} runs but has not started it{waited}") from None
+                        f"{self.data_dir} runs but has not started it{waited}{state}") from None
                 # A topic created a moment ago: its partition process is starting.
                 time.sleep(PARTITION_SERVE_POLL_MS / 1000.0)
         self._controls[key] = region

@@ -529,6 +529,8 @@ def test_a_client_waits_for_a_control_region_its_partition_is_still_creating(bro
             made[0].close()
             made.append(ControlRegion.create(name, 0, registry_slots=1))
 
+        with pytest.raises(errors.BrokerNotRunningError, match="not initialised yet"):
+            meta.control("early", 0)  # no wait: not served yet, and why
         timer = threading.Timer(0.3, finish)
         timer.start()
         t0 = time.monotonic()
