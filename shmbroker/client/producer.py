@@ -666,11 +666,17 @@ class Producer:
                                 timeout=4 * _ACK_WAIT_SLICE_MS / 1000.0)
 
     def _too_large(self, acc: _Accumulator, record_bytes: int) -> None:
+        # Name the limit that binds, and what lifts it where the producer can.
+        if acc.bytes_max == acc.writer.payload_bytes_max - RB.HEADER_SIZE:
+            limit = (f"this producer's rings (ring_bytes={self.ring_bytes}) take frames of at "
+                     f"most {acc.writer.payload_bytes_max} bytes: a larger ring_bytes takes "
+                     f"larger records, up to the topic's max.message.bytes")
+        else:
+            limit = "the topic's max.message.bytes, less the batch header"
         raise errors.RecordTooLargeError(
             f"a record of {record_bytes} bytes encoded (key, value and headers) does not fit "
             f"in a batch of {acc.topic}/{acc.partition}: at most {acc.bytes_max} bytes of "
-            f"records (the topic's max.message.bytes and the ring's largest frame, less the "
-            f"batch header)")
+            f"records ({limit})")
 
     # -- partitions and accumulators -----------------------------------------------------------
 

@@ -358,6 +358,10 @@ def test_a_record_larger_than_batch_bytes_max_is_sent_alone_up_to_the_topic_limi
         glob.glob(os.path.join(broker.data_dir, "big-0", "*.log"))))
     counts = {b.base_offset: b.records_count for b in records.scan_batches(data).batches}
     assert counts[1] == 1 and counts[3] == 1 and counts[5] == 1
+    # A ring smaller than the topic allows binds first, and the error says how to lift it.
+    with Producer(broker=broker.data_dir, ring_bytes=1 << 20) as producer:
+        with pytest.raises(errors.RecordTooLargeError, match="a larger ring_bytes"):
+            producer.send("big", large, partition=0)
 
 
 def test_bad_input_gives_typed_errors_and_the_broker_keeps_serving(broker):
