@@ -89,6 +89,11 @@ _GAP_READS_MAX = 8
 #: hole is seen within it even then. 100 ms made bench_ipc's idle row (4 consumers in
 #: poll(500 ms)) 0.83% of a core against 0.32% before ring reads; 2 wake-ups a second.
 COMMIT_ONLY_SLEEP_MS_MAX = 500
+#: How often a consumer whose polls find nothing looks whether its partitions' control
+#: regions are still the ones served (Consumer._recheck_partitions): one load and one stat
+#: per partition; a consumer left on a stopped broker's region picks up its restart within
+#: about this long after the restarted broker serves the partition.
+PARTITION_RECHECK_MS = 500
 
 
 _RING_READS = L.CONTROL["ring_reads"]
@@ -233,13 +238,17 @@ class _Fetch:
 
     __slots__ = ("tp", "topic", "partition", "directory", "control", "reader", "position",
                  "pending", "pending_at", "pending_end", "seen_hw_seq", "hw", "counter_slot",
-                 "records_out", "bytes_out", "rings", "seen_commit_seq", "beyond_taken")
+                 "records_out", "bytes_out", "rings", "seen_commit_seq", "beyond_taken",
+                 "topic_id")
 
-    def __init__(self, tp: TopicPartition, directory: str, control) -> None:
+    def __init__(self, tp: TopicPartition, directory: str, control, topic_id: str = "") -> None:
         self.tp = tp
         self.topic, self.partition = tp
         self.directory = directory
         self.control = control
+        #: The topic's id when its control region was attached: another id after a re-attach
+        #: means the topic was deleted and made again (positions start over).
+        self.topic_id = topic_id
         self.reader = LogReader(directory)
         #: The next offset to hand out; None until resolved by auto_offset_reset or a seek.
         self.position: int | None = None
@@ -377,6 +386,7 @@ class Consumer:
         #: publishes them first thing, once COUNTERS_PUBLISH_NS passed since the last publish).
         self._counters_due = 0
         self._counters_next_ns = 0
+        self._recheck_next_ns = 0
         self._fetches: dict[TopicPartition, _Fetch] = {}
         self._order: list[_Fetch] = []
         self._next = 0  # round-robin start of the next collect
@@ -482,7 +492,8 @@ class Consumer:
                     continue
                 self._meta.check_partition(tp.topic, tp.partition)
                 control = self._meta.control(tp.topic, tp.partition)
-                fetches[tp] = _Fetch(tp, partition_dir(self._meta.data_dir, *tp), control)
+                fetches[tp] = _Fetch(tp, partition_dir(self._meta.data_dir, *tp), control,
+                                     self._meta.topic(tp.topic, refresh=False).topic_id)
         except BaseException:
             for tp, fetch in fetches.items():
                 if tp not in self._fetches:
@@ -1042,10 +1053,65 @@ class Consumer:
             if got.__class__ is list:
                 if counting:
                     self._counters_due += 1
+                if not got:
+                    self._recheck_partitions()
                 return got
             if got is not None:
-                return self._poll(timeout_ms, max_records, got)
-        return self._poll(timeout_ms, max_records, None)
+                got = self._poll(timeout_ms, max_records, got)
+                if not got:
+                    self._recheck_partitions()
+                return got
+        got = self._poll(timeout_ms, max_records, None)
+        if not got:
+            self._recheck_partitions()
+        return got
+
+    def _recheck_partitions(self) -> None:
+        """After a poll that found nothing, at most every PARTITION_RECHECK_MS: is each
+        partition's control region still the one its broker serves? A clean stop marks it
+        stopped, a restart (clean or after kill -9) or a re-created topic makes a new one under
+        the same name; a consumer left on the old one would wait forever. Re-attach those (the
+        position kept; a re-created topic's starts over by auto_offset_reset); a deleted topic
+        raises UnknownTopicOrPartitionError (outside a group, whose rebalance handles it)."""
+        now = _monotonic_ns()
+        if now < self._recheck_next_ns or self._closed:
+            return
+        self._recheck_next_ns = now + PARTITION_RECHECK_MS * 1_000_000
+        for fetch in list(self._fetches.values()):  # bounded by the assignment
+            control = fetch.control
+            if control.partition_status != L.PARTITION_STATUS_STOPPED and \
+                    control.region.is_current():
+                continue
+            try:
+                self._reattach(fetch)
+            except errors.BrokerNotRunningError:
+                continue  # not served again yet: the next look tries again
+            except errors.UnknownTopicOrPartitionError:
+                if self._group is None:
+                    raise
+
+    def _reattach(self, fetch: _Fetch) -> None:
+        """``fetch`` on its partition's current control region (see _recheck_partitions)."""
+        new, old = self._meta.reattach(fetch.topic, fetch.partition)
+        topic_id = self._meta.topic(fetch.topic, refresh=False).topic_id
+        fetch.reader.close()
+        if fetch.rings is not None:
+            fetch.rings.close()
+            fetch.rings, fetch.seen_commit_seq = None, None
+        fetch.control = new
+        fetch.reader = LogReader(fetch.directory)
+        fetch.seen_hw_seq = fetch.hw = -1
+        fetch.beyond_taken = False
+        if topic_id != fetch.topic_id:
+            log.warning("%s: the topic was deleted and created again; its position starts "
+                        "over (auto_offset_reset=%r)", fetch.tp, self.auto_offset_reset)
+            fetch.topic_id = topic_id
+            fetch.set_position(None)
+        else:
+            position = fetch.position
+            fetch.set_position(position)  # records decoded from the old mapping are dropped
+        if old is not None:
+            old.close()
 
     def _poll(self, timeout_ms: float, max_records: int, taken: tuple | None) -> list:
         """:meth:`poll` in Python (the reference poll_ring is tested against); ``taken``:
@@ -1135,6 +1201,7 @@ class Consumer:
             left_ms = (deadline - time.monotonic()) * 1000.0
             if left_ms <= 0:
                 return out
+            self._recheck_partitions()  # rate-limited: a restarted broker's regions
             if self.read_rings:
                 self._sleep(left_ms, commits=True)
             else:
@@ -1225,6 +1292,12 @@ class Consumer:
             raise errors.IllegalStateError(
                 "this consumer has no partitions assigned: pass topics to Consumer(...) or "
                 "call assign([...]) first")
+        for fetch in order:  # bounded by the assignment
+            if fetch.control.partition_status == L.PARTITION_STATUS_STOPPED:
+                # A stopped broker's region: nothing will publish there; look again soon
+                # for its restart (_recheck_partitions).
+                left_ms = min(left_ms, PARTITION_RECHECK_MS)
+                break
         if len(order) == 1:
             fetch = order[0]
             if commits and fetch.seen_commit_seq is not None and fetch.beyond_taken:

@@ -110,6 +110,21 @@ class LocalMetadata:
         self._controls[key] = region
         return region
 
+    def reattach(self, topic: str, partition: int) -> tuple[ControlRegion, ControlRegion | None]:
+        """A fresh attach of a partition's control region whose cached one went stale (a
+        restarted broker made it again, or the topic was re-created): ``(new, old)``; the
+        caller closes ``old`` once nothing reads it. Raises as :meth:`control` with no wait
+        (UnknownTopicOrPartitionError for a deleted topic); the old one stays cached then."""
+        key = (topic, partition)
+        old = self._controls.pop(key, None)
+        try:
+            new = self.control(topic, partition)
+        except BaseException:
+            if old is not None:
+                self._controls[key] = old
+            raise
+        return new, old
+
     def forget(self, topic: str, partition: int) -> None:
         """Drop a cached control region (e.g. after it turned out stale)."""
         region = self._controls.pop((topic, partition), None)

@@ -582,7 +582,8 @@ class Producer:
         if acc.records.last_record_bytes > acc.bytes_max:
             self._too_large(acc, acc.records.last_record_bytes)
         self._write(acc)
-        acc = self._accs[(acc.topic, acc.partition)]
+        acc = self._accs.get((acc.topic, acc.partition)) or \
+            self._accumulator(acc.topic, acc.partition)
         future = acc.records.append(value, key, headers, timestamp)
         assert future is not None  # an empty batch takes any record that is not too large
         return acc, future
@@ -780,10 +781,12 @@ class Producer:
             self._sticky_switch(acc.topic, acc.partition)
         writer = acc.writer
         if writer.stopped():
-            records_.clear()
-            error = self._partition_stopped(writer)
-            batch.fail(error)
-            raise error
+            error = self._follow_restart(acc)
+            if error is not None:
+                records_.clear()
+                batch.fail(error)
+                raise error
+            writer = acc.writer  # a restarted broker's ring: these records go there
         status, first, wpos = records_.write_ring(writer.buf, writer.control.buf,
                                                _NO_PRODUCER_ID, _NO_EPOCH, _NO_SEQUENCE)
         if status == RING_OK:  # _after_write, inlined for one batch (the hot path)
@@ -901,36 +904,84 @@ class Producer:
                     batch.resolve(offset)
                     offset += batch.count
 
-    def _partition_stopped(self, writer: _Writer) -> errors.BrokerNotRunningError:
-        """The broker stopped cleanly: frames in flight will never be appended. Drop the
-        ring (a restarted broker gets a new one) and fail what was in flight."""
-        error = errors.BrokerNotRunningError(
-            f"partition {writer.topic}/{writer.partition} was stopped (broker on "
-            f"{self.data_dir} shut down) before acknowledging")
+    def _partition_stopped(self, writer: _Writer, keep: _Accumulator | None = None
+                           ) -> errors.ShmbrokerError:
+        """The partition stopped cleanly (the broker shut down, or the topic was deleted):
+        frames in flight will never be appended. Drop the ring (a restarted broker gets a new
+        one) and fail what was in flight."""
+        try:
+            self._metadata.topic(writer.topic)  # re-read: is the topic still there?
+            error: errors.ShmbrokerError = errors.BrokerNotRunningError(
+                f"partition {writer.topic}/{writer.partition} was stopped (broker on "
+                f"{self.data_dir} shut down) before acknowledging")
+        except errors.UnknownTopicOrPartitionError:
+            error = errors.UnknownTopicOrPartitionError(
+                f"topic {writer.topic!r} was deleted before partition "
+                f"{writer.topic}/{writer.partition} acknowledged")
+        except errors.ShmbrokerError as exc:  # no data dir any more, ...
+            error = errors.BrokerNotRunningError(
+                f"partition {writer.topic}/{writer.partition} was stopped before "
+                f"acknowledging ({exc})")
         # A clean stop drains the rings first: what it appended has completions in the ring
         # (its header intact), and they say so, not this error; so do those read and not
         # yet resolved (_reap_some resolves a few batches per send). Only the rest fail.
         self._reap(writer)
-        self._drop_writer(writer, error)
+        self._drop_writer(writer, error, keep)
         return error
 
-    def _drop_writer(self, writer: _Writer, error: BaseException) -> None:
+    def _follow_restart(self, acc: _Accumulator) -> errors.ShmbrokerError | None:
+        """``acc``'s partition stopped cleanly before its records were written: settle the old
+        ring (as _partition_stopped), and when the broker serves the partition again (it was
+        restarted) bind ``acc`` to a new ring there, so its records are written once, there
+        (None). Otherwise the error for them (acc then dropped, as by _partition_stopped)."""
+        old = acc.writer
+        error = self._partition_stopped(old, keep=acc)
+        if not isinstance(error, errors.BrokerNotRunningError) or \
+                broker_pid(self.data_dir) is None:
+            self._drop_accumulator(acc, error)
+            return error
+        try:
+            writer = self._writer(acc.topic, acc.partition)
+        except errors.ShmbrokerError as exc:
+            self._drop_accumulator(acc, exc)
+            return exc
+        acc.writer = writer
+        acc.records.bind(writer.buf)
+        return None
+
+    def _drop_writer(self, writer: _Writer, error: BaseException,
+                     keep: _Accumulator | None = None) -> None:
+        """Fail ``writer``'s frames in flight, unmap its ring, free its slot; its accumulator
+        is dropped too, unless it is ``keep`` (then only unbound: _follow_restart binds it
+        to the next ring)."""
         self._retire(writer)
         for batch in writer.inflight:
             batch.fail(error)
         writer.inflight.clear()
         key = (writer.topic, writer.partition)
         self._writers.pop(key, None)
-        acc = self._accs.pop(key, None)
         self._send_path.forget()  # it may hold this accumulator
-        if acc is not None:
-            acc.batch.fail(error)
-            acc.unbind()
-            if self._sticky.get(writer.topic) is acc:
-                del self._sticky[writer.topic]
+        if keep is not None and self._accs.get(key) is keep:
+            keep.unbind()
+        else:
+            acc = self._accs.get(key)
+            if acc is not None:
+                self._drop_accumulator(acc, error)
         writer.ring.close(drain_timeout_ms=0)
         writer.control.release_slot(writer.slot, os.getpid())
         self._metadata.forget(writer.topic, writer.partition)
+
+    def _drop_accumulator(self, acc: _Accumulator, error: BaseException) -> None:
+        """Forget ``acc`` (its batch's futures fail with ``error``); the next send to its
+        partition makes a new one."""
+        key = (acc.topic, acc.partition)
+        if self._accs.get(key) is acc:
+            del self._accs[key]
+        self._send_path.forget()
+        acc.batch.fail(error)
+        acc.unbind()
+        if self._sticky.get(acc.topic) is acc:
+            del self._sticky[acc.topic]
 
     # -- waiting --------------------------------------------------------------------------------
 

@@ -206,6 +206,10 @@ class RemoteConsumer(Consumer):
 
     _maps_segments = False
 
+    def _recheck_partitions(self) -> None:
+        """No control regions here to go stale: the router reads the partitions (and it is
+        part of the broker: a restarted broker has a new router to reconnect to)."""
+
     def _tail_read(self, fetch) -> None:
         """No one-call read of mapped segments here: records come in fetch replies."""
         return None

@@ -35,6 +35,10 @@ MAGIC_OFFSET = 0
 REGION_MODE = 0o600
 
 
+#: Where Linux keeps POSIX shared-memory objects (their names are file names there).
+SHM_DIR = "/dev/shm"
+
+
 def _posix(name: str) -> str:
     assert name and "/" not in name, name
     return "/" + name
@@ -43,11 +47,14 @@ def _posix(name: str) -> str:
 class Region:
     """One mapped shared-memory object. Not thread-safe; owned by the process that made it."""
 
-    def __init__(self, name: str, mm: mmap.mmap, owner: bool, readonly: bool):
+    def __init__(self, name: str, mm: mmap.mmap, owner: bool, readonly: bool, inode: int = -1):
         self.name = name
         self.owner = owner
         self.readonly = readonly
         self._mm: mmap.mmap | None = mm
+        #: The object mapped (its inode in /dev/shm): a region of the same name made later (a
+        #: restarted broker, a re-created topic) is another object (is_current).
+        self.inode = inode
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -62,13 +69,14 @@ class Region:
             raise errors.RegionExistsError(f"shared memory {name!r} already exists") from None
         try:
             os.fchmod(shm.fd, REGION_MODE)  # whatever the umask said
+            inode = os.fstat(shm.fd).st_ino
             mm = mmap.mmap(shm.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             shm.close_fd()
             _unlink_quietly(name)
             raise
         shm.close_fd()
-        return cls(name, mm, owner=True, readonly=False)
+        return cls(name, mm, owner=True, readonly=False, inode=inode)
 
     @classmethod
     def attach(cls, name: str, *, magic: int, layout_version: int, readonly: bool = False,
@@ -83,7 +91,8 @@ class Region:
         except posix_ipc.ExistentialError:
             raise errors.RegionNotFoundError(f"no shared memory {name!r}") from None
         try:
-            size = os.fstat(shm.fd).st_size
+            st = os.fstat(shm.fd)
+            size = st.st_size
             if size == 0:  # shm_open'd, not yet ftruncate'd by its creator
                 raise errors.RegionNotReadyError(f"{what} {name!r}: not sized yet (0 bytes)", 0)
             if size < PREFIX_BYTES:
@@ -93,7 +102,7 @@ class Region:
             mm = mmap.mmap(shm.fd, size, mmap.MAP_SHARED, prot)
         finally:
             shm.close_fd()
-        region = cls(name, mm, owner=False, readonly=readonly)
+        region = cls(name, mm, owner=False, readonly=readonly, inode=st.st_ino)
         try:
             region.check_prefix(magic, layout_version, what)
         except BaseException:
@@ -125,6 +134,14 @@ class Region:
 
         _PREFIX.pack_into(self.buf, 0, 0, layout_version, header_bytes, self.size)
         _native.atomic_store_u64(self.buf, MAGIC_OFFSET, magic)
+
+    def is_current(self) -> bool:
+        """Whether ``name`` still names the object mapped here (one stat; False when the name
+        is gone or now names another object: its creator stopped, or made it again)."""
+        try:
+            return os.stat(os.path.join(SHM_DIR, self.name)).st_ino == self.inode
+        except FileNotFoundError:
+            return False
 
     @property
     def buf(self) -> mmap.mmap:
@@ -181,4 +198,4 @@ def unlink(name: str) -> bool:
 
 
 def exists(name: str) -> bool:
-    return os.path.exists(os.path.join("/dev/shm", name))
+    return os.path.exists(os.path.join(SHM_DIR, name))
