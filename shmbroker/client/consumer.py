@@ -1053,15 +1053,10 @@ class Consumer:
             if got.__class__ is list:
                 if counting:
                     self._counters_due += 1
-                if not got:
-                    self._recheck_partitions()
-                return got
-            if got is not None:
+            else:
                 got = self._poll(timeout_ms, max_records, got)
-                if not got:
-                    self._recheck_partitions()
-                return got
-        got = self._poll(timeout_ms, max_records, None)
+        else:
+            got = self._poll(timeout_ms, max_records, None)
         if not got:
             self._recheck_partitions()
         return got
@@ -1108,8 +1103,7 @@ class Consumer:
             fetch.topic_id = topic_id
             fetch.set_position(None)
         else:
-            position = fetch.position
-            fetch.set_position(position)  # records decoded from the old mapping are dropped
+            fetch.set_position(fetch.position)  # drops records decoded from the old mapping
         if old is not None:
             old.close()
 

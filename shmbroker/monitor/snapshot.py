@@ -30,8 +30,7 @@ from ..shm.control import ControlRegion
 from ..layout import counters as CL
 from ..shm import stale
 from ..shm.counters import CountersReader, read_consumer_slots
-
-_SHM_DIR = "/dev/shm"
+from ..shm.region import SHM_DIR as _SHM_DIR
 #: Segment files counted on disk (Kafka's names): data, and the two indexes.
 _SEGMENT_SUFFIXES = (".log", ".index", ".timeindex")
 

@@ -13,16 +13,13 @@ and the caller asks for it.
 from __future__ import annotations
 
 import os
-import struct
 from typing import NamedTuple
 
 from .. import errors
 from ..layout import shm as L
 from . import names
 from .liveness import process_alive
-from .region import unlink
-
-SHM_DIR = "/dev/shm"
+from .region import SHM_DIR, unlink
 
 
 class RegionInfo(NamedTuple):
