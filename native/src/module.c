@@ -3295,6 +3295,9 @@ static PyObject *Accumulator_append(AccumulatorObject *self, PyObject *const *ar
             PyErr_Clear();
             return PyErr_Format(PyExc_ValueError, "timestamp %R is outside int64", ts_obj);
         }
+        if (t < 0) /* as Kafka's producer: CreateTime is ms since the epoch (-1 is "none") */
+            return PyErr_Format(PyExc_ValueError, "timestamp %lld: must be >= 0 (ms since the "
+                                "epoch) or None", t);
         ts = t;
     }
     shmb_slice k, v;

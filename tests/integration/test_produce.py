@@ -376,6 +376,8 @@ def test_bad_input_gives_typed_errors_and_the_broker_keeps_serving(broker):
             producer.send("good", b"x" * 5000)
         with pytest.raises(TypeError):
             producer.send("good", "not bytes")
+        with pytest.raises(ValueError, match="must be >= 0"):  # as Kafka's producer
+            producer.send("good", b"x", timestamp=-5)
         # A frame that is not a RecordBatch (a buggy or hostile producer) is rejected with a
         # typed error for that frame only.
         producer.send("good", b"first").result(timeout=10)

@@ -125,7 +125,8 @@ def test_the_target_defaults_to_the_max_and_may_not_exceed_it():
     ((b"v", None, None, True), TypeError, "timestamp must be an int (ms), got True"),
     ((b"v", None, None, 1.5), TypeError, "timestamp must be an int (ms)"),
     ((b"v", None, None, 2**63), ValueError, "outside int64"),
-    ((b"v", None, None, -2**63), ValueError, "overflows int64"),
+    ((b"v", None, None, -2**63), ValueError, "must be >= 0"),
+    ((b"v", None, None, -1), ValueError, "must be >= 0 (ms since the epoch) or None"),
 ])
 def test_bad_arguments_raise_typed_errors_and_change_nothing(args, error, words):
     acc = _native.RecordAccumulator(1 << 16)
