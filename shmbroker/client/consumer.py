@@ -1114,6 +1114,8 @@ class Consumer:
             self._check()
         if max_records < 1:
             raise errors.ConfigError(f"max_records must be >= 1, got {max_records}")
+        if not isinstance(timeout_ms, (int, float)) or timeout_ms != timeout_ms:
+            raise errors.ConfigError(f"timeout_ms must be a number of ms, got {timeout_ms!r}")
         if self._counters_due and _monotonic_ns() >= self._counters_next_ns:
             self._publish_counters(self._order, 0)
         first = True

@@ -134,6 +134,20 @@ def test_unknown_topic_and_partition_are_typed_errors(parts, consumers):
         consumer.assign([("t", 3)])
 
 
+@pytest.mark.parametrize("kwargs, words", [
+    ({"max_records": 0}, "max_records must be >= 1"),
+    ({"timeout_ms": "100"}, "timeout_ms must be a number of ms, got '100'"),
+    ({"timeout_ms": float("nan")}, "timeout_ms must be a number of ms, got nan"),
+    ({"timeout_ms": None}, "timeout_ms must be a number of ms, got None"),
+])
+def test_bad_poll_arguments_are_config_errors_naming_them(parts, consumers, kwargs, words):
+    parts.create_topic("t", 1)
+    consumer = consumers("t")
+    with pytest.raises(errors.ConfigError) as info:
+        consumer.poll(**kwargs)
+    assert words in str(info.value)
+
+
 def test_broker_not_running_names_the_data_dir(tmp_path, data_dir):
     missing = tmp_path / "nowhere"
     with pytest.raises(errors.BrokerNotRunningError, match=str(missing)):
