@@ -1132,6 +1132,10 @@ class Producer:
         if int(sizes.max()) > acc.bytes_max:
             self._too_large(acc, int(sizes.max()))
         bounds = _split(sizes, acc.bytes_target)
+        if acc.writer.stopped():  # as in _write: a restarted broker's ring takes them
+            error = self._follow_restart(acc)
+            if error is not None:
+                raise error
         writer = acc.writer
         payloads, batches, pieces = [], [], []
         for start, end in zip(bounds, bounds[1:] + [n]):

@@ -84,3 +84,26 @@ def test_a_topic_created_again_is_read_from_its_start_by_a_live_consumer(broker)
         assert producer.send("again", b"new", partition=0).result(timeout=10).offset == 0
         got = _poll_until(consumer, 1)
         assert [(r.offset, r.value) for r in got] == [(0, b"new")]
+
+
+@pytest.mark.parametrize("keyed", [False, True])
+def test_send_batch_after_a_clean_broker_restart_goes_to_the_restarted_broker(make_broker,
+                                                                                keyed):
+    # send_batch wrote its frames to the stopped broker's ring and failed once with
+    # BrokerNotRunningError (only send followed the restart).
+    broker = make_broker()
+    _create(broker.data_dir, "b", 2)
+    keys = [b"k%d" % i for i in range(4)] if keyed else None
+    with Producer(broker=broker.data_dir) as producer:
+        first = producer.send_batch("b", [b"a%d" % i for i in range(4)], keys=keys,
+                                    partition=None if keyed else 1)
+        assert len(first.offsets(timeout=10)) == 4
+        assert broker.stop() == 0
+        broker.start()
+        second = producer.send_batch("b", [b"b%d" % i for i in range(4)], keys=keys,
+                                     partition=None if keyed else 1)
+        assert (second.offsets(timeout=10) >= 0).all()
+    with Consumer("b", broker=broker.data_dir, auto_offset_reset="earliest") as consumer:
+        got = _poll_until(consumer, 8)
+    assert sorted(r.value for r in got) == sorted([b"a%d" % i for i in range(4)] +
+                                                  [b"b%d" % i for i in range(4)])
