@@ -107,3 +107,29 @@ def test_send_batch_after_a_clean_broker_restart_goes_to_the_restarted_broker(ma
         got = _poll_until(consumer, 8)
     assert sorted(r.value for r in got) == sorted([b"a%d" % i for i in range(4)] +
                                                   [b"b%d" % i for i in range(4)])
+
+
+def test_a_group_member_says_the_broker_is_gone_then_reads_on_from_its_commit(make_broker):
+    # While the coordinator is gone a member's poll is a BrokerNotRunningError after its
+    # timeout (not a hang, not a busy loop); after the restart it rejoins and reads on from
+    # the committed offsets, which the restart kept.
+    broker = make_broker()
+    _create(broker.data_dir, "g", 2)
+    with Producer(broker=broker.data_dir) as producer, \
+            Consumer("g", broker=broker.data_dir, group="grp",
+                     auto_offset_reset="earliest") as consumer:
+        for i in range(4):
+            producer.send("g", b"a%d" % i, partition=i % 2).result(timeout=10)
+        assert len(_poll_until(consumer, 4)) == 4
+        consumer.commit()
+        assert broker.stop() == 0
+        started = time.monotonic()
+        with pytest.raises(errors.BrokerNotRunningError, match=broker.data_dir):
+            consumer.poll(timeout_ms=300)
+        assert time.monotonic() - started < WAIT_S_MAX
+        broker.start()
+        for i in range(4):
+            producer.send("g", b"b%d" % i, partition=i % 2).result(timeout=10)
+        got = _poll_until(consumer, 4)
+        assert sorted((r.partition, r.offset, r.value) for r in got) == \
+            [(0, 2, b"b0"), (0, 3, b"b2"), (1, 2, b"b1"), (1, 3, b"b3")]
