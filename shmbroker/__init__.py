@@ -9,8 +9,8 @@ from typing import Any
 from . import errors
 
 __version__ = "0.1.0"
-__all__ = ["Admin", "Consumer", "OffsetAndMetadata", "Producer", "TopicPartition", "errors",
-           "__version__"]
+__all__ = ["Admin", "Consumer", "OffsetAndMetadata", "OffsetAndTimestamp", "Producer",
+           "TopicPartition", "errors", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -35,4 +35,8 @@ def __getattr__(name: str) -> Any:
         from .client.types import OffsetAndMetadata
 
         return OffsetAndMetadata
+    if name == "OffsetAndTimestamp":
+        from .client.types import OffsetAndTimestamp
+
+        return OffsetAndTimestamp
     raise AttributeError(f"module 'shmbroker' has no attribute {name!r}")

@@ -50,7 +50,8 @@ from .group_membership import DEFAULT_PROTOCOLS, REJOIN_ERRORS, CommitCallback, 
 from . import ring_reads
 from .metadata import LocalMetadata
 from .ring_reads import RingReads
-from .types import OffsetAndMetadata, TopicPartition, as_topic_partition
+from .types import (OffsetAndMetadata, OffsetAndTimestamp, TopicPartition, as_topic_partition,
+                    timestamps_arg)
 
 #: auto_offset_reset values: Kafka's names, plus "error" (Kafka's "none": raise instead).
 OFFSET_RESET_POLICIES = ("earliest", "latest", "error", "none")
@@ -741,6 +742,20 @@ class Consumer:
     def end_offsets(self, tps) -> dict[TopicPartition, int]:
         self._check()
         return {f.tp: f.control.read_state().high_watermark for f in map(self._fetch_for, tps)}
+
+    def offsets_for_times(self, timestamps) -> dict[TopicPartition, OffsetAndTimestamp | None]:
+        """Kafka's offsetsForTimes: for each assigned partition in ``timestamps``
+        ({TopicPartition: ms since the epoch}), the first committed record whose timestamp is
+        at or after that time (offset and timestamp), or None when there is none. Found
+        through the segments' time indexes (the log's, as Kafka's ListOffsets); ``seek`` to
+        the offset to replay from that time."""
+        self._check()
+        out: dict[TopicPartition, OffsetAndTimestamp | None] = {}
+        for tp, ts in timestamps_arg(timestamps).items():
+            fetch = self._fetch_for(tp)
+            found = fetch.reader.offset_for_timestamp(ts, fetch.control.read_state())
+            out[fetch.tp] = None if found is None else OffsetAndTimestamp(*found)
+        return out
 
     def _resolve(self, fetch: _Fetch, state, why: str) -> None:
         """Apply auto_offset_reset to ``fetch`` (or raise OffsetOutOfRangeError)."""

@@ -43,7 +43,7 @@ from .consumer import Consumer
 from .curve import client_keys, curve_kwargs
 from .group_membership import GroupMembership
 from .remote_wire import REMOTE_REQUEST_TIMEOUT_MS, Connection, RemoteMetadata, decode_reply
-from .types import TopicPartition
+from .types import OffsetAndTimestamp, TopicPartition, timestamps_arg
 
 log = logging.getLogger("shmbroker.remote")
 
@@ -197,6 +197,23 @@ class RemoteConsumer(Consumer):
         self._check()
         return {tp: b.high_watermark for tp, b in
                 self._bounds([self._fetch_for(tp) for tp in tps]).items()}
+
+    def offsets_for_times(self, timestamps) -> dict:
+        """As Consumer.offsets_for_times, answered by the router (one request)."""
+        self._check()
+        asked = timestamps_arg(timestamps)
+        fetches = [self._fetch_for(tp) for tp in asked]
+        if not fetches:
+            return {}
+        result = self._request([wire.offsets_for_times_request(
+            0, [[f.topic, f.partition, asked[f.tp]] for f in fetches])], self.request_timeout_ms)
+        out: dict = {}
+        for topic, partition, code, offset, timestamp in result["partitions"]:
+            if code:
+                raise _partition_error(code, f"offsets_for_times {topic}/{partition}")
+            out[TopicPartition(topic, partition)] = \
+                None if offset < 0 else OffsetAndTimestamp(offset, timestamp)
+        return out
 
     def poll_columnar(self, timeout_ms: float = 0, max_records: int | None = None):
         raise errors.UnsupportedFeatureError(

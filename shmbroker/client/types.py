@@ -31,3 +31,33 @@ class OffsetAndMetadata(NamedTuple):
 
     offset: int
     metadata: str = ""
+
+
+class OffsetAndTimestamp(NamedTuple):
+    """``offsets_for_times``' answer for one partition: the first record at or after the
+    asked time, its ``offset`` and its ``timestamp`` (ms since the epoch; Kafka's
+    OffsetAndTimestamp)."""
+
+    offset: int
+    timestamp: int
+
+
+#: The largest timestamp offsets_for_times takes: Kafka's are int64 ms.
+TIMESTAMP_MAX = (1 << 63) - 1
+
+
+def timestamps_arg(timestamps) -> dict[TopicPartition, int]:
+    """``offsets_for_times``' argument checked: a mapping of partition (a TopicPartition or a
+    ``(topic, partition)`` pair) to ms since the epoch (an int >= 0)."""
+    from .. import errors
+
+    if not hasattr(timestamps, "items"):
+        raise errors.ConfigError(f"offsets_for_times takes a mapping {{TopicPartition: "
+                                 f"timestamp_ms}}, got {type(timestamps).__name__}")
+    out = {}
+    for tp, ts in timestamps.items():
+        if not isinstance(ts, int) or isinstance(ts, bool) or not 0 <= ts <= TIMESTAMP_MAX:
+            raise errors.ConfigError(f"offsets_for_times: the timestamp of {tp} must be an int "
+                                     f">= 0 (ms since the epoch), got {ts!r}")
+        out[as_topic_partition(tp)] = ts
+    return out

@@ -79,6 +79,15 @@ def parse_list_offsets(fields: dict) -> list:
     return _partitions(fields["partitions"], "list_offsets", 2)
 
 
+def parse_offsets_for_times(fields: dict) -> list:
+    rows = _partitions(fields["partitions"], "offsets_for_times", 3)
+    for row in rows:  # bounded by REQUEST_PARTITIONS_MAX
+        if not 0 <= row[2] < 1 << 63:
+            raise _invalid(f"offsets_for_times: timestamp {row[2]} of {row[0]}/{row[1]} must be "
+                           f">= 0 (ms since the epoch)")
+    return rows
+
+
 def _partitions(rows, what: str, width: int) -> list:
     if not 1 <= len(rows) <= REQUEST_PARTITIONS_MAX:
         raise _invalid(f"{what}: {len(rows)} partitions; send 1 to {REQUEST_PARTITIONS_MAX}")
@@ -87,8 +96,9 @@ def _partitions(rows, what: str, width: int) -> list:
         ok = isinstance(row, list) and len(row) == width and isinstance(row[0], str) and \
             all(isinstance(x, int) and not isinstance(x, bool) for x in row[1:])
         if not ok:
-            raise _invalid(f"{what}: each partition is [topic, partition"
-                           f"{', offset, max_bytes' if width == 4 else ''}], got {row!r:.100}")
+            more = {2: "", 3: ", timestamp", 4: ", offset, max_bytes"}[width]
+            raise _invalid(f"{what}: each partition is [topic, partition{more}], got "
+                           f"{row!r:.100}")
         if width == 4 and (row[2] < 0 or not 1 <= row[3] <= FETCH_BYTES_MAX):
             raise _invalid(f"{what}: offset {row[2]} must be >= 0 and max_bytes {row[3]} in "
                            f"[1, {FETCH_BYTES_MAX}]")
@@ -260,6 +270,18 @@ class Fetch:
                 state = self._partition(topic, partition).control.read_state()
                 rows.append([topic, partition, NO_ERROR, state.log_start_offset,
                              state.high_watermark])
+            except errors.ShmbrokerError as exc:
+                rows.append([topic, partition, exc.code, -1, -1])
+        return {"partitions": rows}
+
+    def offsets_for_times(self, partitions: list) -> dict:
+        """Rows [topic, partition, error_code, offset, timestamp] (-1, -1: no record at or
+        after the time, or an error) for ``partitions`` of (topic, partition, timestamp)."""
+        rows = []
+        for topic, partition, timestamp in partitions:  # bounded by REQUEST_PARTITIONS_MAX
+            try:
+                found = self.offset_for_timestamp(topic, partition, timestamp)
+                rows.append([topic, partition, NO_ERROR, *(found or (-1, -1))])
             except errors.ShmbrokerError as exc:
                 rows.append([topic, partition, exc.code, -1, -1])
         return {"partitions": rows}

@@ -1,4 +1,5 @@
-"""The router's own requests (version 1): ``produce``, ``fetch`` and ``list_offsets``, shared
+"""The router's own requests (version 1): ``produce``, ``fetch``, ``list_offsets`` and
+``offsets_for_times``, shared
 by the router and the remote clients. The whole format, field by field, is docs/protocol.md;
 the envelope (msgpack map: ``v``, ``id``, ``type``; replies ``ok``/``result``/``error``) is
 the coordinator's (coordinator/protocol.py), so one decoder checks both kinds.
@@ -12,6 +13,7 @@ ZeroMQ without copying it::
              a partition far behind may get a cold-read grant in the header instead of data:
              its bytes then come on a plain TCP connection by os.sendfile (router/cold_read.py)
     list_offsets     [header]                              [header]
+    offsets_for_times [header]                             [header]
 
 Limits here are the wire's: both sides check them.
 """
@@ -29,6 +31,7 @@ DATA_REQUEST_FIELDS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
               "max_bytes": ((int,), True), "partitions": ((list,), True),
               "cold_bytes_max": ((int,), False)},
     "list_offsets": {"partitions": ((list,), True)},
+    "offsets_for_times": {"partitions": ((list,), True)},
 }
 #: Every request type a router takes (its own and the coordinator's).
 ALL_REQUEST_FIELDS = {**coordinator_protocol.REQUEST_FIELDS, **DATA_REQUEST_FIELDS}
@@ -42,7 +45,7 @@ FETCH_WAIT_MS_MAX = 30_000
 #: Most bytes one fetch reply carries in all, and per partition (a single batch larger than
 #: a partition's max still comes whole: Kafka's rule, so a consumer never gets stuck).
 FETCH_BYTES_MAX = 64 << 20
-#: Partitions named in one fetch or list_offsets request.
+#: Partitions named in one fetch, list_offsets or offsets_for_times request.
 REQUEST_PARTITIONS_MAX = 1_024
 #: The largest produce record frame (one RecordBatch; the topic's max.message.bytes and the
 #: router's ring bound it further).
@@ -74,3 +77,8 @@ def fetch_request(request_id: int, partitions: list, max_wait_ms: int, min_bytes
 def list_offsets_request(request_id: int, partitions: list) -> bytes:
     """``partitions``: ``[topic, partition]`` each."""
     return coordinator_protocol.request(request_id, "list_offsets", partitions=partitions)
+
+
+def offsets_for_times_request(request_id: int, partitions: list) -> bytes:
+    """``partitions``: ``[topic, partition, timestamp_ms]`` each."""
+    return coordinator_protocol.request(request_id, "offsets_for_times", partitions=partitions)

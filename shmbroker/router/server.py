@@ -50,7 +50,7 @@ from . import protocol as data_protocol
 from .auth import Authenticator, CurveServerKeys, client_label
 from .connections import ConnectionWatch
 from .cold_read import ColdReads
-from .fetch import Fetch, FetchRequest, parse_fetch, parse_list_offsets
+from .fetch import Fetch, FetchRequest, parse_fetch, parse_list_offsets, parse_offsets_for_times
 from .produce import Outcome, Produce
 
 log = logging.getLogger("shmbroker.router")
@@ -298,8 +298,11 @@ class RouterServer:
                 request = parse_fetch(route, request_id, fields)
                 self._count(route[0], +1)
                 self._fetch(request)
-            else:
+            elif request_type == "list_offsets":
                 result = self.fetch.list_offsets(parse_list_offsets(fields))
+                self._send([*route, protocol.ok_reply(request_id, result)])
+            else:  # offsets_for_times: reads time indexes and a few batches, inline as above
+                result = self.fetch.offsets_for_times(parse_offsets_for_times(fields))
                 self._send([*route, protocol.ok_reply(request_id, result)])
         except errors.ShmbrokerError as exc:
             self._refuse(route, exc, request_id, frame)

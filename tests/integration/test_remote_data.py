@@ -89,6 +89,12 @@ def test_a_client_written_from_the_protocol_document_produces_and_fetches(routed
         reply, _ = client.call({"type": "list_offsets", "partitions": [["raw", 0], ["raw", 9]]})
         assert reply["result"]["partitions"] == [["raw", 0, 0, 0, len(sent[0])],
                                                  ["raw", 9, 3, -1, -1]]
+        # Record timestamps are the producer's (CreateTime): ask from before the first.
+        reply, _ = client.call({"type": "offsets_for_times",
+                                "partitions": [["raw", 0, 0], ["raw", 1, 1 << 62], ["raw", 9, 0]]})
+        rows = reply["result"]["partitions"]
+        assert rows[0][:4] == ["raw", 0, 0, 0] and rows[0][4] > 0, rows
+        assert rows[1:] == [["raw", 1, 0, -1, -1], ["raw", 9, 3, -1, -1]], rows
         # A long poll with nothing to read waits max_wait_ms, then answers empty.
         start = time.monotonic()
         row, recs = client.fetch("raw", 0, len(sent[0]), max_wait_ms=300)
@@ -429,6 +435,9 @@ def _bad_messages(rng: random.Random) -> list[list[bytes]]:
         [pack(v=1, id=15, type="fetch", max_wait_ms=0, min_bytes=1, max_bytes=100,
               partitions=[["fz", 0, 0, 100]]), b"extra"],
         [b"a", b"b", b"c"],
+        [pack(v=1, id=16, type="offsets_for_times", partitions=[["fz", 0]])],
+        [pack(v=1, id=17, type="offsets_for_times", partitions=[["fz", 0, -1]])],
+        [pack(v=1, id=18, type="offsets_for_times", partitions=[["fz", 0, "now"]])],
     ]
     return messages
 
