@@ -389,7 +389,10 @@ class Consumer:
         self._counters_next_ns = 0
         self._recheck_next_ns = 0
         self._fetches: dict[TopicPartition, _Fetch] = {}
+        #: The assigned partitions polls read: not paused, in assignment order.
         self._order: list[_Fetch] = []
+        #: Assigned partitions paused by pause() (Kafka's pause): no records until resume().
+        self._paused: set[TopicPartition] = set()
         self._next = 0  # round-robin start of the next collect
         self._sleep_next = 0  # round-robin partition to sleep on
         self._iter_buffer: list = []
@@ -503,13 +506,59 @@ class Consumer:
         for tp, fetch in self._fetches.items():
             if tp not in fetches:
                 fetch.close()
+        self._drop_buffered(set(self._fetches) - set(fetches), rewind=False)
         self._fetches = fetches
-        self._order = list(fetches.values())
+        self._set_order()
+
+    def _set_order(self) -> None:
+        """The partitions polls read: the assigned ones not paused. A partition no longer
+        assigned is not paused either (as Kafka forgets a revoked partition's pause)."""
+        self._paused &= self._fetches.keys()
+        self._order = [f for tp, f in self._fetches.items() if tp not in self._paused]
         self._next = self._sleep_next = 0
-        self._iter_buffer, self._iter_at = [], 0
+
+    def _drop_buffered(self, tps: set, rewind: bool) -> None:
+        """Records the iterator holds from an earlier poll (not handed out yet) of partitions
+        ``tps`` are dropped, the others' kept (their positions are past them already). With
+        ``rewind``, each such partition's position goes back to its first dropped record, so
+        it is read again later (pause); without, the caller sets the position (seek)."""
+        rest = self._iter_buffer[self._iter_at:]
+        kept, first = [], {}
+        for record in rest:  # bounded by one poll's records
+            tp = TopicPartition(record.topic, record.partition)
+            if tp in tps:
+                first.setdefault(tp, record.offset)
+            else:
+                kept.append(record)
+        self._iter_buffer, self._iter_at = kept, 0
+        if rewind:
+            for tp, offset in first.items():
+                self._fetches[tp].set_position(offset)
 
     def assignment(self) -> set[TopicPartition]:
         return set(self._fetches)
+
+    def pause(self, *partitions) -> None:
+        """Kafka's pause: polls hand out no records of these assigned partitions until
+        ``resume``; their positions stay, and a group member stays in its group (it goes on
+        polling). Records of them the iterator holds from an earlier poll are not handed out:
+        the position goes back to the first of them. IllegalStateError for a partition that
+        is not assigned."""
+        self._check()
+        tps = {self._fetch_for(tp).tp for tp in partitions}
+        self._drop_buffered(tps, rewind=True)
+        self._paused |= tps
+        self._set_order()
+
+    def resume(self, *partitions) -> None:
+        """Polls read these assigned partitions again, from their positions."""
+        self._check()
+        self._paused -= {self._fetch_for(tp).tp for tp in partitions}
+        self._set_order()
+
+    def paused(self) -> set[TopicPartition]:
+        """The assigned partitions paused by ``pause``."""
+        return set(self._paused)
 
     def unsubscribe(self) -> None:
         self._check_no_group("unsubscribe() (close() leaves the group)")
@@ -702,8 +751,9 @@ class Consumer:
         self._check()
         if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
             raise errors.ConfigError(f"seek offset must be an int >= 0, got {offset!r}")
-        self._fetch_for(tp).set_position(offset)
-        self._iter_buffer, self._iter_at = [], 0
+        fetch = self._fetch_for(tp)
+        self._drop_buffered({fetch.tp}, rewind=False)
+        fetch.set_position(offset)
 
     def seek_to_beginning(self, *tps) -> None:
         """Start at the log start offset of ``tps`` (all assigned partitions if none given)."""
@@ -715,11 +765,11 @@ class Consumer:
 
     def _seek_to(self, tps, beginning: bool) -> None:
         self._check()
-        fetches = [self._fetch_for(tp) for tp in tps] if tps else list(self._order)
+        fetches = [self._fetch_for(tp) for tp in tps] if tps else list(self._fetches.values())
+        self._drop_buffered({f.tp for f in fetches}, rewind=False)
         for fetch in fetches:
             state = fetch.control.read_state()
             fetch.set_position(state.log_start_offset if beginning else state.high_watermark)
-        self._iter_buffer, self._iter_at = [], 0
 
     def position(self, tp) -> int:
         """The offset of the next record poll returns for ``tp`` (resolved now if need be)."""
@@ -1300,9 +1350,12 @@ class Consumer:
                 time.sleep(left_ms / 1000.0)
                 return
         if not order:
-            raise errors.IllegalStateError(
-                "this consumer has no partitions assigned: pass topics to Consumer(...) or "
-                "call assign([...]) first")
+            if not self._fetches:
+                raise errors.IllegalStateError(
+                    "this consumer has no partitions assigned: pass topics to Consumer(...) or "
+                    "call assign([...]) first")
+            time.sleep(left_ms / 1000.0)  # every assigned partition is paused
+            return
         for fetch in order:  # bounded by the assignment
             if fetch.control.partition_status == L.PARTITION_STATUS_STOPPED:
                 # A stopped broker's region: nothing will publish there; look again soon
@@ -1415,21 +1468,21 @@ class Consumer:
         self._counters = self._new_counters() if self._counters is not None else None
         self._counters_due = 0
         self._counters_next_ns = 0
-        for fetch in self._order:
+        for fetch in self._fetches.values():
             fetch.counter_slot = None
         if self._group_args is not None:
             # The parent's partitions and member id stay the parent's: the child joins as a
             # new member and gets its own share. The parent's socket is left alone (pyzmq does
             # not close a socket in a process that did not create it).
-            for fetch in self._order:
+            for fetch in self._fetches.values():
                 fetch.close()
-            self._fetches, self._order = {}, []
+            self._fetches, self._order, self._paused = {}, [], set()
             # Kept, never used: dropping it would only make pyzmq warn of an unclosed socket.
             self._inherited_group = self._group
             self._group = GroupMembership(**self._group_args)
             self._iter_buffer, self._iter_at = [], 0
             return
-        for fetch in self._order:
+        for fetch in self._fetches.values():
             fetch.reader.close()
             fetch.control = self._meta.control(fetch.topic, fetch.partition)
             fetch.reader = LogReader(fetch.directory)

@@ -146,10 +146,9 @@ class RemoteConsumer(Consumer):
                 self._meta.check_partition(tp.topic, tp.partition)
                 old = _RemoteFetch(tp)
             fetches[tp] = old
+        self._drop_buffered(set(self._fetches) - set(fetches), rewind=False)
         self._fetches = fetches
-        self._order = list(fetches.values())
-        self._next = self._sleep_next = 0
-        self._iter_buffer, self._iter_at = [], 0
+        self._set_order()
 
     # -- positions --------------------------------------------------------------------------------
 
@@ -166,14 +165,14 @@ class RemoteConsumer(Consumer):
 
     def _seek_to(self, tps, beginning: bool) -> None:
         self._check()
-        fetches = [self._fetch_for(tp) for tp in tps] if tps else list(self._order)
+        fetches = [self._fetch_for(tp) for tp in tps] if tps else list(self._fetches.values())
         if not fetches:
             return
+        self._drop_buffered({f.tp for f in fetches}, rewind=False)
         bounds = self._bounds(fetches)
         for fetch in fetches:
             b = bounds[fetch.tp]
             fetch.set_position(b.log_start_offset if beginning else b.high_watermark)
-        self._iter_buffer, self._iter_at = [], 0
 
     def position(self, tp) -> int:
         self._check()
@@ -247,7 +246,7 @@ class RemoteConsumer(Consumer):
             if self.enable_auto_commit:
                 left_ms = min(left_ms, max(0.0, (self._next_auto_commit - time.monotonic()) * 1e3))
         if not self._order:
-            if group is None:
+            if group is None and not self._fetches:
                 raise errors.IllegalStateError(
                     "this consumer has no partitions assigned: pass topics to Consumer(...) or "
                     "call assign([...]) first")
@@ -407,10 +406,10 @@ class RemoteConsumer(Consumer):
         self._conn = None
         self._meta = self._new_metadata()
         if self._group_args is not None:
-            self._fetches, self._order = {}, []
+            self._fetches, self._order, self._paused = {}, [], set()
             self._inherited_group = self._group
             self._group = GroupMembership(**self._group_args)
-        for fetch in self._order:
+        for fetch in self._fetches.values():
             fetch.pending, fetch.pending_at = [], 0
         self._iter_buffer, self._iter_at = [], 0
 
