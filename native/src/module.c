@@ -5016,7 +5016,10 @@ static Py_ssize_t resolve_core(PyObject *inflight, PyObject *completions, PyObje
                 break;
             }
             resolved++;
-            PyObject *base = PyLong_FromLongLong(offset);
+            /* Done already: failed by its delivery timeout (Producer._expire), kept in flight
+             * so that its records are counted here; its outcome stays. */
+            int failed = *slot_at(batch, s.at[B_DONE]) == Py_True;
+            PyObject *base = failed ? Py_NewRef(Py_None) : PyLong_FromLongLong(offset);
             PyObject *popped = base == NULL ? NULL : PyObject_CallNoArgs(popleft);
             if (popped == NULL) {
                 Py_XDECREF(base);
@@ -5024,9 +5027,13 @@ static Py_ssize_t resolve_core(PyObject *inflight, PyObject *completions, PyObje
                 goto error;
             }
             Py_DECREF(popped);  /* the same object as batch */
-            slot_set(batch, s.at[B_BASE_OFFSET], base);
-            Py_INCREF(Py_True);
-            slot_set(batch, s.at[B_DONE], Py_True);
+            if (failed) {
+                Py_DECREF(base);
+            } else {
+                slot_set(batch, s.at[B_BASE_OFFSET], base);
+                Py_INCREF(Py_True);
+                slot_set(batch, s.at[B_DONE], Py_True);
+            }
             Py_DECREF(batch);
             offset += count;
         }

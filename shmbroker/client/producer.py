@@ -155,6 +155,8 @@ class _Batch:
         self.done = True
 
     def fail(self, error: BaseException) -> None:
+        if self.done:
+            return  # the first outcome stays (a timed-out batch later dropped with its ring)
         self.error = error
         self.done = True
 
@@ -901,7 +903,8 @@ class Producer:
                     batch.fail(cls(f"partition {writer.topic}/{writer.partition} rejected the "
                                    f"batch (frame {batch.sequence}): {cls.__name__}"))
                 else:
-                    batch.resolve(offset)
+                    if not batch.done:  # done: failed by its delivery timeout (_expire)
+                        batch.resolve(offset)
                     offset += batch.count
 
     def _partition_stopped(self, writer: _Writer, keep: _Accumulator | None = None
@@ -1048,10 +1051,14 @@ class Producer:
 
     def _expire(self, writer: _Writer, now: float) -> None:
         """Lock held. Fail the ring's batches whose delivery timeout passed (they are in
-        write order, so the oldest first); a completion that comes later finds them gone."""
-        inflight = writer.inflight
-        while inflight and inflight[0].deadline <= now:  # bounded by inflight
-            batch = inflight.popleft()
+        write order, so the oldest first). They stay in ``inflight``, failed: their frames are
+        still in the ring and may yet be appended, and a completion that comes later counts
+        their records to give the batches after them their own offsets."""
+        for batch in writer.inflight:  # bounded by inflight
+            if batch.deadline > now:
+                break
+            if batch.done:
+                continue
             batch.fail(errors.RequestTimeoutError(
                 f"partition {writer.topic}/{writer.partition} did not acknowledge frame "
                 f"{batch.sequence} within delivery_timeout_ms={self.delivery_timeout_ms} (is "

@@ -16,7 +16,7 @@ from broker_harness import WAIT_S_MAX, run_cli, wait_for
 from produce_helpers import (check_exactly_once, make_value, read_partition, read_topic,
                              spawn_producer)
 
-from shmbroker import Admin, Producer, _native, errors
+from shmbroker import Admin, Consumer, Producer, _native, errors
 from shmbroker.layout import shm as L
 from shmbroker.shm import names
 from shmbroker.shm.control import ControlRegion
@@ -586,3 +586,48 @@ def test_a_producer_waits_for_a_partition_of_a_topic_created_a_moment_ago(broker
     finally:
         os.kill(supervisor, signal.SIGCONT)
         creating.join(30)
+
+
+@pytest.mark.parametrize("fast_resolve", [True, False])
+def test_an_ack_after_earlier_frames_timed_out_carries_the_record_s_own_offset(broker,
+                                                                              monkeypatch,
+                                                                              fast_resolve):
+    """Frames whose delivery timeout passed are still in the ring and are appended when the
+    partition gets to them: a later record's offset must count their records. It came back
+    as the completion's base offset (the first timed-out frame's), e.g. 4911 for a record
+    the log holds at 5000 (found by filling a disk: the partition restarted for seconds)."""
+    import signal
+
+    from shmbroker.client import producer as producer_module
+
+    monkeypatch.setattr(producer_module, "FAST_RESOLVE", fast_resolve)
+    create_topic(broker.data_dir, "late", 1)
+    pid = broker.partition_pids(broker.runtime())[("late", 0)]
+    producer = Producer(broker=broker.data_dir, delivery_timeout_ms=300, linger_ms=0)
+    try:
+        assert producer.send("late", b"first", partition=0).result(timeout=WAIT_S_MAX).offset == 0
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            timed_out = []
+            for i in range(3):
+                timed_out.append([producer.send("late", b"t%d-%d" % (i, j), partition=0)
+                                  for j in range(i + 2)])
+                producer.flush()  # one frame each: 2, 3 and 4 records
+            for futures in timed_out:
+                for f in futures:
+                    assert isinstance(f.exception(timeout=WAIT_S_MAX), errors.RequestTimeoutError)
+            last = producer.send("late", b"last", partition=0)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert last.result(timeout=WAIT_S_MAX).offset == 1 + 2 + 3 + 4
+    finally:
+        producer.close(timeout=5)
+    with Consumer("late", broker=broker.data_dir, auto_offset_reset="earliest") as consumer:
+        got = []
+        deadline = time.monotonic() + WAIT_S_MAX
+        while len(got) < 11 and time.monotonic() < deadline:  # bounded
+            got += consumer.poll(timeout_ms=200)
+    # The timed-out records were appended after all ("may or may not"), "last" after them.
+    assert [r.value for r in got] == [b"first"] + [b"t%d-%d" % (i, j) for i in range(3)
+                                                    for j in range(i + 2)] + [b"last"]
+    assert got[-1].offset == 10

@@ -39,13 +39,17 @@ def scenario(seed: int):
     return first_seq, counts, completions
 
 
-def build(first_seq: int, counts: list[int]):
+def build(first_seq: int, counts: list[int], expired: int = 0):
+    """``expired``: the first that many batches failed by their delivery timeout already
+    (Producer._expire leaves them in flight, failed)."""
     writer = SimpleNamespace(inflight=collections.deque(), topic="t", partition=3,
                              ring=SimpleNamespace(name="/shmb-test-ring"))
     batches = []
     for i, count in enumerate(counts):
         batch = _Batch(None, "t", 3)
         batch.count, batch.sequence, batch.writer = count, first_seq + i, writer
+        if i < expired:
+            batch.fail(errors.RequestTimeoutError(f"frame {batch.sequence} timed out"))
         writer.inflight.append(batch)
         batches.append(batch)
     return writer, batches
@@ -60,13 +64,30 @@ def outcome(writer, batches):
 @pytest.mark.parametrize("seed", range(60))
 def test_c_resolve_gives_the_references_offsets_errors_and_leftovers(seed, monkeypatch):
     first_seq, counts, completions = scenario(seed)
+    expired = random.Random(-seed).choice([0, 0, 1, len(counts) // 3])
     got = {}
     for fast in (False, True):
         monkeypatch.setattr(producer_module, "FAST_RESOLVE", fast)
-        writer, batches = build(first_seq, counts)
+        writer, batches = build(first_seq, counts, expired)
         Producer._resolve(None, writer, list(completions))
         got[fast] = outcome(writer, batches)
     assert got[True] == got[False]
+
+
+def test_batches_that_timed_out_keep_their_error_and_count_towards_the_offsets_after_them(
+        monkeypatch):
+    monkeypatch.setattr(producer_module, "FAST_RESOLVE", False)  # _resolve: the reference
+    for fast in (False, True):
+        writer, batches = build(100, [2, 3, 4, 1], expired=2)
+        if fast:
+            assert _native.resolve_inflight(writer.inflight, [Completion(100, 102, 50, 0)],
+                                            _Batch) == 1
+        else:
+            Producer._resolve(None, writer, [Completion(100, 102, 50, 0)])
+        assert [(b.done, b.base_offset, type(b.error).__name__) for b in batches] == \
+            [(True, -1, "RequestTimeoutError"), (True, -1, "RequestTimeoutError"),
+             (True, 55, "NoneType"), (False, -1, "NoneType")], fast
+        assert [b.sequence for b in writer.inflight] == [103]
 
 
 def test_a_round_of_acknowledged_batches_gets_consecutive_offsets_per_completion():
