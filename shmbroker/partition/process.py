@@ -3,6 +3,7 @@ supervisor (docs/design/broker.md, "Partition process")."""
 from __future__ import annotations
 
 import argparse
+import errno
 import gc
 import os
 import logging
@@ -21,6 +22,13 @@ log = logging.getLogger("shmbroker.partition")
 #: Exit status when the topic is gone from topics.json (deleted while we started): no restart
 #: would help, and the supervisor stops wanting us once it reads the same file.
 EXIT_TOPIC_GONE = 3
+#: Exit status when the log's file system refused a write (full, read-only, failing): the
+#: supervisor restarts us with its backoff, and the frames stay in the producers' rings
+#: until a restarted process can append them (nothing acknowledged is lost; the restart's
+#: recovery also drops a torn tail).
+EXIT_STORAGE = 4
+#: OS errors that are the storage's state, not a bug of ours: one log line, no traceback.
+_STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO})
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -74,6 +82,14 @@ def main(argv: list[str] | None = None) -> int:
         run_loop(owner, stop)
         owner.shutdown()
         clean = True
+    except errors.LogError as exc:
+        cause = exc.__cause__
+        if not isinstance(cause, OSError) or cause.errno not in _STORAGE_ERRNOS:
+            raise
+        log.error("partition %s/%d cannot append: %s; exiting (restarted with backoff; "
+                  "unacknowledged records wait in the producers' rings)", args.topic,
+                  args.partition, exc)
+        return EXIT_STORAGE
     finally:
         owner.close(stopped=clean)
     return 0
