@@ -14,6 +14,8 @@ Add new classes here, never elsewhere, so that ``ERRORS_BY_CODE`` stays complete
 """
 from __future__ import annotations
 
+import errno as _errno
+
 
 class ShmbrokerError(Exception):
     """Base of every error shmbroker raises on purpose.
@@ -99,6 +101,11 @@ class LogError(ShmbrokerError):
     """A partition log cannot do what was asked (I/O error, closed log, ...)."""
 
     code = 56  # KAFKA_STORAGE_ERROR
+
+
+#: OS errors that are the storage's state, not a bug of ours (full, over quota, read-only,
+#: failing): a broker process reports them in one line as a LogError, without a traceback.
+STORAGE_ERRNOS = frozenset({_errno.ENOSPC, _errno.EDQUOT, _errno.EROFS, _errno.EIO})
 
 
 class CorruptSegmentError(LogError, CorruptRecordError):

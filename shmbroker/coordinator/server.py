@@ -216,7 +216,7 @@ class CoordinatorServer:
     def handle(self, envelope: list[bytes], body: bytes) -> bytes | None:
         """The reply to one request body, or None when it is deferred until the supervisor
         confirms. Never raises for bad input: every ShmbrokerError becomes an error reply."""
-        request_id = None
+        request_id, request_type = None, "a"
         try:
             if len(body) > COORDINATOR_REQUEST_BYTES_MAX:
                 raise errors.InvalidRequestError(
@@ -231,12 +231,25 @@ class CoordinatorServer:
             request_id = getattr(exc, "request_id", request_id)
             self.counters.values[_C["error_replies"]] += 1
             return protocol.error_reply(request_id, exc)
-        except Exception as exc:  # a bug in a handler must not take topic metadata offline
-            log.error("request failed:\n%s", traceback.format_exc())
+        except OSError as exc:
+            if exc.errno not in errors.STORAGE_ERRNOS:
+                return self._internal_error(request_id, exc)
+            # The data dir's file system refused a write (topics.json, a group's file): the
+            # state's, not a bug; the write is atomic (temp file + rename), so nothing half.
+            log.error("%s request refused: the data dir's file system: %s", request_type, exc)
             self.counters.values[_C["error_replies"]] += 1
-            self.counters.values[_C["internal_errors"]] += 1
-            return protocol.error_reply(request_id, errors.ShmbrokerError(
-                f"internal error in the coordinator: {type(exc).__name__}: {exc}"))
+            return protocol.error_reply(request_id, errors.LogError(
+                f"{request_type}: the broker could not write to its data dir "
+                f"{self.data_dir}: {exc}"))
+        except Exception as exc:  # a bug in a handler must not take topic metadata offline
+            return self._internal_error(request_id, exc)
+
+    def _internal_error(self, request_id: int, exc: BaseException) -> bytes:
+        log.error("request failed:\n%s", traceback.format_exc())
+        self.counters.values[_C["error_replies"]] += 1
+        self.counters.values[_C["internal_errors"]] += 1
+        return protocol.error_reply(request_id, errors.ShmbrokerError(
+            f"internal error in the coordinator: {type(exc).__name__}: {exc}"))
 
     def _on_ping(self, envelope, request_id: int) -> bytes:
         return protocol.ok_reply(request_id, {"pid": os.getpid(), "data_dir": self.data_dir,

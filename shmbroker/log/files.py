@@ -26,6 +26,7 @@ tests can count calls by wrapping it.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 
@@ -147,16 +148,21 @@ def write_atomic(path: str, data: bytes, *, sync_dir: bool = True) -> None:
     tmp = path + TMP_SUFFIX
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
     try:
-        view = memoryview(data)
-        written = 0
-        # A regular-file write may be short only on a full disk or a signal; loop, bounded by
-        # the data: each round makes progress or raises.
-        while written < len(view):
-            written += os.write(fd, view[written:])
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        try:
+            view = memoryview(data)
+            written = 0
+            # A regular-file write may be short only on a full disk or a signal; loop, bounded
+            # by the data: each round makes progress or raises.
+            while written < len(view):
+                written += os.write(fd, view[written:])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)  # a full disk: no half-written tmp file left beside ``path``
+        raise
     if sync_dir:
         fsync_dir(os.path.dirname(os.path.abspath(path)))
 

@@ -3,7 +3,6 @@ supervisor (docs/design/broker.md, "Partition process")."""
 from __future__ import annotations
 
 import argparse
-import errno
 import gc
 import os
 import logging
@@ -27,8 +26,6 @@ EXIT_TOPIC_GONE = 3
 #: until a restarted process can append them (nothing acknowledged is lost; the restart's
 #: recovery also drops a torn tail).
 EXIT_STORAGE = 4
-#: OS errors that are the storage's state, not a bug of ours: one log line, no traceback.
-_STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO})
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -84,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         clean = True
     except errors.LogError as exc:
         cause = exc.__cause__
-        if not isinstance(cause, OSError) or cause.errno not in _STORAGE_ERRNOS:
+        if not isinstance(cause, OSError) or cause.errno not in errors.STORAGE_ERRNOS:
             raise
         log.error("partition %s/%d cannot append: %s; exiting (restarted with backoff; "
                   "unacknowledged records wait in the producers' rings)", args.topic,

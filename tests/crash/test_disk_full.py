@@ -71,3 +71,43 @@ def test_a_full_disk_loses_nothing_and_the_broker_appends_again_once_there_is_ro
         assert [r.value for r in got] == [VALUE + b"%05d" % i for i in range(SENT)] + [b"after"]
     finally:
         broker.cleanup()
+
+
+def test_a_full_disk_is_a_storage_error_for_commits_and_topic_changes_not_a_dead_coordinator(
+        small_fs, tmp_path):
+    data_dir = os.path.join(small_fs, "data")
+    log_path = tmp_path / "broker.log"
+    broker = Broker(data_dir, log_path).start()
+    try:
+        with Admin(broker=data_dir) as admin:
+            admin.create_topic("c", 1)
+        with Producer(broker=data_dir) as producer:
+            producer.send("c", b"v", partition=0).result(timeout=WAIT_S_MAX)
+        with Consumer("c", broker=data_dir, group="g", auto_offset_reset="earliest",
+                      enable_auto_commit=False) as consumer:
+            got: list = []
+            deadline = time.monotonic() + WAIT_S_MAX
+            while not got and time.monotonic() < deadline:  # bounded
+                got += consumer.poll(timeout_ms=200)
+            filler = os.path.join(small_fs, "filler")
+            with open(filler, "wb") as f:
+                with pytest.raises(OSError):
+                    for _ in range(1_000):  # bounded: 64 MiB, more than the file system
+                        f.write(b"\0" * 65536)
+                        f.flush()
+            with pytest.raises(errors.LogError, match="No space left"):
+                consumer.commit()
+            with Admin(broker=data_dir) as admin:
+                with pytest.raises(errors.LogError, match="could not write to its data dir"):
+                    admin.create_topic("c2", 1)
+                assert admin.list_topics() == ["c"]  # nothing half-made
+            assert not [n for n in os.listdir(data_dir) if n.endswith(".tmp")]
+            os.unlink(filler)
+            consumer.commit()
+            assert consumer.committed(("c", 0)) == 1
+            with Admin(broker=data_dir) as admin:
+                admin.create_topic("c2", 1)
+                assert admin.list_topics() == ["c", "c2"]
+        assert "Traceback" not in log_path.read_text()
+    finally:
+        broker.cleanup()
