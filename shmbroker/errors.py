@@ -187,6 +187,14 @@ class IllegalStateError(ShmbrokerError):
     code = -1  # never on the wire: raised by the client library itself
 
 
+class SerializationError(ShmbrokerError):
+    """The application's key or value (de)serializer raised for a record (kafka-python's
+    serializer/deserializer arguments); the cause is chained. A consumer stays at the record
+    (its position is that record's offset: ``seek`` past it to skip it)."""
+
+    code = -1  # never on the wire: the application's own functions
+
+
 class UnsupportedFeatureError(ShmbrokerError, NotImplementedError):
     """A feature this version does not have yet (e.g. consumer groups before issue 4). Raised
     rather than silently ignored, so code written for it does not run with other semantics."""

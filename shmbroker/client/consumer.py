@@ -31,7 +31,7 @@ import logging
 import os
 import time
 from dataclasses import replace
-from typing import Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
@@ -47,7 +47,7 @@ from ..log.reader import LogReader, walks_on
 from ..shm.control import ControlRegion
 from ..shm.counters import ConsumerCounters
 from .group_membership import DEFAULT_PROTOCOLS, REJOIN_ERRORS, CommitCallback, GroupMembership
-from . import ring_reads
+from . import ring_reads, serde
 from .metadata import LocalMetadata
 from .ring_reads import RingReads
 from .types import (OffsetAndMetadata, OffsetAndTimestamp, TopicPartition, as_topic_partition,
@@ -355,7 +355,12 @@ class Consumer:
                  group_protocols: Iterable[str] = DEFAULT_PROTOCOLS,
                  group_instance_id: str | None = None,
                  on_assign: Callable[[list], None] | None = None,
-                 on_revoke: Callable[[list], None] | None = None, read_rings: bool = True):
+                 on_revoke: Callable[[list], None] | None = None, read_rings: bool = True,
+                 key_deserializer: Callable[[Any], Any] | None = None,
+                 value_deserializer: Callable[[Any], Any] | None = None):
+        self.key_deserializer = serde.checked("key_deserializer", key_deserializer)
+        self.value_deserializer = serde.checked("value_deserializer", value_deserializer)
+        self._deserializing = key_deserializer is not None or value_deserializer is not None
         if not isinstance(auto_commit_interval_ms, int) or \
                 auto_commit_interval_ms < GROUP_AUTO_COMMIT_INTERVAL_MS_MIN:
             raise errors.ConfigError(f"auto_commit_interval_ms={auto_commit_interval_ms!r} must "
@@ -1124,7 +1129,33 @@ class Consumer:
             got = self._poll(timeout_ms, max_records, None)
         if not got:
             self._recheck_partitions()
+        elif self._deserializing:
+            return self._deserialize(got)
         return got
+
+    def _deserialize(self, got: list) -> list:
+        """``got`` through the deserializers. A record they fail on is not handed out, nor
+        what follows it: each partition's position goes back to its first such record, and
+        the records before it are returned; when it is the first, SerializationError (the
+        next poll meets it again: ``seek`` past it to skip it, as with Kafka's consumer)."""
+        out, failed_at, exc = serde.deserialize(got, self.key_deserializer,
+                                                self.value_deserializer)
+        if failed_at < 0:
+            return out
+        first: dict[TopicPartition, int] = {}
+        for r in got[failed_at:]:  # bounded by one poll's records
+            first.setdefault(TopicPartition(r.topic, r.partition), r.offset)
+        for tp, offset in first.items():
+            fetch = self._fetches.get(tp)
+            if fetch is not None:
+                fetch.set_position(offset)
+        if out:
+            return out
+        bad = got[failed_at]
+        raise errors.SerializationError(
+            f"the deserializer raised for {bad.topic}/{bad.partition} offset {bad.offset}: "
+            f"{type(exc).__name__}: {exc} (the position stays there: seek past it to skip it)"
+        ) from exc
 
     def _recheck_partitions(self) -> None:
         """After a poll that found nothing, at most every PARTITION_RECHECK_MS: is each

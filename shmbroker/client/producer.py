@@ -54,7 +54,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 from .. import errors, records
 from ..broker.lock import broker_pid
@@ -72,6 +72,7 @@ from ..layout import shm as L
 from ..native import _native
 from ..shm import names
 from ..shm.ring import RING_OK, Completion, RingProducer
+from . import serde
 from .metadata import LocalMetadata
 
 #: Upper bound of the bytes one record adds to a batch besides its key, value and headers
@@ -411,6 +412,8 @@ class Producer:
     before its futures fail with RequestTimeoutError (Kafka's delivery.timeout.ms, 2 min).
     ``max_in_flight``: unacknowledged frames per partition beside which a sparse send is still
     written at once (Kafka's max.in.flight.requests.per.connection; 1: only on an idle ring).
+    ``key_serializer``, ``value_serializer``: kafka-python's, callables turning a key or value
+    into bytes (None is not passed to them; client/serde.py).
 
     A record that ``send`` cannot write at once (its ring is busy) waits in the accumulator
     and is written by the background sender thread as soon as the ring is idle and
@@ -431,7 +434,12 @@ class Producer:
                  send_timeout_ms: int = RING_SEND_TIMEOUT_MS_DEFAULT,
                  ring_bytes: int = PRODUCER_RING_BYTES_DEFAULT, spin_ns: int = 0,
                  delivery_timeout_ms: int = PRODUCER_DELIVERY_TIMEOUT_MS_DEFAULT,
-                 max_in_flight: int = PRODUCER_MAX_IN_FLIGHT_DEFAULT):
+                 max_in_flight: int = PRODUCER_MAX_IN_FLIGHT_DEFAULT,
+                 key_serializer: Callable[[Any], Any] | None = None,
+                 value_serializer: Callable[[Any], Any] | None = None):
+        self.key_serializer = serde.checked("key_serializer", key_serializer)
+        self.value_serializer = serde.checked("value_serializer", value_serializer)
+        self._serializing = key_serializer is not None or value_serializer is not None
         if acks in ("all", -1, "-1"):
             acks = -1
         elif acks in (0, 1, "0", "1"):
@@ -488,7 +496,7 @@ class Producer:
         if path is None:
             path = self._send_path = _native.SendPath(_Accumulator, Producer._send_python,
                                                       Producer._after_append)
-        path.enabled = FAST_SEND
+        path.enabled = FAST_SEND and not self._serializing  # serializers: the reference
         # The write of a due batch in C too (SendPath's sendpath_write): _write's common case.
         path.configure(_Batch if FAST_WRITE else None, self.acks, self.delivery_timeout_ms,
                        _REAP_INFLIGHT, _REAP_COMPLETIONS, _REAP_SOME_INFLIGHT,
@@ -529,6 +537,8 @@ class Producer:
         Queue one record; returns its future. Raises at once for an unknown topic or
         partition, a record too large for a batch, a broker that is not running, a closed
         producer, and RingFullTimeoutError when writing a full batch blocked too long."""
+        if self._serializing:
+            key, value = serde.serialize(self.key_serializer, self.value_serializer, key, value)
         # acquire/release rather than `with`: ~100 ns instead of ~250 ns on this hot path.
         lock = self._lock
         lock.acquire()
@@ -1101,6 +1111,12 @@ class Producer:
             raise ValueError("send_batch: no values")
         if keys is not None and len(keys) != n:
             raise ValueError(f"send_batch: {len(keys)} keys for {n} values")
+        if self._serializing:
+            pairs = [serde.serialize(self.key_serializer, self.value_serializer,
+                                     None if keys is None else keys[i], values[i])
+                     for i in range(n)]
+            values = [v for _, v in pairs]
+            keys = None if keys is None else [k for k, _ in pairs]
         if partition is None and keys is not None:
             return self._send_keyed_batch(topic, values, keys)
         if partition is None:

@@ -47,6 +47,7 @@ from ..native import _native
 from ..router import protocol as wire
 from .producer import RECORD_OVERHEAD_BYTES_MAX, Producer, RecordFuture, RecordMetadata, _Batch
 from .curve import client_keys
+from . import serde
 from .remote_wire import REMOTE_REQUEST_TIMEOUT_MS, Connection, RemoteMetadata, decode_reply
 
 log = logging.getLogger("shmbroker.remote")
@@ -122,6 +123,8 @@ class RemoteProducer(Producer):
              headers: Sequence[tuple[str, Any]] | None = None,
              timestamp: int | None = None) -> RecordFuture:
         """As Producer.send."""
+        if self._serializing:
+            key, value = serde.serialize(self.key_serializer, self.value_serializer, key, value)
         with self._lock:
             self._check_open()
             self._wait_buffer()
@@ -157,8 +160,8 @@ class RemoteProducer(Producer):
         if partition is None and keys is None:
             with self._lock:
                 partition = self._choose(topic, None)
-        futures = [self.send(topic, bytes(values[i]), None if keys is None else keys[i],
-                             partition) for i in range(n)]
+        futures = [self.send(topic, values[i] if self._serializing else bytes(values[i]),
+                             None if keys is None else keys[i], partition) for i in range(n)]
         return _BatchFutures(futures, keyed=partition is None)
 
     def flush(self, timeout: float | None = None) -> None:
