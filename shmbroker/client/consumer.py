@@ -51,7 +51,7 @@ from . import ring_reads, serde
 from .metadata import LocalMetadata
 from .ring_reads import RingReads
 from .types import (OffsetAndMetadata, OffsetAndTimestamp, TopicPartition, as_topic_partition,
-                    timestamps_arg)
+                    timestamps_arg, topic_names)
 
 #: auto_offset_reset values: Kafka's names, plus "error" (Kafka's "none": raise instead).
 OFFSET_RESET_POLICIES = ("earliest", "latest", "error", "none")
@@ -358,6 +358,7 @@ class Consumer:
                  on_revoke: Callable[[list], None] | None = None, read_rings: bool = True,
                  key_deserializer: Callable[[Any], Any] | None = None,
                  value_deserializer: Callable[[Any], Any] | None = None):
+        topics = topic_names(topics)
         self.key_deserializer = serde.checked("key_deserializer", key_deserializer)
         self.value_deserializer = serde.checked("value_deserializer", value_deserializer)
         self._deserializing = key_deserializer is not None or value_deserializer is not None
@@ -463,8 +464,7 @@ class Consumer:
         """Assign every partition of ``topics`` (no group: a static assignment)."""
         self._check()
         self._check_no_group("subscribe()")
-        if isinstance(topics, str):
-            topics = [topics]
+        topics = topic_names([topics])
         tps = []
         for topic in topics:
             tps.extend(TopicPartition(topic, p) for p in range(self._meta.partitions(topic)))
@@ -1208,8 +1208,8 @@ class Consumer:
         poll_ring's ring read (ring_take's result and the ns its wait began) to go on from."""
         if self._closed or self._forks != _FORKS[0]:
             self._check()
-        if max_records < 1:
-            raise errors.ConfigError(f"max_records must be >= 1, got {max_records}")
+        if not isinstance(max_records, int) or isinstance(max_records, bool) or max_records < 1:
+            raise errors.ConfigError(f"max_records must be an int >= 1, got {max_records!r}")
         if not isinstance(timeout_ms, (int, float)) or timeout_ms != timeout_ms:
             raise errors.ConfigError(f"timeout_ms must be a number of ms, got {timeout_ms!r}")
         if self._counters_due and _monotonic_ns() >= self._counters_next_ns:

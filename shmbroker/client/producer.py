@@ -388,6 +388,21 @@ def _sender_main(ref: "weakref.ref[Producer]", wake: threading.Event) -> None:
             del producer
 
 
+def check_batch_values(values: Any) -> None:
+    """send_batch's values: a 2-D uint8 numpy array (one row per record) or a sequence of
+    bytes-like or None; TypeError naming what is not (a 1-D array or a list of ints would
+    otherwise become records of the wrong bytes, or fail deep in the encoder)."""
+    if hasattr(values, "dtype"):
+        if len(values.shape) != 2 or values.dtype != "uint8":
+            raise TypeError(f"send_batch: a numpy array of values must be 2-D uint8, one row "
+                            f"per record; got shape {values.shape} of {values.dtype}")
+        return
+    for i, v in enumerate(values):  # bounded by the batch
+        if v is not None and not isinstance(v, (bytes, bytearray, memoryview)):
+            raise TypeError(f"send_batch: values[{i}] must be bytes-like or None, got "
+                            f"{type(v).__name__}")
+
+
 def _as_bytes(value: Any, what: str) -> bytes:
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value)  # a snapshot: the caller may reuse its buffer after send()
@@ -446,6 +461,11 @@ class Producer:
             acks = int(acks)
         else:
             raise errors.ConfigError(f"acks must be 0, 1 or 'all', got {acks!r}")
+        for name, number in (("linger_ms", linger_ms), ("spin_ns", spin_ns),
+                             ("send_timeout_ms", send_timeout_ms)):
+            if number is not None and (not isinstance(number, (int, float)) or
+                                       isinstance(number, bool) or number != number):
+                raise errors.ConfigError(f"{name}={number!r} must be a number")
         if not 0 <= linger_ms <= PRODUCER_LINGER_MS_MAX:
             raise errors.ConfigError(f"linger_ms={linger_ms} is outside [0, {PRODUCER_LINGER_MS_MAX}]")
         if not isinstance(batch_bytes_max, int) or batch_bytes_max < 1:
@@ -1111,6 +1131,8 @@ class Producer:
             raise ValueError("send_batch: no values")
         if keys is not None and len(keys) != n:
             raise ValueError(f"send_batch: {len(keys)} keys for {n} values")
+        if not self._serializing:
+            check_batch_values(values)
         if self._serializing:
             pairs = [serde.serialize(self.key_serializer, self.value_serializer,
                                      None if keys is None else keys[i], values[i])

@@ -45,7 +45,8 @@ from ..config import PRODUCER_BATCH_RECORDS_MAX
 from ..layout import record_batch as RB
 from ..native import _native
 from ..router import protocol as wire
-from .producer import RECORD_OVERHEAD_BYTES_MAX, Producer, RecordFuture, RecordMetadata, _Batch
+from .producer import (RECORD_OVERHEAD_BYTES_MAX, Producer, RecordFuture, RecordMetadata, _Batch,
+                       check_batch_values)
 from .curve import client_keys
 from . import serde
 from .remote_wire import REMOTE_REQUEST_TIMEOUT_MS, Connection, RemoteMetadata, decode_reply
@@ -157,10 +158,13 @@ class RemoteProducer(Producer):
             raise ValueError("send_batch: no values")
         if keys is not None and len(keys) != n:
             raise ValueError(f"send_batch: {len(keys)} keys for {n} values")
+        if not self._serializing:
+            check_batch_values(values)
         if partition is None and keys is None:
             with self._lock:
                 partition = self._choose(topic, None)
-        futures = [self.send(topic, values[i] if self._serializing else bytes(values[i]),
+        as_is = self._serializing  # else bytes: a numpy row is copied out of the array
+        futures = [self.send(topic, values[i] if as_is or values[i] is None else bytes(values[i]),
                              None if keys is None else keys[i], partition) for i in range(n)]
         return _BatchFutures(futures, keyed=partition is None)
 

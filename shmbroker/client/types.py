@@ -14,6 +14,21 @@ class TopicPartition(NamedTuple):
         return f"{self.topic}/{self.partition}"
 
 
+def topic_names(topics) -> tuple[str, ...]:
+    """Consumer's topics: names given one by one (``Consumer("a", "b")``, kafka-python) or in
+    a list, tuple or set (``Consumer(["a", "b"])``, confluent-kafka's subscribe); TypeError
+    for anything else, naming it."""
+    out: list[str] = []
+    for item in topics:
+        names = [item] if isinstance(item, str) else \
+            list(item) if isinstance(item, (list, tuple, set, frozenset)) else None
+        if names is None or not all(isinstance(n, str) for n in names):
+            raise TypeError(f"topics must be names (str), one by one or in a list, got "
+                            f"{item!r:.100}")
+        out.extend(names)
+    return tuple(out)
+
+
 def as_topic_partition(value) -> TopicPartition:
     """``TopicPartition`` from one, or from a ``(topic, partition)`` pair; TypeError otherwise."""
     if isinstance(value, TopicPartition):

@@ -1,0 +1,56 @@
+"""Arguments a kafka-python or confluent-kafka user may pass get what they mean or a clear
+error naming them, the same locally and through the router (a 1-D array or a list of ints
+for send_batch became records of the wrong bytes remotely; elsewhere bare TypeErrors from
+deep inside). Real broker processes."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from broker_harness import WAIT_S_MAX
+
+from shmbroker import Admin, Consumer, Producer, TopicPartition, errors
+
+
+@pytest.fixture(params=["local", "remote"])
+def where(request, make_broker):
+    if request.param == "local":
+        broker = make_broker()
+        address = broker.data_dir
+    else:
+        broker = make_broker(serve_args=("--listen", "tcp://127.0.0.1:*"))
+        address = broker.wait_running()["router_endpoint"]
+    with Admin(broker=broker.data_dir) as admin:
+        admin.create_topic("ca", 2)
+    return address
+
+
+def test_send_batch_refuses_values_that_are_not_records(where):
+    with Producer(broker=where) as producer:
+        with pytest.raises(TypeError, match="2-D uint8"):
+            producer.send_batch("ca", np.zeros(10, dtype=np.uint8), partition=0)
+        with pytest.raises(TypeError, match="2-D uint8"):
+            producer.send_batch("ca", np.zeros((2, 3), dtype=np.int64), partition=0)
+        with pytest.raises(TypeError, match=r"values\[1\] must be bytes-like or None, got int"):
+            producer.send_batch("ca", [b"ok", 7], partition=0)
+        # A null value in a batch is a tombstone, as with send().
+        producer.send_batch("ca", [b"a", None, b"c"], partition=1).offsets(timeout=WAIT_S_MAX)
+    with Consumer(("ca",), broker=where, auto_offset_reset="earliest") as consumer:
+        got: list = []
+        deadline = time.monotonic() + WAIT_S_MAX
+        while len(got) < 3 and time.monotonic() < deadline:  # bounded
+            got += consumer.poll(timeout_ms=200)
+    assert [(r.partition, r.value) for r in got] == [(1, b"a"), (1, None), (1, b"c")]
+
+
+def test_topics_in_a_list_and_argument_types_are_taken_or_named(where):
+    with Consumer(["ca"], broker=where) as listed, Consumer("ca", broker=where) as named:
+        assert listed.assignment() == named.assignment() == {TopicPartition("ca", 0),
+                                                              TopicPartition("ca", 1)}
+        with pytest.raises(errors.ConfigError, match="max_records must be an int"):
+            listed.poll(timeout_ms=0, max_records="5")
+    with pytest.raises(TypeError, match="topics must be names"):
+        Consumer([1], broker=where)
+    with pytest.raises(errors.ConfigError, match="linger_ms='5' must be a number"):
+        Producer(broker=where, linger_ms="5")
