@@ -294,8 +294,8 @@ class _Fetch:
 class Consumer:
     """Reads records of the partitions it is assigned (see module doc).
 
-    ``Consumer(*topics, broker=DATA_DIR)`` assigns every partition of ``topics`` (partitions
-    added later are not picked up).
+    ``Consumer(*topics, broker=DATA_DIR)`` assigns every partition of ``topics`` (names one
+    by one, or in a list; partitions added later are not picked up).
 
     ``Consumer(*topics, broker=DATA_DIR, group="g")`` joins consumer group ``g`` subscribed to
     ``topics``: the group's coordinator assigns the partitions (``assign()`` then raises
