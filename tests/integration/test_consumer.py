@@ -135,7 +135,8 @@ def test_unknown_topic_and_partition_are_typed_errors(parts, consumers):
 
 
 @pytest.mark.parametrize("kwargs, words", [
-    ({"max_records": 0}, "max_records must be >= 1"),
+    ({"max_records": 0}, "max_records must be an int >= 1, got 0"),
+    ({"max_records": "5"}, "max_records must be an int >= 1, got '5'"),
     ({"timeout_ms": "100"}, "timeout_ms must be a number of ms, got '100'"),
     ({"timeout_ms": float("nan")}, "timeout_ms must be a number of ms, got nan"),
     ({"timeout_ms": None}, "timeout_ms must be a number of ms, got None"),
