@@ -71,6 +71,7 @@ from ..layout import record_batch as RB
 from ..layout import shm as L
 from ..native import _native
 from ..shm import names
+from ..shm.liveness import process_alive
 from ..shm.ring import RING_OK, Completion, RingProducer
 from . import serde
 from .metadata import LocalMetadata
@@ -1084,16 +1085,31 @@ class Producer:
         write order, so the oldest first). They stay in ``inflight``, failed: their frames are
         still in the ring and may yet be appended, and a completion that comes later counts
         their records to give the batches after them their own offsets."""
+        why = None
         for batch in writer.inflight:  # bounded by inflight
             if batch.deadline > now:
                 break
             if batch.done:
                 continue
+            if why is None:
+                why = self._why_no_ack(writer)
             batch.fail(errors.RequestTimeoutError(
                 f"partition {writer.topic}/{writer.partition} did not acknowledge frame "
-                f"{batch.sequence} within delivery_timeout_ms={self.delivery_timeout_ms} (is "
-                f"the broker on {self.data_dir} running?); its records may or may not have "
-                f"been appended"))
+                f"{batch.sequence} within delivery_timeout_ms={self.delivery_timeout_ms} "
+                f"({why}); its records may or may not have been appended"))
+
+    def _why_no_ack(self, writer: _Writer) -> str:
+        """A hint for a delivery timeout's message: what the broker's state says."""
+        if broker_pid(self.data_dir) is None:
+            return f"the broker on {self.data_dir} is not running"
+        try:
+            state = writer.control.read_state()
+        except errors.ShmbrokerError as exc:
+            return f"its state cannot be read: {exc}"
+        if not process_alive(state.partition_pid, state.partition_start_time):
+            return ("its partition process is not running: restarting? the broker's log says "
+                    "why, e.g. a full disk")
+        return "its partition process runs but has not appended the frame: overloaded, or stopped?"
 
     def flush(self, timeout: float | None = None) -> None:
         """Write every accumulated record and wait until every batch is acknowledged (acks

@@ -494,7 +494,8 @@ def test_records_a_dead_broker_never_acknowledges_fail_after_delivery_timeout_ms
         broker.kill9()
         future = producer.send("d", b"after", partition=0)
         started = time.monotonic()
-        with pytest.raises(errors.RequestTimeoutError, match="delivery_timeout_ms=1000"):
+        with pytest.raises(errors.RequestTimeoutError,
+                           match=r"delivery_timeout_ms=1000 \(the broker on .* is not running\)"):
             future.result()
         waited = time.monotonic() - started
         assert 0.9 < waited < 5, waited
@@ -615,7 +616,9 @@ def test_an_ack_after_earlier_frames_timed_out_carries_the_record_s_own_offset(b
                 producer.flush()  # one frame each: 2, 3 and 4 records
             for futures in timed_out:
                 for f in futures:
-                    assert isinstance(f.exception(timeout=WAIT_S_MAX), errors.RequestTimeoutError)
+                    error = f.exception(timeout=WAIT_S_MAX)
+                    assert isinstance(error, errors.RequestTimeoutError)
+                    assert "partition process runs but has not appended" in str(error)
             last = producer.send("late", b"last", partition=0)
         finally:
             os.kill(pid, signal.SIGCONT)
@@ -631,3 +634,31 @@ def test_an_ack_after_earlier_frames_timed_out_carries_the_record_s_own_offset(b
     assert [r.value for r in got] == [b"first"] + [b"t%d-%d" % (i, j) for i in range(3)
                                                     for j in range(i + 2)] + [b"last"]
     assert got[-1].offset == 10
+
+
+def test_a_delivery_timeout_says_the_partition_process_is_not_running(broker):
+    """The supervisor is stopped (SIGSTOP) so the partition, killed, stays dead for a while:
+    the timeout names that (not "is the broker running?", which it is), and once the
+    partition is back the frame is appended after all and the next record follows it."""
+    import signal
+
+    from shmbroker.shm.liveness import process_alive
+
+    create_topic(broker.data_dir, "gone", 1)
+    pid = broker.partition_pids(broker.runtime())[("gone", 0)]
+    producer = Producer(broker=broker.data_dir, delivery_timeout_ms=500)
+    try:
+        assert producer.send("gone", b"a", partition=0).result(timeout=WAIT_S_MAX).offset == 0
+        os.kill(broker.proc.pid, signal.SIGSTOP)
+        try:
+            os.kill(pid, signal.SIGKILL)
+            wait_for(lambda: not process_alive(pid), WAIT_S_MAX,
+                     "the partition process to die")  # a zombie: its supervisor is stopped
+            with pytest.raises(errors.RequestTimeoutError,
+                               match="its partition process is not running"):
+                producer.send("gone", b"b", partition=0).result(timeout=WAIT_S_MAX)
+        finally:
+            os.kill(broker.proc.pid, signal.SIGCONT)
+        assert producer.send("gone", b"c", partition=0).result(timeout=WAIT_S_MAX).offset == 2
+    finally:
+        producer.close(timeout=5)
