@@ -150,14 +150,27 @@ def _reset_target(args: argparse.Namespace):
         return "latest"
     if args.to_offset is not None:
         return args.to_offset
+    return _datetime_arg(args.to_datetime, "--to-datetime")
+
+
+def _datetime_arg(text: str, flag: str):
+    """An ISO 8601 date and time (UTC unless it says otherwise), as an aware datetime."""
     import datetime
 
     try:
-        when = datetime.datetime.fromisoformat(args.to_datetime)
+        when = datetime.datetime.fromisoformat(text)
     except ValueError:
-        raise errors.ConfigError(f"--to-datetime {args.to_datetime!r} is not an ISO 8601 "
-                                 f"date and time") from None
+        raise errors.ConfigError(f"{flag} {text!r} is not an ISO 8601 date and time") from None
     return when if when.tzinfo else when.replace(tzinfo=datetime.timezone.utc)
+
+
+def _time_ms_arg(text: str | None, flag: str) -> int | None:
+    """``text`` as ms since the epoch: a number of ms, or an ISO 8601 date and time."""
+    if text is None:
+        return None
+    if text.isdigit():
+        return int(text)
+    return int(_datetime_arg(text, flag).timestamp() * 1000)
 
 
 def _print_group(group: dict, out) -> None:
@@ -265,6 +278,7 @@ def _cmd_consume(args: argparse.Namespace) -> int:
 
     return consume(_broker(args), args.topic, from_beginning=args.from_beginning,
                    partition=args.partition, offset=args.offset, group=args.group,
+                   from_time_ms=_time_ms_arg(args.from_time, "--from-time"),
                    max_messages=args.max_messages, timeout_ms=args.timeout_ms, fmt=args.format,
                    client_options=_client_options(args))
 
@@ -280,6 +294,10 @@ def _add_consume_command(sub) -> None:
     consume.add_argument("--partition", type=int, default=None, help="only this partition")
     consume.add_argument("--offset", default=None,
                          help="with --partition: N, -N (N before the end), earliest or latest")
+    consume.add_argument("--from-time", default=None, metavar="ISO|MS",
+                         help="start at the first record at or after this time: an ISO 8601 "
+                              "date and time (UTC unless it says otherwise) or ms since the "
+                              "epoch (kcat -o s@MS); partitions with none start at the end")
     consume.add_argument("--group", default=None,
                          help="join this consumer group (it assigns the partitions; offsets "
                               "are committed as records are printed)")

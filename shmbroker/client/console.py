@@ -90,7 +90,7 @@ def _start(consumer: Consumer, tp: TopicPartition, offset: str) -> None:
 
 def consume(data_dir: str, topic: str, *, from_beginning: bool = False,
             partition: int | None = None, offset: str | None = None, group: str | None = None,
-            max_messages: int | None = None, timeout_ms: int | None = None,
+            from_time_ms: int | None = None, max_messages: int | None = None, timeout_ms: int | None = None,
             fmt: str = DEFAULT_FORMAT, out: BinaryIO | None = None,
             client_options: dict | None = None) -> int:
     """Print records of ``topic`` until ``max_messages`` or ``timeout_ms`` without one.
@@ -100,6 +100,9 @@ def consume(data_dir: str, topic: str, *, from_beginning: bool = False,
         raise errors.ConfigError("--offset needs --partition (an offset belongs to one partition)")
     if max_messages is not None and max_messages < 0:
         raise errors.ConfigError("--max-messages must be >= 0")
+    if from_time_ms is not None and (offset is not None or from_beginning or group is not None):
+        raise errors.ConfigError("--from-time excludes --offset, --from-beginning and --group "
+                                 "(each says where to start)")
     render = compile_format(fmt)
     out = out if out is not None else sys.stdout.buffer
     if group is not None and partition is not None:
@@ -117,6 +120,13 @@ def consume(data_dir: str, topic: str, *, from_beginning: bool = False,
             consumer.assign([tp])
             if offset is not None:
                 _start(consumer, tp, offset)
+        if from_time_ms is not None:
+            found = consumer.offsets_for_times({tp: from_time_ms for tp in consumer.assignment()})
+            for tp, at in found.items():
+                if at is None:
+                    consumer.seek_to_end(tp)  # nothing that late yet: only new records
+                else:
+                    consumer.seek(tp, at.offset)
         printed = 0
         # Ends at max_messages, at timeout_ms without a record, or by a signal (Ctrl-C).
         while max_messages is None or printed < max_messages:

@@ -100,3 +100,23 @@ def test_compile_format_codes_and_escapes():
     assert compile_format(r"%s\n")(R) == b"val\n"
     with pytest.raises(Exception, match="unknown code"):
         compile_format("%Q")
+
+
+def test_from_time_starts_each_partition_at_its_first_record_at_or_after_it(parts, data_dir):
+    parts.create_topic("t", 2)
+    base = 1_700_000_000_000
+    for i in range(5):  # partition 0: one batch a second
+        parts.append("t", 0, [b"p0-%d" % i], timestamp=base + 1000 * i)
+    parts.append("t", 1, [b"p1-old"], timestamp=base)
+    proc = consume(data_dir, "t", "--from-time", str(base + 2500), "--timeout-ms", "300")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == b"p0-3\np0-4\n"  # partition 1 has nothing that late: its end
+    # The same instant as ISO 8601 (UTC unless it says otherwise), one partition.
+    proc = consume(data_dir, "t", "--partition", "0", "--from-time", "2023-11-14T22:13:22.500",
+                   "--timeout-ms", "300", "--format", "%o\n")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == b"3\n4\n"
+    proc = consume(data_dir, "t", "--from-time", "yesterday", "--timeout-ms", "10")
+    assert proc.returncode == 1 and b"ISO 8601" in proc.stderr and b"Traceback" not in proc.stderr
+    proc = consume(data_dir, "t", "--from-time", "0", "--from-beginning", "--timeout-ms", "10")
+    assert proc.returncode == 1 and b"--from-time excludes" in proc.stderr
