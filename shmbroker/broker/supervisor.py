@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import BrokerConfig
-from ..coordinator.server import endpoint, socket_path
+from ..coordinator.address import endpoint, socket_path
 from ..coordinator.topics import TopicRegistry, expected_partitions, load_topics, partition_dir
 from ..errors import ShmbrokerError
 from ..log import files
@@ -481,14 +481,14 @@ def check_router_settings(config: BrokerConfig) -> None:
     """The router's address and keys, checked before anything starts (ConfigError): a
     well-formed address, non-loopback only with CURVE, key files that load (and a secret key
     not readable by others), an allow-list directory with keys in it."""
-    from ..router.auth import load_server_keys
-    from ..router.server import check_listen_address
-
     if config.kafka_listen is not None:
         from ..kafka.server import parse_kafka_listen
         parse_kafka_listen(config.kafka_listen)
     if config.listen is None:
-        return
+        return  # no router: nothing of it to import (ZeroMQ, its server) or check
+    from ..router.auth import load_server_keys
+    from ..router.server import check_listen_address
+
     check_listen_address(config.listen, config.curve)
     if config.curve:
         load_server_keys(config.curve_server_secret_key_file, config.curve_allowed_clients_dir)

@@ -31,7 +31,7 @@ import zmq
 from .. import errors
 from ..config import ADMIN_LIVENESS_CHECK_MS, ADMIN_REQUEST_TIMEOUT_MS, default_data_dir
 from ..coordinator import protocol
-from ..coordinator.server import endpoint, socket_path
+from ..coordinator.address import endpoint, socket_path
 from .curve import HandshakeWatch, client_keys, dealer
 
 

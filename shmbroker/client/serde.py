@@ -11,7 +11,7 @@ Records are built in C and hold only bytes; a consumer with a deserializer hands
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from .. import errors
 from .types import TopicPartition
@@ -27,55 +27,35 @@ def checked(name: str, function: Any) -> Callable[[Any], Any] | None:
 
 def serialize(key_serializer, value_serializer, key: Any, value: Any) -> tuple[Any, Any]:
     """(key, value) through the serializers; SerializationError names which one raised."""
-    try:
-        if key_serializer is not None and key is not None:
-            key = key_serializer(key)
-    except Exception as exc:
-        raise errors.SerializationError(f"key_serializer raised for key {key!r:.80}: "
-                                        f"{type(exc).__name__}: {exc}") from exc
-    try:
-        if value_serializer is not None and value is not None:
-            value = value_serializer(value)
-    except Exception as exc:
-        raise errors.SerializationError(f"value_serializer raised for value {value!r:.80}: "
-                                        f"{type(exc).__name__}: {exc}") from exc
-    return key, value
+    return (_serialized("key", key_serializer, key),
+            _serialized("value", value_serializer, value))
 
 
-class DeserializedRecord:
+def _serialized(what: str, serializer, data: Any) -> Any:
+    if serializer is None or data is None:
+        return data
+    try:
+        return serializer(data)
+    except Exception as exc:
+        raise errors.SerializationError(f"{what}_serializer raised for {what} {data!r:.80}: "
+                                        f"{type(exc).__name__}: {exc}") from exc
+
+
+class DeserializedRecord(NamedTuple):
     """A consumed record whose key and value went through the consumer's deserializers:
-    topic, partition, offset, timestamp, key, value, headers (as ConsumerRecord)."""
+    the fields of ConsumerRecord (a named tuple, as kafka-python's ConsumerRecord is)."""
 
-    __slots__ = ("topic", "partition", "offset", "timestamp", "key", "value", "headers")
-
-    def __init__(self, topic, partition, offset, timestamp, key, value, headers):
-        self.topic = topic
-        self.partition = partition
-        self.offset = offset
-        self.timestamp = timestamp
-        self.key = key
-        self.value = value
-        self.headers = headers
+    topic: str
+    partition: int
+    offset: int
+    timestamp: int
+    key: Any
+    value: Any
+    headers: tuple
 
     @property
     def topic_partition(self) -> TopicPartition:
         return TopicPartition(self.topic, self.partition)
-
-    def _fields(self) -> tuple:
-        return (self.topic, self.partition, self.offset, self.timestamp, self.key, self.value,
-                self.headers)
-
-    def __eq__(self, other) -> bool:
-        if not isinstance(other, DeserializedRecord):
-            return NotImplemented
-        return self._fields() == other._fields()
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def __repr__(self) -> str:
-        return (f"DeserializedRecord(topic={self.topic!r}, partition={self.partition}, "
-                f"offset={self.offset}, timestamp={self.timestamp}, key={self.key!r}, "
-                f"value={self.value!r}, headers={self.headers!r})")
 
 
 def deserialize(records: list, key_deserializer, value_deserializer) -> tuple[list, int, Exception | None]:

@@ -35,18 +35,18 @@ from typing import Any, Callable
 import zmq
 
 from .. import errors
-from ..config import COORDINATOR_REQUEST_BYTES_MAX, UNIX_SOCKET_PATH_BYTES_MAX, BrokerConfig
+from ..config import COORDINATOR_REQUEST_BYTES_MAX, BrokerConfig
 from ..layout import counters as CL
 from ..shm import group_wake, names
 from ..shm.counters import CountersWriter
 from ..log import files
 from . import protocol
+from .address import endpoint, socket_path
 from .group_service import GroupService
 from .topics import TopicRegistry, load_topics, partition_dir, save_topics
 
 log = logging.getLogger("shmbroker.coordinator")
 
-SOCKET_FILE = "coordinator.sock"
 #: Multipart messages with more frames than this are not ours (envelope + delimiter + body).
 REQUEST_FRAMES_MAX = 8
 #: Groups and members are counted again at most this often (a walk over every group).
@@ -55,21 +55,6 @@ _REQUEST_COUNTER = {t: CL.COORDINATOR[f"requests_{t}"] for t in CL.COORDINATOR_R
 _C = CL.COORDINATOR
 #: zmq drops a peer that sends a single message larger than this (protects memory).
 ZMQ_MESSAGE_BYTES_MAX = 4 * COORDINATOR_REQUEST_BYTES_MAX
-
-
-def socket_path(data_dir: str) -> str:
-    return os.path.join(os.path.abspath(data_dir), SOCKET_FILE)
-
-
-def endpoint(data_dir: str) -> str:
-    """``ipc://<data_dir>/coordinator.sock``; a path too long for a Unix socket is an error."""
-    path = socket_path(data_dir)
-    if len(path.encode()) > UNIX_SOCKET_PATH_BYTES_MAX:
-        raise errors.ConfigError(
-            f"data dir {os.path.abspath(data_dir)!r} is too deep: {path!r} is "
-            f"{len(path.encode())} bytes, a Unix socket path holds at most "
-            f"{UNIX_SOCKET_PATH_BYTES_MAX}; use a shorter --data-dir")
-    return "ipc://" + path
 
 
 @dataclass

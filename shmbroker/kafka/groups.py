@@ -30,7 +30,7 @@ from .. import errors
 from ..config import GROUP_JOIN_REPLY_MARGIN_MS
 from ..coordinator import protocol
 from ..coordinator.assignors import ASSIGNORS
-from ..coordinator.server import endpoint as coordinator_endpoint
+from ..coordinator.address import endpoint as coordinator_endpoint
 from . import messages as M
 
 log = logging.getLogger("shmbroker.kafka")

@@ -44,7 +44,7 @@ from .. import errors
 from ..config import COLD_READ_HOT_WINDOW_BYTES_DEFAULT, COORDINATOR_REQUEST_BYTES_MAX
 from ..coordinator import protocol
 from ..coordinator.server import attach_counters
-from ..coordinator.server import endpoint as coordinator_endpoint
+from ..coordinator.address import endpoint as coordinator_endpoint
 from ..layout import counters as CL
 from . import protocol as data_protocol
 from .auth import Authenticator, CurveServerKeys, client_label

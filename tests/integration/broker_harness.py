@@ -174,6 +174,25 @@ def broker(make_broker):
     return make_broker()
 
 
+@pytest.fixture(params=["local", "remote"])
+def local_or_remote(request, make_broker):
+    """A broker with a router on a free loopback port: (its data dir, what a client is given
+    as ``broker=``): the data dir (local clients) or the router's tcp:// address (remote
+    clients), so that one test proves a behaviour both ways."""
+    broker = make_broker(serve_args=("--listen", "tcp://127.0.0.1:*"))
+    endpoint = broker.wait_running()["router_endpoint"]
+    return broker.data_dir, broker.data_dir if request.param == "local" else endpoint
+
+
+def poll_until(consumer, count: int, timeout_s: float = WAIT_S_MAX) -> list:
+    """Records from ``consumer.poll`` until ``count`` came (or the timeout: fewer)."""
+    got: list = []
+    deadline = time.monotonic() + timeout_s
+    while len(got) < count and time.monotonic() < deadline:  # bounded by the deadline
+        got += consumer.poll(timeout_ms=200)
+    return got
+
+
 @pytest.fixture
 def stop_resource_tracker():
     """multiprocessing's spawn starts a resource-tracker process that outlives the test; stop

@@ -4,26 +4,19 @@ for send_batch became records of the wrong bytes remotely; elsewhere bare TypeEr
 deep inside). Real broker processes."""
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pytest
-from broker_harness import WAIT_S_MAX
+from broker_harness import WAIT_S_MAX, poll_until
 
 from shmbroker import Admin, Consumer, Producer, TopicPartition, errors
 
 
-@pytest.fixture(params=["local", "remote"])
-def where(request, make_broker):
-    if request.param == "local":
-        broker = make_broker()
-        address = broker.data_dir
-    else:
-        broker = make_broker(serve_args=("--listen", "tcp://127.0.0.1:*"))
-        address = broker.wait_running()["router_endpoint"]
-    with Admin(broker=broker.data_dir) as admin:
+@pytest.fixture
+def where(local_or_remote):
+    with Admin(broker=local_or_remote[0]) as admin:
         admin.create_topic("ca", 2)
-    return address
+    return local_or_remote[1]
 
 
 def test_send_batch_refuses_values_that_are_not_records(where):
@@ -37,10 +30,7 @@ def test_send_batch_refuses_values_that_are_not_records(where):
         # A null value in a batch is a tombstone, as with send().
         producer.send_batch("ca", [b"a", None, b"c"], partition=1).offsets(timeout=WAIT_S_MAX)
     with Consumer(("ca",), broker=where, auto_offset_reset="earliest") as consumer:
-        got: list = []
-        deadline = time.monotonic() + WAIT_S_MAX
-        while len(got) < 3 and time.monotonic() < deadline:  # bounded
-            got += consumer.poll(timeout_ms=200)
+        got = poll_until(consumer, 3)
     assert [(r.partition, r.value) for r in got] == [(1, b"a"), (1, None), (1, b"c")]
 
 

@@ -9,6 +9,7 @@ import time
 
 import pytest
 from broker_harness import WAIT_S_MAX
+from broker_harness import poll_until as _poll_until
 
 from shmbroker import Admin, Consumer, Producer, errors
 
@@ -16,14 +17,6 @@ from shmbroker import Admin, Consumer, Producer, errors
 def _create(data_dir: str, name: str, partitions: int) -> None:
     with Admin(broker=data_dir) as admin:
         admin.create_topic(name, partitions)
-
-
-def _poll_until(consumer: Consumer, count: int, timeout_s: float = WAIT_S_MAX) -> list:
-    got: list = []
-    deadline = time.monotonic() + timeout_s
-    while len(got) < count and time.monotonic() < deadline:  # bounded by the deadline
-        got += consumer.poll(timeout_ms=200)
-    return got
 
 
 @pytest.mark.parametrize("how, partitions, read_rings", [

@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from broker_harness import WAIT_S_MAX
+from broker_harness import poll_until as _drain
 
 from shmbroker import Admin, Consumer, Producer, TopicPartition, errors
 
@@ -22,26 +22,12 @@ def _produce(data_dir: str, per_partition: int, tag: bytes = b"") -> None:
         producer.flush()
 
 
-def _drain(consumer, count: int) -> list:
-    got: list = []
-    deadline = time.monotonic() + WAIT_S_MAX
-    while len(got) < count and time.monotonic() < deadline:  # bounded
-        got += consumer.poll(timeout_ms=200)
-    return got
-
-
-@pytest.fixture(params=["local", "remote"])
-def source(request, make_broker):
-    """(data dir, what a Consumer is given as broker=)."""
-    if request.param == "local":
-        broker = make_broker()
-        where = broker.data_dir
-    else:
-        broker = make_broker(serve_args=("--listen", "tcp://127.0.0.1:*"))
-        where = broker.wait_running()["router_endpoint"]
-    with Admin(broker=broker.data_dir) as admin:
+@pytest.fixture
+def source(local_or_remote):
+    """(data dir, what a Consumer is given as broker=), with topic pz of 2 partitions."""
+    with Admin(broker=local_or_remote[0]) as admin:
         admin.create_topic("pz", 2)
-    return broker.data_dir, where
+    return local_or_remote
 
 
 def test_a_paused_partition_hands_out_nothing_until_resumed_from_its_position(source):

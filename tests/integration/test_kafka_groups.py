@@ -94,6 +94,13 @@ class Members:
             except errors.ShmbrokerError as exc:
                 described = repr(exc)
         lines.append(f"group: {described}")
+        # The broker's side of it: the listener's and the coordinator's lines on this group.
+        log_path = getattr(self.broker, "log_path", None)
+        if log_path and os.path.exists(log_path):
+            with open(log_path, errors="replace") as f:
+                mine = [line.rstrip() for line in f if self.group in line or "kafka" in line]
+            lines.append("broker log (this group, the listener), last 40 lines:")
+            lines += [line[:300] for line in mine[-40:]]
         return "\n".join(lines)
 
     def settle(self, predicate, what: str) -> None:

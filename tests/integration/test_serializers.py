@@ -5,10 +5,9 @@ seek skips. Real broker processes."""
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
-from broker_harness import WAIT_S_MAX
+from broker_harness import WAIT_S_MAX, poll_until as _drain
 
 from shmbroker import Admin, Consumer, Producer, TopicPartition, errors
 from shmbroker.client.serde import DeserializedRecord
@@ -20,25 +19,11 @@ def _json(v) -> bytes:
     return json.dumps(v).encode()
 
 
-def _drain(consumer, count: int) -> list:
-    got: list = []
-    deadline = time.monotonic() + WAIT_S_MAX
-    while len(got) < count and time.monotonic() < deadline:  # bounded
-        got += consumer.poll(timeout_ms=200)
-    return got
-
-
-@pytest.fixture(params=["local", "remote"])
-def where(request, make_broker):
-    if request.param == "local":
-        broker = make_broker()
-        address = broker.data_dir
-    else:
-        broker = make_broker(serve_args=("--listen", "tcp://127.0.0.1:*"))
-        address = broker.wait_running()["router_endpoint"]
-    with Admin(broker=broker.data_dir) as admin:
+@pytest.fixture
+def where(local_or_remote):
+    with Admin(broker=local_or_remote[0]) as admin:
         admin.create_topic("sd", 1)
-    return address
+    return local_or_remote[1]
 
 
 def test_serializers_turn_objects_into_records_and_back(where):
