@@ -1147,14 +1147,13 @@ class Producer:
             raise ValueError("send_batch: no values")
         if keys is not None and len(keys) != n:
             raise ValueError(f"send_batch: {len(keys)} keys for {n} values")
-        if not self._serializing:
-            check_batch_values(values)
         if self._serializing:
             pairs = [serde.serialize(self.key_serializer, self.value_serializer,
                                      None if keys is None else keys[i], values[i])
                      for i in range(n)]
             values = [v for _, v in pairs]
             keys = None if keys is None else [k for k, _ in pairs]
+        check_batch_values(values)
         if partition is None and keys is not None:
             return self._send_keyed_batch(topic, values, keys)
         if partition is None:

@@ -58,7 +58,8 @@ class DeserializedRecord(NamedTuple):
         return TopicPartition(self.topic, self.partition)
 
 
-def deserialize(records: list, key_deserializer, value_deserializer) -> tuple[list, int, Exception | None]:
+def deserialize(records: list, key_deserializer,
+                value_deserializer) -> tuple[list, int, Exception | None]:
     """(the records deserialized, up to the first that failed; its index or -1; the error)."""
     out = []
     for i, r in enumerate(records):  # bounded by one poll's records
