@@ -28,7 +28,7 @@ from typing import Any
 from ..config import BrokerConfig
 from ..coordinator.address import endpoint, socket_path
 from ..coordinator.topics import TopicRegistry, expected_partitions, load_topics, partition_dir
-from ..errors import ShmbrokerError
+from ..errors import STORAGE_ERRNOS, ShmbrokerError
 from ..log import files
 from ..shm import names
 from . import shm_regions
@@ -101,6 +101,7 @@ class Supervisor:
         self._signals = 0
         self._signals_handled = 0
         self._dirty = True
+        self._runtime_unwritten = False  # the last runtime.json write was refused (disk full)
         self._announced_ready = False
         #: The router's bound address (its port resolved), from its ready line.
         self.router_endpoint: str | None = None
@@ -467,8 +468,24 @@ class Supervisor:
                 entry.update(topic=child.key[1], partition=child.key[2],
                              directory=partition_dir(self.data_dir, child.key[1], child.key[2]))
             processes.append(entry)
-        runtime.write_runtime(self.data_dir, state, self.endpoint, processes,
-                              self.router_endpoint, self.metrics_endpoint, self.kafka_endpoint)
+        try:
+            runtime.write_runtime(self.data_dir, state, self.endpoint, processes,
+                                  self.router_endpoint, self.metrics_endpoint,
+                                  self.kafka_endpoint)
+        except OSError as exc:
+            if exc.errno not in STORAGE_ERRNOS:
+                raise
+            # A full (or read-only) disk must not take the broker down: runtime.json only
+            # describes it. Written again at the next loop turn (the sweep wakes it).
+            self._dirty = True
+            if not self._runtime_unwritten:
+                log.error("cannot write %s: %s; the broker goes on, the file is stale until "
+                          "there is room", runtime.runtime_path(self.data_dir), exc)
+            self._runtime_unwritten = True
+            return
+        if self._runtime_unwritten:
+            log.info("%s written again", runtime.runtime_path(self.data_dir))
+            self._runtime_unwritten = False
         if state == "running" and not self._announced_ready:
             self._announced_ready = True
             log.info("broker ready on %s: coordinator%s + %d partition process(es)",

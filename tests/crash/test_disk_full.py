@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
 
 import pytest
-from broker_harness import WAIT_S_MAX, Broker
+from broker_harness import WAIT_S_MAX, Broker, wait_for
 
 from shmbroker import Admin, Consumer, Producer, errors
 
@@ -56,6 +57,7 @@ def test_a_full_disk_loses_nothing_and_the_broker_appends_again_once_there_is_ro
             text = log_path.read_text()
             assert "cannot append" in text and "No space left on device" in text
             assert "Traceback" not in text
+            assert broker.proc.poll() is None  # the supervisor (the broker) is still up
             subprocess.run(["mount", "-o", "remount,size=64m", small_fs], check=True)
             # The restarted partition appends what waited in the ring, then this record.
             last = producer.send("full", b"after", partition=0).result(timeout=WAIT_S_MAX)
@@ -102,7 +104,16 @@ def test_a_full_disk_is_a_storage_error_for_commits_and_topic_changes_not_a_dead
                     admin.create_topic("c2", 1)
                 assert admin.list_topics() == ["c"]  # nothing half-made
             assert not [n for n in os.listdir(data_dir) if n.endswith(".tmp")]
+            # A partition killed now is restarted; the supervisor cannot write runtime.json
+            # about it (it crashed with a traceback on that once) and goes on regardless.
+            pid = broker.partition_pids(broker.runtime())[("c", 0)]
+            os.kill(pid, signal.SIGKILL)
+            wait_for(lambda: "cannot write" in log_path.read_text(), WAIT_S_MAX,
+                     "the supervisor to say runtime.json cannot be written")
+            assert broker.proc.poll() is None
             os.unlink(filler)
+            wait_for(lambda: "written again" in log_path.read_text(), WAIT_S_MAX,
+                     "runtime.json to be written once there is room")
             consumer.commit()
             assert consumer.committed(("c", 0)) == 1
             with Admin(broker=data_dir) as admin:
