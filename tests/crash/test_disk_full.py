@@ -59,7 +59,12 @@ def test_a_full_disk_loses_nothing_and_the_broker_appends_again_once_there_is_ro
             assert "Traceback" not in text
             assert broker.proc.poll() is None  # the supervisor (the broker) is still up
             subprocess.run(["mount", "-o", "remount,size=64m", small_fs], check=True)
-            # The restarted partition appends what waited in the ring, then this record.
+            # The restarted partition appends what waited in the ring (its restart may be a
+            # backoff of seconds away, longer than this producer's delivery timeout), then
+            # this record.
+            with Admin(broker=data_dir) as admin:
+                wait_for(lambda: admin.end_offsets("full") == {0: SENT}, WAIT_S_MAX,
+                         "the restarted partition to append every record that waited")
             last = producer.send("full", b"after", partition=0).result(timeout=WAIT_S_MAX)
         finally:
             producer.close(timeout=5)
