@@ -184,6 +184,14 @@ def local_or_remote(request, make_broker):
     return broker.data_dir, broker.data_dir if request.param == "local" else endpoint
 
 
+def create_topic(data_dir: str, name: str, partitions: int, config: dict | None = None) -> None:
+    """The topic made through the broker's coordinator (Admin on the data dir)."""
+    from shmbroker import Admin
+
+    with Admin(broker=data_dir) as admin:
+        admin.create_topic(name, partitions, config)
+
+
 def poll_until(consumer, count: int, timeout_s: float = WAIT_S_MAX) -> list:
     """Records from ``consumer.poll`` until ``count`` came (or the timeout: fewer)."""
     got: list = []

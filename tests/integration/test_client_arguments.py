@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from broker_harness import WAIT_S_MAX, poll_until
+from broker_harness import WAIT_S_MAX, create_topic, poll_until
 
-from shmbroker import Admin, Consumer, Producer, TopicPartition, errors
+from shmbroker import Consumer, Producer, TopicPartition, errors
 
 
 @pytest.fixture
 def where(local_or_remote):
-    with Admin(broker=local_or_remote[0]) as admin:
-        admin.create_topic("ca", 2)
+    create_topic(local_or_remote[0], "ca", 2)
     return local_or_remote[1]
 
 

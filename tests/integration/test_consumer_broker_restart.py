@@ -8,15 +8,10 @@ from __future__ import annotations
 import time
 
 import pytest
-from broker_harness import WAIT_S_MAX
+from broker_harness import WAIT_S_MAX, create_topic
 from broker_harness import poll_until as _poll_until
 
 from shmbroker import Admin, Consumer, Producer, errors
-
-
-def _create(data_dir: str, name: str, partitions: int) -> None:
-    with Admin(broker=data_dir) as admin:
-        admin.create_topic(name, partitions)
 
 
 @pytest.mark.parametrize("how, partitions, read_rings", [
@@ -28,7 +23,7 @@ def _create(data_dir: str, name: str, partitions: int) -> None:
 def test_a_live_consumer_reads_on_after_its_broker_restarts(make_broker, how, partitions,
                                                             read_rings):
     broker = make_broker()
-    _create(broker.data_dir, "t", partitions)
+    create_topic(broker.data_dir, "t", partitions)
     with Producer(broker=broker.data_dir) as producer, \
             Consumer("t", broker=broker.data_dir, auto_offset_reset="earliest",
                      read_rings=read_rings) as consumer:
@@ -49,7 +44,7 @@ def test_a_live_consumer_reads_on_after_its_broker_restarts(make_broker, how, pa
 
 
 def test_a_deleted_topic_is_unknown_to_its_live_producer_and_consumer(broker):
-    _create(broker.data_dir, "gone", 1)
+    create_topic(broker.data_dir, "gone", 1)
     with Producer(broker=broker.data_dir) as producer, \
             Consumer("gone", broker=broker.data_dir, auto_offset_reset="earliest") as consumer:
         producer.send("gone", b"x", partition=0).result(timeout=10)
@@ -65,7 +60,7 @@ def test_a_deleted_topic_is_unknown_to_its_live_producer_and_consumer(broker):
 
 
 def test_a_topic_created_again_is_read_from_its_start_by_a_live_consumer(broker):
-    _create(broker.data_dir, "again", 1)
+    create_topic(broker.data_dir, "again", 1)
     with Producer(broker=broker.data_dir) as producer, \
             Consumer("again", broker=broker.data_dir, auto_offset_reset="earliest") as consumer:
         for i in range(3):
@@ -85,7 +80,7 @@ def test_send_batch_after_a_clean_broker_restart_goes_to_the_restarted_broker(ma
     # send_batch wrote its frames to the stopped broker's ring and failed once with
     # BrokerNotRunningError (only send followed the restart).
     broker = make_broker()
-    _create(broker.data_dir, "b", 2)
+    create_topic(broker.data_dir, "b", 2)
     keys = [b"k%d" % i for i in range(4)] if keyed else None
     with Producer(broker=broker.data_dir) as producer:
         first = producer.send_batch("b", [b"a%d" % i for i in range(4)], keys=keys,
@@ -107,7 +102,7 @@ def test_a_group_member_says_the_broker_is_gone_then_reads_on_from_its_commit(ma
     # timeout (not a hang, not a busy loop); after the restart it rejoins and reads on from
     # the committed offsets, which the restart kept.
     broker = make_broker()
-    _create(broker.data_dir, "g", 2)
+    create_topic(broker.data_dir, "g", 2)
     with Producer(broker=broker.data_dir) as producer, \
             Consumer("g", broker=broker.data_dir, group="grp",
                      auto_offset_reset="earliest") as consumer:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from broker_harness import create_topic
 from broker_harness import poll_until as _drain
 
 from shmbroker import Admin, Consumer, Producer, TopicPartition, errors
@@ -25,8 +26,7 @@ def _produce(data_dir: str, per_partition: int, tag: bytes = b"") -> None:
 @pytest.fixture
 def source(local_or_remote):
     """(data dir, what a Consumer is given as broker=), with topic pz of 2 partitions."""
-    with Admin(broker=local_or_remote[0]) as admin:
-        admin.create_topic("pz", 2)
+    create_topic(local_or_remote[0], "pz", 2)
     return local_or_remote
 
 

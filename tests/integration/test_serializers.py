@@ -7,9 +7,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from broker_harness import WAIT_S_MAX, poll_until as _drain
+from broker_harness import WAIT_S_MAX, create_topic
+from broker_harness import poll_until as _drain
 
-from shmbroker import Admin, Consumer, Producer, TopicPartition, errors
+from shmbroker import Consumer, Producer, TopicPartition, errors
 from shmbroker.client.serde import DeserializedRecord
 
 TP = TopicPartition("sd", 0)
@@ -21,8 +22,7 @@ def _json(v) -> bytes:
 
 @pytest.fixture
 def where(local_or_remote):
-    with Admin(broker=local_or_remote[0]) as admin:
-        admin.create_topic("sd", 1)
+    create_topic(local_or_remote[0], "sd", 1)
     return local_or_remote[1]
 
 
